@@ -1,0 +1,160 @@
+//===- AttnOps.td - attn dialect operations ----------------*- tablegen -*-===//
+//
+// `attn.attention` is what users write (tensors, a pattern). attn-decompose
+// rewrites it into `attn.init_state`, one `attn.component` per dense component
+// and `attn.finalize`; these three are destination-style and exist on tensors
+// (with results) and on memrefs (in place, no results). attn-tile turns each
+// memref `attn.component` into closed-form loops of `attn.tile_update`.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef ATTN_OPS
+#define ATTN_OPS
+
+include "attn/Dialect/Attn/IR/AttnDialect.td"
+include "attn/Dialect/Attn/IR/AttnAttrs.td"
+include "mlir/IR/OpBase.td"
+include "mlir/Interfaces/SideEffectInterfaces.td"
+
+class Attn_Op<string mnemonic, list<Trait> traits = []>
+    : Op<Attn_Dialect, mnemonic, traits>;
+
+def Attn_AnyPattern : Attr<
+    CPred<"::llvm::isa<::mlir::attn::PatternAttrInterface>($_self)">,
+    "attention pattern attribute"> {
+  let storageType = "::mlir::Attribute";
+  let returnType = "::mlir::Attribute";
+  let convertFromStorage = "$_self";
+}
+
+def Attn_FloatTensor : RankedTensorOf<[F32, F16, BF16]>;
+def Attn_LengthsTensor : RankedTensorOf<[I32, I64]>;
+
+def Attn_AttentionOp : Attn_Op<"attention", [Pure]> {
+  let summary = "attention with a sparsity pattern";
+  let description = [{
+    Computes, for every batch `b`, head `h` and query row `i`:
+
+        s_ij  = scale * q[b,h,i,:] . k[b,g,j,:]      g = h / (H / Hkv)
+        O_i   = sum_j m(h,i,j) exp(s_ij) v[b,g,j,:] / sum_j m(h,i,j) exp(s_ij)
+        LSE_i = log sum_j m(h,i,j) exp(s_ij)
+
+    `query` is `[B, H, Lq, D]`, `key` and `value` are `[B, Hkv, Lk, D]` with
+    `Hkv` dividing `H` (grouped-query attention). `lengths` (`[B]`) is required
+    by tokenized patterns. `scale` defaults to `1/sqrt(D)`. The results are the
+    output `[B, H, Lq, D]` and, optionally, the log-sum-exp `[B, H, Lq]` in
+    f32. Rows with no attended key give 0 and `-inf`.
+
+    Example:
+    ```mlir
+    %o, %lse = attn.attention %q, %k, %v pattern(#attn.local<window = 256>)
+        : tensor<1x8x?x64xf32>, tensor<1x8x?x64xf32>, tensor<1x8x?x64xf32>
+        -> tensor<1x8x?x64xf32>, tensor<1x8x?xf32>
+    ```
+  }];
+  let arguments = (ins Attn_FloatTensor:$query, Attn_FloatTensor:$key,
+                       Attn_FloatTensor:$value,
+                       Optional<Attn_LengthsTensor>:$lengths,
+                       Attn_AnyPattern:$pattern,
+                       OptionalAttr<F64Attr>:$scale);
+  let results = (outs Attn_FloatTensor:$output,
+                      Optional<RankedTensorOf<[F32]>>:$lse);
+  let assemblyFormat = [{
+    $query `,` $key `,` $value (`lengths` `(` $lengths^ `)`)?
+    `pattern` `(` $pattern `)` attr-dict `:` type($query) `,` type($key) `,`
+    type($value) (`,` type($lengths)^)? `->` type(results)
+  }];
+  let hasVerifier = 1;
+  let extraClassDeclaration = [{
+    /// The softmax scale: the attribute, or 1/sqrt(head_dim).
+    double getEffectiveScale();
+  }];
+}
+
+def Attn_InitStateOp : Attn_Op<"init_state"> {
+  let summary = "reset an online-softmax state";
+  let description = [{
+    Sets the accumulator `acc [B,H,Lq,D]` to 0, the running maximum
+    `max [B,H,Lq]` to -inf and the running denominator `sum [B,H,Lq]` to 0.
+    On tensors it returns the initialised state; on memrefs it writes in place.
+  }];
+  let arguments = (ins AnyShaped:$acc, AnyShaped:$max, AnyShaped:$sum);
+  let results = (outs Variadic<AnyRankedTensor>:$results);
+  let assemblyFormat = [{
+    `outs` `(` $acc `,` $max `,` $sum `)` attr-dict `:` type($acc) `,`
+    type($max) `,` type($sum) (`->` type($results)^)?
+  }];
+  let hasVerifier = 1;
+}
+
+def Attn_ComponentOp : Attn_Op<"component"> {
+  let summary = "add one dense component's pairs to an online-softmax state";
+  let description = [{
+    For every pair (i, j) of the component (see `#attn.component`) updates the
+    state of row i with score `scale * q_i . k_j` and value `v_j`:
+
+        newMax = max(max, s)
+        sum    = sum * exp(max - newMax) + exp(s - newMax)
+        acc    = acc * exp(max - newMax) + exp(s - newMax) * v_j
+
+    Several components continue one state, which sums their multiplicities.
+  }];
+  let arguments = (ins AnyShaped:$query, AnyShaped:$key, AnyShaped:$value,
+                       Optional<AnyShaped>:$lengths,
+                       AnyShaped:$acc, AnyShaped:$max, AnyShaped:$sum,
+                       Attn_ComponentAttr:$component, F64Attr:$scale);
+  let results = (outs Variadic<AnyRankedTensor>:$results);
+  let assemblyFormat = [{
+    $query `,` $key `,` $value (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
+    `state` `(` $acc `,` $max `,` $sum `)` $component attr-dict `:`
+    type($query) `,` type($key) `,` type($value) `,` type($acc) `,`
+    type($max) `,` type($sum) (`->` type($results)^)?
+  }];
+  let hasVerifier = 1;
+}
+
+def Attn_FinalizeOp : Attn_Op<"finalize"> {
+  let summary = "normalise an online-softmax state into output and LSE";
+  let description = [{
+    `out = acc / sum` and `lse = max + log(sum)`; rows with `sum == 0` give
+    `out = 0` and `lse = -inf`. The output is converted to its element type.
+  }];
+  let arguments = (ins AnyShaped:$acc, AnyShaped:$max, AnyShaped:$sum,
+                       AnyShaped:$output, Optional<AnyShaped>:$lse);
+  let results = (outs Variadic<AnyRankedTensor>:$results);
+  let assemblyFormat = [{
+    `state` `(` $acc `,` $max `,` $sum `)` `outs` `(` $output (`,` $lse^)? `)`
+    attr-dict `:` type($acc) `,` type($max) `,` type($sum) `,` type($output)
+    (`,` type($lse)^)? (`->` type($results)^)?
+  }];
+  let hasVerifier = 1;
+}
+
+def Attn_TileUpdateOp : Attn_Op<"tile_update"> {
+  let summary = "online-softmax update of one (row tile, key tile) block";
+  let description = [{
+    Inside the group of `component` whose position `t = 0` is `group_base`,
+    updates rows `t_q in [row_begin, row_end)` with keys
+    `t_k in [key_begin, key_end)` of batch `batch` and head `head`. The tile
+    schedule (attn-tile) proves which blocks are entirely inside the component;
+    only blocks marked `masked` evaluate the band and filters per element.
+  }];
+  let arguments = (ins AnyMemRef:$query, AnyMemRef:$key, AnyMemRef:$value,
+                       Optional<AnyMemRef>:$lengths,
+                       AnyMemRef:$acc, AnyMemRef:$max, AnyMemRef:$sum,
+                       Index:$batch, Index:$head, Index:$group_base,
+                       Index:$row_begin, Index:$row_end,
+                       Index:$key_begin, Index:$key_end,
+                       Attn_ComponentAttr:$component, F64Attr:$scale,
+                       UnitAttr:$masked);
+  let assemblyFormat = [{
+    $query `,` $key `,` $value (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
+    `state` `(` $acc `,` $max `,` $sum `)`
+    `at` `[` $batch `,` $head `,` $group_base `]`
+    `rows` `[` $row_begin `,` $row_end `)` `keys` `[` $key_begin `,` $key_end `)`
+    $component attr-dict `:` type($query) `,` type($key) `,` type($value) `,`
+    type($acc) `,` type($max) `,` type($sum)
+  }];
+}
+
+#endif // ATTN_OPS

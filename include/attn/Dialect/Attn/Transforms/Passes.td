@@ -1,0 +1,93 @@
+//===- Passes.td - attn transformation passes --------------*- tablegen -*-===//
+//
+// The compiler's pipeline, one small pass each: decompose a pattern into
+// dense components, bufferize, tile with closed-form schedules, and lower the
+// tiles to a fused online softmax.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef ATTN_TRANSFORMS_PASSES
+#define ATTN_TRANSFORMS_PASSES
+
+include "mlir/Pass/PassBase.td"
+
+def AttnDecompose : Pass<"attn-decompose"> {
+  let summary = "Rewrite attn.attention as a sum of dense components";
+  let description = [{
+    Replaces each `attn.attention` by an online-softmax state that every
+    component of its pattern updates in turn, then a finalize:
+
+    ```mlir
+    %o = attn.attention %q, %k, %v pattern(#attn.strided<stride = 8, local = 8>) ...
+    ```
+    becomes
+    ```mlir
+    %a, %m, %s = attn.init_state outs(%acc0, %max0, %sum0) ...
+    %a1, %m1, %s1 = attn.component %q, %k, %v state(%a, %m, %s)
+        #attn.component<period = 1, residue = all, segment = 0, band = [0, 7]> ...
+    %a2, %m2, %s2 = attn.component %q, %k, %v state(%a1, %m1, %s1)
+        #attn.component<period = 8, residue = all, segment = 0, band = [1, inf]> ...
+    %o = attn.finalize state(%a2, %m2, %s2) outs(%out0) ...
+    ```
+    The components' memberships add up to the pattern's multiplicity, so sums
+    of patterns become several components and a union never counts a pair
+    twice (docs/passes/decompose.md).
+  }];
+  let dependentDialects = ["::mlir::tensor::TensorDialect",
+                           "::mlir::arith::ArithDialect"];
+  let statistics = [
+    Statistic<"numComponents", "components", "Number of components emitted">
+  ];
+}
+
+def AttnBufferize : Pass<"attn-bufferize", "::mlir::ModuleOp"> {
+  let summary = "Turn decomposed attention functions from tensors into memrefs";
+  let description = [{
+    Rewrites every function whose body holds decomposed attention
+    (`attn.init_state`, `attn.component`, `attn.finalize`, `tensor.empty`,
+    `tensor.dim`) to take memrefs: tensor arguments become memrefs, results
+    become trailing output memrefs written in place, the state is allocated
+    and freed inside the function.
+  }];
+  let dependentDialects = ["::mlir::memref::MemRefDialect"];
+}
+
+def AttnTile : Pass<"attn-tile"> {
+  let summary = "Closed-form tile schedules for attention components";
+  let description = [{
+    Replaces each memref `attn.component` by loops over batch, head, residue
+    class, segment and row tile. The key-tile range of a row tile is computed
+    in closed form from the band; keys wholly inside the band are updated by
+    unmasked `attn.tile_update`s, only the band's edges are masked. No mask
+    tensor is built and the same code serves every sequence length.
+  }];
+  let options = [
+    Option<"qTile", "q-tile", "int64_t", "32", "Rows per tile">,
+    Option<"kvTile", "kv-tile", "int64_t", "32", "Keys per tile">,
+  ];
+  let dependentDialects = ["::mlir::scf::SCFDialect",
+                           "::mlir::arith::ArithDialect",
+                           "::mlir::memref::MemRefDialect"];
+  let statistics = [
+    Statistic<"numTiledComponents", "tiled-components",
+              "Number of components tiled">
+  ];
+}
+
+def AttnFuseOnlineSoftmax : Pass<"attn-fuse-online-softmax"> {
+  let summary = "Lower tile updates, state init and finalize to fused loops";
+  let description = [{
+    Lowers `attn.tile_update` to the online-softmax recurrence over one block
+    (scores, block maximum, rescale of the running state, exponentials and the
+    P.V accumulation, all in f32 registers and a stack buffer of one key tile),
+    `attn.init_state` to fills and `attn.finalize` to the normalisation
+    `out = acc / sum`, `lse = max + log(sum)` with empty rows giving 0 and
+    -inf.
+  }];
+  let dependentDialects = ["::mlir::scf::SCFDialect",
+                           "::mlir::arith::ArithDialect",
+                           "::mlir::math::MathDialect",
+                           "::mlir::memref::MemRefDialect"];
+}
+
+#endif // ATTN_TRANSFORMS_PASSES

@@ -1,0 +1,158 @@
+//===- Bufferize.cpp - decomposed attention from tensors to memrefs -------===//
+//
+// attn-bufferize: a small, purpose-built bufferization. The decomposed form
+// has a fixed shape (state init, components, finalize on fresh tensors), so
+// each function is rebuilt on memrefs: tensor arguments become memrefs, the
+// results become trailing output memrefs that finalize writes in place, and
+// the state tensors become allocations freed before returning.
+//
+//===----------------------------------------------------------------------===//
+
+#include "attn/Dialect/Attn/Transforms/Passes.h"
+
+#include "mlir/Dialect/Func/IR/FuncOps.h"
+#include "mlir/IR/IRMapping.h"
+#include "llvm/ADT/TypeSwitch.h"
+
+namespace mlir::attn {
+#define GEN_PASS_DEF_ATTNBUFFERIZE
+#include "attn/Dialect/Attn/Transforms/Passes.h.inc"
+} // namespace mlir::attn
+
+using namespace mlir;
+using namespace mlir::attn;
+
+static Type toMemRef(Type t) {
+  if (auto tensor = dyn_cast<RankedTensorType>(t))
+    return MemRefType::get(tensor.getShape(), tensor.getElementType());
+  return t;
+}
+
+namespace {
+struct AttnBufferizePass
+    : public mlir::attn::impl::AttnBufferizeBase<AttnBufferizePass> {
+  void runOnOperation() override {
+    SmallVector<func::FuncOp> funcs;
+    getOperation().walk([&](func::FuncOp f) {
+      if (!f.isExternal() && !f.getBody().getOps<InitStateOp>().empty())
+        funcs.push_back(f);
+    });
+    for (func::FuncOp f : funcs)
+      if (failed(bufferize(f)))
+        return signalPassFailure();
+  }
+
+  LogicalResult bufferize(func::FuncOp oldFunc) {
+    if (!oldFunc.getBody().hasOneBlock())
+      return oldFunc.emitError("attn-bufferize expects a single-block function");
+    FunctionType oldType = oldFunc.getFunctionType();
+    SmallVector<Type> inputs;
+    for (Type t : oldType.getInputs())
+      inputs.push_back(toMemRef(t));
+    for (Type t : oldType.getResults())
+      inputs.push_back(toMemRef(t));
+
+    OpBuilder b(oldFunc);
+    auto newFunc = func::FuncOp::create(b, oldFunc.getLoc(), oldFunc.getName(),
+                                        b.getFunctionType(inputs, {}));
+    newFunc->setAttrs(oldFunc->getAttrs());
+    newFunc.setFunctionType(b.getFunctionType(inputs, {}));
+    Block *entry = newFunc.addEntryBlock();
+    Block &oldBody = oldFunc.getBody().front();
+
+    IRMapping map;
+    for (auto [oldArg, newArg] :
+         llvm::zip(oldBody.getArguments(), entry->getArguments()))
+      map.map(oldArg, newArg);
+
+    // Destinations written in place into an output argument: the tensor.empty
+    // feeding a finalize whose result is returned.
+    auto returnOp = cast<func::ReturnOp>(oldBody.getTerminator());
+    DenseMap<Value, Value> emptyToOutput;
+    for (auto [index, returned] : llvm::enumerate(returnOp.getOperands())) {
+      auto fin = returned.getDefiningOp<FinalizeOp>();
+      if (!fin)
+        return returnOp.emitError("attn-bufferize: result ")
+               << index << " is not produced by attn.finalize";
+      unsigned resultNo = cast<OpResult>(returned).getResultNumber();
+      Value dest = resultNo == 0 ? fin.getOutput() : fin.getLse();
+      emptyToOutput[dest] =
+          entry->getArgument(oldType.getNumInputs() + index);
+    }
+
+    b.setInsertionPointToStart(entry);
+    SmallVector<Value> allocations;
+    for (Operation &op : oldBody.without_terminator()) {
+      Location loc = op.getLoc();
+      LogicalResult ok = success();
+      llvm::TypeSwitch<Operation *>(&op)
+          .Case([&](tensor::EmptyOp e) {
+            if (Value out = emptyToOutput.lookup(e.getResult())) {
+              map.map(e.getResult(), out);
+              return;
+            }
+            SmallVector<Value> sizes;
+            for (Value s : e.getDynamicSizes())
+              sizes.push_back(map.lookup(s));
+            auto alloc = memref::AllocOp::create(
+                b, loc, cast<MemRefType>(toMemRef(e.getType())), sizes);
+            allocations.push_back(alloc);
+            map.map(e.getResult(), alloc);
+          })
+          .Case([&](tensor::DimOp d) {
+            map.map(d.getResult(),
+                    memref::DimOp::create(b, loc, map.lookup(d.getSource()),
+                                          map.lookup(d.getIndex())));
+          })
+          .Case([&](InitStateOp s) {
+            InitStateOp::create(b, loc, TypeRange{}, map.lookup(s.getAcc()),
+                                map.lookup(s.getMax()), map.lookup(s.getSum()));
+            map.map(s.getResults(), ValueRange{map.lookup(s.getAcc()),
+                                               map.lookup(s.getMax()),
+                                               map.lookup(s.getSum())});
+          })
+          .Case([&](ComponentOp c) {
+            Value lengths = c.getLengths() ? map.lookup(c.getLengths()) : Value();
+            auto nc = ComponentOp::create(
+                b, loc, TypeRange{}, map.lookup(c.getQuery()),
+                map.lookup(c.getKey()), map.lookup(c.getValue()), lengths,
+                map.lookup(c.getAcc()), map.lookup(c.getMax()),
+                map.lookup(c.getSum()), c.getComponent(), c.getScaleAttr());
+            map.map(c.getResults(),
+                    ValueRange{nc.getAcc(), nc.getMax(), nc.getSum()});
+          })
+          .Case([&](FinalizeOp f) {
+            Value lse = f.getLse() ? map.lookup(f.getLse()) : Value();
+            FinalizeOp::create(b, loc, TypeRange{}, map.lookup(f.getAcc()),
+                               map.lookup(f.getMax()), map.lookup(f.getSum()),
+                               map.lookup(f.getOutput()), lse);
+            SmallVector<Value> dests{map.lookup(f.getOutput())};
+            if (lse)
+              dests.push_back(lse);
+            map.map(f.getResults(), dests);
+          })
+          .Default([&](Operation *other) {
+            bool hasTensor = llvm::any_of(other->getResultTypes(), [](Type t) {
+              return isa<TensorType>(t);
+            }) || llvm::any_of(other->getOperandTypes(), [](Type t) {
+              return isa<TensorType>(t);
+            });
+            if (hasTensor) {
+              ok = other->emitError("attn-bufferize cannot bufferize this op");
+              return;
+            }
+            b.clone(*other, map);
+          });
+      if (failed(ok)) {
+        newFunc.erase();
+        return failure();
+      }
+    }
+    for (Value alloc : allocations)
+      memref::DeallocOp::create(b, returnOp.getLoc(), alloc);
+    func::ReturnOp::create(b, returnOp.getLoc());
+    oldFunc.erase();
+    return success();
+  }
+};
+} // namespace

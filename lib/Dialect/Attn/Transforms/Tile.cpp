@@ -1,0 +1,161 @@
+//===- Tile.cpp - closed-form tile schedules for components ---------------===//
+//
+// attn-tile: each memref attn.component becomes loops over batch b, head h,
+// residue class c, segment s and row tile; a group (s, c) holds positions
+// base + r*t with base = s*w + c. For a row tile t_q in [q0, q1) the keys of
+// the band lo <= t_q - t_k <= hi are
+//
+//     t_k in [max(kLo, q0 - hi), min(kHi, q1 - lo))          (any row)
+//     t_k in [q1 - 1 - hi, q0 - lo]                           (every row)
+//
+// The second range needs no mask; the rest of the first is the band's two
+// edges, updated by masked tile_updates. Components with include/exclude
+// filters mask every tile. Only index arithmetic: no mask tensor, and the same
+// code for every sequence length (lengths[b] clips the row and key ranges).
+//
+//===----------------------------------------------------------------------===//
+
+#include "IndexMath.h"
+#include "attn/Dialect/Attn/IR/AttnDims.h"
+#include "attn/Dialect/Attn/Transforms/Passes.h"
+
+namespace mlir::attn {
+#define GEN_PASS_DEF_ATTNTILE
+#include "attn/Dialect/Attn/Transforms/Passes.h.inc"
+} // namespace mlir::attn
+
+using namespace mlir;
+using namespace mlir::attn;
+
+namespace {
+
+/// Emits `for i in [lb, ub) step s { body(i) }` and returns with the builder
+/// after the loop.
+template <typename Fn>
+void forLoop(OpBuilder &b, Location loc, Value lb, Value ub, Value step,
+             Fn body) {
+  auto loop = scf::ForOp::create(b, loc, lb, ub, step);
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(loop.getBody());
+  body(loop.getInductionVar());
+}
+
+struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
+  using AttnTileBase::AttnTileBase;
+
+  void runOnOperation() override {
+    if (qTile < 1 || kvTile < 1) {
+      getOperation()->emitError("attn-tile: tile sizes must be >= 1");
+      return signalPassFailure();
+    }
+    SmallVector<ComponentOp> ops;
+    getOperation()->walk([&](ComponentOp op) {
+      if (op.getNumResults() == 0)
+        ops.push_back(op);
+    });
+    for (ComponentOp op : ops) {
+      tile(op);
+      ++numTiledComponents;
+    }
+  }
+
+  void tile(ComponentOp op) {
+    OpBuilder b(op);
+    Location loc = op.getLoc();
+    IndexMath m{b, loc};
+    ComponentAttr comp = op.getComponent();
+    const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
+    const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
+
+    Value zero = m.c(0), one = m.c(1), r = m.c(comp.getPeriod());
+    Value batch = memref::DimOp::create(b, loc, op.getQuery(), dims::kBatch);
+    Value heads = memref::DimOp::create(b, loc, op.getQuery(), dims::kHeads);
+    Value qLen = memref::DimOp::create(b, loc, op.getQuery(), dims::kRows);
+    Value kLen = memref::DimOp::create(b, loc, op.getKey(), dims::kRows);
+    Value delta = m.sub(kLen, qLen); // query row i sits at position i + delta
+
+    auto emitKeyTiles = [&](Value bIdx, Value hIdx, Value base, Value q0,
+                            Value q1, Value from, Value to, bool masked) {
+      forLoop(b, loc, from, to, m.c(kvTile), [&](Value k0) {
+        Value k1 = m.min(m.add(k0, m.c(kvTile)), to);
+        auto update = TileUpdateOp::create(
+            b, loc, op.getQuery(), op.getKey(), op.getValue(), op.getLengths(),
+            op.getAcc(), op.getMax(), op.getSum(), bIdx, hIdx, base, q0, q1,
+            k0, k1, comp, op.getScaleAttr(),
+            masked ? b.getUnitAttr() : UnitAttr());
+        (void)update;
+      });
+    };
+
+    // One group: rows at positions [rLo, rHi), keys at [kLo, kHi).
+    auto emitGroup = [&](Value bIdx, Value hIdx, Value base, Value rLo,
+                         Value rHi, Value kLo, Value kHi) {
+      Value tRowLo = m.ceilDiv(m.sub(rLo, base), r);
+      Value tRowHi = m.ceilDiv(m.sub(rHi, base), r);
+      Value tKeyLo = m.ceilDiv(m.sub(kLo, base), r);
+      Value tKeyHi = m.ceilDiv(m.sub(kHi, base), r);
+      forLoop(b, loc, tRowLo, tRowHi, m.c(qTile), [&](Value q0) {
+        Value q1 = m.min(m.add(q0, m.c(qTile)), tRowHi);
+        // Keys attended by some row of the tile.
+        Value first = hi == inf ? tKeyLo : m.max(tKeyLo, m.sub(q0, m.c(hi)));
+        Value last = lo == ninf ? tKeyHi : m.min(tKeyHi, m.sub(q1, m.c(lo)));
+        if (comp.hasFilters()) {
+          emitKeyTiles(bIdx, hIdx, base, q0, q1, first, last, true);
+          return;
+        }
+        // Keys attended by every row of the tile: no mask needed.
+        Value fullLo = hi == inf
+                           ? first
+                           : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
+        fullLo = m.min(fullLo, last);
+        Value fullHi =
+            lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
+        fullHi = m.max(fullHi, fullLo);
+        emitKeyTiles(bIdx, hIdx, base, q0, q1, first, fullLo, true);
+        emitKeyTiles(bIdx, hIdx, base, q0, q1, fullLo, fullHi, false);
+        emitKeyTiles(bIdx, hIdx, base, q0, q1, fullHi, last, true);
+      });
+    };
+
+    forLoop(b, loc, zero, batch, one, [&](Value bIdx) {
+      Value rowsEnd = qLen, keysEnd = kLen;
+      if (comp.getUseLengths()) {
+        Value len = memref::LoadOp::create(b, loc, op.getLengths(), bIdx);
+        len = arith::IndexCastOp::create(b, loc, b.getIndexType(), len);
+        len = m.max(len, zero);
+        rowsEnd = m.min(qLen, len);
+        keysEnd = m.min(kLen, len);
+      }
+      Value rowPosLo = delta, rowPosHi = m.add(delta, rowsEnd);
+      forLoop(b, loc, zero, heads, one, [&](Value hIdx) {
+        Value cLo, cHi;
+        if (comp.getResidue() == ComponentAttr::kAllResidues) {
+          cLo = zero;
+          cHi = r;
+        } else {
+          cLo = comp.getResidue() == ComponentAttr::kHeadResidue
+                    ? Value(arith::RemUIOp::create(b, loc, hIdx, r))
+                    : m.c(comp.getResidue());
+          cHi = m.add(cLo, one);
+        }
+        forLoop(b, loc, cLo, cHi, one, [&](Value c) {
+          if (comp.getSegment() == 0) {
+            emitGroup(bIdx, hIdx, c, rowPosLo, rowPosHi, zero, keysEnd);
+            return;
+          }
+          Value w = m.c(comp.getSegment());
+          Value sLo = m.floorDiv(rowPosLo, w);
+          Value sHi = m.add(m.floorDiv(m.sub(rowPosHi, one), w), one);
+          forLoop(b, loc, sLo, sHi, one, [&](Value s) {
+            Value segLo = m.mul(s, w), segHi = m.add(segLo, w);
+            emitGroup(bIdx, hIdx, m.add(segLo, c), m.max(rowPosLo, segLo),
+                      m.min(rowPosHi, segHi), m.max(zero, segLo),
+                      m.min(keysEnd, segHi));
+          });
+        });
+      });
+    });
+    op.erase();
+  }
+};
+} // namespace

@@ -1,0 +1,323 @@
+//===- Pattern.cpp - evaluate and decompose attention patterns ------------===//
+//
+// Three views of one semantics (docs/Semantics.md):
+//  - multiplicity(): m(h, i, j) straight from the definitions (the oracle);
+//  - decompose(): the dense components whose memberships sum to m;
+//  - buildPatternPredicate(): m > 0 as arith IR, for the masks of edge tiles.
+// Every pattern aligns query rows to key positions bottom-right: query row i
+// sits at position p = i + Lk - Lq.
+//
+//===----------------------------------------------------------------------===//
+
+#include "attn/Pattern/Pattern.h"
+
+#include "mlir/Dialect/Arith/IR/Arith.h"
+#include "llvm/ADT/TypeSwitch.h"
+
+using namespace mlir;
+using namespace mlir::attn;
+
+//===----------------------------------------------------------------------===//
+// Plain evaluation
+//===----------------------------------------------------------------------===//
+
+int64_t mlir::attn::multiplicity(Attribute pattern, const PairPosition &pos) {
+  const int64_t p = pos.row + pos.kLen - pos.qLen; // aligned query position
+  const int64_t j = pos.key;
+  return llvm::TypeSwitch<Attribute, int64_t>(pattern)
+      .Case([&](FullAttr) { return 1; })
+      .Case([&](CausalAttr) { return j <= p ? 1 : 0; })
+      .Case([&](LocalAttr a) {
+        int64_t w = a.getWindow();
+        if (a.getCausal())
+          return (p - w < j && j <= p) ? 1 : 0;
+        return (p - j < w && j - p < w) ? 1 : 0;
+      })
+      .Case([&](StridedAttr a) {
+        if (j > p)
+          return 0;
+        return (p - j < a.getLocal() || (p - j) % a.getStride() == 0) ? 1 : 0;
+      })
+      .Case([&](DilatedAttr a) {
+        int64_t w = a.getSegment(), r = a.getRate();
+        int64_t o = a.getHeadOffset() ? pos.head % r : 0;
+        if (floorDiv(p, w) != floorDiv(j, w))
+          return 0;
+        if (floorMod(p, r) != o || floorMod(j, r) != o)
+          return 0;
+        if (a.getCausal() && j > p)
+          return 0;
+        return 1;
+      })
+      .Case([&](TokenizedAttr) {
+        return (pos.row < pos.length && j < pos.length) ? 1 : 0;
+      })
+      .Case([&](SumAttr a) {
+        int64_t m = 0;
+        for (Attribute member : a.getPatterns())
+          m += multiplicity(member, pos);
+        return m;
+      })
+      .Case([&](UnionAttr a) {
+        for (Attribute member : a.getPatterns())
+          if (multiplicity(member, pos) > 0)
+            return 1;
+        return 0;
+      })
+      .Case([&](IntersectAttr a) {
+        for (Attribute member : a.getPatterns())
+          if (multiplicity(member, pos) == 0)
+            return 0;
+        return 1;
+      })
+      .Default([](Attribute) -> int64_t {
+        llvm_unreachable("not a pattern attribute");
+      });
+}
+
+bool mlir::attn::componentContains(ComponentAttr c, const PairPosition &pos) {
+  const int64_t p = pos.row + pos.kLen - pos.qLen;
+  const int64_t j = pos.key;
+  const int64_t r = c.getPeriod();
+  if (c.getUseLengths() && !(pos.row < pos.length && j < pos.length))
+    return false;
+  int64_t cls = floorMod(p, r);
+  if (cls != floorMod(j, r))
+    return false;
+  if (c.getResidue() == ComponentAttr::kHeadResidue && cls != pos.head % r)
+    return false;
+  if (c.getResidue() >= 0 && cls != c.getResidue())
+    return false;
+  if (c.getSegment() > 0 &&
+      floorDiv(p, c.getSegment()) != floorDiv(j, c.getSegment()))
+    return false;
+  int64_t d = (p - j) / r; // exact: p and j share a residue class
+  if (c.getBandLo() != ComponentAttr::kNegInf && d < c.getBandLo())
+    return false;
+  if (c.getBandHi() != ComponentAttr::kPosInf && d > c.getBandHi())
+    return false;
+  for (Attribute inc : c.getInclude())
+    if (multiplicity(inc, pos) == 0)
+      return false;
+  for (Attribute exc : c.getExclude())
+    if (multiplicity(exc, pos) != 0)
+      return false;
+  return true;
+}
+
+//===----------------------------------------------------------------------===//
+// Decomposition
+//===----------------------------------------------------------------------===//
+
+namespace {
+/// A component under construction.
+struct ComponentSpec {
+  int64_t period = 1;
+  int64_t residue = ComponentAttr::kAllResidues;
+  int64_t segment = 0;
+  int64_t lo = ComponentAttr::kNegInf;
+  int64_t hi = ComponentAttr::kPosInf;
+  bool lengths = false;
+  SmallVector<Attribute> include, exclude;
+
+  ComponentAttr build(MLIRContext *ctx) const {
+    return ComponentAttr::get(ctx, period, residue, segment, lo, hi, lengths,
+                              ArrayAttr::get(ctx, include),
+                              ArrayAttr::get(ctx, exclude));
+  }
+};
+} // namespace
+
+static ComponentSpec band(int64_t lo, int64_t hi) {
+  ComponentSpec c;
+  c.lo = lo;
+  c.hi = hi;
+  return c;
+}
+
+/// Components whose memberships sum to the indicator [m(pattern) > 0].
+static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
+  using Specs = SmallVector<ComponentSpec>;
+  const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
+  return llvm::TypeSwitch<Attribute, Specs>(pattern)
+      .Case([&](FullAttr) { return Specs{band(ninf, inf)}; })
+      .Case([&](CausalAttr) { return Specs{band(0, inf)}; })
+      .Case([&](LocalAttr a) {
+        int64_t w = a.getWindow();
+        return Specs{a.getCausal() ? band(0, w - 1) : band(-(w - 1), w - 1)};
+      })
+      .Case([&](StridedAttr a) {
+        // The band p - j < l in natural order, plus the keys at multiples of
+        // the stride beyond it: within residue class c + S*t these are the
+        // causal pairs with t_q - t_k >= ceil(l / S). The two are disjoint.
+        int64_t s = a.getStride(), l = a.getLocal();
+        ComponentSpec local = band(0, l - 1);
+        ComponentSpec strided = band((l + s - 1) / s, inf);
+        strided.period = s;
+        return Specs{local, strided};
+      })
+      .Case([&](DilatedAttr a) {
+        ComponentSpec c = a.getCausal() ? band(0, inf) : band(ninf, inf);
+        c.period = a.getRate();
+        c.residue = a.getHeadOffset() ? ComponentAttr::kHeadResidue : 0;
+        c.segment = a.getSegment();
+        return Specs{c};
+      })
+      .Case([&](TokenizedAttr) {
+        ComponentSpec c = band(ninf, inf);
+        c.lengths = true;
+        return Specs{c};
+      })
+      .Case([&](UnionAttr a) {
+        // Member k contributes only the pairs no earlier member attends, so
+        // no pair is counted twice.
+        Specs result;
+        SmallVector<Attribute> earlier;
+        for (Attribute member : a.getPatterns()) {
+          for (ComponentSpec c : decomposeSet(member)) {
+            c.exclude.append(earlier.begin(), earlier.end());
+            result.push_back(c);
+          }
+          earlier.push_back(member);
+        }
+        return result;
+      })
+      .Case([&](IntersectAttr a) {
+        // Tokenized members only restrict rows and keys to the lengths; the
+        // first other member gives the geometry and the rest filter it.
+        bool lengths = false;
+        SmallVector<Attribute> others;
+        for (Attribute member : a.getPatterns()) {
+          if (isa<TokenizedAttr>(member))
+            lengths = true;
+          else
+            others.push_back(member);
+        }
+        Specs result = others.empty() ? Specs{band(ninf, inf)}
+                                      : decomposeSet(others.front());
+        for (ComponentSpec &c : result) {
+          c.lengths |= lengths;
+          if (others.size() > 1)
+            c.include.append(others.begin() + 1, others.end());
+        }
+        return result;
+      })
+      .Case([&](SumAttr a) {
+        // A sum inside a set combinator: its pairs, each once.
+        ComponentSpec c = band(ninf, inf);
+        c.include.push_back(a);
+        return Specs{c};
+      })
+      .Default([](Attribute) -> Specs {
+        llvm_unreachable("not a pattern attribute");
+      });
+}
+
+SmallVector<ComponentAttr> mlir::attn::decompose(Attribute pattern) {
+  SmallVector<ComponentAttr> result;
+  if (auto sum = dyn_cast<SumAttr>(pattern)) {
+    for (Attribute member : sum.getPatterns())
+      llvm::append_range(result, decompose(member));
+    return result;
+  }
+  for (const ComponentSpec &c : decomposeSet(pattern))
+    result.push_back(c.build(pattern.getContext()));
+  return result;
+}
+
+//===----------------------------------------------------------------------===//
+// Predicates as IR
+//===----------------------------------------------------------------------===//
+
+namespace {
+/// Small helpers over `index` values for the predicate builder.
+struct IndexMath {
+  OpBuilder &b;
+  Location loc;
+  Value c(int64_t v) { return arith::ConstantIndexOp::create(b, loc, v); }
+  Value sub(Value x, Value y) { return arith::SubIOp::create(b, loc, x, y); }
+  Value add(Value x, Value y) { return arith::AddIOp::create(b, loc, x, y); }
+  Value floorDiv(Value x, int64_t y) {
+    return arith::FloorDivSIOp::create(b, loc, x, c(y));
+  }
+  Value floorMod(Value x, int64_t y) {
+    return sub(x, arith::MulIOp::create(b, loc, floorDiv(x, y), c(y)));
+  }
+  Value cmp(arith::CmpIPredicate pred, Value x, Value y) {
+    return arith::CmpIOp::create(b, loc, pred, x, y);
+  }
+  Value lt(Value x, Value y) { return cmp(arith::CmpIPredicate::slt, x, y); }
+  Value le(Value x, Value y) { return cmp(arith::CmpIPredicate::sle, x, y); }
+  Value eq(Value x, Value y) { return cmp(arith::CmpIPredicate::eq, x, y); }
+  Value ne(Value x, Value y) { return cmp(arith::CmpIPredicate::ne, x, y); }
+  Value both(Value x, Value y) { return arith::AndIOp::create(b, loc, x, y); }
+  Value either(Value x, Value y) { return arith::OrIOp::create(b, loc, x, y); }
+  Value truth(bool v) {
+    return arith::ConstantIntOp::create(b, loc, b.getI1Type(), v ? 1 : 0);
+  }
+};
+} // namespace
+
+Value mlir::attn::buildPatternPredicate(OpBuilder &b, Location loc,
+                                        Attribute pattern, Value head,
+                                        Value row, Value key, Value qLen,
+                                        Value kLen, Value length) {
+  IndexMath m{b, loc};
+  Value p = m.add(row, m.sub(kLen, qLen));
+  Value j = key;
+  auto recurse = [&](Attribute member) {
+    return buildPatternPredicate(b, loc, member, head, row, key, qLen, kLen,
+                                 length);
+  };
+  return llvm::TypeSwitch<Attribute, Value>(pattern)
+      .Case([&](FullAttr) { return m.truth(true); })
+      .Case([&](CausalAttr) { return m.le(j, p); })
+      .Case([&](LocalAttr a) {
+        Value w = m.c(a.getWindow());
+        Value d = m.sub(p, j);
+        if (a.getCausal())
+          return m.both(m.le(j, p), m.lt(d, w));
+        return m.both(m.lt(d, w), m.lt(m.sub(j, p), w));
+      })
+      .Case([&](StridedAttr a) {
+        Value d = m.sub(p, j);
+        Value inBand = m.lt(d, m.c(a.getLocal()));
+        Value onStride = m.eq(m.floorMod(d, a.getStride()), m.c(0));
+        return m.both(m.le(j, p), m.either(inBand, onStride));
+      })
+      .Case([&](DilatedAttr a) {
+        int64_t w = a.getSegment(), r = a.getRate();
+        Value o = a.getHeadOffset() ? m.floorMod(head, r) : m.c(0);
+        Value result = m.eq(m.floorDiv(p, w), m.floorDiv(j, w));
+        result = m.both(result, m.eq(m.floorMod(p, r), o));
+        result = m.both(result, m.eq(m.floorMod(j, r), o));
+        if (a.getCausal())
+          result = m.both(result, m.le(j, p));
+        return result;
+      })
+      .Case([&](TokenizedAttr) {
+        assert(length && "tokenized predicate needs lengths");
+        return m.both(m.lt(row, length), m.lt(j, length));
+      })
+      .Case([&](SumAttr a) {
+        Value any = m.truth(false);
+        for (Attribute member : a.getPatterns())
+          any = m.either(any, recurse(member));
+        return any;
+      })
+      .Case([&](UnionAttr a) {
+        Value any = m.truth(false);
+        for (Attribute member : a.getPatterns())
+          any = m.either(any, recurse(member));
+        return any;
+      })
+      .Case([&](IntersectAttr a) {
+        Value all = m.truth(true);
+        for (Attribute member : a.getPatterns())
+          all = m.both(all, recurse(member));
+        return all;
+      })
+      .Default([](Attribute) -> Value {
+        llvm_unreachable("not a pattern attribute");
+      });
+}

@@ -137,7 +137,7 @@ void lowerFinalize(FinalizeOp op) {
   forEach(b, loc, c0, dim(op.getAcc(), 0), [&](Value i0) {
     forEach(b, loc, c0, dim(op.getAcc(), 1), [&](Value i1) {
       forEach(b, loc, c0, dim(op.getAcc(), 2), [&](Value i2) {
-        ValueRange row{i0, i1, i2};
+        SmallVector<Value> row{i0, i1, i2};
         Value l = memref::LoadOp::create(b, loc, op.getSum(), row);
         Value mx = memref::LoadOp::create(b, loc, op.getMax(), row);
         Value attended = f.gt(l, f.c(0.0f));
@@ -197,7 +197,7 @@ void lowerTileUpdate(TileUpdateOp op) {
 
   forEach(b, loc, op.getRowBegin(), op.getRowEnd(), [&](Value tq) {
     Value i = m.sub(m.add(base, m.mul(r, tq)), delta);
-    ValueRange row{bIdx, h, i};
+    SmallVector<Value> row{bIdx, h, i};
     Value oldMax = memref::LoadOp::create(b, loc, op.getMax(), row);
     Value oldSum = memref::LoadOp::create(b, loc, op.getSum(), row);
 
@@ -266,7 +266,7 @@ void lowerTileUpdate(TileUpdateOp op) {
     b.setInsertionPointToStart(ifAny.thenBlock());
     Value alpha = f.exp(f.sub(oldMax, newMax));
     forEach(b, loc, c0, headDim, [&](Value d) {
-      ValueRange at{bIdx, h, i, d};
+      SmallVector<Value> at{bIdx, h, i, d};
       Value a = memref::LoadOp::create(b, loc, op.getAcc(), at);
       memref::StoreOp::create(b, loc, f.mul(a, alpha), op.getAcc(), at);
     });
@@ -278,7 +278,7 @@ void lowerTileUpdate(TileUpdateOp op) {
                                            m.sub(tk, op.getKeyBegin()));
           Value p = f.exp(f.sub(s, newMax)); // exp(-inf) = 0 for masked keys
           forEach(b, loc, c0, headDim, [&](Value d) {
-            ValueRange at{bIdx, h, i, d};
+            SmallVector<Value> at{bIdx, h, i, d};
             Value a = memref::LoadOp::create(b, loc, op.getAcc(), at);
             Value vd = f.load(v, ValueRange{bIdx, g, j, d});
             memref::StoreOp::create(b, loc, f.fma(p, vd, a), op.getAcc(), at);

@@ -1,0 +1,64 @@
+/*===- attn.h - C API of the attn runtime ---------------------------------===*
+ *
+ * Load a compiled attention package and run it on caller-owned buffers. No
+ * MLIR or LLVM dependency; usable from C, Python (ctypes) and other hosts.
+ * Every call returns ATTN_OK or an error code; attn_last_error() then says
+ * what was wrong (thread-local).
+ *
+ *===----------------------------------------------------------------------===*/
+
+#ifndef ATTN_C_ATTN_H
+#define ATTN_C_ATTN_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum attn_status {
+  ATTN_OK = 0,
+  ATTN_ERROR_IO = 1,        /* a file is missing or unreadable */
+  ATTN_ERROR_PACKAGE = 2,   /* the package is malformed or for another target */
+  ATTN_ERROR_ARGUMENT = 3,  /* a tensor has the wrong shape, dtype or value */
+  ATTN_ERROR_RUNTIME = 4    /* the kernel could not run */
+} attn_status;
+
+typedef enum attn_dtype { ATTN_F32 = 0, ATTN_I32 = 1 } attn_dtype;
+
+/* A dense, C-contiguous tensor owned by the caller. */
+typedef struct attn_tensor {
+  void *data;
+  const int64_t *shape;
+  int32_t rank;
+  attn_dtype dtype;
+} attn_tensor;
+
+typedef struct attn_package attn_package;
+
+/* Loads the package in directory `path` (manifest.json + kernels). */
+attn_status attn_package_load(const char *path, attn_package **out);
+void attn_package_free(attn_package *package);
+
+/* The package's target ("cpu", "sm_90a", ...) and whether it reads lengths
+ * and writes the log-sum-exp. */
+const char *attn_package_target(const attn_package *package);
+int attn_package_uses_lengths(const attn_package *package);
+int attn_package_has_lse(const attn_package *package);
+
+/* Runs attention: q [B,H,Lq,D], k and v [B,Hkv,Lk,D] f32; lengths [B] i32
+ * (NULL unless the pattern is tokenized); out [B,H,Lq,D] f32; lse [B,H,Lq]
+ * f32 or NULL. */
+attn_status attn_package_run(attn_package *package, const attn_tensor *q,
+                             const attn_tensor *k, const attn_tensor *v,
+                             const attn_tensor *lengths, attn_tensor *out,
+                             attn_tensor *lse);
+
+/* The message of the last failed call on this thread. */
+const char *attn_last_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ATTN_C_ATTN_H */

@@ -1,0 +1,227 @@
+//===- Package.cpp - load and run compiled attention packages -------------===//
+//
+// A CPU package's entry point is MLIR's C interface: one pointer per memref
+// argument, each to a descriptor {allocated, aligned, offset, sizes[r],
+// strides[r]} laid out as 3 + 2r 64-bit words. The runtime checks every
+// tensor against the manifest before building descriptors, so a kernel never
+// sees a shape it was not compiled for.
+//
+//===----------------------------------------------------------------------===//
+
+#include "attn/Runtime/Package.h"
+
+#include <nlohmann/json.hpp>
+
+#include <dlfcn.h>
+#include <fstream>
+#include <sstream>
+
+using namespace attn::runtime;
+using json = nlohmann::json;
+
+namespace {
+std::string shapeString(const std::vector<int64_t> &shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i)
+    s += (i ? ", " : "") +
+         (shape[i] < 0 ? std::string("?") : std::to_string(shape[i]));
+  return s + "]";
+}
+} // namespace
+
+Package::~Package() {
+  if (library_)
+    dlclose(library_);
+}
+
+std::unique_ptr<Package> Package::load(const std::string &dir,
+                                       std::string &error) {
+  std::string manifestPath = dir + "/manifest.json";
+  std::ifstream in(manifestPath);
+  if (!in) {
+    error = "cannot open " + manifestPath + " (is " + dir +
+            " a package built by attn-compile -o?)";
+    return nullptr;
+  }
+  std::unique_ptr<Package> pkg(new Package());
+  pkg->dir_ = dir;
+  try {
+    json m = json::parse(in);
+    if (m.value("format", "") != "attn-package")
+      throw std::runtime_error("not an attn package manifest");
+    if (m.value("version", 0) != 1)
+      throw std::runtime_error("manifest version " +
+                               std::to_string(m.value("version", 0)) +
+                               " is not supported (this runtime reads 1)");
+    pkg->target_ = m.at("target").get<std::string>();
+    pkg->name_ = m.at("name").get<std::string>();
+    pkg->specJson_ = m.at("spec").dump();
+    const json &kernel = m.at("kernels").at(0);
+    for (const json &a : kernel.at("args"))
+      pkg->args_.push_back({a.at("name").get<std::string>(),
+                            a.at("role").get<std::string>(),
+                            a.at("dtype").get<std::string>(),
+                            a.at("shape").get<std::vector<int64_t>>()});
+    if (pkg->target_ != "cpu") {
+      error = manifestPath + ": package built for target " + pkg->target_ +
+              "; this runtime runs cpu packages";
+      return nullptr;
+    }
+    std::string libPath = dir + "/" + m.at("library").get<std::string>();
+    pkg->library_ = dlopen(libPath.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!pkg->library_) {
+      error = "cannot load " + libPath + ": " + dlerror();
+      return nullptr;
+    }
+    std::string symbol = kernel.at("symbol").get<std::string>();
+    pkg->entry_ = dlsym(pkg->library_, symbol.c_str());
+    if (!pkg->entry_) {
+      error = libPath + " has no entry point " + symbol;
+      return nullptr;
+    }
+  } catch (const std::exception &e) {
+    error = manifestPath + ": malformed manifest: " + e.what();
+    return nullptr;
+  }
+  return pkg;
+}
+
+bool Package::usesLengths() const {
+  for (const ArgSpec &a : args_)
+    if (a.name == "lengths")
+      return true;
+  return false;
+}
+
+bool Package::hasLse() const {
+  for (const ArgSpec &a : args_)
+    if (a.name == "lse")
+      return true;
+  return false;
+}
+
+bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
+                  const Tensor *lengths, Tensor &out, Tensor *lse,
+                  std::string &error) {
+  if (usesLengths() && !lengths) {
+    error = "package " + name_ + " has a tokenized pattern: lengths are required";
+    return false;
+  }
+  if (!usesLengths() && lengths) {
+    error = "package " + name_ + " takes no lengths (its pattern is not tokenized)";
+    return false;
+  }
+  // The kernel always writes the LSE when it was compiled with one; give it
+  // scratch space if the caller does not want it.
+  std::vector<float> lseScratch;
+  Tensor lseTensor;
+  if (hasLse()) {
+    if (lse) {
+      lseTensor = *lse;
+    } else {
+      lseScratch.resize(q.shape.size() == 4 ? q.shape[0] * q.shape[1] * q.shape[2] : 0);
+      lseTensor = {lseScratch.data(), {}, "f32"};
+      if (q.shape.size() == 4)
+        lseTensor.shape = {q.shape[0], q.shape[1], q.shape[2]};
+    }
+  }
+
+  std::vector<const Tensor *> tensors;
+  for (const ArgSpec &a : args_) {
+    if (a.name == "q") tensors.push_back(&q);
+    else if (a.name == "k") tensors.push_back(&k);
+    else if (a.name == "v") tensors.push_back(&v);
+    else if (a.name == "lengths") tensors.push_back(lengths);
+    else if (a.name == "out") tensors.push_back(&out);
+    else if (a.name == "lse") tensors.push_back(&lseTensor);
+    else {
+      error = "manifest names an unknown argument " + a.name;
+      return false;
+    }
+  }
+
+  // Check each tensor against the manifest, then the shapes against each
+  // other: q [B,H,Lq,D], k = v [B,Hkv,Lk,D], out = q, lse [B,H,Lq].
+  for (size_t i = 0; i < args_.size(); ++i) {
+    const ArgSpec &a = args_[i];
+    const Tensor &t = *tensors[i];
+    if (!t.data) {
+      error = a.name + ": null data pointer";
+      return false;
+    }
+    if (t.dtype != a.dtype) {
+      error = a.name + ": dtype " + t.dtype + " but the package expects " + a.dtype;
+      return false;
+    }
+    bool ok = t.shape.size() == a.shape.size();
+    for (size_t d = 0; ok && d < a.shape.size(); ++d)
+      ok = t.shape[d] >= 0 && (a.shape[d] < 0 || a.shape[d] == t.shape[d]);
+    if (!ok) {
+      error = a.name + ": shape " + shapeString(t.shape) +
+              " does not match the package's " + shapeString(a.shape);
+      return false;
+    }
+  }
+  if (k.shape != v.shape) {
+    error = "v: shape " + shapeString(v.shape) + " differs from k's " + shapeString(k.shape);
+    return false;
+  }
+  if (out.shape != q.shape) {
+    error = "out: shape " + shapeString(out.shape) + " differs from q's " + shapeString(q.shape);
+    return false;
+  }
+  if (q.shape[2] < 1 || k.shape[2] < 1) {
+    error = "q and k need at least one row (got Lq = " + std::to_string(q.shape[2]) +
+            ", Lk = " + std::to_string(k.shape[2]) + ")";
+    return false;
+  }
+  if (hasLse() && lseTensor.shape != std::vector<int64_t>{q.shape[0], q.shape[1], q.shape[2]}) {
+    error = "lse: shape " + shapeString(lseTensor.shape) + " must be [B, H, Lq] = " +
+            shapeString({q.shape[0], q.shape[1], q.shape[2]});
+    return false;
+  }
+  if (lengths) {
+    const int32_t *len = static_cast<const int32_t *>(lengths->data);
+    for (int64_t b = 0; b < lengths->shape[0]; ++b)
+      if (len[b] < 0 || len[b] > k.shape[2]) {
+        error = "lengths[" + std::to_string(b) + "] = " + std::to_string(len[b]) +
+                " is outside [0, Lk = " + std::to_string(k.shape[2]) + "]";
+        return false;
+      }
+  }
+
+  // Build the memref descriptors.
+  std::vector<std::vector<int64_t>> descriptors;
+  for (const Tensor *t : tensors) {
+    size_t rank = t->shape.size();
+    std::vector<int64_t> d(3 + 2 * rank);
+    d[0] = d[1] = reinterpret_cast<int64_t>(t->data);
+    d[2] = 0;
+    int64_t stride = 1;
+    for (size_t i = rank; i-- > 0;) {
+      d[3 + i] = t->shape[i];
+      d[3 + rank + i] = stride;
+      stride *= t->shape[i];
+    }
+    descriptors.push_back(std::move(d));
+  }
+  std::vector<void *> ptrs;
+  for (auto &d : descriptors)
+    ptrs.push_back(d.data());
+  using P = void *;
+  switch (ptrs.size()) {
+  case 4:
+    reinterpret_cast<void (*)(P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3]);
+    break;
+  case 5:
+    reinterpret_cast<void (*)(P, P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4]);
+    break;
+  case 6:
+    reinterpret_cast<void (*)(P, P, P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5]);
+    break;
+  default:
+    error = "manifest lists " + std::to_string(ptrs.size()) + " arguments; expected 4 to 6";
+    return false;
+  }
+  return true;
+}

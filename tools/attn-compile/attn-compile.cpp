@@ -1,0 +1,127 @@
+//===- attn-compile.cpp - compile attention specs -------------------------===//
+//
+//   attn-compile SPEC.json --emit mlir|decomposed|tiled|fused|llvm|llvm-ir
+//   attn-compile SPEC.json -o PKG/ [--target cpu] [--q-tile N] [--kv-tile N]
+//
+// Parses a JSON spec (errors name the JSON path), builds the attn IR, and
+// either prints it after a pipeline stage or compiles a package.
+//
+//===----------------------------------------------------------------------===//
+
+#include "attn/Dialect/Attn/IR/AttnDialect.h"
+#include "attn/Dialect/Attn/Transforms/Passes.h"
+#include "attn/Spec/Spec.h"
+#include "attn/Target/CpuTarget.h"
+
+#include "mlir/Dialect/Func/IR/FuncOps.h"
+#include "mlir/Dialect/LLVMIR/LLVMDialect.h"
+#include "mlir/Dialect/Math/IR/Math.h"
+#include "mlir/IR/MLIRContext.h"
+#include "mlir/IR/Verifier.h"
+#include "mlir/Support/FileUtilities.h"
+
+#include "llvm/Support/CommandLine.h"
+#include "llvm/Support/InitLLVM.h"
+#include "llvm/Support/MemoryBuffer.h"
+#include "llvm/Support/ToolOutputFile.h"
+
+using namespace mlir;
+using namespace mlir::attn;
+namespace cl = llvm::cl;
+
+static cl::opt<std::string> specFile(cl::Positional, cl::desc("<spec.json>"),
+                                     cl::Required);
+static cl::opt<std::string>
+    outPath("o", cl::desc("Package directory (or output file with --emit)"),
+            cl::value_desc("path"), cl::init(""));
+static cl::opt<std::string> emit(
+    "emit",
+    cl::desc("Print the IR after a stage instead of building a package: "
+             "mlir, decomposed, tiled, fused, llvm, llvm-ir"),
+    cl::init(""));
+static cl::opt<std::string>
+    targetOpt("target", cl::desc("cpu, sm_90a or sm_80 (default: the spec's "
+                                 "target.arch, else cpu)"),
+              cl::init(""));
+static cl::opt<int64_t> qTileOpt("q-tile", cl::desc("Rows per tile"),
+                                 cl::init(0));
+static cl::opt<int64_t> kvTileOpt("kv-tile", cl::desc("Keys per tile"),
+                                  cl::init(0));
+static cl::opt<bool> quiet("quiet", cl::desc("No progress messages"),
+                           cl::init(false));
+
+static int fail(const std::string &message) {
+  llvm::errs() << specFile << ": error: " << message << "\n";
+  return 1;
+}
+
+int main(int argc, char **argv) {
+  llvm::InitLLVM init(argc, argv);
+  cl::ParseCommandLineOptions(argc, argv, "attn spec compiler\n");
+
+  std::string error;
+  auto file = openInputFile(specFile, &error);
+  if (!file)
+    return fail(error);
+
+  DialectRegistry registry;
+  registry.insert<AttnDialect, func::FuncDialect, math::MathDialect,
+                  LLVM::LLVMDialect>();
+  MLIRContext ctx(registry);
+  ctx.loadAllAvailableDialects();
+  std::optional<Spec> spec = parseSpec(file->getBuffer().str(), &ctx, error);
+  if (!spec)
+    return fail(error);
+
+  std::string target = targetOpt.empty() ? spec->target.arch : targetOpt;
+  if (target != "cpu" && target != "sm_90a" && target != "sm_80")
+    return fail("--target must be cpu, sm_90a or sm_80, got '" + target + "'");
+  CpuPipelineOptions opts;
+  opts.qTile = qTileOpt > 0 ? qTileOpt : spec->target.qTile;
+  opts.kvTile = kvTileOpt > 0 ? kvTileOpt : spec->target.kvTile;
+  if (qTileOpt < 0 || kvTileOpt < 0)
+    return fail("--q-tile and --kv-tile must be >= 1");
+
+  OwningOpRef<ModuleOp> module = buildAttentionModule(*spec, &ctx);
+  if (failed(verify(*module)))
+    return fail("the spec produced invalid IR (see the diagnostics above)");
+
+  if (!emit.empty()) {
+    static const std::pair<const char *, Stage> stages[] = {
+        {"mlir", Stage::Mlir},   {"decomposed", Stage::Decomposed},
+        {"tiled", Stage::Tiled}, {"fused", Stage::Fused},
+        {"llvm", Stage::Llvm},   {"llvm-ir", Stage::LlvmIR}};
+    auto it = llvm::find_if(stages, [](auto &s) { return emit == s.first; });
+    if (it == std::end(stages))
+      return fail("--emit must be one of mlir, decomposed, tiled, fused, "
+                  "llvm, llvm-ir; got '" + emit + "'");
+    if (target != "cpu" && it->second >= Stage::Fused)
+      return fail("--emit " + emit + " for target " + target +
+                  " is not available: GPU code generation is not implemented "
+                  "yet; use --target cpu");
+    if (failed(lowerToStage(*module, it->second, opts)))
+      return fail("lowering to stage '" + emit + "' failed");
+    auto output = openOutputFile(outPath.empty() ? std::string("-") : outPath.getValue(), &error);
+    if (!output)
+      return fail(error);
+    if (it->second == Stage::LlvmIR) {
+      if (failed(printLLVMIR(*module, output->os())))
+        return fail("translation to LLVM IR failed");
+    } else {
+      module->print(output->os());
+    }
+    output->keep();
+    return 0;
+  }
+
+  if (outPath.empty())
+    return fail("give a package directory with -o, or a stage with --emit");
+  if (target != "cpu")
+    return fail("target " + target +
+                ": GPU code generation is not implemented yet; use --target "
+                "cpu");
+  if (failed(compileCpuPackage(*module, *spec, opts, outPath, error,
+                               quiet ? nullptr : &llvm::errs())))
+    return fail(error);
+  return 0;
+}

@@ -141,9 +141,9 @@ ComponentAttr::verify(function_ref<InFlightDiagnostic()> emitError,
   if (bandLo != kNegInf && bandHi != kPosInf && bandLo > bandHi)
     return emitError() << "component band [" << bandLo << ", " << bandHi
                        << "] is empty";
-  if (failed(verifyCombinator(emitError, "include", include)) && !include.empty())
+  if (!include.empty() && failed(verifyCombinator(emitError, "include", include)))
     return failure();
-  if (failed(verifyCombinator(emitError, "exclude", exclude)) && !exclude.empty())
+  if (!exclude.empty() && failed(verifyCombinator(emitError, "exclude", exclude)))
     return failure();
   return success();
 }

@@ -111,9 +111,12 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
         Value fullHi =
             lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
         fullHi = m.max(fullHi, fullLo);
-        emitKeyTiles(bIdx, hIdx, base, q0, q1, first, fullLo, true);
+        // An unbounded side of the band has no edge to mask.
+        if (hi != inf)
+          emitKeyTiles(bIdx, hIdx, base, q0, q1, first, fullLo, true);
         emitKeyTiles(bIdx, hIdx, base, q0, q1, fullLo, fullHi, false);
-        emitKeyTiles(bIdx, hIdx, base, q0, q1, fullHi, last, true);
+        if (lo != ninf)
+          emitKeyTiles(bIdx, hIdx, base, q0, q1, fullHi, last, true);
       });
     };
 

@@ -1,0 +1,68 @@
+// attn-decompose: each pattern becomes init_state, its components, finalize.
+// RUN: attn-opt %s -attn-decompose -split-input-file | FileCheck %s
+
+// CHECK-LABEL: func @causal
+// CHECK: %[[DIM:.+]] = tensor.dim %[[Q:.+]], %{{.+}} : tensor<1x2x?x16xf32>
+// CHECK: %[[S:.+]]:3 = attn.init_state outs(
+// CHECK: %[[C:.+]]:3 = attn.component {{.*}} state(%[[S]]#0, %[[S]]#1, %[[S]]#2) <period = 1, residue = all, segment = 0, band = [0, inf]> {scale = 2.500000e-01 : f64}
+// CHECK: attn.finalize state(%[[C]]#0, %[[C]]#1, %[[C]]#2)
+// CHECK-NOT: attn.attention
+func.func @causal(%q: tensor<1x2x?x16xf32>) -> tensor<1x2x?x16xf32> {
+  %0 = attn.attention %q, %q, %q pattern(#attn.causal) : tensor<1x2x?x16xf32>, tensor<1x2x?x16xf32>, tensor<1x2x?x16xf32> -> tensor<1x2x?x16xf32>
+  return %0 : tensor<1x2x?x16xf32>
+}
+
+// -----
+
+// A causal window W is the band 0 <= i - j <= W - 1; two-sided, |i - j| <= W - 1.
+// CHECK-LABEL: func @local
+// CHECK: band = [0, 127]>
+// CHECK: band = [-15, 15]>
+func.func @local(%q: tensor<1x2x64x16xf32>) -> (tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32>) {
+  %0 = attn.attention %q, %q, %q pattern(#attn.local<window = 128>) : tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32> -> tensor<1x2x64x16xf32>
+  %1 = attn.attention %q, %q, %q pattern(#attn.local<window = 16, causal = false>) : tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32> -> tensor<1x2x64x16xf32>
+  return %0, %1 : tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32>
+}
+
+// -----
+
+// Strided (Child et al.): the local band plus causal attention inside each
+// residue class beyond it; ceil(48 / 32) = 2 strides away at least.
+// CHECK-LABEL: func @strided
+// CHECK: <period = 1, residue = all, segment = 0, band = [0, 47]>
+// CHECK: <period = 32, residue = all, segment = 0, band = [2, inf]>
+func.func @strided(%q: tensor<1x2x64x16xf32>) -> tensor<1x2x64x16xf32> {
+  %0 = attn.attention %q, %q, %q pattern(#attn.strided<stride = 32, local = 48>) : tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32> -> tensor<1x2x64x16xf32>
+  return %0 : tensor<1x2x64x16xf32>
+}
+
+// -----
+
+// LongNet: one gathered block-diagonal component per branch, continuing one state.
+// CHECK-LABEL: func @longnet
+// CHECK: <period = 1, residue = head, segment = 2048, band = [0, inf]>
+// CHECK: <period = 4, residue = head, segment = 8192, band = [0, inf]>
+// CHECK: <period = 16, residue = 0, segment = 32768, band = [-inf, inf]>
+// CHECK: attn.finalize
+func.func @longnet(%q: tensor<1x16x?x64xf32>) -> tensor<1x16x?x64xf32> {
+  %0 = attn.attention %q, %q, %q pattern(#attn.sum<[
+      #attn.dilated<segment = 2048, rate = 1, head_offset = true, causal = true>,
+      #attn.dilated<segment = 8192, rate = 4, head_offset = true, causal = true>,
+      #attn.dilated<segment = 32768, rate = 16>]>)
+    : tensor<1x16x?x64xf32>, tensor<1x16x?x64xf32>, tensor<1x16x?x64xf32> -> tensor<1x16x?x64xf32>
+  return %0 : tensor<1x16x?x64xf32>
+}
+
+// -----
+
+// A union counts a pair once: later members exclude the earlier ones. An
+// intersection with tokenized clips rows and keys to the lengths.
+// CHECK-LABEL: func @combinators
+// CHECK: band = [0, 7]>
+// CHECK: band = [0, inf], exclude = [#attn.local<window = 8>]>
+// CHECK: attn.component {{.*}} lengths(%{{.*}} : tensor<2xi32>) {{.*}} band = [0, inf], lengths = true>
+func.func @combinators(%q: tensor<2x1x64x16xf32>, %len: tensor<2xi32>) -> (tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32>) {
+  %0 = attn.attention %q, %q, %q pattern(#attn.union<[#attn.local<window = 8>, #attn.causal]>) : tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32> -> tensor<2x1x64x16xf32>
+  %1 = attn.attention %q, %q, %q lengths(%len) pattern(#attn.intersect<[#attn.causal, #attn.tokenized<>]>) : tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32>, tensor<2xi32> -> tensor<2x1x64x16xf32>
+  return %0, %1 : tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32>
+}

@@ -15,3 +15,12 @@ func.func @f(%q: tensor<1x2x?x16xf32>, %k: tensor<1x2x?x16xf32>, %v: tensor<1x2x
   %o, %l = attn.attention %q, %k, %v pattern(#attn.causal) : tensor<1x2x?x16xf32>, tensor<1x2x?x16xf32>, tensor<1x2x?x16xf32> -> tensor<1x2x?x16xf32>, tensor<1x2x?xf32>
   return %o, %l : tensor<1x2x?x16xf32>, tensor<1x2x?xf32>
 }
+
+// After CSE the state tensors share one tensor.empty; each still gets its own
+// buffer.
+// RUN: attn-opt %s -attn-decompose -cse -attn-bufferize | FileCheck %s --check-prefix=CSE
+// CSE-LABEL: func @f
+// CSE: %[[A:.+]] = memref.alloc
+// CSE: %[[M:.+]] = memref.alloc
+// CSE: %[[S:.+]] = memref.alloc
+// CSE: attn.init_state outs(%[[A]], %[[M]], %[[S]])

@@ -65,39 +65,43 @@ struct AttnBufferizePass
          llvm::zip(oldBody.getArguments(), entry->getArguments()))
       map.map(oldArg, newArg);
 
-    // Destinations written in place into an output argument: the tensor.empty
-    // feeding a finalize whose result is returned.
+    // Finalize results that the function returns are written in place into
+    // the matching output argument.
     auto returnOp = cast<func::ReturnOp>(oldBody.getTerminator());
-    DenseMap<Value, Value> emptyToOutput;
+    DenseMap<Value, Value> resultToOutput;
     for (auto [index, returned] : llvm::enumerate(returnOp.getOperands())) {
-      auto fin = returned.getDefiningOp<FinalizeOp>();
-      if (!fin)
+      if (!returned.getDefiningOp<FinalizeOp>())
         return returnOp.emitError("attn-bufferize: result ")
                << index << " is not produced by attn.finalize";
-      unsigned resultNo = cast<OpResult>(returned).getResultNumber();
-      Value dest = resultNo == 0 ? fin.getOutput() : fin.getLse();
-      emptyToOutput[dest] =
+      resultToOutput[returned] =
           entry->getArgument(oldType.getNumInputs() + index);
     }
 
     b.setInsertionPointToStart(entry);
     SmallVector<Value> allocations;
+    // Every destination gets its own buffer, even where CSE merged the
+    // tensor.empty ops that feed several destinations.
+    auto destination = [&](Value tensor, Value result) -> Value {
+      if (Value out = result ? resultToOutput.lookup(result) : Value())
+        return out;
+      auto empty = tensor.getDefiningOp<tensor::EmptyOp>();
+      if (!empty)
+        return Value();
+      SmallVector<Value> sizes;
+      for (Value size : empty.getDynamicSizes())
+        sizes.push_back(map.lookup(size));
+      auto alloc = memref::AllocOp::create(
+          b, empty.getLoc(), cast<MemRefType>(toMemRef(empty.getType())),
+          sizes);
+      allocations.push_back(alloc);
+      return alloc;
+    };
     for (Operation &op : oldBody.without_terminator()) {
       Location loc = op.getLoc();
       LogicalResult ok = success();
       llvm::TypeSwitch<Operation *>(&op)
-          .Case([&](tensor::EmptyOp e) {
-            if (Value out = emptyToOutput.lookup(e.getResult())) {
-              map.map(e.getResult(), out);
-              return;
-            }
-            SmallVector<Value> sizes;
-            for (Value s : e.getDynamicSizes())
-              sizes.push_back(map.lookup(s));
-            auto alloc = memref::AllocOp::create(
-                b, loc, cast<MemRefType>(toMemRef(e.getType())), sizes);
-            allocations.push_back(alloc);
-            map.map(e.getResult(), alloc);
+          .Case([&](tensor::EmptyOp) {
+            // Materialised per destination, see `destination`.
           })
           .Case([&](tensor::DimOp d) {
             map.map(d.getResult(),
@@ -105,11 +109,17 @@ struct AttnBufferizePass
                                           map.lookup(d.getIndex())));
           })
           .Case([&](InitStateOp s) {
-            InitStateOp::create(b, loc, TypeRange{}, map.lookup(s.getAcc()),
-                                map.lookup(s.getMax()), map.lookup(s.getSum()));
-            map.map(s.getResults(), ValueRange{map.lookup(s.getAcc()),
-                                               map.lookup(s.getMax()),
-                                               map.lookup(s.getSum())});
+            SmallVector<Value> dests;
+            for (Value t : {s.getAcc(), s.getMax(), s.getSum()})
+              dests.push_back(destination(t, Value()));
+            if (llvm::is_contained(dests, Value())) {
+              ok = s.emitError("attn-bufferize: the state must start from "
+                               "tensor.empty");
+              return;
+            }
+            InitStateOp::create(b, loc, TypeRange{}, dests[0], dests[1],
+                                dests[2]);
+            map.map(s.getResults(), dests);
           })
           .Case([&](ComponentOp c) {
             Value lengths = c.getLengths() ? map.lookup(c.getLengths()) : Value();
@@ -122,13 +132,17 @@ struct AttnBufferizePass
                     ValueRange{nc.getAcc(), nc.getMax(), nc.getSum()});
           })
           .Case([&](FinalizeOp f) {
-            Value lse = f.getLse() ? map.lookup(f.getLse()) : Value();
+            SmallVector<Value> dests{destination(f.getOutput(), f.getResult(0))};
+            if (f.getLse())
+              dests.push_back(destination(f.getLse(), f.getResult(1)));
+            if (llvm::is_contained(dests, Value())) {
+              ok = f.emitError("attn-bufferize: finalize must write into "
+                               "tensor.empty");
+              return;
+            }
             FinalizeOp::create(b, loc, TypeRange{}, map.lookup(f.getAcc()),
                                map.lookup(f.getMax()), map.lookup(f.getSum()),
-                               map.lookup(f.getOutput()), lse);
-            SmallVector<Value> dests{map.lookup(f.getOutput())};
-            if (lse)
-              dests.push_back(lse);
+                               dests[0], f.getLse() ? dests[1] : Value());
             map.map(f.getResults(), dests);
           })
           .Default([&](Operation *other) {

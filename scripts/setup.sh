@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(libmlir-22-dev mlir-22-tools llvm-22-dev llvm-22-tools lld-22 clang-22
           ccache ninja-build cmake nlohmann-json3-dev libgtest-dev
-          python3-numpy gcc g++)
+          python3-numpy python3-pytest gcc g++)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -24,5 +24,12 @@ else
   echo "unit tests not built"; failed=$((failed + 1))
 fi
 
+py_log=$(mktemp)
+PYTHONPATH=python /usr/bin/python3 -m pytest -q -p no:cacheprovider python/tests 2>&1 | tee "$py_log" | tail -3
+pp=$(grep -oE "[0-9]+ passed" "$py_log" | tail -1 | grep -oE "[0-9]+" || echo 0)
+pf=$(grep -oE "[0-9]+ (failed|error)" "$py_log" | grep -oE "[0-9]+" | awk '{s += $1} END {print s + 0}')
+passed=$((passed + ${pp:-0})); failed=$((failed + ${pf:-0}))
+[ "${pp:-0}" -gt 0 ] || failed=$((failed + 1))
+
 echo "${passed} passed, ${failed} failed"
 [ "$failed" -eq 0 ]

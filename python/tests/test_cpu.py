@@ -1,0 +1,73 @@
+"""The Python API on the CPU target, against a NumPy float64 reference."""
+
+import numpy as np
+import pytest
+
+import attn
+
+
+def reference(q, k, v, mask):
+    """Float64 attention; mask[h, i, j] is the multiplicity."""
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k64 = np.repeat(k64, group, axis=1)
+    v64 = np.repeat(v64, group, axis=1)
+    s = np.einsum("bhid,bhjd->bhij", q64, k64) / np.sqrt(q.shape[-1])
+    s = np.where(mask > 0, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    w = mask * np.exp(s - m)
+    denom = w.sum(axis=-1, keepdims=True)
+    out = np.where(denom > 0, np.einsum("bhij,bhjd->bhid", w, v64) / np.where(denom > 0, denom, 1), 0)
+    lse = np.where(denom[..., 0] > 0, m[..., 0] + np.log(np.where(denom[..., 0] > 0, denom[..., 0], 1)), -np.inf)
+    return out, lse
+
+
+def rand(*shape, seed):
+    return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("lq,lk", [(70, 70), (33, 90), (90, 33)])
+def test_local_gqa(lq, lk):
+    pkg = attn.compile({"name": "local", "heads": 4, "kv_heads": 2, "head_dim": 32,
+                        "pattern": {"local": {"window": 17}}})
+    q, k, v = rand(1, 4, lq, 32, seed=1), rand(1, 2, lk, 32, seed=2), rand(1, 2, lk, 32, seed=3)
+    out, lse = pkg(q, k, v, return_lse=True)
+    i = np.arange(lq)[:, None] + lk - lq
+    j = np.arange(lk)[None, :]
+    mask = np.broadcast_to(((j <= i) & (i - j < 17)).astype(np.float64), (1, 4, lq, lk))
+    ref_out, ref_lse = reference(q, k, v, mask)
+    assert np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out) < 1e-5
+    assert np.array_equal(np.isinf(lse), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    assert np.abs(lse[finite] - ref_lse[finite]).max() < 1e-5
+
+
+def test_tokenized_lengths():
+    pkg = attn.compile({"name": "tok", "batch": 2, "heads": 2, "head_dim": 16,
+                        "pattern": {"tokenized": {}}})
+    q, k, v = rand(2, 2, 40, 16, seed=4), rand(2, 2, 40, 16, seed=5), rand(2, 2, 40, 16, seed=6)
+    lengths = np.array([0, 23], dtype=np.int64)
+    out = pkg(q, k, v, lengths=lengths)
+    i = np.arange(40)[:, None]
+    j = np.arange(40)[None, :]
+    mask = np.stack([np.broadcast_to(((i < n) & (j < n)).astype(np.float64), (2, 40, 40)) for n in lengths])
+    ref_out, _ = reference(q, k, v, mask)
+    assert np.all(out[0] == 0)
+    assert np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out) < 1e-5
+
+
+def test_spec_error_names_the_path():
+    with pytest.raises(attn.AttnError, match=r"pattern.local.window: must be >= 1, got 0"):
+        attn.compile({"name": "bad", "head_dim": 8, "pattern": {"local": {"window": 0}}})
+
+
+def test_argument_errors():
+    pkg = attn.compile({"name": "causal", "heads": 2, "head_dim": 16, "pattern": {"causal": {}}})
+    q = rand(1, 2, 8, 16, seed=7)
+    with pytest.raises(attn.AttnError, match=r"dtype float64, expected float32"):
+        pkg(q.astype(np.float64), q, q)
+    with pytest.raises(attn.AttnError, match=r"q: shape \[1, 3, 8, 16\] does not match"):
+        pkg(rand(1, 3, 8, 16, seed=8), q, q)
+    with pytest.raises(attn.AttnError, match=r"takes no lengths"):
+        pkg(q, q, q, lengths=np.array([3]))

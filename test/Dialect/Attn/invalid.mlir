@@ -142,3 +142,11 @@ func.func @state_type(%q: memref<1x1x8x4xf16>, %m: memref<1x1x8xf32>) {
   attn.init_state outs(%q, %m, %m) : memref<1x1x8x4xf16>, memref<1x1x8xf32>, memref<1x1x8xf32>
   return
 }
+
+// -----
+
+func.func @filter_lengths(%q: memref<1x1x8x4xf32>, %m: memref<1x1x8xf32>) {
+  // expected-error @+1 {{component reads lengths but none are given}}
+  attn.component %q, %q, %q state(%q, %m, %m) #attn.component<period = 1, residue = all, segment = 0, band = [0, inf], exclude = [#attn.tokenized<>]> {scale = 1.0 : f64} : memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8xf32>, memref<1x1x8xf32>
+  return
+}

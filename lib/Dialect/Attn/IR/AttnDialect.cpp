@@ -396,7 +396,10 @@ LogicalResult InitStateOp::verify() {
 LogicalResult ComponentOp::verify() {
   if (failed(verifyStateShapes(*this, getAcc(), getMax(), getSum())))
     return failure();
-  if (getComponent().getUseLengths() && !getLengths())
+  ComponentAttr c = getComponent();
+  bool filtersUseLengths =
+      anyUsesLengths(c.getInclude()) || anyUsesLengths(c.getExclude());
+  if ((c.getUseLengths() || filtersUseLengths) && !getLengths())
     return emitOpError("component reads lengths but none are given");
   if (!(getScaleAttr().getValueAsDouble() > 0.0))
     return emitOpError("scale must be > 0");

@@ -10,6 +10,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "attn/Pattern/Pattern.h"
+#include "attn/Utils/IndexMath.h"
 
 #include "mlir/Dialect/Arith/IR/Arith.h"
 #include "llvm/ADT/TypeSwitch.h"
@@ -229,34 +230,6 @@ SmallVector<ComponentAttr> mlir::attn::decompose(Attribute pattern) {
 // Predicates as IR
 //===----------------------------------------------------------------------===//
 
-namespace {
-/// Small helpers over `index` values for the predicate builder.
-struct IndexMath {
-  OpBuilder &b;
-  Location loc;
-  Value c(int64_t v) { return arith::ConstantIndexOp::create(b, loc, v); }
-  Value sub(Value x, Value y) { return arith::SubIOp::create(b, loc, x, y); }
-  Value add(Value x, Value y) { return arith::AddIOp::create(b, loc, x, y); }
-  Value floorDiv(Value x, int64_t y) {
-    return arith::FloorDivSIOp::create(b, loc, x, c(y));
-  }
-  Value floorMod(Value x, int64_t y) {
-    return sub(x, arith::MulIOp::create(b, loc, floorDiv(x, y), c(y)));
-  }
-  Value cmp(arith::CmpIPredicate pred, Value x, Value y) {
-    return arith::CmpIOp::create(b, loc, pred, x, y);
-  }
-  Value lt(Value x, Value y) { return cmp(arith::CmpIPredicate::slt, x, y); }
-  Value le(Value x, Value y) { return cmp(arith::CmpIPredicate::sle, x, y); }
-  Value eq(Value x, Value y) { return cmp(arith::CmpIPredicate::eq, x, y); }
-  Value ne(Value x, Value y) { return cmp(arith::CmpIPredicate::ne, x, y); }
-  Value both(Value x, Value y) { return arith::AndIOp::create(b, loc, x, y); }
-  Value either(Value x, Value y) { return arith::OrIOp::create(b, loc, x, y); }
-  Value truth(bool v) {
-    return arith::ConstantIntOp::create(b, loc, b.getI1Type(), v ? 1 : 0);
-  }
-};
-} // namespace
 
 Value mlir::attn::buildPatternPredicate(OpBuilder &b, Location loc,
                                         Attribute pattern, Value head,

@@ -15,9 +15,9 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "IndexMath.h"
 #include "attn/Dialect/Attn/IR/AttnDims.h"
 #include "attn/Dialect/Attn/Transforms/Passes.h"
+#include "attn/Utils/IndexMath.h"
 #include "attn/Pattern/Pattern.h"
 
 #include "mlir/Dialect/Math/IR/Math.h"

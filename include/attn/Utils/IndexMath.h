@@ -1,13 +1,13 @@
 //===- IndexMath.h - terse index arithmetic for the attn passes -*- C++ -*-===//
 //
 // A builder wrapper for the closed-form index expressions of the tile
-// schedules and kernels (`index`-typed arith ops), so that the passes read
-// like the formulas in their comments.
+// schedules, the kernels and the pattern predicates (`index`-typed arith ops
+// and i1 logic), so that the code reads like the formulas in its comments.
 //
 //===----------------------------------------------------------------------===//
 
-#ifndef ATTN_LIB_TRANSFORMS_INDEXMATH_H
-#define ATTN_LIB_TRANSFORMS_INDEXMATH_H
+#ifndef ATTN_UTILS_INDEXMATH_H
+#define ATTN_UTILS_INDEXMATH_H
 
 #include "mlir/Dialect/Arith/IR/Arith.h"
 #include "mlir/IR/Builders.h"
@@ -30,11 +30,27 @@ struct IndexMath {
   Value floorDiv(Value x, Value y) {
     return arith::FloorDivSIOp::create(b, loc, x, y);
   }
+  Value floorDiv(Value x, int64_t y) { return floorDiv(x, c(y)); }
+  /// x - floor(x / y) * y, in [0, y) for y > 0.
+  Value floorMod(Value x, int64_t y) {
+    return sub(x, mul(floorDiv(x, y), c(y)));
+  }
+
   Value cmp(arith::CmpIPredicate p, Value x, Value y) {
     return arith::CmpIOp::create(b, loc, p, x, y);
+  }
+  Value lt(Value x, Value y) { return cmp(arith::CmpIPredicate::slt, x, y); }
+  Value le(Value x, Value y) { return cmp(arith::CmpIPredicate::sle, x, y); }
+  Value eq(Value x, Value y) { return cmp(arith::CmpIPredicate::eq, x, y); }
+
+  // i1 logic.
+  Value both(Value x, Value y) { return arith::AndIOp::create(b, loc, x, y); }
+  Value either(Value x, Value y) { return arith::OrIOp::create(b, loc, x, y); }
+  Value truth(bool v) {
+    return arith::ConstantIntOp::create(b, loc, b.getI1Type(), v ? 1 : 0);
   }
 };
 
 } // namespace mlir::attn
 
-#endif // ATTN_LIB_TRANSFORMS_INDEXMATH_H
+#endif // ATTN_UTILS_INDEXMATH_H

@@ -21,6 +21,7 @@
 #include "attn/Pattern/Pattern.h"
 
 #include "mlir/Dialect/Math/IR/Math.h"
+#include "mlir/Interfaces/FunctionInterfaces.h"
 
 #include <limits>
 
@@ -160,7 +161,9 @@ void lowerFinalize(FinalizeOp op) {
   op.erase();
 }
 
-void lowerTileUpdate(TileUpdateOp op) {
+/// Lowers one tile update; `scores` is a buffer of at least `max_keys` f32
+/// that holds one row's scores for the key tile.
+void lowerTileUpdate(TileUpdateOp op, Value scores) {
   OpBuilder b(op);
   Location loc = op.getLoc();
   FloatMath f{b, loc};
@@ -184,16 +187,6 @@ void lowerTileUpdate(TileUpdateOp op) {
     length = memref::LoadOp::create(b, loc, op.getLengths(), bIdx);
     length = arith::IndexCastOp::create(b, loc, b.getIndexType(), length);
   }
-  Value keyCount = m.sub(op.getKeyEnd(), op.getKeyBegin());
-
-  // Scores of one row for this key tile live in a stack buffer, freed at the
-  // end of the scope so that loops around the tile do not grow the stack.
-  auto scope = memref::AllocaScopeOp::create(b, loc, TypeRange{});
-  Block *scopeBody = b.createBlock(&scope.getBodyRegion());
-  b.setInsertionPointToStart(scopeBody);
-  auto scores = memref::AllocaOp::create(
-      b, loc, MemRefType::get({ShapedType::kDynamic}, b.getF32Type()),
-      ValueRange{keyCount});
 
   forEach(b, loc, op.getRowBegin(), op.getRowEnd(), [&](Value tq) {
     Value i = m.sub(m.add(base, m.mul(r, tq)), delta);
@@ -288,8 +281,6 @@ void lowerTileUpdate(TileUpdateOp op) {
     memref::StoreOp::create(b, loc, newMax, op.getMax(), row);
     memref::StoreOp::create(b, loc, newSum, op.getSum(), row);
   });
-  b.setInsertionPointToEnd(scopeBody);
-  memref::AllocaScopeReturnOp::create(b, loc, ValueRange{});
   op.erase();
 }
 
@@ -315,9 +306,24 @@ struct AttnFuseOnlineSoftmaxPass
           "(run attn-decompose, attn-bufferize and attn-tile first)");
       return signalPassFailure();
     }
+    // One scores buffer per function and key-tile size, allocated on the
+    // stack once at function entry rather than inside the loops.
+    DenseMap<std::pair<Operation *, int64_t>, Value> scoreBuffers;
+    auto scoresFor = [&](TileUpdateOp u) {
+      auto func = u->getParentOfType<FunctionOpInterface>();
+      int64_t size = u.getMaxKeys();
+      Value &buffer = scoreBuffers[{func.getOperation(), size}];
+      if (!buffer) {
+        OpBuilder b(&func.getFunctionBody().front(),
+                    func.getFunctionBody().front().begin());
+        buffer = memref::AllocaOp::create(
+            b, func.getLoc(), MemRefType::get({size}, b.getF32Type()));
+      }
+      return buffer;
+    };
     for (Operation *op : ops) {
       if (auto u = dyn_cast<TileUpdateOp>(op))
-        lowerTileUpdate(u);
+        lowerTileUpdate(u, scoresFor(u));
       else if (auto i = dyn_cast<InitStateOp>(op))
         lowerInitState(i);
       else

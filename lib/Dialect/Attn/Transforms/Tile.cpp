@@ -81,7 +81,7 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
         auto update = TileUpdateOp::create(
             b, loc, op.getQuery(), op.getKey(), op.getValue(), op.getLengths(),
             op.getAcc(), op.getMax(), op.getSum(), bIdx, hIdx, base, q0, q1,
-            k0, k1, comp, op.getScaleAttr(),
+            k0, k1, comp, op.getScaleAttr(), b.getI64IntegerAttr(kvTile),
             masked ? b.getUnitAttr() : UnitAttr());
         (void)update;
       });

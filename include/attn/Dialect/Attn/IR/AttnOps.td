@@ -138,6 +138,8 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update"> {
     `t_k in [key_begin, key_end)` of batch `batch` and head `head`. The tile
     schedule (attn-tile) proves which blocks are entirely inside the component;
     only blocks marked `masked` evaluate the band and filters per element.
+    `max_keys` bounds `key_end - key_begin` (the key tile size), so that the
+    lowering can keep one row of scores in a fixed-size buffer.
   }];
   let arguments = (ins AnyMemRef:$query, AnyMemRef:$key, AnyMemRef:$value,
                        Optional<AnyMemRef>:$lengths,
@@ -146,7 +148,7 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update"> {
                        Index:$row_begin, Index:$row_end,
                        Index:$key_begin, Index:$key_end,
                        Attn_ComponentAttr:$component, F64Attr:$scale,
-                       UnitAttr:$masked);
+                       I64Attr:$max_keys, UnitAttr:$masked);
   let assemblyFormat = [{
     $query `,` $key `,` $value (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
     `state` `(` $acc `,` $max `,` $sum `)`

@@ -212,26 +212,19 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
           if (op.getMasked()) {
             // In the band lo <= t_q - t_k <= hi, in every include pattern and
             // in no exclude pattern.
-            Value inside = arith::ConstantIntOp::create(b, loc, b.getI1Type(), 1);
+            Value inside = m.truth(true);
             Value dt = m.sub(tq, tk);
             if (comp.getBandLo() != ComponentAttr::kNegInf)
-              inside = arith::AndIOp::create(
-                  b, loc, inside,
-                  m.cmp(arith::CmpIPredicate::sge, dt, m.c(comp.getBandLo())));
+              inside = m.both(inside, m.le(m.c(comp.getBandLo()), dt));
             if (comp.getBandHi() != ComponentAttr::kPosInf)
-              inside = arith::AndIOp::create(
-                  b, loc, inside,
-                  m.cmp(arith::CmpIPredicate::sle, dt, m.c(comp.getBandHi())));
+              inside = m.both(inside, m.le(dt, m.c(comp.getBandHi())));
             for (Attribute inc : comp.getInclude())
-              inside = arith::AndIOp::create(
-                  b, loc, inside,
-                  buildPatternPredicate(b, loc, inc, h, i, j, qLen, kLen, length));
-            Value trueV = arith::ConstantIntOp::create(b, loc, b.getI1Type(), 1);
+              inside = m.both(inside, buildPatternPredicate(
+                                          b, loc, inc, h, i, j, qLen, kLen, length));
             for (Attribute exc : comp.getExclude()) {
               Value in = buildPatternPredicate(b, loc, exc, h, i, j, qLen, kLen,
                                                length);
-              inside = arith::AndIOp::create(
-                  b, loc, inside, arith::XOrIOp::create(b, loc, in, trueV));
+              inside = m.both(inside, m.eq(in, m.truth(false)));
             }
             auto ifOp = scf::IfOp::create(b, loc, TypeRange{b.getF32Type()},
                                           inside, /*withElse=*/true);

@@ -90,4 +90,46 @@ def AttnFuseOnlineSoftmax : Pass<"attn-fuse-online-softmax"> {
                            "::mlir::memref::MemRefDialect"];
 }
 
+def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
+  let summary = "Turn decomposed attention into tensor-core GPU kernels";
+  let description = [{
+    Replaces every function holding decomposed attention (`attn.init_state`,
+    `attn.component`..., `attn.finalize` on tensors) by a `gpu.module
+    @attn_kernels` with one kernel per component (plus `init` and `finalize`
+    kernels when the state must live in memory between components). The
+    host side is the attn runtime, which reads the launch plan recorded on
+    the kernels:
+
+    - `gpu.module` attribute `attn.launch_order`: kernel names in order;
+    - `gpu.func` attribute `attn.launch`: `kind` (`single`, `update`, `init`,
+      `finalize`), `block`, `shared_bytes`, and for components the
+      `component` whose period, residue and segment fix the grid.
+
+    A component kernel runs one thread block of 4 warps per (q-tile of 64
+    gathered rows, group = (segment, residue class), batch x head). K/V
+    tiles of 64 keys are double-buffered in shared memory by `cp.async`
+    (gathered rows read straight from their addresses, rows outside the
+    range zero-filled); S = Q.K^T and O += P.V run on `mma.sync.m16n8k16`
+    with `ldmatrix` fragments, the online softmax stays in registers
+    (quad shuffles for row maxima, exp2 with the scale folded in), and only
+    tiles on the band's edges (or with include/exclude filters) evaluate the
+    mask. A component that covers every row (`residue = all`) is the only
+    one of its pattern runs as `single`: it starts from an empty state and
+    writes `out` and `lse` itself; otherwise the f32 state
+    (acc, max, sum) lives in global memory between `update` kernels.
+    See docs/passes/convert-attn-to-gpu.md.
+  }];
+  let dependentDialects = ["::mlir::gpu::GPUDialect",
+                           "::mlir::nvgpu::NVGPUDialect",
+                           "::mlir::NVVM::NVVMDialect",
+                           "::mlir::LLVM::LLVMDialect",
+                           "::mlir::vector::VectorDialect",
+                           "::mlir::scf::SCFDialect",
+                           "::mlir::arith::ArithDialect",
+                           "::mlir::memref::MemRefDialect"];
+  let statistics = [
+    Statistic<"numKernels", "kernels", "Number of GPU kernels emitted">
+  ];
+}
+
 #endif // ATTN_TRANSFORMS_PASSES

@@ -1,0 +1,866 @@
+//===- ConvertToGpu.cpp - attention components as tensor-core kernels -----===//
+//
+// convert-attn-to-gpu: every function holding decomposed attention becomes a
+// gpu.module of kernels, one per component (docs/passes/convert-attn-to-gpu.md).
+//
+// Work split. A component's rows fall into groups (segment s, residue c); a
+// group holds the gathered positions base + r*t (t = 0, 1, ...). One thread
+// block of 4 warps takes 64 consecutive t of one group for one (batch, head):
+//
+//     grid = (ceil(max rows per group / 64), groups, B*H),  block = 128
+//
+// and walks the key tiles of the group in closed form, exactly as attn-tile
+// does on the CPU: keys t_k with lo <= t_q - t_k <= hi for some row of the
+// tile, clipped to the group and to lengths[b]. Tiles wholly inside the band
+// for every row need no mask; edge tiles evaluate the predicate per element.
+//
+// Per warp (16 rows) and key tile (64 keys), with mma.sync.m16n8k16:
+//
+//     S[16x64]  = Q[16xD] . K^T          (D/16 k-steps x 8 n-tiles)
+//     m'        = max(m, rowmax(S)*c)    (c = scale*log2(e); quad shuffles)
+//     P         = exp2(S*c - m'),  l = l*exp2(m - m') + rowsum(P)
+//     O[16xD]   = O*exp2(m - m') + P . V  (P re-packed in registers as the A
+//                                          operand: the m16n8 accumulator
+//                                          layout is the m16k16 A layout)
+//
+// K and V tiles are double-buffered in shared memory by cp.async (the next
+// tile loads while this one computes); rows are padded by 8 elements so that
+// ldmatrix reads are free of bank conflicts. Q, K, V and out are passed as
+// 16-bit storage (f16 memrefs); only the mma and the conversions know whether
+// the bits are bf16 or f16.
+//
+//===----------------------------------------------------------------------===//
+
+#include "attn/Dialect/Attn/IR/AttnDims.h"
+#include "attn/Dialect/Attn/Transforms/Passes.h"
+#include "attn/Pattern/Pattern.h"
+#include "attn/Utils/IndexMath.h"
+
+#include "mlir/Dialect/Func/IR/FuncOps.h"
+#include "mlir/Dialect/GPU/IR/GPUDialect.h"
+#include "mlir/Dialect/LLVMIR/LLVMDialect.h"
+#include "mlir/Dialect/LLVMIR/NVVMDialect.h"
+#include "mlir/Dialect/NVGPU/IR/NVGPUDialect.h"
+#include "mlir/Dialect/Vector/IR/VectorOps.h"
+
+#include <array>
+#include <cmath>
+
+namespace mlir::attn {
+#define GEN_PASS_DEF_CONVERTATTNTOGPU
+#include "attn/Dialect/Attn/Transforms/Passes.h.inc"
+} // namespace mlir::attn
+
+using namespace mlir;
+using namespace mlir::attn;
+
+namespace {
+
+constexpr int64_t kWarps = 4;
+constexpr int64_t kThreads = 32 * kWarps;
+constexpr int64_t kBlockRows = 16 * kWarps; // 16 rows per warp
+constexpr int64_t kBlockKeys = 64;
+constexpr int64_t kKeyNTiles = kBlockKeys / 8;
+constexpr int64_t kElementwiseThreads = 256;
+
+/// Static facts of one attention function, from its types.
+struct AttentionShape {
+  int64_t batch, heads, kvHeads, headDim;
+  bool bf16;
+  bool hasLengths, hasLse;
+  double scale;
+  /// Row stride of the shared-memory tiles in elements: padded by 8 so that
+  /// the 8 rows one ldmatrix reads start in different banks.
+  int64_t smemStride() const { return headDim + 8; }
+  int64_t tileBytes() const { return kBlockRows * smemStride() * 2; }
+  /// Q, then K and V double-buffered.
+  int64_t sharedBytes() const { return 5 * tileBytes(); }
+};
+
+/// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
+/// 2*(lane%4) + {0, 1}; c[2], c[3] the same columns of row lane/4 + 8.
+using AccFrag = std::array<Value, 4>;
+
+/// Builds the kernels of one attention function.
+class KernelEmitter {
+public:
+  KernelEmitter(OpBuilder &b, Location loc, const AttentionShape &shape)
+      : b(b), loc(loc), m{b, loc}, shape(shape) {
+    ctx = b.getContext();
+    f16 = b.getF16Type();
+    f32 = b.getF32Type();
+    i32 = b.getI32Type();
+    auto global = gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Global);
+    storageType = MemRefType::get({ShapedType::kDynamic}, f16, MemRefLayoutAttrInterface{}, global);
+    floatType = MemRefType::get({ShapedType::kDynamic}, f32, MemRefLayoutAttrInterface{}, global);
+    lengthsType = MemRefType::get({ShapedType::kDynamic}, i32, MemRefLayoutAttrInterface{}, global);
+  }
+
+  /// The uniform kernel signature (the runtime passes the same arguments to
+  /// every kernel of a package):
+  ///   q, k, v, lengths, out, lse, acc, max, sum, qLen, kLen
+  FunctionType kernelType() {
+    SmallVector<Type> args{storageType, storageType, storageType, lengthsType,
+                           storageType, floatType,   floatType,   floatType,
+                           floatType,   b.getIndexType(), b.getIndexType()};
+    return FunctionType::get(ctx, args, {});
+  }
+
+  gpu::GPUFuncOp emitComponent(StringRef name, ComponentAttr comp,
+                               bool single);
+  gpu::GPUFuncOp emitInit(StringRef name);
+  gpu::GPUFuncOp emitFinalize(StringRef name);
+
+private:
+  enum Arg { Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, QLen, KLen };
+
+  gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
+  Value arg(Arg a) { return entry->getArgument(a); }
+
+  // f32 helpers.
+  Value fc(double v) {
+    return arith::ConstantOp::create(b, loc, b.getF32FloatAttr(float(v)));
+  }
+  Value fadd(Value x, Value y) { return arith::AddFOp::create(b, loc, x, y); }
+  Value fsub(Value x, Value y) { return arith::SubFOp::create(b, loc, x, y); }
+  Value fmul(Value x, Value y) { return arith::MulFOp::create(b, loc, x, y); }
+  Value fmax(Value x, Value y) {
+    return arith::MaximumFOp::create(b, loc, x, y);
+  }
+  Value select(Value c, Value x, Value y) {
+    return arith::SelectOp::create(b, loc, c, x, y);
+  }
+  Value fgt(Value x, Value y) {
+    return arith::CmpFOp::create(b, loc, arith::CmpFPredicate::OGT, x, y);
+  }
+  Value feq(Value x, Value y) {
+    return arith::CmpFOp::create(b, loc, arith::CmpFPredicate::OEQ, x, y);
+  }
+  /// 2^x and log2(x) with the hardware's approximate units (ex2/lg2.approx).
+  Value exp2(Value x) {
+    return LLVM::CallIntrinsicOp::create(b, loc, f32,
+                                         b.getStringAttr("llvm.nvvm.ex2.approx.ftz.f"),
+                                         ValueRange{x})
+        .getResult(0);
+  }
+  Value log2(Value x) {
+    return LLVM::CallIntrinsicOp::create(b, loc, f32,
+                                         b.getStringAttr("llvm.nvvm.lg2.approx.ftz.f"),
+                                         ValueRange{x})
+        .getResult(0);
+  }
+  Value negInf() { return fc(-INFINITY); }
+  /// Butterfly over the 4 lanes of a quad (lanes sharing a row).
+  Value quadReduce(Value x, bool isMax);
+
+  // Fragments.
+  /// A 16-bit pair as an mma operand: i32 for bf16, vector<2xf16> for f16.
+  Value operand(Value pairF16);
+  /// ldmatrix.x4 from `tile` at (row, col); returns 4 operand registers.
+  std::array<Value, 4> ldmatrix(Value tile, Value row, Value col,
+                                bool transpose);
+  AccFrag mma(ArrayRef<Value> a, ArrayRef<Value> bOps, const AccFrag &c);
+  /// Two f32 as one operand register of the storage type.
+  Value pack(Value x, Value y);
+
+  /// cp.async of 64 rows x D into `tile`; rowAt(row) gives (element offset
+  /// of the row in global memory, whether the row exists). Missing rows are
+  /// zero-filled.
+  void asyncLoadTile(Value tile, Value src,
+                     function_ref<std::pair<Value, Value>(Value)> rowAt);
+  /// The `index`-th 64 x (D+8) tile of the dynamic shared memory.
+  Value sharedTile(Value dynamicShared, Value index);
+
+  OpBuilder &b;
+  Location loc;
+  IndexMath m;
+  const AttentionShape &shape;
+  MLIRContext *ctx;
+  Type f16, f32, i32;
+  MemRefType storageType, floatType, lengthsType;
+  Block *entry = nullptr;
+  Value tid, lane, warp;
+};
+
+gpu::GPUFuncOp KernelEmitter::beginKernel(StringRef name, int64_t threads) {
+  auto func = gpu::GPUFuncOp::create(b, loc, name, kernelType());
+  func->setAttr(gpu::GPUDialect::getKernelFuncAttrName(), b.getUnitAttr());
+  func.setKnownBlockSizeAttr(
+      b.getDenseI32ArrayAttr({int32_t(threads), 1, 1}));
+  entry = &func.getBody().front();
+  b.setInsertionPointToStart(entry);
+  tid = gpu::ThreadIdOp::create(b, loc, gpu::Dimension::x);
+  lane = arith::RemUIOp::create(b, loc, tid, m.c(32));
+  warp = arith::DivUIOp::create(b, loc, tid, m.c(32));
+  return func;
+}
+
+Value KernelEmitter::quadReduce(Value x, bool isMax) {
+  for (int32_t offset : {1, 2}) {
+    Value off = arith::ConstantIntOp::create(b, loc, i32, offset);
+    Value width = arith::ConstantIntOp::create(b, loc, i32, 32);
+    Value other = gpu::ShuffleOp::create(b, loc, x, off, width,
+                                         gpu::ShuffleMode::XOR)
+                      .getShuffleResult();
+    x = isMax ? fmax(x, other) : fadd(x, other);
+  }
+  return x;
+}
+
+Value KernelEmitter::operand(Value pairF16) {
+  if (!shape.bf16)
+    return pairF16;
+  return LLVM::BitcastOp::create(b, loc, i32, pairF16);
+}
+
+std::array<Value, 4> KernelEmitter::ldmatrix(Value tile, Value row, Value col,
+                                             bool transpose) {
+  auto fragType = VectorType::get({4, 2}, f16);
+  Value frag = nvgpu::LdMatrixOp::create(b, loc, fragType, tile,
+                                         ValueRange{row, col}, transpose, 4);
+  std::array<Value, 4> regs;
+  for (int64_t i = 0; i < 4; ++i)
+    regs[i] = operand(vector::ExtractOp::create(b, loc, frag, i));
+  return regs;
+}
+
+AccFrag KernelEmitter::mma(ArrayRef<Value> a, ArrayRef<Value> bOps,
+                           const AccFrag &c) {
+  auto resultType = LLVM::LLVMStructType::getLiteral(ctx, {f32, f32, f32, f32});
+  NVVM::MMATypes type = shape.bf16 ? NVVM::MMATypes::bf16 : NVVM::MMATypes::f16;
+  auto op = b.create<NVVM::MmaOp>(
+      loc, resultType, a, bOps, ValueRange(ArrayRef<Value>(c)), ArrayRef<int64_t>{16, 8, 16},
+      std::nullopt, std::nullopt, std::array<NVVM::MMATypes, 2>{type, type},
+      std::array<NVVM::MMALayout, 2>{NVVM::MMALayout::row,
+                                     NVVM::MMALayout::col});
+  AccFrag d;
+  for (int64_t i = 0; i < 4; ++i)
+    d[i] = LLVM::ExtractValueOp::create(b, loc, op.getResult(), i);
+  return d;
+}
+
+Value KernelEmitter::pack(Value x, Value y) {
+  auto pairF32 = VectorType::get({2}, f32);
+  Value v = vector::FromElementsOp::create(b, loc, pairF32, ValueRange{x, y});
+  Type elem = shape.bf16 ? Type(b.getBF16Type()) : f16;
+  Value narrow =
+      arith::TruncFOp::create(b, loc, VectorType::get({2}, elem), v);
+  if (!shape.bf16)
+    return narrow;
+  return LLVM::BitcastOp::create(b, loc, i32, narrow);
+}
+
+Value KernelEmitter::sharedTile(Value dynamicShared, Value index) {
+  auto workgroup =
+      gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
+  auto type =
+      MemRefType::get({kBlockRows, shape.smemStride()}, f16, MemRefLayoutAttrInterface{}, workgroup);
+  return memref::ViewOp::create(b, loc, type, dynamicShared,
+                                m.mul(index, m.c(shape.tileBytes())),
+                                ValueRange{});
+}
+
+void KernelEmitter::asyncLoadTile(
+    Value tile, Value src,
+    function_ref<std::pair<Value, Value>(Value)> rowAt) {
+  // 16-byte chunks: D/8 per row, 64*D/8 per tile, consecutive threads take
+  // consecutive chunks of a row (coalesced).
+  int64_t chunksPerRow = shape.headDim / 8;
+  int64_t rowsPerPass = kThreads / chunksPerRow;
+  Value rowInPass = arith::DivUIOp::create(b, loc, tid, m.c(chunksPerRow));
+  Value col = m.mul(arith::RemUIOp::create(b, loc, tid, m.c(chunksPerRow)),
+                    m.c(8));
+  for (int64_t pass = 0; pass < kBlockRows / rowsPerPass; ++pass) {
+    Value row = m.add(rowInPass, m.c(pass * rowsPerPass));
+    auto [offset, exists] = rowAt(row);
+    Value srcIndex = select(exists, m.add(offset, col), m.c(0));
+    Value srcElements = select(exists, m.c(8), m.c(0));
+    nvgpu::DeviceAsyncCopyOp::create(
+        b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), tile,
+        ValueRange{row, col}, src, ValueRange{srcIndex}, b.getIndexAttr(8),
+        srcElements, b.getUnitAttr());
+  }
+}
+
+//===----------------------------------------------------------------------===//
+// Component kernels
+//===----------------------------------------------------------------------===//
+
+gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
+                                            bool single) {
+  auto func = beginKernel(name, kThreads);
+  const int64_t D = shape.headDim, H = shape.heads;
+  const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
+  const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
+  const int64_t period = comp.getPeriod();
+  Value zero = m.c(0), one = m.c(1), r = m.c(period);
+  Value qLen = arg(QLen), kLen = arg(KLen);
+
+  // Block coordinates: heavy (late) row tiles first for causal balance.
+  Value bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
+  Value by = gpu::BlockIdOp::create(b, loc, gpu::Dimension::y);
+  Value bz = gpu::BlockIdOp::create(b, loc, gpu::Dimension::z);
+  Value nbx = gpu::GridDimOp::create(b, loc, gpu::Dimension::x);
+  Value tileIdx = m.sub(m.sub(nbx, one), bx);
+  Value bIdx = arith::DivUIOp::create(b, loc, bz, m.c(H));
+  Value h = arith::RemUIOp::create(b, loc, bz, m.c(H));
+  Value hk = arith::DivUIOp::create(b, loc, h,
+                                    m.c(shape.heads / shape.kvHeads));
+  Value delta = m.sub(kLen, qLen); // query row i sits at position i + delta
+
+  Value rowsEnd = qLen, keysEnd = kLen, length;
+  if (comp.getUseLengths()) {
+    length = memref::LoadOp::create(b, loc, arg(Lengths), bIdx);
+    length = arith::IndexCastOp::create(b, loc, b.getIndexType(), length);
+    length = m.max(length, zero);
+    rowsEnd = m.min(qLen, length);
+    keysEnd = m.min(kLen, length);
+  }
+
+  // Group (segment, residue) of this block.
+  Value c, segIdx = by;
+  int64_t res = comp.getResidue();
+  if (res == ComponentAttr::kAllResidues) {
+    c = arith::RemUIOp::create(b, loc, by, r);
+    segIdx = arith::DivUIOp::create(b, loc, by, r);
+  } else if (res == ComponentAttr::kHeadResidue) {
+    c = arith::RemUIOp::create(b, loc, h, r);
+  } else {
+    c = m.c(res);
+  }
+  Value rowPosLo = delta;
+  Value rowPosHi = m.add(delta, rowsEnd), rowPosAll = m.add(delta, qLen);
+  Value base = c, rLo = rowPosLo, rHi = rowPosHi, rAll = rowPosAll;
+  Value kLo = zero, kHi = keysEnd;
+  if (comp.getSegment() != 0) {
+    Value w = m.c(comp.getSegment());
+    Value segLo = m.mul(m.add(m.floorDiv(rowPosLo, w), segIdx), w);
+    Value segHi = m.add(segLo, w);
+    base = m.add(segLo, c);
+    rLo = m.max(rowPosLo, segLo);
+    rHi = m.min(rowPosHi, segHi);
+    rAll = m.min(rowPosAll, segHi);
+    kLo = m.max(zero, segLo);
+    kHi = m.min(keysEnd, segHi);
+  }
+  // Gathered indices t: position = base + r*t.
+  Value tRowLo = m.ceilDiv(m.sub(rLo, base), r);
+  Value tRowHi = m.ceilDiv(m.sub(rHi, base), r);   // rows that compute
+  Value tRowAll = m.ceilDiv(m.sub(rAll, base), r); // rows that exist
+  Value tKeyLo = m.ceilDiv(m.sub(kLo, base), r);
+  Value tKeyHi = m.ceilDiv(m.sub(kHi, base), r);
+  Value q0 = m.add(tRowLo, m.mul(tileIdx, m.c(kBlockRows)));
+
+  // Blocks past the group's rows have nothing to do.
+  auto inRange = scf::IfOp::create(b, loc, TypeRange{}, m.lt(q0, tRowAll),
+                                   /*withElse=*/false);
+  b.setInsertionPointToStart(inRange.thenBlock());
+
+  Value q1 = m.max(m.min(m.add(q0, m.c(kBlockRows)), tRowHi), q0);
+  // Key tiles attended by some row of [q0, q1), and those by every row.
+  Value first = hi == inf ? tKeyLo : m.max(tKeyLo, m.sub(q0, m.c(hi)));
+  Value last = lo == ninf ? tKeyHi : m.min(tKeyHi, m.sub(q1, m.c(lo)));
+  last = select(m.lt(q0, q1), m.max(last, first), first);
+  Value fullLo = hi == inf
+                     ? first
+                     : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
+  Value fullHi =
+      lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
+  Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
+
+  Value qHead = m.mul(m.add(m.mul(bIdx, m.c(H)), h), qLen);
+  Value kHead = m.mul(m.add(m.mul(bIdx, m.c(shape.kvHeads)), hk), kLen);
+  auto qRowIndex = [&](Value t) { // query row i of gathered t
+    return m.sub(m.add(base, m.mul(r, t)), delta);
+  };
+  auto keyPos = [&](Value t) { return m.add(base, m.mul(r, t)); };
+
+  // Shared memory: Q, K[2], V[2].
+  auto workgroup =
+      gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
+  Value dyn = gpu::DynamicSharedMemoryOp::create(
+      b, loc,
+      MemRefType::get({ShapedType::kDynamic}, b.getI8Type(), MemRefLayoutAttrInterface{}, workgroup));
+  // Tile 0 is Q; tiles 1 + slot and 3 + slot are K and V of a slot.
+  Value qTile = sharedTile(dyn, m.c(0));
+  auto keyTile = [&](Value slot) { return sharedTile(dyn, m.add(slot, m.c(1))); };
+  auto valueTile = [&](Value slot) {
+    return sharedTile(dyn, m.add(slot, m.c(3)));
+  };
+
+  auto loadKeyTile = [&](Value k0, Value slot) {
+    auto rowAt = [&](Value row) -> std::pair<Value, Value> {
+      Value t = m.add(k0, row);
+      Value exists = m.lt(t, last);
+      return {m.mul(m.add(kHead, keyPos(t)), m.c(D)), exists};
+    };
+    asyncLoadTile(keyTile(slot), arg(K), rowAt);
+    asyncLoadTile(valueTile(slot), arg(V), rowAt);
+  };
+  auto commitGroup = [&]() {
+    return nvgpu::DeviceAsyncCreateGroupOp::create(
+        b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
+  };
+
+  // Prologue: Q and the first key tile.
+  asyncLoadTile(qTile, arg(Q), [&](Value row) -> std::pair<Value, Value> {
+    Value t = m.add(q0, row);
+    return {m.mul(m.add(qHead, qRowIndex(t)), m.c(D)), m.lt(t, tRowAll)};
+  });
+  loadKeyTile(first, zero);
+  Value token = commitGroup();
+  nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(0));
+  gpu::BarrierOp::create(b, loc);
+
+  Value laneRow = arith::DivUIOp::create(b, loc, lane, m.c(4)); // lane / 4
+  Value laneCol = m.mul(arith::RemUIOp::create(b, loc, lane, m.c(4)), m.c(2));
+  Value warpRow = m.mul(warp, m.c(16));
+  // This thread's two rows (gathered t) and their validity.
+  Value tqA = m.add(q0, m.add(warpRow, laneRow));
+  Value tqB = m.add(tqA, m.c(8));
+  Value tq[2] = {tqA, tqB};
+
+  // Q fragments, kept in registers for the whole loop.
+  SmallVector<std::array<Value, 4>> qFrag;
+  {
+    Value row = m.add(warpRow, arith::RemUIOp::create(b, loc, lane, m.c(16)));
+    Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(16)), m.c(8));
+    for (int64_t kk = 0; kk < D / 16; ++kk)
+      qFrag.push_back(
+          ldmatrix(qTile, row, m.add(colOff, m.c(kk * 16)), false));
+  }
+
+  // The loop state: O fragments (D/8 of them), then max and sum per row half.
+  const int64_t oFrags = D / 8;
+  SmallVector<Value> init;
+  Value isQuadLeader = m.eq(arith::RemUIOp::create(b, loc, lane, m.c(4)), zero);
+  if (single) {
+    for (int64_t i = 0; i < oFrags * 4; ++i)
+      init.push_back(fc(0.0));
+    init.append({negInf(), negInf(), fc(0.0), fc(0.0)});
+  } else {
+    // Continue the state of earlier components from global memory.
+    SmallVector<Value> maxes, sums;
+    SmallVector<Value> rowBase(2);
+    for (int64_t half = 0; half < 2; ++half) {
+      Value valid = m.lt(tq[half], q1);
+      Value row = select(valid, m.add(qHead, qRowIndex(tq[half])), zero);
+      rowBase[half] = row;
+      Value mx = memref::LoadOp::create(b, loc, arg(Max), row);
+      Value sm = memref::LoadOp::create(b, loc, arg(Sum), row);
+      maxes.push_back(select(valid, mx, negInf()));
+      // The sum is kept per thread and added over the quad at the end.
+      sums.push_back(select(m.both(valid, isQuadLeader), sm, fc(0.0)));
+    }
+    for (int64_t dn = 0; dn < oFrags; ++dn)
+      for (int64_t e = 0; e < 4; ++e) {
+        int64_t half = e / 2;
+        Value valid = m.lt(tq[half], q1);
+        Value col = m.add(laneCol, m.c(dn * 8 + e % 2));
+        Value a = memref::LoadOp::create(
+            b, loc, arg(Acc), m.add(m.mul(rowBase[half], m.c(D)), col));
+        init.push_back(select(valid, a, fc(0.0)));
+      }
+    init.append({maxes[0], maxes[1], sums[0], sums[1]});
+  }
+
+  const double scaleLog2 = shape.scale * M_LOG2E;
+  auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
+  {
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(loop.getBody());
+    Value it = loop.getInductionVar();
+    ValueRange state = loop.getRegionIterArgs();
+    Value k0 = m.add(first, m.mul(it, m.c(kBlockKeys)));
+    Value slot = arith::RemUIOp::create(b, loc, it, m.c(2));
+    Value nextSlot = m.sub(one, slot);
+
+    // Prefetch the next tile (zero-filled past the last one), then wait for
+    // this one.
+    loadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
+    Value pending = commitGroup();
+    nvgpu::DeviceAsyncWaitOp::create(b, loc, pending, b.getI32IntegerAttr(1));
+    gpu::BarrierOp::create(b, loc);
+
+    Value kTile = keyTile(slot), vTile = valueTile(slot);
+
+    // S = Q K^T.
+    SmallVector<AccFrag> s(kKeyNTiles);
+    {
+      Value rowOff = arith::RemUIOp::create(b, loc, lane, m.c(8));
+      Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(8)), m.c(8));
+      for (int64_t n = 0; n < kKeyNTiles; ++n) {
+        AccFrag acc = {fc(0.0), fc(0.0), fc(0.0), fc(0.0)};
+        for (int64_t kk = 0; kk < D / 16; kk += 2) {
+          auto kb = ldmatrix(kTile, m.add(rowOff, m.c(n * 8)),
+                             m.add(colOff, m.c(kk * 16)), false);
+          acc = mma(qFrag[kk], {kb[0], kb[1]}, acc);
+          acc = mma(qFrag[kk + 1], {kb[2], kb[3]}, acc);
+        }
+        s[n] = acc;
+      }
+    }
+
+    // Edge tiles: scores outside the component become -inf.
+    Value masked;
+    if (comp.hasFilters()) {
+      masked = m.truth(true);
+    } else {
+      masked = m.either(m.lt(k0, fullLo),
+                        m.lt(fullHi, m.add(k0, m.c(kBlockKeys))));
+    }
+    SmallVector<Type> sTypes(kKeyNTiles * 4, f32);
+    auto maskIf = scf::IfOp::create(b, loc, sTypes, masked, /*withElse=*/true);
+    {
+      OpBuilder::InsertionGuard g2(b);
+      b.setInsertionPointToStart(maskIf.thenBlock());
+      SmallVector<Value> out;
+      Value qLenV = qLen, kLenV = kLen;
+      for (int64_t n = 0; n < kKeyNTiles; ++n)
+        for (int64_t e = 0; e < 4; ++e) {
+          Value t = tq[e / 2];
+          Value tk = m.add(k0, m.add(laneCol, m.c(n * 8 + e % 2)));
+          Value inside = m.both(m.lt(tk, last), m.lt(t, q1));
+          Value dt = m.sub(t, tk);
+          if (lo != ninf)
+            inside = m.both(inside, m.le(m.c(lo), dt));
+          if (hi != inf)
+            inside = m.both(inside, m.le(dt, m.c(hi)));
+          if (comp.hasFilters()) {
+            Value i = qRowIndex(t), j = keyPos(tk);
+            for (Attribute inc : comp.getInclude())
+              inside = m.both(inside, buildPatternPredicate(b, loc, inc, h, i, j,
+                                                            qLenV, kLenV, length));
+            for (Attribute exc : comp.getExclude()) {
+              Value in = buildPatternPredicate(b, loc, exc, h, i, j, qLenV,
+                                               kLenV, length);
+              inside = m.both(inside, m.eq(in, m.truth(false)));
+            }
+          }
+          out.push_back(select(inside, s[n][e], negInf()));
+        }
+      scf::YieldOp::create(b, loc, out);
+      b.setInsertionPointToStart(maskIf.elseBlock());
+      SmallVector<Value> plain;
+      for (int64_t n = 0; n < kKeyNTiles; ++n)
+        plain.append(s[n].begin(), s[n].end());
+      scf::YieldOp::create(b, loc, plain);
+    }
+    for (int64_t n = 0; n < kKeyNTiles; ++n)
+      for (int64_t e = 0; e < 4; ++e)
+        s[n][e] = maskIf.getResult(n * 4 + e);
+
+    // Online softmax per row half.
+    Value c2 = fc(scaleLog2);
+    Value newMax[2], newSum[2], alpha[2];
+    for (int64_t half = 0; half < 2; ++half) {
+      Value oldMax = state[oFrags * 4 + half];
+      Value oldSum = state[oFrags * 4 + 2 + half];
+      Value tileMax = negInf();
+      for (int64_t n = 0; n < kKeyNTiles; ++n)
+        for (int64_t e = 0; e < 2; ++e)
+          tileMax = fmax(tileMax, s[n][half * 2 + e]);
+      tileMax = quadReduce(tileMax, /*isMax=*/true);
+      Value mx = fmax(oldMax, fmul(tileMax, c2));
+      // A row that has seen no key keeps -inf; exponentiate against 0 then.
+      Value mUse = select(feq(mx, negInf()), fc(0.0), mx);
+      alpha[half] = exp2(fsub(oldMax, mUse));
+      Value sum = fmul(oldSum, alpha[half]);
+      for (int64_t n = 0; n < kKeyNTiles; ++n)
+        for (int64_t e = 0; e < 2; ++e) {
+          Value &x = s[n][half * 2 + e];
+          x = exp2(arith::SubFOp::create(b, loc, fmul(x, c2), mUse));
+          sum = fadd(sum, x);
+        }
+      newMax[half] = mx;
+      newSum[half] = sum;
+    }
+
+    // O = O * alpha + P V.
+    SmallVector<AccFrag> o(oFrags);
+    for (int64_t dn = 0; dn < oFrags; ++dn)
+      for (int64_t e = 0; e < 4; ++e)
+        o[dn][e] = fmul(state[dn * 4 + e], alpha[e / 2]);
+    SmallVector<std::array<Value, 4>> pFrag;
+    for (int64_t j = 0; j < kKeyNTiles / 2; ++j)
+      pFrag.push_back({pack(s[2 * j][0], s[2 * j][1]),
+                       pack(s[2 * j][2], s[2 * j][3]),
+                       pack(s[2 * j + 1][0], s[2 * j + 1][1]),
+                       pack(s[2 * j + 1][2], s[2 * j + 1][3])});
+    {
+      Value rowOff = m.add(arith::RemUIOp::create(b, loc, lane, m.c(8)),
+                           m.mul(arith::RemUIOp::create(
+                                     b, loc,
+                                     arith::DivUIOp::create(b, loc, lane, m.c(8)),
+                                     m.c(2)),
+                                 m.c(8)));
+      Value colOff =
+          m.mul(arith::DivUIOp::create(b, loc, lane, m.c(16)), m.c(8));
+      for (int64_t dn = 0; dn < oFrags; dn += 2)
+        for (int64_t j = 0; j < kKeyNTiles / 2; ++j) {
+          auto vb = ldmatrix(vTile, m.add(rowOff, m.c(j * 16)),
+                             m.add(colOff, m.c(dn * 8)), true);
+          o[dn] = mma(pFrag[j], {vb[0], vb[1]}, o[dn]);
+          o[dn + 1] = mma(pFrag[j], {vb[2], vb[3]}, o[dn + 1]);
+        }
+    }
+    // Every warp is done with this slot before the next prefetch reuses it.
+    gpu::BarrierOp::create(b, loc);
+
+    SmallVector<Value> next;
+    for (int64_t dn = 0; dn < oFrags; ++dn)
+      next.append(o[dn].begin(), o[dn].end());
+    next.append({newMax[0], newMax[1], newSum[0], newSum[1]});
+    scf::YieldOp::create(b, loc, next);
+  }
+  // Drain the (empty) prefetch group of the last iteration.
+  nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
+                                   b.getI32IntegerAttr(0));
+
+  ValueRange fin = loop.getResults();
+  Value ln2 = fc(M_LN2);
+  for (int64_t half = 0; half < 2; ++half) {
+    Value t = tq[half];
+    Value valid = m.lt(t, q1);
+    Value exists = m.lt(t, tRowAll);
+    Value mx = fin[oFrags * 4 + half];
+    Value sum = quadReduce(fin[oFrags * 4 + 2 + half], /*isMax=*/false);
+    Value rowIdx = m.add(qHead, qRowIndex(t));
+    if (single) {
+      Value ok = m.both(valid, fgt(sum, fc(0.0)));
+      Value inv = select(ok, arith::DivFOp::create(b, loc, fc(1.0), sum),
+                         fc(0.0));
+      auto ifExists = scf::IfOp::create(b, loc, TypeRange{}, exists, false);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(ifExists.thenBlock());
+      auto pairType = VectorType::get({2}, f16);
+      for (int64_t dn = 0; dn < oFrags; ++dn) {
+        Value x = fmul(fin[dn * 4 + half * 2], inv);
+        Value y = fmul(fin[dn * 4 + half * 2 + 1], inv);
+        Value pair = pack(x, y);
+        if (shape.bf16)
+          pair = LLVM::BitcastOp::create(b, loc, pairType, pair);
+        Value at = m.add(m.mul(rowIdx, m.c(D)), m.add(laneCol, m.c(dn * 8)));
+        vector::StoreOp::create(b, loc, pair, arg(Out), at);
+      }
+      auto ifLeader =
+          scf::IfOp::create(b, loc, TypeRange{}, isQuadLeader, false);
+      b.setInsertionPointToStart(ifLeader.thenBlock());
+      Value lse = select(ok, fmul(fadd(mx, log2(sum)), ln2), negInf());
+      memref::StoreOp::create(b, loc, lse, arg(Lse), rowIdx);
+    } else {
+      auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, valid, false);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(ifValid.thenBlock());
+      for (int64_t dn = 0; dn < oFrags; ++dn)
+        for (int64_t e = 0; e < 2; ++e) {
+          Value at = m.add(m.mul(rowIdx, m.c(D)),
+                           m.add(laneCol, m.c(dn * 8 + e)));
+          memref::StoreOp::create(b, loc, fin[dn * 4 + half * 2 + e], arg(Acc),
+                                  at);
+        }
+      auto ifLeader =
+          scf::IfOp::create(b, loc, TypeRange{}, isQuadLeader, false);
+      b.setInsertionPointToStart(ifLeader.thenBlock());
+      memref::StoreOp::create(b, loc, mx, arg(Max), rowIdx);
+      memref::StoreOp::create(b, loc, sum, arg(Sum), rowIdx);
+    }
+  }
+
+  b.setInsertionPointToEnd(entry);
+  gpu::ReturnOp::create(b, loc);
+  func->setAttr("attn.launch",
+                b.getDictionaryAttr({
+                    b.getNamedAttr("kind", b.getStringAttr(single ? "single"
+                                                                  : "update")),
+                    b.getNamedAttr("block", b.getI64IntegerAttr(kThreads)),
+                    b.getNamedAttr("block_rows",
+                                   b.getI64IntegerAttr(kBlockRows)),
+                    b.getNamedAttr("shared_bytes",
+                                   b.getI64IntegerAttr(shape.sharedBytes())),
+                    b.getNamedAttr("component", comp),
+                }));
+  return func;
+}
+
+//===----------------------------------------------------------------------===//
+// State init and finalize (element-wise over B*H*Lq*D)
+//===----------------------------------------------------------------------===//
+
+gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
+  auto func = beginKernel(name, kElementwiseThreads);
+  const int64_t D = shape.headDim;
+  Value bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
+  Value idx = m.add(m.mul(bx, m.c(kElementwiseThreads)), tid);
+  Value n = m.mul(m.c(shape.batch * shape.heads * D), arg(QLen));
+  auto ifIn = scf::IfOp::create(b, loc, TypeRange{}, m.lt(idx, n), false);
+  b.setInsertionPointToStart(ifIn.thenBlock());
+  memref::StoreOp::create(b, loc, fc(0.0), arg(Acc), idx);
+  Value row = arith::DivUIOp::create(b, loc, idx, m.c(D));
+  Value first = m.eq(arith::RemUIOp::create(b, loc, idx, m.c(D)), m.c(0));
+  auto ifRow = scf::IfOp::create(b, loc, TypeRange{}, first, false);
+  b.setInsertionPointToStart(ifRow.thenBlock());
+  memref::StoreOp::create(b, loc, negInf(), arg(Max), row);
+  memref::StoreOp::create(b, loc, fc(0.0), arg(Sum), row);
+  b.setInsertionPointToEnd(entry);
+  gpu::ReturnOp::create(b, loc);
+  func->setAttr("attn.launch",
+                b.getDictionaryAttr(
+                    {b.getNamedAttr("kind", b.getStringAttr("init")),
+                     b.getNamedAttr("block",
+                                    b.getI64IntegerAttr(kElementwiseThreads)),
+                     b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))}));
+  return func;
+}
+
+gpu::GPUFuncOp KernelEmitter::emitFinalize(StringRef name) {
+  auto func = beginKernel(name, kElementwiseThreads);
+  const int64_t D = shape.headDim;
+  Value bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
+  Value idx = m.add(m.mul(bx, m.c(kElementwiseThreads)), tid);
+  Value n = m.mul(m.c(shape.batch * shape.heads * D), arg(QLen));
+  auto ifIn = scf::IfOp::create(b, loc, TypeRange{}, m.lt(idx, n), false);
+  b.setInsertionPointToStart(ifIn.thenBlock());
+  Value row = arith::DivUIOp::create(b, loc, idx, m.c(D));
+  Value sum = memref::LoadOp::create(b, loc, arg(Sum), row);
+  Value ok = fgt(sum, fc(0.0));
+  Value acc = memref::LoadOp::create(b, loc, arg(Acc), idx);
+  Value o = select(ok, arith::DivFOp::create(b, loc, acc, sum), fc(0.0));
+  Type elem = shape.bf16 ? Type(b.getBF16Type()) : f16;
+  Value narrow = arith::TruncFOp::create(b, loc, elem, o);
+  if (shape.bf16)
+    narrow = arith::BitcastOp::create(b, loc, f16, narrow);
+  memref::StoreOp::create(b, loc, narrow, arg(Out), idx);
+  Value first = m.eq(arith::RemUIOp::create(b, loc, idx, m.c(D)), m.c(0));
+  auto ifRow = scf::IfOp::create(b, loc, TypeRange{}, first, false);
+  b.setInsertionPointToStart(ifRow.thenBlock());
+  Value mx = memref::LoadOp::create(b, loc, arg(Max), row);
+  Value lse = select(ok, fmul(fadd(mx, log2(sum)), fc(M_LN2)), negInf());
+  memref::StoreOp::create(b, loc, lse, arg(Lse), row);
+  b.setInsertionPointToEnd(entry);
+  gpu::ReturnOp::create(b, loc);
+  func->setAttr("attn.launch",
+                b.getDictionaryAttr(
+                    {b.getNamedAttr("kind", b.getStringAttr("finalize")),
+                     b.getNamedAttr("block",
+                                    b.getI64IntegerAttr(kElementwiseThreads)),
+                     b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))}));
+  return func;
+}
+
+//===----------------------------------------------------------------------===//
+// The pass
+//===----------------------------------------------------------------------===//
+
+struct ConvertAttnToGpuPass
+    : public mlir::attn::impl::ConvertAttnToGpuBase<ConvertAttnToGpuPass> {
+  using ConvertAttnToGpuBase::ConvertAttnToGpuBase;
+
+  void runOnOperation() override {
+    ModuleOp module = getOperation();
+    SmallVector<func::FuncOp> funcs;
+    module.walk([&](func::FuncOp f) {
+      if (!f.getOps<InitStateOp>().empty())
+        funcs.push_back(f);
+    });
+    if (funcs.empty())
+      return;
+    if (funcs.size() > 1) {
+      funcs[1].emitError("convert-attn-to-gpu: one attention function per "
+                         "module (each package holds one)");
+      return signalPassFailure();
+    }
+    if (failed(convert(funcs.front())))
+      return signalPassFailure();
+  }
+
+  LogicalResult convert(func::FuncOp func) {
+    SmallVector<ComponentOp> comps(func.getOps<ComponentOp>());
+    auto finalize = *func.getOps<FinalizeOp>().begin();
+    if (comps.empty())
+      return func.emitError("convert-attn-to-gpu: no attn.component");
+    auto qType = cast<RankedTensorType>(comps.front().getQuery().getType());
+    auto kType = cast<RankedTensorType>(comps.front().getKey().getType());
+    for (int64_t d : {dims::kBatch, dims::kHeads, dims::kHeadDim})
+      if (qType.isDynamicDim(d) || kType.isDynamicDim(d))
+        return func.emitError("convert-attn-to-gpu: batch, heads and head "
+                              "dim must be static for GPU targets");
+    Type elem = qType.getElementType();
+    if (!elem.isBF16() && !elem.isF16())
+      return func.emitError("convert-attn-to-gpu: GPU targets take bf16 or "
+                            "f16 inputs, got ")
+             << elem;
+    AttentionShape shape;
+    shape.batch = qType.getDimSize(dims::kBatch);
+    shape.heads = qType.getDimSize(dims::kHeads);
+    shape.kvHeads = kType.getDimSize(dims::kHeads);
+    shape.headDim = qType.getDimSize(dims::kHeadDim);
+    shape.bf16 = elem.isBF16();
+    shape.hasLengths = comps.front().getLengths() != nullptr;
+    shape.hasLse = finalize.getNumResults() > 1;
+    shape.scale = comps.front().getScaleAttr().getValueAsDouble();
+    if (shape.headDim != 64 && shape.headDim != 128)
+      return func.emitError("convert-attn-to-gpu: head dim must be 64 or 128 "
+                            "for GPU targets, got ")
+             << shape.headDim;
+    for (ComponentOp c : comps)
+      if (c.getScaleAttr().getValueAsDouble() != shape.scale)
+        return c.emitError("convert-attn-to-gpu: components of one attention "
+                           "must share the scale");
+
+    ModuleOp module = getOperation();
+    OpBuilder b(module.getBodyRegion());
+    b.setInsertionPointToEnd(module.getBody());
+    module->setAttr(gpu::GPUDialect::getContainerModuleAttrName(),
+                    b.getUnitAttr());
+    Location loc = func.getLoc();
+    auto gpuModule = gpu::GPUModuleOp::create(b, loc, "attn_kernels");
+    b.setInsertionPointToStart(gpuModule.getBody());
+
+    // One component covering every row runs alone from an empty state;
+    // anything else keeps the state in global memory between kernels.
+    bool single =
+        comps.size() == 1 &&
+        comps.front().getComponent().getResidue() ==
+            ComponentAttr::kAllResidues;
+    SmallVector<Attribute> order;
+    KernelEmitter emit(b, loc, shape);
+    auto add = [&](gpu::GPUFuncOp f) {
+      order.push_back(b.getStringAttr(f.getName()));
+      b.setInsertionPointToEnd(gpuModule.getBody());
+      ++numKernels;
+    };
+    if (!single)
+      add(emit.emitInit("init"));
+    for (auto [i, c] : llvm::enumerate(comps))
+      add(emit.emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
+                             single));
+    if (!single)
+      add(emit.emitFinalize("finalize"));
+    gpuModule->setAttr("attn.launch_order", b.getArrayAttr(order));
+    gpuModule->setAttr(
+        "attn.signature",
+        b.getDictionaryAttr(
+            {b.getNamedAttr("name", b.getStringAttr(func.getSymName())),
+             b.getNamedAttr("dtype", b.getStringAttr(shape.bf16 ? "bf16" : "f16")),
+             b.getNamedAttr("batch", b.getI64IntegerAttr(shape.batch)),
+             b.getNamedAttr("heads", b.getI64IntegerAttr(shape.heads)),
+             b.getNamedAttr("kv_heads", b.getI64IntegerAttr(shape.kvHeads)),
+             b.getNamedAttr("head_dim", b.getI64IntegerAttr(shape.headDim)),
+             b.getNamedAttr("q_len", b.getI64IntegerAttr(
+                                         qType.isDynamicDim(dims::kRows)
+                                             ? -1
+                                             : qType.getDimSize(dims::kRows))),
+             b.getNamedAttr("kv_len", b.getI64IntegerAttr(
+                                          kType.isDynamicDim(dims::kRows)
+                                              ? -1
+                                              : kType.getDimSize(dims::kRows))),
+             b.getNamedAttr("lengths", b.getBoolAttr(shape.hasLengths)),
+             b.getNamedAttr("lse", b.getBoolAttr(shape.hasLse)),
+             b.getNamedAttr("scale", b.getF64FloatAttr(shape.scale))}));
+    func.erase();
+    return success();
+  }
+};
+
+} // namespace

@@ -11,6 +11,7 @@
 
 #include "attn/Target/CpuTarget.h"
 #include "attn/Pattern/Pattern.h"
+#include "ManifestUtils.h"
 
 #include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/Dialect/LLVMIR/LLVMDialect.h"
@@ -134,19 +135,6 @@ static LogicalResult linkSharedObject(const std::string &object,
   return success();
 }
 
-static nlohmann::json argJson(const std::string &name, const std::string &role,
-                              ShapedType type) {
-  std::string dtype = type.getElementType().isF32()    ? "f32"
-                      : type.getElementType().isF16()  ? "f16"
-                      : type.getElementType().isBF16() ? "bf16"
-                      : type.getElementType().isInteger(32) ? "i32"
-                                                            : "i64";
-  nlohmann::json shape = nlohmann::json::array();
-  for (int64_t d : type.getShape())
-    shape.push_back(ShapedType::isDynamic(d) ? -1 : d);
-  return {{"name", name}, {"role", role}, {"dtype", dtype}, {"shape", shape}};
-}
-
 LogicalResult mlir::attn::compileCpuPackage(ModuleOp module, const Spec &spec,
                                             const CpuPipelineOptions &opts,
                                             const std::string &outDir,
@@ -160,20 +148,8 @@ LogicalResult mlir::attn::compileCpuPackage(ModuleOp module, const Spec &spec,
   // The manifest's argument layout comes from the function before lowering.
   auto func = *module.getOps<func::FuncOp>().begin();
   FunctionType type = func.getFunctionType();
-  nlohmann::json args = nlohmann::json::array();
-  const char *inputNames[] = {"q", "k", "v", "lengths"};
-  for (auto [i, t] : llvm::enumerate(type.getInputs()))
-    args.push_back(argJson(inputNames[i], "input", cast<ShapedType>(t)));
-  const char *outputNames[] = {"out", "lse"};
-  for (auto [i, t] : llvm::enumerate(type.getResults()))
-    args.push_back(argJson(outputNames[i], "output", cast<ShapedType>(t)));
-  nlohmann::json components = nlohmann::json::array();
-  for (ComponentAttr c : decompose(spec.pattern)) {
-    std::string text;
-    llvm::raw_string_ostream os(text);
-    os << Attribute(c);
-    components.push_back(text);
-  }
+  nlohmann::json args = manifestArgs(type);
+  nlohmann::json components = manifestComponents(spec);
 
   if (log)
     *log << "attn-compile: lowering " << spec.name << " ("

@@ -1,7 +1,9 @@
 //===- attn-compile.cpp - compile attention specs -------------------------===//
 //
 //   attn-compile SPEC.json --emit mlir|decomposed|tiled|fused|llvm|llvm-ir
-//   attn-compile SPEC.json -o PKG/ [--target cpu] [--q-tile N] [--kv-tile N]
+//   attn-compile SPEC.json --target sm_90a --emit kernels|ptx
+//   attn-compile SPEC.json -o PKG/ [--target cpu|sm_90a|sm_80]
+//                [--q-tile N] [--kv-tile N]
 //
 // Parses a JSON spec (errors name the JSON path), builds the attn IR, and
 // either prints it after a pipeline stage or compiles a package.
@@ -12,11 +14,15 @@
 #include "attn/Dialect/Attn/Transforms/Passes.h"
 #include "attn/Spec/Spec.h"
 #include "attn/Target/CpuTarget.h"
+#include "attn/Target/GpuTarget.h"
 
 #include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/Dialect/LLVMIR/LLVMDialect.h"
 #include "mlir/Dialect/Math/IR/Math.h"
 #include "mlir/IR/MLIRContext.h"
+#include "mlir/InitAllDialects.h"
+#include "mlir/InitAllExtensions.h"
+#include "mlir/Target/LLVMIR/Dialect/All.h"
 #include "mlir/IR/Verifier.h"
 #include "mlir/Support/FileUtilities.h"
 
@@ -37,7 +43,8 @@ static cl::opt<std::string>
 static cl::opt<std::string> emit(
     "emit",
     cl::desc("Print the IR after a stage instead of building a package: "
-             "mlir, decomposed, tiled, fused, llvm, llvm-ir"),
+             "mlir, decomposed, tiled, fused, llvm, llvm-ir (cpu); "
+             "mlir, decomposed, kernels, ptx (sm_90a, sm_80)"),
     cl::init(""));
 static cl::opt<std::string>
     targetOpt("target", cl::desc("cpu, sm_90a or sm_80 (default: the spec's "
@@ -65,8 +72,12 @@ int main(int argc, char **argv) {
     return fail(error);
 
   DialectRegistry registry;
-  registry.insert<AttnDialect, func::FuncDialect, math::MathDialect,
-                  LLVM::LLVMDialect>();
+  registry.insert<AttnDialect>();
+  // The GPU path runs upstream pipelines that load many dialects and
+  // translate kernels to LLVM IR.
+  registerAllDialects(registry);
+  registerAllExtensions(registry);
+  registerAllToLLVMIRTranslations(registry);
   MLIRContext ctx(registry);
   ctx.loadAllAvailableDialects();
   std::optional<Spec> spec = parseSpec(file->getBuffer().str(), &ctx, error);
@@ -86,6 +97,34 @@ int main(int argc, char **argv) {
   if (failed(verify(*module)))
     return fail("the spec produced invalid IR (see the diagnostics above)");
 
+  if (!emit.empty() && target != "cpu") {
+    if (emit != "mlir" && emit != "decomposed" && emit != "kernels" &&
+        emit != "ptx")
+      return fail("--emit for target " + target +
+                  " must be one of mlir, decomposed, kernels, ptx; got '" +
+                  emit + "'");
+    std::string ptx;
+    if (emit == "decomposed" &&
+        failed(lowerToStage(*module, Stage::Decomposed, opts)))
+      return fail("lowering to stage 'decomposed' failed");
+    if (emit == "kernels" &&
+        failed(lowerForGpu(*module, GpuStage::Kernels, target, nullptr)))
+      return fail("convert-attn-to-gpu failed");
+    if (emit == "ptx" &&
+        failed(lowerForGpu(*module, GpuStage::Ptx, target, &ptx)))
+      return fail("lowering the kernels to PTX failed");
+    auto output = openOutputFile(
+        outPath.empty() ? std::string("-") : outPath.getValue(), &error);
+    if (!output)
+      return fail(error);
+    if (emit == "ptx")
+      output->os() << ptx;
+    else
+      module->print(output->os());
+    output->keep();
+    return 0;
+  }
+
   if (!emit.empty()) {
     static const std::pair<const char *, Stage> stages[] = {
         {"mlir", Stage::Mlir},   {"decomposed", Stage::Decomposed},
@@ -95,10 +134,6 @@ int main(int argc, char **argv) {
     if (it == std::end(stages))
       return fail("--emit must be one of mlir, decomposed, tiled, fused, "
                   "llvm, llvm-ir; got '" + emit + "'");
-    if (target != "cpu" && it->second >= Stage::Fused)
-      return fail("--emit " + emit + " for target " + target +
-                  " is not available: GPU code generation is not implemented "
-                  "yet; use --target cpu");
     if (failed(lowerToStage(*module, it->second, opts)))
       return fail("lowering to stage '" + emit + "' failed");
     auto output = openOutputFile(outPath.empty() ? std::string("-") : outPath.getValue(), &error);
@@ -116,10 +151,12 @@ int main(int argc, char **argv) {
 
   if (outPath.empty())
     return fail("give a package directory with -o, or a stage with --emit");
-  if (target != "cpu")
-    return fail("target " + target +
-                ": GPU code generation is not implemented yet; use --target "
-                "cpu");
+  if (target != "cpu") {
+    if (failed(compileGpuPackage(*module, *spec, target, outPath, error,
+                                 quiet ? nullptr : &llvm::errs())))
+      return fail(error);
+    return 0;
+  }
   if (failed(compileCpuPackage(*module, *spec, opts, outPath, error,
                                quiet ? nullptr : &llvm::errs())))
     return fail(error);

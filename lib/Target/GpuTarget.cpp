@@ -1,0 +1,271 @@
+//===- GpuTarget.cpp - compile attention specs for NVIDIA GPUs ------------===//
+//
+// spec module --attn-decompose, convert-attn-to-gpu--> gpu.module of kernels
+//   --gpu-lower-to-nvvm-pipeline (format=isa)--> PTX --ptxas--> cubin
+//
+// The launch plan recorded by convert-attn-to-gpu on the kernels (kind,
+// block, shared memory, component) is read before lowering and written to
+// the manifest; ptxas's resource report (registers, spills) is added to it.
+//
+//===----------------------------------------------------------------------===//
+
+#include "attn/Target/GpuTarget.h"
+#include "attn/Dialect/Attn/IR/AttnDialect.h"
+#include "attn/Dialect/Attn/Transforms/Passes.h"
+#include "ManifestUtils.h"
+
+#include "mlir/Dialect/Func/IR/FuncOps.h"
+#include "mlir/Dialect/GPU/IR/GPUDialect.h"
+#include "mlir/Dialect/GPU/Pipelines/Passes.h"
+#include "mlir/Pass/PassManager.h"
+#include "mlir/Transforms/Passes.h"
+
+#include "llvm/Support/FileSystem.h"
+#include "llvm/Support/MemoryBuffer.h"
+#include "llvm/Support/Path.h"
+#include "llvm/Support/Program.h"
+#include "llvm/Support/Regex.h"
+
+#include <cstdlib>
+
+using namespace mlir;
+using namespace mlir::attn;
+
+static void addKernelPasses(OpPassManager &pm) {
+  pm.addPass(createAttnDecompose());
+  pm.addPass(createConvertAttnToGpu());
+  pm.addPass(createCanonicalizerPass());
+  pm.addPass(createCSEPass());
+}
+
+LogicalResult mlir::attn::lowerForGpu(ModuleOp module, GpuStage stage,
+                                      const std::string &arch,
+                                      std::string *ptx) {
+  PassManager pm(module.getContext());
+  addKernelPasses(pm);
+  if (stage == GpuStage::Ptx) {
+    gpu::GPUToNVVMPipelineOptions opts;
+    opts.cubinChip = arch;
+    // PTX ISA 8.0 is the first to know sm_90a; sm_80 accepts it as well.
+    opts.cubinFeatures = "+ptx80";
+    opts.cubinFormat = "isa";
+    opts.optLevel = 3;
+    gpu::buildLowerToNVVMPassPipeline(pm, opts);
+  }
+  if (failed(pm.run(module)))
+    return failure();
+  if (stage == GpuStage::Ptx) {
+    auto binaries = module.getOps<gpu::BinaryOp>();
+    if (binaries.empty())
+      return module.emitError("GPU lowering produced no gpu.binary");
+    auto object = cast<gpu::ObjectAttr>((*binaries.begin()).getObjects()[0]);
+    *ptx = object.getObject().getValue().str();
+  }
+  return success();
+}
+
+/// ptxas from CUDA_ROOT, CUDA_HOME, CUDA_PATH, /usr/local/cuda or PATH.
+static std::string findPtxas() {
+  for (const char *var : {"CUDA_ROOT", "CUDA_HOME", "CUDA_PATH"})
+    if (const char *dir = std::getenv(var)) {
+      std::string p = std::string(dir) + "/bin/ptxas";
+      if (llvm::sys::fs::can_execute(p))
+        return p;
+    }
+  if (llvm::sys::fs::can_execute("/usr/local/cuda/bin/ptxas"))
+    return "/usr/local/cuda/bin/ptxas";
+  if (auto p = llvm::sys::findProgramByName("ptxas"))
+    return *p;
+  return "";
+}
+
+/// Per-kernel registers and spill bytes from `ptxas -v`.
+static nlohmann::json parsePtxasReport(StringRef report) {
+  nlohmann::json out = nlohmann::json::object();
+  llvm::Regex entry("Compiling entry function '([A-Za-z0-9_]+)'");
+  llvm::Regex regs("Used ([0-9]+) registers");
+  llvm::Regex spill("([0-9]+) bytes spill stores");
+  std::string current;
+  SmallVector<StringRef> lines;
+  report.split(lines, '\n');
+  for (StringRef line : lines) {
+    SmallVector<StringRef> g;
+    if (entry.match(line, &g))
+      current = g[1].str();
+    else if (!current.empty() && regs.match(line, &g))
+      out[current]["registers"] = std::stoi(g[1].str());
+    if (!current.empty() && spill.match(line, &g))
+      out[current]["spill_bytes"] = std::stoi(g[1].str());
+  }
+  return out;
+}
+
+static LogicalResult writeFile(StringRef path, StringRef data,
+                               std::string &error) {
+  std::error_code ec;
+  llvm::raw_fd_ostream out(path, ec);
+  if (ec) {
+    error = "cannot write " + path.str() + ": " + ec.message();
+    return failure();
+  }
+  out << data;
+  return success();
+}
+
+LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
+                                            const std::string &arch,
+                                            const std::string &outDir,
+                                            std::string &error,
+                                            llvm::raw_ostream *log) {
+  if (spec.dtype != "bf16" && spec.dtype != "f16") {
+    error = "dtype: GPU targets take bf16 or f16 inputs (f32 accumulation), "
+            "got " + spec.dtype;
+    return failure();
+  }
+  if (spec.headDim != 64 && spec.headDim != 128) {
+    error = "head_dim: GPU targets support 64 and 128, got " +
+            std::to_string(spec.headDim);
+    return failure();
+  }
+  auto func = *module.getOps<func::FuncOp>().begin();
+  nlohmann::json args = manifestArgs(func.getFunctionType());
+  nlohmann::json components = manifestComponents(spec);
+
+  if (log)
+    *log << "attn-compile: generating " << arch << " kernels for " << spec.name
+         << " (" << components.size() << " components)\n";
+  PassManager pm(module.getContext());
+  addKernelPasses(pm);
+  if (failed(pm.run(module))) {
+    error = "convert-attn-to-gpu failed (see the diagnostics above)";
+    return failure();
+  }
+
+  // The launch plan, before lowering erases the attributes.
+  auto gpuModule = *module.getOps<gpu::GPUModuleOp>().begin();
+  nlohmann::json kernels = nlohmann::json::array();
+  nlohmann::json order = nlohmann::json::array();
+  bool needsState = false;
+  for (Attribute name :
+       cast<ArrayAttr>(gpuModule->getAttr("attn.launch_order"))) {
+    StringRef kernelName = cast<StringAttr>(name).getValue();
+    auto kernel = gpuModule.lookupSymbol<gpu::GPUFuncOp>(kernelName);
+    auto launch = cast<DictionaryAttr>(kernel->getAttr("attn.launch"));
+    auto intOf = [&](StringRef key) {
+      return cast<IntegerAttr>(launch.get(key)).getInt();
+    };
+    std::string kind = cast<StringAttr>(launch.get("kind")).getValue().str();
+    nlohmann::json k = {{"name", kernelName.str()},
+                        {"kind", kind},
+                        {"block", intOf("block")},
+                        {"shared_bytes", intOf("shared_bytes")}};
+    if (auto comp = dyn_cast_or_null<ComponentAttr>(launch.get("component"))) {
+      k["block_rows"] = intOf("block_rows");
+      k["period"] = comp.getPeriod();
+      k["residue"] = comp.getResidue() == ComponentAttr::kAllResidues ? "all"
+                     : comp.getResidue() == ComponentAttr::kHeadResidue
+                         ? "head"
+                         : std::to_string(comp.getResidue());
+      k["segment"] = comp.getSegment();
+    }
+    needsState |= kind != "single";
+    kernels.push_back(k);
+    order.push_back(kernelName.str());
+  }
+
+  if (log)
+    *log << "attn-compile: lowering " << kernels.size()
+         << " kernels through NVVM to PTX\n";
+  std::string ptx;
+  {
+    PassManager lower(module.getContext());
+    gpu::GPUToNVVMPipelineOptions opts;
+    opts.cubinChip = arch;
+    opts.cubinFeatures = "+ptx80";
+    opts.cubinFormat = "isa";
+    opts.optLevel = 3;
+    gpu::buildLowerToNVVMPassPipeline(lower, opts);
+    if (failed(lower.run(module))) {
+      error = "lowering the kernels to PTX failed (see the diagnostics above)";
+      return failure();
+    }
+    auto binary = *module.getOps<gpu::BinaryOp>().begin();
+    ptx = cast<gpu::ObjectAttr>(binary.getObjects()[0])
+              .getObject()
+              .getValue()
+              .str();
+  }
+
+  if (std::error_code ec = llvm::sys::fs::create_directories(outDir)) {
+    error = "cannot create package directory " + outDir + ": " + ec.message();
+    return failure();
+  }
+  SmallString<256> ptxPath(outDir), cubinPath(outDir), reportPath(outDir),
+      manifestPath(outDir);
+  llvm::sys::path::append(ptxPath, "kernels.ptx");
+  llvm::sys::path::append(cubinPath, "kernels.cubin");
+  llvm::sys::path::append(reportPath, "ptxas.log");
+  llvm::sys::path::append(manifestPath, "manifest.json");
+  if (failed(writeFile(ptxPath, ptx, error)))
+    return failure();
+
+  std::string ptxas = findPtxas();
+  if (ptxas.empty()) {
+    error = "ptxas not found (looked in $CUDA_ROOT, $CUDA_HOME, $CUDA_PATH, "
+            "/usr/local/cuda and PATH); install the CUDA toolkit. The PTX is "
+            "in " + std::string(ptxPath);
+    return failure();
+  }
+  if (log)
+    *log << "attn-compile: assembling with " << ptxas << "\n";
+  std::string archFlag = "-arch=" + arch;
+  SmallVector<StringRef> ptxasArgs{ptxas, archFlag, "-O3", "-v", ptxPath,
+                                   "-o", cubinPath};
+  std::optional<StringRef> redirects[] = {std::nullopt, StringRef(reportPath),
+                                          StringRef(reportPath)};
+  std::string message;
+  int rc = llvm::sys::ExecuteAndWait(ptxas, ptxasArgs, std::nullopt,
+                                     redirects, 0, 0, &message);
+  auto report = llvm::MemoryBuffer::getFile(reportPath);
+  std::string reportText = report ? (*report)->getBuffer().str() : "";
+  if (rc != 0) {
+    error = "ptxas failed on " + std::string(ptxPath) +
+            (message.empty() ? "" : ": " + message) + "\n" + reportText;
+    return failure();
+  }
+  nlohmann::json resources = parsePtxasReport(reportText);
+  for (nlohmann::json &k : kernels) {
+    std::string name = k["name"];
+    if (resources.contains(name)) {
+      k["registers"] = resources[name].value("registers", 0);
+      k["spill_bytes"] = resources[name].value("spill_bytes", 0);
+      if (log)
+        *log << "attn-compile:   " << name << ": " << k["registers"].get<int>()
+             << " registers, " << k["spill_bytes"].get<int>()
+             << " bytes spilled, " << k["shared_bytes"].get<int64_t>()
+             << " bytes shared memory\n";
+    }
+  }
+
+  nlohmann::json manifest = {
+      {"format", "attn-package"},
+      {"version", 1},
+      {"target", arch},
+      {"name", spec.name},
+      {"dtype", spec.dtype},
+      {"cubin", "kernels.cubin"},
+      {"ptx", "kernels.ptx"},
+      {"args", args},
+      {"state", needsState},
+      {"kernels", kernels},
+      {"launch_order", order},
+      {"components", components},
+      {"tile", {{"q_tile", 64}, {"kv_tile", 64}}},
+      {"scale", spec.effectiveScale()},
+      {"spec", nlohmann::json::parse(spec.json)}};
+  if (failed(writeFile(manifestPath, manifest.dump(2) + "\n", error)))
+    return failure();
+  if (log)
+    *log << "attn-compile: wrote package " << outDir << "\n";
+  return success();
+}

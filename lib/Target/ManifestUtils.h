@@ -1,0 +1,61 @@
+//===- ManifestUtils.h - manifest.json pieces shared by the targets -*- C++ -*-===//
+//
+// The argument layout and component list that every package's manifest
+// carries (docs/Package.md), built from the attention function's type and
+// the spec's pattern.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef ATTN_LIB_TARGET_MANIFESTUTILS_H
+#define ATTN_LIB_TARGET_MANIFESTUTILS_H
+
+#include "attn/Pattern/Pattern.h"
+#include "attn/Spec/Spec.h"
+
+#include "mlir/IR/BuiltinTypes.h"
+
+#include <nlohmann/json.hpp>
+
+namespace mlir::attn {
+
+inline nlohmann::json manifestArg(const std::string &name,
+                                  const std::string &role, ShapedType type) {
+  Type e = type.getElementType();
+  std::string dtype = e.isF32()           ? "f32"
+                      : e.isF16()         ? "f16"
+                      : e.isBF16()        ? "bf16"
+                      : e.isInteger(32)   ? "i32"
+                                          : "i64";
+  nlohmann::json shape = nlohmann::json::array();
+  for (int64_t d : type.getShape())
+    shape.push_back(ShapedType::isDynamic(d) ? -1 : d);
+  return {{"name", name}, {"role", role}, {"dtype", dtype}, {"shape", shape}};
+}
+
+/// q, k, v[, lengths] -> out[, lse] of the attention function's type.
+inline nlohmann::json manifestArgs(FunctionType type) {
+  nlohmann::json args = nlohmann::json::array();
+  const char *inputNames[] = {"q", "k", "v", "lengths"};
+  for (auto [i, t] : llvm::enumerate(type.getInputs()))
+    args.push_back(manifestArg(inputNames[i], "input", cast<ShapedType>(t)));
+  const char *outputNames[] = {"out", "lse"};
+  for (auto [i, t] : llvm::enumerate(type.getResults()))
+    args.push_back(manifestArg(outputNames[i], "output", cast<ShapedType>(t)));
+  return args;
+}
+
+/// The pattern's components as printed attributes.
+inline nlohmann::json manifestComponents(const Spec &spec) {
+  nlohmann::json components = nlohmann::json::array();
+  for (ComponentAttr c : decompose(spec.pattern)) {
+    std::string text;
+    llvm::raw_string_ostream os(text);
+    os << Attribute(c);
+    components.push_back(text);
+  }
+  return components;
+}
+
+} // namespace mlir::attn
+
+#endif // ATTN_LIB_TARGET_MANIFESTUTILS_H

@@ -24,7 +24,12 @@ typedef enum attn_status {
   ATTN_ERROR_RUNTIME = 4    /* the kernel could not run */
 } attn_status;
 
-typedef enum attn_dtype { ATTN_F32 = 0, ATTN_I32 = 1 } attn_dtype;
+typedef enum attn_dtype {
+  ATTN_F32 = 0,
+  ATTN_I32 = 1,
+  ATTN_BF16 = 2,
+  ATTN_F16 = 3
+} attn_dtype;
 
 /* A dense, C-contiguous tensor owned by the caller. */
 typedef struct attn_tensor {
@@ -46,13 +51,23 @@ const char *attn_package_target(const attn_package *package);
 int attn_package_uses_lengths(const attn_package *package);
 int attn_package_has_lse(const attn_package *package);
 
-/* Runs attention: q [B,H,Lq,D], k and v [B,Hkv,Lk,D] f32; lengths [B] i32
- * (NULL unless the pattern is tokenized); out [B,H,Lq,D] f32; lse [B,H,Lq]
- * f32 or NULL. */
+/* Runs attention: q [B,H,Lq,D], k and v [B,Hkv,Lk,D] in the package's dtype
+ * (f32 for cpu, bf16/f16 for GPU targets); lengths [B] i32 (NULL unless the
+ * pattern is tokenized); out [B,H,Lq,D] like q; lse [B,H,Lq] f32 or NULL.
+ * For a GPU package every pointer is a device pointer; this call runs on
+ * the default stream and waits for the result. */
 attn_status attn_package_run(attn_package *package, const attn_tensor *q,
                              const attn_tensor *k, const attn_tensor *v,
                              const attn_tensor *lengths, attn_tensor *out,
                              attn_tensor *lse);
+
+/* GPU packages only: queues the kernels on `stream` (a CUstream, NULL for
+ * the default stream) and returns without waiting. Lengths outside [0, Lk]
+ * are clamped on the device. */
+attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
+                                   const attn_tensor *k, const attn_tensor *v,
+                                   const attn_tensor *lengths, attn_tensor *out,
+                                   attn_tensor *lse, void *stream);
 
 /* The message of the last failed call on this thread. */
 const char *attn_last_error(void);

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "attn-c/attn.h"
+#include "attn/Runtime/CudaDriver.h"
 #include "attn/Runtime/Package.h"
 
 #include <string>
@@ -30,7 +31,11 @@ static bool toTensor(const attn_tensor *t, const char *name, Tensor &out) {
   }
   out.data = t->data;
   out.shape.assign(t->shape, t->shape + t->rank);
-  out.dtype = t->dtype == ATTN_F32 ? "f32" : t->dtype == ATTN_I32 ? "i32" : "?";
+  out.dtype = t->dtype == ATTN_F32    ? "f32"
+              : t->dtype == ATTN_I32  ? "i32"
+              : t->dtype == ATTN_BF16 ? "bf16"
+              : t->dtype == ATTN_F16  ? "f16"
+                                      : "?";
   return true;
 }
 
@@ -62,10 +67,10 @@ int attn_package_has_lse(const attn_package *package) {
   return package && package->impl->hasLse();
 }
 
-attn_status attn_package_run(attn_package *package, const attn_tensor *q,
-                             const attn_tensor *k, const attn_tensor *v,
-                             const attn_tensor *lengths, attn_tensor *out,
-                             attn_tensor *lse) {
+static attn_status runPackage(attn_package *package, const attn_tensor *q,
+                              const attn_tensor *k, const attn_tensor *v,
+                              const attn_tensor *lengths, attn_tensor *out,
+                              attn_tensor *lse, void *stream, bool wait) {
   if (!package)
     return failWith(ATTN_ERROR_ARGUMENT, "attn_package_run: null package");
   Tensor tq, tk, tv, tl, to, tlse;
@@ -75,9 +80,39 @@ attn_status attn_package_run(attn_package *package, const attn_tensor *q,
     return ATTN_ERROR_ARGUMENT;
   std::string error;
   if (!package->impl->run(tq, tk, tv, lengths ? &tl : nullptr, to,
-                          lse ? &tlse : nullptr, error))
-    return failWith(ATTN_ERROR_ARGUMENT, error);
+                          lse ? &tlse : nullptr, error, stream))
+    return failWith(error.find("failed:") != std::string::npos
+                        ? ATTN_ERROR_RUNTIME
+                        : ATTN_ERROR_ARGUMENT,
+                    error);
+  if (wait && package->impl->isGpu()) {
+    const attn::runtime::cuda::Driver *d = attn::runtime::cuda::driver(error);
+    attn::runtime::cuda::CUresult rc = d->cuStreamSynchronize(
+        static_cast<attn::runtime::cuda::CUstream>(stream));
+    if (rc != attn::runtime::cuda::CUDA_SUCCESS)
+      return failWith(ATTN_ERROR_RUNTIME,
+                      attn::runtime::cuda::describe(*d, rc, "running " +
+                                                             package->impl->name()));
+  }
   return ATTN_OK;
+}
+
+attn_status attn_package_run(attn_package *package, const attn_tensor *q,
+                             const attn_tensor *k, const attn_tensor *v,
+                             const attn_tensor *lengths, attn_tensor *out,
+                             attn_tensor *lse) {
+  return runPackage(package, q, k, v, lengths, out, lse, nullptr, true);
+}
+
+attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
+                                   const attn_tensor *k, const attn_tensor *v,
+                                   const attn_tensor *lengths, attn_tensor *out,
+                                   attn_tensor *lse, void *stream) {
+  if (package && !package->impl->isGpu())
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "attn_package_run_async: package " + package->impl->name() +
+                        " targets cpu; use attn_package_run");
+  return runPackage(package, q, k, v, lengths, out, lse, stream, false);
 }
 
 const char *attn_last_error(void) { return lastError.c_str(); }

@@ -29,10 +29,8 @@ std::string shapeString(const std::vector<int64_t> &shape) {
 }
 } // namespace
 
-Package::~Package() {
-  if (library_)
-    dlclose(library_);
-}
+// Package::Package and ~Package live in GpuPackage.cpp, where GpuModule is
+// complete.
 
 std::unique_ptr<Package> Package::load(const std::string &dir,
                                        std::string &error) {
@@ -57,15 +55,16 @@ std::unique_ptr<Package> Package::load(const std::string &dir,
     pkg->name_ = m.at("name").get<std::string>();
     pkg->specJson_ = m.at("spec").dump();
     const json &kernel = m.at("kernels").at(0);
-    for (const json &a : kernel.at("args"))
+    const json &args = pkg->isGpu() ? m.at("args") : kernel.at("args");
+    for (const json &a : args)
       pkg->args_.push_back({a.at("name").get<std::string>(),
                             a.at("role").get<std::string>(),
                             a.at("dtype").get<std::string>(),
                             a.at("shape").get<std::vector<int64_t>>()});
-    if (pkg->target_ != "cpu") {
-      error = manifestPath + ": package built for target " + pkg->target_ +
-              "; this runtime runs cpu packages";
-      return nullptr;
+    if (pkg->isGpu()) {
+      if (!pkg->loadGpu(manifestPath, &m, error))
+        return nullptr;
+      return pkg;
     }
     std::string libPath = dir + "/" + m.at("library").get<std::string>();
     pkg->library_ = dlopen(libPath.c_str(), RTLD_NOW | RTLD_LOCAL);
@@ -100,9 +99,9 @@ bool Package::hasLse() const {
   return false;
 }
 
-bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
-                  const Tensor *lengths, Tensor &out, Tensor *lse,
-                  std::string &error) {
+bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
+                             const Tensor *lengths, const Tensor &out,
+                             const Tensor *lse, std::string &error) const {
   if (usesLengths() && !lengths) {
     error = "package " + name_ + " has a tokenized pattern: lengths are required";
     return false;
@@ -111,21 +110,6 @@ bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
     error = "package " + name_ + " takes no lengths (its pattern is not tokenized)";
     return false;
   }
-  // The kernel always writes the LSE when it was compiled with one; give it
-  // scratch space if the caller does not want it.
-  std::vector<float> lseScratch;
-  Tensor lseTensor;
-  if (hasLse()) {
-    if (lse) {
-      lseTensor = *lse;
-    } else {
-      lseScratch.resize(q.shape.size() == 4 ? q.shape[0] * q.shape[1] * q.shape[2] : 0);
-      lseTensor = {lseScratch.data(), {}, "f32"};
-      if (q.shape.size() == 4)
-        lseTensor.shape = {q.shape[0], q.shape[1], q.shape[2]};
-    }
-  }
-
   std::vector<const Tensor *> tensors;
   for (const ArgSpec &a : args_) {
     if (a.name == "q") tensors.push_back(&q);
@@ -133,7 +117,7 @@ bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
     else if (a.name == "v") tensors.push_back(&v);
     else if (a.name == "lengths") tensors.push_back(lengths);
     else if (a.name == "out") tensors.push_back(&out);
-    else if (a.name == "lse") tensors.push_back(&lseTensor);
+    else if (a.name == "lse") tensors.push_back(lse);
     else {
       error = "manifest names an unknown argument " + a.name;
       return false;
@@ -144,6 +128,8 @@ bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
   // other: q [B,H,Lq,D], k = v [B,Hkv,Lk,D], out = q, lse [B,H,Lq].
   for (size_t i = 0; i < args_.size(); ++i) {
     const ArgSpec &a = args_[i];
+    if (!tensors[i])
+      continue; // lse scratch, provided by the caller of checkArguments
     const Tensor &t = *tensors[i];
     if (!t.data) {
       error = a.name + ": null data pointer";
@@ -175,12 +161,16 @@ bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
             ", Lk = " + std::to_string(k.shape[2]) + ")";
     return false;
   }
-  if (hasLse() && lseTensor.shape != std::vector<int64_t>{q.shape[0], q.shape[1], q.shape[2]}) {
-    error = "lse: shape " + shapeString(lseTensor.shape) + " must be [B, H, Lq] = " +
+  if (lse && lse->shape != std::vector<int64_t>{q.shape[0], q.shape[1], q.shape[2]}) {
+    error = "lse: shape " + shapeString(lse->shape) + " must be [B, H, Lq] = " +
             shapeString({q.shape[0], q.shape[1], q.shape[2]});
     return false;
   }
-  if (lengths) {
+  if (lse && !hasLse()) {
+    error = "package " + name_ + " was compiled without \"lse\": true";
+    return false;
+  }
+  if (lengths && !isGpu()) {
     const int32_t *len = static_cast<const int32_t *>(lengths->data);
     for (int64_t b = 0; b < lengths->shape[0]; ++b)
       if (len[b] < 0 || len[b] > k.shape[2]) {
@@ -190,6 +180,46 @@ bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
       }
   }
 
+  return true;
+}
+
+bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
+                  const Tensor *lengths, Tensor &out, Tensor *lse,
+                  std::string &error, void *stream) {
+  if (!checkArguments(q, k, v, lengths, out, lse, error))
+    return false;
+  if (isGpu())
+    return runGpu(q, k, v, lengths, out, lse, error, stream);
+  return runCpu(q, k, v, lengths, out, lse, error);
+}
+
+bool Package::runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
+                     const Tensor *lengths, Tensor &out, Tensor *lse,
+                     std::string &error) {
+  // The kernel always writes the LSE when it was compiled with one; give it
+  // scratch space if the caller does not want it.
+  std::vector<float> lseScratch;
+  Tensor lseTensor;
+  if (hasLse()) {
+    if (lse) {
+      lseTensor = *lse;
+    } else {
+      lseScratch.resize(q.shape.size() == 4 ? q.shape[0] * q.shape[1] * q.shape[2] : 0);
+      lseTensor = {lseScratch.data(), {}, "f32"};
+      if (q.shape.size() == 4)
+        lseTensor.shape = {q.shape[0], q.shape[1], q.shape[2]};
+    }
+  }
+
+  std::vector<const Tensor *> tensors;
+  for (const ArgSpec &a : args_) {
+    if (a.name == "q") tensors.push_back(&q);
+    else if (a.name == "k") tensors.push_back(&k);
+    else if (a.name == "v") tensors.push_back(&v);
+    else if (a.name == "lengths") tensors.push_back(lengths);
+    else if (a.name == "out") tensors.push_back(&out);
+    else tensors.push_back(&lseTensor);
+  }
   // Build the memref descriptors.
   std::vector<std::vector<int64_t>> descriptors;
   for (const Tensor *t : tensors) {

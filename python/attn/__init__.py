@@ -7,7 +7,7 @@
 
 `compile` runs the `attn-compile` driver; packages run through the runtime's
 C API (libattn_runtime.so) with ctypes. The CPU target takes NumPy arrays;
-GPU targets are not available yet.
+GPU targets (sm_90a, sm_80) take PyTorch CUDA tensors of the spec's dtype.
 """
 
 import ctypes
@@ -49,7 +49,7 @@ class _Tensor(ctypes.Structure):
                 ("rank", ctypes.c_int32), ("dtype", ctypes.c_int32)]
 
 
-_F32, _I32 = 0, 1
+_F32, _I32, _BF16, _F16 = 0, 1, 2, 3
 _lib = None
 
 
@@ -67,6 +67,8 @@ def _runtime():
         lib.attn_package_target.argtypes = [ctypes.c_void_p]
         lib.attn_package_target.restype = ctypes.c_char_p
         lib.attn_package_run.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
+        lib.attn_package_run_async.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
+                                               + [ctypes.c_void_p])
         lib.attn_last_error.restype = ctypes.c_char_p
         _lib = lib
     return _lib
@@ -104,13 +106,23 @@ class Package:
             _lib.attn_package_free(self._handle)
             self._handle = None
 
-    def __call__(self, q, k, v, lengths=None, return_lse=False):
-        """Attention of q [B,H,Lq,D] over k, v [B,Hkv,Lk,D] (float32 NumPy arrays).
+    def __call__(self, q, k, v, lengths=None, return_lse=False, out=None):
+        """Attention of q [B,H,Lq,D] over k, v [B,Hkv,Lk,D].
 
-        Returns the output [B,H,Lq,D], and the LSE [B,H,Lq] with return_lse=True.
+        CPU packages take float32 NumPy arrays. GPU packages take PyTorch CUDA
+        tensors of the package's dtype (bf16 or f16), contiguous, on one
+        device; lengths is an int32 tensor on that device. GPU kernels are
+        queued on the current CUDA stream. `out` may give the output buffer.
+        Returns the output [B,H,Lq,D], and the LSE [B,H,Lq] (float32) with
+        return_lse=True.
         """
         if return_lse and not self.has_lse:
             raise AttnError("this package was compiled with \"lse\": false")
+        if _is_torch(q):
+            return self._call_torch(q, k, v, lengths, return_lse, out)
+        if self.target != "cpu":
+            raise AttnError(f"package {self.manifest['name']} targets {self.target}: "
+                            "pass PyTorch CUDA tensors (NumPy arrays run on cpu packages)")
         keep = []
         tq = _tensor("q", q, np.float32, _F32, keep)
         tk = _tensor("k", k, np.float32, _F32, keep)
@@ -118,7 +130,8 @@ class Package:
         tl = None
         if lengths is not None:
             tl = _tensor("lengths", np.asarray(lengths).astype(np.int32), np.int32, _I32, keep)
-        out = np.full(q.shape, np.nan, dtype=np.float32)
+        if out is None:
+            out = np.full(q.shape, np.nan, dtype=np.float32)
         lse = np.full(q.shape[:-1], np.nan, dtype=np.float32) if q.ndim == 4 else None
         tout = _tensor("out", out, np.float32, _F32, keep)
         tlse = _tensor("lse", lse, np.float32, _F32, keep) if (return_lse and lse is not None) else None
@@ -129,6 +142,57 @@ class Package:
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         return (out, lse) if return_lse else out
+
+    def _call_torch(self, q, k, v, lengths, return_lse, out):
+        import torch
+        if self.target == "cpu":
+            raise AttnError(f"package {self.manifest['name']} targets cpu: pass NumPy arrays, "
+                            "or compile with target='sm_90a' for CUDA tensors")
+        want = {"bf16": torch.bfloat16, "f16": torch.float16}[self.manifest["dtype"]]
+        code = {"bf16": _BF16, "f16": _F16}[self.manifest["dtype"]]
+        keep = []
+
+        def tensor(name, t, dtype, code):
+            if not isinstance(t, torch.Tensor):
+                raise AttnError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if not t.is_cuda or t.device != q.device:
+                raise AttnError(f"{name}: on {t.device}, expected {q.device} (a CUDA device)")
+            if t.dtype != dtype:
+                raise AttnError(f"{name}: dtype {t.dtype}, the package expects {dtype}")
+            if not t.is_contiguous():
+                raise AttnError(f"{name}: must be contiguous (call .contiguous())")
+            shape = (ctypes.c_int64 * t.dim())(*t.shape)
+            keep.append(shape)
+            return _Tensor(t.data_ptr(), shape, t.dim(), code)
+
+        tq, tk, tv = (tensor(n, t, want, code) for n, t in (("q", q), ("k", k), ("v", v)))
+        tl = None
+        if lengths is not None:
+            if not isinstance(lengths, torch.Tensor):
+                lengths = torch.as_tensor(lengths, device=q.device)
+            lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
+            tl = tensor("lengths", lengths, torch.int32, _I32)
+        if out is None:
+            out = torch.empty_like(q)
+        tout = tensor("out", out, want, code)
+        lse = None
+        if return_lse:
+            lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
+        tlse = tensor("lse", lse, torch.float32, _F32) if lse is not None else None
+        lib = _runtime()
+        with torch.cuda.device(q.device):
+            stream = torch.cuda.current_stream(q.device).cuda_stream
+            rc = lib.attn_package_run_async(
+                self._handle, ctypes.byref(tq), ctypes.byref(tk), ctypes.byref(tv),
+                ctypes.byref(tl) if tl is not None else None, ctypes.byref(tout),
+                ctypes.byref(tlse) if tlse is not None else None, ctypes.c_void_p(stream))
+        if rc != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        return (out, lse) if return_lse else out
+
+
+def _is_torch(x):
+    return type(x).__module__.startswith("torch")
 
 
 def compile(spec, out_dir=None, target="cpu", q_tile=None, kv_tile=None):

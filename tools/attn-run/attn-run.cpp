@@ -1,13 +1,18 @@
 //===- attn-run.cpp - run a compiled attention package --------------------===//
 //
 //   attn-run PKG --q q.npy --k k.npy --v v.npy [--lengths len.npy]
-//            -o out.npy [--lse lse.npy] [--device cpu] [--repeat N]
+//            -o out.npy [--lse lse.npy] [--device cpu|cuda] [--repeat N]
 //
 // Reads float32 .npy inputs (lengths int32 or int64), runs the package and
-// writes float32 outputs. Links only the runtime: no MLIR, no LLVM.
+// writes float32 outputs. GPU packages (--device cuda, the default for them)
+// get their inputs converted to the package's bf16/f16 and copied to the
+// GPU; --repeat times the kernels with CUDA events. Links only the runtime:
+// no MLIR, no LLVM.
 //
 //===----------------------------------------------------------------------===//
 
+#include "attn/Runtime/CudaDriver.h"
+#include "attn/Runtime/Half.h"
 #include "attn/Runtime/Npy.h"
 #include "attn/Runtime/Package.h"
 
@@ -25,7 +30,7 @@ static int usage() {
   std::fprintf(stderr,
                "usage: attn-run PKG --q q.npy --k k.npy --v v.npy "
                "[--lengths len.npy] -o out.npy [--lse lse.npy] "
-               "[--device cpu] [--repeat N]\n");
+               "[--device cpu|cuda] [--repeat N]\n");
   return 2;
 }
 
@@ -34,9 +39,123 @@ static int fail(const std::string &message) {
   return 1;
 }
 
+/// Converts the f32 host tensors to the package dtype, runs on the GPU with
+/// poisoned outputs, copies back and writes the .npy files.
+static int runOnGpu(Package &pkg, const Tensor &q, const Tensor &k,
+                    const Tensor &v, const Tensor *lengths, Tensor &out,
+                    Tensor *lse, int repeat, const std::string &outPath,
+                    const std::string &lsePath) {
+  using namespace attn::runtime::cuda;
+  std::string error;
+  const Driver *d = driver(error);
+  if (!d || !ensureContext(*d, error))
+    return fail(error);
+  const std::string dtype = pkg.args().front().dtype;
+  const bool bf16 = dtype == "bf16";
+  auto count = [](const std::vector<int64_t> &s) {
+    int64_t n = 1;
+    for (int64_t x : s)
+      n *= x;
+    return n;
+  };
+  if (lengths)
+    for (int64_t b = 0; b < count(lengths->shape); ++b) {
+      int32_t l = static_cast<const int32_t *>(lengths->data)[b];
+      if (k.shape.size() == 4 && (l < 0 || l > k.shape[2]))
+        return fail("lengths[" + std::to_string(b) + "] = " + std::to_string(l) +
+                    " is outside [0, Lk = " + std::to_string(k.shape[2]) + "]");
+    }
+  std::vector<CUdeviceptr> allocations;
+  auto cleanup = [&]() {
+    for (CUdeviceptr p : allocations)
+      d->cuMemFree(p);
+  };
+  auto upload = [&](const void *host, size_t bytes, CUdeviceptr &dev) {
+    CUresult rc = d->cuMemAlloc(&dev, bytes ? bytes : 4);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(*d, rc, "allocating " + std::to_string(bytes) + " bytes");
+      return false;
+    }
+    allocations.push_back(dev);
+    rc = d->cuMemcpyHtoD(dev, host, bytes);
+    if (rc != CUDA_SUCCESS)
+      error = describe(*d, rc, "copying to the GPU");
+    return rc == CUDA_SUCCESS;
+  };
+  auto toHalf = [&](const Tensor &t) {
+    std::vector<uint16_t> h(count(t.shape));
+    const float *f = static_cast<const float *>(t.data);
+    for (size_t i = 0; i < h.size(); ++i)
+      h[i] = bf16 ? floatToBf16(f[i]) : floatToF16(f[i]);
+    return h;
+  };
+  // Device tensors; outputs poisoned with NaN (0xffff in both dtypes).
+  Tensor dq = q, dk = k, dv = v, dout = out, dlse, dlen;
+  CUdeviceptr pq, pk, pv, pout, plse = 0, plen = 0;
+  auto hq = toHalf(q), hk = toHalf(k), hv = toHalf(v);
+  std::vector<uint16_t> hout(count(out.shape), 0xffff);
+  std::vector<float> hlse(lse ? count(lse->shape) : 0, std::nanf(""));
+  bool ok = upload(hq.data(), hq.size() * 2, pq) &&
+            upload(hk.data(), hk.size() * 2, pk) &&
+            upload(hv.data(), hv.size() * 2, pv) &&
+            upload(hout.data(), hout.size() * 2, pout) &&
+            (!lse || upload(hlse.data(), hlse.size() * 4, plse)) &&
+            (!lengths ||
+             upload(lengths->data, count(lengths->shape) * 4, plen));
+  if (!ok)
+    return cleanup(), fail(error);
+  auto asPtr = [](CUdeviceptr p) { return reinterpret_cast<void *>(uintptr_t(p)); };
+  dq.data = asPtr(pq), dq.dtype = dtype;
+  dk.data = asPtr(pk), dk.dtype = dtype;
+  dv.data = asPtr(pv), dv.dtype = dtype;
+  dout.data = asPtr(pout), dout.dtype = dtype;
+  if (lse)
+    dlse = {asPtr(plse), lse->shape, "f32"};
+  if (lengths)
+    dlen = {asPtr(plen), lengths->shape, "i32"};
+
+  CUevent start = nullptr, stop = nullptr;
+  d->cuEventCreate(&start, 0);
+  d->cuEventCreate(&stop, 0);
+  float best = 1e30f;
+  for (int r = 0; r < repeat; ++r) {
+    d->cuEventRecord(start, nullptr);
+    if (!pkg.run(dq, dk, dv, lengths ? &dlen : nullptr, dout,
+                 lse ? &dlse : nullptr, error))
+      return cleanup(), fail(error);
+    d->cuEventRecord(stop, nullptr);
+    CUresult rc = d->cuEventSynchronize(stop);
+    if (rc != CUDA_SUCCESS)
+      return cleanup(), fail(describe(*d, rc, "running " + pkg.name()));
+    float ms = 0;
+    d->cuEventElapsedTime(&ms, start, stop);
+    best = std::min(best, ms);
+  }
+  d->cuEventDestroy(start);
+  d->cuEventDestroy(stop);
+  if (repeat > 1)
+    std::printf("attn-run: best of %d runs: %.3f ms (GPU events)\n", repeat,
+                best);
+  CUresult rc = d->cuMemcpyDtoH(hout.data(), pout, hout.size() * 2);
+  if (rc == CUDA_SUCCESS && lse)
+    rc = d->cuMemcpyDtoH(hlse.data(), plse, hlse.size() * 4);
+  if (rc != CUDA_SUCCESS)
+    return cleanup(), fail(describe(*d, rc, "copying results back"));
+  cleanup();
+  std::vector<float> result(hout.size());
+  for (size_t i = 0; i < hout.size(); ++i)
+    result[i] = bf16 ? bf16ToFloat(hout[i]) : f16ToFloat(hout[i]);
+  if (!writeNpy(outPath, out.shape, result.data(), error))
+    return fail(error);
+  if (lse && !writeNpy(lsePath, lse->shape, hlse.data(), error))
+    return fail(error);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   std::string pkgDir;
-  std::map<std::string, std::string> opts{{"--device", "cpu"}, {"--repeat", "1"}};
+  std::map<std::string, std::string> opts{{"--device", "auto"},
+                                          {"--repeat", "1"}};
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "-h" || a == "--help")
@@ -62,8 +181,8 @@ int main(int argc, char **argv) {
   for (const char *required : {"--q", "--k", "--v", "--out"})
     if (!opts.count(required))
       return fail(std::string("missing ") + required);
-  const std::string device = opts["--device"];
-  if (device != "cpu" && device != "cuda")
+  std::string device = opts["--device"];
+  if (device != "cpu" && device != "cuda" && device != "auto")
     return fail("--device must be cpu or cuda, got " + device);
   int repeat = std::atoi(opts["--repeat"].c_str());
   if (repeat < 1)
@@ -73,10 +192,14 @@ int main(int argc, char **argv) {
   auto pkg = Package::load(pkgDir, error);
   if (!pkg)
     return fail(error);
-  if (device == "cuda")
+  if (device == "auto")
+    device = pkg->isGpu() ? "cuda" : "cpu";
+  if (device == "cuda" && !pkg->isGpu())
+    return fail("package " + pkgDir + " targets cpu; --device cuda needs a "
+                "package compiled with --target sm_90a or sm_80");
+  if (device == "cpu" && pkg->isGpu())
     return fail("package " + pkgDir + " targets " + pkg->target() +
-                "; --device cuda runs GPU packages, which this runtime build "
-                "does not include yet");
+                "; run it with --device cuda (or compile with --target cpu)");
 
   NpyArray q, k, v, len;
   for (auto [name, array] : {std::pair<const char *, NpyArray *>{"--q", &q},
@@ -112,6 +235,12 @@ int main(int argc, char **argv) {
   bool wantLse = opts.count("--lse");
   if (wantLse && !pkg->hasLse())
     return fail("--lse given but package " + pkgDir + " was compiled with \"lse\": false");
+
+  if (pkg->isGpu())
+    return runOnGpu(*pkg, tq, tk, tv,
+                    opts.count("--lengths") ? &lengthsTensor : nullptr, tout,
+                    wantLse ? &tlse : nullptr, repeat, opts["--out"],
+                    wantLse ? opts["--lse"] : "");
 
   double best = 1e30;
   for (int r = 0; r < repeat; ++r) {

@@ -1,9 +1,9 @@
 //===- Package.h - load and run compiled attention packages -----*- C++ -*-===//
 //
-// The runtime's C++ core (no MLIR or LLVM): reads manifest.json, loads the
-// kernels of a CPU package with dlopen, checks every tensor against the
-// manifest's argument layout and calls the entry point through MLIR's C
-// memref-descriptor interface.
+// The runtime's C++ core (no MLIR or LLVM): reads manifest.json, checks every
+// tensor against the manifest's argument layout, and runs the kernels: a CPU
+// package's shared object through MLIR's C memref-descriptor interface, a GPU
+// package's cubin through the CUDA driver API (GpuPackage.cpp).
 //
 //===----------------------------------------------------------------------===//
 
@@ -21,8 +21,10 @@ namespace attn::runtime {
 struct Tensor {
   void *data = nullptr;
   std::vector<int64_t> shape;
-  std::string dtype; ///< "f32" or "i32"
+  std::string dtype; ///< "f32", "bf16", "f16" or "i32"
 };
+
+struct GpuModule; // GpuPackage.cpp
 
 /// One argument of the entry point, from the manifest.
 struct ArgSpec {
@@ -43,18 +45,37 @@ public:
   const std::vector<ArgSpec> &args() const { return args_; }
   bool usesLengths() const;
   bool hasLse() const;
+  bool isGpu() const { return target_ != "cpu"; }
 
   /// Runs on q, k, v[, lengths] -> out[, lse]. `lengths` and `lse` may be
-  /// null. Returns false and sets `error` on bad arguments.
+  /// null. Returns false and sets `error` on bad arguments or a failed
+  /// launch. For GPU packages every data pointer is a device pointer and the
+  /// kernels are queued on `stream` (a CUstream; null = the default stream)
+  /// without waiting for them; lengths outside [0, Lk] are clamped on the
+  /// device. For CPU packages `stream` is ignored and lengths are checked.
   bool run(const Tensor &q, const Tensor &k, const Tensor &v,
-           const Tensor *lengths, Tensor &out, Tensor *lse, std::string &error);
+           const Tensor *lengths, Tensor &out, Tensor *lse, std::string &error,
+           void *stream = nullptr);
 
 private:
-  Package() = default;
+  Package();
+  bool checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
+                      const Tensor *lengths, const Tensor &out,
+                      const Tensor *lse, std::string &error) const;
+  bool runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
+              const Tensor *lengths, Tensor &out, Tensor *lse,
+              std::string &error);
+  bool loadGpu(const std::string &manifestPath, const void *manifest,
+               std::string &error);
+  bool runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
+              const Tensor *lengths, Tensor &out, Tensor *lse,
+              std::string &error, void *stream);
+
   std::string dir_, target_, name_, specJson_;
   std::vector<ArgSpec> args_;
   void *library_ = nullptr;
   void *entry_ = nullptr;
+  std::unique_ptr<GpuModule> gpu_;
 };
 
 } // namespace attn::runtime

@@ -1,0 +1,169 @@
+"""attn vs FlexAttention vs SDPA on one GPU, in one run, on the same inputs.
+
+    ATTN_GPU_PACKAGES=gpu-pkgs PYTHONPATH=python python3 bench/gpu_bench.py
+
+Packages come from scripts/build_gpu_packages.py (compiled off the GPU
+machine; their compile times are read from compile_times.json). Masks and
+timing follow ../shared/bench/peers.py: B=1, H=16, D=128, bf16, forward,
+triton.testing.do_bench medians, effective TFLOP/s = 4 * attended pairs * D /
+time. Tokenized: documents of random length 64..4095 packed into L tokens;
+Flex runs the packed sequence with a document mask, attn runs one document
+per batch row (padded to 4096, lengths = document lengths): the same pairs.
+LENS=32768,131072 picks lengths; PATTERNS=causal,local,... picks patterns.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import triton.testing as tt
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+import attn
+
+PKGS = os.environ["ATTN_GPU_PACKAGES"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+B, H, D = 1, 16, 128
+W, S = 1024, 128
+DIL = [(2048, 1), (8192, 4), (32768, 16)]
+dev = "cuda"
+torch.manual_seed(0)
+torch._dynamo.config.recompile_limit = 256
+torch._dynamo.config.accumulated_recompile_limit = 4096
+flex = torch.compile(flex_attention, dynamic=False)
+compile_times = json.load(open(os.path.join(PKGS, "compile_times.json")))
+
+
+def mask_fn(name, doc=None):
+    if name == "causal":
+        return lambda b, h, q, k: k <= q
+    if name == "local":
+        return lambda b, h, q, k: (k <= q) & (q - k < W)
+    if name == "strided":
+        return lambda b, h, q, k: (k <= q) & (((q - k) < S) | ((q - k) % S == 0))
+    if name in ("dilated_union", "dilated_sum"):
+        def m(b, h, q, k):
+            acc = None
+            for w, r in DIL:
+                t = (q // w == k // w) & (q % r == h % r) & (k % r == h % r)
+                acc = t if acc is None else acc | t
+            return acc & (k <= q)
+        return m
+    if name == "tokenized":
+        return lambda b, h, q, k: doc[q] == doc[k]
+    raise ValueError(name)
+
+
+def branch_fns():
+    return [lambda b, h, q, k, w=w, r=r: (q // w == k // w) & (q % r == h % r) & (k % r == h % r) & (k <= q)
+            for w, r in DIL]
+
+
+def count(fn, L, per_head):
+    total = 0
+    ks = torch.arange(L, device=dev)
+    for h in range(H):
+        for q0 in range(0, L, 2048):
+            qs = torch.arange(q0, min(L, q0 + 2048), device=dev)
+            total += int(fn(0, torch.tensor(h, device=dev), qs[:, None], ks[None, :]).sum())
+        if not per_head:
+            return total * H
+    return total
+
+
+def bench(f):
+    return tt.do_bench(f, warmup=25, rep=200, return_mode="median")
+
+
+rows = []
+lens_env = os.environ.get("LENS", "32768")
+patterns = os.environ.get("PATTERNS", "causal,local,strided,dilated_sum,dilated_union,tokenized").split(",")
+for L in [int(x) for x in lens_env.split(",")]:
+    q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    sd_ms = bench(lambda: sdpa(q, k, v, is_causal=True))
+    rows.append({"L": L, "pattern": "causal", "impl": "sdpa", "ms": sd_ms,
+                 "tflops": 4 * (L * (L + 1) / 2) * D * H / sd_ms / 1e9})
+    print(json.dumps(rows[-1]), flush=True)
+    doc_lens = json.load(open(os.path.join(HERE, "gpu", f"doc_lengths_{L}.json"))) \
+        if os.path.exists(os.path.join(HERE, "gpu", f"doc_lengths_{L}.json")) else None
+    for name in patterns:
+        if name == "tokenized" and doc_lens is None:
+            continue
+        doc = None
+        if name == "tokenized":
+            doc = torch.repeat_interleave(torch.arange(len(doc_lens)), torch.tensor(doc_lens)).to(dev)
+        fn = mask_fn(name, doc)
+        # Attended pairs (with multiplicity for the LongNet sum).
+        if name == "dilated_sum":
+            nnz = sum(count(f, L, True) for f in branch_fns())
+        elif name == "tokenized":
+            nnz = H * sum(n * n for n in doc_lens)
+        else:
+            nnz = count(fn, L, name.startswith("dilated"))
+        # ours
+        pkg_name = f"bench_{name}" if name != "tokenized" else f"bench_tokenized_{L}"
+        pkg = attn.load(os.path.join(PKGS, pkg_name))
+        if name == "tokenized":
+            nd = len(doc_lens)
+            qd, kd, vd = (torch.zeros(nd, H, 4096, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+            off = 0
+            for d_, n in enumerate(doc_lens):
+                qd[d_, :, :n] = q[0, :, off:off + n]
+                kd[d_, :, :n] = k[0, :, off:off + n]
+                vd[d_, :, :n] = v[0, :, off:off + n]
+                off += n
+            lens_t = torch.tensor(doc_lens, device=dev, dtype=torch.int32)
+            run = lambda: pkg(qd, kd, vd, lengths=lens_t)
+        else:
+            run = lambda: pkg(q, k, v)
+        o = run()
+        torch.cuda.synchronize()
+        ours_ms = bench(run)
+        # flex
+        t0 = time.time()
+        bm = create_block_mask(fn, B, H if name.startswith("dilated") else None, L, L, device=dev, _compile=True)
+        torch.cuda.synchronize()
+        mask_s = time.time() - t0
+        of = flex(q, k, v, block_mask=bm)
+        torch.cuda.synchronize()
+        flex_ms = bench(lambda: flex(q, k, v, block_mask=bm))
+        # agreement with flex where the semantics are the same
+        diff = None
+        if name != "dilated_sum":
+            if name == "tokenized":
+                parts, off = [], 0
+                for d_, n in enumerate(doc_lens):
+                    parts.append(o[d_, :, :n])
+                o_packed = torch.cat(parts, dim=1)[None]
+            else:
+                o_packed = o
+            diff = float((o_packed.float() - of.float()).norm() / of.float().norm())
+        r = {"L": L, "pattern": name, "nnz": nnz, "density": nnz / (H * L * L),
+             "attn_ms": ours_ms, "attn_tflops": 4 * nnz * D / ours_ms / 1e9,
+             "flex_ms": flex_ms, "flex_tflops": 4 * nnz * D / flex_ms / 1e9,
+             "speedup_vs_flex": flex_ms / ours_ms, "flex_block_mask_s": mask_s,
+             "attn_compile_s": compile_times.get(pkg_name), "rel_diff_vs_flex": diff}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        del bm, of, o
+        torch.cuda.empty_cache()
+    del q, k, v
+    torch.cuda.empty_cache()
+
+out = os.environ.get("OUT", "/tmp")
+with open(os.path.join(out, "gpu_bench.json"), "w") as f:
+    json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+print(f"| L | pattern | density | attn ms | attn TF/s | Flex ms | Flex TF/s | speed-up | Flex mask s | attn compile s | diff vs Flex |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    if r.get("impl") == "sdpa":
+        print(f"| {r['L']} | causal (SDPA dense) | | | | | {r['tflops']:.0f} | | | | |")
+        continue
+    d = "" if r["rel_diff_vs_flex"] is None else f"{r['rel_diff_vs_flex']:.1e}"
+    print(f"| {r['L']} | {r['pattern']} | {r['density']:.4f} | {r['attn_ms']:.3f} | {r['attn_tflops']:.0f} | "
+          f"{r['flex_ms']:.3f} | {r['flex_tflops']:.0f} | {r['speedup_vs_flex']:.2f} | {r['flex_block_mask_s']:.2f} | "
+          f"{r['attn_compile_s']:.2f} | {d} |")

@@ -1,0 +1,270 @@
+//===- GpuPackage.cpp - run GPU packages through the CUDA driver API ------===//
+//
+// A GPU package is kernels.cubin plus a manifest listing its kernels in
+// launch order (docs/Package.md). Every kernel takes the same parameters:
+//
+//   q, k, v, lengths, out, lse, acc, max, sum   (memref<?xT> descriptors:
+//                                                allocated, aligned, offset,
+//                                                size, stride)
+//   q_len, kv_len                               (int64)
+//
+// A component kernel's grid follows from its component (period r, residue,
+// segment w) and the run's lengths, as convert-attn-to-gpu maps blocks:
+//
+//   x = ceil(rows per group / block_rows), y = residues * segments, z = B*H
+//
+// with rows per group = ceil(Lq / r) (w = 0) or ceil(min(w, Lq) / r), and
+// segments = floor((d + Lq - 1) / w) - floor(d / w) + 1 for d = Lk - Lq.
+// init/finalize kernels are element-wise over B*H*Lq*D. The f32 state
+// (acc, max, sum) and an LSE scratch buffer are device allocations owned by
+// the package and grown on demand.
+//
+//===----------------------------------------------------------------------===//
+
+#include "attn/Runtime/CudaDriver.h"
+#include "attn/Runtime/Package.h"
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <iterator>
+
+using namespace attn::runtime;
+using namespace attn::runtime::cuda;
+using json = nlohmann::json;
+
+namespace attn::runtime {
+
+struct GpuKernel {
+  std::string name, kind;
+  int64_t block = 0, blockRows = 0, sharedBytes = 0;
+  int64_t period = 1, residue = -1 /* all */, segment = 0;
+  CUfunction function = nullptr;
+};
+
+struct GpuModule {
+  const Driver *d = nullptr;
+  CUmodule module = nullptr;
+  std::vector<GpuKernel> kernels; // in launch order
+  bool needsState = false;
+  int64_t headDim = 0;
+  // Device scratch, grown on demand.
+  CUdeviceptr scratch = 0;
+  size_t scratchBytes = 0;
+
+  ~GpuModule() {
+    if (scratch)
+      d->cuMemFree(scratch);
+    if (module)
+      d->cuModuleUnload(module);
+  }
+};
+
+} // namespace attn::runtime
+
+#include <dlfcn.h>
+
+Package::Package() = default;
+
+Package::~Package() {
+  gpu_.reset();
+  if (library_)
+    dlclose(library_);
+}
+
+static int64_t floorDiv(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+static int64_t ceilDiv(int64_t a, int64_t b) { return -floorDiv(-a, b); }
+
+bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
+                      std::string &error) {
+  const json &m = *static_cast<const json *>(manifestPtr);
+  gpu_ = std::make_unique<GpuModule>();
+  GpuModule &g = *gpu_;
+  std::vector<std::string> order = m.at("launch_order");
+  for (const std::string &name : order) {
+    const json *k = nullptr;
+    for (const json &c : m.at("kernels"))
+      if (c.at("name") == name)
+        k = &c;
+    if (!k) {
+      error = manifestPath + ": launch_order names " + name +
+              " but kernels has no such entry";
+      return false;
+    }
+    GpuKernel kernel;
+    kernel.name = name;
+    kernel.kind = k->at("kind");
+    kernel.block = k->at("block");
+    kernel.sharedBytes = k->at("shared_bytes");
+    if (kernel.kind == "single" || kernel.kind == "update") {
+      kernel.blockRows = k->at("block_rows");
+      kernel.period = k->at("period");
+      kernel.segment = k->at("segment");
+      std::string res = k->at("residue");
+      kernel.residue = res == "all" ? -1 : res == "head" ? -2 : std::stoll(res);
+    }
+    g.kernels.push_back(kernel);
+  }
+  g.needsState = m.at("state");
+  g.headDim = args_.at(0).shape.at(3);
+
+  std::string cubinPath = dir_ + "/" + m.at("cubin").get<std::string>();
+  std::ifstream in(cubinPath, std::ios::binary);
+  if (!in) {
+    error = "cannot open " + cubinPath;
+    return false;
+  }
+  std::string image((std::istreambuf_iterator<char>(in)),
+                    std::istreambuf_iterator<char>());
+
+  g.d = driver(error);
+  if (!g.d || !ensureContext(*g.d, error))
+    return false;
+  const Driver &d = *g.d;
+
+  // The architecture: sm_90a runs only on 9.0; sm_80 on 8.0 and newer.
+  CUdevice dev;
+  int major = 0, minor = 0;
+  d.cuCtxGetDevice(&dev);
+  d.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                         dev);
+  d.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                         dev);
+  char deviceName[256] = {0};
+  d.cuDeviceGetName(deviceName, sizeof(deviceName), dev);
+  bool archOk = target_ == "sm_90a" ? (major == 9 && minor == 0)
+                                    : (major * 10 + minor >= 80);
+  if (!archOk) {
+    error = "package " + name_ + " was compiled for " + target_ +
+            " but the GPU is " + deviceName + " (sm_" + std::to_string(major) +
+            std::to_string(minor) + "); recompile with a matching --target";
+    return false;
+  }
+
+  char log[8192] = {0};
+  int options[] = {CU_JIT_ERROR_LOG_BUFFER, CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES};
+  void *values[] = {log, reinterpret_cast<void *>(uintptr_t(sizeof(log)))};
+  CUresult rc = d.cuModuleLoadDataEx(&g.module, image.data(), 2, options, values);
+  if (rc != CUDA_SUCCESS) {
+    error = describe(d, rc, "loading " + cubinPath) +
+            (log[0] ? std::string("\n") + log : std::string());
+    return false;
+  }
+  for (GpuKernel &k : g.kernels) {
+    rc = d.cuModuleGetFunction(&k.function, g.module, k.name.c_str());
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, cubinPath + ": kernel " + k.name);
+      return false;
+    }
+    if (k.sharedBytes > 48 * 1024) {
+      rc = d.cuFuncSetAttribute(k.function,
+                                CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                int(k.sharedBytes));
+      if (rc != CUDA_SUCCESS) {
+        error = describe(d, rc, "reserving " + std::to_string(k.sharedBytes) +
+                                    " bytes of shared memory for " + k.name);
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
+                     const Tensor *lengths, Tensor &out, Tensor *lse,
+                     std::string &error, void *streamPtr) {
+  GpuModule &g = *gpu_;
+  const Driver &d = *g.d;
+  if (!ensureContext(d, error))
+    return false;
+  CUstream stream = static_cast<CUstream>(streamPtr);
+  const int64_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2],
+                Lk = k.shape[2], D = q.shape[3];
+  const int64_t rows = B * H * Lq;
+
+  // Scratch: [lse if the caller gave none][acc, max, sum if needed].
+  size_t lseBytes = hasLse() && !lse ? size_t(rows) * 4 : 0;
+  size_t stateBytes = g.needsState ? size_t(rows) * (D + 2) * 4 : 0;
+  size_t need = lseBytes + stateBytes;
+  if (need > g.scratchBytes) {
+    if (g.scratch)
+      d.cuMemFree(g.scratch);
+    g.scratch = 0;
+    g.scratchBytes = 0;
+    CUresult rc = d.cuMemAlloc(&g.scratch, need);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "allocating " + std::to_string(need) +
+                                  " bytes of device scratch (state/LSE)");
+      return false;
+    }
+    g.scratchBytes = need;
+  }
+  CUdeviceptr lsePtr = lse ? CUdeviceptr(uintptr_t(lse->data))
+                           : (lseBytes ? g.scratch : 0);
+  CUdeviceptr acc = g.needsState ? g.scratch + lseBytes : 0;
+  CUdeviceptr mx = acc ? acc + size_t(rows) * D * 4 : 0;
+  CUdeviceptr sm = acc ? mx + size_t(rows) * 4 : 0;
+
+  // Parameters: 9 descriptors of 5 words, then q_len and kv_len.
+  int64_t words[47];
+  auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
+    int64_t *w = words + 5 * slot;
+    w[0] = w[1] = int64_t(ptr);
+    w[2] = 0;
+    w[3] = size;
+    w[4] = 1;
+  };
+  auto dev = [](const void *p) { return CUdeviceptr(uintptr_t(p)); };
+  put(0, dev(q.data), rows * D);
+  put(1, dev(k.data), B * k.shape[1] * Lk * D);
+  put(2, dev(v.data), B * k.shape[1] * Lk * D);
+  put(3, lengths ? dev(lengths->data) : 0, lengths ? B : 0);
+  put(4, dev(out.data), rows * D);
+  put(5, lsePtr, lsePtr ? rows : 0);
+  put(6, acc, acc ? rows * D : 0);
+  put(7, mx, mx ? rows : 0);
+  put(8, sm, sm ? rows : 0);
+  words[45] = Lq;
+  words[46] = Lk;
+  void *params[47];
+  for (int i = 0; i < 47; ++i)
+    params[i] = &words[i];
+
+  for (const GpuKernel &kernel : g.kernels) {
+    int64_t gx, gy = 1, gz = 1;
+    if (kernel.kind == "init" || kernel.kind == "finalize") {
+      gx = ceilDiv(rows * D, kernel.block);
+    } else {
+      int64_t r = kernel.period, w = kernel.segment, delta = Lk - Lq;
+      int64_t residues = kernel.residue == -1 ? r : 1;
+      int64_t segments = 1, rowsPerGroup = ceilDiv(Lq, r);
+      if (w > 0) {
+        segments = floorDiv(delta + Lq - 1, w) - floorDiv(delta, w) + 1;
+        rowsPerGroup = ceilDiv(std::min(w, Lq), r);
+      }
+      gx = ceilDiv(rowsPerGroup, kernel.blockRows);
+      gy = residues * segments;
+      gz = B * H;
+    }
+    if (gx > 0x7fffffff || gy > 65535 || gz > 65535) {
+      error = "kernel " + kernel.name + ": grid (" + std::to_string(gx) + ", " +
+              std::to_string(gy) + ", " + std::to_string(gz) +
+              ") exceeds the GPU's limits for these sizes";
+      return false;
+    }
+    if (gx <= 0 || gy <= 0)
+      continue;
+    CUresult rc = d.cuLaunchKernel(kernel.function, unsigned(gx), unsigned(gy),
+                                   unsigned(gz), unsigned(kernel.block), 1, 1,
+                                   unsigned(kernel.sharedBytes), stream, params,
+                                   nullptr);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "launching " + kernel.name);
+      return false;
+    }
+  }
+  return true;
+}

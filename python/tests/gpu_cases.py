@@ -1,0 +1,39 @@
+"""The GPU correctness cases: specs (compiled on a machine with MLIR by
+scripts/build_gpu_packages.py) and the shapes each is run at on the GPU by
+test_gpu.py. Shapes cover the edge cases of docs/Semantics.md: lengths that
+are not multiples of a tile, Lq < Lk and Lq > Lk (rows with no key), a single
+row, GQA, lengths 0 and full."""
+
+LONGNET_SMALL = [
+    {"dilated": {"segment": 64, "rate": 1, "head_offset": True, "causal": True}},
+    {"dilated": {"segment": 256, "rate": 4, "head_offset": True, "causal": True}},
+    {"dilated": {"segment": 1024, "rate": 16, "head_offset": True, "causal": True}},
+]
+
+SHAPES = [(1000, 1000), (300, 1000), (1000, 300), (1, 777), (64, 64), (129, 2000)]
+
+
+def _spec(name, pattern, dtype="bf16", heads=4, kv_heads=None, head_dim=128, batch=2):
+    return {"name": name, "dtype": dtype, "batch": batch, "heads": heads,
+            "kv_heads": kv_heads or heads, "head_dim": head_dim, "lse": True,
+            "pattern": pattern}
+
+
+CASES = [
+    _spec("causal", {"causal": {}}),
+    _spec("causal_d64", {"causal": {}}, head_dim=64),
+    _spec("causal_f16_gqa", {"causal": {}}, dtype="f16", heads=8, kv_heads=2),
+    _spec("full", {"full": {}}),
+    _spec("local", {"local": {"window": 100}}),
+    _spec("local_sym", {"local": {"window": 70, "causal": False}}),
+    _spec("strided", {"strided": {"stride": 16, "local": 16}}),
+    _spec("strided_l8", {"strided": {"stride": 32, "local": 8}}, head_dim=64),
+    _spec("dilated", {"dilated": {"segment": 128, "rate": 4, "head_offset": True, "causal": True}}),
+    _spec("longnet_sum", {"sum": LONGNET_SMALL}),
+    _spec("longnet_union", {"union": LONGNET_SMALL}),
+    _spec("union_local_strided", {"union": [{"local": {"window": 48}},
+                                            {"strided": {"stride": 64, "local": 1}}]}),
+    _spec("sum_causal_local", {"sum": [{"causal": {}}, {"local": {"window": 32}}]}),
+    _spec("tokenized", {"tokenized": {}}, batch=4),
+    _spec("tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]}, batch=4),
+]

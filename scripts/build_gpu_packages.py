@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Compiles the GPU correctness cases (python/tests/gpu_cases.py) and the
+benchmark specs (bench/gpu/specs/*.json) for a GPU target into one folder,
+to be carried to the GPU machine with the runtime:
+
+    scripts/build_gpu_packages.py OUT_DIR [--target sm_90a]
+
+Writes OUT_DIR/<name>/ packages and OUT_DIR/compile_times.json."""
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python", "tests"))
+import gpu_cases  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("out")
+ap.add_argument("--target", default="sm_90a")
+args = ap.parse_args()
+os.makedirs(args.out, exist_ok=True)
+compiler = os.path.join(ROOT, "build", "bin", "attn-compile")
+specs = [(c["name"], c) for c in gpu_cases.CASES]
+for path in sorted(glob.glob(os.path.join(ROOT, "bench", "gpu", "specs", "*.json"))):
+    with open(path) as f:
+        spec = json.load(f)
+    specs.append((spec["name"], spec))
+times = {}
+for name, spec in specs:
+    spec_path = os.path.join(args.out, name + ".json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    t0 = time.time()
+    r = subprocess.run([compiler, spec_path, "--target", args.target,
+                        "-o", os.path.join(args.out, name)], capture_output=True, text=True)
+    times[name] = time.time() - t0
+    if r.returncode != 0:
+        sys.exit(f"{name}: {r.stderr}")
+    report = [l for l in r.stderr.splitlines() if "registers" in l]
+    print(f"{name:24s} {times[name]:5.2f} s  " + "; ".join(s.split(":", 1)[1].strip() for s in report))
+with open(os.path.join(args.out, "compile_times.json"), "w") as f:
+    json.dump(times, f, indent=1)

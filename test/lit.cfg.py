@@ -22,3 +22,11 @@ llvm_config.add_tool_substitutions(
     ["attn-opt", "attn-compile", "attn-run", "attn-check"], [config.attn_tools_dir])
 llvm_config.add_tool_substitutions(["FileCheck", "not", "count", "split-file"],
                                    [config.llvm_tools_dir])
+
+# GPU packages need ptxas (the CUDA toolkit), found like attn-compile does.
+for ptxas in [os.path.join(os.environ.get(v, ""), "bin", "ptxas")
+              for v in ("CUDA_ROOT", "CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda/bin/ptxas"]:
+    if os.path.isfile(ptxas) and os.access(ptxas, os.X_OK):
+        config.available_features.add("ptxas")
+        break
+config.excludes.append("gpu-package.test.d")

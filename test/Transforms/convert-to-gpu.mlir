@@ -1,0 +1,51 @@
+// RUN: attn-opt %s -split-input-file -attn-decompose -convert-attn-to-gpu -canonicalize | FileCheck %s
+
+// One component covering every row: a single kernel, no state.
+// CHECK-LABEL: module attributes {gpu.container_module}
+// CHECK: gpu.module @attn_kernels attributes {attn.launch_order = ["component_0"]
+// CHECK-SAME: dtype = "bf16"
+// CHECK: gpu.func @component_0
+// CHECK-SAME: attn.launch = {block = 128 : i64, block_rows = 64 : i64, component = #attn.component<period = 1, residue = all, segment = 0, band = [0, inf]>, kind = "single", shared_bytes = 87040 : i64}
+// CHECK: gpu.dynamic_shared_memory
+// CHECK: nvgpu.device_async_copy
+// CHECK: nvgpu.ldmatrix {{.*}} {numTiles = 4 : i32, transpose = false}
+// CHECK: scf.for
+// CHECK: nvvm.mma.sync {{.*}}multiplicandAPtxType = #nvvm.mma_type<bf16>
+// CHECK: gpu.shuffle  xor
+// CHECK: llvm.call_intrinsic "llvm.nvvm.ex2.approx.ftz.f"
+// CHECK: nvgpu.ldmatrix {{.*}} {numTiles = 4 : i32, transpose = true}
+// CHECK-NOT: func.func
+func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: tensor<1x4x?x128xbf16>) -> (tensor<1x4x?x128xbf16>, tensor<1x4x?xf32>) {
+  %o, %lse = attn.attention %q, %k, %v pattern(#attn.causal) : tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16> -> tensor<1x4x?x128xbf16>, tensor<1x4x?xf32>
+  return %o, %lse : tensor<1x4x?x128xbf16>, tensor<1x4x?xf32>
+}
+
+// -----
+
+// Strided: a band and a per-residue causal component share an f32 state in
+// global memory between init and finalize; f16 with GQA and head dim 64.
+// CHECK: gpu.module @attn_kernels attributes {attn.launch_order = ["init", "component_0", "component_1", "finalize"]
+// CHECK: gpu.func @init
+// CHECK-SAME: kind = "init"
+// CHECK: gpu.func @component_0
+// CHECK-SAME: component = #attn.component<period = 1, residue = all, segment = 0, band = [0, 7]>, kind = "update", shared_bytes = 46080
+// CHECK: nvvm.mma.sync {{.*}} : (vector<2xf16>, vector<2xf16>, f32)
+// CHECK: gpu.func @component_1
+// CHECK-SAME: component = #attn.component<period = 8, residue = all, segment = 0, band = [1, inf]>, kind = "update"
+// CHECK: gpu.func @finalize
+// CHECK-SAME: kind = "finalize"
+func.func @strided(%q: tensor<2x8x?x64xf16>, %k: tensor<2x2x?x64xf16>, %v: tensor<2x2x?x64xf16>) -> tensor<2x8x?x64xf16> {
+  %o = attn.attention %q, %k, %v pattern(#attn.strided<stride = 8, local = 8>) : tensor<2x8x?x64xf16>, tensor<2x2x?x64xf16>, tensor<2x2x?x64xf16> -> tensor<2x8x?x64xf16>
+  return %o : tensor<2x8x?x64xf16>
+}
+
+// -----
+
+// A dilated component with head offsets covers only its residue's rows, so
+// it updates a state that init and finalize bracket.
+// CHECK: attn.launch_order = ["init", "component_0", "finalize"]
+// CHECK: component = #attn.component<period = 4, residue = head, segment = 64
+func.func @dilated(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %v: tensor<1x4x256x128xbf16>) -> tensor<1x4x256x128xbf16> {
+  %o = attn.attention %q, %k, %v pattern(#attn.dilated<segment = 64, rate = 4, head_offset = true>) : tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16> -> tensor<1x4x256x128xbf16>
+  return %o : tensor<1x4x256x128xbf16>
+}

@@ -99,18 +99,11 @@ bool Package::hasLse() const {
   return false;
 }
 
-bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
-                             const Tensor *lengths, const Tensor &out,
-                             const Tensor *lse, std::string &error) const {
-  if (usesLengths() && !lengths) {
-    error = "package " + name_ + " has a tokenized pattern: lengths are required";
-    return false;
-  }
-  if (!usesLengths() && lengths) {
-    error = "package " + name_ + " takes no lengths (its pattern is not tokenized)";
-    return false;
-  }
-  std::vector<const Tensor *> tensors;
+bool Package::inManifestOrder(const Tensor &q, const Tensor &k,
+                              const Tensor &v, const Tensor *lengths,
+                              const Tensor &out, const Tensor *lse,
+                              std::vector<const Tensor *> &tensors,
+                              std::string &error) const {
   for (const ArgSpec &a : args_) {
     if (a.name == "q") tensors.push_back(&q);
     else if (a.name == "k") tensors.push_back(&k);
@@ -123,6 +116,23 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
       return false;
     }
   }
+  return true;
+}
+
+bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
+                             const Tensor *lengths, const Tensor &out,
+                             const Tensor *lse, std::string &error) const {
+  if (usesLengths() && !lengths) {
+    error = "package " + name_ + " has a tokenized pattern: lengths are required";
+    return false;
+  }
+  if (!usesLengths() && lengths) {
+    error = "package " + name_ + " takes no lengths (its pattern is not tokenized)";
+    return false;
+  }
+  std::vector<const Tensor *> tensors;
+  if (!inManifestOrder(q, k, v, lengths, out, lse, tensors, error))
+    return false;
 
   // Check each tensor against the manifest, then the shapes against each
   // other: q [B,H,Lq,D], k = v [B,Hkv,Lk,D], out = q, lse [B,H,Lq].
@@ -212,14 +222,8 @@ bool Package::runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
   }
 
   std::vector<const Tensor *> tensors;
-  for (const ArgSpec &a : args_) {
-    if (a.name == "q") tensors.push_back(&q);
-    else if (a.name == "k") tensors.push_back(&k);
-    else if (a.name == "v") tensors.push_back(&v);
-    else if (a.name == "lengths") tensors.push_back(lengths);
-    else if (a.name == "out") tensors.push_back(&out);
-    else tensors.push_back(&lseTensor);
-  }
+  inManifestOrder(q, k, v, lengths, out, hasLse() ? &lseTensor : nullptr,
+                  tensors, error);
   // Build the memref descriptors.
   std::vector<std::vector<int64_t>> descriptors;
   for (const Tensor *t : tensors) {

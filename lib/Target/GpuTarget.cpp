@@ -38,29 +38,37 @@ static void addKernelPasses(OpPassManager &pm) {
   pm.addPass(createCSEPass());
 }
 
+/// gpu-lower-to-nvvm-pipeline down to PTX text in a gpu.binary.
+static void addPtxPasses(OpPassManager &pm, const std::string &arch) {
+  gpu::GPUToNVVMPipelineOptions opts;
+  opts.cubinChip = arch;
+  // PTX ISA 8.0 is the first to know sm_90a; sm_80 accepts it as well.
+  opts.cubinFeatures = "+ptx80";
+  opts.cubinFormat = "isa";
+  opts.optLevel = 3;
+  gpu::buildLowerToNVVMPassPipeline(pm, opts);
+}
+
+/// The PTX of the module's (only) gpu.binary.
+static std::string binaryPtx(ModuleOp module) {
+  auto binary = *module.getOps<gpu::BinaryOp>().begin();
+  return cast<gpu::ObjectAttr>(binary.getObjects()[0])
+      .getObject()
+      .getValue()
+      .str();
+}
+
 LogicalResult mlir::attn::lowerForGpu(ModuleOp module, GpuStage stage,
                                       const std::string &arch,
                                       std::string *ptx) {
   PassManager pm(module.getContext());
   addKernelPasses(pm);
-  if (stage == GpuStage::Ptx) {
-    gpu::GPUToNVVMPipelineOptions opts;
-    opts.cubinChip = arch;
-    // PTX ISA 8.0 is the first to know sm_90a; sm_80 accepts it as well.
-    opts.cubinFeatures = "+ptx80";
-    opts.cubinFormat = "isa";
-    opts.optLevel = 3;
-    gpu::buildLowerToNVVMPassPipeline(pm, opts);
-  }
+  if (stage == GpuStage::Ptx)
+    addPtxPasses(pm, arch);
   if (failed(pm.run(module)))
     return failure();
-  if (stage == GpuStage::Ptx) {
-    auto binaries = module.getOps<gpu::BinaryOp>();
-    if (binaries.empty())
-      return module.emitError("GPU lowering produced no gpu.binary");
-    auto object = cast<gpu::ObjectAttr>((*binaries.begin()).getObjects()[0]);
-    *ptx = object.getObject().getValue().str();
-  }
+  if (stage == GpuStage::Ptx)
+    *ptx = binaryPtx(module);
   return success();
 }
 
@@ -179,21 +187,12 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
   std::string ptx;
   {
     PassManager lower(module.getContext());
-    gpu::GPUToNVVMPipelineOptions opts;
-    opts.cubinChip = arch;
-    opts.cubinFeatures = "+ptx80";
-    opts.cubinFormat = "isa";
-    opts.optLevel = 3;
-    gpu::buildLowerToNVVMPassPipeline(lower, opts);
+    addPtxPasses(lower, arch);
     if (failed(lower.run(module))) {
       error = "lowering the kernels to PTX failed (see the diagnostics above)";
       return failure();
     }
-    auto binary = *module.getOps<gpu::BinaryOp>().begin();
-    ptx = cast<gpu::ObjectAttr>(binary.getObjects()[0])
-              .getObject()
-              .getValue()
-              .str();
+    ptx = binaryPtx(module);
   }
 
   if (std::error_code ec = llvm::sys::fs::create_directories(outDir)) {

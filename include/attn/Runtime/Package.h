@@ -59,6 +59,11 @@ public:
 
 private:
   Package();
+  /// The tensors in the manifest's argument order.
+  bool inManifestOrder(const Tensor &q, const Tensor &k, const Tensor &v,
+                       const Tensor *lengths, const Tensor &out,
+                       const Tensor *lse, std::vector<const Tensor *> &tensors,
+                       std::string &error) const;
   bool checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
                       const Tensor *lengths, const Tensor &out,
                       const Tensor *lse, std::string &error) const;

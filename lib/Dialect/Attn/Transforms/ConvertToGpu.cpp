@@ -115,6 +115,13 @@ private:
   enum Arg { Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, QLen, KLen };
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
+  /// The attn.launch plan of an element-wise kernel (init, finalize).
+  DictionaryAttr elementwiseLaunch(StringRef kind) {
+    return b.getDictionaryAttr(
+        {b.getNamedAttr("kind", b.getStringAttr(kind)),
+         b.getNamedAttr("block", b.getI64IntegerAttr(kElementwiseThreads)),
+         b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))});
+  }
   Value arg(Arg a) { return entry->getArgument(a); }
 
   // f32 helpers.
@@ -704,12 +711,7 @@ gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
   memref::StoreOp::create(b, loc, fc(0.0), arg(Sum), row);
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
-  func->setAttr("attn.launch",
-                b.getDictionaryAttr(
-                    {b.getNamedAttr("kind", b.getStringAttr("init")),
-                     b.getNamedAttr("block",
-                                    b.getI64IntegerAttr(kElementwiseThreads)),
-                     b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))}));
+  func->setAttr("attn.launch", elementwiseLaunch("init"));
   return func;
 }
 
@@ -739,12 +741,7 @@ gpu::GPUFuncOp KernelEmitter::emitFinalize(StringRef name) {
   memref::StoreOp::create(b, loc, lse, arg(Lse), row);
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
-  func->setAttr("attn.launch",
-                b.getDictionaryAttr(
-                    {b.getNamedAttr("kind", b.getStringAttr("finalize")),
-                     b.getNamedAttr("block",
-                                    b.getI64IntegerAttr(kElementwiseThreads)),
-                     b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))}));
+  func->setAttr("attn.launch", elementwiseLaunch("finalize"));
   return func;
 }
 

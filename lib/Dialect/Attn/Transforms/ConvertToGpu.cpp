@@ -34,6 +34,7 @@
 #include "attn/Dialect/Attn/IR/AttnDims.h"
 #include "attn/Dialect/Attn/Transforms/Passes.h"
 #include "attn/Pattern/Pattern.h"
+#include "attn/Utils/FloatMath.h"
 #include "attn/Utils/IndexMath.h"
 
 #include "mlir/Dialect/Func/IR/FuncOps.h"
@@ -85,7 +86,7 @@ using AccFrag = std::array<Value, 4>;
 class KernelEmitter {
 public:
   KernelEmitter(OpBuilder &b, Location loc, const AttentionShape &shape)
-      : b(b), loc(loc), m{b, loc}, shape(shape) {
+      : b(b), loc(loc), m{b, loc}, f{b, loc}, shape(shape) {
     ctx = b.getContext();
     f16 = b.getF16Type();
     f32 = b.getF32Type();
@@ -115,6 +116,11 @@ private:
   enum Arg { Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, QLen, KLen };
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
+  /// An element-wise kernel over B*H*Lq*D: `idx` is this thread's element,
+  /// `row` its row; the builder is left inside the `idx < n` guard.
+  gpu::GPUFuncOp beginElementwise(StringRef name, Value &idx, Value &row);
+  /// Continues inside `if (idx is the first element of its row)`.
+  void ifFirstOfRow(Value idx);
   /// The attn.launch plan of an element-wise kernel (init, finalize).
   DictionaryAttr elementwiseLaunch(StringRef kind) {
     return b.getDictionaryAttr(
@@ -124,25 +130,6 @@ private:
   }
   Value arg(Arg a) { return entry->getArgument(a); }
 
-  // f32 helpers.
-  Value fc(double v) {
-    return arith::ConstantOp::create(b, loc, b.getF32FloatAttr(float(v)));
-  }
-  Value fadd(Value x, Value y) { return arith::AddFOp::create(b, loc, x, y); }
-  Value fsub(Value x, Value y) { return arith::SubFOp::create(b, loc, x, y); }
-  Value fmul(Value x, Value y) { return arith::MulFOp::create(b, loc, x, y); }
-  Value fmax(Value x, Value y) {
-    return arith::MaximumFOp::create(b, loc, x, y);
-  }
-  Value select(Value c, Value x, Value y) {
-    return arith::SelectOp::create(b, loc, c, x, y);
-  }
-  Value fgt(Value x, Value y) {
-    return arith::CmpFOp::create(b, loc, arith::CmpFPredicate::OGT, x, y);
-  }
-  Value feq(Value x, Value y) {
-    return arith::CmpFOp::create(b, loc, arith::CmpFPredicate::OEQ, x, y);
-  }
   /// 2^x and log2(x) with the hardware's approximate units (ex2/lg2.approx).
   Value exp2(Value x) {
     return LLVM::CallIntrinsicOp::create(b, loc, f32,
@@ -156,8 +143,7 @@ private:
                                          ValueRange{x})
         .getResult(0);
   }
-  Value negInf() { return fc(-INFINITY); }
-  /// Butterfly over the 4 lanes of a quad (lanes sharing a row).
+    /// Butterfly over the 4 lanes of a quad (lanes sharing a row).
   Value quadReduce(Value x, bool isMax);
 
   // Fragments.
@@ -181,6 +167,7 @@ private:
   OpBuilder &b;
   Location loc;
   IndexMath m;
+  FloatMath f;
   const AttentionShape &shape;
   MLIRContext *ctx;
   Type f16, f32, i32;
@@ -209,7 +196,7 @@ Value KernelEmitter::quadReduce(Value x, bool isMax) {
     Value other = gpu::ShuffleOp::create(b, loc, x, off, width,
                                          gpu::ShuffleMode::XOR)
                       .getShuffleResult();
-    x = isMax ? fmax(x, other) : fadd(x, other);
+    x = isMax ? f.max(x, other) : f.add(x, other);
   }
   return x;
 }
@@ -280,8 +267,8 @@ void KernelEmitter::asyncLoadTile(
   for (int64_t pass = 0; pass < kBlockRows / rowsPerPass; ++pass) {
     Value row = m.add(rowInPass, m.c(pass * rowsPerPass));
     auto [offset, exists] = rowAt(row);
-    Value srcIndex = select(exists, m.add(offset, col), m.c(0));
-    Value srcElements = select(exists, m.c(8), m.c(0));
+    Value srcIndex = f.select(exists, m.add(offset, col), m.c(0));
+    Value srcElements = f.select(exists, m.c(8), m.c(0));
     nvgpu::DeviceAsyncCopyOp::create(
         b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), tile,
         ValueRange{row, col}, src, ValueRange{srcIndex}, b.getIndexAttr(8),
@@ -367,7 +354,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // Key tiles attended by some row of [q0, q1), and those by every row.
   Value first = hi == inf ? tKeyLo : m.max(tKeyLo, m.sub(q0, m.c(hi)));
   Value last = lo == ninf ? tKeyHi : m.min(tKeyHi, m.sub(q1, m.c(lo)));
-  last = select(m.lt(q0, q1), m.max(last, first), first);
+  last = f.select(m.lt(q0, q1), m.max(last, first), first);
   Value fullLo = hi == inf
                      ? first
                      : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
@@ -443,21 +430,21 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   Value isQuadLeader = m.eq(arith::RemUIOp::create(b, loc, lane, m.c(4)), zero);
   if (single) {
     for (int64_t i = 0; i < oFrags * 4; ++i)
-      init.push_back(fc(0.0));
-    init.append({negInf(), negInf(), fc(0.0), fc(0.0)});
+      init.push_back(f.c(0.0));
+    init.append({f.negInf(), f.negInf(), f.c(0.0), f.c(0.0)});
   } else {
     // Continue the state of earlier components from global memory.
     SmallVector<Value> maxes, sums;
     SmallVector<Value> rowBase(2);
     for (int64_t half = 0; half < 2; ++half) {
       Value valid = m.lt(tq[half], q1);
-      Value row = select(valid, m.add(qHead, qRowIndex(tq[half])), zero);
+      Value row = f.select(valid, m.add(qHead, qRowIndex(tq[half])), zero);
       rowBase[half] = row;
       Value mx = memref::LoadOp::create(b, loc, arg(Max), row);
       Value sm = memref::LoadOp::create(b, loc, arg(Sum), row);
-      maxes.push_back(select(valid, mx, negInf()));
+      maxes.push_back(f.select(valid, mx, f.negInf()));
       // The sum is kept per thread and added over the quad at the end.
-      sums.push_back(select(m.both(valid, isQuadLeader), sm, fc(0.0)));
+      sums.push_back(f.select(m.both(valid, isQuadLeader), sm, f.c(0.0)));
     }
     for (int64_t dn = 0; dn < oFrags; ++dn)
       for (int64_t e = 0; e < 4; ++e) {
@@ -466,7 +453,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         Value col = m.add(laneCol, m.c(dn * 8 + e % 2));
         Value a = memref::LoadOp::create(
             b, loc, arg(Acc), m.add(m.mul(rowBase[half], m.c(D)), col));
-        init.push_back(select(valid, a, fc(0.0)));
+        init.push_back(f.select(valid, a, f.c(0.0)));
       }
     init.append({maxes[0], maxes[1], sums[0], sums[1]});
   }
@@ -497,7 +484,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       Value rowOff = arith::RemUIOp::create(b, loc, lane, m.c(8));
       Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(8)), m.c(8));
       for (int64_t n = 0; n < kKeyNTiles; ++n) {
-        AccFrag acc = {fc(0.0), fc(0.0), fc(0.0), fc(0.0)};
+        AccFrag acc = {f.c(0.0), f.c(0.0), f.c(0.0), f.c(0.0)};
         for (int64_t kk = 0; kk < D / 16; kk += 2) {
           auto kb = ldmatrix(kTile, m.add(rowOff, m.c(n * 8)),
                              m.add(colOff, m.c(kk * 16)), false);
@@ -544,7 +531,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
               inside = m.both(inside, m.eq(in, m.truth(false)));
             }
           }
-          out.push_back(select(inside, s[n][e], negInf()));
+          out.push_back(f.select(inside, s[n][e], f.negInf()));
         }
       scf::YieldOp::create(b, loc, out);
       b.setInsertionPointToStart(maskIf.elseBlock());
@@ -558,26 +545,26 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         s[n][e] = maskIf.getResult(n * 4 + e);
 
     // Online softmax per row half.
-    Value c2 = fc(scaleLog2);
+    Value c2 = f.c(scaleLog2);
     Value newMax[2], newSum[2], alpha[2];
     for (int64_t half = 0; half < 2; ++half) {
       Value oldMax = state[oFrags * 4 + half];
       Value oldSum = state[oFrags * 4 + 2 + half];
-      Value tileMax = negInf();
+      Value tileMax = f.negInf();
       for (int64_t n = 0; n < kKeyNTiles; ++n)
         for (int64_t e = 0; e < 2; ++e)
-          tileMax = fmax(tileMax, s[n][half * 2 + e]);
+          tileMax = f.max(tileMax, s[n][half * 2 + e]);
       tileMax = quadReduce(tileMax, /*isMax=*/true);
-      Value mx = fmax(oldMax, fmul(tileMax, c2));
+      Value mx = f.max(oldMax, f.mul(tileMax, c2));
       // A row that has seen no key keeps -inf; exponentiate against 0 then.
-      Value mUse = select(feq(mx, negInf()), fc(0.0), mx);
-      alpha[half] = exp2(fsub(oldMax, mUse));
-      Value sum = fmul(oldSum, alpha[half]);
+      Value mUse = f.select(f.eq(mx, f.negInf()), f.c(0.0), mx);
+      alpha[half] = exp2(f.sub(oldMax, mUse));
+      Value sum = f.mul(oldSum, alpha[half]);
       for (int64_t n = 0; n < kKeyNTiles; ++n)
         for (int64_t e = 0; e < 2; ++e) {
           Value &x = s[n][half * 2 + e];
-          x = exp2(arith::SubFOp::create(b, loc, fmul(x, c2), mUse));
-          sum = fadd(sum, x);
+          x = exp2(arith::SubFOp::create(b, loc, f.mul(x, c2), mUse));
+          sum = f.add(sum, x);
         }
       newMax[half] = mx;
       newSum[half] = sum;
@@ -587,7 +574,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     SmallVector<AccFrag> o(oFrags);
     for (int64_t dn = 0; dn < oFrags; ++dn)
       for (int64_t e = 0; e < 4; ++e)
-        o[dn][e] = fmul(state[dn * 4 + e], alpha[e / 2]);
+        o[dn][e] = f.mul(state[dn * 4 + e], alpha[e / 2]);
     SmallVector<std::array<Value, 4>> pFrag;
     for (int64_t j = 0; j < kKeyNTiles / 2; ++j)
       pFrag.push_back({pack(s[2 * j][0], s[2 * j][1]),
@@ -625,7 +612,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                    b.getI32IntegerAttr(0));
 
   ValueRange fin = loop.getResults();
-  Value ln2 = fc(M_LN2);
+  Value ln2 = f.c(M_LN2);
   for (int64_t half = 0; half < 2; ++half) {
     Value t = tq[half];
     Value valid = m.lt(t, q1);
@@ -634,16 +621,16 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     Value sum = quadReduce(fin[oFrags * 4 + 2 + half], /*isMax=*/false);
     Value rowIdx = m.add(qHead, qRowIndex(t));
     if (single) {
-      Value ok = m.both(valid, fgt(sum, fc(0.0)));
-      Value inv = select(ok, arith::DivFOp::create(b, loc, fc(1.0), sum),
-                         fc(0.0));
+      Value ok = m.both(valid, f.gt(sum, f.c(0.0)));
+      Value inv = f.select(ok, arith::DivFOp::create(b, loc, f.c(1.0), sum),
+                         f.c(0.0));
       auto ifExists = scf::IfOp::create(b, loc, TypeRange{}, exists, false);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifExists.thenBlock());
       auto pairType = VectorType::get({2}, f16);
       for (int64_t dn = 0; dn < oFrags; ++dn) {
-        Value x = fmul(fin[dn * 4 + half * 2], inv);
-        Value y = fmul(fin[dn * 4 + half * 2 + 1], inv);
+        Value x = f.mul(fin[dn * 4 + half * 2], inv);
+        Value y = f.mul(fin[dn * 4 + half * 2 + 1], inv);
         Value pair = pack(x, y);
         if (shape.bf16)
           pair = LLVM::BitcastOp::create(b, loc, pairType, pair);
@@ -653,7 +640,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       auto ifLeader =
           scf::IfOp::create(b, loc, TypeRange{}, isQuadLeader, false);
       b.setInsertionPointToStart(ifLeader.thenBlock());
-      Value lse = select(ok, fmul(fadd(mx, log2(sum)), ln2), negInf());
+      Value lse = f.select(ok, f.mul(f.add(mx, log2(sum)), ln2), f.negInf());
       memref::StoreOp::create(b, loc, lse, arg(Lse), rowIdx);
     } else {
       auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, valid, false);
@@ -694,21 +681,33 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
 // State init and finalize (element-wise over B*H*Lq*D)
 //===----------------------------------------------------------------------===//
 
-gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
+gpu::GPUFuncOp KernelEmitter::beginElementwise(StringRef name, Value &idx,
+                                               Value &row) {
   auto func = beginKernel(name, kElementwiseThreads);
   const int64_t D = shape.headDim;
   Value bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
-  Value idx = m.add(m.mul(bx, m.c(kElementwiseThreads)), tid);
+  idx = m.add(m.mul(bx, m.c(kElementwiseThreads)), tid);
   Value n = m.mul(m.c(shape.batch * shape.heads * D), arg(QLen));
   auto ifIn = scf::IfOp::create(b, loc, TypeRange{}, m.lt(idx, n), false);
   b.setInsertionPointToStart(ifIn.thenBlock());
-  memref::StoreOp::create(b, loc, fc(0.0), arg(Acc), idx);
-  Value row = arith::DivUIOp::create(b, loc, idx, m.c(D));
-  Value first = m.eq(arith::RemUIOp::create(b, loc, idx, m.c(D)), m.c(0));
+  row = arith::DivUIOp::create(b, loc, idx, m.c(D));
+  return func;
+}
+
+void KernelEmitter::ifFirstOfRow(Value idx) {
+  Value first =
+      m.eq(arith::RemUIOp::create(b, loc, idx, m.c(shape.headDim)), m.c(0));
   auto ifRow = scf::IfOp::create(b, loc, TypeRange{}, first, false);
   b.setInsertionPointToStart(ifRow.thenBlock());
-  memref::StoreOp::create(b, loc, negInf(), arg(Max), row);
-  memref::StoreOp::create(b, loc, fc(0.0), arg(Sum), row);
+}
+
+gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
+  Value idx, row;
+  auto func = beginElementwise(name, idx, row);
+  memref::StoreOp::create(b, loc, f.c(0.0), arg(Acc), idx);
+  ifFirstOfRow(idx);
+  memref::StoreOp::create(b, loc, f.negInf(), arg(Max), row);
+  memref::StoreOp::create(b, loc, f.c(0.0), arg(Sum), row);
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
   func->setAttr("attn.launch", elementwiseLaunch("init"));
@@ -716,28 +715,20 @@ gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
 }
 
 gpu::GPUFuncOp KernelEmitter::emitFinalize(StringRef name) {
-  auto func = beginKernel(name, kElementwiseThreads);
-  const int64_t D = shape.headDim;
-  Value bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
-  Value idx = m.add(m.mul(bx, m.c(kElementwiseThreads)), tid);
-  Value n = m.mul(m.c(shape.batch * shape.heads * D), arg(QLen));
-  auto ifIn = scf::IfOp::create(b, loc, TypeRange{}, m.lt(idx, n), false);
-  b.setInsertionPointToStart(ifIn.thenBlock());
-  Value row = arith::DivUIOp::create(b, loc, idx, m.c(D));
+  Value idx, row;
+  auto func = beginElementwise(name, idx, row);
   Value sum = memref::LoadOp::create(b, loc, arg(Sum), row);
-  Value ok = fgt(sum, fc(0.0));
+  Value ok = f.gt(sum, f.c(0.0));
   Value acc = memref::LoadOp::create(b, loc, arg(Acc), idx);
-  Value o = select(ok, arith::DivFOp::create(b, loc, acc, sum), fc(0.0));
+  Value o = f.select(ok, arith::DivFOp::create(b, loc, acc, sum), f.c(0.0));
   Type elem = shape.bf16 ? Type(b.getBF16Type()) : f16;
   Value narrow = arith::TruncFOp::create(b, loc, elem, o);
   if (shape.bf16)
     narrow = arith::BitcastOp::create(b, loc, f16, narrow);
   memref::StoreOp::create(b, loc, narrow, arg(Out), idx);
-  Value first = m.eq(arith::RemUIOp::create(b, loc, idx, m.c(D)), m.c(0));
-  auto ifRow = scf::IfOp::create(b, loc, TypeRange{}, first, false);
-  b.setInsertionPointToStart(ifRow.thenBlock());
+  ifFirstOfRow(idx);
   Value mx = memref::LoadOp::create(b, loc, arg(Max), row);
-  Value lse = select(ok, fmul(fadd(mx, log2(sum)), fc(M_LN2)), negInf());
+  Value lse = f.select(ok, f.mul(f.add(mx, log2(sum)), f.c(M_LN2)), f.negInf());
   memref::StoreOp::create(b, loc, lse, arg(Lse), row);
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);

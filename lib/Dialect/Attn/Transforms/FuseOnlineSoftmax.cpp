@@ -17,6 +17,7 @@
 
 #include "attn/Dialect/Attn/IR/AttnDims.h"
 #include "attn/Dialect/Attn/Transforms/Passes.h"
+#include "attn/Utils/FloatMath.h"
 #include "attn/Utils/IndexMath.h"
 #include "attn/Pattern/Pattern.h"
 
@@ -34,45 +35,6 @@ using namespace mlir;
 using namespace mlir::attn;
 
 namespace {
-
-/// f32 helpers next to IndexMath's index ones.
-struct FloatMath {
-  OpBuilder &b;
-  Location loc;
-  Value c(float v) {
-    return arith::ConstantOp::create(b, loc, b.getF32FloatAttr(v));
-  }
-  Value negInf() { return c(-std::numeric_limits<float>::infinity()); }
-  Value add(Value x, Value y) { return arith::AddFOp::create(b, loc, x, y); }
-  Value sub(Value x, Value y) { return arith::SubFOp::create(b, loc, x, y); }
-  Value mul(Value x, Value y) { return arith::MulFOp::create(b, loc, x, y); }
-  Value div(Value x, Value y) { return arith::DivFOp::create(b, loc, x, y); }
-  Value max(Value x, Value y) {
-    return arith::MaximumFOp::create(b, loc, x, y);
-  }
-  Value exp(Value x) { return math::ExpOp::create(b, loc, x); }
-  Value log(Value x) { return math::LogOp::create(b, loc, x); }
-  Value fma(Value x, Value y, Value z) {
-    return math::FmaOp::create(b, loc, x, y, z);
-  }
-  Value gt(Value x, Value y) {
-    return arith::CmpFOp::create(b, loc, arith::CmpFPredicate::OGT, x, y);
-  }
-  /// Loads `memref[indices]` as f32.
-  Value load(Value memref, ValueRange indices) {
-    Value v = memref::LoadOp::create(b, loc, memref, indices);
-    if (!v.getType().isF32())
-      v = arith::ExtFOp::create(b, loc, b.getF32Type(), v);
-    return v;
-  }
-  /// Stores the f32 `v` into `memref[indices]`, narrowing to its type.
-  void store(Value v, Value memref, ValueRange indices) {
-    Type elem = cast<MemRefType>(memref.getType()).getElementType();
-    if (elem != v.getType())
-      v = arith::TruncFOp::create(b, loc, elem, v);
-    memref::StoreOp::create(b, loc, v, memref, indices);
-  }
-};
 
 /// `for i in [lb, ub) { body(i) }`.
 template <typename Fn>

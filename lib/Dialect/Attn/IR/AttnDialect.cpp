@@ -403,6 +403,9 @@ LogicalResult ComponentOp::verify() {
     return emitOpError("component reads lengths but none are given");
   if (!(getScaleAttr().getValueAsDouble() > 0.0))
     return emitOpError("scale must be > 0");
+  if (!getOrigins().empty() && getOrigins().size() != 2)
+    return emitOpError("origins are (query origin, key origin), got ")
+           << getOrigins().size() << " values";
   return verifyDestinationStyle(*this, {getAcc(), getMax(), getSum()});
 }
 

@@ -127,7 +127,10 @@ struct AttnBufferizePass
                 b, loc, TypeRange{}, map.lookup(c.getQuery()),
                 map.lookup(c.getKey()), map.lookup(c.getValue()), lengths,
                 map.lookup(c.getAcc()), map.lookup(c.getMax()),
-                map.lookup(c.getSum()), c.getComponent(), c.getScaleAttr());
+                map.lookup(c.getSum()),
+                llvm::map_to_vector(c.getOrigins(),
+                                    [&](Value o) { return map.lookupOrDefault(o); }),
+                c.getComponent(), c.getScaleAttr());
             map.map(c.getResults(),
                     ValueRange{nc.getAcc(), nc.getMax(), nc.getSum()});
           })

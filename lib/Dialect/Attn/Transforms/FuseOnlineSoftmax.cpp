@@ -142,7 +142,12 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
   Value headDim = memref::DimOp::create(b, loc, q, dims::kHeadDim);
   Value g = arith::DivUIOp::create(b, loc, h,
                                    arith::DivUIOp::create(b, loc, heads, kvHeads));
-  Value delta = m.sub(kLen, qLen);
+  // Row index = position - qOrigin, key index = position - kOrigin. With
+  // origins, the filters see global positions (as rows of a square problem).
+  const bool hasOrigins = !op.getOrigins().empty();
+  Value qOrigin = hasOrigins ? op.getOrigins()[0] : m.sub(kLen, qLen);
+  Value kOrigin = hasOrigins ? op.getOrigins()[1] : c0;
+  Value predQLen = hasOrigins ? c0 : qLen, predKLen = hasOrigins ? c0 : kLen;
   Value scale = f.c(float(op.getScaleAttr().getValueAsDouble()));
   Value length;
   if (op.getLengths()) {
@@ -151,7 +156,9 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
   }
 
   forEach(b, loc, op.getRowBegin(), op.getRowEnd(), [&](Value tq) {
-    Value i = m.sub(m.add(base, m.mul(r, tq)), delta);
+    Value rowPos = m.add(base, m.mul(r, tq));
+    Value i = m.sub(rowPos, qOrigin);
+    Value predRow = hasOrigins ? rowPos : i;
     SmallVector<Value> row{bIdx, h, i};
     Value oldMax = memref::LoadOp::create(b, loc, op.getMax(), row);
     Value oldSum = memref::LoadOp::create(b, loc, op.getSum(), row);
@@ -160,7 +167,8 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
     Value newMax = reduce(
         b, loc, op.getKeyBegin(), op.getKeyEnd(), oldMax,
         [&](Value tk, Value runMax) {
-          Value j = m.add(base, m.mul(r, tk));
+          Value keyPos = m.add(base, m.mul(r, tk));
+          Value j = m.sub(keyPos, kOrigin);
           auto dot = [&]() {
             Value sum = reduce(b, loc, c0, headDim, f.c(0.0f),
                                [&](Value d, Value acc) {
@@ -182,10 +190,11 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
               inside = m.both(inside, m.le(dt, m.c(comp.getBandHi())));
             for (Attribute inc : comp.getInclude())
               inside = m.both(inside, buildPatternPredicate(
-                                          b, loc, inc, h, i, j, qLen, kLen, length));
+                                          b, loc, inc, h, predRow, keyPos,
+                                          predQLen, predKLen, length));
             for (Attribute exc : comp.getExclude()) {
-              Value in = buildPatternPredicate(b, loc, exc, h, i, j, qLen, kLen,
-                                               length);
+              Value in = buildPatternPredicate(b, loc, exc, h, predRow, keyPos,
+                                               predQLen, predKLen, length);
               inside = m.both(inside, m.eq(in, m.truth(false)));
             }
             auto ifOp = scf::IfOp::create(b, loc, TypeRange{b.getF32Type()},
@@ -221,7 +230,7 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
     Value newSum = reduce(
         b, loc, op.getKeyBegin(), op.getKeyEnd(), f.mul(oldSum, alpha),
         [&](Value tk, Value runSum) {
-          Value j = m.add(base, m.mul(r, tk));
+          Value j = m.sub(m.add(base, m.mul(r, tk)), kOrigin);
           Value s = memref::LoadOp::create(b, loc, scores,
                                            m.sub(tk, op.getKeyBegin()));
           Value p = f.exp(f.sub(s, newMax)); // exp(-inf) = 0 for masked keys

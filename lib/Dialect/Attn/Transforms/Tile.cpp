@@ -12,6 +12,8 @@
 // edges, updated by masked tile_updates. Components with include/exclude
 // filters mask every tile. Only index arithmetic: no mask tensor, and the same
 // code for every sequence length (lengths[b] clips the row and key ranges).
+// Rows and keys sit at positions origin + index: the component's `origins`
+// (a rank's slice of the sequence) or the bottom-right alignment (Lk - Lq, 0).
 //
 //===----------------------------------------------------------------------===//
 
@@ -72,7 +74,10 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
     Value heads = memref::DimOp::create(b, loc, op.getQuery(), dims::kHeads);
     Value qLen = memref::DimOp::create(b, loc, op.getQuery(), dims::kRows);
     Value kLen = memref::DimOp::create(b, loc, op.getKey(), dims::kRows);
-    Value delta = m.sub(kLen, qLen); // query row i sits at position i + delta
+    // Query row i sits at position i + qOrigin, key j at j + kOrigin.
+    const bool hasOrigins = !op.getOrigins().empty();
+    Value qOrigin = hasOrigins ? op.getOrigins()[0] : m.sub(kLen, qLen);
+    Value kOrigin = hasOrigins ? op.getOrigins()[1] : zero;
 
     auto emitKeyTiles = [&](Value bIdx, Value hIdx, Value base, Value q0,
                             Value q1, Value from, Value to, bool masked) {
@@ -81,7 +86,7 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
         auto update = TileUpdateOp::create(
             b, loc, op.getQuery(), op.getKey(), op.getValue(), op.getLengths(),
             op.getAcc(), op.getMax(), op.getSum(), bIdx, hIdx, base, q0, q1,
-            k0, k1, comp, op.getScaleAttr(), b.getI64IntegerAttr(kvTile),
+            k0, k1, op.getOrigins(), comp, op.getScaleAttr(), b.getI64IntegerAttr(kvTile),
             masked ? b.getUnitAttr() : UnitAttr());
         (void)update;
       });
@@ -121,15 +126,18 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
     };
 
     forLoop(b, loc, zero, batch, one, [&](Value bIdx) {
+      // Rows [0, rowsEnd) and keys [0, keysEnd) lie within lengths[b]: row
+      // indices (positions with origins) and key positions below it.
       Value rowsEnd = qLen, keysEnd = kLen;
       if (comp.getUseLengths()) {
         Value len = memref::LoadOp::create(b, loc, op.getLengths(), bIdx);
         len = arith::IndexCastOp::create(b, loc, b.getIndexType(), len);
-        len = m.max(len, zero);
-        rowsEnd = m.min(qLen, len);
-        keysEnd = m.min(kLen, len);
+        Value rowLen = hasOrigins ? m.sub(len, qOrigin) : len;
+        rowsEnd = m.min(qLen, m.max(rowLen, zero));
+        keysEnd = m.min(kLen, m.max(m.sub(len, kOrigin), zero));
       }
-      Value rowPosLo = delta, rowPosHi = m.add(delta, rowsEnd);
+      Value rowPosLo = qOrigin, rowPosHi = m.add(qOrigin, rowsEnd);
+      Value keyPosLo = kOrigin, keyPosHi = m.add(kOrigin, keysEnd);
       forLoop(b, loc, zero, heads, one, [&](Value hIdx) {
         Value cLo, cHi;
         if (comp.getResidue() == ComponentAttr::kAllResidues) {
@@ -143,7 +151,7 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
         }
         forLoop(b, loc, cLo, cHi, one, [&](Value c) {
           if (comp.getSegment() == 0) {
-            emitGroup(bIdx, hIdx, c, rowPosLo, rowPosHi, zero, keysEnd);
+            emitGroup(bIdx, hIdx, c, rowPosLo, rowPosHi, keyPosLo, keyPosHi);
             return;
           }
           Value w = m.c(comp.getSegment());
@@ -152,8 +160,8 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
           forLoop(b, loc, sLo, sHi, one, [&](Value s) {
             Value segLo = m.mul(s, w), segHi = m.add(segLo, w);
             emitGroup(bIdx, hIdx, m.add(segLo, c), m.max(rowPosLo, segLo),
-                      m.min(rowPosHi, segHi), m.max(zero, segLo),
-                      m.min(keysEnd, segHi));
+                      m.min(rowPosHi, segHi), m.max(keyPosLo, segLo),
+                      m.min(keyPosHi, segHi));
           });
         });
       });

@@ -87,7 +87,7 @@ def Attn_InitStateOp : Attn_Op<"init_state"> {
   let hasVerifier = 1;
 }
 
-def Attn_ComponentOp : Attn_Op<"component"> {
+def Attn_ComponentOp : Attn_Op<"component", [AttrSizedOperandSegments]> {
   let summary = "add one dense component's pairs to an online-softmax state";
   let description = [{
     For every pair (i, j) of the component (see `#attn.component`) updates the
@@ -98,15 +98,23 @@ def Attn_ComponentOp : Attn_Op<"component"> {
         acc    = acc * exp(max - newMax) + exp(s - newMax) * v_j
 
     Several components continue one state, which sums their multiplicities.
+
+    Optional `origins(%q_origin, %k_origin)` place query row 0 and key row 0 at
+    those global positions (a rank's slice of a longer sequence in ring
+    attention); rows and keys then sit at `origin + index` and `lengths`
+    bound positions. Without origins, row `i` sits at `i + Lk - Lq` and key
+    `j` at `j` (bottom-right alignment).
   }];
   let arguments = (ins AnyShaped:$query, AnyShaped:$key, AnyShaped:$value,
                        Optional<AnyShaped>:$lengths,
                        AnyShaped:$acc, AnyShaped:$max, AnyShaped:$sum,
+                       Variadic<Index>:$origins,
                        Attn_ComponentAttr:$component, F64Attr:$scale);
   let results = (outs Variadic<AnyRankedTensor>:$results);
   let assemblyFormat = [{
     $query `,` $key `,` $value (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
-    `state` `(` $acc `,` $max `,` $sum `)` $component attr-dict `:`
+    `state` `(` $acc `,` $max `,` $sum `)`
+    (`origins` `(` $origins^ `)`)? $component attr-dict `:`
     type($query) `,` type($key) `,` type($value) `,` type($acc) `,`
     type($max) `,` type($sum) (`->` type($results)^)?
   }];
@@ -130,7 +138,7 @@ def Attn_FinalizeOp : Attn_Op<"finalize"> {
   let hasVerifier = 1;
 }
 
-def Attn_TileUpdateOp : Attn_Op<"tile_update"> {
+def Attn_TileUpdateOp : Attn_Op<"tile_update", [AttrSizedOperandSegments]> {
   let summary = "online-softmax update of one (row tile, key tile) block";
   let description = [{
     Inside the group of `component` whose position `t = 0` is `group_base`,
@@ -139,7 +147,8 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update"> {
     schedule (attn-tile) proves which blocks are entirely inside the component;
     only blocks marked `masked` evaluate the band and filters per element.
     `max_keys` bounds `key_end - key_begin` (the key tile size), so that the
-    lowering can keep one row of scores in a fixed-size buffer.
+    lowering can keep one row of scores in a fixed-size buffer. `origins`
+    are the component's (global positions of query row 0 and key row 0).
   }];
   let arguments = (ins AnyMemRef:$query, AnyMemRef:$key, AnyMemRef:$value,
                        Optional<AnyMemRef>:$lengths,
@@ -147,6 +156,7 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update"> {
                        Index:$batch, Index:$head, Index:$group_base,
                        Index:$row_begin, Index:$row_end,
                        Index:$key_begin, Index:$key_end,
+                       Variadic<Index>:$origins,
                        Attn_ComponentAttr:$component, F64Attr:$scale,
                        I64Attr:$max_keys, UnitAttr:$masked);
   let assemblyFormat = [{
@@ -154,7 +164,7 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update"> {
     `state` `(` $acc `,` $max `,` $sum `)`
     `at` `[` $batch `,` $head `,` $group_base `]`
     `rows` `[` $row_begin `,` $row_end `)` `keys` `[` $key_begin `,` $key_end `)`
-    $component attr-dict `:` type($query) `,` type($key) `,` type($value) `,`
+    (`origins` `(` $origins^ `)`)? $component attr-dict `:` type($query) `,` type($key) `,` type($value) `,`
     type($acc) `,` type($max) `,` type($sum)
   }];
 }

@@ -11,10 +11,12 @@
 
 #include "attn/Target/CpuTarget.h"
 #include "attn/Pattern/Pattern.h"
+#include "attn/Pattern/RingPlan.h"
 #include "ManifestUtils.h"
 
 #include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/Dialect/LLVMIR/LLVMDialect.h"
+#include "mlir/IR/Verifier.h"
 #include "mlir/ExecutionEngine/OptUtils.h"
 #include "mlir/Target/LLVMIR/Dialect/Builtin/BuiltinToLLVMIRTranslation.h"
 #include "mlir/Target/LLVMIR/Dialect/LLVMIR/LLVMToLLVMIRTranslation.h"
@@ -135,50 +137,34 @@ static LogicalResult linkSharedObject(const std::string &object,
   return success();
 }
 
-LogicalResult mlir::attn::compileCpuPackage(ModuleOp module, const Spec &spec,
-                                            const CpuPipelineOptions &opts,
-                                            const std::string &outDir,
-                                            std::string &error,
-                                            llvm::raw_ostream *log) {
-  if (spec.dtype != "f32") {
-    error = "dtype: the cpu target computes in f32 only, got " + spec.dtype +
-            " (use --target sm_90a or sm_80 for bf16/f16)";
-    return failure();
-  }
-  // The manifest's argument layout comes from the function before lowering.
-  auto func = *module.getOps<func::FuncOp>().begin();
-  FunctionType type = func.getFunctionType();
-  nlohmann::json args = manifestArgs(type);
-  nlohmann::json components = manifestComponents(spec);
-
-  if (log)
-    *log << "attn-compile: lowering " << spec.name << " ("
-         << components.size() << " components, tiles " << opts.qTile << "x"
-         << opts.kvTile << ")\n";
+/// Lowers `module` (attn ops on memrefs or the attention function) to LLVM,
+/// compiles it for the host and links `outDir/kernels.so`.
+static LogicalResult buildSharedObject(ModuleOp module, StringRef name,
+                                       const CpuPipelineOptions &opts,
+                                       const std::string &outDir,
+                                       std::string &error,
+                                       llvm::raw_ostream *log) {
   if (failed(lowerToStage(module, Stage::Llvm, opts))) {
     error = "the lowering pipeline failed (see the diagnostics above)";
     return failure();
   }
-
   DialectRegistry registry;
   registerBuiltinDialectTranslation(registry);
   registerLLVMDialectTranslation(registry);
   module.getContext()->appendDialectRegistry(registry);
   llvm::LLVMContext llvmContext;
-  auto llvmModule = translateModuleToLLVMIR(module, llvmContext, spec.name);
+  auto llvmModule = translateModuleToLLVMIR(module, llvmContext, name);
   if (!llvmModule) {
     error = "translation to LLVM IR failed";
     return failure();
   }
-
   if (std::error_code ec = llvm::sys::fs::create_directories(outDir)) {
     error = "cannot create package directory " + outDir + ": " + ec.message();
     return failure();
   }
-  SmallString<256> object(outDir), library(outDir), manifestPath(outDir);
+  SmallString<256> object(outDir), library(outDir);
   llvm::sys::path::append(object, "kernels.o");
   llvm::sys::path::append(library, "kernels.so");
-  llvm::sys::path::append(manifestPath, "manifest.json");
   if (log)
     *log << "attn-compile: generating native code\n";
   if (failed(emitObject(*llvmModule, std::string(object), error)))
@@ -189,6 +175,54 @@ LogicalResult mlir::attn::compileCpuPackage(ModuleOp module, const Spec &spec,
                               error)))
     return failure();
   llvm::sys::fs::remove(object);
+  return success();
+}
+
+/// Writes `outDir/manifest.json`.
+static LogicalResult writeManifest(const nlohmann::json &manifest,
+                                   const std::string &outDir,
+                                   std::string &error, llvm::raw_ostream *log) {
+  SmallString<256> path(outDir);
+  llvm::sys::path::append(path, "manifest.json");
+  std::error_code ec;
+  llvm::raw_fd_ostream out(path, ec);
+  if (ec) {
+    error = "cannot write " + std::string(path) + ": " + ec.message();
+    return failure();
+  }
+  out << manifest.dump(2) << "\n";
+  if (log)
+    *log << "attn-compile: wrote package " << outDir << "\n";
+  return success();
+}
+
+static LogicalResult checkCpuDtype(const Spec &spec, std::string &error) {
+  if (spec.dtype == "f32")
+    return success();
+  error = "dtype: the cpu target computes in f32 only, got " + spec.dtype +
+          " (use --target sm_90a or sm_80 for bf16/f16)";
+  return failure();
+}
+
+LogicalResult mlir::attn::compileCpuPackage(ModuleOp module, const Spec &spec,
+                                            const CpuPipelineOptions &opts,
+                                            const std::string &outDir,
+                                            std::string &error,
+                                            llvm::raw_ostream *log) {
+  if (failed(checkCpuDtype(spec, error)))
+    return failure();
+  // The manifest's argument layout comes from the function before lowering.
+  auto func = *module.getOps<func::FuncOp>().begin();
+  FunctionType type = func.getFunctionType();
+  nlohmann::json args = manifestArgs(type);
+  nlohmann::json components = manifestComponents(spec);
+
+  if (log)
+    *log << "attn-compile: lowering " << spec.name << " ("
+         << components.size() << " components, tiles " << opts.qTile << "x"
+         << opts.kvTile << ")\n";
+  if (failed(buildSharedObject(module, spec.name, opts, outDir, error, log)))
+    return failure();
 
   nlohmann::json manifest = {
       {"format", "attn-package"},
@@ -205,14 +239,184 @@ LogicalResult mlir::attn::compileCpuPackage(ModuleOp module, const Spec &spec,
       {"tile", {{"q_tile", opts.qTile}, {"kv_tile", opts.kvTile}}},
       {"scale", spec.effectiveScale()},
       {"spec", nlohmann::json::parse(spec.json)}};
-  std::error_code ec;
-  llvm::raw_fd_ostream out(manifestPath, ec);
-  if (ec) {
-    error = "cannot write " + std::string(manifestPath) + ": " + ec.message();
+  return writeManifest(manifest, outDir, error, log);
+}
+
+//===----------------------------------------------------------------------===//
+// Ring packages
+//===----------------------------------------------------------------------===//
+
+nlohmann::json mlir::attn::manifestRingPlan(const RingPlan &plan) {
+  auto rowSets = [](const std::vector<RowSet> &sets) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const RowSet &set : sets) {
+      nlohmann::json runs = nlohmann::json::array();
+      for (const RowRun &r : set.runs)
+        runs.push_back({r.start, r.len, r.count, r.pitch});
+      out.push_back(runs);
+    }
+    return out;
+  };
+  nlohmann::json ranks = nlohmann::json::array();
+  for (const RankPlan &rp : plan.rankPlans) {
+    nlohmann::json pieces = nlohmann::json::array(),
+                   steps = nlohmann::json::array();
+    for (const RingPiece &p : rp.pieces)
+      pieces.push_back({p.offset, p.rows, p.origin});
+    for (const RingStep &s : rp.steps) {
+      nlohmann::json updates = nlohmann::json::array();
+      for (const RingUpdate &u : s.updates)
+        updates.push_back({u.kernel, u.qPiece, u.kPiece, u.qOrigin, u.kOrigin});
+      steps.push_back({{"step", s.step},
+                       {"send_to", s.sendTo},
+                       {"recv_from", s.recvFrom},
+                       {"send_rows", rowSets(s.sendRows)},
+                       {"recv_rows", rowSets(s.recvRows)},
+                       {"updates", updates}});
+    }
+    ranks.push_back(
+        {{"pieces", pieces}, {"rows_sent", rp.rowsSent}, {"steps", steps}});
+  }
+  return {{"ranks", plan.ranks},   {"layout", plan.layout},
+          {"kv", plan.kv},         {"seq_len", plan.seqLen},
+          {"chunk", plan.chunk},   {"kv_heads", plan.kvHeads},
+          {"schedule", ranks}};
+}
+
+std::optional<RingPlan> mlir::attn::planRingForSpec(const Spec &spec,
+                                                    std::string &error) {
+  if (!spec.qLen || !spec.kvLen || *spec.qLen != *spec.kvLen) {
+    error = "distribution: ring attention needs a fixed seq_len (equal query "
+            "and key lengths)";
+    return std::nullopt;
+  }
+  std::vector<ComponentAttr> components;
+  for (ComponentAttr c : decompose(spec.pattern))
+    components.push_back(c);
+  std::optional<RingPlan> plan =
+      planRing(components, spec.heads, spec.kvHeads, *spec.qLen,
+               spec.distribution.ranks, spec.distribution.layout,
+               spec.distribution.kv, error);
+  if (!plan)
+    error = "distribution: " + error;
+  return plan;
+}
+
+LogicalResult mlir::attn::compileCpuRingPackage(const Spec &spec,
+                                                const CpuPipelineOptions &opts,
+                                                const std::string &outDir,
+                                                std::string &error,
+                                                llvm::raw_ostream *log) {
+  if (failed(checkCpuDtype(spec, error)))
+    return failure();
+  std::optional<RingPlan> plan = planRingForSpec(spec, error);
+  if (!plan)
+    return failure();
+
+  // Kernels: ring_init, ring_component_<n> (with origins), ring_finalize, on
+  // strided views with dynamic rows so that any piece of a chunk fits.
+  MLIRContext *ctx = spec.pattern.getContext();
+  OpBuilder b(ctx);
+  Location loc = b.getUnknownLoc();
+  OwningOpRef<ModuleOp> module = ModuleOp::create(loc);
+  b.setInsertionPointToEnd(module->getBody());
+  const int64_t dyn = ShapedType::kDynamic;
+  auto f32 = b.getF32Type();
+  auto view = [&](ArrayRef<int64_t> shape) {
+    SmallVector<int64_t> strides(shape.size(), dyn);
+    strides.back() = 1;
+    return MemRefType::get(
+        shape, f32, StridedLayoutAttr::get(ctx, dyn, strides));
+  };
+  Type qT = view({spec.batch, spec.heads, dyn, spec.headDim});
+  Type kT = view({spec.batch, spec.kvHeads, dyn, spec.headDim});
+  Type rowT = view({spec.batch, spec.heads, dyn});
+  Type lenT = MemRefType::get({spec.batch}, b.getI32Type());
+  auto makeFunc = [&](StringRef name, ArrayRef<Type> inputs) {
+    auto f = func::FuncOp::create(b, loc, name, b.getFunctionType(inputs, {}));
+    f->setAttr(LLVM::LLVMDialect::getEmitCWrapperAttrName(), b.getUnitAttr());
+    Block *entry = f.addEntryBlock();
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(entry);
+    func::ReturnOp::create(b, loc);
+    return f;
+  };
+  {
+    auto f = makeFunc("ring_init", {qT, rowT, rowT});
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPoint(f.getBody().front().getTerminator());
+    ValueRange a = f.getArguments();
+    InitStateOp::create(b, loc, TypeRange{}, a[0], a[1], a[2]);
+  }
+  bool usesLengths = cast<PatternAttrInterface>(spec.pattern).usesLengths();
+  nlohmann::json kernels = nlohmann::json::array();
+  for (auto [n, comp] : llvm::enumerate(plan->kernels)) {
+    SmallVector<Type> inputs{qT, kT, kT};
+    if (usesLengths)
+      inputs.push_back(lenT);
+    inputs.append({qT, rowT, rowT, b.getIndexType(), b.getIndexType()});
+    std::string name = "ring_component_" + std::to_string(n);
+    auto f = makeFunc(name, inputs);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPoint(f.getBody().front().getTerminator());
+    ValueRange a = f.getArguments();
+    size_t s = usesLengths ? 4 : 3;
+    bool readsLengths = comp.getUseLengths() || comp.hasFilters();
+    ComponentOp::create(b, loc, TypeRange{}, a[0], a[1], a[2],
+                        readsLengths && usesLengths ? a[3] : Value(), a[s],
+                        a[s + 1], a[s + 2], ValueRange{a[s + 3], a[s + 4]},
+                        comp, b.getF64FloatAttr(spec.effectiveScale()));
+    std::string text;
+    llvm::raw_string_ostream os(text);
+    os << Attribute(comp);
+    kernels.push_back({{"name", name},
+                       {"symbol", "_mlir_ciface_" + name},
+                       {"component", text}});
+  }
+  {
+    SmallVector<Type> inputs{qT, rowT, rowT, qT};
+    if (spec.lse)
+      inputs.push_back(rowT);
+    auto f = makeFunc("ring_finalize", inputs);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPoint(f.getBody().front().getTerminator());
+    ValueRange a = f.getArguments();
+    FinalizeOp::create(b, loc, TypeRange{}, a[0], a[1], a[2], a[3],
+                       spec.lse ? a[4] : Value());
+  }
+  if (failed(verify(*module))) {
+    error = "the ring kernels are invalid IR (see the diagnostics above)";
     return failure();
   }
-  out << manifest.dump(2) << "\n";
   if (log)
-    *log << "attn-compile: wrote package " << outDir << "\n";
-  return success();
+    *log << "attn-compile: lowering " << spec.name << " for "
+         << plan->ranks << " ranks (" << plan->layout << ", "
+         << plan->kernels.size() << " kernels)\n";
+  if (failed(buildSharedObject(*module, spec.name, opts, outDir, error, log)))
+    return failure();
+
+  // Per-rank arguments: the chunk of every row dimension; lengths global.
+  OwningOpRef<ModuleOp> whole = buildAttentionModule(spec, ctx);
+  FunctionType type = (*whole->getOps<func::FuncOp>().begin()).getFunctionType();
+  nlohmann::json args = manifestArgs(type);
+  for (nlohmann::json &arg : args)
+    if (arg["name"] != "lengths")
+      arg["shape"][2] = plan->chunk;
+
+  nlohmann::json manifest = {
+      {"format", "attn-package"},
+      {"version", 1},
+      {"target", "cpu"},
+      {"name", spec.name},
+      {"library", "kernels.so"},
+      {"args", args},
+      {"kernels", kernels},
+      {"init", "_mlir_ciface_ring_init"},
+      {"finalize", "_mlir_ciface_ring_finalize"},
+      {"ring", manifestRingPlan(*plan)},
+      {"components", manifestComponents(spec)},
+      {"tile", {{"q_tile", opts.qTile}, {"kv_tile", opts.kvTile}}},
+      {"scale", spec.effectiveScale()},
+      {"spec", nlohmann::json::parse(spec.json)}};
+  return writeManifest(manifest, outDir, error, log);
 }

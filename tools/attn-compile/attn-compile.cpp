@@ -1,6 +1,7 @@
 //===- attn-compile.cpp - compile attention specs -------------------------===//
 //
 //   attn-compile SPEC.json --emit mlir|decomposed|tiled|fused|llvm|llvm-ir
+//   attn-compile SPEC.json --emit ring          (distributed specs)
 //   attn-compile SPEC.json --target sm_90a --emit kernels|ptx
 //   attn-compile SPEC.json -o PKG/ [--target cpu|sm_90a|sm_80]
 //                [--q-tile N] [--kv-tile N]
@@ -24,6 +25,7 @@
 #include "mlir/InitAllExtensions.h"
 #include "mlir/Target/LLVMIR/Dialect/All.h"
 #include "mlir/IR/Verifier.h"
+#include "mlir/Pass/PassManager.h"
 #include "mlir/Support/FileUtilities.h"
 
 #include "llvm/Support/CommandLine.h"
@@ -43,7 +45,8 @@ static cl::opt<std::string>
 static cl::opt<std::string> emit(
     "emit",
     cl::desc("Print the IR after a stage instead of building a package: "
-             "mlir, decomposed, tiled, fused, llvm, llvm-ir (cpu); "
+             "mlir, decomposed, ring (distributed specs), tiled, fused, llvm, "
+             "llvm-ir (cpu); "
              "mlir, decomposed, kernels, ptx (sm_90a, sm_80)"),
     cl::init(""));
 static cl::opt<std::string>
@@ -96,6 +99,25 @@ int main(int argc, char **argv) {
   OwningOpRef<ModuleOp> module = buildAttentionModule(*spec, &ctx);
   if (failed(verify(*module)))
     return fail("the spec produced invalid IR (see the diagnostics above)");
+
+  const bool distributed = spec->distribution.ranks > 1;
+  if (emit == "ring") {
+    if (!distributed)
+      return fail("--emit ring needs a spec with distribution.ranks > 1");
+    PassManager pm(&ctx);
+    pm.addPass(createAttnDecompose());
+    pm.addPass(createAttnBufferize());
+    pm.addPass(createAttnInsertRingComm());
+    if (failed(pm.run(*module)))
+      return fail("attn-insert-ring-comm failed (see the diagnostics above)");
+    auto output = openOutputFile(
+        outPath.empty() ? std::string("-") : outPath.getValue(), &error);
+    if (!output)
+      return fail(error);
+    module->print(output->os());
+    output->keep();
+    return 0;
+  }
 
   if (!emit.empty() && target != "cpu") {
     if (emit != "mlir" && emit != "decomposed" && emit != "kernels" &&
@@ -151,6 +173,15 @@ int main(int argc, char **argv) {
 
   if (outPath.empty())
     return fail("give a package directory with -o, or a stage with --emit");
+  if (distributed) {
+    if (target != "cpu")
+      return fail("distribution: ring packages are built for the cpu target "
+                  "so far; GPU ring packages are not supported yet");
+    if (failed(compileCpuRingPackage(*spec, opts, outPath, error,
+                                     quiet ? nullptr : &llvm::errs())))
+      return fail(error);
+    return 0;
+  }
   if (target != "cpu") {
     if (failed(compileGpuPackage(*module, *spec, target, outPath, error,
                                  quiet ? nullptr : &llvm::errs())))

@@ -10,7 +10,10 @@
 #define ATTN_TARGET_CPUTARGET_H
 
 #include "attn/Dialect/Attn/Transforms/Passes.h"
+#include "attn/Pattern/RingPlan.h"
 #include "attn/Spec/Spec.h"
+
+#include <nlohmann/json.hpp>
 
 #include <string>
 
@@ -33,6 +36,20 @@ LogicalResult compileCpuPackage(ModuleOp module, const Spec &spec,
                                 llvm::raw_ostream *log);
 
 /// Translates an LLVM-dialect module to textual LLVM IR.
+/// A package for `spec.distribution.ranks` ranks: the ring kernels
+/// (init, one per planned component with origins, finalize) and the ring
+/// schedule in manifest.json (docs/Ring.md).
+LogicalResult compileCpuRingPackage(const Spec &spec,
+                                    const CpuPipelineOptions &opts,
+                                    const std::string &outDir,
+                                    std::string &error, llvm::raw_ostream *log);
+
+/// The ring plan of a distributed spec (errors start with "distribution:").
+std::optional<RingPlan> planRingForSpec(const Spec &spec, std::string &error);
+
+/// The manifest's "ring" section.
+nlohmann::json manifestRingPlan(const RingPlan &plan);
+
 LogicalResult printLLVMIR(ModuleOp module, llvm::raw_ostream &os);
 
 } // namespace mlir::attn

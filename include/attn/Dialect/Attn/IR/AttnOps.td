@@ -169,4 +169,27 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update", [AttrSizedOperandSegments]> {
   }];
 }
 
+def Attn_RingExchangeOp : Attn_Op<"ring_exchange"> {
+  let summary = "one ring step's transfer of key/value rows between ranks";
+  let description = [{
+    At ring step `step`, sends the rows `send_rows` of this rank's `key` and
+    `value` chunks to rank `send_to` and receives rank `recv_from`'s rows
+    `recv_rows` into `key_buffer` and `value_buffer` at the same local row
+    indices (other rows are left as they are and never attended). `-1`
+    means nothing to send or receive. The row sets hold one
+    `array<i64: start, len, count, pitch, ...>` per kv head, or a single one
+    for every kv head: `count` runs of `len` rows, `pitch` rows apart.
+    Emitted by attn-insert-ring-comm; the runtime performs it with NCCL
+    (GPU) or its in-process transport (CPU).
+  }];
+  let arguments = (ins AnyMemRef:$key, AnyMemRef:$value,
+                       AnyMemRef:$key_buffer, AnyMemRef:$value_buffer,
+                       I64Attr:$step, I64Attr:$send_to, I64Attr:$recv_from,
+                       ArrayAttr:$send_rows, ArrayAttr:$recv_rows);
+  let assemblyFormat = [{
+    $key `,` $value `into` $key_buffer `,` $value_buffer attr-dict `:`
+    type($key) `,` type($value) `,` type($key_buffer) `,` type($value_buffer)
+  }];
+}
+
 #endif // ATTN_OPS

@@ -90,6 +90,32 @@ def AttnFuseOnlineSoftmax : Pass<"attn-fuse-online-softmax"> {
                            "::mlir::memref::MemRefDialect"];
 }
 
+def AttnInsertRingComm : Pass<"attn-insert-ring-comm", "::mlir::ModuleOp"> {
+  let summary = "Split bufferized attention across ranks with pattern-aware ring steps";
+  let description = [{
+    For a module with `attn.distribution = {ranks = N, layout = ..., kv = ...}`
+    replaces the bufferized attention function `@f` (static, equal query and
+    key lengths L) by one function `@f_rank<r>` per rank over its chunk of
+    L / N rows. The schedule is decided here, from the components alone:
+    at step s rank r sends to rank r + s and receives from r - s (mod N)
+    only the key/value rows that some query of the receiver attends
+    (`attn.ring_exchange`), and runs only the (query piece, key piece,
+    component) updates that have a pair, as `attn.component` with
+    `origins` (global positions). Steps with nothing to do are dropped.
+    Layouts: `contiguous` (rank r holds [rC, (r+1)C)), `zigzag` (chunks r
+    and 2N-1-r of size C/2: causal work balanced), `striped` (positions
+    r + N a; plain band components only). The online-softmax state stays in
+    f32 across steps. See docs/Ring.md.
+  }];
+  let dependentDialects = ["::mlir::memref::MemRefDialect",
+                           "::mlir::arith::ArithDialect",
+                           "::mlir::func::FuncDialect"];
+  let statistics = [
+    Statistic<"numExchanges", "exchanges", "Number of ring exchanges emitted">,
+    Statistic<"numUpdates", "updates", "Number of component updates emitted">
+  ];
+}
+
 def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
   let summary = "Turn decomposed attention into tensor-core GPU kernels";
   let description = [{

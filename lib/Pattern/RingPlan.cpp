@@ -1,0 +1,321 @@
+//===- RingPlan.cpp - compile-time schedules for ring attention -----------===//
+//
+// For contiguous and zigzag layouts every rank holds one or two contiguous
+// pieces of the sequence, and a component restricted to a query piece
+// [qs, qe) and a key piece [ks, ke) is still a set of groups (segment s,
+// residue c) with positions base + period * t. In a group, the rows of the
+// piece are t in [tq0, tq1), the keys t in [tk0, tk1), and a key t_k is
+// attended by some row iff some t_q in [tq0, tq1) has lo <= t_q - t_k <= hi:
+//
+//     t_k in [max(tk0, tq0 - hi), min(tk1, tq1 - lo))
+//
+// so the rows to send are runs of stride `period`, found without looking at
+// a single pair. The striped layout (rank r holds positions r + N * a) maps a
+// band lo <= i - j <= hi of a period-1 component onto local indices as the
+// band ceil((lo - rq + rk) / N) <= a - b <= floor((hi - rq + rk) / N): one
+// dense local component per (query rank, key rank) difference.
+//
+//===----------------------------------------------------------------------===//
+
+#include "attn/Pattern/RingPlan.h"
+#include "attn/Pattern/Pattern.h"
+
+#include <algorithm>
+#include <map>
+
+using namespace mlir;
+using namespace mlir::attn;
+
+namespace {
+constexpr int64_t kNegInf = ComponentAttr::kNegInf;
+constexpr int64_t kPosInf = ComponentAttr::kPosInf;
+
+int64_t ceilDiv(int64_t a, int64_t b) { return -floorDiv(-a, b); }
+
+/// The key rows of one source rank that the queries of one destination rank
+/// attend, as a bitmap over the source's local rows.
+using RowBitmap = std::vector<uint8_t>;
+
+RowSet toRowSet(const RowBitmap &bits) {
+  RowSet set;
+  const int64_t n = static_cast<int64_t>(bits.size());
+  for (int64_t i = 0; i < n;) {
+    if (!bits[i]) {
+      ++i;
+      continue;
+    }
+    int64_t e = i;
+    while (e < n && bits[e])
+      ++e;
+    RowRun run{i, e - i, 1, 0};
+    // Equal runs at a constant pitch become one strided run.
+    if (!set.runs.empty()) {
+      RowRun &last = set.runs.back();
+      int64_t lastStart = last.start + (last.count - 1) * last.pitch;
+      if (last.len == run.len &&
+          (last.count == 1 || run.start - lastStart == last.pitch)) {
+        if (last.count == 1)
+          last.pitch = run.start - last.start;
+        ++last.count;
+        i = e;
+        continue;
+      }
+    }
+    set.runs.push_back(run);
+    i = e;
+  }
+  return set;
+}
+
+/// A slice of positions [begin, end) held at local rows offset + (p - begin).
+struct Span {
+  int64_t begin, end, offset;
+};
+
+/// Marks in `bits` the keys of `keys` that some row of `rows` attends in
+/// `comp` for head `head`; returns whether any pair exists.
+bool markAttendedKeys(ComponentAttr comp, int64_t head, Span rows, Span keys,
+                      RowBitmap *bits) {
+  const int64_t p = comp.getPeriod(), w = comp.getSegment();
+  const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
+  int64_t cLo = 0, cHi = p;
+  if (comp.getResidue() == ComponentAttr::kHeadResidue) {
+    cLo = head % p;
+    cHi = cLo + 1;
+  } else if (comp.getResidue() >= 0) {
+    cLo = comp.getResidue();
+    cHi = cLo + 1;
+  }
+  // Segments that meet both the rows and the keys.
+  int64_t sLo = 0, sHi = 1;
+  if (w > 0) {
+    sLo = std::max(floorDiv(rows.begin, w), floorDiv(keys.begin, w));
+    sHi = std::min(floorDiv(rows.end - 1, w), floorDiv(keys.end - 1, w)) + 1;
+  }
+  bool any = false;
+  for (int64_t s = sLo; s < sHi; ++s) {
+    int64_t segLo = w > 0 ? s * w : rows.begin < keys.begin ? rows.begin
+                                                             : keys.begin;
+    int64_t segHi = w > 0 ? segLo + w : std::max(rows.end, keys.end);
+    int64_t rb = std::max(rows.begin, segLo), re = std::min(rows.end, segHi);
+    int64_t kb = std::max(keys.begin, segLo), ke = std::min(keys.end, segHi);
+    if (rb >= re || kb >= ke)
+      continue;
+    for (int64_t c = cLo; c < cHi; ++c) {
+      int64_t base = (w > 0 ? segLo : 0) + c;
+      int64_t tq0 = ceilDiv(rb - base, p), tq1 = ceilDiv(re - base, p);
+      int64_t tk0 = ceilDiv(kb - base, p), tk1 = ceilDiv(ke - base, p);
+      if (tq0 >= tq1 || tk0 >= tk1)
+        continue;
+      int64_t first = hi == kPosInf ? tk0 : std::max(tk0, tq0 - hi);
+      int64_t last = lo == kNegInf ? tk1 : std::min(tk1, tq1 - lo);
+      if (first >= last)
+        continue;
+      any = true;
+      if (!bits)
+        return true;
+      for (int64_t t = first; t < last; ++t)
+        (*bits)[base + p * t - keys.begin + keys.offset] = 1;
+    }
+  }
+  return any;
+}
+
+std::vector<RingPiece> piecesOf(const std::string &layout, int64_t ranks,
+                                int64_t chunk, int64_t rank) {
+  if (layout == "zigzag") {
+    int64_t half = chunk / 2;
+    return {{0, half, rank * half}, {half, half, (2 * ranks - 1 - rank) * half}};
+  }
+  if (layout == "striped")
+    return {{0, chunk, 0}};
+  return {{0, chunk, rank * chunk}};
+}
+
+/// The local form of period-1 `comp` between striped query rank `rq` and key
+/// rank `rk`, or null when it attends nothing there.
+ComponentAttr stripedLocal(ComponentAttr comp, int64_t ranks, int64_t rq,
+                           int64_t rk) {
+  int64_t shift = rk - rq, lo = comp.getBandLo(), hi = comp.getBandHi();
+  int64_t nlo = lo == kNegInf ? kNegInf : ceilDiv(lo + shift, ranks);
+  int64_t nhi = hi == kPosInf ? kPosInf : floorDiv(hi + shift, ranks);
+  if (nlo != kNegInf && nhi != kPosInf && nlo > nhi)
+    return {};
+  return ComponentAttr::get(comp.getContext(), 1, ComponentAttr::kAllResidues,
+                            0, nlo, nhi, false, comp.getInclude(),
+                            comp.getExclude());
+}
+} // namespace
+
+int64_t RowSet::rows() const {
+  int64_t n = 0;
+  for (const RowRun &r : runs)
+    n += r.rows();
+  return n;
+}
+
+bool RowSet::operator==(const RowSet &o) const {
+  if (runs.size() != o.runs.size())
+    return false;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const RowRun &a = runs[i], &b = o.runs[i];
+    if (a.start != b.start || a.len != b.len || a.count != b.count ||
+        (a.count > 1 && a.pitch != b.pitch))
+      return false;
+  }
+  return true;
+}
+
+int64_t mlir::attn::ringGlobalRow(const std::string &layout, int64_t ranks,
+                                  int64_t chunk, int64_t rank, int64_t row) {
+  if (layout == "striped")
+    return rank + ranks * row;
+  for (const RingPiece &piece : piecesOf(layout, ranks, chunk, rank))
+    if (row >= piece.offset && row < piece.offset + piece.rows)
+      return piece.origin + row - piece.offset;
+  return -1;
+}
+
+std::optional<RingPlan>
+mlir::attn::planRing(const std::vector<ComponentAttr> &components,
+                     int64_t heads, int64_t kvHeads, int64_t seqLen,
+                     int64_t ranks, const std::string &layout,
+                     const std::string &kv, std::string &error) {
+  const int64_t parts = layout == "zigzag" ? 2 * ranks : ranks;
+  if (seqLen <= 0 || seqLen % parts != 0) {
+    error = "the sequence length " + std::to_string(seqLen) +
+            " must be a positive multiple of " + std::to_string(parts) +
+            (layout == "zigzag" ? " (2 x ranks chunks for the zigzag layout)"
+                                : " (ranks)");
+    return std::nullopt;
+  }
+  const bool striped = layout == "striped";
+  if (striped) {
+    for (ComponentAttr c : components) {
+      if (c.getPeriod() != 1 || c.getSegment() != 0 || c.getUseLengths() ||
+          c.hasFilters()) {
+        error = "layout 'striped' needs every component to be a plain band "
+                "(full, causal, local and their sums); this pattern has a "
+                "strided, dilated, tokenized or filtered component: use "
+                "'zigzag' or 'contiguous'";
+        return std::nullopt;
+      }
+    }
+  }
+
+  RingPlan plan;
+  plan.ranks = ranks;
+  plan.seqLen = seqLen;
+  plan.chunk = seqLen / ranks;
+  plan.kvHeads = kvHeads;
+  plan.layout = layout;
+  plan.kv = kv;
+  if (!striped)
+    plan.kernels = components;
+  std::map<const void *, int64_t> stripedKernels;
+  auto kernelIndex = [&](ComponentAttr c) {
+    auto [it, inserted] = stripedKernels.try_emplace(
+        c.getAsOpaquePointer(), static_cast<int64_t>(plan.kernels.size()));
+    if (inserted)
+      plan.kernels.push_back(c);
+    return it->second;
+  };
+
+  // Only a residue that follows the head makes kv heads need different rows.
+  bool perHead = llvm::any_of(components, [](ComponentAttr c) {
+    return c.getResidue() == ComponentAttr::kHeadResidue;
+  });
+  const int64_t rowSets = perHead ? kvHeads : 1;
+  const int64_t group = heads / kvHeads;
+
+  // needs[rq][rk][g]: rows of rank rk that rank rq attends; updates likewise.
+  std::vector<std::vector<std::vector<RowSet>>> needs(
+      ranks, std::vector<std::vector<RowSet>>(ranks));
+  std::vector<std::vector<std::vector<RingUpdate>>> updates(
+      ranks, std::vector<std::vector<RingUpdate>>(ranks));
+  for (int64_t rq = 0; rq < ranks; ++rq) {
+    std::vector<RingPiece> qPieces = piecesOf(layout, ranks, plan.chunk, rq);
+    for (int64_t rk = 0; rk < ranks; ++rk) {
+      std::vector<RingPiece> kPieces = piecesOf(layout, ranks, plan.chunk, rk);
+      std::vector<RowBitmap> bits(rowSets, RowBitmap(plan.chunk, 0));
+      if (striped) {
+        for (ComponentAttr c : components) {
+          ComponentAttr local = stripedLocal(c, ranks, rq, rk);
+          if (!local)
+            continue;
+          Span rows{0, plan.chunk, 0}, keys{0, plan.chunk, 0};
+          if (!markAttendedKeys(local, 0, rows, keys, &bits[0]))
+            continue;
+          updates[rq][rk].push_back({kernelIndex(local), 0, 0, 0, 0});
+        }
+      } else {
+        for (size_t ci = 0; ci < components.size(); ++ci) {
+          for (size_t qp = 0; qp < qPieces.size(); ++qp) {
+            for (size_t kp = 0; kp < kPieces.size(); ++kp) {
+              const RingPiece &a = qPieces[qp], &b = kPieces[kp];
+              Span rows{a.origin, a.origin + a.rows, a.offset};
+              Span keys{b.origin, b.origin + b.rows, b.offset};
+              bool any = false;
+              for (int64_t h = 0; h < heads; ++h) {
+                RowBitmap *set = &bits[perHead ? h / group : 0];
+                any |= markAttendedKeys(components[ci], h, rows, keys, set);
+                if (!perHead)
+                  break;
+              }
+              if (any)
+                updates[rq][rk].push_back({static_cast<int64_t>(ci),
+                                           static_cast<int64_t>(qp),
+                                           static_cast<int64_t>(kp), a.origin,
+                                           b.origin});
+            }
+          }
+        }
+      }
+      for (const RowBitmap &b : bits)
+        needs[rq][rk].push_back(toRowSet(b));
+      // One entry when every kv head needs the same rows.
+      auto &sets = needs[rq][rk];
+      if (sets.size() > 1 &&
+          std::all_of(sets.begin(), sets.end(),
+                      [&](const RowSet &s) { return s == sets[0]; }))
+        sets.resize(1);
+    }
+  }
+
+  auto rowsOf = [&](const std::vector<RowSet> &sets) {
+    int64_t n = 0;
+    for (const RowSet &s : sets)
+      n += s.rows();
+    return sets.size() == 1 ? n * kvHeads : n;
+  };
+  auto isEmpty = [](const std::vector<RowSet> &sets) {
+    return std::all_of(sets.begin(), sets.end(),
+                       [](const RowSet &s) { return s.empty(); });
+  };
+  for (int64_t r = 0; r < ranks; ++r) {
+    RankPlan rank;
+    rank.pieces = piecesOf(layout, ranks, plan.chunk, r);
+    for (int64_t s = 0; s < ranks; ++s) {
+      int64_t dst = (r + s) % ranks, src = (r - s + ranks) % ranks;
+      RingStep step;
+      step.step = s;
+      if (s > 0) {
+        if (!isEmpty(needs[dst][r])) {
+          step.sendTo = dst;
+          step.sendRows = needs[dst][r];
+          rank.rowsSent += rowsOf(step.sendRows);
+        }
+        if (!isEmpty(needs[r][src])) {
+          step.recvFrom = src;
+          step.recvRows = needs[r][src];
+        }
+      }
+      step.updates = updates[r][src];
+      if (step.sendTo < 0 && step.recvFrom < 0 && step.updates.empty())
+        continue;
+      rank.steps.push_back(std::move(step));
+    }
+    plan.rankPlans.push_back(std::move(rank));
+  }
+  return plan;
+}

@@ -70,6 +70,18 @@ attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
                                    attn_tensor *lse, void *stream);
 
 /* The message of the last failed call on this thread. */
+/* Ring packages (specs with distribution.ranks > 1). attn_package_ranks
+ * returns the number of ranks (1 for other packages).
+ * attn_package_run_ranks runs every rank of a cpu ring package in this
+ * process, one thread per rank, on the whole sequence: q [B,H,L,D],
+ * k/v [B,Hkv,L,D] -> out [B,H,L,D][, lse [B,H,L]]. If bytes_sent is not
+ * NULL it receives, per rank, the bytes that rank sent (K and V). */
+int64_t attn_package_ranks(const attn_package *package);
+attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
+                                   const attn_tensor *k, const attn_tensor *v,
+                                   const attn_tensor *lengths, attn_tensor *out,
+                                   attn_tensor *lse, int64_t *bytes_sent);
+
 const char *attn_last_error(void);
 
 #ifdef __cplusplus

@@ -7,6 +7,7 @@
 #include "attn-c/attn.h"
 #include "attn/Runtime/CudaDriver.h"
 #include "attn/Runtime/Package.h"
+#include "attn/Runtime/Ring.h"
 
 #include <string>
 
@@ -113,6 +114,33 @@ attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
                     "attn_package_run_async: package " + package->impl->name() +
                         " targets cpu; use attn_package_run");
   return runPackage(package, q, k, v, lengths, out, lse, stream, false);
+}
+
+int64_t attn_package_ranks(const attn_package *package) {
+  return package && package->impl->ring() ? package->impl->ring()->ranks : 1;
+}
+
+attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
+                                   const attn_tensor *k, const attn_tensor *v,
+                                   const attn_tensor *lengths, attn_tensor *out,
+                                   attn_tensor *lse, int64_t *bytes_sent) {
+  if (!package)
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_package_run_ranks: null package");
+  Tensor tq, tk, tv, tl, to, tlse;
+  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
+      !toTensor(out, "out", to) || (lengths && !toTensor(lengths, "lengths", tl)) ||
+      (lse && !toTensor(lse, "lse", tlse)))
+    return ATTN_ERROR_ARGUMENT;
+  std::string error;
+  std::vector<attn::runtime::RingStats> stats;
+  if (!attn::runtime::runRanksInProcess(*package->impl, tq, tk, tv,
+                                        lengths ? &tl : nullptr, to,
+                                        lse ? &tlse : nullptr, stats, error))
+    return failWith(ATTN_ERROR_RUNTIME, error);
+  if (bytes_sent)
+    for (size_t r = 0; r < stats.size(); ++r)
+      bytes_sent[r] = stats[r].bytesSent;
+  return ATTN_OK;
 }
 
 const char *attn_last_error(void) { return lastError.c_str(); }

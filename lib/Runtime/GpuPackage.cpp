@@ -23,6 +23,7 @@
 
 #include "attn/Runtime/CudaDriver.h"
 #include "attn/Runtime/Package.h"
+#include "attn/Runtime/Ring.h"
 
 #include <nlohmann/json.hpp>
 

@@ -9,6 +9,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "attn/Runtime/Package.h"
+#include "attn/Runtime/Ring.h"
 
 #include <nlohmann/json.hpp>
 
@@ -55,7 +56,7 @@ std::unique_ptr<Package> Package::load(const std::string &dir,
     pkg->name_ = m.at("name").get<std::string>();
     pkg->specJson_ = m.at("spec").dump();
     const json &kernel = m.at("kernels").at(0);
-    const json &args = pkg->isGpu() ? m.at("args") : kernel.at("args");
+    const json &args = m.contains("args") ? m.at("args") : kernel.at("args");
     for (const json &a : args)
       pkg->args_.push_back({a.at("name").get<std::string>(),
                             a.at("role").get<std::string>(),
@@ -71,6 +72,11 @@ std::unique_ptr<Package> Package::load(const std::string &dir,
     if (!pkg->library_) {
       error = "cannot load " + libPath + ": " + dlerror();
       return nullptr;
+    }
+    if (m.contains("ring")) {
+      if (!pkg->loadRing(&m, error))
+        return nullptr;
+      return pkg;
     }
     std::string symbol = kernel.at("symbol").get<std::string>();
     pkg->entry_ = dlsym(pkg->library_, symbol.c_str());
@@ -181,11 +187,13 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
     return false;
   }
   if (lengths && !isGpu()) {
+    // A ring package's lengths are positions in the whole sequence.
+    const int64_t kLen = ring_ ? ring_->seqLen : k.shape[2];
     const int32_t *len = static_cast<const int32_t *>(lengths->data);
     for (int64_t b = 0; b < lengths->shape[0]; ++b)
-      if (len[b] < 0 || len[b] > k.shape[2]) {
+      if (len[b] < 0 || len[b] > kLen) {
         error = "lengths[" + std::to_string(b) + "] = " + std::to_string(len[b]) +
-                " is outside [0, Lk = " + std::to_string(k.shape[2]) + "]";
+                " is outside [0, Lk = " + std::to_string(kLen) + "]";
         return false;
       }
   }
@@ -196,6 +204,13 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
 bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
                   const Tensor *lengths, Tensor &out, Tensor *lse,
                   std::string &error, void *stream) {
+  if (ring_) {
+    error = "package " + name_ + " is distributed over " +
+            std::to_string(ring_->ranks) +
+            " ranks: run it with attn-run --nranks, attn_package_run_ranks "
+            "or Package.run_ranks";
+    return false;
+  }
   if (!checkArguments(q, k, v, lengths, out, lse, error))
     return false;
   if (isGpu())

@@ -69,6 +69,10 @@ def _runtime():
         lib.attn_package_run.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
         lib.attn_package_run_async.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
                                                + [ctypes.c_void_p])
+        lib.attn_package_ranks.argtypes = [ctypes.c_void_p]
+        lib.attn_package_ranks.restype = ctypes.c_int64
+        lib.attn_package_run_ranks.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
+                                               + [ctypes.POINTER(ctypes.c_int64)])
         lib.attn_last_error.restype = ctypes.c_char_p
         _lib = lib
     return _lib
@@ -100,6 +104,8 @@ class Package:
         self.target = lib.attn_package_target(handle).decode()
         self.uses_lengths = bool(lib.attn_package_uses_lengths(handle))
         self.has_lse = bool(lib.attn_package_has_lse(handle))
+        self.ranks = int(lib.attn_package_ranks(handle))
+        self.bytes_sent = None
 
     def __del__(self):
         if getattr(self, "_handle", None) and _lib is not None:
@@ -141,6 +147,39 @@ class Package:
                                   ctypes.byref(tlse) if tlse is not None else None)
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
+        return (out, lse) if return_lse else out
+
+    def run_ranks(self, q, k, v, lengths=None, return_lse=False):
+        """Runs every rank of a ring package in this process (threads for
+        ranks, the in-process transport) on the whole sequence: float32 q
+        [B,H,L,D], k, v [B,Hkv,L,D]. Rows are split across ranks by the
+        package's layout and the outputs gathered back. Afterwards
+        `bytes_sent` lists the bytes each rank sent (K and V)."""
+        if self.ranks < 2 and "ring" not in self.manifest:
+            raise AttnError(f"package {self.manifest['name']} is not distributed: call it directly")
+        if return_lse and not self.has_lse:
+            raise AttnError("this package was compiled with \"lse\": false")
+        keep = []
+        tq = _tensor("q", q, np.float32, _F32, keep)
+        tk = _tensor("k", k, np.float32, _F32, keep)
+        tv = _tensor("v", v, np.float32, _F32, keep)
+        tl = None
+        if lengths is not None:
+            tl = _tensor("lengths", np.asarray(lengths).astype(np.int32), np.int32, _I32, keep)
+        out = np.full(q.shape, np.nan, dtype=np.float32)
+        lse = np.full(q.shape[:-1], np.nan, dtype=np.float32)
+        tout = _tensor("out", out, np.float32, _F32, keep)
+        tlse = _tensor("lse", lse, np.float32, _F32, keep) if return_lse else None
+        sent = (ctypes.c_int64 * self.ranks)()
+        lib = _runtime()
+        rc = lib.attn_package_run_ranks(self._handle, ctypes.byref(tq), ctypes.byref(tk),
+                                        ctypes.byref(tv),
+                                        ctypes.byref(tl) if tl is not None else None,
+                                        ctypes.byref(tout),
+                                        ctypes.byref(tlse) if tlse is not None else None, sent)
+        if rc != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        self.bytes_sent = list(sent)
         return (out, lse) if return_lse else out
 
     def _call_torch(self, q, k, v, lengths, return_lse, out):

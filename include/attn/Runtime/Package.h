@@ -24,7 +24,10 @@ struct Tensor {
   std::string dtype; ///< "f32", "bf16", "f16" or "i32"
 };
 
-struct GpuModule; // GpuPackage.cpp
+struct GpuModule;   // GpuPackage.cpp
+struct RingProgram; // Ring.h
+struct RingStats;
+class Transport;
 
 /// One argument of the entry point, from the manifest.
 struct ArgSpec {
@@ -46,6 +49,8 @@ public:
   bool usesLengths() const;
   bool hasLse() const;
   bool isGpu() const { return target_ != "cpu"; }
+  /// The ring schedule of a distributed package, else null.
+  const RingProgram *ring() const { return ring_.get(); }
 
   /// Runs on q, k, v[, lengths] -> out[, lse]. `lengths` and `lse` may be
   /// null. Returns false and sets `error` on bad arguments or a failed
@@ -57,8 +62,17 @@ public:
            const Tensor *lengths, Tensor &out, Tensor *lse, std::string &error,
            void *stream = nullptr);
 
+  /// Runs this rank's part of a ring package (Ring.h) on its local chunk:
+  /// q [B,H,C,D], k/v [B,Hkv,C,D] -> out [B,H,C,D][, lse [B,H,C]], with
+  /// global lengths [B]. Rows travel over `transport`; `stats` (may be null)
+  /// receives the bytes sent and the time per step.
+  bool runRank(Transport &transport, const Tensor &q, const Tensor &k,
+               const Tensor &v, const Tensor *lengths, Tensor &out,
+               Tensor *lse, RingStats *stats, std::string &error);
+
 private:
   Package();
+  bool loadRing(const void *manifest, std::string &error);
   /// The tensors in the manifest's argument order.
   bool inManifestOrder(const Tensor &q, const Tensor &k, const Tensor &v,
                        const Tensor *lengths, const Tensor &out,
@@ -81,6 +95,9 @@ private:
   void *library_ = nullptr;
   void *entry_ = nullptr;
   std::unique_ptr<GpuModule> gpu_;
+  std::unique_ptr<RingProgram> ring_;
+  void *ringInit_ = nullptr, *ringFinalize_ = nullptr;
+  std::vector<void *> ringKernels_;
 };
 
 } // namespace attn::runtime

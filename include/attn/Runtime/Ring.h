@@ -1,0 +1,117 @@
+//===- Ring.h - run ring-attention packages across ranks --------*- C++ -*-===//
+//
+// A ring package (attn-compile on a spec with `distribution.ranks > 1`)
+// carries its schedule in manifest.json: for every rank its pieces of the
+// sequence and its steps, each an optional exchange of key/value rows with
+// two peers and a list of component updates. The runtime executes the
+// schedule of one rank over a Transport that moves the rows: the in-process
+// transport here (threads standing for ranks; what CI runs) or NCCL.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef ATTN_RUNTIME_RING_H
+#define ATTN_RUNTIME_RING_H
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace attn::runtime {
+
+class Package;
+struct Tensor;
+
+/// `count` runs of `len` rows, `pitch` rows apart, from `start`.
+struct RowRun {
+  int64_t start = 0, len = 0, count = 1, pitch = 0;
+};
+using RowSet = std::vector<RowRun>;
+
+struct RingUpdate {
+  int64_t kernel = 0, qPiece = 0, kPiece = 0, qOrigin = 0, kOrigin = 0;
+};
+
+struct RingStep {
+  int64_t step = 0;
+  int sendTo = -1, recvFrom = -1;
+  /// Rows per kv head, or one set for every kv head.
+  std::vector<RowSet> sendRows, recvRows;
+  std::vector<RingUpdate> updates;
+};
+
+struct RingPiece {
+  int64_t offset = 0, rows = 0, origin = 0;
+};
+
+struct RankSchedule {
+  std::vector<RingPiece> pieces;
+  std::vector<RingStep> steps;
+  int64_t rowsSent = 0;
+};
+
+/// The manifest's "ring" section.
+struct RingProgram {
+  int64_t ranks = 1, seqLen = 0, chunk = 0, kvHeads = 1;
+  std::string layout, kv;
+  std::vector<RankSchedule> schedule;
+
+  /// Global position of local row `row` of `rank`.
+  int64_t globalRow(int64_t rank, int64_t row) const;
+};
+
+/// What one rank did: bytes it sent (K and V) and time per step.
+struct RingStats {
+  int rank = 0;
+  int64_t bytesSent = 0, expectedBytes = 0;
+  struct Step {
+    int64_t step = 0, bytesSent = 0, updates = 0;
+    double seconds = 0;
+  };
+  std::vector<Step> steps;
+  double seconds = 0;
+};
+
+/// Moves the rows of one ring step between this rank and two peers.
+class Transport {
+public:
+  virtual ~Transport() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  /// Sends `sendBytes` at `send` to rank `to` (none when to < 0) and
+  /// receives `recvBytes` into `recv` from rank `from` (none when from < 0),
+  /// as ring step `step`. Returns false and sets `error` on failure
+  /// (a timeout or a failed peer), never hangs.
+  virtual bool exchange(int64_t step, int to, const void *send,
+                        size_t sendBytes, int from, void *recv,
+                        size_t recvBytes, std::string &error) = 0;
+  /// Tells the peers that this rank failed, so that none waits for it.
+  virtual void abort(const std::string &why) {}
+};
+
+/// Threads standing for ranks: messages go through shared mailboxes.
+class InProcessHub {
+public:
+  /// `timeoutSeconds` bounds every wait for a peer.
+  explicit InProcessHub(int ranks, double timeoutSeconds = 60);
+  ~InProcessHub();
+  std::unique_ptr<Transport> transport(int rank);
+
+  struct State; ///< mailboxes shared by the ranks' transports (Ring.cpp)
+
+private:
+  std::shared_ptr<State> state_;
+};
+
+/// Runs `pkg` (a ring package) on global tensors q [B,H,L,D], k/v
+/// [B,Hkv,L,D] with one thread per rank over an InProcessHub: splits the
+/// rows by the package's layout, runs every rank's schedule and gathers out
+/// [B,H,L,D] and lse [B,H,L] (may be null). Fills one RingStats per rank.
+bool runRanksInProcess(Package &pkg, const Tensor &q, const Tensor &k,
+                       const Tensor &v, const Tensor *lengths, Tensor &out,
+                       Tensor *lse, std::vector<RingStats> &stats,
+                       std::string &error);
+
+} // namespace attn::runtime
+
+#endif // ATTN_RUNTIME_RING_H

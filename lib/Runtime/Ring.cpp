@@ -1,0 +1,509 @@
+//===- Ring.cpp - run ring-attention packages across ranks ----------------===//
+//
+// One rank's program, for the CPU target: init the f32 state of its chunk;
+// for every step, pack the rows the receiver attends (K then V, per batch
+// and kv head, in the order of the row runs), exchange them over the
+// Transport, unpack what arrives into a zero-filled receive buffer at the
+// same local rows (two buffers alternate), and call each update's kernel on
+// views of the query/key pieces with their global origins; then finalize.
+// Rows that did not travel are never attended, and zero-filled buffers keep
+// them finite so masked products stay 0.
+//
+//===----------------------------------------------------------------------===//
+
+#include "attn/Runtime/Ring.h"
+#include "attn/Runtime/Package.h"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <dlfcn.h>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <tuple>
+
+using namespace attn::runtime;
+using json = nlohmann::json;
+
+namespace {
+double now() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+RowSet parseRowSet(const json &runs) {
+  RowSet set;
+  for (const json &r : runs)
+    set.push_back({r.at(0).get<int64_t>(), r.at(1).get<int64_t>(),
+                   r.at(2).get<int64_t>(), r.at(3).get<int64_t>()});
+  return set;
+}
+
+int64_t rowsIn(const RowSet &set) {
+  int64_t n = 0;
+  for (const RowRun &r : set)
+    n += r.len * r.count;
+  return n;
+}
+
+/// Calls `fn(localRow)` for every row of `set`, in order.
+template <typename Fn> void forEachRow(const RowSet &set, Fn fn) {
+  for (const RowRun &r : set)
+    for (int64_t c = 0; c < r.count; ++c)
+      for (int64_t i = 0; i < r.len; ++i)
+        fn(r.start + c * r.pitch + i);
+}
+
+/// Copies the rows of `sets` (per kv head, or one for all) of `tensor`
+/// [B, Hkv, C, D] to or from the packed buffer `packed`; returns floats
+/// moved.
+int64_t copyRows(const std::vector<RowSet> &sets, float *tensor, int64_t B,
+                 int64_t Hkv, int64_t C, int64_t D, float *packed,
+                 bool toPacked) {
+  int64_t n = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const RowSet &set = sets.size() == 1 ? sets[0] : sets[g];
+      float *base = tensor + (b * Hkv + g) * C * D;
+      forEachRow(set, [&](int64_t row) {
+        if (toPacked)
+          std::memcpy(packed + n, base + row * D, D * sizeof(float));
+        else
+          std::memcpy(base + row * D, packed + n, D * sizeof(float));
+        n += D;
+      });
+    }
+  return n;
+}
+
+int64_t packedFloats(const std::vector<RowSet> &sets, int64_t B, int64_t Hkv,
+                     int64_t D) {
+  int64_t rows = 0;
+  for (const RowSet &s : sets)
+    rows += rowsIn(s);
+  if (sets.size() == 1)
+    rows *= Hkv;
+  return rows * B * D;
+}
+
+/// A memref descriptor {allocated, aligned, offset, sizes[r], strides[r]}
+/// of rows [offset, offset + rows) of a dense [.., C(, D)] tensor.
+struct Descriptor {
+  std::vector<int64_t> words;
+  Descriptor(const void *data, std::vector<int64_t> shape, int64_t rowDim,
+             int64_t rowOffset, int64_t rows) {
+    size_t rank = shape.size();
+    words.assign(3 + 2 * rank, 0);
+    words[0] = words[1] = reinterpret_cast<int64_t>(data);
+    int64_t stride = 1;
+    for (size_t i = rank; i-- > 0;) {
+      words[3 + rank + i] = stride;
+      stride *= shape[i];
+    }
+    words[2] = rowOffset * words[3 + rank + rowDim];
+    shape[rowDim] = rows;
+    for (size_t i = 0; i < rank; ++i)
+      words[3 + i] = shape[i];
+  }
+  void *get() { return words.data(); }
+};
+} // namespace
+
+int64_t RingProgram::globalRow(int64_t rank, int64_t row) const {
+  if (layout == "striped")
+    return rank + ranks * row;
+  for (const RingPiece &p : schedule.at(rank).pieces)
+    if (row >= p.offset && row < p.offset + p.rows)
+      return p.origin + row - p.offset;
+  return -1;
+}
+
+//===----------------------------------------------------------------------===//
+// In-process transport
+//===----------------------------------------------------------------------===//
+
+struct InProcessHub::State {
+  int ranks;
+  double timeout;
+  std::mutex mutex;
+  std::condition_variable arrived;
+  /// (from, to, step) -> bytes
+  std::map<std::tuple<int, int, int64_t>, std::vector<char>> mailbox;
+  std::string failure; ///< set when a rank aborted
+};
+
+namespace {
+class InProcessTransport final : public Transport {
+public:
+  InProcessTransport(std::shared_ptr<InProcessHub::State> s, int rank)
+      : s_(std::move(s)), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return s_->ranks; }
+
+  bool exchange(int64_t step, int to, const void *send, size_t sendBytes,
+                int from, void *recv, size_t recvBytes,
+                std::string &error) override {
+    std::unique_lock<std::mutex> lock(s_->mutex);
+    if (to >= 0) {
+      const char *p = static_cast<const char *>(send);
+      s_->mailbox[{rank_, to, step}] = std::vector<char>(p, p + sendBytes);
+      s_->arrived.notify_all();
+    }
+    if (from < 0)
+      return true;
+    auto key = std::make_tuple(from, rank_, step);
+    bool ready = s_->arrived.wait_for(
+        lock, std::chrono::duration<double>(s_->timeout), [&] {
+          return s_->mailbox.count(key) || !s_->failure.empty();
+        });
+    if (!s_->failure.empty()) {
+      error = "rank " + std::to_string(rank_) + ": stopped at step " +
+              std::to_string(step) + " because " + s_->failure;
+      return false;
+    }
+    if (!ready) {
+      error = "rank " + std::to_string(rank_) + ": timed out after " +
+              std::to_string(int(s_->timeout)) + " s waiting for rank " +
+              std::to_string(from) + "'s rows of step " +
+              std::to_string(step) + " (did a peer fail or run another package?)";
+      return false;
+    }
+    std::vector<char> bytes = std::move(s_->mailbox[key]);
+    s_->mailbox.erase(key);
+    if (bytes.size() != recvBytes) {
+      error = "rank " + std::to_string(rank_) + ": step " +
+              std::to_string(step) + " expected " + std::to_string(recvBytes) +
+              " bytes from rank " + std::to_string(from) + ", got " +
+              std::to_string(bytes.size()) + " (ranks disagree on the package)";
+      return false;
+    }
+    std::memcpy(recv, bytes.data(), recvBytes);
+    return true;
+  }
+
+  void abort(const std::string &why) override {
+    std::lock_guard<std::mutex> lock(s_->mutex);
+    if (s_->failure.empty())
+      s_->failure = "rank " + std::to_string(rank_) + " failed: " + why;
+    s_->arrived.notify_all();
+  }
+
+private:
+  std::shared_ptr<InProcessHub::State> s_;
+  int rank_;
+};
+} // namespace
+
+InProcessHub::InProcessHub(int ranks, double timeoutSeconds)
+    : state_(std::make_shared<State>()) {
+  state_->ranks = ranks;
+  state_->timeout = timeoutSeconds;
+}
+InProcessHub::~InProcessHub() = default;
+
+std::unique_ptr<Transport> InProcessHub::transport(int rank) {
+  return std::make_unique<InProcessTransport>(state_, rank);
+}
+
+//===----------------------------------------------------------------------===//
+// Package: loading and running one rank
+//===----------------------------------------------------------------------===//
+
+bool Package::loadRing(const void *manifest, std::string &error) {
+  const json &m = *static_cast<const json *>(manifest);
+  const json &r = m.at("ring");
+  auto ring = std::make_unique<RingProgram>();
+  ring->ranks = r.at("ranks").get<int64_t>();
+  ring->seqLen = r.at("seq_len").get<int64_t>();
+  ring->chunk = r.at("chunk").get<int64_t>();
+  ring->kvHeads = r.at("kv_heads").get<int64_t>();
+  ring->layout = r.at("layout").get<std::string>();
+  ring->kv = r.at("kv").get<std::string>();
+  for (const json &rank : r.at("schedule")) {
+    RankSchedule rs;
+    rs.rowsSent = rank.at("rows_sent").get<int64_t>();
+    for (const json &p : rank.at("pieces"))
+      rs.pieces.push_back({p.at(0).get<int64_t>(), p.at(1).get<int64_t>(),
+                           p.at(2).get<int64_t>()});
+    for (const json &s : rank.at("steps")) {
+      RingStep step;
+      step.step = s.at("step").get<int64_t>();
+      step.sendTo = s.at("send_to").get<int>();
+      step.recvFrom = s.at("recv_from").get<int>();
+      for (const json &set : s.at("send_rows"))
+        step.sendRows.push_back(parseRowSet(set));
+      for (const json &set : s.at("recv_rows"))
+        step.recvRows.push_back(parseRowSet(set));
+      for (const json &u : s.at("updates"))
+        step.updates.push_back({u.at(0).get<int64_t>(), u.at(1).get<int64_t>(),
+                                u.at(2).get<int64_t>(), u.at(3).get<int64_t>(),
+                                u.at(4).get<int64_t>()});
+      rs.steps.push_back(std::move(step));
+    }
+    ring->schedule.push_back(std::move(rs));
+  }
+  if (static_cast<int64_t>(ring->schedule.size()) != ring->ranks) {
+    error = "the ring schedule lists " +
+            std::to_string(ring->schedule.size()) + " ranks, not " +
+            std::to_string(ring->ranks);
+    return false;
+  }
+  auto symbol = [&](const std::string &name) -> void * {
+    void *p = dlsym(library_, name.c_str());
+    if (!p)
+      error = dir_ + "/kernels.so has no kernel " + name;
+    return p;
+  };
+  if (!(ringInit_ = symbol(m.at("init").get<std::string>())) ||
+      !(ringFinalize_ = symbol(m.at("finalize").get<std::string>())))
+    return false;
+  for (const json &k : m.at("kernels")) {
+    void *p = symbol(k.at("symbol").get<std::string>());
+    if (!p)
+      return false;
+    ringKernels_.push_back(p);
+  }
+  ring_ = std::move(ring);
+  return true;
+}
+
+bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
+                      const Tensor &v, const Tensor *lengths, Tensor &out,
+                      Tensor *lse, RingStats *stats, std::string &error) {
+  if (!ring_) {
+    error = "package " + name_ + " is not a ring package (compile a spec with "
+            "distribution.ranks > 1)";
+    return false;
+  }
+  if (isGpu()) {
+    error = "package " + name_ + ": GPU ring packages are not supported yet";
+    return false;
+  }
+  const int rank = transport.rank();
+  if (transport.size() != ring_->ranks || rank < 0 || rank >= ring_->ranks) {
+    error = "package " + name_ + " is compiled for " +
+            std::to_string(ring_->ranks) + " ranks, but the transport has " +
+            std::to_string(transport.size()) + " (this is rank " +
+            std::to_string(rank) + ")";
+    return false;
+  }
+  if (!checkArguments(q, k, v, lengths, out, lse, error))
+    return false;
+
+  const double start = now();
+  const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];
+  const int64_t Hkv = k.shape[1];
+  std::vector<float> acc(B * H * C * D), max(B * H * C), sum(B * H * C);
+  std::vector<float> lseScratch;
+  void *lseData = lse ? lse->data : nullptr;
+  if (hasLse() && !lse) {
+    lseScratch.resize(B * H * C);
+    lseData = lseScratch.data();
+  }
+  const std::vector<int64_t> qShape{B, H, C, D}, kShape{B, Hkv, C, D},
+      rowShape{B, H, C};
+  using P = void *;
+  {
+    Descriptor a(acc.data(), qShape, 2, 0, C), m(max.data(), rowShape, 2, 0, C),
+        s(sum.data(), rowShape, 2, 0, C);
+    reinterpret_cast<void (*)(P, P, P)>(ringInit_)(a.get(), m.get(), s.get());
+  }
+
+  const RankSchedule &rs = ring_->schedule[rank];
+  std::vector<float> kBuf[2], vBuf[2], sendBuf, recvBuf;
+  int exchanges = 0;
+  if (stats) {
+    *stats = RingStats();
+    stats->rank = rank;
+    stats->expectedBytes = rs.rowsSent * B * D * 4 * 2;
+  }
+  for (const RingStep &step : rs.steps) {
+    const double stepStart = now();
+    float *keys = static_cast<float *>(k.data);
+    float *values = static_cast<float *>(v.data);
+    int64_t sentBytes = 0;
+    if (step.sendTo >= 0 || step.recvFrom >= 0) {
+      int slot = exchanges++ % 2;
+      int64_t sendFloats = step.sendTo >= 0
+                               ? packedFloats(step.sendRows, B, Hkv, D)
+                               : 0;
+      int64_t recvFloats = step.recvFrom >= 0
+                               ? packedFloats(step.recvRows, B, Hkv, D)
+                               : 0;
+      sendBuf.resize(2 * sendFloats);
+      recvBuf.resize(2 * recvFloats);
+      if (step.sendTo >= 0) {
+        copyRows(step.sendRows, keys, B, Hkv, C, D, sendBuf.data(), true);
+        copyRows(step.sendRows, values, B, Hkv, C, D,
+                 sendBuf.data() + sendFloats, true);
+      }
+      if (!transport.exchange(step.step, step.sendTo, sendBuf.data(),
+                              sendBuf.size() * sizeof(float), step.recvFrom,
+                              recvBuf.data(), recvBuf.size() * sizeof(float),
+                              error)) {
+        transport.abort(error);
+        return false;
+      }
+      sentBytes = sendBuf.size() * sizeof(float);
+      if (step.recvFrom >= 0) {
+        if (kBuf[slot].empty()) {
+          kBuf[slot].assign(B * Hkv * C * D, 0.0f);
+          vBuf[slot].assign(B * Hkv * C * D, 0.0f);
+        }
+        copyRows(step.recvRows, kBuf[slot].data(), B, Hkv, C, D,
+                 recvBuf.data(), false);
+        copyRows(step.recvRows, vBuf[slot].data(), B, Hkv, C, D,
+                 recvBuf.data() + recvFloats, false);
+        if (step.step > 0) {
+          keys = kBuf[slot].data();
+          values = vBuf[slot].data();
+        }
+      }
+    }
+    for (const RingUpdate &u : step.updates) {
+      if (u.kernel < 0 || u.kernel >= int64_t(ringKernels_.size()) ||
+          u.qPiece >= int64_t(rs.pieces.size()) ||
+          u.kPiece >= int64_t(rs.pieces.size())) {
+        error = "the ring schedule names a missing kernel or piece";
+        transport.abort(error);
+        return false;
+      }
+      const RingPiece &qp = rs.pieces[u.qPiece], &kp = rs.pieces[u.kPiece];
+      Descriptor dq(q.data, qShape, 2, qp.offset, qp.rows),
+          dk(keys, kShape, 2, kp.offset, kp.rows),
+          dv(values, kShape, 2, kp.offset, kp.rows),
+          da(acc.data(), qShape, 2, qp.offset, qp.rows),
+          dm(max.data(), rowShape, 2, qp.offset, qp.rows),
+          ds(sum.data(), rowShape, 2, qp.offset, qp.rows);
+      void *fn = ringKernels_[u.kernel];
+      if (lengths) {
+        Descriptor dl(lengths->data, {B}, 0, 0, B);
+        reinterpret_cast<void (*)(P, P, P, P, P, P, P, int64_t, int64_t)>(fn)(
+            dq.get(), dk.get(), dv.get(), dl.get(), da.get(), dm.get(),
+            ds.get(), u.qOrigin, u.kOrigin);
+      } else {
+        reinterpret_cast<void (*)(P, P, P, P, P, P, int64_t, int64_t)>(fn)(
+            dq.get(), dk.get(), dv.get(), da.get(), dm.get(), ds.get(),
+            u.qOrigin, u.kOrigin);
+      }
+    }
+    if (stats) {
+      stats->bytesSent += sentBytes;
+      stats->steps.push_back({step.step, sentBytes,
+                              int64_t(step.updates.size()),
+                              now() - stepStart});
+    }
+  }
+  {
+    Descriptor a(acc.data(), qShape, 2, 0, C), m(max.data(), rowShape, 2, 0, C),
+        s(sum.data(), rowShape, 2, 0, C), o(out.data, qShape, 2, 0, C);
+    if (hasLse()) {
+      Descriptor l(lseData, rowShape, 2, 0, C);
+      reinterpret_cast<void (*)(P, P, P, P, P)>(ringFinalize_)(
+          a.get(), m.get(), s.get(), o.get(), l.get());
+    } else {
+      reinterpret_cast<void (*)(P, P, P, P)>(ringFinalize_)(a.get(), m.get(),
+                                                             s.get(), o.get());
+    }
+  }
+  if (stats)
+    stats->seconds = now() - start;
+  return true;
+}
+
+//===----------------------------------------------------------------------===//
+// All ranks in one process
+//===----------------------------------------------------------------------===//
+
+namespace {
+/// Copies rows between a global [.., L, inner] tensor and rank `rank`'s local
+/// [.., C, inner] one.
+void moveRows(const RingProgram &ring, int64_t rank, int64_t outer,
+              int64_t inner, float *global, float *local, bool toLocal) {
+  const int64_t L = ring.seqLen, C = ring.chunk;
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t row = 0; row < C; ++row) {
+      float *g = global + (o * L + ring.globalRow(rank, row)) * inner;
+      float *l = local + (o * C + row) * inner;
+      if (toLocal)
+        std::memcpy(l, g, inner * sizeof(float));
+      else
+        std::memcpy(g, l, inner * sizeof(float));
+    }
+}
+} // namespace
+
+bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
+                                      const Tensor &k, const Tensor &v,
+                                      const Tensor *lengths, Tensor &out,
+                                      Tensor *lse,
+                                      std::vector<RingStats> &stats,
+                                      std::string &error) {
+  const RingProgram *ring = pkg.ring();
+  if (!ring) {
+    error = "package " + pkg.name() + " is not a ring package";
+    return false;
+  }
+  const int64_t N = ring->ranks, L = ring->seqLen, C = ring->chunk;
+  for (const Tensor *t : {&q, &k, &v, static_cast<const Tensor *>(&out)})
+    if (t->shape.size() != 4 || t->shape[2] != L || t->dtype != "f32") {
+      error = std::string(t == &q ? "q" : t == &k ? "k" : t == &v ? "v" : "out") +
+              ": expected a float32 [B, H, " + std::to_string(L) +
+              ", D] tensor for the whole sequence";
+      return false;
+    }
+  const int64_t B = q.shape[0], H = q.shape[1], Hkv = k.shape[1],
+                D = q.shape[3];
+  struct Local {
+    std::vector<float> q, k, v, out, lse;
+  };
+  std::vector<Local> locals(N);
+  for (int64_t r = 0; r < N; ++r) {
+    Local &l = locals[r];
+    l.q.resize(B * H * C * D);
+    l.k.resize(B * Hkv * C * D);
+    l.v.resize(B * Hkv * C * D);
+    l.out.assign(B * H * C * D, std::nanf(""));
+    l.lse.assign(B * H * C, std::nanf(""));
+    moveRows(*ring, r, B * H, D, static_cast<float *>(q.data), l.q.data(), true);
+    moveRows(*ring, r, B * Hkv, D, static_cast<float *>(k.data), l.k.data(), true);
+    moveRows(*ring, r, B * Hkv, D, static_cast<float *>(v.data), l.v.data(), true);
+  }
+  InProcessHub hub(N);
+  std::vector<std::string> errors(N);
+  std::vector<char> ok(N, 0);
+  stats.assign(N, RingStats());
+  std::vector<std::thread> threads;
+  for (int64_t r = 0; r < N; ++r)
+    threads.emplace_back([&, r] {
+      std::unique_ptr<Transport> t = hub.transport(int(r));
+      Local &l = locals[r];
+      Tensor lq{l.q.data(), {B, H, C, D}, "f32"};
+      Tensor lk{l.k.data(), {B, Hkv, C, D}, "f32"};
+      Tensor lv{l.v.data(), {B, Hkv, C, D}, "f32"};
+      Tensor lo{l.out.data(), {B, H, C, D}, "f32"};
+      Tensor ll{l.lse.data(), {B, H, C}, "f32"};
+      ok[r] = pkg.runRank(*t, lq, lk, lv, lengths, lo,
+                          pkg.hasLse() ? &ll : nullptr, &stats[r], errors[r]);
+      if (!ok[r])
+        t->abort(errors[r]);
+    });
+  for (std::thread &t : threads)
+    t.join();
+  for (int64_t r = 0; r < N; ++r)
+    if (!ok[r]) {
+      error = errors[r];
+      return false;
+    }
+  for (int64_t r = 0; r < N; ++r) {
+    moveRows(*ring, r, B * H, D, static_cast<float *>(out.data),
+             locals[r].out.data(), false);
+    if (lse)
+      moveRows(*ring, r, B * H, 1, static_cast<float *>(lse->data),
+               locals[r].lse.data(), false);
+  }
+  return true;
+}

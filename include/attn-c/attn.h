@@ -70,8 +70,8 @@ attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
                                    attn_tensor *lse, void *stream);
 
 /* The message of the last failed call on this thread. */
-/* Ring packages (specs with distribution.ranks > 1). attn_package_ranks
- * returns the number of ranks (1 for other packages).
+/* Ring packages (specs with a "distribution" section). attn_package_ranks
+ * returns the number of ranks (0 for other packages).
  * attn_package_run_ranks runs every rank of a cpu ring package in this
  * process, one thread per rank, on the whole sequence: q [B,H,L,D],
  * k/v [B,Hkv,L,D] -> out [B,H,L,D][, lse [B,H,L]]. If bytes_sent is not

@@ -117,7 +117,7 @@ attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
 }
 
 int64_t attn_package_ranks(const attn_package *package) {
-  return package && package->impl->ring() ? package->impl->ring()->ranks : 1;
+  return package && package->impl->ring() ? package->impl->ring()->ranks : 0;
 }
 
 attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,

@@ -275,7 +275,7 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
                       Tensor *lse, RingStats *stats, std::string &error) {
   if (!ring_) {
     error = "package " + name_ + " is not a ring package (compile a spec with "
-            "distribution.ranks > 1)";
+            "a \"distribution\" section)";
     return false;
   }
   if (isGpu()) {
@@ -493,11 +493,14 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
     });
   for (std::thread &t : threads)
     t.join();
-  for (int64_t r = 0; r < N; ++r)
-    if (!ok[r]) {
-      error = errors[r];
-      return false;
-    }
+  // Report the rank that failed first, not the peers it stopped.
+  for (int pass = 0; pass < 2; ++pass)
+    for (int64_t r = 0; r < N; ++r)
+      if (!ok[r] && (pass == 1 || errors[r].find("stopped at step") ==
+                                      std::string::npos)) {
+        error = errors[r];
+        return false;
+      }
   for (int64_t r = 0; r < N; ++r) {
     moveRows(*ring, r, B * H, D, static_cast<float *>(out.data),
              locals[r].out.data(), false);

@@ -220,6 +220,7 @@ Spec parse(const json &root, MLIRContext *ctx) {
   }
   if (root.contains("distribution")) {
     const json &d = root.at("distribution");
+    spec.distribution.present = true;
     checkKeys(d, "distribution", {"ranks", "layout", "kv"});
     spec.distribution.ranks = getInt(d, "distribution", "ranks", 1, 1);
     spec.distribution.layout =
@@ -304,7 +305,7 @@ OwningOpRef<ModuleOp> mlir::attn::buildAttentionModule(const Spec &spec,
 
   module->getOperation()->setAttr("attn.target",
                                   b.getStringAttr(spec.target.arch));
-  if (spec.distribution.ranks > 1)
+  if (spec.distribution.present)
     module->getOperation()->setAttr(
         "attn.distribution",
         b.getDictionaryAttr(

@@ -104,7 +104,7 @@ class Package:
         self.target = lib.attn_package_target(handle).decode()
         self.uses_lengths = bool(lib.attn_package_uses_lengths(handle))
         self.has_lse = bool(lib.attn_package_has_lse(handle))
-        self.ranks = int(lib.attn_package_ranks(handle))
+        self.ranks = int(lib.attn_package_ranks(handle))  # 0: not a ring package
         self.bytes_sent = None
 
     def __del__(self):
@@ -155,7 +155,7 @@ class Package:
         [B,H,L,D], k, v [B,Hkv,L,D]. Rows are split across ranks by the
         package's layout and the outputs gathered back. Afterwards
         `bytes_sent` lists the bytes each rank sent (K and V)."""
-        if self.ranks < 2 and "ring" not in self.manifest:
+        if self.ranks == 0:
             raise AttnError(f"package {self.manifest['name']} is not distributed: call it directly")
         if return_lse and not self.has_lse:
             raise AttnError("this package was compiled with \"lse\": false")
@@ -170,7 +170,7 @@ class Package:
         lse = np.full(q.shape[:-1], np.nan, dtype=np.float32)
         tout = _tensor("out", out, np.float32, _F32, keep)
         tlse = _tensor("lse", lse, np.float32, _F32, keep) if return_lse else None
-        sent = (ctypes.c_int64 * self.ranks)()
+        sent = (ctypes.c_int64 * max(self.ranks, 1))()
         lib = _runtime()
         rc = lib.attn_package_run_ranks(self._handle, ctypes.byref(tq), ctypes.byref(tk),
                                         ctypes.byref(tv),

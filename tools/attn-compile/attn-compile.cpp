@@ -100,10 +100,10 @@ int main(int argc, char **argv) {
   if (failed(verify(*module)))
     return fail("the spec produced invalid IR (see the diagnostics above)");
 
-  const bool distributed = spec->distribution.ranks > 1;
+  const bool distributed = spec->distribution.present;
   if (emit == "ring") {
     if (!distributed)
-      return fail("--emit ring needs a spec with distribution.ranks > 1");
+      return fail("--emit ring needs a spec with a \"distribution\" section");
     PassManager pm(&ctx);
     pm.addPass(createAttnDecompose());
     pm.addPass(createAttnBufferize());

@@ -1,6 +1,6 @@
 //===- Ring.h - run ring-attention packages across ranks --------*- C++ -*-===//
 //
-// A ring package (attn-compile on a spec with `distribution.ranks > 1`)
+// A ring package (attn-compile on a spec with a `distribution` section)
 // carries its schedule in manifest.json: for every rank its pieces of the
 // sequence and its steps, each an optional exchange of key/value rows with
 // two peers and a list of component updates. The runtime executes the

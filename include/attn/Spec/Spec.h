@@ -27,6 +27,7 @@ struct SpecTarget {
 };
 
 struct SpecDistribution {
+  bool present = false; ///< the spec has a distribution section: a ring package
   int64_t ranks = 1;
   std::string layout = "contiguous"; ///< contiguous, zigzag or striped
   std::string kv = "ring";           ///< ring or allgather

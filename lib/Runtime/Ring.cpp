@@ -313,62 +313,69 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
   }
 
   const RankSchedule &rs = ring_->schedule[rank];
-  std::vector<float> kBuf[2], vBuf[2], sendBuf, recvBuf;
+  // Received rows: two alternating buffers for `ring` (step s computes while
+  // the next exchange lands in the other), one per step for `allgather`
+  // (every exchange first, then every update).
+  const bool gatherFirst = ring_->kv == "allgather";
+  std::vector<std::vector<float>> kBuf(gatherFirst ? rs.steps.size() : 2),
+      vBuf(kBuf.size());
+  std::vector<float> sendBuf, recvBuf;
+  std::vector<int64_t> sentBytes(rs.steps.size(), 0);
+  std::vector<double> seconds(rs.steps.size(), 0);
   int exchanges = 0;
   if (stats) {
     *stats = RingStats();
     stats->rank = rank;
     stats->expectedBytes = rs.rowsSent * B * D * 4 * 2;
   }
-  for (const RingStep &step : rs.steps) {
-    const double stepStart = now();
-    float *keys = static_cast<float *>(k.data);
-    float *values = static_cast<float *>(v.data);
-    int64_t sentBytes = 0;
-    if (step.sendTo >= 0 || step.recvFrom >= 0) {
-      int slot = exchanges++ % 2;
-      int64_t sendFloats = step.sendTo >= 0
-                               ? packedFloats(step.sendRows, B, Hkv, D)
-                               : 0;
-      int64_t recvFloats = step.recvFrom >= 0
-                               ? packedFloats(step.recvRows, B, Hkv, D)
-                               : 0;
-      sendBuf.resize(2 * sendFloats);
-      recvBuf.resize(2 * recvFloats);
-      if (step.sendTo >= 0) {
-        copyRows(step.sendRows, keys, B, Hkv, C, D, sendBuf.data(), true);
-        copyRows(step.sendRows, values, B, Hkv, C, D,
-                 sendBuf.data() + sendFloats, true);
-      }
-      if (!transport.exchange(step.step, step.sendTo, sendBuf.data(),
-                              sendBuf.size() * sizeof(float), step.recvFrom,
-                              recvBuf.data(), recvBuf.size() * sizeof(float),
-                              error)) {
-        transport.abort(error);
-        return false;
-      }
-      sentBytes = sendBuf.size() * sizeof(float);
-      if (step.recvFrom >= 0) {
-        if (kBuf[slot].empty()) {
-          kBuf[slot].assign(B * Hkv * C * D, 0.0f);
-          vBuf[slot].assign(B * Hkv * C * D, 0.0f);
-        }
-        copyRows(step.recvRows, kBuf[slot].data(), B, Hkv, C, D,
-                 recvBuf.data(), false);
-        copyRows(step.recvRows, vBuf[slot].data(), B, Hkv, C, D,
-                 recvBuf.data() + recvFloats, false);
-        if (step.step > 0) {
-          keys = kBuf[slot].data();
-          values = vBuf[slot].data();
-        }
-      }
+
+  // Step `i`'s exchange; returns the keys/values its updates read.
+  auto exchange = [&](size_t i, float *&keys, float *&values) {
+    const RingStep &step = rs.steps[i];
+    keys = static_cast<float *>(k.data);
+    values = static_cast<float *>(v.data);
+    if (step.sendTo < 0 && step.recvFrom < 0)
+      return true;
+    size_t slot = gatherFirst ? i : exchanges++ % 2;
+    int64_t sendFloats =
+        step.sendTo >= 0 ? packedFloats(step.sendRows, B, Hkv, D) : 0;
+    int64_t recvFloats =
+        step.recvFrom >= 0 ? packedFloats(step.recvRows, B, Hkv, D) : 0;
+    sendBuf.resize(2 * sendFloats);
+    recvBuf.resize(2 * recvFloats);
+    if (step.sendTo >= 0) {
+      copyRows(step.sendRows, keys, B, Hkv, C, D, sendBuf.data(), true);
+      copyRows(step.sendRows, values, B, Hkv, C, D, sendBuf.data() + sendFloats,
+               true);
     }
-    for (const RingUpdate &u : step.updates) {
+    if (!transport.exchange(step.step, step.sendTo, sendBuf.data(),
+                            sendBuf.size() * sizeof(float), step.recvFrom,
+                            recvBuf.data(), recvBuf.size() * sizeof(float),
+                            error))
+      return false;
+    sentBytes[i] = sendBuf.size() * sizeof(float);
+    if (step.recvFrom < 0 || step.step == 0)
+      return true;
+    if (kBuf[slot].empty()) {
+      kBuf[slot].assign(B * Hkv * C * D, 0.0f);
+      vBuf[slot].assign(B * Hkv * C * D, 0.0f);
+    }
+    copyRows(step.recvRows, kBuf[slot].data(), B, Hkv, C, D, recvBuf.data(),
+             false);
+    copyRows(step.recvRows, vBuf[slot].data(), B, Hkv, C, D,
+             recvBuf.data() + recvFloats, false);
+    keys = kBuf[slot].data();
+    values = vBuf[slot].data();
+    return true;
+  };
+
+  // Step `i`'s component updates on keys/values.
+  auto update = [&](size_t i, float *keys, float *values) {
+    for (const RingUpdate &u : rs.steps[i].updates) {
       if (u.kernel < 0 || u.kernel >= int64_t(ringKernels_.size()) ||
           u.qPiece >= int64_t(rs.pieces.size()) ||
           u.kPiece >= int64_t(rs.pieces.size())) {
         error = "the ring schedule names a missing kernel or piece";
-        transport.abort(error);
         return false;
       }
       const RingPiece &qp = rs.pieces[u.qPiece], &kp = rs.pieces[u.kPiece];
@@ -390,13 +397,34 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
             u.qOrigin, u.kOrigin);
       }
     }
-    if (stats) {
-      stats->bytesSent += sentBytes;
-      stats->steps.push_back({step.step, sentBytes,
-                              int64_t(step.updates.size()),
-                              now() - stepStart});
+    return true;
+  };
+
+  std::vector<float *> keysOf(rs.steps.size()), valuesOf(rs.steps.size());
+  for (size_t i = 0; i < rs.steps.size(); ++i) {
+    double t0 = now();
+    bool ok = exchange(i, keysOf[i], valuesOf[i]) &&
+              (gatherFirst || update(i, keysOf[i], valuesOf[i]));
+    seconds[i] = now() - t0;
+    if (!ok) {
+      transport.abort(error);
+      return false;
     }
   }
+  for (size_t i = 0; gatherFirst && i < rs.steps.size(); ++i) {
+    double t0 = now();
+    if (!update(i, keysOf[i], valuesOf[i])) {
+      transport.abort(error);
+      return false;
+    }
+    seconds[i] += now() - t0;
+  }
+  if (stats)
+    for (size_t i = 0; i < rs.steps.size(); ++i) {
+      stats->bytesSent += sentBytes[i];
+      stats->steps.push_back({rs.steps[i].step, sentBytes[i],
+                              int64_t(rs.steps[i].updates.size()), seconds[i]});
+    }
   {
     Descriptor a(acc.data(), qShape, 2, 0, C), m(max.data(), rowShape, 2, 0, C),
         s(sum.data(), rowShape, 2, 0, C), o(out.data, qShape, 2, 0, C);

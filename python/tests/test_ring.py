@@ -84,8 +84,8 @@ def minimum_bytes(name, layout, ranks):
     return sent
 
 
-def check_ring(name, layout, ranks, seed):
-    ring = attn.compile(spec(name, {"ranks": ranks, "layout": layout}))
+def check_ring(name, layout, ranks, seed, kv="ring"):
+    ring = attn.compile(spec(name, {"ranks": ranks, "layout": layout, "kv": kv}))
     assert ring.ranks == ranks
     q, k, v = inputs(seed)
     lengths = LENGTHS if name == "tokenized" else None
@@ -116,6 +116,12 @@ def test_rank_counts(name, layout, ranks):
     if layout == "striped" and name not in STRIPED_OK:
         pytest.skip("striped layout takes plain bands only (checked above)")
     check_ring(name, layout, ranks, seed=ranks)
+
+
+@pytest.mark.parametrize("name", ["causal", "longnet", "tokenized"])
+def test_allgather(name):
+    """kv = allgather: every exchange before the first update; same rows."""
+    check_ring(name, "zigzag", 4, seed=11, kv="allgather")
 
 
 def test_local_window_sends_one_window():

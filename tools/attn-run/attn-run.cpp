@@ -2,11 +2,15 @@
 //
 //   attn-run PKG --q q.npy --k k.npy --v v.npy [--lengths len.npy]
 //            -o out.npy [--lse lse.npy] [--device cpu|cuda] [--repeat N]
+//            [--nranks N]
 //
 // Reads float32 .npy inputs (lengths int32 or int64), runs the package and
 // writes float32 outputs. GPU packages (--device cuda, the default for them)
 // get their inputs converted to the package's bf16/f16 and copied to the
-// GPU; --repeat times the kernels with CUDA events. Links only the runtime:
+// GPU; --repeat times the kernels with CUDA events. A ring package (a spec
+// with a distribution section) runs its N ranks as N threads of this process
+// on the whole sequence (--nranks N must match) and reports the bytes each
+// rank sent and the time of each step. Links only the runtime:
 // no MLIR, no LLVM.
 //
 //===----------------------------------------------------------------------===//
@@ -15,6 +19,7 @@
 #include "attn/Runtime/Half.h"
 #include "attn/Runtime/Npy.h"
 #include "attn/Runtime/Package.h"
+#include "attn/Runtime/Ring.h"
 
 #include <chrono>
 #include <cmath>
@@ -30,7 +35,7 @@ static int usage() {
   std::fprintf(stderr,
                "usage: attn-run PKG --q q.npy --k k.npy --v v.npy "
                "[--lengths len.npy] -o out.npy [--lse lse.npy] "
-               "[--device cpu|cuda] [--repeat N]\n");
+               "[--device cpu|cuda] [--repeat N] [--nranks N]\n");
   return 2;
 }
 
@@ -164,7 +169,8 @@ int main(int argc, char **argv) {
       a = "--out";
     if (a.rfind("--", 0) == 0) {
       static const char *known[] = {"--q", "--k", "--v", "--lengths", "--out",
-                                    "--lse", "--device", "--repeat"};
+                                    "--lse", "--device", "--repeat",
+                                    "--nranks"};
       if (std::find(std::begin(known), std::end(known), a) == std::end(known))
         return fail("unknown option " + a), usage();
       if (i + 1 >= argc)
@@ -235,6 +241,42 @@ int main(int argc, char **argv) {
   bool wantLse = opts.count("--lse");
   if (wantLse && !pkg->hasLse())
     return fail("--lse given but package " + pkgDir + " was compiled with \"lse\": false");
+
+  const RingProgram *ring = pkg->ring();
+  if (opts.count("--nranks") || ring) {
+    int64_t nranks = opts.count("--nranks") ? std::atoll(opts["--nranks"].c_str()) : 0;
+    if (!ring)
+      return fail("--nranks given but package " + pkgDir +
+                  " is not distributed (compile a spec with a \"distribution\" section)");
+    if (nranks != ring->ranks)
+      return fail("package " + pkgDir + " is compiled for " +
+                  std::to_string(ring->ranks) + " ranks; pass --nranks " +
+                  std::to_string(ring->ranks));
+    if (pkg->isGpu())
+      return fail("GPU ring packages are not supported yet");
+    std::vector<RingStats> stats;
+    auto t0 = std::chrono::steady_clock::now();
+    if (!runRanksInProcess(*pkg, tq, tk, tv,
+                           opts.count("--lengths") ? &lengthsTensor : nullptr,
+                           tout, wantLse ? &tlse : nullptr, stats, error))
+      return fail(error);
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("attn-run: %lld ranks (%s layout, in-process transport): %.3f ms\n",
+                (long long)ring->ranks, ring->layout.c_str(), s * 1e3);
+    for (const RingStats &r : stats) {
+      std::printf("  rank %d: sent %lld bytes in %zu steps, %.3f ms\n", r.rank,
+                  (long long)r.bytesSent, r.steps.size(), r.seconds * 1e3);
+      for (const RingStats::Step &st : r.steps)
+        std::printf("    step %lld: sent %lld bytes, %lld updates, %.3f ms\n",
+                    (long long)st.step, (long long)st.bytesSent,
+                    (long long)st.updates, st.seconds * 1e3);
+    }
+    if (!writeNpy(opts["--out"], q.shape, out.data(), error))
+      return fail(error);
+    if (wantLse && !writeNpy(opts["--lse"], lseShape, lse.data(), error))
+      return fail(error);
+    return 0;
+  }
 
   if (pkg->isGpu())
     return runOnGpu(*pkg, tq, tk, tv,

@@ -209,8 +209,9 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   CUdeviceptr mx = acc ? acc + size_t(rows) * D * 4 : 0;
   CUdeviceptr sm = acc ? mx + size_t(rows) * 4 : 0;
 
-  // Parameters: 9 descriptors of 5 words, then q_len and kv_len.
-  int64_t words[47];
+  // Parameters: 9 descriptors of 5 words, then q_len, kv_len, q_origin,
+  // k_origin and row_len_shift.
+  int64_t words[50];
   auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
     int64_t *w = words + 5 * slot;
     w[0] = w[1] = int64_t(ptr);
@@ -230,8 +231,11 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   put(8, sm, sm ? rows : 0);
   words[45] = Lq;
   words[46] = Lk;
-  void *params[47];
-  for (int i = 0; i < 47; ++i)
+  words[47] = Lk - Lq; // query origin: bottom-right alignment
+  words[48] = 0;       // key origin
+  words[49] = 0;       // rows compare their index with lengths[b]
+  void *params[50];
+  for (int i = 0; i < 50; ++i)
     params[i] = &words[i];
 
   for (const GpuKernel &kernel : g.kernels) {

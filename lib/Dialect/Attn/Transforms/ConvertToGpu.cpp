@@ -99,11 +99,18 @@ public:
 
   /// The uniform kernel signature (the runtime passes the same arguments to
   /// every kernel of a package):
-  ///   q, k, v, lengths, out, lse, acc, max, sum, qLen, kLen
+  ///   q, k, v, lengths, out, lse, acc, max, sum, qLen, kLen,
+  ///   qOrigin, kOrigin, rowLenShift
+  /// Query row i sits at position qOrigin + i, key j at kOrigin + j; rows
+  /// with i + rowLenShift >= lengths[b] and keys at positions >= lengths[b]
+  /// are padding. A whole sequence passes (Lk - Lq, 0, 0), a rank's slice of
+  /// a ring (its global origins, origins, qOrigin).
   FunctionType kernelType() {
+    Type index = b.getIndexType();
     SmallVector<Type> args{storageType, storageType, storageType, lengthsType,
                            storageType, floatType,   floatType,   floatType,
-                           floatType,   b.getIndexType(), b.getIndexType()};
+                           floatType,   index,       index,       index,
+                           index,       index};
     return FunctionType::get(ctx, args, {});
   }
 
@@ -113,7 +120,10 @@ public:
   gpu::GPUFuncOp emitFinalize(StringRef name);
 
 private:
-  enum Arg { Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, QLen, KLen };
+  enum Arg {
+    Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, QLen, KLen,
+    QOrigin, KOrigin, RowLenShift
+  };
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
   /// An element-wise kernel over B*H*Lq*D: `idx` is this thread's element,
@@ -300,15 +310,17 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   Value h = arith::RemUIOp::create(b, loc, bz, m.c(H));
   Value hk = arith::DivUIOp::create(b, loc, h,
                                     m.c(shape.heads / shape.kvHeads));
-  Value delta = m.sub(kLen, qLen); // query row i sits at position i + delta
+  // Query row i sits at position i + delta, key j at j + kOrigin.
+  Value delta = arg(QOrigin), kOrigin = arg(KOrigin);
+  Value rowLenShift = arg(RowLenShift);
 
   Value rowsEnd = qLen, keysEnd = kLen, length;
   if (comp.getUseLengths()) {
     length = memref::LoadOp::create(b, loc, arg(Lengths), bIdx);
     length = arith::IndexCastOp::create(b, loc, b.getIndexType(), length);
     length = m.max(length, zero);
-    rowsEnd = m.min(qLen, length);
-    keysEnd = m.min(kLen, length);
+    rowsEnd = m.min(qLen, m.max(m.sub(length, rowLenShift), zero));
+    keysEnd = m.min(kLen, m.max(m.sub(length, kOrigin), zero));
   }
 
   // Group (segment, residue) of this block.
@@ -325,7 +337,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   Value rowPosLo = delta;
   Value rowPosHi = m.add(delta, rowsEnd), rowPosAll = m.add(delta, qLen);
   Value base = c, rLo = rowPosLo, rHi = rowPosHi, rAll = rowPosAll;
-  Value kLo = zero, kHi = keysEnd;
+  Value kLo = kOrigin, kHi = m.add(kOrigin, keysEnd);
   if (comp.getSegment() != 0) {
     Value w = m.c(comp.getSegment());
     Value segLo = m.mul(m.add(m.floorDiv(rowPosLo, w), segIdx), w);
@@ -334,8 +346,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     rLo = m.max(rowPosLo, segLo);
     rHi = m.min(rowPosHi, segHi);
     rAll = m.min(rowPosAll, segHi);
-    kLo = m.max(zero, segLo);
-    kHi = m.min(keysEnd, segHi);
+    kLo = m.max(kOrigin, segLo);
+    kHi = m.min(m.add(kOrigin, keysEnd), segHi);
   }
   // Gathered indices t: position = base + r*t.
   Value tRowLo = m.ceilDiv(m.sub(rLo, base), r);
@@ -386,7 +398,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     auto rowAt = [&](Value row) -> std::pair<Value, Value> {
       Value t = m.add(k0, row);
       Value exists = m.lt(t, last);
-      return {m.mul(m.add(kHead, keyPos(t)), m.c(D)), exists};
+      return {m.mul(m.add(kHead, m.sub(keyPos(t), kOrigin)), m.c(D)), exists};
     };
     asyncLoadTile(keyTile(slot), arg(K), rowAt);
     asyncLoadTile(valueTile(slot), arg(V), rowAt);
@@ -509,7 +521,9 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       OpBuilder::InsertionGuard g2(b);
       b.setInsertionPointToStart(maskIf.thenBlock());
       SmallVector<Value> out;
-      Value qLenV = qLen, kLenV = kLen;
+      // The predicates see row i + rowLenShift at position i + delta: with
+      // their (qLen, kLen) = (0, delta - rowLenShift) that is exactly it.
+      Value qLenV = zero, kLenV = m.sub(delta, rowLenShift);
       for (int64_t n = 0; n < kKeyNTiles; ++n)
         for (int64_t e = 0; e < 4; ++e) {
           Value t = tq[e / 2];
@@ -521,7 +535,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           if (hi != inf)
             inside = m.both(inside, m.le(dt, m.c(hi)));
           if (comp.hasFilters()) {
-            Value i = qRowIndex(t), j = keyPos(tk);
+            Value i = m.add(qRowIndex(t), rowLenShift), j = keyPos(tk);
             for (Attribute inc : comp.getInclude())
               inside = m.both(inside, buildPatternPredicate(b, loc, inc, h, i, j,
                                                             qLenV, kLenV, length));

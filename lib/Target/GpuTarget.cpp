@@ -12,6 +12,7 @@
 #include "attn/Target/GpuTarget.h"
 #include "attn/Dialect/Attn/IR/AttnDialect.h"
 #include "attn/Dialect/Attn/Transforms/Passes.h"
+#include "attn/Target/CpuTarget.h"
 #include "ManifestUtils.h"
 
 #include "mlir/Dialect/Func/IR/FuncOps.h"
@@ -31,9 +32,11 @@
 using namespace mlir;
 using namespace mlir::attn;
 
-static void addKernelPasses(OpPassManager &pm) {
+static void addKernelPasses(OpPassManager &pm, bool alwaysState = false) {
   pm.addPass(createAttnDecompose());
-  pm.addPass(createConvertAttnToGpu());
+  ConvertAttnToGpuOptions options;
+  options.alwaysState = alwaysState;
+  pm.addPass(createConvertAttnToGpu(options));
   pm.addPass(createCanonicalizerPass());
   pm.addPass(createCSEPass());
 }
@@ -124,7 +127,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
                                             const std::string &arch,
                                             const std::string &outDir,
                                             std::string &error,
-                                            llvm::raw_ostream *log) {
+                                            llvm::raw_ostream *log,
+                                            bool alwaysState) {
   if (spec.dtype != "bf16" && spec.dtype != "f16") {
     error = "dtype: GPU targets take bf16 or f16 inputs (f32 accumulation), "
             "got " + spec.dtype;
@@ -143,7 +147,7 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
     *log << "attn-compile: generating " << arch << " kernels for " << spec.name
          << " (" << components.size() << " components)\n";
   PassManager pm(module.getContext());
-  addKernelPasses(pm);
+  addKernelPasses(pm, alwaysState);
   if (failed(pm.run(module))) {
     error = "convert-attn-to-gpu failed (see the diagnostics above)";
     return failure();
@@ -267,4 +271,69 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
   if (log)
     *log << "attn-compile: wrote package " << outDir << "\n";
   return success();
+}
+
+LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
+                                                const std::string &arch,
+                                                const std::string &outDir,
+                                                std::string &error,
+                                                llvm::raw_ostream *log) {
+  std::optional<RingPlan> plan = planRingForSpec(spec, error);
+  if (!plan)
+    return failure();
+  // The kernels run on pieces of any length: dynamic rows, and exactly the
+  // plan's kernels as update kernels with the state in global memory.
+  Spec local = spec;
+  local.qLen = local.kvLen = std::nullopt;
+  MLIRContext *ctx = spec.pattern.getContext();
+  OwningOpRef<ModuleOp> module = buildAttentionModule(local, ctx);
+  PassManager pm(ctx);
+  pm.addPass(createAttnDecompose());
+  if (failed(pm.run(*module))) {
+    error = "attn-decompose failed (see the diagnostics above)";
+    return failure();
+  }
+  auto func = *module->getOps<func::FuncOp>().begin();
+  SmallVector<ComponentOp> old(func.getOps<ComponentOp>());
+  auto finalize = *func.getOps<FinalizeOp>().begin();
+  auto init = *func.getOps<InitStateOp>().begin();
+  OpBuilder b(finalize);
+  ValueRange state = init.getResults();
+  SmallVector<Type> stateTypes(state.getTypes());
+  ComponentOp first = old.front();
+  Value lengths = func.getNumArguments() > 3 ? func.getArgument(3) : Value();
+  for (ComponentAttr comp : plan->kernels) {
+    auto c = ComponentOp::create(
+        b, first.getLoc(), stateTypes, first.getQuery(), first.getKey(),
+        first.getValue(),
+        comp.getUseLengths() || comp.hasFilters() ? lengths : Value(),
+        state[0], state[1], state[2], ValueRange{}, comp,
+        first.getScaleAttr());
+    state = c.getResults();
+  }
+  finalize.getAccMutable().assign(state[0]);
+  finalize.getMaxMutable().assign(state[1]);
+  finalize.getSumMutable().assign(state[2]);
+  for (ComponentOp c : llvm::reverse(old))
+    c.erase();
+
+  if (failed(compileGpuPackage(*module, local, arch, outDir, error, log,
+                               /*alwaysState=*/true)))
+    return failure();
+
+  // The manifest: one rank's shapes, the original spec and the ring plan.
+  SmallString<256> manifestPath(outDir);
+  llvm::sys::path::append(manifestPath, "manifest.json");
+  auto text = llvm::MemoryBuffer::getFile(manifestPath);
+  if (!text) {
+    error = "cannot read back " + std::string(manifestPath);
+    return failure();
+  }
+  nlohmann::json manifest = nlohmann::json::parse((*text)->getBuffer().str());
+  for (nlohmann::json &arg : manifest["args"])
+    if (arg["name"] != "lengths")
+      arg["shape"][2] = plan->chunk;
+  manifest["spec"] = nlohmann::json::parse(spec.json);
+  manifest["ring"] = manifestRingPlan(*plan);
+  return writeFile(manifestPath, manifest.dump(2) + "\n", error);
 }

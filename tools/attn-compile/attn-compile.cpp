@@ -174,9 +174,12 @@ int main(int argc, char **argv) {
   if (outPath.empty())
     return fail("give a package directory with -o, or a stage with --emit");
   if (distributed) {
-    if (target != "cpu")
-      return fail("distribution: ring packages are built for the cpu target "
-                  "so far; GPU ring packages are not supported yet");
+    if (target != "cpu") {
+      if (failed(compileGpuRingPackage(*spec, target, outPath, error,
+                                       quiet ? nullptr : &llvm::errs())))
+        return fail(error);
+      return 0;
+    }
     if (failed(compileCpuRingPackage(*spec, opts, outPath, error,
                                      quiet ? nullptr : &llvm::errs())))
       return fail(error);

@@ -34,7 +34,15 @@ LogicalResult lowerForGpu(ModuleOp module, GpuStage stage,
 LogicalResult compileGpuPackage(ModuleOp module, const Spec &spec,
                                 const std::string &arch,
                                 const std::string &outDir, std::string &error,
-                                llvm::raw_ostream *log);
+                                llvm::raw_ostream *log,
+                                bool alwaysState = false);
+
+/// A GPU ring package (docs/Ring.md): one update kernel per planned
+/// component (origins as launch parameters), init, finalize, and the ring
+/// plan in the manifest.
+LogicalResult compileGpuRingPackage(const Spec &spec, const std::string &arch,
+                                    const std::string &outDir,
+                                    std::string &error, llvm::raw_ostream *log);
 
 } // namespace mlir::attn
 

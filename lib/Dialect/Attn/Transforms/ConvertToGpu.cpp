@@ -822,7 +822,7 @@ struct ConvertAttnToGpuPass
     // One component covering every row runs alone from an empty state;
     // anything else keeps the state in global memory between kernels.
     bool single =
-        comps.size() == 1 &&
+        !alwaysState && comps.size() == 1 &&
         comps.front().getComponent().getResidue() ==
             ComponentAttr::kAllResidues;
     SmallVector<Attribute> order;

@@ -153,6 +153,12 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
                            "::mlir::scf::SCFDialect",
                            "::mlir::arith::ArithDialect",
                            "::mlir::memref::MemRefDialect"];
+  let options = [
+    Option<"alwaysState", "always-state", "bool", "false",
+           "Keep the state in global memory (init, update..., finalize) even "
+           "for a single all-rows component: ring packages continue it across "
+           "steps">
+  ];
   let statistics = [
     Statistic<"numKernels", "kernels", "Number of GPU kernels emitted">
   ];

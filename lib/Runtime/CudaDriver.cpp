@@ -55,6 +55,12 @@ void load() {
             resolve(lib, d.cuEventSynchronize, "cuEventSynchronize") &&
             resolve(lib, d.cuEventElapsedTime, "cuEventElapsedTime_v2") &&
             resolve(lib, d.cuEventDestroy, "cuEventDestroy_v2") &&
+            resolve(lib, d.cuMemcpy2DAsync, "cuMemcpy2DAsync_v2") &&
+            resolve(lib, d.cuMemsetD8Async, "cuMemsetD8Async") &&
+            resolve(lib, d.cuStreamCreate, "cuStreamCreate") &&
+            resolve(lib, d.cuStreamDestroy, "cuStreamDestroy_v2") &&
+            resolve(lib, d.cuStreamWaitEvent, "cuStreamWaitEvent") &&
+            resolve(lib, d.cuEventQuery, "cuEventQuery") &&
             resolve(lib, d.cuGetErrorName, "cuGetErrorName") &&
             resolve(lib, d.cuGetErrorString, "cuGetErrorString");
   if (!ok)
@@ -88,18 +94,20 @@ std::string attn::runtime::cuda::describe(const Driver &d, CUresult rc,
          (text ? std::string(" (") + text + ")" : std::string());
 }
 
-bool attn::runtime::cuda::ensureContext(const Driver &d, std::string &error) {
+bool attn::runtime::cuda::ensureContext(const Driver &d, std::string &error,
+                                        int device) {
   CUcontext ctx = nullptr;
   if (d.cuCtxGetCurrent(&ctx) == CUDA_SUCCESS && ctx)
     return true;
   CUdevice dev;
-  CUresult rc = d.cuDeviceGet(&dev, 0);
+  CUresult rc = d.cuDeviceGet(&dev, device);
   if (rc == CUDA_SUCCESS)
     rc = d.cuDevicePrimaryCtxRetain(&ctx, dev);
   if (rc == CUDA_SUCCESS)
     rc = d.cuCtxSetCurrent(ctx);
   if (rc != CUDA_SUCCESS) {
-    error = describe(d, rc, "creating a CUDA context on device 0");
+    error = describe(d, rc, "creating a CUDA context on device " +
+                                std::to_string(device));
     return false;
   }
   return true;

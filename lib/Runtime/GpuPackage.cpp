@@ -34,34 +34,7 @@ using namespace attn::runtime;
 using namespace attn::runtime::cuda;
 using json = nlohmann::json;
 
-namespace attn::runtime {
-
-struct GpuKernel {
-  std::string name, kind;
-  int64_t block = 0, blockRows = 0, sharedBytes = 0;
-  int64_t period = 1, residue = -1 /* all */, segment = 0;
-  CUfunction function = nullptr;
-};
-
-struct GpuModule {
-  const Driver *d = nullptr;
-  CUmodule module = nullptr;
-  std::vector<GpuKernel> kernels; // in launch order
-  bool needsState = false;
-  int64_t headDim = 0;
-  // Device scratch, grown on demand.
-  CUdeviceptr scratch = 0;
-  size_t scratchBytes = 0;
-
-  ~GpuModule() {
-    if (scratch)
-      d->cuMemFree(scratch);
-    if (module)
-      d->cuModuleUnload(module);
-  }
-};
-
-} // namespace attn::runtime
+#include "GpuModule.h"
 
 #include <dlfcn.h>
 
@@ -174,6 +147,73 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   return true;
 }
 
+bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
+                                 const KernelArgs &a, CUstream stream,
+                                 std::string &error) {
+  const Driver &d = *g.d;
+  const int64_t rows = a.B * a.H * a.Lq;
+  // Parameters: 9 descriptors of 5 words, then q_len, kv_len, q_origin,
+  // k_origin and row_len_shift.
+  int64_t words[50];
+  auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
+    int64_t *w = words + 5 * slot;
+    w[0] = w[1] = int64_t(ptr);
+    w[2] = 0;
+    w[3] = ptr ? size : 0;
+    w[4] = 1;
+  };
+  put(0, a.q, rows * a.D);
+  put(1, a.k, a.B * a.Hkv * a.Lk * a.D);
+  put(2, a.v, a.B * a.Hkv * a.Lk * a.D);
+  put(3, a.lengths, a.B);
+  put(4, a.out, rows * a.D);
+  put(5, a.lse, rows);
+  put(6, a.acc, rows * a.D);
+  put(7, a.max, rows);
+  put(8, a.sum, rows);
+  words[45] = a.Lq;
+  words[46] = a.Lk;
+  words[47] = a.qOrigin;
+  words[48] = a.kOrigin;
+  words[49] = a.rowLenShift;
+  void *params[50];
+  for (int i = 0; i < 50; ++i)
+    params[i] = &words[i];
+
+  int64_t gx, gy = 1, gz = 1;
+  if (kernel.kind == "init" || kernel.kind == "finalize") {
+    gx = ceilDiv(rows * a.D, kernel.block);
+  } else {
+    int64_t r = kernel.period, w = kernel.segment, first = a.qOrigin;
+    int64_t residues = kernel.residue == -1 ? r : 1;
+    int64_t segments = 1, rowsPerGroup = ceilDiv(a.Lq, r);
+    if (w > 0) {
+      segments = floorDiv(first + a.Lq - 1, w) - floorDiv(first, w) + 1;
+      rowsPerGroup = ceilDiv(std::min(w, a.Lq), r);
+    }
+    gx = ceilDiv(rowsPerGroup, kernel.blockRows);
+    gy = residues * segments;
+    gz = a.B * a.H;
+  }
+  if (gx > 0x7fffffff || gy > 65535 || gz > 65535) {
+    error = "kernel " + kernel.name + ": grid (" + std::to_string(gx) + ", " +
+            std::to_string(gy) + ", " + std::to_string(gz) +
+            ") exceeds the GPU's limits for these sizes";
+    return false;
+  }
+  if (gx <= 0 || gy <= 0)
+    return true;
+  CUresult rc = d.cuLaunchKernel(kernel.function, unsigned(gx), unsigned(gy),
+                                 unsigned(gz), unsigned(kernel.block), 1, 1,
+                                 unsigned(kernel.sharedBytes), stream, params,
+                                 nullptr);
+  if (rc != CUDA_SUCCESS) {
+    error = describe(d, rc, "launching " + kernel.name);
+    return false;
+  }
+  return true;
+}
+
 bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
                      const Tensor *lengths, Tensor &out, Tensor *lse,
                      std::string &error, void *streamPtr) {
@@ -209,67 +249,26 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   CUdeviceptr mx = acc ? acc + size_t(rows) * D * 4 : 0;
   CUdeviceptr sm = acc ? mx + size_t(rows) * 4 : 0;
 
-  // Parameters: 9 descriptors of 5 words, then q_len, kv_len, q_origin,
-  // k_origin and row_len_shift.
-  int64_t words[50];
-  auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
-    int64_t *w = words + 5 * slot;
-    w[0] = w[1] = int64_t(ptr);
-    w[2] = 0;
-    w[3] = size;
-    w[4] = 1;
-  };
+  KernelArgs args;
   auto dev = [](const void *p) { return CUdeviceptr(uintptr_t(p)); };
-  put(0, dev(q.data), rows * D);
-  put(1, dev(k.data), B * k.shape[1] * Lk * D);
-  put(2, dev(v.data), B * k.shape[1] * Lk * D);
-  put(3, lengths ? dev(lengths->data) : 0, lengths ? B : 0);
-  put(4, dev(out.data), rows * D);
-  put(5, lsePtr, lsePtr ? rows : 0);
-  put(6, acc, acc ? rows * D : 0);
-  put(7, mx, mx ? rows : 0);
-  put(8, sm, sm ? rows : 0);
-  words[45] = Lq;
-  words[46] = Lk;
-  words[47] = Lk - Lq; // query origin: bottom-right alignment
-  words[48] = 0;       // key origin
-  words[49] = 0;       // rows compare their index with lengths[b]
-  void *params[50];
-  for (int i = 0; i < 50; ++i)
-    params[i] = &words[i];
-
-  for (const GpuKernel &kernel : g.kernels) {
-    int64_t gx, gy = 1, gz = 1;
-    if (kernel.kind == "init" || kernel.kind == "finalize") {
-      gx = ceilDiv(rows * D, kernel.block);
-    } else {
-      int64_t r = kernel.period, w = kernel.segment, delta = Lk - Lq;
-      int64_t residues = kernel.residue == -1 ? r : 1;
-      int64_t segments = 1, rowsPerGroup = ceilDiv(Lq, r);
-      if (w > 0) {
-        segments = floorDiv(delta + Lq - 1, w) - floorDiv(delta, w) + 1;
-        rowsPerGroup = ceilDiv(std::min(w, Lq), r);
-      }
-      gx = ceilDiv(rowsPerGroup, kernel.blockRows);
-      gy = residues * segments;
-      gz = B * H;
-    }
-    if (gx > 0x7fffffff || gy > 65535 || gz > 65535) {
-      error = "kernel " + kernel.name + ": grid (" + std::to_string(gx) + ", " +
-              std::to_string(gy) + ", " + std::to_string(gz) +
-              ") exceeds the GPU's limits for these sizes";
+  args.q = dev(q.data);
+  args.k = dev(k.data);
+  args.v = dev(v.data);
+  args.lengths = lengths ? dev(lengths->data) : 0;
+  args.out = dev(out.data);
+  args.lse = lsePtr;
+  args.acc = acc;
+  args.max = mx;
+  args.sum = sm;
+  args.B = B;
+  args.H = H;
+  args.Hkv = k.shape[1];
+  args.D = D;
+  args.Lq = Lq;
+  args.Lk = Lk;
+  args.qOrigin = Lk - Lq; // bottom-right alignment
+  for (const GpuKernel &kernel : g.kernels)
+    if (!launchKernel(g, kernel, args, stream, error))
       return false;
-    }
-    if (gx <= 0 || gy <= 0)
-      continue;
-    CUresult rc = d.cuLaunchKernel(kernel.function, unsigned(gx), unsigned(gy),
-                                   unsigned(gz), unsigned(kernel.block), 1, 1,
-                                   unsigned(kernel.sharedBytes), stream, params,
-                                   nullptr);
-    if (rc != CUDA_SUCCESS) {
-      error = describe(d, rc, "launching " + kernel.name);
-      return false;
-    }
-  }
   return true;
 }

@@ -65,6 +65,8 @@ std::unique_ptr<Package> Package::load(const std::string &dir,
     if (pkg->isGpu()) {
       if (!pkg->loadGpu(manifestPath, &m, error))
         return nullptr;
+      if (m.contains("ring") && !pkg->loadRing(&m, error))
+        return nullptr;
       return pkg;
     }
     std::string libPath = dir + "/" + m.at("library").get<std::string>();

@@ -251,6 +251,9 @@ bool Package::loadRing(const void *manifest, std::string &error) {
             std::to_string(ring->ranks);
     return false;
   }
+  ring_ = std::move(ring);
+  if (isGpu())
+    return true; // the kernels are in the cubin (GpuPackage.cpp)
   auto symbol = [&](const std::string &name) -> void * {
     void *p = dlsym(library_, name.c_str());
     if (!p)
@@ -266,20 +269,16 @@ bool Package::loadRing(const void *manifest, std::string &error) {
       return false;
     ringKernels_.push_back(p);
   }
-  ring_ = std::move(ring);
   return true;
 }
 
 bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
                       const Tensor &v, const Tensor *lengths, Tensor &out,
-                      Tensor *lse, RingStats *stats, std::string &error) {
+                      Tensor *lse, RingStats *stats, std::string &error,
+                      void *stream) {
   if (!ring_) {
     error = "package " + name_ + " is not a ring package (compile a spec with "
             "a \"distribution\" section)";
-    return false;
-  }
-  if (isGpu()) {
-    error = "package " + name_ + ": GPU ring packages are not supported yet";
     return false;
   }
   const int rank = transport.rank();
@@ -292,6 +291,9 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
   }
   if (!checkArguments(q, k, v, lengths, out, lse, error))
     return false;
+  if (isGpu())
+    return runRankGpu(transport, q, k, v, lengths, out, lse, stats, error,
+                      stream);
 
   const double start = now();
   const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];

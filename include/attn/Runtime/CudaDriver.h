@@ -32,6 +32,28 @@ constexpr int CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
 constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
 constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 
+constexpr int CU_MEMORYTYPE_DEVICE = 2;
+constexpr unsigned CU_STREAM_NON_BLOCKING = 1;
+constexpr unsigned CU_EVENT_DISABLE_TIMING = 2;
+
+/// A 2-D copy: `Height` rows of `WidthInBytes`, rows `srcPitch` / `dstPitch`
+/// bytes apart (CUDA_MEMCPY2D).
+struct Memcpy2D {
+  size_t srcXInBytes = 0, srcY = 0;
+  int srcMemoryType = CU_MEMORYTYPE_DEVICE;
+  const void *srcHost = nullptr;
+  CUdeviceptr srcDevice = 0;
+  void *srcArray = nullptr;
+  size_t srcPitch = 0;
+  size_t dstXInBytes = 0, dstY = 0;
+  int dstMemoryType = CU_MEMORYTYPE_DEVICE;
+  void *dstHost = nullptr;
+  CUdeviceptr dstDevice = 0;
+  void *dstArray = nullptr;
+  size_t dstPitch = 0;
+  size_t WidthInBytes = 0, Height = 0;
+};
+
 /// Entry points of libcuda.so.1 (the _v2 ABI where the header renames).
 struct Driver {
   CUresult (*cuInit)(unsigned);
@@ -61,6 +83,12 @@ struct Driver {
   CUresult (*cuEventSynchronize)(CUevent);
   CUresult (*cuEventElapsedTime)(float *, CUevent, CUevent);
   CUresult (*cuEventDestroy)(CUevent);
+  CUresult (*cuMemcpy2DAsync)(const Memcpy2D *, CUstream);
+  CUresult (*cuMemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);
+  CUresult (*cuStreamCreate)(CUstream *, unsigned);
+  CUresult (*cuStreamDestroy)(CUstream);
+  CUresult (*cuStreamWaitEvent)(CUstream, CUevent, unsigned);
+  CUresult (*cuEventQuery)(CUevent);
   CUresult (*cuGetErrorName)(CUresult, const char **);
   CUresult (*cuGetErrorString)(CUresult, const char **);
 };
@@ -73,8 +101,8 @@ const Driver *driver(std::string &error);
 std::string describe(const Driver &d, CUresult rc, const std::string &what);
 
 /// Makes a context current on the calling thread: the caller's (as PyTorch
-/// sets one) or else the primary context of device 0.
-bool ensureContext(const Driver &d, std::string &error);
+/// sets one) or else the primary context of device `device`.
+bool ensureContext(const Driver &d, std::string &error, int device = 0);
 
 } // namespace attn::runtime::cuda
 

@@ -66,13 +66,26 @@ public:
   /// q [B,H,C,D], k/v [B,Hkv,C,D] -> out [B,H,C,D][, lse [B,H,C]], with
   /// global lengths [B]. Rows travel over `transport`; `stats` (may be null)
   /// receives the bytes sent and the time per step.
+  /// For GPU packages every pointer is device memory, the transport must
+  /// move device memory (NCCL), and the work is queued on `stream` (a
+  /// CUstream) and on a communication stream of the package; call
+  /// waitRank to wait for it without hanging on a dead peer.
   bool runRank(Transport &transport, const Tensor &q, const Tensor &k,
                const Tensor &v, const Tensor *lengths, Tensor &out,
-               Tensor *lse, RingStats *stats, std::string &error);
+               Tensor *lse, RingStats *stats, std::string &error,
+               void *stream = nullptr);
+  /// Waits for the GPU work of runRank on `stream`, polling the transport
+  /// for failed peers; gives up after `timeoutSeconds`.
+  bool waitRank(Transport &transport, void *stream, double timeoutSeconds,
+                std::string &error);
 
 private:
   Package();
   bool loadRing(const void *manifest, std::string &error);
+  bool runRankGpu(Transport &transport, const Tensor &q, const Tensor &k,
+                  const Tensor &v, const Tensor *lengths, Tensor &out,
+                  Tensor *lse, RingStats *stats, std::string &error,
+                  void *stream);
   /// The tensors in the manifest's argument order.
   bool inManifestOrder(const Tensor &q, const Tensor &k, const Tensor &v,
                        const Tensor *lengths, const Tensor &out,

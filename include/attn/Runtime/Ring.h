@@ -85,6 +85,18 @@ public:
   virtual bool exchange(int64_t step, int to, const void *send,
                         size_t sendBytes, int from, void *recv,
                         size_t recvBytes, std::string &error) = 0;
+  /// The same for device memory (GPU packages): queued on the CUstream
+  /// `stream` without waiting. Transports that move host memory only refuse.
+  virtual bool exchangeDevice(int64_t step, int to, uint64_t send,
+                              size_t sendBytes, int from, uint64_t recv,
+                              size_t recvBytes, void *stream,
+                              std::string &error) {
+    error = "this transport moves host memory only; GPU ring packages need "
+            "the NCCL transport";
+    return false;
+  }
+  /// Whether queued device exchanges failed (a dead peer): sets `error`.
+  virtual bool deviceError(std::string &error) { return false; }
   /// Tells the peers that this rank failed, so that none waits for it.
   virtual void abort(const std::string &why) {}
 };
@@ -102,6 +114,19 @@ public:
 private:
   std::shared_ptr<State> state_;
 };
+
+/// NCCL's 128-byte unique id: made once (rank 0) and given to every rank.
+struct NcclId {
+  char bytes[128] = {0};
+};
+/// ncclGetUniqueId (opens libnccl.so.2 on first use).
+bool ncclUniqueId(NcclId &id, std::string &error);
+/// A transport over NCCL for rank `rank` of `ranks` (device memory; the
+/// calling thread's CUDA context picks the GPU). `packageId` identifies the
+/// package: ranks that run different packages fail at start-up, naming both.
+std::unique_ptr<Transport> ncclTransport(int rank, int ranks, const NcclId &id,
+                                         const std::string &packageId,
+                                         std::string &error);
 
 /// Runs `pkg` (a ring package) on global tensors q [B,H,L,D], k/v
 /// [B,Hkv,L,D] with one thread per rank over an InProcessHub: splits the

@@ -1,0 +1,68 @@
+//===- GpuModule.h - a loaded GPU package (runtime internals) ---*- C++ -*-===//
+//
+// What GpuPackage.cpp loads from a GPU package (the cubin's kernels in launch
+// order, device scratch) and its one way to launch a kernel, shared with the
+// ring executor (GpuRing.cpp).
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef ATTN_LIB_RUNTIME_GPUMODULE_H
+#define ATTN_LIB_RUNTIME_GPUMODULE_H
+
+#include "attn/Runtime/CudaDriver.h"
+
+#include <string>
+#include <vector>
+
+namespace attn::runtime {
+using namespace attn::runtime::cuda;
+
+struct GpuKernel {
+  std::string name, kind;
+  int64_t block = 0, blockRows = 0, sharedBytes = 0;
+  int64_t period = 1, residue = -1 /* all */, segment = 0;
+  CUfunction function = nullptr;
+};
+
+struct GpuModule {
+  const Driver *d = nullptr;
+  /// Ring packages: device buffers of the last runRank (grown on demand), a
+  /// communication stream and its events.
+  CUdeviceptr ringScratch = 0;
+  size_t ringScratchBytes = 0;
+  CUstream commStream = nullptr;
+  CUmodule module = nullptr;
+  std::vector<GpuKernel> kernels; // in launch order
+  bool needsState = false;
+  int64_t headDim = 0;
+  // Device scratch, grown on demand.
+  CUdeviceptr scratch = 0;
+  size_t scratchBytes = 0;
+
+  ~GpuModule() {
+    if (ringScratch)
+      d->cuMemFree(ringScratch);
+    if (commStream)
+      d->cuStreamDestroy(commStream);
+    if (scratch)
+      d->cuMemFree(scratch);
+    if (module)
+      d->cuModuleUnload(module);
+  }
+};
+
+/// One kernel launch: device pointers (0 = absent), shapes and positions.
+struct KernelArgs {
+  CUdeviceptr q = 0, k = 0, v = 0, lengths = 0, out = 0, lse = 0, acc = 0,
+              max = 0, sum = 0;
+  int64_t B = 0, H = 0, Hkv = 0, D = 0, Lq = 0, Lk = 0;
+  int64_t qOrigin = 0, kOrigin = 0, rowLenShift = 0;
+};
+
+/// Launches `kernel` with the grid of docs/Package.md on `stream`.
+bool launchKernel(const GpuModule &g, const GpuKernel &kernel,
+                  const KernelArgs &args, CUstream stream, std::string &error);
+
+} // namespace attn::runtime
+
+#endif // ATTN_LIB_RUNTIME_GPUMODULE_H

@@ -1,0 +1,427 @@
+//===- GpuRing.cpp - one rank of a GPU ring package -----------------------===//
+//
+// The CPU executor's program (Ring.cpp) on the GPU, asynchronously:
+//
+//   compute stream (the caller's)          communication stream (the package's)
+//   split pieces, init state               wait for the inputs
+//   ...                                    step i: wait until slot i%2 is free,
+//                                          pack rows (2-D copies), NCCL
+//                                          send/recv, unpack into the slot
+//   step i: wait for its exchange,  <----  record exchanged[i]
+//   run its updates, record slot free
+//   finalize, merge pieces into out/lse
+//
+// so step i+1's transfer overlaps step i's kernels (kv = ring); with
+// kv = allgather every exchange is queued before the first update. Zigzag
+// ranks hold two pieces; the kernels address contiguous [B, H, rows, D]
+// tensors, so pieces are copied apart at the start and back at the end
+// (one pass over q, k, v and out). Received rows land in a zero-filled
+// [B, Hkv, C, D] buffer at their local rows (never-sent rows stay finite and
+// are never attended), then into piece buffers.
+//
+//===----------------------------------------------------------------------===//
+
+#include "GpuModule.h"
+#include "attn/Runtime/Package.h"
+#include "attn/Runtime/Ring.h"
+
+#include <chrono>
+#include <thread>
+
+using namespace attn::runtime;
+using namespace attn::runtime::cuda;
+
+namespace {
+/// Sub-allocations of one device buffer.
+struct Arena {
+  size_t used = 0;
+  size_t take(size_t bytes) {
+    size_t at = used;
+    used += (bytes + 255) / 256 * 256;
+    return at;
+  }
+};
+
+int64_t setRows(const RowSet &set) {
+  int64_t n = 0;
+  for (const RowRun &r : set)
+    n += r.len * r.count;
+  return n;
+}
+} // namespace
+
+bool Package::runRankGpu(Transport &transport, const Tensor &q,
+                         const Tensor &k, const Tensor &v,
+                         const Tensor *lengths, Tensor &out, Tensor *lse,
+                         RingStats *stats, std::string &error,
+                         void *streamPtr) {
+  GpuModule &g = *gpu_;
+  const Driver &d = *g.d;
+  if (!ensureContext(d, error))
+    return false;
+  CUstream stream = static_cast<CUstream>(streamPtr);
+  const RankSchedule &rs = ring_->schedule[transport.rank()];
+  const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];
+  const int64_t Hkv = k.shape[1], es = 2; // bf16 / f16 storage
+  const size_t P = rs.pieces.size();
+  const int64_t rowsP = rs.pieces[0].rows;
+  const bool split = P > 1;
+  const bool gatherFirst = ring_->kv == "allgather";
+  const size_t steps = rs.steps.size();
+  const size_t slots = gatherFirst ? std::max<size_t>(steps, 1) : 2;
+  auto dev = [](const void *p) { return CUdeviceptr(uintptr_t(p)); };
+
+  auto kernelNamed = [&](const std::string &name) -> const GpuKernel * {
+    for (const GpuKernel &kn : g.kernels)
+      if (kn.name == name)
+        return &kn;
+    return nullptr;
+  };
+  const GpuKernel *init = kernelNamed("init"), *fin = kernelNamed("finalize");
+  if (!init || !fin) {
+    error = "package " + name_ + " has no init/finalize kernels";
+    return false;
+  }
+
+  // Bytes of each step's packed K+V, both ways.
+  auto packedBytes = [&](const std::vector<RowSet> &sets) {
+    int64_t rows = 0;
+    for (const RowSet &set : sets)
+      rows += setRows(set);
+    if (sets.size() == 1)
+      rows *= Hkv;
+    return size_t(rows * B * D * es * 2);
+  };
+  size_t maxSend = 0, maxRecv = 0;
+  for (const RingStep &s : rs.steps) {
+    if (s.sendTo >= 0)
+      maxSend = std::max(maxSend, packedBytes(s.sendRows));
+    if (s.recvFrom >= 0)
+      maxRecv = std::max(maxRecv, packedBytes(s.recvRows));
+  }
+
+  // Device scratch layout.
+  const size_t qPiece = size_t(B * H * rowsP * D * es);
+  const size_t kPiece = size_t(B * Hkv * rowsP * D * es);
+  const size_t rowsF32 = size_t(B * H * rowsP * 4);
+  const size_t kChunk = size_t(B * Hkv * C * D * es);
+  Arena arena;
+  std::vector<size_t> qP(P), kP(P), vP(P), oP(P), lP(P), acc(P), mx(P),
+      sm(P);
+  for (size_t p = 0; p < P; ++p) {
+    if (split) {
+      qP[p] = arena.take(qPiece);
+      kP[p] = arena.take(kPiece);
+      vP[p] = arena.take(kPiece);
+      oP[p] = arena.take(qPiece);
+    }
+    lP[p] = arena.take(rowsF32);
+    acc[p] = arena.take(rowsF32 * D);
+    mx[p] = arena.take(rowsF32);
+    sm[p] = arena.take(rowsF32);
+  }
+  // Receive slots: the chunk layout, and its pieces when split.
+  std::vector<size_t> rK(slots), rV(slots);
+  std::vector<std::vector<size_t>> rKP(slots, std::vector<size_t>(P)),
+      rVP(slots, std::vector<size_t>(P));
+  size_t zeroFrom = arena.used;
+  for (size_t s = 0; s < slots; ++s) {
+    rK[s] = arena.take(kChunk);
+    rV[s] = arena.take(kChunk);
+  }
+  size_t zeroTo = arena.used;
+  for (size_t s = 0; s < slots && split; ++s)
+    for (size_t p = 0; p < P; ++p) {
+      rKP[s][p] = arena.take(kPiece);
+      rVP[s][p] = arena.take(kPiece);
+    }
+  size_t sendAt = arena.take(maxSend), recvAt = arena.take(maxRecv);
+
+  if (arena.used > g.ringScratchBytes) {
+    if (g.ringScratch)
+      d.cuMemFree(g.ringScratch);
+    g.ringScratch = 0;
+    g.ringScratchBytes = 0;
+    CUresult rc = d.cuMemAlloc(&g.ringScratch, arena.used);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "allocating " + std::to_string(arena.used) +
+                                  " bytes for the ring's buffers");
+      return false;
+    }
+    g.ringScratchBytes = arena.used;
+    // Rows that never travel must stay finite: zero the receive buffers.
+    d.cuMemsetD8Async(g.ringScratch + zeroFrom, 0, zeroTo - zeroFrom, stream);
+  }
+  const CUdeviceptr base = g.ringScratch;
+  auto at = [&](size_t off) { return base + off; };
+
+  if (!g.commStream &&
+      d.cuStreamCreate(&g.commStream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) {
+    error = "cannot create the ring's communication stream";
+    return false;
+  }
+  CUstream cs = g.commStream;
+  std::vector<CUevent> events;
+  auto event = [&]() {
+    CUevent e = nullptr;
+    d.cuEventCreate(&e, CU_EVENT_DISABLE_TIMING);
+    events.push_back(e);
+    return e;
+  };
+  struct EventsGuard {
+    const Driver &d;
+    std::vector<CUevent> &events;
+    ~EventsGuard() {
+      for (CUevent e : events)
+        d.cuEventDestroy(e); // destroyed once their work completes
+    }
+  } guard{d, events};
+
+  CUresult crc = CUDA_SUCCESS;
+  auto copy2d = [&](CUdeviceptr src, size_t srcPitch, CUdeviceptr dst,
+                    size_t dstPitch, size_t width, size_t height,
+                    CUstream st) {
+    if (crc != CUDA_SUCCESS || !width || !height)
+      return;
+    Memcpy2D c;
+    c.srcDevice = src;
+    c.srcPitch = srcPitch;
+    c.dstDevice = dst;
+    c.dstPitch = dstPitch;
+    c.WidthInBytes = width;
+    c.Height = height;
+    crc = d.cuMemcpy2DAsync(&c, st);
+  };
+  // Rows [offset, offset + rows) of every [.., C, D] slab <-> a piece buffer.
+  auto pieceCopy = [&](CUdeviceptr chunk, CUdeviceptr piece, int64_t slabs,
+                       const RingPiece &p, bool toPiece, CUstream st) {
+    size_t rowBytes = size_t(D * es);
+    if (toPiece)
+      copy2d(chunk + p.offset * rowBytes, C * rowBytes, piece, p.rows * rowBytes,
+             p.rows * rowBytes, slabs, st);
+    else
+      copy2d(piece, p.rows * rowBytes, chunk + p.offset * rowBytes,
+             C * rowBytes, p.rows * rowBytes, slabs, st);
+  };
+  // Rows of `sets` of [B, Hkv, C, D] `chunk` <-> packed, (b, g)-major.
+  auto packRows = [&](const std::vector<RowSet> &sets, CUdeviceptr chunk,
+                      CUdeviceptr packed, bool toPacked, CUstream st) {
+    size_t rowBytes = size_t(D * es), n = 0;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t gI = 0; gI < Hkv; ++gI) {
+        const RowSet &set = sets.size() == 1 ? sets[0] : sets[gI];
+        CUdeviceptr slab = chunk + size_t((b * Hkv + gI) * C) * rowBytes;
+        for (const RowRun &r : set) {
+          size_t width = r.len * rowBytes;
+          size_t pitch = (r.count > 1 ? r.pitch : r.len) * rowBytes;
+          if (toPacked)
+            copy2d(slab + r.start * rowBytes, pitch, packed + n, width, width,
+                   r.count, st);
+          else
+            copy2d(packed + n, width, slab + r.start * rowBytes, pitch, width,
+                   r.count, st);
+          n += width * r.count;
+        }
+      }
+    return n;
+  };
+
+  // Inputs are ready on the caller's stream; the comm stream waits for them.
+  CUevent inputsReady = event();
+  d.cuEventRecord(inputsReady, stream);
+  d.cuStreamWaitEvent(cs, inputsReady, 0);
+  for (size_t p = 0; p < P && split; ++p) {
+    pieceCopy(dev(q.data), at(qP[p]), B * H, rs.pieces[p], true, stream);
+    pieceCopy(dev(k.data), at(kP[p]), B * Hkv, rs.pieces[p], true, stream);
+    pieceCopy(dev(v.data), at(vP[p]), B * Hkv, rs.pieces[p], true, stream);
+  }
+  KernelArgs base0;
+  base0.B = B;
+  base0.H = H;
+  base0.Hkv = Hkv;
+  base0.D = D;
+  base0.lengths = lengths ? dev(lengths->data) : 0;
+  for (size_t p = 0; p < P; ++p) {
+    KernelArgs a = base0;
+    a.Lq = a.Lk = rowsP;
+    a.acc = at(acc[p]);
+    a.max = at(mx[p]);
+    a.sum = at(sm[p]);
+    if (!launchKernel(g, *init, a, stream, error))
+      return false;
+  }
+
+  std::vector<CUevent> exchanged(steps, nullptr), slotFree(slots, nullptr);
+  std::vector<int64_t> sentBytes(steps, 0);
+  std::vector<size_t> slotOf(steps, 0);
+  int exchanges = 0;
+  auto exchange = [&](size_t i) {
+    const RingStep &s = rs.steps[i];
+    if (s.sendTo < 0 && s.recvFrom < 0)
+      return true;
+    size_t slot = gatherFirst ? i : size_t(exchanges++ % 2);
+    slotOf[i] = slot;
+    if (slotFree[slot])
+      d.cuStreamWaitEvent(cs, slotFree[slot], 0);
+    size_t sendN = 0, recvN = s.recvFrom >= 0 ? packedBytes(s.recvRows) : 0;
+    if (s.sendTo >= 0) {
+      sendN = packRows(s.sendRows, dev(k.data), at(sendAt), true, cs);
+      sendN += packRows(s.sendRows, dev(v.data), at(sendAt) + sendN, true, cs);
+    }
+    if (!transport.exchangeDevice(s.step, s.sendTo, at(sendAt), sendN,
+                                  s.recvFrom, at(recvAt), recvN, cs, error))
+      return false;
+    sentBytes[i] = int64_t(sendN);
+    if (s.recvFrom >= 0 && s.step > 0) {
+      size_t half = packRows(s.recvRows, at(rK[slot]), at(recvAt), false, cs);
+      packRows(s.recvRows, at(rV[slot]), at(recvAt) + half, false, cs);
+      for (size_t p = 0; p < P && split; ++p) {
+        pieceCopy(at(rK[slot]), at(rKP[slot][p]), B * Hkv, rs.pieces[p], true,
+                  cs);
+        pieceCopy(at(rV[slot]), at(rVP[slot][p]), B * Hkv, rs.pieces[p], true,
+                  cs);
+      }
+    }
+    exchanged[i] = event();
+    d.cuEventRecord(exchanged[i], cs);
+    return crc == CUDA_SUCCESS;
+  };
+  auto update = [&](size_t i) {
+    const RingStep &s = rs.steps[i];
+    if (exchanged[i])
+      d.cuStreamWaitEvent(stream, exchanged[i], 0);
+    bool remote = s.step > 0 && s.recvFrom >= 0;
+    size_t slot = slotOf[i];
+    for (const RingUpdate &u : s.updates) {
+      if (u.kernel < 0 || size_t(u.qPiece) >= P || size_t(u.kPiece) >= P) {
+        error = "the ring schedule names a missing kernel or piece";
+        return false;
+      }
+      const GpuKernel *kn =
+          kernelNamed("component_" + std::to_string(u.kernel));
+      if (!kn) {
+        error = "package " + name_ + " has no kernel component_" +
+                std::to_string(u.kernel);
+        return false;
+      }
+      KernelArgs a = base0;
+      size_t qp = u.qPiece, kp = u.kPiece;
+      a.q = split ? at(qP[qp]) : dev(q.data);
+      if (remote) {
+        a.k = split ? at(rKP[slot][kp]) : at(rK[slot]);
+        a.v = split ? at(rVP[slot][kp]) : at(rV[slot]);
+      } else {
+        a.k = split ? at(kP[kp]) : dev(k.data);
+        a.v = split ? at(vP[kp]) : dev(v.data);
+      }
+      a.acc = at(acc[qp]);
+      a.max = at(mx[qp]);
+      a.sum = at(sm[qp]);
+      a.Lq = rs.pieces[qp].rows;
+      a.Lk = rs.pieces[kp].rows;
+      a.qOrigin = u.qOrigin;
+      a.kOrigin = u.kOrigin;
+      // Lengths bound positions: a row's index + q_origin.
+      a.rowLenShift = ring_->layout == "striped" ? 0 : u.qOrigin;
+      if (!launchKernel(g, *kn, a, stream, error))
+        return false;
+    }
+    if (remote) {
+      slotFree[slot] = event();
+      d.cuEventRecord(slotFree[slot], stream);
+    }
+    return true;
+  };
+
+  bool ok = true;
+  for (size_t i = 0; ok && i < steps; ++i)
+    ok = exchange(i) && (gatherFirst || update(i));
+  for (size_t i = 0; ok && gatherFirst && i < steps; ++i)
+    ok = update(i);
+  if (!ok) {
+    if (error.empty())
+      error = describe(d, crc, "queueing a ring step");
+    transport.abort(error);
+    return false;
+  }
+
+  for (size_t p = 0; p < P; ++p) {
+    KernelArgs a = base0;
+    a.Lq = a.Lk = rowsP;
+    a.acc = at(acc[p]);
+    a.max = at(mx[p]);
+    a.sum = at(sm[p]);
+    a.out = split ? at(oP[p]) : dev(out.data);
+    a.lse = split || !lse ? at(lP[p]) : dev(lse->data);
+    if (!launchKernel(g, *fin, a, stream, error))
+      return false;
+    if (split) {
+      pieceCopy(dev(out.data), at(oP[p]), B * H, rs.pieces[p], false, stream);
+      if (lse) {
+        const RingPiece &pc = rs.pieces[p];
+        copy2d(at(lP[p]), pc.rows * 4, dev(lse->data) + pc.offset * 4, C * 4,
+               pc.rows * 4, B * H, stream);
+      }
+    }
+  }
+  // The next call's comm stream work must not overwrite buffers this call's
+  // kernels still read: the comm stream waits for the compute stream's end.
+  CUevent done = event();
+  d.cuEventRecord(done, stream);
+  d.cuStreamWaitEvent(cs, done, 0);
+  if (crc != CUDA_SUCCESS) {
+    error = describe(d, crc, "a ring copy");
+    return false;
+  }
+  if (stats) {
+    *stats = RingStats();
+    stats->rank = transport.rank();
+    stats->expectedBytes = rs.rowsSent * B * D * es * 2;
+    for (size_t i = 0; i < steps; ++i) {
+      stats->bytesSent += sentBytes[i];
+      stats->steps.push_back({rs.steps[i].step, sentBytes[i],
+                              int64_t(rs.steps[i].updates.size()), 0.0});
+    }
+  }
+  return true;
+}
+
+bool Package::waitRank(Transport &transport, void *streamPtr,
+                       double timeoutSeconds, std::string &error) {
+  if (!isGpu())
+    return true;
+  const Driver &d = *gpu_->d;
+  CUevent done = nullptr;
+  d.cuEventCreate(&done, CU_EVENT_DISABLE_TIMING);
+  d.cuEventRecord(done, static_cast<CUstream>(streamPtr));
+  auto start = std::chrono::steady_clock::now();
+  bool ok = false;
+  while (true) {
+    CUresult rc = d.cuEventQuery(done);
+    if (rc == CUDA_SUCCESS) {
+      ok = true;
+      break;
+    }
+    if (rc != 600 /* CUDA_ERROR_NOT_READY */) {
+      error = describe(d, rc, "running the ring");
+      break;
+    }
+    if (transport.deviceError(error))
+      break;
+    double waited = std::chrono::duration<double>(
+                        std::chrono::steady_clock::now() - start)
+                        .count();
+    if (waited > timeoutSeconds) {
+      error = "rank " + std::to_string(transport.rank()) + ": the ring did not "
+              "finish within " + std::to_string(int(timeoutSeconds)) +
+              " s (a peer stopped or runs another schedule)";
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  if (!ok)
+    transport.abort(error);
+  else
+    d.cuEventDestroy(done);
+  return ok;
+}

@@ -82,6 +82,23 @@ attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
                                    const attn_tensor *lengths, attn_tensor *out,
                                    attn_tensor *lse, int64_t *bytes_sent);
 
+/* GPU ring packages, one process per GPU (torchrun or any launcher):
+ * rank 0 makes an NCCL id (attn_nccl_unique_id) and every rank gets it
+ * (torch.distributed broadcast, a file, ...); each rank then joins with its
+ * rank and calls attn_package_run_rank on its chunk (device pointers,
+ * queued on `stream`) and attn_package_wait_rank, which waits without
+ * hanging on a dead peer (error after timeout_seconds). */
+attn_status attn_nccl_unique_id(char id[128]);
+attn_status attn_package_join(attn_package *package, int rank, int nranks,
+                              const char id[128]);
+attn_status attn_package_run_rank(attn_package *package, const attn_tensor *q,
+                                  const attn_tensor *k, const attn_tensor *v,
+                                  const attn_tensor *lengths, attn_tensor *out,
+                                  attn_tensor *lse, void *stream,
+                                  int64_t *bytes_sent);
+attn_status attn_package_wait_rank(attn_package *package, void *stream,
+                                   double timeout_seconds);
+
 const char *attn_last_error(void);
 
 #ifdef __cplusplus

@@ -9,6 +9,7 @@
 #include "attn/Runtime/Package.h"
 #include "attn/Runtime/Ring.h"
 
+#include <cstring>
 #include <string>
 
 using attn::runtime::Package;
@@ -16,6 +17,7 @@ using attn::runtime::Tensor;
 
 struct attn_package {
   std::unique_ptr<Package> impl;
+  std::unique_ptr<attn::runtime::Transport> transport; ///< after join
 };
 
 static thread_local std::string lastError;
@@ -140,6 +142,76 @@ attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
   if (bytes_sent)
     for (size_t r = 0; r < stats.size(); ++r)
       bytes_sent[r] = stats[r].bytesSent;
+  return ATTN_OK;
+}
+
+attn_status attn_nccl_unique_id(char id[128]) {
+  attn::runtime::NcclId nid;
+  std::string error;
+  if (!id)
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_nccl_unique_id: null id");
+  if (!attn::runtime::ncclUniqueId(nid, error))
+    return failWith(ATTN_ERROR_RUNTIME, error);
+  std::memcpy(id, nid.bytes, sizeof(nid.bytes));
+  return ATTN_OK;
+}
+
+attn_status attn_package_join(attn_package *package, int rank, int nranks,
+                              const char id[128]) {
+  if (!package || !id)
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_package_join: null argument");
+  const attn::runtime::RingProgram *ring = package->impl->ring();
+  if (!ring)
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "package " + package->impl->name() + " is not a ring package");
+  if (nranks != ring->ranks || rank < 0 || rank >= nranks)
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "package " + package->impl->name() + " is compiled for " +
+                        std::to_string(ring->ranks) + " ranks; joined as rank " +
+                        std::to_string(rank) + " of " + std::to_string(nranks));
+  attn::runtime::NcclId nid;
+  std::memcpy(nid.bytes, id, sizeof(nid.bytes));
+  std::string error;
+  package->transport = attn::runtime::ncclTransport(
+      rank, nranks, nid, package->impl->name() + ":" + package->impl->specJson(),
+      error);
+  if (!package->transport)
+    return failWith(ATTN_ERROR_RUNTIME, error);
+  return ATTN_OK;
+}
+
+attn_status attn_package_run_rank(attn_package *package, const attn_tensor *q,
+                                  const attn_tensor *k, const attn_tensor *v,
+                                  const attn_tensor *lengths, attn_tensor *out,
+                                  attn_tensor *lse, void *stream,
+                                  int64_t *bytes_sent) {
+  if (!package || !package->transport)
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "attn_package_run_rank: join the ring first (attn_package_join)");
+  Tensor tq, tk, tv, tl, to, tlse;
+  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
+      !toTensor(out, "out", to) || (lengths && !toTensor(lengths, "lengths", tl)) ||
+      (lse && !toTensor(lse, "lse", tlse)))
+    return ATTN_ERROR_ARGUMENT;
+  std::string error;
+  attn::runtime::RingStats stats;
+  if (!package->impl->runRank(*package->transport, tq, tk, tv,
+                              lengths ? &tl : nullptr, to, lse ? &tlse : nullptr,
+                              &stats, error, stream))
+    return failWith(ATTN_ERROR_RUNTIME, error);
+  if (bytes_sent)
+    *bytes_sent = stats.bytesSent;
+  return ATTN_OK;
+}
+
+attn_status attn_package_wait_rank(attn_package *package, void *stream,
+                                   double timeout_seconds) {
+  if (!package || !package->transport)
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_package_wait_rank: not joined");
+  std::string error;
+  if (!package->impl->waitRank(*package->transport, stream, timeout_seconds,
+                               error))
+    return failWith(ATTN_ERROR_RUNTIME, error);
   return ATTN_OK;
 }
 

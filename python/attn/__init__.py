@@ -73,6 +73,12 @@ def _runtime():
         lib.attn_package_ranks.restype = ctypes.c_int64
         lib.attn_package_run_ranks.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
                                                + [ctypes.POINTER(ctypes.c_int64)])
+        lib.attn_nccl_unique_id.argtypes = [ctypes.c_char_p]
+        lib.attn_package_join.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_char_p]
+        lib.attn_package_run_rank.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
+                                              + [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)])
+        lib.attn_package_wait_rank.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double]
         lib.attn_last_error.restype = ctypes.c_char_p
         _lib = lib
     return _lib
@@ -182,7 +188,50 @@ class Package:
         self.bytes_sent = list(sent)
         return (out, lse) if return_lse else out
 
-    def _call_torch(self, q, k, v, lengths, return_lse, out):
+    def join(self, group=None):
+        """Joins this process to the ring of a GPU ring package over NCCL:
+        torch.distributed must be initialised (torchrun sets RANK,
+        WORLD_SIZE, LOCAL_RANK); rank 0's NCCL id reaches the others through
+        `group`. Call once per process, with the current CUDA device set."""
+        import torch.distributed as dist
+        lib = _runtime()
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        box = [None]
+        if rank == 0:
+            buf = ctypes.create_string_buffer(128)
+            if lib.attn_nccl_unique_id(buf) != 0:
+                raise AttnError(lib.attn_last_error().decode())
+            box = [buf.raw]
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        dist.broadcast_object_list(box, src=src, group=group)
+        if lib.attn_package_join(self._handle, rank, world, box[0]) != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        self.rank = rank
+
+    def run_rank(self, q, k, v, lengths=None, return_lse=False, out=None, wait=True,
+                 timeout=300.0):
+        """This rank's part of a GPU ring package (after join): q [B,H,C,D],
+        k, v [B,Hkv,C,D] are its chunk of the sequence (docs/Ring.md for the
+        layouts), lengths global. Queued on the current stream; with
+        wait=True returns once done, raising instead of hanging when a peer
+        fails. `bytes_sent` holds what this rank sent."""
+        import torch
+        t = self._torch_args(q, k, v, lengths, return_lse, out)
+        lib = _runtime()
+        sent = ctypes.c_int64(0)
+        with torch.cuda.device(q.device):
+            stream = ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream)
+            rc = lib.attn_package_run_rank(self._handle, *t["ptrs"], stream, ctypes.byref(sent))
+            if rc == 0 and wait:
+                rc = lib.attn_package_wait_rank(self._handle, stream, float(timeout))
+        if rc != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        self.bytes_sent = [sent.value]
+        return (t["out"], t["lse"]) if return_lse else t["out"]
+
+    def _torch_args(self, q, k, v, lengths, return_lse, out):
+        """Checks PyTorch CUDA tensors and returns the C tensors (`ptrs`, in
+        the C API's order q, k, v, lengths, out, lse) and the outputs."""
         import torch
         if self.target == "cpu":
             raise AttnError(f"package {self.manifest['name']} targets cpu: pass NumPy arrays, "
@@ -218,16 +267,20 @@ class Package:
         if return_lse:
             lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
         tlse = tensor("lse", lse, torch.float32, _F32) if lse is not None else None
+        ref = lambda t: ctypes.byref(t) if t is not None else None
+        return {"ptrs": [ref(tq), ref(tk), ref(tv), ref(tl), ref(tout), ref(tlse)],
+                "out": out, "lse": lse, "keep": (keep, tq, tk, tv, tl, tout, tlse, lengths)}
+
+    def _call_torch(self, q, k, v, lengths, return_lse, out):
+        import torch
+        t = self._torch_args(q, k, v, lengths, return_lse, out)
         lib = _runtime()
         with torch.cuda.device(q.device):
             stream = torch.cuda.current_stream(q.device).cuda_stream
-            rc = lib.attn_package_run_async(
-                self._handle, ctypes.byref(tq), ctypes.byref(tk), ctypes.byref(tv),
-                ctypes.byref(tl) if tl is not None else None, ctypes.byref(tout),
-                ctypes.byref(tlse) if tlse is not None else None, ctypes.c_void_p(stream))
+            rc = lib.attn_package_run_async(self._handle, *t["ptrs"], ctypes.c_void_p(stream))
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
-        return (out, lse) if return_lse else out
+        return (t["out"], t["lse"]) if return_lse else t["out"]
 
 
 def _is_torch(x):

@@ -1,0 +1,217 @@
+"""Ring attention on several GPUs over NCCL: correctness against one GPU, then
+time per layer call and bytes sent per rank against the single-GPU run.
+
+Here (no GPU needed), build the packages:
+    python3 bench/ring_gpu.py --build ring-pkgs [--ranks 2]
+On the GPU machine, one process per GPU:
+    NCCL_NVLS_ENABLE=0 ATTN_BUILD_DIR=build PYTHONPATH=python \\
+        torchrun --nproc_per_node 2 bench/ring_gpu.py --run ring-pkgs [--out DIR]
+
+Every rank draws the same global q, k, v (same seed), keeps its rows by the
+package's layout (docs/Ring.md), runs its part, and rank 0 gathers the
+outputs and compares them with the single-GPU package on the whole sequence
+(outputs poisoned with NaN first). Timings: CUDA events around one layer
+call on every rank after a barrier (median of repeats); ideal = single-GPU
+time / ranks.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import attn  # noqa: E402
+
+H, D = 16, 128
+LONGNET = {"sum": [{"dilated": {"segment": 2048, "rate": 1, "causal": True}},
+                   {"dilated": {"segment": 8192, "rate": 4, "head_offset": True, "causal": True}},
+                   {"dilated": {"segment": 32768, "rate": 16, "head_offset": True, "causal": True}}]}
+# (name, pattern, layout, L): correctness at 16384, speed at 131072 and 262144.
+CHECKS = [
+    ("causal", {"causal": {}}, "zigzag", 16384),
+    ("causal", {"causal": {}}, "contiguous", 16384),
+    ("causal", {"causal": {}}, "striped", 16384),
+    ("local", {"local": {"window": 1024}}, "contiguous", 16384),
+    ("longnet", LONGNET, "zigzag", 65536),
+    ("tokenized", {"sum": [{"tokenized": {}}]}, "zigzag", 16384),
+]
+SPEED = [(n, p, lay, L) for L in (131072, 262144)
+         for n, p, lay in (("causal", {"causal": {}}, "zigzag"),
+                           ("local", {"local": {"window": 1024}}, "contiguous"))]
+
+
+def spec(name, pattern, L, layout=None, ranks=None):
+    s = {"name": name, "dtype": "bf16", "heads": H, "head_dim": D, "seq_len": L,
+         "pattern": pattern}
+    if layout:
+        s["distribution"] = {"ranks": ranks, "layout": layout}
+    return s
+
+
+def key(name, layout, L):
+    return f"{name}_{layout}_{L}"
+
+
+def compile_here(s, path):
+    """attn-compile for sm_90a (loading a GPU package needs a GPU; this does not)."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(s, f)
+    r = subprocess.run([attn._tool("attn-compile"), f.name, "--target", "sm_90a", "-o", path,
+                        "--quiet"], capture_output=True, text=True)
+    os.unlink(f.name)
+    if r.returncode:
+        raise SystemExit(r.stderr)
+
+
+def build(out, ranks):
+    os.makedirs(out, exist_ok=True)
+    for name, pattern, layout, L in CHECKS + SPEED:
+        k = key(name, layout, L)
+        t0 = time.time()
+        compile_here(spec(name, pattern, L, layout, ranks), os.path.join(out, k))
+        single = os.path.join(out, f"{name}_single_{L}")
+        if not os.path.exists(single):
+            compile_here(spec(name, pattern, L), single)
+        print(f"{k:32s} {time.time() - t0:.2f} s", flush=True)
+
+
+def global_rows(layout, ranks, rank, L):
+    import torch
+    c = L // ranks
+    if layout == "contiguous":
+        return torch.arange(rank * c, (rank + 1) * c)
+    if layout == "zigzag":
+        h = c // 2
+        return torch.cat([torch.arange(rank * h, (rank + 1) * h),
+                          torch.arange((2 * ranks - 1 - rank) * h, (2 * ranks - rank) * h)])
+    return rank + ranks * torch.arange(c)
+
+
+def timed(fn, repeat):
+    import torch
+    times = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def run(pkgs, out_dir):
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("nccl")
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dev = torch.device("cuda")
+    rows, failed = [], 0
+
+    def inputs(L, seed):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        q = torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
+        k = torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
+        v = torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
+        return q, k, v
+
+    for i, (name, pattern, layout, L) in enumerate(CHECKS + SPEED):
+        speed = i >= len(CHECKS)
+        ring = attn.load(os.path.join(pkgs, key(name, layout, L)))
+        ring.join()
+        q, k, v = inputs(L, seed=100 + i)
+        lengths = torch.tensor([L - 1000], device=dev, dtype=torch.int32) if name == "tokenized" else None
+        idx = global_rows(layout, ranks, rank, L).to(dev)
+        lq, lk, lv = (t.index_select(2, idx).contiguous() for t in (q, k, v))
+        out = torch.full_like(lq, float("nan"))
+        o, lse = ring.run_rank(lq, lk, lv, lengths=lengths, return_lse=True, out=out)
+        gathered = [torch.empty_like(o) for _ in range(ranks)]
+        lses = [torch.empty_like(lse) for _ in range(ranks)]
+        dist.all_gather(gathered, o)
+        dist.all_gather(lses, lse)
+        row = {"pattern": name, "layout": layout, "L": L, "ranks": ranks,
+               "bytes_sent_rank": ring.bytes_sent[0]}
+        sent = [torch.tensor([ring.bytes_sent[0]], device=dev) for _ in range(ranks)]
+        dist.all_gather(sent, torch.tensor([ring.bytes_sent[0]], device=dev))
+        row["bytes_sent"] = [int(s.item()) for s in sent]
+        if rank == 0:
+            single = attn.load(os.path.join(pkgs, f"{name}_single_{L}"))
+            ref = torch.full_like(q, float("nan"))
+            ref, ref_lse = single(q, k, v, lengths=lengths, return_lse=True, out=ref)
+            full = torch.empty_like(q)
+            full_lse = torch.empty_like(ref_lse)
+            for r in range(ranks):
+                ix = global_rows(layout, ranks, r, L).to(dev)
+                full.index_copy_(2, ix, gathered[r])
+                full_lse.index_copy_(2, ix, lses[r])
+            diff = (full.float() - ref.float()).norm() / ref.float().norm()
+            fin = torch.isfinite(ref_lse)
+            ok = (not torch.isnan(full).any().item() and diff.item() < 1e-2
+                  and torch.equal(torch.isinf(full_lse), torch.isinf(ref_lse))
+                  and (full_lse[fin] - ref_lse[fin]).abs().max().item() < 1e-2)
+            failed += not ok
+            row["rel_diff_vs_1gpu"] = diff.item()
+            row["ok"] = ok
+            if speed:
+                row["1gpu_ms"] = timed(lambda: single(q, k, v, lengths=lengths, out=ref), 5)
+        if speed:
+            dist.barrier()
+
+            def call():
+                ring.run_rank(lq, lk, lv, lengths=lengths, out=out)
+            call()
+            ms = torch.tensor([timed(call, 7)], device=dev)
+            all_ms = [torch.empty_like(ms) for _ in range(ranks)]
+            dist.all_gather(all_ms, ms)
+            row["ring_ms"] = max(t.item() for t in all_ms)
+            if rank == 0:
+                row["ideal_ms"] = row["1gpu_ms"] / ranks
+                row["efficiency"] = row["ideal_ms"] / row["ring_ms"]
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del ring
+    if rank == 0:
+        name = torch.cuda.get_device_name()
+        lines = [f"{ranks} x {name}, torch {torch.__version__}, NCCL_NVLS_ENABLE="
+                 f"{os.environ.get('NCCL_NVLS_ENABLE', '')}", "",
+                 "| pattern | layout | L | correct (rel diff vs 1 GPU) | bytes sent per rank | "
+                 "1 GPU ms | ring ms | ideal ms | % of ideal |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(
+                f"| {r['pattern']} | {r['layout']} | {r['L']} | {r['ok']} ({r['rel_diff_vs_1gpu']:.1e}) | "
+                f"{', '.join(str(b) for b in r['bytes_sent'])} | "
+                f"{r.get('1gpu_ms', float('nan')):.2f} | {r.get('ring_ms', float('nan')):.2f} | "
+                f"{r.get('ideal_ms', float('nan')):.2f} | "
+                f"{100 * r.get('efficiency', float('nan')):.0f} |")
+        table = "\n".join(lines)
+        print(table)
+        if out_dir:
+            with open(os.path.join(out_dir, "ring_gpu.md"), "w") as f:
+                f.write(table + "\n")
+            with open(os.path.join(out_dir, "ring_gpu.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+        print(f"{len(rows) - failed} passed, {failed} failed")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build")
+    ap.add_argument("--run")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.build:
+        build(a.build, a.ranks)
+    elif a.run:
+        run(a.run, a.out)
+    else:
+        ap.error("give --build DIR (here) or --run DIR (under torchrun)")

@@ -5,7 +5,7 @@ Here (no GPU needed), build the packages:
     python3 bench/ring_gpu.py --build ring-pkgs [--ranks 2]
 On the GPU machine, one process per GPU:
     NCCL_NVLS_ENABLE=0 ATTN_BUILD_DIR=build PYTHONPATH=python \\
-        torchrun --nproc_per_node 2 bench/ring_gpu.py --run ring-pkgs [--out DIR]
+        torchrun --nproc_per_node 2 bench/ring_gpu.py --packages ring-pkgs [--out DIR]
 
 Every rank draws the same global q, k, v (same seed), keeps its rows by the
 package's layout (docs/Ring.md), runs its part, and rank 0 gathers the
@@ -105,6 +105,32 @@ def timed(fn, repeat):
     return times[len(times) // 2]
 
 
+def context_parallel_ms(q, k, v, ranks):
+    """PyTorch's ring attention (context_parallel around causal SDPA, its
+    load-balanced sharding) on the same global inputs; median ms of one call,
+    or the error it raised."""
+    import torch
+    import torch.nn.functional as F
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental import context_parallel
+        mesh = init_device_mesh("cuda", (ranks,))
+        cq, ck, cv = q.clone(), k.clone(), v.clone()
+        with context_parallel(mesh, buffers=[cq, ck, cv], buffer_seq_dims=[2, 2, 2]):
+            call = lambda: F.scaled_dot_product_attention(cq, ck, cv, is_causal=True)
+            call()
+            ms = torch.tensor([timed(call, 7)], device=q.device)
+        all_ms = [torch.empty_like(ms) for _ in range(ranks)]
+        torch.distributed.all_gather(all_ms, ms)
+        return max(t.item() for t in all_ms)
+    except Exception as e:  # recorded in the table, not hidden
+        return f"failed: {type(e).__name__}: {str(e)[:120]}"
+
+
+def fmt(x):
+    return f"{x:.2f}" if isinstance(x, float) else str(x)
+
+
 def run(pkgs, out_dir):
     import torch
     import torch.distributed as dist
@@ -173,6 +199,10 @@ def run(pkgs, out_dir):
             if rank == 0:
                 row["ideal_ms"] = row["1gpu_ms"] / ranks
                 row["efficiency"] = row["ideal_ms"] / row["ring_ms"]
+            if name == "causal":
+                cp = context_parallel_ms(q, k, v, ranks)
+                if rank == 0:
+                    row["context_parallel_ms"] = cp
         if rank == 0:
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -182,15 +212,16 @@ def run(pkgs, out_dir):
         lines = [f"{ranks} x {name}, torch {torch.__version__}, NCCL_NVLS_ENABLE="
                  f"{os.environ.get('NCCL_NVLS_ENABLE', '')}", "",
                  "| pattern | layout | L | correct (rel diff vs 1 GPU) | bytes sent per rank | "
-                 "1 GPU ms | ring ms | ideal ms | % of ideal |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "1 GPU ms | ring ms | ideal ms | % of ideal | PyTorch context_parallel ms |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(
                 f"| {r['pattern']} | {r['layout']} | {r['L']} | {r['ok']} ({r['rel_diff_vs_1gpu']:.1e}) | "
                 f"{', '.join(str(b) for b in r['bytes_sent'])} | "
                 f"{r.get('1gpu_ms', float('nan')):.2f} | {r.get('ring_ms', float('nan')):.2f} | "
                 f"{r.get('ideal_ms', float('nan')):.2f} | "
-                f"{100 * r.get('efficiency', float('nan')):.0f} |")
+                f"{100 * r.get('efficiency', float('nan')):.0f} | "
+                f"{fmt(r.get('context_parallel_ms', ''))} |")
         table = "\n".join(lines)
         print(table)
         if out_dir:
@@ -205,13 +236,13 @@ def run(pkgs, out_dir):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--build")
-    ap.add_argument("--run")
+    ap.add_argument("--packages")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--out")
     a = ap.parse_args()
     if a.build:
         build(a.build, a.ranks)
-    elif a.run:
-        run(a.run, a.out)
+    elif a.packages:
+        run(a.packages, a.out)
     else:
-        ap.error("give --build DIR (here) or --run DIR (under torchrun)")
+        ap.error("give --build DIR (here) or --packages DIR (under torchrun)")

@@ -93,6 +93,26 @@ std::unique_ptr<Package> Package::load(const std::string &dir,
   return pkg;
 }
 
+bool Package::peek(const std::string &dir, std::string &target,
+                   int64_t &ranks, std::string &error) {
+  std::string path = dir + "/manifest.json";
+  std::ifstream in(path);
+  if (!in) {
+    error = "cannot open " + path + " (is " + dir +
+            " a package built by attn-compile -o?)";
+    return false;
+  }
+  try {
+    json m = json::parse(in);
+    target = m.at("target").get<std::string>();
+    ranks = m.contains("ring") ? m.at("ring").at("ranks").get<int64_t>() : 0;
+  } catch (const std::exception &e) {
+    error = path + ": malformed manifest: " + e.what();
+    return false;
+  }
+  return true;
+}
+
 bool Package::usesLengths() const {
   for (const ArgSpec &a : args_)
     if (a.name == "lengths")

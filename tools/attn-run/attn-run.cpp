@@ -44,6 +44,12 @@ static int fail(const std::string &message) {
   return 1;
 }
 
+// GpuRanks.cpp
+int runGpuRanks(const std::string &pkgDir, int ranks, const NpyArray &q,
+                const NpyArray &k, const NpyArray &v,
+                const std::vector<int32_t> *lengths, const std::string &outPath,
+                const std::string &lsePath, int repeat);
+
 /// Converts the f32 host tensors to the package dtype, runs on the GPU with
 /// poisoned outputs, copies back and writes the .npy files.
 static int runOnGpu(Package &pkg, const Tensor &q, const Tensor &k,
@@ -194,18 +200,28 @@ int main(int argc, char **argv) {
   if (repeat < 1)
     return fail("--repeat must be >= 1");
 
-  std::string error;
-  auto pkg = Package::load(pkgDir, error);
-  if (!pkg)
+  std::string error, target;
+  int64_t packageRanks = 0;
+  if (!Package::peek(pkgDir, target, packageRanks, error))
     return fail(error);
+  const bool gpu = target != "cpu";
   if (device == "auto")
-    device = pkg->isGpu() ? "cuda" : "cpu";
-  if (device == "cuda" && !pkg->isGpu())
+    device = gpu ? "cuda" : "cpu";
+  if (device == "cuda" && !gpu)
     return fail("package " + pkgDir + " targets cpu; --device cuda needs a "
                 "package compiled with --target sm_90a or sm_80");
-  if (device == "cpu" && pkg->isGpu())
-    return fail("package " + pkgDir + " targets " + pkg->target() +
+  if (device == "cpu" && gpu)
+    return fail("package " + pkgDir + " targets " + target +
                 "; run it with --device cuda (or compile with --target cpu)");
+  if (opts.count("--nranks") && packageRanks == 0)
+    return fail("--nranks given but package " + pkgDir +
+                " is not distributed (compile a spec with a \"distribution\" section)");
+  if (packageRanks > 0 &&
+      std::atoll(opts.count("--nranks") ? opts["--nranks"].c_str() : "0") !=
+          packageRanks)
+    return fail("package " + pkgDir + " is compiled for " +
+                std::to_string(packageRanks) + " ranks; pass --nranks " +
+                std::to_string(packageRanks));
 
   NpyArray q, k, v, len;
   for (auto [name, array] : {std::pair<const char *, NpyArray *>{"--q", &q},
@@ -230,6 +246,17 @@ int main(int argc, char **argv) {
     lengthsTensor = {lengths32.data(), len.shape, "i32"};
   }
 
+  // GPU ring packages: one process per GPU, forked before any CUDA call.
+  if (gpu && packageRanks > 0)
+    return runGpuRanks(pkgDir, int(packageRanks), q, k, v,
+                       opts.count("--lengths") ? &lengths32 : nullptr,
+                       opts["--out"], opts.count("--lse") ? opts["--lse"] : "",
+                       repeat);
+
+  auto pkg = Package::load(pkgDir, error);
+  if (!pkg)
+    return fail(error);
+
   auto tensor = [](NpyArray &a) { return Tensor{a.data.data(), a.shape, "f32"}; };
   Tensor tq = tensor(q), tk = tensor(k), tv = tensor(v);
   // Outputs start poisoned with NaN so that an element the kernel skips shows.
@@ -243,17 +270,7 @@ int main(int argc, char **argv) {
     return fail("--lse given but package " + pkgDir + " was compiled with \"lse\": false");
 
   const RingProgram *ring = pkg->ring();
-  if (opts.count("--nranks") || ring) {
-    int64_t nranks = opts.count("--nranks") ? std::atoll(opts["--nranks"].c_str()) : 0;
-    if (!ring)
-      return fail("--nranks given but package " + pkgDir +
-                  " is not distributed (compile a spec with a \"distribution\" section)");
-    if (nranks != ring->ranks)
-      return fail("package " + pkgDir + " is compiled for " +
-                  std::to_string(ring->ranks) + " ranks; pass --nranks " +
-                  std::to_string(ring->ranks));
-    if (pkg->isGpu())
-      return fail("GPU ring packages are not supported yet");
+  if (ring) {
     std::vector<RingStats> stats;
     auto t0 = std::chrono::steady_clock::now();
     if (!runRanksInProcess(*pkg, tq, tk, tv,

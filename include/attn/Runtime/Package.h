@@ -42,6 +42,11 @@ public:
   static std::unique_ptr<Package> load(const std::string &dir,
                                        std::string &error);
 
+  /// Reads only the manifest: the target and the number of ranks (0 when
+  /// the package is not distributed). Touches no GPU.
+  static bool peek(const std::string &dir, std::string &target,
+                   int64_t &ranks, std::string &error);
+
   const std::string &target() const { return target_; }
   const std::string &name() const { return name_; }
   const std::string &specJson() const { return specJson_; }

@@ -42,6 +42,26 @@ static bool toTensor(const attn_tensor *t, const char *name, Tensor &out) {
   return true;
 }
 
+/// The C tensors of a run as runtime tensors (lengths and lse optional).
+struct RunTensors {
+  Tensor q, k, v, lengths, out, lse;
+  bool hasLengths = false, hasLse = false;
+  Tensor *lengthsOrNull() { return hasLengths ? &lengths : nullptr; }
+  Tensor *lseOrNull() { return hasLse ? &lse : nullptr; }
+};
+
+static bool toRunTensors(const attn_tensor *q, const attn_tensor *k,
+                         const attn_tensor *v, const attn_tensor *lengths,
+                         const attn_tensor *out, const attn_tensor *lse,
+                         RunTensors &t) {
+  t.hasLengths = lengths != nullptr;
+  t.hasLse = lse != nullptr;
+  return toTensor(q, "q", t.q) && toTensor(k, "k", t.k) &&
+         toTensor(v, "v", t.v) && toTensor(out, "out", t.out) &&
+         (!lengths || toTensor(lengths, "lengths", t.lengths)) &&
+         (!lse || toTensor(lse, "lse", t.lse));
+}
+
 extern "C" {
 
 attn_status attn_package_load(const char *path, attn_package **out) {
@@ -76,14 +96,12 @@ static attn_status runPackage(attn_package *package, const attn_tensor *q,
                               attn_tensor *lse, void *stream, bool wait) {
   if (!package)
     return failWith(ATTN_ERROR_ARGUMENT, "attn_package_run: null package");
-  Tensor tq, tk, tv, tl, to, tlse;
-  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
-      !toTensor(out, "out", to) || (lengths && !toTensor(lengths, "lengths", tl)) ||
-      (lse && !toTensor(lse, "lse", tlse)))
+  RunTensors t;
+  if (!toRunTensors(q, k, v, lengths, out, lse, t))
     return ATTN_ERROR_ARGUMENT;
   std::string error;
-  if (!package->impl->run(tq, tk, tv, lengths ? &tl : nullptr, to,
-                          lse ? &tlse : nullptr, error, stream))
+  if (!package->impl->run(t.q, t.k, t.v, t.lengthsOrNull(), t.out,
+                          t.lseOrNull(), error, stream))
     return failWith(error.find("failed:") != std::string::npos
                         ? ATTN_ERROR_RUNTIME
                         : ATTN_ERROR_ARGUMENT,
@@ -128,16 +146,14 @@ attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
                                    attn_tensor *lse, int64_t *bytes_sent) {
   if (!package)
     return failWith(ATTN_ERROR_ARGUMENT, "attn_package_run_ranks: null package");
-  Tensor tq, tk, tv, tl, to, tlse;
-  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
-      !toTensor(out, "out", to) || (lengths && !toTensor(lengths, "lengths", tl)) ||
-      (lse && !toTensor(lse, "lse", tlse)))
+  RunTensors t;
+  if (!toRunTensors(q, k, v, lengths, out, lse, t))
     return ATTN_ERROR_ARGUMENT;
   std::string error;
   std::vector<attn::runtime::RingStats> stats;
-  if (!attn::runtime::runRanksInProcess(*package->impl, tq, tk, tv,
-                                        lengths ? &tl : nullptr, to,
-                                        lse ? &tlse : nullptr, stats, error))
+  if (!attn::runtime::runRanksInProcess(*package->impl, t.q, t.k, t.v,
+                                        t.lengthsOrNull(), t.out, t.lseOrNull(),
+                                        stats, error))
     return failWith(ATTN_ERROR_RUNTIME, error);
   if (bytes_sent)
     for (size_t r = 0; r < stats.size(); ++r)
@@ -188,16 +204,14 @@ attn_status attn_package_run_rank(attn_package *package, const attn_tensor *q,
   if (!package || !package->transport)
     return failWith(ATTN_ERROR_ARGUMENT,
                     "attn_package_run_rank: join the ring first (attn_package_join)");
-  Tensor tq, tk, tv, tl, to, tlse;
-  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
-      !toTensor(out, "out", to) || (lengths && !toTensor(lengths, "lengths", tl)) ||
-      (lse && !toTensor(lse, "lse", tlse)))
+  RunTensors t;
+  if (!toRunTensors(q, k, v, lengths, out, lse, t))
     return ATTN_ERROR_ARGUMENT;
   std::string error;
   attn::runtime::RingStats stats;
-  if (!package->impl->runRank(*package->transport, tq, tk, tv,
-                              lengths ? &tl : nullptr, to, lse ? &tlse : nullptr,
-                              &stats, error, stream))
+  if (!package->impl->runRank(*package->transport, t.q, t.k, t.v,
+                              t.lengthsOrNull(), t.out, t.lseOrNull(), &stats,
+                              error, stream))
     return failWith(ATTN_ERROR_RUNTIME, error);
   if (bytes_sent)
     *bytes_sent = stats.bytesSent;

@@ -41,13 +41,6 @@ struct Arena {
     return at;
   }
 };
-
-int64_t setRows(const RowSet &set) {
-  int64_t n = 0;
-  for (const RowRun &r : set)
-    n += r.len * r.count;
-  return n;
-}
 } // namespace
 
 bool Package::runRankGpu(Transport &transport, const Tensor &q,
@@ -85,12 +78,7 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
 
   // Bytes of each step's packed K+V, both ways.
   auto packedBytes = [&](const std::vector<RowSet> &sets) {
-    int64_t rows = 0;
-    for (const RowSet &set : sets)
-      rows += setRows(set);
-    if (sets.size() == 1)
-      rows *= Hkv;
-    return size_t(rows * B * D * es * 2);
+    return size_t(packedRowCount(sets, Hkv) * B * D * es * 2);
   };
   size_t maxSend = 0, maxRecv = 0;
   for (const RingStep &s : rs.steps) {
@@ -241,15 +229,18 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   base0.Hkv = Hkv;
   base0.D = D;
   base0.lengths = lengths ? dev(lengths->data) : 0;
-  for (size_t p = 0; p < P; ++p) {
+  // The element-wise kernels' arguments for piece p's state.
+  auto stateArgs = [&](size_t p) {
     KernelArgs a = base0;
     a.Lq = a.Lk = rowsP;
     a.acc = at(acc[p]);
     a.max = at(mx[p]);
     a.sum = at(sm[p]);
-    if (!launchKernel(g, *init, a, stream, error))
+    return a;
+  };
+  for (size_t p = 0; p < P; ++p)
+    if (!launchKernel(g, *init, stateArgs(p), stream, error))
       return false;
-  }
 
   std::vector<CUevent> exchanged(steps, nullptr), slotFree(slots, nullptr);
   std::vector<int64_t> sentBytes(steps, 0);
@@ -346,11 +337,7 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   }
 
   for (size_t p = 0; p < P; ++p) {
-    KernelArgs a = base0;
-    a.Lq = a.Lk = rowsP;
-    a.acc = at(acc[p]);
-    a.max = at(mx[p]);
-    a.sum = at(sm[p]);
+    KernelArgs a = stateArgs(p);
     a.out = split ? at(oP[p]) : dev(out.data);
     a.lse = split || !lse ? at(lP[p]) : dev(lse->data);
     if (!launchKernel(g, *fin, a, stream, error))

@@ -42,12 +42,6 @@ RowSet parseRowSet(const json &runs) {
   return set;
 }
 
-int64_t rowsIn(const RowSet &set) {
-  int64_t n = 0;
-  for (const RowRun &r : set)
-    n += r.len * r.count;
-  return n;
-}
 
 /// Calls `fn(localRow)` for every row of `set`, in order.
 template <typename Fn> void forEachRow(const RowSet &set, Fn fn) {
@@ -81,12 +75,7 @@ int64_t copyRows(const std::vector<RowSet> &sets, float *tensor, int64_t B,
 
 int64_t packedFloats(const std::vector<RowSet> &sets, int64_t B, int64_t Hkv,
                      int64_t D) {
-  int64_t rows = 0;
-  for (const RowSet &s : sets)
-    rows += rowsIn(s);
-  if (sets.size() == 1)
-    rows *= Hkv;
-  return rows * B * D;
+  return packedRowCount(sets, Hkv) * B * D;
 }
 
 /// A memref descriptor {allocated, aligned, offset, sizes[r], strides[r]}
@@ -111,6 +100,21 @@ struct Descriptor {
   void *get() { return words.data(); }
 };
 } // namespace
+
+int64_t attn::runtime::rowCount(const RowSet &set) {
+  int64_t n = 0;
+  for (const RowRun &r : set)
+    n += r.len * r.count;
+  return n;
+}
+
+int64_t attn::runtime::packedRowCount(const std::vector<RowSet> &sets,
+                                      int64_t kvHeads) {
+  int64_t rows = 0;
+  for (const RowSet &s : sets)
+    rows += rowCount(s);
+  return sets.size() == 1 ? rows * kvHeads : rows;
+}
 
 int64_t RingProgram::globalRow(int64_t rank, int64_t row) const {
   if (layout == "striped")

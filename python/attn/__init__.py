@@ -95,6 +95,26 @@ def _tensor(name, array, dtype, code, keep):
     return _Tensor(array.ctypes.data, shape, array.ndim, code)
 
 
+def _numpy_args(q, k, v, lengths, return_lse, out):
+    """float32 NumPy inputs as C tensors (`ptrs`: q, k, v, lengths, out, lse),
+    with NaN-poisoned outputs."""
+    keep = []
+    tq = _tensor("q", q, np.float32, _F32, keep)
+    tk = _tensor("k", k, np.float32, _F32, keep)
+    tv = _tensor("v", v, np.float32, _F32, keep)
+    tl = None
+    if lengths is not None:
+        tl = _tensor("lengths", np.asarray(lengths).astype(np.int32), np.int32, _I32, keep)
+    if out is None:
+        out = np.full(q.shape, np.nan, dtype=np.float32)
+    lse = np.full(q.shape[:-1], np.nan, dtype=np.float32) if q.ndim == 4 else None
+    tout = _tensor("out", out, np.float32, _F32, keep)
+    tlse = _tensor("lse", lse, np.float32, _F32, keep) if (return_lse and lse is not None) else None
+    ref = lambda t: ctypes.byref(t) if t is not None else None
+    return {"ptrs": [ref(tq), ref(tk), ref(tv), ref(tl), ref(tout), ref(tlse)],
+            "out": out, "lse": lse, "keep": (keep, tq, tk, tv, tl, tout, tlse)}
+
+
 class Package:
     """A compiled attention package (a directory with manifest.json)."""
 
@@ -135,25 +155,11 @@ class Package:
         if self.target != "cpu":
             raise AttnError(f"package {self.manifest['name']} targets {self.target}: "
                             "pass PyTorch CUDA tensors (NumPy arrays run on cpu packages)")
-        keep = []
-        tq = _tensor("q", q, np.float32, _F32, keep)
-        tk = _tensor("k", k, np.float32, _F32, keep)
-        tv = _tensor("v", v, np.float32, _F32, keep)
-        tl = None
-        if lengths is not None:
-            tl = _tensor("lengths", np.asarray(lengths).astype(np.int32), np.int32, _I32, keep)
-        if out is None:
-            out = np.full(q.shape, np.nan, dtype=np.float32)
-        lse = np.full(q.shape[:-1], np.nan, dtype=np.float32) if q.ndim == 4 else None
-        tout = _tensor("out", out, np.float32, _F32, keep)
-        tlse = _tensor("lse", lse, np.float32, _F32, keep) if (return_lse and lse is not None) else None
+        t = _numpy_args(q, k, v, lengths, return_lse, out)
         lib = _runtime()
-        rc = lib.attn_package_run(self._handle, ctypes.byref(tq), ctypes.byref(tk), ctypes.byref(tv),
-                                  ctypes.byref(tl) if tl is not None else None, ctypes.byref(tout),
-                                  ctypes.byref(tlse) if tlse is not None else None)
-        if rc != 0:
+        if lib.attn_package_run(self._handle, *t["ptrs"]) != 0:
             raise AttnError(lib.attn_last_error().decode())
-        return (out, lse) if return_lse else out
+        return (t["out"], t["lse"]) if return_lse else t["out"]
 
     def run_ranks(self, q, k, v, lengths=None, return_lse=False):
         """Runs every rank of a ring package in this process (threads for
@@ -165,28 +171,13 @@ class Package:
             raise AttnError(f"package {self.manifest['name']} is not distributed: call it directly")
         if return_lse and not self.has_lse:
             raise AttnError("this package was compiled with \"lse\": false")
-        keep = []
-        tq = _tensor("q", q, np.float32, _F32, keep)
-        tk = _tensor("k", k, np.float32, _F32, keep)
-        tv = _tensor("v", v, np.float32, _F32, keep)
-        tl = None
-        if lengths is not None:
-            tl = _tensor("lengths", np.asarray(lengths).astype(np.int32), np.int32, _I32, keep)
-        out = np.full(q.shape, np.nan, dtype=np.float32)
-        lse = np.full(q.shape[:-1], np.nan, dtype=np.float32)
-        tout = _tensor("out", out, np.float32, _F32, keep)
-        tlse = _tensor("lse", lse, np.float32, _F32, keep) if return_lse else None
+        t = _numpy_args(q, k, v, lengths, return_lse, None)
         sent = (ctypes.c_int64 * max(self.ranks, 1))()
         lib = _runtime()
-        rc = lib.attn_package_run_ranks(self._handle, ctypes.byref(tq), ctypes.byref(tk),
-                                        ctypes.byref(tv),
-                                        ctypes.byref(tl) if tl is not None else None,
-                                        ctypes.byref(tout),
-                                        ctypes.byref(tlse) if tlse is not None else None, sent)
-        if rc != 0:
+        if lib.attn_package_run_ranks(self._handle, *t["ptrs"], sent) != 0:
             raise AttnError(lib.attn_last_error().decode())
         self.bytes_sent = list(sent)
-        return (out, lse) if return_lse else out
+        return (t["out"], t["lse"]) if return_lse else t["out"]
 
     def join(self, group=None):
         """Joins this process to the ring of a GPU ring package over NCCL:

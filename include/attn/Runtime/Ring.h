@@ -28,6 +28,11 @@ struct RowRun {
 };
 using RowSet = std::vector<RowRun>;
 
+/// Rows of a set of runs.
+int64_t rowCount(const RowSet &set);
+/// Rows moved for `sets` (one per kv head, or one for all `kvHeads`).
+int64_t packedRowCount(const std::vector<RowSet> &sets, int64_t kvHeads);
+
 struct RingUpdate {
   int64_t kernel = 0, qPiece = 0, kPiece = 0, qOrigin = 0, kOrigin = 0;
 };

@@ -196,6 +196,10 @@ def run(pkgs, out_dir):
             all_ms = [torch.empty_like(ms) for _ in range(ranks)]
             dist.all_gather(all_ms, ms)
             row["ring_ms"] = max(t.item() for t in all_ms)
+            steps = torch.tensor(ring.step_ms + [0.0] * (ranks - len(ring.step_ms)), device=dev)
+            all_steps = [torch.empty_like(steps) for _ in range(ranks)]
+            dist.all_gather(all_steps, steps)
+            row["step_ms"] = [[round(x, 2) for x in t.tolist()] for t in all_steps]
             if rank == 0:
                 row["ideal_ms"] = row["1gpu_ms"] / ranks
                 row["efficiency"] = row["ideal_ms"] / row["ring_ms"]
@@ -212,8 +216,9 @@ def run(pkgs, out_dir):
         lines = [f"{ranks} x {name}, torch {torch.__version__}, NCCL_NVLS_ENABLE="
                  f"{os.environ.get('NCCL_NVLS_ENABLE', '')}", "",
                  "| pattern | layout | L | correct (rel diff vs 1 GPU) | bytes sent per rank | "
-                 "1 GPU ms | ring ms | ideal ms | % of ideal | PyTorch context_parallel ms |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "1 GPU ms | ring ms | ideal ms | % of ideal | ms per step (each rank) | "
+                 "PyTorch context_parallel ms |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(
                 f"| {r['pattern']} | {r['layout']} | {r['L']} | {r['ok']} ({r['rel_diff_vs_1gpu']:.1e}) | "
@@ -221,6 +226,7 @@ def run(pkgs, out_dir):
                 f"{r.get('1gpu_ms', float('nan')):.2f} | {r.get('ring_ms', float('nan')):.2f} | "
                 f"{r.get('ideal_ms', float('nan')):.2f} | "
                 f"{100 * r.get('efficiency', float('nan')):.0f} | "
+                f"{' / '.join(str(x) for x in r.get('step_ms', []))} | "
                 f"{fmt(r.get('context_parallel_ms', ''))} |")
         table = "\n".join(lines)
         print(table)

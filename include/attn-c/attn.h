@@ -98,6 +98,9 @@ attn_status attn_package_run_rank(attn_package *package, const attn_tensor *q,
                                   int64_t *bytes_sent);
 attn_status attn_package_wait_rank(attn_package *package, void *stream,
                                    double timeout_seconds);
+/* After attn_package_wait_rank: the milliseconds of each step of the last
+ * run (up to `capacity`); returns the number of steps, or -1 on error. */
+int attn_package_step_ms(attn_package *package, float *ms, int capacity);
 
 const char *attn_last_error(void);
 

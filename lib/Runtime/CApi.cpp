@@ -229,6 +229,18 @@ attn_status attn_package_wait_rank(attn_package *package, void *stream,
   return ATTN_OK;
 }
 
+int attn_package_step_ms(attn_package *package, float *ms, int capacity) {
+  if (!package)
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_package_step_ms: null package"), -1;
+  std::vector<float> times;
+  std::string error;
+  if (!package->impl->stepMilliseconds(times, error))
+    return failWith(ATTN_ERROR_RUNTIME, error), -1;
+  for (int i = 0; i < capacity && i < int(times.size()); ++i)
+    ms[i] = times[i];
+  return int(times.size());
+}
+
 const char *attn_last_error(void) { return lastError.c_str(); }
 
 } // extern "C"

@@ -30,6 +30,9 @@ struct GpuModule {
   /// communication stream and its events.
   CUdeviceptr ringScratch = 0;
   size_t ringScratchBytes = 0;
+  /// Timing events of the last runRank on the compute stream: its start, then
+  /// the end of every step (read by Package::stepMilliseconds).
+  std::vector<CUevent> stepMarks;
   CUstream commStream = nullptr;
   CUmodule module = nullptr;
   std::vector<GpuKernel> kernels; // in launch order
@@ -40,6 +43,8 @@ struct GpuModule {
   size_t scratchBytes = 0;
 
   ~GpuModule() {
+    for (CUevent e : stepMarks)
+      d->cuEventDestroy(e);
     if (ringScratch)
       d->cuMemFree(ringScratch);
     if (commStream)

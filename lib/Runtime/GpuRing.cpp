@@ -324,11 +324,24 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     return true;
   };
 
+  // Step times: marks on the compute stream before the first step and after
+  // each one (a step's time includes any wait for its rows).
+  for (CUevent e : g.stepMarks)
+    d.cuEventDestroy(e);
+  g.stepMarks.assign(steps + 1, nullptr);
+  for (CUevent &e : g.stepMarks)
+    d.cuEventCreate(&e, 0);
+  d.cuEventRecord(g.stepMarks[0], stream);
+  auto timedUpdate = [&](size_t i) {
+    bool done = update(i);
+    d.cuEventRecord(g.stepMarks[i + 1], stream);
+    return done;
+  };
   bool ok = true;
   for (size_t i = 0; ok && i < steps; ++i)
-    ok = exchange(i) && (gatherFirst || update(i));
+    ok = exchange(i) && (gatherFirst || timedUpdate(i));
   for (size_t i = 0; ok && gatherFirst && i < steps; ++i)
-    ok = update(i);
+    ok = timedUpdate(i);
   if (!ok) {
     if (error.empty())
       error = describe(d, crc, "queueing a ring step");
@@ -411,4 +424,24 @@ bool Package::waitRank(Transport &transport, void *streamPtr,
   else
     d.cuEventDestroy(done);
   return ok;
+}
+
+bool Package::stepMilliseconds(std::vector<float> &ms, std::string &error) {
+  ms.clear();
+  if (!gpu_) {
+    error = "step times are recorded for GPU ring packages";
+    return false;
+  }
+  const Driver &d = *gpu_->d;
+  const std::vector<CUevent> &marks = gpu_->stepMarks;
+  for (size_t i = 1; i < marks.size(); ++i) {
+    float t = 0;
+    CUresult rc = d.cuEventElapsedTime(&t, marks[i - 1], marks[i]);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "reading the step times (wait for the run first)");
+      return false;
+    }
+    ms.push_back(t);
+  }
+  return true;
 }

@@ -79,6 +79,8 @@ def _runtime():
         lib.attn_package_run_rank.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
                                               + [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)])
         lib.attn_package_wait_rank.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double]
+        lib.attn_package_step_ms.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
+                                             ctypes.c_int]
         lib.attn_last_error.restype = ctypes.c_char_p
         _lib = lib
     return _lib
@@ -205,7 +207,8 @@ class Package:
         k, v [B,Hkv,C,D] are its chunk of the sequence (docs/Ring.md for the
         layouts), lengths global. Queued on the current stream; with
         wait=True returns once done, raising instead of hanging when a peer
-        fails. `bytes_sent` holds what this rank sent."""
+        fails. `bytes_sent` holds what this rank sent and, with wait=True,
+        `step_ms` the time of each ring step on the compute stream."""
         import torch
         t = self._torch_args(q, k, v, lengths, return_lse, out)
         lib = _runtime()
@@ -218,6 +221,10 @@ class Package:
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         self.bytes_sent = [sent.value]
+        if wait:
+            ms = (ctypes.c_float * 256)()
+            n = lib.attn_package_step_ms(self._handle, ms, 256)
+            self.step_ms = list(ms[:max(n, 0)])
         return (t["out"], t["lse"]) if return_lse else t["out"]
 
     def _torch_args(self, q, k, v, lengths, return_lse, out):

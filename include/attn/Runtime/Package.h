@@ -83,6 +83,9 @@ public:
   /// for failed peers; gives up after `timeoutSeconds`.
   bool waitRank(Transport &transport, void *stream, double timeoutSeconds,
                 std::string &error);
+  /// GPU ring packages, after waitRank: milliseconds of each step of the
+  /// last runRank on the compute stream (including waits for its rows).
+  bool stepMilliseconds(std::vector<float> &ms, std::string &error);
 
 private:
   Package();

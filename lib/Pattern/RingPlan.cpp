@@ -10,10 +10,9 @@
 //     t_k in [max(tk0, tq0 - hi), min(tk1, tq1 - lo))
 //
 // so the rows to send are runs of stride `period`, found without looking at
-// a single pair. The striped layout (rank r holds positions r + N * a) maps a
-// band lo <= i - j <= hi of a period-1 component onto local indices as the
-// band ceil((lo - rq + rk) / N) <= a - b <= floor((hi - rq + rk) / N): one
-// dense local component per (query rank, key rank) difference.
+// a single pair. The striped layout (rank r holds positions r + N * a) maps
+// each component onto local indices per (query rank, key rank): see
+// stripedLocal below and docs/Ring.md.
 //
 //===----------------------------------------------------------------------===//
 
@@ -132,18 +131,59 @@ std::vector<RingPiece> piecesOf(const std::string &layout, int64_t ranks,
   return {{0, chunk, rank * chunk}};
 }
 
-/// The local form of period-1 `comp` between striped query rank `rq` and key
-/// rank `rk`, or null when it attends nothing there.
+/// Why `comp` has no local form under the striped layout of `ranks` ranks,
+/// or "" when it has one.
+std::string stripedUnsupported(ComponentAttr c, int64_t ranks) {
+  const int64_t p = c.getPeriod(), w = c.getSegment();
+  if (c.getUseLengths() || c.hasFilters())
+    return "a tokenized or filtered (union/intersect) component";
+  if (c.getResidue() == ComponentAttr::kHeadResidue && p > 1)
+    return "a residue that follows the head (dilated head_offset)";
+  if (p % ranks != 0 && ranks % p != 0)
+    return "period " + std::to_string(p) + " that neither divides nor is a "
+           "multiple of " + std::to_string(ranks) + " ranks";
+  if (w % ranks != 0)
+    return "segment " + std::to_string(w) + " that is not a multiple of " +
+           std::to_string(ranks) + " ranks";
+  return "";
+}
+
+/// The local form of `comp` between striped query rank `rq` and key rank
+/// `rk` (positions r + N * a), or null when no pair exists there. Segments
+/// become w / N. When N divides the period P, rows and keys of a class c
+/// share a rank (c = r mod N): only rq == rk has pairs, with period P / N,
+/// class (c - r) / N and the same band. When P divides N, every row of rank
+/// r is in class r mod P: pairs need rq = rk (mod P), and with
+/// delta = (rq - rk) / P the band lo <= delta + (N / P)(a - b) <= hi is a
+/// period-1 band on a - b.
 ComponentAttr stripedLocal(ComponentAttr comp, int64_t ranks, int64_t rq,
                            int64_t rk) {
-  int64_t shift = rk - rq, lo = comp.getBandLo(), hi = comp.getBandHi();
-  int64_t nlo = lo == kNegInf ? kNegInf : ceilDiv(lo + shift, ranks);
-  int64_t nhi = hi == kPosInf ? kPosInf : floorDiv(hi + shift, ranks);
+  const int64_t p = comp.getPeriod(), lo = comp.getBandLo(),
+                hi = comp.getBandHi();
+  const int64_t w = comp.getSegment() / ranks;
+  int64_t res = comp.getResidue();
+  MLIRContext *ctx = comp.getContext();
+  if (p % ranks == 0) {
+    if (rq != rk)
+      return {};
+    if (res >= 0) {
+      if (floorMod(res - rq, ranks) != 0)
+        return {};
+      res = (res - rq) / ranks;
+    }
+    return ComponentAttr::get(ctx, p / ranks, res, w, lo, hi, false,
+                              comp.getInclude(), comp.getExclude());
+  }
+  // p divides ranks.
+  if (floorMod(rq - rk, p) != 0 || (res >= 0 && floorMod(rq, p) != res))
+    return {};
+  const int64_t delta = (rq - rk) / p, step = ranks / p;
+  int64_t nlo = lo == kNegInf ? kNegInf : ceilDiv(lo - delta, step);
+  int64_t nhi = hi == kPosInf ? kPosInf : floorDiv(hi - delta, step);
   if (nlo != kNegInf && nhi != kPosInf && nlo > nhi)
     return {};
-  return ComponentAttr::get(comp.getContext(), 1, ComponentAttr::kAllResidues,
-                            0, nlo, nhi, false, comp.getInclude(),
-                            comp.getExclude());
+  return ComponentAttr::get(ctx, 1, ComponentAttr::kAllResidues, w, nlo, nhi,
+                            false, comp.getInclude(), comp.getExclude());
 }
 } // namespace
 
@@ -192,12 +232,11 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
   const bool striped = layout == "striped";
   if (striped) {
     for (ComponentAttr c : components) {
-      if (c.getPeriod() != 1 || c.getSegment() != 0 || c.getUseLengths() ||
-          c.hasFilters()) {
-        error = "layout 'striped' needs every component to be a plain band "
-                "(full, causal, local and their sums); this pattern has a "
-                "strided, dilated, tokenized or filtered component: use "
-                "'zigzag' or 'contiguous'";
+      std::string why = stripedUnsupported(c, ranks);
+      if (!why.empty()) {
+        error = "layout 'striped' needs every component to map onto the "
+                "ranks' strides; this pattern has " + why +
+                ": use 'zigzag' or 'contiguous'";
         return std::nullopt;
       }
     }

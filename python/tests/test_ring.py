@@ -27,11 +27,13 @@ PATTERNS = {
                         {"dilated": {"segment": 96, "rate": 2, "head_offset": True, "causal": True}},
                         {"dilated": {"segment": 192, "rate": 4, "head_offset": True, "causal": True}}]},
     "tokenized": {"tokenized": {}},
+    "dilated": {"dilated": {"segment": 48, "rate": 4, "causal": True}},
     "union": {"union": [{"local": {"window": 16}}, {"strided": {"stride": 32}}]},
     "sum_bands": {"sum": [{"causal": {}}, {"local": {"window": 24}}]},
 }
-# Striped positions r + N*a keep only plain bands dense.
-STRIPED_OK = {"causal", "full", "local", "local_bidir", "sum_bands"}
+# Striped positions r + N*a: bands, and periods that divide or are multiples
+# of the number of ranks (no head offsets, lengths or filters).
+STRIPED_OK = {"causal", "full", "local", "local_bidir", "sum_bands", "strided", "dilated"}
 LENGTHS = np.array([0, 150], dtype=np.int32)  # an empty sequence and a partial one
 
 
@@ -111,10 +113,12 @@ def test_every_pattern_and_layout_on_4_ranks(name, layout):
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 8])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
-@pytest.mark.parametrize("name", ["causal", "local", "longnet", "tokenized"])
+@pytest.mark.parametrize("name", ["causal", "local", "longnet", "tokenized", "dilated"])
 def test_rank_counts(name, layout, ranks):
-    if layout == "striped" and name not in STRIPED_OK:
-        pytest.skip("striped layout takes plain bands only (checked above)")
+    if layout == "striped" and (name not in STRIPED_OK or (name == "dilated" and ranks == 3)):
+        with pytest.raises(attn.AttnError, match="layout 'striped' needs every component"):
+            attn.compile(spec(name, {"ranks": ranks, "layout": layout}))
+        return
     check_ring(name, layout, ranks, seed=ranks)
 
 

@@ -104,7 +104,7 @@ def AttnInsertRingComm : Pass<"attn-insert-ring-comm", "::mlir::ModuleOp"> {
     `origins` (global positions). Steps with nothing to do are dropped.
     Layouts: `contiguous` (rank r holds [rC, (r+1)C)), `zigzag` (chunks r
     and 2N-1-r of size C/2: causal work balanced), `striped` (positions
-    r + N a; plain band components only). The online-softmax state stays in
+    r + N a; bands, and periods that divide or are multiples of N). The online-softmax state stays in
     f32 across steps. See docs/Ring.md.
   }];
   let dependentDialects = ["::mlir::memref::MemRefDialect",

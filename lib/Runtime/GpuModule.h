@@ -56,6 +56,13 @@ struct GpuModule {
   }
 };
 
+/// A device buffer that only grows: reallocated when `need` exceeds its size.
+/// Returns false and sets `error` (naming `what`) if the allocation fails;
+/// sets `grown` when the buffer was (re)allocated.
+bool growDeviceBuffer(const Driver &d, CUdeviceptr &buffer, size_t &bytes,
+                      size_t need, const std::string &what, std::string &error,
+                      bool *grown = nullptr);
+
 /// One kernel launch: device pointers (0 = absent), shapes and positions.
 struct KernelArgs {
   CUdeviceptr q = 0, k = 0, v = 0, lengths = 0, out = 0, lse = 0, acc = 0,

@@ -147,6 +147,30 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   return true;
 }
 
+bool attn::runtime::growDeviceBuffer(const Driver &d, CUdeviceptr &buffer,
+                                     size_t &bytes, size_t need,
+                                     const std::string &what,
+                                     std::string &error, bool *grown) {
+  if (grown)
+    *grown = false;
+  if (need <= bytes)
+    return true;
+  if (buffer)
+    d.cuMemFree(buffer);
+  buffer = 0;
+  bytes = 0;
+  CUresult rc = d.cuMemAlloc(&buffer, need);
+  if (rc != CUDA_SUCCESS) {
+    error = describe(d, rc, "allocating " + std::to_string(need) +
+                                " bytes of " + what);
+    return false;
+  }
+  bytes = need;
+  if (grown)
+    *grown = true;
+  return true;
+}
+
 bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
                                  const KernelArgs &a, CUstream stream,
                                  std::string &error) {
@@ -230,19 +254,9 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   size_t lseBytes = hasLse() && !lse ? size_t(rows) * 4 : 0;
   size_t stateBytes = g.needsState ? size_t(rows) * (D + 2) * 4 : 0;
   size_t need = lseBytes + stateBytes;
-  if (need > g.scratchBytes) {
-    if (g.scratch)
-      d.cuMemFree(g.scratch);
-    g.scratch = 0;
-    g.scratchBytes = 0;
-    CUresult rc = d.cuMemAlloc(&g.scratch, need);
-    if (rc != CUDA_SUCCESS) {
-      error = describe(d, rc, "allocating " + std::to_string(need) +
-                                  " bytes of device scratch (state/LSE)");
-      return false;
-    }
-    g.scratchBytes = need;
-  }
+  if (!growDeviceBuffer(d, g.scratch, g.scratchBytes, need,
+                        "device scratch (state/LSE)", error))
+    return false;
   CUdeviceptr lsePtr = lse ? CUdeviceptr(uintptr_t(lse->data))
                            : (lseBytes ? g.scratch : 0);
   CUdeviceptr acc = g.needsState ? g.scratch + lseBytes : 0;

@@ -125,21 +125,13 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     }
   size_t sendAt = arena.take(maxSend), recvAt = arena.take(maxRecv);
 
-  if (arena.used > g.ringScratchBytes) {
-    if (g.ringScratch)
-      d.cuMemFree(g.ringScratch);
-    g.ringScratch = 0;
-    g.ringScratchBytes = 0;
-    CUresult rc = d.cuMemAlloc(&g.ringScratch, arena.used);
-    if (rc != CUDA_SUCCESS) {
-      error = describe(d, rc, "allocating " + std::to_string(arena.used) +
-                                  " bytes for the ring's buffers");
-      return false;
-    }
-    g.ringScratchBytes = arena.used;
-    // Rows that never travel must stay finite: zero the receive buffers.
+  bool grown = false;
+  if (!growDeviceBuffer(d, g.ringScratch, g.ringScratchBytes, arena.used,
+                        "the ring's buffers", error, &grown))
+    return false;
+  // Rows that never travel must stay finite: zero fresh receive buffers.
+  if (grown)
     d.cuMemsetD8Async(g.ringScratch + zeroFrom, 0, zeroTo - zeroFrom, stream);
-  }
   const CUdeviceptr base = g.ringScratch;
   auto at = [&](size_t off) { return base + off; };
 

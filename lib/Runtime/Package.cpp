@@ -33,25 +33,39 @@ std::string shapeString(const std::vector<int64_t> &shape) {
 // Package::Package and ~Package live in GpuPackage.cpp, where GpuModule is
 // complete.
 
-std::unique_ptr<Package> Package::load(const std::string &dir,
-                                       std::string &error) {
-  std::string manifestPath = dir + "/manifest.json";
-  std::ifstream in(manifestPath);
+/// Reads and checks (format, version) `dir`/manifest.json into `m`.
+static bool readManifest(const std::string &dir, json &m, std::string &error) {
+  std::string path = dir + "/manifest.json";
+  std::ifstream in(path);
   if (!in) {
-    error = "cannot open " + manifestPath + " (is " + dir +
+    error = "cannot open " + path + " (is " + dir +
             " a package built by attn-compile -o?)";
-    return nullptr;
+    return false;
   }
-  std::unique_ptr<Package> pkg(new Package());
-  pkg->dir_ = dir;
   try {
-    json m = json::parse(in);
+    m = json::parse(in);
     if (m.value("format", "") != "attn-package")
       throw std::runtime_error("not an attn package manifest");
     if (m.value("version", 0) != 1)
       throw std::runtime_error("manifest version " +
                                std::to_string(m.value("version", 0)) +
                                " is not supported (this runtime reads 1)");
+  } catch (const std::exception &e) {
+    error = path + ": malformed manifest: " + e.what();
+    return false;
+  }
+  return true;
+}
+
+std::unique_ptr<Package> Package::load(const std::string &dir,
+                                       std::string &error) {
+  std::string manifestPath = dir + "/manifest.json";
+  json m;
+  if (!readManifest(dir, m, error))
+    return nullptr;
+  std::unique_ptr<Package> pkg(new Package());
+  pkg->dir_ = dir;
+  try {
     pkg->target_ = m.at("target").get<std::string>();
     pkg->name_ = m.at("name").get<std::string>();
     pkg->specJson_ = m.at("spec").dump();
@@ -95,19 +109,14 @@ std::unique_ptr<Package> Package::load(const std::string &dir,
 
 bool Package::peek(const std::string &dir, std::string &target,
                    int64_t &ranks, std::string &error) {
-  std::string path = dir + "/manifest.json";
-  std::ifstream in(path);
-  if (!in) {
-    error = "cannot open " + path + " (is " + dir +
-            " a package built by attn-compile -o?)";
+  json m;
+  if (!readManifest(dir, m, error))
     return false;
-  }
   try {
-    json m = json::parse(in);
     target = m.at("target").get<std::string>();
     ranks = m.contains("ring") ? m.at("ring").at("ranks").get<int64_t>() : 0;
   } catch (const std::exception &e) {
-    error = path + ": malformed manifest: " + e.what();
+    error = dir + "/manifest.json: malformed manifest: " + e.what();
     return false;
   }
   return true;

@@ -85,7 +85,8 @@ bool mlir::attn::componentContains(ComponentAttr c, const PairPosition &pos) {
   int64_t cls = floorMod(p, r);
   if (cls != floorMod(j, r))
     return false;
-  if (c.getResidue() == ComponentAttr::kHeadResidue && cls != pos.head % r)
+  if (c.getResidue() == ComponentAttr::kHeadResidue &&
+      cls != c.classOfHead(pos.head))
     return false;
   if (c.getResidue() >= 0 && cls != c.getResidue())
     return false;
@@ -122,9 +123,11 @@ struct ComponentSpec {
   SmallVector<Attribute> include, exclude;
 
   ComponentAttr build(MLIRContext *ctx) const {
+    const bool head = residue == ComponentAttr::kHeadResidue;
     return ComponentAttr::get(ctx, period, residue, segment, lo, hi, lengths,
                               ArrayAttr::get(ctx, include),
-                              ArrayAttr::get(ctx, exclude));
+                              ArrayAttr::get(ctx, exclude), head ? period : 0,
+                              0, 1);
   }
 };
 } // namespace
@@ -230,6 +233,24 @@ SmallVector<ComponentAttr> mlir::attn::decompose(Attribute pattern) {
 // Predicates as IR
 //===----------------------------------------------------------------------===//
 
+
+std::pair<Value, Value> mlir::attn::buildHeadClass(OpBuilder &b, Location loc,
+                                                   ComponentAttr c,
+                                                   Value head) {
+  IndexMath m{b, loc};
+  Value x = arith::RemUIOp::create(b, loc, head, m.c(c.getHeadMod()));
+  if (c.isPlainHeadResidue())
+    return {x, m.truth(true)};
+  x = m.sub(x, m.c(c.getHeadOffset()));
+  // x >= 0, d | x and x / d < period; the class is clamped to 0 otherwise so
+  // that it stays a valid index for code that runs before the check.
+  Value valid = m.both(m.le(m.c(0), x),
+                       m.eq(m.floorMod(x, c.getHeadDiv()), m.c(0)));
+  Value cls = m.floorDiv(x, c.getHeadDiv());
+  valid = m.both(valid, m.lt(cls, m.c(c.getPeriod())));
+  cls = arith::SelectOp::create(b, loc, valid, cls, m.c(0));
+  return {cls, valid};
+}
 
 Value mlir::attn::buildPatternPredicate(OpBuilder &b, Location loc,
                                         Attribute pattern, Value head,

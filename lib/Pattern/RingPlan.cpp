@@ -78,11 +78,10 @@ bool markAttendedKeys(ComponentAttr comp, int64_t head, Span rows, Span keys,
   const int64_t p = comp.getPeriod(), w = comp.getSegment();
   const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
   int64_t cLo = 0, cHi = p;
-  if (comp.getResidue() == ComponentAttr::kHeadResidue) {
-    cLo = head % p;
-    cHi = cLo + 1;
-  } else if (comp.getResidue() >= 0) {
-    cLo = comp.getResidue();
+  if (comp.getResidue() != ComponentAttr::kAllResidues) {
+    cLo = comp.classOfHead(head);
+    if (cLo < 0)
+      return false;
     cHi = cLo + 1;
   }
   // Segments that meet both the rows and the keys.
@@ -135,10 +134,6 @@ std::vector<RingPiece> piecesOf(const std::string &layout, int64_t ranks,
 /// or "" when it has one.
 std::string stripedUnsupported(ComponentAttr c, int64_t ranks) {
   const int64_t p = c.getPeriod(), w = c.getSegment();
-  if (c.getUseLengths() || c.hasFilters())
-    return "a tokenized or filtered (union/intersect) component";
-  if (c.getResidue() == ComponentAttr::kHeadResidue && p > 1)
-    return "a residue that follows the head (dilated head_offset)";
   if (p % ranks != 0 && ranks % p != 0)
     return "period " + std::to_string(p) + " that neither divides nor is a "
            "multiple of " + std::to_string(ranks) + " ranks";
@@ -155,14 +150,29 @@ std::string stripedUnsupported(ComponentAttr c, int64_t ranks) {
 /// class (c - r) / N and the same band. When P divides N, every row of rank
 /// r is in class r mod P: pairs need rq = rk (mod P), and with
 /// delta = (rq - rk) / P the band lo <= delta + (N / P)(a - b) <= hi is a
-/// period-1 band on a - b.
+/// period-1 band on a - b. A head residue c(h) = (h % M - o) / d becomes
+/// (h % M - o - d * r) / (d * N) in the first case (the heads whose class
+/// lies on rank r) and, in the second, the class-0-only residue
+/// (h % M - o - d * (r mod P)) / d of period 1 (the heads whose class is
+/// r mod P). Lengths and filters keep global positions: the kernels see
+/// local row a at position r + N * a (RingUpdate::stride).
 ComponentAttr stripedLocal(ComponentAttr comp, int64_t ranks, int64_t rq,
                            int64_t rk) {
   const int64_t p = comp.getPeriod(), lo = comp.getBandLo(),
                 hi = comp.getBandHi();
   const int64_t w = comp.getSegment() / ranks;
   int64_t res = comp.getResidue();
+  const bool head = res == ComponentAttr::kHeadResidue;
+  const int64_t hm = comp.getHeadMod(), ho = comp.getHeadOffset(),
+                hd = comp.getHeadDiv();
   MLIRContext *ctx = comp.getContext();
+  auto build = [&](int64_t period, int64_t residue, int64_t blo, int64_t bhi,
+                   int64_t offset, int64_t div) {
+    return ComponentAttr::get(ctx, period, residue, w, blo, bhi,
+                              comp.getUseLengths(), comp.getInclude(),
+                              comp.getExclude(), head ? hm : 0,
+                              head ? offset : 0, head ? div : 1);
+  };
   if (p % ranks == 0) {
     if (rq != rk)
       return {};
@@ -171,8 +181,7 @@ ComponentAttr stripedLocal(ComponentAttr comp, int64_t ranks, int64_t rq,
         return {};
       res = (res - rq) / ranks;
     }
-    return ComponentAttr::get(ctx, p / ranks, res, w, lo, hi, false,
-                              comp.getInclude(), comp.getExclude());
+    return build(p / ranks, res, lo, hi, ho + hd * rq, hd * ranks);
   }
   // p divides ranks.
   if (floorMod(rq - rk, p) != 0 || (res >= 0 && floorMod(rq, p) != res))
@@ -182,8 +191,8 @@ ComponentAttr stripedLocal(ComponentAttr comp, int64_t ranks, int64_t rq,
   int64_t nhi = hi == kPosInf ? kPosInf : floorDiv(hi - delta, step);
   if (nlo != kNegInf && nhi != kPosInf && nlo > nhi)
     return {};
-  return ComponentAttr::get(ctx, 1, ComponentAttr::kAllResidues, w, nlo, nhi,
-                            false, comp.getInclude(), comp.getExclude());
+  return build(1, head ? res : ComponentAttr::kAllResidues, nlo, nhi,
+               ho + hd * floorMod(rq, p), hd);
 }
 } // namespace
 
@@ -283,9 +292,16 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
           if (!local)
             continue;
           Span rows{0, plan.chunk, 0}, keys{0, plan.chunk, 0};
-          if (!markAttendedKeys(local, 0, rows, keys, &bits[0]))
-            continue;
-          updates[rq][rk].push_back({kernelIndex(local), 0, 0, 0, 0});
+          bool any = false;
+          for (int64_t h = 0; h < heads; ++h) {
+            RowBitmap *set = &bits[perHead ? h / group : 0];
+            any |= markAttendedKeys(local, h, rows, keys, set);
+            if (!perHead)
+              break;
+          }
+          if (any)
+            updates[rq][rk].push_back(
+                {kernelIndex(local), 0, 0, 0, 0, rq, rk, ranks});
         }
       } else {
         for (size_t ci = 0; ci < components.size(); ++ci) {
@@ -302,10 +318,10 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
                   break;
               }
               if (any)
-                updates[rq][rk].push_back({static_cast<int64_t>(ci),
-                                           static_cast<int64_t>(qp),
-                                           static_cast<int64_t>(kp), a.origin,
-                                           b.origin});
+                updates[rq][rk].push_back(
+                    {static_cast<int64_t>(ci), static_cast<int64_t>(qp),
+                     static_cast<int64_t>(kp), a.origin, b.origin, a.origin,
+                     b.origin, 1});
             }
           }
         }

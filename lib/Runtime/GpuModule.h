@@ -68,7 +68,10 @@ struct KernelArgs {
   CUdeviceptr q = 0, k = 0, v = 0, lengths = 0, out = 0, lse = 0, acc = 0,
               max = 0, sum = 0;
   int64_t B = 0, H = 0, Hkv = 0, D = 0, Lq = 0, Lk = 0;
+  /// Groups at origin + index; lengths and filters (ConvertToGpu.cpp's
+  /// kernelType) at rowLenShift / qPos / kPos + posStride * index.
   int64_t qOrigin = 0, kOrigin = 0, rowLenShift = 0;
+  int64_t qPos = 0, kPos = 0, posStride = 1;
 };
 
 /// Launches `kernel` with the grid of docs/Package.md on `stream`.

@@ -177,8 +177,9 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   const Driver &d = *g.d;
   const int64_t rows = a.B * a.H * a.Lq;
   // Parameters: 9 descriptors of 5 words, then q_len, kv_len, q_origin,
-  // k_origin and row_len_shift.
-  int64_t words[50];
+  // k_origin, row_len_shift, q_pos, k_pos and pos_stride.
+  constexpr int kWords = 53;
+  int64_t words[kWords];
   auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
     int64_t *w = words + 5 * slot;
     w[0] = w[1] = int64_t(ptr);
@@ -200,8 +201,11 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   words[47] = a.qOrigin;
   words[48] = a.kOrigin;
   words[49] = a.rowLenShift;
-  void *params[50];
-  for (int i = 0; i < 50; ++i)
+  words[50] = a.qPos;
+  words[51] = a.kPos;
+  words[52] = a.posStride;
+  void *params[kWords];
+  for (int i = 0; i < kWords; ++i)
     params[i] = &words[i];
 
   int64_t gx, gy = 1, gz = 1;
@@ -280,7 +284,7 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   args.D = D;
   args.Lq = Lq;
   args.Lk = Lk;
-  args.qOrigin = Lk - Lq; // bottom-right alignment
+  args.qOrigin = args.qPos = Lk - Lq; // bottom-right alignment
   for (const GpuKernel &kernel : g.kernels)
     if (!launchKernel(g, kernel, args, stream, error))
       return false;

@@ -304,8 +304,10 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
       a.Lk = rs.pieces[kp].rows;
       a.qOrigin = u.qOrigin;
       a.kOrigin = u.kOrigin;
-      // Lengths bound positions: a row's index + q_origin.
-      a.rowLenShift = ring_->layout == "striped" ? 0 : u.qOrigin;
+      // Lengths and filters see global positions (RingUpdate).
+      a.rowLenShift = a.qPos = u.qPos;
+      a.kPos = u.kPos;
+      a.posStride = u.stride;
       if (!launchKernel(g, *kn, a, stream, error))
         return false;
     }

@@ -241,10 +241,18 @@ bool Package::loadRing(const void *manifest, std::string &error) {
         step.sendRows.push_back(parseRowSet(set));
       for (const json &set : s.at("recv_rows"))
         step.recvRows.push_back(parseRowSet(set));
-      for (const json &u : s.at("updates"))
-        step.updates.push_back({u.at(0).get<int64_t>(), u.at(1).get<int64_t>(),
-                                u.at(2).get<int64_t>(), u.at(3).get<int64_t>(),
-                                u.at(4).get<int64_t>()});
+      for (const json &u : s.at("updates")) {
+        RingUpdate up{u.at(0).get<int64_t>(), u.at(1).get<int64_t>(),
+                      u.at(2).get<int64_t>(), u.at(3).get<int64_t>(),
+                      u.at(4).get<int64_t>()};
+        // [kernel, q piece, k piece, q origin, k origin, q pos, k pos, stride]
+        up.qPos = u.at(5).get<int64_t>();
+        up.kPos = u.at(6).get<int64_t>();
+        up.stride = u.at(7).get<int64_t>();
+        if (up.stride < 1)
+          throw std::runtime_error("ring update stride must be >= 1");
+        step.updates.push_back(up);
+      }
       rs.steps.push_back(std::move(step));
     }
     ring->schedule.push_back(std::move(rs));
@@ -394,13 +402,15 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
       void *fn = ringKernels_[u.kernel];
       if (lengths) {
         Descriptor dl(lengths->data, {B}, 0, 0, B);
-        reinterpret_cast<void (*)(P, P, P, P, P, P, P, int64_t, int64_t)>(fn)(
+        using I = int64_t;
+        reinterpret_cast<void (*)(P, P, P, P, P, P, P, I, I, I, I, I)>(fn)(
             dq.get(), dk.get(), dv.get(), dl.get(), da.get(), dm.get(),
-            ds.get(), u.qOrigin, u.kOrigin);
+            ds.get(), u.qOrigin, u.kOrigin, u.qPos, u.kPos, u.stride);
       } else {
-        reinterpret_cast<void (*)(P, P, P, P, P, P, int64_t, int64_t)>(fn)(
+        using I = int64_t;
+        reinterpret_cast<void (*)(P, P, P, P, P, P, I, I, I, I, I)>(fn)(
             dq.get(), dk.get(), dv.get(), da.get(), dm.get(), ds.get(),
-            u.qOrigin, u.kOrigin);
+            u.qOrigin, u.kOrigin, u.qPos, u.kPos, u.stride);
       }
     }
     return true;

@@ -266,7 +266,8 @@ nlohmann::json mlir::attn::manifestRingPlan(const RingPlan &plan) {
     for (const RingStep &s : rp.steps) {
       nlohmann::json updates = nlohmann::json::array();
       for (const RingUpdate &u : s.updates)
-        updates.push_back({u.kernel, u.qPiece, u.kPiece, u.qOrigin, u.kOrigin});
+        updates.push_back({u.kernel, u.qPiece, u.kPiece, u.qOrigin, u.kOrigin,
+                           u.qPos, u.kPos, u.stride});
       steps.push_back({{"step", s.step},
                        {"send_to", s.sendTo},
                        {"recv_from", s.recvFrom},
@@ -313,7 +314,8 @@ LogicalResult mlir::attn::compileCpuRingPackage(const Spec &spec,
   if (!plan)
     return failure();
 
-  // Kernels: ring_init, ring_component_<n> (with origins), ring_finalize, on
+  // Kernels: ring_init, ring_component_<n> (with origins, positions and
+  // stride), ring_finalize, on
   // strided views with dynamic rows so that any piece of a chunk fits.
   MLIRContext *ctx = spec.pattern.getContext();
   OpBuilder b(ctx);
@@ -354,7 +356,9 @@ LogicalResult mlir::attn::compileCpuRingPackage(const Spec &spec,
     SmallVector<Type> inputs{qT, kT, kT};
     if (usesLengths)
       inputs.push_back(lenT);
-    inputs.append({qT, rowT, rowT, b.getIndexType(), b.getIndexType()});
+    // Origins (q, k), then positions (q, k) and stride (AttnOrigins.h).
+    inputs.append({qT, rowT, rowT});
+    inputs.append(5, b.getIndexType());
     std::string name = "ring_component_" + std::to_string(n);
     auto f = makeFunc(name, inputs);
     OpBuilder::InsertionGuard guard(b);
@@ -364,7 +368,7 @@ LogicalResult mlir::attn::compileCpuRingPackage(const Spec &spec,
     bool readsLengths = comp.getUseLengths() || comp.hasFilters();
     ComponentOp::create(b, loc, TypeRange{}, a[0], a[1], a[2],
                         readsLengths && usesLengths ? a[3] : Value(), a[s],
-                        a[s + 1], a[s + 2], ValueRange{a[s + 3], a[s + 4]},
+                        a[s + 1], a[s + 2], a.slice(s + 3, 5),
                         comp, b.getF64FloatAttr(spec.effectiveScale()));
     std::string text;
     llvm::raw_string_ostream os(text);

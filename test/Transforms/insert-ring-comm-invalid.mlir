@@ -12,10 +12,10 @@ module attributes {attn.distribution = {ranks = 3 : i64, layout = "contiguous", 
 // -----
 
 module attributes {attn.distribution = {ranks = 2 : i64, layout = "striped", kv = "ring"}} {
-  // expected-error @+1 {{layout 'striped' needs every component to map onto the ranks' strides; this pattern has a residue that follows the head (dilated head_offset)}}
-  func.func @striped_dilated(%q: tensor<1x2x1024x64xf32>) -> tensor<1x2x1024x64xf32> {
-    %o = attn.attention %q, %q, %q pattern(#attn.dilated<segment = 512, rate = 2, head_offset = true>) : tensor<1x2x1024x64xf32>, tensor<1x2x1024x64xf32>, tensor<1x2x1024x64xf32> -> tensor<1x2x1024x64xf32>
-    return %o : tensor<1x2x1024x64xf32>
+  // expected-error @+1 {{layout 'striped' needs every component to map onto the ranks' strides; this pattern has period 3 that neither divides nor is a multiple of 2 ranks}}
+  func.func @striped_dilated(%q: tensor<1x2x1536x64xf32>) -> tensor<1x2x1536x64xf32> {
+    %o = attn.attention %q, %q, %q pattern(#attn.dilated<segment = 384, rate = 3, head_offset = true>) : tensor<1x2x1536x64xf32>, tensor<1x2x1536x64xf32>, tensor<1x2x1536x64xf32> -> tensor<1x2x1536x64xf32>
+    return %o : tensor<1x2x1536x64xf32>
   }
 }
 

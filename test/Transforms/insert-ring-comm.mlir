@@ -58,3 +58,22 @@ module attributes {attn.distribution = {ranks = 2 : i64, layout = "zigzag", kv =
     return %o : tensor<1x2x1024x64xf32>
   }
 }
+
+// -----
+
+// Striped over 2 ranks, a LongNet branch of rate 4 with head offsets, within
+// lengths: class c = h % 4 lives on rank c % 2, so nothing travels; each rank
+// keeps the heads whose class is its own (residue head(4, r, 2)) and sees
+// positions r + 2 * index for the lengths.
+// CHECK-LABEL: func.func @striped_longnet_rank0
+// CHECK-NOT: attn.ring_exchange
+// CHECK: attn.component {{.*}} origins(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}) <period = 2, residue = head(4, 0, 2), segment = 16, band = [0, inf], lengths = true>
+// CHECK-LABEL: func.func @striped_longnet_rank1
+// CHECK-NOT: attn.ring_exchange
+// CHECK: attn.component {{.*}} <period = 2, residue = head(4, 1, 2), segment = 16, band = [0, inf], lengths = true>
+module attributes {attn.distribution = {ranks = 2 : i64, layout = "striped", kv = "ring"}} {
+  func.func @striped_longnet(%q: tensor<1x4x64x16xf32>, %len: tensor<1xi32>) -> tensor<1x4x64x16xf32> {
+    %o = attn.attention %q, %q, %q lengths(%len) pattern(#attn.intersect<[#attn.dilated<segment = 32, rate = 4, head_offset = true, causal = true>, #attn.tokenized<>]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1xi32> -> tensor<1x4x64x16xf32>
+    return %o : tensor<1x4x64x16xf32>
+  }
+}

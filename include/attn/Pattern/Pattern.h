@@ -46,6 +46,12 @@ bool componentContains(ComponentAttr component, const PairPosition &pos);
 /// multiplicity: sum(componentContains(c, pos)) == multiplicity(pattern, pos).
 SmallVector<ComponentAttr> decompose(Attribute pattern);
 
+/// Builds IR for ComponentAttr::classOfHead: the residue class of head
+/// `head` (index) and an i1 that is false when the head has no pairs.
+/// Only for a head residue.
+std::pair<Value, Value> buildHeadClass(OpBuilder &b, Location loc,
+                                       ComponentAttr component, Value head);
+
 /// Builds IR computing `multiplicity(pattern, pos) > 0` as an i1. All values
 /// are `index`; `length` may be null when the pattern reads no lengths.
 Value buildPatternPredicate(OpBuilder &b, Location loc, Attribute pattern,

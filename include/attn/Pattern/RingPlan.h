@@ -53,11 +53,14 @@ struct RingPiece {
 /// One component update: queries of local piece `qPiece` against keys of
 /// piece `kPiece` of the source rank (its own keys at step 0, the received
 /// ones otherwise) with kernel `kernel`, rows at `qOrigin + index`, keys at
-/// `kOrigin + index`.
+/// `kOrigin + index`. Lengths and filters see global positions: row a at
+/// `qPos + stride * a`, key b at `kPos + stride * b` (the origins with stride
+/// 1, except under the striped layout: rank + N * index, origins 0).
 struct RingUpdate {
   int64_t kernel = 0;
   int64_t qPiece = 0, kPiece = 0;
   int64_t qOrigin = 0, kOrigin = 0;
+  int64_t qPos = 0, kPos = 0, stride = 1;
 };
 
 struct RingStep {

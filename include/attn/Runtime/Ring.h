@@ -33,8 +33,11 @@ int64_t rowCount(const RowSet &set);
 /// Rows moved for `sets` (one per kv head, or one for all `kvHeads`).
 int64_t packedRowCount(const std::vector<RowSet> &sets, int64_t kvHeads);
 
+/// One kernel run: query piece against key piece, groups at the origins,
+/// lengths and filters at positions qPos + stride * row, kPos + stride * key.
 struct RingUpdate {
   int64_t kernel = 0, qPiece = 0, kPiece = 0, qOrigin = 0, kOrigin = 0;
+  int64_t qPos = 0, kPos = 0, stride = 1;
 };
 
 struct RingStep {

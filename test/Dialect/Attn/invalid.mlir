@@ -150,3 +150,19 @@ func.func @filter_lengths(%q: memref<1x1x8x4xf32>, %m: memref<1x1x8xf32>) {
   attn.component %q, %q, %q state(%q, %m, %m) #attn.component<period = 1, residue = all, segment = 0, band = [0, inf], exclude = [#attn.tokenized<>]> {scale = 1.0 : f64} : memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8xf32>, memref<1x1x8xf32>
   return
 }
+
+// -----
+
+func.func @head_residue_divisor(%q: memref<1x1x8x4xf32>, %m: memref<1x1x8xf32>) {
+  // expected-error @+1 {{component head residue (4, 0, 0) needs modulus >= 1, offset >= 0, divisor >= 1}}
+  attn.component %q, %q, %q state(%q, %m, %m) #attn.component<period = 2, residue = head(4, 0, 0), segment = 0, band = [0, inf]> {scale = 1.0 : f64} : memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8xf32>, memref<1x1x8xf32>
+  return
+}
+
+// -----
+
+func.func @origins_count(%q: memref<1x1x8x4xf32>, %m: memref<1x1x8xf32>, %i: index) {
+  // expected-error @+1 {{origins are (query origin, key origin) or (query origin, key origin, query position, key position, stride), got 3 values}}
+  attn.component %q, %q, %q state(%q, %m, %m) origins(%i, %i, %i) #attn.component<period = 1, residue = all, segment = 0, band = [0, inf]> {scale = 1.0 : f64} : memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8xf32>, memref<1x1x8xf32>
+  return
+}

@@ -41,6 +41,13 @@ func.func @state_ops(%q: memref<1x2x?x16xf32>, %k: memref<1x2x?x16xf32>, %v: mem
   attn.init_state outs(%acc, %max, %sum) : memref<1x2x?x16xf32>, memref<1x2x?xf32>, memref<1x2x?xf32>
   // CHECK: attn.component {{.*}} <period = 4, residue = head, segment = 64, band = [0, inf]>
   attn.component %q, %k, %v state(%acc, %max, %sum) #attn.component<period = 4, residue = head, segment = 64, band = [0, inf]> {scale = 0.25 : f64} : memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?xf32>, memref<1x2x?xf32>
+  // CHECK: attn.component {{.*}} origins(%{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}, %{{.*}}) <period = 2, residue = head(4, 1, 2), segment = 0, band = [0, inf]>
+  %c0 = arith.constant 0 : index
+  %c1 = arith.constant 1 : index
+  %c2 = arith.constant 2 : index
+  attn.component %q, %k, %v state(%acc, %max, %sum) origins(%c0, %c0, %c1, %c1, %c2) #attn.component<period = 2, residue = head(4, 1, 2), segment = 0, band = [0, inf]> {scale = 0.25 : f64} : memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?xf32>, memref<1x2x?xf32>
+  // CHECK: attn.component {{.*}} <period = 4, residue = head, segment = 64
+  attn.component %q, %k, %v state(%acc, %max, %sum) #attn.component<period = 4, residue = head(4, 0, 1), segment = 64, band = [0, inf]> {scale = 0.25 : f64} : memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?xf32>, memref<1x2x?xf32>
   // CHECK: band = [-inf, inf], exclude = [#attn.causal]>
   attn.component %q, %k, %v state(%acc, %max, %sum) #attn.component<period = 1, residue = all, segment = 0, band = [-inf, inf], exclude = [#attn.causal]> {scale = 0.25 : f64} : memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?x16xf32>, memref<1x2x?xf32>, memref<1x2x?xf32>
   // CHECK: attn.finalize state(

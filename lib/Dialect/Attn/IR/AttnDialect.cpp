@@ -118,7 +118,7 @@ IntersectAttr::verify(function_ref<InFlightDiagnostic()> emitError,
 
 //===----------------------------------------------------------------------===//
 // ComponentAttr: custom syntax
-//   #attn.component<period = P, residue = all|head|N, segment = S,
+//   #attn.component<period = P, residue = all|head|head(M, o, d)|N, segment = S,
 //                   band = [lo, hi], lengths = true, include = [...],
 //                   exclude = [...]>
 // with lo/hi `-inf`/`inf` for no bound; lengths/include/exclude optional.
@@ -128,9 +128,14 @@ LogicalResult
 ComponentAttr::verify(function_ref<InFlightDiagnostic()> emitError,
                       int64_t period, int64_t residue, int64_t segment,
                       int64_t bandLo, int64_t bandHi, bool, ArrayAttr include,
-                      ArrayAttr exclude) {
+                      ArrayAttr exclude, int64_t headMod, int64_t headOffset,
+                      int64_t headDiv) {
   if (period < 1)
     return emitError() << "component period must be >= 1, got " << period;
+  if (residue == kHeadResidue && (headMod < 1 || headOffset < 0 || headDiv < 1))
+    return emitError() << "component head residue (" << headMod << ", "
+                       << headOffset << ", " << headDiv
+                       << ") needs modulus >= 1, offset >= 0, divisor >= 1";
   if (residue != kAllResidues && residue != kHeadResidue &&
       (residue < 0 || residue >= period))
     return emitError() << "component residue " << residue
@@ -187,6 +192,8 @@ Attribute ComponentAttr::parse(AsmParser &parser, Type) {
   int64_t lo = kNegInf, hi = kPosInf;
   bool lengths = false;
   ArrayAttr include = ArrayAttr::get(ctx, {}), exclude = include;
+  // head(M, o, d); a plain `head` takes M = period once the period is known.
+  int64_t headMod = 0, headOffset = 0, headDiv = 1;
   if (parser.parseLess())
     return {};
   auto parseField = [&]() -> ParseResult {
@@ -205,7 +212,12 @@ Attribute ComponentAttr::parse(AsmParser &parser, Type) {
       }
       if (succeeded(parser.parseOptionalKeyword("head"))) {
         residue = kHeadResidue;
-        return success();
+        if (failed(parser.parseOptionalLParen()))
+          return success();
+        return failure(parser.parseInteger(headMod) || parser.parseComma() ||
+                       parser.parseInteger(headOffset) ||
+                       parser.parseComma() || parser.parseInteger(headDiv) ||
+                       parser.parseRParen());
       }
       return parser.parseInteger(residue);
     }
@@ -228,17 +240,31 @@ Attribute ComponentAttr::parse(AsmParser &parser, Type) {
   };
   if (parser.parseCommaSeparatedList(parseField) || parser.parseGreater())
     return {};
+  if (residue == kHeadResidue && headMod == 0)
+    headMod = period;
   return getChecked([&] { return parser.emitError(parser.getNameLoc()); },
                     ctx, period, residue, segment, lo, hi, lengths, include,
-                    exclude);
+                    exclude, headMod, headOffset, headDiv);
+}
+
+int64_t ComponentAttr::classOfHead(int64_t h) const {
+  if (getResidue() != kHeadResidue)
+    return getResidue();
+  const int64_t x = h % getHeadMod() - getHeadOffset();
+  if (x < 0 || x % getHeadDiv() != 0 || x / getHeadDiv() >= getPeriod())
+    return -1;
+  return x / getHeadDiv();
 }
 
 void ComponentAttr::print(AsmPrinter &printer) const {
   printer << "<period = " << getPeriod() << ", residue = ";
   if (getResidue() == kAllResidues)
     printer << "all";
-  else if (getResidue() == kHeadResidue)
+  else if (isPlainHeadResidue())
     printer << "head";
+  else if (getResidue() == kHeadResidue)
+    printer << "head(" << getHeadMod() << ", " << getHeadOffset() << ", "
+            << getHeadDiv() << ")";
   else
     printer << getResidue();
   printer << ", segment = " << getSegment() << ", band = [";
@@ -403,9 +429,12 @@ LogicalResult ComponentOp::verify() {
     return emitOpError("component reads lengths but none are given");
   if (!(getScaleAttr().getValueAsDouble() > 0.0))
     return emitOpError("scale must be > 0");
-  if (!getOrigins().empty() && getOrigins().size() != 2)
-    return emitOpError("origins are (query origin, key origin), got ")
-           << getOrigins().size() << " values";
+  const size_t numOrigins = getOrigins().size();
+  if (numOrigins != 0 && numOrigins != 2 && numOrigins != 5)
+    return emitOpError("origins are (query origin, key origin) or (query "
+                       "origin, key origin, query position, key position, "
+                       "stride), got ")
+           << numOrigins << " values";
   return verifyDestinationStyle(*this, {getAcc(), getMax(), getSum()});
 }
 

@@ -100,17 +100,21 @@ public:
   /// The uniform kernel signature (the runtime passes the same arguments to
   /// every kernel of a package):
   ///   q, k, v, lengths, out, lse, acc, max, sum, qLen, kLen,
-  ///   qOrigin, kOrigin, rowLenShift
-  /// Query row i sits at position qOrigin + i, key j at kOrigin + j; rows
-  /// with i + rowLenShift >= lengths[b] and keys at positions >= lengths[b]
-  /// are padding. A whole sequence passes (Lk - Lq, 0, 0), a rank's slice of
-  /// a ring (its global origins, origins, qOrigin).
+  ///   qOrigin, kOrigin, rowLenShift, qPos, kPos, posStride
+  /// For the component's groups and bands, query row i sits at position
+  /// qOrigin + i and key j at kOrigin + j. Lengths and filters see global
+  /// positions: rows with rowLenShift + posStride * i >= lengths[b] and keys
+  /// with kPos + posStride * j >= lengths[b] are padding, and the filters
+  /// see row i at qPos + posStride * i, key j at kPos + posStride * j.
+  /// A whole sequence passes (Lk - Lq, 0, 0, Lk - Lq, 0, 1); a rank's slice
+  /// of a ring (qo, ko, qo, qo, ko, 1); a striped rank rq with keys of rank
+  /// rk (0, 0, rq, rq, rk, ranks).
   FunctionType kernelType() {
     Type index = b.getIndexType();
     SmallVector<Type> args{storageType, storageType, storageType, lengthsType,
                            storageType, floatType,   floatType,   floatType,
-                           floatType,   index,       index,       index,
-                           index,       index};
+                           floatType};
+    args.append(kNumScalarArgs, index);
     return FunctionType::get(ctx, args, {});
   }
 
@@ -120,9 +124,10 @@ public:
   gpu::GPUFuncOp emitFinalize(StringRef name);
 
 private:
+  static constexpr int64_t kNumScalarArgs = 8;
   enum Arg {
     Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, QLen, KLen,
-    QOrigin, KOrigin, RowLenShift
+    QOrigin, KOrigin, RowLenShift, QPos, KPos, PosStride
   };
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
@@ -313,24 +318,30 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // Query row i sits at position i + delta, key j at j + kOrigin.
   Value delta = arg(QOrigin), kOrigin = arg(KOrigin);
   Value rowLenShift = arg(RowLenShift);
+  Value qPos = arg(QPos), kPos = arg(KPos), posStride = arg(PosStride);
 
   Value rowsEnd = qLen, keysEnd = kLen, length;
   if (comp.getUseLengths()) {
     length = memref::LoadOp::create(b, loc, arg(Lengths), bIdx);
     length = arith::IndexCastOp::create(b, loc, b.getIndexType(), length);
     length = m.max(length, zero);
-    rowsEnd = m.min(qLen, m.max(m.sub(length, rowLenShift), zero));
-    keysEnd = m.min(kLen, m.max(m.sub(length, kOrigin), zero));
+    // Row i is inside when rowLenShift + posStride * i < length.
+    rowsEnd = m.min(
+        qLen, m.max(m.ceilDiv(m.sub(length, rowLenShift), posStride), zero));
+    keysEnd =
+        m.min(kLen, m.max(m.ceilDiv(m.sub(length, kPos), posStride), zero));
   }
 
   // Group (segment, residue) of this block.
-  Value c, segIdx = by;
+  Value c, segIdx = by, headHasClass;
   int64_t res = comp.getResidue();
   if (res == ComponentAttr::kAllResidues) {
     c = arith::RemUIOp::create(b, loc, by, r);
     segIdx = arith::DivUIOp::create(b, loc, by, r);
   } else if (res == ComponentAttr::kHeadResidue) {
-    c = arith::RemUIOp::create(b, loc, h, r);
+    std::tie(c, headHasClass) = buildHeadClass(b, loc, comp, h);
+    if (comp.isPlainHeadResidue())
+      headHasClass = Value();
   } else {
     c = m.c(res);
   }
@@ -357,8 +368,12 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   Value tKeyHi = m.ceilDiv(m.sub(kHi, base), r);
   Value q0 = m.add(tRowLo, m.mul(tileIdx, m.c(kBlockRows)));
 
-  // Blocks past the group's rows have nothing to do.
-  auto inRange = scf::IfOp::create(b, loc, TypeRange{}, m.lt(q0, tRowAll),
+  // Blocks past the group's rows, or of a head without a class, have
+  // nothing to do.
+  Value hasWork = m.lt(q0, tRowAll);
+  if (headHasClass)
+    hasWork = m.both(hasWork, headHasClass);
+  auto inRange = scf::IfOp::create(b, loc, TypeRange{}, hasWork,
                                    /*withElse=*/false);
   b.setInsertionPointToStart(inRange.thenBlock());
 
@@ -521,9 +536,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       OpBuilder::InsertionGuard g2(b);
       b.setInsertionPointToStart(maskIf.thenBlock());
       SmallVector<Value> out;
-      // The predicates see row i + rowLenShift at position i + delta: with
-      // their (qLen, kLen) = (0, delta - rowLenShift) that is exactly it.
-      Value qLenV = zero, kLenV = m.sub(delta, rowLenShift);
+      // The predicates see row rowLenShift + posStride * i (for lengths) at
+      // position qPos + posStride * i: with their (qLen, kLen) =
+      // (0, qPos - rowLenShift) that is exactly it.
+      Value qLenV = zero, kLenV = m.sub(qPos, rowLenShift);
       for (int64_t n = 0; n < kKeyNTiles; ++n)
         for (int64_t e = 0; e < 4; ++e) {
           Value t = tq[e / 2];
@@ -535,7 +551,9 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           if (hi != inf)
             inside = m.both(inside, m.le(dt, m.c(hi)));
           if (comp.hasFilters()) {
-            Value i = m.add(qRowIndex(t), rowLenShift), j = keyPos(tk);
+            Value i = m.add(rowLenShift, m.mul(posStride, qRowIndex(t)));
+            Value j =
+                m.add(kPos, m.mul(posStride, m.sub(keyPos(tk), kOrigin)));
             for (Attribute inc : comp.getInclude())
               inside = m.both(inside, buildPatternPredicate(b, loc, inc, h, i, j,
                                                             qLenV, kLenV, length));

@@ -16,6 +16,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "attn/Dialect/Attn/IR/AttnDims.h"
+#include "attn/Dialect/Attn/IR/AttnOrigins.h"
 #include "attn/Dialect/Attn/Transforms/Passes.h"
 #include "attn/Utils/FloatMath.h"
 #include "attn/Utils/IndexMath.h"
@@ -144,9 +145,11 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
                                    arith::DivUIOp::create(b, loc, heads, kvHeads));
   // Row index = position - qOrigin, key index = position - kOrigin. With
   // origins, the filters see global positions (as rows of a square problem).
-  const bool hasOrigins = !op.getOrigins().empty();
-  Value qOrigin = hasOrigins ? op.getOrigins()[0] : m.sub(kLen, qLen);
-  Value kOrigin = hasOrigins ? op.getOrigins()[1] : c0;
+  // With origins the filters see positions q_pos + stride * i and
+  // k_pos + stride * j (AttnOrigins.h).
+  Placement at = Placement::decode(m, op.getOrigins(), qLen, kLen);
+  const bool hasOrigins = at.hasOrigins;
+  Value qOrigin = at.qOrigin, kOrigin = at.kOrigin;
   Value predQLen = hasOrigins ? c0 : qLen, predKLen = hasOrigins ? c0 : kLen;
   Value scale = f.c(float(op.getScaleAttr().getValueAsDouble()));
   Value length;
@@ -158,7 +161,7 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
   forEach(b, loc, op.getRowBegin(), op.getRowEnd(), [&](Value tq) {
     Value rowPos = m.add(base, m.mul(r, tq));
     Value i = m.sub(rowPos, qOrigin);
-    Value predRow = hasOrigins ? rowPos : i;
+    Value predRow = hasOrigins ? m.add(at.qPos, m.mul(at.stride, i)) : i;
     SmallVector<Value> row{bIdx, h, i};
     Value oldMax = memref::LoadOp::create(b, loc, op.getMax(), row);
     Value oldSum = memref::LoadOp::create(b, loc, op.getSum(), row);
@@ -169,6 +172,8 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
         [&](Value tk, Value runMax) {
           Value keyPos = m.add(base, m.mul(r, tk));
           Value j = m.sub(keyPos, kOrigin);
+          Value predKey =
+              hasOrigins ? m.add(at.kPos, m.mul(at.stride, j)) : keyPos;
           auto dot = [&]() {
             Value sum = reduce(b, loc, c0, headDim, f.c(0.0f),
                                [&](Value d, Value acc) {
@@ -190,10 +195,10 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
               inside = m.both(inside, m.le(dt, m.c(comp.getBandHi())));
             for (Attribute inc : comp.getInclude())
               inside = m.both(inside, buildPatternPredicate(
-                                          b, loc, inc, h, predRow, keyPos,
+                                          b, loc, inc, h, predRow, predKey,
                                           predQLen, predKLen, length));
             for (Attribute exc : comp.getExclude()) {
-              Value in = buildPatternPredicate(b, loc, exc, h, predRow, keyPos,
+              Value in = buildPatternPredicate(b, loc, exc, h, predRow, predKey,
                                                predQLen, predKLen, length);
               inside = m.both(inside, m.eq(in, m.truth(false)));
             }

@@ -192,14 +192,19 @@ struct AttnInsertRingCommPass
         const RingPiece &qp = rp.pieces[u.qPiece];
         const RingPiece &kp = rp.pieces[u.kPiece];
         ComponentAttr comp = plan.kernels[u.kernel];
-        Value qo = arith::ConstantIndexOp::create(b, loc, u.qOrigin);
-        Value ko = arith::ConstantIndexOp::create(b, loc, u.kOrigin);
+        auto index = [&](int64_t v) -> Value {
+          return arith::ConstantIndexOp::create(b, loc, v);
+        };
+        SmallVector<Value> origins{index(u.qOrigin), index(u.kOrigin)};
+        // Striped: lengths and filters see positions rank + N * index.
+        if (u.stride != 1)
+          origins.append({index(u.qPos), index(u.kPos), index(u.stride)});
         ComponentOp::create(
             b, loc, TypeRange{}, rows(q, qp), rows(keys, kp),
             rows(values, kp),
             comp.getUseLengths() || comp.hasFilters() ? lengths : Value(),
-            rows(acc, qp), rows(max, qp), rows(sum, qp), ValueRange{qo, ko},
-            comp, first.getScaleAttr());
+            rows(acc, qp), rows(max, qp), rows(sum, qp), origins, comp,
+            first.getScaleAttr());
         ++numUpdates;
       }
     }

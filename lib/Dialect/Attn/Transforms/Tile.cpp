@@ -18,7 +18,9 @@
 //===----------------------------------------------------------------------===//
 
 #include "attn/Dialect/Attn/IR/AttnDims.h"
+#include "attn/Dialect/Attn/IR/AttnOrigins.h"
 #include "attn/Dialect/Attn/Transforms/Passes.h"
+#include "attn/Pattern/Pattern.h"
 #include "attn/Utils/IndexMath.h"
 
 namespace mlir::attn {
@@ -75,9 +77,9 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
     Value qLen = memref::DimOp::create(b, loc, op.getQuery(), dims::kRows);
     Value kLen = memref::DimOp::create(b, loc, op.getKey(), dims::kRows);
     // Query row i sits at position i + qOrigin, key j at j + kOrigin.
-    const bool hasOrigins = !op.getOrigins().empty();
-    Value qOrigin = hasOrigins ? op.getOrigins()[0] : m.sub(kLen, qLen);
-    Value kOrigin = hasOrigins ? op.getOrigins()[1] : zero;
+    Placement at = Placement::decode(m, op.getOrigins(), qLen, kLen);
+    const bool hasOrigins = at.hasOrigins;
+    Value qOrigin = at.qOrigin, kOrigin = at.kOrigin;
 
     auto emitKeyTiles = [&](Value bIdx, Value hIdx, Value base, Value q0,
                             Value q1, Value from, Value to, bool masked) {
@@ -132,9 +134,12 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
       if (comp.getUseLengths()) {
         Value len = memref::LoadOp::create(b, loc, op.getLengths(), bIdx);
         len = arith::IndexCastOp::create(b, loc, b.getIndexType(), len);
-        Value rowLen = hasOrigins ? m.sub(len, qOrigin) : len;
+        // Row i is inside when q_pos + stride * i < len (key j likewise).
+        Value rowLen = hasOrigins ? m.ceilDiv(m.sub(len, at.qPos), at.stride)
+                                  : len;
         rowsEnd = m.min(qLen, m.max(rowLen, zero));
-        keysEnd = m.min(kLen, m.max(m.sub(len, kOrigin), zero));
+        Value keyLen = m.ceilDiv(m.sub(len, at.kPos), at.stride);
+        keysEnd = m.min(kLen, m.max(keyLen, zero));
       }
       Value rowPosLo = qOrigin, rowPosHi = m.add(qOrigin, rowsEnd);
       Value keyPosLo = kOrigin, keyPosHi = m.add(kOrigin, keysEnd);
@@ -144,10 +149,13 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
           cLo = zero;
           cHi = r;
         } else {
-          cLo = comp.getResidue() == ComponentAttr::kHeadResidue
-                    ? Value(arith::RemUIOp::create(b, loc, hIdx, r))
-                    : m.c(comp.getResidue());
-          cHi = m.add(cLo, one);
+          Value valid = m.truth(true);
+          if (comp.getResidue() == ComponentAttr::kHeadResidue)
+            std::tie(cLo, valid) = buildHeadClass(b, loc, comp, hIdx);
+          else
+            cLo = m.c(comp.getResidue());
+          // A head outside a general head residue has no class: empty loop.
+          cHi = arith::SelectOp::create(b, loc, valid, m.add(cLo, one), cLo);
         }
         forLoop(b, loc, cLo, cHi, one, [&](Value c) {
           if (comp.getSegment() == 0) {

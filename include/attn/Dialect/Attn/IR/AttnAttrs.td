@@ -116,7 +116,11 @@ def Attn_ComponentAttr : Attn_Attr<"Component", "component"> {
     `p = s * segment + c + period * t`, `t = 0, 1, ...` of residue class `c` of
     segment `s` (no segments when `segment = 0`). Residue `all` takes every
     class `0 <= c < period`, `head` takes `c = h % period` and a number takes
-    that class. Inside a group, row `t_q` attends key `t_k` when
+    that class. The general head residue `head(M, o, d)` takes
+    `c = (h % M - o) / d` for the heads where `h % M - o` is a non-negative
+    multiple of `d` below `d * period`; other heads have no pairs (the striped
+    ring layout maps LongNet's head offsets onto ranks this way). `head` is
+    `head(period, 0, 1)`. Inside a group, row `t_q` attends key `t_k` when
     `lo <= t_q - t_k <= hi` (the band, `-inf`/`inf` for no bound), keys and rows
     lie within `lengths[b]` when `lengths` is set, the pair is in every
     `include` pattern and in no `exclude` pattern.
@@ -127,7 +131,10 @@ def Attn_ComponentAttr : Attn_Attr<"Component", "component"> {
   let parameters = (ins "int64_t":$period, "int64_t":$residue,
                         "int64_t":$segment, "int64_t":$bandLo,
                         "int64_t":$bandHi, "bool":$useLengths,
-                        "ArrayAttr":$include, "ArrayAttr":$exclude);
+                        "ArrayAttr":$include, "ArrayAttr":$exclude,
+                        DefaultValuedParameter<"int64_t", "0">:$headMod,
+                        DefaultValuedParameter<"int64_t", "0">:$headOffset,
+                        DefaultValuedParameter<"int64_t", "1">:$headDiv);
   let hasCustomAssemblyFormat = 1;
   let genVerifyDecl = 1;
   let extraClassDeclaration = [{
@@ -138,6 +145,14 @@ def Attn_ComponentAttr : Attn_Attr<"Component", "component"> {
     /// Band bounds standing for -inf and +inf.
     static constexpr int64_t kNegInf = std::numeric_limits<int64_t>::min();
     static constexpr int64_t kPosInf = std::numeric_limits<int64_t>::max();
+    /// The residue class head `h` uses, or -1 when the head has no pairs
+    /// (only a head residue depends on `h`; `all` gives kAllResidues).
+    int64_t classOfHead(int64_t h) const;
+    /// True when the residue is the plain `head` (c = h % period).
+    bool isPlainHeadResidue() const {
+      return getResidue() == kHeadResidue && getHeadMod() == getPeriod() &&
+             getHeadOffset() == 0 && getHeadDiv() == 1;
+    }
     /// True when every tile needs an element mask (filters cut anywhere).
     bool hasFilters() const { return !getInclude().empty() || !getExclude().empty(); }
   }];

@@ -102,8 +102,12 @@ def Attn_ComponentOp : Attn_Op<"component", [AttrSizedOperandSegments]> {
     Optional `origins(%q_origin, %k_origin)` place query row 0 and key row 0 at
     those global positions (a rank's slice of a longer sequence in ring
     attention); rows and keys then sit at `origin + index` and `lengths`
-    bound positions. Without origins, row `i` sits at `i + Lk - Lq` and key
-    `j` at `j` (bottom-right alignment).
+    bound positions. Five values `origins(%q_origin, %k_origin, %q_pos,
+    %k_pos, %stride)` keep the origins for the groups and bands but let
+    `lengths` and filters see row `i` at `q_pos + stride * i` and key `j` at
+    `k_pos + stride * j` (the striped ring layout, docs/Ring.md). Without
+    origins, row `i` sits at `i + Lk - Lq` and key `j` at `j` (bottom-right
+    alignment).
   }];
   let arguments = (ins AnyShaped:$query, AnyShaped:$key, AnyShaped:$value,
                        Optional<AnyShaped>:$lengths,

@@ -28,6 +28,7 @@ H, D = 16, 128
 LONGNET = {"sum": [{"dilated": {"segment": 2048, "rate": 1, "causal": True}},
                    {"dilated": {"segment": 8192, "rate": 4, "head_offset": True, "causal": True}},
                    {"dilated": {"segment": 32768, "rate": 16, "head_offset": True, "causal": True}}]}
+UNION = {"union": [{"local": {"window": 512}}, {"strided": {"stride": 128, "local": 1}}]}
 # (name, pattern, layout, L): correctness at 16384, speed at 131072 and 262144.
 CHECKS = [
     ("causal", {"causal": {}}, "zigzag", 16384),
@@ -36,6 +37,11 @@ CHECKS = [
     ("local", {"local": {"window": 1024}}, "contiguous", 16384),
     ("longnet", LONGNET, "zigzag", 65536),
     ("tokenized", {"sum": [{"tokenized": {}}]}, "zigzag", 16384),
+    # The striped layout's local forms: head offsets, lengths, filters.
+    ("longnet", LONGNET, "striped", 65536),
+    ("tokenized", {"sum": [{"tokenized": {}}]}, "striped", 16384),
+    ("union", UNION, "striped", 16384),
+    ("union", UNION, "zigzag", 16384),
 ]
 SPEED = [(n, p, lay, L) for L in (131072, 262144)
          for n, p, lay in (("causal", {"causal": {}}, "zigzag"),

@@ -61,6 +61,17 @@ attn_status attn_package_run(attn_package *package, const attn_tensor *q,
                              const attn_tensor *lengths, attn_tensor *out,
                              attn_tensor *lse);
 
+/* Whether the package was compiled with "key_bias": true, and attn_package_run
+ * with key_bias [B, Lk] f32 added to every score of key j of batch b (all
+ * heads): log(count) for deduplicated tokens, -inf for keys to ignore
+ * (docs/Tokenized.md). cpu packages. */
+int attn_package_uses_key_bias(const attn_package *package);
+attn_status attn_package_run_biased(attn_package *package, const attn_tensor *q,
+                                    const attn_tensor *k, const attn_tensor *v,
+                                    const attn_tensor *lengths,
+                                    const attn_tensor *key_bias,
+                                    attn_tensor *out, attn_tensor *lse);
+
 /* GPU packages only: queues the kernels on `stream` (a CUstream, NULL for
  * the default stream) and returns without waiting. Lengths outside [0, Lk]
  * are clamped on the device. */

@@ -86,6 +86,9 @@ const char *attn_package_target(const attn_package *package) {
 int attn_package_uses_lengths(const attn_package *package) {
   return package && package->impl->usesLengths();
 }
+int attn_package_uses_key_bias(const attn_package *package) {
+  return package && package->impl->usesKeyBias();
+}
 int attn_package_has_lse(const attn_package *package) {
   return package && package->impl->hasLse();
 }
@@ -93,15 +96,20 @@ int attn_package_has_lse(const attn_package *package) {
 static attn_status runPackage(attn_package *package, const attn_tensor *q,
                               const attn_tensor *k, const attn_tensor *v,
                               const attn_tensor *lengths, attn_tensor *out,
-                              attn_tensor *lse, void *stream, bool wait) {
+                              attn_tensor *lse, void *stream, bool wait,
+                              const attn_tensor *keyBias = nullptr) {
   if (!package)
     return failWith(ATTN_ERROR_ARGUMENT, "attn_package_run: null package");
   RunTensors t;
   if (!toRunTensors(q, k, v, lengths, out, lse, t))
     return ATTN_ERROR_ARGUMENT;
+  Tensor bias;
+  if (keyBias && !toTensor(keyBias, "key_bias", bias))
+    return ATTN_ERROR_ARGUMENT;
   std::string error;
   if (!package->impl->run(t.q, t.k, t.v, t.lengthsOrNull(), t.out,
-                          t.lseOrNull(), error, stream))
+                          t.lseOrNull(), error, stream,
+                          keyBias ? &bias : nullptr))
     return failWith(error.find("failed:") != std::string::npos
                         ? ATTN_ERROR_RUNTIME
                         : ATTN_ERROR_ARGUMENT,
@@ -123,6 +131,19 @@ attn_status attn_package_run(attn_package *package, const attn_tensor *q,
                              const attn_tensor *lengths, attn_tensor *out,
                              attn_tensor *lse) {
   return runPackage(package, q, k, v, lengths, out, lse, nullptr, true);
+}
+
+attn_status attn_package_run_biased(attn_package *package, const attn_tensor *q,
+                                    const attn_tensor *k, const attn_tensor *v,
+                                    const attn_tensor *lengths,
+                                    const attn_tensor *key_bias,
+                                    attn_tensor *out, attn_tensor *lse) {
+  if (!key_bias)
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "attn_package_run_biased: null key_bias (use "
+                    "attn_package_run)");
+  return runPackage(package, q, k, v, lengths, out, lse, nullptr, true,
+                    key_bias);
 }
 
 attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,

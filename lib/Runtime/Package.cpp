@@ -129,6 +129,13 @@ bool Package::usesLengths() const {
   return false;
 }
 
+bool Package::usesKeyBias() const {
+  for (const ArgSpec &a : args_)
+    if (a.name == "key_bias")
+      return true;
+  return false;
+}
+
 bool Package::hasLse() const {
   for (const ArgSpec &a : args_)
     if (a.name == "lse")
@@ -140,12 +147,14 @@ bool Package::inManifestOrder(const Tensor &q, const Tensor &k,
                               const Tensor &v, const Tensor *lengths,
                               const Tensor &out, const Tensor *lse,
                               std::vector<const Tensor *> &tensors,
-                              std::string &error) const {
+                              std::string &error,
+                              const Tensor *keyBias) const {
   for (const ArgSpec &a : args_) {
     if (a.name == "q") tensors.push_back(&q);
     else if (a.name == "k") tensors.push_back(&k);
     else if (a.name == "v") tensors.push_back(&v);
     else if (a.name == "lengths") tensors.push_back(lengths);
+    else if (a.name == "key_bias") tensors.push_back(keyBias);
     else if (a.name == "out") tensors.push_back(&out);
     else if (a.name == "lse") tensors.push_back(lse);
     else {
@@ -158,7 +167,15 @@ bool Package::inManifestOrder(const Tensor &q, const Tensor &k,
 
 bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
                              const Tensor *lengths, const Tensor &out,
-                             const Tensor *lse, std::string &error) const {
+                             const Tensor *lse, std::string &error,
+                             const Tensor *keyBias) const {
+  if (usesKeyBias() != (keyBias != nullptr)) {
+    error = "package " + name_ +
+            (keyBias ? " takes no key_bias (compiled without \"key_bias\": true)"
+                     : " was compiled with \"key_bias\": true: key_bias [B, Lk] "
+                       "is required");
+    return false;
+  }
   if (usesLengths() && !lengths) {
     error = "package " + name_ + " has a tokenized pattern: lengths are required";
     return false;
@@ -168,7 +185,7 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
     return false;
   }
   std::vector<const Tensor *> tensors;
-  if (!inManifestOrder(q, k, v, lengths, out, lse, tensors, error))
+  if (!inManifestOrder(q, k, v, lengths, out, lse, tensors, error, keyBias))
     return false;
 
   // Check each tensor against the manifest, then the shapes against each
@@ -208,6 +225,11 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
             ", Lk = " + std::to_string(k.shape[2]) + ")";
     return false;
   }
+  if (keyBias && keyBias->shape != std::vector<int64_t>{q.shape[0], k.shape[2]}) {
+    error = "key_bias: shape " + shapeString(keyBias->shape) +
+            " must be [B, Lk] = " + shapeString({q.shape[0], k.shape[2]});
+    return false;
+  }
   if (lse && lse->shape != std::vector<int64_t>{q.shape[0], q.shape[1], q.shape[2]}) {
     error = "lse: shape " + shapeString(lse->shape) + " must be [B, H, Lq] = " +
             shapeString({q.shape[0], q.shape[1], q.shape[2]});
@@ -234,7 +256,7 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
 
 bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
                   const Tensor *lengths, Tensor &out, Tensor *lse,
-                  std::string &error, void *stream) {
+                  std::string &error, void *stream, const Tensor *keyBias) {
   if (ring_) {
     error = "package " + name_ + " is distributed over " +
             std::to_string(ring_->ranks) +
@@ -242,16 +264,16 @@ bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
             "or Package.run_ranks";
     return false;
   }
-  if (!checkArguments(q, k, v, lengths, out, lse, error))
+  if (!checkArguments(q, k, v, lengths, out, lse, error, keyBias))
     return false;
   if (isGpu())
     return runGpu(q, k, v, lengths, out, lse, error, stream);
-  return runCpu(q, k, v, lengths, out, lse, error);
+  return runCpu(q, k, v, lengths, out, lse, error, keyBias);
 }
 
 bool Package::runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
                      const Tensor *lengths, Tensor &out, Tensor *lse,
-                     std::string &error) {
+                     std::string &error, const Tensor *keyBias) {
   // The kernel always writes the LSE when it was compiled with one; give it
   // scratch space if the caller does not want it.
   std::vector<float> lseScratch;
@@ -269,7 +291,7 @@ bool Package::runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
 
   std::vector<const Tensor *> tensors;
   inManifestOrder(q, k, v, lengths, out, hasLse() ? &lseTensor : nullptr,
-                  tensors, error);
+                  tensors, error, keyBias);
   // Build the memref descriptors.
   std::vector<std::vector<int64_t>> descriptors;
   for (const Tensor *t : tensors) {

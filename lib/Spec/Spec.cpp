@@ -171,7 +171,8 @@ Spec parse(const json &root, MLIRContext *ctx) {
   Spec spec;
   checkKeys(root, "", {"name", "dtype", "batch", "heads", "kv_heads",
                        "head_dim", "seq_len", "q_len", "kv_len", "scale",
-                       "lse", "pattern", "target", "distribution"});
+                       "lse", "key_bias", "pattern", "target",
+                       "distribution"});
   if (!root.contains("name"))
     fail("name", "is required");
   if (!root.at("name").is_string())
@@ -206,6 +207,7 @@ Spec parse(const json &root, MLIRContext *ctx) {
     spec.scale = s.get<double>();
   }
   spec.lse = getBool(root, "", "lse", true);
+  spec.keyBias = getBool(root, "", "key_bias", false);
   if (!root.contains("pattern"))
     fail("pattern", "is required");
   spec.pattern = parsePattern(root.at("pattern"), "pattern", ctx);
@@ -229,6 +231,9 @@ Spec parse(const json &root, MLIRContext *ctx) {
     spec.distribution.kv =
         getEnum(d, "distribution", "kv", "ring", {"ring", "allgather"});
   }
+  if (spec.keyBias && spec.distribution.present)
+    fail("key_bias", "is not supported with a distribution section yet (the "
+                     "bias of remote keys would have to travel with them)");
   spec.json = root.dump();
   return spec;
 }
@@ -289,6 +294,8 @@ OwningOpRef<ModuleOp> mlir::attn::buildAttentionModule(const Spec &spec,
   SmallVector<Type> inputs{qType, kvType, kvType};
   if (lengths)
     inputs.push_back(RankedTensorType::get({spec.batch}, b.getI32Type()));
+  if (spec.keyBias)
+    inputs.push_back(RankedTensorType::get({spec.batch, lk}, b.getF32Type()));
   SmallVector<Type> results{qType};
   if (spec.lse)
     results.push_back(lseType);
@@ -297,9 +304,11 @@ OwningOpRef<ModuleOp> mlir::attn::buildAttentionModule(const Spec &spec,
   Block *entry = func.addEntryBlock();
   b.setInsertionPointToStart(entry);
   Value lengthsArg = lengths ? entry->getArgument(3) : Value();
+  Value biasArg = spec.keyBias ? entry->getArgument(lengths ? 4 : 3) : Value();
   auto op = AttentionOp::create(
       b, loc, qType, spec.lse ? Type(lseType) : Type(), entry->getArgument(0),
-      entry->getArgument(1), entry->getArgument(2), lengthsArg, spec.pattern,
+      entry->getArgument(1), entry->getArgument(2), lengthsArg, biasArg,
+      spec.pattern,
       spec.scale ? b.getF64FloatAttr(*spec.scale) : FloatAttr());
   func::ReturnOp::create(b, loc, op->getResults());
 

@@ -367,7 +367,8 @@ LogicalResult mlir::attn::compileCpuRingPackage(const Spec &spec,
     size_t s = usesLengths ? 4 : 3;
     bool readsLengths = comp.getUseLengths() || comp.hasFilters();
     ComponentOp::create(b, loc, TypeRange{}, a[0], a[1], a[2],
-                        readsLengths && usesLengths ? a[3] : Value(), a[s],
+                        readsLengths && usesLengths ? a[3] : Value(),
+                        /*key_bias=*/Value(), a[s],
                         a[s + 1], a[s + 2], a.slice(s + 3, 5),
                         comp, b.getF64FloatAttr(spec.effectiveScale()));
     std::string text;

@@ -32,12 +32,18 @@ inline nlohmann::json manifestArg(const std::string &name,
   return {{"name", name}, {"role", role}, {"dtype", dtype}, {"shape", shape}};
 }
 
-/// q, k, v[, lengths] -> out[, lse] of the attention function's type.
+/// q, k, v[, lengths][, key_bias] -> out[, lse] of the attention function's
+/// type (lengths are integers, the key bias is f32).
 inline nlohmann::json manifestArgs(FunctionType type) {
   nlohmann::json args = nlohmann::json::array();
-  const char *inputNames[] = {"q", "k", "v", "lengths"};
-  for (auto [i, t] : llvm::enumerate(type.getInputs()))
-    args.push_back(manifestArg(inputNames[i], "input", cast<ShapedType>(t)));
+  const char *inputNames[] = {"q", "k", "v"};
+  for (auto [i, t] : llvm::enumerate(type.getInputs())) {
+    auto shaped = cast<ShapedType>(t);
+    const char *name = i < 3 ? inputNames[i]
+                       : shaped.getElementType().isInteger() ? "lengths"
+                                                             : "key_bias";
+    args.push_back(manifestArg(name, "input", shaped));
+  }
   const char *outputNames[] = {"out", "lse"};
   for (auto [i, t] : llvm::enumerate(type.getResults()))
     args.push_back(manifestArg(outputNames[i], "output", cast<ShapedType>(t)));

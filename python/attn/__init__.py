@@ -67,6 +67,8 @@ def _runtime():
         lib.attn_package_target.argtypes = [ctypes.c_void_p]
         lib.attn_package_target.restype = ctypes.c_char_p
         lib.attn_package_run.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
+        lib.attn_package_run_biased.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 7
+        lib.attn_package_uses_key_bias.argtypes = [ctypes.c_void_p]
         lib.attn_package_run_async.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
                                                + [ctypes.c_void_p])
         lib.attn_package_ranks.argtypes = [ctypes.c_void_p]
@@ -131,6 +133,7 @@ class Package:
         self._handle = handle
         self.target = lib.attn_package_target(handle).decode()
         self.uses_lengths = bool(lib.attn_package_uses_lengths(handle))
+        self.uses_key_bias = bool(lib.attn_package_uses_key_bias(handle))
         self.has_lse = bool(lib.attn_package_has_lse(handle))
         self.ranks = int(lib.attn_package_ranks(handle))  # 0: not a ring package
         self.bytes_sent = None
@@ -140,8 +143,12 @@ class Package:
             _lib.attn_package_free(self._handle)
             self._handle = None
 
-    def __call__(self, q, k, v, lengths=None, return_lse=False, out=None):
+    def __call__(self, q, k, v, lengths=None, return_lse=False, out=None, key_bias=None):
         """Attention of q [B,H,Lq,D] over k, v [B,Hkv,Lk,D].
+
+        key_bias [B,Lk] (float32; packages compiled with "key_bias": true) is
+        added to every score of a key: log(count) for deduplicated tokens,
+        -inf for keys to ignore (docs/Tokenized.md).
 
         CPU packages take float32 NumPy arrays. GPU packages take PyTorch CUDA
         tensors of the package's dtype (bf16 or f16), contiguous, on one
@@ -159,7 +166,13 @@ class Package:
                             "pass PyTorch CUDA tensors (NumPy arrays run on cpu packages)")
         t = _numpy_args(q, k, v, lengths, return_lse, out)
         lib = _runtime()
-        if lib.attn_package_run(self._handle, *t["ptrs"]) != 0:
+        if key_bias is None:
+            rc = lib.attn_package_run(self._handle, *t["ptrs"])
+        else:
+            tb = _tensor("key_bias", key_bias, np.float32, _F32, t["keep"][0])
+            p = t["ptrs"]
+            rc = lib.attn_package_run_biased(self._handle, *p[:4], ctypes.byref(tb), *p[4:])
+        if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         return (t["out"], t["lse"]) if return_lse else t["out"]
 

@@ -63,9 +63,12 @@ public:
   /// kernels are queued on `stream` (a CUstream; null = the default stream)
   /// without waiting for them; lengths outside [0, Lk] are clamped on the
   /// device. For CPU packages `stream` is ignored and lengths are checked.
+  /// `keyBias` ([B, Lk] f32, added to every score of a key) is required by
+  /// packages compiled with "key_bias": true and refused by the others.
   bool run(const Tensor &q, const Tensor &k, const Tensor &v,
            const Tensor *lengths, Tensor &out, Tensor *lse, std::string &error,
-           void *stream = nullptr);
+           void *stream = nullptr, const Tensor *keyBias = nullptr);
+  bool usesKeyBias() const;
 
   /// Runs this rank's part of a ring package (Ring.h) on its local chunk:
   /// q [B,H,C,D], k/v [B,Hkv,C,D] -> out [B,H,C,D][, lse [B,H,C]], with
@@ -98,13 +101,15 @@ private:
   bool inManifestOrder(const Tensor &q, const Tensor &k, const Tensor &v,
                        const Tensor *lengths, const Tensor &out,
                        const Tensor *lse, std::vector<const Tensor *> &tensors,
-                       std::string &error) const;
+                       std::string &error,
+                       const Tensor *keyBias = nullptr) const;
   bool checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
                       const Tensor *lengths, const Tensor &out,
-                      const Tensor *lse, std::string &error) const;
+                      const Tensor *lse, std::string &error,
+                      const Tensor *keyBias = nullptr) const;
   bool runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
               const Tensor *lengths, Tensor &out, Tensor *lse,
-              std::string &error);
+              std::string &error, const Tensor *keyBias);
   bool loadGpu(const std::string &manifestPath, const void *manifest,
                std::string &error);
   bool runGpu(const Tensor &q, const Tensor &k, const Tensor &v,

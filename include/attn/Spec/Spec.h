@@ -40,6 +40,7 @@ struct Spec {
   std::optional<int64_t> qLen, kvLen; ///< absent = dynamic
   std::optional<double> scale;        ///< absent = 1/sqrt(head_dim)
   bool lse = true;                    ///< also return the log-sum-exp
+  bool keyBias = false; ///< takes key_bias [B, kv_len] f32 added to scores
   Attribute pattern;
   SpecTarget target;
   SpecDistribution distribution;
@@ -53,7 +54,8 @@ struct Spec {
 std::optional<Spec> parseSpec(const std::string &text, MLIRContext *ctx,
                               std::string &error);
 
-/// A module holding `func.func @<name>(q, k, v[, lengths]) -> (out[, lse])`
+/// A module holding
+/// `func.func @<name>(q, k, v[, lengths][, key_bias]) -> (out[, lse])`
 /// with one `attn.attention`.
 OwningOpRef<ModuleOp> buildAttentionModule(const Spec &spec, MLIRContext *ctx);
 

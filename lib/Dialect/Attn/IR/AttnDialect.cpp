@@ -351,6 +351,16 @@ LogicalResult AttentionOp::verify() {
                         "batch sizes")))
       return failure();
   }
+  if (auto bias = getKeyBias()) {
+    auto bt = cast<RankedTensorType>(bias.getType());
+    if (bt.getRank() != 2)
+      return emitOpError() << "key_bias must have rank 2 [B, Lk], got " << bt;
+    if (failed(checkDim(*this, q, "query", dims::kBatch, bt, "key_bias", 0,
+                        "batch sizes")) ||
+        failed(checkDim(*this, k, "key", dims::kRows, bt, "key_bias", 1,
+                        "key counts")))
+      return failure();
+  }
   if (FloatAttr scale = getScaleAttr(); scale && !(scale.getValueAsDouble() > 0.0))
     return emitOpError() << "scale must be > 0, got " << scale.getValueAsDouble();
 

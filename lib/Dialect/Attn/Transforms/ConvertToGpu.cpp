@@ -824,6 +824,10 @@ struct ConvertAttnToGpuPass
                             "for GPU targets, got ")
              << shape.headDim;
     for (ComponentOp c : comps)
+      if (c.getKeyBias())
+        return c.emitError("convert-attn-to-gpu: a key_bias is not supported "
+                           "on GPU targets yet");
+    for (ComponentOp c : comps)
       if (c.getScaleAttr().getValueAsDouble() != shape.scale)
         return c.emitError("convert-attn-to-gpu: components of one attention "
                            "must share the scale");

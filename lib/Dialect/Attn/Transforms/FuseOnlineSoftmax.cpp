@@ -181,7 +181,12 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
                                  Value kd = f.load(k, ValueRange{bIdx, g, j, d});
                                  return f.fma(qd, kd, acc);
                                });
-            return f.mul(scale, sum);
+            Value score = f.mul(scale, sum);
+            if (op.getKeyBias()) // log(count), -inf for ignored keys
+              score = f.add(score, memref::LoadOp::create(
+                                       b, loc, op.getKeyBias(),
+                                       ValueRange{bIdx, j}));
+            return score;
           };
           Value s;
           if (op.getMasked()) {

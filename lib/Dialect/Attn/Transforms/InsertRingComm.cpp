@@ -203,7 +203,7 @@ struct AttnInsertRingCommPass
             b, loc, TypeRange{}, rows(q, qp), rows(keys, kp),
             rows(values, kp),
             comp.getUseLengths() || comp.hasFilters() ? lengths : Value(),
-            rows(acc, qp), rows(max, qp), rows(sum, qp), origins, comp,
+            /*key_bias=*/Value(), rows(acc, qp), rows(max, qp), rows(sum, qp), origins, comp,
             first.getScaleAttr());
         ++numUpdates;
       }

@@ -87,6 +87,7 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
         Value k1 = m.min(m.add(k0, m.c(kvTile)), to);
         auto update = TileUpdateOp::create(
             b, loc, op.getQuery(), op.getKey(), op.getValue(), op.getLengths(),
+            op.getKeyBias(),
             op.getAcc(), op.getMax(), op.getSum(), bIdx, hIdx, base, q0, q1,
             k0, k1, op.getOrigins(), comp, op.getScaleAttr(), b.getI64IntegerAttr(kvTile),
             masked ? b.getUnitAttr() : UnitAttr());

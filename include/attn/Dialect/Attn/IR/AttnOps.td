@@ -30,18 +30,22 @@ def Attn_AnyPattern : Attr<
 def Attn_FloatTensor : RankedTensorOf<[F32, F16, BF16]>;
 def Attn_LengthsTensor : RankedTensorOf<[I32, I64]>;
 
-def Attn_AttentionOp : Attn_Op<"attention", [Pure]> {
+def Attn_AttentionOp : Attn_Op<"attention", [Pure, AttrSizedOperandSegments]> {
   let summary = "attention with a sparsity pattern";
   let description = [{
     Computes, for every batch `b`, head `h` and query row `i`:
 
-        s_ij  = scale * q[b,h,i,:] . k[b,g,j,:]      g = h / (H / Hkv)
+        s_ij  = scale * q[b,h,i,:] . k[b,g,j,:] (+ key_bias[b,j])
+                                                     g = h / (H / Hkv)
         O_i   = sum_j m(h,i,j) exp(s_ij) v[b,g,j,:] / sum_j m(h,i,j) exp(s_ij)
         LSE_i = log sum_j m(h,i,j) exp(s_ij)
 
     `query` is `[B, H, Lq, D]`, `key` and `value` are `[B, Hkv, Lk, D]` with
     `Hkv` dividing `H` (grouped-query attention). `lengths` (`[B]`) is required
-    by tokenized patterns. `scale` defaults to `1/sqrt(D)`. The results are the
+    by tokenized patterns. The optional `key_bias` (`[B, Lk]`, f32) is added
+    to every score of key `j` (all heads): `log(count)` for deduplicated
+    tokens, `-inf` for keys to ignore (docs/Tokenized.md). `scale` defaults to
+    `1/sqrt(D)`. The results are the
     output `[B, H, Lq, D]` and, optionally, the log-sum-exp `[B, H, Lq]` in
     f32. Rows with no attended key give 0 and `-inf`.
 
@@ -55,14 +59,17 @@ def Attn_AttentionOp : Attn_Op<"attention", [Pure]> {
   let arguments = (ins Attn_FloatTensor:$query, Attn_FloatTensor:$key,
                        Attn_FloatTensor:$value,
                        Optional<Attn_LengthsTensor>:$lengths,
+                       Optional<RankedTensorOf<[F32]>>:$key_bias,
                        Attn_AnyPattern:$pattern,
                        OptionalAttr<F64Attr>:$scale);
   let results = (outs Attn_FloatTensor:$output,
                       Optional<RankedTensorOf<[F32]>>:$lse);
   let assemblyFormat = [{
     $query `,` $key `,` $value (`lengths` `(` $lengths^ `)`)?
+    (`key_bias` `(` $key_bias^ `)`)?
     `pattern` `(` $pattern `)` attr-dict `:` type($query) `,` type($key) `,`
-    type($value) (`,` type($lengths)^)? `->` type(results)
+    type($value) (`,` type($lengths)^)? (`,` `key_bias` type($key_bias)^)?
+    `->` type(results)
   }];
   let hasVerifier = 1;
   let extraClassDeclaration = [{
@@ -91,7 +98,7 @@ def Attn_ComponentOp : Attn_Op<"component", [AttrSizedOperandSegments]> {
   let summary = "add one dense component's pairs to an online-softmax state";
   let description = [{
     For every pair (i, j) of the component (see `#attn.component`) updates the
-    state of row i with score `scale * q_i . k_j` and value `v_j`:
+    state of row i with score `scale * q_i . k_j (+ key_bias[b, j])` and value `v_j`:
 
         newMax = max(max, s)
         sum    = sum * exp(max - newMax) + exp(s - newMax)
@@ -111,12 +118,14 @@ def Attn_ComponentOp : Attn_Op<"component", [AttrSizedOperandSegments]> {
   }];
   let arguments = (ins AnyShaped:$query, AnyShaped:$key, AnyShaped:$value,
                        Optional<AnyShaped>:$lengths,
+                       Optional<AnyShaped>:$key_bias,
                        AnyShaped:$acc, AnyShaped:$max, AnyShaped:$sum,
                        Variadic<Index>:$origins,
                        Attn_ComponentAttr:$component, F64Attr:$scale);
   let results = (outs Variadic<AnyRankedTensor>:$results);
   let assemblyFormat = [{
     $query `,` $key `,` $value (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
+    (`key_bias` `(` $key_bias^ `:` type($key_bias) `)`)?
     `state` `(` $acc `,` $max `,` $sum `)`
     (`origins` `(` $origins^ `)`)? $component attr-dict `:`
     type($query) `,` type($key) `,` type($value) `,` type($acc) `,`
@@ -156,6 +165,7 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update", [AttrSizedOperandSegments]> {
   }];
   let arguments = (ins AnyMemRef:$query, AnyMemRef:$key, AnyMemRef:$value,
                        Optional<AnyMemRef>:$lengths,
+                       Optional<AnyMemRef>:$key_bias,
                        AnyMemRef:$acc, AnyMemRef:$max, AnyMemRef:$sum,
                        Index:$batch, Index:$head, Index:$group_base,
                        Index:$row_begin, Index:$row_end,
@@ -165,6 +175,7 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update", [AttrSizedOperandSegments]> {
                        I64Attr:$max_keys, UnitAttr:$masked);
   let assemblyFormat = [{
     $query `,` $key `,` $value (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
+    (`key_bias` `(` $key_bias^ `:` type($key_bias) `)`)?
     `state` `(` $acc `,` $max `,` $sum `)`
     `at` `[` $batch `,` $head `,` $group_base `]`
     `rows` `[` $row_begin `,` $row_end `)` `keys` `[` $key_begin `,` $key_end `)`

@@ -19,7 +19,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["compile", "load", "Package", "AttnError"]
+__all__ = ["compile", "load", "Package", "AttnError", "TokenizedAttention", "TableEmbedding"]
 
 
 class AttnError(RuntimeError):
@@ -324,3 +324,6 @@ def compile(spec, out_dir=None, target="cpu", q_tile=None, kv_tile=None):
 def load(path):
     """Loads a package written by attn-compile -o PATH."""
     return Package(path)
+
+
+from .tokenized import TableEmbedding, TokenizedAttention  # noqa: E402

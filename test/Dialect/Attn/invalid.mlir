@@ -166,3 +166,11 @@ func.func @origins_count(%q: memref<1x1x8x4xf32>, %m: memref<1x1x8xf32>, %i: ind
   attn.component %q, %q, %q state(%q, %m, %m) origins(%i, %i, %i) #attn.component<period = 1, residue = all, segment = 0, band = [0, inf]> {scale = 1.0 : f64} : memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8x4xf32>, memref<1x1x8xf32>, memref<1x1x8xf32>
   return
 }
+
+// -----
+
+func.func @key_bias_rows(%q: tensor<2x1x8x4xf32>, %bias: tensor<2x9xf32>) {
+  // expected-error @+1 {{key counts of key (8) and key_bias (9) differ}}
+  %0 = attn.attention %q, %q, %q key_bias(%bias : tensor<2x9xf32>) pattern(#attn.full) : tensor<2x1x8x4xf32>, tensor<2x1x8x4xf32>, tensor<2x1x8x4xf32> -> tensor<2x1x8x4xf32>
+  return
+}

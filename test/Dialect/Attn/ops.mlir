@@ -54,3 +54,10 @@ func.func @state_ops(%q: memref<1x2x?x16xf32>, %k: memref<1x2x?x16xf32>, %v: mem
   attn.finalize state(%acc, %max, %sum) outs(%out) : memref<1x2x?x16xf32>, memref<1x2x?xf32>, memref<1x2x?xf32>, memref<1x2x?x16xf32>
   return
 }
+
+// CHECK-LABEL: func @key_bias
+func.func @key_bias(%q: tensor<2x8x5x64xf32>, %k: tensor<2x2x7x64xf32>, %bias: tensor<2x7xf32>) -> tensor<2x8x5x64xf32> {
+  // CHECK: attn.attention %{{.*}}, %{{.*}}, %{{.*}} key_bias(%{{.*}} : tensor<2x7xf32>) pattern(#attn.full) :
+  %0 = attn.attention %q, %k, %k key_bias(%bias : tensor<2x7xf32>) pattern(#attn.full) : tensor<2x8x5x64xf32>, tensor<2x2x7x64xf32>, tensor<2x2x7x64xf32> -> tensor<2x8x5x64xf32>
+  return %0 : tensor<2x8x5x64xf32>
+}

@@ -66,10 +66,9 @@ def Attn_AttentionOp : Attn_Op<"attention", [Pure, AttrSizedOperandSegments]> {
                       Optional<RankedTensorOf<[F32]>>:$lse);
   let assemblyFormat = [{
     $query `,` $key `,` $value (`lengths` `(` $lengths^ `)`)?
-    (`key_bias` `(` $key_bias^ `)`)?
+    (`key_bias` `(` $key_bias^ `:` type($key_bias) `)`)?
     `pattern` `(` $pattern `)` attr-dict `:` type($query) `,` type($key) `,`
-    type($value) (`,` type($lengths)^)? (`,` `key_bias` type($key_bias)^)?
-    `->` type(results)
+    type($value) (`,` type($lengths)^)? `->` type(results)
   }];
   let hasVerifier = 1;
   let extraClassDeclaration = [{

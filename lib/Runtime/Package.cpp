@@ -122,26 +122,16 @@ bool Package::peek(const std::string &dir, std::string &target,
   return true;
 }
 
-bool Package::usesLengths() const {
+bool Package::hasArg(const std::string &name) const {
   for (const ArgSpec &a : args_)
-    if (a.name == "lengths")
+    if (a.name == name)
       return true;
   return false;
 }
 
-bool Package::usesKeyBias() const {
-  for (const ArgSpec &a : args_)
-    if (a.name == "key_bias")
-      return true;
-  return false;
-}
-
-bool Package::hasLse() const {
-  for (const ArgSpec &a : args_)
-    if (a.name == "lse")
-      return true;
-  return false;
-}
+bool Package::usesLengths() const { return hasArg("lengths"); }
+bool Package::usesKeyBias() const { return hasArg("key_bias"); }
+bool Package::hasLse() const { return hasArg("lse"); }
 
 bool Package::inManifestOrder(const Tensor &q, const Tensor &k,
                               const Tensor &v, const Tensor *lengths,

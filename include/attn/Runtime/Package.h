@@ -92,6 +92,8 @@ public:
 
 private:
   Package();
+  /// Whether the manifest lists an argument `name`.
+  bool hasArg(const std::string &name) const;
   bool loadRing(const void *manifest, std::string &error);
   bool runRankGpu(Transport &transport, const Tensor &q, const Tensor &k,
                   const Tensor &v, const Tensor *lengths, Tensor &out,

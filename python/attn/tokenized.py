@@ -203,8 +203,9 @@ class TokenizedAttention:
         if cand.ndim != 2 or cand.shape[0] != B or cand.shape[1] < 1:
             raise AttnError(f"candidates: shape {cand.shape}, expected ({B}, C) with C >= 1")
         C, H, D = cand.shape[1], self.heads, self.head_dim
-        _, U, _, k, v, bias = self._unique_keys(tokens, lengths)
-        if not self.dedup:  # every behaviour position as its own key
+        if self.dedup:
+            _, U, _, k, v, bias = self._unique_keys(tokens, lengths)
+        else:  # every behaviour position as its own key
             U = self.sequence_length
             _, k, v = self._embed(tokens.reshape(-1))
             k = np.ascontiguousarray(k.reshape(B, U, -1, D).transpose(0, 2, 1, 3))

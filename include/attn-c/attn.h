@@ -64,13 +64,28 @@ attn_status attn_package_run(attn_package *package, const attn_tensor *q,
 /* Whether the package was compiled with "key_bias": true, and attn_package_run
  * with key_bias [B, Lk] f32 added to every score of key j of batch b (all
  * heads): log(count) for deduplicated tokens, -inf for keys to ignore
- * (docs/Tokenized.md). cpu packages. */
+ * (docs/Tokenized.md). */
 int attn_package_uses_key_bias(const attn_package *package);
 attn_status attn_package_run_biased(attn_package *package, const attn_tensor *q,
                                     const attn_tensor *k, const attn_tensor *v,
                                     const attn_tensor *lengths,
                                     const attn_tensor *key_bias,
                                     attn_tensor *out, attn_tensor *lse);
+
+/* Whether the package was compiled with "key_ids": true: k and v are then
+ * embedding tables [1, Hkv, V, D] and key j of batch b is row
+ * key_ids[b, j] (i32 [B, Lk]) of them, read in place by the kernels.
+ * attn_package_run_keys takes key_bias and key_ids (either may be NULL, as
+ * the package requires); GPU packages are queued on `stream` without
+ * waiting, cpu packages run before it returns (and check the ids lie in
+ * [0, V); GPU kernels read rows outside as zeros). */
+int attn_package_uses_key_ids(const attn_package *package);
+attn_status attn_package_run_keys(attn_package *package, const attn_tensor *q,
+                                  const attn_tensor *k, const attn_tensor *v,
+                                  const attn_tensor *lengths,
+                                  const attn_tensor *key_bias,
+                                  const attn_tensor *key_ids, attn_tensor *out,
+                                  attn_tensor *lse, void *stream);
 
 /* GPU packages only: queues the kernels on `stream` (a CUstream, NULL for
  * the default stream) and returns without waiting. Lengths outside [0, Lk]
@@ -112,6 +127,27 @@ attn_status attn_package_wait_rank(attn_package *package, void *stream,
 /* After attn_package_wait_rank: the milliseconds of each step of the last
  * run (up to `capacity`); returns the number of steps, or -1 on error. */
 int attn_package_step_ms(attn_package *package, float *ms, int capacity);
+
+/* Exchange groups for distributed tokenized attention (docs/Tokenized.md):
+ * an in-process hub whose members are threads standing for ranks (host
+ * memory; what CI runs), or an NCCL member per process (device memory;
+ * every rank passes rank 0's attn_nccl_unique_id and the same group_name).
+ * attn_all_to_all sends send_bytes[p] bytes to rank p from `send` (blocks
+ * back to back in rank order) and receives recv_bytes[p] from rank p into
+ * `recv`; every rank calls it in the same order. NCCL members queue the
+ * copies on `stream`. A failed or silent peer gives an error after the
+ * hub's timeout, never a hang. */
+typedef struct attn_hub attn_hub;
+typedef struct attn_member attn_member;
+attn_status attn_hub_create(int ranks, double timeout_seconds, attn_hub **out);
+void attn_hub_free(attn_hub *hub);
+attn_status attn_hub_member(attn_hub *hub, int rank, attn_member **out);
+attn_status attn_nccl_member(int rank, int nranks, const char id[128],
+                             const char *group_name, attn_member **out);
+void attn_member_free(attn_member *member);
+attn_status attn_all_to_all(attn_member *member, const void *send,
+                            const int64_t *send_bytes, void *recv,
+                            const int64_t *recv_bytes, void *stream);
 
 const char *attn_last_error(void);
 

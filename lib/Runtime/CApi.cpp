@@ -6,6 +6,7 @@
 
 #include "attn-c/attn.h"
 #include "attn/Runtime/CudaDriver.h"
+#include "attn/Runtime/Exchange.h"
 #include "attn/Runtime/Package.h"
 #include "attn/Runtime/Ring.h"
 
@@ -89,6 +90,9 @@ int attn_package_uses_lengths(const attn_package *package) {
 int attn_package_uses_key_bias(const attn_package *package) {
   return package && package->impl->usesKeyBias();
 }
+int attn_package_uses_key_ids(const attn_package *package) {
+  return package && package->impl->usesKeyIds();
+}
 int attn_package_has_lse(const attn_package *package) {
   return package && package->impl->hasLse();
 }
@@ -97,19 +101,22 @@ static attn_status runPackage(attn_package *package, const attn_tensor *q,
                               const attn_tensor *k, const attn_tensor *v,
                               const attn_tensor *lengths, attn_tensor *out,
                               attn_tensor *lse, void *stream, bool wait,
-                              const attn_tensor *keyBias = nullptr) {
+                              const attn_tensor *keyBias = nullptr,
+                              const attn_tensor *keyIds = nullptr) {
   if (!package)
     return failWith(ATTN_ERROR_ARGUMENT, "attn_package_run: null package");
   RunTensors t;
   if (!toRunTensors(q, k, v, lengths, out, lse, t))
     return ATTN_ERROR_ARGUMENT;
-  Tensor bias;
+  Tensor bias, ids;
   if (keyBias && !toTensor(keyBias, "key_bias", bias))
+    return ATTN_ERROR_ARGUMENT;
+  if (keyIds && !toTensor(keyIds, "key_ids", ids))
     return ATTN_ERROR_ARGUMENT;
   std::string error;
   if (!package->impl->run(t.q, t.k, t.v, t.lengthsOrNull(), t.out,
                           t.lseOrNull(), error, stream,
-                          keyBias ? &bias : nullptr))
+                          {keyBias ? &bias : nullptr, keyIds ? &ids : nullptr}))
     return failWith(error.find("failed:") != std::string::npos
                         ? ATTN_ERROR_RUNTIME
                         : ATTN_ERROR_ARGUMENT,
@@ -144,6 +151,17 @@ attn_status attn_package_run_biased(attn_package *package, const attn_tensor *q,
                     "attn_package_run)");
   return runPackage(package, q, k, v, lengths, out, lse, nullptr, true,
                     key_bias);
+}
+
+attn_status attn_package_run_keys(attn_package *package, const attn_tensor *q,
+                                  const attn_tensor *k, const attn_tensor *v,
+                                  const attn_tensor *lengths,
+                                  const attn_tensor *key_bias,
+                                  const attn_tensor *key_ids, attn_tensor *out,
+                                  attn_tensor *lse, void *stream) {
+  bool gpu = package && package->impl->isGpu();
+  return runPackage(package, q, k, v, lengths, out, lse, stream,
+                    /*wait=*/!gpu, key_bias, key_ids);
 }
 
 attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
@@ -265,3 +283,78 @@ int attn_package_step_ms(attn_package *package, float *ms, int capacity) {
 const char *attn_last_error(void) { return lastError.c_str(); }
 
 } // extern "C"
+
+//===----------------------------------------------------------------------===//
+// Exchange groups (distributed tokenized attention)
+//===----------------------------------------------------------------------===//
+
+struct attn_hub {
+  attn::runtime::InProcessHub hub;
+  explicit attn_hub(int ranks, double timeout) : hub(ranks, timeout) {}
+};
+
+struct attn_member {
+  std::unique_ptr<attn::runtime::Transport> transport;
+  bool device = false; ///< NCCL: buffers are device memory
+  int64_t calls = 0;   ///< all-to-alls so far (their tags)
+};
+
+attn_status attn_hub_create(int ranks, double timeout_seconds, attn_hub **out) {
+  if (!out || ranks < 1 || !(timeout_seconds > 0))
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "attn_hub_create: need ranks >= 1, a positive timeout and "
+                    "an output pointer");
+  *out = new attn_hub(ranks, timeout_seconds);
+  return ATTN_OK;
+}
+
+void attn_hub_free(attn_hub *hub) { delete hub; }
+
+attn_status attn_hub_member(attn_hub *hub, int rank, attn_member **out) {
+  if (!hub || !out)
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_hub_member: null argument");
+  auto member = std::make_unique<attn_member>();
+  member->transport = hub->hub.transport(rank);
+  if (!member->transport)
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "attn_hub_member: no rank " + std::to_string(rank));
+  *out = member.release();
+  return ATTN_OK;
+}
+
+attn_status attn_nccl_member(int rank, int nranks, const char id[128],
+                             const char *group_name, attn_member **out) {
+  if (!id || !out || !group_name)
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_nccl_member: null argument");
+  if (rank < 0 || rank >= nranks)
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_nccl_member: rank " +
+                                             std::to_string(rank) + " of " +
+                                             std::to_string(nranks));
+  attn::runtime::NcclId nid;
+  std::memcpy(nid.bytes, id, sizeof(nid.bytes));
+  std::string error;
+  auto member = std::make_unique<attn_member>();
+  member->transport =
+      attn::runtime::ncclTransport(rank, nranks, nid, group_name, error);
+  if (!member->transport)
+    return failWith(ATTN_ERROR_RUNTIME, error);
+  member->device = true;
+  *out = member.release();
+  return ATTN_OK;
+}
+
+void attn_member_free(attn_member *member) { delete member; }
+
+attn_status attn_all_to_all(attn_member *member, const void *send,
+                            const int64_t *send_bytes, void *recv,
+                            const int64_t *recv_bytes, void *stream) {
+  if (!member || !send_bytes || !recv_bytes)
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_all_to_all: null argument");
+  const int n = member->transport->size();
+  std::vector<int64_t> s(send_bytes, send_bytes + n), r(recv_bytes, recv_bytes + n);
+  std::string error;
+  if (!attn::runtime::allToAll(*member->transport, member->calls++, send, s,
+                               recv, r, member->device, stream, error))
+    return failWith(ATTN_ERROR_RUNTIME, error);
+  return ATTN_OK;
+}

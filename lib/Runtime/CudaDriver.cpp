@@ -49,6 +49,7 @@ void load() {
             resolve(lib, d.cuMemFree, "cuMemFree_v2") &&
             resolve(lib, d.cuMemcpyHtoD, "cuMemcpyHtoD_v2") &&
             resolve(lib, d.cuMemcpyDtoH, "cuMemcpyDtoH_v2") &&
+            resolve(lib, d.cuMemcpyDtoDAsync, "cuMemcpyDtoDAsync_v2") &&
             resolve(lib, d.cuStreamSynchronize, "cuStreamSynchronize") &&
             resolve(lib, d.cuEventCreate, "cuEventCreate") &&
             resolve(lib, d.cuEventRecord, "cuEventRecord") &&

@@ -66,8 +66,10 @@ bool growDeviceBuffer(const Driver &d, CUdeviceptr &buffer, size_t &bytes,
 /// One kernel launch: device pointers (0 = absent), shapes and positions.
 struct KernelArgs {
   CUdeviceptr q = 0, k = 0, v = 0, lengths = 0, out = 0, lse = 0, acc = 0,
-              max = 0, sum = 0;
+              max = 0, sum = 0, keyBias = 0, keyIds = 0;
   int64_t B = 0, H = 0, Hkv = 0, D = 0, Lq = 0, Lk = 0;
+  /// Rows of k/v per (batch, kv head): Lk, or the table rows V with keyIds.
+  int64_t kvRows = 0;
   /// Groups at origin + index; lengths and filters (ConvertToGpu.cpp's
   /// kernelType) at rowLenShift / qPos / kPos + posStride * index.
   int64_t qOrigin = 0, kOrigin = 0, rowLenShift = 0;

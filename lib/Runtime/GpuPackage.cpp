@@ -3,10 +3,11 @@
 // A GPU package is kernels.cubin plus a manifest listing its kernels in
 // launch order (docs/Package.md). Every kernel takes the same parameters:
 //
-//   q, k, v, lengths, out, lse, acc, max, sum   (memref<?xT> descriptors:
-//                                                allocated, aligned, offset,
+//   q, k, v, lengths, out, lse, acc, max, sum,  (memref<?xT> descriptors:
+//   key_bias, key_ids                            allocated, aligned, offset,
 //                                                size, stride)
-//   q_len, kv_len                               (int64)
+//   q_len, kv_len, q_origin, k_origin,          (int64)
+//   row_len_shift, q_pos, k_pos, pos_stride
 //
 // A component kernel's grid follows from its component (period r, residue,
 // segment w) and the run's lengths, as convert-attn-to-gpu maps blocks:
@@ -176,9 +177,9 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
                                  std::string &error) {
   const Driver &d = *g.d;
   const int64_t rows = a.B * a.H * a.Lq;
-  // Parameters: 9 descriptors of 5 words, then q_len, kv_len, q_origin,
+  // Parameters: 11 descriptors of 5 words, then q_len, kv_len, q_origin,
   // k_origin, row_len_shift, q_pos, k_pos and pos_stride.
-  constexpr int kWords = 53;
+  constexpr int kDescriptors = 11, kWords = 5 * kDescriptors + 8;
   int64_t words[kWords];
   auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
     int64_t *w = words + 5 * slot;
@@ -188,22 +189,27 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
     w[4] = 1;
   };
   put(0, a.q, rows * a.D);
-  put(1, a.k, a.B * a.Hkv * a.Lk * a.D);
-  put(2, a.v, a.B * a.Hkv * a.Lk * a.D);
+  const int64_t kvRows = a.kvRows ? a.kvRows : a.Lk;
+  const int64_t kvBatch = a.keyIds ? 1 : a.B;
+  put(1, a.k, kvBatch * a.Hkv * kvRows * a.D);
+  put(2, a.v, kvBatch * a.Hkv * kvRows * a.D);
   put(3, a.lengths, a.B);
   put(4, a.out, rows * a.D);
   put(5, a.lse, rows);
   put(6, a.acc, rows * a.D);
   put(7, a.max, rows);
   put(8, a.sum, rows);
-  words[45] = a.Lq;
-  words[46] = a.Lk;
-  words[47] = a.qOrigin;
-  words[48] = a.kOrigin;
-  words[49] = a.rowLenShift;
-  words[50] = a.qPos;
-  words[51] = a.kPos;
-  words[52] = a.posStride;
+  put(9, a.keyBias, a.B * a.Lk);
+  put(10, a.keyIds, a.B * a.Lk);
+  int64_t *scalars = words + 5 * kDescriptors;
+  scalars[0] = a.Lq;
+  scalars[1] = a.Lk;
+  scalars[2] = a.qOrigin;
+  scalars[3] = a.kOrigin;
+  scalars[4] = a.rowLenShift;
+  scalars[5] = a.qPos;
+  scalars[6] = a.kPos;
+  scalars[7] = a.posStride;
   void *params[kWords];
   for (int i = 0; i < kWords; ++i)
     params[i] = &words[i];
@@ -244,14 +250,15 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
 
 bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
                      const Tensor *lengths, Tensor &out, Tensor *lse,
-                     std::string &error, void *streamPtr) {
+                     std::string &error, void *streamPtr, KeyInputs keys) {
   GpuModule &g = *gpu_;
   const Driver &d = *g.d;
   if (!ensureContext(d, error))
     return false;
   CUstream stream = static_cast<CUstream>(streamPtr);
   const int64_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2],
-                Lk = k.shape[2], D = q.shape[3];
+                Lk = keys.ids ? keys.ids->shape[1] : k.shape[2],
+                D = q.shape[3];
   const int64_t rows = B * H * Lq;
 
   // Scratch: [lse if the caller gave none][acc, max, sum if needed].
@@ -278,6 +285,9 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   args.acc = acc;
   args.max = mx;
   args.sum = sm;
+  args.keyBias = keys.bias ? dev(keys.bias->data) : 0;
+  args.keyIds = keys.ids ? dev(keys.ids->data) : 0;
+  args.kvRows = k.shape[2];
   args.B = B;
   args.H = H;
   args.Hkv = k.shape[1];

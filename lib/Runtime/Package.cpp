@@ -131,20 +131,21 @@ bool Package::hasArg(const std::string &name) const {
 
 bool Package::usesLengths() const { return hasArg("lengths"); }
 bool Package::usesKeyBias() const { return hasArg("key_bias"); }
+bool Package::usesKeyIds() const { return hasArg("key_ids"); }
 bool Package::hasLse() const { return hasArg("lse"); }
 
 bool Package::inManifestOrder(const Tensor &q, const Tensor &k,
                               const Tensor &v, const Tensor *lengths,
                               const Tensor &out, const Tensor *lse,
                               std::vector<const Tensor *> &tensors,
-                              std::string &error,
-                              const Tensor *keyBias) const {
+                              std::string &error, KeyInputs keys) const {
   for (const ArgSpec &a : args_) {
     if (a.name == "q") tensors.push_back(&q);
     else if (a.name == "k") tensors.push_back(&k);
     else if (a.name == "v") tensors.push_back(&v);
     else if (a.name == "lengths") tensors.push_back(lengths);
-    else if (a.name == "key_bias") tensors.push_back(keyBias);
+    else if (a.name == "key_bias") tensors.push_back(keys.bias);
+    else if (a.name == "key_ids") tensors.push_back(keys.ids);
     else if (a.name == "out") tensors.push_back(&out);
     else if (a.name == "lse") tensors.push_back(lse);
     else {
@@ -158,12 +159,19 @@ bool Package::inManifestOrder(const Tensor &q, const Tensor &k,
 bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
                              const Tensor *lengths, const Tensor &out,
                              const Tensor *lse, std::string &error,
-                             const Tensor *keyBias) const {
-  if (usesKeyBias() != (keyBias != nullptr)) {
+                             KeyInputs keys) const {
+  if (usesKeyBias() != (keys.bias != nullptr)) {
     error = "package " + name_ +
-            (keyBias ? " takes no key_bias (compiled without \"key_bias\": true)"
-                     : " was compiled with \"key_bias\": true: key_bias [B, Lk] "
-                       "is required");
+            (keys.bias ? " takes no key_bias (compiled without \"key_bias\": true)"
+                       : " was compiled with \"key_bias\": true: key_bias [B, Lk] "
+                         "is required");
+    return false;
+  }
+  if (usesKeyIds() != (keys.ids != nullptr)) {
+    error = "package " + name_ +
+            (keys.ids ? " takes no key_ids (compiled without \"key_ids\": true)"
+                      : " was compiled with \"key_ids\": true: key_ids [B, Lk] "
+                        "(rows of the k/v tables) are required");
     return false;
   }
   if (usesLengths() && !lengths) {
@@ -175,7 +183,7 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
     return false;
   }
   std::vector<const Tensor *> tensors;
-  if (!inManifestOrder(q, k, v, lengths, out, lse, tensors, error, keyBias))
+  if (!inManifestOrder(q, k, v, lengths, out, lse, tensors, error, keys))
     return false;
 
   // Check each tensor against the manifest, then the shapes against each
@@ -210,14 +218,39 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
     error = "out: shape " + shapeString(out.shape) + " differs from q's " + shapeString(q.shape);
     return false;
   }
-  if (q.shape[2] < 1 || k.shape[2] < 1) {
+  // The number of keys: k's rows, or with key_ids their columns (k and v
+  // are then tables of V rows).
+  const int64_t keyCount = keys.ids ? keys.ids->shape[1] : k.shape[2];
+  if (q.shape[2] < 1 || keyCount < 1) {
     error = "q and k need at least one row (got Lq = " + std::to_string(q.shape[2]) +
-            ", Lk = " + std::to_string(k.shape[2]) + ")";
+            ", Lk = " + std::to_string(keyCount) + ")";
     return false;
   }
-  if (keyBias && keyBias->shape != std::vector<int64_t>{q.shape[0], k.shape[2]}) {
-    error = "key_bias: shape " + shapeString(keyBias->shape) +
-            " must be [B, Lk] = " + shapeString({q.shape[0], k.shape[2]});
+  if (keys.ids) {
+    if (keys.ids->shape[0] != q.shape[0] || k.shape[0] != 1) {
+      error = "key_ids: shape " + shapeString(keys.ids->shape) + " must be [B, Lk] with B = " +
+              std::to_string(q.shape[0]) + ", and k/v tables [1, Hkv, V, D], got k " +
+              shapeString(k.shape);
+      return false;
+    }
+    if (!isGpu()) {
+      const int32_t *ids = static_cast<const int32_t *>(keys.ids->data);
+      for (int64_t i = 0, n = keys.ids->shape[0] * keyCount; i < n; ++i)
+        if (ids[i] < 0 || ids[i] >= k.shape[2]) {
+          error = "key_ids[" + std::to_string(i / keyCount) + ", " +
+                  std::to_string(i % keyCount) + "] = " + std::to_string(ids[i]) +
+                  " is outside the table rows [0, V = " + std::to_string(k.shape[2]) + ")";
+          return false;
+        }
+    }
+  } else if (k.shape[0] != q.shape[0]) {
+    error = "k: batch " + std::to_string(k.shape[0]) + " differs from q's " +
+            std::to_string(q.shape[0]);
+    return false;
+  }
+  if (keys.bias && keys.bias->shape != std::vector<int64_t>{q.shape[0], keyCount}) {
+    error = "key_bias: shape " + shapeString(keys.bias->shape) +
+            " must be [B, Lk] = " + shapeString({q.shape[0], keyCount});
     return false;
   }
   if (lse && lse->shape != std::vector<int64_t>{q.shape[0], q.shape[1], q.shape[2]}) {
@@ -231,7 +264,7 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   if (lengths && !isGpu()) {
     // A ring package's lengths are positions in the whole sequence.
-    const int64_t kLen = ring_ ? ring_->seqLen : k.shape[2];
+    const int64_t kLen = ring_ ? ring_->seqLen : keyCount;
     const int32_t *len = static_cast<const int32_t *>(lengths->data);
     for (int64_t b = 0; b < lengths->shape[0]; ++b)
       if (len[b] < 0 || len[b] > kLen) {
@@ -246,7 +279,7 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
 
 bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
                   const Tensor *lengths, Tensor &out, Tensor *lse,
-                  std::string &error, void *stream, const Tensor *keyBias) {
+                  std::string &error, void *stream, KeyInputs keys) {
   if (ring_) {
     error = "package " + name_ + " is distributed over " +
             std::to_string(ring_->ranks) +
@@ -254,16 +287,16 @@ bool Package::run(const Tensor &q, const Tensor &k, const Tensor &v,
             "or Package.run_ranks";
     return false;
   }
-  if (!checkArguments(q, k, v, lengths, out, lse, error, keyBias))
+  if (!checkArguments(q, k, v, lengths, out, lse, error, keys))
     return false;
   if (isGpu())
-    return runGpu(q, k, v, lengths, out, lse, error, stream);
-  return runCpu(q, k, v, lengths, out, lse, error, keyBias);
+    return runGpu(q, k, v, lengths, out, lse, error, stream, keys);
+  return runCpu(q, k, v, lengths, out, lse, error, keys);
 }
 
 bool Package::runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
                      const Tensor *lengths, Tensor &out, Tensor *lse,
-                     std::string &error, const Tensor *keyBias) {
+                     std::string &error, KeyInputs keys) {
   // The kernel always writes the LSE when it was compiled with one; give it
   // scratch space if the caller does not want it.
   std::vector<float> lseScratch;
@@ -281,7 +314,7 @@ bool Package::runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
 
   std::vector<const Tensor *> tensors;
   inManifestOrder(q, k, v, lengths, out, hasLse() ? &lseTensor : nullptr,
-                  tensors, error, keyBias);
+                  tensors, error, keys);
   // Build the memref descriptors.
   std::vector<std::vector<int64_t>> descriptors;
   for (const Tensor *t : tensors) {
@@ -311,8 +344,14 @@ bool Package::runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
   case 6:
     reinterpret_cast<void (*)(P, P, P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5]);
     break;
+  case 7:
+    reinterpret_cast<void (*)(P, P, P, P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6]);
+    break;
+  case 8:
+    reinterpret_cast<void (*)(P, P, P, P, P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6], ptrs[7]);
+    break;
   default:
-    error = "manifest lists " + std::to_string(ptrs.size()) + " arguments; expected 4 to 6";
+    error = "manifest lists " + std::to_string(ptrs.size()) + " arguments; expected 4 to 8";
     return false;
   }
   return true;

@@ -171,7 +171,7 @@ Spec parse(const json &root, MLIRContext *ctx) {
   Spec spec;
   checkKeys(root, "", {"name", "dtype", "batch", "heads", "kv_heads",
                        "head_dim", "seq_len", "q_len", "kv_len", "scale",
-                       "lse", "key_bias", "pattern", "target",
+                       "lse", "key_bias", "key_ids", "vocab", "pattern", "target",
                        "distribution"});
   if (!root.contains("name"))
     fail("name", "is required");
@@ -208,6 +208,12 @@ Spec parse(const json &root, MLIRContext *ctx) {
   }
   spec.lse = getBool(root, "", "lse", true);
   spec.keyBias = getBool(root, "", "key_bias", false);
+  spec.keyIds = getBool(root, "", "key_ids", false);
+  if (root.contains("vocab")) {
+    if (!spec.keyIds)
+      fail("vocab", "is the number of table rows and needs \"key_ids\": true");
+    spec.vocab = getInt(root, "", "vocab", {}, 1);
+  }
   if (!root.contains("pattern"))
     fail("pattern", "is required");
   spec.pattern = parsePattern(root.at("pattern"), "pattern", ctx);
@@ -234,6 +240,10 @@ Spec parse(const json &root, MLIRContext *ctx) {
   if (spec.keyBias && spec.distribution.present)
     fail("key_bias", "is not supported with a distribution section yet (the "
                      "bias of remote keys would have to travel with them)");
+  if (spec.keyIds && spec.distribution.present)
+    fail("key_ids", "is not supported with a distribution section (distributed "
+                    "tokenized attention exchanges embeddings instead: "
+                    "attn.TokenizedAttention with nranks > 1)");
   spec.json = root.dump();
   return spec;
 }
@@ -287,7 +297,13 @@ OwningOpRef<ModuleOp> mlir::attn::buildAttentionModule(const Spec &spec,
   int64_t dyn = ShapedType::kDynamic;
   int64_t lq = spec.qLen.value_or(dyn), lk = spec.kvLen.value_or(dyn);
   auto qType = RankedTensorType::get({spec.batch, spec.heads, lq, spec.headDim}, elem);
-  auto kvType = RankedTensorType::get({spec.batch, spec.kvHeads, lk, spec.headDim}, elem);
+  // With key_ids, key and value are tables [1, Hkv, vocab, D] read at the ids.
+  auto kvType =
+      spec.keyIds
+          ? RankedTensorType::get(
+                {1, spec.kvHeads, spec.vocab.value_or(dyn), spec.headDim}, elem)
+          : RankedTensorType::get({spec.batch, spec.kvHeads, lk, spec.headDim},
+                                  elem);
   auto lseType = RankedTensorType::get({spec.batch, spec.heads, lq}, b.getF32Type());
   bool lengths = cast<PatternAttrInterface>(spec.pattern).usesLengths();
 
@@ -296,6 +312,8 @@ OwningOpRef<ModuleOp> mlir::attn::buildAttentionModule(const Spec &spec,
     inputs.push_back(RankedTensorType::get({spec.batch}, b.getI32Type()));
   if (spec.keyBias)
     inputs.push_back(RankedTensorType::get({spec.batch, lk}, b.getF32Type()));
+  if (spec.keyIds)
+    inputs.push_back(RankedTensorType::get({spec.batch, lk}, b.getI32Type()));
   SmallVector<Type> results{qType};
   if (spec.lse)
     results.push_back(lseType);
@@ -304,11 +322,13 @@ OwningOpRef<ModuleOp> mlir::attn::buildAttentionModule(const Spec &spec,
   Block *entry = func.addEntryBlock();
   b.setInsertionPointToStart(entry);
   Value lengthsArg = lengths ? entry->getArgument(3) : Value();
-  Value biasArg = spec.keyBias ? entry->getArgument(lengths ? 4 : 3) : Value();
+  unsigned next = lengths ? 4 : 3;
+  Value biasArg = spec.keyBias ? entry->getArgument(next++) : Value();
+  Value idsArg = spec.keyIds ? entry->getArgument(next++) : Value();
   auto op = AttentionOp::create(
       b, loc, qType, spec.lse ? Type(lseType) : Type(), entry->getArgument(0),
       entry->getArgument(1), entry->getArgument(2), lengthsArg, biasArg,
-      spec.pattern,
+      idsArg, spec.pattern,
       spec.scale ? b.getF64FloatAttr(*spec.scale) : FloatAttr());
   func::ReturnOp::create(b, loc, op->getResults());
 

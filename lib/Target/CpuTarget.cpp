@@ -368,7 +368,7 @@ LogicalResult mlir::attn::compileCpuRingPackage(const Spec &spec,
     bool readsLengths = comp.getUseLengths() || comp.hasFilters();
     ComponentOp::create(b, loc, TypeRange{}, a[0], a[1], a[2],
                         readsLengths && usesLengths ? a[3] : Value(),
-                        /*key_bias=*/Value(), a[s],
+                        /*key_bias=*/Value(), /*key_ids=*/Value(), a[s],
                         a[s + 1], a[s + 2], a.slice(s + 3, 5),
                         comp, b.getF64FloatAttr(spec.effectiveScale()));
     std::string text;

@@ -139,11 +139,6 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
             std::to_string(spec.headDim);
     return failure();
   }
-  if (spec.keyBias) {
-    error = "key_bias: GPU targets do not take a key bias yet (use the cpu "
-            "target)";
-    return failure();
-  }
   auto func = *module.getOps<func::FuncOp>().begin();
   nlohmann::json args = manifestArgs(func.getFunctionType());
   nlohmann::json components = manifestComponents(spec);
@@ -312,7 +307,7 @@ LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
         b, first.getLoc(), stateTypes, first.getQuery(), first.getKey(),
         first.getValue(),
         comp.getUseLengths() || comp.hasFilters() ? lengths : Value(),
-        first.getKeyBias(), state[0], state[1], state[2], ValueRange{}, comp,
+        first.getKeyBias(), first.getKeyIds(), state[0], state[1], state[2], ValueRange{}, comp,
         first.getScaleAttr());
     state = c.getResults();
   }

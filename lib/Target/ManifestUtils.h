@@ -32,16 +32,18 @@ inline nlohmann::json manifestArg(const std::string &name,
   return {{"name", name}, {"role", role}, {"dtype", dtype}, {"shape", shape}};
 }
 
-/// q, k, v[, lengths][, key_bias] -> out[, lse] of the attention function's
-/// type (lengths are integers, the key bias is f32).
+/// q, k, v[, lengths][, key_bias][, key_ids] -> out[, lse] of the attention
+/// function's type (lengths [B] and key_ids [B, Lk] are integers, the key
+/// bias is f32).
 inline nlohmann::json manifestArgs(FunctionType type) {
   nlohmann::json args = nlohmann::json::array();
   const char *inputNames[] = {"q", "k", "v"};
   for (auto [i, t] : llvm::enumerate(type.getInputs())) {
     auto shaped = cast<ShapedType>(t);
     const char *name = i < 3 ? inputNames[i]
-                       : shaped.getElementType().isInteger() ? "lengths"
-                                                             : "key_bias";
+                       : !shaped.getElementType().isInteger() ? "key_bias"
+                       : shaped.getRank() == 1                ? "lengths"
+                                                              : "key_ids";
     args.push_back(manifestArg(name, "input", shaped));
   }
   const char *outputNames[] = {"out", "lse"};

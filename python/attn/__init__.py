@@ -69,6 +69,9 @@ def _runtime():
         lib.attn_package_run.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
         lib.attn_package_run_biased.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 7
         lib.attn_package_uses_key_bias.argtypes = [ctypes.c_void_p]
+        lib.attn_package_uses_key_ids.argtypes = [ctypes.c_void_p]
+        lib.attn_package_run_keys.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 8
+                                              + [ctypes.c_void_p])
         lib.attn_package_run_async.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
                                                + [ctypes.c_void_p])
         lib.attn_package_ranks.argtypes = [ctypes.c_void_p]
@@ -134,6 +137,7 @@ class Package:
         self.target = lib.attn_package_target(handle).decode()
         self.uses_lengths = bool(lib.attn_package_uses_lengths(handle))
         self.uses_key_bias = bool(lib.attn_package_uses_key_bias(handle))
+        self.uses_key_ids = bool(lib.attn_package_uses_key_ids(handle))
         self.has_lse = bool(lib.attn_package_has_lse(handle))
         self.ranks = int(lib.attn_package_ranks(handle))  # 0: not a ring package
         self.bytes_sent = None
@@ -143,12 +147,15 @@ class Package:
             _lib.attn_package_free(self._handle)
             self._handle = None
 
-    def __call__(self, q, k, v, lengths=None, return_lse=False, out=None, key_bias=None):
+    def __call__(self, q, k, v, lengths=None, return_lse=False, out=None, key_bias=None,
+                 key_ids=None):
         """Attention of q [B,H,Lq,D] over k, v [B,Hkv,Lk,D].
 
         key_bias [B,Lk] (float32; packages compiled with "key_bias": true) is
         added to every score of a key: log(count) for deduplicated tokens,
-        -inf for keys to ignore (docs/Tokenized.md).
+        -inf for keys to ignore (docs/Tokenized.md). With key_ids [B,Lk]
+        (int32; "key_ids": true) k and v are embedding tables [1,Hkv,V,D]
+        and key j of batch b is their row key_ids[b, j], read in place.
 
         CPU packages take float32 NumPy arrays. GPU packages take PyTorch CUDA
         tensors of the package's dtype (bf16 or f16), contiguous, on one
@@ -160,18 +167,24 @@ class Package:
         if return_lse and not self.has_lse:
             raise AttnError("this package was compiled with \"lse\": false")
         if _is_torch(q):
-            return self._call_torch(q, k, v, lengths, return_lse, out)
+            return self._call_torch(q, k, v, lengths, return_lse, out, key_bias, key_ids)
         if self.target != "cpu":
             raise AttnError(f"package {self.manifest['name']} targets {self.target}: "
                             "pass PyTorch CUDA tensors (NumPy arrays run on cpu packages)")
         t = _numpy_args(q, k, v, lengths, return_lse, out)
         lib = _runtime()
-        if key_bias is None:
-            rc = lib.attn_package_run(self._handle, *t["ptrs"])
-        else:
-            tb = _tensor("key_bias", key_bias, np.float32, _F32, t["keep"][0])
-            p = t["ptrs"]
-            rc = lib.attn_package_run_biased(self._handle, *p[:4], ctypes.byref(tb), *p[4:])
+        keep = t["keep"][0]
+        tb = ti = None
+        if key_bias is not None:
+            tb = _tensor("key_bias", np.asarray(key_bias), np.float32, _F32, keep)
+        if key_ids is not None:
+            ids = np.asarray(key_ids)
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise AttnError(f"key_ids: expected integer ids, got {ids.dtype}")
+            ti = _tensor("key_ids", ids.astype(np.int32), np.int32, _I32, keep)
+        p = t["ptrs"]
+        ref = lambda x: ctypes.byref(x) if x is not None else None
+        rc = lib.attn_package_run_keys(self._handle, *p[:4], ref(tb), ref(ti), *p[4:], None)
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         return (t["out"], t["lse"]) if return_lse else t["out"]
@@ -240,7 +253,7 @@ class Package:
             self.step_ms = list(ms[:max(n, 0)])
         return (t["out"], t["lse"]) if return_lse else t["out"]
 
-    def _torch_args(self, q, k, v, lengths, return_lse, out):
+    def _torch_args(self, q, k, v, lengths, return_lse, out, key_bias=None, key_ids=None):
         """Checks PyTorch CUDA tensors and returns the C tensors (`ptrs`, in
         the C API's order q, k, v, lengths, out, lse) and the outputs."""
         import torch
@@ -278,17 +291,26 @@ class Package:
         if return_lse:
             lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
         tlse = tensor("lse", lse, torch.float32, _F32) if lse is not None else None
+        tb = ti = None
+        if key_bias is not None:
+            tb = tensor("key_bias", key_bias, torch.float32, _F32)
+        if key_ids is not None:
+            key_ids = key_ids.to(dtype=torch.int32).contiguous()
+            ti = tensor("key_ids", key_ids, torch.int32, _I32)
         ref = lambda t: ctypes.byref(t) if t is not None else None
         return {"ptrs": [ref(tq), ref(tk), ref(tv), ref(tl), ref(tout), ref(tlse)],
-                "out": out, "lse": lse, "keep": (keep, tq, tk, tv, tl, tout, tlse, lengths)}
+                "bias": ref(tb), "ids": ref(ti), "out": out, "lse": lse,
+                "keep": (keep, tq, tk, tv, tl, tout, tlse, lengths, tb, ti, key_ids)}
 
-    def _call_torch(self, q, k, v, lengths, return_lse, out):
+    def _call_torch(self, q, k, v, lengths, return_lse, out, key_bias=None, key_ids=None):
         import torch
-        t = self._torch_args(q, k, v, lengths, return_lse, out)
+        t = self._torch_args(q, k, v, lengths, return_lse, out, key_bias, key_ids)
         lib = _runtime()
         with torch.cuda.device(q.device):
-            stream = torch.cuda.current_stream(q.device).cuda_stream
-            rc = lib.attn_package_run_async(self._handle, *t["ptrs"], ctypes.c_void_p(stream))
+            stream = ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream)
+            p = t["ptrs"]
+            rc = lib.attn_package_run_keys(self._handle, *p[:4], t["bias"], t["ids"], *p[4:],
+                                           stream)
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         return (t["out"], t["lse"]) if return_lse else t["out"]

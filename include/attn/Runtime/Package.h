@@ -24,6 +24,13 @@ struct Tensor {
   std::string dtype; ///< "f32", "bf16", "f16" or "i32"
 };
 
+/// The optional per-key inputs of tokenized packages (docs/Tokenized.md):
+/// a score bias [B, Lk] f32 and table row ids [B, Lk] i32.
+struct KeyInputs {
+  const Tensor *bias = nullptr;
+  const Tensor *ids = nullptr;
+};
+
 struct GpuModule;   // GpuPackage.cpp
 struct RingProgram; // Ring.h
 struct RingStats;
@@ -63,12 +70,16 @@ public:
   /// kernels are queued on `stream` (a CUstream; null = the default stream)
   /// without waiting for them; lengths outside [0, Lk] are clamped on the
   /// device. For CPU packages `stream` is ignored and lengths are checked.
-  /// `keyBias` ([B, Lk] f32, added to every score of a key) is required by
-  /// packages compiled with "key_bias": true and refused by the others.
+  /// `keys.bias` ([B, Lk] f32, added to every score of a key) is required by
+  /// packages compiled with "key_bias": true and refused by the others;
+  /// likewise `keys.ids` ([B, Lk] i32, "key_ids": true): k and v are then
+  /// tables [1, Hkv, V, D] and key j of batch b is row ids[b, j] (checked
+  /// to lie in [0, V) on the CPU; GPU kernels read rows outside as zeros).
   bool run(const Tensor &q, const Tensor &k, const Tensor &v,
            const Tensor *lengths, Tensor &out, Tensor *lse, std::string &error,
-           void *stream = nullptr, const Tensor *keyBias = nullptr);
+           void *stream = nullptr, KeyInputs keys = {});
   bool usesKeyBias() const;
+  bool usesKeyIds() const;
 
   /// Runs this rank's part of a ring package (Ring.h) on its local chunk:
   /// q [B,H,C,D], k/v [B,Hkv,C,D] -> out [B,H,C,D][, lse [B,H,C]], with
@@ -103,20 +114,19 @@ private:
   bool inManifestOrder(const Tensor &q, const Tensor &k, const Tensor &v,
                        const Tensor *lengths, const Tensor &out,
                        const Tensor *lse, std::vector<const Tensor *> &tensors,
-                       std::string &error,
-                       const Tensor *keyBias = nullptr) const;
+                       std::string &error, KeyInputs keys = {}) const;
   bool checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
                       const Tensor *lengths, const Tensor &out,
                       const Tensor *lse, std::string &error,
-                      const Tensor *keyBias = nullptr) const;
+                      KeyInputs keys = {}) const;
   bool runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
               const Tensor *lengths, Tensor &out, Tensor *lse,
-              std::string &error, const Tensor *keyBias);
+              std::string &error, KeyInputs keys);
   bool loadGpu(const std::string &manifestPath, const void *manifest,
                std::string &error);
   bool runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
               const Tensor *lengths, Tensor &out, Tensor *lse,
-              std::string &error, void *stream);
+              std::string &error, void *stream, KeyInputs keys);
 
   std::string dir_, target_, name_, specJson_;
   std::vector<ArgSpec> args_;

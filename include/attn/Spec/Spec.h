@@ -41,6 +41,9 @@ struct Spec {
   std::optional<double> scale;        ///< absent = 1/sqrt(head_dim)
   bool lse = true;                    ///< also return the log-sum-exp
   bool keyBias = false; ///< takes key_bias [B, kv_len] f32 added to scores
+  /// takes key_ids [B, kv_len] i32: k and v are tables [1, Hkv, vocab, D]
+  bool keyIds = false;
+  std::optional<int64_t> vocab; ///< table rows with key_ids; absent = dynamic
   Attribute pattern;
   SpecTarget target;
   SpecDistribution distribution;
@@ -55,7 +58,7 @@ std::optional<Spec> parseSpec(const std::string &text, MLIRContext *ctx,
                               std::string &error);
 
 /// A module holding
-/// `func.func @<name>(q, k, v[, lengths][, key_bias]) -> (out[, lse])`
+/// `func.func @<name>(q, k, v[, lengths][, key_bias][, key_ids]) -> (out[, lse])`
 /// with one `attn.attention`.
 OwningOpRef<ModuleOp> buildAttentionModule(const Spec &spec, MLIRContext *ctx);
 

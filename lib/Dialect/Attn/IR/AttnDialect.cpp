@@ -317,9 +317,7 @@ LogicalResult AttentionOp::verify() {
     return emitOpError("query, key and value must have one element type");
   if (q.getDimSize(dims::kHeadDim) == 0)
     return emitOpError("head dim must be >= 1");
-  if (failed(checkDim(*this, q, "query", dims::kBatch, k, "key", dims::kBatch,
-                      "batch sizes")) ||
-      failed(checkDim(*this, k, "key", dims::kBatch, v, "value", dims::kBatch,
+  if (failed(checkDim(*this, k, "key", dims::kBatch, v, "value", dims::kBatch,
                       "batch sizes")) ||
       failed(checkDim(*this, q, "query", dims::kHeadDim, k, "key",
                       dims::kHeadDim, "head dims")) ||
@@ -328,7 +326,7 @@ LogicalResult AttentionOp::verify() {
       failed(checkDim(*this, k, "key", dims::kHeads, v, "value", dims::kHeads,
                       "head counts")) ||
       failed(checkDim(*this, k, "key", dims::kRows, v, "value", dims::kRows,
-                      "sequence lengths")))
+                      getKeyIds() ? "table rows" : "sequence lengths")))
     return failure();
   int64_t h = q.getDimSize(dims::kHeads), hkv = k.getDimSize(dims::kHeads);
   if (!ShapedType::isDynamic(h) && !ShapedType::isDynamic(hkv) &&
@@ -351,13 +349,36 @@ LogicalResult AttentionOp::verify() {
                         "batch sizes")))
       return failure();
   }
+  // The keys: rows of `key`, or with key_ids the ids' columns (key and value
+  // are then tables [1, Hkv, V, D] read at the ids).
+  ShapedType keysType = k;
+  unsigned keysDim = dims::kRows;
+  StringRef keysName = "key";
+  if (auto ids = getKeyIds()) {
+    auto it = cast<RankedTensorType>(ids.getType());
+    if (it.getRank() != 2)
+      return emitOpError() << "key_ids must have rank 2 [B, Lk], got " << it;
+    if (failed(checkDim(*this, q, "query", dims::kBatch, it, "key_ids", 0,
+                        "batch sizes")))
+      return failure();
+    if (k.getDimSize(dims::kBatch) != 1)
+      return emitOpError() << "with key_ids, key and value are embedding "
+                              "tables [1, Hkv, V, D]; got key "
+                           << k;
+    keysType = it;
+    keysDim = 1;
+    keysName = "key_ids";
+  } else if (failed(checkDim(*this, q, "query", dims::kBatch, k, "key",
+                             dims::kBatch, "batch sizes"))) {
+    return failure();
+  }
   if (auto bias = getKeyBias()) {
     auto bt = cast<RankedTensorType>(bias.getType());
     if (bt.getRank() != 2)
       return emitOpError() << "key_bias must have rank 2 [B, Lk], got " << bt;
     if (failed(checkDim(*this, q, "query", dims::kBatch, bt, "key_bias", 0,
                         "batch sizes")) ||
-        failed(checkDim(*this, k, "key", dims::kRows, bt, "key_bias", 1,
+        failed(checkDim(*this, keysType, keysName, keysDim, bt, "key_bias", 1,
                         "key counts")))
       return failure();
   }

@@ -128,9 +128,10 @@ struct AttnBufferizePass
           .Case([&](ComponentOp c) {
             Value lengths = c.getLengths() ? map.lookup(c.getLengths()) : Value();
             Value bias = c.getKeyBias() ? map.lookup(c.getKeyBias()) : Value();
+            Value ids = c.getKeyIds() ? map.lookup(c.getKeyIds()) : Value();
             auto nc = ComponentOp::create(
                 b, loc, TypeRange{}, map.lookup(c.getQuery()),
-                map.lookup(c.getKey()), map.lookup(c.getValue()), lengths, bias,
+                map.lookup(c.getKey()), map.lookup(c.getValue()), lengths, bias, ids,
                 map.lookup(c.getAcc()), map.lookup(c.getMax()),
                 map.lookup(c.getSum()),
                 llvm::map_to_vector(c.getOrigins(),

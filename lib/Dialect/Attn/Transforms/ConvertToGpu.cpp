@@ -69,6 +69,8 @@ struct AttentionShape {
   int64_t batch, heads, kvHeads, headDim;
   bool bf16;
   bool hasLengths, hasLse;
+  /// Scores take key_bias[b, j]; keys are rows key_ids[b, j] of k/v tables.
+  bool hasKeyBias = false, hasKeyIds = false;
   double scale;
   /// Row stride of the shared-memory tiles in elements: padded by 8 so that
   /// the 8 rows one ldmatrix reads start in different banks.
@@ -99,8 +101,8 @@ public:
 
   /// The uniform kernel signature (the runtime passes the same arguments to
   /// every kernel of a package):
-  ///   q, k, v, lengths, out, lse, acc, max, sum, qLen, kLen,
-  ///   qOrigin, kOrigin, rowLenShift, qPos, kPos, posStride
+  ///   q, k, v, lengths, out, lse, acc, max, sum, keyBias, keyIds,
+  ///   qLen, kLen, qOrigin, kOrigin, rowLenShift, qPos, kPos, posStride
   /// For the component's groups and bands, query row i sits at position
   /// qOrigin + i and key j at kOrigin + j. Lengths and filters see global
   /// positions: rows with rowLenShift + posStride * i >= lengths[b] and keys
@@ -113,7 +115,7 @@ public:
     Type index = b.getIndexType();
     SmallVector<Type> args{storageType, storageType, storageType, lengthsType,
                            storageType, floatType,   floatType,   floatType,
-                           floatType};
+                           floatType,   floatType,   lengthsType};
     args.append(kNumScalarArgs, index);
     return FunctionType::get(ctx, args, {});
   }
@@ -126,7 +128,7 @@ public:
 private:
   static constexpr int64_t kNumScalarArgs = 8;
   enum Arg {
-    Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, QLen, KLen,
+    Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, KeyBias, KeyIds, QLen, KLen,
     QOrigin, KOrigin, RowLenShift, QPos, KPos, PosStride
   };
 
@@ -409,11 +411,31 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     return sharedTile(dyn, m.add(slot, m.c(3)));
   };
 
+  // With key_ids, k and v are tables [1, Hkv, V, D] (V from the
+  // descriptor's size) and key j is row key_ids[b, j]; ids outside [0, V)
+  // read as zero rows.
+  Value tableRows, idsRow;
+  if (shape.hasKeyIds) {
+    Value size = memref::DimOp::create(b, loc, arg(K), 0);
+    tableRows = arith::DivUIOp::create(b, loc, size,
+                                       m.c(shape.kvHeads * shape.headDim));
+    idsRow = m.mul(bIdx, kLen);
+  }
   auto loadKeyTile = [&](Value k0, Value slot) {
     auto rowAt = [&](Value row) -> std::pair<Value, Value> {
       Value t = m.add(k0, row);
       Value exists = m.lt(t, last);
-      return {m.mul(m.add(kHead, m.sub(keyPos(t), kOrigin)), m.c(D)), exists};
+      Value j = m.sub(keyPos(t), kOrigin);
+      if (!shape.hasKeyIds)
+        return {m.mul(m.add(kHead, j), m.c(D)), exists};
+      Value at = f.select(exists, m.add(idsRow, j), zero);
+      Value id = memref::LoadOp::create(b, loc, arg(KeyIds), at);
+      id = arith::IndexCastOp::create(b, loc, b.getIndexType(), id);
+      // Negative ids wrap to huge unsigned indices: one compare covers both.
+      exists = m.both(exists, arith::CmpIOp::create(b, loc,
+                                                    arith::CmpIPredicate::ult,
+                                                    id, tableRows));
+      return {m.mul(m.add(m.mul(hk, tableRows), id), m.c(D)), exists};
     };
     asyncLoadTile(keyTile(slot), arg(K), rowAt);
     asyncLoadTile(valueTile(slot), arg(V), rowAt);
@@ -520,6 +542,24 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         }
         s[n] = acc;
       }
+    }
+
+    // key_bias[b, j] joins the score scale*q.k + bias; the scores here are
+    // q.k and scaled by scale*log2(e) below, so add bias / scale. Keys past
+    // `last` read key 0's bias: they lie in an edge tile and are masked.
+    if (shape.hasKeyBias) {
+      Value invScale = f.c(1.0 / shape.scale);
+      Value biasRow = m.mul(bIdx, kLen);
+      for (int64_t n = 0; n < kKeyNTiles; ++n)
+        for (int64_t e = 0; e < 2; ++e) {
+          Value tk = m.add(k0, m.add(laneCol, m.c(n * 8 + e)));
+          Value j = m.sub(keyPos(tk), kOrigin);
+          Value at = f.select(m.lt(tk, last), m.add(biasRow, j), zero);
+          Value bias = memref::LoadOp::create(b, loc, arg(KeyBias), at);
+          bias = f.mul(bias, invScale);
+          s[n][e] = f.add(s[n][e], bias);      // row lane/4
+          s[n][e + 2] = f.add(s[n][e + 2], bias); // row lane/4 + 8
+        }
     }
 
     // Edge tiles: scores outside the component become -inf.
@@ -823,10 +863,13 @@ struct ConvertAttnToGpuPass
       return func.emitError("convert-attn-to-gpu: head dim must be 64 or 128 "
                             "for GPU targets, got ")
              << shape.headDim;
+    shape.hasKeyBias = comps.front().getKeyBias() != nullptr;
+    shape.hasKeyIds = comps.front().getKeyIds() != nullptr;
     for (ComponentOp c : comps)
-      if (c.getKeyBias())
-        return c.emitError("convert-attn-to-gpu: a key_bias is not supported "
-                           "on GPU targets yet");
+      if ((c.getKeyBias() != nullptr) != shape.hasKeyBias ||
+          (c.getKeyIds() != nullptr) != shape.hasKeyIds)
+        return c.emitError("convert-attn-to-gpu: components of one attention "
+                           "must all take key_bias / key_ids or none");
     for (ComponentOp c : comps)
       if (c.getScaleAttr().getValueAsDouble() != shape.scale)
         return c.emitError("convert-attn-to-gpu: components of one attention "
@@ -862,6 +905,13 @@ struct ConvertAttnToGpuPass
     if (!single)
       add(emit.emitFinalize("finalize"));
     gpuModule->setAttr("attn.launch_order", b.getArrayAttr(order));
+    // The keys: k's rows, or the columns of key_ids [B, Lk].
+    ShapedType keysType = kType;
+    unsigned keysDim = dims::kRows;
+    if (Value ids = comps.front().getKeyIds()) {
+      keysType = cast<ShapedType>(ids.getType());
+      keysDim = 1;
+    }
     gpuModule->setAttr(
         "attn.signature",
         b.getDictionaryAttr(
@@ -876,9 +926,11 @@ struct ConvertAttnToGpuPass
                                              ? -1
                                              : qType.getDimSize(dims::kRows))),
              b.getNamedAttr("kv_len", b.getI64IntegerAttr(
-                                          kType.isDynamicDim(dims::kRows)
+                                          keysType.isDynamicDim(keysDim)
                                               ? -1
-                                              : kType.getDimSize(dims::kRows))),
+                                              : keysType.getDimSize(keysDim))),
+             b.getNamedAttr("key_bias", b.getBoolAttr(shape.hasKeyBias)),
+             b.getNamedAttr("key_ids", b.getBoolAttr(shape.hasKeyIds)),
              b.getNamedAttr("lengths", b.getBoolAttr(shape.hasLengths)),
              b.getNamedAttr("lse", b.getBoolAttr(shape.hasLse)),
              b.getNamedAttr("scale", b.getF64FloatAttr(shape.scale))}));

@@ -63,7 +63,7 @@ struct AttnDecomposePass
           b, loc, stateTypes, op.getQuery(), op.getKey(), op.getValue(),
           component.getUseLengths() || component.hasFilters() ? op.getLengths()
                                                               : Value(),
-          op.getKeyBias(), state[0], state[1], state[2], /*origins=*/ValueRange{}, component,
+          op.getKeyBias(), op.getKeyIds(), state[0], state[1], state[2], /*origins=*/ValueRange{}, component,
           scale);
       state = c.getResults();
       ++numComponents;

@@ -139,7 +139,7 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
   Value heads = memref::DimOp::create(b, loc, q, dims::kHeads);
   Value kvHeads = memref::DimOp::create(b, loc, k, dims::kHeads);
   Value qLen = memref::DimOp::create(b, loc, q, dims::kRows);
-  Value kLen = memref::DimOp::create(b, loc, k, dims::kRows);
+  Value kLen = keyCount(b, loc, k, op.getKeyIds());
   Value headDim = memref::DimOp::create(b, loc, q, dims::kHeadDim);
   Value g = arith::DivUIOp::create(b, loc, h,
                                    arith::DivUIOp::create(b, loc, heads, kvHeads));
@@ -158,6 +158,16 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
     length = arith::IndexCastOp::create(b, loc, b.getIndexType(), length);
   }
 
+  // Key j of batch b: row j of k[b], or with key_ids row key_ids[b, j] of
+  // the tables k[0] and v[0].
+  auto keyRow = [&](Value j) -> std::pair<Value, Value> {
+    if (!op.getKeyIds())
+      return {bIdx, j};
+    Value id = memref::LoadOp::create(b, loc, op.getKeyIds(),
+                                      ValueRange{bIdx, j});
+    return {c0, arith::IndexCastOp::create(b, loc, b.getIndexType(), id)};
+  };
+
   forEach(b, loc, op.getRowBegin(), op.getRowEnd(), [&](Value tq) {
     Value rowPos = m.add(base, m.mul(r, tq));
     Value i = m.sub(rowPos, qOrigin);
@@ -175,10 +185,11 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
           Value predKey =
               hasOrigins ? m.add(at.kPos, m.mul(at.stride, j)) : keyPos;
           auto dot = [&]() {
+            auto [kb, kRow] = keyRow(j);
             Value sum = reduce(b, loc, c0, headDim, f.c(0.0f),
                                [&](Value d, Value acc) {
                                  Value qd = f.load(q, ValueRange{bIdx, h, i, d});
-                                 Value kd = f.load(k, ValueRange{bIdx, g, j, d});
+                                 Value kd = f.load(k, ValueRange{kb, g, kRow, d});
                                  return f.fma(qd, kd, acc);
                                });
             Value score = f.mul(scale, sum);
@@ -244,10 +255,11 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
           Value s = memref::LoadOp::create(b, loc, scores,
                                            m.sub(tk, op.getKeyBegin()));
           Value p = f.exp(f.sub(s, newMax)); // exp(-inf) = 0 for masked keys
+          auto [vb, vRow] = keyRow(j);
           forEach(b, loc, c0, headDim, [&](Value d) {
             SmallVector<Value> at{bIdx, h, i, d};
             Value a = memref::LoadOp::create(b, loc, op.getAcc(), at);
-            Value vd = f.load(v, ValueRange{bIdx, g, j, d});
+            Value vd = f.load(v, ValueRange{vb, g, vRow, d});
             memref::StoreOp::create(b, loc, f.fma(p, vd, a), op.getAcc(), at);
           });
           return f.add(runSum, p);

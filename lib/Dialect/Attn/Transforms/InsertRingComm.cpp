@@ -83,6 +83,11 @@ struct AttnInsertRingCommPass
         return c.emitError("attn-insert-ring-comm: run attn-bufferize first");
       if (!c.getOrigins().empty())
         return c.emitError("attn-insert-ring-comm: already distributed");
+      if (c.getKeyBias() || c.getKeyIds())
+        return c.emitError("attn-insert-ring-comm: key_bias and key_ids are "
+                           "not distributed over a ring (distributed "
+                           "tokenized attention exchanges embeddings instead, "
+                           "docs/Tokenized.md)");
       components.push_back(c.getComponent());
       if (!first)
         first = c;
@@ -203,7 +208,7 @@ struct AttnInsertRingCommPass
             b, loc, TypeRange{}, rows(q, qp), rows(keys, kp),
             rows(values, kp),
             comp.getUseLengths() || comp.hasFilters() ? lengths : Value(),
-            /*key_bias=*/Value(), rows(acc, qp), rows(max, qp), rows(sum, qp), origins, comp,
+            /*key_bias=*/Value(), /*key_ids=*/Value(), rows(acc, qp), rows(max, qp), rows(sum, qp), origins, comp,
             first.getScaleAttr());
         ++numUpdates;
       }

@@ -75,7 +75,7 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
     Value batch = memref::DimOp::create(b, loc, op.getQuery(), dims::kBatch);
     Value heads = memref::DimOp::create(b, loc, op.getQuery(), dims::kHeads);
     Value qLen = memref::DimOp::create(b, loc, op.getQuery(), dims::kRows);
-    Value kLen = memref::DimOp::create(b, loc, op.getKey(), dims::kRows);
+    Value kLen = keyCount(b, loc, op.getKey(), op.getKeyIds());
     // Query row i sits at position i + qOrigin, key j at j + kOrigin.
     Placement at = Placement::decode(m, op.getOrigins(), qLen, kLen);
     const bool hasOrigins = at.hasOrigins;
@@ -87,7 +87,7 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
         Value k1 = m.min(m.add(k0, m.c(kvTile)), to);
         auto update = TileUpdateOp::create(
             b, loc, op.getQuery(), op.getKey(), op.getValue(), op.getLengths(),
-            op.getKeyBias(),
+            op.getKeyBias(), op.getKeyIds(),
             op.getAcc(), op.getMax(), op.getSum(), bIdx, hIdx, base, q0, q1,
             k0, k1, op.getOrigins(), comp, op.getScaleAttr(), b.getI64IntegerAttr(kvTile),
             masked ? b.getUnitAttr() : UnitAttr());

@@ -44,7 +44,10 @@ def Attn_AttentionOp : Attn_Op<"attention", [Pure, AttrSizedOperandSegments]> {
     `Hkv` dividing `H` (grouped-query attention). `lengths` (`[B]`) is required
     by tokenized patterns. The optional `key_bias` (`[B, Lk]`, f32) is added
     to every score of key `j` (all heads): `log(count)` for deduplicated
-    tokens, `-inf` for keys to ignore (docs/Tokenized.md). `scale` defaults to
+    tokens, `-inf` for keys to ignore (docs/Tokenized.md). With the optional
+    `key_ids` (`[B, Lk]`, i32), `key` and `value` are embedding tables
+    `[1, Hkv, V, D]` and key `j` of batch `b` is row `key_ids[b, j]` of them
+    (read in place: no per-position K/V). `scale` defaults to
     `1/sqrt(D)`. The results are the
     output `[B, H, Lq, D]` and, optionally, the log-sum-exp `[B, H, Lq]` in
     f32. Rows with no attended key give 0 and `-inf`.
@@ -60,6 +63,7 @@ def Attn_AttentionOp : Attn_Op<"attention", [Pure, AttrSizedOperandSegments]> {
                        Attn_FloatTensor:$value,
                        Optional<Attn_LengthsTensor>:$lengths,
                        Optional<RankedTensorOf<[F32]>>:$key_bias,
+                       Optional<RankedTensorOf<[I32]>>:$key_ids,
                        Attn_AnyPattern:$pattern,
                        OptionalAttr<F64Attr>:$scale);
   let results = (outs Attn_FloatTensor:$output,
@@ -67,6 +71,7 @@ def Attn_AttentionOp : Attn_Op<"attention", [Pure, AttrSizedOperandSegments]> {
   let assemblyFormat = [{
     $query `,` $key `,` $value (`lengths` `(` $lengths^ `)`)?
     (`key_bias` `(` $key_bias^ `:` type($key_bias) `)`)?
+    (`key_ids` `(` $key_ids^ `:` type($key_ids) `)`)?
     `pattern` `(` $pattern `)` attr-dict `:` type($query) `,` type($key) `,`
     type($value) (`,` type($lengths)^)? `->` type(results)
   }];
@@ -104,6 +109,8 @@ def Attn_ComponentOp : Attn_Op<"component", [AttrSizedOperandSegments]> {
         acc    = acc * exp(max - newMax) + exp(s - newMax) * v_j
 
     Several components continue one state, which sums their multiplicities.
+    With `key_ids`, key `j` is row `key_ids[b, j]` of the tables `key` and
+    `value` (`[1, Hkv, V, D]`).
 
     Optional `origins(%q_origin, %k_origin)` place query row 0 and key row 0 at
     those global positions (a rank's slice of a longer sequence in ring
@@ -118,6 +125,7 @@ def Attn_ComponentOp : Attn_Op<"component", [AttrSizedOperandSegments]> {
   let arguments = (ins AnyShaped:$query, AnyShaped:$key, AnyShaped:$value,
                        Optional<AnyShaped>:$lengths,
                        Optional<AnyShaped>:$key_bias,
+                       Optional<AnyShaped>:$key_ids,
                        AnyShaped:$acc, AnyShaped:$max, AnyShaped:$sum,
                        Variadic<Index>:$origins,
                        Attn_ComponentAttr:$component, F64Attr:$scale);
@@ -125,6 +133,7 @@ def Attn_ComponentOp : Attn_Op<"component", [AttrSizedOperandSegments]> {
   let assemblyFormat = [{
     $query `,` $key `,` $value (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
     (`key_bias` `(` $key_bias^ `:` type($key_bias) `)`)?
+    (`key_ids` `(` $key_ids^ `:` type($key_ids) `)`)?
     `state` `(` $acc `,` $max `,` $sum `)`
     (`origins` `(` $origins^ `)`)? $component attr-dict `:`
     type($query) `,` type($key) `,` type($value) `,` type($acc) `,`
@@ -165,6 +174,7 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update", [AttrSizedOperandSegments]> {
   let arguments = (ins AnyMemRef:$query, AnyMemRef:$key, AnyMemRef:$value,
                        Optional<AnyMemRef>:$lengths,
                        Optional<AnyMemRef>:$key_bias,
+                       Optional<AnyMemRef>:$key_ids,
                        AnyMemRef:$acc, AnyMemRef:$max, AnyMemRef:$sum,
                        Index:$batch, Index:$head, Index:$group_base,
                        Index:$row_begin, Index:$row_end,
@@ -175,6 +185,7 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update", [AttrSizedOperandSegments]> {
   let assemblyFormat = [{
     $query `,` $key `,` $value (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
     (`key_bias` `(` $key_bias^ `:` type($key_bias) `)`)?
+    (`key_ids` `(` $key_ids^ `:` type($key_ids) `)`)?
     `state` `(` $acc `,` $max `,` $sum `)`
     `at` `[` $batch `,` $head `,` $group_base `]`
     `rows` `[` $row_begin `,` $row_end `)` `keys` `[` $key_begin `,` $key_end `)`

@@ -18,7 +18,17 @@
 
 #include "attn/Utils/IndexMath.h"
 
+#include "mlir/Dialect/MemRef/IR/MemRef.h"
+
 namespace mlir::attn {
+
+/// The number of keys Lk: the rows of `key` [B, Hkv, Lk, D], or with
+/// `keyIds` [B, Lk] (key and value are then tables [1, Hkv, V, D]) its
+/// columns.
+inline Value keyCount(OpBuilder &b, Location loc, Value key, Value keyIds) {
+  return keyIds ? memref::DimOp::create(b, loc, keyIds, 1).getResult()
+                : memref::DimOp::create(b, loc, key, 2).getResult();
+}
 
 struct Placement {
   bool hasOrigins = false;

@@ -315,9 +315,11 @@ attn_status attn_hub_member(attn_hub *hub, int rank, attn_member **out) {
     return failWith(ATTN_ERROR_ARGUMENT, "attn_hub_member: null argument");
   auto member = std::make_unique<attn_member>();
   member->transport = hub->hub.transport(rank);
-  if (!member->transport)
+  if (rank < 0 || rank >= member->transport->size())
     return failWith(ATTN_ERROR_ARGUMENT,
-                    "attn_hub_member: no rank " + std::to_string(rank));
+                    "attn_hub_member: rank " + std::to_string(rank) +
+                        " outside [0, " +
+                        std::to_string(member->transport->size()) + ")");
   *out = member.release();
   return ATTN_OK;
 }

@@ -86,6 +86,17 @@ def _runtime():
         lib.attn_package_wait_rank.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double]
         lib.attn_package_step_ms.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
                                              ctypes.c_int]
+        lib.attn_hub_create.argtypes = [ctypes.c_int, ctypes.c_double,
+                                        ctypes.POINTER(ctypes.c_void_p)]
+        lib.attn_hub_free.argtypes = [ctypes.c_void_p]
+        lib.attn_hub_member.argtypes = [ctypes.c_void_p, ctypes.c_int,
+                                        ctypes.POINTER(ctypes.c_void_p)]
+        lib.attn_nccl_member.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+                                         ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
+        lib.attn_member_free.argtypes = [ctypes.c_void_p]
+        lib.attn_all_to_all.argtypes = [ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p,
+                                        ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p]
         lib.attn_last_error.restype = ctypes.c_char_p
         _lib = lib
     return _lib
@@ -348,4 +359,5 @@ def load(path):
     return Package(path)
 
 
-from .tokenized import TableEmbedding, TokenizedAttention  # noqa: E402
+from .tokenized import (InProcessGroup, NcclGroup, TableEmbedding,  # noqa: E402
+                        TokenizedAttention)

@@ -13,60 +13,92 @@ and scattered back to the positions. Target attention (many candidate items
 of one user against the user's behaviour sequence) takes the candidates as
 the queries of one call per batch, not one call per candidate.
 
-The attention itself runs in a compiled attn package (`"key_bias": true`,
-dynamic lengths) on the CPU target; unique ids and counts are computed per
-sequence with NumPy.
+The attention runs in one compiled package with `"key_bias": true` and
+`"key_ids": true`: K and V are tables [1, Hkv, V, D] that the kernels read
+at the ids (the user's own tables for a TableEmbedding, else the embeddings
+of the batch's unique ids), so no per-position K/V is ever built. Unique ids
+and counts are computed in one vectorised pass over the batch, with NumPy for
+NumPy/CPU inputs and with PyTorch on the GPU for CUDA tensors.
+
+With nranks > 1 every rank holds the embedding rows of the ids it owns
+(id % nranks == rank) and fetches the rows of its batch's unique ids from
+their owners with two all-to-alls (ids out, rows back) over an exchange
+group: attn.InProcessGroup (threads for ranks) or attn.NcclGroup.
 """
+
+import ctypes
 
 import numpy as np
 
-from . import AttnError, compile as _compile
+from . import AttnError, compile as _compile, _runtime
 
-__all__ = ["TokenizedAttention", "TableEmbedding"]
-
-
-class TableEmbedding:
-    """An embedding function given as tables: ids [N] -> (q, k, v), rows of
-    q_table [vocab, H, D] and k_table, v_table [vocab, Hkv, D]."""
-
-    def __init__(self, q_table, k_table, v_table):
-        self.q_table = np.asarray(q_table, dtype=np.float32)
-        self.k_table = np.asarray(k_table, dtype=np.float32)
-        self.v_table = np.asarray(v_table, dtype=np.float32)
-        if self.k_table.shape != self.v_table.shape:
-            raise AttnError(f"k_table {self.k_table.shape} and v_table "
-                            f"{self.v_table.shape} differ")
-        if (self.q_table.ndim != 3 or self.k_table.ndim != 3
-                or self.q_table.shape[0] != self.k_table.shape[0]
-                or self.q_table.shape[2] != self.k_table.shape[2]):
-            raise AttnError("tables must be [vocab, heads, head_dim] with one vocab and head_dim, "
-                            f"got q {self.q_table.shape}, k {self.k_table.shape}")
-        self.vocab, self.heads, self.head_dim = self.q_table.shape
-        self.kv_heads = self.k_table.shape[1]
-
-    def __call__(self, ids):
-        ids = np.asarray(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
-            raise AttnError(f"token ids must lie in [0, {self.vocab}), got "
-                            f"[{ids.min()}, {ids.max()}]")
-        return self.q_table[ids], self.k_table[ids], self.v_table[ids]
+__all__ = ["TokenizedAttention", "TableEmbedding", "InProcessGroup", "NcclGroup"]
 
 
-def _to_numpy(x, name, dtype):
-    if hasattr(x, "detach"):  # a PyTorch tensor
-        if x.device.type != "cpu":
-            raise AttnError(f"{name}: TokenizedAttention runs on the cpu target so far; "
-                            f"got a tensor on {x.device}")
-        x = x.detach().numpy()
-    x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.integer):
-        raise AttnError(f"{name}: expected integer ids/lengths, got {x.dtype}")
-    return x.astype(dtype)
+def _is_torch(x):
+    return type(x).__module__.startswith("torch")
+
+
+class _Ops:
+    """The few array operations of the dedup, for NumPy or PyTorch."""
+
+    def __init__(self, like):
+        self.torch = _is_torch(like)
+        if self.torch:
+            import torch
+            self.t = torch
+            self.device = like.device
+
+    def arange(self, n):
+        return self.t.arange(n, device=self.device) if self.torch else np.arange(n)
+
+    def full(self, shape, value, dtype):
+        if self.torch:
+            return self.t.full(shape, value, dtype=dtype, device=self.device)
+        return np.full(shape, value, dtype=dtype)
+
+    def unique(self, x):
+        """Sorted unique values, the inverse map and the counts."""
+        if self.torch:
+            return self.t.unique(x, sorted=True, return_inverse=True, return_counts=True)
+        return np.unique(x, return_inverse=True, return_counts=True)
+
+    def nonzero(self, mask):
+        return self.t.nonzero(mask, as_tuple=True) if self.torch else np.nonzero(mask)
+
+    def bincount(self, x, n):
+        return (self.t.bincount(x, minlength=n) if self.torch
+                else np.bincount(x, minlength=n))
+
+    def cumsum(self, x):
+        return self.t.cumsum(x, 0) if self.torch else np.cumsum(x)
+
+    def log(self, x):
+        return self.t.log(x.float()) if self.torch else np.log(x).astype(np.float32)
+
+    def item(self, x):
+        return int(x.item()) if self.torch else int(x)
+
+    def int64(self, x):
+        return x.long() if self.torch else np.asarray(x, np.int64)
+
+    def contiguous(self, x):
+        return x.contiguous() if self.torch else np.ascontiguousarray(x)
+
+    def f32(self):
+        return self.t.float32 if self.torch else np.float32
+
+    def i32(self):
+        return self.t.int32 if self.torch else np.int32
+
+    def i64(self):
+        return self.t.int64 if self.torch else np.int64
 
 
 def _like(result, tokens):
-    """Results as PyTorch tensors when the tokens were one."""
-    if not hasattr(tokens, "detach"):
+    """Results as PyTorch tensors when the tokens were CPU tensors (the cpu
+    target computed them as NumPy arrays)."""
+    if not _is_torch(tokens) or tokens.device.type == "cuda":
         return result
     import torch
     if isinstance(result, tuple):
@@ -74,143 +106,475 @@ def _like(result, tokens):
     return torch.from_numpy(result)
 
 
+class TableEmbedding:
+    """An embedding function given as tables: ids [N] -> (q, k, v), rows of
+    q_table [vocab, H, D] and k_table, v_table [vocab, Hkv, D] (NumPy arrays
+    or PyTorch tensors). On a single rank the kernels read K and V from these
+    tables in place (docs/Tokenized.md)."""
+
+    def __init__(self, q_table, k_table, v_table):
+        self.torch = _is_torch(q_table)
+        if not self.torch:
+            q_table, k_table, v_table = (np.asarray(t, dtype=np.float32)
+                                         for t in (q_table, k_table, v_table))
+        self.q_table, self.k_table, self.v_table = q_table, k_table, v_table
+        if tuple(k_table.shape) != tuple(v_table.shape):
+            raise AttnError(f"k_table {tuple(k_table.shape)} and v_table "
+                            f"{tuple(v_table.shape)} differ")
+        if (q_table.ndim != 3 or k_table.ndim != 3 or q_table.shape[0] != k_table.shape[0]
+                or q_table.shape[2] != k_table.shape[2]):
+            raise AttnError("tables must be [vocab, heads, head_dim] with one vocab and head_dim, "
+                            f"got q {tuple(q_table.shape)}, k {tuple(k_table.shape)}")
+        self.vocab, self.heads, self.head_dim = (int(n) for n in q_table.shape)
+        self.kv_heads = int(k_table.shape[1])
+        self._kernel_tables = {}
+
+    def check_ids(self, ids):
+        if ids.numel() if _is_torch(ids) else ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.vocab:
+                raise AttnError(f"token ids must lie in [0, {self.vocab}), got [{lo}, {hi}]")
+
+    def __call__(self, ids):
+        self.check_ids(ids)
+        if self.torch:
+            ids = ids.to(self.q_table.device).long()
+        return self.q_table[ids], self.k_table[ids], self.v_table[ids]
+
+    def kernel_tables(self, ops, dtype):
+        """k and v as [1, Hkv, vocab, D] tables of `dtype` where the kernels
+        run (made once, then cached)."""
+        key = (str(ops.device) if ops.torch else "numpy", str(dtype))
+        if key not in self._kernel_tables:
+            tables = []
+            for t in (self.k_table, self.v_table):
+                if ops.torch:
+                    t = ops.t.as_tensor(t).to(device=ops.device, dtype=dtype)
+                    tables.append(t.permute(1, 0, 2).unsqueeze(0).contiguous())
+                else:
+                    tables.append(np.ascontiguousarray(
+                        np.asarray(t, np.float32).transpose(1, 0, 2)[None]))
+            self._kernel_tables[key] = tuple(tables)
+        return self._kernel_tables[key]
+
+
+class _Member:
+    """One rank's handle on an exchange group: all-to-alls of byte blocks."""
+
+    def __init__(self, handle, rank, nranks, device):
+        self._handle, self.rank, self.nranks, self.device = handle, rank, nranks, device
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            _runtime().attn_member_free(self._handle)
+            self._handle = None
+
+    def all_to_all(self, send, send_counts, recv_counts):
+        """send: rows for ranks 0..N-1 back to back (send_counts[p] rows for
+        rank p); returns the rows from ranks 0..N-1 (recv_counts[p] each).
+        NumPy arrays for in-process groups, CUDA tensors for NCCL groups."""
+        ops = _Ops(send)
+        shape_tail = tuple(send.shape[1:])
+        itemsize = send.element_size() if ops.torch else send.itemsize
+        row_bytes = itemsize * int(np.prod(shape_tail, dtype=np.int64))
+        total = int(sum(recv_counts))
+        if ops.torch:
+            recv = ops.t.empty((total,) + shape_tail, dtype=send.dtype, device=send.device)
+            send = send.contiguous()
+            src, dst = ctypes.c_void_p(send.data_ptr()), ctypes.c_void_p(recv.data_ptr())
+            stream = ctypes.c_void_p(ops.t.cuda.current_stream(send.device).cuda_stream)
+        else:
+            send = np.ascontiguousarray(send)
+            recv = np.empty((total,) + shape_tail, dtype=send.dtype)
+            src, dst = ctypes.c_void_p(send.ctypes.data), ctypes.c_void_p(recv.ctypes.data)
+            stream = None
+        n = self.nranks
+        sb = (ctypes.c_int64 * n)(*[int(c) * row_bytes for c in send_counts])
+        rb = (ctypes.c_int64 * n)(*[int(c) * row_bytes for c in recv_counts])
+        lib = _runtime()
+        if lib.attn_all_to_all(self._handle, src, sb, dst, rb, stream) != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        return recv
+
+
+class InProcessGroup:
+    """Threads standing for `nranks` ranks (host memory): member(rank) is
+    what rank's TokenizedAttention takes as `group`. A rank that fails or
+    stops answering makes the others fail after `timeout` seconds."""
+
+    def __init__(self, nranks, timeout=60.0):
+        lib = _runtime()
+        self._handle = ctypes.c_void_p()
+        if lib.attn_hub_create(int(nranks), float(timeout), ctypes.byref(self._handle)) != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        self.nranks = int(nranks)
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            _runtime().attn_hub_free(self._handle)
+            self._handle = None
+
+    def member(self, rank):
+        lib = _runtime()
+        handle = ctypes.c_void_p()
+        if lib.attn_hub_member(self._handle, int(rank), ctypes.byref(handle)) != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        return _Member(handle, int(rank), self.nranks, device=False)
+
+
+def NcclGroup(name="tokenized", group=None):
+    """This process's member of an NCCL exchange group (device memory):
+    torch.distributed must be initialised; rank 0's NCCL id reaches the
+    others through `group`. Call once per process with its CUDA device set."""
+    import torch.distributed as dist
+    lib = _runtime()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    box = [None]
+    if rank == 0:
+        buf = ctypes.create_string_buffer(128)
+        if lib.attn_nccl_unique_id(buf) != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        box = [buf.raw]
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast_object_list(box, src=src, group=group)
+    handle = ctypes.c_void_p()
+    if lib.attn_nccl_member(rank, world, box[0], name.encode(), ctypes.byref(handle)) != 0:
+        raise AttnError(lib.attn_last_error().decode())
+    return _Member(handle, rank, world, device=True)
+
+
 class TokenizedAttention:
     """Attention over token sequences: tokens [B, L] int ids, lengths [B].
 
-    embedding_fn(ids [N]) -> (q [N, H, D], k [N, Hkv, D], v [N, Hkv, D]) as
-    float32 (a TableEmbedding, or any function of the id alone). forward()
-    returns out [B, H, L, D] (0 beyond lengths) and, with return_lse, the LSE
-    [B, H, L] (-inf beyond lengths): full attention over the first
-    lengths[b] tokens, computed over the unique ids with log(count) biases
-    (dedup=True) or over every position (dedup=False, the naive form).
-    target_forward() is target attention. nranks > 1 (embedding tables
-    sharded by id across ranks) is not available yet.
+    embedding_fn(ids [N]) -> (q [N, H, D], k [N, Hkv, D], v [N, Hkv, D]): a
+    TableEmbedding (its tables are read by the kernels in place) or any
+    function of the id alone. forward() returns out [B, H, L, D] (0 beyond
+    lengths) and, with return_lse, the LSE [B, H, L] (-inf beyond lengths):
+    full attention over the first lengths[b] tokens, computed over the
+    unique ids with log(count) biases (dedup=True) or over every position
+    (dedup=False, the naive form). target_forward() is target attention.
+
+    Inputs are NumPy arrays / CPU tensors (float32, the cpu target) or CUDA
+    tensors (bf16 kernels for `target`, default sm_90a; unique/count on the
+    GPU). With nranks > 1, `group` is this rank's member of an exchange
+    group (InProcessGroup(n).member(rank) or NcclGroup()) and embedding_fn
+    is called only with the ids this rank owns (id % nranks == rank).
+    `last_stats` describes the last call: positions, unique ids and, with
+    nranks > 1, the bytes received against fetching every position's rows.
     """
 
-    def __init__(self, batch_size, sequence_length, nranks, embedding_fn, dedup=True):
-        if nranks != 1:
-            raise AttnError(f"nranks = {nranks}: distributed tokenized attention (tables sharded "
-                            "by id) is not available yet; use nranks = 1")
+    def __init__(self, batch_size, sequence_length, nranks, embedding_fn, dedup=True,
+                 group=None, target="sm_90a", heads=None, kv_heads=None, head_dim=None):
         if batch_size < 1 or sequence_length < 1:
             raise AttnError(f"batch_size and sequence_length must be >= 1, got "
                             f"{batch_size}, {sequence_length}")
+        if nranks < 1:
+            raise AttnError(f"nranks must be >= 1, got {nranks}")
+        if nranks > 1 and (group is None or group.nranks != nranks):
+            raise AttnError(f"nranks = {nranks} needs group=, this rank's member of an exchange "
+                            "group of as many ranks (attn.InProcessGroup(nranks).member(rank) "
+                            "or attn.NcclGroup())")
         self.batch_size, self.sequence_length = batch_size, sequence_length
-        self.embedding_fn, self.dedup = embedding_fn, dedup
-        probe = [np.asarray(t, dtype=np.float32) for t in embedding_fn(np.zeros(1, np.int64))]
-        if len(probe) != 3 or probe[0].ndim != 3 or probe[1].shape != probe[2].shape:
-            raise AttnError("embedding_fn(ids) must return (q [N, H, D], k [N, Hkv, D], "
-                            "v [N, Hkv, D])")
-        _, self.heads, self.head_dim = probe[0].shape
-        self.kv_heads = probe[1].shape[1]
+        self.nranks, self.group = nranks, group
+        self.embedding_fn, self.dedup, self.target = embedding_fn, dedup, target
+        if isinstance(embedding_fn, TableEmbedding):
+            heads, kv_heads, head_dim = (embedding_fn.heads, embedding_fn.kv_heads,
+                                         embedding_fn.head_dim)
+        elif heads is None or kv_heads is None or head_dim is None:
+            if nranks > 1:
+                raise AttnError("with nranks > 1 and an embedding function (not a "
+                                "TableEmbedding), give heads=, kv_heads= and head_dim=")
+            probe = [np.asarray(t, dtype=np.float32)
+                     for t in embedding_fn(np.zeros(1, np.int64))]
+            if len(probe) != 3 or probe[0].ndim != 3 or probe[1].shape != probe[2].shape:
+                raise AttnError("embedding_fn(ids) must return (q [N, H, D], k [N, Hkv, D], "
+                                "v [N, Hkv, D])")
+            heads, head_dim = probe[0].shape[1:]
+            kv_heads = probe[1].shape[1]
+        self.heads, self.kv_heads, self.head_dim = int(heads), int(kv_heads), int(head_dim)
         if self.heads % self.kv_heads:
             raise AttnError(f"kv heads {self.kv_heads} do not divide heads {self.heads}")
-        # One package for every call: dynamic query and key counts.
-        self._biased = _compile({"name": "tokenized_dedup", "batch": batch_size,
-                                 "heads": self.heads, "kv_heads": self.kv_heads,
-                                 "head_dim": self.head_dim, "key_bias": True,
-                                 "pattern": {"full": {}}})
-        self._naive = None
+        self._packages = {}
         self.last_stats = {}
 
-    # -- helpers ---------------------------------------------------------
+    # -- packages ----------------------------------------------------------
+
+    def _package(self, ops, naive=False):
+        """The keyed package (key_bias + key_ids, dynamic lengths), or for the
+        naive form the tokenized pattern over materialised K/V."""
+        gpu = ops.torch and ops.device.type == "cuda"
+        key = (gpu, naive)
+        if key not in self._packages:
+            spec = {"name": "tokenized_naive" if naive else "tokenized_dedup",
+                    "batch": self.batch_size, "heads": self.heads, "kv_heads": self.kv_heads,
+                    "head_dim": self.head_dim}
+            if naive:
+                spec.update({"seq_len": self.sequence_length, "pattern": {"tokenized": {}}})
+            else:
+                spec.update({"key_bias": True, "key_ids": True, "pattern": {"full": {}}})
+            if gpu:
+                spec["dtype"] = "bf16"
+            self._packages[key] = _compile(spec, target=self.target if gpu else "cpu")
+        return self._packages[key]
+
+    # -- inputs ------------------------------------------------------------
 
     def _check(self, tokens, lengths):
-        tokens = _to_numpy(tokens, "tokens", np.int64)
-        lengths = _to_numpy(lengths, "lengths", np.int64)
+        """(ops, tokens, lengths) checked; CPU tensors become NumPy arrays
+        (the cpu target's kind; _like turns results back into tensors)."""
+        if _is_torch(tokens) and tokens.device.type != "cuda":
+            tokens = tokens.numpy()
+        if _is_torch(lengths) and lengths.device.type != "cuda":
+            lengths = lengths.numpy()
+        ops = _Ops(tokens)
         B, L = self.batch_size, self.sequence_length
-        if tokens.shape != (B, L):
-            raise AttnError(f"tokens: shape {tokens.shape}, expected (batch_size, "
+        if ops.torch:
+            if tokens.is_floating_point():
+                raise AttnError(f"tokens: expected integer ids, got {tokens.dtype}")
+            lengths = ops.t.as_tensor(lengths, device=tokens.device).long()
+            tokens = tokens.long()
+        else:
+            tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+            for name, x in (("tokens", tokens), ("lengths", lengths)):
+                if not np.issubdtype(x.dtype, np.integer):
+                    raise AttnError(f"{name}: expected integer ids/lengths, got {x.dtype}")
+            tokens, lengths = tokens.astype(np.int64), lengths.astype(np.int64)
+        if tuple(tokens.shape) != (B, L):
+            raise AttnError(f"tokens: shape {tuple(tokens.shape)}, expected (batch_size, "
                             f"sequence_length) = ({B}, {L})")
-        if lengths.shape != (B,):
-            raise AttnError(f"lengths: shape {lengths.shape}, expected ({B},)")
-        bad = np.nonzero((lengths < 0) | (lengths > L))[0]
-        if bad.size:
-            raise AttnError(f"lengths[{bad[0]}] = {lengths[bad[0]]} is outside [0, {L}]")
-        return tokens, lengths
+        if tuple(lengths.shape) != (B,):
+            raise AttnError(f"lengths: shape {tuple(lengths.shape)}, expected ({B},)")
+        bad = ops.nonzero((lengths < 0) | (lengths > L))[0]
+        if len(bad):
+            b = ops.item(bad[0])
+            raise AttnError(f"lengths[{b}] = {ops.item(lengths[b])} is outside [0, {L}]")
+        return ops, tokens, lengths
 
-    def _embed(self, ids):
-        q, k, v = (np.asarray(t, dtype=np.float32) for t in self.embedding_fn(ids))
-        return q, k, v
+    # -- embeddings --------------------------------------------------------
 
-    def _unique_keys(self, tokens, lengths):
-        """Per sequence: unique ids, inverse map and counts; then the padded
-        K/V of the unique ids [B, Hkv, U, D] and the bias [B, U]."""
-        B = self.batch_size
-        per = [np.unique(tokens[b, :lengths[b]], return_inverse=True, return_counts=True)
-               for b in range(B)]
-        U = max(1, max(len(u) for u, _, _ in per))
-        ids = np.zeros((B, U), np.int64)
-        bias = np.full((B, U), -np.inf, np.float32)
-        for b, (u, _, c) in enumerate(per):
-            ids[b, :len(u)] = u
-            bias[b, :len(u)] = np.log(c)
-        q, k, v = self._embed(ids.reshape(-1))
-        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
-        to_bhud = lambda t, h: np.ascontiguousarray(t.reshape(B, U, h, D).transpose(0, 2, 1, 3))
-        return per, U, to_bhud(q, H), to_bhud(k, Hkv), to_bhud(v, Hkv), bias
+    def _embed_local(self, ids, ops):
+        """(q, k, v) rows of `ids` from this rank's embedding_fn, as arrays of
+        the ops' kind on its device."""
+        rows = self.embedding_fn(ids)
+        if len(rows) != 3:
+            raise AttnError("embedding_fn(ids) must return (q, k, v)")
+        if ops.torch:
+            return tuple(ops.t.as_tensor(r).to(ops.device) for r in rows)
+        return tuple(np.asarray(r.detach().cpu() if _is_torch(r) else r, np.float32)
+                     for r in rows)
 
-    # -- self-attention --------------------------------------------------
+    def _embed(self, ids, ops):
+        """(q, k, v) of `ids` (sorted, unique): locally, or with nranks > 1
+        from their owners through the group (ids out, rows back)."""
+        if self.nranks == 1:
+            return self._embed_local(ids, ops)
+        n, H, Hkv, D = self.nranks, self.heads, self.kv_heads, self.head_dim
+        owner = ids % n
+        order = (ops.t.argsort(owner, stable=True) if ops.torch
+                 else np.argsort(owner, kind="stable"))
+        send_ids = ids[order]
+        send_counts = ops.bincount(owner, n)
+        to_list = (lambda x: x.cpu().tolist()) if ops.torch else (lambda x: x.tolist())
+        recv_counts = to_list(self.group.all_to_all(self._host_or_device(send_counts, ops),
+                                                    [1] * n, [1] * n))
+        send_counts = to_list(send_counts)
+        asked = self.group.all_to_all(self._host_or_device(send_ids, ops), send_counts,
+                                      recv_counts)
+        if len(asked) and bool(((asked % n) != self.group.rank).any()):
+            raise AttnError(f"rank {self.group.rank} was asked for ids it does not own")
+        q, k, v = self._embed_local(asked, ops)
+        width = (H + 2 * Hkv) * D
+        packed = (ops.t.cat([q.reshape(len(asked), -1), k.reshape(len(asked), -1),
+                             v.reshape(len(asked), -1)], 1) if ops.torch
+                  else np.concatenate([q.reshape(len(asked), -1), k.reshape(len(asked), -1),
+                                       v.reshape(len(asked), -1)], 1))
+        got = self.group.all_to_all(self._host_or_device(packed, ops), recv_counts,
+                                    send_counts)
+        rows = ops.full((len(ids), width), 0.0, got.dtype)
+        rows[order] = got
+        esize = got.element_size() if ops.torch else got.itemsize
+        remote = sum(c for p, c in enumerate(send_counts) if p != self.group.rank)
+        self.last_stats.update({
+            "bytes_received": int(8 * (n - 1) + 8 * sum(c for p, c in enumerate(recv_counts)
+                                                        if p != self.group.rank)
+                                  + remote * width * esize),
+            "row_bytes": width * esize, "remote_unique": int(remote)})
+        return (rows[:, :H * D].reshape(-1, H, D), rows[:, H * D:(H + Hkv) * D].reshape(-1, Hkv, D),
+                rows[:, (H + Hkv) * D:].reshape(-1, Hkv, D))
+
+    def _host_or_device(self, x, ops):
+        """Buffers for the group: host memory for in-process groups (NumPy),
+        device memory for NCCL groups."""
+        if self.group.device:
+            if not ops.torch or ops.device.type != "cuda":
+                raise AttnError("an NCCL group exchanges device memory: pass CUDA tensors")
+            return x.contiguous()
+        return x.cpu().numpy() if ops.torch else x
+
+    # -- the keys of a batch -----------------------------------------------
+
+    def _unique_keys(self, ops, tokens, lengths, extra_ids=None):
+        """Per sequence: its unique ids, their counts and every position's
+        unique slot, in one pass over the batch. Returns a dict with
+        U (most unique ids of a sequence), the positions (bpos, ipos), each
+        position's slot, the per-slot key ids [B, U] into the K/V tables,
+        the bias [B, U] (log count, -inf for padding), the tables and the q
+        rows of the slots; `extra_ids` (candidates) get q rows too."""
+        B, L = self.batch_size, self.sequence_length
+        valid = ops.arange(L)[None, :] < lengths[:, None]
+        bpos, ipos = ops.nonzero(valid)
+        tok = tokens[bpos, ipos]
+        emb = self.embedding_fn
+        table_mode = isinstance(emb, TableEmbedding) and self.nranks == 1
+        if table_mode and len(tok):
+            emb.check_ids(tok)
+        width = (ops.item(tok.max()) + 1) if len(tok) else 1
+        uk, inverse, counts = ops.unique(bpos * width + tok)
+        ub, uid = uk // width, uk % width
+        per_seq = ops.bincount(ub, B)
+        start = ops.cumsum(per_seq) - per_seq
+        slot = ops.arange(len(uk)) - start[ub]
+        U = max(1, ops.item(per_seq.max()) if len(uk) else 0)
+
+        gpu = ops.torch and ops.device.type == "cuda"
+        dtype = ops.t.bfloat16 if gpu else ops.f32()
+        # Rows of the K/V tables: the user's tables indexed by id, or the
+        # embeddings of the batch's unique ids (fetched once per id).
+        if table_mode:
+            ktab, vtab = emb.kernel_tables(ops, dtype)
+            row = uid
+            q_rows = emb.q_table
+            if ops.torch:
+                q_rows = ops.t.as_tensor(q_rows).to(ops.device)
+            q_slots = q_rows[uid]
+            q_extra = q_rows[extra_ids] if extra_ids is not None else None
+        else:
+            ids = uid if extra_ids is None else (
+                ops.t.cat([uid, extra_ids.reshape(-1)]) if ops.torch
+                else np.concatenate([uid, extra_ids.reshape(-1)]))
+            tid, tinv, _ = ops.unique(ids)
+            q, k, v = self._embed(tid, ops)
+            row = tinv[:len(uid)]
+            q_slots = q[row]
+            q_extra = q[tinv[len(uid):]].reshape(tuple(extra_ids.shape) + tuple(q.shape[1:])) \
+                if extra_ids is not None else None
+            to_table = ((lambda t: t.to(dtype).permute(1, 0, 2).unsqueeze(0).contiguous())
+                        if ops.torch else
+                        (lambda t: np.ascontiguousarray(t.transpose(1, 0, 2)[None])))
+            ktab, vtab = to_table(k), to_table(v)
+
+        key_ids = ops.full((B, U), 0, ops.i32())
+        key_ids[ub, slot] = row.int() if ops.torch else row.astype(np.int32)
+        bias = ops.full((B, U), float("-inf"), ops.f32())
+        bias[ub, slot] = ops.log(counts)
+        self.last_stats.update({"positions": int(len(tok)), "unique": int(len(uk)),
+                                "padded_unique": U})
+        if self.nranks > 1:  # what fetching every position's rows would take
+            remote = ops.item(((tok % self.nranks) != self.group.rank).sum())
+            self.last_stats["per_position_bytes"] = remote * self.last_stats["row_bytes"]
+        return {"U": U, "bpos": bpos, "ipos": ipos, "slot": slot[inverse], "ub": ub,
+                "uslot": slot, "key_ids": key_ids, "bias": bias, "k": ktab, "v": vtab,
+                "q_slots": q_slots, "q_extra": q_extra, "dtype": dtype}
+
+    # -- self-attention ----------------------------------------------------
 
     def forward(self, tokens, lengths, return_lse=False):
-        """Self-attention of each sequence's first lengths[b] tokens (NumPy
-        arrays or CPU PyTorch tensors; results of the same kind)."""
-        return _like(self._forward(*self._check(tokens, lengths), return_lse), tokens)
+        """Self-attention of each sequence's first lengths[b] tokens."""
+        return _like(self._forward(tokens, lengths, return_lse), tokens)
 
     def _forward(self, tokens, lengths, return_lse):
+        ops, tokens, lengths = self._check(tokens, lengths)
+        self.last_stats = {}
         if not self.dedup:
-            return self._forward_naive(tokens, lengths, return_lse)
+            return self._forward_naive(ops, tokens, lengths, return_lse)
         B, L, H, D = self.batch_size, self.sequence_length, self.heads, self.head_dim
-        per, U, q, k, v, bias = self._unique_keys(tokens, lengths)
-        out_u, lse_u = self._biased(q, k, v, key_bias=bias, return_lse=True)
-        out = np.zeros((B, H, L, D), np.float32)
-        lse = np.full((B, H, L), -np.inf, np.float32)
-        for b, (_, inverse, _) in enumerate(per):
-            n = lengths[b]
-            out[b, :, :n] = out_u[b][:, inverse]
-            lse[b, :, :n] = lse_u[b][:, inverse]
-        self.last_stats = {"positions": int(lengths.sum()), "unique": sum(len(u) for u, _, _ in per),
-                           "padded_unique": U}
+        keys = self._unique_keys(ops, tokens, lengths)
+        U = keys["U"]
+        q = ops.full((B, U, H, D), 0.0, keys["dtype"])
+        q[keys["ub"], keys["uslot"]] = (keys["q_slots"].to(keys["dtype"]) if ops.torch
+                                        else keys["q_slots"])
+        q = ops.contiguous(q.transpose(1, 2) if ops.torch else q.transpose(0, 2, 1, 3))
+        out_u, lse_u = self._package(ops)(q, keys["k"], keys["v"], key_bias=keys["bias"],
+                                          key_ids=keys["key_ids"], return_lse=True)
+        out = ops.full((B, H, L, D), 0.0, out_u.dtype)
+        lse = ops.full((B, H, L), float("-inf"), ops.f32())
+        bpos, ipos, slot = keys["bpos"], keys["ipos"], keys["slot"]
+        out[bpos, :, ipos] = out_u[bpos, :, slot]
+        lse[bpos, :, ipos] = lse_u[bpos, :, slot]
         return (out, lse) if return_lse else out
 
     __call__ = forward
 
-    def _forward_naive(self, tokens, lengths, return_lse):
-        """Every position's q/k/v materialised, tokenized pattern (the form
-        the dedup path must equal)."""
-        if self._naive is None:
-            self._naive = _compile({"name": "tokenized_naive", "batch": self.batch_size,
-                                    "heads": self.heads, "kv_heads": self.kv_heads,
-                                    "head_dim": self.head_dim,
-                                    "seq_len": self.sequence_length,
-                                    "pattern": {"tokenized": {}}})
+    def _forward_naive(self, ops, tokens, lengths, return_lse):
+        """Every position's q/k/v materialised, the tokenized pattern (the
+        form the dedup path must equal; single rank)."""
+        if self.nranks > 1:
+            raise AttnError("dedup=False (the naive form) runs on one rank")
         B, L = self.batch_size, self.sequence_length
-        q, k, v = self._embed(tokens.reshape(-1))
-        to_bhld = lambda t: np.ascontiguousarray(t.reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3))
-        return self._naive(to_bhld(q), to_bhld(k), to_bhld(v), lengths=lengths.astype(np.int32),
-                           return_lse=return_lse)
+        q, k, v = self._embed_local(tokens.reshape(-1), ops)
+        if ops.torch:
+            dtype = ops.t.bfloat16 if ops.device.type == "cuda" else ops.t.float32
+            to_bhld = lambda t: t.reshape(B, L, -1, self.head_dim).transpose(1, 2).to(dtype).contiguous()
+            lens = lengths.int()
+        else:
+            to_bhld = lambda t: np.ascontiguousarray(
+                t.reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3))
+            lens = lengths.astype(np.int32)
+        self.last_stats = {"positions": ops.item(lengths.sum())}
+        return self._package(ops, naive=True)(to_bhld(q), to_bhld(k), to_bhld(v), lengths=lens,
+                                              return_lse=return_lse)
 
-    # -- target attention ------------------------------------------------
+    # -- target attention --------------------------------------------------
 
     def target_forward(self, candidates, tokens, lengths, return_lse=False):
         """Target attention: candidates [B, C] item ids attend to their
         user's behaviour sequence tokens[b, :lengths[b]]; returns
         out [B, H, C, D] (and LSE [B, H, C]). One attention call for all
-        candidates of all users, over the unique behaviour ids."""
-        like = tokens
-        tokens, lengths = self._check(tokens, lengths)
-        cand = _to_numpy(candidates, "candidates", np.int64)
+        candidates of all users, over the unique behaviour ids (dedup=False:
+        over every behaviour position)."""
+        return _like(self._target_forward(candidates, tokens, lengths, return_lse), tokens)
+
+    def _target_forward(self, candidates, tokens, lengths, return_lse):
+        ops, tokens, lengths = self._check(tokens, lengths)
+        if not ops.torch and _is_torch(candidates):
+            candidates = candidates.numpy()
+        self.last_stats = {}
         B = self.batch_size
+        cand = candidates.long() if ops.torch else np.asarray(candidates)
+        if not ops.torch and not np.issubdtype(cand.dtype, np.integer):
+            raise AttnError(f"candidates: expected integer ids, got {cand.dtype}")
         if cand.ndim != 2 or cand.shape[0] != B or cand.shape[1] < 1:
-            raise AttnError(f"candidates: shape {cand.shape}, expected ({B}, C) with C >= 1")
-        C, H, D = cand.shape[1], self.heads, self.head_dim
+            raise AttnError(f"candidates: shape {tuple(cand.shape)}, expected ({B}, C) "
+                            "with C >= 1")
+        cand = ops.int64(cand)
+        if isinstance(self.embedding_fn, TableEmbedding):
+            self.embedding_fn.check_ids(cand)
         if self.dedup:
-            _, U, _, k, v, bias = self._unique_keys(tokens, lengths)
-        else:  # every behaviour position as its own key
-            U = self.sequence_length
-            _, k, v = self._embed(tokens.reshape(-1))
-            k = np.ascontiguousarray(k.reshape(B, U, -1, D).transpose(0, 2, 1, 3))
-            v = np.ascontiguousarray(v.reshape(B, U, -1, D).transpose(0, 2, 1, 3))
-            bias = np.where(np.arange(U)[None, :] < lengths[:, None], 0.0, -np.inf).astype(np.float32)
-        q = self._embed(cand.reshape(-1))[0]
-        q = np.ascontiguousarray(q.reshape(B, C, H, D).transpose(0, 2, 1, 3))
-        return _like(self._biased(q, k, v, key_bias=bias, return_lse=return_lse), like)
+            keys = self._unique_keys(ops, tokens, lengths, extra_ids=cand)
+        else:
+            keys = self._position_keys(ops, tokens, lengths, cand)
+        q = keys["q_extra"]  # [B, C, H, D]
+        q = ops.contiguous(q.to(keys["dtype"]).transpose(1, 2) if ops.torch
+                           else q.transpose(0, 2, 1, 3))
+        return self._package(ops)(q, keys["k"], keys["v"], key_bias=keys["bias"],
+                                  key_ids=keys["key_ids"], return_lse=return_lse)
+
+    def _position_keys(self, ops, tokens, lengths, cand):
+        """Every behaviour position a key of its own (bias 0, -inf beyond
+        lengths): the naive form of target attention."""
+        B, L = self.batch_size, self.sequence_length
+        ids = ops.contiguous(tokens.reshape(-1))
+        q, k, v = self._embed_local(ops.t.cat([ids, cand.reshape(-1)]) if ops.torch
+                                    else np.concatenate([ids, cand.reshape(-1)]), ops)
+        gpu = ops.torch and ops.device.type == "cuda"
+        dtype = ops.t.bfloat16 if gpu else ops.f32()
+        n = B * L
+        to_table = ((lambda t: t.to(dtype).permute(1, 0, 2).unsqueeze(0).contiguous())
+                    if ops.torch else (lambda t: np.ascontiguousarray(t.transpose(1, 0, 2)[None])))
+        key_ids = ops.arange(n).reshape(B, L)
+        key_ids = key_ids.int() if ops.torch else key_ids.astype(np.int32)
+        inside = ops.arange(L)[None, :] < lengths[:, None]
+        bias = ops.full((B, L), float("-inf"), ops.f32())
+        bias[inside] = 0.0
+        return {"k": to_table(k[:n]), "v": to_table(v[:n]), "key_ids": key_ids, "bias": bias,
+                "q_extra": q[n:].reshape(tuple(cand.shape) + tuple(q.shape[1:])), "dtype": dtype}

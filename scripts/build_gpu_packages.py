@@ -31,7 +31,9 @@ for path in sorted(glob.glob(os.path.join(ROOT, "bench", "gpu", "specs", "*.json
         spec = json.load(f)
     specs.append((spec["name"], spec))
 times = {}
-for name, spec in specs:
+
+
+def compile_spec(name, spec):
     spec_path = os.path.join(args.out, name + ".json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
@@ -43,5 +45,20 @@ for name, spec in specs:
         sys.exit(f"{name}: {r.stderr}")
     report = [l for l in r.stderr.splitlines() if "registers" in l]
     print(f"{name:24s} {times[name]:5.2f} s  " + "; ".join(s.split(":", 1)[1].strip() for s in report))
+
+
+for name, spec in specs:
+    compile_spec(name, spec)
+
+# The tokenized-attention packages of test_gpu.py and bench/tokenized_gpu.py
+# (TokenizedAttention loads them from this folder on the GPU machine).
+sys.path.insert(0, os.path.join(ROOT, "python"))
+import attn  # noqa: E402
+for B, H, Hkv, D, L in gpu_cases.TOKENIZED:
+    layer = attn.TokenizedAttention(B, L, 1, None, heads=H, kv_heads=Hkv, head_dim=D,
+                                    target=args.target)
+    for naive in (False, True):
+        spec, _ = layer.package_spec(gpu=True, naive=naive)
+        compile_spec(spec["name"], spec)
 with open(os.path.join(args.out, "compile_times.json"), "w") as f:
     json.dump(times, f, indent=1)

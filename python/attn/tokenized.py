@@ -27,10 +27,11 @@ group: attn.InProcessGroup (threads for ranks) or attn.NcclGroup.
 """
 
 import ctypes
+import os
 
 import numpy as np
 
-from . import AttnError, compile as _compile, _runtime
+from . import AttnError, compile as _compile, load, _runtime
 
 __all__ = ["TokenizedAttention", "TableEmbedding", "InProcessGroup", "NcclGroup"]
 
@@ -261,10 +262,13 @@ class TokenizedAttention:
     is called only with the ids this rank owns (id % nranks == rank).
     `last_stats` describes the last call: positions, unique ids and, with
     nranks > 1, the bytes received against fetching every position's rows.
+    Packages are compiled on first use (into `package_dir` if given, where
+    later instances load them).
     """
 
     def __init__(self, batch_size, sequence_length, nranks, embedding_fn, dedup=True,
-                 group=None, target="sm_90a", heads=None, kv_heads=None, head_dim=None):
+                 group=None, target="sm_90a", heads=None, kv_heads=None, head_dim=None,
+                 package_dir=None):
         if batch_size < 1 or sequence_length < 1:
             raise AttnError(f"batch_size and sequence_length must be >= 1, got "
                             f"{batch_size}, {sequence_length}")
@@ -277,6 +281,7 @@ class TokenizedAttention:
         self.batch_size, self.sequence_length = batch_size, sequence_length
         self.nranks, self.group = nranks, group
         self.embedding_fn, self.dedup, self.target = embedding_fn, dedup, target
+        self.package_dir = package_dir
         if isinstance(embedding_fn, TableEmbedding):
             heads, kv_heads, head_dim = (embedding_fn.heads, embedding_fn.kv_heads,
                                          embedding_fn.head_dim)
@@ -300,21 +305,39 @@ class TokenizedAttention:
     # -- packages ----------------------------------------------------------
 
     def _package(self, ops, naive=False):
+        return self.package(ops.torch and ops.device.type == "cuda", naive)
+
+    def package_spec(self, gpu, naive=False):
+        """The spec and target of package(gpu, naive); its name says its
+        shape, so that a folder can hold the packages of several layers."""
+        target = self.target if gpu else "cpu"
+        name = (f"tokenized_{'naive' if naive else 'dedup'}_b{self.batch_size}"
+                f"_h{self.heads}x{self.kv_heads}_d{self.head_dim}"
+                + (f"_l{self.sequence_length}" if naive else "") + f"_{target}")
+        spec = {"name": name, "batch": self.batch_size, "heads": self.heads,
+                "kv_heads": self.kv_heads, "head_dim": self.head_dim}
+        if naive:
+            spec.update({"seq_len": self.sequence_length, "pattern": {"tokenized": {}}})
+        else:
+            spec.update({"key_bias": True, "key_ids": True, "pattern": {"full": {}}})
+        if gpu:
+            spec["dtype"] = "bf16"
+        return spec, target
+
+    def package(self, gpu, naive=False):
         """The keyed package (key_bias + key_ids, dynamic lengths), or for the
-        naive form the tokenized pattern over materialised K/V."""
-        gpu = ops.torch and ops.device.type == "cuda"
+        naive form the tokenized pattern over materialised K/V; bf16 for
+        `target` when gpu. With package_dir, a package already there is
+        loaded (machines without the compiler) and a new one is kept there."""
         key = (gpu, naive)
         if key not in self._packages:
-            spec = {"name": "tokenized_naive" if naive else "tokenized_dedup",
-                    "batch": self.batch_size, "heads": self.heads, "kv_heads": self.kv_heads,
-                    "head_dim": self.head_dim}
-            if naive:
-                spec.update({"seq_len": self.sequence_length, "pattern": {"tokenized": {}}})
+            spec, target = self.package_spec(gpu, naive)
+            name = spec["name"]
+            path = os.path.join(self.package_dir, name) if self.package_dir else None
+            if path and os.path.exists(os.path.join(path, "manifest.json")):
+                self._packages[key] = load(path)
             else:
-                spec.update({"key_bias": True, "key_ids": True, "pattern": {"full": {}}})
-            if gpu:
-                spec["dtype"] = "bf16"
-            self._packages[key] = _compile(spec, target=self.target if gpu else "cpu")
+                self._packages[key] = _compile(spec, out_dir=path, target=target)
         return self._packages[key]
 
     # -- inputs ------------------------------------------------------------

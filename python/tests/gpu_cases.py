@@ -37,3 +37,8 @@ CASES = [
     _spec("tokenized", {"tokenized": {}}, batch=4),
     _spec("tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]}, batch=4),
 ]
+
+# Tokenized-attention layers (batch, heads, kv_heads, head_dim, seq_len) of
+# test_gpu.py and bench/tokenized_gpu.py: scripts/build_gpu_packages.py
+# compiles their keyed (dedup) and naive packages.
+TOKENIZED = [(3, 4, 2, 64, 700)] + [(4, 8, 8, 64, L) for L in (1024, 4096, 10000)]

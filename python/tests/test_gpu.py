@@ -128,7 +128,7 @@ def test_tokenized_dedup_on_gpu_matches_reference():
     assert (lse.double()[lmask] - ref_lse[lmask]).abs().max().item() < 2e-2
     assert torch.isinf(lse[~lmask]).all()
     stats = layer.last_stats
-    assert stats["unique"] < stats["positions"] / 3, stats  # the duplication is real
+    assert stats["unique"] < stats["positions"] / 2, stats  # the duplication is real
     # The naive form (every position materialised, tokenized pattern) agrees.
     _, naive = _tok_layer(dedup=False)
     out_n = naive(tokens, lengths)

@@ -132,7 +132,10 @@ class TableEmbedding:
 
     def check_ids(self, ids):
         if ids.numel() if _is_torch(ids) else ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
+            if _is_torch(ids):  # one reduction, one wait for the GPU
+                lo, hi = (int(x) for x in ids.aminmax())
+            else:
+                lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.vocab:
                 raise AttnError(f"token ids must lie in [0, {self.vocab}), got [{lo}, {hi}]")
 
@@ -367,9 +370,9 @@ class TokenizedAttention:
                             f"sequence_length) = ({B}, {L})")
         if tuple(lengths.shape) != (B,):
             raise AttnError(f"lengths: shape {tuple(lengths.shape)}, expected ({B},)")
-        bad = ops.nonzero((lengths < 0) | (lengths > L))[0]
-        if len(bad):
-            b = ops.item(bad[0])
+        outside = (lengths < 0) | (lengths > L)
+        if bool(outside.any()):
+            b = ops.item(ops.nonzero(outside)[0][0])
             raise AttnError(f"lengths[{b}] = {ops.item(lengths[b])} is outside [0, {L}]")
         return ops, tokens, lengths
 
@@ -451,7 +454,11 @@ class TokenizedAttention:
         table_mode = isinstance(emb, TableEmbedding) and self.nranks == 1
         if table_mode and len(tok):
             emb.check_ids(tok)
-        width = (ops.item(tok.max()) + 1) if len(tok) else 1
+        # (sequence, id) pairs as one integer b * width + id.
+        if table_mode:
+            width = emb.vocab
+        else:
+            width = (ops.item(tok.max()) + 1) if len(tok) else 1
         uk, inverse, counts = ops.unique(bpos * width + tok)
         ub, uid = uk // width, uk % width
         per_seq = ops.bincount(ub, B)

@@ -174,3 +174,27 @@ func.func @key_bias_rows(%q: tensor<2x1x8x4xf32>, %bias: tensor<2x9xf32>) {
   %0 = attn.attention %q, %q, %q key_bias(%bias : tensor<2x9xf32>) pattern(#attn.full) : tensor<2x1x8x4xf32>, tensor<2x1x8x4xf32>, tensor<2x1x8x4xf32> -> tensor<2x1x8x4xf32>
   return
 }
+
+// -----
+
+func.func @key_ids_table_batch(%q: tensor<2x1x8x4xf32>, %ids: tensor<2x8xi32>) {
+  // expected-error @+1 {{with key_ids, key and value are embedding tables [1, Hkv, V, D]; got key 'tensor<2x1x8x4xf32>'}}
+  %0 = attn.attention %q, %q, %q key_ids(%ids : tensor<2x8xi32>) pattern(#attn.full) : tensor<2x1x8x4xf32>, tensor<2x1x8x4xf32>, tensor<2x1x8x4xf32> -> tensor<2x1x8x4xf32>
+  return
+}
+
+// -----
+
+func.func @key_ids_bias_count(%q: tensor<2x1x8x4xf32>, %t: tensor<1x1x50x4xf32>, %ids: tensor<2x8xi32>, %bias: tensor<2x9xf32>) {
+  // expected-error @+1 {{key counts of key_ids (8) and key_bias (9) differ}}
+  %0 = attn.attention %q, %t, %t key_bias(%bias : tensor<2x9xf32>) key_ids(%ids : tensor<2x8xi32>) pattern(#attn.full) : tensor<2x1x8x4xf32>, tensor<1x1x50x4xf32>, tensor<1x1x50x4xf32> -> tensor<2x1x8x4xf32>
+  return
+}
+
+// -----
+
+func.func @key_ids_rank(%q: tensor<2x1x8x4xf32>, %t: tensor<1x1x50x4xf32>, %ids: tensor<16xi32>) {
+  // expected-error @+1 {{key_ids must have rank 2 [B, Lk], got 'tensor<16xi32>'}}
+  %0 = attn.attention %q, %t, %t key_ids(%ids : tensor<16xi32>) pattern(#attn.full) : tensor<2x1x8x4xf32>, tensor<1x1x50x4xf32>, tensor<1x1x50x4xf32> -> tensor<2x1x8x4xf32>
+  return
+}

@@ -61,3 +61,10 @@ func.func @key_bias(%q: tensor<2x8x5x64xf32>, %k: tensor<2x2x7x64xf32>, %bias: t
   %0 = attn.attention %q, %k, %k key_bias(%bias : tensor<2x7xf32>) pattern(#attn.full) : tensor<2x8x5x64xf32>, tensor<2x2x7x64xf32>, tensor<2x2x7x64xf32> -> tensor<2x8x5x64xf32>
   return %0 : tensor<2x8x5x64xf32>
 }
+
+// CHECK-LABEL: func @key_ids
+func.func @key_ids(%q: tensor<2x8x5x64xf32>, %t: tensor<1x2x1000x64xf32>, %ids: tensor<2x7xi32>) -> tensor<2x8x5x64xf32> {
+  // CHECK: attn.attention %{{.*}}, %{{.*}}, %{{.*}} key_ids(%{{.*}} : tensor<2x7xi32>) pattern(#attn.full) :
+  %0 = attn.attention %q, %t, %t key_ids(%ids : tensor<2x7xi32>) pattern(#attn.full) : tensor<2x8x5x64xf32>, tensor<1x2x1000x64xf32>, tensor<1x2x1000x64xf32> -> tensor<2x8x5x64xf32>
+  return %0 : tensor<2x8x5x64xf32>
+}

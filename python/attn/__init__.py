@@ -223,18 +223,9 @@ class Package:
         torch.distributed must be initialised (torchrun sets RANK,
         WORLD_SIZE, LOCAL_RANK); rank 0's NCCL id reaches the others through
         `group`. Call once per process, with the current CUDA device set."""
-        import torch.distributed as dist
+        rank, world, nccl_id = nccl_id_from_rank0(group)
         lib = _runtime()
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        box = [None]
-        if rank == 0:
-            buf = ctypes.create_string_buffer(128)
-            if lib.attn_nccl_unique_id(buf) != 0:
-                raise AttnError(lib.attn_last_error().decode())
-            box = [buf.raw]
-        src = dist.get_global_rank(group, 0) if group is not None else 0
-        dist.broadcast_object_list(box, src=src, group=group)
-        if lib.attn_package_join(self._handle, rank, world, box[0]) != 0:
+        if lib.attn_package_join(self._handle, rank, world, nccl_id) != 0:
             raise AttnError(lib.attn_last_error().decode())
         self.rank = rank
 
@@ -325,6 +316,23 @@ class Package:
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         return (t["out"], t["lse"]) if return_lse else t["out"]
+
+
+def nccl_id_from_rank0(group=None):
+    """(rank, world size, NCCL id): rank 0 of the torch.distributed `group`
+    makes the id and broadcasts it to the others."""
+    import torch.distributed as dist
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    box = [None]
+    if rank == 0:
+        lib = _runtime()
+        buf = ctypes.create_string_buffer(128)
+        if lib.attn_nccl_unique_id(buf) != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        box = [buf.raw]
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast_object_list(box, src=src, group=group)
+    return rank, world, box[0]
 
 
 def _is_torch(x):

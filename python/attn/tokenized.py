@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from . import AttnError, compile as _compile, load, _runtime
+from . import AttnError, compile as _compile, load, nccl_id_from_rank0, _runtime
 
 __all__ = ["TokenizedAttention", "TableEmbedding", "InProcessGroup", "NcclGroup"]
 
@@ -230,19 +230,10 @@ def NcclGroup(name="tokenized", group=None):
     """This process's member of an NCCL exchange group (device memory):
     torch.distributed must be initialised; rank 0's NCCL id reaches the
     others through `group`. Call once per process with its CUDA device set."""
-    import torch.distributed as dist
+    rank, world, nccl_id = nccl_id_from_rank0(group)
     lib = _runtime()
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    box = [None]
-    if rank == 0:
-        buf = ctypes.create_string_buffer(128)
-        if lib.attn_nccl_unique_id(buf) != 0:
-            raise AttnError(lib.attn_last_error().decode())
-        box = [buf.raw]
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    dist.broadcast_object_list(box, src=src, group=group)
     handle = ctypes.c_void_p()
-    if lib.attn_nccl_member(rank, world, box[0], name.encode(), ctypes.byref(handle)) != 0:
+    if lib.attn_nccl_member(rank, world, nccl_id, name.encode(), ctypes.byref(handle)) != 0:
         raise AttnError(lib.attn_last_error().decode())
     return _Member(handle, rank, world, device=True)
 

@@ -45,10 +45,27 @@ class _Ops:
 
     def __init__(self, like):
         self.torch = _is_torch(like)
+        self.gpu = False
         if self.torch:
             import torch
             self.t = torch
             self.device = like.device
+            self.gpu = like.device.type == "cuda"
+
+    def kernel_dtype(self):
+        """What the packages take: bf16 on the GPU, float32 on the cpu target."""
+        return self.t.bfloat16 if self.gpu else (self.t.float32 if self.torch else np.float32)
+
+    def table(self, rows):
+        """Embedding rows [N, h, D] as a kernel table [1, h, N, D] (contiguous,
+        of kernel_dtype(), where the kernels run)."""
+        if self.torch:
+            rows = self.t.as_tensor(rows).to(device=self.device, dtype=self.kernel_dtype())
+            return rows.permute(1, 0, 2).unsqueeze(0).contiguous()
+        return np.ascontiguousarray(np.asarray(rows, np.float32).transpose(1, 0, 2)[None])
+
+    def concat(self, a, b):
+        return self.t.cat([a, b]) if self.torch else np.concatenate([a, b])
 
     def arange(self, n):
         return self.t.arange(n, device=self.device) if self.torch else np.arange(n)
@@ -91,9 +108,6 @@ class _Ops:
 
     def i32(self):
         return self.t.int32 if self.torch else np.int32
-
-    def i64(self):
-        return self.t.int64 if self.torch else np.int64
 
 
 def _like(result, tokens):
@@ -145,20 +159,12 @@ class TableEmbedding:
             ids = ids.to(self.q_table.device).long()
         return self.q_table[ids], self.k_table[ids], self.v_table[ids]
 
-    def kernel_tables(self, ops, dtype):
-        """k and v as [1, Hkv, vocab, D] tables of `dtype` where the kernels
-        run (made once, then cached)."""
-        key = (str(ops.device) if ops.torch else "numpy", str(dtype))
+    def kernel_tables(self, ops):
+        """k and v as [1, Hkv, vocab, D] kernel tables where the kernels run
+        (made once, then cached)."""
+        key = str(ops.device) if ops.torch else "numpy"
         if key not in self._kernel_tables:
-            tables = []
-            for t in (self.k_table, self.v_table):
-                if ops.torch:
-                    t = ops.t.as_tensor(t).to(device=ops.device, dtype=dtype)
-                    tables.append(t.permute(1, 0, 2).unsqueeze(0).contiguous())
-                else:
-                    tables.append(np.ascontiguousarray(
-                        np.asarray(t, np.float32).transpose(1, 0, 2)[None]))
-            self._kernel_tables[key] = tuple(tables)
+            self._kernel_tables[key] = (ops.table(self.k_table), ops.table(self.v_table))
         return self._kernel_tables[key]
 
 
@@ -299,7 +305,7 @@ class TokenizedAttention:
     # -- packages ----------------------------------------------------------
 
     def _package(self, ops, naive=False):
-        return self.package(ops.torch and ops.device.type == "cuda", naive)
+        return self.package(ops.gpu, naive)
 
     def package_spec(self, gpu, naive=False):
         """The spec and target of package(gpu, naive); its name says its
@@ -457,12 +463,10 @@ class TokenizedAttention:
         slot = ops.arange(len(uk)) - start[ub]
         U = max(1, ops.item(per_seq.max()) if len(uk) else 0)
 
-        gpu = ops.torch and ops.device.type == "cuda"
-        dtype = ops.t.bfloat16 if gpu else ops.f32()
         # Rows of the K/V tables: the user's tables indexed by id, or the
         # embeddings of the batch's unique ids (fetched once per id).
         if table_mode:
-            ktab, vtab = emb.kernel_tables(ops, dtype)
+            ktab, vtab = emb.kernel_tables(ops)
             row = uid
             q_rows = emb.q_table
             if ops.torch:
@@ -470,19 +474,14 @@ class TokenizedAttention:
             q_slots = q_rows[uid]
             q_extra = q_rows[extra_ids] if extra_ids is not None else None
         else:
-            ids = uid if extra_ids is None else (
-                ops.t.cat([uid, extra_ids.reshape(-1)]) if ops.torch
-                else np.concatenate([uid, extra_ids.reshape(-1)]))
+            ids = uid if extra_ids is None else ops.concat(uid, extra_ids.reshape(-1))
             tid, tinv, _ = ops.unique(ids)
             q, k, v = self._embed(tid, ops)
             row = tinv[:len(uid)]
             q_slots = q[row]
             q_extra = q[tinv[len(uid):]].reshape(tuple(extra_ids.shape) + tuple(q.shape[1:])) \
                 if extra_ids is not None else None
-            to_table = ((lambda t: t.to(dtype).permute(1, 0, 2).unsqueeze(0).contiguous())
-                        if ops.torch else
-                        (lambda t: np.ascontiguousarray(t.transpose(1, 0, 2)[None])))
-            ktab, vtab = to_table(k), to_table(v)
+            ktab, vtab = ops.table(k), ops.table(v)
 
         key_ids = ops.full((B, U), 0, ops.i32())
         key_ids[ub, slot] = row.int() if ops.torch else row.astype(np.int32)
@@ -495,7 +494,7 @@ class TokenizedAttention:
             self.last_stats["per_position_bytes"] = remote * self.last_stats["row_bytes"]
         return {"U": U, "bpos": bpos, "ipos": ipos, "slot": slot[inverse], "ub": ub,
                 "uslot": slot, "key_ids": key_ids, "bias": bias, "k": ktab, "v": vtab,
-                "q_slots": q_slots, "q_extra": q_extra, "dtype": dtype}
+                "q_slots": q_slots, "q_extra": q_extra, "dtype": ops.kernel_dtype()}
 
     # -- self-attention ----------------------------------------------------
 
@@ -534,7 +533,7 @@ class TokenizedAttention:
         B, L = self.batch_size, self.sequence_length
         q, k, v = self._embed_local(tokens.reshape(-1), ops)
         if ops.torch:
-            dtype = ops.t.bfloat16 if ops.device.type == "cuda" else ops.t.float32
+            dtype = ops.kernel_dtype()
             to_bhld = lambda t: t.reshape(B, L, -1, self.head_dim).transpose(1, 2).to(dtype).contiguous()
             lens = lengths.int()
         else:
@@ -585,17 +584,13 @@ class TokenizedAttention:
         lengths): the naive form of target attention."""
         B, L = self.batch_size, self.sequence_length
         ids = ops.contiguous(tokens.reshape(-1))
-        q, k, v = self._embed_local(ops.t.cat([ids, cand.reshape(-1)]) if ops.torch
-                                    else np.concatenate([ids, cand.reshape(-1)]), ops)
-        gpu = ops.torch and ops.device.type == "cuda"
-        dtype = ops.t.bfloat16 if gpu else ops.f32()
+        q, k, v = self._embed_local(ops.concat(ids, cand.reshape(-1)), ops)
         n = B * L
-        to_table = ((lambda t: t.to(dtype).permute(1, 0, 2).unsqueeze(0).contiguous())
-                    if ops.torch else (lambda t: np.ascontiguousarray(t.transpose(1, 0, 2)[None])))
         key_ids = ops.arange(n).reshape(B, L)
         key_ids = key_ids.int() if ops.torch else key_ids.astype(np.int32)
         inside = ops.arange(L)[None, :] < lengths[:, None]
         bias = ops.full((B, L), float("-inf"), ops.f32())
         bias[inside] = 0.0
-        return {"k": to_table(k[:n]), "v": to_table(v[:n]), "key_ids": key_ids, "bias": bias,
-                "q_extra": q[n:].reshape(tuple(cand.shape) + tuple(q.shape[1:])), "dtype": dtype}
+        return {"k": ops.table(k[:n]), "v": ops.table(v[:n]), "key_ids": key_ids, "bias": bias,
+                "q_extra": q[n:].reshape(tuple(cand.shape) + tuple(q.shape[1:])),
+                "dtype": ops.kernel_dtype()}

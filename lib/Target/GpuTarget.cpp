@@ -32,10 +32,13 @@
 using namespace mlir;
 using namespace mlir::attn;
 
-static void addKernelPasses(OpPassManager &pm, bool alwaysState = false) {
+static void addKernelPasses(OpPassManager &pm, const std::string &arch,
+                            bool alwaysState = false) {
   pm.addPass(createAttnDecompose());
   ConvertAttnToGpuOptions options;
   options.alwaysState = alwaysState;
+  // Warpgroup MMA needs the sm_90a feature set; other targets use mma.sync.
+  options.wgmma = arch == "sm_90a";
   pm.addPass(createConvertAttnToGpu(options));
   pm.addPass(createCanonicalizerPass());
   pm.addPass(createCSEPass());
@@ -65,7 +68,7 @@ LogicalResult mlir::attn::lowerForGpu(ModuleOp module, GpuStage stage,
                                       const std::string &arch,
                                       std::string *ptx) {
   PassManager pm(module.getContext());
-  addKernelPasses(pm);
+  addKernelPasses(pm, arch);
   if (stage == GpuStage::Ptx)
     addPtxPasses(pm, arch);
   if (failed(pm.run(module)))
@@ -147,7 +150,7 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
     *log << "attn-compile: generating " << arch << " kernels for " << spec.name
          << " (" << components.size() << " components)\n";
   PassManager pm(module.getContext());
-  addKernelPasses(pm, alwaysState);
+  addKernelPasses(pm, arch, alwaysState);
   if (failed(pm.run(module))) {
     error = "convert-attn-to-gpu failed (see the diagnostics above)";
     return failure();

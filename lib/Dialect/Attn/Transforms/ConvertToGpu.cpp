@@ -29,6 +29,22 @@
 // 16-bit storage (f16 memrefs); only the mma and the conversions know whether
 // the bits are bf16 or f16.
 //
+// With `wgmma` (sm_90a) the 4 warps are one warpgroup and the two products
+// are warpgroup MMAs reading shared memory directly:
+//
+//     S[64x64] = Q . K^T   D/16 x wgmma.m64n64k16, A = Q and B = K from
+//                          shared memory (K-major)
+//     O[64xD] += P . V     4 x wgmma.m64nDk16, A = P from registers, B = V
+//                          from shared memory (MN-major, transposed)
+//
+// The tiles are then stored in the 128-byte swizzle the MMA descriptors
+// name: 64-column panels of 128-byte rows, 16-byte chunk c of row r at chunk
+// c ^ (r % 8), panels 1024-byte aligned. The accumulators of a wgmma have
+// the mma.sync layout per warp (warp w owns rows 16w..16w+15, lane l rows
+// l/4 and l/4 + 8 at columns 2(l%4) + {0,1} of every 8-column block), and P
+// as the register A operand has the m16k16 A layout: the softmax between
+// the two products is the same code for both paths.
+//
 //===----------------------------------------------------------------------===//
 
 #include "attn/Dialect/Attn/IR/AttnDims.h"
@@ -71,13 +87,21 @@ struct AttentionShape {
   bool hasLengths, hasLse;
   /// Scores take key_bias[b, j]; keys are rows key_ids[b, j] of k/v tables.
   bool hasKeyBias = false, hasKeyIds = false;
+  /// Warpgroup MMA (sm_90a) from swizzled tiles instead of mma.sync.
+  bool wgmma = false;
   double scale;
-  /// Row stride of the shared-memory tiles in elements: padded by 8 so that
-  /// the 8 rows one ldmatrix reads start in different banks.
+  /// Row stride of the mma.sync shared-memory tiles in elements: padded by 8
+  /// so that the 8 rows one ldmatrix reads start in different banks.
   int64_t smemStride() const { return headDim + 8; }
-  int64_t tileBytes() const { return kBlockRows * smemStride() * 2; }
-  /// Q, then K and V double-buffered.
-  int64_t sharedBytes() const { return 5 * tileBytes(); }
+  /// wgmma tiles: D/64 panels of 64 rows x 128 bytes.
+  static constexpr int64_t kPanelBytes = kBlockRows * 128;
+  int64_t tileBytes() const {
+    return wgmma ? kBlockRows * headDim * 2 : kBlockRows * smemStride() * 2;
+  }
+  /// Q, then K and V double-buffered; wgmma tiles start at the first
+  /// 1024-byte boundary of the dynamic shared memory (the swizzle repeats
+  /// every 1024 bytes and the descriptors assume it starts at one).
+  int64_t sharedBytes() const { return 5 * tileBytes() + (wgmma ? 1024 : 0); }
 };
 
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
@@ -173,13 +197,40 @@ private:
   /// Two f32 as one operand register of the storage type.
   Value pack(Value x, Value y);
 
+  // Warpgroup MMA (sm_90a). The MMAs are PTX in inline assembly: MLIR's
+  // wgmma op has no register A operand, and the accumulators must be threaded
+  // through the fence and the wait so that no register access moves across
+  // them.
+  /// A shared-memory matrix descriptor for the swizzled tile at `address`
+  /// (i64 shared-window address): 128-byte swizzle, leading and stride byte
+  /// offsets `lbo`, `sbo`.
+  Value matrixDescriptor(Value address, int64_t lbo, int64_t sbo);
+  /// `desc` advanced by `bytes` (the start address field counts 16 bytes).
+  Value advance(Value desc, int64_t bytes);
+  /// wgmma.fence, ordering the register accesses before it (the values are
+  /// passed through) before the next wgmma.
+  SmallVector<Value> wgmmaFence(ValueRange values);
+  /// Commits the issued wgmmas and waits for them; the accumulators come
+  /// back through the wait so that nothing reads them earlier.
+  SmallVector<Value> wgmmaWait(ValueRange acc);
+  /// acc = A.B (+ acc unless `accumulate` is false), m64 n{acc*2} k16. A is a
+  /// descriptor (one i64 value) or 4 registers of 16-bit pairs.
+  SmallVector<Value> wgmma(ValueRange acc, ValueRange a, Value descB,
+                           bool transposeB, bool accumulate);
+  /// Inline PTX with side effects, results of `resultTypes`.
+  SmallVector<Value> inlinePtx(TypeRange resultTypes, ValueRange operands,
+                               StringRef text, StringRef constraints);
+
   /// cp.async of 64 rows x D into `tile`; rowAt(row) gives (element offset
   /// of the row in global memory, whether the row exists). Missing rows are
   /// zero-filled.
   void asyncLoadTile(Value tile, Value src,
                      function_ref<std::pair<Value, Value>(Value)> rowAt);
-  /// The `index`-th 64 x (D+8) tile of the dynamic shared memory.
+  /// The `index`-th tile of the dynamic shared memory: 64 x (D+8) rows, or
+  /// 64*D swizzled elements with wgmma.
   Value sharedTile(Value dynamicShared, Value index);
+  /// Element offset in a swizzled tile of 16-byte chunk `chunk` of `row`.
+  Value swizzledOffset(Value row, Value chunk);
 
   OpBuilder &b;
   Location loc;
@@ -191,6 +242,9 @@ private:
   MemRefType storageType, floatType, lengthsType;
   Block *entry = nullptr;
   Value tid, lane, warp;
+  /// wgmma: byte offset of tile 0 in the dynamic shared memory (aligned to
+  /// 1024 bytes) and its shared-window address (i64).
+  Value tilesOffset, tilesAddress;
 };
 
 gpu::GPUFuncOp KernelEmitter::beginKernel(StringRef name, int64_t threads) {
@@ -261,14 +315,144 @@ Value KernelEmitter::pack(Value x, Value y) {
   return LLVM::BitcastOp::create(b, loc, i32, narrow);
 }
 
+SmallVector<Value> KernelEmitter::inlinePtx(TypeRange resultTypes,
+                                            ValueRange operands,
+                                            StringRef text,
+                                            StringRef constraints) {
+  Type resultType;
+  if (resultTypes.size() == 1)
+    resultType = resultTypes.front();
+  else if (!resultTypes.empty())
+    resultType = LLVM::LLVMStructType::getLiteral(
+        ctx, SmallVector<Type>(resultTypes.begin(), resultTypes.end()));
+  auto op = LLVM::InlineAsmOp::create(
+      b, loc, resultType, operands, text, constraints,
+      /*has_side_effects=*/true, /*is_align_stack=*/false,
+      LLVM::tailcallkind::TailCallKind::None,
+      LLVM::AsmDialectAttr::get(ctx, LLVM::AsmDialect::AD_ATT), ArrayAttr());
+  SmallVector<Value> results;
+  if (resultTypes.size() == 1)
+    results.push_back(op.getResult(0));
+  for (int64_t i = 0; resultTypes.size() > 1 &&
+                      i < int64_t(resultTypes.size());
+       ++i)
+    results.push_back(LLVM::ExtractValueOp::create(b, loc, op.getResult(0), i));
+  return results;
+}
+
+/// "=f,=f,...,0,1,..." for values passed through an asm statement: one
+/// output per value, each tied to its input.
+static std::string tiedConstraints(ValueRange values) {
+  std::string outs, ins;
+  for (auto [i, v] : llvm::enumerate(values)) {
+    outs += (i ? ",=" : "=") + std::string(v.getType().isF32() ? "f" : "r");
+    ins += "," + std::to_string(i);
+  }
+  return outs + ins;
+}
+
+SmallVector<Value> KernelEmitter::wgmmaFence(ValueRange values) {
+  return inlinePtx(values.getTypes(), values, "wgmma.fence.sync.aligned;",
+                   tiedConstraints(values));
+}
+
+SmallVector<Value> KernelEmitter::wgmmaWait(ValueRange acc) {
+  return inlinePtx(acc.getTypes(), acc,
+                   "wgmma.commit_group.sync.aligned;\n\t"
+                   "wgmma.wait_group.sync.aligned 0;",
+                   tiedConstraints(acc));
+}
+
+Value KernelEmitter::matrixDescriptor(Value address, int64_t lbo,
+                                      int64_t sbo) {
+  // Bits 0-13: start address / 16; 16-29: leading byte offset / 16; 32-45:
+  // stride byte offset / 16; 49-51: base offset (0: the swizzle pattern
+  // starts at a 1024-byte boundary); 62-63: layout (1 = 128-byte swizzle).
+  Type i64 = b.getI64Type();
+  auto c64 = [&](int64_t v) {
+    return arith::ConstantIntOp::create(b, loc, i64, v);
+  };
+  Value start = arith::AndIOp::create(
+      b, loc, arith::ShRUIOp::create(b, loc, address, c64(4)), c64(0x3FFF));
+  int64_t fields = ((lbo >> 4) << 16) | ((sbo >> 4) << 32) | (int64_t(1) << 62);
+  return arith::OrIOp::create(b, loc, start, c64(fields));
+}
+
+Value KernelEmitter::advance(Value desc, int64_t bytes) {
+  if (bytes == 0)
+    return desc;
+  return arith::AddIOp::create(
+      b, loc, desc,
+      arith::ConstantIntOp::create(b, loc, b.getI64Type(), bytes >> 4));
+}
+
+SmallVector<Value> KernelEmitter::wgmma(ValueRange acc, ValueRange a,
+                                        Value descB, bool transposeB,
+                                        bool accumulate) {
+  const int64_t n = acc.size();
+  const bool registerA = a.size() == 4;
+  std::string ty = shape.bf16 ? "bf16" : "f16";
+  std::string text = "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $" +
+                     std::to_string(2 * n + a.size() + 1) +
+                     ", 0;\n\twgmma.mma_async.sync.aligned.m64n" +
+                     std::to_string(n * 2) + "k16.f32." + ty + "." + ty + " {";
+  for (int64_t i = 0; i < n; ++i)
+    text += (i ? ", $" : "$") + std::to_string(i);
+  text += "}, ";
+  int64_t next = 2 * n;
+  if (registerA) {
+    text += "{$" + std::to_string(next) + ", $" + std::to_string(next + 1) +
+            ", $" + std::to_string(next + 2) + ", $" +
+            std::to_string(next + 3) + "}";
+    next += 4;
+  } else {
+    text += "$" + std::to_string(next++);
+  }
+  text += ", $" + std::to_string(next) + ", p, 1, 1";
+  // Register A has no transpose immediate.
+  if (!registerA)
+    text += ", 0";
+  text += transposeB ? ", 1;\n\t}" : ", 0;\n\t}";
+
+  SmallVector<Value> operands(acc.begin(), acc.end());
+  std::string constraints = tiedConstraints(acc);
+  for (Value v : a) {
+    operands.push_back(v);
+    constraints += registerA ? ",r" : ",l";
+  }
+  operands.push_back(descB);
+  operands.push_back(arith::ConstantIntOp::create(b, loc, i32, accumulate));
+  constraints += ",l,r";
+  return inlinePtx(acc.getTypes(), operands, text, constraints);
+}
+
 Value KernelEmitter::sharedTile(Value dynamicShared, Value index) {
   auto workgroup =
       gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
+  if (shape.wgmma) {
+    auto type = MemRefType::get({kBlockRows * shape.headDim}, f16,
+                                MemRefLayoutAttrInterface{}, workgroup);
+    return memref::ViewOp::create(
+        b, loc, type, dynamicShared,
+        m.add(tilesOffset, m.mul(index, m.c(shape.tileBytes()))),
+        ValueRange{});
+  }
   auto type =
       MemRefType::get({kBlockRows, shape.smemStride()}, f16, MemRefLayoutAttrInterface{}, workgroup);
   return memref::ViewOp::create(b, loc, type, dynamicShared,
                                 m.mul(index, m.c(shape.tileBytes())),
                                 ValueRange{});
+}
+
+Value KernelEmitter::swizzledOffset(Value row, Value chunk) {
+  // Panel chunk/8 holds columns [64p, 64p + 64); in it, row r is 128 bytes
+  // at r*128 and its chunk c sits at chunk c ^ (r % 8).
+  Value panel = arith::DivUIOp::create(b, loc, chunk, m.c(8));
+  Value inRow = arith::RemUIOp::create(b, loc, chunk, m.c(8));
+  Value swizzled = arith::XOrIOp::create(
+      b, loc, inRow, arith::RemUIOp::create(b, loc, row, m.c(8)));
+  return m.add(m.add(m.mul(panel, m.c(kBlockRows * 64)), m.mul(row, m.c(64))),
+               m.mul(swizzled, m.c(8)));
 }
 
 void KernelEmitter::asyncLoadTile(
@@ -286,10 +470,14 @@ void KernelEmitter::asyncLoadTile(
     auto [offset, exists] = rowAt(row);
     Value srcIndex = f.select(exists, m.add(offset, col), m.c(0));
     Value srcElements = f.select(exists, m.c(8), m.c(0));
+    SmallVector<Value, 2> dst{row, col};
+    if (shape.wgmma)
+      dst = {swizzledOffset(
+          row, arith::DivUIOp::create(b, loc, col, m.c(8)))};
     nvgpu::DeviceAsyncCopyOp::create(
-        b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), tile,
-        ValueRange{row, col}, src, ValueRange{srcIndex}, b.getIndexAttr(8),
-        srcElements, b.getUnitAttr());
+        b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), tile, dst, src,
+        ValueRange{srcIndex}, b.getIndexAttr(8), srcElements,
+        b.getUnitAttr());
   }
 }
 
@@ -404,6 +592,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   Value dyn = gpu::DynamicSharedMemoryOp::create(
       b, loc,
       MemRefType::get({ShapedType::kDynamic}, b.getI8Type(), MemRefLayoutAttrInterface{}, workgroup));
+  if (shape.wgmma) {
+    Value address = memref::ExtractAlignedPointerAsIndexOp::create(b, loc, dyn);
+    tilesOffset = arith::RemUIOp::create(
+        b, loc, m.sub(m.c(1024), arith::RemUIOp::create(b, loc, address,
+                                                        m.c(1024))),
+        m.c(1024));
+    tilesAddress = arith::IndexCastUIOp::create(
+        b, loc, b.getI64Type(), m.add(address, tilesOffset));
+  }
   // Tile 0 is Q; tiles 1 + slot and 3 + slot are K and V of a slot.
   Value qTile = sharedTile(dyn, m.c(0));
   auto keyTile = [&](Value slot) { return sharedTile(dyn, m.add(slot, m.c(1))); };
@@ -453,6 +650,13 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   loadKeyTile(first, zero);
   Value token = commitGroup();
   nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(0));
+  // The wgmmas read shared memory through the async proxy: make this
+  // thread's copies visible to it before the barrier.
+  auto fenceForWgmma = [&]() {
+    if (shape.wgmma)
+      inlinePtx({}, {}, "fence.proxy.async.shared::cta;", "");
+  };
+  fenceForWgmma();
   gpu::BarrierOp::create(b, loc);
 
   Value laneRow = arith::DivUIOp::create(b, loc, lane, m.c(4)); // lane / 4
@@ -463,9 +667,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   Value tqB = m.add(tqA, m.c(8));
   Value tq[2] = {tqA, tqB};
 
-  // Q fragments, kept in registers for the whole loop.
+  // Q fragments, kept in registers for the whole loop (mma.sync; wgmma
+  // reads Q from shared memory).
   SmallVector<std::array<Value, 4>> qFrag;
-  {
+  if (!shape.wgmma) {
     Value row = m.add(warpRow, arith::RemUIOp::create(b, loc, lane, m.c(16)));
     Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(16)), m.c(8));
     for (int64_t kk = 0; kk < D / 16; ++kk)
@@ -523,13 +728,38 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     loadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
     Value pending = commitGroup();
     nvgpu::DeviceAsyncWaitOp::create(b, loc, pending, b.getI32IntegerAttr(1));
+    fenceForWgmma();
     gpu::BarrierOp::create(b, loc);
 
     Value kTile = keyTile(slot), vTile = valueTile(slot);
+    // wgmma descriptors of this slot's K and V tiles.
+    auto tileDescriptor = [&](Value index, int64_t lbo, int64_t sbo) {
+      Value at = arith::IndexCastUIOp::create(
+          b, loc, b.getI64Type(), m.mul(index, m.c(shape.tileBytes())));
+      return matrixDescriptor(arith::AddIOp::create(b, loc, tilesAddress, at),
+                              lbo, sbo);
+    };
 
     // S = Q K^T.
     SmallVector<AccFrag> s(kKeyNTiles);
-    {
+    if (shape.wgmma) {
+      // K-major A and B: 8-row groups 1024 bytes apart (the leading offset
+      // is unused: a k16 step stays inside one 128-byte row); k step kk is
+      // 32 bytes into panel kk/4.
+      Value qDesc = tileDescriptor(zero, 16, 1024);
+      Value kDesc = tileDescriptor(m.add(slot, one), 16, 1024);
+      SmallVector<Value> acc(kKeyNTiles * 4, f.c(0.0));
+      acc = wgmmaFence(acc);
+      for (int64_t kk = 0; kk < D / 16; ++kk) {
+        int64_t at = (kk / 4) * AttentionShape::kPanelBytes + (kk % 4) * 32;
+        acc = wgmma(acc, advance(qDesc, at), advance(kDesc, at),
+                    /*transposeB=*/false, /*accumulate=*/kk > 0);
+      }
+      acc = wgmmaWait(acc);
+      for (int64_t n = 0; n < kKeyNTiles; ++n)
+        for (int64_t e = 0; e < 4; ++e)
+          s[n][e] = acc[n * 4 + e];
+    } else {
       Value rowOff = arith::RemUIOp::create(b, loc, lane, m.c(8));
       Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(8)), m.c(8));
       for (int64_t n = 0; n < kKeyNTiles; ++n) {
@@ -653,7 +883,33 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                        pack(s[2 * j][2], s[2 * j][3]),
                        pack(s[2 * j + 1][0], s[2 * j + 1][1]),
                        pack(s[2 * j + 1][2], s[2 * j + 1][3])});
-    {
+    if (shape.wgmma) {
+      // V is B = [keys x D] with D contiguous (MN-major, transposed): the
+      // 64-column panels are 8192 bytes apart (leading offset), 8-key groups
+      // 1024 (stride offset); k step j starts 16 keys = 2048 bytes on.
+      Value vDesc = tileDescriptor(m.add(slot, m.c(3)),
+                                   AttentionShape::kPanelBytes, 1024);
+      SmallVector<Value> values;
+      for (int64_t dn = 0; dn < oFrags; ++dn)
+        values.append(o[dn].begin(), o[dn].end());
+      for (auto &frag : pFrag)
+        for (Value &reg : frag) {
+          if (!shape.bf16)
+            reg = LLVM::BitcastOp::create(b, loc, i32, reg);
+          values.push_back(reg);
+        }
+      values = wgmmaFence(values);
+      SmallVector<Value> acc(values.begin(), values.begin() + oFrags * 4);
+      for (int64_t j = 0; j < kKeyNTiles / 2; ++j) {
+        ArrayRef<Value> a(values.begin() + oFrags * 4 + j * 4, 4);
+        acc = wgmma(acc, a, advance(vDesc, j * 2048), /*transposeB=*/true,
+                    /*accumulate=*/true);
+      }
+      acc = wgmmaWait(acc);
+      for (int64_t dn = 0; dn < oFrags; ++dn)
+        for (int64_t e = 0; e < 4; ++e)
+          o[dn][e] = acc[dn * 4 + e];
+    } else {
       Value rowOff = m.add(arith::RemUIOp::create(b, loc, lane, m.c(8)),
                            m.mul(arith::RemUIOp::create(
                                      b, loc,
@@ -865,6 +1121,7 @@ struct ConvertAttnToGpuPass
              << shape.headDim;
     shape.hasKeyBias = comps.front().getKeyBias() != nullptr;
     shape.hasKeyIds = comps.front().getKeyIds() != nullptr;
+    shape.wgmma = wgmma;
     for (ComponentOp c : comps)
       if ((c.getKeyBias() != nullptr) != shape.hasKeyBias ||
           (c.getKeyIds() != nullptr) != shape.hasKeyIds)

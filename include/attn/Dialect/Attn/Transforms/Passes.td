@@ -157,7 +157,10 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
     Option<"alwaysState", "always-state", "bool", "false",
            "Keep the state in global memory (init, update..., finalize) even "
            "for a single all-rows component: ring packages continue it across "
-           "steps">
+           "steps">,
+    Option<"wgmma", "wgmma", "bool", "false",
+           "sm_90a: warpgroup MMA (wgmma) reading swizzled shared-memory "
+           "tiles, instead of ldmatrix + mma.sync (sm_80 and later)">
   ];
   let statistics = [
     Statistic<"numKernels", "kernels", "Number of GPU kernels emitted">

@@ -74,7 +74,8 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
     kernel.kind = k->at("kind");
     kernel.block = k->at("block");
     kernel.sharedBytes = k->at("shared_bytes");
-    if (kernel.kind == "single" || kernel.kind == "update") {
+    // Component kernels (single, begin, update, end) carry their grid plan.
+    if (kernel.kind != "init" && kernel.kind != "finalize") {
       kernel.blockRows = k->at("block_rows");
       kernel.period = k->at("period");
       kernel.segment = k->at("segment");

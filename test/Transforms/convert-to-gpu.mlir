@@ -23,17 +23,16 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 // -----
 
 // Strided: a band and a per-residue causal component share an f32 state in
-// global memory between init and finalize; f16 with GQA and head dim 64.
-// CHECK: gpu.module @attn_kernels attributes {attn.launch_order = ["init", "component_0", "component_1", "finalize"]
-// CHECK: gpu.func @init
-// CHECK-SAME: kind = "init"
+// global memory; both cover every row, so the first starts the state
+// (`begin`, no init kernel) and the last ends it (`end`, no finalize); f16
+// with GQA and head dim 64.
+// CHECK: gpu.module @attn_kernels attributes {attn.launch_order = ["component_0", "component_1"]
 // CHECK: gpu.func @component_0
-// CHECK-SAME: component = #attn.component<period = 1, residue = all, segment = 0, band = [0, 7]>, kind = "update", shared_bytes = 46080
+// CHECK-SAME: component = #attn.component<period = 1, residue = all, segment = 0, band = [0, 7]>, kind = "begin", shared_bytes = 46080
 // CHECK: nvvm.mma.sync {{.*}} : (vector<2xf16>, vector<2xf16>, f32)
 // CHECK: gpu.func @component_1
-// CHECK-SAME: component = #attn.component<period = 8, residue = all, segment = 0, band = [1, inf]>, kind = "update"
-// CHECK: gpu.func @finalize
-// CHECK-SAME: kind = "finalize"
+// CHECK-SAME: component = #attn.component<period = 8, residue = all, segment = 0, band = [1, inf]>, kind = "end"
+// CHECK-NOT: gpu.func @finalize
 func.func @strided(%q: tensor<2x8x?x64xf16>, %k: tensor<2x2x?x64xf16>, %v: tensor<2x2x?x64xf16>) -> tensor<2x8x?x64xf16> {
   %o = attn.attention %q, %k, %v pattern(#attn.strided<stride = 8, local = 8>) : tensor<2x8x?x64xf16>, tensor<2x2x?x64xf16>, tensor<2x2x?x64xf16> -> tensor<2x8x?x64xf16>
   return %o : tensor<2x8x?x64xf16>
@@ -47,5 +46,23 @@ func.func @strided(%q: tensor<2x8x?x64xf16>, %k: tensor<2x2x?x64xf16>, %v: tenso
 // CHECK: component = #attn.component<period = 4, residue = head, segment = 64
 func.func @dilated(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %v: tensor<1x4x256x128xbf16>) -> tensor<1x4x256x128xbf16> {
   %o = attn.attention %q, %k, %v pattern(#attn.dilated<segment = 64, rate = 4, head_offset = true>) : tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16> -> tensor<1x4x256x128xbf16>
+  return %o : tensor<1x4x256x128xbf16>
+}
+
+// -----
+
+// LongNet: the rate-1 branch covers every row of every head and begins the
+// state; the later branches cover one residue class per head, so the last
+// updates it and a finalize kernel ends it.
+// CHECK: attn.launch_order = ["component_0", "component_1", "component_2", "finalize"]
+// CHECK: gpu.func @component_0
+// CHECK-SAME: component = #attn.component<period = 1, residue = head, segment = 64, band = [0, inf]>, kind = "begin"
+// CHECK: gpu.func @component_1
+// CHECK-SAME: kind = "update"
+// CHECK: gpu.func @component_2
+// CHECK-SAME: kind = "update"
+// CHECK: gpu.func @finalize
+func.func @longnet(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %v: tensor<1x4x256x128xbf16>) -> tensor<1x4x256x128xbf16> {
+  %o = attn.attention %q, %k, %v pattern(#attn.sum<[#attn.dilated<segment = 64, rate = 1, head_offset = true, causal = true>, #attn.dilated<segment = 128, rate = 2, head_offset = true, causal = true>, #attn.dilated<segment = 256, rate = 4, head_offset = true, causal = true>]>) : tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16> -> tensor<1x4x256x128xbf16>
   return %o : tensor<1x4x256x128xbf16>
 }

@@ -73,9 +73,6 @@ using namespace mlir::attn;
 
 namespace {
 
-constexpr int64_t kWarps = 4;
-constexpr int64_t kThreads = 32 * kWarps;
-constexpr int64_t kBlockRows = 16 * kWarps; // 16 rows per warp
 constexpr int64_t kBlockKeys = 64;
 constexpr int64_t kKeyNTiles = kBlockKeys / 8;
 constexpr int64_t kElementwiseThreads = 256;
@@ -93,15 +90,22 @@ struct AttentionShape {
   /// Row stride of the mma.sync shared-memory tiles in elements: padded by 8
   /// so that the 8 rows one ldmatrix reads start in different banks.
   int64_t smemStride() const { return headDim + 8; }
-  /// wgmma tiles: D/64 panels of 64 rows x 128 bytes.
-  static constexpr int64_t kPanelBytes = kBlockRows * 128;
-  int64_t tileBytes() const {
-    return wgmma ? kBlockRows * headDim * 2 : kBlockRows * smemStride() * 2;
-  }
+  /// 16 query rows per warp: one warpgroup (4 warps, 64 rows) with
+  /// mma.sync, two (8 warps, 128 rows) sharing each K/V tile with wgmma.
+  int64_t warps() const { return wgmma ? 8 : 4; }
+  int64_t threads() const { return 32 * warps(); }
+  int64_t blockRows() const { return 16 * warps(); }
+  /// Bytes of one tile row: padded for ldmatrix, or 128-byte swizzle rows
+  /// (the tile is then D/64 panels of rows x 128 bytes).
+  int64_t rowBytes() const { return wgmma ? headDim * 2 : smemStride() * 2; }
+  int64_t qTileBytes() const { return blockRows() * rowBytes(); }
+  int64_t kvTileBytes() const { return kBlockKeys * rowBytes(); }
   /// Q, then K and V double-buffered; wgmma tiles start at the first
   /// 1024-byte boundary of the dynamic shared memory (the swizzle repeats
   /// every 1024 bytes and the descriptors assume it starts at one).
-  int64_t sharedBytes() const { return 5 * tileBytes() + (wgmma ? 1024 : 0); }
+  int64_t sharedBytes() const {
+    return qTileBytes() + 4 * kvTileBytes() + (wgmma ? 1024 : 0);
+  }
 };
 
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
@@ -144,9 +148,23 @@ public:
     return FunctionType::get(ctx, args, {});
   }
 
+  /// How a component kernel meets the softmax state of the other
+  /// components: `single` and `begin` start from the empty state, `update`
+  /// and `end` load it from global memory; `single` and `end` write out and
+  /// lse, `begin` and `update` store the state.
+  enum class StateMode { Single, Begin, Update, End };
   gpu::GPUFuncOp emitComponent(StringRef name, ComponentAttr comp,
-                               bool single);
+                               StateMode mode);
   gpu::GPUFuncOp emitInit(StringRef name);
+  static StringRef kindName(StateMode mode) {
+    switch (mode) {
+    case StateMode::Single: return "single";
+    case StateMode::Begin: return "begin";
+    case StateMode::Update: return "update";
+    case StateMode::End: return "end";
+    }
+    llvm_unreachable("unknown state mode");
+  }
   gpu::GPUFuncOp emitFinalize(StringRef name);
 
 private:
@@ -193,6 +211,12 @@ private:
   /// ldmatrix.x4 from `tile` at (row, col); returns 4 operand registers.
   std::array<Value, 4> ldmatrix(Value tile, Value row, Value col,
                                 bool transpose);
+  /// A 16-bit pair register as the i32 a wgmma register operand takes.
+  Value asI32(Value pair) {
+    if (pair.getType() == i32)
+      return pair;
+    return LLVM::BitcastOp::create(b, loc, i32, pair);
+  }
   AccFrag mma(ArrayRef<Value> a, ArrayRef<Value> bOps, const AccFrag &c);
   /// Two f32 as one operand register of the storage type.
   Value pack(Value x, Value y);
@@ -221,16 +245,17 @@ private:
   SmallVector<Value> inlinePtx(TypeRange resultTypes, ValueRange operands,
                                StringRef text, StringRef constraints);
 
-  /// cp.async of 64 rows x D into `tile`; rowAt(row) gives (element offset
-  /// of the row in global memory, whether the row exists). Missing rows are
-  /// zero-filled.
-  void asyncLoadTile(Value tile, Value src,
+  /// cp.async of `rows` rows x D into `tile`; rowAt(row) gives (element
+  /// offset of the row in global memory, whether the row exists). Missing
+  /// rows are zero-filled.
+  void asyncLoadTile(Value tile, int64_t rows, Value src,
                      function_ref<std::pair<Value, Value>(Value)> rowAt);
-  /// The `index`-th tile of the dynamic shared memory: 64 x (D+8) rows, or
-  /// 64*D swizzled elements with wgmma.
-  Value sharedTile(Value dynamicShared, Value index);
-  /// Element offset in a swizzled tile of 16-byte chunk `chunk` of `row`.
-  Value swizzledOffset(Value row, Value chunk);
+  /// The tile of `rows` rows at `byteOffset` of the dynamic shared memory:
+  /// rows x (D+8), or rows*D swizzled elements with wgmma.
+  Value sharedTile(Value dynamicShared, Value byteOffset, int64_t rows);
+  /// Element offset in a swizzled tile of `rows` rows of 16-byte chunk
+  /// `chunk` of `row`.
+  Value swizzledOffset(Value row, Value chunk, int64_t rows);
 
   OpBuilder &b;
   Location loc;
@@ -426,46 +451,45 @@ SmallVector<Value> KernelEmitter::wgmma(ValueRange acc, ValueRange a,
   return inlinePtx(acc.getTypes(), operands, text, constraints);
 }
 
-Value KernelEmitter::sharedTile(Value dynamicShared, Value index) {
+Value KernelEmitter::sharedTile(Value dynamicShared, Value byteOffset,
+                               int64_t rows) {
   auto workgroup =
       gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
   if (shape.wgmma) {
-    auto type = MemRefType::get({kBlockRows * shape.headDim}, f16,
+    auto type = MemRefType::get({rows * shape.headDim}, f16,
                                 MemRefLayoutAttrInterface{}, workgroup);
-    return memref::ViewOp::create(
-        b, loc, type, dynamicShared,
-        m.add(tilesOffset, m.mul(index, m.c(shape.tileBytes()))),
-        ValueRange{});
+    return memref::ViewOp::create(b, loc, type, dynamicShared,
+                                  m.add(tilesOffset, byteOffset),
+                                  ValueRange{});
   }
-  auto type =
-      MemRefType::get({kBlockRows, shape.smemStride()}, f16, MemRefLayoutAttrInterface{}, workgroup);
-  return memref::ViewOp::create(b, loc, type, dynamicShared,
-                                m.mul(index, m.c(shape.tileBytes())),
+  auto type = MemRefType::get({rows, shape.smemStride()}, f16,
+                              MemRefLayoutAttrInterface{}, workgroup);
+  return memref::ViewOp::create(b, loc, type, dynamicShared, byteOffset,
                                 ValueRange{});
 }
 
-Value KernelEmitter::swizzledOffset(Value row, Value chunk) {
+Value KernelEmitter::swizzledOffset(Value row, Value chunk, int64_t rows) {
   // Panel chunk/8 holds columns [64p, 64p + 64); in it, row r is 128 bytes
   // at r*128 and its chunk c sits at chunk c ^ (r % 8).
   Value panel = arith::DivUIOp::create(b, loc, chunk, m.c(8));
   Value inRow = arith::RemUIOp::create(b, loc, chunk, m.c(8));
   Value swizzled = arith::XOrIOp::create(
       b, loc, inRow, arith::RemUIOp::create(b, loc, row, m.c(8)));
-  return m.add(m.add(m.mul(panel, m.c(kBlockRows * 64)), m.mul(row, m.c(64))),
+  return m.add(m.add(m.mul(panel, m.c(rows * 64)), m.mul(row, m.c(64))),
                m.mul(swizzled, m.c(8)));
 }
 
 void KernelEmitter::asyncLoadTile(
-    Value tile, Value src,
+    Value tile, int64_t rows, Value src,
     function_ref<std::pair<Value, Value>(Value)> rowAt) {
   // 16-byte chunks: D/8 per row, 64*D/8 per tile, consecutive threads take
   // consecutive chunks of a row (coalesced).
   int64_t chunksPerRow = shape.headDim / 8;
-  int64_t rowsPerPass = kThreads / chunksPerRow;
+  int64_t rowsPerPass = shape.threads() / chunksPerRow;
   Value rowInPass = arith::DivUIOp::create(b, loc, tid, m.c(chunksPerRow));
   Value col = m.mul(arith::RemUIOp::create(b, loc, tid, m.c(chunksPerRow)),
                     m.c(8));
-  for (int64_t pass = 0; pass < kBlockRows / rowsPerPass; ++pass) {
+  for (int64_t pass = 0; pass < rows / rowsPerPass; ++pass) {
     Value row = m.add(rowInPass, m.c(pass * rowsPerPass));
     auto [offset, exists] = rowAt(row);
     Value srcIndex = f.select(exists, m.add(offset, col), m.c(0));
@@ -473,7 +497,7 @@ void KernelEmitter::asyncLoadTile(
     SmallVector<Value, 2> dst{row, col};
     if (shape.wgmma)
       dst = {swizzledOffset(
-          row, arith::DivUIOp::create(b, loc, col, m.c(8)))};
+          row, arith::DivUIOp::create(b, loc, col, m.c(8)), rows)};
     nvgpu::DeviceAsyncCopyOp::create(
         b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), tile, dst, src,
         ValueRange{srcIndex}, b.getIndexAttr(8), srcElements,
@@ -486,8 +510,17 @@ void KernelEmitter::asyncLoadTile(
 //===----------------------------------------------------------------------===//
 
 gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
-                                            bool single) {
-  auto func = beginKernel(name, kThreads);
+                                            StateMode mode) {
+  const bool loadsState = mode == StateMode::Update || mode == StateMode::End;
+  const bool writesOut = mode == StateMode::Single || mode == StateMode::End;
+  const int64_t kBlockRows = shape.blockRows();
+  auto func = beginKernel(name, shape.threads());
+  // Two blocks per SM, so that one block's softmax overlaps the other's
+  // MMAs: ptxas then keeps the 256-thread wgmma kernels within 128
+  // registers per thread.
+  if (shape.wgmma)
+    func->setAttr(NVVM::NVVMDialect::getMinctasmAttrName(),
+                  b.getI32IntegerAttr(2));
   const int64_t D = shape.headDim, H = shape.heads;
   const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
   const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
@@ -601,11 +634,21 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     tilesAddress = arith::IndexCastUIOp::create(
         b, loc, b.getI64Type(), m.add(address, tilesOffset));
   }
-  // Tile 0 is Q; tiles 1 + slot and 3 + slot are K and V of a slot.
-  Value qTile = sharedTile(dyn, m.c(0));
-  auto keyTile = [&](Value slot) { return sharedTile(dyn, m.add(slot, m.c(1))); };
+  // Q, then K of slots 0 and 1, then V of slots 0 and 1.
+  auto keyOffset = [&](Value slot) {
+    return m.add(m.c(shape.qTileBytes()),
+                 m.mul(slot, m.c(shape.kvTileBytes())));
+  };
+  auto valueOffset = [&](Value slot) {
+    return m.add(m.c(shape.qTileBytes() + 2 * shape.kvTileBytes()),
+                 m.mul(slot, m.c(shape.kvTileBytes())));
+  };
+  Value qTile = sharedTile(dyn, zero, kBlockRows);
+  auto keyTile = [&](Value slot) {
+    return sharedTile(dyn, keyOffset(slot), kBlockKeys);
+  };
   auto valueTile = [&](Value slot) {
-    return sharedTile(dyn, m.add(slot, m.c(3)));
+    return sharedTile(dyn, valueOffset(slot), kBlockKeys);
   };
 
   // With key_ids, k and v are tables [1, Hkv, V, D] (V from the
@@ -634,8 +677,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                                     id, tableRows));
       return {m.mul(m.add(m.mul(hk, tableRows), id), m.c(D)), exists};
     };
-    asyncLoadTile(keyTile(slot), arg(K), rowAt);
-    asyncLoadTile(valueTile(slot), arg(V), rowAt);
+    asyncLoadTile(keyTile(slot), kBlockKeys, arg(K), rowAt);
+    asyncLoadTile(valueTile(slot), kBlockKeys, arg(V), rowAt);
   };
   auto commitGroup = [&]() {
     return nvgpu::DeviceAsyncCreateGroupOp::create(
@@ -643,7 +686,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   };
 
   // Prologue: Q and the first key tile.
-  asyncLoadTile(qTile, arg(Q), [&](Value row) -> std::pair<Value, Value> {
+  asyncLoadTile(qTile, kBlockRows, arg(Q),
+                [&](Value row) -> std::pair<Value, Value> {
     Value t = m.add(q0, row);
     return {m.mul(m.add(qHead, qRowIndex(t)), m.c(D)), m.lt(t, tRowAll)};
   });
@@ -682,7 +726,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   const int64_t oFrags = D / 8;
   SmallVector<Value> init;
   Value isQuadLeader = m.eq(arith::RemUIOp::create(b, loc, lane, m.c(4)), zero);
-  if (single) {
+  if (!loadsState) {
     for (int64_t i = 0; i < oFrags * 4; ++i)
       init.push_back(f.c(0.0));
     init.append({f.negInf(), f.negInf(), f.c(0.0), f.c(0.0)});
@@ -733,26 +777,35 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
 
     Value kTile = keyTile(slot), vTile = valueTile(slot);
     // wgmma descriptors of this slot's K and V tiles.
-    auto tileDescriptor = [&](Value index, int64_t lbo, int64_t sbo) {
-      Value at = arith::IndexCastUIOp::create(
-          b, loc, b.getI64Type(), m.mul(index, m.c(shape.tileBytes())));
+    auto tileDescriptor = [&](Value byteOffset, int64_t lbo, int64_t sbo) {
+      Value at =
+          arith::IndexCastUIOp::create(b, loc, b.getI64Type(), byteOffset);
       return matrixDescriptor(arith::AddIOp::create(b, loc, tilesAddress, at),
                               lbo, sbo);
     };
+    // 128-byte rows: a K/V panel is 64 rows, a Q panel blockRows rows.
+    const int64_t kvPanelBytes = kBlockKeys * 128;
+    const int64_t qPanelBytes = kBlockRows * 128;
 
     // S = Q K^T.
     SmallVector<AccFrag> s(kKeyNTiles);
     if (shape.wgmma) {
-      // K-major A and B: 8-row groups 1024 bytes apart (the leading offset
-      // is unused: a k16 step stays inside one 128-byte row); k step kk is
-      // 32 bytes into panel kk/4.
-      Value qDesc = tileDescriptor(zero, 16, 1024);
-      Value kDesc = tileDescriptor(m.add(slot, one), 16, 1024);
+      // A = Q and B = K from shared memory, K-major: 8-row groups 1024
+      // bytes apart (the leading offset is unused: a k16 step stays inside
+      // one 128-byte row); k step kk is 32 bytes into panel kk/4. (Q as a
+      // register A operand kept across the loop is miscompiled by ptxas
+      // 13.0 for D = 64: it reuses the registers after the first wgmma.)
+      // Warpgroup g multiplies Q rows 64g..64g+63.
+      Value qDesc = tileDescriptor(
+          m.mul(arith::DivUIOp::create(b, loc, warp, m.c(4)), m.c(64 * 128)),
+          16, 1024);
+      Value kDesc = tileDescriptor(keyOffset(slot), 16, 1024);
       SmallVector<Value> acc(kKeyNTiles * 4, f.c(0.0));
       acc = wgmmaFence(acc);
       for (int64_t kk = 0; kk < D / 16; ++kk) {
-        int64_t at = (kk / 4) * AttentionShape::kPanelBytes + (kk % 4) * 32;
-        acc = wgmma(acc, advance(qDesc, at), advance(kDesc, at),
+        int64_t inRow = (kk % 4) * 32;
+        acc = wgmma(acc, advance(qDesc, (kk / 4) * qPanelBytes + inRow),
+                    advance(kDesc, (kk / 4) * kvPanelBytes + inRow),
                     /*transposeB=*/false, /*accumulate=*/kk > 0);
       }
       acc = wgmmaWait(acc);
@@ -887,17 +940,13 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       // V is B = [keys x D] with D contiguous (MN-major, transposed): the
       // 64-column panels are 8192 bytes apart (leading offset), 8-key groups
       // 1024 (stride offset); k step j starts 16 keys = 2048 bytes on.
-      Value vDesc = tileDescriptor(m.add(slot, m.c(3)),
-                                   AttentionShape::kPanelBytes, 1024);
+      Value vDesc = tileDescriptor(valueOffset(slot), kvPanelBytes, 1024);
       SmallVector<Value> values;
       for (int64_t dn = 0; dn < oFrags; ++dn)
         values.append(o[dn].begin(), o[dn].end());
       for (auto &frag : pFrag)
-        for (Value &reg : frag) {
-          if (!shape.bf16)
-            reg = LLVM::BitcastOp::create(b, loc, i32, reg);
-          values.push_back(reg);
-        }
+        for (Value reg : frag)
+          values.push_back(asI32(reg));
       values = wgmmaFence(values);
       SmallVector<Value> acc(values.begin(), values.begin() + oFrags * 4);
       for (int64_t j = 0; j < kKeyNTiles / 2; ++j) {
@@ -948,7 +997,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     Value mx = fin[oFrags * 4 + half];
     Value sum = quadReduce(fin[oFrags * 4 + 2 + half], /*isMax=*/false);
     Value rowIdx = m.add(qHead, qRowIndex(t));
-    if (single) {
+    if (writesOut) {
       Value ok = m.both(valid, f.gt(sum, f.c(0.0)));
       Value inv = f.select(ok, arith::DivFOp::create(b, loc, f.c(1.0), sum),
                          f.c(0.0));
@@ -971,7 +1020,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       Value lse = f.select(ok, f.mul(f.add(mx, log2(sum)), ln2), f.negInf());
       memref::StoreOp::create(b, loc, lse, arg(Lse), rowIdx);
     } else {
-      auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, valid, false);
+      // `begin` stores every row (those it does not compute hold the empty
+      // state, as init would have left them); `update` only its own rows.
+      Value store = mode == StateMode::Begin ? exists : valid;
+      auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, store, false);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifValid.thenBlock());
       for (int64_t dn = 0; dn < oFrags; ++dn)
@@ -993,9 +1045,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   gpu::ReturnOp::create(b, loc);
   func->setAttr("attn.launch",
                 b.getDictionaryAttr({
-                    b.getNamedAttr("kind", b.getStringAttr(single ? "single"
-                                                                  : "update")),
-                    b.getNamedAttr("block", b.getI64IntegerAttr(kThreads)),
+                    b.getNamedAttr("kind", b.getStringAttr(kindName(mode))),
+                    b.getNamedAttr("block", b.getI64IntegerAttr(shape.threads())),
                     b.getNamedAttr("block_rows",
                                    b.getI64IntegerAttr(kBlockRows)),
                     b.getNamedAttr("shared_bytes",
@@ -1141,12 +1192,32 @@ struct ConvertAttnToGpuPass
     auto gpuModule = gpu::GPUModuleOp::create(b, loc, "attn_kernels");
     b.setInsertionPointToStart(gpuModule.getBody());
 
-    // One component covering every row runs alone from an empty state;
-    // anything else keeps the state in global memory between kernels.
-    bool single =
-        !alwaysState && comps.size() == 1 &&
-        comps.front().getComponent().getResidue() ==
-            ComponentAttr::kAllResidues;
+    // The state lives in global memory between component kernels. A first
+    // component that covers every row starts it (`begin`, no init kernel);
+    // a last one that covers every row ends it (`end`, no finalize kernel):
+    // each saves a pass over the B*H*Lq*(D+2) f32 state. One such component
+    // alone is `single` (no state at all). Ring packages continue the state
+    // across steps, so they always take init, update..., finalize.
+    auto coversEveryRow = [](ComponentOp op) {
+      ComponentAttr c = op.getComponent();
+      // Every residue class, or the only class of period 1 (for every head).
+      return c.getResidue() == ComponentAttr::kAllResidues ||
+             (c.getPeriod() == 1 &&
+              (c.getResidue() == 0 || c.isPlainHeadResidue()));
+    };
+    bool begins = !alwaysState && coversEveryRow(comps.front());
+    bool ends = !alwaysState && coversEveryRow(comps.back());
+    bool single = begins && comps.size() == 1;
+    using StateMode = KernelEmitter::StateMode;
+    auto modeOf = [&](size_t i) {
+      if (single)
+        return StateMode::Single;
+      if (i == 0 && begins)
+        return StateMode::Begin;
+      if (i + 1 == comps.size() && ends)
+        return StateMode::End;
+      return StateMode::Update;
+    };
     SmallVector<Attribute> order;
     KernelEmitter emit(b, loc, shape);
     auto add = [&](gpu::GPUFuncOp f) {
@@ -1154,12 +1225,12 @@ struct ConvertAttnToGpuPass
       b.setInsertionPointToEnd(gpuModule.getBody());
       ++numKernels;
     };
-    if (!single)
+    if (!begins)
       add(emit.emitInit("init"));
     for (auto [i, c] : llvm::enumerate(comps))
       add(emit.emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
-                             single));
-    if (!single)
+                             modeOf(i)));
+    if (!ends)
       add(emit.emitFinalize("finalize"));
     gpuModule->setAttr("attn.launch_order", b.getArrayAttr(order));
     // The keys: k's rows, or the columns of key_ids [B, Lk].

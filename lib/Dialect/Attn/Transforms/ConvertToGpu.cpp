@@ -5,7 +5,8 @@
 //
 // Work split. A component's rows fall into groups (segment s, residue c); a
 // group holds the gathered positions base + r*t (t = 0, 1, ...). One thread
-// block of 4 warps takes 64 consecutive t of one group for one (batch, head):
+// block of 4 warps takes 64 consecutive t of one group for one (batch, head)
+// (8 warps and 128 t with wgmma):
 //
 //     grid = (ceil(max rows per group / 64), groups, B*H),  block = 128
 //
@@ -29,8 +30,9 @@
 // 16-bit storage (f16 memrefs); only the mma and the conversions know whether
 // the bits are bf16 or f16.
 //
-// With `wgmma` (sm_90a) the 4 warps are one warpgroup and the two products
-// are warpgroup MMAs reading shared memory directly:
+// With `wgmma` (sm_90a) a block is two warpgroups (8 warps, 128 rows, two
+// blocks per SM) sharing each K/V tile, and per warpgroup (64 rows) the two
+// products are warpgroup MMAs reading shared memory directly:
 //
 //     S[64x64] = Q . K^T   D/16 x wgmma.m64n64k16, A = Q and B = K from
 //                          shared memory (K-major)
@@ -355,12 +357,10 @@ SmallVector<Value> KernelEmitter::inlinePtx(TypeRange resultTypes,
       /*has_side_effects=*/true, /*is_align_stack=*/false,
       LLVM::tailcallkind::TailCallKind::None,
       LLVM::AsmDialectAttr::get(ctx, LLVM::AsmDialect::AD_ATT), ArrayAttr());
+  if (resultTypes.size() <= 1)
+    return SmallVector<Value>(op.getResults());
   SmallVector<Value> results;
-  if (resultTypes.size() == 1)
-    results.push_back(op.getResult(0));
-  for (int64_t i = 0; resultTypes.size() > 1 &&
-                      i < int64_t(resultTypes.size());
-       ++i)
+  for (int64_t i = 0, e = resultTypes.size(); i < e; ++i)
     results.push_back(LLVM::ExtractValueOp::create(b, loc, op.getResult(0), i));
   return results;
 }

@@ -23,55 +23,15 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 import attn
+from gpu_patterns import (B, D, H, dev, doc_lengths, mask_fn, package_inputs,
+                          package_name, pairs)
 
 PKGS = os.environ["ATTN_GPU_PACKAGES"]
-HERE = os.path.dirname(os.path.abspath(__file__))
-B, H, D = 1, 16, 128
-W, S = 1024, 128
-DIL = [(2048, 1), (8192, 4), (32768, 16)]
-dev = "cuda"
 torch.manual_seed(0)
 torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 4096
 flex = torch.compile(flex_attention, dynamic=False)
 compile_times = json.load(open(os.path.join(PKGS, "compile_times.json")))
-
-
-def mask_fn(name, doc=None):
-    if name == "causal":
-        return lambda b, h, q, k: k <= q
-    if name == "local":
-        return lambda b, h, q, k: (k <= q) & (q - k < W)
-    if name == "strided":
-        return lambda b, h, q, k: (k <= q) & (((q - k) < S) | ((q - k) % S == 0))
-    if name in ("dilated_union", "dilated_sum"):
-        def m(b, h, q, k):
-            acc = None
-            for w, r in DIL:
-                t = (q // w == k // w) & (q % r == h % r) & (k % r == h % r)
-                acc = t if acc is None else acc | t
-            return acc & (k <= q)
-        return m
-    if name == "tokenized":
-        return lambda b, h, q, k: doc[q] == doc[k]
-    raise ValueError(name)
-
-
-def branch_fns():
-    return [lambda b, h, q, k, w=w, r=r: (q // w == k // w) & (q % r == h % r) & (k % r == h % r) & (k <= q)
-            for w, r in DIL]
-
-
-def count(fn, L, per_head):
-    total = 0
-    ks = torch.arange(L, device=dev)
-    for h in range(H):
-        for q0 in range(0, L, 2048):
-            qs = torch.arange(q0, min(L, q0 + 2048), device=dev)
-            total += int(fn(0, torch.tensor(h, device=dev), qs[:, None], ks[None, :]).sum())
-        if not per_head:
-            return total * H
-    return total
 
 
 def bench(f):
@@ -87,8 +47,7 @@ for L in [int(x) for x in lens_env.split(",")]:
     rows.append({"L": L, "pattern": "causal", "impl": "sdpa", "ms": sd_ms,
                  "tflops": 4 * (L * (L + 1) / 2) * D * H / sd_ms / 1e9})
     print(json.dumps(rows[-1]), flush=True)
-    doc_lens = json.load(open(os.path.join(HERE, "gpu", f"doc_lengths_{L}.json"))) \
-        if os.path.exists(os.path.join(HERE, "gpu", f"doc_lengths_{L}.json")) else None
+    doc_lens = doc_lengths(L)
     for name in patterns:
         if name == "tokenized" and doc_lens is None:
             continue
@@ -96,29 +55,12 @@ for L in [int(x) for x in lens_env.split(",")]:
         if name == "tokenized":
             doc = torch.repeat_interleave(torch.arange(len(doc_lens)), torch.tensor(doc_lens)).to(dev)
         fn = mask_fn(name, doc)
-        # Attended pairs (with multiplicity for the LongNet sum).
-        if name == "dilated_sum":
-            nnz = sum(count(f, L, True) for f in branch_fns())
-        elif name == "tokenized":
-            nnz = H * sum(n * n for n in doc_lens)
-        else:
-            nnz = count(fn, L, name.startswith("dilated"))
+        nnz = pairs(name, L, doc_lens)
         # ours
-        pkg_name = f"bench_{name}" if name != "tokenized" else f"bench_tokenized_{L}"
+        pkg_name = package_name(name, L)
         pkg = attn.load(os.path.join(PKGS, pkg_name))
-        if name == "tokenized":
-            nd = len(doc_lens)
-            qd, kd, vd = (torch.zeros(nd, H, 4096, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-            off = 0
-            for d_, n in enumerate(doc_lens):
-                qd[d_, :, :n] = q[0, :, off:off + n]
-                kd[d_, :, :n] = k[0, :, off:off + n]
-                vd[d_, :, :n] = v[0, :, off:off + n]
-                off += n
-            lens_t = torch.tensor(doc_lens, device=dev, dtype=torch.int32)
-            run = lambda: pkg(qd, kd, vd, lengths=lens_t)
-        else:
-            run = lambda: pkg(q, k, v)
+        qa, ka, va, lens_t = package_inputs(name, q, k, v, doc_lens)
+        run = lambda: pkg(qa, ka, va, lengths=lens_t)
         o = run()
         torch.cuda.synchronize()
         ours_ms = bench(run)

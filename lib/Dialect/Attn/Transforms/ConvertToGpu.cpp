@@ -767,13 +767,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     Value slot = arith::RemUIOp::create(b, loc, it, m.c(2));
     Value nextSlot = m.sub(one, slot);
 
-    // Prefetch the next tile (zero-filled past the last one), then wait for
-    // this one.
-    loadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
-    Value pending = commitGroup();
-    nvgpu::DeviceAsyncWaitOp::create(b, loc, pending, b.getI32IntegerAttr(1));
+    // Wait for this tile. After the barrier every warp is also done with
+    // the previous one, so the next tile (zero-filled past the last one) can
+    // load into its slot while this one computes: one barrier per tile.
+    nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
+                                     b.getI32IntegerAttr(0));
     fenceForWgmma();
     gpu::BarrierOp::create(b, loc);
+    loadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
+    commitGroup();
 
     Value kTile = keyTile(slot), vTile = valueTile(slot);
     // wgmma descriptors of this slot's K and V tiles.
@@ -975,8 +977,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           o[dn + 1] = mma(pFrag[j], {vb[2], vb[3]}, o[dn + 1]);
         }
     }
-    // Every warp is done with this slot before the next prefetch reuses it.
-    gpu::BarrierOp::create(b, loc);
 
     SmallVector<Value> next;
     for (int64_t dn = 0; dn < oFrags; ++dn)

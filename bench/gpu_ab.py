@@ -1,0 +1,58 @@
+"""Times attn package sets against each other on the same inputs (no peers):
+the quick check of a code-generation change before bench/gpu_bench.py.
+
+    PKG_SETS=gpu-pkgs-a,gpu-pkgs-b PYTHONPATH=python python3 bench/gpu_ab.py
+
+Each set is a folder from scripts/build_gpu_packages.py. LENS and PATTERNS as
+in gpu_bench.py. Prints attn TF/s per set and pattern, and the largest
+difference of each set's output from the first set's (the sets must agree).
+"""
+import json
+import os
+
+import torch
+import triton.testing as tt
+
+import attn
+from gpu_patterns import B, D, H, dev, doc_lengths, package_inputs, package_name, pairs
+
+sets = os.environ["PKG_SETS"].split(",")
+lens = [int(x) for x in os.environ.get("LENS", "32768").split(",")]
+patterns = os.environ.get("PATTERNS", "causal,local,strided,dilated_sum,dilated_union,tokenized").split(",")
+torch.manual_seed(0)
+rows = []
+for L in lens:
+    q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    doc_lens = doc_lengths(L)
+    for name in patterns:
+        if name == "tokenized" and doc_lens is None:
+            continue
+        nnz = pairs(name, L, doc_lens)
+        qa, ka, va, lens_t = package_inputs(name, q, k, v, doc_lens)
+        first = None
+        for s in sets:
+            pkg = attn.load(os.path.join(s, package_name(name, L)))
+            run = lambda: pkg(qa, ka, va, lengths=lens_t)
+            o = run().float()
+            ms = tt.do_bench(run, warmup=25, rep=200, return_mode="median")
+            diff = 0.0 if first is None else float((o - first).abs().max())
+            first = o if first is None else first
+            r = {"L": L, "pattern": name, "set": s, "ms": ms,
+                 "tflops": 4 * nnz * D / ms / 1e9, "max_diff_vs_first": diff}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        del first, o
+        torch.cuda.empty_cache()
+
+print(f"\ndevice: {torch.cuda.get_device_name()}")
+print("| L | pattern | " + " | ".join(sets) + " |")
+print("|---|---|" + "---|" * len(sets))
+for L in lens:
+    for name in patterns:
+        got = {r["set"]: r for r in rows if r["L"] == L and r["pattern"] == name}
+        if got:
+            print(f"| {L} | {name} | " + " | ".join(
+                f"{got[s]['tflops']:.0f} ({got[s]['max_diff_vs_first']:.0e})" for s in sets) + " |")
+out = os.environ.get("OUT")
+if out:
+    json.dump(rows, open(os.path.join(out, "gpu_ab.json"), "w"), indent=1)

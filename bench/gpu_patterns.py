@@ -1,0 +1,90 @@
+"""The benchmark patterns of bench/gpu_bench.py and bench/gpu_ab.py: their
+FlexAttention-style masks (reusing ../shared/bench/peers.py's definitions),
+attended-pair counts and the inputs each attn package takes.
+
+B=1, H=16, D=128, bf16; local W=1024, strided S=128 (Child), LongNet
+(2048,1)+(8192,4)+(32768,16) with head offsets, causal; tokenized: documents
+of bench/gpu/doc_lengths_<L>.json, one per batch row padded to 4096."""
+import json
+import os
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+B, H, D = 1, 16, 128
+W, S = 1024, 128
+DIL = [(2048, 1), (8192, 4), (32768, 16)]
+dev = "cuda"
+
+
+def mask_fn(name, doc=None):
+    if name == "causal":
+        return lambda b, h, q, k: k <= q
+    if name == "local":
+        return lambda b, h, q, k: (k <= q) & (q - k < W)
+    if name == "strided":
+        return lambda b, h, q, k: (k <= q) & (((q - k) < S) | ((q - k) % S == 0))
+    if name in ("dilated_union", "dilated_sum"):
+        def m(b, h, q, k):
+            acc = None
+            for w, r in DIL:
+                t = (q // w == k // w) & (q % r == h % r) & (k % r == h % r)
+                acc = t if acc is None else acc | t
+            return acc & (k <= q)
+        return m
+    if name == "tokenized":
+        return lambda b, h, q, k: doc[q] == doc[k]
+    raise ValueError(name)
+
+
+def branch_fns():
+    return [lambda b, h, q, k, w=w, r=r: (q // w == k // w) & (q % r == h % r) & (k % r == h % r) & (k <= q)
+            for w, r in DIL]
+
+
+def count(fn, L, per_head):
+    total = 0
+    ks = torch.arange(L, device=dev)
+    for h in range(H):
+        for q0 in range(0, L, 2048):
+            qs = torch.arange(q0, min(L, q0 + 2048), device=dev)
+            total += int(fn(0, torch.tensor(h, device=dev), qs[:, None], ks[None, :]).sum())
+        if not per_head:
+            return total * H
+    return total
+
+
+def doc_lengths(L):
+    """Document lengths of the tokenized benchmark at L, or None."""
+    path = os.path.join(HERE, "gpu", f"doc_lengths_{L}.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def pairs(name, L, doc_lens=None):
+    """Attended pairs (with multiplicity for the LongNet sum)."""
+    if name == "dilated_sum":
+        return sum(count(f, L, True) for f in branch_fns())
+    if name == "tokenized":
+        return H * sum(n * n for n in doc_lens)
+    doc = None
+    return count(mask_fn(name, doc), L, name.startswith("dilated"))
+
+
+def package_name(name, L):
+    return f"bench_{name}" if name != "tokenized" else f"bench_tokenized_{L}"
+
+
+def package_inputs(name, q, k, v, doc_lens=None):
+    """(q, k, v, lengths) as the package of `name` takes them: tokenized
+    packs one document per batch row, padded to 4096."""
+    if name != "tokenized":
+        return q, k, v, None
+    nd = len(doc_lens)
+    qd, kd, vd = (torch.zeros(nd, H, 4096, D, device=q.device, dtype=q.dtype) for _ in range(3))
+    off = 0
+    for d_, n in enumerate(doc_lens):
+        qd[d_, :, :n] = q[0, :, off:off + n]
+        kd[d_, :, :n] = k[0, :, off:off + n]
+        vd[d_, :, :n] = v[0, :, off:off + n]
+        off += n
+    return qd, kd, vd, torch.tensor(doc_lens, device=q.device, dtype=torch.int32)

@@ -11,7 +11,9 @@
 
 #include "attn/Runtime/CudaDriver.h"
 
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace attn::runtime {
@@ -20,6 +22,8 @@ using namespace attn::runtime::cuda;
 struct GpuKernel {
   std::string name, kind;
   int64_t block = 0, blockRows = 0, sharedBytes = 0;
+  /// init/finalize: consecutive elements each thread takes.
+  int64_t elementsPerThread = 1;
   int64_t period = 1, residue = -1 /* all */, segment = 0;
   CUfunction function = nullptr;
 };
@@ -62,6 +66,13 @@ struct GpuModule {
 bool growDeviceBuffer(const Driver &d, CUdeviceptr &buffer, size_t &bytes,
                       size_t need, const std::string &what, std::string &error,
                       bool *grown = nullptr);
+
+/// The kernels move rows of q, k, v in 16-byte copies and write out in up to
+/// 16-byte pieces: false (and `error` naming the tensor) unless every data
+/// pointer is 16-byte aligned.
+bool checkAligned(
+    std::initializer_list<std::pair<const char *, const void *>> tensors,
+    std::string &error);
 
 /// One kernel launch: device pointers (0 = absent), shapes and positions.
 struct KernelArgs {

@@ -73,6 +73,7 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
     kernel.name = name;
     kernel.kind = k->at("kind");
     kernel.block = k->at("block");
+    kernel.elementsPerThread = k->value("elements_per_thread", int64_t(1));
     kernel.sharedBytes = k->at("shared_bytes");
     // Component kernels (single, begin, update, end) carry their grid plan.
     if (kernel.kind != "init" && kernel.kind != "finalize") {
@@ -173,6 +174,20 @@ bool attn::runtime::growDeviceBuffer(const Driver &d, CUdeviceptr &buffer,
   return true;
 }
 
+bool attn::runtime::checkAligned(
+    std::initializer_list<std::pair<const char *, const void *>> tensors,
+    std::string &error) {
+  for (auto [name, data] : tensors)
+    if (uintptr_t(data) % 16 != 0) {
+      error = std::string(name) +
+              ": the data pointer is not 16-byte aligned (the GPU kernels "
+              "move rows in 16-byte pieces); pass a tensor whose storage "
+              "starts at a 16-byte boundary";
+      return false;
+    }
+  return true;
+}
+
 bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
                                  const KernelArgs &a, CUstream stream,
                                  std::string &error) {
@@ -217,7 +232,7 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
 
   int64_t gx, gy = 1, gz = 1;
   if (kernel.kind == "init" || kernel.kind == "finalize") {
-    gx = ceilDiv(rows * a.D, kernel.block);
+    gx = ceilDiv(rows * a.D, kernel.block * kernel.elementsPerThread);
   } else {
     int64_t r = kernel.period, w = kernel.segment, first = a.qOrigin;
     int64_t residues = kernel.residue == -1 ? r : 1;
@@ -257,13 +272,18 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   if (!ensureContext(d, error))
     return false;
   CUstream stream = static_cast<CUstream>(streamPtr);
+  if (!checkAligned({{"q", q.data}, {"k", k.data}, {"v", v.data},
+                     {"out", out.data}},
+                    error))
+    return false;
   const int64_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2],
                 Lk = keys.ids ? keys.ids->shape[1] : k.shape[2],
                 D = q.shape[3];
   const int64_t rows = B * H * Lq;
 
   // Scratch: [lse if the caller gave none][acc, max, sum if needed].
-  size_t lseBytes = hasLse() && !lse ? size_t(rows) * 4 : 0;
+  // (256-byte aligned, for the kernels' vector accesses to the state).
+  size_t lseBytes = hasLse() && !lse ? size_t(rows + 63) / 64 * 256 : 0;
   size_t stateBytes = g.needsState ? size_t(rows) * (D + 2) * 4 : 0;
   size_t need = lseBytes + stateBytes;
   if (!growDeviceBuffer(d, g.scratch, g.scratchBytes, need,

@@ -183,6 +183,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
                          : std::to_string(comp.getResidue());
       k["segment"] = comp.getSegment();
     }
+    if (launch.get("elements_per_thread"))
+      k["elements_per_thread"] = intOf("elements_per_thread");
     needsState |= kind != "single";
     kernels.push_back(k);
     order.push_back(kernelName.str());

@@ -167,3 +167,21 @@ def test_key_ids_outside_the_table_read_zero_rows():
     w = torch.sigmoid(s)  # exp(s) / (exp(s) + exp(0))
     want = w[..., None] * kt[0, :, 3].float().repeat_interleave(2, 0)[:, None, :]
     assert (out[0].float() - want).abs().max().item() < 3e-2
+
+
+def test_misaligned_tensors_are_refused():
+    """The kernels copy rows in 16-byte pieces: a tensor whose storage starts
+    off a 16-byte boundary is refused with the argument's name, not run."""
+    case = gpu_cases.CASES[0]
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    q = torch.randn(B, H, 64, D, device="cuda").to(dt)
+    k = torch.randn(B, Hkv, 64, D, device="cuda").to(dt)
+    flat = torch.zeros(k.numel() + 1, device="cuda", dtype=dt)
+    shifted = flat[1:].view(k.shape)  # contiguous, 2 bytes off
+    shifted.copy_(k)
+    with pytest.raises(attn.AttnError, match="k: the data pointer is not 16-byte aligned"):
+        pkg(q, shifted, k)
+    pkg(q, k, k)  # the aligned call still runs
+    torch.cuda.synchronize()

@@ -78,6 +78,8 @@ namespace {
 constexpr int64_t kBlockKeys = 64;
 constexpr int64_t kKeyNTiles = kBlockKeys / 8;
 constexpr int64_t kElementwiseThreads = 256;
+/// Elements per thread of init/finalize: 32 bytes of f32 state, 16 of out.
+constexpr int64_t kElementwiseVector = 8;
 
 /// Static facts of one attention function, from its types.
 struct AttentionShape {
@@ -177,8 +179,9 @@ private:
   };
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
-  /// An element-wise kernel over B*H*Lq*D: `idx` is this thread's element,
-  /// `row` its row; the builder is left inside the `idx < n` guard.
+  /// An element-wise kernel over B*H*Lq*D, kElementwiseVector elements per
+  /// thread: `idx` is this thread's first element, `row` its row; the
+  /// builder is left inside the `idx < n` guard.
   gpu::GPUFuncOp beginElementwise(StringRef name, Value &idx, Value &row);
   /// Continues inside `if (idx is the first element of its row)`.
   void ifFirstOfRow(Value idx);
@@ -187,6 +190,8 @@ private:
     return b.getDictionaryAttr(
         {b.getNamedAttr("kind", b.getStringAttr(kind)),
          b.getNamedAttr("block", b.getI64IntegerAttr(kElementwiseThreads)),
+         b.getNamedAttr("elements_per_thread",
+                        b.getI64IntegerAttr(kElementwiseVector)),
          b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))});
   }
   Value arg(Arg a) { return entry->getArgument(a); }
@@ -744,14 +749,20 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       // The sum is kept per thread and added over the quad at the end.
       sums.push_back(f.select(m.both(valid, isQuadLeader), sm, f.c(0.0)));
     }
+    // Each thread's two adjacent columns are one 8-byte load.
+    auto pairType = VectorType::get({2}, f32);
     for (int64_t dn = 0; dn < oFrags; ++dn)
-      for (int64_t e = 0; e < 4; ++e) {
-        int64_t half = e / 2;
+      for (int64_t half = 0; half < 2; ++half) {
         Value valid = m.lt(tq[half], q1);
-        Value col = m.add(laneCol, m.c(dn * 8 + e % 2));
-        Value a = memref::LoadOp::create(
-            b, loc, arg(Acc), m.add(m.mul(rowBase[half], m.c(D)), col));
-        init.push_back(f.select(valid, a, f.c(0.0)));
+        Value col = m.add(laneCol, m.c(dn * 8));
+        Value pair = vector::LoadOp::create(
+            b, loc, pairType, arg(Acc),
+            ValueRange{m.add(m.mul(rowBase[half], m.c(D)), col)},
+            /*nontemporal=*/false, llvm::MaybeAlign(8));
+        for (int64_t e = 0; e < 2; ++e) {
+          Value a = vector::ExtractOp::create(b, loc, pair, e);
+          init.push_back(f.select(valid, a, f.c(0.0)));
+        }
       }
     init.append({maxes[0], maxes[1], sums[0], sums[1]});
   }
@@ -1012,7 +1023,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         if (shape.bf16)
           pair = LLVM::BitcastOp::create(b, loc, pairType, pair);
         Value at = m.add(m.mul(rowIdx, m.c(D)), m.add(laneCol, m.c(dn * 8)));
-        vector::StoreOp::create(b, loc, pair, arg(Out), at);
+        vector::StoreOp::create(b, loc, pair, arg(Out), at,
+                                /*nontemporal=*/false, llvm::MaybeAlign(4));
       }
       auto ifLeader =
           scf::IfOp::create(b, loc, TypeRange{}, isQuadLeader, false);
@@ -1026,13 +1038,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, store, false);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifValid.thenBlock());
-      for (int64_t dn = 0; dn < oFrags; ++dn)
-        for (int64_t e = 0; e < 2; ++e) {
-          Value at = m.add(m.mul(rowIdx, m.c(D)),
-                           m.add(laneCol, m.c(dn * 8 + e)));
-          memref::StoreOp::create(b, loc, fin[dn * 4 + half * 2 + e], arg(Acc),
-                                  at);
-        }
+      auto pairType = VectorType::get({2}, f32);
+      for (int64_t dn = 0; dn < oFrags; ++dn) {
+        Value at = m.add(m.mul(rowIdx, m.c(D)), m.add(laneCol, m.c(dn * 8)));
+        Value pair = vector::FromElementsOp::create(
+            b, loc, pairType,
+            ValueRange{fin[dn * 4 + half * 2], fin[dn * 4 + half * 2 + 1]});
+        vector::StoreOp::create(b, loc, pair, arg(Acc), at,
+                                /*nontemporal=*/false, llvm::MaybeAlign(8));
+      }
       auto ifLeader =
           scf::IfOp::create(b, loc, TypeRange{}, isQuadLeader, false);
       b.setInsertionPointToStart(ifLeader.thenBlock());
@@ -1065,7 +1079,9 @@ gpu::GPUFuncOp KernelEmitter::beginElementwise(StringRef name, Value &idx,
   auto func = beginKernel(name, kElementwiseThreads);
   const int64_t D = shape.headDim;
   Value bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
-  idx = m.add(m.mul(bx, m.c(kElementwiseThreads)), tid);
+  idx = m.mul(m.add(m.mul(bx, m.c(kElementwiseThreads)), tid),
+              m.c(kElementwiseVector));
+  // D is a multiple of the vector: a thread's elements share one row.
   Value n = m.mul(m.c(shape.batch * shape.heads * D), arg(QLen));
   auto ifIn = scf::IfOp::create(b, loc, TypeRange{}, m.lt(idx, n), false);
   b.setInsertionPointToStart(ifIn.thenBlock());
@@ -1083,7 +1099,11 @@ void KernelEmitter::ifFirstOfRow(Value idx) {
 gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
   Value idx, row;
   auto func = beginElementwise(name, idx, row);
-  memref::StoreOp::create(b, loc, f.c(0.0), arg(Acc), idx);
+  auto vecType = VectorType::get({kElementwiseVector}, f32);
+  Value zeros = arith::ConstantOp::create(
+      b, loc, vecType, DenseElementsAttr::get(vecType, 0.0f));
+  vector::StoreOp::create(b, loc, zeros, arg(Acc), idx, /*nontemporal=*/false,
+                          llvm::MaybeAlign(4 * kElementwiseVector));
   ifFirstOfRow(idx);
   memref::StoreOp::create(b, loc, f.negInf(), arg(Max), row);
   memref::StoreOp::create(b, loc, f.c(0.0), arg(Sum), row);
@@ -1098,13 +1118,23 @@ gpu::GPUFuncOp KernelEmitter::emitFinalize(StringRef name) {
   auto func = beginElementwise(name, idx, row);
   Value sum = memref::LoadOp::create(b, loc, arg(Sum), row);
   Value ok = f.gt(sum, f.c(0.0));
-  Value acc = memref::LoadOp::create(b, loc, arg(Acc), idx);
-  Value o = f.select(ok, arith::DivFOp::create(b, loc, acc, sum), f.c(0.0));
+  auto vecType = VectorType::get({kElementwiseVector}, f32);
+  Value acc = vector::LoadOp::create(b, loc, vecType, arg(Acc), ValueRange{idx},
+                                     /*nontemporal=*/false,
+                                     llvm::MaybeAlign(4 * kElementwiseVector));
+  // Rows that saw no key are written as 0: divide by 1/0 = inf, then pick.
+  Value inv = f.select(ok, arith::DivFOp::create(b, loc, f.c(1.0), sum),
+                       f.c(0.0));
+  Value o = arith::MulFOp::create(
+      b, loc, acc, vector::BroadcastOp::create(b, loc, vecType, inv));
   Type elem = shape.bf16 ? Type(b.getBF16Type()) : f16;
-  Value narrow = arith::TruncFOp::create(b, loc, elem, o);
+  Value narrow = arith::TruncFOp::create(
+      b, loc, VectorType::get({kElementwiseVector}, elem), o);
   if (shape.bf16)
-    narrow = arith::BitcastOp::create(b, loc, f16, narrow);
-  memref::StoreOp::create(b, loc, narrow, arg(Out), idx);
+    narrow = arith::BitcastOp::create(
+        b, loc, VectorType::get({kElementwiseVector}, f16), narrow);
+  vector::StoreOp::create(b, loc, narrow, arg(Out), idx, /*nontemporal=*/false,
+                          llvm::MaybeAlign(2 * kElementwiseVector));
   ifFirstOfRow(idx);
   Value mx = memref::LoadOp::create(b, loc, arg(Max), row);
   Value lse = f.select(ok, f.mul(f.add(mx, log2(sum)), f.c(M_LN2)), f.negInf());

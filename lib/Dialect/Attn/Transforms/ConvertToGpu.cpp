@@ -1001,6 +1001,21 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
 
   ValueRange fin = loop.getResults();
   Value ln2 = f.c(M_LN2);
+  // `out` goes through shared memory (free once every warp has left the
+  // loop): each thread writes its normalized pairs into rows of D + 8
+  // elements (the 8 rows of a store then fall in different banks), and each
+  // warp copies its 16 rows out in 16-byte pieces, whole rows per store.
+  Value outTile;
+  if (writesOut) {
+    gpu::BarrierOp::create(b, loc);
+    auto workgroup =
+        gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
+    auto type = MemRefType::get({kBlockRows, D + 8}, f16,
+                                MemRefLayoutAttrInterface{}, workgroup);
+    outTile = memref::ViewOp::create(b, loc, type, dyn,
+                                     shape.wgmma ? tilesOffset : zero,
+                                     ValueRange{});
+  }
   for (int64_t half = 0; half < 2; ++half) {
     Value t = tq[half];
     Value valid = m.lt(t, q1);
@@ -1009,25 +1024,25 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     Value sum = quadReduce(fin[oFrags * 4 + 2 + half], /*isMax=*/false);
     Value rowIdx = m.add(qHead, qRowIndex(t));
     if (writesOut) {
+      // Rows not computed (past lengths[b]) are written as 0 / -inf.
       Value ok = m.both(valid, f.gt(sum, f.c(0.0)));
       Value inv = f.select(ok, arith::DivFOp::create(b, loc, f.c(1.0), sum),
                          f.c(0.0));
-      auto ifExists = scf::IfOp::create(b, loc, TypeRange{}, exists, false);
-      OpBuilder::InsertionGuard guard(b);
-      b.setInsertionPointToStart(ifExists.thenBlock());
       auto pairType = VectorType::get({2}, f16);
+      Value tileRow = m.add(warpRow, m.add(laneRow, m.c(half * 8)));
       for (int64_t dn = 0; dn < oFrags; ++dn) {
         Value x = f.mul(fin[dn * 4 + half * 2], inv);
         Value y = f.mul(fin[dn * 4 + half * 2 + 1], inv);
         Value pair = pack(x, y);
         if (shape.bf16)
           pair = LLVM::BitcastOp::create(b, loc, pairType, pair);
-        Value at = m.add(m.mul(rowIdx, m.c(D)), m.add(laneCol, m.c(dn * 8)));
-        vector::StoreOp::create(b, loc, pair, arg(Out), at,
+        vector::StoreOp::create(b, loc, pair, outTile,
+                                ValueRange{tileRow, m.add(laneCol, m.c(dn * 8))},
                                 /*nontemporal=*/false, llvm::MaybeAlign(4));
       }
-      auto ifLeader =
-          scf::IfOp::create(b, loc, TypeRange{}, isQuadLeader, false);
+      auto ifLeader = scf::IfOp::create(
+          b, loc, TypeRange{}, m.both(exists, isQuadLeader), false);
+      OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifLeader.thenBlock());
       Value lse = f.select(ok, f.mul(f.add(mx, log2(sum)), ln2), f.negInf());
       memref::StoreOp::create(b, loc, lse, arg(Lse), rowIdx);
@@ -1052,6 +1067,31 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       b.setInsertionPointToStart(ifLeader.thenBlock());
       memref::StoreOp::create(b, loc, mx, arg(Max), rowIdx);
       memref::StoreOp::create(b, loc, sum, arg(Sum), rowIdx);
+    }
+  }
+  if (writesOut) {
+    // The warp's 16 rows, D/8 16-byte chunks each, 32 chunks per step.
+    gpu::BarrierOp::create(b, loc);
+    const int64_t chunksPerRow = D / 8;
+    auto chunkType = VectorType::get({8}, f16);
+    for (int64_t i = 0; i < 16 * chunksPerRow / 32; ++i) {
+      Value chunk = m.add(lane, m.c(32 * i));
+      Value tileRow = m.add(
+          warpRow, arith::DivUIOp::create(b, loc, chunk, m.c(chunksPerRow)));
+      Value col = m.mul(
+          arith::RemUIOp::create(b, loc, chunk, m.c(chunksPerRow)), m.c(8));
+      Value t = m.add(q0, tileRow);
+      auto ifExists =
+          scf::IfOp::create(b, loc, TypeRange{}, m.lt(t, tRowAll), false);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(ifExists.thenBlock());
+      Value v = vector::LoadOp::create(b, loc, chunkType, outTile,
+                                       ValueRange{tileRow, col},
+                                       /*nontemporal=*/false,
+                                       llvm::MaybeAlign(16));
+      Value at = m.add(m.mul(m.add(qHead, qRowIndex(t)), m.c(D)), col);
+      vector::StoreOp::create(b, loc, v, arg(Out), at, /*nontemporal=*/false,
+                              llvm::MaybeAlign(16));
     }
   }
 

@@ -41,6 +41,8 @@ struct GpuModule {
   CUmodule module = nullptr;
   std::vector<GpuKernel> kernels; // in launch order
   bool needsState = false;
+  /// Bytes per acc element of the state (4: f32 O, 2: O / l in 16 bits).
+  int64_t stateElementBytes = 4;
   int64_t headDim = 0;
   // Device scratch, grown on demand.
   CUdeviceptr scratch = 0;

@@ -86,6 +86,7 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
     g.kernels.push_back(kernel);
   }
   g.needsState = m.at("state");
+  g.stateElementBytes = m.value("state_dtype", std::string("f32")) == "f32" ? 4 : 2;
   g.headDim = args_.at(0).shape.at(3);
 
   std::string cubinPath = dir_ + "/" + m.at("cubin").get<std::string>();
@@ -284,7 +285,9 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   // Scratch: [lse if the caller gave none][acc, max, sum if needed].
   // (256-byte aligned, for the kernels' vector accesses to the state).
   size_t lseBytes = hasLse() && !lse ? size_t(rows + 63) / 64 * 256 : 0;
-  size_t stateBytes = g.needsState ? size_t(rows) * (D + 2) * 4 : 0;
+  // acc [rows, D] (256-byte aligned size), then max and sum [rows] f32.
+  size_t accBytes = (size_t(rows) * D * g.stateElementBytes + 255) / 256 * 256;
+  size_t stateBytes = g.needsState ? accBytes + size_t(rows) * 2 * 4 : 0;
   size_t need = lseBytes + stateBytes;
   if (!growDeviceBuffer(d, g.scratch, g.scratchBytes, need,
                         "device scratch (state/LSE)", error))
@@ -292,7 +295,7 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   CUdeviceptr lsePtr = lse ? CUdeviceptr(uintptr_t(lse->data))
                            : (lseBytes ? g.scratch : 0);
   CUdeviceptr acc = g.needsState ? g.scratch + lseBytes : 0;
-  CUdeviceptr mx = acc ? acc + size_t(rows) * D * 4 : 0;
+  CUdeviceptr mx = acc ? acc + accBytes : 0;
   CUdeviceptr sm = acc ? mx + size_t(rows) * 4 : 0;
 
   KernelArgs args;

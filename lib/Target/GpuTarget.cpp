@@ -265,6 +265,9 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
       {"ptx", "kernels.ptx"},
       {"args", args},
       {"state", needsState},
+      // acc between component kernels: O / l in the input type, or f32 O for
+      // ring packages (their partial states travel between ranks).
+      {"state_dtype", alwaysState ? std::string("f32") : spec.dtype},
       {"kernels", kernels},
       {"launch_order", order},
       {"components", components},

@@ -90,6 +90,10 @@ struct AttentionShape {
   bool hasKeyBias = false, hasKeyIds = false;
   /// Warpgroup MMA (sm_90a) from swizzled tiles instead of mma.sync.
   bool wgmma = false;
+  /// The state's acc holds O / l in the 16-bit storage type (half the bytes
+  /// of f32 O between component kernels) rather than f32 O; ring packages,
+  /// whose partial states travel between ranks, keep f32.
+  bool halfState = false;
   double scale;
   /// Row stride of the mma.sync shared-memory tiles in elements: padded by 8
   /// so that the 8 rows one ldmatrix reads start in different banks.
@@ -145,8 +149,9 @@ public:
   /// rk (0, 0, rq, rq, rk, ranks).
   FunctionType kernelType() {
     Type index = b.getIndexType();
+    Type accType = shape.halfState ? storageType : floatType;
     SmallVector<Type> args{storageType, storageType, storageType, lengthsType,
-                           storageType, floatType,   floatType,   floatType,
+                           storageType, floatType,   accType,     floatType,
                            floatType,   floatType,   lengthsType};
     args.append(kNumScalarArgs, index);
     return FunctionType::get(ctx, args, {});
@@ -227,6 +232,11 @@ private:
   AccFrag mma(ArrayRef<Value> a, ArrayRef<Value> bOps, const AccFrag &c);
   /// Two f32 as one operand register of the storage type.
   Value pack(Value x, Value y);
+  /// Columns (at, at + 1) of the state's acc as f32 O; `rowSum` is the
+  /// row's l (a 16-bit acc holds O / l).
+  SmallVector<Value> loadStatePair(Value at, Value rowSum);
+  /// Stores O columns (x, y) at (at, at + 1) of acc; `rowSum` as above.
+  void storeStatePair(Value at, Value x, Value y, Value rowSum);
 
   // Warpgroup MMA (sm_90a). The MMAs are PTX in inline assembly: MLIR's
   // wgmma op has no register A operand, and the accumulators must be threaded
@@ -345,6 +355,45 @@ Value KernelEmitter::pack(Value x, Value y) {
   if (!shape.bf16)
     return narrow;
   return LLVM::BitcastOp::create(b, loc, i32, narrow);
+}
+
+SmallVector<Value> KernelEmitter::loadStatePair(Value at, Value rowSum) {
+  if (!shape.halfState) {
+    Value pair = vector::LoadOp::create(b, loc, VectorType::get({2}, f32),
+                                        arg(Acc), ValueRange{at},
+                                        /*nontemporal=*/false,
+                                        llvm::MaybeAlign(8));
+    return {vector::ExtractOp::create(b, loc, pair, 0),
+            vector::ExtractOp::create(b, loc, pair, 1)};
+  }
+  Value pair = vector::LoadOp::create(b, loc, VectorType::get({2}, f16),
+                                      arg(Acc), ValueRange{at},
+                                      /*nontemporal=*/false,
+                                      llvm::MaybeAlign(4));
+  if (shape.bf16)
+    pair = arith::BitcastOp::create(
+        b, loc, VectorType::get({2}, b.getBF16Type()), pair);
+  Value wide = arith::ExtFOp::create(b, loc, VectorType::get({2}, f32), pair);
+  return {f.mul(vector::ExtractOp::create(b, loc, wide, 0), rowSum),
+          f.mul(vector::ExtractOp::create(b, loc, wide, 1), rowSum)};
+}
+
+void KernelEmitter::storeStatePair(Value at, Value x, Value y, Value rowSum) {
+  if (!shape.halfState) {
+    Value pair = vector::FromElementsOp::create(
+        b, loc, VectorType::get({2}, f32), ValueRange{x, y});
+    vector::StoreOp::create(b, loc, pair, arg(Acc), at, /*nontemporal=*/false,
+                            llvm::MaybeAlign(8));
+    return;
+  }
+  Value inv = f.select(f.gt(rowSum, f.c(0.0)),
+                       arith::DivFOp::create(b, loc, f.c(1.0), rowSum),
+                       f.c(0.0));
+  Value pair = pack(f.mul(x, inv), f.mul(y, inv));
+  if (shape.bf16)
+    pair = LLVM::BitcastOp::create(b, loc, VectorType::get({2}, f16), pair);
+  vector::StoreOp::create(b, loc, pair, arg(Acc), at, /*nontemporal=*/false,
+                          llvm::MaybeAlign(4));
 }
 
 SmallVector<Value> KernelEmitter::inlinePtx(TypeRange resultTypes,
@@ -737,7 +786,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     init.append({f.negInf(), f.negInf(), f.c(0.0), f.c(0.0)});
   } else {
     // Continue the state of earlier components from global memory.
-    SmallVector<Value> maxes, sums;
+    SmallVector<Value> maxes, sums, rowSums;
     SmallVector<Value> rowBase(2);
     for (int64_t half = 0; half < 2; ++half) {
       Value valid = m.lt(tq[half], q1);
@@ -748,21 +797,17 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       maxes.push_back(f.select(valid, mx, f.negInf()));
       // The sum is kept per thread and added over the quad at the end.
       sums.push_back(f.select(m.both(valid, isQuadLeader), sm, f.c(0.0)));
+      rowSums.push_back(sm);
     }
-    // Each thread's two adjacent columns are one 8-byte load.
-    auto pairType = VectorType::get({2}, f32);
+    // Each thread's two adjacent columns are one load (f32 O, or O / l in
+    // 16 bits, scaled back by the row's sum l).
     for (int64_t dn = 0; dn < oFrags; ++dn)
       for (int64_t half = 0; half < 2; ++half) {
         Value valid = m.lt(tq[half], q1);
-        Value col = m.add(laneCol, m.c(dn * 8));
-        Value pair = vector::LoadOp::create(
-            b, loc, pairType, arg(Acc),
-            ValueRange{m.add(m.mul(rowBase[half], m.c(D)), col)},
-            /*nontemporal=*/false, llvm::MaybeAlign(8));
-        for (int64_t e = 0; e < 2; ++e) {
-          Value a = vector::ExtractOp::create(b, loc, pair, e);
+        Value at = m.add(m.mul(rowBase[half], m.c(D)),
+                         m.add(laneCol, m.c(dn * 8)));
+        for (Value a : loadStatePair(at, rowSums[half]))
           init.push_back(f.select(valid, a, f.c(0.0)));
-        }
       }
     init.append({maxes[0], maxes[1], sums[0], sums[1]});
   }
@@ -1053,14 +1098,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, store, false);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifValid.thenBlock());
-      auto pairType = VectorType::get({2}, f32);
       for (int64_t dn = 0; dn < oFrags; ++dn) {
         Value at = m.add(m.mul(rowIdx, m.c(D)), m.add(laneCol, m.c(dn * 8)));
-        Value pair = vector::FromElementsOp::create(
-            b, loc, pairType,
-            ValueRange{fin[dn * 4 + half * 2], fin[dn * 4 + half * 2 + 1]});
-        vector::StoreOp::create(b, loc, pair, arg(Acc), at,
-                                /*nontemporal=*/false, llvm::MaybeAlign(8));
+        storeStatePair(at, fin[dn * 4 + half * 2], fin[dn * 4 + half * 2 + 1],
+                       sum);
       }
       auto ifLeader =
           scf::IfOp::create(b, loc, TypeRange{}, isQuadLeader, false);
@@ -1139,11 +1180,13 @@ void KernelEmitter::ifFirstOfRow(Value idx) {
 gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
   Value idx, row;
   auto func = beginElementwise(name, idx, row);
-  auto vecType = VectorType::get({kElementwiseVector}, f32);
+  Type accElem = shape.halfState ? f16 : f32;
+  auto vecType = VectorType::get({kElementwiseVector}, accElem);
   Value zeros = arith::ConstantOp::create(
-      b, loc, vecType, DenseElementsAttr::get(vecType, 0.0f));
-  vector::StoreOp::create(b, loc, zeros, arg(Acc), idx, /*nontemporal=*/false,
-                          llvm::MaybeAlign(4 * kElementwiseVector));
+      b, loc, vecType, DenseElementsAttr::get(vecType, b.getZeroAttr(accElem)));
+  vector::StoreOp::create(
+      b, loc, zeros, arg(Acc), idx, /*nontemporal=*/false,
+      llvm::MaybeAlign(accElem.getIntOrFloatBitWidth() / 8 * kElementwiseVector));
   ifFirstOfRow(idx);
   memref::StoreOp::create(b, loc, f.negInf(), arg(Max), row);
   memref::StoreOp::create(b, loc, f.c(0.0), arg(Sum), row);
@@ -1158,21 +1201,29 @@ gpu::GPUFuncOp KernelEmitter::emitFinalize(StringRef name) {
   auto func = beginElementwise(name, idx, row);
   Value sum = memref::LoadOp::create(b, loc, arg(Sum), row);
   Value ok = f.gt(sum, f.c(0.0));
-  auto vecType = VectorType::get({kElementwiseVector}, f32);
-  Value acc = vector::LoadOp::create(b, loc, vecType, arg(Acc), ValueRange{idx},
-                                     /*nontemporal=*/false,
-                                     llvm::MaybeAlign(4 * kElementwiseVector));
-  // Rows that saw no key are written as 0: divide by 1/0 = inf, then pick.
-  Value inv = f.select(ok, arith::DivFOp::create(b, loc, f.c(1.0), sum),
-                       f.c(0.0));
-  Value o = arith::MulFOp::create(
-      b, loc, acc, vector::BroadcastOp::create(b, loc, vecType, inv));
-  Type elem = shape.bf16 ? Type(b.getBF16Type()) : f16;
-  Value narrow = arith::TruncFOp::create(
-      b, loc, VectorType::get({kElementwiseVector}, elem), o);
-  if (shape.bf16)
-    narrow = arith::BitcastOp::create(
-        b, loc, VectorType::get({kElementwiseVector}, f16), narrow);
+  Value narrow;
+  auto outType = VectorType::get({kElementwiseVector}, f16);
+  if (shape.halfState) {
+    // acc already holds O / l in the storage type (0 where l = 0).
+    narrow = vector::LoadOp::create(b, loc, outType, arg(Acc), ValueRange{idx},
+                                    /*nontemporal=*/false,
+                                    llvm::MaybeAlign(2 * kElementwiseVector));
+  } else {
+    auto vecType = VectorType::get({kElementwiseVector}, f32);
+    Value acc = vector::LoadOp::create(
+        b, loc, vecType, arg(Acc), ValueRange{idx}, /*nontemporal=*/false,
+        llvm::MaybeAlign(4 * kElementwiseVector));
+    // Rows that saw no key are written as 0.
+    Value inv = f.select(ok, arith::DivFOp::create(b, loc, f.c(1.0), sum),
+                         f.c(0.0));
+    Value o = arith::MulFOp::create(
+        b, loc, acc, vector::BroadcastOp::create(b, loc, vecType, inv));
+    Type elem = shape.bf16 ? Type(b.getBF16Type()) : f16;
+    narrow = arith::TruncFOp::create(
+        b, loc, VectorType::get({kElementwiseVector}, elem), o);
+    if (shape.bf16)
+      narrow = arith::BitcastOp::create(b, loc, outType, narrow);
+  }
   vector::StoreOp::create(b, loc, narrow, arg(Out), idx, /*nontemporal=*/false,
                           llvm::MaybeAlign(2 * kElementwiseVector));
   ifFirstOfRow(idx);
@@ -1243,6 +1294,7 @@ struct ConvertAttnToGpuPass
     shape.hasKeyBias = comps.front().getKeyBias() != nullptr;
     shape.hasKeyIds = comps.front().getKeyIds() != nullptr;
     shape.wgmma = wgmma;
+    shape.halfState = !alwaysState;
     for (ComponentOp c : comps)
       if ((c.getKeyBias() != nullptr) != shape.hasKeyBias ||
           (c.getKeyIds() != nullptr) != shape.hasKeyIds)

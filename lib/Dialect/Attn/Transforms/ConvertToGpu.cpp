@@ -543,6 +543,15 @@ void KernelEmitter::asyncLoadTile(
   Value rowInPass = arith::DivUIOp::create(b, loc, tid, m.c(chunksPerRow));
   Value col = m.mul(arith::RemUIOp::create(b, loc, tid, m.c(chunksPerRow)),
                     m.c(8));
+  // The swizzle of a row depends on row % 8 only and each pass moves
+  // rowsPerPass (a multiple of 8) rows on: this thread's destinations are
+  // one offset plus constants (one live register across the loop, not one
+  // per pass).
+  assert(rowsPerPass % 8 == 0 && "passes must keep the swizzle phase");
+  Value firstSwizzled;
+  if (shape.wgmma)
+    firstSwizzled = swizzledOffset(
+        rowInPass, arith::DivUIOp::create(b, loc, col, m.c(8)), rows);
   for (int64_t pass = 0; pass < rows / rowsPerPass; ++pass) {
     Value row = m.add(rowInPass, m.c(pass * rowsPerPass));
     auto [offset, exists] = rowAt(row);
@@ -550,8 +559,7 @@ void KernelEmitter::asyncLoadTile(
     Value srcElements = f.select(exists, m.c(8), m.c(0));
     SmallVector<Value, 2> dst{row, col};
     if (shape.wgmma)
-      dst = {swizzledOffset(
-          row, arith::DivUIOp::create(b, loc, col, m.c(8)), rows)};
+      dst = {m.add(firstSwizzled, m.c(pass * rowsPerPass * 64))};
     nvgpu::DeviceAsyncCopyOp::create(
         b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), tile, dst, src,
         ValueRange{srcIndex}, b.getIndexAttr(8), srcElements,

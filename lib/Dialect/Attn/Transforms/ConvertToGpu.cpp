@@ -470,15 +470,18 @@ SmallVector<Value> KernelEmitter::wgmma(ValueRange acc, ValueRange a,
                                         bool accumulate) {
   const int64_t n = acc.size();
   const bool registerA = a.size() == 4;
+  // Without `accumulate` the MMA does not read the accumulators (scale-d is
+  // 0): they are outputs only, so nothing has to zero them first.
+  const int64_t firstInput = accumulate ? 2 * n : n;
   std::string ty = shape.bf16 ? "bf16" : "f16";
   std::string text = "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $" +
-                     std::to_string(2 * n + a.size() + 1) +
+                     std::to_string(firstInput + a.size() + 1) +
                      ", 0;\n\twgmma.mma_async.sync.aligned.m64n" +
                      std::to_string(n * 2) + "k16.f32." + ty + "." + ty + " {";
   for (int64_t i = 0; i < n; ++i)
     text += (i ? ", $" : "$") + std::to_string(i);
   text += "}, ";
-  int64_t next = 2 * n;
+  int64_t next = firstInput;
   if (registerA) {
     text += "{$" + std::to_string(next) + ", $" + std::to_string(next + 1) +
             ", $" + std::to_string(next + 2) + ", $" +
@@ -493,8 +496,15 @@ SmallVector<Value> KernelEmitter::wgmma(ValueRange acc, ValueRange a,
     text += ", 0";
   text += transposeB ? ", 1;\n\t}" : ", 0;\n\t}";
 
-  SmallVector<Value> operands(acc.begin(), acc.end());
-  std::string constraints = tiedConstraints(acc);
+  SmallVector<Value> operands;
+  std::string constraints;
+  if (accumulate) {
+    operands.append(acc.begin(), acc.end());
+    constraints = tiedConstraints(acc);
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      constraints += i ? ",=f" : "=f";
+  }
   for (Value v : a) {
     operands.push_back(v);
     constraints += registerA ? ",r" : ",l";
@@ -866,8 +876,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           m.mul(arith::DivUIOp::create(b, loc, warp, m.c(4)), m.c(64 * 128)),
           16, 1024);
       Value kDesc = tileDescriptor(keyOffset(slot), 16, 1024);
+      // The first k step overwrites the accumulators (see wgmma()): they
+      // need no zeros, only their types.
       SmallVector<Value> acc(kKeyNTiles * 4, f.c(0.0));
-      acc = wgmmaFence(acc);
+      inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
       for (int64_t kk = 0; kk < D / 16; ++kk) {
         int64_t inRow = (kk % 4) * 32;
         acc = wgmma(acc, advance(qDesc, (kk / 4) * qPanelBytes + inRow),
@@ -981,10 +993,12 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       Value mUse = f.select(f.eq(mx, f.negInf()), f.c(0.0), mx);
       alpha[half] = exp2(f.sub(oldMax, mUse));
       Value sum = f.mul(oldSum, alpha[half]);
+      // p = exp2(s * c - m) as one fma per score.
+      Value negM = arith::NegFOp::create(b, loc, mUse);
       for (int64_t n = 0; n < kKeyNTiles; ++n)
         for (int64_t e = 0; e < 2; ++e) {
           Value &x = s[n][half * 2 + e];
-          x = exp2(arith::SubFOp::create(b, loc, f.mul(x, c2), mUse));
+          x = exp2(LLVM::FMAOp::create(b, loc, x, c2, negM));
           sum = f.add(sum, x);
         }
       newMax[half] = mx;

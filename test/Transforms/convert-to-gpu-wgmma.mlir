@@ -12,12 +12,27 @@
 // CHECK: memref.extract_aligned_pointer_as_index
 // CHECK: nvgpu.device_async_copy
 // CHECK: "fence.proxy.async.shared::cta;"
+// One barrier per key tile: wait for the tile, barrier, then the next
+// tile's copies.
 // CHECK: scf.for
+// CHECK: nvgpu.device_async_wait
+// CHECK: "fence.proxy.async.shared::cta;"
+// CHECK-NEXT: gpu.barrier
+// CHECK-NOT: gpu.barrier
+// CHECK: nvgpu.device_async_copy
 // CHECK: "wgmma.fence.sync.aligned;"
 // CHECK: wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16
 // CHECK: "wgmma.commit_group.sync.aligned;\0A\09wgmma.wait_group.sync.aligned 0;"
 // CHECK: llvm.call_intrinsic "llvm.nvvm.ex2.approx.ftz.f"
 // CHECK: wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16
+// CHECK-NOT: gpu.barrier
+// CHECK: scf.yield
+// After the loop: out through shared memory, then 16-byte global stores.
+// CHECK: gpu.barrier
+// CHECK: vector.store {{.*}} : memref<128x136xf16, #gpu.address_space<workgroup>>, vector<2xf16>
+// CHECK: gpu.barrier
+// CHECK: vector.load {{.*}} {alignment = 16 : i64} : memref<128x136xf16, #gpu.address_space<workgroup>>, vector<8xf16>
+// CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 // CHECK-NOT: nvvm.mma.sync
 // CHECK-NOT: nvgpu.ldmatrix
 func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: tensor<1x4x?x128xbf16>) -> tensor<1x4x?x128xbf16> {

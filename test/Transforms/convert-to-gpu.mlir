@@ -30,8 +30,15 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 // CHECK: gpu.func @component_0
 // CHECK-SAME: component = #attn.component<period = 1, residue = all, segment = 0, band = [0, 7]>, kind = "begin", shared_bytes = 46080
 // CHECK: nvvm.mma.sync {{.*}} : (vector<2xf16>, vector<2xf16>, f32)
+// The state's acc between them is O / sum in the 16-bit input type: `begin`
+// stores column pairs of it, `end` loads them (and multiplies by the sum).
+// CHECK: vector.store {{.*}} {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>
 // CHECK: gpu.func @component_1
 // CHECK-SAME: component = #attn.component<period = 8, residue = all, segment = 0, band = [1, inf]>, kind = "end"
+// CHECK: vector.load {{.*}} {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>
+// CHECK: arith.extf {{.*}} : vector<2xf16> to vector<2xf32>
+// Out leaves through shared memory in 16-byte pieces.
+// CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 // CHECK-NOT: gpu.func @finalize
 func.func @strided(%q: tensor<2x8x?x64xf16>, %k: tensor<2x2x?x64xf16>, %v: tensor<2x2x?x64xf16>) -> tensor<2x8x?x64xf16> {
   %o = attn.attention %q, %k, %v pattern(#attn.strided<stride = 8, local = 8>) : tensor<2x8x?x64xf16>, tensor<2x2x?x64xf16>, tensor<2x2x?x64xf16> -> tensor<2x8x?x64xf16>
@@ -42,8 +49,17 @@ func.func @strided(%q: tensor<2x8x?x64xf16>, %k: tensor<2x2x?x64xf16>, %v: tenso
 
 // A dilated component with head offsets covers only its residue's rows, so
 // it updates a state that init and finalize bracket.
+// init and finalize take 8 elements per thread: 16-byte accesses to the
+// 16-bit acc (which already holds O / sum: finalize copies it out).
 // CHECK: attn.launch_order = ["init", "component_0", "finalize"]
+// CHECK: gpu.func @init
+// CHECK-SAME: elements_per_thread = 8 : i64, kind = "init"
+// CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 // CHECK: component = #attn.component<period = 4, residue = head, segment = 64
+// CHECK: gpu.func @finalize
+// CHECK-SAME: elements_per_thread = 8 : i64, kind = "finalize"
+// CHECK: vector.load {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
+// CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 func.func @dilated(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %v: tensor<1x4x256x128xbf16>) -> tensor<1x4x256x128xbf16> {
   %o = attn.attention %q, %k, %v pattern(#attn.dilated<segment = 64, rate = 4, head_offset = true>) : tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16> -> tensor<1x4x256x128xbf16>
   return %o : tensor<1x4x256x128xbf16>

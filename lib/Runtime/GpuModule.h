@@ -69,12 +69,12 @@ bool growDeviceBuffer(const Driver &d, CUdeviceptr &buffer, size_t &bytes,
                       size_t need, const std::string &what, std::string &error,
                       bool *grown = nullptr);
 
-/// The kernels move rows of q, k, v in 16-byte copies and write out in up to
-/// 16-byte pieces: false (and `error` naming the tensor) unless every data
-/// pointer is 16-byte aligned.
-bool checkAligned(
-    std::initializer_list<std::pair<const char *, const void *>> tensors,
-    std::string &error);
+/// Before a run: the driver's context is current, and q, k, v and out start
+/// at 16-byte boundaries (the kernels move rows of q, k, v in 16-byte copies
+/// and write out in up to 16-byte pieces). False, with `error` naming the
+/// cause, otherwise.
+bool prepareRun(const Driver &d, const void *q, const void *k, const void *v,
+                const void *out, std::string &error);
 
 /// One kernel launch: device pointers (0 = absent), shapes and positions.
 struct KernelArgs {

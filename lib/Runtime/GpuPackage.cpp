@@ -175,10 +175,12 @@ bool attn::runtime::growDeviceBuffer(const Driver &d, CUdeviceptr &buffer,
   return true;
 }
 
-bool attn::runtime::checkAligned(
-    std::initializer_list<std::pair<const char *, const void *>> tensors,
-    std::string &error) {
-  for (auto [name, data] : tensors)
+bool attn::runtime::prepareRun(const Driver &d, const void *q, const void *k,
+                               const void *v, const void *out,
+                               std::string &error) {
+  if (!ensureContext(d, error))
+    return false;
+  for (auto [name, data] : {std::pair{"q", q}, {"k", k}, {"v", v}, {"out", out}})
     if (uintptr_t(data) % 16 != 0) {
       error = std::string(name) +
               ": the data pointer is not 16-byte aligned (the GPU kernels "
@@ -270,13 +272,9 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
                      std::string &error, void *streamPtr, KeyInputs keys) {
   GpuModule &g = *gpu_;
   const Driver &d = *g.d;
-  if (!ensureContext(d, error))
+  if (!prepareRun(d, q.data, k.data, v.data, out.data, error))
     return false;
   CUstream stream = static_cast<CUstream>(streamPtr);
-  if (!checkAligned({{"q", q.data}, {"k", k.data}, {"v", v.data},
-                     {"out", out.data}},
-                    error))
-    return false;
   const int64_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2],
                 Lk = keys.ids ? keys.ids->shape[1] : k.shape[2],
                 D = q.shape[3];

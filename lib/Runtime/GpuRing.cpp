@@ -50,15 +50,11 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
                          void *streamPtr) {
   GpuModule &g = *gpu_;
   const Driver &d = *g.d;
-  if (!ensureContext(d, error))
-    return false;
-  CUstream stream = static_cast<CUstream>(streamPtr);
-  if (!checkAligned({{"q", q.data}, {"k", k.data}, {"v", v.data},
-                     {"out", out.data}},
-                    error)) {
+  if (!prepareRun(d, q.data, k.data, v.data, out.data, error)) {
     transport.abort(error); // the other ranks must not wait for this one
     return false;
   }
+  CUstream stream = static_cast<CUstream>(streamPtr);
   const RankSchedule &rs = ring_->schedule[transport.rank()];
   const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];
   const int64_t Hkv = k.shape[1], es = 2; // bf16 / f16 storage

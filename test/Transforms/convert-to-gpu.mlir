@@ -31,8 +31,10 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 // CHECK-SAME: component = #attn.component<period = 1, residue = all, segment = 0, band = [0, 7]>, kind = "begin", shared_bytes = 46080
 // CHECK: nvvm.mma.sync {{.*}} : (vector<2xf16>, vector<2xf16>, f32)
 // The state's acc between them is O / sum in the 16-bit input type: `begin`
-// stores column pairs of it, `end` loads them (and multiplies by the sum).
-// CHECK: vector.store {{.*}} {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>
+// stores its rows through shared memory in 16-byte pieces, `end` loads
+// column pairs (and multiplies them by the sum).
+// CHECK: vector.store {{.*}} : memref<64x72xf16, #gpu.address_space<workgroup>>, vector<2xf16>
+// CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 // CHECK: gpu.func @component_1
 // CHECK-SAME: component = #attn.component<period = 8, residue = all, segment = 0, band = [1, inf]>, kind = "end"
 // CHECK: vector.load {{.*}} {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>

@@ -235,8 +235,9 @@ private:
   /// Columns (at, at + 1) of the state's acc as f32 O; `rowSum` is the
   /// row's l (a 16-bit acc holds O / l).
   SmallVector<Value> loadStatePair(Value at, Value rowSum);
-  /// Stores O columns (x, y) at (at, at + 1) of acc; `rowSum` as above.
-  void storeStatePair(Value at, Value x, Value y, Value rowSum);
+  /// Stores O columns (x, y) at (at, at + 1) of an f32 acc (a 16-bit acc
+  /// leaves through shared memory with out's rows).
+  void storeStatePair(Value at, Value x, Value y);
 
   // Warpgroup MMA (sm_90a). The MMAs are PTX in inline assembly: MLIR's
   // wgmma op has no register A operand, and the accumulators must be threaded
@@ -378,22 +379,11 @@ SmallVector<Value> KernelEmitter::loadStatePair(Value at, Value rowSum) {
           f.mul(vector::ExtractOp::create(b, loc, wide, 1), rowSum)};
 }
 
-void KernelEmitter::storeStatePair(Value at, Value x, Value y, Value rowSum) {
-  if (!shape.halfState) {
-    Value pair = vector::FromElementsOp::create(
-        b, loc, VectorType::get({2}, f32), ValueRange{x, y});
-    vector::StoreOp::create(b, loc, pair, arg(Acc), at, /*nontemporal=*/false,
-                            llvm::MaybeAlign(8));
-    return;
-  }
-  Value inv = f.select(f.gt(rowSum, f.c(0.0)),
-                       arith::DivFOp::create(b, loc, f.c(1.0), rowSum),
-                       f.c(0.0));
-  Value pair = pack(f.mul(x, inv), f.mul(y, inv));
-  if (shape.bf16)
-    pair = LLVM::BitcastOp::create(b, loc, VectorType::get({2}, f16), pair);
+void KernelEmitter::storeStatePair(Value at, Value x, Value y) {
+  Value pair = vector::FromElementsOp::create(
+      b, loc, VectorType::get({2}, f32), ValueRange{x, y});
   vector::StoreOp::create(b, loc, pair, arg(Acc), at, /*nontemporal=*/false,
-                          llvm::MaybeAlign(4));
+                          llvm::MaybeAlign(8));
 }
 
 SmallVector<Value> KernelEmitter::inlinePtx(TypeRange resultTypes,
@@ -1068,33 +1058,41 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
 
   ValueRange fin = loop.getResults();
   Value ln2 = f.c(M_LN2);
-  // `out` goes through shared memory (free once every warp has left the
-  // loop): each thread writes its normalized pairs into rows of D + 8
-  // elements (the 8 rows of a store then fall in different banks), and each
-  // warp copies its 16 rows out in 16-byte pieces, whole rows per store.
-  Value outTile;
-  if (writesOut) {
+  // 16-bit rows (out, or a 16-bit state's O / sum) go through shared memory
+  // (free once every warp has left the loop): each thread writes its
+  // normalized pairs into rows of D + 8 elements (the 8 rows of a store then
+  // fall in different banks), and each warp copies its 16 rows out in
+  // 16-byte pieces, whole rows per store. An f32 state is stored directly.
+  const bool staged = writesOut || shape.halfState;
+  Value rowTile;
+  if (staged) {
     gpu::BarrierOp::create(b, loc);
     auto workgroup =
         gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
     auto type = MemRefType::get({kBlockRows, D + 8}, f16,
                                 MemRefLayoutAttrInterface{}, workgroup);
-    outTile = memref::ViewOp::create(b, loc, type, dyn,
+    rowTile = memref::ViewOp::create(b, loc, type, dyn,
                                      shape.wgmma ? tilesOffset : zero,
                                      ValueRange{});
   }
+  // Rows written: out every existing row (those not computed, past
+  // lengths[b], as 0 / -inf); `begin` every existing row (those it does not
+  // compute hold the empty state, as init would have left them); `update`
+  // only its own rows.
+  auto rowWritten = [&](Value t) {
+    return writesOut || mode == StateMode::Begin ? m.lt(t, tRowAll)
+                                                 : m.lt(t, q1);
+  };
   for (int64_t half = 0; half < 2; ++half) {
     Value t = tq[half];
     Value valid = m.lt(t, q1);
-    Value exists = m.lt(t, tRowAll);
     Value mx = fin[oFrags * 4 + half];
     Value sum = quadReduce(fin[oFrags * 4 + 2 + half], /*isMax=*/false);
     Value rowIdx = m.add(qHead, qRowIndex(t));
-    if (writesOut) {
-      // Rows not computed (past lengths[b]) are written as 0 / -inf.
-      Value ok = m.both(valid, f.gt(sum, f.c(0.0)));
+    Value ok = m.both(valid, f.gt(sum, f.c(0.0)));
+    if (staged) {
       Value inv = f.select(ok, arith::DivFOp::create(b, loc, f.c(1.0), sum),
-                         f.c(0.0));
+                           f.c(0.0));
       auto pairType = VectorType::get({2}, f16);
       Value tileRow = m.add(warpRow, m.add(laneRow, m.c(half * 8)));
       for (int64_t dn = 0; dn < oFrags; ++dn) {
@@ -1103,40 +1101,39 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         Value pair = pack(x, y);
         if (shape.bf16)
           pair = LLVM::BitcastOp::create(b, loc, pairType, pair);
-        vector::StoreOp::create(b, loc, pair, outTile,
+        vector::StoreOp::create(b, loc, pair, rowTile,
                                 ValueRange{tileRow, m.add(laneCol, m.c(dn * 8))},
                                 /*nontemporal=*/false, llvm::MaybeAlign(4));
       }
-      auto ifLeader = scf::IfOp::create(
-          b, loc, TypeRange{}, m.both(exists, isQuadLeader), false);
+    } else {
+      auto ifWritten =
+          scf::IfOp::create(b, loc, TypeRange{}, rowWritten(t), false);
       OpBuilder::InsertionGuard guard(b);
-      b.setInsertionPointToStart(ifLeader.thenBlock());
+      b.setInsertionPointToStart(ifWritten.thenBlock());
+      for (int64_t dn = 0; dn < oFrags; ++dn) {
+        Value at = m.add(m.mul(rowIdx, m.c(D)), m.add(laneCol, m.c(dn * 8)));
+        storeStatePair(at, fin[dn * 4 + half * 2], fin[dn * 4 + half * 2 + 1]);
+      }
+    }
+    // Per row: lse, or the state's max and sum.
+    auto ifLeader = scf::IfOp::create(
+        b, loc, TypeRange{}, m.both(rowWritten(t), isQuadLeader), false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(ifLeader.thenBlock());
+    if (writesOut) {
       Value lse = f.select(ok, f.mul(f.add(mx, log2(sum)), ln2), f.negInf());
       memref::StoreOp::create(b, loc, lse, arg(Lse), rowIdx);
     } else {
-      // `begin` stores every row (those it does not compute hold the empty
-      // state, as init would have left them); `update` only its own rows.
-      Value store = mode == StateMode::Begin ? exists : valid;
-      auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, store, false);
-      OpBuilder::InsertionGuard guard(b);
-      b.setInsertionPointToStart(ifValid.thenBlock());
-      for (int64_t dn = 0; dn < oFrags; ++dn) {
-        Value at = m.add(m.mul(rowIdx, m.c(D)), m.add(laneCol, m.c(dn * 8)));
-        storeStatePair(at, fin[dn * 4 + half * 2], fin[dn * 4 + half * 2 + 1],
-                       sum);
-      }
-      auto ifLeader =
-          scf::IfOp::create(b, loc, TypeRange{}, isQuadLeader, false);
-      b.setInsertionPointToStart(ifLeader.thenBlock());
       memref::StoreOp::create(b, loc, mx, arg(Max), rowIdx);
       memref::StoreOp::create(b, loc, sum, arg(Sum), rowIdx);
     }
   }
-  if (writesOut) {
+  if (staged) {
     // The warp's 16 rows, D/8 16-byte chunks each, 32 chunks per step.
     gpu::BarrierOp::create(b, loc);
     const int64_t chunksPerRow = D / 8;
     auto chunkType = VectorType::get({8}, f16);
+    Value dst = writesOut ? arg(Out) : arg(Acc);
     for (int64_t i = 0; i < 16 * chunksPerRow / 32; ++i) {
       Value chunk = m.add(lane, m.c(32 * i));
       Value tileRow = m.add(
@@ -1144,16 +1141,16 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       Value col = m.mul(
           arith::RemUIOp::create(b, loc, chunk, m.c(chunksPerRow)), m.c(8));
       Value t = m.add(q0, tileRow);
-      auto ifExists =
-          scf::IfOp::create(b, loc, TypeRange{}, m.lt(t, tRowAll), false);
+      auto ifWritten =
+          scf::IfOp::create(b, loc, TypeRange{}, rowWritten(t), false);
       OpBuilder::InsertionGuard guard(b);
-      b.setInsertionPointToStart(ifExists.thenBlock());
-      Value v = vector::LoadOp::create(b, loc, chunkType, outTile,
+      b.setInsertionPointToStart(ifWritten.thenBlock());
+      Value v = vector::LoadOp::create(b, loc, chunkType, rowTile,
                                        ValueRange{tileRow, col},
                                        /*nontemporal=*/false,
                                        llvm::MaybeAlign(16));
       Value at = m.add(m.mul(m.add(qHead, qRowIndex(t)), m.c(D)), col);
-      vector::StoreOp::create(b, loc, v, arg(Out), at, /*nontemporal=*/false,
+      vector::StoreOp::create(b, loc, v, dst, at, /*nontemporal=*/false,
                               llvm::MaybeAlign(16));
     }
   }

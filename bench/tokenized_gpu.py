@@ -3,6 +3,8 @@ form and FlexAttention with a document mask, on Zipf-distributed ids.
 
     ATTN_GPU_PACKAGES=gpu-pkgs PYTHONPATH=python python3 bench/tokenized_gpu.py [OUT]
 
+(OUT: a path prefix for OUT.json/OUT.md, or a folder; default bench/tokenized_gpu.)
+
 Ids follow a bounded Zipf law (exponent 1.1, vocabulary 10^6); q, k and v
 come from bf16 embedding tables [V, H, D] (H = Hkv = 8, D = 64), B = 4 full
 sequences of L tokens. Self-attention, per layer call (timed with
@@ -41,8 +43,12 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 import attn
 
 PKGS = os.environ["ATTN_GPU_PACKAGES"]
+# OUT: a path prefix for OUT.json and OUT.md, or a folder to write
+# tokenized_gpu.json and tokenized_gpu.md into.
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__),
                                                          "tokenized_gpu")
+if os.path.isdir(OUT):
+    OUT = os.path.join(OUT, "tokenized_gpu")
 B, H, HKV, D, VOCAB, ZIPF, C, RANKS = 4, 8, 8, 64, 10 ** 6, 1.1, 512, 8
 LENS = [int(x) for x in os.environ.get("LENS", "1024,4096,10000").split(",")]
 dev = "cuda"

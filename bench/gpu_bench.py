@@ -12,9 +12,7 @@ per batch row (padded to 4096, lengths = document lengths): the same pairs.
 LENS=32768,131072 picks lengths; PATTERNS=causal,local,... picks patterns.
 """
 import json
-import math
 import os
-import sys
 import time
 
 import torch

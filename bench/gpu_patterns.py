@@ -66,8 +66,7 @@ def pairs(name, L, doc_lens=None):
         return sum(count(f, L, True) for f in branch_fns())
     if name == "tokenized":
         return H * sum(n * n for n in doc_lens)
-    doc = None
-    return count(mask_fn(name, doc), L, name.startswith("dilated"))
+    return count(mask_fn(name), L, name.startswith("dilated"))
 
 
 def package_name(name, L):

@@ -11,9 +11,7 @@
 
 #include "attn/Runtime/CudaDriver.h"
 
-#include <initializer_list>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace attn::runtime {

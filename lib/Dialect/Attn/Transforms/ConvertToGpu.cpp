@@ -78,7 +78,8 @@ namespace {
 constexpr int64_t kBlockKeys = 64;
 constexpr int64_t kKeyNTiles = kBlockKeys / 8;
 constexpr int64_t kElementwiseThreads = 256;
-/// Elements per thread of init/finalize: 32 bytes of f32 state, 16 of out.
+/// Elements per thread of init/finalize: 16-byte accesses to out and a
+/// 16-bit state, 32-byte ones to an f32 state.
 constexpr int64_t kElementwiseVector = 8;
 
 /// Static facts of one attention function, from its types.

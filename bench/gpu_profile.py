@@ -1,0 +1,29 @@
+"""Runs one bench pattern's package a few times on the bench inputs, for a
+profiler to attach to (the DRAM/L2 figures in gpu_ab.md come from this):
+
+    M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct
+    PYTHONPATH=python:bench L=32768 PAT=strided \\
+        ncu --clock-control none --metrics $M -k regex:component \\
+        python3 bench/gpu_profile.py gpu-pkgs [gpu-pkgs-b ...]
+
+Each argument is a folder from scripts/build_gpu_packages.py; L and PAT pick
+the length and pattern (names as in gpu_bench.py).
+"""
+import os
+import sys
+
+import torch
+
+import attn
+from gpu_patterns import B, D, H, dev, doc_lengths, package_inputs, package_name
+
+L = int(os.environ.get("L", "32768"))
+name = os.environ.get("PAT", "strided")
+torch.manual_seed(0)
+q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+qa, ka, va, lens_t = package_inputs(name, q, k, v, doc_lengths(L))
+for folder in sys.argv[1:]:
+    pkg = attn.load(os.path.join(folder, package_name(name, L)))
+    for _ in range(3):
+        pkg(qa, ka, va, lengths=lens_t)
+    torch.cuda.synchronize()

@@ -2,7 +2,7 @@
 profiler to attach to (the DRAM/L2 figures in gpu_ab.md come from this):
 
     M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct
-    PYTHONPATH=python:bench L=32768 PAT=strided \\
+    ATTN_BUILD_DIR=build PYTHONPATH=python:bench L=32768 PAT=strided \\
         ncu --clock-control none --metrics $M -k regex:component \\
         python3 bench/gpu_profile.py gpu-pkgs [gpu-pkgs-b ...]
 
@@ -21,7 +21,11 @@ L = int(os.environ.get("L", "32768"))
 name = os.environ.get("PAT", "strided")
 torch.manual_seed(0)
 q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-qa, ka, va, lens_t = package_inputs(name, q, k, v, doc_lengths(L))
+doc_lens = doc_lengths(L)
+if name == "tokenized" and doc_lens is None:
+    sys.exit(f"gpu_profile.py: no tokenized benchmark at L={L} "
+             f"(bench/gpu/doc_lengths_{L}.json is missing)")
+qa, ka, va, lens_t = package_inputs(name, q, k, v, doc_lens)
 for folder in sys.argv[1:]:
     pkg = attn.load(os.path.join(folder, package_name(name, L)))
     for _ in range(3):

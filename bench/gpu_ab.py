@@ -4,9 +4,16 @@ the quick check of a code-generation change before bench/gpu_bench.py.
     PKG_SETS=gpu-pkgs-a,gpu-pkgs-b PYTHONPATH=python python3 bench/gpu_ab.py
 
 Each set is a folder from scripts/build_gpu_packages.py. LENS and PATTERNS as
-in gpu_bench.py. Prints attn TF/s per set and pattern, and the largest
-difference of each set's output from the first set's (the sets must agree).
+in gpu_bench.py. Prints attn TF/s per set and pattern (the median over
+ROUNDS rounds, default 3), and the largest difference of each set's output
+from the first set's (the sets must agree).
+
+The order of the sets rotates from round to round: under sustained load an
+H100 slows down (power and clocks), so a set timed later in a row of
+back-to-back runs measures slower - by up to 15% for the same packages - and
+a fixed order would favour the first set.
 """
+import statistics
 import json
 import os
 
@@ -19,6 +26,7 @@ from gpu_patterns import B, D, H, dev, doc_lengths, package_inputs, package_name
 sets = os.environ["PKG_SETS"].split(",")
 lens = [int(x) for x in os.environ.get("LENS", "32768").split(",")]
 patterns = os.environ.get("PATTERNS", "causal,local,strided,dilated_sum,dilated_union,tokenized").split(",")
+rounds = int(os.environ.get("ROUNDS", "3"))
 torch.manual_seed(0)
 rows = []
 for L in lens:
@@ -29,19 +37,23 @@ for L in lens:
             continue
         nnz = pairs(name, L, doc_lens)
         qa, ka, va, lens_t = package_inputs(name, q, k, v, doc_lens)
-        first = None
+        pkgs = {s: attn.load(os.path.join(s, package_name(name, L))) for s in sets}
+        first = pkgs[sets[0]](qa, ka, va, lengths=lens_t).float()
+        times = {s: [] for s in sets}
+        diffs = {}
+        for rnd in range(rounds):
+            for s in sets[rnd % len(sets):] + sets[:rnd % len(sets)]:
+                run = lambda: pkgs[s](qa, ka, va, lengths=lens_t)
+                if rnd == 0:
+                    diffs[s] = float((run().float() - first).abs().max())
+                times[s].append(tt.do_bench(run, warmup=25, rep=200, return_mode="median"))
         for s in sets:
-            pkg = attn.load(os.path.join(s, package_name(name, L)))
-            run = lambda: pkg(qa, ka, va, lengths=lens_t)
-            o = run().float()
-            ms = tt.do_bench(run, warmup=25, rep=200, return_mode="median")
-            diff = 0.0 if first is None else float((o - first).abs().max())
-            first = o if first is None else first
-            r = {"L": L, "pattern": name, "set": s, "ms": ms,
-                 "tflops": 4 * nnz * D / ms / 1e9, "max_diff_vs_first": diff}
+            ms = statistics.median(times[s])
+            r = {"L": L, "pattern": name, "set": s, "ms": ms, "ms_rounds": times[s],
+                 "tflops": 4 * nnz * D / ms / 1e9, "max_diff_vs_first": diffs[s]}
             rows.append(r)
             print(json.dumps(r), flush=True)
-        del first, o
+        del first, pkgs
         torch.cuda.empty_cache()
 
 print(f"\ndevice: {torch.cuda.get_device_name()}")

@@ -23,7 +23,13 @@
 // CHECK: "wgmma.fence.sync.aligned;"
 // CHECK: wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16
 // CHECK: "wgmma.commit_group.sync.aligned;\0A\09wgmma.wait_group.sync.aligned 0;"
+// Lazy rescaling: the warp votes on whether any row's max grew by more
+// than 8 (log2 units); only then is O multiplied by alpha.
+// CHECK: %[[GROWS:.*]] = nvvm.vote.sync any %{{.*}}, %{{.*}} -> i1
 // CHECK: llvm.call_intrinsic "llvm.nvvm.ex2.approx.ftz.f"
+// CHECK: scf.if %[[GROWS]] -> ({{.*}}f32
+// CHECK: arith.mulf
+// CHECK: } else {
 // CHECK: wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16
 // CHECK-NOT: gpu.barrier
 // CHECK: scf.yield

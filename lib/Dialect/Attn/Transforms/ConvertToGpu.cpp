@@ -18,7 +18,9 @@
 // Per warp (16 rows) and key tile (64 keys), with mma.sync.m16n8k16:
 //
 //     S[16x64]  = Q[16xD] . K^T          (D/16 k-steps x 8 n-tiles)
-//     m'        = max(m, rowmax(S)*c)    (c = scale*log2(e); quad shuffles)
+//     m'        = max(m, rowmax(S)*c)    (c = scale*log2(e); quad shuffles;
+//                                          kept at m unless it grew by > 8:
+//                                          lazy rescaling, see below)
 //     P         = exp2(S*c - m'),  l = l*exp2(m - m') + rowsum(P)
 //     O[16xD]   = O*exp2(m - m') + P . V  (P re-packed in registers as the A
 //                                          operand: the m16n8 accumulator
@@ -78,6 +80,11 @@ namespace {
 constexpr int64_t kBlockKeys = 64;
 constexpr int64_t kKeyNTiles = kBlockKeys / 8;
 constexpr int64_t kElementwiseThreads = 256;
+/// How far (log2 units) a row's running max may lag its true max before
+/// the accumulators are rescaled: probabilities stay below 2^8 = 256, far
+/// inside f16/bf16 and f32 range.
+constexpr float kRescaleSlack = 8.0f;
+
 /// Elements per thread of init/finalize: 16-byte accesses to out and a
 /// 16-bit state, 32-byte ones to an f32 state.
 constexpr int64_t kElementwiseVector = 8;
@@ -968,22 +975,39 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       for (int64_t e = 0; e < 4; ++e)
         s[n][e] = maskIf.getResult(n * 4 + e);
 
-    // Online softmax per row half.
+    // Online softmax per row half, with lazy rescaling: a row keeps its old
+    // max m unless the tile's max exceeds it by more than kRescaleSlack (in
+    // log2 units), so p = exp2(s*c - m) stays below 2^kRescaleSlack and O
+    // and l stay consistent with the m they were scaled by. The warp decides
+    // as one (vote.any), so in the common case - no row of the warp grew
+    // by that much - the D/2 multiplies of O by alpha are skipped.
     Value c2 = f.c(scaleLog2);
-    Value newMax[2], newSum[2], alpha[2];
+    Value tileMaxC[2], grows = m.truth(false);
     for (int64_t half = 0; half < 2; ++half) {
       Value oldMax = state[oFrags * 4 + half];
-      Value oldSum = state[oFrags * 4 + 2 + half];
       Value tileMax = f.negInf();
       for (int64_t n = 0; n < kKeyNTiles; ++n)
         for (int64_t e = 0; e < 2; ++e)
           tileMax = f.max(tileMax, s[n][half * 2 + e]);
       tileMax = quadReduce(tileMax, /*isMax=*/true);
-      Value mx = f.max(oldMax, f.mul(tileMax, c2));
+      tileMaxC[half] = f.mul(tileMax, c2);
+      // -inf > -inf is false: a row that has seen no key does not vote.
+      grows = m.either(grows, f.gt(tileMaxC[half],
+                                   f.add(oldMax, f.c(kRescaleSlack))));
+    }
+    Value rescale = NVVM::VoteSyncOp::create(
+        b, loc, b.getI1Type(),
+        arith::ConstantIntOp::create(b, loc, i32, -1), grows,
+        NVVM::VoteSyncKind::any);
+    Value newMax[2], newSum[2], alpha[2];
+    for (int64_t half = 0; half < 2; ++half) {
+      Value oldMax = state[oFrags * 4 + half];
+      Value oldSum = state[oFrags * 4 + 2 + half];
+      Value mx = f.select(rescale, f.max(oldMax, tileMaxC[half]), oldMax);
       // A row that has seen no key keeps -inf; exponentiate against 0 then.
       Value mUse = f.select(f.eq(mx, f.negInf()), f.c(0.0), mx);
       alpha[half] = exp2(f.sub(oldMax, mUse));
-      Value sum = f.mul(oldSum, alpha[half]);
+      Value sum = f.select(rescale, f.mul(oldSum, alpha[half]), oldSum);
       // p = exp2(s * c - m) as one fma per score.
       Value negM = arith::NegFOp::create(b, loc, mUse);
       for (int64_t n = 0; n < kKeyNTiles; ++n)
@@ -996,11 +1020,24 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       newSum[half] = sum;
     }
 
-    // O = O * alpha + P V.
+    // O = O * alpha + P V, the multiply only where the warp rescales.
     SmallVector<AccFrag> o(oFrags);
-    for (int64_t dn = 0; dn < oFrags; ++dn)
-      for (int64_t e = 0; e < 4; ++e)
-        o[dn][e] = f.mul(state[dn * 4 + e], alpha[e / 2]);
+    {
+      SmallVector<Type> oTypes(oFrags * 4, f32);
+      auto rescaleIf =
+          scf::IfOp::create(b, loc, oTypes, rescale, /*withElse=*/true);
+      OpBuilder::InsertionGuard g2(b);
+      b.setInsertionPointToStart(rescaleIf.thenBlock());
+      SmallVector<Value> scaled;
+      for (int64_t i = 0; i < oFrags * 4; ++i)
+        scaled.push_back(f.mul(state[i], alpha[(i % 4) / 2]));
+      scf::YieldOp::create(b, loc, scaled);
+      b.setInsertionPointToStart(rescaleIf.elseBlock());
+      scf::YieldOp::create(b, loc, state.take_front(oFrags * 4));
+      for (int64_t dn = 0; dn < oFrags; ++dn)
+        for (int64_t e = 0; e < 4; ++e)
+          o[dn][e] = rescaleIf.getResult(dn * 4 + e);
+    }
     SmallVector<std::array<Value, 4>> pFrag;
     for (int64_t j = 0; j < kKeyNTiles / 2; ++j)
       pFrag.push_back({pack(s[2 * j][0], s[2 * j][1]),

@@ -3,7 +3,9 @@
 // Three views of one semantics (docs/Semantics.md):
 //  - multiplicity(): m(h, i, j) straight from the definitions (the oracle);
 //  - decompose(): the dense components whose memberships sum to m;
-//  - buildPatternPredicate(): m > 0 as arith IR, for the masks of edge tiles.
+//  - buildPatternPredicate(): m > 0 as arith IR, for the masks of edge tiles;
+//  - buildPatternMayHitTile(): a conservative "may m > 0 anywhere in this
+//    tile" as arith IR, so that filters mask only the tiles they can reach.
 // Every pattern aligns query rows to key positions bottom-right: query row i
 // sits at position p = i + Lk - Lq.
 //
@@ -314,4 +316,54 @@ Value mlir::attn::buildPatternPredicate(OpBuilder &b, Location loc,
       .Default([](Attribute) -> Value {
         llvm_unreachable("not a pattern attribute");
       });
+}
+
+Value mlir::attn::buildPatternMayHitTile(OpBuilder &b, Location loc,
+                                         Attribute pattern, Value pLo,
+                                         Value pHi, Value jLo, Value jHi) {
+  IndexMath m{b, loc};
+  auto recurse = [&](Attribute member) {
+    return buildPatternMayHitTile(b, loc, member, pLo, pHi, jLo, jHi);
+  };
+  // Some key at or before some position: j <= p for a pair of the tile.
+  Value someCausal = m.le(jLo, pHi);
+  return llvm::TypeSwitch<Attribute, Value>(pattern)
+      .Case([&](CausalAttr) { return someCausal; })
+      .Case([&](StridedAttr) { return someCausal; })
+      .Case([&](LocalAttr a) {
+        // |p - j| < w for a pair: the closest pair is (pLo, jHi) on the
+        // causal side and (pHi, jLo) on the other.
+        Value w = m.c(a.getWindow());
+        Value nearBehind = m.lt(m.sub(pLo, jHi), w);
+        if (a.getCausal())
+          return m.both(someCausal, nearBehind);
+        return m.both(nearBehind, m.lt(m.sub(jLo, pHi), w));
+      })
+      .Case([&](DilatedAttr a) {
+        // p and j in one segment: the segment ranges of the rows and of the
+        // keys overlap (the residue conditions are left to the mask).
+        Value w = m.c(a.getSegment());
+        Value overlap = m.both(m.le(m.floorDiv(pLo, w), m.floorDiv(jHi, w)),
+                               m.le(m.floorDiv(jLo, w), m.floorDiv(pHi, w)));
+        return a.getCausal() ? m.both(overlap, someCausal) : overlap;
+      })
+      .Case([&](SumAttr a) {
+        Value any = m.truth(false);
+        for (Attribute member : a.getPatterns())
+          any = m.either(any, recurse(member));
+        return any;
+      })
+      .Case([&](UnionAttr a) {
+        Value any = m.truth(false);
+        for (Attribute member : a.getPatterns())
+          any = m.either(any, recurse(member));
+        return any;
+      })
+      .Case([&](IntersectAttr a) {
+        Value all = m.truth(true);
+        for (Attribute member : a.getPatterns())
+          all = m.both(all, recurse(member));
+        return all;
+      })
+      .Default([&](Attribute) { return m.truth(true); });
 }

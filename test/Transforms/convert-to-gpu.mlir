@@ -84,3 +84,23 @@ func.func @longnet(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %
   %o = attn.attention %q, %k, %v pattern(#attn.sum<[#attn.dilated<segment = 64, rate = 1, head_offset = true, causal = true>, #attn.dilated<segment = 128, rate = 2, head_offset = true, causal = true>, #attn.dilated<segment = 256, rate = 4, head_offset = true, causal = true>]>) : tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16> -> tensor<1x4x256x128xbf16>
   return %o : tensor<1x4x256x128xbf16>
 }
+
+// -----
+
+// A union's later member excludes the earlier one (local window 8 here):
+// the exclusion's predicate runs only on the key tiles it can reach, so the
+// mask stays a runtime branch (with `true` it would fold away) on the tile's
+// position ranges: p - j < 8 for the closest pair and j <= p for some pair.
+// CHECK: name = "union"
+// CHECK: gpu.func @component_1
+// CHECK-SAME: exclude = [#attn.local<window = 8>]
+// CHECK: scf.for
+// CHECK: %[[NEAR:.*]] = arith.cmpi slt, %{{.*}}, %c8
+// CHECK: %[[MAY:.*]] = arith.andi %{{.*}}, %[[NEAR]]
+// CHECK: %[[MASKED:.*]] = arith.ori %{{.*}}, %[[MAY]]
+// CHECK: scf.if %[[MASKED]] -> (f32
+// CHECK: nvvm.vote.sync any
+func.func @union(%q: tensor<1x4x?x64xbf16>, %k: tensor<1x4x?x64xbf16>, %v: tensor<1x4x?x64xbf16>) -> tensor<1x4x?x64xbf16> {
+  %o = attn.attention %q, %k, %v pattern(#attn.union<[#attn.local<window = 8>, #attn.causal]>) : tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16> -> tensor<1x4x?x64xbf16>
+  return %o : tensor<1x4x?x64xbf16>
+}

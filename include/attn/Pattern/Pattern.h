@@ -58,6 +58,14 @@ Value buildPatternPredicate(OpBuilder &b, Location loc, Attribute pattern,
                             Value head, Value row, Value key, Value qLen,
                             Value kLen, Value length);
 
+/// Builds IR for a conservative test on a tile: an i1 that is false only if
+/// no pair with position p in [pLo, pHi] and key j in [jLo, jHi] can be in
+/// `pattern` (positions as in buildPatternPredicate, p = i + Lk - Lq). It
+/// lets a kernel skip a filter's per-element predicate on tiles the filter
+/// cannot reach; where it cannot tell (tokenized, full) it is true.
+Value buildPatternMayHitTile(OpBuilder &b, Location loc, Attribute pattern,
+                             Value pLo, Value pHi, Value jLo, Value jHi);
+
 } // namespace mlir::attn
 
 #endif // ATTN_PATTERN_PATTERN_H

@@ -922,12 +922,24 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     }
 
     // Edge tiles: scores outside the component become -inf.
-    Value masked;
-    if (comp.hasFilters()) {
+    Value masked = m.either(m.lt(k0, fullLo),
+                            m.lt(fullHi, m.add(k0, m.c(kBlockKeys))));
+    if (!comp.getInclude().empty()) {
       masked = m.truth(true);
-    } else {
-      masked = m.either(m.lt(k0, fullLo),
-                        m.lt(fullHi, m.add(k0, m.c(kBlockKeys))));
+    } else if (!comp.getExclude().empty()) {
+      // An exclusion needs the per-element predicate only on tiles it can
+      // reach (a union's later branch excludes the earlier branches, which
+      // share few tiles with it): test the tile's position ranges, in the
+      // predicate's coordinates (below), against each excluded pattern.
+      Value pLo = m.add(qPos, m.mul(posStride, qRowIndex(q0)));
+      Value pHi = m.add(qPos, m.mul(posStride, qRowIndex(m.sub(q1, one))));
+      auto keyAt = [&](Value tk) {
+        return m.add(kPos, m.mul(posStride, m.sub(keyPos(tk), kOrigin)));
+      };
+      Value jLo = keyAt(k0), jHi = keyAt(m.add(k0, m.c(kBlockKeys - 1)));
+      for (Attribute exc : comp.getExclude())
+        masked = m.either(
+            masked, buildPatternMayHitTile(b, loc, exc, pLo, pHi, jLo, jHi));
     }
     SmallVector<Type> sTypes(kKeyNTiles * 4, f32);
     auto maskIf = scf::IfOp::create(b, loc, sTypes, masked, /*withElse=*/true);

@@ -3,7 +3,9 @@
 // m(h, i, j) of every leaf and combinator compared with masks written out by
 // hand for small cases, including Lq != Lk (bottom-right alignment), fully
 // masked rows and tokenized lengths; then, for many patterns and shapes, the
-// decomposition's memberships summed must equal m for every pair.
+// decomposition's memberships summed must equal m for every pair, and the
+// GPU kernels' tile test (buildPatternMayHitTile) must be true on every tile
+// that holds a pair of the pattern.
 //
 //===----------------------------------------------------------------------===//
 
@@ -12,7 +14,11 @@
 #include "attn/Pattern/Reference.h"
 
 #include "mlir/AsmParser/AsmParser.h"
+#include "mlir/Dialect/Arith/IR/Arith.h"
+#include "mlir/Dialect/Func/IR/FuncOps.h"
+#include "mlir/IR/BuiltinOps.h"
 #include "mlir/IR/MLIRContext.h"
+#include "mlir/Transforms/GreedyPatternRewriteDriver.h"
 
 #include <gtest/gtest.h>
 
@@ -177,3 +183,76 @@ TEST_F(PatternTest, ReferenceEmptyRowsAndWeights) {
 }
 
 } // namespace
+
+namespace {
+
+/// Evaluates buildPatternMayHitTile on constants: the IR is built into a
+/// function returning the i1, then folded down to one constant.
+bool mayHitTile(MLIRContext &ctx, Attribute pattern, int64_t pLo, int64_t pHi,
+                int64_t jLo, int64_t jHi) {
+  OpBuilder b(&ctx);
+  Location loc = b.getUnknownLoc();
+  OwningOpRef<ModuleOp> module = ModuleOp::create(loc);
+  b.setInsertionPointToEnd(module->getBody());
+  auto fn = func::FuncOp::create(b, loc, "tile",
+                                 b.getFunctionType({}, {b.getI1Type()}));
+  b.setInsertionPointToStart(fn.addEntryBlock());
+  auto c = [&](int64_t v) -> Value {
+    return arith::ConstantIndexOp::create(b, loc, v);
+  };
+  Value hit = buildPatternMayHitTile(b, loc, pattern, c(pLo), c(pHi), c(jLo),
+                                     c(jHi));
+  func::ReturnOp::create(b, loc, hit);
+  EXPECT_TRUE(succeeded(applyPatternsGreedily(fn, RewritePatternSet(&ctx))));
+  Value folded = fn.getBody().front().getTerminator()->getOperand(0);
+  auto constant = folded.getDefiningOp<arith::ConstantOp>();
+  EXPECT_TRUE(constant) << "the tile test did not fold to a constant";
+  return constant && cast<BoolAttr>(constant.getValue()).getValue();
+}
+
+} // namespace
+
+TEST_F(PatternTest, MayHitTileCoversEveryPair) {
+  ctx.loadDialect<arith::ArithDialect, func::FuncDialect>();
+  const char *patterns[] = {
+      "#attn.full",
+      "#attn.causal",
+      "#attn.local<window = 5>",
+      "#attn.local<window = 4, causal = false>",
+      "#attn.strided<stride = 4, local = 2>",
+      "#attn.dilated<segment = 8, rate = 2, head_offset = true>",
+      "#attn.dilated<segment = 6, rate = 1, causal = true>",
+      "#attn.union<[#attn.dilated<segment = 4, rate = 1, causal = true>, "
+      "#attn.local<window = 3>]>",
+      "#attn.sum<[#attn.dilated<segment = 8, rate = 1, causal = true>, "
+      "#attn.dilated<segment = 16, rate = 4, head_offset = true, causal = "
+      "true>]>",
+      "#attn.intersect<[#attn.causal, #attn.local<window = 6, causal = "
+      "false>]>",
+  };
+  const int64_t n = 24; // positions 0..n-1, Lq = Lk = n (p = i)
+  for (const char *text : patterns) {
+    Attribute pattern = parse(text);
+    int tiles = 0, skipped = 0;
+    for (int64_t pLo = 0; pLo < n; pLo += 3)
+      for (int64_t pHi = pLo; pHi < std::min(n, pLo + 7); pHi += 2)
+        for (int64_t jLo = 0; jLo < n; jLo += 3)
+          for (int64_t jHi = jLo; jHi < std::min(n, jLo + 7); jHi += 3) {
+            bool any = false;
+            for (int64_t h = 0; h < 4 && !any; ++h)
+              for (int64_t p = pLo; p <= pHi && !any; ++p)
+                for (int64_t j = jLo; j <= jHi && !any; ++j)
+                  any = multiplicity(pattern, {h, p, j, n, n, -1}) > 0;
+            bool may = mayHitTile(ctx, pattern, pLo, pHi, jLo, jHi);
+            ++tiles;
+            skipped += may ? 0 : 1;
+            ASSERT_TRUE(may || !any)
+                << text << ": the tile p in [" << pLo << ", " << pHi
+                << "], j in [" << jLo << ", " << jHi
+                << "] holds a pair but the test says it cannot";
+          }
+    // The test must also rule tiles out where it can, or it saves nothing.
+    if (StringRef(text) != "#attn.full")
+      EXPECT_GT(skipped, 0) << text << ": no tile ruled out of " << tiles;
+  }
+}

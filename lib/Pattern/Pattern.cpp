@@ -254,6 +254,27 @@ std::pair<Value, Value> mlir::attn::buildHeadClass(OpBuilder &b, Location loc,
   return {cls, valid};
 }
 
+/// The combinators, for the IR builders below: the OR of `member` over the
+/// members of a sum or union, the AND over those of an intersection; null
+/// for a leaf pattern.
+static Value combineMembers(IndexMath &m, Attribute pattern,
+                            function_ref<Value(Attribute)> member) {
+  bool isAnd = isa<IntersectAttr>(pattern);
+  ArrayRef<Attribute> members;
+  if (auto a = dyn_cast<SumAttr>(pattern))
+    members = a.getPatterns().getValue();
+  else if (auto a = dyn_cast<UnionAttr>(pattern))
+    members = a.getPatterns().getValue();
+  else if (auto a = dyn_cast<IntersectAttr>(pattern))
+    members = a.getPatterns().getValue();
+  else
+    return Value();
+  Value result = m.truth(isAnd);
+  for (Attribute x : members)
+    result = isAnd ? m.both(result, member(x)) : m.either(result, member(x));
+  return result;
+}
+
 Value mlir::attn::buildPatternPredicate(OpBuilder &b, Location loc,
                                         Attribute pattern, Value head,
                                         Value row, Value key, Value qLen,
@@ -265,6 +286,8 @@ Value mlir::attn::buildPatternPredicate(OpBuilder &b, Location loc,
     return buildPatternPredicate(b, loc, member, head, row, key, qLen, kLen,
                                  length);
   };
+  if (Value combined = combineMembers(m, pattern, recurse))
+    return combined;
   return llvm::TypeSwitch<Attribute, Value>(pattern)
       .Case([&](FullAttr) { return m.truth(true); })
       .Case([&](CausalAttr) { return m.le(j, p); })
@@ -295,24 +318,6 @@ Value mlir::attn::buildPatternPredicate(OpBuilder &b, Location loc,
         assert(length && "tokenized predicate needs lengths");
         return m.both(m.lt(row, length), m.lt(j, length));
       })
-      .Case([&](SumAttr a) {
-        Value any = m.truth(false);
-        for (Attribute member : a.getPatterns())
-          any = m.either(any, recurse(member));
-        return any;
-      })
-      .Case([&](UnionAttr a) {
-        Value any = m.truth(false);
-        for (Attribute member : a.getPatterns())
-          any = m.either(any, recurse(member));
-        return any;
-      })
-      .Case([&](IntersectAttr a) {
-        Value all = m.truth(true);
-        for (Attribute member : a.getPatterns())
-          all = m.both(all, recurse(member));
-        return all;
-      })
       .Default([](Attribute) -> Value {
         llvm_unreachable("not a pattern attribute");
       });
@@ -325,6 +330,8 @@ Value mlir::attn::buildPatternMayHitTile(OpBuilder &b, Location loc,
   auto recurse = [&](Attribute member) {
     return buildPatternMayHitTile(b, loc, member, pLo, pHi, jLo, jHi);
   };
+  if (Value combined = combineMembers(m, pattern, recurse))
+    return combined;
   // Some key at or before some position: j <= p for a pair of the tile.
   Value someCausal = m.le(jLo, pHi);
   return llvm::TypeSwitch<Attribute, Value>(pattern)
@@ -346,24 +353,6 @@ Value mlir::attn::buildPatternMayHitTile(OpBuilder &b, Location loc,
         Value overlap = m.both(m.le(m.floorDiv(pLo, w), m.floorDiv(jHi, w)),
                                m.le(m.floorDiv(jLo, w), m.floorDiv(pHi, w)));
         return a.getCausal() ? m.both(overlap, someCausal) : overlap;
-      })
-      .Case([&](SumAttr a) {
-        Value any = m.truth(false);
-        for (Attribute member : a.getPatterns())
-          any = m.either(any, recurse(member));
-        return any;
-      })
-      .Case([&](UnionAttr a) {
-        Value any = m.truth(false);
-        for (Attribute member : a.getPatterns())
-          any = m.either(any, recurse(member));
-        return any;
-      })
-      .Case([&](IntersectAttr a) {
-        Value all = m.truth(true);
-        for (Attribute member : a.getPatterns())
-          all = m.both(all, recurse(member));
-        return all;
       })
       .Default([&](Attribute) { return m.truth(true); });
 }

@@ -8,14 +8,13 @@ in gpu_bench.py. Prints attn TF/s per set and pattern (the median over
 ROUNDS rounds, default 3), and the largest difference of each set's output
 from the first set's (the sets must agree).
 
-The order of the sets rotates from round to round: under sustained load an
-H100 slows down (power and clocks), so a set timed later in a row of
-back-to-back runs measures slower - by up to 15% for the same packages - and
-a fixed order would favour the first set.
+The order of the sets rotates from round to round: identical packages time
+differently from run to run (by up to ~10%, with the SM clocks steady), and
+a fixed order turns that noise into a bias for or against one set.
 """
-import statistics
 import json
 import os
+import statistics
 
 import torch
 import triton.testing as tt

@@ -182,10 +182,6 @@ TEST_F(PatternTest, ReferenceEmptyRowsAndWeights) {
   EXPECT_NEAR(lse2[2], lse[2] + std::log(2.0), 1e-12);
 }
 
-} // namespace
-
-namespace {
-
 /// Evaluates buildPatternMayHitTile on constants: the IR is built into a
 /// function returning the i1, then folded down to one constant.
 bool mayHitTile(MLIRContext &ctx, Attribute pattern, int64_t pLo, int64_t pHi,
@@ -209,8 +205,6 @@ bool mayHitTile(MLIRContext &ctx, Attribute pattern, int64_t pLo, int64_t pHi,
   EXPECT_TRUE(constant) << "the tile test did not fold to a constant";
   return constant && cast<BoolAttr>(constant.getValue()).getValue();
 }
-
-} // namespace
 
 TEST_F(PatternTest, MayHitTileCoversEveryPair) {
   ctx.loadDialect<arith::ArithDialect, func::FuncDialect>();
@@ -256,3 +250,5 @@ TEST_F(PatternTest, MayHitTileCoversEveryPair) {
       EXPECT_GT(skipped, 0) << text << ": no tile ruled out of " << tiles;
   }
 }
+
+} // namespace

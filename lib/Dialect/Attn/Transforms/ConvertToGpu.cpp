@@ -688,6 +688,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     return m.sub(m.add(base, m.mul(r, t)), delta);
   };
   auto keyPos = [&](Value t) { return m.add(base, m.mul(r, t)); };
+  // Key tk as the filter predicates see it: its global key index.
+  auto predicateKey = [&](Value tk) {
+    return m.add(kPos, m.mul(posStride, m.sub(keyPos(tk), kOrigin)));
+  };
 
   // Shared memory: Q, K[2], V[2].
   auto workgroup =
@@ -933,10 +937,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       // predicate's coordinates (below), against each excluded pattern.
       Value pLo = m.add(qPos, m.mul(posStride, qRowIndex(q0)));
       Value pHi = m.add(qPos, m.mul(posStride, qRowIndex(m.sub(q1, one))));
-      auto keyAt = [&](Value tk) {
-        return m.add(kPos, m.mul(posStride, m.sub(keyPos(tk), kOrigin)));
-      };
-      Value jLo = keyAt(k0), jHi = keyAt(m.add(k0, m.c(kBlockKeys - 1)));
+      Value jLo = predicateKey(k0);
+      Value jHi = predicateKey(m.add(k0, m.c(kBlockKeys - 1)));
       for (Attribute exc : comp.getExclude())
         masked = m.either(
             masked, buildPatternMayHitTile(b, loc, exc, pLo, pHi, jLo, jHi));
@@ -963,8 +965,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
             inside = m.both(inside, m.le(dt, m.c(hi)));
           if (comp.hasFilters()) {
             Value i = m.add(rowLenShift, m.mul(posStride, qRowIndex(t)));
-            Value j =
-                m.add(kPos, m.mul(posStride, m.sub(keyPos(tk), kOrigin)));
+            Value j = predicateKey(tk);
             for (Attribute inc : comp.getInclude())
               inside = m.both(inside, buildPatternPredicate(b, loc, inc, h, i, j,
                                                             qLenV, kLenV, length));

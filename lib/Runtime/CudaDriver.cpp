@@ -66,6 +66,8 @@ void load() {
             resolve(lib, d.cuGetErrorString, "cuGetErrorString");
   if (!ok)
     return;
+  d.cuTensorMapEncodeTiled = reinterpret_cast<decltype(
+      d.cuTensorMapEncodeTiled)>(dlsym(lib, "cuTensorMapEncodeTiled"));
   CUresult rc = d.cuInit(0);
   if (rc != CUDA_SUCCESS) {
     loadError = describe(d, rc, "cuInit") +

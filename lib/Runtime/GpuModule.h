@@ -42,6 +42,8 @@ struct GpuModule {
   /// Bytes per acc element of the state (4: f32 O, 2: O / l in 16 bits).
   int64_t stateElementBytes = 4;
   int64_t headDim = 0;
+  /// The kernels take K's and V's TMA tensor maps after the scalars.
+  bool tensorMaps = false;
   // Device scratch, grown on demand.
   CUdeviceptr scratch = 0;
   size_t scratchBytes = 0;

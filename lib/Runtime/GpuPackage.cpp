@@ -8,6 +8,8 @@
 //                                                size, stride)
 //   q_len, kv_len, q_origin, k_origin,          (int64)
 //   row_len_shift, q_pos, k_pos, pos_stride
+//   [k_map, v_map]                               (manifest "tensor_maps":
+//                                                 CUtensorMaps by value)
 //
 // A component kernel's grid follows from its component (period r, residue,
 // segment w) and the run's lengths, as convert-attn-to-gpu maps blocks:
@@ -88,6 +90,7 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   g.needsState = m.at("state");
   g.stateElementBytes = m.value("state_dtype", std::string("f32")) == "f32" ? 4 : 2;
   g.headDim = args_.at(0).shape.at(3);
+  g.tensorMaps = m.value("tensor_maps", false);
 
   std::string cubinPath = dir_ + "/" + m.at("cubin").get<std::string>();
   std::ifstream in(cubinPath, std::ios::binary);
@@ -191,6 +194,43 @@ bool attn::runtime::prepareRun(const Driver &d, const void *q, const void *k,
   return true;
 }
 
+/// K's or V's tensor map for the kernels' TMA loads: the tensor as
+/// [kvBatch * Hkv][rows][D] 16-bit elements, read in boxes of 64 columns x
+/// 64 rows (one 128-byte-swizzled panel of a key tile) with zeros past each
+/// head's rows.
+static bool encodeKeyMap(const Driver &d, CUdeviceptr data, int64_t heads,
+                         int64_t rows, int64_t D, const char *what,
+                         TensorMap &map, std::string &error) {
+  map = TensorMap{};
+  if (!data || rows == 0 || heads == 0)
+    return true; // no key tile is ever loaded
+  if (!d.cuTensorMapEncodeTiled) {
+    error = "this package loads K/V tiles by TMA, which needs "
+            "cuTensorMapEncodeTiled (a CUDA 12 or newer driver)";
+    return false;
+  }
+  const unsigned long long dims[3] = {(unsigned long long)D,
+                                      (unsigned long long)rows,
+                                      (unsigned long long)heads};
+  const unsigned long long strides[2] = {(unsigned long long)D * 2,
+                                         (unsigned long long)(rows * D * 2)};
+  const unsigned box[3] = {64, 64, 1}, elementStrides[3] = {1, 1, 1};
+  CUresult rc = d.cuTensorMapEncodeTiled(
+      &map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3,
+      reinterpret_cast<void *>(uintptr_t(data)), dims, strides, box,
+      elementStrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (rc != CUDA_SUCCESS) {
+    error = describe(d, rc, std::string("encoding the TMA tensor map of ") +
+                                what + " [" + std::to_string(heads) + " x " +
+                                std::to_string(rows) + " x " +
+                                std::to_string(D) + "]");
+    return false;
+  }
+  return true;
+}
+
 bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
                                  const KernelArgs &a, CUstream stream,
                                  std::string &error) {
@@ -229,9 +269,20 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   scalars[5] = a.qPos;
   scalars[6] = a.kPos;
   scalars[7] = a.posStride;
-  void *params[kWords];
+  void *params[kWords + 2];
   for (int i = 0; i < kWords; ++i)
     params[i] = &words[i];
+  // TMA packages: K's and V's tensor maps, by value.
+  TensorMap maps[2];
+  if (g.tensorMaps) {
+    if (!encodeKeyMap(d, a.k, kvBatch * a.Hkv, kvRows, a.D, "k", maps[0],
+                      error) ||
+        !encodeKeyMap(d, a.v, kvBatch * a.Hkv, kvRows, a.D, "v", maps[1],
+                      error))
+      return false;
+    params[kWords] = &maps[0];
+    params[kWords + 1] = &maps[1];
+  }
 
   int64_t gx, gy = 1, gz = 1;
   if (kernel.kind == "init" || kernel.kind == "finalize") {

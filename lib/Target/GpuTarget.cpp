@@ -3,6 +3,10 @@
 // spec module --attn-decompose, convert-attn-to-gpu--> gpu.module of kernels
 //   --gpu-lower-to-nvvm-pipeline (format=isa)--> PTX --ptxas--> cubin
 //
+// The NVVM lowering is upstream's gpu-lower-to-nvvm-pipeline with one pass
+// added after gpu-to-nvvm: kernels that take TMA tensor maps get them as
+// byval, grid-constant parameters (MarkTensorMapParams below).
+//
 // The launch plan recorded by convert-attn-to-gpu on the kernels (kind,
 // block, shared memory, component) is read before lowering and written to
 // the manifest; ptxas's resource report (registers, spills) is added to it.
@@ -15,9 +19,25 @@
 #include "attn/Target/CpuTarget.h"
 #include "ManifestUtils.h"
 
+#include "mlir/Conversion/AffineToStandard/AffineToStandard.h"
+#include "mlir/Conversion/ArithToLLVM/ArithToLLVM.h"
+#include "mlir/Conversion/FuncToLLVM/ConvertFuncToLLVMPass.h"
+#include "mlir/Conversion/GPUCommon/GPUCommonPass.h"
+#include "mlir/Conversion/GPUToNVVM/GPUToNVVMPass.h"
+#include "mlir/Conversion/IndexToLLVM/IndexToLLVM.h"
+#include "mlir/Conversion/MathToLLVM/MathToLLVM.h"
+#include "mlir/Conversion/NVGPUToNVVM/NVGPUToNVVM.h"
+#include "mlir/Conversion/NVVMToLLVM/NVVMToLLVM.h"
+#include "mlir/Conversion/ReconcileUnrealizedCasts/ReconcileUnrealizedCasts.h"
+#include "mlir/Conversion/SCFToControlFlow/SCFToControlFlow.h"
+#include "mlir/Conversion/VectorToSCF/VectorToSCF.h"
 #include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/Dialect/GPU/IR/GPUDialect.h"
-#include "mlir/Dialect/GPU/Pipelines/Passes.h"
+#include "mlir/Dialect/GPU/Transforms/Passes.h"
+#include "mlir/Dialect/LLVMIR/LLVMDialect.h"
+#include "mlir/Dialect/LLVMIR/NVVMDialect.h"
+#include "mlir/Dialect/MemRef/Transforms/Passes.h"
+#include "mlir/Pass/Pass.h"
 #include "mlir/Pass/PassManager.h"
 #include "mlir/Transforms/Passes.h"
 
@@ -44,15 +64,84 @@ static void addKernelPasses(OpPassManager &pm, const std::string &arch,
   pm.addPass(createCSEPass());
 }
 
-/// gpu-lower-to-nvvm-pipeline down to PTX text in a gpu.binary.
+namespace {
+/// A kernel marked `attn.tensor_maps = N` by convert-attn-to-gpu takes N
+/// CUtensorMaps as its last parameters. TMA reads a map where it lies (a
+/// kernel parameter, 64-byte aligned), so each becomes a 128-byte byval
+/// parameter marked nvvm.grid_constant: NVPTX then declares
+/// `.param .align 64 .b8 p[128]` and hands the kernel its generic address
+/// instead of a local copy. A gpu.func cannot carry these attributes, so
+/// they are set on the llvm.func that gpu-to-nvvm made of it.
+struct MarkTensorMapParams
+    : PassWrapper<MarkTensorMapParams, OperationPass<gpu::GPUModuleOp>> {
+  MLIR_DEFINE_EXPLICIT_INTERNAL_INLINE_TYPE_ID(MarkTensorMapParams)
+  StringRef getArgument() const override {
+    return "attn-mark-tensor-map-params";
+  }
+  void runOnOperation() override {
+    getOperation().walk([](LLVM::LLVMFuncOp fn) {
+      auto count = fn->getAttrOfType<IntegerAttr>("attn.tensor_maps");
+      if (!count)
+        return;
+      Builder b(fn.getContext());
+      auto mapType = LLVM::LLVMArrayType::get(b.getI8Type(), 128);
+      unsigned n = fn.getNumArguments();
+      for (unsigned i = n - unsigned(count.getInt()); i < n; ++i) {
+        fn.setArgAttr(i, LLVM::LLVMDialect::getByValAttrName(),
+                      TypeAttr::get(mapType));
+        fn.setArgAttr(i, LLVM::LLVMDialect::getAlignAttrName(),
+                      b.getI64IntegerAttr(64));
+        fn.setArgAttr(i, NVVM::NVVMDialect::getGridConstantAttrName(),
+                      b.getUnitAttr());
+      }
+      fn->removeAttr("attn.tensor_maps");
+    });
+  }
+};
+} // namespace
+
+/// MLIR 22's gpu-lower-to-nvvm-pipeline (its passes as
+/// `--dump-pass-pipeline` lists them: common, GPU-module and host parts)
+/// down to PTX text in a gpu.binary, with MarkTensorMapParams after
+/// gpu-to-nvvm.
 static void addPtxPasses(OpPassManager &pm, const std::string &arch) {
-  gpu::GPUToNVVMPipelineOptions opts;
-  opts.cubinChip = arch;
+  pm.addPass(createConvertNVGPUToNVVMPass());
+  pm.addPass(createGpuKernelOutliningPass());
+  pm.addPass(createConvertVectorToSCFPass());
+  pm.addPass(createSCFToControlFlowPass());
+  pm.addPass(createConvertNVVMToLLVMPass());
+  pm.addPass(createConvertFuncToLLVMPass());
+  pm.addPass(memref::createExpandStridedMetadataPass());
+  GpuNVVMAttachTargetOptions target;
+  target.chip = arch;
   // PTX ISA 8.0 is the first to know sm_90a; sm_80 accepts it as well.
-  opts.cubinFeatures = "+ptx80";
-  opts.cubinFormat = "isa";
-  opts.optLevel = 3;
-  gpu::buildLowerToNVVMPassPipeline(pm, opts);
+  target.features = "+ptx80";
+  target.optLevel = 3;
+  pm.addPass(createGpuNVVMAttachTarget(target));
+  pm.addPass(createLowerAffinePass());
+  pm.addPass(createArithToLLVMConversionPass());
+  ConvertIndexToLLVMPassOptions index;
+  index.indexBitwidth = 64;
+  pm.addPass(createConvertIndexToLLVMPass(index));
+  pm.addPass(createCanonicalizerPass());
+  pm.addPass(createCSEPass());
+
+  ConvertGpuOpsToNVVMOpsOptions gpuToNvvm;
+  gpuToNvvm.indexBitwidth = 64;
+  pm.addNestedPass<gpu::GPUModuleOp>(createConvertGpuOpsToNVVMOps(gpuToNvvm));
+  pm.addNestedPass<gpu::GPUModuleOp>(std::make_unique<MarkTensorMapParams>());
+  pm.addNestedPass<gpu::GPUModuleOp>(createCanonicalizerPass());
+  pm.addNestedPass<gpu::GPUModuleOp>(createCSEPass());
+  pm.addNestedPass<gpu::GPUModuleOp>(createReconcileUnrealizedCastsPass());
+
+  pm.addPass(createGpuToLLVMConversionPass());
+  GpuModuleToBinaryPassOptions binary;
+  binary.compilationTarget = "isa";
+  pm.addPass(createGpuModuleToBinaryPass(binary));
+  pm.addPass(createConvertMathToLLVMPass());
+  pm.addPass(createCanonicalizerPass());
+  pm.addPass(createCSEPass());
+  pm.addPass(createReconcileUnrealizedCastsPass());
 }
 
 /// The PTX of the module's (only) gpu.binary.
@@ -160,7 +249,7 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
   auto gpuModule = *module.getOps<gpu::GPUModuleOp>().begin();
   nlohmann::json kernels = nlohmann::json::array();
   nlohmann::json order = nlohmann::json::array();
-  bool needsState = false;
+  bool needsState = false, tensorMaps = false;
   for (Attribute name :
        cast<ArrayAttr>(gpuModule->getAttr("attn.launch_order"))) {
     StringRef kernelName = cast<StringAttr>(name).getValue();
@@ -186,6 +275,7 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
     if (launch.get("elements_per_thread"))
       k["elements_per_thread"] = intOf("elements_per_thread");
     needsState |= kind != "single";
+    tensorMaps |= kernel->hasAttr("attn.tensor_maps");
     kernels.push_back(k);
     order.push_back(kernelName.str());
   }
@@ -268,6 +358,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
       // acc between component kernels: O / l in the input type, or f32 O for
       // ring packages (their partial states travel between ranks).
       {"state_dtype", alwaysState ? std::string("f32") : spec.dtype},
+      // The kernels take K's and V's TMA tensor maps after the scalars.
+      {"tensor_maps", tensorMaps},
       {"kernels", kernels},
       {"launch_order", order},
       {"components", components},

@@ -66,6 +66,39 @@ def test_matches_reference(case, shape):
         assert lse_err < 2e-2, f"lse error {lse_err:.2e}"
 
 
+PADDED_CASES = [c for c in gpu_cases.CASES if "tokenized" in str(c["pattern"])]
+
+
+@pytest.mark.parametrize("case", PADDED_CASES, ids=lambda c: c["name"])
+@pytest.mark.parametrize("shape", [(1000, 1000), (129, 2000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_padding_keys_do_not_reach_the_output(case, shape):
+    """Rows of k and v at or past lengths[b] are padding: whatever they hold
+    (here NaN in k, inf in v) must not reach the output. The sm_90a kernels
+    load contiguous K/V tiles by TMA, which copies such rows as they are."""
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    q_len, kv_len = shape
+    gen = torch.Generator().manual_seed(hash(("padding", case["name"], shape)) & 0xFFFF)
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    q = torch.randn(B, H, q_len, D, generator=gen).to("cuda", dt)
+    k = torch.randn(B, Hkv, kv_len, D, generator=gen).to("cuda", dt)
+    v = torch.randn(B, Hkv, kv_len, D, generator=gen).to("cuda", dt)
+    lengths = _lengths(B, min(q_len, kv_len), gen)
+    lengths[-1] = max(1, min(q_len, kv_len) - 37)  # an edge tile ends mid-tile
+    lengths = lengths.cuda()
+    ref, ref_lse = reference.attention(q, k, v, case["pattern"], lengths)
+    # Key j is padding when j >= lengths[b] (docs/Semantics.md).
+    pad = torch.arange(kv_len, device="cuda")[None, :] >= lengths[:, None]  # [B, Lk]
+    k = k.masked_fill(pad[:, None, :, None], float("nan"))
+    v = v.masked_fill(pad[:, None, :, None], float("inf"))
+    out = torch.full_like(q, float("nan"))
+    out, lse = pkg(q, k, v, lengths=lengths, return_lse=True, out=out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any() and not torch.isinf(out).any(), "padding reached the output"
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < TOL[case["dtype"]], f"relative error {err:.2e}"
+
+
 # -- tokenized attention: key_bias and key_ids kernels ----------------------
 
 TOK = dict(batch=3, heads=4, kv_heads=2, head_dim=64, vocab=5000, seq=700)

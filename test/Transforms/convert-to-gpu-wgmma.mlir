@@ -1,25 +1,41 @@
-// RUN: attn-opt %s -attn-decompose -convert-attn-to-gpu=wgmma=true -canonicalize | FileCheck %s
+// RUN: attn-opt %s -attn-decompose -convert-attn-to-gpu=wgmma=true -canonicalize -split-input-file | FileCheck %s
 
 // sm_90a kernels: two warpgroups (256 threads, 128 rows) share each K/V
 // tile, two blocks per SM; the tiles start at the first 1024-byte boundary
 // of the dynamic shared memory (shared_bytes: a 128-row Q tile, 4 64-row K/V
-// tiles of 128 bf16 columns, 1024 bytes of slack), and both products are warpgroup MMAs in
-// inline PTX, fenced and waited on with the accumulators passed through.
+// tiles of 128 bf16 columns, 1024 bytes of slack, two 8-byte mbarriers),
+// and both products are warpgroup MMAs in inline PTX, fenced and waited on
+// with the accumulators passed through. The kernels take K's and V's TMA
+// tensor maps as their last two arguments.
 // CHECK: gpu.func @component_0
+// CHECK-SAME: !llvm.ptr, %{{.*}}: !llvm.ptr)
 // CHECK-SAME: attn.launch = {block = 256 : i64, block_rows = 128 : i64
-// CHECK-SAME: kind = "single", shared_bytes = 99328
+// CHECK-SAME: kind = "single", shared_bytes = 99344
+// CHECK-SAME: attn.tensor_maps = 2 : i64
 // CHECK-SAME: nvvm.minctasm = 2 : i32
 // CHECK: memref.extract_aligned_pointer_as_index
+// Thread 0 sets up one mbarrier per K/V slot and starts the first tile:
+// the barrier expects both tiles' bytes, and each tile is D/64 = 2 TMA boxes
+// (64 columns x 64 rows, the wgmma layout). Q still arrives by cp.async.
+// CHECK-COUNT-2: "mbarrier.init.shared::cta.b64 [$0], 1;"
+// CHECK: "fence.mbarrier_init.release.cluster;"
+// CHECK: mbarrier.arrive.expect_tx.shared::cta.b64 st, [$0], $1; }", "r,r" %{{.*}}, %c32768_i32
+// CHECK-COUNT-4: cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes
 // CHECK: nvgpu.device_async_copy
-// CHECK: "fence.proxy.async.shared::cta;"
-// One barrier per key tile: wait for the tile, barrier, then the next
-// tile's copies.
-// CHECK: scf.for
-// CHECK: nvgpu.device_async_wait
 // CHECK: "fence.proxy.async.shared::cta;"
 // CHECK-NEXT: gpu.barrier
+// One barrier per key tile: wait on the slot's mbarrier; zero V's rows
+// past the last key on an edge tile; barrier; then the next tile's loads.
+// CHECK: scf.for
+// CHECK: scf.while
+// CHECK: mbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2;
+// CHECK: vector.store %{{.*}} : memref<8192xf16, #gpu.address_space<workgroup>>, vector<8xf16>
+// CHECK: "fence.proxy.async.shared::cta;"
+// CHECK: gpu.barrier
 // CHECK-NOT: gpu.barrier
-// CHECK: nvgpu.device_async_copy
+// CHECK: mbarrier.arrive.expect_tx
+// CHECK-COUNT-4: cp.async.bulk.tensor.3d
+// CHECK-NOT: nvgpu.device_async_copy
 // CHECK: "wgmma.fence.sync.aligned;"
 // CHECK: wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16
 // CHECK: "wgmma.commit_group.sync.aligned;\0A\09wgmma.wait_group.sync.aligned 0;"
@@ -44,4 +60,21 @@
 func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: tensor<1x4x?x128xbf16>) -> tensor<1x4x?x128xbf16> {
   %o = attn.attention %q, %k, %v pattern(#attn.causal) : tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16> -> tensor<1x4x?x128xbf16>
   return %o : tensor<1x4x?x128xbf16>
+}
+
+// -----
+
+// Gathered keys (period 4: positions base + 4t) are not a box of the key
+// tensor: they keep cp.async, copied row by row, in the same kernels.
+// CHECK: gpu.func @component_0
+// CHECK-SAME: attn.tensor_maps = 2 : i64
+// CHECK: scf.for
+// CHECK: nvgpu.device_async_wait
+// CHECK: gpu.barrier
+// CHECK: nvgpu.device_async_copy %arg1
+// CHECK-NOT: cp.async.bulk.tensor
+// CHECK: gpu.return
+func.func @dilated(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %v: tensor<1x4x256x128xbf16>) -> tensor<1x4x256x128xbf16> {
+  %o = attn.attention %q, %k, %v pattern(#attn.dilated<segment = 64, rate = 4, head_offset = true>) : tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16> -> tensor<1x4x256x128xbf16>
+  return %o : tensor<1x4x256x128xbf16>
 }

@@ -54,6 +54,18 @@ struct Memcpy2D {
   size_t WidthInBytes = 0, Height = 0;
 };
 
+/// A TMA tensor map (CUtensorMap): 128 opaque bytes, 64-byte aligned.
+struct alignas(64) TensorMap {
+  unsigned long long opaque[16];
+};
+// CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion and
+// CUtensorMapFloatOOBfill values used by the runtime.
+constexpr int CU_TENSOR_MAP_DATA_TYPE_UINT16 = 1;
+constexpr int CU_TENSOR_MAP_INTERLEAVE_NONE = 0;
+constexpr int CU_TENSOR_MAP_SWIZZLE_128B = 3;
+constexpr int CU_TENSOR_MAP_L2_PROMOTION_L2_256B = 3;
+constexpr int CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0; // out of bounds reads 0
+
 /// Entry points of libcuda.so.1 (the _v2 ABI where the header renames).
 struct Driver {
   CUresult (*cuInit)(unsigned);
@@ -92,6 +104,13 @@ struct Driver {
   CUresult (*cuEventQuery)(CUevent);
   CUresult (*cuGetErrorName)(CUresult, const char **);
   CUresult (*cuGetErrorString)(CUresult, const char **);
+  /// CUDA 12 and newer; null on older drivers (only TMA packages need it).
+  CUresult (*cuTensorMapEncodeTiled)(
+      TensorMap *, int dataType, unsigned rank, void *globalAddress,
+      const unsigned long long *globalDim,
+      const unsigned long long *globalStrides, const unsigned *boxDim,
+      const unsigned *elementStrides, int interleave, int swizzle,
+      int l2Promotion, int oobFill) = nullptr;
 };
 
 /// Opens libcuda.so.1, resolves the entry points and calls cuInit once.

@@ -102,6 +102,10 @@ struct AttentionShape {
   /// of f32 O between component kernels) rather than f32 O; ring packages,
   /// whose partial states travel between ranks, keep f32.
   bool halfState = false;
+  /// K/V tiles of period-1 components (contiguous keys) arrive by TMA
+  /// (sm_90a, no key_ids): every kernel then takes two tensor maps, K's and
+  /// V's, by value after the scalars (docs/Package.md).
+  bool tma = false;
   double scale;
   /// Row stride of the mma.sync shared-memory tiles in elements: padded by 8
   /// so that the 8 rows one ldmatrix reads start in different banks.
@@ -120,8 +124,12 @@ struct AttentionShape {
   /// 1024-byte boundary of the dynamic shared memory (the swizzle repeats
   /// every 1024 bytes and the descriptors assume it starts at one).
   int64_t sharedBytes() const {
-    return qTileBytes() + 4 * kvTileBytes() + (wgmma ? 1024 : 0);
+    return qTileBytes() + 4 * kvTileBytes() + (wgmma ? 1024 : 0) +
+           (tma ? kBarrierBytes : 0);
   }
+  /// With TMA, one mbarrier per K/V slot follows the V slots.
+  static constexpr int64_t kBarrierBytes = 16;
+  int64_t barrierOffset() const { return qTileBytes() + 4 * kvTileBytes(); }
 };
 
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
@@ -147,6 +155,7 @@ public:
   /// every kernel of a package):
   ///   q, k, v, lengths, out, lse, acc, max, sum, keyBias, keyIds,
   ///   qLen, kLen, qOrigin, kOrigin, rowLenShift, qPos, kPos, posStride
+  ///   [kMap, vMap]   (with TMA: CUtensorMaps by value, see beginKernel)
   /// For the component's groups and bands, query row i sits at position
   /// qOrigin + i and key j at kOrigin + j. Lengths and filters see global
   /// positions: rows with rowLenShift + posStride * i >= lengths[b] and keys
@@ -162,6 +171,8 @@ public:
                            storageType, floatType,   accType,     floatType,
                            floatType,   floatType,   lengthsType};
     args.append(kNumScalarArgs, index);
+    if (shape.tma)
+      args.append(2, LLVM::LLVMPointerType::get(ctx));
     return FunctionType::get(ctx, args, {});
   }
 
@@ -188,7 +199,7 @@ private:
   static constexpr int64_t kNumScalarArgs = 8;
   enum Arg {
     Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, KeyBias, KeyIds, QLen, KLen,
-    QOrigin, KOrigin, RowLenShift, QPos, KPos, PosStride
+    QOrigin, KOrigin, RowLenShift, QPos, KPos, PosStride, KMap, VMap
   };
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
@@ -303,6 +314,11 @@ gpu::GPUFuncOp KernelEmitter::beginKernel(StringRef name, int64_t threads) {
   func->setAttr(gpu::GPUDialect::getKernelFuncAttrName(), b.getUnitAttr());
   func.setKnownBlockSizeAttr(
       b.getDenseI32ArrayAttr({int32_t(threads), 1, 1}));
+  // The tensor maps are the last two arguments. TMA reads a map in place,
+  // so after gpu-to-nvvm the GPU target turns them into 128-byte byval
+  // parameters with nvvm.grid_constant (a gpu.func cannot carry those).
+  if (shape.tma)
+    func->setAttr("attn.tensor_maps", b.getI64IntegerAttr(2));
   entry = &func.getBody().front();
   b.setInsertionPointToStart(entry);
   tid = gpu::ThreadIdOp::create(b, loc, gpu::Dimension::x);
@@ -759,13 +775,135 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
   };
 
-  // Prologue: Q and the first key tile.
+  // With TMA (contiguous keys), thread 0 fetches a K/V tile pair: it arms
+  // the slot's mbarrier with the pair's bytes and issues D/64 box loads
+  // (64 columns x 64 rows, 128-byte swizzle: the wgmma layout) per tensor;
+  // every thread then waits on the mbarrier's phase. Keys past the head's
+  // rows read as zeros; keys past `last` but inside the tensor arrive as
+  // they are (see zeroValueTail).
+  const bool tmaKeys = shape.tma && period == 1;
+  Value isLeader = m.eq(tid, zero);
+  auto sharedAddress32 = [&](Value byteOffset) {
+    Value at = arith::IndexCastUIOp::create(b, loc, b.getI64Type(),
+                                            byteOffset);
+    return arith::TruncIOp::create(
+        b, loc, i32, arith::AddIOp::create(b, loc, tilesAddress, at));
+  };
+  auto barrierAt = [&](Value slot) {
+    return sharedAddress32(
+        m.add(m.c(shape.barrierOffset()), m.mul(slot, m.c(8))));
+  };
+  auto toI32 = [&](Value index) {
+    return arith::IndexCastOp::create(b, loc, i32, index);
+  };
+  auto tmaLoadKeyTile = [&](Value k0, Value slot) {
+    auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
+                                    /*withElse=*/false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(leader.thenBlock());
+    Value bar = barrierAt(slot);
+    Value bytes = arith::ConstantIntOp::create(b, loc, i32,
+                                               2 * shape.kvTileBytes());
+    inlinePtx({}, {bar, bytes},
+              "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
+              "st, [$0], $1; }",
+              "r,r");
+    Value row = toI32(m.sub(keyPos(k0), kOrigin));
+    Value bh = toI32(m.add(m.mul(bIdx, m.c(shape.kvHeads)), hk));
+    for (auto [map, offset] : {std::pair{arg(KMap), keyOffset(slot)},
+                               std::pair{arg(VMap), valueOffset(slot)}})
+      for (int64_t panel = 0; panel < D / 64; ++panel) {
+        Value dst = sharedAddress32(
+            m.add(offset, m.c(panel * kBlockKeys * 128)));
+        Value col = arith::ConstantIntOp::create(b, loc, i32, panel * 64);
+        inlinePtx({}, {dst, map, col, row, bh, bar},
+                  "cp.async.bulk.tensor.3d.shared::cluster.global.tile."
+                  "mbarrier::complete_tx::bytes [$0], [$1, {$2, $3, $4}], "
+                  "[$5];",
+                  "r,l,r,r,r,r");
+      }
+  };
+  // Waits until the tile of loop step `it` has landed in its slot: the
+  // slot's barrier completes one phase per tile, so step it waits for
+  // phase parity (it / 2) % 2.
+  auto waitKeyTile = [&](Value it, Value slot) {
+    Value parity = toI32(arith::RemUIOp::create(
+        b, loc, arith::DivUIOp::create(b, loc, it, m.c(2)), m.c(2)));
+    Value bar = barrierAt(slot);
+    auto spin = scf::WhileOp::create(b, loc, TypeRange{}, ValueRange{});
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(b.createBlock(&spin.getBefore()));
+    Value done = inlinePtx({i32}, {bar, parity},
+                           "{ .reg .pred p; mbarrier.try_wait.parity."
+                           "shared::cta.b64 p, [$1], $2; selp.u32 $0, 1, 0, "
+                           "p; }",
+                           "=r,r,r")[0];
+    Value zero32 = arith::ConstantIntOp::create(b, loc, i32, 0);
+    scf::ConditionOp::create(
+        b, loc,
+        arith::CmpIOp::create(b, loc, arith::CmpIPredicate::eq, done, zero32),
+        ValueRange{});
+    b.setInsertionPointToStart(b.createBlock(&spin.getAfter()));
+    scf::YieldOp::create(b, loc);
+  };
+  // A tile reaching past `last` holds keys no row attends; their scores are
+  // masked, so K's rows may hold anything, but P . V multiplies V's rows by
+  // zero and 0 * inf (say, padding past lengths[b]) would be NaN: zero
+  // those rows of V, as cp.async's zero fill does.
+  auto zeroValueTail = [&](Value k0, Value slot) {
+    Value tailStart = m.sub(last, k0);
+    auto edge = scf::IfOp::create(b, loc, TypeRange{},
+                                  m.lt(tailStart, m.c(kBlockKeys)),
+                                  /*withElse=*/false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(edge.thenBlock());
+    Value tile = valueTile(slot);
+    int64_t chunksPerRow = D / 8;
+    auto zeros = arith::ConstantOp::create(
+        b, loc, DenseElementsAttr::get(VectorType::get({8}, f16),
+                                       b.getZeroAttr(f16)));
+    for (int64_t pass = 0; pass < kBlockKeys * chunksPerRow / shape.threads();
+         ++pass) {
+      Value idx = m.add(tid, m.c(pass * shape.threads()));
+      Value row = arith::DivUIOp::create(b, loc, idx, m.c(chunksPerRow));
+      Value chunk = arith::RemUIOp::create(b, loc, idx, m.c(chunksPerRow));
+      auto inTail = scf::IfOp::create(b, loc, TypeRange{},
+                                      m.le(tailStart, row), false);
+      OpBuilder::InsertionGuard g2(b);
+      b.setInsertionPointToStart(inTail.thenBlock());
+      vector::StoreOp::create(b, loc, zeros, tile,
+                              swizzledOffset(row, chunk, kBlockKeys));
+    }
+    // The wgmmas read V through the async proxy.
+    inlinePtx({}, {}, "fence.proxy.async.shared::cta;", "");
+  };
+
+  // Prologue: the mbarriers (TMA), Q and the first key tile.
+  if (tmaKeys) {
+    auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
+                                    /*withElse=*/false);
+    {
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(leader.thenBlock());
+      for (int64_t slot = 0; slot < 2; ++slot)
+        inlinePtx({}, {barrierAt(m.c(slot))},
+                  "mbarrier.init.shared::cta.b64 [$0], 1;", "r");
+      inlinePtx({}, {}, "fence.mbarrier_init.release.cluster;", "");
+    }
+    // No load may be left in flight when the block exits.
+    auto any = scf::IfOp::create(b, loc, TypeRange{},
+                                 m.lt(zero, numTiles), false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(any.thenBlock());
+    tmaLoadKeyTile(first, zero);
+  }
   asyncLoadTile(qTile, kBlockRows, arg(Q),
                 [&](Value row) -> std::pair<Value, Value> {
     Value t = m.add(q0, row);
     return {m.mul(m.add(qHead, qRowIndex(t)), m.c(D)), m.lt(t, tRowAll)};
   });
-  loadKeyTile(first, zero);
+  if (!tmaKeys)
+    loadKeyTile(first, zero);
   Value token = commitGroup();
   nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(0));
   // The wgmmas read shared memory through the async proxy: make this
@@ -846,12 +984,25 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     // Wait for this tile. After the barrier every warp is also done with
     // the previous one, so the next tile (zero-filled past the last one) can
     // load into its slot while this one computes: one barrier per tile.
-    nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
-                                     b.getI32IntegerAttr(0));
-    fenceForWgmma();
-    gpu::BarrierOp::create(b, loc);
-    loadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
-    commitGroup();
+    if (tmaKeys) {
+      waitKeyTile(it, slot);
+      zeroValueTail(k0, slot);
+      gpu::BarrierOp::create(b, loc);
+      // Only tiles that a later step waits for: none may be in flight when
+      // the block exits.
+      auto more = scf::IfOp::create(b, loc, TypeRange{},
+                                    m.lt(m.add(it, one), numTiles), false);
+      OpBuilder::InsertionGuard g2(b);
+      b.setInsertionPointToStart(more.thenBlock());
+      tmaLoadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
+    } else {
+      nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
+                                       b.getI32IntegerAttr(0));
+      fenceForWgmma();
+      gpu::BarrierOp::create(b, loc);
+      loadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
+      commitGroup();
+    }
 
     Value kTile = keyTile(slot), vTile = valueTile(slot);
     // wgmma descriptors of this slot's K and V tiles.
@@ -1365,6 +1516,7 @@ struct ConvertAttnToGpuPass
     shape.hasKeyIds = comps.front().getKeyIds() != nullptr;
     shape.wgmma = wgmma;
     shape.halfState = !alwaysState;
+    shape.tma = wgmma && !shape.hasKeyIds;
     for (ComponentOp c : comps)
       if ((c.getKeyBias() != nullptr) != shape.hasKeyBias ||
           (c.getKeyIds() != nullptr) != shape.hasKeyIds)

@@ -10,6 +10,8 @@ time. Tokenized: documents of random length 64..4095 packed into L tokens;
 Flex runs the packed sequence with a document mask, attn runs one document
 per batch row (padded to 4096, lengths = document lengths): the same pairs.
 LENS=32768,131072 picks lengths; PATTERNS=causal,local,... picks patterns.
+The raw rows go to $OUT/gpu_l<LENS>.json (e.g. gpu_l32768.json), so runs at
+different lengths into one folder keep their own files.
 """
 import json
 import os
@@ -94,7 +96,7 @@ for L in [int(x) for x in lens_env.split(",")]:
     torch.cuda.empty_cache()
 
 out = os.environ.get("OUT", "/tmp")
-with open(os.path.join(out, "gpu_bench.json"), "w") as f:
+with open(os.path.join(out, "gpu_l" + lens_env.replace(",", "_") + ".json"), "w") as f:
     json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
 print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
 print(f"| L | pattern | density | attn ms | attn TF/s | Flex ms | Flex TF/s | speed-up | Flex mask s | attn compile s | diff vs Flex |")

@@ -33,8 +33,10 @@
 // the bits are bf16 or f16.
 //
 // With `wgmma` (sm_90a) a block is two warpgroups (8 warps, 128 rows, two
-// blocks per SM) sharing each K/V tile, and per warpgroup (64 rows) the two
-// products are warpgroup MMAs reading shared memory directly:
+// blocks per SM) sharing each K/V tile (by TMA where a component's keys are
+// contiguous: one mbarrier per slot, see emitComponent), and per warpgroup
+// (64 rows) the two products are warpgroup MMAs reading shared memory
+// directly:
 //
 //     S[64x64] = Q . K^T   D/16 x wgmma.m64n64k16, A = Q and B = K from
 //                          shared memory (K-major)

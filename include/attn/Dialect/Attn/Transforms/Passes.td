@@ -143,6 +143,9 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
     one of its pattern runs as `single`: it starts from an empty state and
     writes `out` and `lse` itself; otherwise the f32 state
     (acc, max, sum) lives in global memory between `update` kernels.
+    With `wgmma` (sm_90a) a block is two warpgroups of 64 rows each, both
+    products are warpgroup MMAs, and the K/V tiles of components with
+    contiguous keys arrive by TMA from two tensor-map kernel parameters.
     See docs/passes/convert-attn-to-gpu.md.
   }];
   let dependentDialects = ["::mlir::gpu::GPUDialect",
@@ -160,7 +163,8 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
            "steps">,
     Option<"wgmma", "wgmma", "bool", "false",
            "sm_90a: warpgroup MMA (wgmma) reading swizzled shared-memory "
-           "tiles, instead of ldmatrix + mma.sync (sm_80 and later)">
+           "tiles, K/V by TMA where keys are contiguous, instead of "
+           "ldmatrix + mma.sync (sm_80 and later)">
   ];
   let statistics = [
     Statistic<"numKernels", "kernels", "Number of GPU kernels emitted">

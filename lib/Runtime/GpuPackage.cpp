@@ -30,8 +30,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <fstream>
 #include <iterator>
+#include <vector>
 
 using namespace attn::runtime;
 using namespace attn::runtime::cuda;
@@ -194,31 +196,46 @@ bool attn::runtime::prepareRun(const Driver &d, const void *q, const void *k,
   return true;
 }
 
-/// K's or V's tensor map for the kernels' TMA loads: the tensor as
-/// [kvBatch * Hkv][rows][D] 16-bit elements, read in boxes of 64 columns x
-/// 64 rows (one 128-byte-swizzled panel of a key tile) with zeros past each
-/// head's rows.
+/// K's or V's tensor map for the TMA loads of a kernel whose keys are
+/// gathered with period r: the tensor as [kvBatch * Hkv][rows][D] 16-bit
+/// elements for r = 1, as [kvBatch * Hkv][rows / r][r][D] (key j = r*a + c
+/// at plane c, row a) for r > 1; read in boxes of 64 columns x 64 rows (one
+/// 128-byte-swizzled panel of a key tile) with zeros past each head's rows.
+/// When r does not divide rows the map stays empty and the kernel loads by
+/// cp.async (it checks the same condition).
 static bool encodeKeyMap(const Driver &d, CUdeviceptr data, int64_t heads,
-                         int64_t rows, int64_t D, const char *what,
-                         TensorMap &map, std::string &error) {
+                         int64_t rows, int64_t D, int64_t period,
+                         const char *what, TensorMap &map,
+                         std::string &error) {
   map = TensorMap{};
-  if (!data || rows == 0 || heads == 0)
-    return true; // no key tile is ever loaded
+  if (!data || rows == 0 || heads == 0 || rows % period != 0)
+    return true; // no tile is loaded by TMA
   if (!d.cuTensorMapEncodeTiled) {
     error = "this package loads K/V tiles by TMA, which needs "
             "cuTensorMapEncodeTiled (a CUDA 12 or newer driver)";
     return false;
   }
-  const unsigned long long dims[3] = {(unsigned long long)D,
-                                      (unsigned long long)rows,
-                                      (unsigned long long)heads};
-  const unsigned long long strides[2] = {(unsigned long long)D * 2,
-                                         (unsigned long long)(rows * D * 2)};
-  const unsigned box[3] = {64, 64, 1}, elementStrides[3] = {1, 1, 1};
+  using u64 = unsigned long long;
+  const u64 rowBytes = u64(D) * 2, headBytes = u64(rows) * rowBytes;
+  // Innermost first: columns, [plane,] rows, heads.
+  std::vector<u64> dims{u64(D)}, strides;
+  std::vector<unsigned> box{64};
+  if (period > 1) {
+    dims.push_back(u64(period));
+    strides.push_back(rowBytes);
+    box.push_back(1);
+  }
+  dims.push_back(u64(rows / period));
+  strides.push_back(rowBytes * u64(period));
+  box.push_back(64);
+  dims.push_back(u64(heads));
+  strides.push_back(headBytes);
+  box.push_back(1);
+  const unsigned elementStrides[4] = {1, 1, 1, 1};
   CUresult rc = d.cuTensorMapEncodeTiled(
-      &map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3,
-      reinterpret_cast<void *>(uintptr_t(data)), dims, strides, box,
-      elementStrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      &map, CU_TENSOR_MAP_DATA_TYPE_UINT16, unsigned(dims.size()),
+      reinterpret_cast<void *>(uintptr_t(data)), dims.data(), strides.data(),
+      box.data(), elementStrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (rc != CUDA_SUCCESS) {
@@ -272,20 +289,26 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   void *params[kWords + 2];
   for (int i = 0; i < kWords; ++i)
     params[i] = &words[i];
-  // TMA packages: K's and V's tensor maps, by value.
-  TensorMap maps[2];
+  // TMA packages: K's and V's tensor maps, by value; only component
+  // kernels load keys, each through maps for its period (init and finalize
+  // take empty ones).
+  TensorMap maps[2] = {};
+  const bool elementwise = kernel.kind == "init" || kernel.kind == "finalize";
   if (g.tensorMaps) {
-    if (!encodeKeyMap(d, a.k, kvBatch * a.Hkv, kvRows, a.D, "k", maps[0],
-                      error) ||
-        !encodeKeyMap(d, a.v, kvBatch * a.Hkv, kvRows, a.D, "v", maps[1],
-                      error))
+    const int64_t heads = kvBatch * a.Hkv;
+    const int64_t period = std::max<int64_t>(kernel.period, 1);
+    if (!elementwise &&
+        (!encodeKeyMap(d, a.k, heads, kvRows, a.D, period, "k", maps[0],
+                       error) ||
+         !encodeKeyMap(d, a.v, heads, kvRows, a.D, period, "v", maps[1],
+                       error)))
       return false;
     params[kWords] = &maps[0];
     params[kWords + 1] = &maps[1];
   }
 
   int64_t gx, gy = 1, gz = 1;
-  if (kernel.kind == "init" || kernel.kind == "finalize") {
+  if (elementwise) {
     gx = ceilDiv(rows * a.D, kernel.block * kernel.elementsPerThread);
   } else {
     int64_t r = kernel.period, w = kernel.segment, first = a.qOrigin;

@@ -64,16 +64,26 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 
 // -----
 
-// Gathered keys (period 4: positions base + 4t) are not a box of the key
-// tensor: they keep cp.async, copied row by row, in the same kernels.
+// Gathered keys (period 4: positions base + 4t): the maps view a head's
+// keys as [rows / 4][4][D], and a tile is a box of one residue plane (4-D
+// TMA). When 4 does not divide the key rows (kLen, checked at run time; the
+// runtime leaves the maps empty then) the same kernel loads by cp.async.
 // CHECK: gpu.func @component_0
 // CHECK-SAME: attn.tensor_maps = 2 : i64
+// CHECK: %[[REM:.*]] = arith.remui %arg12, %c4 : index
+// CHECK: %[[TMA:.*]] = arith.cmpi eq, %[[REM]], %c0 : index
+// CHECK: scf.if %[[TMA]] {
+// CHECK-COUNT-4: cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3, $4, $5}], [$6];
+// CHECK: } else {
+// CHECK: nvgpu.device_async_copy %arg1
 // CHECK: scf.for
+// CHECK: scf.if %[[TMA]] {
+// CHECK: mbarrier.try_wait.parity
+// CHECK-COUNT-4: cp.async.bulk.tensor.4d
+// CHECK: } else {
 // CHECK: nvgpu.device_async_wait
 // CHECK: gpu.barrier
 // CHECK: nvgpu.device_async_copy %arg1
-// CHECK-NOT: cp.async.bulk.tensor
-// CHECK: gpu.return
 func.func @dilated(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %v: tensor<1x4x256x128xbf16>) -> tensor<1x4x256x128xbf16> {
   %o = attn.attention %q, %k, %v pattern(#attn.dilated<segment = 64, rate = 4, head_offset = true>) : tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16> -> tensor<1x4x256x128xbf16>
   return %o : tensor<1x4x256x128xbf16>

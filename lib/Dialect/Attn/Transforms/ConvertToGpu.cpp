@@ -777,13 +777,30 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
   };
 
-  // With TMA (contiguous keys), thread 0 fetches a K/V tile pair: it arms
-  // the slot's mbarrier with the pair's bytes and issues D/64 box loads
-  // (64 columns x 64 rows, 128-byte swizzle: the wgmma layout) per tensor;
-  // every thread then waits on the mbarrier's phase. Keys past the head's
-  // rows read as zeros; keys past `last` but inside the tensor arrive as
-  // they are (see zeroValueTail).
-  const bool tmaKeys = shape.tma && period == 1;
+  // With TMA, thread 0 fetches a K/V tile pair: it arms the slot's
+  // mbarrier with the pair's bytes and issues D/64 box loads (64 columns x
+  // 64 rows, 128-byte swizzle: the wgmma layout) per tensor; every thread
+  // then waits on the mbarrier's phase. Keys past the head's rows read as
+  // zeros; keys past `last` but inside the tensor arrive as they are (see
+  // zeroValueTail).
+  //
+  // The runtime encodes the maps for the kernel's period r: the keys of a
+  // head as [rows / r][r][D] for r > 1, so that gathered key j = r*a + c is
+  // box row a of residue plane c. That view needs r | rows; otherwise the
+  // maps are empty and the kernel loads by cp.async (a uniform branch).
+  const bool tmaKeys = shape.tma;
+  Value useTma;
+  if (tmaKeys)
+    useTma = period == 1
+                 ? m.truth(true)
+                 : m.eq(arith::RemUIOp::create(b, loc, kLen, r), zero);
+  // Key t sits at j = base + r*t - kOrigin = r*(planeRow0 + t) + plane.
+  Value plane, planeRow0;
+  if (tmaKeys && period > 1) {
+    Value rel = m.sub(base, kOrigin);
+    planeRow0 = m.floorDiv(rel, r);
+    plane = m.sub(rel, m.mul(planeRow0, r));
+  }
   Value isLeader = m.eq(tid, zero);
   auto sharedAddress32 = [&](Value byteOffset) {
     Value at = arith::IndexCastUIOp::create(b, loc, b.getI64Type(),
@@ -810,19 +827,34 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
               "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
               "st, [$0], $1; }",
               "r,r");
-    Value row = toI32(m.sub(keyPos(k0), kOrigin));
     Value bh = toI32(m.add(m.mul(bIdx, m.c(shape.kvHeads)), hk));
+    // Box coordinates after the column: (row, head), or (plane, row in
+    // the plane, head) for r > 1.
+    SmallVector<Value> coords;
+    if (period == 1)
+      coords = {toI32(m.sub(keyPos(k0), kOrigin)), bh};
+    else
+      coords = {toI32(plane), toI32(m.add(planeRow0, k0)), bh};
+    std::string text =
+        "cp.async.bulk.tensor." + std::to_string(coords.size() + 1) +
+        "d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+        "[$0], [$1, {$2";
+    for (size_t i = 0; i < coords.size(); ++i)
+      text += ", $" + std::to_string(i + 3);
+    text += "}], [$" + std::to_string(coords.size() + 3) + "];";
+    std::string constraints = "r,l,r";
+    for (size_t i = 0; i <= coords.size(); ++i)
+      constraints += ",r";
     for (auto [map, offset] : {std::pair{arg(KMap), keyOffset(slot)},
                                std::pair{arg(VMap), valueOffset(slot)}})
       for (int64_t panel = 0; panel < D / 64; ++panel) {
         Value dst = sharedAddress32(
             m.add(offset, m.c(panel * kBlockKeys * 128)));
         Value col = arith::ConstantIntOp::create(b, loc, i32, panel * 64);
-        inlinePtx({}, {dst, map, col, row, bh, bar},
-                  "cp.async.bulk.tensor.3d.shared::cluster.global.tile."
-                  "mbarrier::complete_tx::bytes [$0], [$1, {$2, $3, $4}], "
-                  "[$5];",
-                  "r,l,r,r,r,r");
+        SmallVector<Value> operands{dst, map, col};
+        operands.append(coords);
+        operands.push_back(bar);
+        inlinePtx({}, operands, text, constraints);
       }
   };
   // Waits until the tile of loop step `it` has landed in its slot: the
@@ -893,19 +925,24 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       inlinePtx({}, {}, "fence.mbarrier_init.release.cluster;", "");
     }
     // No load may be left in flight when the block exits.
-    auto any = scf::IfOp::create(b, loc, TypeRange{},
-                                 m.lt(zero, numTiles), false);
+    auto any = scf::IfOp::create(b, loc, TypeRange{}, useTma,
+                                 /*withElse=*/true);
     OpBuilder::InsertionGuard guard(b);
     b.setInsertionPointToStart(any.thenBlock());
+    auto some = scf::IfOp::create(b, loc, TypeRange{},
+                                  m.lt(zero, numTiles), false);
+    b.setInsertionPointToStart(some.thenBlock());
     tmaLoadKeyTile(first, zero);
+    b.setInsertionPointToStart(any.elseBlock());
+    loadKeyTile(first, zero);
+  } else {
+    loadKeyTile(first, zero);
   }
   asyncLoadTile(qTile, kBlockRows, arg(Q),
                 [&](Value row) -> std::pair<Value, Value> {
     Value t = m.add(q0, row);
     return {m.mul(m.add(qHead, qRowIndex(t)), m.c(D)), m.lt(t, tRowAll)};
   });
-  if (!tmaKeys)
-    loadKeyTile(first, zero);
   Value token = commitGroup();
   nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(0));
   // The wgmmas read shared memory through the async proxy: make this
@@ -986,7 +1023,19 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     // Wait for this tile. After the barrier every warp is also done with
     // the previous one, so the next tile (zero-filled past the last one) can
     // load into its slot while this one computes: one barrier per tile.
+    auto copyStep = [&]() {
+      nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
+                                       b.getI32IntegerAttr(0));
+      fenceForWgmma();
+      gpu::BarrierOp::create(b, loc);
+      loadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
+      commitGroup();
+    };
     if (tmaKeys) {
+      auto byTma = scf::IfOp::create(b, loc, TypeRange{}, useTma,
+                                     /*withElse=*/true);
+      OpBuilder::InsertionGuard g2(b);
+      b.setInsertionPointToStart(byTma.thenBlock());
       waitKeyTile(it, slot);
       zeroValueTail(k0, slot);
       gpu::BarrierOp::create(b, loc);
@@ -994,16 +1043,12 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       // the block exits.
       auto more = scf::IfOp::create(b, loc, TypeRange{},
                                     m.lt(m.add(it, one), numTiles), false);
-      OpBuilder::InsertionGuard g2(b);
       b.setInsertionPointToStart(more.thenBlock());
       tmaLoadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
+      b.setInsertionPointToStart(byTma.elseBlock());
+      copyStep();
     } else {
-      nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
-                                       b.getI32IntegerAttr(0));
-      fenceForWgmma();
-      gpu::BarrierOp::create(b, loc);
-      loadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
-      commitGroup();
+      copyStep();
     }
 
     Value kTile = keyTile(slot), vTile = valueTile(slot);

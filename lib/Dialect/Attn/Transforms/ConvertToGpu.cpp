@@ -33,8 +33,8 @@
 // the bits are bf16 or f16.
 //
 // With `wgmma` (sm_90a) a block is two warpgroups (8 warps, 128 rows, two
-// blocks per SM) sharing each K/V tile (by TMA where a component's keys are
-// contiguous: one mbarrier per slot, see emitComponent), and per warpgroup
+// blocks per SM) sharing each K/V tile (by TMA, one mbarrier per slot; see
+// emitComponent), and per warpgroup
 // (64 rows) the two products are warpgroup MMAs reading shared memory
 // directly:
 //
@@ -104,9 +104,9 @@ struct AttentionShape {
   /// of f32 O between component kernels) rather than f32 O; ring packages,
   /// whose partial states travel between ranks, keep f32.
   bool halfState = false;
-  /// K/V tiles of period-1 components (contiguous keys) arrive by TMA
-  /// (sm_90a, no key_ids): every kernel then takes two tensor maps, K's and
-  /// V's, by value after the scalars (docs/Package.md).
+  /// K/V tiles arrive by TMA (sm_90a, no key_ids): every kernel then takes
+  /// two tensor maps, K's and V's for its period, by value after the
+  /// scalars (docs/Package.md).
   bool tma = false;
   double scale;
   /// Row stride of the mma.sync shared-memory tiles in elements: padded by 8

@@ -275,7 +275,7 @@ private:
   SmallVector<Value> wgmmaFence(ValueRange values);
   /// Commits the issued wgmmas and waits for them; the accumulators come
   /// back through the wait so that nothing reads them earlier.
-  SmallVector<Value> wgmmaWait(ValueRange acc);
+  SmallVector<Value> wgmmaCommitAndWait(ValueRange acc);
   /// acc = A.B (+ acc unless `accumulate` is false), m64 n{acc*2} k16. A is a
   /// descriptor (one i64 value) or 4 registers of 16-bit pairs.
   SmallVector<Value> wgmma(ValueRange acc, ValueRange a, Value descB,
@@ -451,7 +451,7 @@ SmallVector<Value> KernelEmitter::wgmmaFence(ValueRange values) {
                    tiedConstraints(values));
 }
 
-SmallVector<Value> KernelEmitter::wgmmaWait(ValueRange acc) {
+SmallVector<Value> KernelEmitter::wgmmaCommitAndWait(ValueRange acc) {
   return inlinePtx(acc.getTypes(), acc,
                    "wgmma.commit_group.sync.aligned;\n\t"
                    "wgmma.wait_group.sync.aligned 0;",
@@ -753,6 +753,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                        m.c(shape.kvHeads * shape.headDim));
     idsRow = m.mul(bIdx, kLen);
   }
+  // cp.async of the K/V tile pair of keys k0.. into a slot; rows past
+  // `last` (or with ids outside the table) are zero-filled.
   auto loadKeyTile = [&](Value k0, Value slot) {
     auto rowAt = [&](Value row) -> std::pair<Value, Value> {
       Value t = m.add(k0, row);
@@ -815,18 +817,16 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   auto toI32 = [&](Value index) {
     return arith::IndexCastOp::create(b, loc, i32, index);
   };
-  auto tmaLoadKeyTile = [&](Value k0, Value slot) {
-    auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
-                                    /*withElse=*/false);
-    OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(leader.thenBlock());
-    Value bar = barrierAt(slot);
-    Value bytes = arith::ConstantIntOp::create(b, loc, i32,
-                                               2 * shape.kvTileBytes());
+  // Arms mbarrier `bar` for `bytes` more bytes (one arrival: the leader's).
+  auto armBarrier = [&](Value bar, Value bytes) {
     inlinePtx({}, {bar, bytes},
               "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
               "st, [$0], $1; }",
               "r,r");
+  };
+  // The leader's box loads of one K (or V) tile of keys k0.. into the
+  // shared bytes at `offset`, completing on `bar`.
+  auto tmaLoadBoxes = [&](Value map, Value offset, Value k0, Value bar) {
     Value bh = toI32(m.add(m.mul(bIdx, m.c(shape.kvHeads)), hk));
     // Box coordinates after the column: (row, head), or (plane, row in
     // the plane, head) for r > 1.
@@ -845,17 +845,27 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     std::string constraints = "r,l,r";
     for (size_t i = 0; i <= coords.size(); ++i)
       constraints += ",r";
-    for (auto [map, offset] : {std::pair{arg(KMap), keyOffset(slot)},
-                               std::pair{arg(VMap), valueOffset(slot)}})
-      for (int64_t panel = 0; panel < D / 64; ++panel) {
-        Value dst = sharedAddress32(
-            m.add(offset, m.c(panel * kBlockKeys * 128)));
-        Value col = arith::ConstantIntOp::create(b, loc, i32, panel * 64);
-        SmallVector<Value> operands{dst, map, col};
-        operands.append(coords);
-        operands.push_back(bar);
-        inlinePtx({}, operands, text, constraints);
-      }
+    for (int64_t panel = 0; panel < D / 64; ++panel) {
+      Value dst =
+          sharedAddress32(m.add(offset, m.c(panel * kBlockKeys * 128)));
+      Value col = arith::ConstantIntOp::create(b, loc, i32, panel * 64);
+      SmallVector<Value> operands{dst, map, col};
+      operands.append(coords);
+      operands.push_back(bar);
+      inlinePtx({}, operands, text, constraints);
+    }
+  };
+  // The leader fetches the K/V tile pair of keys k0.. into a slot.
+  auto tmaLoadKeyTile = [&](Value k0, Value slot) {
+    auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
+                                    /*withElse=*/false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(leader.thenBlock());
+    Value bar = barrierAt(slot);
+    armBarrier(bar, arith::ConstantIntOp::create(b, loc, i32,
+                                                 2 * shape.kvTileBytes()));
+    tmaLoadBoxes(arg(KMap), keyOffset(slot), k0, bar);
+    tmaLoadBoxes(arg(VMap), valueOffset(slot), k0, bar);
   };
   // Waits until the tile of loop step `it` has landed in its slot: the
   // slot's barrier completes one phase per tile, so step it waits for
@@ -925,15 +935,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       inlinePtx({}, {}, "fence.mbarrier_init.release.cluster;", "");
     }
     // No load may be left in flight when the block exits.
-    auto any = scf::IfOp::create(b, loc, TypeRange{}, useTma,
-                                 /*withElse=*/true);
+    auto byTma = scf::IfOp::create(b, loc, TypeRange{}, useTma,
+                                   /*withElse=*/true);
     OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(any.thenBlock());
+    b.setInsertionPointToStart(byTma.thenBlock());
     auto some = scf::IfOp::create(b, loc, TypeRange{},
                                   m.lt(zero, numTiles), false);
     b.setInsertionPointToStart(some.thenBlock());
     tmaLoadKeyTile(first, zero);
-    b.setInsertionPointToStart(any.elseBlock());
+    b.setInsertionPointToStart(byTma.elseBlock());
     loadKeyTile(first, zero);
   } else {
     loadKeyTile(first, zero);
@@ -1010,101 +1020,74 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   }
 
   const double scaleLog2 = shape.scale * M_LOG2E;
-  auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
-  {
-    OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(loop.getBody());
-    Value it = loop.getInductionVar();
-    ValueRange state = loop.getRegionIterArgs();
-    Value k0 = m.add(first, m.mul(it, m.c(kBlockKeys)));
-    Value slot = arith::RemUIOp::create(b, loc, it, m.c(2));
-    Value nextSlot = m.sub(one, slot);
+  // 128-byte rows: a K/V panel is 64 rows, a Q panel blockRows rows.
+  const int64_t kvPanelBytes = kBlockKeys * 128;
+  const int64_t qPanelBytes = kBlockRows * 128;
+  // wgmma descriptor of the shared bytes at byteOffset.
+  auto tileDescriptor = [&](Value byteOffset, int64_t lbo, int64_t sbo) {
+    Value at =
+        arith::IndexCastUIOp::create(b, loc, b.getI64Type(), byteOffset);
+    return matrixDescriptor(arith::AddIOp::create(b, loc, tilesAddress, at),
+                            lbo, sbo);
+  };
+  auto toFrags = [&](ValueRange flat) {
+    SmallVector<AccFrag> frags(flat.size() / 4);
+    for (auto [i, v] : llvm::enumerate(flat))
+      frags[i / 4][i % 4] = v;
+    return frags;
+  };
+  auto flatten = [&](ArrayRef<AccFrag> frags) {
+    SmallVector<Value> flat;
+    for (const AccFrag &frag : frags)
+      flat.append(frag.begin(), frag.end());
+    return flat;
+  };
 
-    // Wait for this tile. After the barrier every warp is also done with
-    // the previous one, so the next tile (zero-filled past the last one) can
-    // load into its slot while this one computes: one barrier per tile.
-    auto copyStep = [&]() {
-      nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
-                                       b.getI32IntegerAttr(0));
-      fenceForWgmma();
-      gpu::BarrierOp::create(b, loc);
-      loadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
-      commitGroup();
-    };
-    if (tmaKeys) {
-      auto byTma = scf::IfOp::create(b, loc, TypeRange{}, useTma,
-                                     /*withElse=*/true);
-      OpBuilder::InsertionGuard g2(b);
-      b.setInsertionPointToStart(byTma.thenBlock());
-      waitKeyTile(it, slot);
-      zeroValueTail(k0, slot);
-      gpu::BarrierOp::create(b, loc);
-      // Only tiles that a later step waits for: none may be in flight when
-      // the block exits.
-      auto more = scf::IfOp::create(b, loc, TypeRange{},
-                                    m.lt(m.add(it, one), numTiles), false);
-      b.setInsertionPointToStart(more.thenBlock());
-      tmaLoadKeyTile(m.add(k0, m.c(kBlockKeys)), nextSlot);
-      b.setInsertionPointToStart(byTma.elseBlock());
-      copyStep();
-    } else {
-      copyStep();
+  // S = Q K^T with wgmma, A = Q and B = K from shared memory, K-major:
+  // 8-row groups 1024 bytes apart (the leading offset is unused: a k16 step
+  // stays inside one 128-byte row); k step kk is 32 bytes into panel kk/4.
+  // (Q as a register A operand kept across the loop is miscompiled by
+  // ptxas 13.0 for D = 64: it reuses the registers after the first wgmma.)
+  // Warpgroup g multiplies Q rows 64g..64g+63. Issued only: the caller
+  // commits and waits.
+  auto issueScoresWgmma = [&](Value slot) {
+    Value qDesc = tileDescriptor(
+        m.mul(arith::DivUIOp::create(b, loc, warp, m.c(4)), m.c(64 * 128)),
+        16, 1024);
+    Value kDesc = tileDescriptor(keyOffset(slot), 16, 1024);
+    // The first k step overwrites the accumulators (see wgmma()): they
+    // need no zeros, only their types.
+    SmallVector<Value> acc(kKeyNTiles * 4, f.c(0.0));
+    for (int64_t kk = 0; kk < D / 16; ++kk) {
+      int64_t inRow = (kk % 4) * 32;
+      acc = wgmma(acc, advance(qDesc, (kk / 4) * qPanelBytes + inRow),
+                  advance(kDesc, (kk / 4) * kvPanelBytes + inRow),
+                  /*transposeB=*/false, /*accumulate=*/kk > 0);
     }
-
-    Value kTile = keyTile(slot), vTile = valueTile(slot);
-    // wgmma descriptors of this slot's K and V tiles.
-    auto tileDescriptor = [&](Value byteOffset, int64_t lbo, int64_t sbo) {
-      Value at =
-          arith::IndexCastUIOp::create(b, loc, b.getI64Type(), byteOffset);
-      return matrixDescriptor(arith::AddIOp::create(b, loc, tilesAddress, at),
-                              lbo, sbo);
-    };
-    // 128-byte rows: a K/V panel is 64 rows, a Q panel blockRows rows.
-    const int64_t kvPanelBytes = kBlockKeys * 128;
-    const int64_t qPanelBytes = kBlockRows * 128;
-
-    // S = Q K^T.
+    return acc;
+  };
+  // S = Q K^T with mma.sync from the Q fragments and ldmatrix'ed K.
+  auto scoresMmaSync = [&](Value slot) {
+    Value kTile = keyTile(slot);
+    Value rowOff = arith::RemUIOp::create(b, loc, lane, m.c(8));
+    Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(8)), m.c(8));
     SmallVector<AccFrag> s(kKeyNTiles);
-    if (shape.wgmma) {
-      // A = Q and B = K from shared memory, K-major: 8-row groups 1024
-      // bytes apart (the leading offset is unused: a k16 step stays inside
-      // one 128-byte row); k step kk is 32 bytes into panel kk/4. (Q as a
-      // register A operand kept across the loop is miscompiled by ptxas
-      // 13.0 for D = 64: it reuses the registers after the first wgmma.)
-      // Warpgroup g multiplies Q rows 64g..64g+63.
-      Value qDesc = tileDescriptor(
-          m.mul(arith::DivUIOp::create(b, loc, warp, m.c(4)), m.c(64 * 128)),
-          16, 1024);
-      Value kDesc = tileDescriptor(keyOffset(slot), 16, 1024);
-      // The first k step overwrites the accumulators (see wgmma()): they
-      // need no zeros, only their types.
-      SmallVector<Value> acc(kKeyNTiles * 4, f.c(0.0));
-      inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
-      for (int64_t kk = 0; kk < D / 16; ++kk) {
-        int64_t inRow = (kk % 4) * 32;
-        acc = wgmma(acc, advance(qDesc, (kk / 4) * qPanelBytes + inRow),
-                    advance(kDesc, (kk / 4) * kvPanelBytes + inRow),
-                    /*transposeB=*/false, /*accumulate=*/kk > 0);
+    for (int64_t n = 0; n < kKeyNTiles; ++n) {
+      AccFrag acc = {f.c(0.0), f.c(0.0), f.c(0.0), f.c(0.0)};
+      for (int64_t kk = 0; kk < D / 16; kk += 2) {
+        auto kb = ldmatrix(kTile, m.add(rowOff, m.c(n * 8)),
+                           m.add(colOff, m.c(kk * 16)), false);
+        acc = mma(qFrag[kk], {kb[0], kb[1]}, acc);
+        acc = mma(qFrag[kk + 1], {kb[2], kb[3]}, acc);
       }
-      acc = wgmmaWait(acc);
-      for (int64_t n = 0; n < kKeyNTiles; ++n)
-        for (int64_t e = 0; e < 4; ++e)
-          s[n][e] = acc[n * 4 + e];
-    } else {
-      Value rowOff = arith::RemUIOp::create(b, loc, lane, m.c(8));
-      Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(8)), m.c(8));
-      for (int64_t n = 0; n < kKeyNTiles; ++n) {
-        AccFrag acc = {f.c(0.0), f.c(0.0), f.c(0.0), f.c(0.0)};
-        for (int64_t kk = 0; kk < D / 16; kk += 2) {
-          auto kb = ldmatrix(kTile, m.add(rowOff, m.c(n * 8)),
-                             m.add(colOff, m.c(kk * 16)), false);
-          acc = mma(qFrag[kk], {kb[0], kb[1]}, acc);
-          acc = mma(qFrag[kk + 1], {kb[2], kb[3]}, acc);
-        }
-        s[n] = acc;
-      }
+      s[n] = acc;
     }
+    return s;
+  };
 
+  // The scores of the tile of keys k0..: key bias added, and -inf outside
+  // the component on edge tiles.
+  auto biasAndMask = [&](SmallVector<AccFrag> &s, Value k0) {
     // key_bias[b, j] joins the score scale*q.k + bias; the scores here are
     // q.k and scaled by scale*log2(e) below, so add bias / scale. Keys past
     // `last` read key 0's bias: they lie in an edge tile and are masked.
@@ -1118,7 +1101,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           Value at = f.select(m.lt(tk, last), m.add(biasRow, j), zero);
           Value bias = memref::LoadOp::create(b, loc, arg(KeyBias), at);
           bias = f.mul(bias, invScale);
-          s[n][e] = f.add(s[n][e], bias);      // row lane/4
+          s[n][e] = f.add(s[n][e], bias);         // row lane/4
           s[n][e + 2] = f.add(s[n][e + 2], bias); // row lane/4 + 8
         }
     }
@@ -1177,25 +1160,29 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         }
       scf::YieldOp::create(b, loc, out);
       b.setInsertionPointToStart(maskIf.elseBlock());
-      SmallVector<Value> plain;
-      for (int64_t n = 0; n < kKeyNTiles; ++n)
-        plain.append(s[n].begin(), s[n].end());
-      scf::YieldOp::create(b, loc, plain);
+      scf::YieldOp::create(b, loc, flatten(s));
     }
-    for (int64_t n = 0; n < kKeyNTiles; ++n)
-      for (int64_t e = 0; e < 4; ++e)
-        s[n][e] = maskIf.getResult(n * 4 + e);
+    s = toFrags(maskIf.getResults());
+  };
 
-    // Online softmax per row half, with lazy rescaling: a row keeps its old
-    // max m unless the tile's max exceeds it by more than kRescaleSlack (in
-    // log2 units), so p = exp2(s*c - m) stays below 2^kRescaleSlack and O
-    // and l stay consistent with the m they were scaled by. The warp decides
-    // as one (vote.any), so in the common case - no row of the warp grew
-    // by that much - the D/2 multiplies of O by alpha are skipped.
+  // Online softmax of one tile's scores s (turned into probabilities in
+  // place) against the running max and sum [max0, max1, sum0, sum1], with
+  // lazy rescaling: a row keeps its old max m unless the tile's max
+  // exceeds it by more than kRescaleSlack (in log2 units), so p =
+  // exp2(s*c - m) stays below 2^kRescaleSlack and O and l stay consistent
+  // with the m they were scaled by. The warp decides as one (vote.any), so
+  // in the common case - no row of the warp grew by that much - the D/2
+  // multiplies of O by alpha are skipped.
+  struct SoftmaxStep {
+    Value rescale;   // i1: multiply O by alpha
+    Value alpha[2];  // per row half
+    SmallVector<Value> stats; // the new [max0, max1, sum0, sum1]
+  };
+  auto softmaxStep = [&](SmallVector<AccFrag> &s, ValueRange stats) {
     Value c2 = f.c(scaleLog2);
     Value tileMaxC[2], grows = m.truth(false);
     for (int64_t half = 0; half < 2; ++half) {
-      Value oldMax = state[oFrags * 4 + half];
+      Value oldMax = stats[half];
       Value tileMax = f.negInf();
       for (int64_t n = 0; n < kKeyNTiles; ++n)
         for (int64_t e = 0; e < 2; ++e)
@@ -1206,19 +1193,21 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       grows = m.either(grows, f.gt(tileMaxC[half],
                                    f.add(oldMax, f.c(kRescaleSlack))));
     }
-    Value rescale = NVVM::VoteSyncOp::create(
+    SoftmaxStep step;
+    step.rescale = NVVM::VoteSyncOp::create(
         b, loc, b.getI1Type(),
         arith::ConstantIntOp::create(b, loc, i32, -1), grows,
         NVVM::VoteSyncKind::any);
-    Value newMax[2], newSum[2], alpha[2];
+    Value newMax[2], newSum[2];
     for (int64_t half = 0; half < 2; ++half) {
-      Value oldMax = state[oFrags * 4 + half];
-      Value oldSum = state[oFrags * 4 + 2 + half];
-      Value mx = f.select(rescale, f.max(oldMax, tileMaxC[half]), oldMax);
+      Value oldMax = stats[half];
+      Value oldSum = stats[2 + half];
+      Value mx = f.select(step.rescale, f.max(oldMax, tileMaxC[half]), oldMax);
       // A row that has seen no key keeps -inf; exponentiate against 0 then.
       Value mUse = f.select(f.eq(mx, f.negInf()), f.c(0.0), mx);
-      alpha[half] = exp2(f.sub(oldMax, mUse));
-      Value sum = f.select(rescale, f.mul(oldSum, alpha[half]), oldSum);
+      step.alpha[half] = exp2(f.sub(oldMax, mUse));
+      Value sum =
+          f.select(step.rescale, f.mul(oldSum, step.alpha[half]), oldSum);
       // p = exp2(s * c - m) as one fma per score.
       Value negM = arith::NegFOp::create(b, loc, mUse);
       for (int64_t n = 0; n < kKeyNTiles; ++n)
@@ -1230,81 +1219,140 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       newMax[half] = mx;
       newSum[half] = sum;
     }
-
-    // O = O * alpha + P V, the multiply only where the warp rescales.
-    SmallVector<AccFrag> o(oFrags);
-    {
-      SmallVector<Type> oTypes(oFrags * 4, f32);
-      auto rescaleIf =
-          scf::IfOp::create(b, loc, oTypes, rescale, /*withElse=*/true);
-      OpBuilder::InsertionGuard g2(b);
-      b.setInsertionPointToStart(rescaleIf.thenBlock());
-      SmallVector<Value> scaled;
-      for (int64_t i = 0; i < oFrags * 4; ++i)
-        scaled.push_back(f.mul(state[i], alpha[(i % 4) / 2]));
-      scf::YieldOp::create(b, loc, scaled);
-      b.setInsertionPointToStart(rescaleIf.elseBlock());
-      scf::YieldOp::create(b, loc, state.take_front(oFrags * 4));
-      for (int64_t dn = 0; dn < oFrags; ++dn)
-        for (int64_t e = 0; e < 4; ++e)
-          o[dn][e] = rescaleIf.getResult(dn * 4 + e);
-    }
-    SmallVector<std::array<Value, 4>> pFrag;
+    step.stats = {newMax[0], newMax[1], newSum[0], newSum[1]};
+    return step;
+  };
+  // O * alpha, the multiply only where the warp rescales.
+  auto rescaleAcc = [&](ValueRange o, const SoftmaxStep &step) {
+    SmallVector<Type> oTypes(o.size(), f32);
+    auto rescaleIf =
+        scf::IfOp::create(b, loc, oTypes, step.rescale, /*withElse=*/true);
+    OpBuilder::InsertionGuard g2(b);
+    b.setInsertionPointToStart(rescaleIf.thenBlock());
+    SmallVector<Value> scaled;
+    for (auto [i, v] : llvm::enumerate(o))
+      scaled.push_back(f.mul(v, step.alpha[(i % 4) / 2]));
+    scf::YieldOp::create(b, loc, scaled);
+    b.setInsertionPointToStart(rescaleIf.elseBlock());
+    scf::YieldOp::create(b, loc, o);
+    return SmallVector<Value>(rescaleIf.getResults());
+  };
+  // P as 16-bit A fragments (16 keys each): the mma.sync operand layout,
+  // which is also wgmma's register A layout.
+  auto packProbabilities = [&](ArrayRef<AccFrag> p) {
+    SmallVector<Value> packed;
     for (int64_t j = 0; j < kKeyNTiles / 2; ++j)
-      pFrag.push_back({pack(s[2 * j][0], s[2 * j][1]),
-                       pack(s[2 * j][2], s[2 * j][3]),
-                       pack(s[2 * j + 1][0], s[2 * j + 1][1]),
-                       pack(s[2 * j + 1][2], s[2 * j + 1][3])});
-    if (shape.wgmma) {
-      // V is B = [keys x D] with D contiguous (MN-major, transposed): the
-      // 64-column panels are 8192 bytes apart (leading offset), 8-key groups
-      // 1024 (stride offset); k step j starts 16 keys = 2048 bytes on.
-      Value vDesc = tileDescriptor(valueOffset(slot), kvPanelBytes, 1024);
-      SmallVector<Value> values;
-      for (int64_t dn = 0; dn < oFrags; ++dn)
-        values.append(o[dn].begin(), o[dn].end());
-      for (auto &frag : pFrag)
-        for (Value reg : frag)
-          values.push_back(asI32(reg));
-      values = wgmmaFence(values);
-      SmallVector<Value> acc(values.begin(), values.begin() + oFrags * 4);
+      packed.append({pack(p[2 * j][0], p[2 * j][1]),
+                     pack(p[2 * j][2], p[2 * j][3]),
+                     pack(p[2 * j + 1][0], p[2 * j + 1][1]),
+                     pack(p[2 * j + 1][2], p[2 * j + 1][3])});
+    return packed;
+  };
+  // O += P V with wgmma, P (as i32 registers) from registers, V is B =
+  // [keys x D] with D contiguous (MN-major, transposed): the 64-column
+  // panels are 8192 bytes apart (leading offset), 8-key groups 1024
+  // (stride offset); k step j starts 16 keys = 2048 bytes on. Issued only.
+  auto issueValuesWgmma = [&](ValueRange o, ValueRange p, Value slot) {
+    Value vDesc = tileDescriptor(valueOffset(slot), kvPanelBytes, 1024);
+    SmallVector<Value> acc(o);
+    for (int64_t j = 0; j < kKeyNTiles / 2; ++j)
+      acc = wgmma(acc, p.slice(j * 4, 4), advance(vDesc, j * 2048),
+                  /*transposeB=*/true, /*accumulate=*/true);
+    return acc;
+  };
+  // O += P V with mma.sync and ldmatrix'ed (transposed) V.
+  auto valuesMmaSync = [&](SmallVector<AccFrag> o, ArrayRef<Value> p,
+                           Value slot) {
+    Value vTile = valueTile(slot);
+    Value rowOff = m.add(arith::RemUIOp::create(b, loc, lane, m.c(8)),
+                         m.mul(arith::RemUIOp::create(
+                                   b, loc,
+                                   arith::DivUIOp::create(b, loc, lane, m.c(8)),
+                                   m.c(2)),
+                               m.c(8)));
+    Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(16)), m.c(8));
+    for (int64_t dn = 0; dn < oFrags; dn += 2)
       for (int64_t j = 0; j < kKeyNTiles / 2; ++j) {
-        ArrayRef<Value> a(values.begin() + oFrags * 4 + j * 4, 4);
-        acc = wgmma(acc, a, advance(vDesc, j * 2048), /*transposeB=*/true,
-                    /*accumulate=*/true);
+        auto vb = ldmatrix(vTile, m.add(rowOff, m.c(j * 16)),
+                           m.add(colOff, m.c(dn * 8)), true);
+        ArrayRef<Value> a = p.slice(j * 4, 4);
+        o[dn] = mma({a[0], a[1], a[2], a[3]}, {vb[0], vb[1]}, o[dn]);
+        o[dn + 1] = mma({a[0], a[1], a[2], a[3]}, {vb[2], vb[3]}, o[dn + 1]);
       }
-      acc = wgmmaWait(acc);
-      for (int64_t dn = 0; dn < oFrags; ++dn)
-        for (int64_t e = 0; e < 4; ++e)
-          o[dn][e] = acc[dn * 4 + e];
+    return o;
+  };
+
+  // One step per key tile: wait for the tile; after the barrier every warp
+  // is also done with the previous one, so the next tile can load into its
+  // slot while this one computes (one barrier per tile). cp.async
+  // zero-fills rows past the last key; TMA brings them as they are, so V's
+  // are zeroed (only tiles that a later step waits for are loaded: none
+  // may be in flight when the block exits).
+  auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
+  {
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(loop.getBody());
+    Value it = loop.getInductionVar();
+    ValueRange state = loop.getRegionIterArgs();
+    Value k0 = m.add(first, m.mul(it, m.c(kBlockKeys)));
+    Value slot = arith::RemUIOp::create(b, loc, it, m.c(2));
+    Value nextSlot = m.sub(one, slot);
+    Value nextK0 = m.add(k0, m.c(kBlockKeys));
+    auto copyStep = [&]() {
+      nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
+                                       b.getI32IntegerAttr(0));
+      fenceForWgmma();
+      gpu::BarrierOp::create(b, loc);
+      loadKeyTile(nextK0, nextSlot);
+      commitGroup();
+    };
+    if (tmaKeys) {
+      auto byTma = scf::IfOp::create(b, loc, TypeRange{}, useTma,
+                                     /*withElse=*/true);
+      OpBuilder::InsertionGuard g2(b);
+      b.setInsertionPointToStart(byTma.thenBlock());
+      waitKeyTile(it, slot);
+      zeroValueTail(k0, slot);
+      gpu::BarrierOp::create(b, loc);
+      auto more = scf::IfOp::create(b, loc, TypeRange{},
+                                    m.lt(m.add(it, one), numTiles), false);
+      b.setInsertionPointToStart(more.thenBlock());
+      tmaLoadKeyTile(nextK0, nextSlot);
+      b.setInsertionPointToStart(byTma.elseBlock());
+      copyStep();
     } else {
-      Value rowOff = m.add(arith::RemUIOp::create(b, loc, lane, m.c(8)),
-                           m.mul(arith::RemUIOp::create(
-                                     b, loc,
-                                     arith::DivUIOp::create(b, loc, lane, m.c(8)),
-                                     m.c(2)),
-                                 m.c(8)));
-      Value colOff =
-          m.mul(arith::DivUIOp::create(b, loc, lane, m.c(16)), m.c(8));
-      for (int64_t dn = 0; dn < oFrags; dn += 2)
-        for (int64_t j = 0; j < kKeyNTiles / 2; ++j) {
-          auto vb = ldmatrix(vTile, m.add(rowOff, m.c(j * 16)),
-                             m.add(colOff, m.c(dn * 8)), true);
-          o[dn] = mma(pFrag[j], {vb[0], vb[1]}, o[dn]);
-          o[dn + 1] = mma(pFrag[j], {vb[2], vb[3]}, o[dn + 1]);
-        }
+      copyStep();
     }
 
+    SmallVector<AccFrag> s;
+    if (shape.wgmma) {
+      inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
+      s = toFrags(wgmmaCommitAndWait(issueScoresWgmma(slot)));
+    } else {
+      s = scoresMmaSync(slot);
+    }
+    biasAndMask(s, k0);
+    SoftmaxStep step = softmaxStep(s, state.drop_front(oFrags * 4));
+    SmallVector<Value> o = rescaleAcc(state.take_front(oFrags * 4), step);
+    SmallVector<Value> p = packProbabilities(s);
     SmallVector<Value> next;
-    for (int64_t dn = 0; dn < oFrags; ++dn)
-      next.append(o[dn].begin(), o[dn].end());
-    next.append({newMax[0], newMax[1], newSum[0], newSum[1]});
+    if (shape.wgmma) {
+      SmallVector<Value> operands(o);
+      for (Value reg : p)
+        operands.push_back(asI32(reg));
+      operands = wgmmaFence(operands);
+      ArrayRef<Value> ops(operands);
+      next = wgmmaCommitAndWait(issueValuesWgmma(
+          ops.take_front(oFrags * 4), ops.drop_front(oFrags * 4), slot));
+    } else {
+      next = flatten(valuesMmaSync(toFrags(o), p, slot));
+    }
+    next.append(step.stats);
     scf::YieldOp::create(b, loc, next);
   }
   // Drain the (empty) prefetch group of the last iteration.
   nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
                                    b.getI32IntegerAttr(0));
-
   ValueRange fin = loop.getResults();
   Value ln2 = f.c(M_LN2);
   // 16-bit rows (out, or a 16-bit state's O / sum) go through shared memory

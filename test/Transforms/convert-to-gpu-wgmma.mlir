@@ -13,6 +13,8 @@
 // CHECK-SAME: kind = "single", shared_bytes = 99344
 // CHECK-SAME: attn.tensor_maps = 2 : i64
 // CHECK-SAME: nvvm.minctasm = 2 : i32
+// CHECK-DAG: %[[CLAMP:.*]] = arith.constant -1.275000e+02 : f32
+// CHECK-DAG: %[[MAGIC:.*]] = arith.constant 0x4B400000 : f32
 // CHECK: memref.extract_aligned_pointer_as_index
 // Thread 0 sets up one mbarrier per K/V slot and starts the first tile:
 // the barrier expects both tiles' bytes, and each tile is D/64 = 2 TMA boxes
@@ -43,6 +45,22 @@
 // than 8 (log2 units); only then is O multiplied by alpha.
 // CHECK: %[[GROWS:.*]] = nvvm.vote.sync any %{{.*}}, %{{.*}} -> i1
 // CHECK: llvm.call_intrinsic "llvm.nvvm.ex2.approx.ftz.f"
+// The first two scores of each row half are exponentiated on the FMA pipe:
+// clamp at -127.5, round by adding 1.5 * 2^23, a degree-3 polynomial, the
+// integer part added to the exponent bits and the bits clamped at 0 (0x4B400000
+// is 1.5 * 2^23); the others by ex2.
+// CHECK: arith.maximumf %{{.*}}, %[[CLAMP]] : f32
+// CHECK-NEXT: arith.addf %{{.*}}, %[[MAGIC]] : f32
+// CHECK-COUNT-3: llvm.intr.fma
+// CHECK: arith.shli %{{.*}}, %c23_i32 : i32
+// CHECK-NEXT: arith.addi
+// CHECK-NEXT: arith.maxsi %{{.*}}, %c0_i32 : i32
+// CHECK: arith.maximumf %{{.*}}, %[[CLAMP]] : f32
+// CHECK: arith.maxsi %{{.*}}, %c0_i32 : i32
+// CHECK-NEXT: arith.bitcast
+// CHECK-NEXT: arith.addf
+// CHECK-NEXT: llvm.intr.fma
+// CHECK-NEXT: llvm.call_intrinsic "llvm.nvvm.ex2.approx.ftz.f"
 // CHECK: scf.if %[[GROWS]] -> ({{.*}}f32
 // CHECK: arith.mulf
 // CHECK: } else {

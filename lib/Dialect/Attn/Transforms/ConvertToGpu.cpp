@@ -229,6 +229,32 @@ private:
                                          ValueRange{x})
         .getResult(0);
   }
+  /// 2^x on the FMA pipe: x = j + r with j = round(x) and |r| <= 1/2,
+  /// 2^r by a degree-3 polynomial (relative error 7.5e-5, far below the
+  /// 16-bit rounding of P), and j added to its exponent bits. Below 2^-126
+  /// the result is 0 or a denormal (exactly 0 for -inf, as a masked score
+  /// must give): x is clamped at -127.5, where j = -128 pushes the
+  /// exponent below zero and the integer max with 0 clears it.
+  Value exp2Polynomial(Value x) {
+    Value magic = f.c(12582912.0); // 1.5 * 2^23: x + magic rounds x
+    x = f.max(x, f.c(-127.5));
+    Value t = f.add(x, magic);
+    Value r = f.sub(x, f.sub(t, magic));
+    Value p = f.c(0.055171453633924596);
+    for (double c : {0.24261113792283268, 0.6932610273880977,
+                     0.9999280728460054})
+      p = LLVM::FMAOp::create(b, loc, p, r, f.c(c));
+    // t's low bits hold j (two's complement): shifted by 23 they add j to
+    // p's exponent.
+    Value tBits = arith::BitcastOp::create(b, loc, i32, t);
+    Value pBits = arith::BitcastOp::create(b, loc, i32, p);
+    Value shift = arith::ConstantIntOp::create(b, loc, i32, 23);
+    Value scaled = arith::AddIOp::create(
+        b, loc, pBits, arith::ShLIOp::create(b, loc, tBits, shift));
+    scaled = arith::MaxSIOp::create(
+        b, loc, scaled, arith::ConstantIntOp::create(b, loc, i32, 0));
+    return arith::BitcastOp::create(b, loc, f32, scaled);
+  }
   Value log2(Value x) {
     return LLVM::CallIntrinsicOp::create(b, loc, f32,
                                          b.getStringAttr("llvm.nvvm.lg2.approx.ftz.f"),
@@ -1178,6 +1204,13 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     Value alpha[2];  // per row half
     SmallVector<Value> stats; // the new [max0, max1, sum0, sum1]
   };
+  // The first polynomialExps of each row half's 2 * kKeyNTiles scores are
+  // exponentiated on the FMA pipe (exp2Polynomial), the rest by ex2 on the
+  // MUFU pipe, which does 16 a clock per SM against the FMA pipe's 128
+  // lanes: with wgmma the ex2s were on the critical path (a kernel without
+  // them ran 11% faster). 2 of 16 balances the pipes best on the H100
+  // (causal 548-567 -> 595 TF/s; 3 of 16 loses it again); bench/gpu_ab.md.
+  const int64_t polynomialExps = shape.wgmma ? 2 : 0;
   auto softmaxStep = [&](SmallVector<AccFrag> &s, ValueRange stats) {
     Value c2 = f.c(scaleLog2);
     Value tileMaxC[2], grows = m.truth(false);
@@ -1213,7 +1246,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       for (int64_t n = 0; n < kKeyNTiles; ++n)
         for (int64_t e = 0; e < 2; ++e) {
           Value &x = s[n][half * 2 + e];
-          x = exp2(LLVM::FMAOp::create(b, loc, x, c2, negM));
+          x = LLVM::FMAOp::create(b, loc, x, c2, negM);
+          x = n * 2 + e < polynomialExps ? exp2Polynomial(x) : exp2(x);
           sum = f.add(sum, x);
         }
       newMax[half] = mx;

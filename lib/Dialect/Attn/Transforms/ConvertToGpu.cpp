@@ -843,13 +843,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   auto toI32 = [&](Value index) {
     return arith::IndexCastOp::create(b, loc, i32, index);
   };
-  // Arms mbarrier `bar` for `bytes` more bytes (one arrival: the leader's).
-  auto armBarrier = [&](Value bar, Value bytes) {
-    inlinePtx({}, {bar, bytes},
-              "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
-              "st, [$0], $1; }",
-              "r,r");
-  };
   // The leader's box loads of one K (or V) tile of keys k0.. into the
   // shared bytes at `offset`, completing on `bar`.
   auto tmaLoadBoxes = [&](Value map, Value offset, Value k0, Value bar) {
@@ -887,9 +880,14 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                     /*withElse=*/false);
     OpBuilder::InsertionGuard guard(b);
     b.setInsertionPointToStart(leader.thenBlock());
+    // One arrival (the leader's) that expects both tiles' bytes.
     Value bar = barrierAt(slot);
-    armBarrier(bar, arith::ConstantIntOp::create(b, loc, i32,
-                                                 2 * shape.kvTileBytes()));
+    Value bytes = arith::ConstantIntOp::create(b, loc, i32,
+                                               2 * shape.kvTileBytes());
+    inlinePtx({}, {bar, bytes},
+              "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
+              "st, [$0], $1; }",
+              "r,r");
     tmaLoadBoxes(arg(KMap), keyOffset(slot), k0, bar);
     tmaLoadBoxes(arg(VMap), valueOffset(slot), k0, bar);
   };

@@ -144,8 +144,10 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
     writes `out` and `lse` itself; otherwise the f32 state
     (acc, max, sum) lives in global memory between `update` kernels.
     With `wgmma` (sm_90a) a block is two warpgroups of 64 rows each, both
-    products are warpgroup MMAs, and the K/V tiles of components with
-    contiguous keys arrive by TMA from two tensor-map kernel parameters.
+    products are warpgroup MMAs, the K/V tiles arrive by TMA from two
+    tensor-map kernel parameters (gathered keys through a per-period view;
+    cp.async with key_ids), and 2 of every 16 exponentials are a
+    polynomial on the FMA pipe instead of `ex2` on the busier MUFU pipe.
     See docs/passes/convert-attn-to-gpu.md.
   }];
   let dependentDialects = ["::mlir::gpu::GPUDialect",

@@ -53,12 +53,14 @@ using namespace mlir;
 using namespace mlir::attn;
 
 static void addKernelPasses(OpPassManager &pm, const std::string &arch,
-                            bool alwaysState = false) {
+                            bool alwaysState = false,
+                            bool warpSpecialize = false) {
   pm.addPass(createAttnDecompose());
   ConvertAttnToGpuOptions options;
   options.alwaysState = alwaysState;
   // Warpgroup MMA needs the sm_90a feature set; other targets use mma.sync.
   options.wgmma = arch == "sm_90a";
+  options.warpSpecialize = warpSpecialize && options.wgmma;
   pm.addPass(createConvertAttnToGpu(options));
   pm.addPass(createCanonicalizerPass());
   pm.addPass(createCSEPass());
@@ -155,9 +157,9 @@ static std::string binaryPtx(ModuleOp module) {
 
 LogicalResult mlir::attn::lowerForGpu(ModuleOp module, GpuStage stage,
                                       const std::string &arch,
-                                      std::string *ptx) {
+                                      std::string *ptx, bool warpSpecialize) {
   PassManager pm(module.getContext());
-  addKernelPasses(pm, arch);
+  addKernelPasses(pm, arch, /*alwaysState=*/false, warpSpecialize);
   if (stage == GpuStage::Ptx)
     addPtxPasses(pm, arch);
   if (failed(pm.run(module)))
@@ -220,7 +222,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
                                             const std::string &outDir,
                                             std::string &error,
                                             llvm::raw_ostream *log,
-                                            bool alwaysState) {
+                                            bool alwaysState,
+                                            bool warpSpecialize) {
   if (spec.dtype != "bf16" && spec.dtype != "f16") {
     error = "dtype: GPU targets take bf16 or f16 inputs (f32 accumulation), "
             "got " + spec.dtype;
@@ -239,7 +242,7 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
     *log << "attn-compile: generating " << arch << " kernels for " << spec.name
          << " (" << components.size() << " components)\n";
   PassManager pm(module.getContext());
-  addKernelPasses(pm, arch, alwaysState);
+  addKernelPasses(pm, arch, alwaysState, warpSpecialize);
   if (failed(pm.run(module))) {
     error = "convert-attn-to-gpu failed (see the diagnostics above)";
     return failure();

@@ -57,6 +57,12 @@ static cl::opt<int64_t> qTileOpt("q-tile", cl::desc("Rows per tile"),
                                  cl::init(0));
 static cl::opt<int64_t> kvTileOpt("kv-tile", cl::desc("Keys per tile"),
                                   cl::init(0));
+static cl::opt<bool> warpSpecialize(
+    "warp-specialize",
+    cl::desc("sm_90a, experimental: a producer warpgroup for the K/V loads "
+             "and two consumer warpgroups overlapping softmax and MMAs "
+             "(docs/passes/convert-attn-to-gpu.md); correct, not yet faster"),
+    cl::init(false));
 static cl::opt<bool> quiet("quiet", cl::desc("No progress messages"),
                            cl::init(false));
 
@@ -90,6 +96,9 @@ int main(int argc, char **argv) {
   std::string target = targetOpt.empty() ? spec->target.arch : targetOpt;
   if (target != "cpu" && target != "sm_90a" && target != "sm_80")
     return fail("--target must be cpu, sm_90a or sm_80, got '" + target + "'");
+  if (warpSpecialize && target != "sm_90a")
+    return fail("--warp-specialize needs --target sm_90a, got '" + target +
+                "'");
   CpuPipelineOptions opts;
   opts.qTile = qTileOpt > 0 ? qTileOpt : spec->target.qTile;
   opts.kvTile = kvTileOpt > 0 ? kvTileOpt : spec->target.kvTile;
@@ -130,10 +139,12 @@ int main(int argc, char **argv) {
         failed(lowerToStage(*module, Stage::Decomposed, opts)))
       return fail("lowering to stage 'decomposed' failed");
     if (emit == "kernels" &&
-        failed(lowerForGpu(*module, GpuStage::Kernels, target, nullptr)))
+        failed(lowerForGpu(*module, GpuStage::Kernels, target, nullptr,
+                           warpSpecialize)))
       return fail("convert-attn-to-gpu failed");
     if (emit == "ptx" &&
-        failed(lowerForGpu(*module, GpuStage::Ptx, target, &ptx)))
+        failed(lowerForGpu(*module, GpuStage::Ptx, target, &ptx,
+                           warpSpecialize)))
       return fail("lowering the kernels to PTX failed");
     auto output = openOutputFile(
         outPath.empty() ? std::string("-") : outPath.getValue(), &error);
@@ -174,6 +185,9 @@ int main(int argc, char **argv) {
   if (outPath.empty())
     return fail("give a package directory with -o, or a stage with --emit");
   if (distributed) {
+    if (warpSpecialize)
+      return fail("--warp-specialize is not available for distributed "
+                  "specs (ring packages)");
     if (target != "cpu") {
       if (failed(compileGpuRingPackage(*spec, target, outPath, error,
                                        quiet ? nullptr : &llvm::errs())))
@@ -187,7 +201,8 @@ int main(int argc, char **argv) {
   }
   if (target != "cpu") {
     if (failed(compileGpuPackage(*module, *spec, target, outPath, error,
-                                 quiet ? nullptr : &llvm::errs())))
+                                 quiet ? nullptr : &llvm::errs(),
+                                 /*alwaysState=*/false, warpSpecialize)))
       return fail(error);
     return 0;
   }

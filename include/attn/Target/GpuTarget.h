@@ -24,9 +24,11 @@ enum class GpuStage {
 };
 
 /// Lowers `module` in place to `stage` for `arch` (sm_90a or sm_80); for
-/// GpuStage::Ptx the PTX is returned in `ptx`.
+/// GpuStage::Ptx the PTX is returned in `ptx`. `warpSpecialize` is
+/// convert-attn-to-gpu's option of that name (sm_90a, experimental).
 LogicalResult lowerForGpu(ModuleOp module, GpuStage stage,
-                          const std::string &arch, std::string *ptx);
+                          const std::string &arch, std::string *ptx,
+                          bool warpSpecialize = false);
 
 /// Compiles `module` for `arch` into the package directory `outDir`.
 /// Progress lines (including ptxas's register and spill report) go to `log`
@@ -35,7 +37,8 @@ LogicalResult compileGpuPackage(ModuleOp module, const Spec &spec,
                                 const std::string &arch,
                                 const std::string &outDir, std::string &error,
                                 llvm::raw_ostream *log,
-                                bool alwaysState = false);
+                                bool alwaysState = false,
+                                bool warpSpecialize = false);
 
 /// A GPU ring package (docs/Ring.md): one update kernel per planned
 /// component (origins as launch parameters), init, finalize, and the ring

@@ -80,6 +80,9 @@ using namespace mlir::attn;
 namespace {
 
 constexpr int64_t kBlockKeys = 64;
+/// K/V slots of a warp-specialised kernel (one block per SM leaves the
+/// shared memory for them).
+constexpr int64_t kWsSlots = 4;
 constexpr int64_t kKeyNTiles = kBlockKeys / 8;
 constexpr int64_t kElementwiseThreads = 256;
 /// How far (log2 units) a row's running max may lag its true max before
@@ -104,6 +107,9 @@ struct AttentionShape {
   /// of f32 O between component kernels) rather than f32 O; ring packages,
   /// whose partial states travel between ranks, keep f32.
   bool halfState = false;
+  /// Warp-specialised kernels where the keys are contiguous (the
+  /// `warp-specialize` option; see emitComponent).
+  bool warpSpecialize = false;
   /// K/V tiles arrive by TMA (sm_90a, no key_ids): every kernel then takes
   /// two tensor maps, K's and V's for its period, by value after the
   /// scalars (docs/Package.md).
@@ -131,7 +137,6 @@ struct AttentionShape {
   }
   /// With TMA, one mbarrier per K/V slot follows the V slots.
   static constexpr int64_t kBarrierBytes = 16;
-  int64_t barrierOffset() const { return qTileBytes() + 4 * kvTileBytes(); }
 };
 
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
@@ -628,13 +633,37 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   const bool loadsState = mode == StateMode::Update || mode == StateMode::End;
   const bool writesOut = mode == StateMode::Single || mode == StateMode::End;
   const int64_t kBlockRows = shape.blockRows();
-  auto func = beginKernel(name, shape.threads());
+  // Warp specialisation (the `warp-specialize` option; components whose
+  // keys are contiguous, so always by TMA): a producer warpgroup (threads
+  // 0-127) issues every K/V load into a ring of kWsSlots slots, handed
+  // back by the consumers through "empty" mbarriers, and the two consumer
+  // warpgroups (threads 128-383, the 128 rows) run overlappedLoop below.
+  // One block per SM; setmaxnreg moves registers from the producer (40) to
+  // the consumers (232).
+  const bool ws = shape.warpSpecialize && shape.tma && comp.getPeriod() == 1;
+  const int64_t threads = ws ? shape.threads() + 128 : shape.threads();
+  auto func = beginKernel(name, threads);
   // Two blocks per SM, so that one block's softmax overlaps the other's
   // MMAs: ptxas then keeps the 256-thread wgmma kernels within 128
   // registers per thread.
   if (shape.wgmma)
     func->setAttr(NVVM::NVVMDialect::getMinctasmAttrName(),
-                  b.getI32IntegerAttr(2));
+                  b.getI32IntegerAttr(ws ? 1 : 2));
+  const int64_t slots = ws ? kWsSlots : 2;
+  // Q, K[slots], V[slots], then the mbarriers: one "full" per slot and,
+  // with ws, one "empty" per slot.
+  const int64_t barrierOffset =
+      shape.qTileBytes() + 2 * slots * shape.kvTileBytes();
+  const int64_t sharedBytes =
+      ws ? barrierOffset + 1024 + 16 * slots : shape.sharedBytes();
+  // A barrier of every thread that computes (named barrier 1 of the 256
+  // consumer threads with ws).
+  auto consumerBarrier = [&]() {
+    if (ws)
+      inlinePtx({}, {}, "bar.sync 1, 256;", "");
+    else
+      gpu::BarrierOp::create(b, loc);
+  };
   const int64_t D = shape.headDim, H = shape.heads;
   const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
   const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
@@ -758,7 +787,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                  m.mul(slot, m.c(shape.kvTileBytes())));
   };
   auto valueOffset = [&](Value slot) {
-    return m.add(m.c(shape.qTileBytes() + 2 * shape.kvTileBytes()),
+    return m.add(m.c(shape.qTileBytes() + slots * shape.kvTileBytes()),
                  m.mul(slot, m.c(shape.kvTileBytes())));
   };
   Value qTile = sharedTile(dyn, zero, kBlockRows);
@@ -838,7 +867,11 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   };
   auto barrierAt = [&](Value slot) {
     return sharedAddress32(
-        m.add(m.c(shape.barrierOffset()), m.mul(slot, m.c(8))));
+        m.add(m.c(barrierOffset), m.mul(slot, m.c(8))));
+  };
+  auto emptyAt = [&](Value slot) {
+    return sharedAddress32(
+        m.add(m.c(barrierOffset + 8 * slots), m.mul(slot, m.c(8))));
   };
   auto toI32 = [&](Value index) {
     return arith::IndexCastOp::create(b, loc, i32, index);
@@ -891,13 +924,14 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     tmaLoadBoxes(arg(KMap), keyOffset(slot), k0, bar);
     tmaLoadBoxes(arg(VMap), valueOffset(slot), k0, bar);
   };
-  // Waits until the tile of loop step `it` has landed in its slot: the
-  // slot's barrier completes one phase per tile, so step it waits for
-  // phase parity (it / 2) % 2.
-  auto waitKeyTile = [&](Value it, Value slot) {
+  // Waits for the phase of step `it` of the mbarrier `barrier()` builds:
+  // a slot's barrier completes one phase per tile through it, so step it
+  // waits for phase parity (it / slots) % 2. (The address is built after
+  // the parity: the PTX of the default kernels stays as it was.)
+  auto waitTile = [&](Value it, function_ref<Value()> barrier) {
     Value parity = toI32(arith::RemUIOp::create(
-        b, loc, arith::DivUIOp::create(b, loc, it, m.c(2)), m.c(2)));
-    Value bar = barrierAt(slot);
+        b, loc, arith::DivUIOp::create(b, loc, it, m.c(slots)), m.c(2)));
+    Value bar = barrier();
     auto spin = scf::WhileOp::create(b, loc, TypeRange{}, ValueRange{});
     OpBuilder::InsertionGuard guard(b);
     b.setInsertionPointToStart(b.createBlock(&spin.getBefore()));
@@ -913,6 +947,9 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         ValueRange{});
     b.setInsertionPointToStart(b.createBlock(&spin.getAfter()));
     scf::YieldOp::create(b, loc);
+  };
+  auto waitKeyTile = [&](Value it, Value slot) {
+    waitTile(it, [&] { return barrierAt(slot); });
   };
   // A tile reaching past `last` holds keys no row attends; their scores are
   // masked, so K's rows may hold anything, but P . V multiplies V's rows by
@@ -953,22 +990,58 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     {
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(leader.thenBlock());
-      for (int64_t slot = 0; slot < 2; ++slot)
+      for (int64_t slot = 0; slot < slots; ++slot) {
         inlinePtx({}, {barrierAt(m.c(slot))},
                   "mbarrier.init.shared::cta.b64 [$0], 1;", "r");
+        if (ws)
+          inlinePtx({}, {emptyAt(m.c(slot))},
+                    "mbarrier.init.shared::cta.b64 [$0], 256;", "r");
+      }
       inlinePtx({}, {}, "fence.mbarrier_init.release.cluster;", "");
     }
-    // No load may be left in flight when the block exits.
-    auto byTma = scf::IfOp::create(b, loc, TypeRange{}, useTma,
-                                   /*withElse=*/true);
-    OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(byTma.thenBlock());
-    auto some = scf::IfOp::create(b, loc, TypeRange{},
-                                  m.lt(zero, numTiles), false);
-    b.setInsertionPointToStart(some.thenBlock());
-    tmaLoadKeyTile(first, zero);
-    b.setInsertionPointToStart(byTma.elseBlock());
-    loadKeyTile(first, zero);
+    if (ws) {
+      // Every thread sees the initialised barriers; then the producer
+      // warpgroup gives registers up and its thread 0 loads every key tile
+      // of the block, into slot it % slots once the consumers have handed
+      // back that slot's previous tile (its "empty" barrier, 256 arrivals
+      // a phase). The consumer warpgroups take the registers and continue
+      // below with their own thread and warp numbers (0-255, 0-7).
+      gpu::BarrierOp::create(b, loc);
+      auto split = scf::IfOp::create(b, loc, TypeRange{},
+                                     m.lt(tid, m.c(128)), /*withElse=*/true);
+      b.setInsertionPointToStart(split.thenBlock());
+      inlinePtx({}, {}, "setmaxnreg.dec.sync.aligned.u32 40;", "");
+      auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader, false);
+      b.setInsertionPointToStart(leader.thenBlock());
+      auto produce = scf::ForOp::create(b, loc, zero, numTiles, one);
+      b.setInsertionPointToStart(produce.getBody());
+      Value it = produce.getInductionVar();
+      Value slot = arith::RemUIOp::create(b, loc, it, m.c(slots));
+      auto reuse = scf::IfOp::create(b, loc, TypeRange{},
+                                     m.le(m.c(slots), it), false);
+      {
+        OpBuilder::InsertionGuard g(b);
+        b.setInsertionPointToStart(reuse.thenBlock());
+        waitTile(m.sub(it, m.c(slots)), [&] { return emptyAt(slot); });
+      }
+      tmaLoadKeyTile(m.add(first, m.mul(it, m.c(kBlockKeys))), slot);
+      b.setInsertionPointToStart(split.elseBlock());
+      inlinePtx({}, {}, "setmaxnreg.inc.sync.aligned.u32 232;", "");
+      tid = m.sub(tid, m.c(128));
+      warp = arith::DivUIOp::create(b, loc, tid, m.c(32));
+    } else {
+      // No load may be left in flight when the block exits.
+      auto byTma = scf::IfOp::create(b, loc, TypeRange{}, useTma,
+                                     /*withElse=*/true);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(byTma.thenBlock());
+      auto some = scf::IfOp::create(b, loc, TypeRange{},
+                                    m.lt(zero, numTiles), false);
+      b.setInsertionPointToStart(some.thenBlock());
+      tmaLoadKeyTile(first, zero);
+      b.setInsertionPointToStart(byTma.elseBlock());
+      loadKeyTile(first, zero);
+    }
   } else {
     loadKeyTile(first, zero);
   }
@@ -986,7 +1059,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       inlinePtx({}, {}, "fence.proxy.async.shared::cta;", "");
   };
   fenceForWgmma();
-  gpu::BarrierOp::create(b, loc);
+  consumerBarrier();
 
   Value laneRow = arith::DivUIOp::create(b, loc, lane, m.c(4)); // lane / 4
   Value laneCol = m.mul(arith::RemUIOp::create(b, loc, lane, m.c(4)), m.c(2));
@@ -1320,6 +1393,160 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // zero-fills rows past the last key; TMA brings them as they are, so V's
   // are zeroed (only tiles that a later step waits for are loaded: none
   // may be in flight when the block exits).
+  // The consumers' key loop of a warp-specialised kernel, after
+  // FlashAttention-3:
+  //
+  //   S(0); softmax(0)
+  //   step it = 1 .. n-1:  issue S(it) and P.V(it-1); wait for S(it) only;
+  //                        softmax(it) while P.V(it-1) runs; wait for it;
+  //                        hand slot it-1 back; O *= alpha(it)
+  //   P.V(n-1)
+  //
+  // and ping-pong: the two warpgroups take turns issuing their MMAs
+  // (warpgroup g waits on named barrier 2 + g, then arrives on the other's;
+  // warpgroup 1 lets warpgroup 0 go first and leaves its last turn unused),
+  // so that one's softmax runs while the other's MMAs do. O and P stay in
+  // flight across the softmax: 232 registers hold them (C7512 at 128).
+  auto wgmmaWait = [&](ValueRange acc, int pending) {
+    return inlinePtx(acc.getTypes(), acc,
+                     "wgmma.wait_group.sync.aligned " +
+                         std::to_string(pending) + ";",
+                     tiedConstraints(acc));
+  };
+  auto wgmmaCommit = [&](ValueRange acc) {
+    return inlinePtx(acc.getTypes(), acc, "wgmma.commit_group.sync.aligned;",
+                     tiedConstraints(acc));
+  };
+  auto handBack = [&](Value slot) {
+    inlinePtx({}, {emptyAt(slot)},
+              "mbarrier.arrive.shared::cta.b64 _, [$0];", "r");
+  };
+  // Waits for key tile `it`; on an edge tile both warpgroups zero V's rows
+  // past `last` (the same zeros) and meet before either reads them.
+  auto awaitKeyTile = [&](Value it, Value slot, Value k0) {
+    waitKeyTile(it, slot);
+    auto edge = scf::IfOp::create(
+        b, loc, TypeRange{}, m.lt(m.sub(last, k0), m.c(kBlockKeys)), false);
+    OpBuilder::InsertionGuard g2(b);
+    b.setInsertionPointToStart(edge.thenBlock());
+    zeroValueTail(k0, slot);
+    consumerBarrier();
+  };
+  auto slotOf = [&](Value it) {
+    return arith::RemUIOp::create(b, loc, it, m.c(slots));
+  };
+  auto overlappedLoop = [&]() -> SmallVector<Value> {
+    SmallVector<Type> types;
+    for (Value v : init)
+      types.push_back(v.getType());
+    auto some = scf::IfOp::create(b, loc, types, m.lt(zero, numTiles), true);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(some.elseBlock());
+    scf::YieldOp::create(b, loc, init);
+    b.setInsertionPointToStart(some.thenBlock());
+
+    Value wg = arith::DivUIOp::create(b, loc, warp, m.c(4));
+    Value isWg1 = m.eq(wg, one);
+    Value myTurn = toI32(m.add(wg, m.c(2)));
+    Value theirTurn = toI32(m.sub(m.c(3), wg));
+    auto takeTurn = [&]() {
+      inlinePtx({}, {myTurn}, "bar.sync $0, 256;", "r");
+    };
+    auto passTurn = [&]() {
+      inlinePtx({}, {theirTurn}, "bar.arrive $0, 256;", "r");
+    };
+    {
+      OpBuilder::InsertionGuard g2(b);
+      auto second = scf::IfOp::create(b, loc, TypeRange{}, isWg1, false);
+      b.setInsertionPointToStart(second.thenBlock());
+      passTurn();
+    }
+    // O and P (as i32 pairs) through wgmma.fence: P.V reads both.
+    const int64_t oRegs = oFrags * 4, pRegs = kKeyNTiles / 2 * 4;
+    auto fencedValues = [&](ValueRange o, ValueRange p) {
+      SmallVector<Value> operands(o);
+      operands.append(p.begin(), p.end());
+      return wgmmaFence(operands);
+    };
+    auto issueValues = [&](ArrayRef<Value> fenced, Value slot) {
+      return wgmmaCommit(issueValuesWgmma(fenced.take_front(oRegs),
+                                          fenced.drop_front(oRegs), slot));
+    };
+    auto packed = [&](ArrayRef<AccFrag> s) {
+      SmallVector<Value> p;
+      for (Value reg : packProbabilities(s))
+        p.push_back(asI32(reg));
+      return p;
+    };
+
+    // Tile 0: S and softmax.
+    awaitKeyTile(zero, zero, first);
+    takeTurn();
+    inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
+    SmallVector<Value> scores0 = wgmmaCommit(issueScoresWgmma(zero));
+    passTurn();
+    SmallVector<AccFrag> s0 = toFrags(wgmmaWait(scores0, 0));
+    biasAndMask(s0, first);
+    SoftmaxStep step0 =
+        softmaxStep(s0, ArrayRef<Value>(init).drop_front(oRegs));
+    // Loop state: O, [max0, max1, sum0, sum1], P of the previous tile.
+    SmallVector<Value> state0 =
+        rescaleAcc(ArrayRef<Value>(init).take_front(oRegs), step0);
+    state0.append(step0.stats);
+    state0.append(packed(s0));
+
+    auto loop = scf::ForOp::create(b, loc, one, numTiles, one, state0);
+    {
+      OpBuilder::InsertionGuard g2(b);
+      b.setInsertionPointToStart(loop.getBody());
+      Value it = loop.getInductionVar();
+      ValueRange state = loop.getRegionIterArgs();
+      Value slot = slotOf(it), prevSlot = slotOf(m.sub(it, one));
+      Value k0 = m.add(first, m.mul(it, m.c(kBlockKeys)));
+      awaitKeyTile(it, slot, k0);
+      takeTurn();
+      SmallVector<Value> fenced =
+          fencedValues(state.take_front(oRegs), state.take_back(pRegs));
+      SmallVector<Value> scores = wgmmaCommit(issueScoresWgmma(slot));
+      SmallVector<Value> o = issueValues(fenced, prevSlot);
+      passTurn();
+      SmallVector<AccFrag> s = toFrags(wgmmaWait(scores, 1));
+      biasAndMask(s, k0);
+      SoftmaxStep step =
+          softmaxStep(s, state.drop_front(oRegs).take_front(4));
+      SmallVector<Value> p = packed(s);
+      o = wgmmaWait(o, 0);
+      handBack(prevSlot);
+      SmallVector<Value> next = rescaleAcc(o, step);
+      next.append(step.stats);
+      next.append(p);
+      scf::YieldOp::create(b, loc, next);
+    }
+
+    // The last tile's P.V.
+    ValueRange res = loop.getResults();
+    Value lastSlot = slotOf(m.sub(numTiles, one));
+    takeTurn();
+    SmallVector<Value> out = issueValues(
+        fencedValues(res.take_front(oRegs), res.take_back(pRegs)), lastSlot);
+    {
+      OpBuilder::InsertionGuard g2(b);
+      auto notLast = scf::IfOp::create(b, loc, TypeRange{},
+                                       m.eq(isWg1, m.truth(false)), false);
+      b.setInsertionPointToStart(notLast.thenBlock());
+      passTurn();
+    }
+    out = wgmmaWait(out, 0);
+    handBack(lastSlot);
+    ValueRange stats = res.drop_front(oRegs).take_front(4);
+    out.append(stats.begin(), stats.end());
+    scf::YieldOp::create(b, loc, out);
+    return SmallVector<Value>(some.getResults());
+  };
+  SmallVector<Value> finValues;
+  if (ws) {
+    finValues = overlappedLoop();
+  } else {
   auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
   {
     OpBuilder::InsertionGuard guard(b);
@@ -1327,7 +1554,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     Value it = loop.getInductionVar();
     ValueRange state = loop.getRegionIterArgs();
     Value k0 = m.add(first, m.mul(it, m.c(kBlockKeys)));
-    Value slot = arith::RemUIOp::create(b, loc, it, m.c(2));
+    Value slot = arith::RemUIOp::create(b, loc, it, m.c(slots));
     Value nextSlot = m.sub(one, slot);
     Value nextK0 = m.add(k0, m.c(kBlockKeys));
     auto copyStep = [&]() {
@@ -1385,7 +1612,9 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // Drain the (empty) prefetch group of the last iteration.
   nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
                                    b.getI32IntegerAttr(0));
-  ValueRange fin = loop.getResults();
+  finValues.assign(loop.getResults().begin(), loop.getResults().end());
+  }
+  ValueRange fin = finValues;
   Value ln2 = f.c(M_LN2);
   // 16-bit rows (out, or a 16-bit state's O / sum) go through shared memory
   // (free once every warp has left the loop): each thread writes its
@@ -1395,7 +1624,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   const bool staged = writesOut || shape.halfState;
   Value rowTile;
   if (staged) {
-    gpu::BarrierOp::create(b, loc);
+    consumerBarrier();
     auto workgroup =
         gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
     auto type = MemRefType::get({kBlockRows, D + 8}, f16,
@@ -1459,7 +1688,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   }
   if (staged) {
     // The warp's 16 rows, D/8 16-byte chunks each, 32 chunks per step.
-    gpu::BarrierOp::create(b, loc);
+    consumerBarrier();
     const int64_t chunksPerRow = D / 8;
     auto chunkType = VectorType::get({8}, f16);
     Value dst = writesOut ? arg(Out) : arg(Acc);
@@ -1489,11 +1718,11 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   func->setAttr("attn.launch",
                 b.getDictionaryAttr({
                     b.getNamedAttr("kind", b.getStringAttr(kindName(mode))),
-                    b.getNamedAttr("block", b.getI64IntegerAttr(shape.threads())),
+                    b.getNamedAttr("block", b.getI64IntegerAttr(ws ? shape.threads() + 128 : shape.threads())),
                     b.getNamedAttr("block_rows",
                                    b.getI64IntegerAttr(kBlockRows)),
                     b.getNamedAttr("shared_bytes",
-                                   b.getI64IntegerAttr(shape.sharedBytes())),
+                                   b.getI64IntegerAttr(sharedBytes)),
                     b.getNamedAttr("component", comp),
                 }));
   return func;
@@ -1642,6 +1871,7 @@ struct ConvertAttnToGpuPass
     shape.hasKeyBias = comps.front().getKeyBias() != nullptr;
     shape.hasKeyIds = comps.front().getKeyIds() != nullptr;
     shape.wgmma = wgmma;
+    shape.warpSpecialize = warpSpecialize;
     shape.halfState = !alwaysState;
     shape.tma = wgmma && !shape.hasKeyIds;
     for (ComponentOp c : comps)

@@ -307,6 +307,11 @@ private:
   /// Commits the issued wgmmas and waits for them; the accumulators come
   /// back through the wait so that nothing reads them earlier.
   SmallVector<Value> wgmmaCommitAndWait(ValueRange acc);
+  /// Commits the issued wgmmas as one group, or waits until at most
+  /// `pending` groups are in flight; the accumulators are threaded through
+  /// as in wgmmaCommitAndWait.
+  SmallVector<Value> wgmmaCommit(ValueRange acc);
+  SmallVector<Value> wgmmaWait(ValueRange acc, int pending);
   /// acc = A.B (+ acc unless `accumulate` is false), m64 n{acc*2} k16. A is a
   /// descriptor (one i64 value) or 4 registers of 16-bit pairs.
   SmallVector<Value> wgmma(ValueRange acc, ValueRange a, Value descB,
@@ -480,6 +485,18 @@ static std::string tiedConstraints(ValueRange values) {
 SmallVector<Value> KernelEmitter::wgmmaFence(ValueRange values) {
   return inlinePtx(values.getTypes(), values, "wgmma.fence.sync.aligned;",
                    tiedConstraints(values));
+}
+
+SmallVector<Value> KernelEmitter::wgmmaCommit(ValueRange acc) {
+  return inlinePtx(acc.getTypes(), acc, "wgmma.commit_group.sync.aligned;",
+                   tiedConstraints(acc));
+}
+
+SmallVector<Value> KernelEmitter::wgmmaWait(ValueRange acc, int pending) {
+  return inlinePtx(acc.getTypes(), acc,
+                   "wgmma.wait_group.sync.aligned " + std::to_string(pending) +
+                       ";",
+                   tiedConstraints(acc));
 }
 
 SmallVector<Value> KernelEmitter::wgmmaCommitAndWait(ValueRange acc) {
@@ -1407,16 +1424,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // warpgroup 1 lets warpgroup 0 go first and leaves its last turn unused),
   // so that one's softmax runs while the other's MMAs do. O and P stay in
   // flight across the softmax: 232 registers hold them (C7512 at 128).
-  auto wgmmaWait = [&](ValueRange acc, int pending) {
-    return inlinePtx(acc.getTypes(), acc,
-                     "wgmma.wait_group.sync.aligned " +
-                         std::to_string(pending) + ";",
-                     tiedConstraints(acc));
-  };
-  auto wgmmaCommit = [&](ValueRange acc) {
-    return inlinePtx(acc.getTypes(), acc, "wgmma.commit_group.sync.aligned;",
-                     tiedConstraints(acc));
-  };
   auto handBack = [&](Value slot) {
     inlinePtx({}, {emptyAt(slot)},
               "mbarrier.arrive.shared::cta.b64 _, [$0];", "r");

@@ -22,8 +22,8 @@ import gpu_cases  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
 ap.add_argument("--target", default="sm_90a")
-ap.add_argument("--warp-specialize", action="store_true",
-                help="pass --warp-specialize to attn-compile (sm_90a, experimental)")
+ap.add_argument("--no-warp-specialize", action="store_true",
+                help="pass --warp-specialize=false to attn-compile (sm_90a)")
 args = ap.parse_args()
 os.makedirs(args.out, exist_ok=True)
 compiler = os.path.join(ROOT, "build", "bin", "attn-compile")
@@ -40,7 +40,7 @@ def compile_spec(name, spec):
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     t0 = time.time()
-    flags = ["--warp-specialize"] if args.warp_specialize else []
+    flags = ["--warp-specialize=false"] if args.no_warp_specialize else []
     r = subprocess.run([compiler, spec_path, "--target", args.target, *flags,
                         "-o", os.path.join(args.out, name)], capture_output=True, text=True)
     times[name] = time.time() - t0

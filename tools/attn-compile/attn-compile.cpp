@@ -59,10 +59,12 @@ static cl::opt<int64_t> kvTileOpt("kv-tile", cl::desc("Keys per tile"),
                                   cl::init(0));
 static cl::opt<bool> warpSpecialize(
     "warp-specialize",
-    cl::desc("sm_90a, experimental: a producer warpgroup for the K/V loads "
-             "and two consumer warpgroups overlapping softmax and MMAs "
-             "(docs/passes/convert-attn-to-gpu.md); correct, not yet faster"),
-    cl::init(false));
+    cl::desc("sm_90a: components whose rows attend many contiguous keys "
+             "(causal, tokenized) get a producer warpgroup for the K/V loads "
+             "and three consumer warpgroups that overlap the softmax with "
+             "the MMAs (docs/passes/convert-attn-to-gpu.md); on by default, "
+             "--warp-specialize=false turns it off"),
+    cl::init(true));
 static cl::opt<bool> quiet("quiet", cl::desc("No progress messages"),
                            cl::init(false));
 
@@ -96,7 +98,8 @@ int main(int argc, char **argv) {
   std::string target = targetOpt.empty() ? spec->target.arch : targetOpt;
   if (target != "cpu" && target != "sm_90a" && target != "sm_80")
     return fail("--target must be cpu, sm_90a or sm_80, got '" + target + "'");
-  if (warpSpecialize && target != "sm_90a")
+  if (warpSpecialize.getNumOccurrences() && warpSpecialize &&
+      target != "sm_90a")
     return fail("--warp-specialize needs --target sm_90a, got '" + target +
                 "'");
   CpuPipelineOptions opts;
@@ -185,7 +188,7 @@ int main(int argc, char **argv) {
   if (outPath.empty())
     return fail("give a package directory with -o, or a stage with --emit");
   if (distributed) {
-    if (warpSpecialize)
+    if (warpSpecialize.getNumOccurrences() && warpSpecialize)
       return fail("--warp-specialize is not available for distributed "
                   "specs (ring packages)");
     if (target != "cpu") {

@@ -51,6 +51,12 @@
 // as the register A operand has the m16k16 A layout: the softmax between
 // the two products is the same code for both paths.
 //
+// With `warp-specialize`, components whose rows attend many contiguous keys
+// get FlashAttention-3's structure instead: a producer warpgroup issuing
+// the TMA loads into a ring of slots, three consumer warpgroups (192 rows)
+// whose softmax of one tile overlaps their P . V of the previous one, one
+// block per SM (isWarpSpecialized, emitComponent's `ws`, overlappedLoop).
+//
 //===----------------------------------------------------------------------===//
 
 #include "attn/Dialect/Attn/IR/AttnDims.h"
@@ -83,6 +89,10 @@ constexpr int64_t kBlockKeys = 64;
 /// K/V slots of a warp-specialised kernel (one block per SM leaves the
 /// shared memory for them).
 constexpr int64_t kWsSlots = 4;
+/// Registers per thread after setmaxnreg in a warp-specialised kernel of
+/// 512 threads (launched at 128): 128 x 24 + 384 x 160 <= 65536.
+constexpr int64_t kProducerRegisters = 24;
+constexpr int64_t kConsumerRegisters = 160;
 constexpr int64_t kKeyNTiles = kBlockKeys / 8;
 constexpr int64_t kElementwiseThreads = 256;
 /// How far (log2 units) a row's running max may lag its true max before
@@ -120,7 +130,9 @@ struct AttentionShape {
   int64_t smemStride() const { return headDim + 8; }
   /// 16 query rows per warp: one warpgroup (4 warps, 64 rows) with
   /// mma.sync, two (8 warps, 128 rows) sharing each K/V tile with wgmma.
-  int64_t warps() const { return wgmma ? 8 : 4; }
+  /// Warpgroups that compute (wgmma): 2, or 3 in warp-specialised kernels.
+  int64_t warpgroups = 2;
+  int64_t warps() const { return wgmma ? 4 * warpgroups : 4; }
   int64_t threads() const { return 32 * warps(); }
   int64_t blockRows() const { return 16 * warps(); }
   /// Bytes of one tile row: padded for ldmatrix, or 128-byte swizzle rows
@@ -138,6 +150,26 @@ struct AttentionShape {
   /// With TMA, one mbarrier per K/V slot follows the V slots.
   static constexpr int64_t kBarrierBytes = 16;
 };
+
+/// Whether `comp` gets a warp-specialised kernel: with the
+/// `warp-specialize` option, where its keys are contiguous (always by TMA)
+/// and its rows may attend more than kShortRowKeys keys. Blocks of rows that
+/// attend few keys (local windows, the strided band, LongNet's short
+/// segments) are short, and with one block per SM nothing hides their
+/// prologue and epilogue: they stay on the two-blocks-per-SM kernels.
+constexpr int64_t kShortRowKeys = 4096;
+static bool isWarpSpecialized(const AttentionShape &shape,
+                              ComponentAttr comp) {
+  if (!shape.warpSpecialize || !shape.tma || comp.getPeriod() != 1)
+    return false;
+  int64_t keys = std::numeric_limits<int64_t>::max();
+  if (comp.getBandLo() != ComponentAttr::kNegInf &&
+      comp.getBandHi() != ComponentAttr::kPosInf)
+    keys = comp.getBandHi() - comp.getBandLo() + 1;
+  if (comp.getSegment() > 0)
+    keys = std::min(keys, comp.getSegment());
+  return keys > kShortRowKeys;
+}
 
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
 /// 2*(lane%4) + {0, 1}; c[2], c[3] the same columns of row lane/4 + 8.
@@ -653,11 +685,12 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // Warp specialisation (the `warp-specialize` option; components whose
   // keys are contiguous, so always by TMA): a producer warpgroup (threads
   // 0-127) issues every K/V load into a ring of kWsSlots slots, handed
-  // back by the consumers through "empty" mbarriers, and the two consumer
-  // warpgroups (threads 128-383, the 128 rows) run overlappedLoop below.
-  // One block per SM; setmaxnreg moves registers from the producer (40) to
-  // the consumers (232).
-  const bool ws = shape.warpSpecialize && shape.tma && comp.getPeriod() == 1;
+  // back by the consumers through "empty" mbarriers, and the consumer
+  // warpgroups (threads 128.., shape.warpgroups of them: 3, 192 rows) run
+  // overlappedLoop below. One block per SM; setmaxnreg moves registers
+  // from the producer (kProducerRegisters) to the consumers
+  // (kConsumerRegisters).
+  const bool ws = isWarpSpecialized(shape, comp);
   const int64_t threads = ws ? shape.threads() + 128 : shape.threads();
   auto func = beginKernel(name, threads);
   // Two blocks per SM, so that one block's softmax overlaps the other's
@@ -677,7 +710,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // consumer threads with ws).
   auto consumerBarrier = [&]() {
     if (ws)
-      inlinePtx({}, {}, "bar.sync 1, 256;", "");
+      inlinePtx({}, {}, "bar.sync 1, " + std::to_string(shape.threads()) + ";", "");
     else
       gpu::BarrierOp::create(b, loc);
   };
@@ -984,13 +1017,17 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     auto zeros = arith::ConstantOp::create(
         b, loc, DenseElementsAttr::get(VectorType::get({8}, f16),
                                        b.getZeroAttr(f16)));
-    for (int64_t pass = 0; pass < kBlockKeys * chunksPerRow / shape.threads();
-         ++pass) {
+    const int64_t chunks = kBlockKeys * chunksPerRow;
+    for (int64_t pass = 0; pass * shape.threads() < chunks; ++pass) {
       Value idx = m.add(tid, m.c(pass * shape.threads()));
       Value row = arith::DivUIOp::create(b, loc, idx, m.c(chunksPerRow));
       Value chunk = arith::RemUIOp::create(b, loc, idx, m.c(chunksPerRow));
-      auto inTail = scf::IfOp::create(b, loc, TypeRange{},
-                                      m.le(tailStart, row), false);
+      // (A last pass that only some threads fill when the threads do not
+      // divide the chunks: rows past the tile are not in it.)
+      Value inTailRows = m.le(tailStart, row);
+      if ((pass + 1) * shape.threads() > chunks)
+        inTailRows = m.both(inTailRows, m.lt(row, m.c(kBlockKeys)));
+      auto inTail = scf::IfOp::create(b, loc, TypeRange{}, inTailRows, false);
       OpBuilder::InsertionGuard g2(b);
       b.setInsertionPointToStart(inTail.thenBlock());
       vector::StoreOp::create(b, loc, zeros, tile,
@@ -1012,7 +1049,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                   "mbarrier.init.shared::cta.b64 [$0], 1;", "r");
         if (ws)
           inlinePtx({}, {emptyAt(m.c(slot))},
-                    "mbarrier.init.shared::cta.b64 [$0], 256;", "r");
+                    "mbarrier.init.shared::cta.b64 [$0], " + std::to_string(shape.threads()) + ";", "r");
       }
       inlinePtx({}, {}, "fence.mbarrier_init.release.cluster;", "");
     }
@@ -1020,14 +1057,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       // Every thread sees the initialised barriers; then the producer
       // warpgroup gives registers up and its thread 0 loads every key tile
       // of the block, into slot it % slots once the consumers have handed
-      // back that slot's previous tile (its "empty" barrier, 256 arrivals
+      // back that slot's previous tile (its "empty" barrier, one arrival
       // a phase). The consumer warpgroups take the registers and continue
-      // below with their own thread and warp numbers (0-255, 0-7).
+      // below with their own thread and warp numbers (from 0).
       gpu::BarrierOp::create(b, loc);
       auto split = scf::IfOp::create(b, loc, TypeRange{},
                                      m.lt(tid, m.c(128)), /*withElse=*/true);
       b.setInsertionPointToStart(split.thenBlock());
-      inlinePtx({}, {}, "setmaxnreg.dec.sync.aligned.u32 40;", "");
+      inlinePtx({}, {}, "setmaxnreg.dec.sync.aligned.u32 " +
+                            std::to_string(kProducerRegisters) + ";", "");
       auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader, false);
       b.setInsertionPointToStart(leader.thenBlock());
       auto produce = scf::ForOp::create(b, loc, zero, numTiles, one);
@@ -1043,7 +1081,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       }
       tmaLoadKeyTile(m.add(first, m.mul(it, m.c(kBlockKeys))), slot);
       b.setInsertionPointToStart(split.elseBlock());
-      inlinePtx({}, {}, "setmaxnreg.inc.sync.aligned.u32 232;", "");
+      inlinePtx({}, {}, "setmaxnreg.inc.sync.aligned.u32 " +
+                            std::to_string(kConsumerRegisters) + ";", "");
       tid = m.sub(tid, m.c(128));
       warp = arith::DivUIOp::create(b, loc, tid, m.c(32));
     } else {
@@ -1419,11 +1458,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   //                        hand slot it-1 back; O *= alpha(it)
   //   P.V(n-1)
   //
-  // and ping-pong: the two warpgroups take turns issuing their MMAs
-  // (warpgroup g waits on named barrier 2 + g, then arrives on the other's;
-  // warpgroup 1 lets warpgroup 0 go first and leaves its last turn unused),
-  // so that one's softmax runs while the other's MMAs do. O and P stay in
-  // flight across the softmax: 232 registers hold them (C7512 at 128).
+  // O and P stay in flight across the softmax: the consumers' 160
+  // registers hold them (ptxas serializes the wgmmas at 128, C7512). Three
+  // warpgroups interleave on their own; ping-pong turns between two
+  // (named barriers) did not pay (bench/gpu_ab.md).
   auto handBack = [&](Value slot) {
     inlinePtx({}, {emptyAt(slot)},
               "mbarrier.arrive.shared::cta.b64 _, [$0];", "r");
@@ -1452,22 +1490,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     scf::YieldOp::create(b, loc, init);
     b.setInsertionPointToStart(some.thenBlock());
 
-    Value wg = arith::DivUIOp::create(b, loc, warp, m.c(4));
-    Value isWg1 = m.eq(wg, one);
-    Value myTurn = toI32(m.add(wg, m.c(2)));
-    Value theirTurn = toI32(m.sub(m.c(3), wg));
-    auto takeTurn = [&]() {
-      inlinePtx({}, {myTurn}, "bar.sync $0, 256;", "r");
-    };
-    auto passTurn = [&]() {
-      inlinePtx({}, {theirTurn}, "bar.arrive $0, 256;", "r");
-    };
-    {
-      OpBuilder::InsertionGuard g2(b);
-      auto second = scf::IfOp::create(b, loc, TypeRange{}, isWg1, false);
-      b.setInsertionPointToStart(second.thenBlock());
-      passTurn();
-    }
     // O and P (as i32 pairs) through wgmma.fence: P.V reads both.
     const int64_t oRegs = oFrags * 4, pRegs = kKeyNTiles / 2 * 4;
     auto fencedValues = [&](ValueRange o, ValueRange p) {
@@ -1488,10 +1510,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
 
     // Tile 0: S and softmax.
     awaitKeyTile(zero, zero, first);
-    takeTurn();
     inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
     SmallVector<Value> scores0 = wgmmaCommit(issueScoresWgmma(zero));
-    passTurn();
     SmallVector<AccFrag> s0 = toFrags(wgmmaWait(scores0, 0));
     biasAndMask(s0, first);
     SoftmaxStep step0 =
@@ -1511,12 +1531,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       Value slot = slotOf(it), prevSlot = slotOf(m.sub(it, one));
       Value k0 = m.add(first, m.mul(it, m.c(kBlockKeys)));
       awaitKeyTile(it, slot, k0);
-      takeTurn();
       SmallVector<Value> fenced =
           fencedValues(state.take_front(oRegs), state.take_back(pRegs));
       SmallVector<Value> scores = wgmmaCommit(issueScoresWgmma(slot));
       SmallVector<Value> o = issueValues(fenced, prevSlot);
-      passTurn();
       SmallVector<AccFrag> s = toFrags(wgmmaWait(scores, 1));
       biasAndMask(s, k0);
       SoftmaxStep step =
@@ -1533,16 +1551,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     // The last tile's P.V.
     ValueRange res = loop.getResults();
     Value lastSlot = slotOf(m.sub(numTiles, one));
-    takeTurn();
     SmallVector<Value> out = issueValues(
         fencedValues(res.take_front(oRegs), res.take_back(pRegs)), lastSlot);
-    {
-      OpBuilder::InsertionGuard g2(b);
-      auto notLast = scf::IfOp::create(b, loc, TypeRange{},
-                                       m.eq(isWg1, m.truth(false)), false);
-      b.setInsertionPointToStart(notLast.thenBlock());
-      passTurn();
-    }
     out = wgmmaWait(out, 0);
     handBack(lastSlot);
     ValueRange stats = res.drop_front(oRegs).take_front(4);
@@ -1928,6 +1938,10 @@ struct ConvertAttnToGpuPass
     };
     SmallVector<Attribute> order;
     KernelEmitter emit(b, loc, shape);
+    // Warp-specialised components: three consumer warpgroups (192 rows).
+    AttentionShape wsShape = shape;
+    wsShape.warpgroups = 3;
+    KernelEmitter emitWs(b, loc, wsShape);
     auto add = [&](gpu::GPUFuncOp f) {
       order.push_back(b.getStringAttr(f.getName()));
       b.setInsertionPointToEnd(gpuModule.getBody());
@@ -1935,9 +1949,11 @@ struct ConvertAttnToGpuPass
     };
     if (!begins)
       add(emit.emitInit("init"));
-    for (auto [i, c] : llvm::enumerate(comps))
-      add(emit.emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
-                             modeOf(i)));
+    for (auto [i, c] : llvm::enumerate(comps)) {
+      KernelEmitter &e = isWarpSpecialized(shape, c.getComponent()) ? emitWs : emit;
+      add(e.emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
+                          modeOf(i)));
+    }
     if (!ends)
       add(emit.emitFinalize("finalize"));
     gpuModule->setAttr("attn.launch_order", b.getArrayAttr(order));

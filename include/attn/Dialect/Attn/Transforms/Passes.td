@@ -148,9 +148,10 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
     tensor-map kernel parameters (gathered keys through a per-period view;
     cp.async with key_ids), and 2 of every 16 exponentials are a
     polynomial on the FMA pipe instead of `ex2` on the busier MUFU pipe.
-    With `warp-specialize` (experimental) components with contiguous keys
-    get a producer warpgroup for the loads and two consumer warpgroups
-    that overlap the softmax with the MMAs.
+    With `warp-specialize` (attn-compile's default for sm_90a) components
+    whose rows attend many contiguous keys get a producer warpgroup for
+    the loads and three consumer warpgroups that overlap the softmax with
+    the MMAs.
     See docs/passes/convert-attn-to-gpu.md.
   }];
   let dependentDialects = ["::mlir::gpu::GPUDialect",
@@ -171,10 +172,10 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
            "tiles, K/V by TMA where keys are contiguous, instead of "
            "ldmatrix + mma.sync (sm_80 and later)">,
     Option<"warpSpecialize", "warp-specialize", "bool", "false",
-           "With wgmma, experimental: kernels whose keys are contiguous get "
-           "a producer warpgroup for the TMA loads and two consumer "
+           "With wgmma: components whose rows attend many contiguous keys "
+           "get a producer warpgroup for the TMA loads and three consumer "
            "warpgroups that overlap the softmax with the MMAs (one block "
-           "per SM, setmaxnreg); correct, not yet faster">
+           "per SM, setmaxnreg)">
   ];
   let statistics = [
     Statistic<"numKernels", "kernels", "Number of GPU kernels emitted">

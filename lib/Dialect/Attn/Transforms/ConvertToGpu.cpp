@@ -710,7 +710,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // consumer threads with ws).
   auto consumerBarrier = [&]() {
     if (ws)
-      inlinePtx({}, {}, "bar.sync 1, " + std::to_string(shape.threads()) + ";", "");
+      inlinePtx({}, {},
+                "bar.sync 1, " + std::to_string(shape.threads()) + ";", "");
     else
       gpu::BarrierOp::create(b, loc);
   };
@@ -1049,7 +1050,9 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                   "mbarrier.init.shared::cta.b64 [$0], 1;", "r");
         if (ws)
           inlinePtx({}, {emptyAt(m.c(slot))},
-                    "mbarrier.init.shared::cta.b64 [$0], " + std::to_string(shape.threads()) + ";", "r");
+                    "mbarrier.init.shared::cta.b64 [$0], " +
+                        std::to_string(shape.threads()) + ";",
+                    "r");
       }
       inlinePtx({}, {}, "fence.mbarrier_init.release.cluster;", "");
     }
@@ -1952,7 +1955,8 @@ struct ConvertAttnToGpuPass
     if (!begins)
       add(emit.emitInit("init"));
     for (auto [i, c] : llvm::enumerate(comps)) {
-      KernelEmitter &e = isWarpSpecialized(shape, c.getComponent()) ? emitWs : emit;
+      KernelEmitter &e =
+          isWarpSpecialized(shape, c.getComponent()) ? emitWs : emit;
       add(e.emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
                           modeOf(i)));
     }

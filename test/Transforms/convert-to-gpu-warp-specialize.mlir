@@ -29,8 +29,7 @@
 // CHECK: "bar.sync 1, 384;"
 // Tile 0 before the loop: S issued, committed and waited for.
 // CHECK: wgmma.mma_async.sync.aligned.m64n64k16
-// CHECK: "wgmma.commit_group.sync.aligned;"
-// CHECK: "wgmma.wait_group.sync.aligned 0;"
+// CHECK: "wgmma.commit_group.sync.aligned;\0A\09wgmma.wait_group.sync.aligned 0;"
 // The loop: S(it) and P.V(it - 1) issued, S waited for alone (one group
 // left in flight), the softmax, then P.V waited for and its slot handed
 // back.

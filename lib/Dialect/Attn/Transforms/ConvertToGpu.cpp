@@ -140,15 +140,6 @@ struct AttentionShape {
   int64_t rowBytes() const { return wgmma ? headDim * 2 : smemStride() * 2; }
   int64_t qTileBytes() const { return blockRows() * rowBytes(); }
   int64_t kvTileBytes() const { return kBlockKeys * rowBytes(); }
-  /// Q, then K and V double-buffered; wgmma tiles start at the first
-  /// 1024-byte boundary of the dynamic shared memory (the swizzle repeats
-  /// every 1024 bytes and the descriptors assume it starts at one).
-  int64_t sharedBytes() const {
-    return qTileBytes() + 4 * kvTileBytes() + (wgmma ? 1024 : 0) +
-           (tma ? kBarrierBytes : 0);
-  }
-  /// With TMA, one mbarrier per K/V slot follows the V slots.
-  static constexpr int64_t kBarrierBytes = 16;
 };
 
 /// Whether `comp` gets a warp-specialised kernel: with the
@@ -700,14 +691,17 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     func->setAttr(NVVM::NVVMDialect::getMinctasmAttrName(),
                   b.getI32IntegerAttr(ws ? 1 : 2));
   const int64_t slots = ws ? kWsSlots : 2;
-  // Q, K[slots], V[slots], then the mbarriers: one "full" per slot and,
-  // with ws, one "empty" per slot.
+  // Shared memory: Q, K[slots], V[slots], then with TMA the 8-byte
+  // mbarriers: one "full" per slot and, with ws, one "empty" per slot.
+  // wgmma tiles start at the first 1024-byte boundary of the dynamic shared
+  // memory (the swizzle repeats every 1024 bytes and the descriptors assume
+  // it starts at one): 1024 bytes of slack.
   const int64_t barrierOffset =
       shape.qTileBytes() + 2 * slots * shape.kvTileBytes();
-  const int64_t sharedBytes =
-      ws ? barrierOffset + 1024 + 16 * slots : shape.sharedBytes();
-  // A barrier of every thread that computes (named barrier 1 of the 256
-  // consumer threads with ws).
+  const int64_t sharedBytes = barrierOffset + (shape.wgmma ? 1024 : 0) +
+                              (shape.tma ? 8 * slots * (ws ? 2 : 1) : 0);
+  // A barrier of every thread that computes (with ws, named barrier 1 of
+  // the consumer threads).
   auto consumerBarrier = [&]() {
     if (ws)
       inlinePtx({}, {},
@@ -1448,12 +1442,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     return o;
   };
 
-  // One step per key tile: wait for the tile; after the barrier every warp
-  // is also done with the previous one, so the next tile can load into its
-  // slot while this one computes (one barrier per tile). cp.async
-  // zero-fills rows past the last key; TMA brings them as they are, so V's
-  // are zeroed (only tiles that a later step waits for are loaded: none
-  // may be in flight when the block exits).
   // The consumers' key loop of a warp-specialised kernel, after
   // FlashAttention-3:
   //
@@ -1516,8 +1504,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     // Tile 0: S and softmax.
     awaitKeyTile(zero, zero, first);
     inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
-    SmallVector<Value> scores0 = wgmmaCommit(issueScoresWgmma(zero));
-    SmallVector<AccFrag> s0 = toFrags(wgmmaWait(scores0, 0));
+    SmallVector<AccFrag> s0 =
+        toFrags(wgmmaCommitAndWait(issueScoresWgmma(zero)));
     biasAndMask(s0, first);
     SoftmaxStep step0 =
         softmaxStep(s0, ArrayRef<Value>(init).drop_front(oRegs));
@@ -1569,72 +1557,79 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   if (ws) {
     finValues = overlappedLoop();
   } else {
-  auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
-  {
-    OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(loop.getBody());
-    Value it = loop.getInductionVar();
-    ValueRange state = loop.getRegionIterArgs();
-    Value k0 = m.add(first, m.mul(it, m.c(kBlockKeys)));
-    Value slot = arith::RemUIOp::create(b, loc, it, m.c(slots));
-    Value nextSlot = m.sub(one, slot);
-    Value nextK0 = m.add(k0, m.c(kBlockKeys));
-    auto copyStep = [&]() {
-      nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
-                                       b.getI32IntegerAttr(0));
-      fenceForWgmma();
-      gpu::BarrierOp::create(b, loc);
-      loadKeyTile(nextK0, nextSlot);
-      commitGroup();
-    };
-    if (tmaKeys) {
-      auto byTma = scf::IfOp::create(b, loc, TypeRange{}, useTma,
-                                     /*withElse=*/true);
-      OpBuilder::InsertionGuard g2(b);
-      b.setInsertionPointToStart(byTma.thenBlock());
-      waitKeyTile(it, slot);
-      zeroValueTail(k0, slot);
-      gpu::BarrierOp::create(b, loc);
-      auto more = scf::IfOp::create(b, loc, TypeRange{},
-                                    m.lt(m.add(it, one), numTiles), false);
-      b.setInsertionPointToStart(more.thenBlock());
-      tmaLoadKeyTile(nextK0, nextSlot);
-      b.setInsertionPointToStart(byTma.elseBlock());
-      copyStep();
-    } else {
-      copyStep();
-    }
+    // One step per key tile: wait for the tile; after the barrier every warp
+    // is also done with the previous one, so the next tile can load into its
+    // slot while this one computes (one barrier per tile). cp.async
+    // zero-fills rows past the last key; TMA brings them as they are, so V's
+    // are zeroed (only tiles that a later step waits for are loaded: none
+    // may be in flight when the block exits).
+    auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
+    {
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(loop.getBody());
+      Value it = loop.getInductionVar();
+      ValueRange state = loop.getRegionIterArgs();
+      Value k0 = m.add(first, m.mul(it, m.c(kBlockKeys)));
+      Value slot = arith::RemUIOp::create(b, loc, it, m.c(slots));
+      Value nextSlot = m.sub(one, slot);
+      Value nextK0 = m.add(k0, m.c(kBlockKeys));
+      auto copyStep = [&]() {
+        nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
+                                         b.getI32IntegerAttr(0));
+        fenceForWgmma();
+        gpu::BarrierOp::create(b, loc);
+        loadKeyTile(nextK0, nextSlot);
+        commitGroup();
+      };
+      if (tmaKeys) {
+        auto byTma = scf::IfOp::create(b, loc, TypeRange{}, useTma,
+                                       /*withElse=*/true);
+        OpBuilder::InsertionGuard g2(b);
+        b.setInsertionPointToStart(byTma.thenBlock());
+        waitKeyTile(it, slot);
+        zeroValueTail(k0, slot);
+        gpu::BarrierOp::create(b, loc);
+        auto more = scf::IfOp::create(b, loc, TypeRange{},
+                                      m.lt(m.add(it, one), numTiles), false);
+        b.setInsertionPointToStart(more.thenBlock());
+        tmaLoadKeyTile(nextK0, nextSlot);
+        b.setInsertionPointToStart(byTma.elseBlock());
+        copyStep();
+      } else {
+        copyStep();
+      }
 
-    SmallVector<AccFrag> s;
-    if (shape.wgmma) {
-      inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
-      s = toFrags(wgmmaCommitAndWait(issueScoresWgmma(slot)));
-    } else {
-      s = scoresMmaSync(slot);
+      SmallVector<AccFrag> s;
+      if (shape.wgmma) {
+        inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
+        s = toFrags(wgmmaCommitAndWait(issueScoresWgmma(slot)));
+      } else {
+        s = scoresMmaSync(slot);
+      }
+      biasAndMask(s, k0);
+      SoftmaxStep step = softmaxStep(s, state.drop_front(oFrags * 4));
+      SmallVector<Value> o = rescaleAcc(state.take_front(oFrags * 4), step);
+      SmallVector<Value> p = packProbabilities(s);
+      SmallVector<Value> next;
+      if (shape.wgmma) {
+        SmallVector<Value> operands(o);
+        for (Value reg : p)
+          operands.push_back(asI32(reg));
+        operands = wgmmaFence(operands);
+        ArrayRef<Value> ops(operands);
+        next = wgmmaCommitAndWait(issueValuesWgmma(
+            ops.take_front(oFrags * 4), ops.drop_front(oFrags * 4), slot));
+      } else {
+        next = flatten(valuesMmaSync(toFrags(o), p, slot));
+      }
+      next.append(step.stats);
+      scf::YieldOp::create(b, loc, next);
     }
-    biasAndMask(s, k0);
-    SoftmaxStep step = softmaxStep(s, state.drop_front(oFrags * 4));
-    SmallVector<Value> o = rescaleAcc(state.take_front(oFrags * 4), step);
-    SmallVector<Value> p = packProbabilities(s);
-    SmallVector<Value> next;
-    if (shape.wgmma) {
-      SmallVector<Value> operands(o);
-      for (Value reg : p)
-        operands.push_back(asI32(reg));
-      operands = wgmmaFence(operands);
-      ArrayRef<Value> ops(operands);
-      next = wgmmaCommitAndWait(issueValuesWgmma(
-          ops.take_front(oFrags * 4), ops.drop_front(oFrags * 4), slot));
-    } else {
-      next = flatten(valuesMmaSync(toFrags(o), p, slot));
-    }
-    next.append(step.stats);
-    scf::YieldOp::create(b, loc, next);
-  }
-  // Drain the (empty) prefetch group of the last iteration.
-  nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
-                                   b.getI32IntegerAttr(0));
-  finValues.assign(loop.getResults().begin(), loop.getResults().end());
+    // Drain the (empty) prefetch group of the last iteration.
+    nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
+                                     b.getI32IntegerAttr(0));
+    finValues.assign(loop.getResults().begin(),
+                     loop.getResults().end());
   }
   ValueRange fin = finValues;
   Value ln2 = f.c(M_LN2);
@@ -1740,7 +1735,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   func->setAttr("attn.launch",
                 b.getDictionaryAttr({
                     b.getNamedAttr("kind", b.getStringAttr(kindName(mode))),
-                    b.getNamedAttr("block", b.getI64IntegerAttr(ws ? shape.threads() + 128 : shape.threads())),
+                    b.getNamedAttr("block", b.getI64IntegerAttr(threads)),
                     b.getNamedAttr("block_rows",
                                    b.getI64IntegerAttr(kBlockRows)),
                     b.getNamedAttr("shared_bytes",

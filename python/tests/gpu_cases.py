@@ -28,6 +28,12 @@ CASES = [
     _spec("local_sym", {"local": {"window": 70, "causal": False}}),
     _spec("strided", {"strided": {"stride": 16, "local": 16}}),
     _spec("strided_l8", {"strided": {"stride": 32, "local": 8}}, head_dim=64),
+    # Strided's two components (begin, end) with f16 and GQA, and under
+    # lengths (documents of a batch).
+    _spec("strided_f16_gqa", {"strided": {"stride": 24, "local": 24}}, dtype="f16",
+          heads=8, kv_heads=2, head_dim=64),
+    _spec("strided_tokenized", {"intersect": [{"strided": {"stride": 16, "local": 16}},
+                                              {"tokenized": {}}]}, batch=3),
     _spec("dilated", {"dilated": {"segment": 128, "rate": 4, "head_offset": True, "causal": True}}),
     _spec("longnet_sum", {"sum": LONGNET_SMALL}),
     _spec("longnet_union", {"union": LONGNET_SMALL}),

@@ -104,3 +104,25 @@ func.func @union(%q: tensor<1x4x?x64xbf16>, %k: tensor<1x4x?x64xbf16>, %v: tenso
   %o = attn.attention %q, %k, %v pattern(#attn.union<[#attn.local<window = 8>, #attn.causal]>) : tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16> -> tensor<1x4x?x64xbf16>
   return %o : tensor<1x4x?x64xbf16>
 }
+
+// -----
+
+// Three components that each cover every row share the state in global
+// memory: the first starts it (`begin`, no init kernel), the last ends it
+// (`end`, no finalize); `end` loads the 16-bit acc's column pairs (and
+// multiplies them by the sum).
+// CHECK: attn.launch_order = ["component_0", "component_1", "component_2"]
+// CHECK: gpu.func @component_0
+// CHECK-SAME: kind = "begin"
+// CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
+// CHECK: gpu.func @component_1
+// CHECK-SAME: kind = "update"
+// CHECK: gpu.func @component_2
+// CHECK-SAME: kind = "end"
+// CHECK: vector.load {{.*}} {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>
+// CHECK: arith.extf {{.*}} : vector<2xbf16> to vector<2xf32>
+// CHECK-NOT: gpu.func @finalize
+func.func @three(%q: tensor<1x4x?x64xbf16>, %k: tensor<1x4x?x64xbf16>, %v: tensor<1x4x?x64xbf16>) -> tensor<1x4x?x64xbf16> {
+  %o = attn.attention %q, %k, %v pattern(#attn.sum<[#attn.local<window = 8>, #attn.strided<stride = 16, local = 16>]>) : tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16> -> tensor<1x4x?x64xbf16>
+  return %o : tensor<1x4x?x64xbf16>
+}

@@ -41,6 +41,8 @@ struct GpuModule {
   bool needsState = false;
   /// Bytes per acc element of the state (4: f32 O, 2: O / l in 16 bits).
   int64_t stateElementBytes = 4;
+  /// The state's acc lives in out (a 16-bit state): no acc buffer.
+  bool stateInOut = false;
   int64_t headDim = 0;
   /// The kernels take K's and V's TMA tensor maps after the scalars.
   bool tensorMaps = false;

@@ -18,9 +18,10 @@
 //
 // with rows per group = ceil(Lq / r) (w = 0) or ceil(min(w, Lq) / r), and
 // segments = floor((d + Lq - 1) / w) - floor(d / w) + 1 for d = Lk - Lq.
-// init/finalize kernels are element-wise over B*H*Lq*D. The f32 state
-// (acc, max, sum) and an LSE scratch buffer are device allocations owned by
-// the package and grown on demand.
+// init/finalize kernels are element-wise over B*H*Lq*D. The state (max and
+// sum; acc too unless the manifest says "state_in_out", where the kernels
+// keep O / l in out) and an LSE scratch buffer are device allocations owned
+// by the package and grown on demand.
 //
 //===----------------------------------------------------------------------===//
 
@@ -91,6 +92,7 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   }
   g.needsState = m.at("state");
   g.stateElementBytes = m.value("state_dtype", std::string("f32")) == "f32" ? 4 : 2;
+  g.stateInOut = m.value("state_in_out", false);
   g.headDim = args_.at(0).shape.at(3);
   g.tensorMaps = m.value("tensor_maps", false);
 
@@ -357,8 +359,11 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   // Scratch: [lse if the caller gave none][acc, max, sum if needed].
   // (256-byte aligned, for the kernels' vector accesses to the state).
   size_t lseBytes = hasLse() && !lse ? size_t(rows + 63) / 64 * 256 : 0;
-  // acc [rows, D] (256-byte aligned size), then max and sum [rows] f32.
-  size_t accBytes = (size_t(rows) * D * g.stateElementBytes + 255) / 256 * 256;
+  // acc [rows, D] (256-byte aligned size; none where the state lives in
+  // out), then max and sum [rows] f32.
+  size_t accBytes =
+      g.stateInOut ? 0
+                   : (size_t(rows) * D * g.stateElementBytes + 255) / 256 * 256;
   size_t stateBytes = g.needsState ? accBytes + size_t(rows) * 2 * 4 : 0;
   size_t need = lseBytes + stateBytes;
   if (!growDeviceBuffer(d, g.scratch, g.scratchBytes, need,
@@ -366,9 +371,10 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
     return false;
   CUdeviceptr lsePtr = lse ? CUdeviceptr(uintptr_t(lse->data))
                            : (lseBytes ? g.scratch : 0);
-  CUdeviceptr acc = g.needsState ? g.scratch + lseBytes : 0;
-  CUdeviceptr mx = acc ? acc + accBytes : 0;
-  CUdeviceptr sm = acc ? mx + size_t(rows) * 4 : 0;
+  CUdeviceptr state = g.needsState ? g.scratch + lseBytes : 0;
+  CUdeviceptr acc = state && !g.stateInOut ? state : 0;
+  CUdeviceptr mx = state ? state + accBytes : 0;
+  CUdeviceptr sm = state ? mx + size_t(rows) * 4 : 0;
 
   KernelArgs args;
   auto dev = [](const void *p) { return CUdeviceptr(uintptr_t(p)); };

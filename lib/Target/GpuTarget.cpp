@@ -358,9 +358,11 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
       {"ptx", "kernels.ptx"},
       {"args", args},
       {"state", needsState},
-      // acc between component kernels: O / l in the input type, or f32 O for
-      // ring packages (their partial states travel between ranks).
+      // acc between component kernels: O / l in the input type, kept in out
+      // itself, or f32 O in a buffer of its own for ring packages (their
+      // partial states travel between ranks).
       {"state_dtype", alwaysState ? std::string("f32") : spec.dtype},
+      {"state_in_out", !alwaysState},
       // The kernels take K's and V's TMA tensor maps after the scalars.
       {"tensor_maps", tensorMaps},
       {"kernels", kernels},

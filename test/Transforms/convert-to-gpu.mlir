@@ -22,22 +22,26 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 
 // -----
 
-// Strided: a band and a per-residue causal component share an f32 state in
+// Strided: a band and a per-residue causal component share a state in
 // global memory; both cover every row, so the first starts the state
-// (`begin`, no init kernel) and the last ends it (`end`, no finalize); f16
-// with GQA and head dim 64.
+// (`begin`, no init kernel) and the last ends it (`end`); f16 with GQA and
+// head dim 64.
 // CHECK: gpu.module @attn_kernels attributes {attn.launch_order = ["component_0", "component_1"]
 // CHECK: gpu.func @component_0
 // CHECK-SAME: component = #attn.component<period = 1, residue = all, segment = 0, band = [0, 7]>, kind = "begin", shared_bytes = 46080
 // CHECK: nvvm.mma.sync {{.*}} : (vector<2xf16>, vector<2xf16>, f32)
-// The state's acc between them is O / sum in the 16-bit input type: `begin`
-// stores its rows through shared memory in 16-byte pieces, `end` loads
-// column pairs (and multiplies them by the sum).
+// The state's acc between them is O / sum in the 16-bit input type, kept
+// in out itself (%arg4): `begin` stores its rows through shared memory in
+// 16-byte pieces, with the rows' lse, max and sum; `end` loads column pairs
+// (and multiplies them by the sum).
 // CHECK: vector.store {{.*}} : memref<64x72xf16, #gpu.address_space<workgroup>>, vector<2xf16>
-// CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
+// CHECK: memref.store {{.*}}, %arg5[
+// CHECK: memref.store {{.*}}, %arg7[
+// CHECK: memref.store {{.*}}, %arg8[
+// CHECK: vector.store {{.*}}, %arg4[{{.*}}] {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 // CHECK: gpu.func @component_1
 // CHECK-SAME: component = #attn.component<period = 8, residue = all, segment = 0, band = [1, inf]>, kind = "end"
-// CHECK: vector.load {{.*}} {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>
+// CHECK: vector.load %arg4[{{.*}}] {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>
 // CHECK: arith.extf {{.*}} : vector<2xf16> to vector<2xf32>
 // Out leaves through shared memory in 16-byte pieces.
 // CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
@@ -50,18 +54,22 @@ func.func @strided(%q: tensor<2x8x?x64xf16>, %k: tensor<2x2x?x64xf16>, %v: tenso
 // -----
 
 // A dilated component with head offsets covers only its residue's rows, so
-// it updates a state that init and finalize bracket.
-// init and finalize take 8 elements per thread: 16-byte accesses to the
-// 16-bit acc (which already holds O / sum: finalize copies it out).
-// CHECK: attn.launch_order = ["init", "component_0", "finalize"]
+// it updates a state that init starts. The 16-bit state (O / sum) lives in
+// out: init writes out's zeros (8 elements per thread, 16-byte stores) and
+// every row's empty max, sum and lse; the component updates its rows' out,
+// lse, max and sum; no finalize follows.
+// CHECK: attn.launch_order = ["init", "component_0"]
 // CHECK: gpu.func @init
 // CHECK-SAME: elements_per_thread = 8 : i64, kind = "init"
-// CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
+// CHECK: vector.store {{.*}}, %arg4[{{.*}}] {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
+// CHECK: memref.store %cst{{.*}}, %arg7[
+// CHECK: memref.store %cst{{.*}}, %arg8[
+// CHECK: memref.store %cst{{.*}}, %arg5[
 // CHECK: component = #attn.component<period = 4, residue = head, segment = 64
-// CHECK: gpu.func @finalize
-// CHECK-SAME: elements_per_thread = 8 : i64, kind = "finalize"
-// CHECK: vector.load {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
-// CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
+// CHECK: vector.load %arg4[{{.*}}] {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>
+// CHECK: memref.store {{.*}}, %arg5[
+// CHECK: vector.store {{.*}}, %arg4[{{.*}}] {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
+// CHECK-NOT: gpu.func @finalize
 func.func @dilated(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %v: tensor<1x4x256x128xbf16>) -> tensor<1x4x256x128xbf16> {
   %o = attn.attention %q, %k, %v pattern(#attn.dilated<segment = 64, rate = 4, head_offset = true>) : tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16> -> tensor<1x4x256x128xbf16>
   return %o : tensor<1x4x256x128xbf16>
@@ -71,15 +79,15 @@ func.func @dilated(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %
 
 // LongNet: the rate-1 branch covers every row of every head and begins the
 // state; the later branches cover one residue class per head, so the last
-// updates it and a finalize kernel ends it.
-// CHECK: attn.launch_order = ["component_0", "component_1", "component_2", "finalize"]
+// updates it, and its rows' out and lse are then final.
+// CHECK: attn.launch_order = ["component_0", "component_1", "component_2"]
 // CHECK: gpu.func @component_0
 // CHECK-SAME: component = #attn.component<period = 1, residue = head, segment = 64, band = [0, inf]>, kind = "begin"
 // CHECK: gpu.func @component_1
 // CHECK-SAME: kind = "update"
 // CHECK: gpu.func @component_2
 // CHECK-SAME: kind = "update"
-// CHECK: gpu.func @finalize
+// CHECK-NOT: gpu.func @finalize
 func.func @longnet(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %v: tensor<1x4x256x128xbf16>) -> tensor<1x4x256x128xbf16> {
   %o = attn.attention %q, %k, %v pattern(#attn.sum<[#attn.dilated<segment = 64, rate = 1, head_offset = true, causal = true>, #attn.dilated<segment = 128, rate = 2, head_offset = true, causal = true>, #attn.dilated<segment = 256, rate = 4, head_offset = true, causal = true>]>) : tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16> -> tensor<1x4x256x128xbf16>
   return %o : tensor<1x4x256x128xbf16>

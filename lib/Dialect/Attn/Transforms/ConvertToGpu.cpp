@@ -249,6 +249,11 @@ private:
          b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))});
   }
   Value arg(Arg a) { return entry->getArgument(a); }
+  /// Where the state's acc lives. A 16-bit acc holds O / l in the input
+  /// type, which is what out holds in the end: such a state lives in out
+  /// itself (no finalize pass copies it there, and rows no later component
+  /// touches are done). An f32 acc (ring packages) has its own buffer.
+  Value stateAcc() { return shape.halfState ? arg(Out) : arg(Acc); }
 
   /// 2^x and log2(x) with the hardware's approximate units (ex2/lg2.approx).
   Value exp2(Value x) {
@@ -453,7 +458,7 @@ SmallVector<Value> KernelEmitter::loadStatePair(Value at, Value rowSum) {
             vector::ExtractOp::create(b, loc, pair, 1)};
   }
   Value pair = vector::LoadOp::create(b, loc, VectorType::get({2}, f16),
-                                      arg(Acc), ValueRange{at},
+                                      stateAcc(), ValueRange{at},
                                       /*nontemporal=*/false,
                                       llvm::MaybeAlign(4));
   if (shape.bf16)
@@ -1695,10 +1700,13 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         b, loc, TypeRange{}, m.both(rowWritten(t), isQuadLeader), false);
     OpBuilder::InsertionGuard guard(b);
     b.setInsertionPointToStart(ifLeader.thenBlock());
-    if (writesOut) {
+    // (A state in out is the row's output so far: its lse goes with it,
+    // since no finalize follows.)
+    if (writesOut || shape.halfState) {
       Value lse = f.select(ok, f.mul(f.add(mx, log2(sum)), ln2), f.negInf());
       memref::StoreOp::create(b, loc, lse, arg(Lse), rowIdx);
-    } else {
+    }
+    if (!writesOut) {
       memref::StoreOp::create(b, loc, mx, arg(Max), rowIdx);
       memref::StoreOp::create(b, loc, sum, arg(Sum), rowIdx);
     }
@@ -1708,7 +1716,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     consumerBarrier();
     const int64_t chunksPerRow = D / 8;
     auto chunkType = VectorType::get({8}, f16);
-    Value dst = writesOut ? arg(Out) : arg(Acc);
+    Value dst = writesOut ? arg(Out) : stateAcc();
     for (int64_t i = 0; i < 16 * chunksPerRow / 32; ++i) {
       Value chunk = m.add(lane, m.c(32 * i));
       Value tileRow = m.add(
@@ -1779,11 +1787,14 @@ gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
   Value zeros = arith::ConstantOp::create(
       b, loc, vecType, DenseElementsAttr::get(vecType, b.getZeroAttr(accElem)));
   vector::StoreOp::create(
-      b, loc, zeros, arg(Acc), idx, /*nontemporal=*/false,
+      b, loc, zeros, stateAcc(), idx, /*nontemporal=*/false,
       llvm::MaybeAlign(accElem.getIntOrFloatBitWidth() / 8 * kElementwiseVector));
   ifFirstOfRow(idx);
   memref::StoreOp::create(b, loc, f.negInf(), arg(Max), row);
   memref::StoreOp::create(b, loc, f.c(0.0), arg(Sum), row);
+  // A state in out needs no finalize: a row no component reaches is done.
+  if (shape.halfState)
+    memref::StoreOp::create(b, loc, f.negInf(), arg(Lse), row);
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
   func->setAttr("attn.launch", elementwiseLaunch("init"));
@@ -1791,33 +1802,28 @@ gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
 }
 
 gpu::GPUFuncOp KernelEmitter::emitFinalize(StringRef name) {
+  // Only an f32 state (ring packages) is finalized: a 16-bit one lives in
+  // out (stateAcc).
+  assert(!shape.halfState && "a 16-bit state needs no finalize");
   Value idx, row;
   auto func = beginElementwise(name, idx, row);
   Value sum = memref::LoadOp::create(b, loc, arg(Sum), row);
   Value ok = f.gt(sum, f.c(0.0));
-  Value narrow;
   auto outType = VectorType::get({kElementwiseVector}, f16);
-  if (shape.halfState) {
-    // acc already holds O / l in the storage type (0 where l = 0).
-    narrow = vector::LoadOp::create(b, loc, outType, arg(Acc), ValueRange{idx},
-                                    /*nontemporal=*/false,
-                                    llvm::MaybeAlign(2 * kElementwiseVector));
-  } else {
-    auto vecType = VectorType::get({kElementwiseVector}, f32);
-    Value acc = vector::LoadOp::create(
-        b, loc, vecType, arg(Acc), ValueRange{idx}, /*nontemporal=*/false,
-        llvm::MaybeAlign(4 * kElementwiseVector));
-    // Rows that saw no key are written as 0.
-    Value inv = f.select(ok, arith::DivFOp::create(b, loc, f.c(1.0), sum),
-                         f.c(0.0));
-    Value o = arith::MulFOp::create(
-        b, loc, acc, vector::BroadcastOp::create(b, loc, vecType, inv));
-    Type elem = shape.bf16 ? Type(b.getBF16Type()) : f16;
-    narrow = arith::TruncFOp::create(
-        b, loc, VectorType::get({kElementwiseVector}, elem), o);
-    if (shape.bf16)
-      narrow = arith::BitcastOp::create(b, loc, outType, narrow);
-  }
+  auto vecType = VectorType::get({kElementwiseVector}, f32);
+  Value acc = vector::LoadOp::create(
+      b, loc, vecType, arg(Acc), ValueRange{idx}, /*nontemporal=*/false,
+      llvm::MaybeAlign(4 * kElementwiseVector));
+  // Rows that saw no key are written as 0.
+  Value inv = f.select(ok, arith::DivFOp::create(b, loc, f.c(1.0), sum),
+                       f.c(0.0));
+  Value o = arith::MulFOp::create(
+      b, loc, acc, vector::BroadcastOp::create(b, loc, vecType, inv));
+  Type elem = shape.bf16 ? Type(b.getBF16Type()) : f16;
+  Value narrow = arith::TruncFOp::create(
+      b, loc, VectorType::get({kElementwiseVector}, elem), o);
+  if (shape.bf16)
+    narrow = arith::BitcastOp::create(b, loc, outType, narrow);
   vector::StoreOp::create(b, loc, narrow, arg(Out), idx, /*nontemporal=*/false,
                           llvm::MaybeAlign(2 * kElementwiseVector));
   ifFirstOfRow(idx);
@@ -1912,10 +1918,11 @@ struct ConvertAttnToGpuPass
 
     // The state lives in global memory between component kernels. A first
     // component that covers every row starts it (`begin`, no init kernel);
-    // a last one that covers every row ends it (`end`, no finalize kernel):
-    // each saves a pass over the B*H*Lq*(D+2) f32 state. One such component
-    // alone is `single` (no state at all). Ring packages continue the state
-    // across steps, so they always take init, update..., finalize.
+    // a last one that covers every row ends it (`end`: out and lse, not the
+    // state's max and sum). One such component alone is `single` (no state
+    // at all). A 16-bit state lives in out (stateAcc), so no finalize
+    // kernel follows. Ring packages continue an f32 state across steps, so
+    // they always take init, update..., finalize.
     auto coversEveryRow = [](ComponentOp op) {
       ComponentAttr c = op.getComponent();
       // Every residue class, or the only class of period 1 (for every head).
@@ -1955,7 +1962,9 @@ struct ConvertAttnToGpuPass
       add(e.emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
                           modeOf(i)));
     }
-    if (!ends)
+    // A 16-bit state lives in out (KernelEmitter::stateAcc): nothing is
+    // left to finalize.
+    if (!ends && alwaysState)
       add(emit.emitFinalize("finalize"));
     gpuModule->setAttr("attn.launch_order", b.getArrayAttr(order));
     // The keys: k's rows, or the columns of key_ids [B, Lk].

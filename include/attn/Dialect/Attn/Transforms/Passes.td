@@ -121,14 +121,16 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
   let description = [{
     Replaces every function holding decomposed attention (`attn.init_state`,
     `attn.component`..., `attn.finalize` on tensors) by a `gpu.module
-    @attn_kernels` with one kernel per component (plus `init` and `finalize`
-    kernels when the state must live in memory between components). The
+    @attn_kernels` with one kernel per component (plus an `init` kernel
+    when the first component covers only some rows, and with
+    `always-state` a `finalize` kernel). The
     host side is the attn runtime, which reads the launch plan recorded on
     the kernels:
 
     - `gpu.module` attribute `attn.launch_order`: kernel names in order;
-    - `gpu.func` attribute `attn.launch`: `kind` (`single`, `update`, `init`,
-      `finalize`), `block`, `shared_bytes`, and for components the
+    - `gpu.func` attribute `attn.launch`: `kind` (`single`, `begin`,
+      `update`, `end`, `init`, `finalize`), `block`, `shared_bytes`, and for
+      components the
       `component` whose period, residue and segment fix the grid.
 
     A component kernel runs one thread block of 4 warps per (q-tile of 64
@@ -141,8 +143,10 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
     tiles on the band's edges (or with include/exclude filters) evaluate the
     mask. A component that covers every row (`residue = all`) is the only
     one of its pattern runs as `single`: it starts from an empty state and
-    writes `out` and `lse` itself; otherwise the f32 state
-    (acc, max, sum) lives in global memory between `update` kernels.
+    writes `out` and `lse` itself; otherwise the state (acc, max, sum)
+    lives in global memory between the component kernels: acc as O / sum
+    in the input type inside `out` itself (no finalize pass), or as f32 O
+    in a buffer of its own with `always-state`.
     With `wgmma` (sm_90a) a block is two warpgroups of 64 rows each, both
     products are warpgroup MMAs, the K/V tiles arrive by TMA from two
     tensor-map kernel parameters (gathered keys through a per-period view;

@@ -721,92 +721,108 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   Value zero = m.c(0), one = m.c(1), r = m.c(period);
   Value qLen = arg(QLen), kLen = arg(KLen);
 
-  // Block coordinates: heavy (late) row tiles first for causal balance.
-  Value bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
-  Value by = gpu::BlockIdOp::create(b, loc, gpu::Dimension::y);
-  Value bz = gpu::BlockIdOp::create(b, loc, gpu::Dimension::z);
-  Value nbx = gpu::GridDimOp::create(b, loc, gpu::Dimension::x);
-  Value tileIdx = m.sub(m.sub(nbx, one), bx);
-  Value bIdx = arith::DivUIOp::create(b, loc, bz, m.c(H));
-  Value h = arith::RemUIOp::create(b, loc, bz, m.c(H));
-  Value hk = arith::DivUIOp::create(b, loc, h,
-                                    m.c(shape.heads / shape.kvHeads));
   // Query row i sits at position i + delta, key j at j + kOrigin.
   Value delta = arg(QOrigin), kOrigin = arg(KOrigin);
   Value rowLenShift = arg(RowLenShift);
   Value qPos = arg(QPos), kPos = arg(KPos), posStride = arg(PosStride);
 
-  Value rowsEnd = qLen, keysEnd = kLen, length;
-  if (comp.getUseLengths()) {
-    length = memref::LoadOp::create(b, loc, arg(Lengths), bIdx);
-    length = arith::IndexCastOp::create(b, loc, b.getIndexType(), length);
-    length = m.max(length, zero);
-    // Row i is inside when rowLenShift + posStride * i < length.
-    rowsEnd = m.min(
-        qLen, m.max(m.ceilDiv(m.sub(length, rowLenShift), posStride), zero));
-    keysEnd =
-        m.min(kLen, m.max(m.ceilDiv(m.sub(length, kPos), posStride), zero));
-  }
+  // The block's work item: (row tile, group, batch * heads + head), as the
+  // block coordinates (bx, by, bz) of the component's grid give it, or as
+  // a persistent block's loop computes it per item. placeItem sets the
+  // values below and returns whether the item has rows; itemRange the key
+  // range of its rows.
+  Value tileIdx, bIdx, h, hk, rowsEnd, keysEnd, length, c, headHasClass;
+  Value base, tRowLo, tRowHi, tRowAll, tKeyLo, tKeyHi, q0;
+  Value q1, first, last, fullLo, fullHi, numTiles, qHead, kHead;
+  auto placeItem = [&](Value bx, Value by, Value bz, Value nbx) {
+    // Heavy (late) row tiles first for causal balance.
+    tileIdx = m.sub(m.sub(nbx, one), bx);
+    bIdx = arith::DivUIOp::create(b, loc, bz, m.c(H));
+    h = arith::RemUIOp::create(b, loc, bz, m.c(H));
+    hk = arith::DivUIOp::create(b, loc, h, m.c(shape.heads / shape.kvHeads));
 
-  // Group (segment, residue) of this block.
-  Value c, segIdx = by, headHasClass;
-  int64_t res = comp.getResidue();
-  if (res == ComponentAttr::kAllResidues) {
-    c = arith::RemUIOp::create(b, loc, by, r);
-    segIdx = arith::DivUIOp::create(b, loc, by, r);
-  } else if (res == ComponentAttr::kHeadResidue) {
-    std::tie(c, headHasClass) = buildHeadClass(b, loc, comp, h);
-    if (comp.isPlainHeadResidue())
-      headHasClass = Value();
-  } else {
-    c = m.c(res);
-  }
-  Value rowPosLo = delta;
-  Value rowPosHi = m.add(delta, rowsEnd), rowPosAll = m.add(delta, qLen);
-  Value base = c, rLo = rowPosLo, rHi = rowPosHi, rAll = rowPosAll;
-  Value kLo = kOrigin, kHi = m.add(kOrigin, keysEnd);
-  if (comp.getSegment() != 0) {
-    Value w = m.c(comp.getSegment());
-    Value segLo = m.mul(m.add(m.floorDiv(rowPosLo, w), segIdx), w);
-    Value segHi = m.add(segLo, w);
-    base = m.add(segLo, c);
-    rLo = m.max(rowPosLo, segLo);
-    rHi = m.min(rowPosHi, segHi);
-    rAll = m.min(rowPosAll, segHi);
-    kLo = m.max(kOrigin, segLo);
-    kHi = m.min(m.add(kOrigin, keysEnd), segHi);
-  }
-  // Gathered indices t: position = base + r*t.
-  Value tRowLo = m.ceilDiv(m.sub(rLo, base), r);
-  Value tRowHi = m.ceilDiv(m.sub(rHi, base), r);   // rows that compute
-  Value tRowAll = m.ceilDiv(m.sub(rAll, base), r); // rows that exist
-  Value tKeyLo = m.ceilDiv(m.sub(kLo, base), r);
-  Value tKeyHi = m.ceilDiv(m.sub(kHi, base), r);
-  Value q0 = m.add(tRowLo, m.mul(tileIdx, m.c(kBlockRows)));
+    rowsEnd = qLen;
+    keysEnd = kLen;
+    if (comp.getUseLengths()) {
+      length = memref::LoadOp::create(b, loc, arg(Lengths), bIdx);
+      length = arith::IndexCastOp::create(b, loc, b.getIndexType(), length);
+      length = m.max(length, zero);
+      // Row i is inside when rowLenShift + posStride * i < length.
+      rowsEnd = m.min(qLen, m.max(m.ceilDiv(m.sub(length, rowLenShift),
+                                            posStride),
+                                  zero));
+      keysEnd =
+          m.min(kLen, m.max(m.ceilDiv(m.sub(length, kPos), posStride), zero));
+    }
 
-  // Blocks past the group's rows, or of a head without a class, have
-  // nothing to do.
-  Value hasWork = m.lt(q0, tRowAll);
-  if (headHasClass)
-    hasWork = m.both(hasWork, headHasClass);
+    // Group (segment, residue) of this block.
+    Value segIdx = by;
+    headHasClass = Value();
+    int64_t res = comp.getResidue();
+    if (res == ComponentAttr::kAllResidues) {
+      c = arith::RemUIOp::create(b, loc, by, r);
+      segIdx = arith::DivUIOp::create(b, loc, by, r);
+    } else if (res == ComponentAttr::kHeadResidue) {
+      std::tie(c, headHasClass) = buildHeadClass(b, loc, comp, h);
+      if (comp.isPlainHeadResidue())
+        headHasClass = Value();
+    } else {
+      c = m.c(res);
+    }
+    Value rowPosLo = delta;
+    Value rowPosHi = m.add(delta, rowsEnd), rowPosAll = m.add(delta, qLen);
+    Value rLo = rowPosLo, rHi = rowPosHi, rAll = rowPosAll;
+    Value kLo = kOrigin, kHi = m.add(kOrigin, keysEnd);
+    base = c;
+    if (comp.getSegment() != 0) {
+      Value w = m.c(comp.getSegment());
+      Value segLo = m.mul(m.add(m.floorDiv(rowPosLo, w), segIdx), w);
+      Value segHi = m.add(segLo, w);
+      base = m.add(segLo, c);
+      rLo = m.max(rowPosLo, segLo);
+      rHi = m.min(rowPosHi, segHi);
+      rAll = m.min(rowPosAll, segHi);
+      kLo = m.max(kOrigin, segLo);
+      kHi = m.min(m.add(kOrigin, keysEnd), segHi);
+    }
+    // Gathered indices t: position = base + r*t.
+    tRowLo = m.ceilDiv(m.sub(rLo, base), r);
+    tRowHi = m.ceilDiv(m.sub(rHi, base), r);   // rows that compute
+    tRowAll = m.ceilDiv(m.sub(rAll, base), r); // rows that exist
+    tKeyLo = m.ceilDiv(m.sub(kLo, base), r);
+    tKeyHi = m.ceilDiv(m.sub(kHi, base), r);
+    q0 = m.add(tRowLo, m.mul(tileIdx, m.c(kBlockRows)));
+
+    // Items past the group's rows, or of a head without a class, have
+    // nothing to do.
+    Value hasWork = m.lt(q0, tRowAll);
+    if (headHasClass)
+      hasWork = m.both(hasWork, headHasClass);
+    return hasWork;
+  };
+  auto itemRange = [&]() {
+    q1 = m.max(m.min(m.add(q0, m.c(kBlockRows)), tRowHi), q0);
+    // Key tiles attended by some row of [q0, q1), and those by every row.
+    first = hi == inf ? tKeyLo : m.max(tKeyLo, m.sub(q0, m.c(hi)));
+    last = lo == ninf ? tKeyHi : m.min(tKeyHi, m.sub(q1, m.c(lo)));
+    last = f.select(m.lt(q0, q1), m.max(last, first), first);
+    fullLo = hi == inf ? first
+                       : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
+    fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
+    numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
+
+    qHead = m.mul(m.add(m.mul(bIdx, m.c(H)), h), qLen);
+    kHead = m.mul(m.add(m.mul(bIdx, m.c(shape.kvHeads)), hk), kLen);
+  };
+
+  Value hasWork = placeItem(gpu::BlockIdOp::create(b, loc, gpu::Dimension::x),
+                            gpu::BlockIdOp::create(b, loc, gpu::Dimension::y),
+                            gpu::BlockIdOp::create(b, loc, gpu::Dimension::z),
+                            gpu::GridDimOp::create(b, loc, gpu::Dimension::x));
   auto inRange = scf::IfOp::create(b, loc, TypeRange{}, hasWork,
                                    /*withElse=*/false);
   b.setInsertionPointToStart(inRange.thenBlock());
-
-  Value q1 = m.max(m.min(m.add(q0, m.c(kBlockRows)), tRowHi), q0);
-  // Key tiles attended by some row of [q0, q1), and those by every row.
-  Value first = hi == inf ? tKeyLo : m.max(tKeyLo, m.sub(q0, m.c(hi)));
-  Value last = lo == ninf ? tKeyHi : m.min(tKeyHi, m.sub(q1, m.c(lo)));
-  last = f.select(m.lt(q0, q1), m.max(last, first), first);
-  Value fullLo = hi == inf
-                     ? first
-                     : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
-  Value fullHi =
-      lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
-  Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
-
-  Value qHead = m.mul(m.add(m.mul(bIdx, m.c(H)), h), qLen);
-  Value kHead = m.mul(m.add(m.mul(bIdx, m.c(shape.kvHeads)), hk), kLen);
+  itemRange();
   auto qRowIndex = [&](Value t) { // query row i of gathered t
     return m.sub(m.add(base, m.mul(r, t)), delta);
   };

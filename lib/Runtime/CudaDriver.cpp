@@ -68,6 +68,8 @@ void load() {
     return;
   d.cuTensorMapEncodeTiled = reinterpret_cast<decltype(
       d.cuTensorMapEncodeTiled)>(dlsym(lib, "cuTensorMapEncodeTiled"));
+  d.cuLaunchKernelEx = reinterpret_cast<decltype(d.cuLaunchKernelEx)>(
+      dlsym(lib, "cuLaunchKernelEx"));
   CUresult rc = d.cuInit(0);
   if (rc != CUDA_SUCCESS) {
     loadError = describe(d, rc, "cuInit") +

@@ -46,6 +46,9 @@ struct GpuModule {
   int64_t headDim = 0;
   /// The kernels take K's and V's TMA tensor maps after the scalars.
   bool tensorMaps = false;
+  /// A component kernel after the first may start while the one before
+  /// finishes: it waits for that one's results (griddepcontrol.wait).
+  bool dependentLaunch = false;
   // Device scratch, grown on demand.
   CUdeviceptr scratch = 0;
   size_t scratchBytes = 0;
@@ -91,9 +94,13 @@ struct KernelArgs {
   int64_t qPos = 0, kPos = 0, posStride = 1;
 };
 
-/// Launches `kernel` with the grid of docs/Package.md on `stream`.
+/// Launches `kernel` with the grid of docs/Package.md on `stream`; with
+/// `dependent`, as a programmatic dependent launch of the kernel before it
+/// (the package's manifest says its kernels wait for that one's results:
+/// "dependent_launch").
 bool launchKernel(const GpuModule &g, const GpuKernel &kernel,
-                  const KernelArgs &args, CUstream stream, std::string &error);
+                  const KernelArgs &args, CUstream stream, std::string &error,
+                  bool dependent = false);
 
 } // namespace attn::runtime
 

@@ -95,6 +95,7 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   g.stateInOut = m.value("state_in_out", false);
   g.headDim = args_.at(0).shape.at(3);
   g.tensorMaps = m.value("tensor_maps", false);
+  g.dependentLaunch = m.value("dependent_launch", false);
 
   std::string cubinPath = dir_ + "/" + m.at("cubin").get<std::string>();
   std::ifstream in(cubinPath, std::ios::binary);
@@ -252,7 +253,7 @@ static bool encodeKeyMap(const Driver &d, CUdeviceptr data, int64_t heads,
 
 bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
                                  const KernelArgs &a, CUstream stream,
-                                 std::string &error) {
+                                 std::string &error, bool dependent) {
   const Driver &d = *g.d;
   const int64_t rows = a.B * a.H * a.Lq;
   // Parameters: 11 descriptors of 5 words, then q_len, kv_len, q_origin,
@@ -332,10 +333,21 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   }
   if (gx <= 0 || gy <= 0)
     return true;
-  CUresult rc = d.cuLaunchKernel(kernel.function, unsigned(gx), unsigned(gy),
-                                 unsigned(gz), unsigned(kernel.block), 1, 1,
-                                 unsigned(kernel.sharedBytes), stream, params,
-                                 nullptr);
+  CUresult rc;
+  if (dependent && d.cuLaunchKernelEx) {
+    LaunchAttribute attr{};
+    attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    LaunchConfig config{unsigned(gx), unsigned(gy), unsigned(gz),
+                        unsigned(kernel.block), 1, 1,
+                        unsigned(kernel.sharedBytes), stream, &attr, 1};
+    rc = d.cuLaunchKernelEx(&config, kernel.function, params, nullptr);
+  } else {
+    rc = d.cuLaunchKernel(kernel.function, unsigned(gx), unsigned(gy),
+                          unsigned(gz), unsigned(kernel.block), 1, 1,
+                          unsigned(kernel.sharedBytes), stream, params,
+                          nullptr);
+  }
   if (rc != CUDA_SUCCESS) {
     error = describe(d, rc, "launching " + kernel.name);
     return false;
@@ -397,8 +409,12 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   args.Lq = Lq;
   args.Lk = Lk;
   args.qOrigin = args.qPos = Lk - Lq; // bottom-right alignment
-  for (const GpuKernel &kernel : g.kernels)
-    if (!launchKernel(g, kernel, args, stream, error))
+  // Each kernel after the first may overlap the tail of the one before
+  // (programmatic dependent launch) where the package's kernels wait for
+  // their predecessor's results themselves.
+  for (size_t i = 0; i < g.kernels.size(); ++i)
+    if (!launchKernel(g, g.kernels[i], args, stream, error,
+                      /*dependent=*/g.dependentLaunch && i > 0))
       return false;
   return true;
 }

@@ -363,6 +363,10 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
       // partial states travel between ranks).
       {"state_dtype", alwaysState ? std::string("f32") : spec.dtype},
       {"state_in_out", !alwaysState},
+      // sm_90a: each kernel after the first waits for its predecessor's
+      // results (griddepcontrol.wait), so the runtime may launch it as a
+      // programmatic dependent launch.
+      {"dependent_launch", arch == "sm_90a" && !alwaysState},
       // The kernels take K's and V's TMA tensor maps after the scalars.
       {"tensor_maps", tensorMaps},
       {"kernels", kernels},

@@ -36,6 +36,25 @@ constexpr int CU_MEMORYTYPE_DEVICE = 2;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 1;
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 2;
 
+/// cuLaunchKernelEx's attribute (CUlaunchAttribute: an id, then a 64-byte
+/// value union at offset 8) and configuration (CUlaunchConfig).
+constexpr int CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6;
+struct LaunchAttribute {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    int programmaticStreamSerializationAllowed;
+  } value;
+};
+struct LaunchConfig {
+  unsigned gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ;
+  unsigned sharedMemBytes;
+  CUstream hStream;
+  LaunchAttribute *attrs;
+  unsigned numAttrs;
+};
+
 /// A 2-D copy: `Height` rows of `WidthInBytes`, rows `srcPitch` / `dstPitch`
 /// bytes apart (CUDA_MEMCPY2D).
 struct Memcpy2D {
@@ -111,6 +130,10 @@ struct Driver {
       const unsigned long long *globalStrides, const unsigned *boxDim,
       const unsigned *elementStrides, int interleave, int swizzle,
       int l2Promotion, int oobFill) = nullptr;
+  /// CUDA 12 and newer; null on older drivers (kernels then launch one
+  /// after the other without programmatic dependent launch).
+  CUresult (*cuLaunchKernelEx)(const LaunchConfig *, CUfunction, void **,
+                               void **) = nullptr;
 };
 
 /// Opens libcuda.so.1, resolves the entry points and calls cuInit once.

@@ -695,6 +695,11 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   if (shape.wgmma)
     func->setAttr(NVVM::NVVMDialect::getMinctasmAttrName(),
                   b.getI32IntegerAttr(ws ? 1 : 2));
+  // sm_90a: the next kernel of the package may launch as soon as every
+  // block of this one has started (it waits for this one's results before
+  // touching them: mergeEarlierState).
+  if (shape.wgmma)
+    inlinePtx({}, {}, "griddepcontrol.launch_dependents;", "");
   const int64_t slots = ws ? kWsSlots : 2;
   // Shared memory: Q, K[slots], V[slots], then with TMA the 8-byte
   // mbarriers: one "full" per slot and, with ws, one "empty" per slot.
@@ -1158,37 +1163,12 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   const int64_t oFrags = D / 8;
   SmallVector<Value> init;
   Value isQuadLeader = m.eq(arith::RemUIOp::create(b, loc, lane, m.c(4)), zero);
-  if (!loadsState) {
-    for (int64_t i = 0; i < oFrags * 4; ++i)
-      init.push_back(f.c(0.0));
-    init.append({f.negInf(), f.negInf(), f.c(0.0), f.c(0.0)});
-  } else {
-    // Continue the state of earlier components from global memory.
-    SmallVector<Value> maxes, sums, rowSums;
-    SmallVector<Value> rowBase(2);
-    for (int64_t half = 0; half < 2; ++half) {
-      Value valid = m.lt(tq[half], q1);
-      Value row = f.select(valid, m.add(qHead, qRowIndex(tq[half])), zero);
-      rowBase[half] = row;
-      Value mx = memref::LoadOp::create(b, loc, arg(Max), row);
-      Value sm = memref::LoadOp::create(b, loc, arg(Sum), row);
-      maxes.push_back(f.select(valid, mx, f.negInf()));
-      // The sum is kept per thread and added over the quad at the end.
-      sums.push_back(f.select(m.both(valid, isQuadLeader), sm, f.c(0.0)));
-      rowSums.push_back(sm);
-    }
-    // Each thread's two adjacent columns are one load (f32 O, or O / l in
-    // 16 bits, scaled back by the row's sum l).
-    for (int64_t dn = 0; dn < oFrags; ++dn)
-      for (int64_t half = 0; half < 2; ++half) {
-        Value valid = m.lt(tq[half], q1);
-        Value at = m.add(m.mul(rowBase[half], m.c(D)),
-                         m.add(laneCol, m.c(dn * 8)));
-        for (Value a : loadStatePair(at, rowSums[half]))
-          init.push_back(f.select(valid, a, f.c(0.0)));
-      }
-    init.append({maxes[0], maxes[1], sums[0], sums[1]});
-  }
+  // Every mode starts from the empty state; `update` and `end` merge the
+  // earlier components' state in after the loop (mergeEarlierState), so
+  // that on sm_90a all of the loop may overlap the kernel before.
+  for (int64_t i = 0; i < oFrags * 4; ++i)
+    init.push_back(f.c(0.0));
+  init.append({f.negInf(), f.negInf(), f.c(0.0), f.c(0.0)});
 
   const double scaleLog2 = shape.scale * M_LOG2E;
   // 128-byte rows: a K/V panel is 64 rows, a Q panel blockRows rows.
@@ -1652,6 +1632,54 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     finValues.assign(loop.getResults().begin(),
                      loop.getResults().end());
   }
+  // The earlier components' state of this block's rows (m', l', O'),
+  // merged into the loop's (m, l, O) per row: both move to
+  // M = max(m, m'), O = O 2^(m - M) + O' 2^(m' - M), likewise l (l' on the
+  // quad leader only: the loop's l is summed over the quad at the end). An
+  // empty state (max -inf) weighs nothing. On sm_90a the kernel is a
+  // programmatic dependent launch of the one before (the runtime's
+  // "dependent_launch"): everything above ran while that one finished, and
+  // griddepcontrol.wait waits for its results here.
+  auto mergeEarlierState = [&](ArrayRef<Value> own) {
+    if (shape.wgmma)
+      inlinePtx({}, {}, "griddepcontrol.wait;", "");
+    SmallVector<Value> merged(own);
+    Value zeroF = f.c(0.0);
+    for (int64_t half = 0; half < 2; ++half) {
+      Value valid = m.lt(tq[half], q1);
+      Value row = f.select(valid, m.add(qHead, qRowIndex(tq[half])), zero);
+      Value theirMax = f.select(
+          valid, memref::LoadOp::create(b, loc, arg(Max), row), f.negInf());
+      Value theirSum = memref::LoadOp::create(b, loc, arg(Sum), row);
+      Value ownMax = own[oFrags * 4 + half];
+      Value top = f.max(ownMax, theirMax);
+      auto weight = [&](Value mx) {
+        return f.select(f.eq(mx, f.negInf()), zeroF, exp2(f.sub(mx, top)));
+      };
+      Value ownWeight = weight(ownMax), theirWeight = weight(theirMax);
+      merged[oFrags * 4 + half] = top;
+      Value theirPartialSum =
+          f.select(m.both(valid, isQuadLeader), theirSum, zeroF);
+      merged[oFrags * 4 + 2 + half] =
+          f.add(f.mul(own[oFrags * 4 + 2 + half], ownWeight),
+                f.mul(theirPartialSum, theirWeight));
+      // Each thread's two adjacent columns are one load (f32 O, or O / l
+      // in 16 bits, scaled back by the row's sum l).
+      for (int64_t dn = 0; dn < oFrags; ++dn) {
+        Value at = m.add(m.mul(row, m.c(D)), m.add(laneCol, m.c(dn * 8)));
+        SmallVector<Value> theirs = loadStatePair(at, theirSum);
+        for (int64_t e = 0; e < 2; ++e) {
+          int64_t i = dn * 4 + half * 2 + e;
+          merged[i] = f.add(f.mul(own[i], ownWeight),
+                            f.mul(f.select(valid, theirs[e], zeroF),
+                                  theirWeight));
+        }
+      }
+    }
+    return merged;
+  };
+  if (loadsState)
+    finValues = mergeEarlierState(finValues);
   ValueRange fin = finValues;
   Value ln2 = f.c(M_LN2);
   // 16-bit rows (out, or a 16-bit state's O / sum) go through shared memory

@@ -6,6 +6,7 @@ Here (no GPU needed), build the packages:
 On the GPU machine, one process per GPU:
     NCCL_NVLS_ENABLE=0 ATTN_BUILD_DIR=build PYTHONPATH=python \\
         torchrun --nproc_per_node 2 bench/ring_gpu.py --packages ring-pkgs [--out DIR]
+(`--checks-only`: the correctness cases without the timings.)
 
 Every rank draws the same global q, k, v (same seed), keeps its rows by the
 package's layout (docs/Ring.md), runs its part, and rank 0 gathers the
@@ -137,7 +138,7 @@ def fmt(x):
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
-def run(pkgs, out_dir):
+def run(pkgs, out_dir, checks_only=False):
     import torch
     import torch.distributed as dist
     dist.init_process_group("nccl")
@@ -153,7 +154,7 @@ def run(pkgs, out_dir):
         v = torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
         return q, k, v
 
-    for i, (name, pattern, layout, L) in enumerate(CHECKS + SPEED):
+    for i, (name, pattern, layout, L) in enumerate(CHECKS + ([] if checks_only else SPEED)):
         speed = i >= len(CHECKS)
         ring = attn.load(os.path.join(pkgs, key(name, layout, L)))
         ring.join()
@@ -251,10 +252,12 @@ if __name__ == "__main__":
     ap.add_argument("--packages")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--out")
+    ap.add_argument("--checks-only", action="store_true",
+                    help="run the correctness cases only (no timings)")
     a = ap.parse_args()
     if a.build:
         build(a.build, a.ranks)
     elif a.packages:
-        run(a.packages, a.out)
+        run(a.packages, a.out, a.checks_only)
     else:
         ap.error("give --build DIR (here) or --packages DIR (under torchrun)")

@@ -134,8 +134,22 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   int options[] = {CU_JIT_ERROR_LOG_BUFFER, CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES};
   void *values[] = {log, reinterpret_cast<void *>(uintptr_t(sizeof(log)))};
   CUresult rc = d.cuModuleLoadDataEx(&g.module, image.data(), 2, options, values);
+  // A cubin runs only on its own architecture family (sm_80 on 8.x): on a
+  // newer GPU the driver compiles the package's PTX instead.
+  std::string loaded = cubinPath;
+  if (rc == CUDA_ERROR_NO_BINARY_FOR_GPU && m.contains("ptx")) {
+    std::string ptxPath = dir_ + "/" + m.at("ptx").get<std::string>();
+    std::ifstream ptxIn(ptxPath, std::ios::binary);
+    if (ptxIn) {
+      std::string ptx((std::istreambuf_iterator<char>(ptxIn)),
+                      std::istreambuf_iterator<char>());
+      log[0] = 0;
+      rc = d.cuModuleLoadDataEx(&g.module, ptx.c_str(), 2, options, values);
+      loaded = ptxPath;
+    }
+  }
   if (rc != CUDA_SUCCESS) {
-    error = describe(d, rc, "loading " + cubinPath) +
+    error = describe(d, rc, "loading " + loaded) +
             (log[0] ? std::string("\n") + log : std::string());
     return false;
   }

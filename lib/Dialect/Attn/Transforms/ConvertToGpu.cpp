@@ -1163,12 +1163,44 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   const int64_t oFrags = D / 8;
   SmallVector<Value> init;
   Value isQuadLeader = m.eq(arith::RemUIOp::create(b, loc, lane, m.c(4)), zero);
-  // Every mode starts from the empty state; `update` and `end` merge the
-  // earlier components' state in after the loop (mergeEarlierState), so
-  // that on sm_90a all of the loop may overlap the kernel before.
-  for (int64_t i = 0; i < oFrags * 4; ++i)
-    init.push_back(f.c(0.0));
-  init.append({f.negInf(), f.negInf(), f.c(0.0), f.c(0.0)});
+  // `update` and `end` continue the earlier components' state. Where the
+  // kernel is a programmatic dependent launch of the one before (sm_90a,
+  // a 16-bit state: the manifest's "dependent_launch") they start from the
+  // empty state and merge the stored one in after the loop
+  // (mergeEarlierState), so that all of the loop may overlap the kernel
+  // before; otherwise they load it first, where its loads overlap Q's and
+  // the first key tile's.
+  const bool mergesAfterLoop = loadsState && shape.wgmma && shape.halfState;
+  if (!loadsState || mergesAfterLoop) {
+    for (int64_t i = 0; i < oFrags * 4; ++i)
+      init.push_back(f.c(0.0));
+    init.append({f.negInf(), f.negInf(), f.c(0.0), f.c(0.0)});
+  } else {
+    SmallVector<Value> maxes, sums, rowSums;
+    SmallVector<Value> rowBase(2);
+    for (int64_t half = 0; half < 2; ++half) {
+      Value valid = m.lt(tq[half], q1);
+      Value row = f.select(valid, m.add(qHead, qRowIndex(tq[half])), zero);
+      rowBase[half] = row;
+      Value mx = memref::LoadOp::create(b, loc, arg(Max), row);
+      Value sm = memref::LoadOp::create(b, loc, arg(Sum), row);
+      maxes.push_back(f.select(valid, mx, f.negInf()));
+      // The sum is kept per thread and added over the quad at the end.
+      sums.push_back(f.select(m.both(valid, isQuadLeader), sm, f.c(0.0)));
+      rowSums.push_back(sm);
+    }
+    // Each thread's two adjacent columns are one load (f32 O, or O / l in
+    // 16 bits, scaled back by the row's sum l).
+    for (int64_t dn = 0; dn < oFrags; ++dn)
+      for (int64_t half = 0; half < 2; ++half) {
+        Value valid = m.lt(tq[half], q1);
+        Value at = m.add(m.mul(rowBase[half], m.c(D)),
+                         m.add(laneCol, m.c(dn * 8)));
+        for (Value a : loadStatePair(at, rowSums[half]))
+          init.push_back(f.select(valid, a, f.c(0.0)));
+      }
+    init.append({maxes[0], maxes[1], sums[0], sums[1]});
+  }
 
   const double scaleLog2 = shape.scale * M_LOG2E;
   // 128-byte rows: a K/V panel is 64 rows, a Q panel blockRows rows.
@@ -1636,13 +1668,12 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // merged into the loop's (m, l, O) per row: both move to
   // M = max(m, m'), O = O 2^(m - M) + O' 2^(m' - M), likewise l (l' on the
   // quad leader only: the loop's l is summed over the quad at the end). An
-  // empty state (max -inf) weighs nothing. On sm_90a the kernel is a
-  // programmatic dependent launch of the one before (the runtime's
-  // "dependent_launch"): everything above ran while that one finished, and
-  // griddepcontrol.wait waits for its results here.
+  // empty state (max -inf) weighs nothing. The kernel is a programmatic
+  // dependent launch of the one before (the runtime's "dependent_launch"):
+  // everything above ran while that one finished, and griddepcontrol.wait
+  // waits for its results here.
   auto mergeEarlierState = [&](ArrayRef<Value> own) {
-    if (shape.wgmma)
-      inlinePtx({}, {}, "griddepcontrol.wait;", "");
+    inlinePtx({}, {}, "griddepcontrol.wait;", "");
     SmallVector<Value> merged(own);
     Value zeroF = f.c(0.0);
     for (int64_t half = 0; half < 2; ++half) {
@@ -1678,7 +1709,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     }
     return merged;
   };
-  if (loadsState)
+  if (mergesAfterLoop)
     finValues = mergeEarlierState(finValues);
   ValueRange fin = finValues;
   Value ln2 = f.c(M_LN2);

@@ -386,7 +386,8 @@ LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
                                                 const std::string &arch,
                                                 const std::string &outDir,
                                                 std::string &error,
-                                                llvm::raw_ostream *log) {
+                                                llvm::raw_ostream *log,
+                                                bool warpSpecialize) {
   std::optional<RingPlan> plan = planRingForSpec(spec, error);
   if (!plan)
     return failure();
@@ -427,7 +428,7 @@ LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
     c.erase();
 
   if (failed(compileGpuPackage(*module, local, arch, outDir, error, log,
-                               /*alwaysState=*/true)))
+                               /*alwaysState=*/true, warpSpecialize)))
     return failure();
 
   // The manifest: one rank's shapes, the original spec and the ring plan.

@@ -188,12 +188,10 @@ int main(int argc, char **argv) {
   if (outPath.empty())
     return fail("give a package directory with -o, or a stage with --emit");
   if (distributed) {
-    if (warpSpecialize.getNumOccurrences() && warpSpecialize)
-      return fail("--warp-specialize is not available for distributed "
-                  "specs (ring packages)");
     if (target != "cpu") {
       if (failed(compileGpuRingPackage(*spec, target, outPath, error,
-                                       quiet ? nullptr : &llvm::errs())))
+                                       quiet ? nullptr : &llvm::errs(),
+                                       warpSpecialize)))
         return fail(error);
       return 0;
     }

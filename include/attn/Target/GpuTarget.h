@@ -42,10 +42,11 @@ LogicalResult compileGpuPackage(ModuleOp module, const Spec &spec,
 
 /// A GPU ring package (docs/Ring.md): one update kernel per planned
 /// component (origins as launch parameters), init, finalize, and the ring
-/// plan in the manifest.
+/// plan in the manifest. `warpSpecialize` as for compileGpuPackage.
 LogicalResult compileGpuRingPackage(const Spec &spec, const std::string &arch,
                                     const std::string &outDir,
-                                    std::string &error, llvm::raw_ostream *log);
+                                    std::string &error, llvm::raw_ostream *log,
+                                    bool warpSpecialize = false);
 
 } // namespace mlir::attn
 

@@ -218,3 +218,32 @@ def test_misaligned_tensors_are_refused():
         pkg(q, shifted, k)
     pkg(q, k, k)  # the aligned call still runs
     torch.cuda.synchronize()
+
+
+def test_cuda_graph_replays_a_multi_kernel_package():
+    """A package of several kernels (LongNet's sum: a begin kernel, then
+    update kernels launched as programmatic dependent launches) captured in a
+    CUDA graph after a warm-up call (which sizes the package's scratch)
+    replays to exactly the eager output."""
+    case = next(c for c in gpu_cases.CASES if c["name"] == "longnet_sum")
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    gen = torch.Generator().manual_seed(11)
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    q = torch.randn(B, H, 1000, D, generator=gen).to("cuda", dt)
+    k = torch.randn(B, Hkv, 1000, D, generator=gen).to("cuda", dt)
+    v = torch.randn(B, Hkv, 1000, D, generator=gen).to("cuda", dt)
+    eager = pkg(q, k, v).clone()
+    out = torch.empty_like(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pkg(q, k, v, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pkg(q, k, v, out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)

@@ -189,6 +189,12 @@ bool attn::runtime::growDeviceBuffer(const Driver &d, CUdeviceptr &buffer,
   if (rc != CUDA_SUCCESS) {
     error = describe(d, rc, "allocating " + std::to_string(need) +
                                 " bytes of " + what);
+    // A stream capture (a CUDA graph) refuses allocations.
+    if (rc == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED ||
+        rc == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED)
+      error += "; a package sizes its device scratch on its first call with "
+               "larger shapes: call it once with these shapes before "
+               "capturing it in a CUDA graph";
     return false;
   }
   bytes = need;

@@ -247,3 +247,21 @@ def test_cuda_graph_replays_a_multi_kernel_package():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+def test_capturing_a_first_call_says_to_warm_up():
+    """A package sizes its device scratch on its first call with larger
+    shapes; a stream capture refuses that allocation, and the error says to
+    call the package once before capturing it."""
+    case = next(c for c in gpu_cases.CASES if c["name"] == "longnet_sum")
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    dt = DTYPES[case["dtype"]]
+    B, H, D = case["batch"], case["heads"], case["head_dim"]
+    q = torch.randn(B, H, 1000, D, device="cuda").to(dt)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError) as failure:  # the invalidated capture
+        with torch.cuda.graph(graph):
+            pkg(q, q, q)
+    cause = failure.value.__context__
+    assert isinstance(cause, attn.AttnError)
+    assert "call it once with these shapes before capturing it" in str(cause)

@@ -253,6 +253,9 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
   nlohmann::json kernels = nlohmann::json::array();
   nlohmann::json order = nlohmann::json::array();
   bool needsState = false, tensorMaps = false;
+  auto dependent =
+      gpuModule->getAttrOfType<BoolAttr>("attn.dependent_launch");
+  bool dependentLaunch = dependent && dependent.getValue();
   for (Attribute name :
        cast<ArrayAttr>(gpuModule->getAttr("attn.launch_order"))) {
     StringRef kernelName = cast<StringAttr>(name).getValue();
@@ -363,10 +366,10 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
       // partial states travel between ranks).
       {"state_dtype", alwaysState ? std::string("f32") : spec.dtype},
       {"state_in_out", !alwaysState},
-      // sm_90a: each kernel after the first waits for its predecessor's
-      // results (griddepcontrol.wait), so the runtime may launch it as a
-      // programmatic dependent launch.
-      {"dependent_launch", arch == "sm_90a" && !alwaysState},
+      // Each kernel after the first waits for its predecessor's results
+      // (griddepcontrol.wait), so the runtime may launch it as a
+      // programmatic dependent launch (convert-attn-to-gpu says which).
+      {"dependent_launch", dependentLaunch},
       // The kernels take K's and V's TMA tensor maps after the scalars.
       {"tensor_maps", tensorMaps},
       {"kernels", kernels},

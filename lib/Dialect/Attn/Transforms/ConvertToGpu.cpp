@@ -117,6 +117,11 @@ struct AttentionShape {
   /// of f32 O between component kernels) rather than f32 O; ring packages,
   /// whose partial states travel between ranks, keep f32.
   bool halfState = false;
+  /// Each kernel after the first runs as a programmatic dependent launch of
+  /// the one before (sm_90a with a 16-bit state; the manifest's
+  /// "dependent_launch"): it merges the stored state after its key loop,
+  /// behind griddepcontrol.wait (see emitComponent).
+  bool dependentLaunch() const { return wgmma && halfState; }
   /// Warp-specialised kernels where the keys are contiguous (the
   /// `warp-specialize` option; see emitComponent).
   bool warpSpecialize = false;
@@ -695,10 +700,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   if (shape.wgmma)
     func->setAttr(NVVM::NVVMDialect::getMinctasmAttrName(),
                   b.getI32IntegerAttr(ws ? 1 : 2));
-  // sm_90a: the next kernel of the package may launch as soon as every
-  // block of this one has started (it waits for this one's results before
-  // touching them: mergeEarlierState).
-  if (shape.wgmma)
+  // The next kernel of the package may launch as soon as every block of
+  // this one has started (it waits for this one's results before touching
+  // them: mergeEarlierState).
+  if (shape.dependentLaunch())
     inlinePtx({}, {}, "griddepcontrol.launch_dependents;", "");
   const int64_t slots = ws ? kWsSlots : 2;
   // Shared memory: Q, K[slots], V[slots], then with TMA the 8-byte
@@ -1163,43 +1168,52 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   const int64_t oFrags = D / 8;
   SmallVector<Value> init;
   Value isQuadLeader = m.eq(arith::RemUIOp::create(b, loc, lane, m.c(4)), zero);
+  // The stored state of this thread's row `half`: its max (-inf for a row
+  // this block does not compute, which reads row 0 and weighs nothing), its
+  // sum l, and l on the quad leader only (the loop's l is summed over the
+  // quad at the end).
+  struct StoredRow {
+    Value valid, row, max, sum, leaderSum;
+  };
+  auto loadStoredRow = [&](int64_t half) {
+    StoredRow s;
+    s.valid = m.lt(tq[half], q1);
+    s.row = f.select(s.valid, m.add(qHead, qRowIndex(tq[half])), zero);
+    Value mx = memref::LoadOp::create(b, loc, arg(Max), s.row);
+    s.sum = memref::LoadOp::create(b, loc, arg(Sum), s.row);
+    s.max = f.select(s.valid, mx, f.negInf());
+    s.leaderSum =
+        f.select(m.both(s.valid, isQuadLeader), s.sum, f.c(0.0));
+    return s;
+  };
+  // Columns dn*8 + laneCol and the next of a stored row as f32 O (0 where
+  // the row is not valid): each thread's pair is one load (f32 O, or O / l
+  // in 16 bits, scaled back by the row's l).
+  auto loadStoredPair = [&](const StoredRow &s, int64_t dn) {
+    Value at = m.add(m.mul(s.row, m.c(D)), m.add(laneCol, m.c(dn * 8)));
+    SmallVector<Value> pair;
+    for (Value a : loadStatePair(at, s.sum))
+      pair.push_back(f.select(s.valid, a, f.c(0.0)));
+    return pair;
+  };
   // `update` and `end` continue the earlier components' state. Where the
-  // kernel is a programmatic dependent launch of the one before (sm_90a,
-  // a 16-bit state: the manifest's "dependent_launch") they start from the
-  // empty state and merge the stored one in after the loop
-  // (mergeEarlierState), so that all of the loop may overlap the kernel
-  // before; otherwise they load it first, where its loads overlap Q's and
-  // the first key tile's.
-  const bool mergesAfterLoop = loadsState && shape.wgmma && shape.halfState;
+  // kernel is a programmatic dependent launch of the one before
+  // (shape.dependentLaunch) they start from the empty state and merge the
+  // stored one in after the loop (mergeEarlierState), so that all of the
+  // loop may overlap the kernel before; otherwise they load it first, where
+  // its loads overlap Q's and the first key tile's.
+  const bool mergesAfterLoop = loadsState && shape.dependentLaunch();
   if (!loadsState || mergesAfterLoop) {
     for (int64_t i = 0; i < oFrags * 4; ++i)
       init.push_back(f.c(0.0));
     init.append({f.negInf(), f.negInf(), f.c(0.0), f.c(0.0)});
   } else {
-    SmallVector<Value> maxes, sums, rowSums;
-    SmallVector<Value> rowBase(2);
-    for (int64_t half = 0; half < 2; ++half) {
-      Value valid = m.lt(tq[half], q1);
-      Value row = f.select(valid, m.add(qHead, qRowIndex(tq[half])), zero);
-      rowBase[half] = row;
-      Value mx = memref::LoadOp::create(b, loc, arg(Max), row);
-      Value sm = memref::LoadOp::create(b, loc, arg(Sum), row);
-      maxes.push_back(f.select(valid, mx, f.negInf()));
-      // The sum is kept per thread and added over the quad at the end.
-      sums.push_back(f.select(m.both(valid, isQuadLeader), sm, f.c(0.0)));
-      rowSums.push_back(sm);
-    }
-    // Each thread's two adjacent columns are one load (f32 O, or O / l in
-    // 16 bits, scaled back by the row's sum l).
+    StoredRow stored[2] = {loadStoredRow(0), loadStoredRow(1)};
     for (int64_t dn = 0; dn < oFrags; ++dn)
-      for (int64_t half = 0; half < 2; ++half) {
-        Value valid = m.lt(tq[half], q1);
-        Value at = m.add(m.mul(rowBase[half], m.c(D)),
-                         m.add(laneCol, m.c(dn * 8)));
-        for (Value a : loadStatePair(at, rowSums[half]))
-          init.push_back(f.select(valid, a, f.c(0.0)));
-      }
-    init.append({maxes[0], maxes[1], sums[0], sums[1]});
+      for (int64_t half = 0; half < 2; ++half)
+        init.append(loadStoredPair(stored[half], dn));
+    init.append({stored[0].max, stored[1].max, stored[0].leaderSum,
+                 stored[1].leaderSum});
   }
 
   const double scaleLog2 = shape.scale * M_LOG2E;
@@ -1677,11 +1691,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     SmallVector<Value> merged(own);
     Value zeroF = f.c(0.0);
     for (int64_t half = 0; half < 2; ++half) {
-      Value valid = m.lt(tq[half], q1);
-      Value row = f.select(valid, m.add(qHead, qRowIndex(tq[half])), zero);
-      Value theirMax = f.select(
-          valid, memref::LoadOp::create(b, loc, arg(Max), row), f.negInf());
-      Value theirSum = memref::LoadOp::create(b, loc, arg(Sum), row);
+      StoredRow theirs = loadStoredRow(half);
+      Value theirMax = theirs.max;
       Value ownMax = own[oFrags * 4 + half];
       Value top = f.max(ownMax, theirMax);
       auto weight = [&](Value mx) {
@@ -1689,21 +1700,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       };
       Value ownWeight = weight(ownMax), theirWeight = weight(theirMax);
       merged[oFrags * 4 + half] = top;
-      Value theirPartialSum =
-          f.select(m.both(valid, isQuadLeader), theirSum, zeroF);
       merged[oFrags * 4 + 2 + half] =
           f.add(f.mul(own[oFrags * 4 + 2 + half], ownWeight),
-                f.mul(theirPartialSum, theirWeight));
-      // Each thread's two adjacent columns are one load (f32 O, or O / l
-      // in 16 bits, scaled back by the row's sum l).
+                f.mul(theirs.leaderSum, theirWeight));
       for (int64_t dn = 0; dn < oFrags; ++dn) {
-        Value at = m.add(m.mul(row, m.c(D)), m.add(laneCol, m.c(dn * 8)));
-        SmallVector<Value> theirs = loadStatePair(at, theirSum);
+        SmallVector<Value> pair = loadStoredPair(theirs, dn);
         for (int64_t e = 0; e < 2; ++e) {
           int64_t i = dn * 4 + half * 2 + e;
-          merged[i] = f.add(f.mul(own[i], ownWeight),
-                            f.mul(f.select(valid, theirs[e], zeroF),
-                                  theirWeight));
+          merged[i] =
+              f.add(f.mul(own[i], ownWeight), f.mul(pair[e], theirWeight));
         }
       }
     }
@@ -2042,6 +2047,8 @@ struct ConvertAttnToGpuPass
     if (!ends && alwaysState)
       add(emit.emitFinalize("finalize"));
     gpuModule->setAttr("attn.launch_order", b.getArrayAttr(order));
+    gpuModule->setAttr("attn.dependent_launch",
+                       b.getBoolAttr(shape.dependentLaunch()));
     // The keys: k's rows, or the columns of key_ids [B, Lk].
     ShapedType keysType = kType;
     unsigned keysDim = dims::kRows;

@@ -253,9 +253,7 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
   nlohmann::json kernels = nlohmann::json::array();
   nlohmann::json order = nlohmann::json::array();
   bool needsState = false, tensorMaps = false;
-  auto dependent =
-      gpuModule->getAttrOfType<BoolAttr>("attn.dependent_launch");
-  bool dependentLaunch = dependent && dependent.getValue();
+  bool dependentLaunch = gpuModule->hasAttr("attn.dependent_launch");
   for (Attribute name :
        cast<ArrayAttr>(gpuModule->getAttr("attn.launch_order"))) {
     StringRef kernelName = cast<StringAttr>(name).getValue();

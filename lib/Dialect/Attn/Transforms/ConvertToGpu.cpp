@@ -2047,8 +2047,8 @@ struct ConvertAttnToGpuPass
     if (!ends && alwaysState)
       add(emit.emitFinalize("finalize"));
     gpuModule->setAttr("attn.launch_order", b.getArrayAttr(order));
-    gpuModule->setAttr("attn.dependent_launch",
-                       b.getBoolAttr(shape.dependentLaunch()));
+    if (shape.dependentLaunch())
+      gpuModule->setAttr("attn.dependent_launch", b.getUnitAttr());
     // The keys: k's rows, or the columns of key_ids [B, Lk].
     ShapedType keysType = kType;
     unsigned keysDim = dims::kRows;

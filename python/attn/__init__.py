@@ -14,8 +14,11 @@ import ctypes
 import json
 import os
 import shutil
+import itertools
 import subprocess
+import sys
 import tempfile
+import weakref
 
 import numpy as np
 
@@ -24,6 +27,18 @@ __all__ = ["compile", "load", "Package", "AttnError", "TokenizedAttention", "Tab
 
 class AttnError(RuntimeError):
     """A spec, package or argument error reported by the compiler or runtime."""
+
+
+# Live packages by number: the attn::run operator (_torchop.py) names its
+# package by this number inside torch.compile's graphs.
+_registry = weakref.WeakValueDictionary()
+_next_id = itertools.count()
+
+
+def _torch_compiling():
+    """Whether torch.compile is tracing this call (given torch tensors)."""
+    import torch
+    return torch.compiler.is_compiling()
 
 
 def _build_dir():
@@ -152,6 +167,10 @@ class Package:
         self.has_lse = bool(lib.attn_package_has_lse(handle))
         self.ranks = int(lib.attn_package_ranks(handle))  # 0: not a ring package
         self.bytes_sent = None
+        self._id = next(_next_id)
+        _registry[self._id] = self
+        if "torch" in sys.modules and self.target != "cpu":
+            from . import _torchop  # noqa: F401  (registers attn::run for torch.compile)
 
     def __del__(self):
         if getattr(self, "_handle", None) and _lib is not None:
@@ -174,10 +193,17 @@ class Package:
         queued on the current CUDA stream. `out` may give the output buffer.
         Returns the output [B,H,Lq,D], and the LSE [B,H,Lq] (float32) with
         return_lse=True.
+
+        Under torch.compile the call becomes the operator attn::run in the
+        compiled graph (docs/Package.md).
         """
         if return_lse and not self.has_lse:
             raise AttnError("this package was compiled with \"lse\": false")
         if _is_torch(q):
+            if _torch_compiling():
+                from . import _torchop
+                return _torchop.call(self, q, k, v, lengths, return_lse, out, key_bias,
+                                     key_ids)
             return self._call_torch(q, k, v, lengths, return_lse, out, key_bias, key_ids)
         if self.target != "cpu":
             raise AttnError(f"package {self.manifest['name']} targets {self.target}: "

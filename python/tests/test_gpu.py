@@ -265,3 +265,61 @@ def test_capturing_a_first_call_says_to_warm_up():
     cause = failure.value.__context__
     assert isinstance(cause, attn.AttnError)
     assert "call it once with these shapes before capturing it" in str(cause)
+
+
+def _compile_inputs(name, L, seed):
+    case = next(c for c in gpu_cases.CASES if c["name"] == name)
+    gen = torch.Generator().manual_seed(seed)
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    q = torch.randn(B, H, L, D, generator=gen).to("cuda", dt)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to("cuda", dt)
+    v = torch.randn(B, Hkv, L, D, generator=gen).to("cuda", dt)
+    lengths = _lengths(B, L, gen).to("cuda")
+    return attn.load(os.path.join(PKGS, name)), q, k, v, lengths
+
+
+def test_torch_compile_traces_the_call_into_the_graph():
+    """Under torch.compile(fullgraph=True) a package call is the operator
+    attn::run in the captured graph (no graph break), and the compiled
+    function (inductor) returns exactly what the eager one does, lengths
+    and LSE included."""
+    pkg, q, k, v, lengths = _compile_inputs("strided_tokenized", 1000, 21)
+
+    def layer(q, k, v, lengths):
+        out, lse = pkg(q, k, v, lengths=lengths, return_lse=True)
+        return out.float() * 2 + 1, torch.where(torch.isinf(lse), 0.0, lse)
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True, backend=recording)(q, k, v, lengths)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes]
+    assert len(graphs) == 1 and "attn.run" in targets, targets
+    want = layer(q, k, v, lengths)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    compiled = torch.compile(layer, fullgraph=True)
+    got = compiled(q, k, v, lengths)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_torch_compile_dynamic_shapes_and_cuda_graphs():
+    """A compiled function with a package call follows new sequence lengths
+    (dynamic=True) and runs under mode="reduce-overhead" (CUDA graphs
+    replayed with fresh inputs), equal to eager every time."""
+    torch._dynamo.reset()
+    layer = lambda q, k, v: pkg(q, k, v) * 0.5  # noqa: E731
+    pkg, *_ = _compile_inputs("longnet_sum", 64, 0)
+    dyn = torch.compile(layer, dynamic=True, fullgraph=True)
+    for L, seed in ((700, 1), (1000, 2), (1300, 3)):
+        _, q, k, v, _ = _compile_inputs("longnet_sum", L, seed)
+        assert torch.equal(dyn(q, k, v), layer(q, k, v)), L
+    graphs = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for seed in (4, 5, 6, 7):
+        _, q, k, v, _ = _compile_inputs("longnet_sum", 1000, seed)
+        got = graphs(q, k, v).clone()
+        assert torch.equal(got, layer(q, k, v)), seed

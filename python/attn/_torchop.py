@@ -1,0 +1,55 @@
+"""attn packages as a PyTorch operator (attn::run), so that torch.compile
+puts a package call into its graph instead of breaking the graph at the
+runtime's ctypes call: `fullgraph=True` compiles, and mode="reduce-overhead"
+captures the call in its CUDA graphs.
+
+Package.__call__ routes here only while torch.compile traces; eager calls
+take the direct path (no dispatcher overhead). The operator names the
+package by its registry number (attn._registry), a constant of the traced
+graph; its fake implementation gives the output shapes for tracing: out
+like q, and the LSE [B, H, Lq] (float32) or an empty tensor.
+
+Forward only: the operator has no derivative, so a backward pass through it
+fails at the call with torch's "does not require grad"-style autograd error.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import AttnError, _registry
+
+
+@torch.library.custom_op("attn::run", mutates_args=())
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        lengths: Optional[torch.Tensor], key_bias: Optional[torch.Tensor],
+        key_ids: Optional[torch.Tensor], package: int,
+        return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    pkg = _registry.get(package)
+    if pkg is None:
+        raise AttnError(f"attn::run: package {package} was freed; keep the Package "
+                        "alive while compiled code calls it")
+    if return_lse:
+        return pkg._call_torch(q, k, v, lengths, True, None, key_bias, key_ids)
+    out = pkg._call_torch(q, k, v, lengths, False, None, key_bias, key_ids)
+    return out, q.new_empty((0,), dtype=torch.float32)
+
+
+@run.register_fake
+def _(q, k, v, lengths, key_bias, key_ids, package, return_lse):
+    lse_shape = q.shape[:-1] if return_lse else (0,)
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def call(pkg, q, k, v, lengths, return_lse, out, key_bias, key_ids):
+    """Package.__call__ under torch.compile: the same arguments and results."""
+    if lengths is not None and not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths, device=q.device)
+    if lengths is not None:
+        lengths = lengths.to(device=q.device, dtype=torch.int32)
+    if key_ids is not None:
+        key_ids = key_ids.to(dtype=torch.int32)
+    res, lse = torch.ops.attn.run(q, k, v, lengths, key_bias, key_ids, pkg._id, return_lse)
+    if out is not None:
+        out.copy_(res)
+        res = out
+    return (res, lse) if return_lse else res

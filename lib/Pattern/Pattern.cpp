@@ -156,11 +156,14 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
         // The band p - j < l in natural order, plus the keys at multiples of
         // the stride beyond it: within residue class c + S*t these are the
         // causal pairs with t_q - t_k >= ceil(l / S). The two are disjoint.
+        // The per-residue component goes first, so that the band's blocks
+        // (contiguous rows, more key tiles each) merge the stored state:
+        // 2-6% faster on an H100 than the other order (bench/gpu_ab.md).
         int64_t s = a.getStride(), l = a.getLocal();
         ComponentSpec local = band(0, l - 1);
         ComponentSpec strided = band((l + s - 1) / s, inf);
         strided.period = s;
-        return Specs{local, strided};
+        return Specs{strided, local};
       })
       .Case([&](DilatedAttr a) {
         ComponentSpec c = a.getCausal() ? band(0, inf) : band(ninf, inf);

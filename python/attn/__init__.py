@@ -41,6 +41,14 @@ def _torch_compiling():
     return torch.compiler.is_compiling()
 
 
+def _torch_needs_grad(*tensors):
+    """Whether autograd would record a call on these torch tensors: the call
+    then goes through attn::run, whose backward raises (forward only)."""
+    import torch
+    return torch.is_grad_enabled() and any(
+        t is not None and getattr(t, "requires_grad", False) for t in tensors)
+
+
 def _build_dir():
     env = os.environ.get("ATTN_BUILD_DIR")
     if env:
@@ -195,12 +203,13 @@ class Package:
         return_lse=True.
 
         Under torch.compile the call becomes the operator attn::run in the
-        compiled graph (docs/Package.md).
+        compiled graph (docs/Package.md). Packages compute the forward pass
+        only: a backward pass through an output raises AttnError.
         """
         if return_lse and not self.has_lse:
             raise AttnError("this package was compiled with \"lse\": false")
         if _is_torch(q):
-            if _torch_compiling():
+            if _torch_compiling() or _torch_needs_grad(q, k, v, key_bias):
                 from . import _torchop
                 return _torchop.call(self, q, k, v, lengths, return_lse, out, key_bias,
                                      key_ids)

@@ -9,8 +9,10 @@ package by its registry number (attn._registry), a constant of the traced
 graph; its fake implementation gives the output shapes for tracing: out
 like q, and the LSE [B, H, Lq] (float32) or an empty tensor.
 
-Forward only: the operator has no derivative, so a backward pass through it
-fails at the call with torch's "does not require grad"-style autograd error.
+Forward only. Eager calls on tensors that require grad (with grad mode on)
+go through the operator too, so that the output carries a backward node:
+a backward pass through it raises AttnError saying so, instead of
+returning gradients that silently leave attention out.
 """
 from typing import Optional, Tuple
 
@@ -53,3 +55,17 @@ def call(pkg, q, k, v, lengths, return_lse, out, key_bias, key_ids):
         out.copy_(res)
         res = out
     return (res, lse) if return_lse else res
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+def _backward(ctx, grad_out, grad_lse):
+    raise AttnError("attn packages compute the forward pass only: there is no backward "
+                    "through attn::run; call the package under torch.no_grad() (or on "
+                    "detached tensors) for inference")
+
+
+run.register_autograd(_backward, setup_context=_setup_context)
+

@@ -323,3 +323,19 @@ def test_torch_compile_dynamic_shapes_and_cuda_graphs():
         _, q, k, v, _ = _compile_inputs("longnet_sum", 1000, seed)
         got = graphs(q, k, v).clone()
         assert torch.equal(got, layer(q, k, v)), seed
+
+
+def test_backward_through_a_package_raises():
+    """Packages compute the forward pass only: on tensors that require grad
+    the output carries a backward node whose backward raises AttnError
+    (instead of gradients that silently leave attention out); the forward
+    values are those of an inference call, which carries no node."""
+    pkg, q, k, v, _ = _compile_inputs("causal", 300, 31)
+    with torch.no_grad():
+        want = pkg(q, k, v)
+    assert not want.requires_grad
+    q.requires_grad_()
+    out = pkg(q, k, v)
+    assert out.requires_grad and torch.equal(out.detach(), want)
+    with pytest.raises(attn.AttnError, match="forward pass only"):
+        out.float().sum().backward()

@@ -11,10 +11,10 @@ GPU targets (sm_90a, sm_80) take PyTorch CUDA tensors of the spec's dtype.
 """
 
 import ctypes
+import itertools
 import json
 import os
 import shutil
-import itertools
 import subprocess
 import sys
 import tempfile

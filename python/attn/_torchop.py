@@ -3,8 +3,9 @@ puts a package call into its graph instead of breaking the graph at the
 runtime's ctypes call: `fullgraph=True` compiles, and mode="reduce-overhead"
 captures the call in its CUDA graphs.
 
-Package.__call__ routes here only while torch.compile traces; eager calls
-take the direct path (no dispatcher overhead). The operator names the
+Package.__call__ routes here while torch.compile traces, and for calls on
+tensors that require grad (below); other eager calls take the direct path
+(no dispatcher overhead). The operator names the
 package by its registry number (attn._registry), a constant of the traced
 graph; its fake implementation gives the output shapes for tracing: out
 like q, and the LSE [B, H, Lq] (float32) or an empty tensor.
@@ -43,13 +44,11 @@ def _(q, k, v, lengths, key_bias, key_ids, package, return_lse):
 
 
 def call(pkg, q, k, v, lengths, return_lse, out, key_bias, key_ids):
-    """Package.__call__ under torch.compile: the same arguments and results."""
+    """Package.__call__ through the operator: the same arguments and results
+    (the operator's schema takes lengths as a tensor; Package._torch_args
+    checks and converts every argument inside it)."""
     if lengths is not None and not isinstance(lengths, torch.Tensor):
         lengths = torch.as_tensor(lengths, device=q.device)
-    if lengths is not None:
-        lengths = lengths.to(device=q.device, dtype=torch.int32)
-    if key_ids is not None:
-        key_ids = key_ids.to(dtype=torch.int32)
     res, lse = torch.ops.attn.run(q, k, v, lengths, key_bias, key_ids, pkg._id, return_lse)
     if out is not None:
         out.copy_(res)

@@ -86,18 +86,6 @@ def build(out, ranks):
         print(f"{k:32s} {time.time() - t0:.2f} s", flush=True)
 
 
-def global_rows(layout, ranks, rank, L):
-    import torch
-    c = L // ranks
-    if layout == "contiguous":
-        return torch.arange(rank * c, (rank + 1) * c)
-    if layout == "zigzag":
-        h = c // 2
-        return torch.cat([torch.arange(rank * h, (rank + 1) * h),
-                          torch.arange((2 * ranks - 1 - rank) * h, (2 * ranks - rank) * h)])
-    return rank + ranks * torch.arange(c)
-
-
 def timed(fn, repeat):
     import torch
     times = []
@@ -160,8 +148,7 @@ def run(pkgs, out_dir, checks_only=False):
         ring.join()
         q, k, v = inputs(L, seed=100 + i)
         lengths = torch.tensor([L - 1000], device=dev, dtype=torch.int32) if name == "tokenized" else None
-        idx = global_rows(layout, ranks, rank, L).to(dev)
-        lq, lk, lv = (t.index_select(2, idx).contiguous() for t in (q, k, v))
+        lq, lk, lv = (ring.shard(t) for t in (q, k, v))  # this rank's rows
         out = torch.full_like(lq, float("nan"))
         o, lse = ring.run_rank(lq, lk, lv, lengths=lengths, return_lse=True, out=out)
         gathered = [torch.empty_like(o) for _ in range(ranks)]
@@ -177,12 +164,7 @@ def run(pkgs, out_dir, checks_only=False):
             single = attn.load(os.path.join(pkgs, f"{name}_single_{L}"))
             ref = torch.full_like(q, float("nan"))
             ref, ref_lse = single(q, k, v, lengths=lengths, return_lse=True, out=ref)
-            full = torch.empty_like(q)
-            full_lse = torch.empty_like(ref_lse)
-            for r in range(ranks):
-                ix = global_rows(layout, ranks, r, L).to(dev)
-                full.index_copy_(2, ix, gathered[r])
-                full_lse.index_copy_(2, ix, lses[r])
+            full, full_lse = ring.unshard(gathered), ring.unshard(lses)
             diff = (full.float() - ref.float()).norm() / ref.float().norm()
             fin = torch.isfinite(ref_lse)
             ok = (not torch.isnan(full).any().item() and diff.item() < 1e-2

@@ -103,6 +103,13 @@ attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
  * k/v [B,Hkv,L,D] -> out [B,H,L,D][, lse [B,H,L]]. If bytes_sent is not
  * NULL it receives, per rank, the bytes that rank sent (K and V). */
 int64_t attn_package_ranks(const attn_package *package);
+/* The global sequence positions of `rank`'s local rows, in order (the
+ * package's layout, docs/Ring.md): returns the rows per rank (seq_len /
+ * ranks) and, if `positions` is not NULL, writes that many positions to it;
+ * -1 (attn_last_error says why) for a package that is not distributed or a
+ * rank outside [0, ranks). */
+int64_t attn_package_rank_positions(const attn_package *package, int64_t rank,
+                                    int64_t *positions);
 attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
                                    const attn_tensor *k, const attn_tensor *v,
                                    const attn_tensor *lengths, attn_tensor *out,

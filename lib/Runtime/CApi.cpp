@@ -179,6 +179,32 @@ int64_t attn_package_ranks(const attn_package *package) {
   return package && package->impl->ring() ? package->impl->ring()->ranks : 0;
 }
 
+int64_t attn_package_rank_positions(const attn_package *package, int64_t rank,
+                                    int64_t *positions) {
+  const attn::runtime::RingProgram *ring =
+      package ? package->impl->ring() : nullptr;
+  if (!ring) {
+    failWith(ATTN_ERROR_ARGUMENT,
+             "attn_package_rank_positions: " +
+                 (package ? "package " + package->impl->name() +
+                                " is not distributed (no \"distribution\" "
+                                "section in its spec)"
+                          : std::string("null package")));
+    return -1;
+  }
+  if (rank < 0 || rank >= ring->ranks) {
+    failWith(ATTN_ERROR_ARGUMENT,
+             "attn_package_rank_positions: rank " + std::to_string(rank) +
+                 " is outside [0, " + std::to_string(ring->ranks) + ")");
+    return -1;
+  }
+  const int64_t rows = ring->chunk;
+  if (positions)
+    for (int64_t row = 0; row < rows; ++row)
+      positions[row] = ring->globalRow(rank, row);
+  return rows;
+}
+
 attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
                                    const attn_tensor *k, const attn_tensor *v,
                                    const attn_tensor *lengths, attn_tensor *out,

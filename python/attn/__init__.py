@@ -99,6 +99,9 @@ def _runtime():
                                                + [ctypes.c_void_p])
         lib.attn_package_ranks.argtypes = [ctypes.c_void_p]
         lib.attn_package_ranks.restype = ctypes.c_int64
+        lib.attn_package_rank_positions.argtypes = [ctypes.c_void_p, ctypes.c_int64,
+                                                    ctypes.POINTER(ctypes.c_int64)]
+        lib.attn_package_rank_positions.restype = ctypes.c_int64
         lib.attn_package_run_ranks.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
                                                + [ctypes.POINTER(ctypes.c_int64)])
         lib.attn_nccl_unique_id.argtypes = [ctypes.c_char_p]
@@ -253,6 +256,68 @@ class Package:
         self.bytes_sent = list(sent)
         return (t["out"], t["lse"]) if return_lse else t["out"]
 
+    def rank_positions(self, rank=None):
+        """The global sequence positions of a ring package's rank, in the
+        order of its local rows (the package's layout, docs/Ring.md), as an
+        int64 NumPy array of seq_len / ranks values. `rank` defaults to the
+        rank this process joined as."""
+        rank = self._rank_or_joined(rank)
+        lib = _runtime()
+        n = lib.attn_package_rank_positions(self._handle, rank, None)
+        if n < 0:
+            raise AttnError(lib.attn_last_error().decode())
+        positions = np.empty(n, dtype=np.int64)
+        lib.attn_package_rank_positions(
+            self._handle, rank, positions.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
+        return positions
+
+    def shard(self, x, rank=None):
+        """A rank's chunk of a whole-sequence array [B, H, seq_len, ...]
+        (NumPy, or a PyTorch tensor on any device): its rows
+        rank_positions(rank) along dim 2, contiguous, ready for run_rank."""
+        positions = self.rank_positions(rank)
+        seq_len = self.manifest["ring"]["seq_len"]
+        if x.ndim < 3 or x.shape[2] != seq_len:
+            raise AttnError(f"shard: expected dim 2 of length {seq_len} (the package's "
+                            f"seq_len), got shape {tuple(x.shape)}")
+        if _is_torch(x):
+            import torch
+            return x.index_select(2, torch.as_tensor(positions, device=x.device)).contiguous()
+        return np.ascontiguousarray(np.asarray(x)[:, :, positions])
+
+    def unshard(self, chunks):
+        """The whole sequence from every rank's chunk (a list in rank order,
+        e.g. run_rank's outputs gathered from all ranks): the inverse of
+        shard along dim 2."""
+        if len(chunks) != self.ranks:
+            raise AttnError(f"unshard: expected {self.ranks} chunks (one per rank), "
+                            f"got {len(chunks)}")
+        first = chunks[0]
+        shape = list(first.shape)
+        shape[2] = self.manifest["ring"]["seq_len"]
+        if _is_torch(first):
+            import torch
+            whole = first.new_empty(shape)
+            for rank, chunk in enumerate(chunks):
+                index = torch.as_tensor(self.rank_positions(rank), device=chunk.device)
+                whole.index_copy_(2, index, chunk)
+            return whole
+        whole = np.empty(shape, dtype=np.asarray(first).dtype)
+        for rank, chunk in enumerate(chunks):
+            whole[:, :, self.rank_positions(rank)] = chunk
+        return whole
+
+    def _rank_or_joined(self, rank):
+        if self.ranks == 0:
+            raise AttnError(f"package {self.manifest['name']} is not distributed: "
+                            "it has no ranks")
+        if rank is None:
+            rank = getattr(self, "rank", None)
+            if rank is None:
+                raise AttnError("no rank given and this process has not joined the ring "
+                                "(call join() first, or pass rank=)")
+        return int(rank)
+
     def join(self, group=None):
         """Joins this process to the ring of a GPU ring package over NCCL:
         torch.distributed must be initialised (torchrun sets RANK,
@@ -267,8 +332,8 @@ class Package:
     def run_rank(self, q, k, v, lengths=None, return_lse=False, out=None, wait=True,
                  timeout=300.0):
         """This rank's part of a GPU ring package (after join): q [B,H,C,D],
-        k, v [B,Hkv,C,D] are its chunk of the sequence (docs/Ring.md for the
-        layouts), lengths global. Queued on the current stream; with
+        k, v [B,Hkv,C,D] are its chunk of the sequence (shard() takes it
+        from the whole sequence; docs/Ring.md for the layouts), lengths global. Queued on the current stream; with
         wait=True returns once done, raising instead of hanging when a peer
         fails. `bytes_sent` holds what this rank sent and, with wait=True,
         `step_ms` the time of each ring step on the compute stream."""

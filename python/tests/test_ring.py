@@ -159,3 +159,44 @@ def test_errors():
         ring.run_ranks(q[:, :, :100], k, v)
     with pytest.raises(attn.AttnError, match="not distributed"):
         single("causal").run_ranks(q, k, v)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_rank_positions_shard_and_unshard(layout):
+    """rank_positions gives each rank's global positions as the layouts
+    define them (the table in docs/Ring.md, global_rows above); shard takes
+    a rank's rows of a whole-sequence array and unshard puts every rank's
+    chunk back, LSE-shaped [B, H, L] arrays included."""
+    ring = attn.compile(spec("causal", {"ranks": 4, "layout": layout}))
+    for rank in range(4):
+        assert np.array_equal(ring.rank_positions(rank), global_rows(layout, 4, rank))
+    q, _, _ = inputs(5)
+    chunks = [ring.shard(q, rank) for rank in range(4)]
+    assert all(c.shape == (B, H, L // 4, D) and c.flags.c_contiguous for c in chunks)
+    assert np.array_equal(chunks[1], q[:, :, global_rows(layout, 4, 1)])
+    assert np.array_equal(ring.unshard(chunks), q)
+    lse = q[..., 0]
+    assert np.array_equal(ring.unshard([ring.shard(lse, r) for r in range(4)]), lse)
+
+
+def test_zigzag_positions_by_hand():
+    """seq_len 16 on 2 ranks, zigzag: chunks of 4, rank 0 holds chunks 0
+    and 3, rank 1 chunks 1 and 2."""
+    s = dict(spec("causal", {"ranks": 2, "layout": "zigzag"}), seq_len=16)
+    ring = attn.compile(s)
+    assert ring.rank_positions(0).tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert ring.rank_positions(1).tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_rank_position_errors():
+    ring = attn.compile(spec("causal", {"ranks": 2}))
+    with pytest.raises(attn.AttnError, match=r"rank 2 is outside \[0, 2\)"):
+        ring.rank_positions(2)
+    with pytest.raises(attn.AttnError, match="has not joined the ring"):
+        ring.rank_positions()
+    with pytest.raises(attn.AttnError, match="expected dim 2 of length 192"):
+        ring.shard(np.zeros((1, 1, 100, 4)), 0)
+    with pytest.raises(attn.AttnError, match="expected 2 chunks"):
+        ring.unshard([np.zeros((1, 1, 96, 4))])
+    with pytest.raises(attn.AttnError, match="not distributed"):
+        single("causal").rank_positions(0)

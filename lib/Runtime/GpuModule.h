@@ -49,6 +49,9 @@ struct GpuModule {
   /// A component kernel after the first may start while the one before
   /// finishes: it waits for that one's results (griddepcontrol.wait).
   bool dependentLaunch = false;
+  /// Bytes of the GPU's L2 cache (runs a few (batch, head) pairs at a time
+  /// where one pair's tensors fit it: Package::runGpu).
+  int64_t l2Bytes = 0;
   // Device scratch, grown on demand.
   CUdeviceptr scratch = 0;
   size_t scratchBytes = 0;
@@ -92,6 +95,9 @@ struct KernelArgs {
   /// kernelType) at rowLenShift / qPos / kPos + posStride * index.
   int64_t qOrigin = 0, kOrigin = 0, rowLenShift = 0;
   int64_t qPos = 0, kPos = 0, posStride = 1;
+  /// Component kernels take (batch, head) pairs bhOffset .. bhOffset +
+  /// bhCount - 1 (grid z; bhCount 0: all B * H).
+  int64_t bhOffset = 0, bhCount = 0;
 };
 
 /// Launches `kernel` with the grid of docs/Package.md on `stream`; with

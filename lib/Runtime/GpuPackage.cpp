@@ -7,14 +7,15 @@
 //   key_bias, key_ids                            allocated, aligned, offset,
 //                                                size, stride)
 //   q_len, kv_len, q_origin, k_origin,          (int64)
-//   row_len_shift, q_pos, k_pos, pos_stride
+//   row_len_shift, q_pos, k_pos, pos_stride, bh_offset
 //   [k_map, v_map]                               (manifest "tensor_maps":
 //                                                 CUtensorMaps by value)
 //
 // A component kernel's grid follows from its component (period r, residue,
 // segment w) and the run's lengths, as convert-attn-to-gpu maps blocks:
 //
-//   x = ceil(rows per group / block_rows), y = residues * segments, z = B*H
+//   x = ceil(rows per group / block_rows), y = residues * segments,
+//   z = the launch's (batch, head) pairs (B*H, or a round's: pairsPerLaunch)
 //
 // with rows per group = ceil(Lq / r) (w = 0) or ceil(min(w, Lq) / r), and
 // segments = floor((d + Lq - 1) / w) - floor(d / w) + 1 for d = Lk - Lq.
@@ -119,6 +120,10 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
                          dev);
   d.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
                          dev);
+  int l2 = 0;
+  if (d.cuDeviceGetAttribute(&l2, CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, dev) ==
+      CUDA_SUCCESS)
+    g.l2Bytes = l2;
   char deviceName[256] = {0};
   d.cuDeviceGetName(deviceName, sizeof(deviceName), dev);
   bool archOk = target_ == "sm_90a" ? (major == 9 && minor == 0)
@@ -277,8 +282,8 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   const Driver &d = *g.d;
   const int64_t rows = a.B * a.H * a.Lq;
   // Parameters: 11 descriptors of 5 words, then q_len, kv_len, q_origin,
-  // k_origin, row_len_shift, q_pos, k_pos and pos_stride.
-  constexpr int kDescriptors = 11, kWords = 5 * kDescriptors + 8;
+  // k_origin, row_len_shift, q_pos, k_pos, pos_stride and bh_offset.
+  constexpr int kDescriptors = 11, kWords = 5 * kDescriptors + 9;
   int64_t words[kWords];
   auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
     int64_t *w = words + 5 * slot;
@@ -309,6 +314,7 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   scalars[5] = a.qPos;
   scalars[6] = a.kPos;
   scalars[7] = a.posStride;
+  scalars[8] = a.bhOffset;
   void *params[kWords + 2];
   for (int i = 0; i < kWords; ++i)
     params[i] = &words[i];
@@ -343,7 +349,7 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
     }
     gx = ceilDiv(rowsPerGroup, kernel.blockRows);
     gy = residues * segments;
-    gz = a.B * a.H;
+    gz = a.bhCount ? a.bhCount : a.B * a.H;
   }
   if (gx > 0x7fffffff || gy > 65535 || gz > 65535) {
     error = "kernel " + kernel.name + ": grid (" + std::to_string(gx) + ", " +
@@ -373,6 +379,36 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
     return false;
   }
   return true;
+}
+
+/// How many (batch, head) pairs each round of a package's kernels takes:
+/// all of them, or where the kernels are a chain of dependent launches that
+/// starts its state afresh (`begin`, no init or finalize) and every kernel
+/// covers every residue class of its rows (strided, not LongNet's
+/// head-offset branches), the most pairs whose q, k, v and out fit in 3/4
+/// of the L2. Measured on an H100 (bench/gpu_ab.md): strided +9% at
+/// L = 16384 and 32768 (one pair's 32 MB at a time there); LongNet, whose
+/// later branches cover a quarter or a sixteenth of a head's rows and would
+/// run as sub-wave kernels, -3 to -6%. Each round's first kernel does not
+/// wait for the round before (its pairs' rows are its own), and the kernels
+/// after it wait for theirs.
+static int64_t pairsPerLaunch(const GpuModule &g, const KernelArgs &a) {
+  const int64_t all = a.B * a.H;
+  if (!g.dependentLaunch || g.kernels.size() < 2 ||
+      g.kernels.front().kind != "begin" || g.l2Bytes <= 0)
+    return all;
+  for (const GpuKernel &k : g.kernels)
+    if ((k.kind != "begin" && k.kind != "update" && k.kind != "end") ||
+        k.residue != -1)
+      return all;
+  const int64_t elementBytes = 2; // 16-bit q, k, v and out
+  const int64_t perPair =
+      elementBytes * a.D * (2 * a.Lq + 2 * a.Lk * a.Hkv / a.H);
+  const int64_t budget = g.l2Bytes * 3 / 4;
+  if (perPair > budget)
+    return all;
+  int64_t pairs = std::max<int64_t>(1, budget / perPair);
+  return std::min(pairs, all);
 }
 
 bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
@@ -431,10 +467,18 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   args.qOrigin = args.qPos = Lk - Lq; // bottom-right alignment
   // Each kernel after the first may overlap the tail of the one before
   // (programmatic dependent launch) where the package's kernels wait for
-  // their predecessor's results themselves.
-  for (size_t i = 0; i < g.kernels.size(); ++i)
-    if (!launchKernel(g, g.kernels[i], args, stream, error,
-                      /*dependent=*/g.dependentLaunch && i > 0))
-      return false;
+  // their predecessor's results themselves. Such a package runs for
+  // `pairs` (batch, head) pairs at a time (all of its kernels, then the
+  // next pairs), so that its later kernels find what the earlier ones read
+  // and wrote for those pairs in L2.
+  const int64_t pairs = pairsPerLaunch(g, args);
+  for (int64_t first = 0; first < B * H; first += pairs) {
+    args.bhOffset = first;
+    args.bhCount = std::min(pairs, B * H - first);
+    for (size_t i = 0; i < g.kernels.size(); ++i)
+      if (!launchKernel(g, g.kernels[i], args, stream, error,
+                        /*dependent=*/g.dependentLaunch && (i > 0 || first > 0)))
+        return false;
+  }
   return true;
 }

@@ -46,10 +46,15 @@ static bool readManifest(const std::string &dir, json &m, std::string &error) {
     m = json::parse(in);
     if (m.value("format", "") != "attn-package")
       throw std::runtime_error("not an attn package manifest");
-    if (m.value("version", 0) != 1)
-      throw std::runtime_error("manifest version " +
-                               std::to_string(m.value("version", 0)) +
-                               " is not supported (this runtime reads 1)");
+    // Version 2: GPU kernels take bh_offset after pos_stride (cpu
+    // packages stay at 1).
+    const int want = m.value("target", "cpu") == "cpu" ? 1 : 2;
+    if (m.value("version", 0) != want)
+      throw std::runtime_error(
+          "manifest version " + std::to_string(m.value("version", 0)) +
+          " is not supported (this runtime reads " + std::to_string(want) +
+          " for " + m.value("target", "cpu") +
+          " packages); recompile it with this attn-compile");
   } catch (const std::exception &e) {
     error = path + ": malformed manifest: " + e.what();
     return false;

@@ -71,3 +71,24 @@ def test_argument_errors():
         pkg(rand(1, 3, 8, 16, seed=8), q, q)
     with pytest.raises(attn.AttnError, match=r"takes no lengths"):
         pkg(q, q, q, lengths=np.array([3]))
+
+
+def test_gpu_package_of_another_version_is_refused(tmp_path):
+    """GPU packages are manifest version 2 (kernels take bh_offset): one
+    written by an older attn-compile is refused with a clear error, before
+    any GPU is touched."""
+    import json
+    import subprocess
+    spec = {"name": "v", "dtype": "bf16", "heads": 2, "head_dim": 64,
+            "pattern": {"causal": {}}}
+    (tmp_path / "v.json").write_text(json.dumps(spec))
+    pkg_dir = tmp_path / "pkg"
+    subprocess.run([attn._tool("attn-compile"), str(tmp_path / "v.json"), "-o", str(pkg_dir),
+                    "--target", "sm_90a", "--quiet"], check=True)
+    manifest = json.loads((pkg_dir / "manifest.json").read_text())
+    assert manifest["version"] == 2
+    manifest["version"] = 1
+    (pkg_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(attn.AttnError, match=r"manifest version 1 is not supported "
+                       r"\(this runtime reads 2 for sm_90a packages\); recompile it"):
+        attn.load(str(pkg_dir))

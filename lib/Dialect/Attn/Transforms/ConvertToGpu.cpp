@@ -189,7 +189,8 @@ public:
   /// The uniform kernel signature (the runtime passes the same arguments to
   /// every kernel of a package):
   ///   q, k, v, lengths, out, lse, acc, max, sum, keyBias, keyIds,
-  ///   qLen, kLen, qOrigin, kOrigin, rowLenShift, qPos, kPos, posStride
+  ///   qLen, kLen, qOrigin, kOrigin, rowLenShift, qPos, kPos, posStride,
+  ///   bhOffset
   ///   [kMap, vMap]   (with TMA: CUtensorMaps by value, see beginKernel)
   /// For the component's groups and bands, query row i sits at position
   /// qOrigin + i and key j at kOrigin + j. Lengths and filters see global
@@ -198,7 +199,9 @@ public:
   /// see row i at qPos + posStride * i, key j at kPos + posStride * j.
   /// A whole sequence passes (Lk - Lq, 0, 0, Lk - Lq, 0, 1); a rank's slice
   /// of a ring (qo, ko, qo, qo, ko, 1); a striped rank rq with keys of rank
-  /// rk (0, 0, rq, rq, rk, ranks).
+  /// rk (0, 0, rq, rq, rk, ranks). A component kernel's block z takes
+  /// (batch, head) pair bhOffset + z: the runtime may launch a package a
+  /// few pairs at a time (docs/Package.md).
   FunctionType kernelType() {
     Type index = b.getIndexType();
     Type accType = shape.halfState ? storageType : floatType;
@@ -231,10 +234,11 @@ public:
   gpu::GPUFuncOp emitFinalize(StringRef name);
 
 private:
-  static constexpr int64_t kNumScalarArgs = 8;
+  static constexpr int64_t kNumScalarArgs = 9;
   enum Arg {
     Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, KeyBias, KeyIds, QLen, KLen,
-    QOrigin, KOrigin, RowLenShift, QPos, KPos, PosStride, KMap, VMap
+    QOrigin, KOrigin, RowLenShift, QPos, KPos, PosStride, BhOffset, KMap,
+    VMap
   };
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
@@ -827,7 +831,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
 
   Value hasWork = placeItem(gpu::BlockIdOp::create(b, loc, gpu::Dimension::x),
                             gpu::BlockIdOp::create(b, loc, gpu::Dimension::y),
-                            gpu::BlockIdOp::create(b, loc, gpu::Dimension::z),
+                            m.add(arg(BhOffset), gpu::BlockIdOp::create(
+                                                     b, loc, gpu::Dimension::z)),
                             gpu::GridDimOp::create(b, loc, gpu::Dimension::x));
   auto inRange = scf::IfOp::create(b, loc, TypeRange{}, hasWork,
                                    /*withElse=*/false);

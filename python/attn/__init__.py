@@ -440,7 +440,11 @@ def _is_torch(x):
 
 
 def compile(spec, out_dir=None, target="cpu", q_tile=None, kv_tile=None):
-    """Compiles a spec (a dict or a path to a .json file) into a Package."""
+    """Compiles a spec (a dict or a path to a .json file) into a Package.
+
+    GPU targets compile anywhere; loading the package needs the GPU's
+    driver. Where it cannot be loaded (a build machine), the error says
+    where the package was written, for attn.load on the GPU machine."""
     if isinstance(spec, dict):
         fd, spec_path = tempfile.mkstemp(suffix=".json")
         with os.fdopen(fd, "w") as f:
@@ -459,7 +463,13 @@ def compile(spec, out_dir=None, target="cpu", q_tile=None, kv_tile=None):
         os.unlink(spec_path)
     if result.returncode != 0:
         raise AttnError(result.stderr.strip().replace(spec_path + ": ", ""))
-    return Package(out_dir)
+    try:
+        return Package(out_dir)
+    except AttnError as e:
+        if target == "cpu":
+            raise
+        raise AttnError(f"compiled {out_dir}, but it cannot be loaded here: {e} "
+                        f"(copy it to the GPU machine and attn.load it there)") from None
 
 
 def load(path):

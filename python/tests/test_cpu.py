@@ -92,3 +92,20 @@ def test_gpu_package_of_another_version_is_refused(tmp_path):
     with pytest.raises(attn.AttnError, match=r"manifest version 1 is not supported "
                        r"\(this runtime reads 2 for sm_90a packages\); recompile it"):
         attn.load(str(pkg_dir))
+
+
+def test_gpu_compile_without_a_gpu_says_where_the_package_is(tmp_path):
+    """attn.compile for a GPU target writes the package anywhere; where it
+    cannot be loaded (no driver, as in CI) the error names the folder to
+    copy to the GPU machine; with a GPU the package loads."""
+    spec = {"name": "g", "dtype": "bf16", "heads": 2, "head_dim": 64,
+            "pattern": {"local": {"window": 32}}}
+    out_dir = str(tmp_path / "g")
+    try:
+        pkg = attn.compile(spec, out_dir=out_dir, target="sm_90a")
+    except attn.AttnError as e:
+        assert str(e).startswith(f"compiled {out_dir}, but it cannot be loaded here: ")
+        assert "attn.load it there" in str(e)
+        assert (tmp_path / "g" / "kernels.cubin").exists()
+    else:
+        assert pkg.target == "sm_90a"

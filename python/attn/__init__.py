@@ -289,6 +289,7 @@ class Package:
         """The whole sequence from every rank's chunk (a list in rank order,
         e.g. run_rank's outputs gathered from all ranks): the inverse of
         shard along dim 2."""
+        self._require_ring()
         if len(chunks) != self.ranks:
             raise AttnError(f"unshard: expected {self.ranks} chunks (one per rank), "
                             f"got {len(chunks)}")
@@ -307,10 +308,13 @@ class Package:
             whole[:, :, self.rank_positions(rank)] = chunk
         return whole
 
-    def _rank_or_joined(self, rank):
+    def _require_ring(self):
         if self.ranks == 0:
             raise AttnError(f"package {self.manifest['name']} is not distributed: "
                             "it has no ranks")
+
+    def _rank_or_joined(self, rank):
+        self._require_ring()
         if rank is None:
             rank = getattr(self, "rank", None)
             if rank is None:
@@ -333,8 +337,8 @@ class Package:
                  timeout=300.0):
         """This rank's part of a GPU ring package (after join): q [B,H,C,D],
         k, v [B,Hkv,C,D] are its chunk of the sequence (shard() takes it
-        from the whole sequence; docs/Ring.md for the layouts), lengths global. Queued on the current stream; with
-        wait=True returns once done, raising instead of hanging when a peer
+        from the whole sequence; docs/Ring.md for the layouts), lengths
+        global. Queued on the current stream; with wait=True returns once done, raising instead of hanging when a peer
         fails. `bytes_sent` holds what this rank sent and, with wait=True,
         `step_ms` the time of each ring step on the compute stream."""
         import torch

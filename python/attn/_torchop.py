@@ -5,10 +5,10 @@ captures the call in its CUDA graphs.
 
 Package.__call__ routes here while torch.compile traces, and for calls on
 tensors that require grad (below); other eager calls take the direct path
-(no dispatcher overhead). The operator names the
-package by its registry number (attn._registry), a constant of the traced
-graph; its fake implementation gives the output shapes for tracing: out
-like q, and the LSE [B, H, Lq] (float32) or an empty tensor.
+(no dispatcher overhead). The operator names the package by its registry
+number (attn._registry), a constant of the traced graph; its fake
+implementation gives the output shapes for tracing: out like q, and the
+LSE [B, H, Lq] (float32) or an empty tensor.
 
 Forward only. Eager calls on tensors that require grad (with grad mode on)
 go through the operator too, so that the output carries a backward node:

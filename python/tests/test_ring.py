@@ -200,3 +200,5 @@ def test_rank_position_errors():
         ring.unshard([np.zeros((1, 1, 96, 4))])
     with pytest.raises(attn.AttnError, match="not distributed"):
         single("causal").rank_positions(0)
+    with pytest.raises(attn.AttnError, match="not distributed"):
+        single("causal").unshard([np.zeros((1, 1, 96, 4))])

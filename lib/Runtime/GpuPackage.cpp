@@ -33,6 +33,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <vector>
@@ -391,9 +392,13 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
 /// later branches cover a quarter or a sixteenth of a head's rows and would
 /// run as sub-wave kernels, -3 to -6%. Each round's first kernel does not
 /// wait for the round before (its pairs' rows are its own), and the kernels
-/// after it wait for theirs.
+/// after it wait for theirs. ATTN_GPU_ROUNDS=0 in the environment turns
+/// rounds off (bench/gpu_rounds_ab.py compares both).
 static int64_t pairsPerLaunch(const GpuModule &g, const KernelArgs &a) {
   const int64_t all = a.B * a.H;
+  const char *rounds = std::getenv("ATTN_GPU_ROUNDS");
+  if (rounds && std::string(rounds) == "0")
+    return all;
   if (!g.dependentLaunch || g.kernels.size() < 2 ||
       g.kernels.front().kind != "begin" || g.l2Bytes <= 0)
     return all;

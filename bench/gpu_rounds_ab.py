@@ -1,0 +1,46 @@
+"""Times the bench packages of strided and LongNet with the runtime's rounds
+of (batch, head) pairs on (the default) and off (ATTN_GPU_ROUNDS=0), in one
+process on the same inputs: median of 5 alternating rounds, TF/s as in
+gpu_bench.py, and the largest difference between the two outputs.
+
+    ATTN_GPU_PACKAGES=gpu-pkgs ATTN_BUILD_DIR=build PYTHONPATH=python:bench \
+        python3 bench/gpu_rounds_ab.py              # bench/gpu_ab.md
+
+Packages from scripts/build_gpu_packages.py ($ATTN_GPU_PACKAGES, default
+gpu-pkgs)."""
+import os, json, sys, statistics
+import torch, triton.testing as tt
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import attn
+from gpu_patterns import B, D, H, dev, pairs, package_inputs, package_name, doc_lengths
+torch.manual_seed(0)
+rows = []
+for L in (16384, 32768, 131072):
+    q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    for name in ("strided", "dilated_sum", "dilated_union"):
+        nnz = pairs(name, L)
+        pk = attn.load(os.path.join(os.environ.get("ATTN_GPU_PACKAGES", "gpu-pkgs"), package_name(name, L)))
+        os.environ["ATTN_GPU_ROUNDS"] = "0"
+        ref = pk(q, k, v).float()
+        os.environ.pop("ATTN_GPU_ROUNDS")
+        diff = float((pk(q, k, v).float() - ref).abs().max())
+        t = {"one launch": [], "rounds": []}
+        for rnd in range(5):
+            for mode in (["one launch", "rounds"] if rnd % 2 == 0 else ["rounds", "one launch"]):
+                if mode == "one launch": os.environ["ATTN_GPU_ROUNDS"] = "0"
+                else: os.environ.pop("ATTN_GPU_ROUNDS", None)
+                t[mode].append(tt.do_bench(lambda: pk(q, k, v), warmup=25, rep=200, return_mode="median"))
+        os.environ.pop("ATTN_GPU_ROUNDS", None)
+        row = {"L": L, "pattern": name, "max_diff": diff}
+        for mode, ms in t.items():
+            row[mode + " TF/s"] = round(4 * nnz * D / statistics.median(ms) / 1e9, 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    del q, k, v
+    torch.cuda.empty_cache()
+
+print(f"\ndevice: {torch.cuda.get_device_name()}")
+print("| L | pattern | rounds off | rounds (default) |")
+print("|---|---|---|---|")
+for r in rows:
+    print(f"| {r['L']} | {r['pattern']} | {r['one launch TF/s']:.0f} | {r['rounds TF/s']:.0f} |")

@@ -49,6 +49,19 @@ struct GpuModule {
   /// A component kernel after the first may start while the one before
   /// finishes: it waits for that one's results (griddepcontrol.wait).
   bool dependentLaunch = false;
+  /// K's and V's TMA tensor maps last encoded (launchKernel): the same
+  /// tensor, shape and period give the same map, so the kernels of a call
+  /// and of the calls after it on the same tensors reuse it instead of
+  /// encoding it again for every launch (a package in rounds launches its
+  /// kernels once per round).
+  struct KeyMapEntry {
+    CUdeviceptr data = 0;
+    int64_t heads = 0, rows = 0, headDim = 0, period = 0;
+    TensorMap map;
+  };
+  static constexpr size_t kKeyMapCacheSize = 8;
+  mutable std::vector<KeyMapEntry> keyMaps;
+  mutable size_t nextKeyMap = 0;
   /// Bytes of the GPU's L2 cache (runs a few (batch, head) pairs at a time
   /// where one pair's tensors fit it: Package::runGpu).
   int64_t l2Bytes = 0;

@@ -277,6 +277,29 @@ static bool encodeKeyMap(const Driver &d, CUdeviceptr data, int64_t heads,
   return true;
 }
 
+/// encodeKeyMap through the module's cache of recent maps.
+static bool cachedKeyMap(const GpuModule &g, CUdeviceptr data, int64_t heads,
+                         int64_t rows, int64_t D, int64_t period,
+                         const char *what, TensorMap &map,
+                         std::string &error) {
+  for (const GpuModule::KeyMapEntry &e : g.keyMaps)
+    if (e.data == data && e.heads == heads && e.rows == rows &&
+        e.headDim == D && e.period == period) {
+      map = e.map;
+      return true;
+    }
+  if (!encodeKeyMap(*g.d, data, heads, rows, D, period, what, map, error))
+    return false;
+  GpuModule::KeyMapEntry entry{data, heads, rows, D, period, map};
+  if (g.keyMaps.size() < GpuModule::kKeyMapCacheSize) {
+    g.keyMaps.push_back(entry);
+  } else {
+    g.keyMaps[g.nextKeyMap] = entry;
+    g.nextKeyMap = (g.nextKeyMap + 1) % GpuModule::kKeyMapCacheSize;
+  }
+  return true;
+}
+
 bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
                                  const KernelArgs &a, CUstream stream,
                                  std::string &error, bool dependent) {
@@ -328,9 +351,9 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
     const int64_t heads = kvBatch * a.Hkv;
     const int64_t period = std::max<int64_t>(kernel.period, 1);
     if (!elementwise &&
-        (!encodeKeyMap(d, a.k, heads, kvRows, a.D, period, "k", maps[0],
+        (!cachedKeyMap(g, a.k, heads, kvRows, a.D, period, "k", maps[0],
                        error) ||
-         !encodeKeyMap(d, a.v, heads, kvRows, a.D, period, "v", maps[1],
+         !cachedKeyMap(g, a.v, heads, kvRows, a.D, period, "v", maps[1],
                        error)))
       return false;
     params[kWords] = &maps[0];

@@ -249,6 +249,37 @@ def test_cuda_graph_replays_a_multi_kernel_package():
     assert torch.equal(out, eager)
 
 
+def test_key_tensor_maps_follow_the_tensors():
+    """The runtime keeps the TMA tensor maps of recent K/V tensors (so that
+    a package run in rounds encodes them once): calls on new tensors, on
+    more tensors than it keeps, on another length, and again on the first
+    tensors after their contents changed each match the reference."""
+    case = next(c for c in gpu_cases.CASES if c["name"] == "strided")
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    gen = torch.Generator().manual_seed(12)
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+
+    def inputs(length):
+        return [torch.randn(B, n, length, D, generator=gen).to("cuda", dt)
+                for n in (H, Hkv, Hkv)]
+
+    def check(q, k, v):
+        out = pkg(q, k, v, out=torch.full_like(q, float("nan")))
+        torch.cuda.synchronize()
+        ref, _ = reference.attention(q, k, v, case["pattern"], None)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < TOL[case["dtype"]], f"relative error {err:.2e}"
+
+    first = inputs(1024)
+    check(*first)
+    for length in [1024] * 10 + [700]:
+        check(*inputs(length))
+    for t in first:
+        t.copy_(torch.randn(t.shape, generator=gen).to(t.device, t.dtype))
+    check(*first)
+
+
 def test_capturing_a_first_call_says_to_warm_up():
     """A package sizes its device scratch on its first call with larger
     shapes; a stream capture refuses that allocation, and the error says to

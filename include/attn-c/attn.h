@@ -31,12 +31,18 @@ typedef enum attn_dtype {
   ATTN_F16 = 3
 } attn_dtype;
 
-/* A dense, C-contiguous tensor owned by the caller. */
+/* A tensor owned by the caller: C-contiguous, or with `strides` (one per
+   dimension, in elements; NULL means C-contiguous). GPU packages take
+   strided q, k and v whose rows (the last dimension) are contiguous and
+   whose other strides are multiples of 8 elements, e.g. the [B, H, L, D]
+   view of a [B, L, H, D] tensor; k and v share their strides. Every other
+   tensor, and every tensor of a cpu package, is C-contiguous. */
 typedef struct attn_tensor {
   void *data;
   const int64_t *shape;
   int32_t rank;
   attn_dtype dtype;
+  const int64_t *strides;
 } attn_tensor;
 
 typedef struct attn_package attn_package;

@@ -35,6 +35,9 @@ static bool toTensor(const attn_tensor *t, const char *name, Tensor &out) {
   }
   out.data = t->data;
   out.shape.assign(t->shape, t->shape + t->rank);
+  out.strides.clear();
+  if (t->strides)
+    out.strides.assign(t->strides, t->strides + t->rank);
   out.dtype = t->dtype == ATTN_F32    ? "f32"
               : t->dtype == ATTN_I32  ? "i32"
               : t->dtype == ATTN_BF16 ? "bf16"

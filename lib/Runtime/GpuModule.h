@@ -26,6 +26,20 @@ struct GpuKernel {
   CUfunction function = nullptr;
 };
 
+/// What a K or V tensor map of a kernel depends on besides the address:
+/// the tensor's batches, heads and rows, element strides (batch, head,
+/// row), D and the kernel's period.
+struct KeyMapShape {
+  int64_t batch = 0, heads = 0, rows = 0, strides[3] = {0, 0, 0};
+  int64_t headDim = 0, period = 1;
+  bool operator==(const KeyMapShape &o) const {
+    return batch == o.batch && heads == o.heads && rows == o.rows &&
+           strides[0] == o.strides[0] && strides[1] == o.strides[1] &&
+           strides[2] == o.strides[2] && headDim == o.headDim &&
+           period == o.period;
+  }
+};
+
 struct GpuModule {
   const Driver *d = nullptr;
   /// Ring packages: device buffers of the last runRank (grown on demand), a
@@ -56,7 +70,7 @@ struct GpuModule {
   /// kernels once per round).
   struct KeyMapEntry {
     CUdeviceptr data = 0;
-    int64_t heads = 0, rows = 0, headDim = 0, period = 0;
+    KeyMapShape shape;
     TensorMap map;
   };
   static constexpr size_t kKeyMapCacheSize = 8;
@@ -111,6 +125,10 @@ struct KernelArgs {
   /// Component kernels take (batch, head) pairs bhOffset .. bhOffset +
   /// bhCount - 1 (grid z; bhCount 0: all B * H).
   int64_t bhOffset = 0, bhCount = 0;
+  /// Element strides (batch, head, row) of q and of k and v (which share
+  /// them); a row stride of 0 means the contiguous [B, H, L, D] layout.
+  /// Each row's D elements are contiguous.
+  int64_t qStrides[3] = {0, 0, 0}, kStrides[3] = {0, 0, 0};
 };
 
 /// Launches `kernel` with the grid of docs/Package.md on `stream`; with

@@ -7,7 +7,9 @@
 //   key_bias, key_ids                            allocated, aligned, offset,
 //                                                size, stride)
 //   q_len, kv_len, q_origin, k_origin,          (int64)
-//   row_len_shift, q_pos, k_pos, pos_stride, bh_offset
+//   row_len_shift, q_pos, k_pos, pos_stride, bh_offset,
+//   q_stride_b, q_stride_h, q_stride_r,         (element strides of q, and
+//   k_stride_b, k_stride_h, k_stride_r           of k and v)
 //   [k_map, v_map]                               (manifest "tensor_maps":
 //                                                 CUtensorMaps by value)
 //
@@ -232,12 +234,13 @@ bool attn::runtime::prepareRun(const Driver &d, const void *q, const void *k,
 /// 128-byte-swizzled panel of a key tile) with zeros past each head's rows.
 /// When r does not divide rows the map stays empty and the kernel loads by
 /// cp.async (it checks the same condition).
-static bool encodeKeyMap(const Driver &d, CUdeviceptr data, int64_t heads,
-                         int64_t rows, int64_t D, int64_t period,
-                         const char *what, TensorMap &map,
-                         std::string &error) {
+static bool encodeKeyMap(const Driver &d, CUdeviceptr data,
+                         const KeyMapShape &s, const char *what,
+                         TensorMap &map, std::string &error) {
   map = TensorMap{};
-  if (!data || rows == 0 || heads == 0 || rows % period != 0)
+  const int64_t rows = s.rows, D = s.headDim, period = s.period;
+  if (!data || rows == 0 || s.heads == 0 || s.batch == 0 ||
+      rows % period != 0)
     return true; // no tile is loaded by TMA
   if (!d.cuTensorMapEncodeTiled) {
     error = "this package loads K/V tiles by TMA, which needs "
@@ -245,8 +248,8 @@ static bool encodeKeyMap(const Driver &d, CUdeviceptr data, int64_t heads,
     return false;
   }
   using u64 = unsigned long long;
-  const u64 rowBytes = u64(D) * 2, headBytes = u64(rows) * rowBytes;
-  // Innermost first: columns, [plane,] rows, heads.
+  const u64 rowBytes = u64(s.strides[2]) * 2;
+  // Innermost first: columns, [plane,] rows, heads, batches.
   std::vector<u64> dims{u64(D)}, strides;
   std::vector<unsigned> box{64};
   if (period > 1) {
@@ -257,10 +260,13 @@ static bool encodeKeyMap(const Driver &d, CUdeviceptr data, int64_t heads,
   dims.push_back(u64(rows / period));
   strides.push_back(rowBytes * u64(period));
   box.push_back(64);
-  dims.push_back(u64(heads));
-  strides.push_back(headBytes);
+  dims.push_back(u64(s.heads));
+  strides.push_back(u64(s.strides[1]) * 2);
   box.push_back(1);
-  const unsigned elementStrides[4] = {1, 1, 1, 1};
+  dims.push_back(u64(s.batch));
+  strides.push_back(u64(s.strides[0]) * 2);
+  box.push_back(1);
+  const unsigned elementStrides[5] = {1, 1, 1, 1, 1};
   CUresult rc = d.cuTensorMapEncodeTiled(
       &map, CU_TENSOR_MAP_DATA_TYPE_UINT16, unsigned(dims.size()),
       reinterpret_cast<void *>(uintptr_t(data)), dims.data(), strides.data(),
@@ -269,7 +275,8 @@ static bool encodeKeyMap(const Driver &d, CUdeviceptr data, int64_t heads,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (rc != CUDA_SUCCESS) {
     error = describe(d, rc, std::string("encoding the TMA tensor map of ") +
-                                what + " [" + std::to_string(heads) + " x " +
+                                what + " [" + std::to_string(s.batch) + " x " +
+                                std::to_string(s.heads) + " x " +
                                 std::to_string(rows) + " x " +
                                 std::to_string(D) + "]");
     return false;
@@ -278,19 +285,17 @@ static bool encodeKeyMap(const Driver &d, CUdeviceptr data, int64_t heads,
 }
 
 /// encodeKeyMap through the module's cache of recent maps.
-static bool cachedKeyMap(const GpuModule &g, CUdeviceptr data, int64_t heads,
-                         int64_t rows, int64_t D, int64_t period,
-                         const char *what, TensorMap &map,
-                         std::string &error) {
+static bool cachedKeyMap(const GpuModule &g, CUdeviceptr data,
+                         const KeyMapShape &shape, const char *what,
+                         TensorMap &map, std::string &error) {
   for (const GpuModule::KeyMapEntry &e : g.keyMaps)
-    if (e.data == data && e.heads == heads && e.rows == rows &&
-        e.headDim == D && e.period == period) {
+    if (e.data == data && e.shape == shape) {
       map = e.map;
       return true;
     }
-  if (!encodeKeyMap(*g.d, data, heads, rows, D, period, what, map, error))
+  if (!encodeKeyMap(*g.d, data, shape, what, map, error))
     return false;
-  GpuModule::KeyMapEntry entry{data, heads, rows, D, period, map};
+  GpuModule::KeyMapEntry entry{data, shape, map};
   if (g.keyMaps.size() < GpuModule::kKeyMapCacheSize) {
     g.keyMaps.push_back(entry);
   } else {
@@ -306,8 +311,9 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   const Driver &d = *g.d;
   const int64_t rows = a.B * a.H * a.Lq;
   // Parameters: 11 descriptors of 5 words, then q_len, kv_len, q_origin,
-  // k_origin, row_len_shift, q_pos, k_pos, pos_stride and bh_offset.
-  constexpr int kDescriptors = 11, kWords = 5 * kDescriptors + 9;
+  // k_origin, row_len_shift, q_pos, k_pos, pos_stride, bh_offset and the
+  // strides (batch, head, row) of q and of k and v.
+  constexpr int kDescriptors = 11, kWords = 5 * kDescriptors + 15;
   int64_t words[kWords];
   auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
     int64_t *w = words + 5 * slot;
@@ -316,11 +322,22 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
     w[3] = ptr ? size : 0;
     w[4] = 1;
   };
-  put(0, a.q, rows * a.D);
   const int64_t kvRows = a.kvRows ? a.kvRows : a.Lk;
   const int64_t kvBatch = a.keyIds ? 1 : a.B;
-  put(1, a.k, kvBatch * a.Hkv * kvRows * a.D);
-  put(2, a.v, kvBatch * a.Hkv * kvRows * a.D);
+  // Strides: the caller's, or those of contiguous [B, H, L, D] tensors.
+  int64_t qs[3] = {a.H * a.Lq * a.D, a.Lq * a.D, a.D};
+  int64_t ks[3] = {a.Hkv * kvRows * a.D, kvRows * a.D, a.D};
+  if (a.qStrides[2])
+    std::copy(a.qStrides, a.qStrides + 3, qs);
+  if (a.kStrides[2])
+    std::copy(a.kStrides, a.kStrides + 3, ks);
+  // The elements a strided tensor spans, for the descriptors' sizes.
+  auto span = [&](const int64_t *st, int64_t b, int64_t h, int64_t l) {
+    return (b - 1) * st[0] + (h - 1) * st[1] + (l - 1) * st[2] + a.D;
+  };
+  put(0, a.q, span(qs, a.B, a.H, a.Lq));
+  put(1, a.k, span(ks, kvBatch, a.Hkv, kvRows));
+  put(2, a.v, span(ks, kvBatch, a.Hkv, kvRows));
   put(3, a.lengths, a.B);
   put(4, a.out, rows * a.D);
   put(5, a.lse, rows);
@@ -339,6 +356,8 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   scalars[6] = a.kPos;
   scalars[7] = a.posStride;
   scalars[8] = a.bhOffset;
+  std::copy(qs, qs + 3, scalars + 9);
+  std::copy(ks, ks + 3, scalars + 12);
   void *params[kWords + 2];
   for (int i = 0; i < kWords; ++i)
     params[i] = &words[i];
@@ -348,13 +367,16 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   TensorMap maps[2] = {};
   const bool elementwise = kernel.kind == "init" || kernel.kind == "finalize";
   if (g.tensorMaps) {
-    const int64_t heads = kvBatch * a.Hkv;
-    const int64_t period = std::max<int64_t>(kernel.period, 1);
+    KeyMapShape shape;
+    shape.batch = kvBatch;
+    shape.heads = a.Hkv;
+    shape.rows = kvRows;
+    std::copy(ks, ks + 3, shape.strides);
+    shape.headDim = a.D;
+    shape.period = std::max<int64_t>(kernel.period, 1);
     if (!elementwise &&
-        (!cachedKeyMap(g, a.k, heads, kvRows, a.D, period, "k", maps[0],
-                       error) ||
-         !cachedKeyMap(g, a.v, heads, kvRows, a.D, period, "v", maps[1],
-                       error)))
+        (!cachedKeyMap(g, a.k, shape, "k", maps[0], error) ||
+         !cachedKeyMap(g, a.v, shape, "v", maps[1], error)))
       return false;
     params[kWords] = &maps[0];
     params[kWords + 1] = &maps[1];
@@ -493,6 +515,11 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   args.Lq = Lq;
   args.Lk = Lk;
   args.qOrigin = args.qPos = Lk - Lq; // bottom-right alignment
+  // Strided q, k, v (checked by checkArguments): their element strides.
+  if (!q.strides.empty())
+    std::copy(q.strides.begin(), q.strides.begin() + 3, args.qStrides);
+  if (!k.strides.empty())
+    std::copy(k.strides.begin(), k.strides.begin() + 3, args.kStrides);
   // Each kernel after the first may overlap the tail of the one before
   // (programmatic dependent launch) where the package's kernels wait for
   // their predecessor's results themselves. Such a package runs for

@@ -46,9 +46,9 @@ static bool readManifest(const std::string &dir, json &m, std::string &error) {
     m = json::parse(in);
     if (m.value("format", "") != "attn-package")
       throw std::runtime_error("not an attn package manifest");
-    // Version 2: GPU kernels take bh_offset after pos_stride (cpu
-    // packages stay at 1).
-    const int want = m.value("target", "cpu") == "cpu" ? 1 : 2;
+    // Version 3: GPU kernels take bh_offset after pos_stride (2) and then
+    // q's and k's strides (3); cpu packages stay at 1.
+    const int want = m.value("target", "cpu") == "cpu" ? 1 : 3;
     if (m.value("version", 0) != want)
       throw std::runtime_error(
           "manifest version " + std::to_string(m.value("version", 0)) +
@@ -161,6 +161,56 @@ bool Package::inManifestOrder(const Tensor &q, const Tensor &k,
   return true;
 }
 
+std::vector<int64_t>
+attn::runtime::contiguousStrides(const std::vector<int64_t> &shape) {
+  std::vector<int64_t> strides(shape.size());
+  int64_t stride = 1;
+  for (size_t i = shape.size(); i-- > 0;) {
+    strides[i] = stride;
+    stride *= shape[i];
+  }
+  return strides;
+}
+
+/// Checks the strides of `t` (named `name`): the contiguous layout, or for
+/// q, k and v of a GPU package (`strided`) any layout whose rows are
+/// contiguous and start on 16-byte boundaries (the kernels move rows in
+/// 16-byte pieces, and TMA needs 16-byte strides).
+static bool checkStrides(const Tensor &t, const std::string &name,
+                         bool strided, bool gpu, std::string &error) {
+  if (t.strides.empty() || t.strides == contiguousStrides(t.shape))
+    return true;
+  const std::string given = name + ": strides " + shapeString(t.strides);
+  if (t.strides.size() != t.shape.size()) {
+    error = given + " do not match its shape " + shapeString(t.shape) +
+            " (one stride per dimension)";
+    return false;
+  }
+  if (!strided) {
+    error = given + " are not contiguous " +
+            shapeString(contiguousStrides(t.shape)) + "; only q, k and v may "
+            "be strided views (pass a contiguous " + name + ")";
+    return false;
+  }
+  if (t.strides.back() != 1) {
+    error = given + ": the last dimension (D) must be contiguous (stride 1)";
+    return false;
+  }
+  for (size_t d = 0; d + 1 < t.strides.size(); ++d)
+    if (t.strides[d] < 0 || t.strides[d] % 8 != 0) {
+      error = given + ": stride " + std::to_string(t.strides[d]) +
+              " of dimension " + std::to_string(d) +
+              " must be a non-negative multiple of 8 elements (16 bytes)";
+      return false;
+    }
+  if (!gpu) {
+    error = given + ": cpu packages take contiguous tensors (strided q, k "
+            "and v are for GPU packages)";
+    return false;
+  }
+  return true;
+}
+
 bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
                              const Tensor *lengths, const Tensor &out,
                              const Tensor *lse, std::string &error,
@@ -215,8 +265,24 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
       return false;
     }
   }
+  for (size_t i = 0; i < args_.size(); ++i) {
+    const std::string &name = args_[i].name;
+    if (tensors[i] &&
+        !checkStrides(*tensors[i], name,
+                      name == "q" || name == "k" || name == "v", isGpu(),
+                      error))
+      return false;
+  }
   if (k.shape != v.shape) {
     error = "v: shape " + shapeString(v.shape) + " differs from k's " + shapeString(k.shape);
+    return false;
+  }
+  auto stridesOf = [](const Tensor &t) {
+    return t.strides.empty() ? contiguousStrides(t.shape) : t.strides;
+  };
+  if (stridesOf(k) != stridesOf(v)) {
+    error = "v: strides " + shapeString(stridesOf(v)) + " differ from k's " +
+            shapeString(stridesOf(k)) + " (k and v must share a layout)";
     return false;
   }
   if (out.shape != q.shape) {

@@ -303,6 +303,12 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
   }
   if (!checkArguments(q, k, v, lengths, out, lse, error))
     return false;
+  for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}})
+    if (!t->strides.empty() && t->strides != contiguousStrides(t->shape)) {
+      error = std::string(name) + ": a rank's chunk must be contiguous (ring "
+              "packages exchange whole chunks; pass .contiguous())";
+      return false;
+    }
   if (isGpu())
     return runRankGpu(transport, q, k, v, lengths, out, lse, stats, error,
                       stream);

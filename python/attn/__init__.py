@@ -68,8 +68,10 @@ def _tool(name):
 
 
 class _Tensor(ctypes.Structure):
+    # attn_tensor (include/attn-c/attn.h); strides NULL: C-contiguous.
     _fields_ = [("data", ctypes.c_void_p), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("rank", ctypes.c_int32), ("dtype", ctypes.c_int32)]
+                ("rank", ctypes.c_int32), ("dtype", ctypes.c_int32),
+                ("strides", ctypes.POINTER(ctypes.c_int64))]
 
 
 _F32, _I32, _BF16, _F16 = 0, 1, 2, 3
@@ -199,8 +201,11 @@ class Package:
         and key j of batch b is their row key_ids[b, j], read in place.
 
         CPU packages take float32 NumPy arrays. GPU packages take PyTorch CUDA
-        tensors of the package's dtype (bf16 or f16), contiguous, on one
-        device; lengths is an int32 tensor on that device. GPU kernels are
+        tensors of the package's dtype (bf16 or f16) on one device: q, k and v
+        contiguous or strided views whose last dimension is contiguous (the
+        [B,H,L,D] view x.transpose(1, 2) of a [B,L,H,D] tensor runs without a
+        copy; k and v share strides), out contiguous; lengths is an int32
+        tensor on that device. GPU kernels are
         queued on the current CUDA stream. `out` may give the output buffer.
         Returns the output [B,H,Lq,D], and the LSE [B,H,Lq] (float32) with
         return_lse=True.
@@ -370,20 +375,27 @@ class Package:
         code = {"bf16": _BF16, "f16": _F16}[self.manifest["dtype"]]
         keep = []
 
-        def tensor(name, t, dtype, code):
+        def tensor(name, t, dtype, code, strided=False):
             if not isinstance(t, torch.Tensor):
                 raise AttnError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
             if not t.is_cuda or t.device != q.device:
                 raise AttnError(f"{name}: on {t.device}, expected {q.device} (a CUDA device)")
             if t.dtype != dtype:
                 raise AttnError(f"{name}: dtype {t.dtype}, the package expects {dtype}")
-            if not t.is_contiguous():
-                raise AttnError(f"{name}: must be contiguous (call .contiguous())")
             shape = (ctypes.c_int64 * t.dim())(*t.shape)
             keep.append(shape)
-            return _Tensor(t.data_ptr(), shape, t.dim(), code)
+            strides = None
+            if not t.is_contiguous():
+                if not strided:
+                    raise AttnError(f"{name}: must be contiguous (call .contiguous())")
+                # A strided view (e.g. the [B, H, L, D] view of a [B, L, H, D]
+                # tensor): the runtime checks its strides.
+                strides = (ctypes.c_int64 * t.dim())(*t.stride())
+                keep.append(strides)
+            return _Tensor(t.data_ptr(), shape, t.dim(), code, strides)
 
-        tq, tk, tv = (tensor(n, t, want, code) for n, t in (("q", q), ("k", k), ("v", v)))
+        tq, tk, tv = (tensor(n, t, want, code, strided=True)
+                      for n, t in (("q", q), ("k", k), ("v", v)))
         tl = None
         if lengths is not None:
             if not isinstance(lengths, torch.Tensor):
@@ -391,7 +403,7 @@ class Package:
             lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
             tl = tensor("lengths", lengths, torch.int32, _I32)
         if out is None:
-            out = torch.empty_like(q)
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
         tout = tensor("out", out, want, code)
         lse = None
         if return_lse:

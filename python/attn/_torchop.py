@@ -40,7 +40,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @run.register_fake
 def _(q, k, v, lengths, key_bias, key_ids, package, return_lse):
     lse_shape = q.shape[:-1] if return_lse else (0,)
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 def call(pkg, q, k, v, lengths, return_lse, out, key_bias, key_ids):

@@ -73,8 +73,59 @@ def test_argument_errors():
         pkg(q, q, q, lengths=np.array([3]))
 
 
+def test_strided_tensors_are_checked_through_the_c_api():
+    """attn_tensor.strides (NULL: contiguous): the runtime says what is wrong
+    with a tensor's layout, naming the tensor and its strides. GPU packages
+    take strided q, k, v (rows contiguous, 16-byte strides; the GPU suite
+    runs them); cpu packages and every other tensor stay contiguous."""
+    import ctypes
+    pkg = attn.compile({"name": "causal", "heads": 2, "head_dim": 16, "pattern": {"causal": {}}})
+    lib = attn._runtime()
+    B, H, L, D = 1, 2, 8, 16
+    # [B, L, H, D] storage seen as [B, H, L, D].
+    blhd = rand(B, L, H, D, seed=9)
+    view_strides = [L * H * D, D, H * D, 1]
+    q, k, v = rand(B, H, L, D, seed=10), rand(B, H, L, D, seed=11), rand(B, H, L, D, seed=12)
+    out = np.empty_like(q)
+    lse = np.empty((B, H, L), dtype=np.float32)
+    keep = []
+
+    def tensor(array, shape, strides=None):
+        c_shape = (ctypes.c_int64 * len(shape))(*shape)
+        c_strides = (ctypes.c_int64 * len(strides))(*strides) if strides else None
+        keep.extend([array, c_shape, c_strides])
+        return attn._Tensor(array.ctypes.data, c_shape, len(shape), attn._F32, c_strides)
+
+    def run(**strided):
+        args = {n: tensor(a, a.shape) for n, a in
+                (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse))}
+        for name, strides in strided.items():
+            args[name] = tensor(blhd, (B, H, L, D), strides)
+        rc = lib.attn_package_run_keys(pkg._handle, ctypes.byref(args["q"]),
+                                       ctypes.byref(args["k"]), ctypes.byref(args["v"]),
+                                       None, None, None, ctypes.byref(args["out"]),
+                                       ctypes.byref(args["lse"]), None)
+        return rc, lib.attn_last_error().decode()
+
+    assert run()[0] == 0
+    # Contiguous strides given explicitly are the same as none.
+    assert run(q=[H * L * D, L * D, D, 1])[0] == 0
+    rc, msg = run(q=view_strides)
+    assert rc != 0 and msg == ("q: strides [256, 16, 32, 1]: cpu packages take contiguous "
+                               "tensors (strided q, k and v are for GPU packages)")
+    rc, msg = run(out=view_strides)
+    assert rc != 0 and "out: strides [256, 16, 32, 1] are not contiguous [256, 128, 16, 1]; " \
+        "only q, k and v may be strided views" in msg
+    rc, msg = run(k=[L * H * D, D, 1, H * L])
+    assert rc != 0 and "the last dimension (D) must be contiguous (stride 1)" in msg
+    rc, msg = run(v=[L * H * D, 4, H * D, 1])
+    assert rc != 0 and "stride 4 of dimension 1 must be a non-negative multiple of 8 " \
+        "elements (16 bytes)" in msg
+
+
 def test_gpu_package_of_another_version_is_refused(tmp_path):
-    """GPU packages are manifest version 2 (kernels take bh_offset): one
+    """GPU packages are manifest version 3 (kernels take bh_offset and the
+    strides of q and k): one
     written by an older attn-compile is refused with a clear error, before
     any GPU is touched."""
     import json
@@ -86,11 +137,11 @@ def test_gpu_package_of_another_version_is_refused(tmp_path):
     subprocess.run([attn._tool("attn-compile"), str(tmp_path / "v.json"), "-o", str(pkg_dir),
                     "--target", "sm_90a", "--quiet"], check=True)
     manifest = json.loads((pkg_dir / "manifest.json").read_text())
-    assert manifest["version"] == 2
-    manifest["version"] = 1
+    assert manifest["version"] == 3
+    manifest["version"] = 2
     (pkg_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(attn.AttnError, match=r"manifest version 1 is not supported "
-                       r"\(this runtime reads 2 for sm_90a packages\); recompile it"):
+    with pytest.raises(attn.AttnError, match=r"manifest version 2 is not supported "
+                       r"\(this runtime reads 3 for sm_90a packages\); recompile it"):
         attn.load(str(pkg_dir))
 
 

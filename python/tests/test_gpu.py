@@ -249,6 +249,62 @@ def test_cuda_graph_replays_a_multi_kernel_package():
     assert torch.equal(out, eager)
 
 
+STRIDED_CASES = ["causal", "causal_f16_gqa", "local", "strided", "strided_f16_gqa",
+                 "longnet_sum", "tokenized_causal", "dilated"]
+
+
+@pytest.mark.parametrize("name", STRIDED_CASES)
+@pytest.mark.parametrize("shape", [(1000, 1000), (129, 2000), (300, 700)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_blhd_views_run_without_a_copy(name, shape):
+    """q from a [B, L, H, D] tensor and k, v from one fused [B, L, 2, Hkv, D]
+    projection, passed as their [B, H, L, D] views (strides, no copy), give
+    exactly the output of the same call on contiguous copies, and match the
+    reference. (At L = 700 a period that does not divide it takes the
+    cp.async path; the others TMA over the strides.)"""
+    case = next(c for c in gpu_cases.CASES if c["name"] == name)
+    pkg = attn.load(os.path.join(PKGS, name))
+    q_len, kv_len = shape
+    gen = torch.Generator().manual_seed(hash((name, shape, "blhd")) & 0xFFFF)
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    q = torch.randn(B, q_len, H, D, generator=gen).to("cuda", dt).transpose(1, 2)
+    kv = torch.randn(B, kv_len, 2, Hkv, D, generator=gen).to("cuda", dt)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    lengths = None
+    if "tokenized" in str(case["pattern"]):
+        lengths = _lengths(B, min(q_len, kv_len), gen).cuda()
+    out = pkg(q, k, v, lengths=lengths, out=torch.full(q.shape, float("nan"), device="cuda",
+                                                         dtype=dt))
+    dense = pkg(q.contiguous(), k.contiguous(), v.contiguous(), lengths=lengths)
+    torch.cuda.synchronize()
+    assert torch.equal(out, dense), "strided views must compute exactly what copies do"
+    ref, _ = reference.attention(q, k, v, case["pattern"], lengths)
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < TOL[case["dtype"]], f"relative error {err:.2e}"
+
+
+def test_strided_layouts_the_kernels_cannot_take_are_refused():
+    """k and v of different layouts, a D that is not contiguous, rows off
+    16-byte strides and a strided out are refused with what is wrong."""
+    pkg = attn.load(os.path.join(PKGS, "causal"))
+    B, H, L, D = 2, 4, 64, 128
+    q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+    k_blhd = torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    with pytest.raises(attn.AttnError, match=r"v: strides \[32768, 8192, 128, 1\] differ "
+                       r"from k's \[32768, 128, 512, 1\] \(k and v must share a layout\)"):
+        pkg(q, k_blhd, q)
+    with pytest.raises(attn.AttnError, match=r"the last dimension \(D\) must be contiguous"):
+        pkg(q.transpose(2, 3).contiguous().transpose(2, 3), q, q)
+    odd = torch.randn(B, H, L, D + 4, device="cuda", dtype=torch.bfloat16)[..., :D]
+    with pytest.raises(attn.AttnError, match=r"stride 132 of dimension 2 must be a "
+                       r"non-negative multiple of 8 elements"):
+        pkg(odd, q, q)
+    with pytest.raises(attn.AttnError, match=r"out: must be contiguous"):
+        pkg(q, q, q, out=torch.empty_like(k_blhd))
+
+
 def test_key_tensor_maps_follow_the_tensors():
     """The runtime keeps the TMA tensor maps of recent K/V tensors (so that
     a package run in rounds encodes them once): calls on new tensors, on

@@ -20,7 +20,7 @@
 // CHECK: scf.for
 // CHECK: mbarrier.try_wait.parity
 // CHECK: mbarrier.arrive.expect_tx
-// CHECK-COUNT-4: cp.async.bulk.tensor.3d
+// CHECK-COUNT-4: cp.async.bulk.tensor.4d
 // CHECK: } else {
 // CHECK: "setmaxnreg.inc.sync.aligned.u32 160;"
 // The consumers load Q and meet on named barrier 1 (384 threads), not on

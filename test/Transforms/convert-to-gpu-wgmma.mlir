@@ -22,7 +22,7 @@
 // CHECK-COUNT-2: "mbarrier.init.shared::cta.b64 [$0], 1;"
 // CHECK: "fence.mbarrier_init.release.cluster;"
 // CHECK: mbarrier.arrive.expect_tx.shared::cta.b64 st, [$0], $1; }", "r,r" %{{.*}}, %c32768_i32
-// CHECK-COUNT-4: cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes
+// CHECK-COUNT-4: cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes
 // CHECK: nvgpu.device_async_copy
 // CHECK: "fence.proxy.async.shared::cta;"
 // CHECK-NEXT: gpu.barrier
@@ -36,7 +36,7 @@
 // CHECK: gpu.barrier
 // CHECK-NOT: gpu.barrier
 // CHECK: mbarrier.arrive.expect_tx
-// CHECK-COUNT-4: cp.async.bulk.tensor.3d
+// CHECK-COUNT-4: cp.async.bulk.tensor.4d
 // CHECK-NOT: nvgpu.device_async_copy
 // CHECK: "wgmma.fence.sync.aligned;"
 // CHECK: wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16
@@ -83,21 +83,22 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 // -----
 
 // Gathered keys (period 4: positions base + 4t): the maps view a head's
-// keys as [rows / 4][4][D], and a tile is a box of one residue plane (4-D
-// TMA). When 4 does not divide the key rows (kLen, checked at run time; the
-// runtime leaves the maps empty then) the same kernel loads by cp.async.
+// keys as [rows / 4][4][D], and a tile is a box of one residue plane (5-D
+// TMA: columns, plane, row, head, batch). When 4 does not divide the key
+// rows (kLen, checked at run time; the runtime leaves the maps empty then)
+// the same kernel loads by cp.async.
 // CHECK: gpu.func @component_0
 // CHECK-SAME: attn.tensor_maps = 2 : i64
 // CHECK: %[[REM:.*]] = arith.remui %arg12, %c4 : index
 // CHECK: %[[TMA:.*]] = arith.cmpi eq, %[[REM]], %c0 : index
 // CHECK: scf.if %[[TMA]] {
-// CHECK-COUNT-4: cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3, $4, $5}], [$6];
+// CHECK-COUNT-4: cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3, $4, $5, $6}], [$7];
 // CHECK: } else {
 // CHECK: nvgpu.device_async_copy %arg1
 // CHECK: scf.for
 // CHECK: scf.if %[[TMA]] {
 // CHECK: mbarrier.try_wait.parity
-// CHECK-COUNT-4: cp.async.bulk.tensor.4d
+// CHECK-COUNT-4: cp.async.bulk.tensor.5d
 // CHECK: } else {
 // CHECK: nvgpu.device_async_wait
 // CHECK: gpu.barrier

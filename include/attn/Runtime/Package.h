@@ -22,7 +22,13 @@ struct Tensor {
   void *data = nullptr;
   std::vector<int64_t> shape;
   std::string dtype; ///< "f32", "bf16", "f16" or "i32"
+  /// Element strides, one per dimension; empty: C-contiguous. GPU packages
+  /// take strided q, k and v (each row's elements contiguous; docs/Package.md).
+  std::vector<int64_t> strides;
 };
+
+/// The strides of a C-contiguous tensor of `shape`, in elements.
+std::vector<int64_t> contiguousStrides(const std::vector<int64_t> &shape);
 
 /// The optional per-key inputs of tokenized packages (docs/Tokenized.md):
 /// a score bias [B, Lk] f32 and table row ids [B, Lk] i32.

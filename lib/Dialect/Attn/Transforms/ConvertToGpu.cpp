@@ -190,7 +190,7 @@ public:
   /// every kernel of a package):
   ///   q, k, v, lengths, out, lse, acc, max, sum, keyBias, keyIds,
   ///   qLen, kLen, qOrigin, kOrigin, rowLenShift, qPos, kPos, posStride,
-  ///   bhOffset
+  ///   bhOffset, qStrideB, qStrideH, qStrideR, kStrideB, kStrideH, kStrideR
   ///   [kMap, vMap]   (with TMA: CUtensorMaps by value, see beginKernel)
   /// For the component's groups and bands, query row i sits at position
   /// qOrigin + i and key j at kOrigin + j. Lengths and filters see global
@@ -201,7 +201,10 @@ public:
   /// of a ring (qo, ko, qo, qo, ko, 1); a striped rank rq with keys of rank
   /// rk (0, 0, rq, rq, rk, ranks). A component kernel's block z takes
   /// (batch, head) pair bhOffset + z: the runtime may launch a package a
-  /// few pairs at a time (docs/Package.md).
+  /// few pairs at a time (docs/Package.md). q's element (b, h, i, d) sits
+  /// at b*qStrideB + h*qStrideH + i*qStrideR + d, and k's and v's likewise
+  /// with the k strides (a [B, L, H, D] tensor passes as its [B, H, L, D]
+  /// view, without a copy); out and the state are contiguous.
   FunctionType kernelType() {
     Type index = b.getIndexType();
     Type accType = shape.halfState ? storageType : floatType;
@@ -234,11 +237,11 @@ public:
   gpu::GPUFuncOp emitFinalize(StringRef name);
 
 private:
-  static constexpr int64_t kNumScalarArgs = 9;
+  static constexpr int64_t kNumScalarArgs = 15;
   enum Arg {
     Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, KeyBias, KeyIds, QLen, KLen,
-    QOrigin, KOrigin, RowLenShift, QPos, KPos, PosStride, BhOffset, KMap,
-    VMap
+    QOrigin, KOrigin, RowLenShift, QPos, KPos, PosStride, BhOffset,
+    QStrideB, QStrideH, QStrideR, KStrideB, KStrideH, KStrideR, KMap, VMap
   };
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
@@ -747,7 +750,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // range of its rows.
   Value tileIdx, bIdx, h, hk, rowsEnd, keysEnd, length, c, headHasClass;
   Value base, tRowLo, tRowHi, tRowAll, tKeyLo, tKeyHi, q0;
-  Value q1, first, last, fullLo, fullHi, numTiles, qHead, kHead;
+  Value q1, first, last, fullLo, fullHi, numTiles, qHead, qBase, kBase;
   auto placeItem = [&](Value bx, Value by, Value bz, Value nbx) {
     // Heavy (late) row tiles first for causal balance.
     tileIdx = m.sub(m.sub(nbx, one), bx);
@@ -825,8 +828,11 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
     numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
 
+    // qHead: the head's first row in the contiguous out and state; qBase,
+    // kBase: its first element in q and in k, v (their strides).
     qHead = m.mul(m.add(m.mul(bIdx, m.c(H)), h), qLen);
-    kHead = m.mul(m.add(m.mul(bIdx, m.c(shape.kvHeads)), hk), kLen);
+    qBase = m.add(m.mul(bIdx, arg(QStrideB)), m.mul(h, arg(QStrideH)));
+    kBase = m.add(m.mul(bIdx, arg(KStrideB)), m.mul(hk, arg(KStrideH)));
   };
 
   Value hasWork = placeItem(gpu::BlockIdOp::create(b, loc, gpu::Dimension::x),
@@ -897,7 +903,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       Value exists = m.lt(t, last);
       Value j = m.sub(keyPos(t), kOrigin);
       if (!shape.hasKeyIds)
-        return {m.mul(m.add(kHead, j), m.c(D)), exists};
+        return {m.add(kBase, m.mul(j, arg(KStrideR))), exists};
       Value at = f.select(exists, m.add(idsRow, j), zero);
       Value id = memref::LoadOp::create(b, loc, arg(KeyIds), at);
       id = arith::IndexCastOp::create(b, loc, b.getIndexType(), id);
@@ -905,7 +911,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       exists = m.both(exists, arith::CmpIOp::create(b, loc,
                                                     arith::CmpIPredicate::ult,
                                                     id, tableRows));
-      return {m.mul(m.add(m.mul(hk, tableRows), id), m.c(D)), exists};
+      return {m.add(m.mul(hk, arg(KStrideH)), m.mul(id, arg(KStrideR))),
+              exists};
     };
     asyncLoadTile(keyTile(slot), kBlockKeys, arg(K), rowAt);
     asyncLoadTile(valueTile(slot), kBlockKeys, arg(V), rowAt);
@@ -922,9 +929,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // zeros; keys past `last` but inside the tensor arrive as they are (see
   // zeroValueTail).
   //
-  // The runtime encodes the maps for the kernel's period r: the keys of a
-  // head as [rows / r][r][D] for r > 1, so that gathered key j = r*a + c is
-  // box row a of residue plane c. That view needs r | rows; otherwise the
+  // The runtime encodes the maps for the kernel's period r over k's and
+  // v's strides, with heads and batches as their own dimensions: the keys
+  // of a head as [rows / r][r][D] for r > 1, so that gathered key
+  // j = r*a + c is box row a of residue plane c. That view needs r | rows; otherwise the
   // maps are empty and the kernel loads by cp.async (a uniform branch).
   const bool tmaKeys = shape.tma;
   Value useTma;
@@ -960,14 +968,14 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // The leader's box loads of one K (or V) tile of keys k0.. into the
   // shared bytes at `offset`, completing on `bar`.
   auto tmaLoadBoxes = [&](Value map, Value offset, Value k0, Value bar) {
-    Value bh = toI32(m.add(m.mul(bIdx, m.c(shape.kvHeads)), hk));
-    // Box coordinates after the column: (row, head), or (plane, row in
-    // the plane, head) for r > 1.
+    // Box coordinates after the column: (row, head, batch), or (plane,
+    // row in the plane, head, batch) for r > 1.
     SmallVector<Value> coords;
     if (period == 1)
-      coords = {toI32(m.sub(keyPos(k0), kOrigin)), bh};
+      coords = {toI32(m.sub(keyPos(k0), kOrigin))};
     else
-      coords = {toI32(plane), toI32(m.add(planeRow0, k0)), bh};
+      coords = {toI32(plane), toI32(m.add(planeRow0, k0))};
+    coords.append({toI32(hk), toI32(bIdx)});
     std::string text =
         "cp.async.bulk.tensor." + std::to_string(coords.size() + 1) +
         "d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
@@ -1137,7 +1145,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   asyncLoadTile(qTile, kBlockRows, arg(Q),
                 [&](Value row) -> std::pair<Value, Value> {
     Value t = m.add(q0, row);
-    return {m.mul(m.add(qHead, qRowIndex(t)), m.c(D)), m.lt(t, tRowAll)};
+    return {m.add(qBase, m.mul(qRowIndex(t), arg(QStrideR))),
+            m.lt(t, tRowAll)};
   });
   Value token = commitGroup();
   nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(0));

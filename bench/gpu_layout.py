@@ -1,0 +1,59 @@
+"""Times the bench packages on q, k, v that come as [B, L, H, D] tensors (as
+a model's projections give them): passed as their [B, H, L, D] views
+(strided, no copy), against copying them contiguous first (what a caller
+had to do before the kernels took strides), and against inputs that are
+contiguous already. One GPU, one process, same inputs; median of ROUNDS
+rotated rounds (default 3) of triton's do_bench; TF/s as in gpu_bench.py.
+
+    ATTN_GPU_PACKAGES=gpu-pkgs ATTN_BUILD_DIR=build PYTHONPATH=python:bench \\
+        LENS=32768 python3 bench/gpu_layout.py          # bench/gpu_layout.md
+
+Tokenized is left out (its bench packs documents into a padded batch)."""
+import json
+import os
+import statistics
+
+import torch
+import triton.testing as tt
+
+import attn
+from gpu_patterns import B, D, H, dev, package_name, pairs
+
+lens = [int(x) for x in os.environ.get("LENS", "32768").split(",")]
+patterns = os.environ.get("PATTERNS", "causal,local,strided,dilated_sum,dilated_union").split(",")
+rounds = int(os.environ.get("ROUNDS", "3"))
+folder = os.environ.get("ATTN_GPU_PACKAGES", "gpu-pkgs")
+torch.manual_seed(0)
+rows = []
+for L in lens:
+    blhd = [torch.randn(B, L, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+    views = [t.transpose(1, 2) for t in blhd]          # [B, H, L, D], strided
+    dense = [t.contiguous() for t in views]
+    for name in patterns:
+        pkg = attn.load(os.path.join(folder, package_name(name, L)))
+        runs = {
+            "views (no copy)": lambda: pkg(*views),
+            "copy, then call": lambda: pkg(*[t.contiguous() for t in views]),
+            "contiguous inputs": lambda: pkg(*dense),
+        }
+        same = torch.equal(runs["views (no copy)"](), runs["contiguous inputs"]())
+        times = {m: [] for m in runs}
+        order = list(runs)
+        for r in range(rounds):
+            for m in order[r % 3:] + order[:r % 3]:
+                times[m].append(tt.do_bench(runs[m], warmup=25, rep=200, return_mode="median"))
+        nnz = pairs(name, L)
+        row = {"L": L, "pattern": name, "identical_outputs": same}
+        for m, ts in times.items():
+            row[m] = round(4 * nnz * D / statistics.median(ts) / 1e9, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    del blhd, views, dense
+    torch.cuda.empty_cache()
+
+print(f"\ndevice: {torch.cuda.get_device_name()}")
+print("| L | pattern | views (no copy) | copy, then call | contiguous inputs | outputs identical |")
+print("|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['L']} | {r['pattern']} | {r['views (no copy)']:.0f} | {r['copy, then call']:.0f} "
+          f"| {r['contiguous inputs']:.0f} | {'yes' if r['identical_outputs'] else 'NO'} |")

@@ -228,12 +228,12 @@ bool attn::runtime::prepareRun(const Driver &d, const void *q, const void *k,
 }
 
 /// K's or V's tensor map for the TMA loads of a kernel whose keys are
-/// gathered with period r: the tensor as [kvBatch * Hkv][rows][D] 16-bit
-/// elements for r = 1, as [kvBatch * Hkv][rows / r][r][D] (key j = r*a + c
-/// at plane c, row a) for r > 1; read in boxes of 64 columns x 64 rows (one
-/// 128-byte-swizzled panel of a key tile) with zeros past each head's rows.
-/// When r does not divide rows the map stays empty and the kernel loads by
-/// cp.async (it checks the same condition).
+/// gathered with period r: the tensor as [kvBatch][Hkv][rows][D] 16-bit
+/// elements over its strides for r = 1, as [kvBatch][Hkv][rows / r][r][D]
+/// (key j = r*a + c at plane c, row a) for r > 1; read in boxes of 64
+/// columns x 64 rows (one 128-byte-swizzled panel of a key tile) with zeros
+/// past each head's rows. When r does not divide rows the map stays empty
+/// and the kernel loads by cp.async (it checks the same condition).
 static bool encodeKeyMap(const Driver &d, CUdeviceptr data,
                          const KeyMapShape &s, const char *what,
                          TensorMap &map, std::string &error) {

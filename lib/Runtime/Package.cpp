@@ -173,12 +173,13 @@ attn::runtime::contiguousStrides(const std::vector<int64_t> &shape) {
 }
 
 /// Checks the strides of `t` (named `name`): the contiguous layout, or for
-/// q, k and v of a GPU package (`strided`) any layout whose rows are
-/// contiguous and start on 16-byte boundaries (the kernels move rows in
-/// 16-byte pieces, and TMA needs 16-byte strides).
+/// q, k and v of a GPU package (`strided`) that is not a ring package any
+/// layout whose rows are contiguous and start on 16-byte boundaries (the
+/// kernels move rows in 16-byte pieces, and TMA needs 16-byte strides).
 static bool checkStrides(const Tensor &t, const std::string &name,
-                         bool strided, bool gpu, std::string &error) {
-  if (t.strides.empty() || t.strides == contiguousStrides(t.shape))
+                         bool strided, bool gpu, bool ring,
+                         std::string &error) {
+  if (stridesOf(t) == contiguousStrides(t.shape))
     return true;
   const std::string given = name + ": strides " + shapeString(t.strides);
   if (t.strides.size() != t.shape.size()) {
@@ -203,6 +204,11 @@ static bool checkStrides(const Tensor &t, const std::string &name,
               " must be a non-negative multiple of 8 elements (16 bytes)";
       return false;
     }
+  if (ring) {
+    error = given + ": a rank's chunk must be contiguous (ring packages "
+            "exchange whole chunks; pass .contiguous())";
+    return false;
+  }
   if (!gpu) {
     error = given + ": cpu packages take contiguous tensors (strided q, k "
             "and v are for GPU packages)";
@@ -270,16 +276,13 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
     if (tensors[i] &&
         !checkStrides(*tensors[i], name,
                       name == "q" || name == "k" || name == "v", isGpu(),
-                      error))
+                      ring_ != nullptr, error))
       return false;
   }
   if (k.shape != v.shape) {
     error = "v: shape " + shapeString(v.shape) + " differs from k's " + shapeString(k.shape);
     return false;
   }
-  auto stridesOf = [](const Tensor &t) {
-    return t.strides.empty() ? contiguousStrides(t.shape) : t.strides;
-  };
   if (stridesOf(k) != stridesOf(v)) {
     error = "v: strides " + shapeString(stridesOf(v)) + " differ from k's " +
             shapeString(stridesOf(k)) + " (k and v must share a layout)";

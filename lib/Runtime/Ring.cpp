@@ -303,12 +303,6 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
   }
   if (!checkArguments(q, k, v, lengths, out, lse, error))
     return false;
-  for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}})
-    if (!t->strides.empty() && t->strides != contiguousStrides(t->shape)) {
-      error = std::string(name) + ": a rank's chunk must be contiguous (ring "
-              "packages exchange whole chunks; pass .contiguous())";
-      return false;
-    }
   if (isGpu())
     return runRankGpu(transport, q, k, v, lengths, out, lse, stats, error,
                       stream);
@@ -498,13 +492,24 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
     return false;
   }
   const int64_t N = ring->ranks, L = ring->seqLen, C = ring->chunk;
-  for (const Tensor *t : {&q, &k, &v, static_cast<const Tensor *>(&out)})
+  for (const Tensor *t : {&q, &k, &v, static_cast<const Tensor *>(&out)}) {
+    const std::string name = t == &q ? "q" : t == &k ? "k" : t == &v ? "v" : "out";
     if (t->shape.size() != 4 || t->shape[2] != L || t->dtype != "f32") {
-      error = std::string(t == &q ? "q" : t == &k ? "k" : t == &v ? "v" : "out") +
-              ": expected a float32 [B, H, " + std::to_string(L) +
+      error = name + ": expected a float32 [B, H, " + std::to_string(L) +
               ", D] tensor for the whole sequence";
       return false;
     }
+    // The ranks' chunks are cut from contiguous whole-sequence tensors.
+    if (stridesOf(*t) != contiguousStrides(t->shape)) {
+      error = name + ": the whole sequence must be contiguous (ring packages "
+              "cut their chunks from it; pass a contiguous " + name + ")";
+      return false;
+    }
+  }
+  if (lse && stridesOf(*lse) != contiguousStrides(lse->shape)) {
+    error = "lse: must be contiguous";
+    return false;
+  }
   const int64_t B = q.shape[0], H = q.shape[1], Hkv = k.shape[1],
                 D = q.shape[3];
   struct Local {

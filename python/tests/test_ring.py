@@ -159,6 +159,26 @@ def test_errors():
         ring.run_ranks(q[:, :, :100], k, v)
     with pytest.raises(attn.AttnError, match="not distributed"):
         single("causal").run_ranks(q, k, v)
+    # Through the C API, a whole sequence given with strides is refused
+    # (the ranks' chunks are cut from contiguous tensors).
+    import ctypes
+    lib = attn._runtime()
+    keep = []
+
+    def tensor(array, strides=None, dims=None):
+        shape = (ctypes.c_int64 * 4)(*(dims or array.shape))
+        c_strides = (ctypes.c_int64 * 4)(*strides) if strides else None
+        keep.extend([array, shape, c_strides])
+        return ctypes.byref(attn._Tensor(array.ctypes.data, shape, 4, attn._F32, c_strides))
+
+    out = np.empty_like(q)
+    blhd = np.ascontiguousarray(q.transpose(0, 2, 1, 3))
+    view = [L * H * D, D, H * D, 1]
+    rc = lib.attn_package_run_ranks(ring._handle, tensor(blhd, view, q.shape), tensor(k), tensor(v),
+                                    None, tensor(out), None, None)
+    assert rc != 0 and lib.attn_last_error().decode() == (
+        "q: the whole sequence must be contiguous (ring packages cut their chunks from it; "
+        "pass a contiguous q)")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])

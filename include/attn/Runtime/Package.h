@@ -29,6 +29,10 @@ struct Tensor {
 
 /// The strides of a C-contiguous tensor of `shape`, in elements.
 std::vector<int64_t> contiguousStrides(const std::vector<int64_t> &shape);
+/// The element strides of `t`: its own, or the contiguous ones.
+inline std::vector<int64_t> stridesOf(const Tensor &t) {
+  return t.strides.empty() ? contiguousStrides(t.shape) : t.strides;
+}
 
 /// The optional per-key inputs of tokenized packages (docs/Tokenized.md):
 /// a score bias [B, Lk] f32 and table row ids [B, Lk] i32.

@@ -11,9 +11,12 @@ GPU targets (sm_90a, sm_80) take PyTorch CUDA tensors of the spec's dtype.
 """
 
 import ctypes
+import hashlib
 import itertools
 import json
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -455,30 +458,54 @@ def _is_torch(x):
     return type(x).__module__.startswith("torch")
 
 
-def compile(spec, out_dir=None, target="cpu", q_tile=None, kv_tile=None):
-    """Compiles a spec (a dict or a path to a .json file) into a Package.
+def _cache_dir():
+    """$ATTN_CACHE_DIR, else $XDG_CACHE_HOME/attn, else ~/.cache/attn."""
+    env = os.environ.get("ATTN_CACHE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "attn")
 
-    GPU targets compile anywhere; loading the package needs the GPU's
-    driver. Where it cannot be loaded (a build machine), the error says
-    where the package was written, for attn.load on the GPU machine."""
-    if isinstance(spec, dict):
-        fd, spec_path = tempfile.mkstemp(suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(spec, f)
-    else:
-        spec_path = os.fspath(spec)
-    if out_dir is None:
-        out_dir = tempfile.mkdtemp(prefix="attn-pkg-")
-    cmd = [_tool("attn-compile"), spec_path, "-o", out_dir, "--target", target, "--quiet"]
+
+def _host_cpu():
+    """What a cpu package's native code depends on: it is compiled for the
+    host CPU (CpuTarget.cpp), so a cache shared between machines keys it."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return platform.machine() + "/" + model
+
+
+def _cache_key(spec_text, target, q_tile, kv_tile, compiler):
+    """The package's identity: the spec (canonical JSON), the target and
+    tiles, the compiler binary (path, size, modification time) and, for cpu
+    packages, the host CPU."""
+    st = os.stat(compiler)
+    parts = [spec_text, target, str(q_tile), str(kv_tile), compiler, str(st.st_size),
+             str(st.st_mtime_ns), _host_cpu() if target == "cpu" else ""]
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def _run_compiler(compiler, spec_path, out_dir, target, q_tile, kv_tile, shown_path):
+    cmd = [compiler, spec_path, "-o", out_dir, "--target", target, "--quiet"]
     if q_tile:
         cmd += ["--q-tile", str(q_tile)]
     if kv_tile:
         cmd += ["--kv-tile", str(kv_tile)]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    if isinstance(spec, dict):
-        os.unlink(spec_path)
     if result.returncode != 0:
-        raise AttnError(result.stderr.strip().replace(spec_path + ": ", ""))
+        raise AttnError(result.stderr.strip().replace(shown_path + ": ", ""))
+
+
+def _load_compiled(out_dir, target):
     try:
         return Package(out_dir)
     except AttnError as e:
@@ -486,6 +513,76 @@ def compile(spec, out_dir=None, target="cpu", q_tile=None, kv_tile=None):
             raise
         raise AttnError(f"compiled {out_dir}, but it cannot be loaded here: {e} "
                         f"(copy it to the GPU machine and attn.load it there)") from None
+
+
+def compile(spec, out_dir=None, target="cpu", q_tile=None, kv_tile=None, cache=None):
+    """Compiles a spec (a dict or a path to a .json file) into a Package.
+
+    Without out_dir, packages are cached by content: compiling a spec that
+    was compiled before with the same target, tiles and compiler (on the
+    same CPU, for the cpu target) loads the earlier package instead of
+    compiling again, in this process or a later one. The cache is
+    $ATTN_CACHE_DIR (default ~/.cache/attn, or $XDG_CACHE_HOME/attn), one
+    folder per package, written whole or not at all; cache=False or
+    ATTN_CACHE=0 compiles into a fresh temporary folder instead. With
+    out_dir the package is compiled into out_dir.
+
+    GPU targets compile anywhere; loading the package needs the GPU's
+    driver. Where it cannot be loaded (a build machine), the error says
+    where the package was written, for attn.load on the GPU machine."""
+    compiler = _tool("attn-compile")
+    if isinstance(spec, dict):
+        spec_text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+        name = str(spec.get("name", "spec"))
+    else:
+        spec_path = os.fspath(spec)
+        try:
+            with open(spec_path) as f:
+                parsed = json.load(f)
+            spec_text = json.dumps(parsed, sort_keys=True, separators=(",", ":"))
+            name = str(parsed.get("name", "spec")) if isinstance(parsed, dict) else "spec"
+        except (OSError, ValueError):
+            spec_text = None  # attn-compile reports what is wrong with it
+    if cache is None:
+        cache = os.environ.get("ATTN_CACHE", "1") != "0"
+
+    final = None
+    if out_dir is None and cache and spec_text is not None:
+        root = _cache_dir()
+        key = _cache_key(spec_text, target, q_tile, kv_tile, compiler)
+        final = os.path.join(root, re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64] + "-" + key)
+        if os.path.exists(os.path.join(final, "manifest.json")):
+            return _load_compiled(final, target)
+        try:
+            os.makedirs(root, exist_ok=True)
+            out_dir = tempfile.mkdtemp(prefix=".partial-", dir=root)
+        except OSError:
+            final = None  # an unwritable cache: compile without it
+    if out_dir is None:
+        out_dir = tempfile.mkdtemp(prefix="attn-pkg-")
+
+    if isinstance(spec, dict):
+        fd, spec_path = tempfile.mkstemp(suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(spec, f)
+    try:
+        _run_compiler(compiler, spec_path, out_dir, target, q_tile, kv_tile, spec_path)
+    except AttnError:
+        if final:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        if isinstance(spec, dict):
+            os.unlink(spec_path)
+    if final:
+        # Into place in one step; where another process put the same
+        # package there first, keep that one.
+        try:
+            os.rename(out_dir, final)
+        except OSError:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir = final
+    return _load_compiled(out_dir, target)
 
 
 def load(path):

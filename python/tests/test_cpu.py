@@ -1,5 +1,9 @@
 """The Python API on the CPU target, against a NumPy float64 reference."""
 
+import json
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -160,3 +164,85 @@ def test_gpu_compile_without_a_gpu_says_where_the_package_is(tmp_path):
         assert (tmp_path / "g" / "kernels.cubin").exists()
     else:
         assert pkg.target == "sm_90a"
+
+
+CACHED_SPEC = {"name": "cached_local", "heads": 2, "head_dim": 16,
+               "pattern": {"local": {"window": 5}}}
+
+
+def _check_local_window(pkg, window, seed):
+    q, k, v = rand(1, 2, 30, 16, seed=seed), rand(1, 2, 30, 16, seed=seed + 1), rand(1, 2, 30, 16, seed=seed + 2)
+    i = np.arange(30)[:, None]
+    j = np.arange(30)[None, :]
+    mask = np.broadcast_to(((j <= i) & (i - j < window)).astype(np.float64), (1, 2, 30, 30))
+    ref_out, _ = reference(q, k, v, mask)
+    assert np.linalg.norm(pkg(q, k, v) - ref_out) / np.linalg.norm(ref_out) < 1e-5
+
+
+def test_compile_cache_reuses_packages(tmp_path, monkeypatch):
+    """A spec compiled before (the same content, whatever its key order)
+    loads from the cache without running the compiler; another spec, other
+    tiles, or a file holding the same spec are their own entries or hits as
+    their content says; each package computes its own pattern."""
+    monkeypatch.setenv("ATTN_CACHE_DIR", str(tmp_path / "cache"))
+    first = attn.compile(CACHED_SPEC)
+    assert os.path.dirname(first.path) == str(tmp_path / "cache")
+    assert os.path.basename(first.path).startswith("cached_local-")
+    _check_local_window(first, 5, seed=30)
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("attn-compile ran for a cached spec")
+
+    with monkeypatch.context() as m:
+        m.setattr(attn.subprocess, "run", no_compiler)
+        again = attn.compile(dict(reversed(list(CACHED_SPEC.items()))))
+        spec_file = tmp_path / "spec.json"
+        spec_file.write_text(json.dumps(CACHED_SPEC, indent=2))
+        from_file = attn.compile(str(spec_file))
+    assert again.path == first.path == from_file.path
+    _check_local_window(again, 5, seed=33)
+
+    wider = attn.compile(dict(CACHED_SPEC, pattern={"local": {"window": 9}}))
+    tiled = attn.compile(CACHED_SPEC, q_tile=16, kv_tile=16)
+    assert len({first.path, wider.path, tiled.path}) == 3
+    _check_local_window(wider, 9, seed=36)
+    _check_local_window(tiled, 5, seed=39)
+    # Only whole packages: no partial folders are left behind.
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(
+        os.path.basename(p.path) for p in (first, wider, tiled))
+
+
+def test_compile_cache_can_be_turned_off(tmp_path, monkeypatch):
+    """ATTN_CACHE=0, cache=False and an explicit out_dir compile every time,
+    and leave the cache folder alone; a failed compile caches nothing."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ATTN_CACHE_DIR", str(cache))
+    a = attn.compile(CACHED_SPEC, cache=False)
+    monkeypatch.setenv("ATTN_CACHE", "0")
+    b = attn.compile(CACHED_SPEC)
+    monkeypatch.delenv("ATTN_CACHE")
+    c = attn.compile(CACHED_SPEC, out_dir=str(tmp_path / "pkg"))
+    assert len({a.path, b.path, c.path}) == 3 and c.path == str(tmp_path / "pkg")
+    assert not cache.exists()
+    with pytest.raises(attn.AttnError, match=r"pattern.local.window: must be >= 1, got 0"):
+        attn.compile({"name": "bad", "head_dim": 8, "pattern": {"local": {"window": 0}}})
+    assert not cache.exists() or os.listdir(cache) == []
+
+
+def test_compile_cache_follows_the_compiler(tmp_path, monkeypatch):
+    """Another compiler binary (another path, or the same one rebuilt: a new
+    modification time) compiles anew rather than reusing what the old one
+    wrote."""
+    monkeypatch.setenv("ATTN_CACHE_DIR", str(tmp_path / "cache"))
+    attn._runtime()  # loaded from the real build before ATTN_BUILD_DIR moves
+    first = attn.compile(CACHED_SPEC)
+    copy = tmp_path / "build" / "bin" / "attn-compile"
+    copy.parent.mkdir(parents=True)
+    shutil.copy2(attn._tool("attn-compile"), copy)
+    monkeypatch.setenv("ATTN_BUILD_DIR", str(tmp_path / "build"))
+    second = attn.compile(CACHED_SPEC)
+    st = os.stat(copy)
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = attn.compile(CACHED_SPEC)
+    assert len({first.path, second.path, third.path}) == 3
+    _check_local_window(third, 5, seed=42)

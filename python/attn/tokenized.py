@@ -262,8 +262,10 @@ class TokenizedAttention:
     is called only with the ids this rank owns (id % nranks == rank).
     `last_stats` describes the last call: positions, unique ids and, with
     nranks > 1, the bytes received against fetching every position's rows.
-    Packages are compiled on first use (into `package_dir` if given, where
-    later instances load them).
+    Packages are compiled on first use: into `package_dir` if given, where
+    later instances load them, else through attn.compile's package cache,
+    so that later instances and processes with the same shapes load them
+    too.
     """
 
     def __init__(self, batch_size, sequence_length, nranks, embedding_fn, dedup=True,

@@ -70,6 +70,8 @@ void load() {
       d.cuTensorMapEncodeTiled)>(dlsym(lib, "cuTensorMapEncodeTiled"));
   d.cuLaunchKernelEx = reinterpret_cast<decltype(d.cuLaunchKernelEx)>(
       dlsym(lib, "cuLaunchKernelEx"));
+  d.cuStreamIsCapturing = reinterpret_cast<decltype(d.cuStreamIsCapturing)>(
+      dlsym(lib, "cuStreamIsCapturing"));
   CUresult rc = d.cuInit(0);
   if (rc != CUDA_SUCCESS) {
     loadError = describe(d, rc, "cuInit") +

@@ -11,6 +11,7 @@
 
 #include "attn/Runtime/CudaDriver.h"
 
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -82,10 +83,21 @@ struct GpuModule {
   // Device scratch, grown on demand.
   CUdeviceptr scratch = 0;
   size_t scratchBytes = 0;
+  /// Host-side state (scratch, tensor maps, the events below) is touched by
+  /// one call at a time: calls from several threads take turns queueing
+  /// their launches.
+  std::mutex mutex;
+  /// Packages whose kernels pass a state through the scratch (needsState):
+  /// the end of the last call's launches on `stateStream`, which a call on
+  /// another stream waits for before its kernels use the scratch.
+  CUevent stateDone = nullptr;
+  CUstream stateStream = nullptr;
 
   ~GpuModule() {
     for (CUevent e : stepMarks)
       d->cuEventDestroy(e);
+    if (stateDone)
+      d->cuEventDestroy(stateDone);
     if (ringScratch)
       d->cuMemFree(ringScratch);
     if (commStream)

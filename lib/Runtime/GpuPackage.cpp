@@ -469,6 +469,7 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   if (!prepareRun(d, q.data, k.data, v.data, out.data, error))
     return false;
   CUstream stream = static_cast<CUstream>(streamPtr);
+  std::lock_guard<std::mutex> lock(g.mutex);
   const int64_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2],
                 Lk = keys.ids ? keys.ids->shape[1] : k.shape[2],
                 D = q.shape[3];
@@ -526,6 +527,21 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   // `pairs` (batch, head) pairs at a time (all of its kernels, then the
   // next pairs), so that its later kernels find what the earlier ones read
   // and wrote for those pairs in L2.
+  // The state between the kernels lives in the package's scratch: a call on
+  // another stream than the last one waits for that call's kernels, so
+  // that two streams never share it at once. (A stream capturing a CUDA
+  // graph neither waits nor records: its launches run at replay time.)
+  int captureStatus = 0;
+  if (d.cuStreamIsCapturing)
+    d.cuStreamIsCapturing(stream, &captureStatus);
+  const bool orderState = g.needsState && captureStatus == 0;
+  if (orderState && g.stateDone && g.stateStream != stream) {
+    CUresult rc = d.cuStreamWaitEvent(stream, g.stateDone, 0);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "ordering after the previous call's stream");
+      return false;
+    }
+  }
   const int64_t pairs = pairsPerLaunch(g, args);
   for (int64_t first = 0; first < B * H; first += pairs) {
     args.bhOffset = first;
@@ -534,6 +550,18 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
       if (!launchKernel(g, g.kernels[i], args, stream, error,
                         /*dependent=*/g.dependentLaunch && (i > 0 || first > 0)))
         return false;
+  }
+  if (orderState) {
+    constexpr unsigned kDisableTiming = 0x2; // CU_EVENT_DISABLE_TIMING
+    CUresult rc = g.stateDone ? CUDA_SUCCESS
+                              : d.cuEventCreate(&g.stateDone, kDisableTiming);
+    if (rc == CUDA_SUCCESS)
+      rc = d.cuEventRecord(g.stateDone, stream);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "recording the end of the call");
+      return false;
+    }
+    g.stateStream = stream;
   }
   return true;
 }

@@ -426,3 +426,52 @@ def test_backward_through_a_package_raises():
     assert out.requires_grad and torch.equal(out.detach(), want)
     with pytest.raises(attn.AttnError, match="forward pass only"):
         out.float().sum().backward()
+
+
+@pytest.mark.parametrize("L", [1024, 8192])
+def test_calls_on_several_streams_keep_their_state_apart(L):
+    """A multi-kernel package (strided: its kernels pass a state through the
+    package's device scratch) called on four streams without waiting in
+    between, and from three host threads with a stream each, gives every
+    call the output it gives alone: a call waits for the previous call on
+    another stream before its kernels use the scratch."""
+    import threading
+    pkg = attn.load(os.path.join(PKGS, "bench_strided"))
+    gen = torch.Generator().manual_seed(3)
+    inputs = [tuple(torch.randn(1, 16, L, 128, generator=gen).to("cuda", torch.bfloat16)
+                    for _ in range(3)) for _ in range(4)]
+    alone = [pkg(*x).clone() for x in inputs]
+    torch.cuda.synchronize()
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for rnd in range(10):
+        for i, x in enumerate(inputs):
+            with torch.cuda.stream(streams[(i + rnd) % len(streams)]):
+                outs.append((i, pkg(*x)))
+    torch.cuda.synchronize()
+    for i, out in outs:
+        assert torch.equal(out, alone[i]), f"input {i}: output differs on several streams"
+
+    errors = []
+
+    def worker(t):
+        stream = torch.cuda.Stream()
+        try:
+            with torch.cuda.stream(stream):
+                for rnd in range(5):
+                    i = (t + rnd) % len(inputs)
+                    out = pkg(*inputs[i])
+                    stream.synchronize()
+                    if not torch.equal(out, alone[i]):
+                        errors.append(f"thread {t}, input {i}: output differs")
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(f"thread {t}: {e!r}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -134,6 +134,9 @@ struct Driver {
       const unsigned long long *globalStrides, const unsigned *boxDim,
       const unsigned *elementStrides, int interleave, int swizzle,
       int l2Promotion, int oobFill) = nullptr;
+  /// Whether a stream is capturing a CUDA graph (status 0: not capturing);
+  /// null where the driver lacks it.
+  CUresult (*cuStreamIsCapturing)(CUstream, int *) = nullptr;
   /// CUDA 12 and newer; null on older drivers (kernels then launch one
   /// after the other without programmatic dependent launch).
   CUresult (*cuLaunchKernelEx)(const LaunchConfig *, CUfunction, void **,

@@ -3,7 +3,10 @@
  * Load a compiled attention package and run it on caller-owned buffers. No
  * MLIR or LLVM dependency; usable from C, Python (ctypes) and other hosts.
  * Every call returns ATTN_OK or an error code; attn_last_error() then says
- * what was wrong (thread-local).
+ * what was wrong (thread-local). A loaded package may be run from several
+ * threads and on several streams at once (docs/Package.md: calls take
+ * turns queueing, and packages that keep a state between their kernels
+ * order their calls across streams).
  *
  *===----------------------------------------------------------------------===*/
 

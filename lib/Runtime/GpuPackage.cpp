@@ -532,7 +532,7 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   // that two streams never share it at once. (A stream capturing a CUDA
   // graph neither waits nor records: its launches run at replay time.)
   int captureStatus = 0;
-  if (d.cuStreamIsCapturing)
+  if (g.needsState && d.cuStreamIsCapturing)
     d.cuStreamIsCapturing(stream, &captureStatus);
   const bool orderState = g.needsState && captureStatus == 0;
   if (orderState && g.stateDone && g.stateStream != stream) {

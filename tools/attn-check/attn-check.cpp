@@ -18,9 +18,11 @@
 
 #include "mlir/IR/MLIRContext.h"
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <sstream>
 
@@ -34,12 +36,43 @@ static int fail(const std::string &message) {
   return 2;
 }
 
+static const char *kUsage =
+    "usage: attn-check PKG [--seed N] [--q-len N] [--kv-len N] "
+    "[--lengths a,b,...] [--tol T] [--time]\n"
+    "\n"
+    "Runs a cpu package on fresh random inputs (outputs poisoned with NaN)\n"
+    "and compares it with the float64 reference; prints PASS or FAIL and\n"
+    "exits 0 or 1 (2 on bad arguments).\n"
+    "\n"
+    "  --seed N          random inputs from seed N (default 1)\n"
+    "  --q-len N         query rows, for specs with dynamic lengths\n"
+    "  --kv-len N        key rows (default: --q-len)\n"
+    "  --lengths a,b,..  valid lengths per batch (default: random)\n"
+    "  --tol T           largest relative error that passes (default 1e-5)\n"
+    "  --time            also print the run's milliseconds\n";
+
+/// `text` as a whole number >= `min`, or an error naming `option`.
+static bool parseInt(const std::string &option, const std::string &text,
+                     int64_t min, int64_t &value, std::string &error) {
+  char *end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || *end || errno || v < min) {
+    error = option + " takes a whole number >= " + std::to_string(min) +
+            ", got \"" + text + "\"";
+    return false;
+  }
+  value = v;
+  return true;
+}
+
 int main(int argc, char **argv) {
   std::string pkgDir, lengthsArg;
   unsigned seed = 1;
   int64_t qLenArg = 0, kvLenArg = 0;
   double tol = 1e-5;
   bool time = false;
+  std::string error;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -49,20 +82,39 @@ int main(int argc, char **argv) {
       }
       return argv[++i];
     };
-    if (a == "--seed") seed = std::stoul(value());
-    else if (a == "--q-len") qLenArg = std::stoll(value());
-    else if (a == "--kv-len") kvLenArg = std::stoll(value());
-    else if (a == "--lengths") lengthsArg = value();
-    else if (a == "--tol") tol = std::stod(value());
-    else if (a == "--time") time = true;
-    else if (a.rfind("--", 0) == 0) return fail("unknown option " + a);
-    else pkgDir = a;
+    int64_t n = 0;
+    if (a == "-h" || a == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else if (a == "--seed") {
+      if (!parseInt(a, value(), 0, n, error))
+        return fail(error);
+      seed = unsigned(n);
+    } else if (a == "--q-len" || a == "--kv-len") {
+      if (!parseInt(a, value(), 1, n, error))
+        return fail(error);
+      (a == "--q-len" ? qLenArg : kvLenArg) = n;
+    } else if (a == "--lengths") {
+      lengthsArg = value();
+    } else if (a == "--tol") {
+      std::string text = value();
+      char *end = nullptr;
+      tol = std::strtod(text.c_str(), &end);
+      if (text.empty() || *end || !(tol > 0))
+        return fail("--tol takes a positive number, got \"" + text + "\"");
+    } else if (a == "--time") {
+      time = true;
+    } else if (a.rfind("--", 0) == 0) {
+      return fail("unknown option " + a + " (attn-check --help lists them)");
+    } else {
+      pkgDir = a;
+    }
   }
-  if (pkgDir.empty())
-    return fail("usage: attn-check PKG [--seed N] [--q-len N] [--kv-len N] "
-                "[--lengths a,b,..] [--tol T] [--time]");
+  if (pkgDir.empty()) {
+    std::fputs(kUsage, stderr);
+    return 2;
+  }
 
-  std::string error;
   auto pkg = Package::load(pkgDir, error);
   if (!pkg)
     return fail(error);
@@ -94,8 +146,12 @@ int main(int argc, char **argv) {
     if (!lengthsArg.empty()) {
       std::stringstream ss(lengthsArg);
       std::string item;
-      while (std::getline(ss, item, ','))
-        lengths.push_back(std::stoll(item));
+      while (std::getline(ss, item, ',')) {
+        int64_t n = 0;
+        if (!parseInt("--lengths", item, 0, n, error))
+          return fail(error);
+        lengths.push_back(n);
+      }
     } else {
       std::uniform_int_distribution<int64_t> len(0, std::min(s.qLen, s.kLen));
       for (int64_t b = 0; b < s.batch; ++b)

@@ -37,26 +37,29 @@ using namespace mlir;
 using namespace mlir::attn;
 namespace cl = llvm::cl;
 
+// attn-compile's own options; --help lists only these (--help-hidden also
+// lists the LLVM and MLIR options linked into the tool).
+static cl::OptionCategory attnCategory("attn-compile options");
 static cl::opt<std::string> specFile(cl::Positional, cl::desc("<spec.json>"),
-                                     cl::Required);
+                                     cl::Required, cl::cat(attnCategory));
 static cl::opt<std::string>
     outPath("o", cl::desc("Package directory (or output file with --emit)"),
-            cl::value_desc("path"), cl::init(""));
+            cl::value_desc("path"), cl::init(""), cl::cat(attnCategory));
 static cl::opt<std::string> emit(
     "emit",
     cl::desc("Print the IR after a stage instead of building a package: "
              "mlir, decomposed, ring (distributed specs), tiled, fused, llvm, "
              "llvm-ir (cpu); "
              "mlir, decomposed, kernels, ptx (sm_90a, sm_80)"),
-    cl::init(""));
+    cl::init(""), cl::cat(attnCategory));
 static cl::opt<std::string>
     targetOpt("target", cl::desc("cpu, sm_90a or sm_80 (default: the spec's "
                                  "target.arch, else cpu)"),
-              cl::init(""));
-static cl::opt<int64_t> qTileOpt("q-tile", cl::desc("Rows per tile"),
-                                 cl::init(0));
-static cl::opt<int64_t> kvTileOpt("kv-tile", cl::desc("Keys per tile"),
-                                  cl::init(0));
+              cl::init(""), cl::cat(attnCategory));
+static cl::opt<int64_t> qTileOpt("q-tile", cl::desc("Rows per tile (cpu)"),
+                                 cl::init(0), cl::cat(attnCategory));
+static cl::opt<int64_t> kvTileOpt("kv-tile", cl::desc("Keys per tile (cpu)"),
+                                  cl::init(0), cl::cat(attnCategory));
 static cl::opt<bool> warpSpecialize(
     "warp-specialize",
     cl::desc("sm_90a: components whose rows attend many contiguous keys "
@@ -64,9 +67,9 @@ static cl::opt<bool> warpSpecialize(
              "and three consumer warpgroups that overlap the softmax with "
              "the MMAs (docs/passes/convert-attn-to-gpu.md); on by default, "
              "--warp-specialize=false turns it off"),
-    cl::init(true));
+    cl::init(true), cl::cat(attnCategory));
 static cl::opt<bool> quiet("quiet", cl::desc("No progress messages"),
-                           cl::init(false));
+                           cl::init(false), cl::cat(attnCategory));
 
 static int fail(const std::string &message) {
   llvm::errs() << specFile << ": error: " << message << "\n";
@@ -75,7 +78,12 @@ static int fail(const std::string &message) {
 
 int main(int argc, char **argv) {
   llvm::InitLLVM init(argc, argv);
-  cl::ParseCommandLineOptions(argc, argv, "attn spec compiler\n");
+  cl::HideUnrelatedOptions(attnCategory);
+  cl::ParseCommandLineOptions(
+      argc, argv,
+      "attn spec compiler: a JSON spec (docs/SpecFormat.md) to a package for "
+      "the cpu, sm_90a or sm_80 target (docs/Package.md), or its IR after a "
+      "stage with --emit\n");
 
   std::string error;
   auto file = openInputFile(specFile, &error);

@@ -31,11 +31,27 @@
 
 using namespace attn::runtime;
 
+static const char *kUsage =
+    "usage: attn-run PKG --q q.npy --k k.npy --v v.npy "
+    "[--lengths len.npy] -o out.npy [--lse lse.npy] "
+    "[--device cpu|cuda] [--repeat N] [--nranks N]\n"
+    "\n"
+    "Runs a package on inputs from .npy files and writes its output.\n"
+    "\n"
+    "  --q, --k, --v F   float32 q [B,H,Lq,D], k and v [B,Hkv,Lk,D]\n"
+    "                    (converted to a GPU package's bf16 or f16)\n"
+    "  --lengths F       valid lengths per batch (int32 or int64), for\n"
+    "                    packages compiled with lengths\n"
+    "  -o, --out F       the output [B,H,Lq,D]\n"
+    "  --lse F           also the log-sum-exp [B,H,Lq]\n"
+    "  --device D        cpu or cuda (default: the package's target)\n"
+    "  --repeat N        run N times and print the best time\n"
+    "  --nranks N        ring packages: their number of ranks, run as one\n"
+    "                    process per GPU (cuda) or in this process (cpu)\n";
+
+/// The usage text on stderr, for a command line that cannot run.
 static int usage() {
-  std::fprintf(stderr,
-               "usage: attn-run PKG --q q.npy --k k.npy --v v.npy "
-               "[--lengths len.npy] -o out.npy [--lse lse.npy] "
-               "[--device cpu|cuda] [--repeat N] [--nranks N]\n");
+  std::fputs(kUsage, stderr);
   return 2;
 }
 
@@ -170,7 +186,7 @@ int main(int argc, char **argv) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "-h" || a == "--help")
-      return usage(), 0;
+      return std::fputs(kUsage, stdout), 0;
     if (a == "-o")
       a = "--out";
     if (a.rfind("--", 0) == 0) {

@@ -72,6 +72,10 @@ void load() {
       dlsym(lib, "cuLaunchKernelEx"));
   d.cuStreamIsCapturing = reinterpret_cast<decltype(d.cuStreamIsCapturing)>(
       dlsym(lib, "cuStreamIsCapturing"));
+  d.cuMemAllocAsync = reinterpret_cast<decltype(d.cuMemAllocAsync)>(
+      dlsym(lib, "cuMemAllocAsync"));
+  d.cuMemFreeAsync = reinterpret_cast<decltype(d.cuMemFreeAsync)>(
+      dlsym(lib, "cuMemFreeAsync"));
   CUresult rc = d.cuInit(0);
   if (rc != CUDA_SUCCESS) {
     loadError = describe(d, rc, "cuInit") +

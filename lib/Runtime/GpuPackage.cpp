@@ -485,12 +485,32 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
                    : (size_t(rows) * D * g.stateElementBytes + 255) / 256 * 256;
   size_t stateBytes = g.needsState ? accBytes + size_t(rows) * 2 * 4 : 0;
   size_t need = lseBytes + stateBytes;
-  if (!growDeviceBuffer(d, g.scratch, g.scratchBytes, need,
-                        "device scratch (state/LSE)", error))
-    return false;
+  // A call captured in a CUDA graph takes scratch the graph owns (allocated
+  // and freed on the capturing stream: graph memory nodes), so that even a
+  // first call can be captured and replays never share the scratch of
+  // eager calls; other calls use the package's scratch.
+  int captureStatus = 0;
+  if (need > 0 && d.cuStreamIsCapturing)
+    d.cuStreamIsCapturing(stream, &captureStatus);
+  const bool capturing = captureStatus != 0;
+  const bool graphScratch = capturing && d.cuMemAllocAsync && d.cuMemFreeAsync;
+  CUdeviceptr scratch = 0;
+  if (graphScratch) {
+    CUresult rc = d.cuMemAllocAsync(&scratch, need, stream);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "allocating " + std::to_string(need) +
+                                  " bytes of scratch in the captured graph");
+      return false;
+    }
+  } else {
+    if (!growDeviceBuffer(d, g.scratch, g.scratchBytes, need,
+                          "device scratch (state/LSE)", error))
+      return false;
+    scratch = g.scratch;
+  }
   CUdeviceptr lsePtr = lse ? CUdeviceptr(uintptr_t(lse->data))
-                           : (lseBytes ? g.scratch : 0);
-  CUdeviceptr state = g.needsState ? g.scratch + lseBytes : 0;
+                           : (lseBytes ? scratch : 0);
+  CUdeviceptr state = g.needsState ? scratch + lseBytes : 0;
   CUdeviceptr acc = state && !g.stateInOut ? state : 0;
   CUdeviceptr mx = state ? state + accBytes : 0;
   CUdeviceptr sm = state ? mx + size_t(rows) * 4 : 0;
@@ -529,12 +549,9 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   // and wrote for those pairs in L2.
   // The state between the kernels lives in the package's scratch: a call on
   // another stream than the last one waits for that call's kernels, so
-  // that two streams never share it at once. (A stream capturing a CUDA
-  // graph neither waits nor records: its launches run at replay time.)
-  int captureStatus = 0;
-  if (g.needsState && d.cuStreamIsCapturing)
-    d.cuStreamIsCapturing(stream, &captureStatus);
-  const bool orderState = g.needsState && captureStatus == 0;
+  // that two streams never share it at once. (A captured call has scratch
+  // of its own and neither waits nor records.)
+  const bool orderState = g.needsState && !capturing;
   if (orderState && g.stateDone && g.stateStream != stream) {
     CUresult rc = d.cuStreamWaitEvent(stream, g.stateDone, 0);
     if (rc != CUDA_SUCCESS) {
@@ -550,6 +567,13 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
       if (!launchKernel(g, g.kernels[i], args, stream, error,
                         /*dependent=*/g.dependentLaunch && (i > 0 || first > 0)))
         return false;
+  }
+  if (graphScratch) {
+    CUresult rc = d.cuMemFreeAsync(scratch, stream);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "freeing the captured graph's scratch");
+      return false;
+    }
   }
   if (orderState) {
     constexpr unsigned kDisableTiming = 0x2; // CU_EVENT_DISABLE_TIMING

@@ -137,6 +137,10 @@ struct Driver {
   /// Whether a stream is capturing a CUDA graph (status 0: not capturing);
   /// null where the driver lacks it.
   CUresult (*cuStreamIsCapturing)(CUstream, int *) = nullptr;
+  /// Stream-ordered allocation (CUDA 11.2 and newer; null on older
+  /// drivers): inside a stream capture, memory the graph owns.
+  CUresult (*cuMemAllocAsync)(CUdeviceptr *, size_t, CUstream) = nullptr;
+  CUresult (*cuMemFreeAsync)(CUdeviceptr, CUstream) = nullptr;
   /// CUDA 12 and newer; null on older drivers (kernels then launch one
   /// after the other without programmatic dependent launch).
   CUresult (*cuLaunchKernelEx)(const LaunchConfig *, CUfunction, void **,

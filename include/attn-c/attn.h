@@ -57,6 +57,10 @@ void attn_package_free(attn_package *package);
 /* The package's target ("cpu", "sm_90a", ...) and whether it reads lengths
  * and writes the log-sum-exp. */
 const char *attn_package_target(const attn_package *package);
+/* GPU packages: the device they were loaded on (the CUDA context current at
+ * load, or else device 0's primary context); their kernels run only in that
+ * context, so load a package once per GPU. -1 for cpu packages. */
+int attn_package_device(const attn_package *package);
 int attn_package_uses_lengths(const attn_package *package);
 int attn_package_has_lse(const attn_package *package);
 

@@ -87,6 +87,9 @@ void attn_package_free(attn_package *package) { delete package; }
 const char *attn_package_target(const attn_package *package) {
   return package ? package->impl->target().c_str() : "";
 }
+int attn_package_device(const attn_package *package) {
+  return package ? package->impl->device() : -1;
+}
 int attn_package_uses_lengths(const attn_package *package) {
   return package && package->impl->usesLengths();
 }

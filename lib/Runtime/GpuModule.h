@@ -52,6 +52,10 @@ struct GpuModule {
   std::vector<CUevent> stepMarks;
   CUstream commStream = nullptr;
   CUmodule module = nullptr;
+  /// The CUDA context the module was loaded in, and its device: kernels run
+  /// only there (checkContext).
+  CUcontext context = nullptr;
+  int device = -1;
   std::vector<GpuKernel> kernels; // in launch order
   bool needsState = false;
   /// Bytes per acc element of the state (4: f32 O, 2: O / l in 16 bits).
@@ -122,6 +126,12 @@ bool growDeviceBuffer(const Driver &d, CUdeviceptr &buffer, size_t &bytes,
 /// cause, otherwise.
 bool prepareRun(const Driver &d, const void *q, const void *k, const void *v,
                 const void *out, std::string &error);
+
+/// Whether the calling thread's current CUDA context is the one package
+/// `name` was loaded in; false, with an error saying to load the package
+/// once per GPU, otherwise.
+bool checkContext(const GpuModule &g, const std::string &name,
+                  std::string &error);
 
 /// One kernel launch: device pointers (0 = absent), shapes and positions.
 struct KernelArgs {

@@ -50,6 +50,8 @@ using json = nlohmann::json;
 
 Package::Package() = default;
 
+int Package::device() const { return gpu_ ? gpu_->device : -1; }
+
 Package::~Package() {
   gpu_.reset();
   if (library_)
@@ -119,6 +121,8 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   CUdevice dev;
   int major = 0, minor = 0;
   d.cuCtxGetDevice(&dev);
+  d.cuCtxGetCurrent(&g.context);
+  g.device = dev;
   d.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
                          dev);
   d.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
@@ -209,6 +213,23 @@ bool attn::runtime::growDeviceBuffer(const Driver &d, CUdeviceptr &buffer,
   if (grown)
     *grown = true;
   return true;
+}
+
+bool attn::runtime::checkContext(const GpuModule &g, const std::string &name,
+                                 std::string &error) {
+  CUcontext current = nullptr;
+  g.d->cuCtxGetCurrent(&current);
+  if (current == g.context)
+    return true;
+  CUdevice dev = -1;
+  g.d->cuCtxGetDevice(&dev);
+  error = "package " + name + " was loaded on GPU " + std::to_string(g.device) +
+          " (in its CUDA context), but this call runs " +
+          (dev == g.device ? "in another CUDA context of that GPU"
+                           : "on GPU " + std::to_string(dev)) +
+          ": load the package once per GPU and context (Python packages "
+          "load themselves again for each GPU their tensors are on)";
+  return false;
 }
 
 bool attn::runtime::prepareRun(const Driver &d, const void *q, const void *k,
@@ -466,7 +487,8 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
                      std::string &error, void *streamPtr, KeyInputs keys) {
   GpuModule &g = *gpu_;
   const Driver &d = *g.d;
-  if (!prepareRun(d, q.data, k.data, v.data, out.data, error))
+  if (!prepareRun(d, q.data, k.data, v.data, out.data, error) ||
+      !checkContext(g, name_, error))
     return false;
   CUstream stream = static_cast<CUstream>(streamPtr);
   std::lock_guard<std::mutex> lock(g.mutex);

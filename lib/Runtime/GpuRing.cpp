@@ -50,7 +50,8 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
                          void *streamPtr) {
   GpuModule &g = *gpu_;
   const Driver &d = *g.d;
-  if (!prepareRun(d, q.data, k.data, v.data, out.data, error)) {
+  if (!prepareRun(d, q.data, k.data, v.data, out.data, error) ||
+      !checkContext(g, name_, error)) {
     transport.abort(error); // the other ranks must not wait for this one
     return false;
   }

@@ -94,6 +94,8 @@ def _runtime():
         lib.attn_package_has_lse.argtypes = [ctypes.c_void_p]
         lib.attn_package_target.argtypes = [ctypes.c_void_p]
         lib.attn_package_target.restype = ctypes.c_char_p
+        lib.attn_package_device.argtypes = [ctypes.c_void_p]
+        lib.attn_package_device.restype = ctypes.c_int
         lib.attn_package_run.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
         lib.attn_package_run_biased.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 7
         lib.attn_package_uses_key_bias.argtypes = [ctypes.c_void_p]
@@ -182,6 +184,11 @@ class Package:
         self.uses_key_ids = bool(lib.attn_package_uses_key_ids(handle))
         self.has_lse = bool(lib.attn_package_has_lse(handle))
         self.ranks = int(lib.attn_package_ranks(handle))  # 0: not a ring package
+        # GPU kernels run only in the CUDA context they were loaded in: the
+        # package loads itself again for each further GPU its tensors are on.
+        self._device_handles = {}
+        if self.target != "cpu":
+            self._device_handles[lib.attn_package_device(handle)] = handle
         self.bytes_sent = None
         self._id = next(_next_id)
         _registry[self._id] = self
@@ -189,9 +196,29 @@ class Package:
             from . import _torchop  # noqa: F401  (registers attn::run for torch.compile)
 
     def __del__(self):
-        if getattr(self, "_handle", None) and _lib is not None:
+        if _lib is None:
+            return
+        for handle in getattr(self, "_device_handles", {}).values():
+            if handle is not getattr(self, "_handle", None):
+                _lib.attn_package_free(handle)
+        self._device_handles = {}
+        if getattr(self, "_handle", None):
             _lib.attn_package_free(self._handle)
             self._handle = None
+
+    def _handle_on(self, device):
+        """The runtime's package loaded on CUDA device `device` (an index),
+        loading it there on first use."""
+        handle = self._device_handles.get(device)
+        if handle is None:
+            import torch
+            handle = ctypes.c_void_p()
+            lib = _runtime()
+            with torch.cuda.device(device):
+                if lib.attn_package_load(self.path.encode(), ctypes.byref(handle)) != 0:
+                    raise AttnError(lib.attn_last_error().decode())
+            self._device_handles[device] = handle
+        return handle
 
     def __call__(self, q, k, v, lengths=None, return_lse=False, out=None, key_bias=None,
                  key_ids=None):
@@ -430,8 +457,8 @@ class Package:
         with torch.cuda.device(q.device):
             stream = ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream)
             p = t["ptrs"]
-            rc = lib.attn_package_run_keys(self._handle, *p[:4], t["bias"], t["ids"], *p[4:],
-                                           stream)
+            rc = lib.attn_package_run_keys(self._handle_on(q.device.index), *p[:4], t["bias"],
+                                           t["ids"], *p[4:], stream)
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         return (t["out"], t["lse"]) if return_lse else t["out"]

@@ -492,3 +492,54 @@ def test_calls_on_several_streams_keep_their_state_apart(L):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_a_call_in_another_context_is_refused():
+    """Kernels run only in the CUDA context their package was loaded in: a
+    call made while another context is current (here a second context of
+    the same GPU) is refused with an error that says to load the package
+    once per GPU and context, before anything is launched."""
+    import ctypes
+    pkg = attn.load(os.path.join(PKGS, "strided"))
+    case = next(c for c in gpu_cases.CASES if c["name"] == "strided")
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    q = torch.randn(B, H, 64, D, device="cuda").to(DTYPES[case["dtype"]])
+    k = torch.randn(B, Hkv, 64, D, device="cuda").to(q.dtype)
+    t = pkg._torch_args(q, k, k, None, False, None)
+    cuda = ctypes.CDLL("libcuda.so.1")
+    ctx = ctypes.c_void_p()
+    assert cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, torch.cuda.current_device()) == 0
+    try:
+        lib = attn._runtime()
+        p = t["ptrs"]
+        rc = lib.attn_package_run_keys(pkg._handle, *p[:4], t["bias"], t["ids"], *p[4:], None)
+        message = lib.attn_last_error().decode()
+    finally:
+        cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+        cuda.cuCtxDestroy_v2(ctx)
+    assert rc != 0
+    assert "was loaded on GPU" in message and "in another CUDA context of that GPU" in message
+    assert "load the package once per GPU" in message
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("name", ["strided", "causal_f16_gqa"])
+def test_one_package_on_two_gpus(name):
+    """A Python package loaded on one GPU runs on tensors of another: it
+    loads itself there on first use, and gives the same output and LSE on
+    both GPUs."""
+    case = next(c for c in gpu_cases.CASES if c["name"] == name)
+    with torch.cuda.device(0):
+        pkg = attn.load(os.path.join(PKGS, name))
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    gen = torch.Generator().manual_seed(29)
+    x = [torch.randn(B, h, 1000, D, generator=gen).to(dt) for h in (H, Hkv, Hkv)]
+    out0, lse0 = pkg(*(t.to("cuda:0") for t in x), return_lse=True)
+    out1, lse1 = pkg(*(t.to("cuda:1") for t in x), return_lse=True)
+    torch.cuda.synchronize(0)
+    torch.cuda.synchronize(1)
+    assert out1.device == torch.device("cuda:1")
+    assert torch.equal(out0.cpu(), out1.cpu()) and torch.equal(lse0.cpu(), lse1.cpu())
+    ref, _ = reference.attention(*(t.to("cuda:0") for t in x), case["pattern"], None)
+    assert (out1.to("cuda:0").double() - ref).abs().max().item() < TOL[case["dtype"]]

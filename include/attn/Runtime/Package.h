@@ -71,6 +71,10 @@ public:
   bool usesLengths() const;
   bool hasLse() const;
   bool isGpu() const { return target_ != "cpu"; }
+  /// GPU packages: the device whose CUDA context (the caller's current one
+  /// at load, or else device 0's primary context) holds the kernels; they
+  /// run only in that context. -1 for cpu packages.
+  int device() const;
   /// The ring schedule of a distributed package, else null.
   const RingProgram *ring() const { return ring_.get(); }
 

@@ -206,6 +206,19 @@ class Package:
             _lib.attn_package_free(self._handle)
             self._handle = None
 
+    # A package is compiled code and its runtime state: copies share it
+    # (copy.deepcopy of a model, say for an average of its weights, keeps
+    # using the one package), and a pickled package is its folder, loaded
+    # again when unpickled (torch.save of a module, multiprocessing).
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (Package, (self.path,))
+
     def _handle_on(self, device):
         """The runtime's package loaded on CUDA device `device` (an index),
         loading it there on first use."""

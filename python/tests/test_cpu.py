@@ -246,3 +246,22 @@ def test_compile_cache_follows_the_compiler(tmp_path, monkeypatch):
     third = attn.compile(CACHED_SPEC)
     assert len({first.path, second.path, third.path}) == 3
     _check_local_window(third, 5, seed=42)
+
+
+def test_packages_copy_and_pickle(tmp_path):
+    """copy.copy and copy.deepcopy (of a package, or of a model holding one)
+    share the package; pickling stores its folder and loads it again, and
+    the loaded package computes the same output."""
+    import copy
+    import pickle
+    pkg = attn.compile(CACHED_SPEC, out_dir=str(tmp_path / "pkg"))
+    model = {"attention": pkg, "weights": np.ones(3)}
+    clone = copy.deepcopy(model)
+    assert clone["attention"] is pkg and copy.copy(pkg) is pkg
+    assert clone["weights"] is not model["weights"]
+    again = pickle.loads(pickle.dumps(pkg))
+    assert again is not pkg and again.path == pkg.path
+    q, k, v = rand(1, 2, 30, 16, seed=50), rand(1, 2, 30, 16, seed=51), rand(1, 2, 30, 16, seed=52)
+    assert np.array_equal(again(q, k, v), pkg(q, k, v))
+    del pkg, clone, model  # the copies share one runtime handle: no double free
+    _check_local_window(again, 5, seed=53)

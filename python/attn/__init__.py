@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import weakref
 
 import numpy as np
@@ -36,6 +37,8 @@ class AttnError(RuntimeError):
 # package by this number inside torch.compile's graphs.
 _registry = weakref.WeakValueDictionary()
 _next_id = itertools.count()
+# Loads of a package on a further GPU (Package._handle_on).
+_load_lock = threading.Lock()
 
 
 def _torch_compiling():
@@ -225,12 +228,16 @@ class Package:
         handle = self._device_handles.get(device)
         if handle is None:
             import torch
-            handle = ctypes.c_void_p()
-            lib = _runtime()
-            with torch.cuda.device(device):
-                if lib.attn_package_load(self.path.encode(), ctypes.byref(handle)) != 0:
-                    raise AttnError(lib.attn_last_error().decode())
-            self._device_handles[device] = handle
+            with _load_lock:  # one load per device, whichever thread comes first
+                handle = self._device_handles.get(device)
+                if handle is None:
+                    handle = ctypes.c_void_p()
+                    lib = _runtime()
+                    with torch.cuda.device(device):
+                        if lib.attn_package_load(self.path.encode(),
+                                                 ctypes.byref(handle)) != 0:
+                            raise AttnError(lib.attn_last_error().decode())
+                    self._device_handles[device] = handle
         return handle
 
     def __call__(self, q, k, v, lengths=None, return_lse=False, out=None, key_bias=None,

@@ -24,7 +24,10 @@
 // init/finalize kernels are element-wise over B*H*Lq*D. The state (max and
 // sum; acc too unless the manifest says "state_in_out", where the kernels
 // keep O / l in out) and an LSE scratch buffer are device allocations owned
-// by the package and grown on demand.
+// by the package and grown on demand (a call captured in a CUDA graph takes
+// its own from the graph). Calls take turns queueing, and a package with a
+// state orders its calls across streams (runGpu); kernels run only in the
+// CUDA context the package was loaded in (checkContext).
 //
 //===----------------------------------------------------------------------===//
 
@@ -563,12 +566,6 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
     std::copy(q.strides.begin(), q.strides.begin() + 3, args.qStrides);
   if (!k.strides.empty())
     std::copy(k.strides.begin(), k.strides.begin() + 3, args.kStrides);
-  // Each kernel after the first may overlap the tail of the one before
-  // (programmatic dependent launch) where the package's kernels wait for
-  // their predecessor's results themselves. Such a package runs for
-  // `pairs` (batch, head) pairs at a time (all of its kernels, then the
-  // next pairs), so that its later kernels find what the earlier ones read
-  // and wrote for those pairs in L2.
   // The state between the kernels lives in the package's scratch: a call on
   // another stream than the last one waits for that call's kernels, so
   // that two streams never share it at once. (A captured call has scratch
@@ -581,6 +578,12 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
       return false;
     }
   }
+  // Each kernel after the first may overlap the tail of the one before
+  // (programmatic dependent launch) where the package's kernels wait for
+  // their predecessor's results themselves. Such a package runs for
+  // `pairs` (batch, head) pairs at a time (all of its kernels, then the
+  // next pairs), so that its later kernels find what the earlier ones read
+  // and wrote for those pairs in L2.
   const int64_t pairs = pairsPerLaunch(g, args);
   for (int64_t first = 0; first < B * H; first += pairs) {
     args.bhOffset = first;

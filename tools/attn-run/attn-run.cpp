@@ -22,8 +22,10 @@
 #include "attn/Runtime/Ring.h"
 
 #include <chrono>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <algorithm>
 #include <cstring>
 #include <map>
@@ -212,9 +214,28 @@ int main(int argc, char **argv) {
   std::string device = opts["--device"];
   if (device != "cpu" && device != "cuda" && device != "auto")
     return fail("--device must be cpu or cuda, got " + device);
-  int repeat = std::atoi(opts["--repeat"].c_str());
-  if (repeat < 1)
-    return fail("--repeat must be >= 1");
+  // Whole numbers >= 1, or an error naming the option (not atoi's 0 for
+  // "x" or 5 for "5x").
+  auto count = [&](const char *option, int64_t &value) {
+    const std::string &text = opts[option];
+    char *end = nullptr;
+    errno = 0;
+    long long v = std::strtoll(text.c_str(), &end, 10);
+    if (text.empty() || *end || errno || v < 1) {
+      fail(std::string(option) + " takes a whole number >= 1, got \"" + text +
+           "\"");
+      return false;
+    }
+    value = v;
+    return true;
+  };
+  int64_t repeats = 1, nranks = 0;
+  if (!count("--repeat", repeats) ||
+      (opts.count("--nranks") && !count("--nranks", nranks)))
+    return 1;
+  if (repeats > 1000000)
+    return fail("--repeat takes at most 1000000, got " + opts["--repeat"]);
+  const int repeat = int(repeats);
 
   std::string error, target;
   int64_t packageRanks = 0;
@@ -232,9 +253,7 @@ int main(int argc, char **argv) {
   if (opts.count("--nranks") && packageRanks == 0)
     return fail("--nranks given but package " + pkgDir +
                 " is not distributed (compile a spec with a \"distribution\" section)");
-  if (packageRanks > 0 &&
-      std::atoll(opts.count("--nranks") ? opts["--nranks"].c_str() : "0") !=
-          packageRanks)
+  if (packageRanks > 0 && nranks != packageRanks)
     return fail("package " + pkgDir + " is compiled for " +
                 std::to_string(packageRanks) + " ranks; pass --nranks " +
                 std::to_string(packageRanks));

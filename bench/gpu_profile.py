@@ -8,6 +8,12 @@ profiler to attach to (the DRAM/L2 figures in gpu_ab.md come from this):
 
 Each argument is a folder from scripts/build_gpu_packages.py; L and PAT pick
 the length and pattern (names as in gpu_bench.py).
+
+For traffic between kernels (what one kernel finds in L2 of what the one
+before it read or wrote) add `--replay-mode application`: ncu's default
+kernel replay saves and restores memory around each kernel's passes, and
+its DRAM figures then show no reuse between kernels at all (gpu_ab.md,
+"Rounds of half a pair").
 """
 import os
 import sys

@@ -541,7 +541,7 @@ def _cache_key(spec_text, target, q_tile, kv_tile, compiler):
     return h.hexdigest()[:24]
 
 
-def _run_compiler(compiler, spec_path, out_dir, target, q_tile, kv_tile, shown_path):
+def _run_compiler(compiler, spec_path, out_dir, target, q_tile, kv_tile):
     cmd = [compiler, spec_path, "-o", out_dir, "--target", target, "--quiet"]
     if q_tile:
         cmd += ["--q-tile", str(q_tile)]
@@ -549,7 +549,7 @@ def _run_compiler(compiler, spec_path, out_dir, target, q_tile, kv_tile, shown_p
         cmd += ["--kv-tile", str(kv_tile)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise AttnError(result.stderr.strip().replace(shown_path + ": ", ""))
+        raise AttnError(result.stderr.strip().replace(spec_path + ": ", ""))
 
 
 def _load_compiled(out_dir, target):
@@ -613,7 +613,7 @@ def compile(spec, out_dir=None, target="cpu", q_tile=None, kv_tile=None, cache=N
         with os.fdopen(fd, "w") as f:
             json.dump(spec, f)
     try:
-        _run_compiler(compiler, spec_path, out_dir, target, q_tile, kv_tile, spec_path)
+        _run_compiler(compiler, spec_path, out_dir, target, q_tile, kv_tile)
     except AttnError:
         if final:
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -15,10 +15,10 @@
 #include "attn/Pattern/Reference.h"
 #include "attn/Runtime/Package.h"
 #include "attn/Spec/Spec.h"
+#include "attn/Utils/WholeNumber.h"
 
 #include "mlir/IR/MLIRContext.h"
 
-#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -51,21 +51,6 @@ static const char *kUsage =
     "  --tol T           largest relative error that passes (default 1e-5)\n"
     "  --time            also print the run's milliseconds\n";
 
-/// `text` as a whole number >= `min`, or an error naming `option`.
-static bool parseInt(const std::string &option, const std::string &text,
-                     int64_t min, int64_t &value, std::string &error) {
-  char *end = nullptr;
-  errno = 0;
-  long long v = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || *end || errno || v < min) {
-    error = option + " takes a whole number >= " + std::to_string(min) +
-            ", got \"" + text + "\"";
-    return false;
-  }
-  value = v;
-  return true;
-}
-
 int main(int argc, char **argv) {
   std::string pkgDir, lengthsArg;
   unsigned seed = 1;
@@ -87,11 +72,11 @@ int main(int argc, char **argv) {
       std::fputs(kUsage, stdout);
       return 0;
     } else if (a == "--seed") {
-      if (!parseInt(a, value(), 0, n, error))
+      if (!::attn::parseWholeNumber(a, value(), 0, n, error))
         return fail(error);
       seed = unsigned(n);
     } else if (a == "--q-len" || a == "--kv-len") {
-      if (!parseInt(a, value(), 1, n, error))
+      if (!::attn::parseWholeNumber(a, value(), 1, n, error))
         return fail(error);
       (a == "--q-len" ? qLenArg : kvLenArg) = n;
     } else if (a == "--lengths") {
@@ -148,7 +133,7 @@ int main(int argc, char **argv) {
       std::string item;
       while (std::getline(ss, item, ',')) {
         int64_t n = 0;
-        if (!parseInt("--lengths", item, 0, n, error))
+        if (!::attn::parseWholeNumber("--lengths", item, 0, n, error))
           return fail(error);
         lengths.push_back(n);
       }

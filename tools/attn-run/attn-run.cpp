@@ -20,9 +20,9 @@
 #include "attn/Runtime/Npy.h"
 #include "attn/Runtime/Package.h"
 #include "attn/Runtime/Ring.h"
+#include "attn/Utils/WholeNumber.h"
 
 #include <chrono>
-#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -217,17 +217,11 @@ int main(int argc, char **argv) {
   // Whole numbers >= 1, or an error naming the option (not atoi's 0 for
   // "x" or 5 for "5x").
   auto count = [&](const char *option, int64_t &value) {
-    const std::string &text = opts[option];
-    char *end = nullptr;
-    errno = 0;
-    long long v = std::strtoll(text.c_str(), &end, 10);
-    if (text.empty() || *end || errno || v < 1) {
-      fail(std::string(option) + " takes a whole number >= 1, got \"" + text +
-           "\"");
-      return false;
-    }
-    value = v;
-    return true;
+    std::string message;
+    if (::attn::parseWholeNumber(option, opts[option], 1, value, message))
+      return true;
+    fail(message);
+    return false;
   };
   int64_t repeats = 1, nranks = 0;
   if (!count("--repeat", repeats) ||

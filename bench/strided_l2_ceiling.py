@@ -15,7 +15,7 @@ strided bench package (L = 32768, B=1, H=16, D=128, bf16) is timed on
 
 The outputs of the second call are not meaningful attention of distinct
 heads, only a timing. It then prints, for the first folder, the kernel
-timeline of one call (start and duration of the first round's kernels,
+timeline of one call (start and duration of its first six kernels,
 torch.profiler) for both inputs. If the aliasing call runs much faster, the
 rounds are bound by streaming a pair from DRAM in lockstep; if not, by the
 kernels themselves (bench/gpu_ab.md, "One-warpgroup blocks").
@@ -30,6 +30,8 @@ from torch.profiler import ProfilerActivity, profile
 import attn
 from gpu_patterns import B, D, H, dev, package_name, pairs
 
+if len(sys.argv) < 2:
+    sys.exit(__doc__)
 L = 32768
 torch.manual_seed(0)
 nnz = pairs("strided", L, None)
@@ -37,16 +39,15 @@ q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in ra
 aliased = tuple(t[:, :1].expand(B, H, L, D) for t in (q, k, v))
 inputs = (("distinct heads", (q, k, v)), ("heads aliasing one", aliased))
 
-if len(sys.argv) < 2:
-    sys.exit(__doc__)
-for folder in sys.argv[1:]:
-    pkg = attn.load(os.path.join(folder, package_name("strided", L)))
+pkgs = [attn.load(os.path.join(folder, package_name("strided", L)))
+        for folder in sys.argv[1:]]
+for folder, pkg in zip(sys.argv[1:], pkgs):
     for label, args in inputs:
         ms = tt.do_bench(lambda: pkg(*args), warmup=25, rep=200, return_mode="median")
         print(f"{folder:24s} {label:20s} {ms * 1e3:7.1f} us "
               f"{4 * nnz * D / ms / 1e9:6.1f} TF/s", flush=True)
 
-pkg = attn.load(os.path.join(sys.argv[1], package_name("strided", L)))
+pkg = pkgs[0]
 for label, args in inputs:
     pkg(*args)
     torch.cuda.synchronize()

@@ -52,6 +52,7 @@ def compile_spec(name, spec):
 
 for name, spec in specs:
     compile_spec(name, spec)
+compile_spec(gpu_cases.RING_ONE_RANK["name"], gpu_cases.RING_ONE_RANK)
 
 # The tokenized-attention packages of test_gpu.py and bench/tokenized_gpu.py
 # (TokenizedAttention loads them from this folder on the GPU machine).

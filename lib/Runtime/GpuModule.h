@@ -51,6 +51,11 @@ struct GpuModule {
   /// the end of every step (read by Package::stepMilliseconds).
   std::vector<CUevent> stepMarks;
   CUstream commStream = nullptr;
+  /// The end of the last runRank's work on its compute stream
+  /// (`ringStream`): a call on another stream waits for it before it
+  /// touches the ring's buffers.
+  CUevent ringDone = nullptr;
+  CUstream ringStream = nullptr;
   CUmodule module = nullptr;
   /// The CUDA context the module was loaded in, and its device: kernels run
   /// only there (checkContext).
@@ -100,6 +105,8 @@ struct GpuModule {
   ~GpuModule() {
     for (CUevent e : stepMarks)
       d->cuEventDestroy(e);
+    if (ringDone)
+      d->cuEventDestroy(ringDone);
     if (stateDone)
       d->cuEventDestroy(stateDone);
     if (ringScratch)

@@ -56,6 +56,18 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     return false;
   }
   CUstream stream = static_cast<CUstream>(streamPtr);
+  // Calls of this rank from several threads take turns queueing their work
+  // (the ring's buffers, its communication stream and its events serve one
+  // call at a time), and a call on another stream than the last one waits
+  // for that call's work first. (Each call is a collective: every rank must
+  // still make its calls in the same order.)
+  std::lock_guard<std::mutex> lock(g.mutex);
+  if (g.ringDone && g.ringStream != stream &&
+      d.cuStreamWaitEvent(stream, g.ringDone, 0) != CUDA_SUCCESS) {
+    error = "cannot order this call after the previous call's stream";
+    transport.abort(error);
+    return false;
+  }
   const RankSchedule &rs = ring_->schedule[transport.rank()];
   const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];
   const int64_t Hkv = k.shape[1], es = 2; // bf16 / f16 storage
@@ -366,6 +378,12 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   CUevent done = event();
   d.cuEventRecord(done, stream);
   d.cuStreamWaitEvent(cs, done, 0);
+  // The next call, if on another stream, waits for this one's end.
+  if (!g.ringDone)
+    d.cuEventCreate(&g.ringDone, CU_EVENT_DISABLE_TIMING);
+  if (g.ringDone)
+    d.cuEventRecord(g.ringDone, stream);
+  g.ringStream = stream;
   if (crc != CUDA_SUCCESS) {
     error = describe(d, crc, "a ring copy");
     return false;

@@ -44,6 +44,12 @@ CASES = [
     _spec("tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]}, batch=4),
 ]
 
+# A ring package of one rank (runs on one GPU; NCCL moves nothing): the
+# order of a rank's calls across streams and threads (test_gpu.py).
+RING_ONE_RANK = {"name": "ring_one_rank", "dtype": "bf16", "heads": 4, "head_dim": 64,
+                 "seq_len": 2048, "pattern": {"local": {"window": 300}},
+                 "distribution": {"ranks": 1, "layout": "zigzag"}}
+
 # Tokenized-attention layers (batch, heads, kv_heads, head_dim, seq_len) of
 # test_gpu.py and bench/tokenized_gpu.py: scripts/build_gpu_packages.py
 # compiles their keyed (dedup) and naive packages.

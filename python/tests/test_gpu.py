@@ -494,6 +494,67 @@ def test_calls_on_several_streams_keep_their_state_apart(L):
     assert not errors, errors
 
 
+def test_ring_rank_calls_on_several_streams_keep_their_buffers_apart():
+    """A GPU ring package's rank (one rank: its two zigzag pieces still go
+    through the ring's buffers and state) called on three streams without
+    waiting in between, and from three host threads with a stream each,
+    gives every call the output it gives alone: its calls take turns
+    queueing, and a call on another stream waits for the previous one."""
+    import threading
+
+    import torch.distributed as dist
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        spec = gpu_cases.RING_ONE_RANK
+        pkg = attn.load(os.path.join(PKGS, spec["name"]))
+        pkg.join()
+        gen = torch.Generator().manual_seed(5)
+        H, L, D = spec["heads"], spec["seq_len"], spec["head_dim"]
+        inputs = [tuple(pkg.shard(torch.randn(1, H, L, D, generator=gen).to("cuda", torch.bfloat16))
+                        for _ in range(3)) for _ in range(3)]
+        alone = [pkg.run_rank(*x).clone() for x in inputs]
+        whole, _ = reference.attention(*(pkg.unshard([t]) for t in inputs[0]), spec["pattern"])
+        got = pkg.unshard([alone[0]]).float()
+        assert (got - whole).abs().max().item() < TOL["bf16"] * (1 + whole.abs().max().item())
+        streams = [torch.cuda.Stream() for _ in range(3)]
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+        outs = []
+        for rnd in range(6):
+            for i, x in enumerate(inputs):
+                with torch.cuda.stream(streams[(i + rnd) % len(streams)]):
+                    outs.append((i, pkg.run_rank(*x, wait=False)))
+        torch.cuda.synchronize()
+        for i, out in outs:
+            assert torch.equal(out, alone[i]), f"input {i}: output differs on several streams"
+
+        errors = []
+
+        def worker(t):
+            stream = torch.cuda.Stream()
+            try:
+                with torch.cuda.stream(stream):
+                    for rnd in range(4):
+                        i = (t + rnd) % len(inputs)
+                        out = pkg.run_rank(*inputs[i])
+                        if not torch.equal(out, alone[i]):
+                            errors.append(f"thread {t}, input {i}: output differs")
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(f"thread {t}: {e!r}")
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
 def test_a_call_in_another_context_is_refused():
     """Kernels run only in the CUDA context their package was loaded in: a
     call made while another context is current (here a second context of

@@ -448,6 +448,8 @@ bool Package::stepMilliseconds(std::vector<float> &ms, std::string &error) {
     return false;
   }
   const Driver &d = *gpu_->d;
+  // (The marks of the last call of any thread: a call replaces them.)
+  std::lock_guard<std::mutex> lock(gpu_->mutex);
   const std::vector<CUevent> &marks = gpu_->stepMarks;
   for (size_t i = 1; i < marks.size(); ++i) {
     float t = 0;

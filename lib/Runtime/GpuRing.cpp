@@ -62,11 +62,13 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   // for that call's work first. (Each call is a collective: every rank must
   // still make its calls in the same order.)
   std::lock_guard<std::mutex> lock(g.mutex);
-  if (g.ringDone && g.ringStream != stream &&
-      d.cuStreamWaitEvent(stream, g.ringDone, 0) != CUDA_SUCCESS) {
-    error = "cannot order this call after the previous call's stream";
-    transport.abort(error);
-    return false;
+  if (g.ringDone && g.ringStream != stream) {
+    CUresult rc = d.cuStreamWaitEvent(stream, g.ringDone, 0);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "ordering after the previous call's stream");
+      transport.abort(error); // the other ranks must not wait for this one
+      return false;
+    }
   }
   const RankSchedule &rs = ring_->schedule[transport.rank()];
   const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];
@@ -373,16 +375,15 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
       }
     }
   }
-  // The next call's comm stream work must not overwrite buffers this call's
-  // kernels still read: the comm stream waits for the compute stream's end.
-  CUevent done = event();
-  d.cuEventRecord(done, stream);
-  d.cuStreamWaitEvent(cs, done, 0);
-  // The next call, if on another stream, waits for this one's end.
+  // The end of this call on the compute stream: the next call's comm
+  // stream work must not overwrite buffers this call's kernels still read
+  // (the comm stream waits for it), nor may the next call's compute stream,
+  // if another (it waits for it at its start).
   if (!g.ringDone)
     d.cuEventCreate(&g.ringDone, CU_EVENT_DISABLE_TIMING);
-  if (g.ringDone)
-    d.cuEventRecord(g.ringDone, stream);
+  CUevent done = g.ringDone ? g.ringDone : event();
+  d.cuEventRecord(done, stream);
+  d.cuStreamWaitEvent(cs, done, 0);
   g.ringStream = stream;
   if (crc != CUDA_SUCCESS) {
     error = describe(d, crc, "a ring copy");

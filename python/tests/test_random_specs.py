@@ -1,4 +1,5 @@
-"""Random specs on the CPU target against attn-check's float64 reference.
+"""Random specs on the CPU target against attn-check's float64 reference,
+and random specs compiled for the GPU targets.
 
 Each case draws a pattern tree (full, causal, local, strided, dilated, and
 sums, unions and intersections of them two deep, sometimes intersected
@@ -6,7 +7,14 @@ with tokenized lengths), the heads (with GQA), the batch, the head
 dimension, the CPU tiles and the lengths (Lq = Lk or not) from its own
 seed, compiles it with attn-compile and runs attn-check on fresh random
 inputs with the outputs poisoned. The draws are fixed by the seeds, so a
-failure reproduces with the spec the assertion prints."""
+failure reproduces with the spec the assertion prints.
+
+The GPU cases (bf16 or f16, head_dim 64 or 128, with tokenized lengths,
+key_bias or key_ids, static or dynamic lengths, sm_90a with and without
+warp specialisation, and sm_80) must compile and assemble here: ptxas
+accepts every kernel, and the PTX multiplies on tensor cores (wgmma on
+sm_90a, mma.sync on sm_80). Their numerics run on the GPU machine
+(test_gpu.py)."""
 
 import json
 import random
@@ -75,3 +83,41 @@ def test_random_spec_matches_the_reference(seed, tmp_path):
                              capture_output=True, text=True)
     assert checked.returncode == 0 and checked.stdout.startswith("PASS"), \
         f"{shown}: {checked.stdout}{checked.stderr}"
+
+
+GPU_CASES = 8
+
+
+def random_gpu_spec(seed):
+    rng = random.Random(1000 + seed)
+    heads = rng.choice([1, 2, 4, 8])
+    spec = {"name": f"random_gpu_{seed}", "dtype": rng.choice(["bf16", "f16"]), "heads": heads,
+            "kv_heads": rng.choice([h for h in (1, 2, 4, 8) if heads % h == 0]),
+            "batch": rng.randint(1, 3), "head_dim": rng.choice([64, 128]),
+            "pattern": random_pattern(rng)}
+    extra = rng.random()
+    if extra < 0.2:
+        spec["pattern"] = {"intersect": [{"tokenized": {"dedup": False}}, spec["pattern"]]}
+    elif extra < 0.3:
+        spec["key_bias"] = True
+    elif extra < 0.35:
+        spec["key_ids"] = True
+    if rng.random() < 0.3:
+        spec["seq_len"] = rng.randint(1, 5000)
+    target = rng.choice(["sm_90a", "sm_80"])
+    flags = ["--warp-specialize=false"] if target == "sm_90a" and rng.random() < 0.3 else []
+    return spec, target, flags
+
+
+@pytest.mark.parametrize("seed", range(GPU_CASES))
+def test_random_gpu_spec_assembles_with_tensor_core_instructions(seed, tmp_path):
+    spec, target, flags = random_gpu_spec(seed)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    shown = f"spec {json.dumps(spec)}, --target {target} {' '.join(flags)}"
+    built = subprocess.run([attn._tool("attn-compile"), str(path), "--target", target, *flags,
+                            "-o", str(tmp_path / "pkg"), "--quiet"], capture_output=True, text=True)
+    assert built.returncode == 0, f"{shown}: {built.stderr}"
+    assert (tmp_path / "pkg" / "kernels.cubin").stat().st_size > 0, shown
+    ptx = (tmp_path / "pkg" / "kernels.ptx").read_text()
+    assert ("wgmma.mma_async" if target == "sm_90a" else "mma.sync") in ptx, shown

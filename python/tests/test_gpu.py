@@ -445,28 +445,20 @@ def test_backward_through_a_package_raises():
         out.float().sum().backward()
 
 
-@pytest.mark.parametrize("L", [1024, 8192])
-def test_calls_on_several_streams_keep_their_state_apart(L):
-    """A multi-kernel package (strided: its kernels pass a state through the
-    package's device scratch) called on four streams without waiting in
-    between, and from three host threads with a stream each, gives every
-    call the output it gives alone: a call waits for the previous call on
-    another stream before its kernels use the scratch."""
+def _same_outputs_on_streams_and_threads(call, inputs, alone, streams, rounds, thread_rounds):
+    """Queues call(x) for every input on `streams` streams in turn, `rounds`
+    times, without waiting in between, then from three host threads with a
+    stream each (`thread_rounds` calls each); every output must equal
+    alone[i], the output of the same input called by itself."""
     import threading
-    pkg = attn.load(os.path.join(PKGS, "bench_strided"))
-    gen = torch.Generator().manual_seed(3)
-    inputs = [tuple(torch.randn(1, 16, L, 128, generator=gen).to("cuda", torch.bfloat16)
-                    for _ in range(3)) for _ in range(4)]
-    alone = [pkg(*x).clone() for x in inputs]
-    torch.cuda.synchronize()
-    streams = [torch.cuda.Stream() for _ in range(4)]
-    for s in streams:
+    side = [torch.cuda.Stream() for _ in range(streams)]
+    for s in side:
         s.wait_stream(torch.cuda.current_stream())
     outs = []
-    for rnd in range(10):
+    for rnd in range(rounds):
         for i, x in enumerate(inputs):
-            with torch.cuda.stream(streams[(i + rnd) % len(streams)]):
-                outs.append((i, pkg(*x)))
+            with torch.cuda.stream(side[(i + rnd) % len(side)]):
+                outs.append((i, call(x)))
     torch.cuda.synchronize()
     for i, out in outs:
         assert torch.equal(out, alone[i]), f"input {i}: output differs on several streams"
@@ -477,9 +469,9 @@ def test_calls_on_several_streams_keep_their_state_apart(L):
         stream = torch.cuda.Stream()
         try:
             with torch.cuda.stream(stream):
-                for rnd in range(5):
+                for rnd in range(thread_rounds):
                     i = (t + rnd) % len(inputs)
-                    out = pkg(*inputs[i])
+                    out = call(inputs[i])
                     stream.synchronize()
                     if not torch.equal(out, alone[i]):
                         errors.append(f"thread {t}, input {i}: output differs")
@@ -494,14 +486,29 @@ def test_calls_on_several_streams_keep_their_state_apart(L):
     assert not errors, errors
 
 
+@pytest.mark.parametrize("L", [1024, 8192])
+def test_calls_on_several_streams_keep_their_state_apart(L):
+    """A multi-kernel package (strided: its kernels pass a state through the
+    package's device scratch) called on four streams without waiting in
+    between, and from three host threads with a stream each, gives every
+    call the output it gives alone: a call waits for the previous call on
+    another stream before its kernels use the scratch."""
+    pkg = attn.load(os.path.join(PKGS, "bench_strided"))
+    gen = torch.Generator().manual_seed(3)
+    inputs = [tuple(torch.randn(1, 16, L, 128, generator=gen).to("cuda", torch.bfloat16)
+                    for _ in range(3)) for _ in range(4)]
+    alone = [pkg(*x).clone() for x in inputs]
+    torch.cuda.synchronize()
+    _same_outputs_on_streams_and_threads(lambda x: pkg(*x), inputs, alone,
+                                         streams=4, rounds=10, thread_rounds=5)
+
+
 def test_ring_rank_calls_on_several_streams_keep_their_buffers_apart():
     """A GPU ring package's rank (one rank: its two zigzag pieces still go
     through the ring's buffers and state) called on three streams without
     waiting in between, and from three host threads with a stream each,
     gives every call the output it gives alone: its calls take turns
     queueing, and a call on another stream waits for the previous one."""
-    import threading
-
     import torch.distributed as dist
     created = not dist.is_initialized()
     if created:
@@ -519,38 +526,8 @@ def test_ring_rank_calls_on_several_streams_keep_their_buffers_apart():
         got = pkg.unshard([alone[0]]).double()
         err = ((got - whole).norm() / whole.norm().clamp_min(1e-30)).item()
         assert err < TOL["bf16"], f"relative error {err:.2e} against the reference"
-        streams = [torch.cuda.Stream() for _ in range(3)]
-        for s in streams:
-            s.wait_stream(torch.cuda.current_stream())
-        outs = []
-        for rnd in range(6):
-            for i, x in enumerate(inputs):
-                with torch.cuda.stream(streams[(i + rnd) % len(streams)]):
-                    outs.append((i, pkg.run_rank(*x, wait=False)))
-        torch.cuda.synchronize()
-        for i, out in outs:
-            assert torch.equal(out, alone[i]), f"input {i}: output differs on several streams"
-
-        errors = []
-
-        def worker(t):
-            stream = torch.cuda.Stream()
-            try:
-                with torch.cuda.stream(stream):
-                    for rnd in range(4):
-                        i = (t + rnd) % len(inputs)
-                        out = pkg.run_rank(*inputs[i])
-                        if not torch.equal(out, alone[i]):
-                            errors.append(f"thread {t}, input {i}: output differs")
-            except Exception as e:  # noqa: BLE001 (reported below)
-                errors.append(f"thread {t}: {e!r}")
-
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
+        _same_outputs_on_streams_and_threads(lambda x: pkg.run_rank(*x, wait=False), inputs,
+                                             alone, streams=3, rounds=6, thread_rounds=4)
     finally:
         if created:
             dist.destroy_process_group()

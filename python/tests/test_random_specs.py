@@ -69,15 +69,22 @@ def random_spec(seed):
     return spec, q_len, kv_len
 
 
+def compile_into(tmp_path, spec, shown, flags=()):
+    """Compiles `spec` into tmp_path/pkg with attn-compile's `flags`; a
+    failure names the case (`shown`) and says what the compiler said."""
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    built = subprocess.run([attn._tool("attn-compile"), str(path), *flags,
+                            "-o", str(tmp_path / "pkg"), "--quiet"], capture_output=True, text=True)
+    assert built.returncode == 0, f"{shown}: {built.stderr}"
+    return tmp_path / "pkg"
+
+
 @pytest.mark.parametrize("seed", range(CASES))
 def test_random_spec_matches_the_reference(seed, tmp_path):
     spec, q_len, kv_len = random_spec(seed)
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(spec))
     shown = f"spec {json.dumps(spec)}, q_len {q_len}, kv_len {kv_len}"
-    built = subprocess.run([attn._tool("attn-compile"), str(path), "-o", str(tmp_path / "pkg"),
-                            "--quiet"], capture_output=True, text=True)
-    assert built.returncode == 0, f"{shown}: {built.stderr}"
+    compile_into(tmp_path, spec, shown)
     checked = subprocess.run([attn._tool("attn-check"), str(tmp_path / "pkg"), "--seed", str(seed),
                               "--q-len", str(q_len), "--kv-len", str(kv_len)],
                              capture_output=True, text=True)
@@ -112,12 +119,8 @@ def random_gpu_spec(seed):
 @pytest.mark.parametrize("seed", range(GPU_CASES))
 def test_random_gpu_spec_assembles_with_tensor_core_instructions(seed, tmp_path):
     spec, target, flags = random_gpu_spec(seed)
-    path = tmp_path / "spec.json"
-    path.write_text(json.dumps(spec))
     shown = f"spec {json.dumps(spec)}, --target {target} {' '.join(flags)}"
-    built = subprocess.run([attn._tool("attn-compile"), str(path), "--target", target, *flags,
-                            "-o", str(tmp_path / "pkg"), "--quiet"], capture_output=True, text=True)
-    assert built.returncode == 0, f"{shown}: {built.stderr}"
-    assert (tmp_path / "pkg" / "kernels.cubin").stat().st_size > 0, shown
-    ptx = (tmp_path / "pkg" / "kernels.ptx").read_text()
+    pkg = compile_into(tmp_path, spec, shown, ["--target", target, *flags])
+    assert (pkg / "kernels.cubin").stat().st_size > 0, shown
+    ptx = (pkg / "kernels.ptx").read_text()
     assert ("wgmma.mma_async" if target == "sm_90a" else "mma.sync") in ptx, shown

@@ -503,6 +503,65 @@ def test_calls_on_several_streams_keep_their_state_apart(L):
                                          streams=4, rounds=10, thread_rounds=5)
 
 
+def _rounds(case, L):
+    """How many launches of (batch, head) pairs the runtime makes for a
+    multi-kernel strided package at length L on this GPU (pairsPerLaunch in
+    lib/Runtime/GpuPackage.cpp: the pairs whose q, k, v and out fit in 3/4
+    of the L2)."""
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    per_pair = 2 * D * (2 * L + 2 * L * Hkv // H)
+    budget = torch.cuda.get_device_properties(0).L2_cache_size * 3 // 4
+    pairs = max(1, budget // per_pair) if per_pair <= budget else B * H
+    return -(-B * H // min(pairs, B * H))
+
+
+@pytest.mark.parametrize("name, L", [("bench_strided", 8192), ("strided_f16_gqa", 18000)])
+def test_rounds_match_the_reference_and_one_launch(name, L):
+    """Strided packages run in rounds of a few (batch, head) pairs at long
+    lengths (all their kernels for those pairs, then the next pairs), with a
+    last round that may be short and rounds that may straddle a batch: every
+    pair's rows match the float64 reference, and the output is bit-identical
+    to the same call in one launch (ATTN_GPU_ROUNDS=0)."""
+    if name == "bench_strided":
+        case = {"batch": 1, "heads": 16, "kv_heads": 16, "head_dim": 128, "dtype": "bf16",
+                "pattern": {"strided": {"stride": 128, "local": 128}}}
+    else:
+        case = next(c for c in gpu_cases.CASES if c["name"] == name)
+    rounds = _rounds(case, L)
+    if rounds < 2:
+        pytest.skip(f"this GPU's L2 takes every pair of {name} at L={L} in one round")
+    pkg = attn.load(os.path.join(PKGS, name))
+    gen = torch.Generator().manual_seed(L)
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    q = torch.randn(B, H, L, D, generator=gen).to("cuda", dt)
+    k = torch.randn(B, Hkv, L, D, generator=gen).to("cuda", dt)
+    v = torch.randn(B, Hkv, L, D, generator=gen).to("cuda", dt)
+    out = pkg(q, k, v, out=torch.full_like(q, float("nan")))
+    os.environ["ATTN_GPU_ROUNDS"] = "0"
+    try:
+        one = pkg(q, k, v, out=torch.full_like(q, float("nan")))
+    finally:
+        del os.environ["ATTN_GPU_ROUNDS"]
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
+    assert torch.equal(out, one), f"{rounds} rounds differ from one launch"
+    # The reference per pair, on its first 512 rows (keys up to them) and its
+    # last 512 (all keys; bottom-right alignment puts them at the end): its
+    # mask is [rows, keys].
+    g, n = H // Hkv, 512
+    for b in range(B):
+        for h in range(H):
+            kv = [t[b:b + 1, h // g:h // g + 1] for t in (k, v)]
+            for rows, keys in ((slice(0, n), slice(0, n)), (slice(L - n, L), slice(0, L))):
+                ref, _ = reference.attention(q[b:b + 1, h:h + 1, rows], kv[0][:, :, keys],
+                                             kv[1][:, :, keys], case["pattern"])
+                got = out[b:b + 1, h:h + 1, rows].double()
+                err = ((got - ref).norm() / ref.norm()).item()
+                assert err < TOL[case["dtype"]], \
+                    f"pair ({b}, {h}), rows {rows.start}..: error {err:.2e} ({rounds} rounds)"
+
+
 def test_ring_rank_calls_on_several_streams_keep_their_buffers_apart():
     """A GPU ring package's rank (one rank: its two zigzag pieces still go
     through the ring's buffers and state) called on three streams without

@@ -35,6 +35,13 @@ def _lengths(batch, kv_len, gen):
     return lens.to(torch.int32)
 
 
+def _random_qkv(case, L, gen):
+    """Random q, k, v of `case`'s batch, heads, head dim and dtype at length L."""
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    return tuple(torch.randn(B, n, L, D, generator=gen).to("cuda", dt) for n in (H, Hkv, Hkv))
+
+
 @pytest.mark.parametrize("case", gpu_cases.CASES, ids=lambda c: c["name"])
 @pytest.mark.parametrize("shape", gpu_cases.SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_matches_reference(case, shape):
@@ -313,12 +320,9 @@ def test_key_tensor_maps_follow_the_tensors():
     case = next(c for c in gpu_cases.CASES if c["name"] == "strided")
     pkg = attn.load(os.path.join(PKGS, case["name"]))
     gen = torch.Generator().manual_seed(12)
-    dt = DTYPES[case["dtype"]]
-    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
 
     def inputs(length):
-        return [torch.randn(B, n, length, D, generator=gen).to("cuda", dt)
-                for n in (H, Hkv, Hkv)]
+        return _random_qkv(case, length, gen)
 
     def check(q, k, v):
         out = pkg(q, k, v, out=torch.full_like(q, float("nan")))
@@ -374,12 +378,8 @@ def test_a_first_call_can_be_captured():
 def _compile_inputs(name, L, seed):
     case = next(c for c in gpu_cases.CASES if c["name"] == name)
     gen = torch.Generator().manual_seed(seed)
-    dt = DTYPES[case["dtype"]]
-    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
-    q = torch.randn(B, H, L, D, generator=gen).to("cuda", dt)
-    k = torch.randn(B, Hkv, L, D, generator=gen).to("cuda", dt)
-    v = torch.randn(B, Hkv, L, D, generator=gen).to("cuda", dt)
-    lengths = _lengths(B, L, gen).to("cuda")
+    q, k, v = _random_qkv(case, L, gen)
+    lengths = _lengths(case["batch"], L, gen).to("cuda")
     return attn.load(os.path.join(PKGS, name)), q, k, v, lengths
 
 
@@ -531,12 +531,8 @@ def test_rounds_match_the_reference_and_one_launch(name, L):
     if rounds < 2:
         pytest.skip(f"this GPU's L2 takes every pair of {name} at L={L} in one round")
     pkg = attn.load(os.path.join(PKGS, name))
-    gen = torch.Generator().manual_seed(L)
-    dt = DTYPES[case["dtype"]]
-    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
-    q = torch.randn(B, H, L, D, generator=gen).to("cuda", dt)
-    k = torch.randn(B, Hkv, L, D, generator=gen).to("cuda", dt)
-    v = torch.randn(B, Hkv, L, D, generator=gen).to("cuda", dt)
+    q, k, v = _random_qkv(case, L, torch.Generator().manual_seed(L))
+    B, H, Hkv = case["batch"], case["heads"], case["kv_heads"]
     out = pkg(q, k, v, out=torch.full_like(q, float("nan")))
     os.environ["ATTN_GPU_ROUNDS"] = "0"
     try:

@@ -14,13 +14,11 @@ a fixed order turns that noise into a bias for or against one set.
 """
 import json
 import os
-import statistics
 
 import torch
-import triton.testing as tt
 
 import attn
-from gpu_patterns import B, D, H, dev, doc_lengths, package_inputs, package_name, pairs
+from gpu_patterns import B, D, H, dev, doc_lengths, package_inputs, package_name, pairs, rotated_times
 
 sets = os.environ["PKG_SETS"].split(",")
 lens = [int(x) for x in os.environ.get("LENS", "32768").split(",")]
@@ -38,16 +36,12 @@ for L in lens:
         qa, ka, va, lens_t = package_inputs(name, q, k, v, doc_lens)
         pkgs = {s: attn.load(os.path.join(s, package_name(name, L))) for s in sets}
         first = pkgs[sets[0]](qa, ka, va, lengths=lens_t).float()
-        times = {s: [] for s in sets}
-        diffs = {}
-        for rnd in range(rounds):
-            for s in sets[rnd % len(sets):] + sets[:rnd % len(sets)]:
-                run = lambda: pkgs[s](qa, ka, va, lengths=lens_t)
-                if rnd == 0:
-                    diffs[s] = float((run().float() - first).abs().max())
-                times[s].append(tt.do_bench(run, warmup=25, rep=200, return_mode="median"))
+        diffs = {s: float((pkgs[s](qa, ka, va, lengths=lens_t).float() - first).abs().max())
+                 for s in sets}
+        runs = {s: (lambda p=pkgs[s]: p(qa, ka, va, lengths=lens_t)) for s in sets}
+        medians, times = rotated_times(runs, rounds)
         for s in sets:
-            ms = statistics.median(times[s])
+            ms = medians[s]
             r = {"L": L, "pattern": name, "set": s, "ms": ms, "ms_rounds": times[s],
                  "tflops": 4 * nnz * D / ms / 1e9, "max_diff_vs_first": diffs[s]}
             rows.append(r)

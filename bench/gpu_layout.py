@@ -11,13 +11,11 @@ rotated rounds (default 3) of triton's do_bench; TF/s as in gpu_bench.py.
 Tokenized is left out (its bench packs documents into a padded batch)."""
 import json
 import os
-import statistics
 
 import torch
-import triton.testing as tt
 
 import attn
-from gpu_patterns import B, D, H, dev, package_name, pairs
+from gpu_patterns import B, D, H, dev, package_name, pairs, rotated_times
 
 lens = [int(x) for x in os.environ.get("LENS", "32768").split(",")]
 patterns = os.environ.get("PATTERNS", "causal,local,strided,dilated_sum,dilated_union").split(",")
@@ -37,15 +35,11 @@ for L in lens:
             "contiguous inputs": lambda: pkg(*dense),
         }
         same = torch.equal(runs["views (no copy)"](), runs["contiguous inputs"]())
-        times = {m: [] for m in runs}
-        order = list(runs)
-        for r in range(rounds):
-            for m in order[r % 3:] + order[:r % 3]:
-                times[m].append(tt.do_bench(runs[m], warmup=25, rep=200, return_mode="median"))
+        ms, _ = rotated_times(runs, rounds)
         nnz = pairs(name, L)
         row = {"L": L, "pattern": name, "identical_outputs": same}
-        for m, ts in times.items():
-            row[m] = round(4 * nnz * D / statistics.median(ts) / 1e9, 1)
+        for m, t in ms.items():
+            row[m] = round(4 * nnz * D / t / 1e9, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
     del blhd, views, dense

@@ -7,6 +7,7 @@ B=1, H=16, D=128, bf16; local W=1024, strided S=128 (Child), LongNet
 of bench/gpu/doc_lengths_<L>.json, one per batch row padded to 4096."""
 import json
 import os
+import statistics
 
 import torch
 
@@ -15,6 +16,23 @@ B, H, D = 1, 16, 128
 W, S = 1024, 128
 DIL = [(2048, 1), (8192, 4), (32768, 16)]
 dev = "cuda"
+
+
+def rotated_times(runs, rounds, before=lambda name: None):
+    """Times each of `runs` (name -> callable) with triton's do_bench (the
+    median ms of 200 ms of calls) once a round for `rounds` rounds, the order
+    rotating from round to round: identical packages time differently from
+    run to run (by up to ~10%), and a fixed order would turn that noise into
+    a bias. `before(name)` runs ahead of each timing (not timed). Returns
+    (median ms per name, every round's ms per name)."""
+    import triton.testing as tt
+    names = list(runs)
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            before(n)
+            times[n].append(tt.do_bench(runs[n], warmup=25, rep=200, return_mode="median"))
+    return {n: statistics.median(t) for n, t in times.items()}, times
 
 
 def mask_fn(name, doc=None):

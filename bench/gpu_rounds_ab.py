@@ -8,11 +8,11 @@ gpu_bench.py, and the largest difference between the two outputs.
 
 Packages from scripts/build_gpu_packages.py ($ATTN_GPU_PACKAGES, default
 gpu-pkgs)."""
-import os, json, sys, statistics
-import torch, triton.testing as tt
+import os, json, sys
+import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attn
-from gpu_patterns import B, D, H, dev, pairs, package_inputs, package_name, doc_lengths
+from gpu_patterns import B, D, H, dev, pairs, package_name, rotated_times
 torch.manual_seed(0)
 rows = []
 for L in (16384, 32768, 131072):
@@ -24,16 +24,17 @@ for L in (16384, 32768, 131072):
         ref = pk(q, k, v).float()
         os.environ.pop("ATTN_GPU_ROUNDS")
         diff = float((pk(q, k, v).float() - ref).abs().max())
-        t = {"one launch": [], "rounds": []}
-        for rnd in range(5):
-            for mode in (["one launch", "rounds"] if rnd % 2 == 0 else ["rounds", "one launch"]):
-                if mode == "one launch": os.environ["ATTN_GPU_ROUNDS"] = "0"
-                else: os.environ.pop("ATTN_GPU_ROUNDS", None)
-                t[mode].append(tt.do_bench(lambda: pk(q, k, v), warmup=25, rep=200, return_mode="median"))
+        def mode(which):
+            if which == "one launch":
+                os.environ["ATTN_GPU_ROUNDS"] = "0"
+            else:
+                os.environ.pop("ATTN_GPU_ROUNDS", None)
+        run = lambda: pk(q, k, v)
+        t, _ = rotated_times({"one launch": run, "rounds": run}, 5, before=mode)
         os.environ.pop("ATTN_GPU_ROUNDS", None)
         row = {"L": L, "pattern": name, "max_diff": diff}
-        for mode, ms in t.items():
-            row[mode + " TF/s"] = round(4 * nnz * D / statistics.median(ms) / 1e9, 1)
+        for which, ms in t.items():
+            row[which + " TF/s"] = round(4 * nnz * D / ms / 1e9, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
     del q, k, v

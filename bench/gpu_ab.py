@@ -18,7 +18,7 @@ import os
 import torch
 
 import attn
-from gpu_patterns import B, D, H, dev, doc_lengths, package_inputs, package_name, pairs, rotated_times
+from gpu_patterns import B, D, H, dev, doc_lengths, package_inputs, package_name, pairs, print_table, rotated_times, tflops
 
 sets = os.environ["PKG_SETS"].split(",")
 lens = [int(x) for x in os.environ.get("LENS", "32768").split(",")]
@@ -43,21 +43,17 @@ for L in lens:
         for s in sets:
             ms = medians[s]
             r = {"L": L, "pattern": name, "set": s, "ms": ms, "ms_rounds": times[s],
-                 "tflops": 4 * nnz * D / ms / 1e9, "max_diff_vs_first": diffs[s]}
+                 "tflops": tflops(nnz, ms), "max_diff_vs_first": diffs[s]}
             rows.append(r)
             print(json.dumps(r), flush=True)
         del first, pkgs
         torch.cuda.empty_cache()
 
-print(f"\ndevice: {torch.cuda.get_device_name()}")
-print("| L | pattern | " + " | ".join(sets) + " |")
-print("|---|---|" + "---|" * len(sets))
-for L in lens:
-    for name in patterns:
-        got = {r["set"]: r for r in rows if r["L"] == L and r["pattern"] == name}
-        if got:
-            print(f"| {L} | {name} | " + " | ".join(
-                f"{got[s]['tflops']:.0f} ({got[s]['max_diff_vs_first']:.0e})" for s in sets) + " |")
+cells = [(s, lambda r, s=s: f"{r[s]['tflops']:.0f} ({r[s]['max_diff_vs_first']:.0e})") for s in sets]
+table = [{"L": L, "pattern": name, **{r["set"]: r for r in rows if r["L"] == L and r["pattern"] == name}}
+         for L in lens for name in patterns]
+print_table([("L", lambda r: str(r["L"])), ("pattern", lambda r: r["pattern"])] + cells,
+            [t for t in table if len(t) > 2])
 out = os.environ.get("OUT")
 if out:
     json.dump(rows, open(os.path.join(out, "gpu_ab.json"), "w"), indent=1)

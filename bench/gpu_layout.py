@@ -15,7 +15,7 @@ import os
 import torch
 
 import attn
-from gpu_patterns import B, D, H, dev, package_name, pairs, rotated_times
+from gpu_patterns import B, D, H, dev, package_name, pairs, print_table, rotated_times, tflops
 
 lens = [int(x) for x in os.environ.get("LENS", "32768").split(",")]
 patterns = os.environ.get("PATTERNS", "causal,local,strided,dilated_sum,dilated_union").split(",")
@@ -39,15 +39,13 @@ for L in lens:
         nnz = pairs(name, L)
         row = {"L": L, "pattern": name, "identical_outputs": same}
         for m, t in ms.items():
-            row[m] = round(4 * nnz * D / t / 1e9, 1)
+            row[m] = round(tflops(nnz, t), 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
     del blhd, views, dense
     torch.cuda.empty_cache()
 
-print(f"\ndevice: {torch.cuda.get_device_name()}")
-print("| L | pattern | views (no copy) | copy, then call | contiguous inputs | outputs identical |")
-print("|---|---|---|---|---|---|")
-for r in rows:
-    print(f"| {r['L']} | {r['pattern']} | {r['views (no copy)']:.0f} | {r['copy, then call']:.0f} "
-          f"| {r['contiguous inputs']:.0f} | {'yes' if r['identical_outputs'] else 'NO'} |")
+modes = ["views (no copy)", "copy, then call", "contiguous inputs"]
+print_table([("L", lambda r: str(r["L"])), ("pattern", lambda r: r["pattern"])]
+            + [(m, lambda r, m=m: f"{r[m]:.0f}") for m in modes]
+            + [("outputs identical", lambda r: "yes" if r["identical_outputs"] else "NO")], rows)

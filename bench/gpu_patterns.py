@@ -35,6 +35,21 @@ def rotated_times(runs, rounds, before=lambda name: None):
     return {n: statistics.median(t) for n, t in times.items()}, times
 
 
+def tflops(nnz, ms):
+    """Effective TF/s of a call attending `nnz` pairs in `ms` milliseconds."""
+    return 4 * nnz * D / ms / 1e9
+
+
+def print_table(columns, rows):
+    """Prints the device, then `rows` as a Markdown table: `columns` is a
+    list of (header, cell) where cell(row) gives the cell's text."""
+    print(f"\ndevice: {torch.cuda.get_device_name()}")
+    print("| " + " | ".join(h for h, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(cell(r) for _, cell in columns) + " |")
+
+
 def mask_fn(name, doc=None):
     if name == "causal":
         return lambda b, h, q, k: k <= q

@@ -12,7 +12,7 @@ import os, json, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attn
-from gpu_patterns import B, D, H, dev, pairs, package_name, rotated_times
+from gpu_patterns import B, D, H, dev, pairs, package_name, print_table, rotated_times, tflops
 torch.manual_seed(0)
 rows = []
 for L in (16384, 32768, 131072):
@@ -34,14 +34,12 @@ for L in (16384, 32768, 131072):
         os.environ.pop("ATTN_GPU_ROUNDS", None)
         row = {"L": L, "pattern": name, "max_diff": diff}
         for which, ms in t.items():
-            row[which + " TF/s"] = round(4 * nnz * D / ms / 1e9, 1)
+            row[which + " TF/s"] = round(tflops(nnz, ms), 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
     del q, k, v
     torch.cuda.empty_cache()
 
-print(f"\ndevice: {torch.cuda.get_device_name()}")
-print("| L | pattern | rounds off | rounds (default) |")
-print("|---|---|---|---|")
-for r in rows:
-    print(f"| {r['L']} | {r['pattern']} | {r['one launch TF/s']:.0f} | {r['rounds TF/s']:.0f} |")
+print_table([("L", lambda r: str(r["L"])), ("pattern", lambda r: r["pattern"]),
+             ("rounds off", lambda r: f"{r['one launch TF/s']:.0f}"),
+             ("rounds (default)", lambda r: f"{r['rounds TF/s']:.0f}")], rows)

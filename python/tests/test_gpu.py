@@ -516,7 +516,7 @@ def _rounds(case, L):
 
 
 @pytest.mark.parametrize("name, L", [("bench_strided", 8192), ("strided_f16_gqa", 18000)])
-def test_rounds_match_the_reference_and_one_launch(name, L):
+def test_rounds_match_the_reference_and_one_launch(name, L, monkeypatch):
     """Strided packages run in rounds of a few (batch, head) pairs at long
     lengths (all their kernels for those pairs, then the next pairs), with a
     last round that may be short and rounds that may straddle a batch: every
@@ -533,12 +533,10 @@ def test_rounds_match_the_reference_and_one_launch(name, L):
     pkg = attn.load(os.path.join(PKGS, name))
     q, k, v = _random_qkv(case, L, torch.Generator().manual_seed(L))
     B, H, Hkv = case["batch"], case["heads"], case["kv_heads"]
+    monkeypatch.delenv("ATTN_GPU_ROUNDS", raising=False)
     out = pkg(q, k, v, out=torch.full_like(q, float("nan")))
-    os.environ["ATTN_GPU_ROUNDS"] = "0"
-    try:
-        one = pkg(q, k, v, out=torch.full_like(q, float("nan")))
-    finally:
-        del os.environ["ATTN_GPU_ROUNDS"]
+    monkeypatch.setenv("ATTN_GPU_ROUNDS", "0")
+    one = pkg(q, k, v, out=torch.full_like(q, float("nan")))
     torch.cuda.synchronize()
     assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
     assert torch.equal(out, one), f"{rounds} rounds differ from one launch"

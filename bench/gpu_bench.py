@@ -24,7 +24,7 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 import attn
 from gpu_patterns import (B, D, H, dev, doc_lengths, mask_fn, package_inputs,
-                          package_name, pairs)
+                          package_name, pairs, tflops)
 
 PKGS = os.environ["ATTN_GPU_PACKAGES"]
 torch.manual_seed(0)
@@ -45,7 +45,7 @@ for L in [int(x) for x in lens_env.split(",")]:
     q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
     sd_ms = bench(lambda: sdpa(q, k, v, is_causal=True))
     rows.append({"L": L, "pattern": "causal", "impl": "sdpa", "ms": sd_ms,
-                 "tflops": 4 * (L * (L + 1) / 2) * D * H / sd_ms / 1e9})
+                 "tflops": tflops(L * (L + 1) / 2 * H, sd_ms)})
     print(json.dumps(rows[-1]), flush=True)
     doc_lens = doc_lengths(L)
     for name in patterns:
@@ -84,8 +84,8 @@ for L in [int(x) for x in lens_env.split(",")]:
                 o_packed = o
             diff = float((o_packed.float() - of.float()).norm() / of.float().norm())
         r = {"L": L, "pattern": name, "nnz": nnz, "density": nnz / (H * L * L),
-             "attn_ms": ours_ms, "attn_tflops": 4 * nnz * D / ours_ms / 1e9,
-             "flex_ms": flex_ms, "flex_tflops": 4 * nnz * D / flex_ms / 1e9,
+             "attn_ms": ours_ms, "attn_tflops": tflops(nnz, ours_ms),
+             "flex_ms": flex_ms, "flex_tflops": tflops(nnz, flex_ms),
              "speedup_vs_flex": flex_ms / ours_ms, "flex_block_mask_s": mask_s,
              "attn_compile_s": compile_times.get(pkg_name), "rel_diff_vs_flex": diff}
         rows.append(r)

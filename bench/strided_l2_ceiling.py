@@ -28,7 +28,7 @@ import triton.testing as tt
 from torch.profiler import ProfilerActivity, profile
 
 import attn
-from gpu_patterns import B, D, H, dev, package_name, pairs
+from gpu_patterns import B, D, H, dev, package_name, pairs, tflops
 
 if len(sys.argv) < 2:
     sys.exit(__doc__)
@@ -45,7 +45,7 @@ for folder, pkg in zip(sys.argv[1:], pkgs):
     for label, args in inputs:
         ms = tt.do_bench(lambda: pkg(*args), warmup=25, rep=200, return_mode="median")
         print(f"{folder:24s} {label:20s} {ms * 1e3:7.1f} us "
-              f"{4 * nnz * D / ms / 1e9:6.1f} TF/s", flush=True)
+              f"{tflops(nnz, ms):6.1f} TF/s", flush=True)
 
 pkg = pkgs[0]
 for label, args in inputs:

@@ -41,6 +41,35 @@ struct KeyMapShape {
   }
 };
 
+/// The end of the last call's work on its stream. A call on another stream
+/// first waits for it, so that two streams never use a package's shared
+/// buffers (its state scratch, a ring's buffers) at once.
+struct CallOrder {
+  CUevent done = nullptr;
+  CUstream stream = nullptr;
+
+  /// Makes `next` wait for the last call if that ran on another stream.
+  CUresult waitIfOtherStream(const Driver &d, CUstream next) const {
+    return done && stream != next ? d.cuStreamWaitEvent(next, done, 0)
+                                  : CUDA_SUCCESS;
+  }
+  /// Records the end of a call on `s` (the event is made on first use).
+  CUresult record(const Driver &d, CUstream s) {
+    CUresult rc =
+        done ? CUDA_SUCCESS : d.cuEventCreate(&done, CU_EVENT_DISABLE_TIMING);
+    if (rc == CUDA_SUCCESS)
+      rc = d.cuEventRecord(done, s);
+    if (rc == CUDA_SUCCESS)
+      stream = s;
+    return rc;
+  }
+  void destroy(const Driver &d) {
+    if (done)
+      d.cuEventDestroy(done);
+    done = nullptr;
+  }
+};
+
 struct GpuModule {
   const Driver *d = nullptr;
   /// Ring packages: device buffers of the last runRank (grown on demand), a
@@ -51,11 +80,9 @@ struct GpuModule {
   /// the end of every step (read by Package::stepMilliseconds).
   std::vector<CUevent> stepMarks;
   CUstream commStream = nullptr;
-  /// The end of the last runRank's work on its compute stream
-  /// (`ringStream`): a call on another stream waits for it before it
-  /// touches the ring's buffers.
-  CUevent ringDone = nullptr;
-  CUstream ringStream = nullptr;
+  /// The end of the last runRank's work on its compute stream: a call on
+  /// another stream waits for it before it touches the ring's buffers.
+  CallOrder ringOrder;
   CUmodule module = nullptr;
   /// The CUDA context the module was loaded in, and its device: kernels run
   /// only there (checkContext).
@@ -97,18 +124,15 @@ struct GpuModule {
   /// their launches.
   std::mutex mutex;
   /// Packages whose kernels pass a state through the scratch (needsState):
-  /// the end of the last call's launches on `stateStream`, which a call on
-  /// another stream waits for before its kernels use the scratch.
-  CUevent stateDone = nullptr;
-  CUstream stateStream = nullptr;
+  /// the end of the last call's launches, which a call on another stream
+  /// waits for before its kernels use the scratch.
+  CallOrder stateOrder;
 
   ~GpuModule() {
     for (CUevent e : stepMarks)
       d->cuEventDestroy(e);
-    if (ringDone)
-      d->cuEventDestroy(ringDone);
-    if (stateDone)
-      d->cuEventDestroy(stateDone);
+    ringOrder.destroy(*d);
+    stateOrder.destroy(*d);
     if (ringScratch)
       d->cuMemFree(ringScratch);
     if (commStream)

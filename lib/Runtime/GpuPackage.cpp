@@ -571,8 +571,8 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   // that two streams never share it at once. (A captured call has scratch
   // of its own and neither waits nor records.)
   const bool orderState = g.needsState && !capturing;
-  if (orderState && g.stateDone && g.stateStream != stream) {
-    CUresult rc = d.cuStreamWaitEvent(stream, g.stateDone, 0);
+  if (orderState) {
+    CUresult rc = g.stateOrder.waitIfOtherStream(d, stream);
     if (rc != CUDA_SUCCESS) {
       error = describe(d, rc, "ordering after the previous call's stream");
       return false;
@@ -601,16 +601,11 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
     }
   }
   if (orderState) {
-    constexpr unsigned kDisableTiming = 0x2; // CU_EVENT_DISABLE_TIMING
-    CUresult rc = g.stateDone ? CUDA_SUCCESS
-                              : d.cuEventCreate(&g.stateDone, kDisableTiming);
-    if (rc == CUDA_SUCCESS)
-      rc = d.cuEventRecord(g.stateDone, stream);
+    CUresult rc = g.stateOrder.record(d, stream);
     if (rc != CUDA_SUCCESS) {
       error = describe(d, rc, "recording the end of the call");
       return false;
     }
-    g.stateStream = stream;
   }
   return true;
 }

@@ -62,8 +62,8 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   // for that call's work first. (Each call is a collective: every rank must
   // still make its calls in the same order.)
   std::lock_guard<std::mutex> lock(g.mutex);
-  if (g.ringDone && g.ringStream != stream) {
-    CUresult rc = d.cuStreamWaitEvent(stream, g.ringDone, 0);
+  {
+    CUresult rc = g.ringOrder.waitIfOtherStream(d, stream);
     if (rc != CUDA_SUCCESS) {
       error = describe(d, rc, "ordering after the previous call's stream");
       transport.abort(error); // the other ranks must not wait for this one
@@ -379,14 +379,15 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   // stream work must not overwrite buffers this call's kernels still read
   // (the comm stream waits for it), nor may the next call's compute stream,
   // if another (it waits for it at its start).
-  if (!g.ringDone)
-    d.cuEventCreate(&g.ringDone, CU_EVENT_DISABLE_TIMING);
-  CUevent done = g.ringDone ? g.ringDone : event();
-  d.cuEventRecord(done, stream);
-  d.cuStreamWaitEvent(cs, done, 0);
-  g.ringStream = stream;
+  CUresult orc = g.ringOrder.record(d, stream);
+  if (orc == CUDA_SUCCESS)
+    orc = d.cuStreamWaitEvent(cs, g.ringOrder.done, 0);
   if (crc != CUDA_SUCCESS) {
     error = describe(d, crc, "a ring copy");
+    return false;
+  }
+  if (orc != CUDA_SUCCESS) {
+    error = describe(d, orc, "recording the end of the ring call");
     return false;
   }
   if (stats) {

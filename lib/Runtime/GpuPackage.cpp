@@ -503,12 +503,14 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   // Scratch: [lse if the caller gave none][acc, max, sum if needed].
   // (256-byte aligned, for the kernels' vector accesses to the state).
   size_t lseBytes = hasLse() && !lse ? size_t(rows + 63) / 64 * 256 : 0;
-  // acc [rows, D] (256-byte aligned size; none where the state lives in
-  // out), then max and sum [rows] f32.
+  // acc [rows, D] (256-byte aligned size), then max and sum [rows] f32;
+  // none of them where the state lives in out (O / l there, with the
+  // row's lse: docs/Package.md).
   size_t accBytes =
       g.stateInOut ? 0
                    : (size_t(rows) * D * g.stateElementBytes + 255) / 256 * 256;
-  size_t stateBytes = g.needsState ? accBytes + size_t(rows) * 2 * 4 : 0;
+  size_t stateBytes =
+      g.needsState && !g.stateInOut ? accBytes + size_t(rows) * 2 * 4 : 0;
   size_t need = lseBytes + stateBytes;
   // A call captured in a CUDA graph takes scratch the graph owns (allocated
   // and freed on the capturing stream: graph memory nodes), so that even a
@@ -535,7 +537,7 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   CUdeviceptr lsePtr = lse ? CUdeviceptr(uintptr_t(lse->data))
                            : (lseBytes ? scratch : 0);
-  CUdeviceptr state = g.needsState ? scratch + lseBytes : 0;
+  CUdeviceptr state = stateBytes ? scratch + lseBytes : 0;
   CUdeviceptr acc = state && !g.stateInOut ? state : 0;
   CUdeviceptr mx = state ? state + accBytes : 0;
   CUdeviceptr sm = state ? mx + size_t(rows) * 4 : 0;

@@ -30,17 +30,20 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 // CHECK: gpu.func @component_0
 // CHECK-SAME: component = #attn.component<period = 8, residue = all, segment = 0, band = [1, inf]>, kind = "begin", shared_bytes = 46080
 // CHECK: nvvm.mma.sync {{.*}} : (vector<2xf16>, vector<2xf16>, f32)
-// The state's acc between them is O / sum in the 16-bit input type, kept
-// in out itself (%arg4): `begin` stores its rows through shared memory in
-// 16-byte pieces, with the rows' lse, max and sum; `end` loads column pairs
-// (and multiplies them by the sum).
+// The state between them is O / sum in the 16-bit input type, kept in out
+// itself (%arg4), and the rows' lse (%arg5): `begin` stores its rows through
+// shared memory in 16-byte pieces, with their lse and no max or sum
+// (%arg7, %arg8); `end` loads the lse and column pairs.
 // CHECK: vector.store {{.*}} : memref<64x72xf16, #gpu.address_space<workgroup>>, vector<2xf16>
+// CHECK-NOT: %arg7[
 // CHECK: memref.store {{.*}}, %arg5[
-// CHECK: memref.store {{.*}}, %arg7[
-// CHECK: memref.store {{.*}}, %arg8[
+// CHECK-NOT: %arg8[
 // CHECK: vector.store {{.*}}, %arg4[{{.*}}] {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 // CHECK: gpu.func @component_1
 // CHECK-SAME: component = #attn.component<period = 1, residue = all, segment = 0, band = [0, 7]>, kind = "end"
+// CHECK-NOT: %arg7[
+// CHECK: memref.load %arg5[
+// CHECK-NOT: %arg8[
 // CHECK: vector.load %arg4[{{.*}}] {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>
 // CHECK: arith.extf {{.*}} : vector<2xf16> to vector<2xf32>
 // Out leaves through shared memory in 16-byte pieces.
@@ -56,14 +59,13 @@ func.func @strided(%q: tensor<2x8x?x64xf16>, %k: tensor<2x2x?x64xf16>, %v: tenso
 // A dilated component with head offsets covers only its residue's rows, so
 // it updates a state that init starts. The 16-bit state (O / sum) lives in
 // out: init writes out's zeros (8 elements per thread, 16-byte stores) and
-// every row's empty max, sum and lse; the component updates its rows' out,
-// lse, max and sum; no finalize follows.
+// every row's empty lse (no max or sum: the lse is the rest of the state);
+// the component updates its rows' out and lse; no finalize follows.
 // CHECK: attn.launch_order = ["init", "component_0"]
 // CHECK: gpu.func @init
 // CHECK-SAME: elements_per_thread = 8 : i64, kind = "init"
 // CHECK: vector.store {{.*}}, %arg4[{{.*}}] {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
-// CHECK: memref.store %cst{{.*}}, %arg7[
-// CHECK: memref.store %cst{{.*}}, %arg8[
+// CHECK-NOT: %arg7[
 // CHECK: memref.store %cst{{.*}}, %arg5[
 // CHECK: component = #attn.component<period = 4, residue = head, segment = 64
 // CHECK: vector.load %arg4[{{.*}}] {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>

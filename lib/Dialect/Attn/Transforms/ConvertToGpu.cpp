@@ -1185,7 +1185,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // The stored state of this thread's row `half`: its max (-inf for a row
   // this block does not compute, which reads row 0 and weighs nothing), its
   // sum l, and l on the quad leader only (the loop's l is summed over the
-  // quad at the end).
+  // quad at the end). A 16-bit state is O / l and the row's lse, which is
+  // all a merge needs: as max m' = lse / ln 2 (log2 units) and sum 1, the
+  // merge weighs O / l by 2^(m' - M) = l 2^(max - M), exactly as (max, l)
+  // would, so its kernels store and load no max and sum.
   struct StoredRow {
     Value valid, row, max, sum, leaderSum;
   };
@@ -1193,8 +1196,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     StoredRow s;
     s.valid = m.lt(tq[half], q1);
     s.row = f.select(s.valid, m.add(qHead, qRowIndex(tq[half])), zero);
-    Value mx = memref::LoadOp::create(b, loc, arg(Max), s.row);
-    s.sum = memref::LoadOp::create(b, loc, arg(Sum), s.row);
+    Value mx;
+    if (shape.halfState) {
+      mx = f.mul(memref::LoadOp::create(b, loc, arg(Lse), s.row),
+                 f.c(M_LOG2E));
+      s.sum = f.c(1.0);
+    } else {
+      mx = memref::LoadOp::create(b, loc, arg(Max), s.row);
+      s.sum = memref::LoadOp::create(b, loc, arg(Sum), s.row);
+    }
     s.max = f.select(s.valid, mx, f.negInf());
     s.leaderSum =
         f.select(m.both(s.valid, isQuadLeader), s.sum, f.c(0.0));
@@ -1840,7 +1850,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       Value lse = f.select(ok, f.mul(f.add(mx, log2(sum)), ln2), f.negInf());
       memref::StoreOp::create(b, loc, lse, arg(Lse), rowIdx);
     }
-    if (!writesOut) {
+    if (!writesOut && !shape.halfState) {
       memref::StoreOp::create(b, loc, mx, arg(Max), rowIdx);
       memref::StoreOp::create(b, loc, sum, arg(Sum), rowIdx);
     }
@@ -1924,11 +1934,14 @@ gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
       b, loc, zeros, stateAcc(), idx, /*nontemporal=*/false,
       llvm::MaybeAlign(accElem.getIntOrFloatBitWidth() / 8 * kElementwiseVector));
   ifFirstOfRow(idx);
-  memref::StoreOp::create(b, loc, f.negInf(), arg(Max), row);
-  memref::StoreOp::create(b, loc, f.c(0.0), arg(Sum), row);
-  // A state in out needs no finalize: a row no component reaches is done.
-  if (shape.halfState)
+  // A state in out is O / l with its lse (no max and sum: loadStoredRow),
+  // and needs no finalize: a row no component reaches is done.
+  if (shape.halfState) {
     memref::StoreOp::create(b, loc, f.negInf(), arg(Lse), row);
+  } else {
+    memref::StoreOp::create(b, loc, f.negInf(), arg(Max), row);
+    memref::StoreOp::create(b, loc, f.c(0.0), arg(Sum), row);
+  }
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
   func->setAttr("attn.launch", elementwiseLaunch("init"));

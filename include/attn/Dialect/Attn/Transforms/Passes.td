@@ -143,10 +143,10 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
     tiles on the band's edges (or with include/exclude filters) evaluate the
     mask. A component that covers every row (`residue = all`) is the only
     one of its pattern runs as `single`: it starts from an empty state and
-    writes `out` and `lse` itself; otherwise the state (acc, max, sum)
-    lives in global memory between the component kernels: acc as O / sum
-    in the input type inside `out` itself (no finalize pass), or as f32 O
-    in a buffer of its own with `always-state`.
+    writes `out` and `lse` itself; otherwise the state lives in global
+    memory between the component kernels: O / sum in the input type inside
+    `out` itself with each row's `lse` (no finalize pass), or f32 O, max
+    and sum in buffers of their own with `always-state`.
     With `wgmma` (sm_90a) a block is two warpgroups of 64 rows each, both
     products are warpgroup MMAs, the K/V tiles arrive by TMA from two
     tensor-map kernel parameters (gathered keys through a per-period view;

@@ -501,8 +501,11 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   const int64_t rows = B * H * Lq;
 
   // Scratch: [lse if the caller gave none][acc, max, sum if needed].
-  // (256-byte aligned, for the kernels' vector accesses to the state).
-  size_t lseBytes = hasLse() && !lse ? size_t(rows + 63) / 64 * 256 : 0;
+  // (256-byte aligned, for the kernels' vector accesses to the state.) The
+  // kernels write each row's lse even where the package was compiled
+  // without one (`"lse": false`): a single or `end` kernel with out, and a
+  // state in out merges from it.
+  size_t lseBytes = !lse ? size_t(rows + 63) / 64 * 256 : 0;
   // acc [rows, D] (256-byte aligned size), then max and sum [rows] f32;
   // none of them where the state lives in out (O / l there, with the
   // row's lse: docs/Package.md).

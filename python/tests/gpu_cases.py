@@ -44,6 +44,12 @@ CASES = [
     _spec("tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]}, batch=4),
 ]
 
+# Packages compiled with "lse": false (their kernels still keep each row's
+# lse, in the runtime's scratch): a single kernel, and strided, whose
+# state between kernels is O / sum in out with the rows' lse.
+NO_LSE = [dict(c, name=c["name"] + "_no_lse", lse=False)
+          for c in CASES if c["name"] in ("causal", "strided")]
+
 # A ring package of one rank (runs on one GPU; NCCL moves nothing): the
 # order of a rank's calls across streams and threads (test_gpu.py).
 RING_ONE_RANK = {"name": "ring_one_rank", "dtype": "bf16", "heads": 4, "head_dim": 64,

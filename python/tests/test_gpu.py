@@ -73,6 +73,31 @@ def test_matches_reference(case, shape):
         assert lse_err < 2e-2, f"lse error {lse_err:.2e}"
 
 
+@pytest.mark.parametrize("case", gpu_cases.NO_LSE, ids=lambda c: c["name"])
+def test_a_package_without_lse_gives_the_same_output(case):
+    """A package compiled with "lse": false runs the same kernels, which
+    still write each row's lse (a single kernel writes it with out; a state
+    in out merges from it): the runtime gives them scratch for it. Its
+    output equals the lse package's bit for bit, poisoned first, at a
+    shape with rows that have no key."""
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    with_lse = attn.load(os.path.join(PKGS, case["name"][:-len("_no_lse")]))
+    assert not pkg.has_lse and with_lse.has_lse
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    gen = torch.Generator().manual_seed(31)
+    dt = DTYPES[case["dtype"]]
+    q = torch.randn(B, H, 1000, D, generator=gen).to("cuda", dt)
+    k, v = (torch.randn(B, Hkv, 300, D, generator=gen).to("cuda", dt) for _ in range(2))
+    out = pkg(q, k, v, out=torch.full_like(q, float("nan")))
+    torch.cuda.synchronize()
+    assert torch.equal(out, with_lse(q, k, v))
+    ref, _ = reference.attention(q, k, v, case["pattern"], None)
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < TOL[case["dtype"]], f"relative error {err:.2e}"
+    with pytest.raises(attn.AttnError, match="lse"):
+        pkg(q, k, v, return_lse=True)
+
+
 PADDED_CASES = [c for c in gpu_cases.CASES if "tokenized" in str(c["pattern"])]
 
 

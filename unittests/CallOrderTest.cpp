@@ -57,20 +57,24 @@ Driver stubDriver() {
   return d;
 }
 
-TEST(CallOrder, FirstCallWaitsForNothing) {
-  calls.clear();
-  failCreate = CUDA_SUCCESS;
+/// A fresh CallOrder and stub driver, with the record of calls cleared.
+class CallOrderTest : public ::testing::Test {
+protected:
+  void SetUp() override {
+    calls.clear();
+    failCreate = CUDA_SUCCESS;
+  }
+  void TearDown() override { failCreate = CUDA_SUCCESS; }
   Driver d = stubDriver();
   CallOrder order;
+};
+
+TEST_F(CallOrderTest, FirstCallWaitsForNothing) {
   EXPECT_EQ(order.waitIfOtherStream(d, streamOf(1)), CUDA_SUCCESS);
   EXPECT_TRUE(calls.empty());
 }
 
-TEST(CallOrder, OnlyAnotherStreamWaitsForTheLastCall) {
-  calls.clear();
-  failCreate = CUDA_SUCCESS;
-  Driver d = stubDriver();
-  CallOrder order;
+TEST_F(CallOrderTest, OnlyAnotherStreamWaitsForTheLastCall) {
   ASSERT_EQ(order.record(d, streamOf(1)), CUDA_SUCCESS);
   // The event is made once, without timing, and recorded on the stream.
   EXPECT_EQ(calls, (std::vector<std::string>{
@@ -93,17 +97,13 @@ TEST(CallOrder, OnlyAnotherStreamWaitsForTheLastCall) {
   EXPECT_EQ(order.done, nullptr);
 }
 
-TEST(CallOrder, AFailedRecordIsReportedAndRemembersNoStream) {
-  calls.clear();
+TEST_F(CallOrderTest, AFailedRecordIsReportedAndRemembersNoStream) {
   failCreate = 2; // CUDA_ERROR_OUT_OF_MEMORY
-  Driver d = stubDriver();
-  CallOrder order;
   EXPECT_EQ(order.record(d, streamOf(1)), 2);
   EXPECT_EQ(order.stream, nullptr);
   calls.clear();
   EXPECT_EQ(order.waitIfOtherStream(d, streamOf(2)), CUDA_SUCCESS);
   EXPECT_TRUE(calls.empty()) << "no event: nothing to wait for";
-  failCreate = CUDA_SUCCESS;
 }
 
 } // namespace

@@ -21,10 +21,10 @@
 //
 // with rows per group = ceil(Lq / r) (w = 0) or ceil(min(w, Lq) / r), and
 // segments = floor((d + Lq - 1) / w) - floor(d / w) + 1 for d = Lk - Lq.
-// init/finalize kernels are element-wise over B*H*Lq*D. The state (max and
-// sum; acc too unless the manifest says "state_in_out", where the kernels
-// keep O / l in out) and an LSE scratch buffer are device allocations owned
-// by the package and grown on demand (a call captured in a CUDA graph takes
+// init/finalize kernels are element-wise over B*H*Lq*D. The state (acc,
+// max and sum; none of them where the manifest says "state_in_out", where
+// the kernels keep O / l in out with each row's lse) and an LSE scratch
+// buffer are device allocations owned by the package and grown on demand (a call captured in a CUDA graph takes
 // its own from the graph). Calls take turns queueing, and a package with a
 // state orders its calls across streams (runGpu); kernels run only in the
 // CUDA context the package was loaded in (checkContext).
@@ -541,7 +541,7 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   CUdeviceptr lsePtr = lse ? CUdeviceptr(uintptr_t(lse->data))
                            : (lseBytes ? scratch : 0);
   CUdeviceptr state = stateBytes ? scratch + lseBytes : 0;
-  CUdeviceptr acc = state && !g.stateInOut ? state : 0;
+  CUdeviceptr acc = state; // the state block starts with acc
   CUdeviceptr mx = state ? state + accBytes : 0;
   CUdeviceptr sm = state ? mx + size_t(rows) * 4 : 0;
 
@@ -571,9 +571,10 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
     std::copy(q.strides.begin(), q.strides.begin() + 3, args.qStrides);
   if (!k.strides.empty())
     std::copy(k.strides.begin(), k.strides.begin() + 3, args.kStrides);
-  // The state between the kernels lives in the package's scratch: a call on
-  // another stream than the last one waits for that call's kernels, so
-  // that two streams never share it at once. (A captured call has scratch
+  // The state between the kernels lives in the package's scratch (or in
+  // out and the lse, which may be scratch too): a call on another stream
+  // than the last one waits for that call's kernels, so that two streams
+  // never share it at once. (A captured call has scratch
   // of its own and neither waits nor records.)
   const bool orderState = g.needsState && !capturing;
   if (orderState) {

@@ -1395,6 +1395,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
             out.push_back(f.select(inside, s[n][e], f.negInf()));
           }
       }
+      // Otherwise the 64-bit test, and the filters' predicates.
       for (int64_t n = 0; n < kKeyNTiles && !mask32; ++n)
         for (int64_t e = 0; e < 4; ++e) {
           Value t = tq[e / 2];

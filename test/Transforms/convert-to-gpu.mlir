@@ -46,6 +46,16 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 // CHECK-NOT: %arg8[
 // CHECK: vector.load %arg4[{{.*}}] {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>
 // CHECK: arith.extf {{.*}} : vector<2xf16> to vector<2xf32>
+// The band's edge tiles: per row, the run of columns [lower, upper] it
+// attends (an empty run as lower = 128, span 0); per element one unsigned
+// compare of cc - lower against the span and one select.
+// CHECK: scf.for
+// CHECK: scf.if %{{.*}} -> (f32
+// CHECK: %[[LOWER:.*]] = arith.select %[[EMPTY:.*]], %c128_i32, %{{.*}} : i32
+// CHECK: %[[SPAN:.*]] = arith.select %[[EMPTY]], %c0_i32, %{{.*}} : i32
+// CHECK: %[[CC:.*]] = arith.subi %c0_i32, %[[LOWER]] : i32
+// CHECK: %[[IN:.*]] = arith.cmpi ule, %[[CC]], %[[SPAN]] : i32
+// CHECK: arith.select %[[IN]], %{{.*}}, %cst{{.*}} : f32
 // Out leaves through shared memory in 16-byte pieces.
 // CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 // CHECK-NOT: gpu.func @finalize

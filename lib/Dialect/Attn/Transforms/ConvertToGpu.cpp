@@ -1355,48 +1355,83 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       // position qPos + posStride * i: with their (qLen, kLen) =
       // (0, qPos - rowLenShift) that is exactly it.
       Value qLenV = zero, kLenV = m.sub(qPos, rowLenShift);
-      // The band test in 32-bit arithmetic (gathered indices are below
-      // 2^31, as the TMA coordinates already assume), where the index type
-      // is 64-bit and every subtraction and compare takes two instructions:
-      // 2-6% faster on every pattern (bench/gpu_ab.md, "32-bit edge-tile
-      // masks"). Filters and bands of 2^30 keys or more keep the 64-bit
-      // test below.
-      const bool mask32 = !comp.hasFilters() &&
-                          (lo == ninf || std::abs(lo) < (int64_t(1) << 30)) &&
-                          (hi == inf || std::abs(hi) < (int64_t(1) << 30));
-      if (mask32) {
+      // Without filters, each row's attended keys in this tile are one run
+      // of columns: key k0 + laneCol + cc (cc = 8n + e % 2, a constant per
+      // element) is inside when lower <= cc <= upper, with
+      //
+      //   u     = t - (k0 + laneCol)
+      //   upper = min(last - 1 - (k0 + laneCol), u - lo)   (-1 past q1)
+      //   lower = u - hi
+      //
+      // worked out per row and clamped to [-1, 64], so that each element
+      // costs one compare against a constant (a band with both ends folds
+      // its two into one unsigned compare: cc - lower <= upper - lower) and
+      // one select. The band, lengths and the group's end then cost nothing
+      // more per element (bench/gpu_ab.md, "Edge-tile masks as one run of
+      // columns per row"). In 32-bit arithmetic: gathered indices are below
+      // 2^31 (as the TMA coordinates already assume), and 64-bit tests per
+      // element took twice the instructions. u is clamped to
+      // [end - 1, end + 64] before an end is taken off, so nothing
+      // overflows; bands of 2^30 keys or more and filters keep the 64-bit
+      // test per element below.
+      const bool windowMask =
+          !comp.hasFilters() &&
+          (lo == ninf || std::abs(lo) < (int64_t(1) << 30)) &&
+          (hi == inf || std::abs(hi) < (int64_t(1) << 30));
+      if (windowMask) {
         auto to32 = [&](Value x) {
           return arith::IndexCastOp::create(b, loc, i32, x).getResult();
         };
         auto c32 = [&](int64_t v) {
           return arith::ConstantIntOp::create(b, loc, i32, v).getResult();
         };
-        // Per thread and tile: u = t - (k0 + laneCol) for its two rows, and
-        // lim = last - (k0 + laneCol). Element (n, e) is key k0 + laneCol +
-        // cc with cc = 8n + e % 2 a constant, so t - tk = u - cc and the
-        // tests become compares of u and lim against constants.
+        auto clamp32 = [&](Value x, int64_t from, int64_t to) {
+          return m.min(m.max(x, c32(from)), c32(to));
+        };
+        // x - end, clamped to the tile's columns [-1, 64].
+        auto columnsPast = [&](Value x, int64_t end) {
+          return arith::SubIOp::create(
+              b, loc, clamp32(x, end - 1, end + kBlockKeys), c32(end));
+        };
         Value col0 = to32(m.add(k0, laneCol));
-        Value lim = m.sub(to32(last), col0);
+        Value lastCol = clamp32(arith::SubIOp::create(
+                                    b, loc, to32(m.sub(last, one)), col0),
+                                -1, kBlockKeys);
         Value q132 = to32(q1);
-        Value u[2], rowIn[2];
+        Value lower[2], span[2], upper[2];
         for (int64_t r2 = 0; r2 < 2; ++r2) {
           Value row = to32(tq[r2]);
-          u[r2] = m.sub(row, col0);
-          rowIn[r2] = m.lt(row, q132);
+          Value u = arith::SubIOp::create(b, loc, row, col0);
+          Value up = lastCol;
+          if (lo != ninf)
+            up = m.min(up, columnsPast(u, lo));
+          upper[r2] = arith::SelectOp::create(b, loc, m.lt(row, q132), up,
+                                              c32(-1));
+          if (hi == inf)
+            continue;
+          Value low = columnsPast(u, hi);
+          // An empty run: no cc - lower is at most 0 (unsigned).
+          Value empty = m.lt(upper[r2], low);
+          lower[r2] = arith::SelectOp::create(b, loc, empty,
+                                              c32(2 * kBlockKeys), low);
+          span[r2] = arith::SelectOp::create(
+              b, loc, empty, c32(0),
+              arith::SubIOp::create(b, loc, upper[r2], low));
         }
         for (int64_t n = 0; n < kKeyNTiles; ++n)
           for (int64_t e = 0; e < 4; ++e) {
-            int64_t cc = n * 8 + e % 2;
-            Value inside = m.both(m.lt(c32(cc), lim), rowIn[e / 2]);
-            if (lo != ninf) // lo <= u - cc
-              inside = m.both(inside, m.le(c32(lo + cc), u[e / 2]));
-            if (hi != inf) // u - cc <= hi
-              inside = m.both(inside, m.le(u[e / 2], c32(hi + cc)));
+            int64_t cc = n * 8 + e % 2, r2 = e / 2;
+            Value inside =
+                hi == inf
+                    ? m.le(c32(cc), upper[r2])
+                    : m.cmp(arith::CmpIPredicate::ule,
+                            arith::SubIOp::create(b, loc, c32(cc), lower[r2]),
+                            span[r2]);
             out.push_back(f.select(inside, s[n][e], f.negInf()));
           }
       }
-      // Otherwise the 64-bit test, and the filters' predicates.
-      for (int64_t n = 0; n < kKeyNTiles && !mask32; ++n)
+      // Otherwise the test and the filters' predicates per element.
+      for (int64_t n = 0; n < kKeyNTiles && !windowMask; ++n)
         for (int64_t e = 0; e < 4; ++e) {
           Value t = tq[e / 2];
           Value tk = m.add(k0, m.add(laneCol, m.c(n * 8 + e % 2)));

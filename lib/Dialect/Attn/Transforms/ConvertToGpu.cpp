@@ -1379,9 +1379,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           (lo == ninf || std::abs(lo) < (int64_t(1) << 30)) &&
           (hi == inf || std::abs(hi) < (int64_t(1) << 30));
       if (windowMask) {
-        auto to32 = [&](Value x) {
-          return arith::IndexCastOp::create(b, loc, i32, x).getResult();
-        };
         auto c32 = [&](int64_t v) {
           return arith::ConstantIntOp::create(b, loc, i32, v).getResult();
         };
@@ -1393,14 +1390,14 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           return arith::SubIOp::create(
               b, loc, clamp32(x, end - 1, end + kBlockKeys), c32(end));
         };
-        Value col0 = to32(m.add(k0, laneCol));
+        Value col0 = toI32(m.add(k0, laneCol));
         Value lastCol = clamp32(arith::SubIOp::create(
-                                    b, loc, to32(m.sub(last, one)), col0),
+                                    b, loc, toI32(m.sub(last, one)), col0),
                                 -1, kBlockKeys);
-        Value q132 = to32(q1);
+        Value q132 = toI32(q1);
         Value lower[2], span[2], upper[2];
         for (int64_t r2 = 0; r2 < 2; ++r2) {
-          Value row = to32(tq[r2]);
+          Value row = toI32(tq[r2]);
           Value u = arith::SubIOp::create(b, loc, row, col0);
           Value up = lastCol;
           if (lo != ninf)

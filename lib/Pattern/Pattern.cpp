@@ -156,14 +156,15 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
         // The band p - j < l in natural order, plus the keys at multiples of
         // the stride beyond it: within residue class c + S*t these are the
         // causal pairs with t_q - t_k >= ceil(l / S). The two are disjoint.
-        // The per-residue component goes first, so that the band's blocks
-        // (contiguous rows, more key tiles each) merge the stored state:
-        // 2-6% faster on an H100 than the other order (bench/gpu_ab.md).
+        // The band goes first: on sm_90a a narrow band runs on one-step
+        // blocks with resident keys (convert-attn-to-gpu), which are
+        // fastest when they start the state and the per-residue component
+        // merges it (bench/gpu_ab.md, "Resident keys for narrow bands").
         int64_t s = a.getStride(), l = a.getLocal();
         ComponentSpec local = band(0, l - 1);
         ComponentSpec strided = band((l + s - 1) / s, inf);
         strided.period = s;
-        return Specs{strided, local};
+        return Specs{local, strided};
       })
       .Case([&](DilatedAttr a) {
         ComponentSpec c = a.getCausal() ? band(0, inf) : band(ninf, inf);

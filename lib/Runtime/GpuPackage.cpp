@@ -462,12 +462,15 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
 /// run as sub-wave kernels, -3 to -6%. Each round's first kernel does not
 /// wait for the round before (its pairs' rows are its own), and the kernels
 /// after it wait for theirs. ATTN_GPU_ROUNDS=0 in the environment turns
-/// rounds off (bench/gpu_rounds_ab.py compares both).
+/// rounds off (bench/gpu_rounds_ab.py compares both), and ATTN_GPU_ROUNDS=N
+/// takes N pairs a round where rounds apply.
 static int64_t pairsPerLaunch(const GpuModule &g, const KernelArgs &a) {
   const int64_t all = a.B * a.H;
   const char *rounds = std::getenv("ATTN_GPU_ROUNDS");
   if (rounds && std::string(rounds) == "0")
     return all;
+  if (rounds && std::atoll(rounds) > 0) // pairs per round, for A/B runs
+    return std::min<int64_t>(std::atoll(rounds), all);
   if (!g.dependentLaunch || g.kernels.size() < 2 ||
       g.kernels.front().kind != "begin" || g.l2Bytes <= 0)
     return all;

@@ -107,3 +107,37 @@ func.func @dilated(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %
   %o = attn.attention %q, %k, %v pattern(#attn.dilated<segment = 64, rate = 4, head_offset = true>) : tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16>, tensor<1x4x256x128xbf16> -> tensor<1x4x256x128xbf16>
   return %o : tensor<1x4x256x128xbf16>
 }
+
+// -----
+
+// A narrow band (a 128-key window: 64 rows attend at most 191 keys, three
+// key tiles) gets one-warpgroup blocks with its keys resident: 128 threads,
+// 64 rows, three blocks per SM (shared_bytes: a 64-row Q tile, three K
+// tiles that V reuses, 1024 bytes of slack, two mbarriers). Thread 0 loads
+// the three K tiles (6 boxes) on one mbarrier; S is one commit group of 3 x 8
+// wgmmas; after a barrier V's three tiles load into K's slots on the second
+// mbarrier while the softmax runs; P . V is 3 x 4 wgmmas. No key loop.
+// CHECK: gpu.func @component_0
+// CHECK-SAME: attn.launch = {block = 128 : i64, block_rows = 64 : i64
+// CHECK-SAME: kind = "single", shared_bytes = 66576
+// CHECK-SAME: nvvm.minctasm = 3 : i32
+// CHECK-COUNT-2: "mbarrier.init.shared::cta.b64 [$0], 1;"
+// CHECK: mbarrier.arrive.expect_tx.shared::cta.b64 st, [$0], $1; }", "r,r" %{{.*}}, %c49152_i32
+// CHECK-COUNT-6: cp.async.bulk.tensor.4d
+// CHECK-NOT: scf.for
+// CHECK: mbarrier.try_wait.parity
+// CHECK-COUNT-24: wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16
+// CHECK: "wgmma.commit_group.sync.aligned;\0A\09wgmma.wait_group.sync.aligned 0;"
+// CHECK: gpu.barrier
+// CHECK: mbarrier.arrive.expect_tx.shared::cta.b64 st, [$0], $1; }", "r,r" %{{.*}}, %c49152_i32
+// CHECK-COUNT-6: cp.async.bulk.tensor.4d
+// CHECK: llvm.call_intrinsic "llvm.nvvm.ex2.approx.ftz.f"
+// CHECK: mbarrier.try_wait.parity
+// CHECK-COUNT-12: wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16
+// CHECK-NOT: wgmma.mma_async
+// CHECK-NOT: scf.for
+// CHECK: gpu.return
+func.func @narrow_local(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: tensor<1x4x?x128xbf16>) -> tensor<1x4x?x128xbf16> {
+  %o = attn.attention %q, %k, %v pattern(#attn.local<window = 128>) : tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16> -> tensor<1x4x?x128xbf16>
+  return %o : tensor<1x4x?x128xbf16>
+}

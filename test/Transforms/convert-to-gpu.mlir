@@ -22,14 +22,24 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 
 // -----
 
-// Strided: a per-residue causal component and a band share a state in
+// Strided: a band and a per-residue causal component share a state in
 // global memory; both cover every row, so the first starts the state
 // (`begin`, no init kernel) and the last ends it (`end`); f16 with GQA and
 // head dim 64.
 // CHECK: gpu.module @attn_kernels attributes {attn.launch_order = ["component_0", "component_1"]
 // CHECK: gpu.func @component_0
-// CHECK-SAME: component = #attn.component<period = 8, residue = all, segment = 0, band = [1, inf]>, kind = "begin", shared_bytes = 46080
+// CHECK-SAME: component = #attn.component<period = 1, residue = all, segment = 0, band = [0, 7]>, kind = "begin", shared_bytes = 46080
+// The band's edge tiles: per row, the run of columns [lower, upper] it
+// attends (an empty run as lower = 128, span 0); per element one unsigned
+// compare of cc - lower against the span and one select.
+// CHECK: scf.for
 // CHECK: nvvm.mma.sync {{.*}} : (vector<2xf16>, vector<2xf16>, f32)
+// CHECK: scf.if %{{.*}} -> (f32
+// CHECK: %[[LOWER:.*]] = arith.select %[[EMPTY:.*]], %c128_i32, %{{.*}} : i32
+// CHECK: %[[SPAN:.*]] = arith.select %[[EMPTY]], %c0_i32, %{{.*}} : i32
+// CHECK: %[[CC:.*]] = arith.subi %c0_i32, %[[LOWER]] : i32
+// CHECK: %[[IN:.*]] = arith.cmpi ule, %[[CC]], %[[SPAN]] : i32
+// CHECK: arith.select %[[IN]], %{{.*}}, %cst{{.*}} : f32
 // The state between them is O / sum in the 16-bit input type, kept in out
 // itself (%arg4), and the rows' lse (%arg5): `begin` stores its rows through
 // shared memory in 16-byte pieces, with their lse and no max or sum
@@ -40,22 +50,12 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 // CHECK-NOT: %arg8[
 // CHECK: vector.store {{.*}}, %arg4[{{.*}}] {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 // CHECK: gpu.func @component_1
-// CHECK-SAME: component = #attn.component<period = 1, residue = all, segment = 0, band = [0, 7]>, kind = "end"
+// CHECK-SAME: component = #attn.component<period = 8, residue = all, segment = 0, band = [1, inf]>, kind = "end"
 // CHECK-NOT: %arg7[
 // CHECK: memref.load %arg5[
 // CHECK-NOT: %arg8[
 // CHECK: vector.load %arg4[{{.*}}] {alignment = 4 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<2xf16>
 // CHECK: arith.extf {{.*}} : vector<2xf16> to vector<2xf32>
-// The band's edge tiles: per row, the run of columns [lower, upper] it
-// attends (an empty run as lower = 128, span 0); per element one unsigned
-// compare of cc - lower against the span and one select.
-// CHECK: scf.for
-// CHECK: scf.if %{{.*}} -> (f32
-// CHECK: %[[LOWER:.*]] = arith.select %[[EMPTY:.*]], %c128_i32, %{{.*}} : i32
-// CHECK: %[[SPAN:.*]] = arith.select %[[EMPTY]], %c0_i32, %{{.*}} : i32
-// CHECK: %[[CC:.*]] = arith.subi %c0_i32, %[[LOWER]] : i32
-// CHECK: %[[IN:.*]] = arith.cmpi ule, %[[CC]], %[[SPAN]] : i32
-// CHECK: arith.select %[[IN]], %{{.*}}, %cst{{.*}} : f32
 // Out leaves through shared memory in 16-byte pieces.
 // CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 // CHECK-NOT: gpu.func @finalize

@@ -26,11 +26,11 @@ func.func @local(%q: tensor<1x2x64x16xf32>) -> (tensor<1x2x64x16xf32>, tensor<1x
 
 // -----
 
-// Strided (Child et al.): causal attention inside each residue class beyond
-// the local band (ceil(48 / 32) = 2 strides away at least), then the band.
+// Strided (Child et al.): the local band, then causal attention inside each
+// residue class beyond it (ceil(48 / 32) = 2 strides away at least).
 // CHECK-LABEL: func @strided
-// CHECK: <period = 32, residue = all, segment = 0, band = [2, inf]>
 // CHECK: <period = 1, residue = all, segment = 0, band = [0, 47]>
+// CHECK: <period = 32, residue = all, segment = 0, band = [2, inf]>
 func.func @strided(%q: tensor<1x2x64x16xf32>) -> tensor<1x2x64x16xf32> {
   %0 = attn.attention %q, %q, %q pattern(#attn.strided<stride = 32, local = 48>) : tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32> -> tensor<1x2x64x16xf32>
   return %0 : tensor<1x2x64x16xf32>

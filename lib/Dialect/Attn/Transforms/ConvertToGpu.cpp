@@ -51,6 +51,11 @@
 // as the register A operand has the m16k16 A layout: the softmax between
 // the two products is the same code for both paths.
 //
+// Narrow bands (at most 129 keys wide, period 1) get one-warpgroup blocks
+// of 64 rows that hold all of their (at most three) key tiles at once and
+// take the softmax in one step (residentKeyTiles, emitComponent's
+// residentStep).
+//
 // With `warp-specialize`, components whose rows attend many contiguous keys
 // get FlashAttention-3's structure instead: a producer warpgroup issuing
 // the TMA loads into a ring of slots, three consumer warpgroups (192 rows)
@@ -165,6 +170,29 @@ static bool isWarpSpecialized(const AttentionShape &shape,
   if (comp.getSegment() > 0)
     keys = std::min(keys, comp.getSegment());
   return keys > kShortRowKeys;
+}
+
+/// Key tiles a 64-row block of `comp` holds all at once, or 0 where its
+/// kernel walks the key tiles. A band at most kMaxResidentTiles tiles wide
+/// for 64 consecutive rows (hi - lo <= 128: strided's band, narrow local
+/// windows) gets one-warpgroup blocks that load every key tile they need
+/// up front and take the softmax in one step over all of them: no online
+/// rescaling of O, one row max and sum, and no per-tile waits (see
+/// emitComponent's `resident`). Its V tiles load into K's shared memory
+/// once S is done, so that a block takes 64 KB and three fit an SM.
+/// Components that continue a loaded state before their loop (f32 ring
+/// states) keep the walking kernels.
+constexpr int64_t kMaxResidentTiles = 3;
+static int64_t residentKeyTiles(const AttentionShape &shape,
+                                ComponentAttr comp) {
+  if (!shape.tma || !shape.halfState || comp.getPeriod() != 1 ||
+      isWarpSpecialized(shape, comp))
+    return 0;
+  int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
+  if (lo == ComponentAttr::kNegInf || hi == ComponentAttr::kPosInf ||
+      hi - lo > (kMaxResidentTiles - 1) * kBlockKeys)
+    return 0;
+  return (kBlockKeys + hi - lo + kBlockKeys - 1) / kBlockKeys;
 }
 
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
@@ -699,6 +727,17 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // from the producer (kProducerRegisters) to the consumers
   // (kConsumerRegisters).
   const bool ws = isWarpSpecialized(shape, comp);
+  // Resident keys (residentKeyTiles): a one-warpgroup block loads all its
+  // key tiles into the slots at once and takes one softmax step over them.
+  // Warpgroup g's rows [q0 + 64g, q0 + 64g + 64) attend keys inside the
+  // tiles g .. g + groupTiles - 1 of the block's window, which starts at
+  // q0 - hi (see residentStep).
+  const int64_t groupTiles = shape.wgmma && shape.warpgroups <= 2 && !ws
+                                 ? residentKeyTiles(shape, comp)
+                                 : 0;
+  const bool resident = groupTiles > 0;
+  const int64_t residentTiles =
+      resident ? groupTiles + shape.warpgroups - 1 : 0;
   const int64_t threads = ws ? shape.threads() + 128 : shape.threads();
   auto func = beginKernel(name, threads);
   // Two blocks per SM, so that one block's softmax overlaps the other's
@@ -706,22 +745,26 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // registers per thread.
   if (shape.wgmma)
     func->setAttr(NVVM::NVVMDialect::getMinctasmAttrName(),
-                  b.getI32IntegerAttr(ws ? 1 : 2));
+                  b.getI32IntegerAttr(ws ? 1 : resident && shape.warpgroups == 1 ? 3 : 2));
   // The next kernel of the package may launch as soon as every block of
   // this one has started (it waits for this one's results before touching
   // them: mergeEarlierState).
   if (shape.dependentLaunch())
     inlinePtx({}, {}, "griddepcontrol.launch_dependents;", "");
-  const int64_t slots = ws ? kWsSlots : 2;
+  const int64_t slots = ws ? kWsSlots : resident ? residentTiles : 2;
   // Shared memory: Q, K[slots], V[slots], then with TMA the 8-byte
   // mbarriers: one "full" per slot and, with ws, one "empty" per slot.
+  // Resident keys: V[i] is K[i] (V arrives once S is done), and two
+  // barriers, one for the K tiles and one for the V tiles.
   // wgmma tiles start at the first 1024-byte boundary of the dynamic shared
   // memory (the swizzle repeats every 1024 bytes and the descriptors assume
   // it starts at one): 1024 bytes of slack.
   const int64_t barrierOffset =
-      shape.qTileBytes() + 2 * slots * shape.kvTileBytes();
+      shape.qTileBytes() +
+      (resident ? 1 : 2) * slots * shape.kvTileBytes();
+  const int64_t numBarriers = resident ? 2 : slots * (ws ? 2 : 1);
   const int64_t sharedBytes = barrierOffset + (shape.wgmma ? 1024 : 0) +
-                              (shape.tma ? 8 * slots * (ws ? 2 : 1) : 0);
+                              (shape.tma ? 8 * numBarriers : 0);
   // A barrier of every thread that computes (with ws, named barrier 1 of
   // the consumer threads).
   auto consumerBarrier = [&]() {
@@ -874,6 +917,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                  m.mul(slot, m.c(shape.kvTileBytes())));
   };
   auto valueOffset = [&](Value slot) {
+    if (resident)
+      return keyOffset(slot);
     return m.add(m.c(shape.qTileBytes() + slots * shape.kvTileBytes()),
                  m.mul(slot, m.c(shape.kvTileBytes())));
   };
@@ -1013,6 +1058,29 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     tmaLoadBoxes(arg(KMap), keyOffset(slot), k0, bar);
     tmaLoadBoxes(arg(VMap), valueOffset(slot), k0, bar);
   };
+  // Resident keys: the block's window of keys starts at q0 - hi, whether or
+  // not such keys exist: the leader fetches the K (or V) tiles of keys
+  // window + 64 i into every slot i, completing on one mbarrier. Keys
+  // outside the tensor arrive as zeros (TMA); keys outside [first, last)
+  // are masked, and V's rows there zeroed (zeroValueOutside).
+  Value window;
+  if (resident)
+    window = m.sub(q0, m.c(hi));
+  auto residentLoad = [&](Value bar, bool values) {
+    auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
+                                    /*withElse=*/false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(leader.thenBlock());
+    Value bytes = arith::ConstantIntOp::create(b, loc, i32,
+                                               slots * shape.kvTileBytes());
+    inlinePtx({}, {bar, bytes},
+              "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
+              "st, [$0], $1; }",
+              "r,r");
+    for (int64_t i = 0; i < slots; ++i)
+      tmaLoadBoxes(arg(values ? VMap : KMap), keyOffset(m.c(i)),
+                   m.add(window, m.c(i * kBlockKeys)), bar);
+  };
   // Waits for the phase of step `it` of the mbarrier `barrier()` builds:
   // a slot's barrier completes one phase per tile through it, so step it
   // waits for phase parity (it / slots) % 2. (The address is built after
@@ -1044,10 +1112,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // masked, so K's rows may hold anything, but P . V multiplies V's rows by
   // zero and 0 * inf (say, padding past lengths[b]) would be NaN: zero
   // those rows of V, as cp.async's zero fill does.
+  // A resident window's tiles may also start before `first`: their rows
+  // before it (keys of no row here, or zeros) are zeroed as well.
   auto zeroValueTail = [&](Value k0, Value slot) {
     Value tailStart = m.sub(last, k0);
-    auto edge = scf::IfOp::create(b, loc, TypeRange{},
-                                  m.lt(tailStart, m.c(kBlockKeys)),
+    Value headEnd = resident ? m.sub(first, k0) : Value();
+    Value outside = m.lt(tailStart, m.c(kBlockKeys));
+    if (resident)
+      outside = m.either(outside, m.lt(zero, headEnd));
+    auto edge = scf::IfOp::create(b, loc, TypeRange{}, outside,
                                   /*withElse=*/false);
     OpBuilder::InsertionGuard guard(b);
     b.setInsertionPointToStart(edge.thenBlock());
@@ -1064,6 +1137,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       // (A last pass that only some threads fill when the threads do not
       // divide the chunks: rows past the tile are not in it.)
       Value inTailRows = m.le(tailStart, row);
+      if (resident)
+        inTailRows = m.either(inTailRows, m.lt(row, headEnd));
       if ((pass + 1) * shape.threads() > chunks)
         inTailRows = m.both(inTailRows, m.lt(row, m.c(kBlockKeys)));
       auto inTail = scf::IfOp::create(b, loc, TypeRange{}, inTailRows, false);
@@ -1083,7 +1158,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     {
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(leader.thenBlock());
-      for (int64_t slot = 0; slot < slots; ++slot) {
+      for (int64_t slot = 0; slot < (resident ? 2 : slots); ++slot) {
         inlinePtx({}, {barrierAt(m.c(slot))},
                   "mbarrier.init.shared::cta.b64 [$0], 1;", "r");
         if (ws)
@@ -1132,10 +1207,14 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                      /*withElse=*/true);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(byTma.thenBlock());
-      auto some = scf::IfOp::create(b, loc, TypeRange{},
-                                    m.lt(zero, numTiles), false);
-      b.setInsertionPointToStart(some.thenBlock());
-      tmaLoadKeyTile(first, zero);
+      if (resident) {
+        residentLoad(barrierAt(zero), /*values=*/false);
+      } else {
+        auto some = scf::IfOp::create(b, loc, TypeRange{},
+                                      m.lt(zero, numTiles), false);
+        b.setInsertionPointToStart(some.thenBlock());
+        tmaLoadKeyTile(first, zero);
+      }
       b.setInsertionPointToStart(byTma.elseBlock());
       loadKeyTile(first, zero);
     }
@@ -1407,6 +1486,11 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           if (hi == inf)
             continue;
           Value low = columnsPast(u, hi);
+          // A resident window may start before `first`.
+          if (resident)
+            low = m.max(low, clamp32(arith::SubIOp::create(
+                                         b, loc, toI32(first), col0),
+                                     -1, kBlockKeys));
           // An empty run: no cc - lower is at most 0 (unsigned).
           Value empty = m.lt(upper[r2], low);
           lower[r2] = arith::SelectOp::create(b, loc, empty,
@@ -1433,6 +1517,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           Value t = tq[e / 2];
           Value tk = m.add(k0, m.add(laneCol, m.c(n * 8 + e % 2)));
           Value inside = m.both(m.lt(tk, last), m.lt(t, q1));
+          if (resident)
+            inside = m.both(inside, m.le(first, tk));
           Value dt = m.sub(t, tk);
           if (lo != ninf)
             inside = m.both(inside, m.le(m.c(lo), dt));
@@ -1482,12 +1568,16 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // faster with ex2 throughout (causal 632 -> 646, tokenized 528 -> 548).
   const int64_t polynomialExps = shape.wgmma && !ws ? 2 : 0;
   auto softmaxStep = [&](SmallVector<AccFrag> &s, ValueRange stats) {
+    // One key tile's fragments, or all of a resident block's (the same
+    // share of them by polynomial).
+    const int64_t numFrags = s.size();
+    const int64_t polynomials = polynomialExps * numFrags / kKeyNTiles;
     Value c2 = f.c(scaleLog2);
     Value tileMaxC[2], grows = m.truth(false);
     for (int64_t half = 0; half < 2; ++half) {
       Value oldMax = stats[half];
       Value tileMax = f.negInf();
-      for (int64_t n = 0; n < kKeyNTiles; ++n)
+      for (int64_t n = 0; n < numFrags; ++n)
         for (int64_t e = 0; e < 2; ++e)
           tileMax = f.max(tileMax, s[n][half * 2 + e]);
       tileMax = quadReduce(tileMax, /*isMax=*/true);
@@ -1513,11 +1603,11 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           f.select(step.rescale, f.mul(oldSum, step.alpha[half]), oldSum);
       // p = exp2(s * c - m) as one fma per score.
       Value negM = arith::NegFOp::create(b, loc, mUse);
-      for (int64_t n = 0; n < kKeyNTiles; ++n)
+      for (int64_t n = 0; n < numFrags; ++n)
         for (int64_t e = 0; e < 2; ++e) {
           Value &x = s[n][half * 2 + e];
           x = LLVM::FMAOp::create(b, loc, x, c2, negM);
-          x = n * 2 + e < polynomialExps ? exp2Polynomial(x) : exp2(x);
+          x = n * 2 + e < polynomials ? exp2Polynomial(x) : exp2(x);
           sum = f.add(sum, x);
         }
       newMax[half] = mx;
@@ -1545,7 +1635,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // which is also wgmma's register A layout.
   auto packProbabilities = [&](ArrayRef<AccFrag> p) {
     SmallVector<Value> packed;
-    for (int64_t j = 0; j < kKeyNTiles / 2; ++j)
+    for (int64_t j = 0; j < int64_t(p.size()) / 2; ++j)
       packed.append({pack(p[2 * j][0], p[2 * j][1]),
                      pack(p[2 * j][2], p[2 * j][3]),
                      pack(p[2 * j + 1][0], p[2 * j + 1][1]),
@@ -1556,12 +1646,14 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // [keys x D] with D contiguous (MN-major, transposed): the 64-column
   // panels are 8192 bytes apart (leading offset), 8-key groups 1024
   // (stride offset); k step j starts 16 keys = 2048 bytes on. Issued only.
-  auto issueValuesWgmma = [&](ValueRange o, ValueRange p, Value slot) {
+  // With `fresh`, O = P V: o only gives the accumulators' types.
+  auto issueValuesWgmma = [&](ValueRange o, ValueRange p, Value slot,
+                              bool fresh = false) {
     Value vDesc = tileDescriptor(valueOffset(slot), kvPanelBytes, 1024);
     SmallVector<Value> acc(o);
     for (int64_t j = 0; j < kKeyNTiles / 2; ++j)
       acc = wgmma(acc, p.slice(j * 4, 4), advance(vDesc, j * 2048),
-                  /*transposeB=*/true, /*accumulate=*/true);
+                  /*transposeB=*/true, /*accumulate=*/!fresh || j > 0);
     return acc;
   };
   // O += P V with mma.sync and ldmatrix'ed (transposed) V.
@@ -1697,9 +1789,71 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     scf::YieldOp::create(b, loc, out);
     return SmallVector<Value>(some.getResults());
   };
+  // Resident keys (residentKeyTiles): every key tile of the block is in
+  // its slot after one mbarrier phase, and the whole row is one step:
+  //
+  //   wait for K; S[i] = Q . K[i]^T for every slot i (one commit group)
+  //   barrier (no warp reads K any more); the leader loads V[i] into K[i]
+  //   mask each tile; softmax with one max and one sum per row (O is 0:
+  //     nothing to rescale)
+  //   wait for V; zero its rows past `last`; O = sum over i of P[i] . V[i]
+  //
+  // The softmax runs while V arrives.
+  auto residentStep = [&]() -> SmallVector<Value> {
+    const int64_t oRegs = oFrags * 4, pRegs = kKeyNTiles / 2 * 4;
+    // This warpgroup's tiles i = 0 .. groupTiles - 1 are slots g + i.
+    Value group = arith::DivUIOp::create(b, loc, warp, m.c(4));
+    auto groupSlot = [&](int64_t i) { return m.add(group, m.c(i)); };
+    auto tileK0 = [&](int64_t i) {
+      return m.add(window, m.mul(groupSlot(i), m.c(kBlockKeys)));
+    };
+    waitKeyTile(zero, zero);
+    inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
+    SmallVector<Value> scores;
+    for (int64_t i = 0; i < groupTiles; ++i)
+      llvm::append_range(scores, issueScoresWgmma(groupSlot(i)));
+    SmallVector<AccFrag> s = toFrags(wgmmaCommitAndWait(scores));
+    gpu::BarrierOp::create(b, loc);
+    residentLoad(barrierAt(one), /*values=*/true);
+    for (int64_t i = 0; i < groupTiles; ++i) {
+      auto from = s.begin() + i * kKeyNTiles;
+      SmallVector<AccFrag> tile(from, from + kKeyNTiles);
+      biasAndMask(tile, tileK0(i));
+      std::copy(tile.begin(), tile.end(), from);
+    }
+    SoftmaxStep step =
+        softmaxStep(s, ArrayRef<Value>(init).drop_front(oRegs));
+    SmallVector<Value> operands;
+    for (Value reg : packProbabilities(s))
+      operands.push_back(asI32(reg));
+    waitTile(zero, [&] { return barrierAt(one); });
+    {
+      Value windowEnd = m.add(window, m.c(slots * kBlockKeys));
+      auto outside = scf::IfOp::create(
+          b, loc, TypeRange{},
+          m.either(m.lt(last, windowEnd), m.lt(window, first)), false);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(outside.thenBlock());
+      for (int64_t i = 0; i < slots; ++i)
+        zeroValueTail(m.add(window, m.c(i * kBlockKeys)), m.c(i));
+      gpu::BarrierOp::create(b, loc);
+    }
+    operands = wgmmaFence(operands);
+    ArrayRef<Value> p(operands);
+    // O starts as the first tile's P . V (no zeros to add to).
+    SmallVector<Value> o(ArrayRef<Value>(init).take_front(oRegs));
+    for (int64_t i = 0; i < groupTiles; ++i)
+      o = issueValuesWgmma(o, p.slice(i * pRegs, pRegs), groupSlot(i),
+                           /*fresh=*/i == 0);
+    o = wgmmaCommitAndWait(o);
+    o.append(step.stats);
+    return o;
+  };
   SmallVector<Value> finValues;
   if (ws) {
     finValues = overlappedLoop();
+  } else if (resident) {
+    finValues = residentStep();
   } else {
     // One step per key tile: wait for the tile; after the barrier every warp
     // is also done with the previous one, so the next tile can load into its
@@ -2129,6 +2283,12 @@ struct ConvertAttnToGpuPass
     AttentionShape wsShape = shape;
     wsShape.warpgroups = 3;
     KernelEmitter emitWs(b, loc, wsShape);
+    // Narrow bands: one warpgroup (64 rows) with its keys resident. (Two
+    // warpgroups sharing a window of 4 tiles, 2 blocks/SM, spilled 160
+    // bytes and ran slower: bench/gpu_ab.md.)
+    AttentionShape residentShape = shape;
+    residentShape.warpgroups = 1;
+    KernelEmitter emitResident(b, loc, residentShape);
     auto add = [&](gpu::GPUFuncOp f) {
       order.push_back(b.getStringAttr(f.getName()));
       b.setInsertionPointToEnd(gpuModule.getBody());
@@ -2137,8 +2297,10 @@ struct ConvertAttnToGpuPass
     if (!begins)
       add(emit.emitInit("init"));
     for (auto [i, c] : llvm::enumerate(comps)) {
-      KernelEmitter &e =
-          isWarpSpecialized(shape, c.getComponent()) ? emitWs : emit;
+      KernelEmitter &e = isWarpSpecialized(shape, c.getComponent()) ? emitWs
+                         : residentKeyTiles(shape, c.getComponent()) > 0
+                             ? emitResident
+                             : emit;
       add(e.emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
                           modeOf(i)));
     }

@@ -729,15 +729,12 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   const bool ws = isWarpSpecialized(shape, comp);
   // Resident keys (residentKeyTiles): a one-warpgroup block loads all its
   // key tiles into the slots at once and takes one softmax step over them.
-  // Warpgroup g's rows [q0 + 64g, q0 + 64g + 64) attend keys inside the
-  // tiles g .. g + groupTiles - 1 of the block's window, which starts at
-  // q0 - hi (see residentStep).
-  const int64_t groupTiles = shape.wgmma && shape.warpgroups <= 2 && !ws
-                                 ? residentKeyTiles(shape, comp)
-                                 : 0;
-  const bool resident = groupTiles > 0;
-  const int64_t residentTiles =
-      resident ? groupTiles + shape.warpgroups - 1 : 0;
+  // The block's rows [q0, q0 + 64) attend keys inside the residentTiles
+  // tiles of its window, which starts at key q0 - hi (see residentStep).
+  const int64_t residentTiles = shape.wgmma && shape.warpgroups == 1 && !ws
+                                    ? residentKeyTiles(shape, comp)
+                                    : 0;
+  const bool resident = residentTiles > 0;
   const int64_t threads = ws ? shape.threads() + 128 : shape.threads();
   auto func = beginKernel(name, threads);
   // Two blocks per SM, so that one block's softmax overlaps the other's
@@ -1062,7 +1059,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // not such keys exist: the leader fetches the K (or V) tiles of keys
   // window + 64 i into every slot i, completing on one mbarrier. Keys
   // outside the tensor arrive as zeros (TMA); keys outside [first, last)
-  // are masked, and V's rows there zeroed (zeroValueOutside).
+  // are masked, and V's rows there zeroed (zeroValueTail).
   Value window;
   if (resident)
     window = m.sub(q0, m.c(hi));
@@ -1796,26 +1793,25 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   //   barrier (no warp reads K any more); the leader loads V[i] into K[i]
   //   mask each tile; softmax with one max and one sum per row (O is 0:
   //     nothing to rescale)
-  //   wait for V; zero its rows past `last`; O = sum over i of P[i] . V[i]
+  //   wait for V; zero its rows outside [first, last); O = sum over i of
+  //     P[i] . V[i]
   //
   // The softmax runs while V arrives.
   auto residentStep = [&]() -> SmallVector<Value> {
     const int64_t oRegs = oFrags * 4, pRegs = kKeyNTiles / 2 * 4;
-    // This warpgroup's tiles i = 0 .. groupTiles - 1 are slots g + i.
-    Value group = arith::DivUIOp::create(b, loc, warp, m.c(4));
-    auto groupSlot = [&](int64_t i) { return m.add(group, m.c(i)); };
+    // Tile i holds keys window + 64 i.
     auto tileK0 = [&](int64_t i) {
-      return m.add(window, m.mul(groupSlot(i), m.c(kBlockKeys)));
+      return m.add(window, m.c(i * kBlockKeys));
     };
     waitKeyTile(zero, zero);
     inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
     SmallVector<Value> scores;
-    for (int64_t i = 0; i < groupTiles; ++i)
-      llvm::append_range(scores, issueScoresWgmma(groupSlot(i)));
+    for (int64_t i = 0; i < slots; ++i)
+      llvm::append_range(scores, issueScoresWgmma(m.c(i)));
     SmallVector<AccFrag> s = toFrags(wgmmaCommitAndWait(scores));
     gpu::BarrierOp::create(b, loc);
     residentLoad(barrierAt(one), /*values=*/true);
-    for (int64_t i = 0; i < groupTiles; ++i) {
+    for (int64_t i = 0; i < slots; ++i) {
       auto from = s.begin() + i * kKeyNTiles;
       SmallVector<AccFrag> tile(from, from + kKeyNTiles);
       biasAndMask(tile, tileK0(i));
@@ -1835,15 +1831,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(outside.thenBlock());
       for (int64_t i = 0; i < slots; ++i)
-        zeroValueTail(m.add(window, m.c(i * kBlockKeys)), m.c(i));
+        zeroValueTail(tileK0(i), m.c(i));
       gpu::BarrierOp::create(b, loc);
     }
     operands = wgmmaFence(operands);
     ArrayRef<Value> p(operands);
     // O starts as the first tile's P . V (no zeros to add to).
     SmallVector<Value> o(ArrayRef<Value>(init).take_front(oRegs));
-    for (int64_t i = 0; i < groupTiles; ++i)
-      o = issueValuesWgmma(o, p.slice(i * pRegs, pRegs), groupSlot(i),
+    for (int64_t i = 0; i < slots; ++i)
+      o = issueValuesWgmma(o, p.slice(i * pRegs, pRegs), m.c(i),
                            /*fresh=*/i == 0);
     o = wgmmaCommitAndWait(o);
     o.append(step.stats);

@@ -1038,6 +1038,14 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       inlinePtx({}, operands, text, constraints);
     }
   };
+  // The leader's one arrival on `bar`, expecting `bytes` from its TMA loads.
+  auto expectBytes = [&](Value bar, int64_t bytes) {
+    Value count = arith::ConstantIntOp::create(b, loc, i32, bytes);
+    inlinePtx({}, {bar, count},
+              "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
+              "st, [$0], $1; }",
+              "r,r");
+  };
   // The leader fetches the K/V tile pair of keys k0.. into a slot.
   auto tmaLoadKeyTile = [&](Value k0, Value slot) {
     auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
@@ -1046,12 +1054,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     b.setInsertionPointToStart(leader.thenBlock());
     // One arrival (the leader's) that expects both tiles' bytes.
     Value bar = barrierAt(slot);
-    Value bytes = arith::ConstantIntOp::create(b, loc, i32,
-                                               2 * shape.kvTileBytes());
-    inlinePtx({}, {bar, bytes},
-              "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
-              "st, [$0], $1; }",
-              "r,r");
+    expectBytes(bar, 2 * shape.kvTileBytes());
     tmaLoadBoxes(arg(KMap), keyOffset(slot), k0, bar);
     tmaLoadBoxes(arg(VMap), valueOffset(slot), k0, bar);
   };
@@ -1068,12 +1071,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                     /*withElse=*/false);
     OpBuilder::InsertionGuard guard(b);
     b.setInsertionPointToStart(leader.thenBlock());
-    Value bytes = arith::ConstantIntOp::create(b, loc, i32,
-                                               slots * shape.kvTileBytes());
-    inlinePtx({}, {bar, bytes},
-              "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
-              "st, [$0], $1; }",
-              "r,r");
+    expectBytes(bar, slots * shape.kvTileBytes());
     for (int64_t i = 0; i < slots; ++i)
       tmaLoadBoxes(arg(values ? VMap : KMap), keyOffset(m.c(i)),
                    m.add(window, m.c(i * kBlockKeys)), bar);

@@ -1505,34 +1505,36 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                             span[r2]);
             out.push_back(f.select(inside, s[n][e], f.negInf()));
           }
-      }
-      // Otherwise the test and the filters' predicates per element.
-      for (int64_t n = 0; n < kKeyNTiles && !windowMask; ++n)
-        for (int64_t e = 0; e < 4; ++e) {
-          Value t = tq[e / 2];
-          Value tk = m.add(k0, m.add(laneCol, m.c(n * 8 + e % 2)));
-          Value inside = m.both(m.lt(tk, last), m.lt(t, q1));
-          if (resident)
-            inside = m.both(inside, m.le(first, tk));
-          Value dt = m.sub(t, tk);
-          if (lo != ninf)
-            inside = m.both(inside, m.le(m.c(lo), dt));
-          if (hi != inf)
-            inside = m.both(inside, m.le(dt, m.c(hi)));
-          if (comp.hasFilters()) {
-            Value i = m.add(rowLenShift, m.mul(posStride, qRowIndex(t)));
-            Value j = predicateKey(tk);
-            for (Attribute inc : comp.getInclude())
-              inside = m.both(inside, buildPatternPredicate(b, loc, inc, h, i, j,
-                                                            qLenV, kLenV, length));
-            for (Attribute exc : comp.getExclude()) {
-              Value in = buildPatternPredicate(b, loc, exc, h, i, j, qLenV,
-                                               kLenV, length);
-              inside = m.both(inside, m.eq(in, m.truth(false)));
+      } else {
+        // Otherwise the test and the filters' predicates per element.
+        for (int64_t n = 0; n < kKeyNTiles; ++n)
+          for (int64_t e = 0; e < 4; ++e) {
+            Value t = tq[e / 2];
+            Value tk = m.add(k0, m.add(laneCol, m.c(n * 8 + e % 2)));
+            Value inside = m.both(m.lt(tk, last), m.lt(t, q1));
+            if (resident)
+              inside = m.both(inside, m.le(first, tk));
+            Value dt = m.sub(t, tk);
+            if (lo != ninf)
+              inside = m.both(inside, m.le(m.c(lo), dt));
+            if (hi != inf)
+              inside = m.both(inside, m.le(dt, m.c(hi)));
+            if (comp.hasFilters()) {
+              Value i = m.add(rowLenShift, m.mul(posStride, qRowIndex(t)));
+              Value j = predicateKey(tk);
+              for (Attribute inc : comp.getInclude())
+                inside = m.both(inside,
+                                buildPatternPredicate(b, loc, inc, h, i, j,
+                                                      qLenV, kLenV, length));
+              for (Attribute exc : comp.getExclude()) {
+                Value in = buildPatternPredicate(b, loc, exc, h, i, j, qLenV,
+                                                 kLenV, length);
+                inside = m.both(inside, m.eq(in, m.truth(false)));
+              }
             }
+            out.push_back(f.select(inside, s[n][e], f.negInf()));
           }
-          out.push_back(f.select(inside, s[n][e], f.negInf()));
-        }
+      }
       scf::YieldOp::create(b, loc, out);
       b.setInsertionPointToStart(maskIf.elseBlock());
       scf::YieldOp::create(b, loc, flatten(s));

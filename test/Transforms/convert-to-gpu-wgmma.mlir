@@ -141,3 +141,23 @@ func.func @narrow_local(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, 
   %o = attn.attention %q, %k, %v pattern(#attn.local<window = 128>) : tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16> -> tensor<1x4x?x128xbf16>
   return %o : tensor<1x4x?x128xbf16>
 }
+
+// -----
+
+// A union's gathered later branch (it excludes the earlier one) runs on
+// one-warpgroup blocks of 64 rows that walk their key tiles (two blocks an
+// SM: the exclusion's predicates then fit the registers); the contiguous
+// first branch keeps two warpgroups.
+// CHECK: gpu.func @component_0
+// CHECK-SAME: attn.launch = {block = 256 : i64, block_rows = 128 : i64
+// CHECK-SAME: nvvm.minctasm = 2 : i32
+// CHECK: gpu.func @component_1
+// CHECK-SAME: attn.launch = {block = 128 : i64, block_rows = 64 : i64
+// CHECK-SAME: exclude = [#attn.dilated<segment = 64, rate = 1
+// CHECK-SAME: shared_bytes = 82960 : i64
+// CHECK-SAME: nvvm.minctasm = 2 : i32
+// CHECK: scf.for
+func.func @union_gathered(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: tensor<1x4x?x128xbf16>) -> tensor<1x4x?x128xbf16> {
+  %o = attn.attention %q, %k, %v pattern(#attn.union<[#attn.dilated<segment = 64, rate = 1>, #attn.dilated<segment = 256, rate = 4, head_offset = true>]>) : tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16> -> tensor<1x4x?x128xbf16>
+  return %o : tensor<1x4x?x128xbf16>
+}

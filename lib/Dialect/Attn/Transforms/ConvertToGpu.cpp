@@ -54,7 +54,9 @@
 // Narrow bands (at most 129 keys wide, period 1) get one-warpgroup blocks
 // of 64 rows that hold all of their (at most three) key tiles at once and
 // take the softmax in one step (residentKeyTiles, emitComponent's
-// residentStep).
+// residentStep). Gathered components with filters walk their key tiles on
+// one-warpgroup blocks too, where their predicates fit the registers
+// (needsOneWarpgroup).
 //
 // With `warp-specialize`, components whose rows attend many contiguous keys
 // get FlashAttention-3's structure instead: a producer warpgroup issuing
@@ -193,6 +195,20 @@ static int64_t residentKeyTiles(const AttentionShape &shape,
       hi - lo > (kMaxResidentTiles - 1) * kBlockKeys)
     return 0;
   return (kBlockKeys + hi - lo + kBlockKeys - 1) / kBlockKeys;
+}
+
+/// Whether `comp` runs on one-warpgroup blocks (64 rows, two blocks an SM,
+/// up to 255 registers a thread) although its kernel walks its key tiles:
+/// gathered components with filters (LongNet union's later branches,
+/// which exclude the earlier ones). Their per-element predicates on top
+/// of a two-warpgroup block's 128 registers spilled 156-284 bytes; on one
+/// warpgroup they spill none and LongNet's union ran 3-4% faster
+/// (bench/gpu_ab.md). Gathered components without filters stay on two
+/// warpgroups, where strided and LongNet's sum are faster.
+static bool needsOneWarpgroup(const AttentionShape &shape,
+                              ComponentAttr comp) {
+  return shape.wgmma && !isWarpSpecialized(shape, comp) &&
+         comp.getPeriod() > 1 && comp.hasFilters();
 }
 
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
@@ -2281,10 +2297,11 @@ struct ConvertAttnToGpuPass
     KernelEmitter emitWs(b, loc, wsShape);
     // Narrow bands: one warpgroup (64 rows) with its keys resident. (Two
     // warpgroups sharing a window of 4 tiles, 2 blocks/SM, spilled 160
-    // bytes and ran slower: bench/gpu_ab.md.)
-    AttentionShape residentShape = shape;
-    residentShape.warpgroups = 1;
-    KernelEmitter emitResident(b, loc, residentShape);
+    // bytes and ran slower: bench/gpu_ab.md.) Filtered gathered
+    // components: one warpgroup walking its key tiles (needsOneWarpgroup).
+    AttentionShape oneWarpgroupShape = shape;
+    oneWarpgroupShape.warpgroups = 1;
+    KernelEmitter emitOneWarpgroup(b, loc, oneWarpgroupShape);
     auto add = [&](gpu::GPUFuncOp f) {
       order.push_back(b.getStringAttr(f.getName()));
       b.setInsertionPointToEnd(gpuModule.getBody());
@@ -2294,8 +2311,9 @@ struct ConvertAttnToGpuPass
       add(emit.emitInit("init"));
     for (auto [i, c] : llvm::enumerate(comps)) {
       KernelEmitter &e = isWarpSpecialized(shape, c.getComponent()) ? emitWs
-                         : residentKeyTiles(shape, c.getComponent()) > 0
-                             ? emitResident
+                         : residentKeyTiles(shape, c.getComponent()) > 0 ||
+                                 needsOneWarpgroup(shape, c.getComponent())
+                             ? emitOneWarpgroup
                              : emit;
       add(e.emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
                           modeOf(i)));

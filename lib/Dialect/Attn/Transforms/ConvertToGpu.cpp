@@ -202,9 +202,10 @@ static int64_t residentKeyTiles(const AttentionShape &shape,
 /// gathered components with filters (LongNet union's later branches,
 /// which exclude the earlier ones). Their per-element predicates on top
 /// of a two-warpgroup block's 128 registers spilled 156-284 bytes; on one
-/// warpgroup they spill none and LongNet's union ran 3-4% faster
-/// (bench/gpu_ab.md). Gathered components without filters stay on two
-/// warpgroups, where strided and LongNet's sum are faster.
+/// warpgroup they spill none and LongNet's union ran 1-2% faster
+/// (bench/gpu_ab.md, "One warpgroup for filtered gathered components").
+/// Gathered components without filters stay on two warpgroups, where
+/// strided and LongNet's sum are faster.
 static bool needsOneWarpgroup(const AttentionShape &shape,
                               ComponentAttr comp) {
   return shape.wgmma && !isWarpSpecialized(shape, comp) &&

@@ -208,8 +208,8 @@ static int64_t residentKeyTiles(const AttentionShape &shape,
 /// strided and LongNet's sum are faster.
 static bool needsOneWarpgroup(const AttentionShape &shape,
                               ComponentAttr comp) {
-  return shape.wgmma && !isWarpSpecialized(shape, comp) &&
-         comp.getPeriod() > 1 && comp.hasFilters();
+  // (Warp-specialised components have period 1.)
+  return shape.wgmma && comp.getPeriod() > 1 && comp.hasFilters();
 }
 
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
@@ -756,10 +756,11 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   auto func = beginKernel(name, threads);
   // Two blocks per SM, so that one block's softmax overlaps the other's
   // MMAs: ptxas then keeps the 256-thread wgmma kernels within 128
-  // registers per thread.
+  // registers per thread. Resident blocks (one warpgroup, 64 KB) fit three;
+  // a warp-specialised block takes the SM.
   if (shape.wgmma)
     func->setAttr(NVVM::NVVMDialect::getMinctasmAttrName(),
-                  b.getI32IntegerAttr(ws ? 1 : resident && shape.warpgroups == 1 ? 3 : 2));
+                  b.getI32IntegerAttr(ws ? 1 : resident ? 3 : 2));
   // The next kernel of the package may launch as soon as every block of
   // this one has started (it waits for this one's results before touching
   // them: mergeEarlierState).

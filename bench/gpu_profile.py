@@ -10,10 +10,11 @@ Each argument is a folder from scripts/build_gpu_packages.py; L and PAT pick
 the length and pattern (names as in gpu_bench.py).
 
 For traffic between kernels (what one kernel finds in L2 of what the one
-before it read or wrote) add `--replay-mode application`: ncu's default
-kernel replay saves and restores memory around each kernel's passes, and
-its DRAM figures then show no reuse between kernels at all (gpu_ab.md,
-"Rounds of half a pair").
+before it read or wrote) add `--replay-mode application --cache-control
+none`: ncu's default kernel replay saves and restores memory around each
+kernel's passes, and its default cache control flushes the L2 before each
+kernel; either way its DRAM figures then show no reuse between kernels at
+all (gpu_ab.md, "Rounds of half a pair" and "Strided's floors").
 """
 import os
 import sys

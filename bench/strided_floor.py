@@ -23,7 +23,10 @@ length of LENS (default 32768,131072), B=1, H=16, D=128, bf16, it times:
 - attn band: parts_strided_band (one launch over all heads, no state);
 - attn strided: bench_strided as the runtime runs it (rounds), and with
   ATTN_GPU_ROUNDS=0 under torch.profiler, which gives the band's and the
-  per-residue kernel's durations one after the other.
+  per-residue kernel's durations one after the other;
+- then, on their own, bench_strided with ATTN_GPU_ROUNDS=N for each N of
+  PAIRS (default 0,1,2,3,4,8; 0: no rounds): how many (batch, head) pairs
+  a round may take before the L2 stops holding a round's q, k, v and out.
 
 TF/s are effective (4 x attended pairs x D / time); the residue rows count
 the pairs u <= t (the gathered causal problem, diagonal included). Rows go
@@ -47,6 +50,7 @@ if len(sys.argv) < 3:
     sys.exit(__doc__)
 gpu_pkgs, parts_pkgs = sys.argv[1], sys.argv[2]
 lens = [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]
+pairs_per_round = os.environ.get("PAIRS", "0,1,2,3,4,8").split(",")
 rounds = int(os.environ.get("ROUNDS", "5"))
 strided_pkg = attn.load(os.path.join(gpu_pkgs, "bench_strided"))
 band_pkg = attn.load(os.path.join(parts_pkgs, "parts_strided_band"))
@@ -147,6 +151,14 @@ for L in lens:
     set_rounds(None)
     emit({"L": L, "profile": "attn strided, one launch per kernel",
           "kernel_us": durations, "span_us": span})
+
+    sweep = {f"attn strided, ATTN_GPU_ROUNDS={n}": lambda: strided_pkg(q, k, v)
+             for n in pairs_per_round}
+    med, every = rotated_times(sweep, rounds, before=lambda name: set_rounds(name.split("=")[1]))
+    set_rounds(None)
+    for name, ms in med.items():
+        emit({"L": L, "run": name, "us": ms * 1e3, "tflops": tflops(strided_pairs, ms),
+              "every_ms": every[name]})
 
 out = os.environ.get("OUT")
 if out:

@@ -40,6 +40,42 @@ def tflops(nnz, ms):
     return 4 * nnz * D / ms / 1e9
 
 
+def with_rounds(setting):
+    """ATTN_GPU_ROUNDS as `setting` (None: the runtime's choice; "0": one
+    launch per kernel; "N": N pairs a round); the runtime reads it at every
+    call."""
+    if setting is None:
+        os.environ.pop("ATTN_GPU_ROUNDS", None)
+    else:
+        os.environ["ATTN_GPU_ROUNDS"] = setting
+
+
+def kernel_durations(fn):
+    """Runs `fn` three times, then once under torch.profiler: the durations
+    (µs) of the kernels it launched, by kernel name, and the span (µs) from
+    the first kernel's start to the last one's end."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name = {}
+    for e in events:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    return by_name, span
+
+
+def residue_classes(t):
+    """Strided's residue classes as sequences of their own: (B, H, L, D) ->
+    (B*H*S, 1, L/S, D), class c holding rows c, c + S, c + 2S, ..."""
+    b, h, L, d = t.shape
+    return t.view(b, h, L // S, S, d).transpose(2, 3).reshape(b * h * S, 1, L // S, d).contiguous()
+
+
 def print_table(columns, rows):
     """Prints the device, then `rows` as a Markdown table: `columns` is a
     list of (header, cell) where cell(row) gives the cell's text."""

@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from torch.profiler import ProfilerActivity, profile
 
 import attn
-from gpu_patterns import B, D, H, S, count, dev, mask_fn, rotated_times, tflops
+from gpu_patterns import (B, D, H, S, count, dev, kernel_durations, mask_fn,
+                          residue_classes, rotated_times, tflops, with_rounds)
 
 if len(sys.argv) < 3:
     sys.exit(__doc__)
@@ -57,34 +57,6 @@ band_pkg = attn.load(os.path.join(parts_pkgs, "parts_strided_band"))
 flex = torch.compile(flex_attention)
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def set_rounds(setting):
-    if setting is None:
-        os.environ.pop("ATTN_GPU_ROUNDS", None)
-    else:
-        os.environ["ATTN_GPU_ROUNDS"] = setting
-
-
-def gathered(t, L):
-    """(B, H, L, D) -> (B*H*S, 1, L/S, D): residue class c's rows c + S t."""
-    return t.view(B, H, L // S, S, D).transpose(2, 3).reshape(B * H * S, 1, L // S, D).contiguous()
-
-
-def kernel_durations(fn):
-    """Median duration (µs) of each kernel `fn` launches, and the span."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name = {}
-    for e in events:
-        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
-    span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
-    return {n: statistics.median(d) for n, d in by_name.items()}, span
 
 
 rows = []
@@ -102,7 +74,7 @@ for L in lens:
     strided_pairs = count(mask_fn("strided"), L, False)
     band_pairs = count(lambda b, h, qi, ki: (ki <= qi) & (qi - ki < S), L, False)
     residue_pairs = B * H * S * n * (n + 1) // 2
-    qg, kg, vg = (gathered(t, L) for t in (q, k, v))
+    qg, kg, vg = (residue_classes(t) for t in (q, k, v))
     copies = [torch.empty_like(t) for t in (q, k, v)]
     block_mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, n, n, device=dev)
 
@@ -128,7 +100,7 @@ for L in lens:
     # Timings only: the gathered rows compute a different problem from
     # strided's (no band, no merge), so no output is compared here; attn's
     # outputs are checked by python/tests/test_gpu.py.
-    med, every = rotated_times(runs, rounds, before=lambda name: set_rounds(None))
+    med, every = rotated_times(runs, rounds, before=lambda name: with_rounds(None))
     qkv_bytes = 3 * q.numel() * q.element_size()
     for name, ms in med.items():
         row = {"L": L, "run": name, "us": ms * 1e3, "every_ms": every[name]}
@@ -146,16 +118,17 @@ for L in lens:
         row["strided_tflops_at_this_time"] = tflops(strided_pairs, ms)
         emit(row)
 
-    set_rounds("0")
+    with_rounds("0")
     durations, span = kernel_durations(lambda: strided_pkg(q, k, v))
-    set_rounds(None)
+    with_rounds(None)
     emit({"L": L, "profile": "attn strided, one launch per kernel",
-          "kernel_us": durations, "span_us": span})
+          "kernel_us": {n: statistics.median(d) for n, d in durations.items()},
+          "span_us": span})
 
     sweep = {f"attn strided, ATTN_GPU_ROUNDS={n}": lambda: strided_pkg(q, k, v)
              for n in pairs_per_round}
-    med, every = rotated_times(sweep, rounds, before=lambda name: set_rounds(name.split("=")[1]))
-    set_rounds(None)
+    med, every = rotated_times(sweep, rounds, before=lambda name: with_rounds(name.split("=")[1]))
+    with_rounds(None)
     for name, ms in med.items():
         emit({"L": L, "run": name, "us": ms * 1e3, "tflops": tflops(strided_pairs, ms),
               "every_ms": every[name]})

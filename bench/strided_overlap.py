@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attn
-from gpu_patterns import B, D, H, S, dev, rotated_times
+from gpu_patterns import B, D, H, dev, residue_classes, rotated_times
 
 if len(sys.argv) < 2:
     sys.exit(__doc__)
@@ -42,8 +42,7 @@ rows = []
 torch.manual_seed(0)
 for L in lens:
     q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    qg, kg, vg = (t.view(B, H, L // S, S, D).transpose(2, 3)
-                  .reshape(B * H * S, 1, L // S, D).contiguous() for t in (q, k, v))
+    qg, kg, vg = (residue_classes(t) for t in (q, k, v))
 
     def band():
         band_pkg(q, k, v)

@@ -27,10 +27,9 @@ import statistics
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import attn
-from gpu_patterns import B, D, H, S, count, dev, rotated_times, tflops
+from gpu_patterns import B, D, H, S, count, dev, kernel_durations, rotated_times, tflops, with_rounds
 
 gpu_pkgs, parts_pkgs = sys.argv[1], sys.argv[2]
 lens = [int(x) for x in os.environ.get("LENS", "32768,131072").split(",")]
@@ -46,15 +45,6 @@ PACKAGES = {
     "residues": os.path.join(parts_pkgs, "parts_strided_residues"),
     "band": os.path.join(parts_pkgs, "parts_strided_band"),
 }
-
-
-def with_rounds(setting):
-    """ATTN_GPU_ROUNDS as `setting` (None: the runtime's choice); the
-    runtime reads it at every call."""
-    if setting is None:
-        os.environ.pop("ATTN_GPU_ROUNDS", None)
-    else:
-        os.environ["ATTN_GPU_ROUNDS"] = setting
 
 
 rows = []
@@ -81,26 +71,13 @@ for L in lens:
         print(json.dumps({k_: v_ for k_, v_ in row.items() if k_ != "every_ms"}), flush=True)
 
     # One strided call under the profiler: each kernel's durations.
-    pkg = pkgs["strided"]
-    for _ in range(3):
-        pkg(q, k, v)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        pkg(q, k, v)
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name = {}
-    for e in kernels:
-        by_name.setdefault(e.name, []).append(e)
-    start = min(e.time_range.start for e in kernels)
-    end = max(e.time_range.end for e in kernels)
-    for name, evs in sorted(by_name.items()):
-        durations = [e.time_range.elapsed_us() for e in evs]
-        row = {"L": L, "profile": name, "launches": len(evs),
+    by_name, span = kernel_durations(lambda: pkgs["strided"](q, k, v))
+    for name, durations in sorted(by_name.items()):
+        row = {"L": L, "profile": name, "launches": len(durations),
                "median_us": statistics.median(durations), "sum_us": sum(durations)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    rows.append({"L": L, "profile": "call span", "us": end - start})
+    rows.append({"L": L, "profile": "call span", "us": span})
     print(json.dumps(rows[-1]), flush=True)
 
 out = os.environ.get("OUT")

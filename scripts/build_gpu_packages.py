@@ -66,5 +66,11 @@ for B, H, Hkv, D, L in gpu_cases.TOKENIZED:
     for naive in (False, True):
         spec, _ = layer.package_spec(gpu=True, naive=naive)
         compile_spec(spec["name"], spec)
+# The attn.sparse layers of test_gpu.py and bench/sparse_api.py (they load
+# their packages from this folder on the GPU machine).
+from attn import sparse  # noqa: E402
+for B, E, H, mode, ctx, dtype in gpu_cases.SPARSE + gpu_cases.SPARSE_BENCH:
+    spec = sparse.SparseAttention(H, mode, ctx).package_spec(B, E, dtype, args.target)
+    compile_spec(spec["name"], spec)
 with open(os.path.join(args.out, "compile_times.json"), "w") as f:
     json.dump(times, f, indent=1)

@@ -123,6 +123,8 @@ TEST_F(PatternTest, DecompositionSumsToMultiplicity) {
       "#attn.strided<stride = 4, local = 4>",
       "#attn.strided<stride = 3, local = 7>",
       "#attn.strided<stride = 5, local = 2>",
+      "#attn.strided<stride = 4, local = 1>",
+      "#attn.strided<stride = 1, local = 1>",
       "#attn.dilated<segment = 8, rate = 2, head_offset = true>",
       "#attn.dilated<segment = 12, rate = 3, causal = true>",
       "#attn.tokenized<>",

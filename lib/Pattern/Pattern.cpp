@@ -160,10 +160,15 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
         // blocks with resident keys (convert-attn-to-gpu), which are
         // fastest when they start the state and the per-residue component
         // merges it (bench/gpu_ab.md, "Resident keys for narrow bands").
+        // With l = 1 the band is the diagonal, which is the t_q = t_k pair
+        // of its residue class: one per-residue component with t_q >= t_k
+        // covers the pattern, without a second pass over q, k and v.
         int64_t s = a.getStride(), l = a.getLocal();
-        ComponentSpec local = band(0, l - 1);
-        ComponentSpec strided = band((l + s - 1) / s, inf);
+        ComponentSpec strided = band(l == 1 ? 0 : (l + s - 1) / s, inf);
         strided.period = s;
+        if (l == 1)
+          return Specs{strided};
+        ComponentSpec local = band(0, l - 1);
         return Specs{local, strided};
       })
       .Case([&](DilatedAttr a) {

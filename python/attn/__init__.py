@@ -26,7 +26,8 @@ import weakref
 
 import numpy as np
 
-__all__ = ["compile", "load", "Package", "AttnError", "TokenizedAttention", "TableEmbedding"]
+__all__ = ["compile", "load", "Package", "AttnError", "TokenizedAttention", "TableEmbedding",
+           "SparseAttention"]
 
 
 class AttnError(RuntimeError):
@@ -639,3 +640,4 @@ def load(path):
 
 from .tokenized import (InProcessGroup, NcclGroup, TableEmbedding,  # noqa: E402
                         TokenizedAttention)
+from .sparse import SparseAttention  # noqa: E402

@@ -60,3 +60,17 @@ RING_ONE_RANK = {"name": "ring_one_rank", "dtype": "bf16", "heads": 4, "head_dim
 # test_gpu.py and bench/tokenized_gpu.py: scripts/build_gpu_packages.py
 # compiles their keyed (dedup) and naive packages.
 TOKENIZED = [(3, 4, 2, 64, 700)] + [(4, 8, 8, 64, L) for L in (1024, 4096, 10000)]
+
+# attn.sparse, the seeds' [B, L, E] API, on CUDA tensors: (batch, E, heads,
+# attn_mode, local_attn_ctx, dtype). test_gpu.py runs each at a few lengths;
+# scripts/build_gpu_packages.py compiles their packages.
+SPARSE = [(2, 1024, 16, "all", None, "bf16"),
+          (1, 1024, 8, "local", 256, "bf16"),
+          (2, 2048, 16, "strided", 128, "bf16"),
+          (1, 512, 8, "strided", 32, "f16")]
+
+# The layers bench/sparse_api.py times (B = 1, E = 2048: 16 heads of 128;
+# lengths are dynamic): the seeds' three modes at issue 5's window and stride.
+SPARSE_BENCH = [(1, 2048, 16, "all", None, "bf16"),
+                (1, 2048, 16, "local", 1024, "bf16"),
+                (1, 2048, 16, "strided", 128, "bf16")]

@@ -660,3 +660,33 @@ def test_one_package_on_two_gpus(name):
     assert torch.equal(out0.cpu(), out1.cpu()) and torch.equal(lse0.cpu(), lse1.cpu())
     ref, _ = reference.attention(*(t.to("cuda:0") for t in x), case["pattern"], None)
     assert (out1.to("cuda:0").double() - ref).abs().max().item() < TOL[case["dtype"]]
+
+
+@pytest.mark.parametrize("case", gpu_cases.SPARSE,
+                         ids=lambda c: f"{c[3]}{c[4] or ''}_b{c[0]}_e{c[1]}_h{c[2]}_{c[5]}")
+def test_sparse_api_on_cuda_tensors(case):
+    """attn.sparse (the seeds' [B, L, E] API) on q, k, v sliced from one fused
+    projection [B, L, 3E] (read in place), against the original's formulas in
+    float64, with the allocator's next output block poisoned; the same call on
+    contiguous copies gives the same bits, and one package serves every length."""
+    from attn import sparse
+    import seed_reference
+    B, E, H, mode, ctx, dtype = case
+    dt = DTYPES[dtype]
+    layer = sparse.SparseAttention(H, mode, ctx, package_dir=PKGS)
+    for L in (1, 700, 1500):
+        gen = torch.Generator().manual_seed(hash((case, L)) & 0xFFFF)
+        qkv = torch.randn(B, L, 3 * E, generator=gen).to("cuda", dt)
+        q, k, v = qkv.split(E, dim=-1)
+        poison = torch.full((B * L * E,), float("nan"), device="cuda", dtype=dt)
+        del poison  # the output [B, H, L, D] gets this block from the allocator
+        out = layer(q, k, v)
+        torch.cuda.synchronize()
+        assert out.shape == (B, L, E) and out.dtype == dt
+        assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
+        ref = torch.from_numpy(seed_reference.attention_impl(
+            *(x.double().cpu().numpy() for x in (q, k, v)), H, mode, ctx))
+        err = ((out.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        assert err < TOL[dtype], f"L = {L}: relative error {err:.2e}"
+        assert torch.equal(out, layer(q.contiguous(), k.contiguous(), v.contiguous()))
+    assert len(layer._packages) == 1

@@ -38,6 +38,21 @@ func.func @strided(%q: tensor<1x2x64x16xf32>) -> tensor<1x2x64x16xf32> {
 
 // -----
 
+// Strided with local = 1 (Child et al.'s strided heads): the band would be the
+// diagonal, which is the t_q = t_k pair of each residue class, so one
+// per-residue component with band [0, inf] is the whole pattern.
+// CHECK-LABEL: func @strided_local1
+// CHECK: attn.component
+// CHECK-SAME: <period = 32, residue = all, segment = 0, band = [0, inf]>
+// CHECK-NOT: attn.component
+// CHECK: attn.finalize
+func.func @strided_local1(%q: tensor<1x2x64x16xf32>) -> tensor<1x2x64x16xf32> {
+  %0 = attn.attention %q, %q, %q pattern(#attn.strided<stride = 32, local = 1>) : tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32>, tensor<1x2x64x16xf32> -> tensor<1x2x64x16xf32>
+  return %0 : tensor<1x2x64x16xf32>
+}
+
+// -----
+
 // LongNet: one gathered block-diagonal component per branch, continuing one state.
 // CHECK-LABEL: func @longnet
 // CHECK: <period = 1, residue = head, segment = 2048, band = [0, inf]>

@@ -1,0 +1,247 @@
+"""The sparse-attention API of the project's seeds (seeds/sparse-attention-
+readme.md, after the code of Child et al.'s Sparse Transformers): q, k, v are
+[B, L, E] with `heads` heads side by side in E, and `attn_mode` names the
+pattern.
+
+    from attn.sparse import SparseAttention, attention_impl, blocksparse_attention_impl
+    out = attention_impl(q, k, v, heads=4, attn_mode="strided", local_attn_ctx=32)
+    layer = SparseAttention(heads=4, attn_mode="local", local_attn_ctx=128)
+    out = layer(q, k, v)                                  # [B, L, E]
+
+The modes mean what Child et al.'s `get_attn_mask` says, position p over key
+j, both in [0, L):
+
+    all       j <= p                                    attn pattern causal
+    local     j <= p and p - j < local_attn_ctx         local(window = ctx)
+    strided   j <= p and (p - j) % local_attn_ctx == 0  strided(stride = ctx, local = 1)
+
+with the softmax scaled by 1/sqrt(E / heads). Every mode is one attn
+package: the kernels follow the exact pattern through closed-form tile
+schedules, so no mask is built and `blocksize` (the block granularity of
+the original block-sparse kernels) changes nothing in the result; it is
+checked and kept so that calls written for the original run unchanged.
+
+Inputs are NumPy arrays or PyTorch CPU tensors (float32 on the cpu target;
+other float types are computed in float32 and returned in their own type)
+or PyTorch CUDA tensors of bf16 or f16 (the GPU's target, sm_90a on
+compute capability 9.0 and sm_80 on 8.x). Packages are compiled on first use,
+one per (mode, context, batch, heads, head dim, dtype, target): into
+`package_dir` if given, where later layers (and machines without the
+compiler) load them, else through attn.compile's package cache. The sequence
+length is dynamic: one package serves every L.
+"""
+
+import os
+
+import numpy as np
+
+from . import AttnError, _is_torch, compile as _compile, load
+
+__all__ = ["SparseAttention", "attention_impl", "blocksparse_attention_impl", "MODES"]
+
+MODES = ("all", "local", "strided")
+
+
+def _positive_int(name, value, what="an int >= 1"):
+    """value as an int, or AttnError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise AttnError(f"{name}: expected {what}, got {value!r}")
+    return int(value)
+
+
+def _pattern(attn_mode, local_attn_ctx):
+    """The attn pattern of a mode (checked), as a spec's `pattern` object."""
+    if attn_mode not in MODES:
+        raise AttnError(f"attn_mode: unknown mode {attn_mode!r} (expected one of: "
+                        + ", ".join(MODES) + ")")
+    if attn_mode == "all":
+        return {"causal": {}}
+    what = "the window" if attn_mode == "local" else "the stride"
+    ctx = _positive_int("local_attn_ctx", local_attn_ctx,
+                        f"an int >= 1 for attn_mode {attn_mode!r} ({what})")
+    if attn_mode == "local":
+        return {"local": {"window": ctx}}
+    return {"strided": {"stride": ctx, "local": 1}}
+
+
+def _gpu_target(device):
+    """sm_90a on compute capability 9.0, sm_80 on 8.x (its cubins run on
+    every 8.x GPU)."""
+    import torch
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) == (9, 0):
+        return "sm_90a"
+    if major == 8:
+        return "sm_80"
+    raise AttnError(f"{device}: compute capability {major}.{minor} has no attn target "
+                    "(sm_80 for 8.x, sm_90a for 9.0); pass target= to choose one")
+
+
+class SparseAttention:
+    """A sparse attention layer over [B, L, E] inputs (the seeds' API).
+
+    heads: heads in E (default: E // 64, at least 1, so that a head has 64
+    elements where E allows it); attn_mode: "all", "local" or "strided";
+    local_attn_ctx: the window (local) or stride (strided); block_size: the
+    original kernels' block size, checked (an int >= 1) and otherwise unused
+    (module docstring). target: the GPU target for CUDA tensors (default from
+    the device); package_dir: a folder for the compiled packages.
+
+    Forward only: a call on tensors that require grad raises AttnError.
+    """
+
+    def __init__(self, heads=None, attn_mode="all", local_attn_ctx=None, block_size=32,
+                 target=None, package_dir=None):
+        self.pattern = _pattern(attn_mode, local_attn_ctx)
+        self.heads = None if heads is None else _positive_int("heads", heads)
+        self.attn_mode = attn_mode
+        self.local_attn_ctx = None if attn_mode == "all" else int(local_attn_ctx)
+        self.block_size = _positive_int("block_size", block_size)
+        self.target = target
+        self.package_dir = package_dir
+        self._packages = {}
+
+    def __repr__(self):
+        ctx = "" if self.local_attn_ctx is None else f", local_attn_ctx={self.local_attn_ctx}"
+        return (f"SparseAttention(heads={self.heads}, attn_mode={self.attn_mode!r}{ctx}, "
+                f"block_size={self.block_size})")
+
+    # -- packages ----------------------------------------------------------
+
+    def heads_for(self, embed):
+        """The heads of an E-wide input: `heads`, or E // 64 (at least 1)."""
+        heads = self.heads if self.heads is not None else max(1, embed // 64)
+        if embed % heads:
+            raise AttnError(f"q: embedding size {embed} is not a multiple of heads = {heads}")
+        return heads
+
+    def package_spec(self, batch, embed, dtype, target):
+        """The spec of the package for [batch, L, embed] inputs of `dtype`
+        ("f32", "bf16", "f16") on `target`; its name says its shape, so that
+        a folder can hold the packages of several layers."""
+        heads = self.heads_for(embed)
+        ctx = "" if self.local_attn_ctx is None else str(self.local_attn_ctx)
+        name = (f"sparse_{self.attn_mode}{ctx}_b{batch}_h{heads}_d{embed // heads}"
+                f"_{dtype}_{target}")
+        return {"name": name, "dtype": dtype, "batch": batch, "heads": heads,
+                "head_dim": embed // heads, "lse": False, "pattern": self.pattern}
+
+    def package(self, batch, embed, dtype="f32", target="cpu"):
+        """The package for [batch, L, embed] inputs, compiled on first use
+        (into package_dir, or through attn.compile's cache) or loaded from
+        package_dir."""
+        key = (batch, embed, dtype, target)
+        if key not in self._packages:
+            spec = self.package_spec(batch, embed, dtype, target)
+            path = os.path.join(self.package_dir, spec["name"]) if self.package_dir else None
+            if path and os.path.exists(os.path.join(path, "manifest.json")):
+                self._packages[key] = load(path)
+            else:
+                self._packages[key] = _compile(spec, out_dir=path, target=target)
+        return self._packages[key]
+
+    # -- the call ----------------------------------------------------------
+
+    def __call__(self, q, k, v):
+        return self.forward(q, k, v)
+
+    def forward(self, q, k, v):
+        """Sparse attention of q over k, v, all [B, L, E]: the output [B, L, E]
+        (heads side by side in E, as the inputs), of q's type and device."""
+        for name, x in (("k", k), ("v", v)):
+            if tuple(x.shape) != tuple(q.shape):
+                raise AttnError(f"{name}: shape {tuple(x.shape)}, expected q's shape "
+                                f"{tuple(q.shape)} ([B, L, E])")
+        if len(q.shape) != 3:
+            raise AttnError(f"q: shape {tuple(q.shape)}, expected [B, L, E]")
+        if _is_torch(q):
+            return self._forward_torch(q, k, v)
+        return self._forward_numpy(np.asarray(q), np.asarray(k), np.asarray(v))
+
+    def _forward_numpy(self, q, k, v):
+        if not np.issubdtype(q.dtype, np.floating):
+            raise AttnError(f"q: expected floating-point values, got {q.dtype}")
+        B, L, E = q.shape
+        pkg = self.package(B, E)
+        H = self.heads_for(E)
+        split = lambda x: np.ascontiguousarray(
+            x.astype(np.float32, copy=False).reshape(B, L, H, E // H).transpose(0, 2, 1, 3))
+        out = pkg(split(q), split(k), split(v))           # [B, H, L, D]
+        return out.transpose(0, 2, 1, 3).reshape(B, L, E).astype(q.dtype, copy=False)
+
+    def _forward_torch(self, q, k, v):
+        import torch
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.device != q.device or x.dtype != q.dtype:
+                raise AttnError(f"{name}: expected a tensor of q's dtype {q.dtype} on "
+                                f"{q.device}, got {getattr(x, 'dtype', type(x).__name__)} on "
+                                f"{getattr(x, 'device', '?')}")
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            raise AttnError("attn.sparse computes the forward pass only: call it under "
+                            "torch.no_grad() or on tensors that do not require grad")
+        if q.device.type != "cuda":
+            out = self._forward_numpy(*(x.detach().float().numpy() for x in (q, k, v)))
+            return torch.from_numpy(out).to(q.dtype)
+        dtypes = {torch.bfloat16: "bf16", torch.float16: "f16"}
+        if q.dtype not in dtypes:
+            raise AttnError(f"q: dtype {q.dtype} on {q.device}: the GPU kernels take "
+                            "torch.bfloat16 or torch.float16 (cast with .bfloat16())")
+        B, L, E = q.shape
+        target = self.target or _gpu_target(q.device)
+        H = self.heads_for(E)
+        pkg = self.package(B, E, dtypes[q.dtype], target)
+        D = E // H
+
+        # [B, H, L, D] views of the [B, L, H, D] layout (slices of a fused
+        # qkv projection included): the kernels read them in place when the
+        # runtime's layout rules hold (D contiguous, other strides multiples
+        # of 8 elements, 16-byte aligned data, k and v alike); a copy otherwise.
+        def heads_view(x, copy=False):
+            view = (x.contiguous() if copy else x).reshape(B, L, H, D).transpose(1, 2)
+            if not copy and (view.stride(-1) != 1 or view.data_ptr() % 16
+                             or any(s % 8 for s in view.stride()[:-1])):
+                return heads_view(x, copy=True)
+            return view
+
+        qh, kh, vh = heads_view(q), heads_view(k), heads_view(v)
+        if kh.stride() != vh.stride():
+            kh, vh = heads_view(k, copy=True), heads_view(v, copy=True)
+        out = pkg(qh, kh, vh)                                # [B, H, L, D]
+        return out.transpose(1, 2).reshape(B, L, E)
+
+
+# One layer per (heads, mode, context, target, package_dir), so that repeated
+# calls of the functions below reuse their loaded packages.
+_layers = {}
+
+
+def _layer(heads, attn_mode, local_attn_ctx, target, package_dir):
+    heads = _positive_int("heads", heads)
+    key = (heads, attn_mode, local_attn_ctx, target, package_dir)
+    layer = _layers.get(key)
+    if layer is None:
+        layer = SparseAttention(heads, attn_mode, local_attn_ctx, target=target,
+                                package_dir=package_dir)
+        _layers[key] = layer
+    return layer
+
+
+def attention_impl(q, k, v, heads, attn_mode, local_attn_ctx=None, *, target=None,
+                   package_dir=None):
+    """Attention of [B, L, E] inputs with `heads` heads under `attn_mode`
+    ("all", "local", "strided"; local_attn_ctx the window or stride): the
+    output [B, L, E]. The seeds' dense reference form; here it runs the
+    same sparse kernels as blocksparse_attention_impl."""
+    return _layer(heads, attn_mode, local_attn_ctx, target, package_dir)(q, k, v)
+
+
+def blocksparse_attention_impl(q, k, v, heads, attn_mode, local_attn_ctx=None, blocksize=32,
+                               num_verts=None, vertsize=None, *, target=None, package_dir=None):
+    """attention_impl's result. blocksize is checked (an int >= 1) and
+    otherwise changes nothing (module docstring); num_verts and vertsize
+    belong to the original's "fixed" mode, which attn does not offer."""
+    _positive_int("blocksize", blocksize)
+    if num_verts is not None or vertsize is not None:
+        raise AttnError("num_verts / vertsize: the \"fixed\" mode's summary columns are not "
+                        "an attn pattern; modes: " + ", ".join(MODES))
+    return _layer(heads, attn_mode, local_attn_ctx, target, package_dir)(q, k, v)

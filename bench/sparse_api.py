@@ -14,7 +14,8 @@ output [B, L, E], so the head split and merge count in every time.
 Effective TF/s = 4 * (attended pairs) * D / time; median of ROUNDS rotated
 rounds (default 3) of triton's do_bench. The layers are gpu_cases.py's
 SPARSE_BENCH (B = 1, E = 2048: 16 heads of 128), their packages in
-$ATTN_GPU_PACKAGES (scripts/build_gpu_packages.py):
+$ATTN_GPU_PACKAGES (scripts/build_gpu_packages.py). ALSO_PACKAGES=DIR adds
+a column for the same layers on DIR's packages (another compiler's, say):
 
     ATTN_GPU_PACKAGES=gpu-pkgs ATTN_BUILD_DIR=build \\
         PYTHONPATH=python:python/tests:bench LENS=8192,32768 \\
@@ -37,6 +38,8 @@ lens = [int(x) for x in os.environ.get("LENS", "8192,32768").split(",")]
 rounds = int(os.environ.get("ROUNDS", "3"))
 dense_max = int(os.environ.get("DENSE_MAX", "8192"))
 folder = os.environ.get("ATTN_GPU_PACKAGES", "gpu-pkgs")
+also = os.environ.get("ALSO_PACKAGES")
+also_name = f"attn.sparse ({os.path.basename(os.path.normpath(also))})" if also else None
 dev = "cuda"
 flex = torch.compile(flex_attention, dynamic=False)
 
@@ -78,6 +81,9 @@ for L in lens:
         runs = {"attn.sparse": lambda: layer(q, k, v),
                 "FlexAttention": lambda: merge(flex(heads(q), heads(k), heads(v),
                                                     block_mask=block_mask))}
+        if also:
+            other = sparse.SparseAttention(H, mode, ctx, package_dir=also)
+            runs[also_name] = lambda: other(q, k, v)
         if L <= dense_max:
             pos = torch.arange(L, device=dev)
             bool_mask = mod(0, 0, pos[:, None], pos[None, :])
@@ -104,7 +110,7 @@ for L in lens:
         del qkv, q, k, v, block_mask, runs, ours, flex_out
         torch.cuda.empty_cache()
 
-peers = ["FlexAttention", "SDPA, boolean mask", "seed's attention_impl (torch)"]
+peers = ([also_name] if also else []) + ["FlexAttention", "SDPA, boolean mask", "seed's attention_impl (torch)"]
 cell = lambda r, n: (f"{r['tflops'][n]:.0f} ({r['us'][n]:.0f} µs)" if n in r["tflops"] else "—")
 print_table([("L", lambda r: str(r["L"])),
              ("mode", lambda r: r["mode"] + (f" {r['ctx']}" if r["ctx"] else "")),

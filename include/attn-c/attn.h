@@ -36,10 +36,11 @@ typedef enum attn_dtype {
 
 /* A tensor owned by the caller: C-contiguous, or with `strides` (one per
    dimension, in elements; NULL means C-contiguous). GPU packages take
-   strided q, k and v whose rows (the last dimension) are contiguous and
-   whose other strides are multiples of 8 elements, e.g. the [B, H, L, D]
-   view of a [B, L, H, D] tensor; k and v share their strides. Every other
-   tensor, and every tensor of a cpu package, is C-contiguous. */
+   strided q, k, v and out whose rows (the last dimension) are contiguous
+   and whose other strides are multiples of 8 elements, e.g. the
+   [B, H, L, D] view of a [B, L, H, D] tensor; k and v share their strides,
+   and out's elements must not overlap. Every other tensor, and every
+   tensor of a cpu package, is C-contiguous. */
 typedef struct attn_tensor {
   void *data;
   const int64_t *shape;

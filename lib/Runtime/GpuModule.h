@@ -178,10 +178,11 @@ struct KernelArgs {
   /// Component kernels take (batch, head) pairs bhOffset .. bhOffset +
   /// bhCount - 1 (grid z; bhCount 0: all B * H).
   int64_t bhOffset = 0, bhCount = 0;
-  /// Element strides (batch, head, row) of q and of k and v (which share
-  /// them); a row stride of 0 means the contiguous [B, H, L, D] layout.
-  /// Each row's D elements are contiguous.
+  /// Element strides (batch, head, row) of q, of k and v (which share
+  /// them) and of out; a row stride of 0 means the contiguous [B, H, L, D]
+  /// layout. Each row's D elements are contiguous.
   int64_t qStrides[3] = {0, 0, 0}, kStrides[3] = {0, 0, 0};
+  int64_t oStrides[3] = {0, 0, 0};
 };
 
 /// Launches `kernel` with the grid of docs/Package.md on `stream`; with

@@ -9,7 +9,8 @@
 //   q_len, kv_len, q_origin, k_origin,          (int64)
 //   row_len_shift, q_pos, k_pos, pos_stride, bh_offset,
 //   q_stride_b, q_stride_h, q_stride_r,         (element strides of q, and
-//   k_stride_b, k_stride_h, k_stride_r           of k and v)
+//   k_stride_b, k_stride_h, k_stride_r,          of k and v, and of out)
+//   o_stride_b, o_stride_h, o_stride_r
 //   [k_map, v_map]                               (manifest "tensor_maps":
 //                                                 CUtensorMaps by value)
 //
@@ -336,8 +337,8 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   const int64_t rows = a.B * a.H * a.Lq;
   // Parameters: 11 descriptors of 5 words, then q_len, kv_len, q_origin,
   // k_origin, row_len_shift, q_pos, k_pos, pos_stride, bh_offset and the
-  // strides (batch, head, row) of q and of k and v.
-  constexpr int kDescriptors = 11, kWords = 5 * kDescriptors + 15;
+  // strides (batch, head, row) of q, of k and v, and of out.
+  constexpr int kDescriptors = 11, kWords = 5 * kDescriptors + 18;
   int64_t words[kWords];
   auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
     int64_t *w = words + 5 * slot;
@@ -355,6 +356,9 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
     std::copy(a.qStrides, a.qStrides + 3, qs);
   if (a.kStrides[2])
     std::copy(a.kStrides, a.kStrides + 3, ks);
+  int64_t os[3] = {a.H * a.Lq * a.D, a.Lq * a.D, a.D};
+  if (a.oStrides[2])
+    std::copy(a.oStrides, a.oStrides + 3, os);
   // The elements a strided tensor spans, for the descriptors' sizes.
   auto span = [&](const int64_t *st, int64_t b, int64_t h, int64_t l) {
     return (b - 1) * st[0] + (h - 1) * st[1] + (l - 1) * st[2] + a.D;
@@ -363,7 +367,7 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   put(1, a.k, span(ks, kvBatch, a.Hkv, kvRows));
   put(2, a.v, span(ks, kvBatch, a.Hkv, kvRows));
   put(3, a.lengths, a.B);
-  put(4, a.out, rows * a.D);
+  put(4, a.out, span(os, a.B, a.H, a.Lq));
   put(5, a.lse, rows);
   put(6, a.acc, rows * a.D);
   put(7, a.max, rows);
@@ -382,6 +386,7 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   scalars[8] = a.bhOffset;
   std::copy(qs, qs + 3, scalars + 9);
   std::copy(ks, ks + 3, scalars + 12);
+  std::copy(os, os + 3, scalars + 15);
   void *params[kWords + 2];
   for (int i = 0; i < kWords; ++i)
     params[i] = &words[i];
@@ -463,12 +468,16 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
 /// wait for the round before (its pairs' rows are its own), and the kernels
 /// after it wait for theirs. ATTN_GPU_ROUNDS=0 in the environment turns
 /// rounds off (bench/gpu_rounds_ab.py compares both), and ATTN_GPU_ROUNDS=N
-/// takes N pairs a round where rounds apply.
+/// takes N pairs a round wherever rounds are possible: in packages without
+/// element-wise kernels (init and finalize cover every pair at once).
 static int64_t pairsPerLaunch(const GpuModule &g, const KernelArgs &a) {
   const int64_t all = a.B * a.H;
   const char *rounds = std::getenv("ATTN_GPU_ROUNDS");
   if (rounds && std::string(rounds) == "0")
     return all;
+  for (const GpuKernel &k : g.kernels)
+    if (k.kind == "init" || k.kind == "finalize")
+      return all;
   if (rounds && std::atoll(rounds) > 0) // pairs per round, for A/B runs
     return std::min<int64_t>(std::atoll(rounds), all);
   if (!g.dependentLaunch || g.kernels.size() < 2 ||
@@ -569,11 +578,14 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   args.Lq = Lq;
   args.Lk = Lk;
   args.qOrigin = args.qPos = Lk - Lq; // bottom-right alignment
-  // Strided q, k, v (checked by checkArguments): their element strides.
+  // Strided q, k, v and out (checked by checkArguments): their element
+  // strides.
   if (!q.strides.empty())
     std::copy(q.strides.begin(), q.strides.begin() + 3, args.qStrides);
   if (!k.strides.empty())
     std::copy(k.strides.begin(), k.strides.begin() + 3, args.kStrides);
+  if (!out.strides.empty())
+    std::copy(out.strides.begin(), out.strides.begin() + 3, args.oStrides);
   // The state between the kernels lives in the package's scratch (or in
   // out and the lse, which may be scratch too): a call on another stream
   // than the last one waits for that call's kernels, so that two streams

@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <dlfcn.h>
 #include <fstream>
 #include <sstream>
@@ -46,9 +47,9 @@ static bool readManifest(const std::string &dir, json &m, std::string &error) {
     m = json::parse(in);
     if (m.value("format", "") != "attn-package")
       throw std::runtime_error("not an attn package manifest");
-    // Version 3: GPU kernels take bh_offset after pos_stride (2) and then
-    // q's and k's strides (3); cpu packages stay at 1.
-    const int want = m.value("target", "cpu") == "cpu" ? 1 : 3;
+    // Version 4: GPU kernels take bh_offset after pos_stride (2), then
+    // q's and k's strides (3), then out's (4); cpu packages stay at 1.
+    const int want = m.value("target", "cpu") == "cpu" ? 1 : 4;
     if (m.value("version", 0) != want)
       throw std::runtime_error(
           "manifest version " + std::to_string(m.value("version", 0)) +
@@ -189,8 +190,8 @@ static bool checkStrides(const Tensor &t, const std::string &name,
   }
   if (!strided) {
     error = given + " are not contiguous " +
-            shapeString(contiguousStrides(t.shape)) + "; only q, k and v may "
-            "be strided views (pass a contiguous " + name + ")";
+            shapeString(contiguousStrides(t.shape)) + "; only q, k, v and out "
+            "may be strided views (pass a contiguous " + name + ")";
     return false;
   }
   if (t.strides.back() != 1) {
@@ -210,9 +211,27 @@ static bool checkStrides(const Tensor &t, const std::string &name,
     return false;
   }
   if (!gpu) {
-    error = given + ": cpu packages take contiguous tensors (strided q, k "
-            "and v are for GPU packages)";
+    error = given + ": cpu packages take contiguous tensors (strided q, k, "
+            "v and out are for GPU packages)";
     return false;
+  }
+  return true;
+}
+
+/// Whether no two elements of the strided tensor `t` share an address:
+/// with its dimensions ordered by stride, each stride reaches past the
+/// span of the dimensions inside it.
+static bool elementsApart(const Tensor &t) {
+  std::vector<std::pair<int64_t, int64_t>> dims; // (stride, extent)
+  for (size_t d = 0; d < t.shape.size(); ++d)
+    if (t.shape[d] > 1)
+      dims.push_back({t.strides[d], t.shape[d]});
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 1; // elements the inner dimensions cover
+  for (auto [stride, extent] : dims) {
+    if (stride < span)
+      return false;
+    span = stride * (extent - 1) + span;
   }
   return true;
 }
@@ -275,9 +294,15 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
     const std::string &name = args_[i].name;
     if (tensors[i] &&
         !checkStrides(*tensors[i], name,
-                      name == "q" || name == "k" || name == "v", isGpu(),
-                      ring_ != nullptr, error))
+                      name == "q" || name == "k" || name == "v" || name == "out",
+                      isGpu(), ring_ != nullptr, error))
       return false;
+  }
+  if (!out.strides.empty() && !elementsApart(out)) {
+    error = "out: strides " + shapeString(out.strides) + " make elements of shape " +
+            shapeString(out.shape) + " overlap (out must be a view without "
+            "repeated elements)";
+    return false;
   }
   if (k.shape != v.shape) {
     error = "v: shape " + shapeString(v.shape) + " differs from k's " + shapeString(k.shape);

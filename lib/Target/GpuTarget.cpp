@@ -351,7 +351,7 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
 
   nlohmann::json manifest = {
       {"format", "attn-package"},
-      {"version", 3}, // 3: kernels take q's and k's strides (Package.md)
+      {"version", 4}, // 3: kernels take q's and k's strides, 4: out's (Package.md)
       {"target", arch},
       {"name", spec.name},
       {"dtype", spec.dtype},

@@ -162,6 +162,10 @@ def _numpy_args(q, k, v, lengths, return_lse, out):
         tl = _tensor("lengths", np.asarray(lengths).astype(np.int32), np.int32, _I32, keep)
     if out is None:
         out = np.full(q.shape, np.nan, dtype=np.float32)
+    elif not (isinstance(out, np.ndarray) and out.flags.c_contiguous):
+        # _tensor would copy it, and the kernels would write the copy.
+        raise AttnError("out: cpu packages write a C-contiguous float32 NumPy array "
+                        "(np.ascontiguousarray(out) first)")
     lse = np.full(q.shape[:-1], np.nan, dtype=np.float32) if q.ndim == 4 else None
     tout = _tensor("out", out, np.float32, _F32, keep)
     tlse = _tensor("lse", lse, np.float32, _F32, keep) if (return_lse and lse is not None) else None
@@ -255,8 +259,9 @@ class Package:
         tensors of the package's dtype (bf16 or f16) on one device: q, k and v
         contiguous or strided views whose last dimension is contiguous (the
         [B,H,L,D] view x.transpose(1, 2) of a [B,L,H,D] tensor runs without a
-        copy; k and v share strides), out contiguous; lengths is an int32
-        tensor on that device. GPU kernels are
+        copy; k and v share strides), out contiguous or a view of the same
+        kind (kernels write the [B, H, L, D] view of a [B, L, H, D] tensor in
+        place); lengths is an int32 tensor on that device. GPU kernels are
         queued on the current CUDA stream. `out` may give the output buffer.
         Returns the output [B,H,Lq,D], and the LSE [B,H,Lq] (float32) with
         return_lse=True.
@@ -455,7 +460,7 @@ class Package:
             tl = tensor("lengths", lengths, torch.int32, _I32)
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        tout = tensor("out", out, want, code)
+        tout = tensor("out", out, want, code, strided=True)
         lse = None
         if return_lse:
             lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)

@@ -206,8 +206,11 @@ class SparseAttention:
         qh, kh, vh = heads_view(q), heads_view(k), heads_view(v)
         if kh.stride() != vh.stride():
             kh, vh = heads_view(k, copy=True), heads_view(v, copy=True)
-        out = pkg(qh, kh, vh)                                # [B, H, L, D]
-        return out.transpose(1, 2).reshape(B, L, E)
+        # The kernels write out's [B, H, L, D] view: the heads land side by
+        # side in E with no copy.
+        out = torch.empty(B, L, E, device=q.device, dtype=q.dtype)
+        pkg(qh, kh, vh, out=out.view(B, L, H, D).transpose(1, 2))
+        return out
 
 
 # One layer per (heads, mode, context, target, package_dir), so that repeated

@@ -80,8 +80,8 @@ def test_argument_errors():
 def test_strided_tensors_are_checked_through_the_c_api():
     """attn_tensor.strides (NULL: contiguous): the runtime says what is wrong
     with a tensor's layout, naming the tensor and its strides. GPU packages
-    take strided q, k, v (rows contiguous, 16-byte strides; the GPU suite
-    runs them); cpu packages and every other tensor stay contiguous."""
+    take strided q, k, v and out (rows contiguous, 16-byte strides; the GPU
+    suite runs them); cpu packages and every other tensor stay contiguous."""
     import ctypes
     pkg = attn.compile({"name": "causal", "heads": 2, "head_dim": 16, "pattern": {"causal": {}}})
     lib = attn._runtime()
@@ -116,10 +116,10 @@ def test_strided_tensors_are_checked_through_the_c_api():
     assert run(q=[H * L * D, L * D, D, 1])[0] == 0
     rc, msg = run(q=view_strides)
     assert rc != 0 and msg == ("q: strides [256, 16, 32, 1]: cpu packages take contiguous "
-                               "tensors (strided q, k and v are for GPU packages)")
+                               "tensors (strided q, k, v and out are for GPU packages)")
     rc, msg = run(out=view_strides)
-    assert rc != 0 and "out: strides [256, 16, 32, 1] are not contiguous [256, 128, 16, 1]; " \
-        "only q, k and v may be strided views" in msg
+    assert rc != 0 and msg == ("out: strides [256, 16, 32, 1]: cpu packages take contiguous "
+                               "tensors (strided q, k, v and out are for GPU packages)")
     rc, msg = run(k=[L * H * D, D, 1, H * L])
     assert rc != 0 and "the last dimension (D) must be contiguous (stride 1)" in msg
     rc, msg = run(v=[L * H * D, 4, H * D, 1])
@@ -128,8 +128,8 @@ def test_strided_tensors_are_checked_through_the_c_api():
 
 
 def test_gpu_package_of_another_version_is_refused(tmp_path):
-    """GPU packages are manifest version 3 (kernels take bh_offset and the
-    strides of q and k): one
+    """GPU packages are manifest version 4 (kernels take bh_offset and the
+    strides of q, k and out): one
     written by an older attn-compile is refused with a clear error, before
     any GPU is touched."""
     import json
@@ -141,11 +141,11 @@ def test_gpu_package_of_another_version_is_refused(tmp_path):
     subprocess.run([attn._tool("attn-compile"), str(tmp_path / "v.json"), "-o", str(pkg_dir),
                     "--target", "sm_90a", "--quiet"], check=True)
     manifest = json.loads((pkg_dir / "manifest.json").read_text())
-    assert manifest["version"] == 3
-    manifest["version"] = 2
+    assert manifest["version"] == 4
+    manifest["version"] = 3
     (pkg_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(attn.AttnError, match=r"manifest version 2 is not supported "
-                       r"\(this runtime reads 3 for sm_90a packages\); recompile it"):
+    with pytest.raises(attn.AttnError, match=r"manifest version 3 is not supported "
+                       r"\(this runtime reads 4 for sm_90a packages\); recompile it"):
         attn.load(str(pkg_dir))
 
 

@@ -288,12 +288,18 @@ STRIDED_CASES = ["causal", "causal_f16_gqa", "local", "strided", "strided_f16_gq
 @pytest.mark.parametrize("name", STRIDED_CASES)
 @pytest.mark.parametrize("shape", [(1000, 1000), (129, 2000), (300, 700)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
-def test_blhd_views_run_without_a_copy(name, shape):
+@pytest.mark.parametrize("rounds", [None, "1"], ids=["launch", "rounds"])
+def test_blhd_views_run_without_a_copy(name, shape, rounds, monkeypatch):
     """q from a [B, L, H, D] tensor and k, v from one fused [B, L, 2, Hkv, D]
-    projection, passed as their [B, H, L, D] views (strides, no copy), give
-    exactly the output of the same call on contiguous copies, and match the
-    reference. (At L = 700 a period that does not divide it takes the
-    cp.async path; the others TMA over the strides.)"""
+    projection, passed as their [B, H, L, D] views (strides, no copy), with
+    out the [B, H, L, D] view of a [B, L, H, D] tensor (NaN first), give
+    exactly the output of the same call on contiguous tensors, and match the
+    reference; also in rounds of one (batch, head) pair (ATTN_GPU_ROUNDS=1),
+    where strided's state crosses between kernels in out. (At L = 700 a
+    period that does not divide it takes the cp.async path; the others TMA
+    over the strides.)"""
+    if rounds:
+        monkeypatch.setenv("ATTN_GPU_ROUNDS", rounds)
     case = next(c for c in gpu_cases.CASES if c["name"] == name)
     pkg = attn.load(os.path.join(PKGS, name))
     q_len, kv_len = shape
@@ -307,10 +313,11 @@ def test_blhd_views_run_without_a_copy(name, shape):
     lengths = None
     if "tokenized" in str(case["pattern"]):
         lengths = _lengths(B, min(q_len, kv_len), gen).cuda()
-    out = pkg(q, k, v, lengths=lengths, out=torch.full(q.shape, float("nan"), device="cuda",
-                                                         dtype=dt))
+    out_blhd = torch.full((B, q_len, H, D), float("nan"), device="cuda", dtype=dt)
+    out = pkg(q, k, v, lengths=lengths, out=out_blhd.transpose(1, 2))
     dense = pkg(q.contiguous(), k.contiguous(), v.contiguous(), lengths=lengths)
     torch.cuda.synchronize()
+    assert out.data_ptr() == out_blhd.data_ptr(), "out is the caller's view"
     assert torch.equal(out, dense), "strided views must compute exactly what copies do"
     ref, _ = reference.attention(q, k, v, case["pattern"], lengths)
     err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -319,7 +326,8 @@ def test_blhd_views_run_without_a_copy(name, shape):
 
 def test_strided_layouts_the_kernels_cannot_take_are_refused():
     """k and v of different layouts, a D that is not contiguous, rows off
-    16-byte strides and a strided out are refused with what is wrong."""
+    16-byte strides and an out whose elements overlap are refused with what
+    is wrong."""
     pkg = attn.load(os.path.join(PKGS, "causal"))
     B, H, L, D = 2, 4, 64, 128
     q = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
@@ -333,8 +341,10 @@ def test_strided_layouts_the_kernels_cannot_take_are_refused():
     with pytest.raises(attn.AttnError, match=r"stride 132 of dimension 2 must be a "
                        r"non-negative multiple of 8 elements"):
         pkg(odd, q, q)
-    with pytest.raises(attn.AttnError, match=r"out: must be contiguous"):
-        pkg(q, q, q, out=torch.empty_like(k_blhd))
+    with pytest.raises(attn.AttnError, match=r"out: strides \[512, 128, 0, 1\] make elements "
+                       r"of shape \[2, 4, 64, 128\] overlap"):
+        pkg(q, q, q, out=torch.empty(B, H, 1, D, device="cuda",
+                                     dtype=torch.bfloat16).expand(B, H, L, D))
 
 
 def test_key_tensor_maps_follow_the_tensors():

@@ -23,7 +23,8 @@ struct Tensor {
   std::vector<int64_t> shape;
   std::string dtype; ///< "f32", "bf16", "f16" or "i32"
   /// Element strides, one per dimension; empty: C-contiguous. GPU packages
-  /// take strided q, k and v (each row's elements contiguous; docs/Package.md).
+  /// take strided q, k, v and out (each row's elements contiguous;
+  /// docs/Package.md).
   std::vector<int64_t> strides;
 };
 

@@ -235,7 +235,8 @@ public:
   /// every kernel of a package):
   ///   q, k, v, lengths, out, lse, acc, max, sum, keyBias, keyIds,
   ///   qLen, kLen, qOrigin, kOrigin, rowLenShift, qPos, kPos, posStride,
-  ///   bhOffset, qStrideB, qStrideH, qStrideR, kStrideB, kStrideH, kStrideR
+  ///   bhOffset, qStrideB, qStrideH, qStrideR, kStrideB, kStrideH, kStrideR,
+  ///   oStrideB, oStrideH, oStrideR
   ///   [kMap, vMap]   (with TMA: CUtensorMaps by value, see beginKernel)
   /// For the component's groups and bands, query row i sits at position
   /// qOrigin + i and key j at kOrigin + j. Lengths and filters see global
@@ -249,7 +250,8 @@ public:
   /// few pairs at a time (docs/Package.md). q's element (b, h, i, d) sits
   /// at b*qStrideB + h*qStrideH + i*qStrideR + d, and k's and v's likewise
   /// with the k strides (a [B, L, H, D] tensor passes as its [B, H, L, D]
-  /// view, without a copy); out and the state are contiguous.
+  /// view, without a copy), and out's (with a 16-bit state in it) with the
+  /// o strides; an f32 state and lse are contiguous.
   FunctionType kernelType() {
     Type index = b.getIndexType();
     Type accType = shape.halfState ? storageType : floatType;
@@ -282,11 +284,12 @@ public:
   gpu::GPUFuncOp emitFinalize(StringRef name);
 
 private:
-  static constexpr int64_t kNumScalarArgs = 15;
+  static constexpr int64_t kNumScalarArgs = 18;
   enum Arg {
     Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, KeyBias, KeyIds, QLen, KLen,
     QOrigin, KOrigin, RowLenShift, QPos, KPos, PosStride, BhOffset,
-    QStrideB, QStrideH, QStrideR, KStrideB, KStrideH, KStrideR, KMap, VMap
+    QStrideB, QStrideH, QStrideR, KStrideB, KStrideH, KStrideR,
+    OStrideB, OStrideH, OStrideR, KMap, VMap
   };
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
@@ -311,6 +314,23 @@ private:
   /// itself (no finalize pass copies it there, and rows no later component
   /// touches are done). An f32 acc (ring packages) has its own buffer.
   Value stateAcc() { return shape.halfState ? arg(Out) : arg(Acc); }
+  /// An element-wise kernel's element `idx` is column column(idx) of row
+  /// idx / D. Element (row, col) of out, for a global row (b*H + h)*Lq + i,
+  /// is at b*oStrideB + h*oStrideH +
+  /// i*oStrideR + col, since out may be a strided view (the [B, H, L, D]
+  /// view of a [B, L, H, D] tensor).
+  Value column(Value idx) {
+    return arith::RemUIOp::create(b, loc, idx, m.c(shape.headDim));
+  }
+  Value outElement(Value row, Value col) {
+    Value qLen = arg(QLen);
+    Value bh = arith::DivUIOp::create(b, loc, row, qLen);
+    Value i = arith::RemUIOp::create(b, loc, row, qLen);
+    Value batch = arith::DivUIOp::create(b, loc, bh, m.c(shape.heads));
+    Value head = arith::RemUIOp::create(b, loc, bh, m.c(shape.heads));
+    return m.add(m.add(m.mul(batch, arg(OStrideB)), m.mul(head, arg(OStrideH))),
+                 m.add(m.mul(i, arg(OStrideR)), col));
+  }
 
   /// 2^x and log2(x) with the hardware's approximate units (ex2/lg2.approx).
   Value exp2(Value x) {
@@ -808,7 +828,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // range of its rows.
   Value tileIdx, bIdx, h, hk, rowsEnd, keysEnd, length, c, headHasClass;
   Value base, tRowLo, tRowHi, tRowAll, tKeyLo, tKeyHi, q0;
-  Value q1, first, last, fullLo, fullHi, numTiles, qHead, qBase, kBase;
+  Value q1, first, last, fullLo, fullHi, numTiles, qHead, qBase, kBase, oBase;
   auto placeItem = [&](Value bx, Value by, Value bz, Value nbx) {
     // Heavy (late) row tiles first for causal balance.
     tileIdx = m.sub(m.sub(nbx, one), bx);
@@ -886,11 +906,13 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
     numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
 
-    // qHead: the head's first row in the contiguous out and state; qBase,
-    // kBase: its first element in q and in k, v (their strides).
+    // qHead: the head's first row in lse and the contiguous f32 state;
+    // qBase, kBase, oBase: its first element in q, in k and v, and in out
+    // (their strides).
     qHead = m.mul(m.add(m.mul(bIdx, m.c(H)), h), qLen);
     qBase = m.add(m.mul(bIdx, arg(QStrideB)), m.mul(h, arg(QStrideH)));
     kBase = m.add(m.mul(bIdx, arg(KStrideB)), m.mul(hk, arg(KStrideH)));
+    oBase = m.add(m.mul(bIdx, arg(OStrideB)), m.mul(h, arg(OStrideH)));
   };
 
   Value hasWork = placeItem(gpu::BlockIdOp::create(b, loc, gpu::Dimension::x),
@@ -1281,13 +1303,17 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // all a merge needs: as max m' = lse / ln 2 (log2 units) and sum 1, the
   // merge weighs O / l by 2^(m' - M) = l 2^(max - M), exactly as (max, l)
   // would, so its kernels store and load no max and sum.
+  // `row` numbers the row in lse and the f32 state, `outAt` is its first
+  // element in out (a 16-bit state's home); both 0 for a row not computed.
   struct StoredRow {
-    Value valid, row, max, sum, leaderSum;
+    Value valid, row, outAt, max, sum, leaderSum;
   };
   auto loadStoredRow = [&](int64_t half) {
     StoredRow s;
     s.valid = m.lt(tq[half], q1);
     s.row = f.select(s.valid, m.add(qHead, qRowIndex(tq[half])), zero);
+    s.outAt = f.select(
+        s.valid, m.add(oBase, m.mul(qRowIndex(tq[half]), arg(OStrideR))), zero);
     Value mx;
     if (shape.halfState) {
       mx = f.mul(memref::LoadOp::create(b, loc, arg(Lse), s.row),
@@ -1306,7 +1332,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // the row is not valid): each thread's pair is one load (f32 O, or O / l
   // in 16 bits, scaled back by the row's l).
   auto loadStoredPair = [&](const StoredRow &s, int64_t dn) {
-    Value at = m.add(m.mul(s.row, m.c(D)), m.add(laneCol, m.c(dn * 8)));
+    Value rowAt = shape.halfState ? s.outAt : m.mul(s.row, m.c(D));
+    Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8)));
     SmallVector<Value> pair;
     for (Value a : loadStatePair(at, s.sum))
       pair.push_back(f.select(s.valid, a, f.c(0.0)));
@@ -2077,7 +2104,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                        ValueRange{tileRow, col},
                                        /*nontemporal=*/false,
                                        llvm::MaybeAlign(16));
-      Value at = m.add(m.mul(m.add(qHead, qRowIndex(t)), m.c(D)), col);
+      Value at = m.add(m.add(oBase, m.mul(qRowIndex(t), arg(OStrideR))), col);
       vector::StoreOp::create(b, loc, v, dst, at, /*nontemporal=*/false,
                               llvm::MaybeAlign(16));
     }
@@ -2131,8 +2158,11 @@ gpu::GPUFuncOp KernelEmitter::emitInit(StringRef name) {
   auto vecType = VectorType::get({kElementwiseVector}, accElem);
   Value zeros = arith::ConstantOp::create(
       b, loc, vecType, DenseElementsAttr::get(vecType, b.getZeroAttr(accElem)));
+  // A 16-bit state is out's elements (out's strides); an f32 one is
+  // contiguous.
+  Value at = shape.halfState ? outElement(row, column(idx)) : idx;
   vector::StoreOp::create(
-      b, loc, zeros, stateAcc(), idx, /*nontemporal=*/false,
+      b, loc, zeros, stateAcc(), at, /*nontemporal=*/false,
       llvm::MaybeAlign(accElem.getIntOrFloatBitWidth() / 8 * kElementwiseVector));
   ifFirstOfRow(idx);
   // A state in out is O / l with its lse (no max and sum: loadStoredRow),
@@ -2172,7 +2202,8 @@ gpu::GPUFuncOp KernelEmitter::emitFinalize(StringRef name) {
       b, loc, VectorType::get({kElementwiseVector}, elem), o);
   if (shape.bf16)
     narrow = arith::BitcastOp::create(b, loc, outType, narrow);
-  vector::StoreOp::create(b, loc, narrow, arg(Out), idx, /*nontemporal=*/false,
+  vector::StoreOp::create(b, loc, narrow, arg(Out), outElement(row, column(idx)),
+                          /*nontemporal=*/false,
                           llvm::MaybeAlign(2 * kElementwiseVector));
   ifFirstOfRow(idx);
   Value mx = memref::LoadOp::create(b, loc, arg(Max), row);

@@ -76,6 +76,21 @@ def residue_classes(t):
     return t.view(b, h, L // S, S, d).transpose(2, 3).reshape(b * h * S, 1, L // S, d).contiguous()
 
 
+def sparse_layers(lens, folder):
+    """attn.sparse's bench layers (python/tests/gpu_cases.py, SPARSE_BENCH)
+    at each length, with fresh inputs: yields (L, (B, E, H, mode, ctx,
+    dtype), the layer on `folder`'s packages, q, k, v), q, k and v the
+    [B, L, E] slices of one fused projection [B, L, 3E] in bf16."""
+    import gpu_cases
+    from attn import sparse
+    for L in lens:
+        for case in gpu_cases.SPARSE_BENCH:
+            B, E, H, mode, ctx, dtype = case
+            layer = sparse.SparseAttention(H, mode, ctx, package_dir=folder)
+            qkv = torch.randn(B, L, 3 * E, device=dev, dtype=torch.bfloat16)
+            yield (L, case, layer, *qkv.split(E, dim=-1))
+
+
 def print_table(columns, rows):
     """Prints the device, then `rows` as a Markdown table: `columns` is a
     list of (header, cell) where cell(row) gives the cell's text."""

@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-import gpu_cases
 from attn import sparse
-from gpu_patterns import print_table, rotated_times
+from gpu_patterns import print_table, rotated_times, sparse_layers
 
 lens = [int(x) for x in os.environ.get("LENS", "8192,32768").split(",")]
 rounds = int(os.environ.get("ROUNDS", "3"))
@@ -64,51 +63,47 @@ def pairs_per_head(mode, ctx, L):
 
 torch.manual_seed(0)
 rows = []
-for L in lens:
-    for B, E, H, mode, ctx, dtype in gpu_cases.SPARSE_BENCH:
-        D = E // H
-        layer = sparse.SparseAttention(H, mode, ctx, package_dir=folder)
-        qkv = torch.randn(B, L, 3 * E, device=dev, dtype=torch.bfloat16)
-        q, k, v = qkv.split(E, dim=-1)
-        heads = lambda x: x.reshape(B, L, H, D).transpose(1, 2)
-        merge = lambda o: o.transpose(1, 2).reshape(B, L, E)
-        mod = mask_mod(mode, ctx)
-        t0 = time.time()
-        block_mask = create_block_mask(mod, None, None, L, L, device=dev, _compile=True)
-        torch.cuda.synchronize()
-        mask_s = time.time() - t0
+for L, (B, E, H, mode, ctx, dtype), layer, q, k, v in sparse_layers(lens, folder):
+    D = E // H
+    heads = lambda x: x.reshape(B, L, H, D).transpose(1, 2)
+    merge = lambda o: o.transpose(1, 2).reshape(B, L, E)
+    mod = mask_mod(mode, ctx)
+    t0 = time.time()
+    block_mask = create_block_mask(mod, None, None, L, L, device=dev, _compile=True)
+    torch.cuda.synchronize()
+    mask_s = time.time() - t0
 
-        runs = {"attn.sparse": lambda: layer(q, k, v),
-                "FlexAttention": lambda: merge(flex(heads(q), heads(k), heads(v),
-                                                    block_mask=block_mask))}
-        if also:
-            other = sparse.SparseAttention(H, mode, ctx, package_dir=also)
-            runs[also_name] = lambda: other(q, k, v)
-        if L <= dense_max:
-            pos = torch.arange(L, device=dev)
-            bool_mask = mod(0, 0, pos[:, None], pos[None, :])
-            runs["SDPA, boolean mask"] = lambda: merge(F.scaled_dot_product_attention(
-                heads(q), heads(k), heads(v), attn_mask=bool_mask))
+    runs = {"attn.sparse": lambda: layer(q, k, v),
+            "FlexAttention": lambda: merge(flex(heads(q), heads(k), heads(v),
+                                                block_mask=block_mask))}
+    if also:
+        other = sparse.SparseAttention(H, mode, ctx, package_dir=also)
+        runs[also_name] = lambda: other(q, k, v)
+    if L <= dense_max:
+        pos = torch.arange(L, device=dev)
+        bool_mask = mod(0, 0, pos[:, None], pos[None, :])
+        runs["SDPA, boolean mask"] = lambda: merge(F.scaled_dot_product_attention(
+            heads(q), heads(k), heads(v), attn_mask=bool_mask))
 
-            def seed_dense():
-                w = heads(q) @ heads(k).transpose(-2, -1) * (1.0 / math.sqrt(D))
-                w = w.masked_fill(~bool_mask, -1e9).softmax(dim=-1)
-                return merge(w @ heads(v))
-            runs["seed's attention_impl (torch)"] = seed_dense
+        def seed_dense():
+            w = heads(q) @ heads(k).transpose(-2, -1) * (1.0 / math.sqrt(D))
+            w = w.masked_fill(~bool_mask, -1e9).softmax(dim=-1)
+            return merge(w @ heads(v))
+        runs["seed's attention_impl (torch)"] = seed_dense
 
-        ours = layer(q, k, v)
-        flex_out = runs["FlexAttention"]()
-        diff = (ours.float() - flex_out.float()).abs().max().item()
-        ms, _ = rotated_times(runs, rounds)
-        nnz = B * H * pairs_per_head(mode, ctx, L)
-        row = {"L": L, "mode": mode, "ctx": ctx, "flex_mask_s": round(mask_s, 3),
-               "max_abs_diff_vs_flex": diff,
-               "us": {n: round(t * 1e3, 1) for n, t in ms.items()},
-               "tflops": {n: round(4 * nnz * D / t / 1e9, 1) for n, t in ms.items()}}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del qkv, q, k, v, block_mask, runs, ours, flex_out
-        torch.cuda.empty_cache()
+    ours = layer(q, k, v)
+    flex_out = runs["FlexAttention"]()
+    diff = (ours.float() - flex_out.float()).abs().max().item()
+    ms, _ = rotated_times(runs, rounds)
+    nnz = B * H * pairs_per_head(mode, ctx, L)
+    row = {"L": L, "mode": mode, "ctx": ctx, "flex_mask_s": round(mask_s, 3),
+           "max_abs_diff_vs_flex": diff,
+           "us": {n: round(t * 1e3, 1) for n, t in ms.items()},
+           "tflops": {n: round(4 * nnz * D / t / 1e9, 1) for n, t in ms.items()}}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    del q, k, v, block_mask, runs, ours, flex_out
+    torch.cuda.empty_cache()
 
 peers = ([also_name] if also else []) + ["FlexAttention", "SDPA, boolean mask", "seed's attention_impl (torch)"]
 cell = lambda r, n: (f"{r['tflops'][n]:.0f} ({r['us'][n]:.0f} µs)" if n in r["tflops"] else "—")

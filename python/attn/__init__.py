@@ -643,6 +643,17 @@ def load(path):
     return Package(path)
 
 
+def _load_or_compile(spec, target, package_dir):
+    """The layers' packages (TokenizedAttention, SparseAttention): with
+    package_dir, the package package_dir/<spec name> if it is there
+    (machines without the compiler load it), else compiled into it; without,
+    through compile's package cache."""
+    path = os.path.join(package_dir, spec["name"]) if package_dir else None
+    if path and os.path.exists(os.path.join(path, "manifest.json")):
+        return load(path)
+    return compile(spec, out_dir=path, target=target)
+
+
 from .tokenized import (InProcessGroup, NcclGroup, TableEmbedding,  # noqa: E402
                         TokenizedAttention)
 from .sparse import SparseAttention  # noqa: E402

@@ -31,11 +31,9 @@ compiler) load them, else through attn.compile's package cache. The sequence
 length is dynamic: one package serves every L.
 """
 
-import os
-
 import numpy as np
 
-from . import AttnError, _is_torch, compile as _compile, load
+from . import AttnError, _is_torch, _load_or_compile
 
 __all__ = ["SparseAttention", "attention_impl", "blocksparse_attention_impl", "MODES"]
 
@@ -133,11 +131,7 @@ class SparseAttention:
         key = (batch, embed, dtype, target)
         if key not in self._packages:
             spec = self.package_spec(batch, embed, dtype, target)
-            path = os.path.join(self.package_dir, spec["name"]) if self.package_dir else None
-            if path and os.path.exists(os.path.join(path, "manifest.json")):
-                self._packages[key] = load(path)
-            else:
-                self._packages[key] = _compile(spec, out_dir=path, target=target)
+            self._packages[key] = _load_or_compile(spec, target, self.package_dir)
         return self._packages[key]
 
     # -- the call ----------------------------------------------------------

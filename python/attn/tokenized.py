@@ -27,11 +27,10 @@ group: attn.InProcessGroup (threads for ranks) or attn.NcclGroup.
 """
 
 import ctypes
-import os
 
 import numpy as np
 
-from . import AttnError, compile as _compile, load, nccl_id_from_rank0, _runtime
+from . import AttnError, _load_or_compile, nccl_id_from_rank0, _runtime
 
 __all__ = ["TokenizedAttention", "TableEmbedding", "InProcessGroup", "NcclGroup"]
 
@@ -334,12 +333,7 @@ class TokenizedAttention:
         key = (gpu, naive)
         if key not in self._packages:
             spec, target = self.package_spec(gpu, naive)
-            name = spec["name"]
-            path = os.path.join(self.package_dir, name) if self.package_dir else None
-            if path and os.path.exists(os.path.join(path, "manifest.json")):
-                self._packages[key] = load(path)
-            else:
-                self._packages[key] = _compile(spec, out_dir=path, target=target)
+            self._packages[key] = _load_or_compile(spec, target, self.package_dir)
         return self._packages[key]
 
     # -- inputs ------------------------------------------------------------

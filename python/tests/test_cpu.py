@@ -265,3 +265,17 @@ def test_packages_copy_and_pickle(tmp_path):
     assert np.array_equal(again(q, k, v), pkg(q, k, v))
     del pkg, clone, model  # the copies share one runtime handle: no double free
     _check_local_window(again, 5, seed=53)
+
+
+def test_a_non_contiguous_numpy_out_is_refused():
+    """A cpu package writes its output through a C-contiguous buffer: an
+    `out` that is a strided view would be copied and the copy written, so
+    it is refused instead of left unwritten."""
+    pkg = attn.compile({"name": "causal", "heads": 2, "head_dim": 16, "pattern": {"causal": {}}})
+    q = rand(1, 2, 8, 16, seed=13)
+    out = np.empty((1, 8, 2, 16), dtype=np.float32).transpose(0, 2, 1, 3)
+    with pytest.raises(attn.AttnError, match=r"out: cpu packages write a C-contiguous float32 "
+                       r"NumPy array \(np.ascontiguousarray\(out\) first\)"):
+        pkg(q, q, q, out=out)
+    given = np.full((1, 2, 8, 16), np.nan, dtype=np.float32)
+    assert pkg(q, q, q, out=given) is given and not np.isnan(given).any()

@@ -111,7 +111,7 @@ def test_package_dir_keeps_the_packages_for_later_layers(tmp_path, monkeypatch):
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("compiled again")
-    monkeypatch.setattr(sparse, "_compile", no_compiler)
+    monkeypatch.setattr(attn, "compile", no_compiler)
     later = sparse.SparseAttention(heads=2, attn_mode="local", local_attn_ctx=32,
                                    package_dir=str(tmp_path))
     assert np.array_equal(later(q, k, v), out)

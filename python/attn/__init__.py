@@ -83,6 +83,50 @@ class _Tensor(ctypes.Structure):
 
 _F32, _I32, _BF16, _F16 = 0, 1, 2, 3
 _lib = None
+# ctypes array types for shapes and strides of rank 0..8, made once (a call
+# spends most of its host time in small steps like `c_int64 * n`:
+# bench/host_overhead.py).
+_I64 = [ctypes.c_int64 * n for n in range(9)]
+
+
+def _int64s(values):
+    """A ctypes int64 array holding `values` (a shape or strides)."""
+    n = len(values)
+    return (_I64[n] if n < len(_I64) else ctypes.c_int64 * n)(*values)
+
+
+# C shape and stride arrays by layout, shared by calls (the runtime only
+# reads them): a call on tensors of a layout seen before builds none.
+_layouts = {}
+
+
+def _c_layout(shape, strides=None):
+    """The ctypes arrays (shape, strides or None) of a layout: `shape` and
+    `strides` tuples (or torch.Size), strides None for C-contiguous."""
+    key = (shape, strides)
+    arrays = _layouts.get(key)
+    if arrays is None:
+        if len(_layouts) >= 256:
+            _layouts.clear()
+        arrays = _layouts[key] = (_int64s(shape),
+                                  None if strides is None else _int64s(strides))
+    return arrays
+
+
+_raw_stream_fn = None
+
+
+def _raw_stream(device):
+    """The handle of CUDA device `device`'s (an index) current stream, as an
+    int. torch._C._cuda_getCurrentRawStream is what torch.compile's own
+    generated code calls; it costs a fraction of
+    torch.cuda.current_stream(device).cuda_stream, the fallback."""
+    global _raw_stream_fn
+    if _raw_stream_fn is None:
+        import torch
+        _raw_stream_fn = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+            lambda index: torch.cuda.current_stream(index).cuda_stream)
+    return _raw_stream_fn(device)
 
 
 def _runtime():
@@ -431,27 +475,29 @@ class Package:
         code = {"bf16": _BF16, "f16": _F16}[self.manifest["dtype"]]
         keep = []
 
+        device = q.device if isinstance(q, torch.Tensor) else None
+
         def tensor(name, t, dtype, code, strided=False):
             if not isinstance(t, torch.Tensor):
                 raise AttnError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-            if not t.is_cuda or t.device != q.device:
-                raise AttnError(f"{name}: on {t.device}, expected {q.device} (a CUDA device)")
+            if not t.is_cuda or t.device != device:
+                raise AttnError(f"{name}: on {t.device}, expected {device} (a CUDA device)")
             if t.dtype != dtype:
                 raise AttnError(f"{name}: dtype {t.dtype}, the package expects {dtype}")
-            shape = (ctypes.c_int64 * t.dim())(*t.shape)
-            keep.append(shape)
-            strides = None
-            if not t.is_contiguous():
-                if not strided:
-                    raise AttnError(f"{name}: must be contiguous (call .contiguous())")
+            if t.is_contiguous():
+                shape, strides = _c_layout(t.shape)
+            elif strided:
                 # A strided view (e.g. the [B, H, L, D] view of a [B, L, H, D]
                 # tensor): the runtime checks its strides.
-                strides = (ctypes.c_int64 * t.dim())(*t.stride())
-                keep.append(strides)
-            return _Tensor(t.data_ptr(), shape, t.dim(), code, strides)
+                shape, strides = _c_layout(t.shape, t.stride())
+            else:
+                raise AttnError(f"{name}: must be contiguous (call .contiguous())")
+            keep.append((shape, strides))
+            return _Tensor(t.data_ptr(), shape, len(shape), code, strides)
 
-        tq, tk, tv = (tensor(n, t, want, code, strided=True)
-                      for n, t in (("q", q), ("k", k), ("v", v)))
+        tq = tensor("q", q, want, code, strided=True)
+        tk = tensor("k", k, want, code, strided=True)
+        tv = tensor("v", v, want, code, strided=True)
         tl = None
         if lengths is not None:
             if not isinstance(lengths, torch.Tensor):
@@ -477,17 +523,26 @@ class Package:
                 "keep": (keep, tq, tk, tv, tl, tout, tlse, lengths, tb, ti, key_ids)}
 
     def _call_torch(self, q, k, v, lengths, return_lse, out, key_bias=None, key_ids=None):
-        import torch
         t = self._torch_args(q, k, v, lengths, return_lse, out, key_bias, key_ids)
+        self._launch(q.device.index, t["ptrs"], t["bias"], t["ids"])
+        return (t["out"], t["lse"]) if return_lse else t["out"]
+
+    def _launch(self, device, ptrs, bias=None, ids=None):
+        """Queues the package's kernels on the current stream of CUDA device
+        `device` (an index) for the C tensors `ptrs` (q, k, v, lengths, out,
+        lse, checked by the caller), with that device current during the
+        call (the runtime runs kernels in the context they were loaded in)."""
+        import torch
         lib = _runtime()
-        with torch.cuda.device(q.device):
-            stream = ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream)
-            p = t["ptrs"]
-            rc = lib.attn_package_run_keys(self._handle_on(q.device.index), *p[:4], t["bias"],
-                                           t["ids"], *p[4:], stream)
+        handle = self._handle_on(device)
+        stream = _raw_stream(device)
+        if torch.cuda.current_device() == device:
+            rc = lib.attn_package_run_keys(handle, *ptrs[:4], bias, ids, *ptrs[4:], stream)
+        else:
+            with torch.cuda.device(device):
+                rc = lib.attn_package_run_keys(handle, *ptrs[:4], bias, ids, *ptrs[4:], stream)
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
-        return (t["out"], t["lse"]) if return_lse else t["out"]
 
 
 def nccl_id_from_rank0(group=None):

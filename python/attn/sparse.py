@@ -31,9 +31,12 @@ compiler) load them, else through attn.compile's package cache. The sequence
 length is dynamic: one package serves every L.
 """
 
+import ctypes
+
 import numpy as np
 
-from . import AttnError, _is_torch, _load_or_compile
+from . import (_BF16, _F16, AttnError, _c_layout, _is_torch, _load_or_compile, _Tensor,
+               _torch_compiling)
 
 __all__ = ["SparseAttention", "attention_impl", "blocksparse_attention_impl", "MODES"]
 
@@ -98,6 +101,7 @@ class SparseAttention:
         self.target = target
         self.package_dir = package_dir
         self._packages = {}
+        self._targets = {}  # CUDA device index -> target
 
     def __repr__(self):
         ctx = "" if self.local_attn_ctx is None else f", local_attn_ctx={self.local_attn_ctx}"
@@ -181,30 +185,60 @@ class SparseAttention:
             raise AttnError(f"q: dtype {q.dtype} on {q.device}: the GPU kernels take "
                             "torch.bfloat16 or torch.float16 (cast with .bfloat16())")
         B, L, E = q.shape
-        target = self.target or _gpu_target(q.device)
+        device = q.device.index
+        target = self.target or self._device_target(device)
         H = self.heads_for(E)
         pkg = self.package(B, E, dtypes[q.dtype], target)
-        D = E // H
+        if _torch_compiling():
+            return self._forward_traced(pkg, q, k, v, H)
 
-        # [B, H, L, D] views of the [B, L, H, D] layout (slices of a fused
-        # qkv projection included): the kernels read them in place when the
-        # runtime's layout rules hold (D contiguous, other strides multiples
-        # of 8 elements, 16-byte aligned data, k and v alike); a copy otherwise.
-        def heads_view(x, copy=False):
-            view = (x.contiguous() if copy else x).reshape(B, L, H, D).transpose(1, 2)
-            if not copy and (view.stride(-1) != 1 or view.data_ptr() % 16
-                             or any(s % 8 for s in view.stride()[:-1])):
-                return heads_view(x, copy=True)
-            return view
+        # The kernels read the [B, H, L, D] views of the [B, L, H, D] inputs
+        # (slices of a fused qkv projection included) in place where the
+        # runtime's layout rules hold: E's elements contiguous, the other
+        # strides multiples of 8 elements, 16-byte aligned data, k and v
+        # alike. A copy otherwise. The views exist only as C tensors (data,
+        # shape, strides): torch views would cost more host time than the
+        # kernels of a short sequence (bench/host_overhead.py).
+        def in_place(x):
+            s = x.stride()
+            return s[2] == 1 and s[0] % 8 == 0 and s[1] % 8 == 0 and x.data_ptr() % 16 == 0
 
-        qh, kh, vh = heads_view(q), heads_view(k), heads_view(v)
-        if kh.stride() != vh.stride():
-            kh, vh = heads_view(k, copy=True), heads_view(v, copy=True)
-        # The kernels write out's [B, H, L, D] view: the heads land side by
-        # side in E with no copy.
+        if not in_place(q):
+            q = q.contiguous()
+        if not (in_place(k) and in_place(v) and k.stride() == v.stride()):
+            k, v = k.contiguous(), v.contiguous()
         out = torch.empty(B, L, E, device=q.device, dtype=q.dtype)
-        pkg(qh, kh, vh, out=out.view(B, L, H, D).transpose(1, 2))
+        code = _BF16 if q.dtype == torch.bfloat16 else _F16
+        tq, tk, tv, tout = (self._heads_tensor(x, H, code) for x in (q, k, v, out))
+        pkg._launch(device, [ctypes.byref(tq), ctypes.byref(tk), ctypes.byref(tv), None,
+                             ctypes.byref(tout), None])
         return out
+
+    def _forward_traced(self, pkg, q, k, v, H):
+        """The call under torch.compile: through torch views and the
+        package's operator (attn::run), which the compiled graph records."""
+        B, L, E = q.shape
+        D = E // H
+        heads = lambda x: x.reshape(B, L, H, D).transpose(1, 2)
+        out = pkg(heads(q), heads(k), heads(v))
+        return out.transpose(1, 2).reshape(B, L, E)
+
+    def _device_target(self, device):
+        """The target of CUDA device `device` (an index), looked up once."""
+        target = self._targets.get(device)
+        if target is None:
+            import torch
+            target = self._targets[device] = _gpu_target(torch.device("cuda", device))
+        return target
+
+    @staticmethod
+    def _heads_tensor(x, H, code):
+        """The C tensor of the [B, H, L, D] view of x [B, L, E] (E's stride 1):
+        shape (B, H, L, D), strides (x's batch stride, D, x's row stride, 1)."""
+        (B, L, E), (sb, sl, _) = x.shape, x.stride()
+        D = E // H
+        shape, strides = _c_layout((B, H, L, D), (sb, D, sl, 1))
+        return _Tensor(x.data_ptr(), shape, 4, code, strides)
 
 
 # One layer per (heads, mode, context, target, package_dir), so that repeated

@@ -700,3 +700,38 @@ def test_sparse_api_on_cuda_tensors(case):
         assert err < TOL[dtype], f"L = {L}: relative error {err:.2e}"
         assert torch.equal(out, layer(q.contiguous(), k.contiguous(), v.contiguous()))
     assert len(layer._packages) == 1
+
+
+def test_sparse_layer_copies_what_it_cannot_read_in_place_and_compiles():
+    """The layer's fast path reads [B, L, E] inputs through C tensors of
+    their head views; where the runtime's layout rules do not hold (q's rows
+    E + 1 elements apart at a 2-byte offset, v's E not contiguous) it copies
+    first, and the result is the same bits, as it is for inputs read in
+    place with other row strides. Under torch.compile
+    (fullgraph=True) the layer becomes the attn::run operator in the graph,
+    with the same output."""
+    from attn import sparse
+    B, E, H, mode, ctx, dtype = gpu_cases.SPARSE[0]
+    dt = DTYPES[dtype]
+    layer = sparse.SparseAttention(H, mode, ctx, package_dir=PKGS)
+    gen = torch.Generator().manual_seed(7)
+    L = 900
+    q, k, v = torch.randn(3, B, L, E, generator=gen).to("cuda", dt).unbind(0)
+    want = layer(q, k, v)
+    wide = torch.zeros(B, L, E + 1, device="cuda", dtype=dt)
+    wide[..., 1:] = q
+    assert wide[..., 1:].data_ptr() % 16 and wide.stride(1) % 8
+    v_columns = v.transpose(1, 2).contiguous().transpose(1, 2)  # E's stride L
+    assert torch.equal(layer(wide[..., 1:], k, v_columns), want)
+    kv = torch.stack([k, v], dim=2)  # [B, L, 2, E]: read in place, rows 2E apart
+    assert torch.equal(layer(q, kv[:, :, 0], kv[:, :, 1]), want)
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    got = torch.compile(layer, fullgraph=True, backend=recording)(q, k, v)
+    assert "attn.run" in [str(n.target) for g in graphs for n in g.graph.nodes]
+    assert torch.equal(got, want)

@@ -12,7 +12,8 @@ import os, json, sys
 import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attn
-from gpu_patterns import B, D, H, dev, pairs, package_name, print_table, rotated_times, tflops
+from gpu_patterns import (B, D, H, dev, pairs, package_name, print_table, rotated_times, tflops,
+                          with_rounds)
 torch.manual_seed(0)
 rows = []
 for L in (16384, 32768, 131072):
@@ -20,18 +21,14 @@ for L in (16384, 32768, 131072):
     for name in ("strided", "dilated_sum", "dilated_union"):
         nnz = pairs(name, L)
         pk = attn.load(os.path.join(os.environ.get("ATTN_GPU_PACKAGES", "gpu-pkgs"), package_name(name, L)))
-        os.environ["ATTN_GPU_ROUNDS"] = "0"
+        with_rounds("0")
         ref = pk(q, k, v).float()
-        os.environ.pop("ATTN_GPU_ROUNDS")
+        with_rounds(None)
         diff = float((pk(q, k, v).float() - ref).abs().max())
-        def mode(which):
-            if which == "one launch":
-                os.environ["ATTN_GPU_ROUNDS"] = "0"
-            else:
-                os.environ.pop("ATTN_GPU_ROUNDS", None)
+        mode = lambda which: with_rounds("0" if which == "one launch" else None)
         run = lambda: pk(q, k, v)
         t, _ = rotated_times({"one launch": run, "rounds": run}, 5, before=mode)
-        os.environ.pop("ATTN_GPU_ROUNDS", None)
+        with_rounds(None)
         row = {"L": L, "pattern": name, "max_diff": diff}
         for which, ms in t.items():
             row[which + " TF/s"] = round(tflops(nnz, ms), 1)

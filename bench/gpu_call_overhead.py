@@ -19,6 +19,7 @@ import time
 import torch
 
 import attn
+from gpu_patterns import us_per_call
 
 cases = sys.argv[1:] or ["bench_strided:1024", "bench_strided:16384", "bench_strided:32768",
                          "bench_dilated_sum:32768", "bench_causal:32768"]
@@ -43,22 +44,10 @@ for case in cases:
         cpu.append((time.perf_counter() - t0) / calls * 1e6)
         torch.cuda.synchronize()
 
-    def gpu_time(run):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(5):
-            start.record()
-            for _ in range(calls):
-                run()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / calls * 1e3)
-        return statistics.median(times)
-
-    eager = gpu_time(lambda: pkg(q, k, v, out=out))
+    eager = us_per_call(lambda: pkg(q, k, v, out=out), calls)
     graph = torch.cuda.CUDAGraph()  # (a captured call has scratch of its own)
     with torch.cuda.graph(graph):
         pkg(q, k, v, out=out)
-    replay = gpu_time(graph.replay)
+    replay = us_per_call(graph.replay, calls)
     print(f"| {name} | {L} | {statistics.median(cpu):.0f} | {eager:.0f} | {replay:.0f} |", flush=True)
 print(f"\ndevice: {torch.cuda.get_device_name()}")

@@ -50,6 +50,22 @@ def with_rounds(setting):
         os.environ["ATTN_GPU_ROUNDS"] = setting
 
 
+def us_per_call(fn, calls, batches=5):
+    """µs per call of `fn` queued `calls` times back to back between two CUDA
+    events (the median of `batches` batches): the larger of its CPU and GPU
+    times per call."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(batches):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls * 1e3)
+    return statistics.median(times)
+
+
 def kernel_durations(fn):
     """Runs `fn` three times, then once under torch.profiler: the durations
     (µs) of the kernels it launched, by kernel name, and the span (µs) from

@@ -58,17 +58,9 @@ def call_costs(call, calls=400):
         call()
         issue.append((time.perf_counter() - t0) * 1e6)
     torch.cuda.synchronize()
-    queued = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            call()
-        end.record()
-        torch.cuda.synchronize()
-        queued.append(start.elapsed_time(end) / calls * 1e3)
+    queued = gpu_patterns.us_per_call(call, calls)
     _, span = gpu_patterns.kernel_durations(call)
-    return statistics.median(issue), statistics.median(queued), span
+    return statistics.median(issue), queued, span
 
 
 def step_us(fn, n=20000):

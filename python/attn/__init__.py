@@ -83,20 +83,10 @@ class _Tensor(ctypes.Structure):
 
 _F32, _I32, _BF16, _F16 = 0, 1, 2, 3
 _lib = None
-# ctypes array types for shapes and strides of rank 0..8, made once (a call
-# spends most of its host time in small steps like `c_int64 * n`:
-# bench/host_overhead.py).
-_I64 = [ctypes.c_int64 * n for n in range(9)]
-
-
-def _int64s(values):
-    """A ctypes int64 array holding `values` (a shape or strides)."""
-    n = len(values)
-    return (_I64[n] if n < len(_I64) else ctypes.c_int64 * n)(*values)
-
-
 # C shape and stride arrays by layout, shared by calls (the runtime only
-# reads them): a call on tensors of a layout seen before builds none.
+# reads them): a call on tensors of a layout seen before builds none (each
+# array costs about a µs, and a call's host time is many such small steps:
+# bench/host_overhead.py).
 _layouts = {}
 
 
@@ -108,8 +98,8 @@ def _c_layout(shape, strides=None):
     if arrays is None:
         if len(_layouts) >= 256:
             _layouts.clear()
-        arrays = _layouts[key] = (_int64s(shape),
-                                  None if strides is None else _int64s(strides))
+        int64s = lambda values: (ctypes.c_int64 * len(values))(*values)
+        arrays = _layouts[key] = (int64s(shape), None if strides is None else int64s(strides))
     return arrays
 
 

@@ -10,6 +10,7 @@ C API (libattn_runtime.so) with ctypes. The CPU target takes NumPy arrays;
 GPU targets (sm_90a, sm_80) take PyTorch CUDA tensors of the spec's dtype.
 """
 
+import contextlib
 import ctypes
 import hashlib
 import itertools
@@ -526,11 +527,10 @@ class Package:
         lib = _runtime()
         handle = self._handle_on(device)
         stream = _raw_stream(device)
-        if torch.cuda.current_device() == device:
+        # (a device switch costs several µs: only where it is needed)
+        current = torch.cuda.current_device() == device
+        with contextlib.nullcontext() if current else torch.cuda.device(device):
             rc = lib.attn_package_run_keys(handle, *ptrs[:4], bias, ids, *ptrs[4:], stream)
-        else:
-            with torch.cuda.device(device):
-                rc = lib.attn_package_run_keys(handle, *ptrs[:4], bias, ids, *ptrs[4:], stream)
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
 

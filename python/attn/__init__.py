@@ -53,8 +53,12 @@ def _torch_needs_grad(*tensors):
     """Whether autograd would record a call on these torch tensors: the call
     then goes through attn::run, whose backward raises (forward only)."""
     import torch
-    return torch.is_grad_enabled() and any(
-        t is not None and getattr(t, "requires_grad", False) for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # (a loop: any() over a generator costs a µs a call)
+        if t is not None and getattr(t, "requires_grad", False):
+            return True
+    return False
 
 
 def _build_dir():
@@ -105,6 +109,19 @@ def _c_layout(shape, strides=None):
 
 
 _raw_stream_fn = None
+_current_device_fn = None
+
+
+def _current_device():
+    """The index of the current CUDA device. torch._C._cuda_getDevice is
+    what torch.cuda.current_device() returns after its lazy-init check,
+    which costs more than the lookup itself; the caller holds CUDA tensors,
+    so CUDA is initialised."""
+    global _current_device_fn
+    if _current_device_fn is None:
+        import torch
+        _current_device_fn = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+    return _current_device_fn()
 
 
 def _raw_stream(device):
@@ -233,6 +250,7 @@ class Package:
         if self.target != "cpu":
             self._device_handles[lib.attn_package_device(handle)] = handle
         self.bytes_sent = None
+        self._plans = {}  # C tensors by layout (and thread), for _call_plain
         self._id = next(_next_id)
         _registry[self._id] = self
         if "torch" in sys.modules and self.target != "cpu":
@@ -514,9 +532,46 @@ class Package:
                 "keep": (keep, tq, tk, tv, tl, tout, tlse, lengths, tb, ti, key_ids)}
 
     def _call_torch(self, q, k, v, lengths, return_lse, out, key_bias=None, key_ids=None):
+        if lengths is None and not return_lse and key_bias is None and key_ids is None:
+            return self._call_plain(q, k, v, out)
         t = self._torch_args(q, k, v, lengths, return_lse, out, key_bias, key_ids)
         self._launch(q.device.index, t["ptrs"], t["bias"], t["ids"])
         return (t["out"], t["lse"]) if return_lse else t["out"]
+
+    def _call_plain(self, q, k, v, out):
+        """pkg(q, k, v[, out=out]) on CUDA tensors, the common call. Its
+        checks (_torch_args) depend on the tensors' layouts alone: dtype,
+        device, shape and strides. So the C tensors built for a layout are
+        kept, and a later call with that layout only sets their data
+        pointers; that saves several µs of host time per call
+        (bench/host_overhead.py). The runtime checks each call's
+        alignment itself. One set per thread: a call fills them in just
+        before its runtime call."""
+        import torch
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        try:
+            key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype,
+                   k.device, v.shape, v.stride(), v.dtype, v.device, out.shape, out.stride(),
+                   out.dtype, out.device, threading.get_ident())
+        except (AttributeError, TypeError):  # not tensors: _torch_args says what is wrong
+            key = None
+        plan = self._plans.get(key) if key is not None else None
+        if plan is None:
+            t = self._torch_args(q, k, v, None, False, out)
+            keep = t["keep"]
+            plan = (keep[1], keep[2], keep[3], keep[5], t["ptrs"], q.device.index, keep)
+            if key is not None:
+                if len(self._plans) >= 64:
+                    self._plans.clear()
+                self._plans[key] = plan
+        else:
+            plan[0].data = q.data_ptr()
+            plan[1].data = k.data_ptr()
+            plan[2].data = v.data_ptr()
+            plan[3].data = out.data_ptr()
+        self._launch(plan[5], plan[4])
+        return out
 
     def _launch(self, device, ptrs, bias=None, ids=None):
         """Queues the package's kernels on the current stream of CUDA device
@@ -528,7 +583,7 @@ class Package:
         handle = self._handle_on(device)
         stream = _raw_stream(device)
         # (a device switch costs several µs: only where it is needed)
-        current = torch.cuda.current_device() == device
+        current = _current_device() == device
         with contextlib.nullcontext() if current else torch.cuda.device(device):
             rc = lib.attn_package_run_keys(handle, *ptrs[:4], bias, ids, *ptrs[4:], stream)
         if rc != 0:

@@ -649,6 +649,70 @@ def test_a_call_in_another_context_is_refused():
     assert "load the package once per GPU" in message
 
 
+def test_calls_that_reuse_a_layout_read_their_own_tensors():
+    """A package call keeps the C tensors it built for a layout and, on a
+    later call with that layout, sets only their data pointers
+    (Package._call_plain; attn.sparse layers alike). Calls alternating
+    between layouts (contiguous [B, H, L, D], the [B, H, L, D] view of
+    [B, L, H, D] tensors, two lengths) and between tensors each give the
+    bits of the same call made through the uncached path, into a poisoned
+    out; one of them matches the float64 reference. A tensor of a layout
+    seen before at a misaligned address is still refused, and a layer
+    called again on new inputs gives what a fresh layer gives."""
+    from attn import sparse
+    case = next(c for c in gpu_cases.CASES if c["name"] == "strided")
+    pkg = attn.load(os.path.join(PKGS, "strided"))
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    gen = torch.Generator().manual_seed(41)
+
+    def contiguous(L):
+        return [torch.randn(B, h, L, D, generator=gen).to("cuda", dt) for h in (H, Hkv, Hkv)]
+
+    def blhd(L):
+        return [torch.randn(B, L, h, D, generator=gen).to("cuda", dt).transpose(1, 2)
+                for h in (H, Hkv, Hkv)]
+
+    def poisoned(q):
+        return torch.full(q.shape, float("nan"), device="cuda", dtype=dt)
+
+    def uncached(q, k, v):
+        out = poisoned(q)
+        t = pkg._torch_args(q, k, v, None, False, out)
+        pkg._launch(q.device.index, t["ptrs"])
+        return out
+
+    inputs = [contiguous(300), blhd(300), contiguous(300), contiguous(700), blhd(300)]
+    for _ in range(2):
+        for q, k, v in inputs:
+            out = poisoned(q)
+            assert pkg(q, k, v, out=out) is out
+            want = uncached(q, k, v)
+            assert torch.equal(out, want)
+            assert torch.equal(pkg(q, k, v), want)
+    assert len(pkg._plans) >= 3  # the calls above went through kept layouts
+    q, k, v = inputs[1]
+    ref, _ = reference.attention(q, k, v, case["pattern"], None)
+    assert (pkg(q, k, v).double() - ref).abs().max().item() < TOL[case["dtype"]]
+
+    q, k, v = inputs[0]
+    base = torch.zeros(q.numel() + 8, device="cuda", dtype=dt)
+    shifted = base[1:1 + q.numel()].view(q.shape)  # q's layout, 2 bytes off
+    assert shifted.stride() == q.stride() and shifted.data_ptr() % 16
+    with pytest.raises(attn.AttnError, match="16-byte aligned"):
+        pkg(shifted, k, v)
+
+    B, E, Hs, mode, ctx, dtype = gpu_cases.SPARSE[0]
+    layer = sparse.SparseAttention(Hs, mode, ctx, package_dir=PKGS)
+    for seed in (1, 2):
+        x = torch.randn(B, 500, 3 * E, generator=gen).to("cuda", DTYPES[dtype])
+        qkv = x.split(E, dim=-1)
+        got = layer(*qkv)
+        fresh = sparse.SparseAttention(Hs, mode, ctx, package_dir=PKGS)
+        assert torch.equal(got, fresh(*qkv))
+    assert len(layer._calls) == 1
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("name", ["strided", "causal_f16_gqa"])
 def test_one_package_on_two_gpus(name):

@@ -532,46 +532,59 @@ class Package:
                 "keep": (keep, tq, tk, tv, tl, tout, tlse, lengths, tb, ti, key_ids)}
 
     def _call_torch(self, q, k, v, lengths, return_lse, out, key_bias=None, key_ids=None):
-        if lengths is None and not return_lse and key_bias is None and key_ids is None:
-            return self._call_plain(q, k, v, out)
+        if key_bias is None and key_ids is None:
+            return self._call_plain(q, k, v, lengths, return_lse, out)
         t = self._torch_args(q, k, v, lengths, return_lse, out, key_bias, key_ids)
         self._launch(q.device.index, t["ptrs"], t["bias"], t["ids"])
         return (t["out"], t["lse"]) if return_lse else t["out"]
 
-    def _call_plain(self, q, k, v, out):
-        """pkg(q, k, v[, out=out]) on CUDA tensors, the common call. Its
-        checks (_torch_args) depend on the tensors' layouts alone: dtype,
-        device, shape and strides. So the C tensors built for a layout are
-        kept, and a later call with that layout only sets their data
-        pointers; that saves several µs of host time per call
-        (bench/host_overhead.py). The runtime checks each call's
-        alignment itself. One set per thread: a call fills them in just
-        before its runtime call."""
+    def _call_plain(self, q, k, v, lengths, return_lse, out):
+        """pkg(q, k, v[, lengths][, return_lse][, out]) on CUDA tensors, the
+        common calls (no key inputs). Their checks (_torch_args) depend on
+        the tensors' layouts alone: dtype, device, shape and strides. So
+        the C tensors built for a layout are kept, and a later call with
+        that layout only sets their data pointers; that saves several µs of
+        host time per call (bench/host_ab.py). The runtime checks each
+        call's alignment itself. Lengths are kept only where they need no
+        conversion (int32, contiguous, on q's device). One set per thread:
+        a call fills them in just before its runtime call."""
         import torch
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         try:
             key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype,
                    k.device, v.shape, v.stride(), v.dtype, v.device, out.shape, out.stride(),
-                   out.dtype, out.device, threading.get_ident())
+                   out.dtype, out.device, return_lse, threading.get_ident())
+            if lengths is not None:
+                if (lengths.dtype == torch.int32 and lengths.device == q.device
+                        and lengths.is_contiguous()):
+                    key += (lengths.shape,)
+                else:  # _torch_args converts them: a new tensor each call
+                    key = None
         except (AttributeError, TypeError):  # not tensors: _torch_args says what is wrong
             key = None
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
-            t = self._torch_args(q, k, v, None, False, out)
-            keep = t["keep"]
-            plan = (keep[1], keep[2], keep[3], keep[5], t["ptrs"], q.device.index, keep)
+            t = self._torch_args(q, k, v, lengths, return_lse, out)
+            keep = t["keep"]  # [1:7]: the C tensors q, k, v, lengths, out, lse
+            plan = (*keep[1:7], t["ptrs"], q.device.index, keep)
+            lse = t["lse"]
             if key is not None:
                 if len(self._plans) >= 64:
                     self._plans.clear()
                 self._plans[key] = plan
         else:
-            plan[0].data = q.data_ptr()
-            plan[1].data = k.data_ptr()
-            plan[2].data = v.data_ptr()
-            plan[3].data = out.data_ptr()
-        self._launch(plan[5], plan[4])
-        return out
+            tq, tk, tv, tl, tout, tlse = plan[:6]
+            tq.data, tk.data, tv.data = q.data_ptr(), k.data_ptr(), v.data_ptr()
+            tout.data = out.data_ptr()
+            if tl is not None:
+                tl.data = lengths.data_ptr()
+            lse = None
+            if return_lse:
+                lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
+                tlse.data = lse.data_ptr()
+        self._launch(plan[7], plan[6])
+        return (out, lse) if return_lse else out
 
     def _launch(self, device, ptrs, bias=None, ids=None):
         """Queues the package's kernels on the current stream of CUDA device

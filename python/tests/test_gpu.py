@@ -656,7 +656,8 @@ def test_calls_that_reuse_a_layout_read_their_own_tensors():
     between layouts (contiguous [B, H, L, D], the [B, H, L, D] view of
     [B, L, H, D] tensors, two lengths) and between tensors each give the
     bits of the same call made through the uncached path, into a poisoned
-    out; one of them matches the float64 reference. A tensor of a layout
+    out, as do calls with lengths and the LSE; one of them matches the
+    float64 reference. A tensor of a layout
     seen before at a misaligned address is still refused, and a layer
     called again on new inputs gives what a fresh layer gives."""
     from attn import sparse
@@ -694,6 +695,22 @@ def test_calls_that_reuse_a_layout_read_their_own_tensors():
     q, k, v = inputs[1]
     ref, _ = reference.attention(q, k, v, case["pattern"], None)
     assert (pkg(q, k, v).double() - ref).abs().max().item() < TOL[case["dtype"]]
+
+    tok = next(c for c in gpu_cases.CASES if c["name"] == "strided_tokenized")
+    pkg_tok = attn.load(os.path.join(PKGS, "strided_tokenized"))
+    for i in range(6):
+        x = _random_qkv(tok, 200, gen)
+        lengths = _lengths(tok["batch"], 200, gen).cuda()
+        t = pkg_tok._torch_args(*x, lengths, True, poisoned(x[0]))
+        pkg_tok._launch(x[0].device.index, t["ptrs"])
+        if i % 2:
+            assert torch.equal(pkg_tok(*x, lengths=lengths), t["out"])
+        else:
+            out, lse = pkg_tok(*x, lengths=lengths, return_lse=True)
+            assert torch.equal(out, t["out"]) and torch.equal(lse, t["lse"])
+        # lengths the call converts (int64, on the host): not kept, same result
+        assert torch.equal(pkg_tok(*x, lengths=lengths.long().cpu()), t["out"])
+    assert len(pkg_tok._plans) == 2
 
     q, k, v = inputs[0]
     base = torch.zeros(q.numel() + 8, device="cuda", dtype=dt)

@@ -95,16 +95,24 @@ _lib = None
 _layouts = {}
 
 
+def _keep(cache, key, value, limit):
+    """Stores value under key in a cache of at most `limit` entries (emptied
+    when full: the caches below hold what recent calls built, by layout)."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _c_layout(shape, strides=None):
     """The ctypes arrays (shape, strides or None) of a layout: `shape` and
     `strides` tuples (or torch.Size), strides None for C-contiguous."""
     key = (shape, strides)
     arrays = _layouts.get(key)
     if arrays is None:
-        if len(_layouts) >= 256:
-            _layouts.clear()
         int64s = lambda values: (ctypes.c_int64 * len(values))(*values)
-        arrays = _layouts[key] = (int64s(shape), None if strides is None else int64s(strides))
+        arrays = _keep(_layouts, key,
+                       (int64s(shape), None if strides is None else int64s(strides)), 256)
     return arrays
 
 
@@ -566,15 +574,14 @@ class Package:
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
             t = self._torch_args(q, k, v, lengths, return_lse, out)
-            keep = t["keep"]  # [1:7]: the C tensors q, k, v, lengths, out, lse
-            plan = (*keep[1:7], t["ptrs"], q.device.index, keep)
-            lse = t["lse"]
+            # The C tensors q, k, v, lengths, out, lse; their pointers in the
+            # C API's order; the device; what keeps their arrays alive.
+            plan = (t["keep"][1:7], t["ptrs"], q.device.index, t["keep"])
             if key is not None:
-                if len(self._plans) >= 64:
-                    self._plans.clear()
-                self._plans[key] = plan
+                _keep(self._plans, key, plan, 64)
+            lse = t["lse"]
         else:
-            tq, tk, tv, tl, tout, tlse = plan[:6]
+            tq, tk, tv, tl, tout, tlse = plan[0]
             tq.data, tk.data, tv.data = q.data_ptr(), k.data_ptr(), v.data_ptr()
             tout.data = out.data_ptr()
             if tl is not None:
@@ -583,7 +590,8 @@ class Package:
             if return_lse:
                 lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
                 tlse.data = lse.data_ptr()
-        self._launch(plan[7], plan[6])
+        _, ptrs, device, _ = plan
+        self._launch(device, ptrs)
         return (out, lse) if return_lse else out
 
     def _launch(self, device, ptrs, bias=None, ids=None):

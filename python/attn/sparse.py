@@ -36,8 +36,8 @@ import threading
 
 import numpy as np
 
-from . import (_BF16, _F16, AttnError, _c_layout, _is_torch, _load_or_compile, _Tensor,
-               _torch_compiling)
+from . import (_BF16, _F16, AttnError, _c_layout, _is_torch, _keep, _load_or_compile,
+               _Tensor, _torch_compiling)
 
 __all__ = ["SparseAttention", "attention_impl", "blocksparse_attention_impl", "MODES"]
 
@@ -221,9 +221,7 @@ class SparseAttention:
             tq, tk, tv, tout = tensors
             ptrs = [ctypes.byref(tq), ctypes.byref(tk), ctypes.byref(tv), None,
                     ctypes.byref(tout), None]
-            if len(self._calls) >= 64:
-                self._calls.clear()
-            call = self._calls[key] = (tensors, ptrs)
+            call = _keep(self._calls, key, (tensors, ptrs), 64)
         else:
             tq, tk, tv, tout = call[0]
             tq.data, tk.data, tv.data = q.data_ptr(), k.data_ptr(), v.data_ptr()

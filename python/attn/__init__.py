@@ -497,8 +497,11 @@ class Package:
         def tensor(name, t, dtype, code, strided=False):
             if not isinstance(t, torch.Tensor):
                 raise AttnError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-            if not t.is_cuda or t.device != device:
-                raise AttnError(f"{name}: on {t.device}, expected {device} (a CUDA device)")
+            if not t.is_cuda:
+                raise AttnError(f"{name}: on {t.device}; package {self.manifest['name']} "
+                                f"targets {self.target} and takes CUDA tensors")
+            if t.device != device:
+                raise AttnError(f"{name}: on {t.device}, expected {device} (q's device)")
             if t.dtype != dtype:
                 raise AttnError(f"{name}: dtype {t.dtype}, the package expects {dtype}")
             if t.is_contiguous():

@@ -649,6 +649,37 @@ def test_a_call_in_another_context_is_refused():
     assert "load the package once per GPU" in message
 
 
+def test_wrong_tensors_are_named_before_and_after_a_kept_layout():
+    """A package call on wrong tensors raises AttnError naming the tensor
+    and what is wrong (a host tensor, another device's, another dtype, not
+    a tensor), both on a fresh package and after a good call of the same
+    shapes has kept its layout: the kept layouts never skip a check."""
+    import numpy as np
+    case = next(c for c in gpu_cases.CASES if c["name"] == "strided")
+    dt = DTYPES[case["dtype"]]
+    q, k, v = _random_qkv(case, 100, torch.Generator().manual_seed(3))
+    for warm in (False, True):
+        pkg = attn.load(os.path.join(PKGS, "strided"))
+        if warm:
+            pkg(q, k, v)
+        with pytest.raises(attn.AttnError, match=r"q: on cpu; package strided targets sm_\w+ "
+                                                 r"and takes CUDA tensors"):
+            pkg(q.cpu(), k, v)
+        with pytest.raises(attn.AttnError, match=r"k: on cpu; package strided"):
+            pkg(q, k.cpu(), v)
+        with pytest.raises(attn.AttnError, match=f"v: dtype torch.float32, the package "
+                                                 f"expects {dt}"):
+            pkg(q, k, v.float())
+        with pytest.raises(attn.AttnError, match=r"k: expected a torch.Tensor, got ndarray"):
+            pkg(q, np.zeros(k.shape, np.float32), v)
+        with pytest.raises(attn.AttnError, match=r"out: dtype torch.float16"):
+            pkg(q, k, v, out=torch.empty(q.shape, device="cuda", dtype=torch.float16))
+        if torch.cuda.device_count() > 1:
+            with pytest.raises(attn.AttnError, match=r"k: on cuda:1, expected cuda:0 "
+                                                     r"\(q's device\)"):
+                pkg(q, k.to("cuda:1"), v)
+
+
 def test_calls_that_reuse_a_layout_read_their_own_tensors():
     """A package call keeps the C tensors it built for a layout and, on a
     later call with that layout, sets only their data pointers

@@ -113,17 +113,21 @@ attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
 /* Ring packages (specs with a "distribution" section). attn_package_ranks
  * returns the number of ranks (0 for other packages).
  * attn_package_run_ranks runs every rank of a cpu ring package in this
- * process, one thread per rank, on the whole sequence: q [B,H,L,D],
- * k/v [B,Hkv,L,D] -> out [B,H,L,D][, lse [B,H,L]]. If bytes_sent is not
+ * process, one thread per rank, on the whole sequence: q [B,H,Lq,D],
+ * k/v [B,Hkv,Lk,D] -> out [B,H,Lq,D][, lse [B,H,Lq]]. If bytes_sent is not
  * NULL it receives, per rank, the bytes that rank sent (K and V). */
 int64_t attn_package_ranks(const attn_package *package);
-/* The global sequence positions of `rank`'s local rows, in order (the
- * package's layout, docs/Ring.md): returns the rows per rank (seq_len /
- * ranks) and, if `positions` is not NULL, writes that many positions to it;
- * -1 (attn_last_error says why) for a package that is not distributed or a
- * rank outside [0, ranks). */
+/* The global query rows of `rank`'s local rows (q, out, lse), in order (the
+ * package's layout, docs/Ring.md): returns the rows per rank (q_len /
+ * ranks) and, if `positions` is not NULL, writes that many row indices to
+ * it; -1 (attn_last_error says why) for a package that is not distributed
+ * or a rank outside [0, ranks). attn_package_rank_key_positions: the same
+ * for its key rows (k, v; kv_len / ranks), which differ from the query rows
+ * only for cross attention (q_len != kv_len). */
 int64_t attn_package_rank_positions(const attn_package *package, int64_t rank,
                                     int64_t *positions);
+int64_t attn_package_rank_key_positions(const attn_package *package,
+                                        int64_t rank, int64_t *positions);
 attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
                                    const attn_tensor *k, const attn_tensor *v,
                                    const attn_tensor *lengths, attn_tensor *out,

@@ -1,7 +1,9 @@
 //===- RingPlan.cpp - compile-time schedules for ring attention -----------===//
 //
 // For contiguous and zigzag layouts every rank holds one or two contiguous
-// pieces of the sequence, and a component restricted to a query piece
+// pieces of the query rows and as many of the keys (the same layout over Lq
+// and over Lk rows; query row i sits at key position i + Lk - Lq), and a
+// component restricted to a query piece
 // [qs, qe) and a key piece [ks, ke) is still a set of groups (segment s,
 // residue c) with positions base + period * t. In a group, the rows of the
 // piece are t in [tq0, tq1), the keys t in [tk0, tk1), and a key t_k is
@@ -215,30 +217,28 @@ bool RowSet::operator==(const RowSet &o) const {
   return true;
 }
 
-int64_t mlir::attn::ringGlobalRow(const std::string &layout, int64_t ranks,
-                                  int64_t chunk, int64_t rank, int64_t row) {
-  if (layout == "striped")
-    return rank + ranks * row;
-  for (const RingPiece &piece : piecesOf(layout, ranks, chunk, rank))
-    if (row >= piece.offset && row < piece.offset + piece.rows)
-      return piece.origin + row - piece.offset;
-  return -1;
-}
-
 std::optional<RingPlan>
 mlir::attn::planRing(const std::vector<ComponentAttr> &components,
-                     int64_t heads, int64_t kvHeads, int64_t seqLen,
-                     int64_t ranks, const std::string &layout,
+                     int64_t heads, int64_t kvHeads, int64_t qLen,
+                     int64_t kvLen, int64_t ranks, const std::string &layout,
                      const std::string &kv, std::string &error) {
   const int64_t parts = layout == "zigzag" ? 2 * ranks : ranks;
-  if (seqLen <= 0 || seqLen % parts != 0) {
-    error = "the sequence length " + std::to_string(seqLen) +
-            " must be a positive multiple of " + std::to_string(parts) +
-            (layout == "zigzag" ? " (2 x ranks chunks for the zigzag layout)"
-                                : " (ranks)");
-    return std::nullopt;
-  }
+  const std::string partsWhy =
+      layout == "zigzag" ? " (2 x ranks chunks for the zigzag layout)"
+                         : " (ranks)";
+  const bool cross = qLen != kvLen;
+  for (auto [name, len] : {std::pair<const char *, int64_t>{"query", qLen},
+                           {"key", kvLen}})
+    if (len <= 0 || len % parts != 0) {
+      error = std::string("the ") + (cross ? name : "sequence") + " length " +
+              std::to_string(len) +
+              " must be a positive multiple of " + std::to_string(parts) +
+              partsWhy;
+      return std::nullopt;
+    }
   const bool striped = layout == "striped";
+  // Query row i sits at key position i + shift (bottom-right alignment).
+  const int64_t shift = kvLen - qLen;
   if (striped) {
     for (ComponentAttr c : components) {
       std::string why = stripedUnsupported(c, ranks);
@@ -253,8 +253,10 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
 
   RingPlan plan;
   plan.ranks = ranks;
-  plan.seqLen = seqLen;
-  plan.chunk = seqLen / ranks;
+  plan.qLen = qLen;
+  plan.kvLen = kvLen;
+  plan.qChunk = qLen / ranks;
+  plan.kvChunk = kvLen / ranks;
   plan.kvHeads = kvHeads;
   plan.layout = layout;
   plan.kv = kv;
@@ -282,16 +284,22 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
   std::vector<std::vector<std::vector<RingUpdate>>> updates(
       ranks, std::vector<std::vector<RingUpdate>>(ranks));
   for (int64_t rq = 0; rq < ranks; ++rq) {
-    std::vector<RingPiece> qPieces = piecesOf(layout, ranks, plan.chunk, rq);
+    std::vector<RingPiece> qPieces = piecesOf(layout, ranks, plan.qChunk, rq);
     for (int64_t rk = 0; rk < ranks; ++rk) {
-      std::vector<RingPiece> kPieces = piecesOf(layout, ranks, plan.chunk, rk);
-      std::vector<RowBitmap> bits(rowSets, RowBitmap(plan.chunk, 0));
+      std::vector<RingPiece> kPieces =
+          piecesOf(layout, ranks, plan.kvChunk, rk);
+      std::vector<RowBitmap> bits(rowSets, RowBitmap(plan.kvChunk, 0));
       if (striped) {
         for (ComponentAttr c : components) {
           ComponentAttr local = stripedLocal(c, ranks, rq, rk);
           if (!local)
             continue;
-          Span rows{0, plan.chunk, 0}, keys{0, plan.chunk, 0};
+          // Local row a of query rank rq is position rq + N * a + shift:
+          // local position a + shift / N (N divides both lengths, so the
+          // shift too).
+          const int64_t qOrigin = shift / ranks;
+          Span rows{qOrigin, qOrigin + plan.qChunk, 0},
+              keys{0, plan.kvChunk, 0};
           bool any = false;
           for (int64_t h = 0; h < heads; ++h) {
             RowBitmap *set = &bits[perHead ? h / group : 0];
@@ -300,15 +308,16 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
               break;
           }
           if (any)
-            updates[rq][rk].push_back(
-                {kernelIndex(local), 0, 0, 0, 0, rq, rk, ranks});
+            updates[rq][rk].push_back({kernelIndex(local), 0, 0, qOrigin, 0,
+                                       rq + shift, rk, ranks});
         }
       } else {
         for (size_t ci = 0; ci < components.size(); ++ci) {
           for (size_t qp = 0; qp < qPieces.size(); ++qp) {
             for (size_t kp = 0; kp < kPieces.size(); ++kp) {
               const RingPiece &a = qPieces[qp], &b = kPieces[kp];
-              Span rows{a.origin, a.origin + a.rows, a.offset};
+              const int64_t qAt = a.origin + shift; // the rows' positions
+              Span rows{qAt, qAt + a.rows, a.offset};
               Span keys{b.origin, b.origin + b.rows, b.offset};
               bool any = false;
               for (int64_t h = 0; h < heads; ++h) {
@@ -320,8 +329,8 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
               if (any)
                 updates[rq][rk].push_back(
                     {static_cast<int64_t>(ci), static_cast<int64_t>(qp),
-                     static_cast<int64_t>(kp), a.origin, b.origin, a.origin,
-                     b.origin, 1});
+                     static_cast<int64_t>(kp), qAt, b.origin, qAt, b.origin,
+                     1});
             }
           }
         }
@@ -349,7 +358,8 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
   };
   for (int64_t r = 0; r < ranks; ++r) {
     RankPlan rank;
-    rank.pieces = piecesOf(layout, ranks, plan.chunk, r);
+    rank.qPieces = piecesOf(layout, ranks, plan.qChunk, r);
+    rank.kvPieces = piecesOf(layout, ranks, plan.kvChunk, r);
     for (int64_t s = 0; s < ranks; ++s) {
       int64_t dst = (r + s) % ranks, src = (r - s + ranks) % ranks;
       RingStep step;

@@ -185,13 +185,16 @@ int64_t attn_package_ranks(const attn_package *package) {
   return package && package->impl->ring() ? package->impl->ring()->ranks : 0;
 }
 
-int64_t attn_package_rank_positions(const attn_package *package, int64_t rank,
-                                    int64_t *positions) {
+namespace {
+/// attn_package_rank_positions (keys = false) and
+/// attn_package_rank_key_positions (keys = true).
+int64_t rankRows(const char *fn, const attn_package *package, int64_t rank,
+                 int64_t *positions, bool keys) {
   const attn::runtime::RingProgram *ring =
       package ? package->impl->ring() : nullptr;
   if (!ring) {
     failWith(ATTN_ERROR_ARGUMENT,
-             "attn_package_rank_positions: " +
+             std::string(fn) + ": " +
                  (package ? "package " + package->impl->name() +
                                 " is not distributed (no \"distribution\" "
                                 "section in its spec)"
@@ -200,15 +203,28 @@ int64_t attn_package_rank_positions(const attn_package *package, int64_t rank,
   }
   if (rank < 0 || rank >= ring->ranks) {
     failWith(ATTN_ERROR_ARGUMENT,
-             "attn_package_rank_positions: rank " + std::to_string(rank) +
+             std::string(fn) + ": rank " + std::to_string(rank) +
                  " is outside [0, " + std::to_string(ring->ranks) + ")");
     return -1;
   }
-  const int64_t rows = ring->chunk;
+  const int64_t rows = keys ? ring->kvChunk : ring->qChunk;
   if (positions)
     for (int64_t row = 0; row < rows; ++row)
-      positions[row] = ring->globalRow(rank, row);
+      positions[row] = ring->globalRow(rank, row, keys);
   return rows;
+}
+} // namespace
+
+int64_t attn_package_rank_positions(const attn_package *package, int64_t rank,
+                                    int64_t *positions) {
+  return rankRows("attn_package_rank_positions", package, rank, positions,
+                  false);
+}
+
+int64_t attn_package_rank_key_positions(const attn_package *package,
+                                        int64_t rank, int64_t *positions) {
+  return rankRows("attn_package_rank_key_positions", package, rank, positions,
+                  true);
 }
 
 attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,

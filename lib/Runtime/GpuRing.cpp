@@ -16,7 +16,7 @@
 // ranks hold two pieces; the kernels address contiguous [B, H, rows, D]
 // tensors, so pieces are copied apart at the start and back at the end
 // (one pass over q, k, v and out). Received rows land in a zero-filled
-// [B, Hkv, C, D] buffer at their local rows (never-sent rows stay finite and
+// [B, Hkv, Ck, D] buffer at their local rows (never-sent rows stay finite and
 // are never attended), then into piece buffers.
 //
 //===----------------------------------------------------------------------===//
@@ -71,10 +71,16 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     }
   }
   const RankSchedule &rs = ring_->schedule[transport.rank()];
+  // C query rows (q, out, lse) and Ck key rows (k, v) on this rank; they
+  // differ for cross attention. Both are split into P pieces alike.
   const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];
-  const int64_t Hkv = k.shape[1], es = 2; // bf16 / f16 storage
-  const size_t P = rs.pieces.size();
-  const int64_t rowsP = rs.pieces[0].rows;
+  const int64_t Hkv = k.shape[1], Ck = k.shape[2], es = 2; // bf16 / f16
+  const size_t P = rs.qPieces.size();
+  if (rs.kvPieces.size() != P) {
+    error = "the ring schedule splits queries and keys into different pieces";
+    return false;
+  }
+  const int64_t rowsP = rs.qPieces[0].rows, kRowsP = rs.kvPieces[0].rows;
   const bool split = P > 1;
   const bool gatherFirst = ring_->kv == "allgather";
   const size_t steps = rs.steps.size();
@@ -107,9 +113,9 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
 
   // Device scratch layout.
   const size_t qPiece = size_t(B * H * rowsP * D * es);
-  const size_t kPiece = size_t(B * Hkv * rowsP * D * es);
+  const size_t kPiece = size_t(B * Hkv * kRowsP * D * es);
   const size_t rowsF32 = size_t(B * H * rowsP * 4);
-  const size_t kChunk = size_t(B * Hkv * C * D * es);
+  const size_t kChunk = size_t(B * Hkv * Ck * D * es);
   Arena arena;
   std::vector<size_t> qP(P), kP(P), vP(P), oP(P), lP(P), acc(P), mx(P),
       sm(P);
@@ -189,25 +195,27 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     c.Height = height;
     crc = d.cuMemcpy2DAsync(&c, st);
   };
-  // Rows [offset, offset + rows) of every [.., C, D] slab <-> a piece buffer.
-  auto pieceCopy = [&](CUdeviceptr chunk, CUdeviceptr piece, int64_t slabs,
-                       const RingPiece &p, bool toPiece, CUstream st) {
+  // Rows [offset, offset + rows) of every [.., rows, D] slab <-> a piece
+  // buffer.
+  auto pieceCopy = [&](CUdeviceptr chunk, int64_t rows, CUdeviceptr piece,
+                       int64_t slabs, const RingPiece &p, bool toPiece,
+                       CUstream st) {
     size_t rowBytes = size_t(D * es);
     if (toPiece)
-      copy2d(chunk + p.offset * rowBytes, C * rowBytes, piece, p.rows * rowBytes,
-             p.rows * rowBytes, slabs, st);
+      copy2d(chunk + p.offset * rowBytes, rows * rowBytes, piece,
+             p.rows * rowBytes, p.rows * rowBytes, slabs, st);
     else
       copy2d(piece, p.rows * rowBytes, chunk + p.offset * rowBytes,
-             C * rowBytes, p.rows * rowBytes, slabs, st);
+             rows * rowBytes, p.rows * rowBytes, slabs, st);
   };
-  // Rows of `sets` of [B, Hkv, C, D] `chunk` <-> packed, (b, g)-major.
+  // Rows of `sets` of [B, Hkv, Ck, D] `chunk` <-> packed, (b, g)-major.
   auto packRows = [&](const std::vector<RowSet> &sets, CUdeviceptr chunk,
                       CUdeviceptr packed, bool toPacked, CUstream st) {
     size_t rowBytes = size_t(D * es), n = 0;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t gI = 0; gI < Hkv; ++gI) {
         const RowSet &set = sets.size() == 1 ? sets[0] : sets[gI];
-        CUdeviceptr slab = chunk + size_t((b * Hkv + gI) * C) * rowBytes;
+        CUdeviceptr slab = chunk + size_t((b * Hkv + gI) * Ck) * rowBytes;
         for (const RowRun &r : set) {
           size_t width = r.len * rowBytes;
           size_t pitch = (r.count > 1 ? r.pitch : r.len) * rowBytes;
@@ -228,9 +236,11 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   d.cuEventRecord(inputsReady, stream);
   d.cuStreamWaitEvent(cs, inputsReady, 0);
   for (size_t p = 0; p < P && split; ++p) {
-    pieceCopy(dev(q.data), at(qP[p]), B * H, rs.pieces[p], true, stream);
-    pieceCopy(dev(k.data), at(kP[p]), B * Hkv, rs.pieces[p], true, stream);
-    pieceCopy(dev(v.data), at(vP[p]), B * Hkv, rs.pieces[p], true, stream);
+    pieceCopy(dev(q.data), C, at(qP[p]), B * H, rs.qPieces[p], true, stream);
+    pieceCopy(dev(k.data), Ck, at(kP[p]), B * Hkv, rs.kvPieces[p], true,
+              stream);
+    pieceCopy(dev(v.data), Ck, at(vP[p]), B * Hkv, rs.kvPieces[p], true,
+              stream);
   }
   KernelArgs base0;
   base0.B = B;
@@ -276,10 +286,10 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
       size_t half = packRows(s.recvRows, at(rK[slot]), at(recvAt), false, cs);
       packRows(s.recvRows, at(rV[slot]), at(recvAt) + half, false, cs);
       for (size_t p = 0; p < P && split; ++p) {
-        pieceCopy(at(rK[slot]), at(rKP[slot][p]), B * Hkv, rs.pieces[p], true,
-                  cs);
-        pieceCopy(at(rV[slot]), at(rVP[slot][p]), B * Hkv, rs.pieces[p], true,
-                  cs);
+        pieceCopy(at(rK[slot]), Ck, at(rKP[slot][p]), B * Hkv,
+                  rs.kvPieces[p], true, cs);
+        pieceCopy(at(rV[slot]), Ck, at(rVP[slot][p]), B * Hkv,
+                  rs.kvPieces[p], true, cs);
       }
     }
     exchanged[i] = event();
@@ -317,8 +327,8 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
       a.acc = at(acc[qp]);
       a.max = at(mx[qp]);
       a.sum = at(sm[qp]);
-      a.Lq = rs.pieces[qp].rows;
-      a.Lk = rs.pieces[kp].rows;
+      a.Lq = rs.qPieces[qp].rows;
+      a.Lk = rs.kvPieces[kp].rows;
       a.qOrigin = u.qOrigin;
       a.kOrigin = u.kOrigin;
       // Lengths and filters see global positions (RingUpdate).
@@ -367,9 +377,10 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     if (!launchKernel(g, *fin, a, stream, error))
       return false;
     if (split) {
-      pieceCopy(dev(out.data), at(oP[p]), B * H, rs.pieces[p], false, stream);
+      pieceCopy(dev(out.data), C, at(oP[p]), B * H, rs.qPieces[p], false,
+                stream);
       if (lse) {
-        const RingPiece &pc = rs.pieces[p];
+        const RingPiece &pc = rs.qPieces[p];
         copy2d(at(lP[p]), pc.rows * 4, dev(lse->data) + pc.offset * 4, C * 4,
                pc.rows * 4, B * H, stream);
       }

@@ -363,7 +363,7 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   if (lengths && !isGpu()) {
     // A ring package's lengths are positions in the whole sequence.
-    const int64_t kLen = ring_ ? ring_->seqLen : keyCount;
+    const int64_t kLen = ring_ ? ring_->kvLen : keyCount;
     const int32_t *len = static_cast<const int32_t *>(lengths->data);
     for (int64_t b = 0; b < lengths->shape[0]; ++b)
       if (len[b] < 0 || len[b] > kLen) {

@@ -116,10 +116,11 @@ int64_t attn::runtime::packedRowCount(const std::vector<RowSet> &sets,
   return sets.size() == 1 ? rows * kvHeads : rows;
 }
 
-int64_t RingProgram::globalRow(int64_t rank, int64_t row) const {
+int64_t RingProgram::globalRow(int64_t rank, int64_t row, bool keys) const {
   if (layout == "striped")
     return rank + ranks * row;
-  for (const RingPiece &p : schedule.at(rank).pieces)
+  const RankSchedule &rs = schedule.at(rank);
+  for (const RingPiece &p : keys ? rs.kvPieces : rs.qPieces)
     if (row >= p.offset && row < p.offset + p.rows)
       return p.origin + row - p.offset;
   return -1;
@@ -221,17 +222,28 @@ bool Package::loadRing(const void *manifest, std::string &error) {
   const json &r = m.at("ring");
   auto ring = std::make_unique<RingProgram>();
   ring->ranks = r.at("ranks").get<int64_t>();
-  ring->seqLen = r.at("seq_len").get<int64_t>();
-  ring->chunk = r.at("chunk").get<int64_t>();
+  if (!r.contains("q_len"))
+    throw std::runtime_error("the ring section has no q_len (a package from "
+                             "an older attn-compile: compile it again)");
+  ring->qLen = r.at("q_len").get<int64_t>();
+  ring->kvLen = r.at("kv_len").get<int64_t>();
+  ring->qChunk = r.at("q_chunk").get<int64_t>();
+  ring->kvChunk = r.at("kv_chunk").get<int64_t>();
   ring->kvHeads = r.at("kv_heads").get<int64_t>();
   ring->layout = r.at("layout").get<std::string>();
   ring->kv = r.at("kv").get<std::string>();
   for (const json &rank : r.at("schedule")) {
     RankSchedule rs;
     rs.rowsSent = rank.at("rows_sent").get<int64_t>();
-    for (const json &p : rank.at("pieces"))
-      rs.pieces.push_back({p.at(0).get<int64_t>(), p.at(1).get<int64_t>(),
-                           p.at(2).get<int64_t>()});
+    auto pieces = [](const json &list) {
+      std::vector<RingPiece> out;
+      for (const json &p : list)
+        out.push_back({p.at(0).get<int64_t>(), p.at(1).get<int64_t>(),
+                       p.at(2).get<int64_t>()});
+      return out;
+    };
+    rs.qPieces = pieces(rank.at("q_pieces"));
+    rs.kvPieces = pieces(rank.at("kv_pieces"));
     for (const json &s : rank.at("steps")) {
       RingStep step;
       step.step = s.at("step").get<int64_t>();
@@ -308,8 +320,9 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
                       stream);
 
   const double start = now();
+  // C query rows (q, out, lse) and Ck key rows (k, v) on this rank.
   const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];
-  const int64_t Hkv = k.shape[1];
+  const int64_t Hkv = k.shape[1], Ck = k.shape[2];
   std::vector<float> acc(B * H * C * D), max(B * H * C), sum(B * H * C);
   std::vector<float> lseScratch;
   void *lseData = lse ? lse->data : nullptr;
@@ -317,7 +330,7 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
     lseScratch.resize(B * H * C);
     lseData = lseScratch.data();
   }
-  const std::vector<int64_t> qShape{B, H, C, D}, kShape{B, Hkv, C, D},
+  const std::vector<int64_t> qShape{B, H, C, D}, kShape{B, Hkv, Ck, D},
       rowShape{B, H, C};
   using P = void *;
   {
@@ -358,9 +371,9 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
     sendBuf.resize(2 * sendFloats);
     recvBuf.resize(2 * recvFloats);
     if (step.sendTo >= 0) {
-      copyRows(step.sendRows, keys, B, Hkv, C, D, sendBuf.data(), true);
-      copyRows(step.sendRows, values, B, Hkv, C, D, sendBuf.data() + sendFloats,
-               true);
+      copyRows(step.sendRows, keys, B, Hkv, Ck, D, sendBuf.data(), true);
+      copyRows(step.sendRows, values, B, Hkv, Ck, D,
+               sendBuf.data() + sendFloats, true);
     }
     if (!transport.exchange(step.step, step.sendTo, sendBuf.data(),
                             sendBuf.size() * sizeof(float), step.recvFrom,
@@ -371,12 +384,12 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
     if (step.recvFrom < 0 || step.step == 0)
       return true;
     if (kBuf[slot].empty()) {
-      kBuf[slot].assign(B * Hkv * C * D, 0.0f);
-      vBuf[slot].assign(B * Hkv * C * D, 0.0f);
+      kBuf[slot].assign(B * Hkv * Ck * D, 0.0f);
+      vBuf[slot].assign(B * Hkv * Ck * D, 0.0f);
     }
-    copyRows(step.recvRows, kBuf[slot].data(), B, Hkv, C, D, recvBuf.data(),
+    copyRows(step.recvRows, kBuf[slot].data(), B, Hkv, Ck, D, recvBuf.data(),
              false);
-    copyRows(step.recvRows, vBuf[slot].data(), B, Hkv, C, D,
+    copyRows(step.recvRows, vBuf[slot].data(), B, Hkv, Ck, D,
              recvBuf.data() + recvFloats, false);
     keys = kBuf[slot].data();
     values = vBuf[slot].data();
@@ -387,12 +400,12 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
   auto update = [&](size_t i, float *keys, float *values) {
     for (const RingUpdate &u : rs.steps[i].updates) {
       if (u.kernel < 0 || u.kernel >= int64_t(ringKernels_.size()) ||
-          u.qPiece >= int64_t(rs.pieces.size()) ||
-          u.kPiece >= int64_t(rs.pieces.size())) {
+          u.qPiece >= int64_t(rs.qPieces.size()) ||
+          u.kPiece >= int64_t(rs.kvPieces.size())) {
         error = "the ring schedule names a missing kernel or piece";
         return false;
       }
-      const RingPiece &qp = rs.pieces[u.qPiece], &kp = rs.pieces[u.kPiece];
+      const RingPiece &qp = rs.qPieces[u.qPiece], &kp = rs.kvPieces[u.kPiece];
       Descriptor dq(q.data, qShape, 2, qp.offset, qp.rows),
           dk(keys, kShape, 2, kp.offset, kp.rows),
           dv(values, kShape, 2, kp.offset, kp.rows),
@@ -464,13 +477,14 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
 
 namespace {
 /// Copies rows between a global [.., L, inner] tensor and rank `rank`'s local
-/// [.., C, inner] one.
-void moveRows(const RingProgram &ring, int64_t rank, int64_t outer,
+/// [.., C, inner] one: query rows (L = Lq), or key rows with `keys`.
+void moveRows(const RingProgram &ring, int64_t rank, bool keys, int64_t outer,
               int64_t inner, float *global, float *local, bool toLocal) {
-  const int64_t L = ring.seqLen, C = ring.chunk;
+  const int64_t L = keys ? ring.kvLen : ring.qLen,
+                C = keys ? ring.kvChunk : ring.qChunk;
   for (int64_t o = 0; o < outer; ++o)
     for (int64_t row = 0; row < C; ++row) {
-      float *g = global + (o * L + ring.globalRow(rank, row)) * inner;
+      float *g = global + (o * L + ring.globalRow(rank, row, keys)) * inner;
       float *l = local + (o * C + row) * inner;
       if (toLocal)
         std::memcpy(l, g, inner * sizeof(float));
@@ -491,12 +505,18 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
     error = "package " + pkg.name() + " is not a ring package";
     return false;
   }
-  const int64_t N = ring->ranks, L = ring->seqLen, C = ring->chunk;
+  const int64_t N = ring->ranks, C = ring->qChunk, Ck = ring->kvChunk;
   for (const Tensor *t : {&q, &k, &v, static_cast<const Tensor *>(&out)}) {
     const std::string name = t == &q ? "q" : t == &k ? "k" : t == &v ? "v" : "out";
+    const bool keys = t == &k || t == &v;
+    const int64_t L = keys ? ring->kvLen : ring->qLen;
     if (t->shape.size() != 4 || t->shape[2] != L || t->dtype != "f32") {
       error = name + ": expected a float32 [B, H, " + std::to_string(L) +
-              ", D] tensor for the whole sequence";
+              ", D] tensor for the whole sequence" +
+              (ring->qLen != ring->kvLen
+                   ? keys ? " (its " + std::to_string(L) + " key rows)"
+                          : " (its " + std::to_string(L) + " query rows)"
+                   : "");
       return false;
     }
     // The ranks' chunks are cut from contiguous whole-sequence tensors.
@@ -519,13 +539,16 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
   for (int64_t r = 0; r < N; ++r) {
     Local &l = locals[r];
     l.q.resize(B * H * C * D);
-    l.k.resize(B * Hkv * C * D);
-    l.v.resize(B * Hkv * C * D);
+    l.k.resize(B * Hkv * Ck * D);
+    l.v.resize(B * Hkv * Ck * D);
     l.out.assign(B * H * C * D, std::nanf(""));
     l.lse.assign(B * H * C, std::nanf(""));
-    moveRows(*ring, r, B * H, D, static_cast<float *>(q.data), l.q.data(), true);
-    moveRows(*ring, r, B * Hkv, D, static_cast<float *>(k.data), l.k.data(), true);
-    moveRows(*ring, r, B * Hkv, D, static_cast<float *>(v.data), l.v.data(), true);
+    moveRows(*ring, r, false, B * H, D, static_cast<float *>(q.data),
+             l.q.data(), true);
+    moveRows(*ring, r, true, B * Hkv, D, static_cast<float *>(k.data),
+             l.k.data(), true);
+    moveRows(*ring, r, true, B * Hkv, D, static_cast<float *>(v.data),
+             l.v.data(), true);
   }
   InProcessHub hub(N);
   std::vector<std::string> errors(N);
@@ -537,8 +560,8 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
       std::unique_ptr<Transport> t = hub.transport(int(r));
       Local &l = locals[r];
       Tensor lq{l.q.data(), {B, H, C, D}, "f32"};
-      Tensor lk{l.k.data(), {B, Hkv, C, D}, "f32"};
-      Tensor lv{l.v.data(), {B, Hkv, C, D}, "f32"};
+      Tensor lk{l.k.data(), {B, Hkv, Ck, D}, "f32"};
+      Tensor lv{l.v.data(), {B, Hkv, Ck, D}, "f32"};
       Tensor lo{l.out.data(), {B, H, C, D}, "f32"};
       Tensor ll{l.lse.data(), {B, H, C}, "f32"};
       ok[r] = pkg.runRank(*t, lq, lk, lv, lengths, lo,
@@ -557,10 +580,10 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
         return false;
       }
   for (int64_t r = 0; r < N; ++r) {
-    moveRows(*ring, r, B * H, D, static_cast<float *>(out.data),
+    moveRows(*ring, r, false, B * H, D, static_cast<float *>(out.data),
              locals[r].out.data(), false);
     if (lse)
-      moveRows(*ring, r, B * H, 1, static_cast<float *>(lse->data),
+      moveRows(*ring, r, false, B * H, 1, static_cast<float *>(lse->data),
                locals[r].lse.data(), false);
   }
   return true;

@@ -259,10 +259,13 @@ nlohmann::json mlir::attn::manifestRingPlan(const RingPlan &plan) {
   };
   nlohmann::json ranks = nlohmann::json::array();
   for (const RankPlan &rp : plan.rankPlans) {
-    nlohmann::json pieces = nlohmann::json::array(),
-                   steps = nlohmann::json::array();
-    for (const RingPiece &p : rp.pieces)
-      pieces.push_back({p.offset, p.rows, p.origin});
+    auto piecesJson = [](const std::vector<RingPiece> &pieces) {
+      nlohmann::json out = nlohmann::json::array();
+      for (const RingPiece &p : pieces)
+        out.push_back({p.offset, p.rows, p.origin});
+      return out;
+    };
+    nlohmann::json steps = nlohmann::json::array();
     for (const RingStep &s : rp.steps) {
       nlohmann::json updates = nlohmann::json::array();
       for (const RingUpdate &u : s.updates)
@@ -275,20 +278,42 @@ nlohmann::json mlir::attn::manifestRingPlan(const RingPlan &plan) {
                        {"recv_rows", rowSets(s.recvRows)},
                        {"updates", updates}});
     }
-    ranks.push_back(
-        {{"pieces", pieces}, {"rows_sent", rp.rowsSent}, {"steps", steps}});
+    ranks.push_back({{"q_pieces", piecesJson(rp.qPieces)},
+                     {"kv_pieces", piecesJson(rp.kvPieces)},
+                     {"rows_sent", rp.rowsSent},
+                     {"steps", steps}});
   }
-  return {{"ranks", plan.ranks},   {"layout", plan.layout},
-          {"kv", plan.kv},         {"seq_len", plan.seqLen},
-          {"chunk", plan.chunk},   {"kv_heads", plan.kvHeads},
+  return {{"ranks", plan.ranks},       {"layout", plan.layout},
+          {"kv", plan.kv},             {"q_len", plan.qLen},
+          {"kv_len", plan.kvLen},      {"q_chunk", plan.qChunk},
+          {"kv_chunk", plan.kvChunk},  {"kv_heads", plan.kvHeads},
           {"schedule", ranks}};
+}
+
+void mlir::attn::setRingArgRows(nlohmann::json &args, const RingPlan &plan) {
+  for (nlohmann::json &arg : args) {
+    if (arg["name"] == "lengths")
+      continue;
+    bool keyRows = arg["name"] == "k" || arg["name"] == "v";
+    arg["shape"][2] = keyRows ? plan.kvChunk : plan.qChunk;
+  }
 }
 
 std::optional<RingPlan> mlir::attn::planRingForSpec(const Spec &spec,
                                                     std::string &error) {
-  if (!spec.qLen || !spec.kvLen || *spec.qLen != *spec.kvLen) {
-    error = "distribution: ring attention needs a fixed seq_len (equal query "
-            "and key lengths)";
+  if (!spec.qLen || !spec.kvLen) {
+    error = "distribution: ring attention needs fixed lengths (seq_len, or "
+            "q_len and kv_len)";
+    return std::nullopt;
+  }
+  // The kernels locate rows by position (row index + kv_len - q_len), and
+  // lengths count row indices: under a ring the two agree only when the
+  // lengths are equal.
+  if (*spec.qLen != *spec.kvLen &&
+      cast<PatternAttrInterface>(spec.pattern).usesLengths()) {
+    error = "distribution: tokenized lengths need equal query and key "
+            "lengths under a ring, got q_len " + std::to_string(*spec.qLen) +
+            " and kv_len " + std::to_string(*spec.kvLen);
     return std::nullopt;
   }
   std::vector<ComponentAttr> components;
@@ -296,7 +321,7 @@ std::optional<RingPlan> mlir::attn::planRingForSpec(const Spec &spec,
     components.push_back(c);
   std::optional<RingPlan> plan =
       planRing(components, spec.heads, spec.kvHeads, *spec.qLen,
-               spec.distribution.ranks, spec.distribution.layout,
+               *spec.kvLen, spec.distribution.ranks, spec.distribution.layout,
                spec.distribution.kv, error);
   if (!plan)
     error = "distribution: " + error;
@@ -404,9 +429,7 @@ LogicalResult mlir::attn::compileCpuRingPackage(const Spec &spec,
   OwningOpRef<ModuleOp> whole = buildAttentionModule(spec, ctx);
   FunctionType type = (*whole->getOps<func::FuncOp>().begin()).getFunctionType();
   nlohmann::json args = manifestArgs(type);
-  for (nlohmann::json &arg : args)
-    if (arg["name"] != "lengths")
-      arg["shape"][2] = plan->chunk;
+  setRingArgRows(args, *plan);
 
   nlohmann::json manifest = {
       {"format", "attn-package"},

@@ -392,6 +392,11 @@ LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
   std::optional<RingPlan> plan = planRingForSpec(spec, error);
   if (!plan)
     return failure();
+  if (plan->qLen != plan->kvLen) {
+    error = "distribution: GPU ring packages need q_len == kv_len for now "
+            "(cross attention over a ring runs on the cpu target)";
+    return failure();
+  }
   // The kernels run on pieces of any length: dynamic rows, and exactly the
   // plan's kernels as update kernels with the state in global memory.
   Spec local = spec;
@@ -441,9 +446,7 @@ LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
     return failure();
   }
   nlohmann::json manifest = nlohmann::json::parse((*text)->getBuffer().str());
-  for (nlohmann::json &arg : manifest["args"])
-    if (arg["name"] != "lengths")
-      arg["shape"][2] = plan->chunk;
+  setRingArgRows(manifest["args"], *plan);
   manifest["spec"] = nlohmann::json::parse(spec.json);
   manifest["ring"] = manifestRingPlan(*plan);
   return writeFile(manifestPath, manifest.dump(2) + "\n", error);

@@ -170,9 +170,9 @@ def _runtime():
                                                + [ctypes.c_void_p])
         lib.attn_package_ranks.argtypes = [ctypes.c_void_p]
         lib.attn_package_ranks.restype = ctypes.c_int64
-        lib.attn_package_rank_positions.argtypes = [ctypes.c_void_p, ctypes.c_int64,
-                                                    ctypes.POINTER(ctypes.c_int64)]
-        lib.attn_package_rank_positions.restype = ctypes.c_int64
+        for fn in (lib.attn_package_rank_positions, lib.attn_package_rank_key_positions):
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
+            fn.restype = ctypes.c_int64
         lib.attn_package_run_ranks.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
                                                + [ctypes.POINTER(ctypes.c_int64)])
         lib.attn_nccl_unique_id.argtypes = [ctypes.c_char_p]
@@ -363,7 +363,7 @@ class Package:
     def run_ranks(self, q, k, v, lengths=None, return_lse=False):
         """Runs every rank of a ring package in this process (threads for
         ranks, the in-process transport) on the whole sequence: float32 q
-        [B,H,L,D], k, v [B,Hkv,L,D]. Rows are split across ranks by the
+        [B,H,Lq,D], k, v [B,Hkv,Lk,D]. Rows are split across ranks by the
         package's layout and the outputs gathered back. Afterwards
         `bytes_sent` lists the bytes each rank sent (K and V)."""
         if self.ranks == 0:
@@ -378,30 +378,45 @@ class Package:
         self.bytes_sent = list(sent)
         return (t["out"], t["lse"]) if return_lse else t["out"]
 
-    def rank_positions(self, rank=None):
-        """The global sequence positions of a ring package's rank, in the
-        order of its local rows (the package's layout, docs/Ring.md), as an
-        int64 NumPy array of seq_len / ranks values. `rank` defaults to the
-        rank this process joined as."""
+    def rank_positions(self, rank=None, keys=False):
+        """The global rows of a ring package's rank, in the order of its
+        local rows (the package's layout, docs/Ring.md), as an int64 NumPy
+        array of q_len / ranks query rows, or with keys=True of kv_len /
+        ranks key rows (they differ only for cross attention). `rank`
+        defaults to the rank this process joined as."""
         rank = self._rank_or_joined(rank)
         lib = _runtime()
-        n = lib.attn_package_rank_positions(self._handle, rank, None)
+        fn = lib.attn_package_rank_key_positions if keys else lib.attn_package_rank_positions
+        n = fn(self._handle, rank, None)
         if n < 0:
             raise AttnError(lib.attn_last_error().decode())
         positions = np.empty(n, dtype=np.int64)
-        lib.attn_package_rank_positions(
-            self._handle, rank, positions.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
+        fn(self._handle, rank, positions.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
         return positions
 
+    def _rows_of(self, what, length, lengths):
+        """Whether an array with `length` rows along dim 2 holds key rows:
+        `lengths` maps True (keys) and False (queries) to the row counts
+        expected; query rows win when both match (they are split alike)."""
+        if length == lengths[False]:
+            return False
+        if length == lengths[True]:
+            return True
+        want = (f"{lengths[False]}" if lengths[False] == lengths[True] else
+                f"{lengths[False]} (query rows) or {lengths[True]} (key rows)")
+        raise AttnError(f"{what}: expected dim 2 of length {want}, got {length}")
+
     def shard(self, x, rank=None):
-        """A rank's chunk of a whole-sequence array [B, H, seq_len, ...]
-        (NumPy, or a PyTorch tensor on any device): its rows
-        rank_positions(rank) along dim 2, contiguous, ready for run_rank."""
-        positions = self.rank_positions(rank)
-        seq_len = self.manifest["ring"]["seq_len"]
-        if x.ndim < 3 or x.shape[2] != seq_len:
-            raise AttnError(f"shard: expected dim 2 of length {seq_len} (the package's "
-                            f"seq_len), got shape {tuple(x.shape)}")
+        """A rank's chunk of a whole-sequence array [B, H, L, ...] (NumPy, or
+        a PyTorch tensor on any device): its rows rank_positions(rank) along
+        dim 2, contiguous, ready for run_rank. L is q_len for q, kv_len for
+        k and v (cross attention: told apart by their length)."""
+        self._require_ring()
+        ring = self.manifest["ring"]
+        if x.ndim < 3:
+            raise AttnError(f"shard: expected an array [B, H, L, ...], got shape {tuple(x.shape)}")
+        keys = self._rows_of("shard", x.shape[2], {False: ring["q_len"], True: ring["kv_len"]})
+        positions = self.rank_positions(rank, keys=keys)
         if _is_torch(x):
             import torch
             return x.index_select(2, torch.as_tensor(positions, device=x.device)).contiguous()
@@ -415,19 +430,24 @@ class Package:
         if len(chunks) != self.ranks:
             raise AttnError(f"unshard: expected {self.ranks} chunks (one per rank), "
                             f"got {len(chunks)}")
+        ring = self.manifest["ring"]
         first = chunks[0]
+        if first.ndim < 3:
+            raise AttnError(f"unshard: expected chunks [B, H, C, ...], got shape {tuple(first.shape)}")
+        keys = self._rows_of("unshard", first.shape[2],
+                             {False: ring["q_chunk"], True: ring["kv_chunk"]})
         shape = list(first.shape)
-        shape[2] = self.manifest["ring"]["seq_len"]
+        shape[2] = ring["kv_len"] if keys else ring["q_len"]
         if _is_torch(first):
             import torch
             whole = first.new_empty(shape)
             for rank, chunk in enumerate(chunks):
-                index = torch.as_tensor(self.rank_positions(rank), device=chunk.device)
+                index = torch.as_tensor(self.rank_positions(rank, keys=keys), device=chunk.device)
                 whole.index_copy_(2, index, chunk)
             return whole
         whole = np.empty(shape, dtype=np.asarray(first).dtype)
         for rank, chunk in enumerate(chunks):
-            whole[:, :, self.rank_positions(rank)] = chunk
+            whole[:, :, self.rank_positions(rank, keys=keys)] = chunk
         return whole
 
     def _require_ring(self):

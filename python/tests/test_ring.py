@@ -222,3 +222,98 @@ def test_rank_position_errors():
         single("causal").rank_positions(0)
     with pytest.raises(attn.AttnError, match="not distributed"):
         single("causal").unshard([np.zeros((1, 1, 96, 4))])
+
+
+# Cross attention: q_len != kv_len. Query row i sits at key position
+# i + kv_len - q_len (bottom-right); each layout splits the query rows and
+# the key rows alike, into chunks of q_len / N and kv_len / N.
+CROSS_LENGTHS = [(96, 192), (192, 96)]
+
+
+def cross_spec(name, q_len, kv_len, distribution=None):
+    s = spec(name, distribution)
+    del s["seq_len"]
+    s.update(q_len=q_len, kv_len=kv_len)
+    return s
+
+
+def cross_rows(layout, ranks, rank, length):
+    """global_rows for a sequence of `length` rows."""
+    c = length // ranks
+    if layout == "contiguous":
+        return np.arange(rank * c, (rank + 1) * c)
+    if layout == "zigzag":
+        h = c // 2
+        return np.concatenate([np.arange(rank * h, (rank + 1) * h),
+                               np.arange((2 * ranks - 1 - rank) * h, (2 * ranks - rank) * h)])
+    return rank + ranks * np.arange(c)
+
+
+@pytest.mark.parametrize("q_len,kv_len", CROSS_LENGTHS)
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+@pytest.mark.parametrize("name", ["full", "causal", "local_bidir", "strided", "longnet", "union"])
+def test_cross_attention(name, layout, q_len, kv_len):
+    """A ring package with q_len != kv_len equals the single-rank package of
+    the same lengths (NaN-poisoned outputs, fresh inputs), and each rank
+    sends exactly the key rows some query of the receiver attends."""
+    ranks = 4
+    ring = attn.compile(cross_spec(name, q_len, kv_len, {"ranks": ranks, "layout": layout}))
+    assert ring.manifest["ring"]["q_chunk"] == q_len // ranks
+    assert ring.manifest["ring"]["kv_chunk"] == kv_len // ranks
+    rng = np.random.default_rng(zlib.crc32(f"cross{name}{layout}{q_len}".encode()))
+    q = rng.uniform(-1, 1, (B, H, q_len, D)).astype(np.float32)
+    k = rng.uniform(-1, 1, (B, HKV, kv_len, D)).astype(np.float32)
+    v = rng.uniform(-1, 1, (B, HKV, kv_len, D)).astype(np.float32)
+    want_out, want_lse = attn.compile(cross_spec(name, q_len, kv_len))(q, k, v, return_lse=True)
+    out, lse = ring.run_ranks(q, k, v, return_lse=True)
+    assert out.shape == (B, H, q_len, D) and lse.shape == (B, H, q_len)
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    assert np.abs(out - want_out).max() < 1e-5
+    assert np.array_equal(np.isinf(lse), np.isinf(want_lse))
+    finite = np.isfinite(want_lse)
+    assert np.abs(lse[finite] - want_lse[finite]).max() < 1e-5
+    # Bytes: the key rows of each source that other ranks' queries attend.
+    m = multiplicity(PATTERNS[name], H, q_len, kv_len)[0] > 0
+    per_kv = m.reshape(HKV, H // HKV, q_len, kv_len).any(axis=1)
+    want_bytes = []
+    for src in range(ranks):
+        keys = cross_rows(layout, ranks, src, kv_len)
+        rows = sum(per_kv[:, cross_rows(layout, ranks, dst, q_len)][:, :, keys].any(axis=1).sum()
+                   for dst in range(ranks) if dst != src)
+        want_bytes.append(int(rows) * B * D * 4 * 2)
+    assert ring.bytes_sent == want_bytes
+
+
+def test_cross_attention_positions_shard_and_unshard():
+    """Query rows and key rows are split alike over their own lengths:
+    rank_positions(keys=True) lists a rank's key rows, and shard/unshard
+    tell q-like from k-like arrays by their length."""
+    ring = attn.compile(cross_spec("causal", 96, 192, {"ranks": 4, "layout": "zigzag"}))
+    q = np.arange(B * H * 96 * D, dtype=np.float32).reshape(B, H, 96, D)
+    k = np.arange(B * HKV * 192 * D, dtype=np.float32).reshape(B, HKV, 192, D)
+    for rank in range(4):
+        assert np.array_equal(ring.rank_positions(rank), cross_rows("zigzag", 4, rank, 96))
+        assert np.array_equal(ring.rank_positions(rank, keys=True),
+                              cross_rows("zigzag", 4, rank, 192))
+        assert np.array_equal(ring.shard(q, rank), q[:, :, cross_rows("zigzag", 4, rank, 96)])
+        assert np.array_equal(ring.shard(k, rank), k[:, :, cross_rows("zigzag", 4, rank, 192)])
+    assert np.array_equal(ring.unshard([ring.shard(q, r) for r in range(4)]), q)
+    assert np.array_equal(ring.unshard([ring.shard(k, r) for r in range(4)]), k)
+    with pytest.raises(attn.AttnError, match=r"length 96 \(query rows\) or 192 \(key rows\), got 100"):
+        ring.shard(np.zeros((1, 1, 100, 4)), 0)
+
+
+def test_cross_attention_errors():
+    with pytest.raises(attn.AttnError, match="the key length 190 must be a positive multiple of 8"):
+        attn.compile(cross_spec("causal", 96, 190, {"ranks": 4, "layout": "zigzag"}))
+    with pytest.raises(attn.AttnError, match="the query length 90 must be a positive multiple of 4"):
+        attn.compile(cross_spec("causal", 90, 192, {"ranks": 4}))
+    with pytest.raises(attn.AttnError, match="tokenized lengths need equal query and key lengths"):
+        attn.compile(cross_spec("tokenized", 96, 192, {"ranks": 2}))
+    ring = attn.compile(cross_spec("causal", 96, 192, {"ranks": 2}))
+    q, k, v = inputs(3)
+    with pytest.raises(attn.AttnError, match=r"q: expected a float32 \[B, H, 96, D\] tensor for the "
+                                             r"whole sequence \(its 96 query rows\)"):
+        ring.run_ranks(q, k, v)
+    with pytest.raises(attn.AttnError, match="GPU ring packages need q_len == kv_len"):
+        attn.compile(cross_spec("causal", 96, 192, {"ranks": 2}), target="sm_90a")

@@ -77,3 +77,26 @@ module attributes {attn.distribution = {ranks = 2 : i64, layout = "striped", kv 
     return %o : tensor<1x4x64x16xf32>
   }
 }
+
+// -----
+
+// Cross attention (Lq = 512, Lk = 1024) on 2 contiguous ranks: each rank holds
+// 256 query rows and 512 key rows, and query row i sits at key position
+// i + 512 (bottom-right), so rank 0's queries (positions 512..767) need
+// rank 1's first 256 keys and rank 1's need all of rank 0's.
+// CHECK-LABEL: func.func @cross_rank0(%{{.*}}: memref<1x2x256x64xf32>, %{{.*}}: memref<1x2x512x64xf32>, %{{.*}}: memref<1x2x512x64xf32>, %{{.*}}: memref<1x2x256x64xf32>)
+// CHECK: %[[Q0:.+]] = arith.constant 512 : index
+// CHECK: %[[K0:.+]] = arith.constant 0 : index
+// CHECK: attn.component %arg0, %arg1, %arg2 state({{.*}}) origins(%[[Q0]], %[[K0]]) <period = 1, residue = all, segment = 0, band = [0, inf]>
+// CHECK: attn.ring_exchange {{.*}} {recv_from = 1 : i64, recv_rows = [array<i64: 0, 256, 1, 0>], send_rows = [array<i64: 0, 512, 1, 0>], send_to = 1 : i64, step = 1 : i64}
+// CHECK-LABEL: func.func @cross_rank1
+// CHECK: %[[Q1:.+]] = arith.constant 768 : index
+// CHECK: %[[K1:.+]] = arith.constant 512 : index
+// CHECK: attn.component %arg0, %arg1, %arg2 state({{.*}}) origins(%[[Q1]], %[[K1]])
+// CHECK: attn.ring_exchange {{.*}} {recv_from = 0 : i64, recv_rows = [array<i64: 0, 512, 1, 0>], send_rows = [array<i64: 0, 256, 1, 0>], send_to = 0 : i64, step = 1 : i64}
+module attributes {attn.distribution = {ranks = 2 : i64, layout = "contiguous", kv = "ring"}} {
+  func.func @cross(%q: tensor<1x2x512x64xf32>, %k: tensor<1x2x1024x64xf32>, %v: tensor<1x2x1024x64xf32>) -> tensor<1x2x512x64xf32> {
+    %o = attn.attention %q, %k, %v pattern(#attn.causal) : tensor<1x2x512x64xf32>, tensor<1x2x1024x64xf32>, tensor<1x2x1024x64xf32> -> tensor<1x2x512x64xf32>
+    return %o : tensor<1x2x512x64xf32>
+  }
+}

@@ -78,19 +78,26 @@ std::string runRank(const std::string &pkgDir, int r, int N, Shared *sh,
     return error;
 
   const RingProgram &ring = *pkg->ring();
+  // C query rows of L (q, out, lse) and Ck key rows of Lk (k, v).
   const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3],
-                Hkv = k.shape[1], L = q.shape[2], C = ring.chunk;
-  if (L != ring.seqLen)
+                Hkv = k.shape[1], L = q.shape[2], C = ring.qChunk,
+                Lk = k.shape[2], Ck = ring.kvChunk;
+  if (L != ring.qLen)
     return "q has " + std::to_string(L) + " rows but the package splits " +
-           std::to_string(ring.seqLen);
+           std::to_string(ring.qLen);
+  if (Lk != ring.kvLen || v.shape[2] != Lk)
+    return "k and v have " + std::to_string(Lk) + " and " +
+           std::to_string(v.shape[2]) + " rows but the package splits " +
+           std::to_string(ring.kvLen);
   const bool bf16 = pkg->args().front().dtype == "bf16";
-  auto local = [&](const NpyArray &a, int64_t heads) {
-    std::vector<uint16_t> h(B * heads * C * D);
+  auto local = [&](const NpyArray &a, int64_t heads, bool keys) {
+    const int64_t rows = keys ? Ck : C, whole = keys ? Lk : L;
+    std::vector<uint16_t> h(B * heads * rows * D);
     const float *f = reinterpret_cast<const float *>(a.data.data());
     for (int64_t s = 0; s < B * heads; ++s)
-      for (int64_t row = 0; row < C; ++row) {
-        const float *src = f + (s * L + ring.globalRow(r, row)) * D;
-        uint16_t *dst = h.data() + (s * C + row) * D;
+      for (int64_t row = 0; row < rows; ++row) {
+        const float *src = f + (s * whole + ring.globalRow(r, row, keys)) * D;
+        uint16_t *dst = h.data() + (s * rows + row) * D;
         for (int64_t x = 0; x < D; ++x)
           dst[x] = bf16 ? floatToBf16(src[x]) : floatToF16(src[x]);
       }
@@ -106,7 +113,8 @@ std::string runRank(const std::string &pkgDir, int r, int N, Shared *sh,
       d->cuMemcpyHtoD(p, host, bytes);
     return p;
   };
-  auto hq = local(q, H), hk = local(k, Hkv), hv = local(v, Hkv);
+  auto hq = local(q, H, false), hk = local(k, Hkv, true),
+       hv = local(v, Hkv, true);
   std::vector<uint16_t> hout(hq.size(), 0xffff);
   std::vector<float> hlse(B * H * C, std::nanf(""));
   CUdeviceptr pq = upload(hq.data(), hq.size() * 2),
@@ -119,8 +127,8 @@ std::string runRank(const std::string &pkgDir, int r, int N, Shared *sh,
     return "rank " + std::to_string(r) + ": out of GPU memory for the inputs";
   auto ptr = [](CUdeviceptr p) { return reinterpret_cast<void *>(uintptr_t(p)); };
   const std::string dt = bf16 ? "bf16" : "f16";
-  Tensor tq{ptr(pq), {B, H, C, D}, dt}, tk{ptr(pk), {B, Hkv, C, D}, dt},
-      tv{ptr(pv), {B, Hkv, C, D}, dt}, to{ptr(po), {B, H, C, D}, dt},
+  Tensor tq{ptr(pq), {B, H, C, D}, dt}, tk{ptr(pk), {B, Hkv, Ck, D}, dt},
+      tv{ptr(pv), {B, Hkv, Ck, D}, dt}, to{ptr(po), {B, H, C, D}, dt},
       tl{ptr(pl), {B, H, C}, "f32"}, tn{ptr(pn), {B}, "i32"};
   CUevent start, stop;
   d->cuEventCreate(&start, 0);

@@ -1,7 +1,8 @@
 //===- RingPlan.h - compile-time schedules for ring attention ---*- C++ -*-===//
 //
-// Splits a sequence of L positions across N ranks (contiguous, zigzag or
-// striped layout) and decides, from the pattern's components alone, for every
+// Splits a sequence of Lq query rows and Lk key rows across N ranks
+// (contiguous, zigzag or striped layout; each of the two split alike) and
+// decides, from the pattern's components alone, for every
 // (rank, step):
 //   - which key rows of the rank's chunk some query of the destination rank
 //     attends (only those travel; a local window sends W rows, a dilated
@@ -43,9 +44,10 @@ struct RowSet {
   bool operator==(const RowSet &o) const;
 };
 
-/// A contiguous slice of a rank's local rows and the global position of its
-/// first row (for the striped layout, positions are rank + N * local row and
-/// `origin` is unused).
+/// A contiguous slice of a rank's local rows and the global row index of its
+/// first row (for the striped layout, rows are rank + N * local row and
+/// `origin` is unused). Query row i sits at key position i + Lk - Lq
+/// (bottom-right alignment); the updates' origins are positions.
 struct RingPiece {
   int64_t offset = 0, rows = 0, origin = 0;
 };
@@ -72,13 +74,17 @@ struct RingStep {
 };
 
 struct RankPlan {
-  std::vector<RingPiece> pieces;
+  /// The rank's query rows (q, out, lse) and key rows (k, v): the same
+  /// layout over Lq and over Lk rows.
+  std::vector<RingPiece> qPieces, kvPieces;
   std::vector<RingStep> steps;
   int64_t rowsSent = 0; ///< summed over kv heads (K and V count once)
 };
 
 struct RingPlan {
-  int64_t ranks = 1, seqLen = 0, chunk = 0, kvHeads = 1;
+  int64_t ranks = 1, kvHeads = 1;
+  /// Query and key rows of the whole sequence, and of one rank.
+  int64_t qLen = 0, kvLen = 0, qChunk = 0, kvChunk = 0;
   std::string layout, kv;
   /// The kernels the updates name: the pattern's components (contiguous and
   /// zigzag, run with origins) or their per-(rank, source) local forms
@@ -87,18 +93,15 @@ struct RingPlan {
   std::vector<RankPlan> rankPlans;
 };
 
-/// Plans ring attention of `components` (heads H over kvHeads) for a sequence
-/// of `seqLen` positions. Returns std::nullopt and sets `error` when the
-/// layout cannot split the sequence or cannot express a component.
+/// Plans ring attention of `components` (heads H over kvHeads) for `qLen`
+/// query rows against `kvLen` keys (cross attention when they differ).
+/// Returns std::nullopt and sets `error` when the layout cannot split the
+/// sequences or cannot express a component.
 std::optional<RingPlan> planRing(const std::vector<ComponentAttr> &components,
-                                 int64_t heads, int64_t kvHeads,
-                                 int64_t seqLen, int64_t ranks,
+                                 int64_t heads, int64_t kvHeads, int64_t qLen,
+                                 int64_t kvLen, int64_t ranks,
                                  const std::string &layout,
                                  const std::string &kv, std::string &error);
-
-/// Global position of local row `row` of `rank` under `layout`.
-int64_t ringGlobalRow(const std::string &layout, int64_t ranks, int64_t chunk,
-                      int64_t rank, int64_t row);
 
 } // namespace mlir::attn
 

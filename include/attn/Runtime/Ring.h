@@ -53,19 +53,23 @@ struct RingPiece {
 };
 
 struct RankSchedule {
-  std::vector<RingPiece> pieces;
+  /// The rank's query rows (q, out, lse) and key rows (k, v).
+  std::vector<RingPiece> qPieces, kvPieces;
   std::vector<RingStep> steps;
   int64_t rowsSent = 0;
 };
 
 /// The manifest's "ring" section.
 struct RingProgram {
-  int64_t ranks = 1, seqLen = 0, chunk = 0, kvHeads = 1;
+  int64_t ranks = 1, kvHeads = 1;
+  /// Query and key rows of the whole sequence and of one rank (they differ
+  /// for cross attention).
+  int64_t qLen = 0, kvLen = 0, qChunk = 0, kvChunk = 0;
   std::string layout, kv;
   std::vector<RankSchedule> schedule;
 
-  /// Global position of local row `row` of `rank`.
-  int64_t globalRow(int64_t rank, int64_t row) const;
+  /// Global index of local query row `row` of `rank` (key rows: `keys`).
+  int64_t globalRow(int64_t rank, int64_t row, bool keys = false) const;
 };
 
 /// What one rank did: bytes it sent (K and V) and time per step.
@@ -136,10 +140,10 @@ std::unique_ptr<Transport> ncclTransport(int rank, int ranks, const NcclId &id,
                                          const std::string &packageId,
                                          std::string &error);
 
-/// Runs `pkg` (a ring package) on global tensors q [B,H,L,D], k/v
-/// [B,Hkv,L,D] with one thread per rank over an InProcessHub: splits the
+/// Runs `pkg` (a ring package) on global tensors q [B,H,Lq,D], k/v
+/// [B,Hkv,Lk,D] with one thread per rank over an InProcessHub: splits the
 /// rows by the package's layout, runs every rank's schedule and gathers out
-/// [B,H,L,D] and lse [B,H,L] (may be null). Fills one RingStats per rank.
+/// [B,H,Lq,D] and lse [B,H,Lq] (may be null). Fills one RingStats per rank.
 bool runRanksInProcess(Package &pkg, const Tensor &q, const Tensor &k,
                        const Tensor &v, const Tensor *lengths, Tensor &out,
                        Tensor *lse, std::vector<RingStats> &stats,

@@ -50,6 +50,11 @@ std::optional<RingPlan> planRingForSpec(const Spec &spec, std::string &error);
 /// The manifest's "ring" section.
 nlohmann::json manifestRingPlan(const RingPlan &plan);
 
+/// One rank's argument shapes: the row dimension of k and v becomes the
+/// plan's key chunk, that of q, out and lse its query chunk (lengths stay
+/// global).
+void setRingArgRows(nlohmann::json &args, const RingPlan &plan);
+
 LogicalResult printLLVMIR(ModuleOp module, llvm::raw_ostream &os);
 
 } // namespace mlir::attn

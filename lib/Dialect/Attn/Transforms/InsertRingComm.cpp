@@ -6,7 +6,10 @@
 // attn.ring_exchange of exactly the rows the receiver attends, and the
 // component updates that have a pair, on subviews of the rank's pieces with
 // their global origins — then finalize. The state is one f32
-// (acc, max, sum) over the rank's chunk, continued across steps.
+// (acc, max, sum) over the rank's query chunk, continued across steps.
+// Query rows (q, out, lse) and key rows (k, v) are split alike; with
+// Lq != Lk (cross attention) their chunks differ and the query origins
+// carry the bottom-right shift Lk - Lq.
 //
 //===----------------------------------------------------------------------===//
 
@@ -98,16 +101,19 @@ struct AttnInsertRingCommPass
     if (!qType || !kType || !qType.hasStaticShape() || !kType.hasStaticShape())
       return f.emitError("attn-insert-ring-comm: ring attention needs static "
                          "shapes (give seq_len in the spec)");
-    const int64_t seqLen = qType.getDimSize(dims::kRows);
-    if (kType.getDimSize(dims::kRows) != seqLen)
-      return f.emitError("attn-insert-ring-comm: ring attention needs equal "
-                         "query and key lengths, got ")
-             << seqLen << " and " << kType.getDimSize(dims::kRows);
+    const int64_t qLen = qType.getDimSize(dims::kRows);
+    const int64_t kvLen = kType.getDimSize(dims::kRows);
+    // Lengths count query rows, which the kernels locate by position: with
+    // a bottom-right shift the two differ.
+    if (qLen != kvLen && first.getLengths())
+      return f.emitError("attn-insert-ring-comm: tokenized lengths need equal "
+                         "query and key lengths under a ring, got ")
+             << qLen << " and " << kvLen;
     const int64_t heads = qType.getDimSize(dims::kHeads);
     const int64_t kvHeads = kType.getDimSize(dims::kHeads);
     std::string error;
-    std::optional<RingPlan> plan = planRing(components, heads, kvHeads, seqLen,
-                                            ranks, layout, kv, error);
+    std::optional<RingPlan> plan = planRing(
+        components, heads, kvHeads, qLen, kvLen, ranks, layout, kv, error);
     if (!plan)
       return f.emitError("attn-insert-ring-comm: ") << error;
 
@@ -122,13 +128,16 @@ struct AttnInsertRingCommPass
                 ComponentOp first, FinalizeOp fin, Value lengthsArg) {
     OpBuilder b(f);
     Location loc = f.getLoc();
-    const int64_t chunk = plan.chunk;
     // Local argument types: the rows of every [B, H, L(, D)] argument
-    // become the chunk; lengths stay global.
+    // become the rank's chunk (of keys for k and v, of queries for the
+    // rest); lengths stay global.
     SmallVector<Type> inputs;
     for (BlockArgument arg : f.getArguments()) {
       auto type = cast<MemRefType>(arg.getType());
-      inputs.push_back(arg == lengthsArg ? type : withRows(type, chunk));
+      bool keyRows = arg == first.getKey() || arg == first.getValue();
+      inputs.push_back(arg == lengthsArg ? type
+                                         : withRows(type, keyRows ? plan.kvChunk
+                                                                  : plan.qChunk));
     }
     auto rf = func::FuncOp::create(
         b, loc, (f.getName() + "_rank" + Twine(rank)).str(),
@@ -167,9 +176,9 @@ struct AttnInsertRingCommPass
 
     const RankPlan &rp = plan.rankPlans[rank];
     auto rows = [&](Value x, const RingPiece &piece) -> Value {
-      if (piece.offset == 0 && piece.rows == chunk)
-        return x;
       auto type = cast<MemRefType>(x.getType());
+      if (piece.offset == 0 && piece.rows == type.getDimSize(dims::kRows))
+        return x;
       SmallVector<int64_t> offsets(type.getRank(), 0), sizes(type.getShape()),
           strides(type.getRank(), 1);
       offsets[dims::kRows] = piece.offset;
@@ -194,8 +203,8 @@ struct AttnInsertRingCommPass
         }
       }
       for (const RingUpdate &u : step.updates) {
-        const RingPiece &qp = rp.pieces[u.qPiece];
-        const RingPiece &kp = rp.pieces[u.kPiece];
+        const RingPiece &qp = rp.qPieces[u.qPiece];
+        const RingPiece &kp = rp.kvPieces[u.kPiece];
         ComponentAttr comp = plan.kernels[u.kernel];
         auto index = [&](int64_t v) -> Value {
           return arith::ConstantIndexOp::create(b, loc, v);

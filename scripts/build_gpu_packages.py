@@ -53,6 +53,8 @@ def compile_spec(name, spec):
 for name, spec in specs:
     compile_spec(name, spec)
 compile_spec(gpu_cases.RING_ONE_RANK["name"], gpu_cases.RING_ONE_RANK)
+for spec in gpu_cases.RING_RANKS:
+    compile_spec(spec["name"], spec)
 for spec in gpu_cases.NO_LSE:
     compile_spec(spec["name"], spec)
 

@@ -112,8 +112,10 @@ attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
 /* The message of the last failed call on this thread. */
 /* Ring packages (specs with a "distribution" section). attn_package_ranks
  * returns the number of ranks (0 for other packages).
- * attn_package_run_ranks runs every rank of a cpu ring package in this
- * process, one thread per rank, on the whole sequence: q [B,H,Lq,D],
+ * attn_package_run_ranks runs every rank of a ring package in this
+ * process, one thread per rank (GPU packages: all on the package's GPU,
+ * device-to-device copies between ranks), on the whole float32 host
+ * sequence: q [B,H,Lq,D],
  * k/v [B,Hkv,Lk,D] -> out [B,H,Lq,D][, lse [B,H,Lq]]. If bytes_sent is not
  * NULL it receives, per rank, the bytes that rank sent (K and V). */
 int64_t attn_package_ranks(const attn_package *package);

@@ -22,10 +22,13 @@
 //===----------------------------------------------------------------------===//
 
 #include "GpuModule.h"
+#include "attn/Runtime/Half.h"
 #include "attn/Runtime/Package.h"
 #include "attn/Runtime/Ring.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <thread>
 
 using namespace attn::runtime;
@@ -473,5 +476,135 @@ bool Package::stepMilliseconds(std::vector<float> &ms, std::string &error) {
     }
     ms.push_back(t);
   }
+  return true;
+}
+
+bool attn::runtime::runRankFromHost(Package &pkg, Transport &transport,
+                                    const Tensor &q, const Tensor &k,
+                                    const Tensor &v, const Tensor *lengths,
+                                    float *out, float *lse, int repeat,
+                                    RingStats &stats, float &bestMs,
+                                    std::string &error) {
+  const Driver *d = driver(error);
+  if (!d || !pkg.ring() || !pkg.isGpu()) {
+    if (d)
+      error = "package " + pkg.name() + " is not a GPU ring package";
+    transport.abort(error);
+    return false;
+  }
+  const RingProgram &ring = *pkg.ring();
+  const int r = transport.rank();
+  // C query rows of L (q, out, lse) and Ck key rows of Lk (k, v).
+  const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3],
+                Hkv = k.shape[1], L = q.shape[2], C = ring.qChunk,
+                Lk = k.shape[2], Ck = ring.kvChunk;
+  if (L != ring.qLen || Lk != ring.kvLen || v.shape[2] != Lk) {
+    error = "q, k and v have " + std::to_string(L) + ", " +
+            std::to_string(Lk) + " and " + std::to_string(v.shape[2]) +
+            " rows but the package splits " + std::to_string(ring.qLen) +
+            " query and " + std::to_string(ring.kvLen) + " key rows";
+    transport.abort(error);
+    return false;
+  }
+  const bool bf16 = pkg.args().front().dtype == "bf16";
+  // This rank's rows of a whole-sequence [B, heads, rows, D] tensor, in the
+  // package's 16-bit dtype.
+  auto local = [&](const Tensor &a, int64_t heads, bool keys) {
+    const int64_t rows = keys ? Ck : C, whole = keys ? Lk : L;
+    std::vector<uint16_t> h(B * heads * rows * D);
+    const float *f = static_cast<const float *>(a.data);
+    for (int64_t s = 0; s < B * heads; ++s)
+      for (int64_t row = 0; row < rows; ++row) {
+        const float *src = f + (s * whole + ring.globalRow(r, row, keys)) * D;
+        uint16_t *dst = h.data() + (s * rows + row) * D;
+        for (int64_t x = 0; x < D; ++x)
+          dst[x] = bf16 ? floatToBf16(src[x]) : floatToF16(src[x]);
+      }
+    return h;
+  };
+  std::vector<CUdeviceptr> allocs;
+  struct Frees {
+    const Driver &d;
+    std::vector<CUdeviceptr> &allocs;
+    ~Frees() {
+      for (CUdeviceptr p : allocs)
+        d.cuMemFree(p);
+    }
+  } frees{*d, allocs};
+  auto upload = [&](const void *host, size_t bytes) -> CUdeviceptr {
+    CUdeviceptr p = 0;
+    if (d->cuMemAlloc(&p, bytes ? bytes : 4) != CUDA_SUCCESS)
+      return 0;
+    allocs.push_back(p);
+    if (bytes)
+      d->cuMemcpyHtoD(p, host, bytes);
+    return p;
+  };
+  auto hq = local(q, H, false), hk = local(k, Hkv, true),
+       hv = local(v, Hkv, true);
+  std::vector<uint16_t> hout(hq.size(), 0xffff); // NaN: rows never written show
+  std::vector<float> hlse(B * H * C, std::nanf(""));
+  CUdeviceptr pq = upload(hq.data(), hq.size() * 2),
+              pk = upload(hk.data(), hk.size() * 2),
+              pv = upload(hv.data(), hv.size() * 2),
+              po = upload(hout.data(), hout.size() * 2),
+              pl = upload(hlse.data(), hlse.size() * 4),
+              pn = lengths ? upload(lengths->data, B * 4) : 0;
+  if (!pq || !pk || !pv || !po || !pl || (lengths && !pn)) {
+    error = "rank " + std::to_string(r) + ": out of GPU memory for the inputs";
+    transport.abort(error);
+    return false;
+  }
+  auto ptr = [](CUdeviceptr p) { return reinterpret_cast<void *>(uintptr_t(p)); };
+  const std::string dt = bf16 ? "bf16" : "f16";
+  Tensor tq{ptr(pq), {B, H, C, D}, dt}, tk{ptr(pk), {B, Hkv, Ck, D}, dt},
+      tv{ptr(pv), {B, Hkv, Ck, D}, dt}, to{ptr(po), {B, H, C, D}, dt},
+      tl{ptr(pl), {B, H, C}, "f32"}, tn{ptr(pn), {B}, "i32"};
+  // A stream of this rank's own: ranks that share a GPU (threads of one
+  // process) must not queue behind each other's waits on the legacy
+  // default stream.
+  CUstream stream = nullptr;
+  if (d->cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) {
+    error = "rank " + std::to_string(r) + ": cannot create a stream";
+    transport.abort(error);
+    return false;
+  }
+  CUevent start = nullptr, stop = nullptr;
+  d->cuEventCreate(&start, 0);
+  d->cuEventCreate(&stop, 0);
+  bestMs = 1e30f;
+  bool ok = true;
+  for (int i = 0; ok && i < std::max(repeat, 1); ++i) {
+    d->cuEventRecord(start, stream);
+    ok = pkg.runRank(transport, tq, tk, tv, lengths ? &tn : nullptr, to,
+                     pkg.hasLse() ? &tl : nullptr, &stats, error, stream) &&
+         pkg.waitRank(transport, stream, 300, error);
+    if (!ok)
+      break;
+    d->cuEventRecord(stop, stream);
+    d->cuEventSynchronize(stop);
+    float ms = 0;
+    d->cuEventElapsedTime(&ms, start, stop);
+    bestMs = std::min(bestMs, ms);
+  }
+  d->cuEventDestroy(start);
+  d->cuEventDestroy(stop);
+  if (ok)
+    d->cuStreamSynchronize(stream);
+  d->cuStreamDestroy(stream);
+  if (!ok)
+    return false;
+  d->cuMemcpyDtoH(hout.data(), po, hout.size() * 2);
+  d->cuMemcpyDtoH(hlse.data(), pl, hlse.size() * 4);
+  for (int64_t s = 0; s < B * H; ++s)
+    for (int64_t row = 0; row < C; ++row) {
+      int64_t g = ring.globalRow(r, row);
+      for (int64_t x = 0; x < D; ++x) {
+        uint16_t h = hout[(s * C + row) * D + x];
+        out[(s * L + g) * D + x] = bf16 ? bf16ToFloat(h) : f16ToFloat(h);
+      }
+      if (lse)
+        lse[s * L + g] = hlse[s * C + row];
+    }
   return true;
 }

@@ -12,6 +12,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "attn/Runtime/Ring.h"
+#include "attn/Runtime/CudaDriver.h"
 #include "attn/Runtime/Package.h"
 
 #include <nlohmann/json.hpp>
@@ -22,6 +23,7 @@
 #include <dlfcn.h>
 #include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <tuple>
 
@@ -135,8 +137,12 @@ struct InProcessHub::State {
   double timeout;
   std::mutex mutex;
   std::condition_variable arrived;
-  /// (from, to, step) -> bytes
+  /// (from, to, step) -> bytes (device exchanges: the sender's device
+  /// address and byte count)
   std::map<std::tuple<int, int, int64_t>, std::vector<char>> mailbox;
+  /// Device exchanges: (sender, receiver, step) whose rows the receiver
+  /// has copied, so that the sender may reuse its buffer.
+  std::set<std::tuple<int, int, int64_t>> copied;
   std::string failure; ///< set when a rank aborted
 };
 
@@ -159,33 +165,73 @@ public:
     }
     if (from < 0)
       return true;
-    auto key = std::make_tuple(from, rank_, step);
-    bool ready = s_->arrived.wait_for(
-        lock, std::chrono::duration<double>(s_->timeout), [&] {
-          return s_->mailbox.count(key) || !s_->failure.empty();
-        });
-    if (!s_->failure.empty()) {
-      error = "rank " + std::to_string(rank_) + ": stopped at step " +
-              std::to_string(step) + " because " + s_->failure;
+    std::vector<char> bytes;
+    if (!take(lock, step, from, recvBytes, bytes, error))
       return false;
-    }
-    if (!ready) {
-      error = "rank " + std::to_string(rank_) + ": timed out after " +
-              std::to_string(int(s_->timeout)) + " s waiting for rank " +
-              std::to_string(from) + "'s rows of step " +
-              std::to_string(step) + " (did a peer fail or run another package?)";
-      return false;
-    }
-    std::vector<char> bytes = std::move(s_->mailbox[key]);
-    s_->mailbox.erase(key);
-    if (bytes.size() != recvBytes) {
-      error = "rank " + std::to_string(rank_) + ": step " +
-              std::to_string(step) + " expected " + std::to_string(recvBytes) +
-              " bytes from rank " + std::to_string(from) + ", got " +
-              std::to_string(bytes.size()) + " (ranks disagree on the package)";
-      return false;
-    }
     std::memcpy(recv, bytes.data(), recvBytes);
+    return true;
+  }
+
+  /// Ranks as threads on one GPU, in one CUDA context: the sender posts its
+  /// buffer's address once the rows are packed; the receiver copies them
+  /// device to device and tells the sender, who waits for that before
+  /// reusing the buffer. Synchronous (the ring's overlap of transfers and
+  /// kernels is NCCL's); what it checks is the schedule and the GPU
+  /// executor, on one GPU.
+  bool exchangeDevice(int64_t step, int to, uint64_t send, size_t sendBytes,
+                      int from, uint64_t recv, size_t recvBytes, void *stream,
+                      std::string &error) override {
+    const cuda::Driver *d = cuda::driver(error);
+    if (!d)
+      return false;
+    auto st = static_cast<cuda::CUstream>(stream);
+    auto sync = [&](const char *what) {
+      cuda::CUresult rc = d->cuStreamSynchronize(st);
+      if (rc != cuda::CUDA_SUCCESS)
+        error = "rank " + std::to_string(rank_) + ": " +
+                cuda::describe(*d, rc, what);
+      return rc == cuda::CUDA_SUCCESS;
+    };
+    if (!sync("packing the rows of a ring step"))
+      return false;
+    std::unique_lock<std::mutex> lock(s_->mutex);
+    if (to >= 0) {
+      uint64_t message[2] = {send, sendBytes};
+      const char *p = reinterpret_cast<const char *>(message);
+      s_->mailbox[{rank_, to, step}] = std::vector<char>(p, p + sizeof(message));
+      s_->arrived.notify_all();
+    }
+    if (from >= 0) {
+      std::vector<char> bytes;
+      if (!take(lock, step, from, sizeof(uint64_t) * 2, bytes, error))
+        return false;
+      uint64_t message[2];
+      std::memcpy(message, bytes.data(), sizeof(message));
+      if (message[1] != recvBytes) {
+        error = sizeMismatch(step, from, recvBytes, message[1]);
+        return false;
+      }
+      lock.unlock();
+      cuda::CUresult rc = d->cuMemcpyDtoDAsync(cuda::CUdeviceptr(recv), cuda::CUdeviceptr(message[0]),
+                                         recvBytes, st);
+      if (rc != cuda::CUDA_SUCCESS) {
+        error = "rank " + std::to_string(rank_) + ": " +
+                cuda::describe(*d, rc, "copying a peer's rows");
+        return false;
+      }
+      if (!sync("copying a peer's rows"))
+        return false;
+      lock.lock();
+      s_->copied.insert({from, rank_, step});
+      s_->arrived.notify_all();
+    }
+    if (to < 0)
+      return true;
+    auto key = std::make_tuple(rank_, to, step);
+    if (!waitFor(lock, [&] { return s_->copied.count(key) > 0; }, step, to,
+                 " to copy this rank's rows", error))
+      return false;
+    s_->copied.erase(key);
     return true;
   }
 
@@ -197,6 +243,53 @@ public:
   }
 
 private:
+  /// Waits (lock held) until `done` or a peer's failure; bounded.
+  template <typename Done>
+  bool waitFor(std::unique_lock<std::mutex> &lock, Done done, int64_t step,
+               int peer, const char *what, std::string &error) {
+    bool ready = s_->arrived.wait_for(
+        lock, std::chrono::duration<double>(s_->timeout),
+        [&] { return done() || !s_->failure.empty(); });
+    if (!s_->failure.empty()) {
+      error = "rank " + std::to_string(rank_) + ": stopped at step " +
+              std::to_string(step) + " because " + s_->failure;
+      return false;
+    }
+    if (!ready) {
+      error = "rank " + std::to_string(rank_) + ": timed out after " +
+              std::to_string(int(s_->timeout)) + " s waiting for rank " +
+              std::to_string(peer) + what + " of step " +
+              std::to_string(step) +
+              " (did a peer fail or run another package?)";
+      return false;
+    }
+    return true;
+  }
+
+  /// Takes the message of `step` from rank `from` (lock held), which must
+  /// be `bytes` long.
+  bool take(std::unique_lock<std::mutex> &lock, int64_t step, int from,
+            size_t size, std::vector<char> &bytes, std::string &error) {
+    auto key = std::make_tuple(from, rank_, step);
+    if (!waitFor(lock, [&] { return s_->mailbox.count(key) > 0; }, step, from,
+                 "'s rows", error))
+      return false;
+    bytes = std::move(s_->mailbox[key]);
+    s_->mailbox.erase(key);
+    if (bytes.size() != size) {
+      error = sizeMismatch(step, from, size, bytes.size());
+      return false;
+    }
+    return true;
+  }
+
+  std::string sizeMismatch(int64_t step, int from, size_t want, size_t got) {
+    return "rank " + std::to_string(rank_) + ": step " + std::to_string(step) +
+           " expected " + std::to_string(want) + " bytes from rank " +
+           std::to_string(from) + ", got " + std::to_string(got) +
+           " (ranks disagree on the package)";
+  }
+
   std::shared_ptr<InProcessHub::State> s_;
   int rank_;
 };
@@ -476,6 +569,20 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
 //===----------------------------------------------------------------------===//
 
 namespace {
+/// Whether every rank succeeded; else `error` is the rank that failed
+/// first, not one of the peers it stopped.
+bool firstFailure(const std::vector<char> &ok,
+                  const std::vector<std::string> &errors, std::string &error) {
+  for (int pass = 0; pass < 2; ++pass)
+    for (size_t r = 0; r < ok.size(); ++r)
+      if (!ok[r] && (pass == 1 || errors[r].find("stopped at step") ==
+                                      std::string::npos)) {
+        error = errors[r];
+        return false;
+      }
+  return true;
+}
+
 /// Copies rows between a global [.., L, inner] tensor and rank `rank`'s local
 /// [.., C, inner] one: query rows (L = Lq), or key rows with `keys`.
 void moveRows(const RingProgram &ring, int64_t rank, bool keys, int64_t outer,
@@ -491,6 +598,46 @@ void moveRows(const RingProgram &ring, int64_t rank, bool keys, int64_t outer,
       else
         std::memcpy(g, l, inner * sizeof(float));
     }
+}
+} // namespace
+
+namespace {
+/// runRanksInProcess for GPU ring packages: one thread per rank on the
+/// package's GPU and context, each with its own copy of the package (a
+/// rank's buffers and streams live in its package), over one hub.
+bool runGpuRanksInProcess(Package &pkg, const Tensor &q, const Tensor &k,
+                          const Tensor &v, const Tensor *lengths, Tensor &out,
+                          Tensor *lse, std::vector<RingStats> &stats,
+                          std::string &error) {
+  const int64_t N = pkg.ring()->ranks;
+  const cuda::Driver *d = cuda::driver(error);
+  if (!d)
+    return false;
+  std::vector<std::unique_ptr<Package>> copies(N);
+  for (int64_t r = 1; r < N; ++r)
+    if (!(copies[r] = Package::load(pkg.dir(), error)))
+      return false;
+  std::vector<float> lseScratch;
+  float *lseData = lse ? static_cast<float *>(lse->data) : nullptr;
+  InProcessHub hub{int(N)};
+  std::vector<std::string> errors(N);
+  std::vector<char> ok(N, 0);
+  stats.assign(N, RingStats());
+  std::vector<std::thread> threads;
+  for (int64_t r = 0; r < N; ++r)
+    threads.emplace_back([&, r] {
+      std::unique_ptr<Transport> t = hub.transport(int(r));
+      float ms = 0;
+      ok[r] = cuda::ensureContext(*d, errors[r], pkg.device()) &&
+              runRankFromHost(r ? *copies[r] : pkg, *t, q, k, v, lengths,
+                              static_cast<float *>(out.data), lseData, 1,
+                              stats[r], ms, errors[r]);
+      if (!ok[r])
+        t->abort(errors[r]);
+    });
+  for (std::thread &t : threads)
+    t.join();
+  return firstFailure(ok, errors, error);
 }
 } // namespace
 
@@ -532,6 +679,8 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
   }
   const int64_t B = q.shape[0], H = q.shape[1], Hkv = k.shape[1],
                 D = q.shape[3];
+  if (pkg.isGpu())
+    return runGpuRanksInProcess(pkg, q, k, v, lengths, out, lse, stats, error);
   struct Local {
     std::vector<float> q, k, v, out, lse;
   };
@@ -571,14 +720,8 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
     });
   for (std::thread &t : threads)
     t.join();
-  // Report the rank that failed first, not the peers it stopped.
-  for (int pass = 0; pass < 2; ++pass)
-    for (int64_t r = 0; r < N; ++r)
-      if (!ok[r] && (pass == 1 || errors[r].find("stopped at step") ==
-                                      std::string::npos)) {
-        error = errors[r];
-        return false;
-      }
+  if (!firstFailure(ok, errors, error))
+    return false;
   for (int64_t r = 0; r < N; ++r) {
     moveRows(*ring, r, false, B * H, D, static_cast<float *>(out.data),
              locals[r].out.data(), false);

@@ -392,11 +392,6 @@ LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
   std::optional<RingPlan> plan = planRingForSpec(spec, error);
   if (!plan)
     return failure();
-  if (plan->qLen != plan->kvLen) {
-    error = "distribution: GPU ring packages need q_len == kv_len for now "
-            "(cross attention over a ring runs on the cpu target)";
-    return failure();
-  }
   // The kernels run on pieces of any length: dynamic rows, and exactly the
   // plan's kernels as update kernels with the state in global memory.
   Spec local = spec;

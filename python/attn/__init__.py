@@ -364,8 +364,11 @@ class Package:
         """Runs every rank of a ring package in this process (threads for
         ranks, the in-process transport) on the whole sequence: float32 q
         [B,H,Lq,D], k, v [B,Hkv,Lk,D]. Rows are split across ranks by the
-        package's layout and the outputs gathered back. Afterwards
-        `bytes_sent` lists the bytes each rank sent (K and V)."""
+        package's layout and the outputs gathered back. GPU ring packages
+        run every rank on one GPU this way (device-to-device copies between
+        the ranks, no overlap: for checking them where only one GPU is at
+        hand; across GPUs use join and run_rank). Afterwards `bytes_sent`
+        lists the bytes each rank sent (K and V)."""
         if self.ranks == 0:
             raise AttnError(f"package {self.manifest['name']} is not distributed: call it directly")
         if return_lse and not self.has_lse:

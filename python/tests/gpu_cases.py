@@ -56,6 +56,28 @@ RING_ONE_RANK = {"name": "ring_one_rank", "dtype": "bf16", "heads": 4, "head_dim
                  "seq_len": 2048, "pattern": {"local": {"window": 300}},
                  "distribution": {"ranks": 1, "layout": "zigzag"}}
 
+# Ring packages whose ranks test_gpu.py runs as threads on one GPU (the
+# in-process transport's device exchange): each layout, cross attention
+# (q_len != kv_len, both ways), lengths, GQA and f16.
+def _ring(name, pattern, ranks, layout, q_len, kv_len, dtype="bf16", head_dim=64):
+    lengths = ({"seq_len": q_len} if q_len == kv_len else {"q_len": q_len, "kv_len": kv_len})
+    return {"name": "ring_" + name, "dtype": dtype, "batch": 2, "heads": 4, "kv_heads": 2,
+            "head_dim": head_dim, **lengths, "pattern": pattern,
+            "distribution": {"ranks": ranks, "layout": layout}}
+
+
+RING_RANKS = [
+    _ring("causal_zigzag4", {"causal": {}}, 4, "zigzag", 2048, 2048),
+    _ring("local_contiguous2", {"local": {"window": 300}}, 2, "contiguous", 2048, 2048,
+          dtype="f16", head_dim=128),
+    _ring("strided_striped4", {"strided": {"stride": 16, "local": 8}}, 4, "striped", 1024, 1024),
+    _ring("tokenized_contiguous3", {"tokenized": {}}, 3, "contiguous", 1536, 1536),
+    _ring("cross_causal_zigzag4", {"causal": {}}, 4, "zigzag", 1024, 2048),
+    _ring("cross_full_contiguous2", {"full": {}}, 2, "contiguous", 512, 1536, head_dim=128),
+    _ring("cross_causal_longer_q", {"causal": {}}, 2, "contiguous", 2048, 1024),
+    _ring("cross_local_striped4", {"local": {"window": 200}}, 4, "striped", 1024, 2048),
+]
+
 # Tokenized-attention layers (batch, heads, kv_heads, head_dim, seq_len) of
 # test_gpu.py and bench/tokenized_gpu.py: scripts/build_gpu_packages.py
 # compiles their keyed (dedup) and naive packages.

@@ -315,5 +315,20 @@ def test_cross_attention_errors():
     with pytest.raises(attn.AttnError, match=r"q: expected a float32 \[B, H, 96, D\] tensor for the "
                                              r"whole sequence \(its 96 query rows\)"):
         ring.run_ranks(q, k, v)
-    with pytest.raises(attn.AttnError, match="GPU ring packages need q_len == kv_len"):
-        attn.compile(cross_spec("causal", 96, 192, {"ranks": 2}), target="sm_90a")
+
+
+def test_cross_attention_gpu_package_shapes(tmp_path):
+    """A GPU ring package for cross attention takes each rank's 48 query and
+    96 key rows (test_gpu.py runs its ranks on one GPU)."""
+    import json
+    import subprocess
+    spec = dict(cross_spec("causal", 96, 192, {"ranks": 2}), dtype="bf16", head_dim=64)
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    subprocess.run([attn._tool("attn-compile"), str(tmp_path / "s.json"), "--target", "sm_90a",
+                    "-o", str(tmp_path / "pkg")], check=True, capture_output=True)
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    shapes = {a["name"]: a["shape"] for a in manifest["args"]}
+    assert shapes["q"][2] == shapes["out"][2] == shapes["lse"][2] == 48
+    assert shapes["k"][2] == shapes["v"][2] == 96
+    assert [r["q_pieces"] for r in manifest["ring"]["schedule"]] == [[[0, 48, 0]], [[0, 48, 48]]]
+    assert [r["kv_pieces"] for r in manifest["ring"]["schedule"]] == [[[0, 96, 0]], [[0, 96, 96]]]

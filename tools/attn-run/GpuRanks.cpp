@@ -2,16 +2,15 @@
 //
 // Forks one process per GPU (rank r on device r) before any CUDA call. Rank 0
 // makes the NCCL id and publishes it in shared memory; every rank joins the
-// ring, takes its rows of the global float32 inputs by the package's layout,
-// converts them to the package dtype, runs its part (--repeat times, timed
-// with CUDA events), and writes its rows of the output and LSE into shared
-// memory; the parent writes the .npy files and reports bytes and times.
+// ring and runs runRankFromHost (lib/Runtime/GpuRing.cpp): its rows of the
+// global float32 inputs by the package's layout, in the package dtype, its
+// part --repeat times (timed with CUDA events), and its rows of the output
+// and LSE written into shared memory; the parent writes the .npy files and reports bytes and times.
 // A rank that fails records its error and the parent stops the others.
 //
 //===----------------------------------------------------------------------===//
 
 #include "attn/Runtime/CudaDriver.h"
-#include "attn/Runtime/Half.h"
 #include "attn/Runtime/Npy.h"
 #include "attn/Runtime/Package.h"
 #include "attn/Runtime/Ring.h"
@@ -77,89 +76,18 @@ std::string runRank(const std::string &pkgDir, int r, int N, Shared *sh,
   if (!transport)
     return error;
 
-  const RingProgram &ring = *pkg->ring();
-  // C query rows of L (q, out, lse) and Ck key rows of Lk (k, v).
-  const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3],
-                Hkv = k.shape[1], L = q.shape[2], C = ring.qChunk,
-                Lk = k.shape[2], Ck = ring.kvChunk;
-  if (L != ring.qLen)
-    return "q has " + std::to_string(L) + " rows but the package splits " +
-           std::to_string(ring.qLen);
-  if (Lk != ring.kvLen || v.shape[2] != Lk)
-    return "k and v have " + std::to_string(Lk) + " and " +
-           std::to_string(v.shape[2]) + " rows but the package splits " +
-           std::to_string(ring.kvLen);
-  const bool bf16 = pkg->args().front().dtype == "bf16";
-  auto local = [&](const NpyArray &a, int64_t heads, bool keys) {
-    const int64_t rows = keys ? Ck : C, whole = keys ? Lk : L;
-    std::vector<uint16_t> h(B * heads * rows * D);
-    const float *f = reinterpret_cast<const float *>(a.data.data());
-    for (int64_t s = 0; s < B * heads; ++s)
-      for (int64_t row = 0; row < rows; ++row) {
-        const float *src = f + (s * whole + ring.globalRow(r, row, keys)) * D;
-        uint16_t *dst = h.data() + (s * rows + row) * D;
-        for (int64_t x = 0; x < D; ++x)
-          dst[x] = bf16 ? floatToBf16(src[x]) : floatToF16(src[x]);
-      }
-    return h;
+  auto tensor = [](const NpyArray &a) {
+    return Tensor{const_cast<char *>(a.data.data()), a.shape, "f32"};
   };
-  std::vector<CUdeviceptr> allocs;
-  auto upload = [&](const void *host, size_t bytes) -> CUdeviceptr {
-    CUdeviceptr p = 0;
-    if (d->cuMemAlloc(&p, bytes ? bytes : 4) != CUDA_SUCCESS)
-      return 0;
-    allocs.push_back(p);
-    if (bytes)
-      d->cuMemcpyHtoD(p, host, bytes);
-    return p;
-  };
-  auto hq = local(q, H, false), hk = local(k, Hkv, true),
-       hv = local(v, Hkv, true);
-  std::vector<uint16_t> hout(hq.size(), 0xffff);
-  std::vector<float> hlse(B * H * C, std::nanf(""));
-  CUdeviceptr pq = upload(hq.data(), hq.size() * 2),
-              pk = upload(hk.data(), hk.size() * 2),
-              pv = upload(hv.data(), hv.size() * 2),
-              po = upload(hout.data(), hout.size() * 2),
-              pl = upload(hlse.data(), hlse.size() * 4),
-              pn = lengths ? upload(lengths->data(), lengths->size() * 4) : 0;
-  if (!pq || !pk || !pv || !po || !pl || (lengths && !pn))
-    return "rank " + std::to_string(r) + ": out of GPU memory for the inputs";
-  auto ptr = [](CUdeviceptr p) { return reinterpret_cast<void *>(uintptr_t(p)); };
-  const std::string dt = bf16 ? "bf16" : "f16";
-  Tensor tq{ptr(pq), {B, H, C, D}, dt}, tk{ptr(pk), {B, Hkv, Ck, D}, dt},
-      tv{ptr(pv), {B, Hkv, Ck, D}, dt}, to{ptr(po), {B, H, C, D}, dt},
-      tl{ptr(pl), {B, H, C}, "f32"}, tn{ptr(pn), {B}, "i32"};
-  CUevent start, stop;
-  d->cuEventCreate(&start, 0);
-  d->cuEventCreate(&stop, 0);
-  float best = 1e30f;
+  std::vector<int32_t> noLengths;
+  Tensor tn{const_cast<int32_t *>(lengths ? lengths->data() : noLengths.data()),
+            {q.shape[0]}, "i32"};
   RingStats stats;
-  for (int i = 0; i < repeat; ++i) {
-    d->cuEventRecord(start, nullptr);
-    if (!pkg->runRank(*transport, tq, tk, tv, lengths ? &tn : nullptr, to,
-                      pkg->hasLse() ? &tl : nullptr, &stats, error, nullptr) ||
-        !pkg->waitRank(*transport, nullptr, 300, error))
-      return error;
-    d->cuEventRecord(stop, nullptr);
-    d->cuEventSynchronize(stop);
-    float ms = 0;
-    d->cuEventElapsedTime(&ms, start, stop);
-    best = std::min(best, ms);
-  }
-  d->cuMemcpyDtoH(hout.data(), po, hout.size() * 2);
-  d->cuMemcpyDtoH(hlse.data(), pl, hlse.size() * 4);
-  for (CUdeviceptr p : allocs)
-    d->cuMemFree(p);
-  for (int64_t s = 0; s < B * H; ++s)
-    for (int64_t row = 0; row < C; ++row) {
-      int64_t g = ring.globalRow(r, row);
-      for (int64_t x = 0; x < D; ++x) {
-        uint16_t h = hout[(s * C + row) * D + x];
-        out[(s * L + g) * D + x] = bf16 ? bf16ToFloat(h) : f16ToFloat(h);
-      }
-      lse[s * L + g] = hlse[s * C + row];
-    }
+  float best = 0;
+  if (!runRankFromHost(*pkg, *transport, tensor(q), tensor(k), tensor(v),
+                       lengths ? &tn : nullptr, out, lse, repeat, stats, best,
+                       error))
+    return error;
   sh->ranks[r].bytesSent = stats.bytesSent;
   sh->ranks[r].ms = best;
   return "";

@@ -65,6 +65,7 @@ public:
   static bool peek(const std::string &dir, std::string &target,
                    int64_t &ranks, std::string &error);
 
+  const std::string &dir() const { return dir_; }
   const std::string &target() const { return target_; }
   const std::string &name() const { return name_; }
   const std::string &specJson() const { return specJson_; }

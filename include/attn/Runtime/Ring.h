@@ -113,7 +113,11 @@ public:
   virtual void abort(const std::string &why) {}
 };
 
-/// Threads standing for ranks: messages go through shared mailboxes.
+/// Threads standing for ranks: messages go through shared mailboxes. Its
+/// transports move host memory, and device memory between ranks that share
+/// one GPU and CUDA context (synchronous device-to-device copies): GPU ring
+/// packages then run every rank on one GPU, to check them where no second
+/// GPU is at hand.
 class InProcessHub {
 public:
   /// `timeoutSeconds` bounds every wait for a peer.
@@ -144,10 +148,26 @@ std::unique_ptr<Transport> ncclTransport(int rank, int ranks, const NcclId &id,
 /// [B,Hkv,Lk,D] with one thread per rank over an InProcessHub: splits the
 /// rows by the package's layout, runs every rank's schedule and gathers out
 /// [B,H,Lq,D] and lse [B,H,Lq] (may be null). Fills one RingStats per rank.
+/// GPU ring packages run every rank on the package's GPU (each rank with
+/// its own copy of the package, loaded from its directory), through
+/// runRankFromHost.
 bool runRanksInProcess(Package &pkg, const Tensor &q, const Tensor &k,
                        const Tensor &v, const Tensor *lengths, Tensor &out,
                        Tensor *lse, std::vector<RingStats> &stats,
                        std::string &error);
+
+/// Runs rank transport.rank() of GPU ring package `pkg` on the whole
+/// sequence's float32 host tensors q [B,H,Lq,D], k, v [B,Hkv,Lk,D] (lengths:
+/// host int32 [B] or null), in the calling thread's CUDA context: uploads
+/// the rank's rows in the package's 16-bit dtype, runs `repeat` times
+/// (the best time, CUDA events, in `bestMs`) and writes the rank's rows of
+/// out [B,H,Lq,D] and, when not null, lse [B,H,Lq] (host float32). Rows of
+/// other ranks are left as they are. What attn-run --nranks runs in each
+/// process (NCCL) and runRanksInProcess in each thread (one GPU).
+bool runRankFromHost(Package &pkg, Transport &transport, const Tensor &q,
+                     const Tensor &k, const Tensor &v, const Tensor *lengths,
+                     float *out, float *lse, int repeat, RingStats &stats,
+                     float &bestMs, std::string &error);
 
 } // namespace attn::runtime
 

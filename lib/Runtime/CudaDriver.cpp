@@ -32,6 +32,7 @@ void load() {
   Driver &d = loaded;
   bool ok = resolve(lib, d.cuInit, "cuInit") &&
             resolve(lib, d.cuDeviceGet, "cuDeviceGet") &&
+            resolve(lib, d.cuDeviceGetCount, "cuDeviceGetCount") &&
             resolve(lib, d.cuDeviceGetAttribute, "cuDeviceGetAttribute") &&
             resolve(lib, d.cuDeviceGetName, "cuDeviceGetName") &&
             resolve(lib, d.cuDevicePrimaryCtxRetain,

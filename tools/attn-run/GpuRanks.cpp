@@ -56,7 +56,16 @@ std::string runRank(const std::string &pkgDir, int r, int N, Shared *sh,
                     float *lse, int repeat) {
   std::string error;
   const Driver *d = driver(error);
-  if (!d || !ensureContext(*d, error, r))
+  if (!d)
+    return error;
+  int gpus = 0;
+  if (d->cuDeviceGetCount(&gpus) == CUDA_SUCCESS && r >= gpus)
+    return "rank " + std::to_string(r) + " runs on GPU " + std::to_string(r) +
+           ", but this machine has " + std::to_string(gpus) +
+           " GPU(s): run with --gpus 1 to put every rank on GPU 0 (to check "
+           "the package), or on a machine with " + std::to_string(N) +
+           " GPUs";
+  if (!ensureContext(*d, error, r))
     return error;
   auto pkg = Package::load(pkgDir, error);
   if (!pkg)

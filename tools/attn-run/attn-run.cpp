@@ -2,7 +2,7 @@
 //
 //   attn-run PKG --q q.npy --k k.npy --v v.npy [--lengths len.npy]
 //            -o out.npy [--lse lse.npy] [--device cpu|cuda] [--repeat N]
-//            [--nranks N]
+//            [--nranks N [--gpus 1]]
 //
 // Reads float32 .npy inputs (lengths int32 or int64), runs the package and
 // writes float32 outputs. GPU packages (--device cuda, the default for them)
@@ -10,7 +10,8 @@
 // GPU; --repeat times the kernels with CUDA events. A ring package (a spec
 // with a distribution section) runs its N ranks as N threads of this process
 // on the whole sequence (--nranks N must match) and reports the bytes each
-// rank sent and the time of each step. Links only the runtime:
+// rank sent and the time of each step; a GPU ring package runs one process
+// per GPU over NCCL, or with --gpus 1 every rank as a thread on GPU 0. Links only the runtime:
 // no MLIR, no LLVM.
 //
 //===----------------------------------------------------------------------===//
@@ -36,7 +37,7 @@ using namespace attn::runtime;
 static const char *kUsage =
     "usage: attn-run PKG --q q.npy --k k.npy --v v.npy "
     "[--lengths len.npy] -o out.npy [--lse lse.npy] "
-    "[--device cpu|cuda] [--repeat N] [--nranks N]\n"
+    "[--device cpu|cuda] [--repeat N] [--nranks N [--gpus 1]]\n"
     "\n"
     "Runs a package on inputs from .npy files and writes its output.\n"
     "\n"
@@ -49,7 +50,11 @@ static const char *kUsage =
     "  --device D        cpu or cuda (default: the package's target)\n"
     "  --repeat N        run N times and print the best time\n"
     "  --nranks N        ring packages: their number of ranks, run as one\n"
-    "                    process per GPU (cuda) or in this process (cpu)\n";
+    "                    process per GPU (cuda) or in this process (cpu)\n"
+    "  --gpus G          GPU ring packages: N (default: rank r on GPU r,\n"
+    "                    NCCL) or 1 (every rank as a thread on GPU 0,\n"
+    "                    device-to-device copies; to check a package on\n"
+    "                    one GPU, not to time the ring)\n";
 
 /// The usage text on stderr, for a command line that cannot run.
 static int usage() {
@@ -194,7 +199,7 @@ int main(int argc, char **argv) {
     if (a.rfind("--", 0) == 0) {
       static const char *known[] = {"--q", "--k", "--v", "--lengths", "--out",
                                     "--lse", "--device", "--repeat",
-                                    "--nranks"};
+                                    "--nranks", "--gpus"};
       if (std::find(std::begin(known), std::end(known), a) == std::end(known))
         return fail("unknown option " + a), usage();
       if (i + 1 >= argc)
@@ -223,9 +228,10 @@ int main(int argc, char **argv) {
     fail(message);
     return false;
   };
-  int64_t repeats = 1, nranks = 0;
+  int64_t repeats = 1, nranks = 0, gpus = 0;
   if (!count("--repeat", repeats) ||
-      (opts.count("--nranks") && !count("--nranks", nranks)))
+      (opts.count("--nranks") && !count("--nranks", nranks)) ||
+      (opts.count("--gpus") && !count("--gpus", gpus)))
     return 1;
   if (repeats > 1000000)
     return fail("--repeat takes at most 1000000, got " + opts["--repeat"]);
@@ -251,6 +257,14 @@ int main(int argc, char **argv) {
     return fail("package " + pkgDir + " is compiled for " +
                 std::to_string(packageRanks) + " ranks; pass --nranks " +
                 std::to_string(packageRanks));
+  if (opts.count("--gpus") && !(gpu && packageRanks > 0))
+    return fail("--gpus is for GPU ring packages; " + pkgDir + " is " +
+                (gpu ? "not distributed" : "a cpu package"));
+  if (opts.count("--gpus") && gpus != 1 && gpus != packageRanks)
+    return fail("--gpus takes 1 (every rank on GPU 0) or " +
+                std::to_string(packageRanks) + " (one GPU per rank), got " +
+                opts["--gpus"]);
+  const bool ranksOnOneGpu = gpus == 1 && packageRanks > 1;
 
   NpyArray q, k, v, len;
   for (auto [name, array] : {std::pair<const char *, NpyArray *>{"--q", &q},
@@ -275,8 +289,9 @@ int main(int argc, char **argv) {
     lengthsTensor = {lengths32.data(), len.shape, "i32"};
   }
 
-  // GPU ring packages: one process per GPU, forked before any CUDA call.
-  if (gpu && packageRanks > 0)
+  // GPU ring packages: one process per GPU, forked before any CUDA call
+  // (with --gpus 1, threads of this process: the in-process ring below).
+  if (gpu && packageRanks > 0 && !ranksOnOneGpu)
     return runGpuRanks(pkgDir, int(packageRanks), q, k, v,
                        opts.count("--lengths") ? &lengths32 : nullptr,
                        opts["--out"], opts.count("--lse") ? opts["--lse"] : "",
@@ -307,9 +322,18 @@ int main(int argc, char **argv) {
                            tout, wantLse ? &tlse : nullptr, stats, error))
       return fail(error);
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("attn-run: %lld ranks (%s layout, in-process transport): %.3f ms\n",
-                (long long)ring->ranks, ring->layout.c_str(), s * 1e3);
+    std::printf("attn-run: %lld ranks (%s layout, in-process transport%s): "
+                "%.3f ms\n",
+                (long long)ring->ranks, ring->layout.c_str(),
+                pkg->isGpu() ? ", all on GPU 0" : "", s * 1e3);
     for (const RingStats &r : stats) {
+      // (On one GPU the ranks' steps are not timed: the copies between them
+      // are synchronous, nothing like a ring's.)
+      if (pkg->isGpu()) {
+        std::printf("  rank %d: sent %lld bytes in %zu steps\n", r.rank,
+                    (long long)r.bytesSent, r.steps.size());
+        continue;
+      }
       std::printf("  rank %d: sent %lld bytes in %zu steps, %.3f ms\n", r.rank,
                   (long long)r.bytesSent, r.steps.size(), r.seconds * 1e3);
       for (const RingStats::Step &st : r.steps)

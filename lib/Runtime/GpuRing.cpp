@@ -81,6 +81,7 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   const size_t P = rs.qPieces.size();
   if (rs.kvPieces.size() != P) {
     error = "the ring schedule splits queries and keys into different pieces";
+    transport.abort(error); // the other ranks must not wait for this one
     return false;
   }
   const int64_t rowsP = rs.qPieces[0].rows, kRowsP = rs.kvPieces[0].rows;

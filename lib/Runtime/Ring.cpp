@@ -569,12 +569,27 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
 //===----------------------------------------------------------------------===//
 
 namespace {
-/// Whether every rank succeeded; else `error` is the rank that failed
-/// first, not one of the peers it stopped.
-bool firstFailure(const std::vector<char> &ok,
-                  const std::vector<std::string> &errors, std::string &error) {
+/// Runs `rank(r, transport, error)` for every rank r in a thread of its own
+/// over one InProcessHub (a rank that fails stops the others). Returns
+/// whether all succeeded; else `error` is the rank that failed first, not
+/// one of the peers it stopped.
+template <typename RankFn>
+bool runRankThreads(int64_t ranks, RankFn rank, std::string &error) {
+  InProcessHub hub{int(ranks)};
+  std::vector<std::string> errors(ranks);
+  std::vector<char> ok(ranks, 0);
+  std::vector<std::thread> threads;
+  for (int64_t r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      std::unique_ptr<Transport> t = hub.transport(int(r));
+      ok[r] = rank(r, *t, errors[r]);
+      if (!ok[r])
+        t->abort(errors[r]);
+    });
+  for (std::thread &t : threads)
+    t.join();
   for (int pass = 0; pass < 2; ++pass)
-    for (size_t r = 0; r < ok.size(); ++r)
+    for (int64_t r = 0; r < ranks; ++r)
       if (!ok[r] && (pass == 1 || errors[r].find("stopped at step") ==
                                       std::string::npos)) {
         error = errors[r];
@@ -617,27 +632,18 @@ bool runGpuRanksInProcess(Package &pkg, const Tensor &q, const Tensor &k,
   for (int64_t r = 1; r < N; ++r)
     if (!(copies[r] = Package::load(pkg.dir(), error)))
       return false;
-  std::vector<float> lseScratch;
   float *lseData = lse ? static_cast<float *>(lse->data) : nullptr;
-  InProcessHub hub{int(N)};
-  std::vector<std::string> errors(N);
-  std::vector<char> ok(N, 0);
   stats.assign(N, RingStats());
-  std::vector<std::thread> threads;
-  for (int64_t r = 0; r < N; ++r)
-    threads.emplace_back([&, r] {
-      std::unique_ptr<Transport> t = hub.transport(int(r));
-      float ms = 0;
-      ok[r] = cuda::ensureContext(*d, errors[r], pkg.device()) &&
-              runRankFromHost(r ? *copies[r] : pkg, *t, q, k, v, lengths,
-                              static_cast<float *>(out.data), lseData, 1,
-                              stats[r], ms, errors[r]);
-      if (!ok[r])
-        t->abort(errors[r]);
-    });
-  for (std::thread &t : threads)
-    t.join();
-  return firstFailure(ok, errors, error);
+  return runRankThreads(
+      N,
+      [&](int64_t r, Transport &t, std::string &err) {
+        float ms = 0;
+        return cuda::ensureContext(*d, err, pkg.device()) &&
+               runRankFromHost(r ? *copies[r] : pkg, t, q, k, v, lengths,
+                               static_cast<float *>(out.data), lseData, 1,
+                               stats[r], ms, err);
+      },
+      error);
 }
 } // namespace
 
@@ -699,28 +705,21 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
     moveRows(*ring, r, true, B * Hkv, D, static_cast<float *>(v.data),
              l.v.data(), true);
   }
-  InProcessHub hub(N);
-  std::vector<std::string> errors(N);
-  std::vector<char> ok(N, 0);
   stats.assign(N, RingStats());
-  std::vector<std::thread> threads;
-  for (int64_t r = 0; r < N; ++r)
-    threads.emplace_back([&, r] {
-      std::unique_ptr<Transport> t = hub.transport(int(r));
-      Local &l = locals[r];
-      Tensor lq{l.q.data(), {B, H, C, D}, "f32"};
-      Tensor lk{l.k.data(), {B, Hkv, Ck, D}, "f32"};
-      Tensor lv{l.v.data(), {B, Hkv, Ck, D}, "f32"};
-      Tensor lo{l.out.data(), {B, H, C, D}, "f32"};
-      Tensor ll{l.lse.data(), {B, H, C}, "f32"};
-      ok[r] = pkg.runRank(*t, lq, lk, lv, lengths, lo,
-                          pkg.hasLse() ? &ll : nullptr, &stats[r], errors[r]);
-      if (!ok[r])
-        t->abort(errors[r]);
-    });
-  for (std::thread &t : threads)
-    t.join();
-  if (!firstFailure(ok, errors, error))
+  bool ok = runRankThreads(
+      N,
+      [&](int64_t r, Transport &t, std::string &err) {
+        Local &l = locals[r];
+        Tensor lq{l.q.data(), {B, H, C, D}, "f32"};
+        Tensor lk{l.k.data(), {B, Hkv, Ck, D}, "f32"};
+        Tensor lv{l.v.data(), {B, Hkv, Ck, D}, "f32"};
+        Tensor lo{l.out.data(), {B, H, C, D}, "f32"};
+        Tensor ll{l.lse.data(), {B, H, C}, "f32"};
+        return pkg.runRank(t, lq, lk, lv, lengths, lo,
+                           pkg.hasLse() ? &ll : nullptr, &stats[r], err);
+      },
+      error);
+  if (!ok)
     return false;
   for (int64_t r = 0; r < N; ++r) {
     moveRows(*ring, r, false, B * H, D, static_cast<float *>(out.data),

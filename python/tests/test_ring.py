@@ -68,9 +68,10 @@ def inputs(seed):
     return q, k, v
 
 
-def global_rows(layout, ranks, rank):
-    """Global positions of a rank's local rows, as the layouts define them."""
-    c = L // ranks
+def global_rows(layout, ranks, rank, length=L):
+    """Global rows of a rank's local rows, as the layouts define them, for a
+    sequence of `length` rows (queries or keys)."""
+    c = length // ranks
     if layout == "contiguous":
         return np.arange(rank * c, (rank + 1) * c)
     if layout == "zigzag":
@@ -237,18 +238,6 @@ def cross_spec(name, q_len, kv_len, distribution=None):
     return s
 
 
-def cross_rows(layout, ranks, rank, length):
-    """global_rows for a sequence of `length` rows."""
-    c = length // ranks
-    if layout == "contiguous":
-        return np.arange(rank * c, (rank + 1) * c)
-    if layout == "zigzag":
-        h = c // 2
-        return np.concatenate([np.arange(rank * h, (rank + 1) * h),
-                               np.arange((2 * ranks - 1 - rank) * h, (2 * ranks - rank) * h)])
-    return rank + ranks * np.arange(c)
-
-
 @pytest.mark.parametrize("q_len,kv_len", CROSS_LENGTHS)
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 @pytest.mark.parametrize("name", ["full", "causal", "local_bidir", "strided", "longnet", "union"])
@@ -277,8 +266,8 @@ def test_cross_attention(name, layout, q_len, kv_len):
     per_kv = m.reshape(HKV, H // HKV, q_len, kv_len).any(axis=1)
     want_bytes = []
     for src in range(ranks):
-        keys = cross_rows(layout, ranks, src, kv_len)
-        rows = sum(per_kv[:, cross_rows(layout, ranks, dst, q_len)][:, :, keys].any(axis=1).sum()
+        keys = global_rows(layout, ranks, src, kv_len)
+        rows = sum(per_kv[:, global_rows(layout, ranks, dst, q_len)][:, :, keys].any(axis=1).sum()
                    for dst in range(ranks) if dst != src)
         want_bytes.append(int(rows) * B * D * 4 * 2)
     assert ring.bytes_sent == want_bytes
@@ -292,11 +281,11 @@ def test_cross_attention_positions_shard_and_unshard():
     q = np.arange(B * H * 96 * D, dtype=np.float32).reshape(B, H, 96, D)
     k = np.arange(B * HKV * 192 * D, dtype=np.float32).reshape(B, HKV, 192, D)
     for rank in range(4):
-        assert np.array_equal(ring.rank_positions(rank), cross_rows("zigzag", 4, rank, 96))
+        assert np.array_equal(ring.rank_positions(rank), global_rows("zigzag", 4, rank, 96))
         assert np.array_equal(ring.rank_positions(rank, keys=True),
-                              cross_rows("zigzag", 4, rank, 192))
-        assert np.array_equal(ring.shard(q, rank), q[:, :, cross_rows("zigzag", 4, rank, 96)])
-        assert np.array_equal(ring.shard(k, rank), k[:, :, cross_rows("zigzag", 4, rank, 192)])
+                              global_rows("zigzag", 4, rank, 192))
+        assert np.array_equal(ring.shard(q, rank), q[:, :, global_rows("zigzag", 4, rank, 96)])
+        assert np.array_equal(ring.shard(k, rank), k[:, :, global_rows("zigzag", 4, rank, 192)])
     assert np.array_equal(ring.unshard([ring.shard(q, r) for r in range(4)]), q)
     assert np.array_equal(ring.unshard([ring.shard(k, r) for r in range(4)]), k)
     with pytest.raises(attn.AttnError, match=r"length 96 \(query rows\) or 192 \(key rows\), got 100"):

@@ -185,14 +185,13 @@ public:
     if (!d)
       return false;
     auto st = static_cast<cuda::CUstream>(stream);
-    auto sync = [&](const char *what) {
-      cuda::CUresult rc = d->cuStreamSynchronize(st);
+    auto succeeded = [&](cuda::CUresult rc, const char *what) {
       if (rc != cuda::CUDA_SUCCESS)
         error = "rank " + std::to_string(rank_) + ": " +
                 cuda::describe(*d, rc, what);
       return rc == cuda::CUDA_SUCCESS;
     };
-    if (!sync("packing the rows of a ring step"))
+    if (!succeeded(d->cuStreamSynchronize(st), "packing the rows of a ring step"))
       return false;
     std::unique_lock<std::mutex> lock(s_->mutex);
     if (to >= 0) {
@@ -212,14 +211,11 @@ public:
         return false;
       }
       lock.unlock();
-      cuda::CUresult rc = d->cuMemcpyDtoDAsync(cuda::CUdeviceptr(recv), cuda::CUdeviceptr(message[0]),
-                                         recvBytes, st);
-      if (rc != cuda::CUDA_SUCCESS) {
-        error = "rank " + std::to_string(rank_) + ": " +
-                cuda::describe(*d, rc, "copying a peer's rows");
-        return false;
-      }
-      if (!sync("copying a peer's rows"))
+      if (!succeeded(d->cuMemcpyDtoDAsync(cuda::CUdeviceptr(recv),
+                                          cuda::CUdeviceptr(message[0]),
+                                          recvBytes, st),
+                     "copying a peer's rows") ||
+          !succeeded(d->cuStreamSynchronize(st), "copying a peer's rows"))
         return false;
       lock.lock();
       s_->copied.insert({from, rank_, step});

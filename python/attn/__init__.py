@@ -397,16 +397,15 @@ class Package:
         fn(self._handle, rank, positions.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)))
         return positions
 
-    def _rows_of(self, what, length, lengths):
-        """Whether an array with `length` rows along dim 2 holds key rows:
-        `lengths` maps True (keys) and False (queries) to the row counts
-        expected; query rows win when both match (they are split alike)."""
-        if length == lengths[False]:
-            return False
-        if length == lengths[True]:
-            return True
-        want = (f"{lengths[False]}" if lengths[False] == lengths[True] else
-                f"{lengths[False]} (query rows) or {lengths[True]} (key rows)")
+    @staticmethod
+    def _holds_keys(what, length, q_rows, kv_rows):
+        """Whether an array with `length` rows along dim 2 holds key rows
+        (kv_rows of them) rather than query rows (q_rows); query rows when
+        both match (the two are then split alike)."""
+        if length in (q_rows, kv_rows):
+            return length != q_rows
+        want = (f"{q_rows}" if q_rows == kv_rows else
+                f"{q_rows} (query rows) or {kv_rows} (key rows)")
         raise AttnError(f"{what}: expected dim 2 of length {want}, got {length}")
 
     def shard(self, x, rank=None):
@@ -418,7 +417,7 @@ class Package:
         ring = self.manifest["ring"]
         if x.ndim < 3:
             raise AttnError(f"shard: expected an array [B, H, L, ...], got shape {tuple(x.shape)}")
-        keys = self._rows_of("shard", x.shape[2], {False: ring["q_len"], True: ring["kv_len"]})
+        keys = self._holds_keys("shard", x.shape[2], ring["q_len"], ring["kv_len"])
         positions = self.rank_positions(rank, keys=keys)
         if _is_torch(x):
             import torch
@@ -437,8 +436,7 @@ class Package:
         first = chunks[0]
         if first.ndim < 3:
             raise AttnError(f"unshard: expected chunks [B, H, C, ...], got shape {tuple(first.shape)}")
-        keys = self._rows_of("unshard", first.shape[2],
-                             {False: ring["q_chunk"], True: ring["kv_chunk"]})
+        keys = self._holds_keys("unshard", first.shape[2], ring["q_chunk"], ring["kv_chunk"])
         shape = list(first.shape)
         shape[2] = ring["kv_len"] if keys else ring["q_len"]
         if _is_torch(first):

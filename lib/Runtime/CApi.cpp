@@ -170,6 +170,36 @@ attn_status attn_package_run_keys(attn_package *package, const attn_tensor *q,
                     /*wait=*/!gpu, key_bias, key_ids);
 }
 
+int attn_package_has_backward(const attn_package *package) {
+  return package && package->impl->hasBackward();
+}
+
+attn_status attn_package_run_backward(
+    attn_package *package, const attn_tensor *q, const attn_tensor *k,
+    const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
+    const attn_tensor *grad_out, const attn_tensor *lengths,
+    const attn_tensor *key_bias, attn_tensor *dq, attn_tensor *dk,
+    attn_tensor *dv) {
+  if (!package)
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "attn_package_run_backward: null package");
+  Tensor tq, tk, tv, tout, tlse, tgrad, tlengths, tbias, tdq, tdk, tdv;
+  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
+      !toTensor(out, "out", tout) || !toTensor(lse, "lse", tlse) ||
+      !toTensor(grad_out, "grad_out", tgrad) || !toTensor(dq, "dq", tdq) ||
+      !toTensor(dk, "dk", tdk) || !toTensor(dv, "dv", tdv) ||
+      (lengths && !toTensor(lengths, "lengths", tlengths)) ||
+      (key_bias && !toTensor(key_bias, "key_bias", tbias)))
+    return ATTN_ERROR_ARGUMENT;
+  std::string error;
+  if (!package->impl->runBackward(tq, tk, tv, tout, tlse, tgrad,
+                                  lengths ? &tlengths : nullptr,
+                                  key_bias ? &tbias : nullptr, tdq, tdk, tdv,
+                                  error))
+    return failWith(ATTN_ERROR_ARGUMENT, error);
+  return ATTN_OK;
+}
+
 attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,
                                    const attn_tensor *k, const attn_tensor *v,
                                    const attn_tensor *lengths, attn_tensor *out,

@@ -106,6 +106,20 @@ std::unique_ptr<Package> Package::load(const std::string &dir,
       error = libPath + " has no entry point " + symbol;
       return nullptr;
     }
+    if (m.contains("backward")) {
+      const json &grad = m.at("backward");
+      for (const json &a : grad.at("args"))
+        pkg->backwardArgs_.push_back({a.at("name").get<std::string>(),
+                                      a.at("role").get<std::string>(),
+                                      a.at("dtype").get<std::string>(),
+                                      a.at("shape").get<std::vector<int64_t>>()});
+      std::string gradSymbol = grad.at("symbol").get<std::string>();
+      pkg->backwardEntry_ = dlsym(pkg->library_, gradSymbol.c_str());
+      if (!pkg->backwardEntry_) {
+        error = libPath + " has no entry point " + gradSymbol;
+        return nullptr;
+      }
+    }
   } catch (const std::exception &e) {
     error = manifestPath + ": malformed manifest: " + e.what();
     return nullptr;
@@ -414,44 +428,120 @@ bool Package::runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
   std::vector<const Tensor *> tensors;
   inManifestOrder(q, k, v, lengths, out, hasLse() ? &lseTensor : nullptr,
                   tensors, error, keys);
-  // Build the memref descriptors.
-  std::vector<std::vector<int64_t>> descriptors;
-  for (const Tensor *t : tensors) {
-    size_t rank = t->shape.size();
-    std::vector<int64_t> d(3 + 2 * rank);
-    d[0] = d[1] = reinterpret_cast<int64_t>(t->data);
-    d[2] = 0;
-    int64_t stride = 1;
-    for (size_t i = rank; i-- > 0;) {
-      d[3 + i] = t->shape[i];
-      d[3 + rank + i] = stride;
-      stride *= t->shape[i];
-    }
-    descriptors.push_back(std::move(d));
+  return callEntry(entry_, tensors, error);
+}
+
+/// A C memref descriptor {allocated, aligned, offset, sizes, strides} of the
+/// contiguous tensor `t`.
+static std::vector<int64_t> descriptorOf(const Tensor &t) {
+  size_t rank = t.shape.size();
+  std::vector<int64_t> d(3 + 2 * rank);
+  d[0] = d[1] = reinterpret_cast<int64_t>(t.data);
+  d[2] = 0;
+  int64_t stride = 1;
+  for (size_t i = rank; i-- > 0;) {
+    d[3 + i] = t.shape[i];
+    d[3 + rank + i] = stride;
+    stride *= t.shape[i];
   }
-  std::vector<void *> ptrs;
+  return d;
+}
+
+bool Package::callEntry(void *entry, const std::vector<const Tensor *> &tensors,
+                        std::string &error) {
+  std::vector<std::vector<int64_t>> descriptors;
+  for (const Tensor *t : tensors)
+    descriptors.push_back(descriptorOf(*t));
+  std::vector<void *> p;
   for (auto &d : descriptors)
-    ptrs.push_back(d.data());
+    p.push_back(d.data());
   using P = void *;
-  switch (ptrs.size()) {
+  switch (p.size()) {
   case 4:
-    reinterpret_cast<void (*)(P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3]);
+    reinterpret_cast<void (*)(P, P, P, P)>(entry)(p[0], p[1], p[2], p[3]);
     break;
   case 5:
-    reinterpret_cast<void (*)(P, P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4]);
+    reinterpret_cast<void (*)(P, P, P, P, P)>(entry)(p[0], p[1], p[2], p[3], p[4]);
     break;
   case 6:
-    reinterpret_cast<void (*)(P, P, P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5]);
+    reinterpret_cast<void (*)(P, P, P, P, P, P)>(entry)(p[0], p[1], p[2], p[3], p[4], p[5]);
     break;
   case 7:
-    reinterpret_cast<void (*)(P, P, P, P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6]);
+    reinterpret_cast<void (*)(P, P, P, P, P, P, P)>(entry)(p[0], p[1], p[2], p[3], p[4], p[5], p[6]);
     break;
   case 8:
-    reinterpret_cast<void (*)(P, P, P, P, P, P, P, P)>(entry_)(ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6], ptrs[7]);
+    reinterpret_cast<void (*)(P, P, P, P, P, P, P, P)>(entry)(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+    break;
+  case 9:
+    reinterpret_cast<void (*)(P, P, P, P, P, P, P, P, P)>(entry)(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]);
+    break;
+  case 10:
+    reinterpret_cast<void (*)(P, P, P, P, P, P, P, P, P, P)>(entry)(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9]);
+    break;
+  case 11:
+    reinterpret_cast<void (*)(P, P, P, P, P, P, P, P, P, P, P)>(entry)(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]);
     break;
   default:
-    error = "manifest lists " + std::to_string(ptrs.size()) + " arguments; expected 4 to 8";
+    error = "manifest lists " + std::to_string(p.size()) +
+            " arguments; expected 4 to 11";
     return false;
   }
   return true;
+}
+
+bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
+                          const Tensor &out, const Tensor &lse,
+                          const Tensor &gradOut, const Tensor *lengths,
+                          const Tensor *keyBias, Tensor &dq, Tensor &dk,
+                          Tensor &dv, std::string &error) {
+  if (!backwardEntry_) {
+    error = "package " + name_ + " has no backward pass (compile it with "
+            "\"backward\": true; the CPU target only)";
+    return false;
+  }
+  // The forward's arguments as the forward checks them (out and lse are
+  // inputs here), then the gradients: each shaped and typed like its input.
+  Tensor lseCopy = lse;
+  if (!checkArguments(q, k, v, lengths, out, &lseCopy, error, {keyBias, nullptr}))
+    return false;
+  const std::pair<const char *, std::pair<const Tensor *, const Tensor *>>
+      likes[] = {{"grad_out", {&gradOut, &out}},
+                 {"dq", {&dq, &q}},
+                 {"dk", {&dk, &k}},
+                 {"dv", {&dv, &v}}};
+  for (const auto &[name, pair] : likes) {
+    const Tensor &t = *pair.first, &like = *pair.second;
+    if (!t.data) {
+      error = std::string(name) + ": null data pointer";
+      return false;
+    }
+    if (t.dtype != like.dtype || t.shape != like.shape) {
+      error = std::string(name) + ": " + t.dtype + " " + shapeString(t.shape) +
+              " must be " + like.dtype + " " + shapeString(like.shape);
+      return false;
+    }
+    if (!checkStrides(t, name, false, false, false, error))
+      return false;
+  }
+  std::vector<const Tensor *> tensors;
+  for (const ArgSpec &a : backwardArgs_) {
+    const std::string &n = a.name;
+    tensors.push_back(n == "q"          ? &q
+                      : n == "k"        ? &k
+                      : n == "v"        ? &v
+                      : n == "out"      ? &out
+                      : n == "lse"      ? &lse
+                      : n == "grad_out" ? &gradOut
+                      : n == "lengths"  ? lengths
+                      : n == "key_bias" ? keyBias
+                      : n == "dq"       ? &dq
+                      : n == "dk"       ? &dk
+                      : n == "dv"       ? &dv
+                                        : nullptr);
+    if (!tensors.back()) {
+      error = "manifest's backward names an unknown argument " + n;
+      return false;
+    }
+  }
+  return callEntry(backwardEntry_, tensors, error);
 }

@@ -172,7 +172,7 @@ Spec parse(const json &root, MLIRContext *ctx) {
   checkKeys(root, "", {"name", "dtype", "batch", "heads", "kv_heads",
                        "head_dim", "seq_len", "q_len", "kv_len", "scale",
                        "lse", "key_bias", "key_ids", "vocab", "pattern", "target",
-                       "distribution"});
+                       "distribution", "backward"});
   if (!root.contains("name"))
     fail("name", "is required");
   if (!root.at("name").is_string())
@@ -244,6 +244,21 @@ Spec parse(const json &root, MLIRContext *ctx) {
     fail("key_ids", "is not supported with a distribution section (distributed "
                     "tokenized attention exchanges embeddings instead: "
                     "attn.TokenizedAttention with nranks > 1)");
+  spec.backward = getBool(root, "", "backward", false);
+  if (spec.backward) {
+    if (spec.target.arch != "cpu")
+      fail("backward", "the backward pass is compiled for the CPU target only; "
+                       "GPU packages compute the forward pass (target.arch is " +
+                           spec.target.arch + ")");
+    if (spec.distribution.present)
+      fail("backward", "is not supported with a distribution section (ring "
+                       "packages compute the forward pass)");
+    if (spec.keyIds)
+      fail("backward", "is not supported with key_ids (gradients of the "
+                       "embedding tables are not computed)");
+    if (!spec.lse)
+      fail("backward", "needs the forward's lse: leave \"lse\" true");
+  }
   spec.json = root.dump();
   return spec;
 }
@@ -281,6 +296,36 @@ std::optional<Spec> mlir::attn::parseSpec(const std::string &text,
     error = (e.path.empty() ? std::string("(root)") : e.path) + ": " + e.message;
     return std::nullopt;
   }
+}
+
+/// `func.func @<name>_backward(q, k, v, out, lse, grad_out[, lengths]
+/// [, key_bias]) -> (dq, dk, dv)` with one `attn.attention_grad`, after the
+/// forward function at `b`.
+static void buildBackwardFunction(OpBuilder &b, Location loc, const Spec &spec,
+                                  RankedTensorType qType,
+                                  RankedTensorType kvType,
+                                  RankedTensorType lseType, bool lengths) {
+  int64_t lk = spec.kvLen.value_or(ShapedType::kDynamic);
+  SmallVector<Type> inputs{qType, kvType, kvType, qType, lseType, qType};
+  if (lengths)
+    inputs.push_back(RankedTensorType::get({spec.batch}, b.getI32Type()));
+  if (spec.keyBias)
+    inputs.push_back(RankedTensorType::get({spec.batch, lk}, b.getF32Type()));
+  SmallVector<Type> results{qType, kvType, kvType};
+  auto func = func::FuncOp::create(b, loc, spec.name + "_backward",
+                                   b.getFunctionType(inputs, results));
+  Block *entry = func.addEntryBlock();
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(entry);
+  unsigned next = 6;
+  Value lengthsArg = lengths ? entry->getArgument(next++) : Value();
+  Value biasArg = spec.keyBias ? entry->getArgument(next++) : Value();
+  auto op = AttentionGradOp::create(
+      b, loc, TypeRange(results), entry->getArgument(0), entry->getArgument(1),
+      entry->getArgument(2), entry->getArgument(3), entry->getArgument(4),
+      entry->getArgument(5), lengthsArg, biasArg, spec.pattern,
+      spec.scale ? b.getF64FloatAttr(*spec.scale) : FloatAttr());
+  func::ReturnOp::create(b, loc, op->getResults());
 }
 
 OwningOpRef<ModuleOp> mlir::attn::buildAttentionModule(const Spec &spec,
@@ -331,6 +376,10 @@ OwningOpRef<ModuleOp> mlir::attn::buildAttentionModule(const Spec &spec,
       idsArg, spec.pattern,
       spec.scale ? b.getF64FloatAttr(*spec.scale) : FloatAttr());
   func::ReturnOp::create(b, loc, op->getResults());
+  if (spec.backward) {
+    b.setInsertionPointAfter(func);
+    buildBackwardFunction(b, loc, spec, qType, kvType, lseType, lengths);
+  }
 
   module->getOperation()->setAttr("attn.target",
                                   b.getStringAttr(spec.target.arch));

@@ -216,6 +216,13 @@ LogicalResult mlir::attn::compileCpuPackage(ModuleOp module, const Spec &spec,
   FunctionType type = func.getFunctionType();
   nlohmann::json args = manifestArgs(type);
   nlohmann::json components = manifestComponents(spec);
+  nlohmann::json backward;
+  if (spec.backward) {
+    auto grad = module.lookupSymbol<func::FuncOp>(spec.name + "_backward");
+    backward = {{"name", grad.getName().str()},
+                {"symbol", "_mlir_ciface_" + grad.getName().str()},
+                {"args", manifestBackwardArgs(grad.getFunctionType())}};
+  }
 
   if (log)
     *log << "attn-compile: lowering " << spec.name << " ("
@@ -239,6 +246,8 @@ LogicalResult mlir::attn::compileCpuPackage(ModuleOp module, const Spec &spec,
       {"tile", {{"q_tile", opts.qTile}, {"kv_tile", opts.kvTile}}},
       {"scale", spec.effectiveScale()},
       {"spec", nlohmann::json::parse(spec.json)}};
+  if (spec.backward)
+    manifest["backward"] = backward;
   return writeManifest(manifest, outDir, error, log);
 }
 

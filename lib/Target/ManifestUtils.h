@@ -52,6 +52,25 @@ inline nlohmann::json manifestArgs(FunctionType type) {
   return args;
 }
 
+/// q, k, v, out, lse, grad_out[, lengths][, key_bias] -> dq, dk, dv of the
+/// backward function's type (its first six inputs are fixed; lengths are
+/// integers, the key bias f32).
+inline nlohmann::json manifestBackwardArgs(FunctionType type) {
+  nlohmann::json args = nlohmann::json::array();
+  const char *inputNames[] = {"q", "k", "v", "out", "lse", "grad_out"};
+  for (auto [i, t] : llvm::enumerate(type.getInputs())) {
+    auto shaped = cast<ShapedType>(t);
+    const char *name = i < 6 ? inputNames[i]
+                       : shaped.getElementType().isInteger() ? "lengths"
+                                                             : "key_bias";
+    args.push_back(manifestArg(name, "input", shaped));
+  }
+  const char *outputNames[] = {"dq", "dk", "dv"};
+  for (auto [i, t] : llvm::enumerate(type.getResults()))
+    args.push_back(manifestArg(outputNames[i], "output", cast<ShapedType>(t)));
+  return args;
+}
+
 /// The pattern's components as printed attributes.
 inline nlohmann::json manifestComponents(const Spec &spec) {
   nlohmann::json components = nlohmann::json::array();

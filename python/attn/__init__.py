@@ -163,6 +163,9 @@ def _runtime():
         lib.attn_package_run.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
         lib.attn_package_run_biased.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 7
         lib.attn_package_uses_key_bias.argtypes = [ctypes.c_void_p]
+        lib.attn_package_has_backward.argtypes = [ctypes.c_void_p]
+        lib.attn_package_run_backward.argtypes = ([ctypes.c_void_p]
+                                                  + [ctypes.POINTER(_Tensor)] * 11)
         lib.attn_package_uses_key_ids.argtypes = [ctypes.c_void_p]
         lib.attn_package_run_keys.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 8
                                               + [ctypes.c_void_p])
@@ -251,6 +254,7 @@ class Package:
         self.uses_key_bias = bool(lib.attn_package_uses_key_bias(handle))
         self.uses_key_ids = bool(lib.attn_package_uses_key_ids(handle))
         self.has_lse = bool(lib.attn_package_has_lse(handle))
+        self.has_backward = bool(lib.attn_package_has_backward(handle))
         self.ranks = int(lib.attn_package_ranks(handle))  # 0: not a ring package
         # GPU kernels run only in the CUDA context they were loaded in: the
         # package loads itself again for each further GPU its tensors are on.
@@ -359,6 +363,36 @@ class Package:
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         return (t["out"], t["lse"]) if return_lse else t["out"]
+
+    def backward(self, q, k, v, out, lse, grad_out, lengths=None, key_bias=None):
+        """The backward pass (docs/Backward.md) of a package compiled with
+        "backward": true (CPU target): from the forward's q, k, v (and its
+        lengths and key_bias, as the package takes them), its out and lse
+        (pkg(q, k, v, return_lse=True)) and grad_out, the gradient of a loss
+        with respect to out, returns (dq, dk, dv) as float32 NumPy arrays
+        shaped like q, k and v. key_bias gets no gradient."""
+        if not self.has_backward:
+            raise AttnError(f"package {self.manifest['name']} has no backward pass: "
+                            "compile it with \"backward\": true (CPU target)")
+        keep = []
+        named = [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse),
+                 ("grad_out", grad_out)]
+        ts = [_tensor(n, np.asarray(a), np.float32, _F32, keep) for n, a in named]
+        tl = tb = None
+        if lengths is not None:
+            tl = _tensor("lengths", np.asarray(lengths).astype(np.int32), np.int32, _I32, keep)
+        if key_bias is not None:
+            tb = _tensor("key_bias", np.asarray(key_bias), np.float32, _F32, keep)
+        # NaN-poisoned: the kernels must write every element.
+        grads = [np.full(np.shape(a), np.nan, dtype=np.float32) for a in (q, k, v)]
+        tg = [_tensor(n, g, np.float32, _F32, keep) for n, g in zip(("dq", "dk", "dv"), grads)]
+        ref = lambda x: ctypes.byref(x) if x is not None else None
+        lib = _runtime()
+        rc = lib.attn_package_run_backward(self._handle, *[ref(t) for t in ts], ref(tl),
+                                           ref(tb), *[ref(t) for t in tg])
+        if rc != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        return tuple(grads)
 
     def run_ranks(self, q, k, v, lengths=None, return_lse=False):
         """Runs every rank of a ring package in this process (threads for

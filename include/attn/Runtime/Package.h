@@ -97,6 +97,17 @@ public:
   bool usesKeyBias() const;
   bool usesKeyIds() const;
 
+  /// Whether the package was compiled with "backward": true (CPU only).
+  bool hasBackward() const { return backwardEntry_ != nullptr; }
+  /// The backward pass (docs/Backward.md): from the forward's q, k, v[,
+  /// lengths][, keyBias], its out and lse, and the gradient of out, writes
+  /// dq, dk and dv (each like its input; f32, contiguous). Returns false and
+  /// sets `error` on bad arguments or a package without a backward pass.
+  bool runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
+                   const Tensor &out, const Tensor &lse, const Tensor &gradOut,
+                   const Tensor *lengths, const Tensor *keyBias, Tensor &dq,
+                   Tensor &dk, Tensor &dv, std::string &error);
+
   /// Runs this rank's part of a ring package (Ring.h) on its local chunk:
   /// q [B,H,C,D], k/v [B,Hkv,C,D] -> out [B,H,C,D][, lse [B,H,C]], with
   /// global lengths [B]. Rows travel over `transport`; `stats` (may be null)
@@ -135,6 +146,9 @@ private:
                       const Tensor *lengths, const Tensor &out,
                       const Tensor *lse, std::string &error,
                       KeyInputs keys = {}) const;
+  /// Calls a CPU entry point with the memref descriptors of `tensors`.
+  static bool callEntry(void *entry, const std::vector<const Tensor *> &tensors,
+                        std::string &error);
   bool runCpu(const Tensor &q, const Tensor &k, const Tensor &v,
               const Tensor *lengths, Tensor &out, Tensor *lse,
               std::string &error, KeyInputs keys);
@@ -148,6 +162,8 @@ private:
   std::vector<ArgSpec> args_;
   void *library_ = nullptr;
   void *entry_ = nullptr;
+  std::vector<ArgSpec> backwardArgs_;
+  void *backwardEntry_ = nullptr;
   std::unique_ptr<GpuModule> gpu_;
   std::unique_ptr<RingProgram> ring_;
   void *ringInit_ = nullptr, *ringFinalize_ = nullptr;

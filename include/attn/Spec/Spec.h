@@ -44,6 +44,8 @@ struct Spec {
   /// takes key_ids [B, kv_len] i32: k and v are tables [1, Hkv, vocab, D]
   bool keyIds = false;
   std::optional<int64_t> vocab; ///< table rows with key_ids; absent = dynamic
+  /// also compile `<name>_backward` (the CPU target's gradients)
+  bool backward = false;
   Attribute pattern;
   SpecTarget target;
   SpecDistribution distribution;
@@ -59,7 +61,9 @@ std::optional<Spec> parseSpec(const std::string &text, MLIRContext *ctx,
 
 /// A module holding
 /// `func.func @<name>(q, k, v[, lengths][, key_bias][, key_ids]) -> (out[, lse])`
-/// with one `attn.attention`.
+/// with one `attn.attention`, and with `backward` also
+/// `func.func @<name>_backward(q, k, v, out, lse, grad_out[, lengths]
+/// [, key_bias]) -> (dq, dk, dv)` with one `attn.attention_grad`.
 OwningOpRef<ModuleOp> buildAttentionModule(const Spec &spec, MLIRContext *ctx);
 
 } // namespace mlir::attn

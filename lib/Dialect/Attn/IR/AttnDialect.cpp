@@ -285,11 +285,16 @@ void ComponentAttr::print(AsmPrinter &printer) const {
 // AttentionOp
 //===----------------------------------------------------------------------===//
 
-double AttentionOp::getEffectiveScale() {
-  if (FloatAttr scale = getScaleAttr())
+/// The `scale` attribute, or 1/sqrt(head_dim) of `query`.
+static double effectiveScale(FloatAttr scale, RankedTensorType query) {
+  if (scale)
     return scale.getValueAsDouble();
-  int64_t d = getQuery().getType().getDimSize(dims::kHeadDim);
+  int64_t d = query.getDimSize(dims::kHeadDim);
   return ShapedType::isDynamic(d) ? 1.0 : 1.0 / std::sqrt(double(d));
+}
+
+double AttentionOp::getEffectiveScale() {
+  return effectiveScale(getScaleAttr(), getQuery().getType());
 }
 
 /// Checks that `a` and `b` agree in dimension `dim` when both are static.
@@ -303,9 +308,16 @@ static LogicalResult checkDim(Operation *op, ShapedType a, StringRef aName,
   return success();
 }
 
-LogicalResult AttentionOp::verify() {
-  auto q = getQuery().getType(), k = getKey().getType(),
-       v = getValue().getType();
+/// The checks attn.attention and attn.attention_grad share: q, k and v of
+/// rank 4 with one element type and agreeing sizes, the lengths that the
+/// pattern needs, key_ids and key_bias shapes and a positive scale.
+static LogicalResult verifyAttentionInputs(Operation *op, RankedTensorType q,
+                                           RankedTensorType k,
+                                           RankedTensorType v, Value lengths,
+                                           Value keyBias, Value keyIds,
+                                           Attribute patternAttr,
+                                           FloatAttr scale) {
+  auto emitOpError = [&]() { return op->emitOpError(); };
   for (auto [name, type] : {std::pair<StringRef, RankedTensorType>{"query", q},
                             {"key", k},
                             {"value", v}})
@@ -314,19 +326,19 @@ LogicalResult AttentionOp::verify() {
                            << type;
   if (k.getElementType() != q.getElementType() ||
       v.getElementType() != q.getElementType())
-    return emitOpError("query, key and value must have one element type");
+    return emitOpError() << "query, key and value must have one element type";
   if (q.getDimSize(dims::kHeadDim) == 0)
-    return emitOpError("head dim must be >= 1");
-  if (failed(checkDim(*this, k, "key", dims::kBatch, v, "value", dims::kBatch,
+    return emitOpError() << "head dim must be >= 1";
+  if (failed(checkDim(op, k, "key", dims::kBatch, v, "value", dims::kBatch,
                       "batch sizes")) ||
-      failed(checkDim(*this, q, "query", dims::kHeadDim, k, "key",
+      failed(checkDim(op, q, "query", dims::kHeadDim, k, "key",
                       dims::kHeadDim, "head dims")) ||
-      failed(checkDim(*this, k, "key", dims::kHeadDim, v, "value",
+      failed(checkDim(op, k, "key", dims::kHeadDim, v, "value",
                       dims::kHeadDim, "head dims")) ||
-      failed(checkDim(*this, k, "key", dims::kHeads, v, "value", dims::kHeads,
+      failed(checkDim(op, k, "key", dims::kHeads, v, "value", dims::kHeads,
                       "head counts")) ||
-      failed(checkDim(*this, k, "key", dims::kRows, v, "value", dims::kRows,
-                      getKeyIds() ? "table rows" : "sequence lengths")))
+      failed(checkDim(op, k, "key", dims::kRows, v, "value", dims::kRows,
+                      keyIds ? "table rows" : "sequence lengths")))
     return failure();
   int64_t h = q.getDimSize(dims::kHeads), hkv = k.getDimSize(dims::kHeads);
   if (!ShapedType::isDynamic(h) && !ShapedType::isDynamic(hkv) &&
@@ -334,18 +346,18 @@ LogicalResult AttentionOp::verify() {
     return emitOpError() << "key/value heads (" << hkv
                          << ") must divide query heads (" << h << ")";
 
-  auto pattern = cast<PatternAttrInterface>(getPattern());
-  if (pattern.usesLengths() && !getLengths())
-    return emitOpError("pattern ")
-           << getPattern() << " needs the 'lengths' operand";
-  if (!pattern.usesLengths() && getLengths())
-    return emitOpError("'lengths' given but pattern ")
-           << getPattern() << " has no tokenized part";
-  if (auto lengths = getLengths()) {
+  auto pattern = cast<PatternAttrInterface>(patternAttr);
+  if (pattern.usesLengths() && !lengths)
+    return emitOpError() << "pattern " << patternAttr
+                         << " needs the 'lengths' operand";
+  if (!pattern.usesLengths() && lengths)
+    return emitOpError() << "'lengths' given but pattern " << patternAttr
+                         << " has no tokenized part";
+  if (lengths) {
     auto lt = cast<RankedTensorType>(lengths.getType());
     if (lt.getRank() != 1)
       return emitOpError() << "lengths must have rank 1 [B], got " << lt;
-    if (failed(checkDim(*this, q, "query", dims::kBatch, lt, "lengths", 0,
+    if (failed(checkDim(op, q, "query", dims::kBatch, lt, "lengths", 0,
                         "batch sizes")))
       return failure();
   }
@@ -354,11 +366,11 @@ LogicalResult AttentionOp::verify() {
   ShapedType keysType = k;
   unsigned keysDim = dims::kRows;
   StringRef keysName = "key";
-  if (auto ids = getKeyIds()) {
-    auto it = cast<RankedTensorType>(ids.getType());
+  if (keyIds) {
+    auto it = cast<RankedTensorType>(keyIds.getType());
     if (it.getRank() != 2)
       return emitOpError() << "key_ids must have rank 2 [B, Lk], got " << it;
-    if (failed(checkDim(*this, q, "query", dims::kBatch, it, "key_ids", 0,
+    if (failed(checkDim(op, q, "query", dims::kBatch, it, "key_ids", 0,
                         "batch sizes")))
       return failure();
     if (k.getDimSize(dims::kBatch) != 1)
@@ -368,23 +380,33 @@ LogicalResult AttentionOp::verify() {
     keysType = it;
     keysDim = 1;
     keysName = "key_ids";
-  } else if (failed(checkDim(*this, q, "query", dims::kBatch, k, "key",
+  } else if (failed(checkDim(op, q, "query", dims::kBatch, k, "key",
                              dims::kBatch, "batch sizes"))) {
     return failure();
   }
-  if (auto bias = getKeyBias()) {
-    auto bt = cast<RankedTensorType>(bias.getType());
+  if (keyBias) {
+    auto bt = cast<RankedTensorType>(keyBias.getType());
     if (bt.getRank() != 2)
       return emitOpError() << "key_bias must have rank 2 [B, Lk], got " << bt;
-    if (failed(checkDim(*this, q, "query", dims::kBatch, bt, "key_bias", 0,
+    if (failed(checkDim(op, q, "query", dims::kBatch, bt, "key_bias", 0,
                         "batch sizes")) ||
-        failed(checkDim(*this, keysType, keysName, keysDim, bt, "key_bias", 1,
+        failed(checkDim(op, keysType, keysName, keysDim, bt, "key_bias", 1,
                         "key counts")))
       return failure();
   }
-  if (FloatAttr scale = getScaleAttr(); scale && !(scale.getValueAsDouble() > 0.0))
+  if (scale && !(scale.getValueAsDouble() > 0.0))
     return emitOpError() << "scale must be > 0, got " << scale.getValueAsDouble();
 
+  return success();
+}
+
+LogicalResult AttentionOp::verify() {
+  auto q = getQuery().getType();
+  if (failed(verifyAttentionInputs(*this, q, getKey().getType(),
+                                   getValue().getType(), getLengths(),
+                                   getKeyBias(), getKeyIds(), getPattern(),
+                                   getScaleAttr())))
+    return failure();
   auto out = getOutput().getType();
   if (out.getShape() != q.getShape() ||
       out.getElementType() != q.getElementType())
@@ -450,22 +472,30 @@ LogicalResult InitStateOp::verify() {
   return verifyDestinationStyle(*this, {getAcc(), getMax(), getSum()});
 }
 
-LogicalResult ComponentOp::verify() {
-  if (failed(verifyStateShapes(*this, getAcc(), getMax(), getSum())))
-    return failure();
-  ComponentAttr c = getComponent();
+/// What attn.component and attn.component_grad check alike: the lengths the
+/// component reads, a positive scale and 0, 2 or 5 origins.
+static LogicalResult verifyComponentOperands(Operation *op, ComponentAttr c,
+                                             Value lengths, FloatAttr scale,
+                                             size_t numOrigins) {
   bool filtersUseLengths =
       anyUsesLengths(c.getInclude()) || anyUsesLengths(c.getExclude());
-  if ((c.getUseLengths() || filtersUseLengths) && !getLengths())
-    return emitOpError("component reads lengths but none are given");
-  if (!(getScaleAttr().getValueAsDouble() > 0.0))
-    return emitOpError("scale must be > 0");
-  const size_t numOrigins = getOrigins().size();
+  if ((c.getUseLengths() || filtersUseLengths) && !lengths)
+    return op->emitOpError("component reads lengths but none are given");
+  if (!(scale.getValueAsDouble() > 0.0))
+    return op->emitOpError("scale must be > 0");
   if (numOrigins != 0 && numOrigins != 2 && numOrigins != 5)
-    return emitOpError("origins are (query origin, key origin) or (query "
-                       "origin, key origin, query position, key position, "
-                       "stride), got ")
+    return op->emitOpError("origins are (query origin, key origin) or (query "
+                           "origin, key origin, query position, key position, "
+                           "stride), got ")
            << numOrigins << " values";
+  return success();
+}
+
+LogicalResult ComponentOp::verify() {
+  if (failed(verifyStateShapes(*this, getAcc(), getMax(), getSum())) ||
+      failed(verifyComponentOperands(*this, getComponent(), getLengths(),
+                                     getScaleAttr(), getOrigins().size())))
+    return failure();
   return verifyDestinationStyle(*this, {getAcc(), getMax(), getSum()});
 }
 
@@ -476,4 +506,66 @@ LogicalResult FinalizeOp::verify() {
   if (getLse())
     destinations.push_back(getLse());
   return verifyDestinationStyle(*this, destinations);
+}
+
+//===----------------------------------------------------------------------===//
+// The backward pass
+//===----------------------------------------------------------------------===//
+
+double AttentionGradOp::getEffectiveScale() {
+  return effectiveScale(getScaleAttr(), getQuery().getType());
+}
+
+/// `what`'s type must be `expected` (the gradient of an input, or the
+/// forward's output like the query).
+static LogicalResult checkSameType(Operation *op, Type actual, Type expected,
+                                   StringRef what, StringRef like) {
+  if (actual != expected)
+    return op->emitOpError() << what << " type " << actual << " must equal the "
+                             << like << " type " << expected;
+  return success();
+}
+
+LogicalResult AttentionGradOp::verify() {
+  auto q = getQuery().getType(), k = getKey().getType(),
+       v = getValue().getType();
+  if (failed(verifyAttentionInputs(*this, q, k, v, getLengths(), getKeyBias(),
+                                   /*keyIds=*/Value(), getPattern(),
+                                   getScaleAttr())) ||
+      failed(checkSameType(*this, getOutput().getType(), q, "output", "query")) ||
+      failed(checkSameType(*this, getGradOutput().getType(), q, "grad_output",
+                           "query")) ||
+      failed(checkSameType(*this, getGradQuery().getType(), q, "grad_query",
+                           "query")) ||
+      failed(checkSameType(*this, getGradKey().getType(), k, "grad_key", "key")) ||
+      failed(checkSameType(*this, getGradValue().getType(), v, "grad_value",
+                           "value")))
+    return failure();
+  auto lse = getLse().getType();
+  if (lse.getShape() != q.getShape().drop_back())
+    return emitOpError() << "lse type " << lse << " must be [B, H, Lq] of " << q;
+  return success();
+}
+
+LogicalResult GradInitOp::verify() {
+  auto out = cast<ShapedType>(getOutput().getType());
+  auto delta = cast<ShapedType>(getDelta().getType());
+  if (out.getRank() != dims::kTensorRank ||
+      delta.getRank() != dims::kRowStateRank || !delta.getElementType().isF32())
+    return emitOpError("output must be [B,H,Lq,D] and delta [B,H,Lq] f32");
+  if (getGradOutput().getType() != getOutput().getType())
+    return emitOpError("grad_output must have the output's type");
+  return verifyDestinationStyle(*this, {getDelta(), getDq(), getDk(), getDv()});
+}
+
+LogicalResult ComponentGradOp::verify() {
+  if (failed(verifyComponentOperands(*this, getComponent(), getLengths(),
+                                     getScaleAttr(), getOrigins().size())))
+    return failure();
+  if (getDq().getType() != getQuery().getType() ||
+      getDk().getType() != getKey().getType() ||
+      getDv().getType() != getValue().getType())
+    return emitOpError("dq, dk and dv must have the types of query, key and "
+                       "value");
+  return verifyDestinationStyle(*this, {getDq(), getDk(), getDv()});
 }

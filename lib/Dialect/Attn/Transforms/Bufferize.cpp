@@ -4,7 +4,9 @@
 // has a fixed shape (state init, components, finalize on fresh tensors), so
 // each function is rebuilt on memrefs: tensor arguments become memrefs, the
 // results become trailing output memrefs that finalize writes in place, and
-// the state tensors become allocations freed before returning.
+// the state tensors become allocations freed before returning. A backward
+// pass (grad_init, component_grad...) accumulates its gradients straight into
+// the output memrefs; its delta is an allocation.
 //
 //===----------------------------------------------------------------------===//
 
@@ -38,7 +40,9 @@ struct AttnBufferizePass
       if (f.isExternal())
         return;
       auto inits = f.getBody().getOps<InitStateOp>();
-      if (!inits.empty() && (*inits.begin()).getNumResults() != 0)
+      auto gradInits = f.getBody().getOps<GradInitOp>();
+      if ((!inits.empty() && (*inits.begin()).getNumResults() != 0) ||
+          (!gradInits.empty() && (*gradInits.begin()).getNumResults() != 0))
         funcs.push_back(f);
     });
     for (func::FuncOp f : funcs)
@@ -70,14 +74,24 @@ struct AttnBufferizePass
       map.map(oldArg, newArg);
 
     // Finalize results that the function returns are written in place into
-    // the matching output argument.
+    // the matching output argument; so are returned gradients, from the
+    // grad_init that starts them (component_grads update them in place).
     auto returnOp = cast<func::ReturnOp>(oldBody.getTerminator());
     DenseMap<Value, Value> resultToOutput;
     for (auto [index, returned] : llvm::enumerate(returnOp.getOperands())) {
-      if (!returned.getDefiningOp<FinalizeOp>())
+      Value origin = returned;
+      while (auto c = origin.getDefiningOp<ComponentGradOp>()) {
+        unsigned n = cast<OpResult>(origin).getResultNumber();
+        SmallVector<Value> grads{c.getDq(), c.getDk(), c.getDv()};
+        origin = grads[n];
+      }
+      auto init = origin.getDefiningOp<GradInitOp>();
+      if (!returned.getDefiningOp<FinalizeOp>() &&
+          !(init && cast<OpResult>(origin).getResultNumber() != 0))
         return returnOp.emitError("attn-bufferize: result ")
-               << index << " is not produced by attn.finalize";
-      resultToOutput[returned] =
+               << index
+               << " is not produced by attn.finalize or a gradient chain";
+      resultToOutput[origin] =
           entry->getArgument(oldType.getNumInputs() + index);
     }
 
@@ -139,6 +153,35 @@ struct AttnBufferizePass
                 c.getComponent(), c.getScaleAttr());
             map.map(c.getResults(),
                     ValueRange{nc.getAcc(), nc.getMax(), nc.getSum()});
+          })
+          .Case([&](GradInitOp g) {
+            SmallVector<Value> tensors{g.getDelta(), g.getDq(), g.getDk(),
+                                       g.getDv()};
+            SmallVector<Value> dests;
+            for (auto [t, result] : llvm::zip(tensors, g.getResults()))
+              dests.push_back(destination(t, result));
+            if (llvm::is_contained(dests, Value())) {
+              ok = g.emitError("attn-bufferize: grad_init must write into "
+                               "tensor.empty or returned gradients");
+              return;
+            }
+            GradInitOp::create(b, loc, TypeRange{}, map.lookup(g.getOutput()),
+                               map.lookup(g.getGradOutput()), dests[0],
+                               dests[1], dests[2], dests[3]);
+            map.map(g.getResults(), dests);
+          })
+          .Case([&](ComponentGradOp c) {
+            auto lookup = [&](Value v) { return v ? map.lookup(v) : Value(); };
+            auto nc = ComponentGradOp::create(
+                b, loc, TypeRange{}, lookup(c.getQuery()), lookup(c.getKey()),
+                lookup(c.getValue()), lookup(c.getGradOutput()),
+                lookup(c.getLse()), lookup(c.getDelta()),
+                lookup(c.getLengths()), lookup(c.getKeyBias()),
+                lookup(c.getDq()), lookup(c.getDk()), lookup(c.getDv()),
+                llvm::map_to_vector(c.getOrigins(),
+                                    [&](Value o) { return map.lookupOrDefault(o); }),
+                c.getComponent(), c.getScaleAttr());
+            map.map(c.getResults(), ValueRange{nc.getDq(), nc.getDk(), nc.getDv()});
           })
           .Case([&](FinalizeOp f) {
             SmallVector<Value> dests{destination(f.getOutput(), f.getResult(0))};

@@ -1,8 +1,9 @@
 //===- Decompose.cpp - attn.attention -> dense components -----------------===//
 //
 // attn-decompose: replaces attn.attention by init_state, one attn.component
-// per component of its pattern (attn::decompose in lib/Pattern), and finalize.
-// All at tensor level; shapes of the state follow the query's, dynamic sizes
+// per component of its pattern (attn::decompose in lib/Pattern), and finalize;
+// and attn.attention_grad by grad_init and one attn.component_grad per
+// component (the same components: their gradients add up). All at tensor level; shapes of the state follow the query's, dynamic sizes
 // are read with tensor.dim.
 //
 //===----------------------------------------------------------------------===//
@@ -40,6 +41,46 @@ struct AttnDecomposePass
     getOperation()->walk([&](AttentionOp op) { ops.push_back(op); });
     for (AttentionOp op : ops)
       rewrite(op);
+    SmallVector<AttentionGradOp> grads;
+    getOperation()->walk([&](AttentionGradOp op) { grads.push_back(op); });
+    for (AttentionGradOp op : grads)
+      rewrite(op);
+  }
+
+  void rewrite(AttentionGradOp op) {
+    OpBuilder b(op);
+    Location loc = op.getLoc();
+    auto qType = op.getQuery().getType();
+    Value delta = emptyLike(b, loc, op.getQuery(), qType.getShape().drop_back(),
+                            b.getF32Type());
+    auto gradLike = [&](Value input) {
+      auto t = cast<RankedTensorType>(input.getType());
+      return emptyLike(b, loc, input, t.getShape(), t.getElementType());
+    };
+    Value dq = gradLike(op.getQuery()), dk = gradLike(op.getKey()),
+          dv = gradLike(op.getValue());
+    auto init = GradInitOp::create(
+        b, loc, TypeRange{delta.getType(), dq.getType(), dk.getType(), dv.getType()},
+        op.getOutput(), op.getGradOutput(), delta, dq, dk, dv);
+    delta = init.getResult(0);
+    SmallVector<Value> grads{init.getResult(1), init.getResult(2),
+                             init.getResult(3)};
+    SmallVector<Type> gradTypes{dq.getType(), dk.getType(), dv.getType()};
+
+    FloatAttr scale = b.getF64FloatAttr(op.getEffectiveScale());
+    for (ComponentAttr component : decompose(op.getPattern())) {
+      auto c = ComponentGradOp::create(
+          b, loc, gradTypes, op.getQuery(), op.getKey(), op.getValue(),
+          op.getGradOutput(), op.getLse(), delta,
+          component.getUseLengths() || component.hasFilters() ? op.getLengths()
+                                                              : Value(),
+          op.getKeyBias(), grads[0], grads[1], grads[2],
+          /*origins=*/ValueRange{}, component, scale);
+      grads.assign(c.getResults().begin(), c.getResults().end());
+      ++numComponents;
+    }
+    op->replaceAllUsesWith(grads);
+    op->erase();
   }
 
   void rewrite(AttentionOp op) {

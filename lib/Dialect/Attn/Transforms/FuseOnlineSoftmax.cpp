@@ -15,8 +15,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "attn/Dialect/Attn/IR/AttnDims.h"
-#include "attn/Dialect/Attn/IR/AttnOrigins.h"
+#include "TilePairs.h"
+
 #include "attn/Dialect/Attn/Transforms/Passes.h"
 #include "attn/Utils/FloatMath.h"
 #include "attn/Utils/IndexMath.h"
@@ -36,30 +36,6 @@ using namespace mlir;
 using namespace mlir::attn;
 
 namespace {
-
-/// `for i in [lb, ub) { body(i) }`.
-template <typename Fn>
-void forEach(OpBuilder &b, Location loc, Value lb, Value ub, Fn body) {
-  auto loop = scf::ForOp::create(b, loc, lb, ub,
-                                 arith::ConstantIndexOp::create(b, loc, 1));
-  OpBuilder::InsertionGuard guard(b);
-  b.setInsertionPointToStart(loop.getBody());
-  body(loop.getInductionVar());
-}
-
-/// `for i in [lb, ub) iter(x = init) { x = body(i, x) }`, returns the final x.
-template <typename Fn>
-Value reduce(OpBuilder &b, Location loc, Value lb, Value ub, Value init,
-             Fn body) {
-  auto loop = scf::ForOp::create(b, loc, lb, ub,
-                                 arith::ConstantIndexOp::create(b, loc, 1),
-                                 ValueRange{init});
-  OpBuilder::InsertionGuard guard(b);
-  b.setInsertionPointToStart(loop.getBody());
-  Value next = body(loop.getInductionVar(), loop.getRegionIterArgs()[0]);
-  scf::YieldOp::create(b, loc, next);
-  return loop.getResult(0);
-}
 
 void lowerInitState(InitStateOp op) {
   OpBuilder b(op);
@@ -131,47 +107,17 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
   Location loc = op.getLoc();
   FloatMath f{b, loc};
   IndexMath m{b, loc};
-  ComponentAttr comp = op.getComponent();
-  Value q = op.getQuery(), k = op.getKey(), v = op.getValue();
-  Value bIdx = op.getBatch(), h = op.getHead(), base = op.getGroupBase();
-  Value c0 = m.c(0), r = m.c(comp.getPeriod());
-
-  Value heads = memref::DimOp::create(b, loc, q, dims::kHeads);
-  Value kvHeads = memref::DimOp::create(b, loc, k, dims::kHeads);
-  Value qLen = memref::DimOp::create(b, loc, q, dims::kRows);
-  Value kLen = keyCount(b, loc, k, op.getKeyIds());
-  Value headDim = memref::DimOp::create(b, loc, q, dims::kHeadDim);
-  Value g = arith::DivUIOp::create(b, loc, h,
-                                   arith::DivUIOp::create(b, loc, heads, kvHeads));
-  // Row index = position - qOrigin, key index = position - kOrigin. With
-  // origins, the filters see global positions (as rows of a square problem).
-  // With origins the filters see positions q_pos + stride * i and
-  // k_pos + stride * j (AttnOrigins.h).
-  Placement at = Placement::decode(m, op.getOrigins(), qLen, kLen);
-  const bool hasOrigins = at.hasOrigins;
-  Value qOrigin = at.qOrigin, kOrigin = at.kOrigin;
-  Value predQLen = hasOrigins ? c0 : qLen, predKLen = hasOrigins ? c0 : kLen;
-  Value scale = f.c(float(op.getScaleAttr().getValueAsDouble()));
-  Value length;
-  if (op.getLengths()) {
-    length = memref::LoadOp::create(b, loc, op.getLengths(), bIdx);
-    length = arith::IndexCastOp::create(b, loc, b.getIndexType(), length);
-  }
-
-  // Key j of batch b: row j of k[b], or with key_ids row key_ids[b, j] of
-  // the tables k[0] and v[0].
-  auto keyRow = [&](Value j) -> std::pair<Value, Value> {
-    if (!op.getKeyIds())
-      return {bIdx, j};
-    Value id = memref::LoadOp::create(b, loc, op.getKeyIds(),
-                                      ValueRange{bIdx, j});
-    return {c0, arith::IndexCastOp::create(b, loc, b.getIndexType(), id)};
-  };
+  Value v = op.getValue();
+  Value bIdx = op.getBatch(), h = op.getHead();
+  Value c0 = m.c(0);
+  TilePairs pairs(b, loc, op.getComponent(), op.getQuery(), op.getKey(),
+                  op.getLengths(), op.getKeyBias(), op.getKeyIds(), bIdx, h,
+                  op.getGroupBase(), op.getOrigins(),
+                  op.getScaleAttr().getValueAsDouble(), op.getMasked());
+  Value g = pairs.kvHead(), headDim = pairs.headDim();
 
   forEach(b, loc, op.getRowBegin(), op.getRowEnd(), [&](Value tq) {
-    Value rowPos = m.add(base, m.mul(r, tq));
-    Value i = m.sub(rowPos, qOrigin);
-    Value predRow = hasOrigins ? m.add(at.qPos, m.mul(at.stride, i)) : i;
+    Value i = pairs.rowIndex(tq);
     SmallVector<Value> row{bIdx, h, i};
     Value oldMax = memref::LoadOp::create(b, loc, op.getMax(), row);
     Value oldSum = memref::LoadOp::create(b, loc, op.getSum(), row);
@@ -180,57 +126,7 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
     Value newMax = reduce(
         b, loc, op.getKeyBegin(), op.getKeyEnd(), oldMax,
         [&](Value tk, Value runMax) {
-          Value keyPos = m.add(base, m.mul(r, tk));
-          Value j = m.sub(keyPos, kOrigin);
-          Value predKey =
-              hasOrigins ? m.add(at.kPos, m.mul(at.stride, j)) : keyPos;
-          auto dot = [&]() {
-            auto [kb, kRow] = keyRow(j);
-            Value sum = reduce(b, loc, c0, headDim, f.c(0.0f),
-                               [&](Value d, Value acc) {
-                                 Value qd = f.load(q, ValueRange{bIdx, h, i, d});
-                                 Value kd = f.load(k, ValueRange{kb, g, kRow, d});
-                                 return f.fma(qd, kd, acc);
-                               });
-            Value score = f.mul(scale, sum);
-            if (op.getKeyBias()) // log(count), -inf for ignored keys
-              score = f.add(score, memref::LoadOp::create(
-                                       b, loc, op.getKeyBias(),
-                                       ValueRange{bIdx, j}));
-            return score;
-          };
-          Value s;
-          if (op.getMasked()) {
-            // In the band lo <= t_q - t_k <= hi, in every include pattern and
-            // in no exclude pattern.
-            Value inside = m.truth(true);
-            Value dt = m.sub(tq, tk);
-            if (comp.getBandLo() != ComponentAttr::kNegInf)
-              inside = m.both(inside, m.le(m.c(comp.getBandLo()), dt));
-            if (comp.getBandHi() != ComponentAttr::kPosInf)
-              inside = m.both(inside, m.le(dt, m.c(comp.getBandHi())));
-            for (Attribute inc : comp.getInclude())
-              inside = m.both(inside, buildPatternPredicate(
-                                          b, loc, inc, h, predRow, predKey,
-                                          predQLen, predKLen, length));
-            for (Attribute exc : comp.getExclude()) {
-              Value in = buildPatternPredicate(b, loc, exc, h, predRow, predKey,
-                                               predQLen, predKLen, length);
-              inside = m.both(inside, m.eq(in, m.truth(false)));
-            }
-            auto ifOp = scf::IfOp::create(b, loc, TypeRange{b.getF32Type()},
-                                          inside, /*withElse=*/true);
-            {
-              OpBuilder::InsertionGuard guard(b);
-              b.setInsertionPointToStart(ifOp.thenBlock());
-              scf::YieldOp::create(b, loc, dot());
-              b.setInsertionPointToStart(ifOp.elseBlock());
-              scf::YieldOp::create(b, loc, f.negInf());
-            }
-            s = ifOp.getResult(0);
-          } else {
-            s = dot();
-          }
+          Value s = pairs.score(tq, i, tk, pairs.keyIndex(tk));
           memref::StoreOp::create(b, loc, s, scores,
                                   m.sub(tk, op.getKeyBegin()));
           return f.max(runMax, s);
@@ -251,11 +147,11 @@ void lowerTileUpdate(TileUpdateOp op, Value scores) {
     Value newSum = reduce(
         b, loc, op.getKeyBegin(), op.getKeyEnd(), f.mul(oldSum, alpha),
         [&](Value tk, Value runSum) {
-          Value j = m.sub(m.add(base, m.mul(r, tk)), kOrigin);
+          Value j = pairs.keyIndex(tk);
           Value s = memref::LoadOp::create(b, loc, scores,
                                            m.sub(tk, op.getKeyBegin()));
           Value p = f.exp(f.sub(s, newMax)); // exp(-inf) = 0 for masked keys
-          auto [vb, vRow] = keyRow(j);
+          auto [vb, vRow] = pairs.keyRow(j);
           forEach(b, loc, c0, headDim, [&](Value d) {
             SmallVector<Value> at{bIdx, h, i, d};
             Value a = memref::LoadOp::create(b, loc, op.getAcc(), at);

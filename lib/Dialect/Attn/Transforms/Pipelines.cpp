@@ -30,6 +30,7 @@ void mlir::attn::buildAttnTilingPipeline(OpPassManager &pm,
 
 void mlir::attn::buildAttnFusionPipeline(OpPassManager &pm) {
   pm.addPass(createAttnFuseOnlineSoftmax());
+  pm.addPass(createAttnLowerGrad());
   pm.addPass(createCanonicalizerPass());
   pm.addPass(createCSEPass());
   pm.addPass(createLoopInvariantCodeMotionPass());

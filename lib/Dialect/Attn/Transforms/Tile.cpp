@@ -14,6 +14,7 @@
 // code for every sequence length (lengths[b] clips the row and key ranges).
 // Rows and keys sit at positions origin + index: the component's `origins`
 // (a rank's slice of the sequence) or the bottom-right alignment (Lk - Lq, 0).
+// attn.component_grad gets the same loops, of attn.tile_grad.
 //
 //===----------------------------------------------------------------------===//
 
@@ -52,32 +53,73 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
       getOperation()->emitError("attn-tile: tile sizes must be >= 1");
       return signalPassFailure();
     }
-    SmallVector<ComponentOp> ops;
-    getOperation()->walk([&](ComponentOp op) {
-      if (op.getNumResults() == 0)
+    SmallVector<Operation *> ops;
+    getOperation()->walk([&](Operation *op) {
+      if (isa<ComponentOp, ComponentGradOp>(op) && op->getNumResults() == 0)
         ops.push_back(op);
     });
-    for (ComponentOp op : ops) {
-      tile(op);
+    for (Operation *op : ops) {
+      if (auto c = dyn_cast<ComponentOp>(op))
+        tile(c);
+      else
+        tile(cast<ComponentGradOp>(op));
+      op->erase();
       ++numTiledComponents;
     }
   }
 
   void tile(ComponentOp op) {
     OpBuilder b(op);
-    Location loc = op.getLoc();
+    TypedAttr maxKeys = b.getI64IntegerAttr(kvTile);
+    schedule(b, op.getLoc(), op.getComponent(), op.getQuery(), op.getKey(),
+             op.getKeyIds(), op.getLengths(), op.getOrigins(),
+             [&](Value bIdx, Value hIdx, Value base, Value q0, Value q1,
+                 Value k0, Value k1, bool masked) {
+               TileUpdateOp::create(
+                   b, op.getLoc(), op.getQuery(), op.getKey(), op.getValue(),
+                   op.getLengths(), op.getKeyBias(), op.getKeyIds(),
+                   op.getAcc(), op.getMax(), op.getSum(), bIdx, hIdx, base,
+                   q0, q1, k0, k1, op.getOrigins(), op.getComponent(),
+                   op.getScaleAttr(), cast<IntegerAttr>(maxKeys),
+                   masked ? b.getUnitAttr() : UnitAttr());
+             });
+  }
+
+  void tile(ComponentGradOp op) {
+    OpBuilder b(op);
+    schedule(b, op.getLoc(), op.getComponent(), op.getQuery(), op.getKey(),
+             /*keyIds=*/Value(), op.getLengths(), op.getOrigins(),
+             [&](Value bIdx, Value hIdx, Value base, Value q0, Value q1,
+                 Value k0, Value k1, bool masked) {
+               TileGradOp::create(
+                   b, op.getLoc(), op.getQuery(), op.getKey(), op.getValue(),
+                   op.getGradOutput(), op.getLse(), op.getDelta(),
+                   op.getLengths(), op.getKeyBias(), op.getDq(), op.getDk(),
+                   op.getDv(), bIdx, hIdx, base, q0, q1, k0, k1,
+                   op.getOrigins(), op.getComponent(), op.getScaleAttr(),
+                   masked ? b.getUnitAttr() : UnitAttr());
+             });
+  }
+
+  /// Emits the component's loops at `b`, calling `emitTile(batch, head,
+  /// group base, q0, q1, k0, k1, masked)` for each block of rows
+  /// [q0, q1) and keys [k0, k1) of a group (indices t of positions
+  /// base + period * t).
+  template <typename EmitTile>
+  void schedule(OpBuilder &b, Location loc, ComponentAttr comp, Value query,
+                Value key, Value keyIds, Value lengths, ValueRange origins,
+                EmitTile emitTile) {
     IndexMath m{b, loc};
-    ComponentAttr comp = op.getComponent();
     const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
     const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
 
     Value zero = m.c(0), one = m.c(1), r = m.c(comp.getPeriod());
-    Value batch = memref::DimOp::create(b, loc, op.getQuery(), dims::kBatch);
-    Value heads = memref::DimOp::create(b, loc, op.getQuery(), dims::kHeads);
-    Value qLen = memref::DimOp::create(b, loc, op.getQuery(), dims::kRows);
-    Value kLen = keyCount(b, loc, op.getKey(), op.getKeyIds());
+    Value batch = memref::DimOp::create(b, loc, query, dims::kBatch);
+    Value heads = memref::DimOp::create(b, loc, query, dims::kHeads);
+    Value qLen = memref::DimOp::create(b, loc, query, dims::kRows);
+    Value kLen = keyCount(b, loc, key, keyIds);
     // Query row i sits at position i + qOrigin, key j at j + kOrigin.
-    Placement at = Placement::decode(m, op.getOrigins(), qLen, kLen);
+    Placement at = Placement::decode(m, origins, qLen, kLen);
     const bool hasOrigins = at.hasOrigins;
     Value qOrigin = at.qOrigin, kOrigin = at.kOrigin;
 
@@ -85,13 +127,7 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
                             Value q1, Value from, Value to, bool masked) {
       forLoop(b, loc, from, to, m.c(kvTile), [&](Value k0) {
         Value k1 = m.min(m.add(k0, m.c(kvTile)), to);
-        auto update = TileUpdateOp::create(
-            b, loc, op.getQuery(), op.getKey(), op.getValue(), op.getLengths(),
-            op.getKeyBias(), op.getKeyIds(),
-            op.getAcc(), op.getMax(), op.getSum(), bIdx, hIdx, base, q0, q1,
-            k0, k1, op.getOrigins(), comp, op.getScaleAttr(), b.getI64IntegerAttr(kvTile),
-            masked ? b.getUnitAttr() : UnitAttr());
-        (void)update;
+        emitTile(bIdx, hIdx, base, q0, q1, k0, k1, masked);
       });
     };
 
@@ -133,7 +169,7 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
       // indices (positions with origins) and key positions below it.
       Value rowsEnd = qLen, keysEnd = kLen;
       if (comp.getUseLengths()) {
-        Value len = memref::LoadOp::create(b, loc, op.getLengths(), bIdx);
+        Value len = memref::LoadOp::create(b, loc, lengths, bIdx);
         len = arith::IndexCastOp::create(b, loc, b.getIndexType(), len);
         // Row i is inside when q_pos + stride * i < len (key j likewise).
         Value rowLen = hasOrigins ? m.ceilDiv(m.sub(len, at.qPos), at.stride)
@@ -175,7 +211,6 @@ struct AttnTilePass : public mlir::attn::impl::AttnTileBase<AttnTilePass> {
         });
       });
     });
-    op.erase();
   }
 };
 } // namespace

@@ -194,6 +194,148 @@ def Attn_TileUpdateOp : Attn_Op<"tile_update", [AttrSizedOperandSegments]> {
   }];
 }
 
+//===----------------------------------------------------------------------===//
+// The backward pass (CPU target): gradients of attn.attention
+//===----------------------------------------------------------------------===//
+
+def Attn_AttentionGradOp : Attn_Op<"attention_grad",
+                                   [Pure, AttrSizedOperandSegments]> {
+  let summary = "gradients of attention with a sparsity pattern";
+  let description = [{
+    The backward pass of `attn.attention` with the same pattern and scale:
+    given the forward's `output` and `lse` and the gradient `grad_output` of
+    the output, returns `dq`, `dk` and `dv` (types of q, k and v). With the
+    forward's probabilities recomputed from the lse,
+
+        P_ij  = m(h,i,j) exp(s_ij - lse_i)
+        dV_j  = sum_i P_ij dO_i
+        dS_ij = P_ij (dO_i . v_j - delta_i),   delta_i = dO_i . O_i
+        dQ_i  = scale sum_j dS_ij k_j,   dK_j = scale sum_i dS_ij q_i
+
+    summed over the query heads of a key/value head (grouped-query
+    attention). Rows with lse = -inf (no attended key) contribute nothing.
+    `key_bias` enters the scores as in the forward; it gets no gradient.
+
+    Example:
+    ```mlir
+    %dq, %dk, %dv = attn.attention_grad %q, %k, %v, %o, %lse, %do
+        pattern(#attn.local<window = 256>)
+        : tensor<1x8x?x64xf32>, tensor<1x8x?x64xf32>, tensor<1x8x?x64xf32>,
+          tensor<1x8x?x64xf32>, tensor<1x8x?xf32>, tensor<1x8x?x64xf32>
+        -> tensor<1x8x?x64xf32>, tensor<1x8x?x64xf32>, tensor<1x8x?x64xf32>
+    ```
+  }];
+  let arguments = (ins Attn_FloatTensor:$query, Attn_FloatTensor:$key,
+                       Attn_FloatTensor:$value, Attn_FloatTensor:$output,
+                       RankedTensorOf<[F32]>:$lse,
+                       Attn_FloatTensor:$grad_output,
+                       Optional<Attn_LengthsTensor>:$lengths,
+                       Optional<RankedTensorOf<[F32]>>:$key_bias,
+                       Attn_AnyPattern:$pattern,
+                       OptionalAttr<F64Attr>:$scale);
+  let results = (outs Attn_FloatTensor:$grad_query, Attn_FloatTensor:$grad_key,
+                      Attn_FloatTensor:$grad_value);
+  let assemblyFormat = [{
+    $query `,` $key `,` $value `,` $output `,` $lse `,` $grad_output
+    (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
+    (`key_bias` `(` $key_bias^ `:` type($key_bias) `)`)?
+    `pattern` `(` $pattern `)` attr-dict `:` type($query) `,` type($key) `,`
+    type($value) `,` type($output) `,` type($lse) `,` type($grad_output)
+    `->` type(results)
+  }];
+  let hasVerifier = 1;
+  let extraClassDeclaration = [{
+    /// The softmax scale: the attribute, or 1/sqrt(head_dim).
+    double getEffectiveScale();
+  }];
+}
+
+def Attn_GradInitOp : Attn_Op<"grad_init"> {
+  let summary = "start a backward pass: delta = rowsum(dO * O), zero gradients";
+  let description = [{
+    Writes `delta [B,H,Lq]` (f32) = `sum_d grad_output * output` per row and
+    sets `dq`, `dk` and `dv` to 0. Destination-style like `attn.init_state`:
+    on tensors it returns `delta, dq, dk, dv`; on memrefs it writes in place.
+  }];
+  let arguments = (ins AnyShaped:$output, AnyShaped:$grad_output,
+                       AnyShaped:$delta, AnyShaped:$dq, AnyShaped:$dk,
+                       AnyShaped:$dv);
+  let results = (outs Variadic<AnyRankedTensor>:$results);
+  let assemblyFormat = [{
+    $output `,` $grad_output `outs` `(` $delta `,` $dq `,` $dk `,` $dv `)`
+    attr-dict `:` type($output) `,` type($grad_output) `,` type($delta) `,`
+    type($dq) `,` type($dk) `,` type($dv) (`->` type($results)^)?
+  }];
+  let hasVerifier = 1;
+}
+
+def Attn_ComponentGradOp : Attn_Op<"component_grad",
+                                   [AttrSizedOperandSegments]> {
+  let summary = "add one dense component's pairs to the gradients";
+  let description = [{
+    For every pair (i, j) of the component (see `#attn.component`), with
+    `p = exp(s - lse_i)` and `ds = p (dO_i . v_j - delta_i)`, adds
+    `p dO_i` to `dv_j`, `scale ds k_j` to `dq_i` and `scale ds q_i` to `dk_j`.
+    The components of a pattern add up to its multiplicity, as in the
+    forward. `origins` as for `attn.component`. Destination-style: on tensors
+    it returns `dq, dk, dv`.
+  }];
+  let arguments = (ins AnyShaped:$query, AnyShaped:$key, AnyShaped:$value,
+                       AnyShaped:$grad_output, AnyShaped:$lse,
+                       AnyShaped:$delta,
+                       Optional<AnyShaped>:$lengths,
+                       Optional<AnyShaped>:$key_bias,
+                       AnyShaped:$dq, AnyShaped:$dk, AnyShaped:$dv,
+                       Variadic<Index>:$origins,
+                       Attn_ComponentAttr:$component, F64Attr:$scale);
+  let results = (outs Variadic<AnyRankedTensor>:$results);
+  let assemblyFormat = [{
+    $query `,` $key `,` $value `,` $grad_output `,` $lse `,` $delta
+    (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
+    (`key_bias` `(` $key_bias^ `:` type($key_bias) `)`)?
+    `grads` `(` $dq `,` $dk `,` $dv `)`
+    (`origins` `(` $origins^ `)`)? $component attr-dict `:`
+    type($query) `,` type($key) `,` type($value) `,` type($grad_output) `,`
+    type($lse) `,` type($delta) `,` type($dq) `,` type($dk) `,` type($dv)
+    (`->` type($results)^)?
+  }];
+  let hasVerifier = 1;
+}
+
+def Attn_TileGradOp : Attn_Op<"tile_grad", [AttrSizedOperandSegments]> {
+  let summary = "gradient contributions of one (row tile, key tile) block";
+  let description = [{
+    The backward counterpart of `attn.tile_update`: the same block of rows
+    `t_q in [row_begin, row_end)` and keys `t_k in [key_begin, key_end)` of
+    a component's group, adding its pairs to `dq`, `dk` and `dv` (see
+    `attn.component_grad`). Only blocks marked `masked` test the band and
+    filters per element.
+  }];
+  let arguments = (ins AnyMemRef:$query, AnyMemRef:$key, AnyMemRef:$value,
+                       AnyMemRef:$grad_output, AnyMemRef:$lse,
+                       AnyMemRef:$delta,
+                       Optional<AnyMemRef>:$lengths,
+                       Optional<AnyMemRef>:$key_bias,
+                       AnyMemRef:$dq, AnyMemRef:$dk, AnyMemRef:$dv,
+                       Index:$batch, Index:$head, Index:$group_base,
+                       Index:$row_begin, Index:$row_end,
+                       Index:$key_begin, Index:$key_end,
+                       Variadic<Index>:$origins,
+                       Attn_ComponentAttr:$component, F64Attr:$scale,
+                       UnitAttr:$masked);
+  let assemblyFormat = [{
+    $query `,` $key `,` $value `,` $grad_output `,` $lse `,` $delta
+    (`lengths` `(` $lengths^ `:` type($lengths) `)`)?
+    (`key_bias` `(` $key_bias^ `:` type($key_bias) `)`)?
+    `grads` `(` $dq `,` $dk `,` $dv `)`
+    `at` `[` $batch `,` $head `,` $group_base `]`
+    `rows` `[` $row_begin `,` $row_end `)` `keys` `[` $key_begin `,` $key_end `)`
+    (`origins` `(` $origins^ `)`)? $component attr-dict `:` type($query) `,`
+    type($key) `,` type($value) `,` type($grad_output) `,` type($lse) `,`
+    type($delta) `,` type($dq) `,` type($dk) `,` type($dv)
+  }];
+}
+
 def Attn_RingExchangeOp : Attn_Op<"ring_exchange"> {
   let summary = "one ring step's transfer of key/value rows between ranks";
   let description = [{

@@ -31,7 +31,9 @@ def AttnDecompose : Pass<"attn-decompose"> {
     ```
     The components' memberships add up to the pattern's multiplicity, so sums
     of patterns become several components and a union never counts a pair
-    twice (docs/passes/decompose.md).
+    twice (docs/passes/decompose.md). `attn.attention_grad` becomes
+    `attn.grad_init` and one `attn.component_grad` per component, whose
+    gradients add up the same way (docs/Backward.md).
   }];
   let dependentDialects = ["::mlir::tensor::TensorDialect",
                            "::mlir::arith::ArithDialect"];
@@ -45,7 +47,8 @@ def AttnBufferize : Pass<"attn-bufferize", "::mlir::ModuleOp"> {
   let description = [{
     Rewrites every function whose body holds decomposed attention
     (`attn.init_state`, `attn.component`, `attn.finalize`, `tensor.empty`,
-    `tensor.dim`) to take memrefs: tensor arguments become memrefs, results
+    `tensor.dim`), or a decomposed backward pass (`attn.grad_init`,
+    `attn.component_grad`), to take memrefs: tensor arguments become memrefs, results
     become trailing output memrefs written in place, the state is allocated
     and freed inside the function.
   }];
@@ -55,7 +58,8 @@ def AttnBufferize : Pass<"attn-bufferize", "::mlir::ModuleOp"> {
 def AttnTile : Pass<"attn-tile"> {
   let summary = "Closed-form tile schedules for attention components";
   let description = [{
-    Replaces each memref `attn.component` by loops over batch, head, residue
+    Replaces each memref `attn.component` (and `attn.component_grad`, into
+    `attn.tile_grad`s on the same schedule) by loops over batch, head, residue
     class, segment and row tile. The key-tile range of a row tile is computed
     in closed form from the band; keys wholly inside the band are updated by
     unmasked `attn.tile_update`s, only the band's edges are masked. No mask
@@ -83,6 +87,21 @@ def AttnFuseOnlineSoftmax : Pass<"attn-fuse-online-softmax"> {
     `attn.init_state` to fills and `attn.finalize` to the normalisation
     `out = acc / sum`, `lse = max + log(sum)` with empty rows giving 0 and
     -inf.
+  }];
+  let dependentDialects = ["::mlir::scf::SCFDialect",
+                           "::mlir::arith::ArithDialect",
+                           "::mlir::math::MathDialect",
+                           "::mlir::memref::MemRefDialect"];
+}
+
+def AttnLowerGrad : Pass<"attn-lower-grad"> {
+  let summary = "Lower the backward pass's tile gradients and init to loops";
+  let description = [{
+    Lowers `attn.grad_init` to `delta = rowsum(dO * O)` and zero gradients,
+    and `attn.tile_grad` to, per attended pair of its block,
+    `p = exp(s - lse)`, `dv += p dO`, `ds = p (dO . v - delta)`,
+    `dq += scale ds k`, `dk += scale ds q` (f32, recomputing the scores as
+    the forward's lowering does). See docs/Backward.md.
   }];
   let dependentDialects = ["::mlir::scf::SCFDialect",
                            "::mlir::arith::ArithDialect",

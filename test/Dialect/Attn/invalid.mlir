@@ -198,3 +198,27 @@ func.func @key_ids_rank(%q: tensor<2x1x8x4xf32>, %t: tensor<1x1x50x4xf32>, %ids:
   %0 = attn.attention %q, %t, %t key_ids(%ids : tensor<16xi32>) pattern(#attn.full) : tensor<2x1x8x4xf32>, tensor<1x1x50x4xf32>, tensor<1x1x50x4xf32> -> tensor<2x1x8x4xf32>
   return
 }
+
+// -----
+
+func.func @grad_type(%q: tensor<1x2x8x4xf32>, %k: tensor<1x1x8x4xf32>, %lse: tensor<1x2x8xf32>) {
+  // expected-error @+1 {{grad_key type 'tensor<1x2x8x4xf32>' must equal the key type 'tensor<1x1x8x4xf32>'}}
+  %dq, %dk, %dv = attn.attention_grad %q, %k, %k, %q, %lse, %q pattern(#attn.causal) : tensor<1x2x8x4xf32>, tensor<1x1x8x4xf32>, tensor<1x1x8x4xf32>, tensor<1x2x8x4xf32>, tensor<1x2x8xf32>, tensor<1x2x8x4xf32> -> tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>, tensor<1x1x8x4xf32>
+  return
+}
+
+// -----
+
+func.func @grad_lse(%q: tensor<1x2x8x4xf32>, %lse: tensor<1x2x7xf32>) {
+  // expected-error @+1 {{lse type 'tensor<1x2x7xf32>' must be [B, H, Lq] of 'tensor<1x2x8x4xf32>'}}
+  %dq, %dk, %dv = attn.attention_grad %q, %q, %q, %q, %lse, %q pattern(#attn.causal) : tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>, tensor<1x2x7xf32>, tensor<1x2x8x4xf32> -> tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>
+  return
+}
+
+// -----
+
+func.func @grad_lengths(%q: tensor<1x2x8x4xf32>, %lse: tensor<1x2x8xf32>) {
+  // expected-error @+1 {{pattern #attn.tokenized<> needs the 'lengths' operand}}
+  %dq, %dk, %dv = attn.attention_grad %q, %q, %q, %q, %lse, %q pattern(#attn.tokenized<dedup = false>) : tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>, tensor<1x2x8xf32>, tensor<1x2x8x4xf32> -> tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>, tensor<1x2x8x4xf32>
+  return
+}

@@ -332,8 +332,9 @@ class Package:
         return_lse=True.
 
         Under torch.compile the call becomes the operator attn::run in the
-        compiled graph (docs/Package.md). Packages compute the forward pass
-        only: a backward pass through an output raises AttnError.
+        compiled graph (docs/Package.md). GPU packages compute the forward
+        pass only: a backward pass through an output raises AttnError. CPU
+        packages compiled with "backward": true have Package.backward.
         """
         if return_lse and not self.has_lse:
             raise AttnError("this package was compiled with \"lse\": false")

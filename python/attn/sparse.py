@@ -89,7 +89,10 @@ class SparseAttention:
     (module docstring). target: the GPU target for CUDA tensors (default from
     the device); package_dir: a folder for the compiled packages.
 
-    Forward only: a call on tensors that require grad raises AttnError.
+    Gradients: on CPU tensors that require grad (with grad mode on) the
+    call records a backward node, computed by a CPU package compiled with
+    "backward": true (docs/Backward.md). On CUDA tensors that require grad
+    it raises AttnError (the GPU kernels are forward only).
     """
 
     def __init__(self, heads=None, attn_mode="all", local_attn_ctx=None, block_size=32,
@@ -119,24 +122,28 @@ class SparseAttention:
             raise AttnError(f"q: embedding size {embed} is not a multiple of heads = {heads}")
         return heads
 
-    def package_spec(self, batch, embed, dtype, target):
+    def package_spec(self, batch, embed, dtype, target, backward=False):
         """The spec of the package for [batch, L, embed] inputs of `dtype`
-        ("f32", "bf16", "f16") on `target`; its name says its shape, so that
-        a folder can hold the packages of several layers."""
+        ("f32", "bf16", "f16") on `target` (with its backward pass and lse
+        where `backward`); its name says its shape, so that a folder can hold
+        the packages of several layers."""
         heads = self.heads_for(embed)
         ctx = "" if self.local_attn_ctx is None else str(self.local_attn_ctx)
         name = (f"sparse_{self.attn_mode}{ctx}_b{batch}_h{heads}_d{embed // heads}"
-                f"_{dtype}_{target}")
-        return {"name": name, "dtype": dtype, "batch": batch, "heads": heads,
-                "head_dim": embed // heads, "lse": False, "pattern": self.pattern}
+                f"_{dtype}_{target}" + ("_grad" if backward else ""))
+        spec = {"name": name, "dtype": dtype, "batch": batch, "heads": heads,
+                "head_dim": embed // heads, "lse": backward, "pattern": self.pattern}
+        if backward:
+            spec["backward"] = True
+        return spec
 
-    def package(self, batch, embed, dtype="f32", target="cpu"):
+    def package(self, batch, embed, dtype="f32", target="cpu", backward=False):
         """The package for [batch, L, embed] inputs, compiled on first use
         (into package_dir, or through attn.compile's cache) or loaded from
         package_dir."""
-        key = (batch, embed, dtype, target)
+        key = (batch, embed, dtype, target, backward)
         if key not in self._packages:
-            spec = self.package_spec(batch, embed, dtype, target)
+            spec = self.package_spec(batch, embed, dtype, target, backward)
             self._packages[key] = _load_or_compile(spec, target, self.package_dir)
         return self._packages[key]
 
@@ -177,8 +184,11 @@ class SparseAttention:
                                 f"{q.device}, got {getattr(x, 'dtype', type(x).__name__)} on "
                                 f"{getattr(x, 'device', '?')}")
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            raise AttnError("attn.sparse computes the forward pass only: call it under "
-                            "torch.no_grad() or on tensors that do not require grad")
+            if q.device.type != "cuda":
+                return _cpu_autograd().apply(self, q, k, v)
+            raise AttnError("attn.sparse's GPU kernels compute the forward pass only: "
+                            "call it under torch.no_grad() or on tensors that do not "
+                            "require grad (CPU tensors have gradients)")
         if q.device.type != "cuda":
             out = self._forward_numpy(*(x.detach().float().numpy() for x in (q, k, v)))
             return torch.from_numpy(out).to(q.dtype)
@@ -254,6 +264,44 @@ class SparseAttention:
         D = E // H
         shape, strides = _c_layout((B, H, L, D), (sb, D, sl, 1))
         return _Tensor(x.data_ptr(), shape, 4, code, strides)
+
+
+_cpu_function = None
+
+
+def _cpu_autograd():
+    """The torch.autograd.Function of a layer on CPU tensors: the forward
+    through a package with its backward pass, which the backward calls on
+    the saved out and lse (docs/Backward.md)."""
+    global _cpu_function
+    if _cpu_function is None:
+        import torch
+
+        class SparseCpuAttention(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, layer, q, k, v):
+                B, L, E = q.shape
+                H = layer.heads_for(E)
+                pkg = layer.package(B, E, backward=True)
+                split = lambda x: np.ascontiguousarray(
+                    x.detach().float().numpy().reshape(B, L, H, E // H).transpose(0, 2, 1, 3))
+                qs, ks, vs = split(q), split(k), split(v)
+                out, lse = pkg(qs, ks, vs, return_lse=True)
+                ctx.saved = (pkg, qs, ks, vs, out, lse, split, q.dtype)
+                return torch.from_numpy(
+                    out.transpose(0, 2, 1, 3).reshape(B, L, E).copy()).to(q.dtype)
+
+            @staticmethod
+            def backward(ctx, grad):
+                pkg, qs, ks, vs, out, lse, split, dtype = ctx.saved
+                B, H, L, D = qs.shape
+                grads = pkg.backward(qs, ks, vs, out, lse, split(grad))
+                merge = lambda g: torch.from_numpy(
+                    g.transpose(0, 2, 1, 3).reshape(B, L, H * D).copy()).to(dtype)
+                return (None,) + tuple(merge(g) for g in grads)
+
+        _cpu_function = SparseCpuAttention
+    return _cpu_function
 
 
 # One layer per (heads, mode, context, target, package_dir), so that repeated

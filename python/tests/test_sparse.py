@@ -97,8 +97,32 @@ def test_torch_cpu_tensors():
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
     ref = seed_reference.attention_impl(q.numpy(), k.numpy(), v.numpy(), 2, "strided", 8)
     assert rel_err(out.numpy(), ref) < 1e-5
-    with pytest.raises(attn.AttnError, match="forward pass only"):
-        sparse.attention_impl(q.requires_grad_(), k, v, 2, "strided", 8)
+
+
+@pytest.mark.parametrize("mode,ctx", [("strided", 8), ("local", 16), ("all", None)])
+def test_torch_cpu_gradients_match_float64_autograd(mode, ctx):
+    # A training step on CPU tensors: the layer's backward (a package
+    # compiled with "backward": true) against torch's autograd through the
+    # original attention in float64.
+    torch = pytest.importorskip("torch")
+    B, L, E, H = 2, 70, 64, 2
+    q, k, v = (torch.from_numpy(rand(B, L, E, seed=50 + i)).requires_grad_() for i in range(3))
+    w = torch.from_numpy(rand(B, L, E, seed=60))
+    # ATTN_CPU_PACKAGES: a folder of prebuilt layer packages, for machines
+    # with torch but without the compiler.
+    layer = sparse.SparseAttention(H, mode, ctx, package_dir=os.environ.get("ATTN_CPU_PACKAGES"))
+    (layer(q, k, v) * w).sum().backward()
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    split = lambda x: x.reshape(B, L, H, E // H).transpose(1, 2)
+    mask = torch.from_numpy(seed_reference.attn_mask(L, mode, ctx).astype(np.float64))
+    s = split(q64) @ split(k64).transpose(-1, -2) / np.sqrt(E // H)
+    p = torch.softmax(s.masked_fill(mask == 0, -torch.inf), dim=-1)
+    ref = (p @ split(v64)).transpose(1, 2).reshape(B, L, E)
+    (ref * w.double()).sum().backward()
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert got.dtype == torch.float32
+        assert rel_err(got.numpy(), want.numpy()) < 1e-5
 
 
 def test_package_dir_keeps_the_packages_for_later_layers(tmp_path, monkeypatch):

@@ -68,7 +68,7 @@ void lowerGradInit(GradInitOp op) {
       forEach(b, loc, c0, dim(b, loc, out, 2), [&](Value i2) {
         Value delta = reduce(
             b, loc, c0, dim(b, loc, out, 3), f.c(0.0f), [&](Value d, Value acc) {
-              ValueRange at{i0, i1, i2, d};
+              SmallVector<Value> at{i0, i1, i2, d};
               return f.fma(f.load(out, at), f.load(dout, at), acc);
             });
         memref::StoreOp::create(b, loc, delta, op.getDelta(),

@@ -501,8 +501,7 @@ bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   // The forward's arguments as the forward checks them (out and lse are
   // inputs here), then the gradients: each shaped and typed like its input.
-  Tensor lseCopy = lse;
-  if (!checkArguments(q, k, v, lengths, out, &lseCopy, error, {keyBias, nullptr}))
+  if (!checkArguments(q, k, v, lengths, out, &lse, error, {keyBias, nullptr}))
     return false;
   const std::pair<const char *, std::pair<const Tensor *, const Tensor *>>
       likes[] = {{"grad_out", {&gradOut, &out}},

@@ -283,6 +283,17 @@ public:
   }
   gpu::GPUFuncOp emitFinalize(StringRef name);
 
+  // The backward pass (docs/Backward.md): mma.sync kernels on both GPU
+  // targets, taking gradKernelType's arguments.
+  /// delta = rowsum(dO * O) per query row (one thread a row).
+  gpu::GPUFuncOp emitGradPrepare(StringRef name);
+  /// dq += scale * dS K over the component's pairs, query-major (the
+  /// forward's blocks and key tiles).
+  gpu::GPUFuncOp emitGradQueries(StringRef name, ComponentAttr comp);
+  /// dk += scale * dS^T Q and dv += P^T dO, key-major: a block takes 64
+  /// keys of a group and walks the query tiles that attend them.
+  gpu::GPUFuncOp emitGradKeys(StringRef name, ComponentAttr comp);
+
 private:
   static constexpr int64_t kNumScalarArgs = 18;
   enum Arg {
@@ -292,7 +303,39 @@ private:
     OStrideB, OStrideH, OStrideR, KMap, VMap
   };
 
-  gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads);
+  /// The backward kernels' signature: kernelType's (without tensor maps),
+  /// then grad_out (16-bit), dq, dk, dv and delta (f32, contiguous).
+  FunctionType gradKernelType() {
+    SmallVector<Type> args(kernelType().getInputs());
+    if (shape.tma)
+      args.resize(args.size() - 2);
+    args.append({storageType, floatType, floatType, floatType, floatType});
+    return FunctionType::get(ctx, args, {});
+  }
+  /// Where the backward kernels' own arguments sit (after the scalars).
+  static constexpr unsigned kGradOutArg = 11 + kNumScalarArgs;
+  enum GradArg : unsigned {
+    GradOut = kGradOutArg, DQ, DK, DV, Delta
+  };
+
+  /// The block's group of `comp` for by (group) and bz (batch * heads +
+  /// head): rows and keys as gathered indices t (position base + r*t).
+  struct GroupItem {
+    Value bIdx, h, hk;
+    /// Rows and keys inside lengths[b] (all without lengths), and
+    /// lengths[b] itself (null without).
+    Value rowsEnd, keysEnd, length;
+    /// The residue class, and (head residues) whether head h has one.
+    Value c, headHasClass;
+    Value base, tRowLo, tRowHi, tRowAll, tKeyLo, tKeyHi;
+  };
+  GroupItem placeGroup(ComponentAttr comp, Value by, Value bz);
+  /// Whether gathered row t and key tk are a pair of the component's band
+  /// and filters (not counting rows and keys outside the group's ends).
+  Value pairInBand(ComponentAttr comp, const GroupItem &g, Value t, Value tk);
+
+  gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads,
+                             bool grad = false);
   /// An element-wise kernel over B*H*Lq*D, kElementwiseVector elements per
   /// thread: `idx` is this thread's first element, `row` its row; the
   /// builder is left inside the `idx < n` guard.
@@ -452,15 +495,17 @@ private:
   Value tilesOffset, tilesAddress;
 };
 
-gpu::GPUFuncOp KernelEmitter::beginKernel(StringRef name, int64_t threads) {
-  auto func = gpu::GPUFuncOp::create(b, loc, name, kernelType());
+gpu::GPUFuncOp KernelEmitter::beginKernel(StringRef name, int64_t threads,
+                                          bool grad) {
+  auto func = gpu::GPUFuncOp::create(b, loc, name,
+                                     grad ? gradKernelType() : kernelType());
   func->setAttr(gpu::GPUDialect::getKernelFuncAttrName(), b.getUnitAttr());
   func.setKnownBlockSizeAttr(
       b.getDenseI32ArrayAttr({int32_t(threads), 1, 1}));
   // The tensor maps are the last two arguments. TMA reads a map in place,
   // so after gpu-to-nvvm the GPU target turns them into 128-byte byval
   // parameters with nvvm.grid_constant (a gpu.func cannot carry those).
-  if (shape.tma)
+  if (shape.tma && !grad)
     func->setAttr("attn.tensor_maps", b.getI64IntegerAttr(2));
   entry = &func.getBody().front();
   b.setInsertionPointToStart(entry);
@@ -747,6 +792,108 @@ void KernelEmitter::asyncLoadTile(
 }
 
 //===----------------------------------------------------------------------===//
+// Where a block's group lies
+//===----------------------------------------------------------------------===//
+
+KernelEmitter::GroupItem KernelEmitter::placeGroup(ComponentAttr comp,
+                                                   Value by, Value bz) {
+  GroupItem g;
+  Value zero = m.c(0), r = m.c(comp.getPeriod());
+  Value qLen = arg(QLen), kLen = arg(KLen);
+  Value delta = arg(QOrigin), kOrigin = arg(KOrigin);
+  Value rowLenShift = arg(RowLenShift), kPos = arg(KPos);
+  Value posStride = arg(PosStride);
+  const int64_t H = shape.heads;
+  g.bIdx = arith::DivUIOp::create(b, loc, bz, m.c(H));
+  g.h = arith::RemUIOp::create(b, loc, bz, m.c(H));
+  g.hk = arith::DivUIOp::create(b, loc, g.h,
+                                m.c(shape.heads / shape.kvHeads));
+
+  g.rowsEnd = qLen;
+  g.keysEnd = kLen;
+  if (comp.getUseLengths()) {
+    Value length = memref::LoadOp::create(b, loc, arg(Lengths), g.bIdx);
+    length = arith::IndexCastOp::create(b, loc, b.getIndexType(), length);
+    g.length = m.max(length, zero);
+    // Row i is inside when rowLenShift + posStride * i < length.
+    g.rowsEnd = m.min(qLen, m.max(m.ceilDiv(m.sub(g.length, rowLenShift),
+                                            posStride),
+                                  zero));
+    g.keysEnd =
+        m.min(kLen, m.max(m.ceilDiv(m.sub(g.length, kPos), posStride), zero));
+  }
+
+  // Group (segment, residue) of this block.
+  Value segIdx = by;
+  int64_t res = comp.getResidue();
+  if (res == ComponentAttr::kAllResidues) {
+    g.c = arith::RemUIOp::create(b, loc, by, r);
+    segIdx = arith::DivUIOp::create(b, loc, by, r);
+  } else if (res == ComponentAttr::kHeadResidue) {
+    std::tie(g.c, g.headHasClass) = buildHeadClass(b, loc, comp, g.h);
+    if (comp.isPlainHeadResidue())
+      g.headHasClass = Value();
+  } else {
+    g.c = m.c(res);
+  }
+  Value rowPosLo = delta;
+  Value rowPosHi = m.add(delta, g.rowsEnd), rowPosAll = m.add(delta, qLen);
+  Value rLo = rowPosLo, rHi = rowPosHi, rAll = rowPosAll;
+  Value kLo = kOrigin, kHi = m.add(kOrigin, g.keysEnd);
+  g.base = g.c;
+  if (comp.getSegment() != 0) {
+    Value w = m.c(comp.getSegment());
+    Value segLo = m.mul(m.add(m.floorDiv(rowPosLo, w), segIdx), w);
+    Value segHi = m.add(segLo, w);
+    g.base = m.add(segLo, g.c);
+    rLo = m.max(rowPosLo, segLo);
+    rHi = m.min(rowPosHi, segHi);
+    rAll = m.min(rowPosAll, segHi);
+    kLo = m.max(kOrigin, segLo);
+    kHi = m.min(m.add(kOrigin, g.keysEnd), segHi);
+  }
+  // Gathered indices t: position = base + r*t.
+  g.tRowLo = m.ceilDiv(m.sub(rLo, g.base), r);
+  g.tRowHi = m.ceilDiv(m.sub(rHi, g.base), r);   // rows that compute
+  g.tRowAll = m.ceilDiv(m.sub(rAll, g.base), r); // rows that exist
+  g.tKeyLo = m.ceilDiv(m.sub(kLo, g.base), r);
+  g.tKeyHi = m.ceilDiv(m.sub(kHi, g.base), r);
+  return g;
+}
+
+Value KernelEmitter::pairInBand(ComponentAttr comp, const GroupItem &g,
+                                Value t, Value tk) {
+  const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
+  Value inside = m.truth(true);
+  Value dt = m.sub(t, tk);
+  if (lo != ComponentAttr::kNegInf)
+    inside = m.both(inside, m.le(m.c(lo), dt));
+  if (hi != ComponentAttr::kPosInf)
+    inside = m.both(inside, m.le(dt, m.c(hi)));
+  if (!comp.hasFilters())
+    return inside;
+  // The predicates see row rowLenShift + posStride * i (for lengths) at
+  // position qPos + posStride * i: with their (qLen, kLen) =
+  // (0, qPos - rowLenShift) that is exactly it.
+  Value r = m.c(comp.getPeriod());
+  Value posStride = arg(PosStride);
+  Value qLenV = m.c(0), kLenV = m.sub(arg(QPos), arg(RowLenShift));
+  Value qRow = m.sub(m.add(g.base, m.mul(r, t)), arg(QOrigin));
+  Value i = m.add(arg(RowLenShift), m.mul(posStride, qRow));
+  Value j = m.add(arg(KPos), m.mul(posStride, m.sub(m.add(g.base, m.mul(r, tk)),
+                                                    arg(KOrigin))));
+  for (Attribute inc : comp.getInclude())
+    inside = m.both(inside, buildPatternPredicate(b, loc, inc, g.h, i, j, qLenV,
+                                                  kLenV, g.length));
+  for (Attribute exc : comp.getExclude()) {
+    Value in = buildPatternPredicate(b, loc, exc, g.h, i, j, qLenV, kLenV,
+                                     g.length);
+    inside = m.both(inside, m.eq(in, m.truth(false)));
+  }
+  return inside;
+}
+
+//===----------------------------------------------------------------------===//
 // Component kernels
 //===----------------------------------------------------------------------===//
 
@@ -818,7 +965,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
 
   // Query row i sits at position i + delta, key j at j + kOrigin.
   Value delta = arg(QOrigin), kOrigin = arg(KOrigin);
-  Value rowLenShift = arg(RowLenShift);
   Value qPos = arg(QPos), kPos = arg(KPos), posStride = arg(PosStride);
 
   // The block's work item: (row tile, group, batch * heads + head), as the
@@ -829,63 +975,17 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   Value tileIdx, bIdx, h, hk, rowsEnd, keysEnd, length, c, headHasClass;
   Value base, tRowLo, tRowHi, tRowAll, tKeyLo, tKeyHi, q0;
   Value q1, first, last, fullLo, fullHi, numTiles, qHead, qBase, kBase, oBase;
+  GroupItem item;
   auto placeItem = [&](Value bx, Value by, Value bz, Value nbx) {
     // Heavy (late) row tiles first for causal balance.
     tileIdx = m.sub(m.sub(nbx, one), bx);
-    bIdx = arith::DivUIOp::create(b, loc, bz, m.c(H));
-    h = arith::RemUIOp::create(b, loc, bz, m.c(H));
-    hk = arith::DivUIOp::create(b, loc, h, m.c(shape.heads / shape.kvHeads));
-
-    rowsEnd = qLen;
-    keysEnd = kLen;
-    if (comp.getUseLengths()) {
-      length = memref::LoadOp::create(b, loc, arg(Lengths), bIdx);
-      length = arith::IndexCastOp::create(b, loc, b.getIndexType(), length);
-      length = m.max(length, zero);
-      // Row i is inside when rowLenShift + posStride * i < length.
-      rowsEnd = m.min(qLen, m.max(m.ceilDiv(m.sub(length, rowLenShift),
-                                            posStride),
-                                  zero));
-      keysEnd =
-          m.min(kLen, m.max(m.ceilDiv(m.sub(length, kPos), posStride), zero));
-    }
-
-    // Group (segment, residue) of this block.
-    Value segIdx = by;
-    headHasClass = Value();
-    int64_t res = comp.getResidue();
-    if (res == ComponentAttr::kAllResidues) {
-      c = arith::RemUIOp::create(b, loc, by, r);
-      segIdx = arith::DivUIOp::create(b, loc, by, r);
-    } else if (res == ComponentAttr::kHeadResidue) {
-      std::tie(c, headHasClass) = buildHeadClass(b, loc, comp, h);
-      if (comp.isPlainHeadResidue())
-        headHasClass = Value();
-    } else {
-      c = m.c(res);
-    }
-    Value rowPosLo = delta;
-    Value rowPosHi = m.add(delta, rowsEnd), rowPosAll = m.add(delta, qLen);
-    Value rLo = rowPosLo, rHi = rowPosHi, rAll = rowPosAll;
-    Value kLo = kOrigin, kHi = m.add(kOrigin, keysEnd);
-    base = c;
-    if (comp.getSegment() != 0) {
-      Value w = m.c(comp.getSegment());
-      Value segLo = m.mul(m.add(m.floorDiv(rowPosLo, w), segIdx), w);
-      Value segHi = m.add(segLo, w);
-      base = m.add(segLo, c);
-      rLo = m.max(rowPosLo, segLo);
-      rHi = m.min(rowPosHi, segHi);
-      rAll = m.min(rowPosAll, segHi);
-      kLo = m.max(kOrigin, segLo);
-      kHi = m.min(m.add(kOrigin, keysEnd), segHi);
-    }
-    // Gathered indices t: position = base + r*t.
-    tRowLo = m.ceilDiv(m.sub(rLo, base), r);
-    tRowHi = m.ceilDiv(m.sub(rHi, base), r);   // rows that compute
-    tRowAll = m.ceilDiv(m.sub(rAll, base), r); // rows that exist
-    tKeyLo = m.ceilDiv(m.sub(kLo, base), r);
-    tKeyHi = m.ceilDiv(m.sub(kHi, base), r);
+    item = placeGroup(comp, by, bz);
+    const GroupItem &g = item;
+    bIdx = g.bIdx, h = g.h, hk = g.hk, rowsEnd = g.rowsEnd;
+    keysEnd = g.keysEnd, length = g.length, c = g.c;
+    headHasClass = g.headHasClass, base = g.base, tRowLo = g.tRowLo;
+    tRowHi = g.tRowHi, tRowAll = g.tRowAll, tKeyLo = g.tKeyLo;
+    tKeyHi = g.tKeyHi;
     q0 = m.add(tRowLo, m.mul(tileIdx, m.c(kBlockRows)));
 
     // Items past the group's rows, or of a head without a class, have
@@ -1470,10 +1570,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       OpBuilder::InsertionGuard g2(b);
       b.setInsertionPointToStart(maskIf.thenBlock());
       SmallVector<Value> out;
-      // The predicates see row rowLenShift + posStride * i (for lengths) at
-      // position qPos + posStride * i: with their (qLen, kLen) =
-      // (0, qPos - rowLenShift) that is exactly it.
-      Value qLenV = zero, kLenV = m.sub(qPos, rowLenShift);
       // Without filters, each row's attended keys in this tile are one run
       // of columns: key k0 + laneCol + cc (cc = 8n + e % 2, a constant per
       // element) is inside when lower <= cc <= upper, with
@@ -1559,24 +1655,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
             Value inside = m.both(m.lt(tk, last), m.lt(t, q1));
             if (resident)
               inside = m.both(inside, m.le(first, tk));
-            Value dt = m.sub(t, tk);
-            if (lo != ninf)
-              inside = m.both(inside, m.le(m.c(lo), dt));
-            if (hi != inf)
-              inside = m.both(inside, m.le(dt, m.c(hi)));
-            if (comp.hasFilters()) {
-              Value i = m.add(rowLenShift, m.mul(posStride, qRowIndex(t)));
-              Value j = predicateKey(tk);
-              for (Attribute inc : comp.getInclude())
-                inside = m.both(inside,
-                                buildPatternPredicate(b, loc, inc, h, i, j,
-                                                      qLenV, kLenV, length));
-              for (Attribute exc : comp.getExclude()) {
-                Value in = buildPatternPredicate(b, loc, exc, h, i, j, qLenV,
-                                                 kLenV, length);
-                inside = m.both(inside, m.eq(in, m.truth(false)));
-              }
-            }
+            inside = m.both(inside, pairInBand(comp, item, t, tk));
             out.push_back(f.select(inside, s[n][e], f.negInf()));
           }
       }

@@ -55,7 +55,7 @@ for name, spec in specs:
 compile_spec(gpu_cases.RING_ONE_RANK["name"], gpu_cases.RING_ONE_RANK)
 for spec in gpu_cases.RING_RANKS:
     compile_spec(spec["name"], spec)
-for spec in gpu_cases.NO_LSE:
+for spec in gpu_cases.NO_LSE + gpu_cases.GRAD_CASES:
     compile_spec(spec["name"], spec)
 
 # The tokenized-attention packages of test_gpu.py and bench/tokenized_gpu.py
@@ -73,6 +73,10 @@ for B, H, Hkv, D, L in gpu_cases.TOKENIZED:
 from attn import sparse  # noqa: E402
 for B, E, H, mode, ctx, dtype in gpu_cases.SPARSE + gpu_cases.SPARSE_BENCH:
     spec = sparse.SparseAttention(H, mode, ctx).package_spec(B, E, dtype, args.target)
+    compile_spec(spec["name"], spec)
+for B, E, H, mode, ctx, dtype in gpu_cases.SPARSE_GRAD:
+    spec = sparse.SparseAttention(H, mode, ctx).package_spec(B, E, dtype, args.target,
+                                                             backward=True)
     compile_spec(spec["name"], spec)
 with open(os.path.join(args.out, "compile_times.json"), "w") as f:
     json.dump(times, f, indent=1)

@@ -102,10 +102,12 @@ attn_status attn_package_run_keys(attn_package *package, const attn_tensor *q,
                                   attn_tensor *lse, void *stream);
 
 /* The backward pass (docs/Backward.md), for packages compiled with
- * "backward": true (CPU target): from the forward's inputs, its out and lse,
- * and grad_out (the gradient of out, like q), writes dq, dk and dv (f32,
- * contiguous, shaped like q, k and v). lengths and key_bias as the package
- * requires, else NULL. */
+ * "backward": true: from the forward's inputs, its out and lse, and grad_out
+ * (the gradient of out, like out), writes dq, dk and dv (f32, contiguous,
+ * shaped like q, k and v). lengths and key_bias as the package requires,
+ * else NULL. Every tensor is contiguous. For GPU packages the pointers are
+ * device memory; attn_package_run_backward runs on the default stream and
+ * waits for it. */
 int attn_package_has_backward(const attn_package *package);
 attn_status attn_package_run_backward(
     attn_package *package, const attn_tensor *q, const attn_tensor *k,
@@ -113,6 +115,14 @@ attn_status attn_package_run_backward(
     const attn_tensor *grad_out, const attn_tensor *lengths,
     const attn_tensor *key_bias, attn_tensor *dq, attn_tensor *dk,
     attn_tensor *dv);
+/* GPU packages only: the backward pass queued on `stream` (a CUstream, NULL
+ * for the default stream), returning without waiting. */
+attn_status attn_package_run_backward_async(
+    attn_package *package, const attn_tensor *q, const attn_tensor *k,
+    const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
+    const attn_tensor *grad_out, const attn_tensor *lengths,
+    const attn_tensor *key_bias, attn_tensor *dq, attn_tensor *dk,
+    attn_tensor *dv, void *stream);
 
 /* GPU packages only: queues the kernels on `stream` (a CUstream, NULL for
  * the default stream) and returns without waiting. Lengths outside [0, Lk]

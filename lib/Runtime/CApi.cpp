@@ -174,15 +174,14 @@ int attn_package_has_backward(const attn_package *package) {
   return package && package->impl->hasBackward();
 }
 
-attn_status attn_package_run_backward(
+static attn_status runBackward(
     attn_package *package, const attn_tensor *q, const attn_tensor *k,
     const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
     const attn_tensor *grad_out, const attn_tensor *lengths,
     const attn_tensor *key_bias, attn_tensor *dq, attn_tensor *dk,
-    attn_tensor *dv) {
+    attn_tensor *dv, void *stream, bool wait, const char *what) {
   if (!package)
-    return failWith(ATTN_ERROR_ARGUMENT,
-                    "attn_package_run_backward: null package");
+    return failWith(ATTN_ERROR_ARGUMENT, std::string(what) + ": null package");
   Tensor tq, tk, tv, tout, tlse, tgrad, tlengths, tbias, tdq, tdk, tdv;
   if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
       !toTensor(out, "out", tout) || !toTensor(lse, "lse", tlse) ||
@@ -195,9 +194,49 @@ attn_status attn_package_run_backward(
   if (!package->impl->runBackward(tq, tk, tv, tout, tlse, tgrad,
                                   lengths ? &tlengths : nullptr,
                                   key_bias ? &tbias : nullptr, tdq, tdk, tdv,
-                                  error))
-    return failWith(ATTN_ERROR_ARGUMENT, error);
+                                  error, stream))
+    return failWith(error.find("failed:") != std::string::npos
+                        ? ATTN_ERROR_RUNTIME
+                        : ATTN_ERROR_ARGUMENT,
+                    error);
+  if (wait && package->impl->isGpu()) {
+    const attn::runtime::cuda::Driver *d = attn::runtime::cuda::driver(error);
+    attn::runtime::cuda::CUresult rc = d->cuStreamSynchronize(
+        static_cast<attn::runtime::cuda::CUstream>(stream));
+    if (rc != attn::runtime::cuda::CUDA_SUCCESS)
+      return failWith(ATTN_ERROR_RUNTIME,
+                      attn::runtime::cuda::describe(
+                          *d, rc, "running the backward pass of " +
+                                      package->impl->name()));
+  }
   return ATTN_OK;
+}
+
+attn_status attn_package_run_backward(
+    attn_package *package, const attn_tensor *q, const attn_tensor *k,
+    const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
+    const attn_tensor *grad_out, const attn_tensor *lengths,
+    const attn_tensor *key_bias, attn_tensor *dq, attn_tensor *dk,
+    attn_tensor *dv) {
+  return runBackward(package, q, k, v, out, lse, grad_out, lengths, key_bias,
+                     dq, dk, dv, nullptr, /*wait=*/true,
+                     "attn_package_run_backward");
+}
+
+attn_status attn_package_run_backward_async(
+    attn_package *package, const attn_tensor *q, const attn_tensor *k,
+    const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
+    const attn_tensor *grad_out, const attn_tensor *lengths,
+    const attn_tensor *key_bias, attn_tensor *dq, attn_tensor *dk,
+    attn_tensor *dv, void *stream) {
+  if (package && !package->impl->isGpu())
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "attn_package_run_backward_async: package " +
+                        package->impl->name() +
+                        " targets cpu; use attn_package_run_backward");
+  return runBackward(package, q, k, v, out, lse, grad_out, lengths, key_bias,
+                     dq, dk, dv, stream, /*wait=*/false,
+                     "attn_package_run_backward_async");
 }
 
 attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,

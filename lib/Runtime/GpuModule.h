@@ -89,6 +89,9 @@ struct GpuModule {
   CUcontext context = nullptr;
   int device = -1;
   std::vector<GpuKernel> kernels; // in launch order
+  /// The backward pass's kernels in launch order (packages compiled with
+  /// "backward": true; Package::runGpuBackward).
+  std::vector<GpuKernel> gradKernels;
   bool needsState = false;
   /// Bytes per acc element of the state (4: f32 O, 2: O / l in 16 bits).
   int64_t stateElementBytes = 4;
@@ -183,6 +186,10 @@ struct KernelArgs {
   /// layout. Each row's D elements are contiguous.
   int64_t qStrides[3] = {0, 0, 0}, kStrides[3] = {0, 0, 0};
   int64_t oStrides[3] = {0, 0, 0};
+  /// The backward kernels' own buffers (ConvertToGpu.cpp's gradKernelType):
+  /// grad_out (16-bit, like out), and dq, dk, dv and delta in f32, all
+  /// contiguous.
+  CUdeviceptr gradOut = 0, dq = 0, dk = 0, dv = 0, delta = 0;
 };
 
 /// Launches `kernel` with the grid of docs/Package.md on `stream`; with

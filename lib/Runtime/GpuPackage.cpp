@@ -73,33 +73,45 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   const json &m = *static_cast<const json *>(manifestPtr);
   gpu_ = std::make_unique<GpuModule>();
   GpuModule &g = *gpu_;
-  std::vector<std::string> order = m.at("launch_order");
-  for (const std::string &name : order) {
-    const json *k = nullptr;
-    for (const json &c : m.at("kernels"))
-      if (c.at("name") == name)
-        k = &c;
-    if (!k) {
-      error = manifestPath + ": launch_order names " + name +
-              " but kernels has no such entry";
-      return false;
+  // The kernels `launchOrder` names, from `kernelList`, in that order.
+  auto readKernels = [&](const json &kernelList, const json &launchOrder,
+                         std::vector<GpuKernel> &into) {
+    for (const std::string &name : launchOrder) {
+      const json *k = nullptr;
+      for (const json &c : kernelList)
+        if (c.at("name") == name)
+          k = &c;
+      if (!k) {
+        error = manifestPath + ": launch_order names " + name +
+                " but kernels has no such entry";
+        return false;
+      }
+      GpuKernel kernel;
+      kernel.name = name;
+      kernel.kind = k->at("kind");
+      kernel.block = k->at("block");
+      kernel.elementsPerThread = k->value("elements_per_thread", int64_t(1));
+      kernel.sharedBytes = k->at("shared_bytes");
+      // Kernels of a component (single, begin, update, end, grad_kv,
+      // grad_q) carry their grid plan.
+      if (k->contains("block_rows")) {
+        kernel.blockRows = k->at("block_rows");
+        kernel.period = k->at("period");
+        kernel.segment = k->at("segment");
+        std::string res = k->at("residue");
+        kernel.residue =
+            res == "all" ? -1 : res == "head" ? -2 : std::stoll(res);
+      }
+      into.push_back(kernel);
     }
-    GpuKernel kernel;
-    kernel.name = name;
-    kernel.kind = k->at("kind");
-    kernel.block = k->at("block");
-    kernel.elementsPerThread = k->value("elements_per_thread", int64_t(1));
-    kernel.sharedBytes = k->at("shared_bytes");
-    // Component kernels (single, begin, update, end) carry their grid plan.
-    if (kernel.kind != "init" && kernel.kind != "finalize") {
-      kernel.blockRows = k->at("block_rows");
-      kernel.period = k->at("period");
-      kernel.segment = k->at("segment");
-      std::string res = k->at("residue");
-      kernel.residue = res == "all" ? -1 : res == "head" ? -2 : std::stoll(res);
-    }
-    g.kernels.push_back(kernel);
-  }
+    return true;
+  };
+  if (!readKernels(m.at("kernels"), m.at("launch_order"), g.kernels))
+    return false;
+  if (m.contains("backward") &&
+      !readKernels(m.at("backward").at("kernels"),
+                   m.at("backward").at("launch_order"), g.gradKernels))
+    return false;
   g.needsState = m.at("state");
   g.stateElementBytes = m.value("state_dtype", std::string("f32")) == "f32" ? 4 : 2;
   g.stateInOut = m.value("state_in_out", false);
@@ -169,7 +181,13 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
             (log[0] ? std::string("\n") + log : std::string());
     return false;
   }
-  for (GpuKernel &k : g.kernels) {
+  std::vector<GpuKernel *> all;
+  for (GpuKernel &k : g.kernels)
+    all.push_back(&k);
+  for (GpuKernel &k : g.gradKernels)
+    all.push_back(&k);
+  for (GpuKernel *kp : all) {
+    GpuKernel &k = *kp;
     rc = d.cuModuleGetFunction(&k.function, g.module, k.name.c_str());
     if (rc != CUDA_SUCCESS) {
       error = describe(d, rc, cubinPath + ": kernel " + k.name);
@@ -338,14 +356,21 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   // Parameters: 11 descriptors of 5 words, then q_len, kv_len, q_origin,
   // k_origin, row_len_shift, q_pos, k_pos, pos_stride, bh_offset and the
   // strides (batch, head, row) of q, of k and v, and of out.
+  // The backward kernels take grad_out, dq, dk, dv and delta after the
+  // scalars (and no tensor maps).
   constexpr int kDescriptors = 11, kWords = 5 * kDescriptors + 18;
-  int64_t words[kWords];
-  auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
-    int64_t *w = words + 5 * slot;
+  constexpr int kGradDescriptors = 5;
+  const bool grad = kernel.kind.rfind("grad_", 0) == 0;
+  int64_t words[kWords + 5 * kGradDescriptors];
+  // A memref descriptor at `w`: allocated, aligned, offset, size, stride.
+  auto putAt = [&](int64_t *w, CUdeviceptr ptr, int64_t size) {
     w[0] = w[1] = int64_t(ptr);
     w[2] = 0;
     w[3] = ptr ? size : 0;
     w[4] = 1;
+  };
+  auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
+    putAt(words + 5 * slot, ptr, size);
   };
   const int64_t kvRows = a.kvRows ? a.kvRows : a.Lk;
   const int64_t kvBatch = a.keyIds ? 1 : a.B;
@@ -387,15 +412,26 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   std::copy(qs, qs + 3, scalars + 9);
   std::copy(ks, ks + 3, scalars + 12);
   std::copy(os, os + 3, scalars + 15);
-  void *params[kWords + 2];
-  for (int i = 0; i < kWords; ++i)
+  if (grad) {
+    const int64_t kvElements = a.B * a.Hkv * a.Lk * a.D;
+    putAt(words + kWords, a.gradOut, rows * a.D);
+    putAt(words + kWords + 5, a.dq, rows * a.D);
+    putAt(words + kWords + 10, a.dk, kvElements);
+    putAt(words + kWords + 15, a.dv, kvElements);
+    putAt(words + kWords + 20, a.delta, rows);
+  }
+  const int numWords = grad ? kWords + 5 * kGradDescriptors : kWords;
+  void *params[kWords + 5 * kGradDescriptors + 2];
+  for (int i = 0; i < numWords; ++i)
     params[i] = &words[i];
   // TMA packages: K's and V's tensor maps, by value; only component
   // kernels load keys, each through maps for its period (init and finalize
   // take empty ones).
   TensorMap maps[2] = {};
-  const bool elementwise = kernel.kind == "init" || kernel.kind == "finalize";
-  if (g.tensorMaps) {
+  const bool elementwise = kernel.kind == "init" ||
+                           kernel.kind == "finalize" ||
+                           kernel.kind == "grad_prepare";
+  if (g.tensorMaps && !grad) {
     KeyMapShape shape;
     shape.batch = kvBatch;
     shape.heads = a.Hkv;
@@ -417,10 +453,12 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   } else {
     int64_t r = kernel.period, w = kernel.segment, first = a.qOrigin;
     int64_t residues = kernel.residue == -1 ? r : 1;
-    int64_t segments = 1, rowsPerGroup = ceilDiv(a.Lq, r);
+    // Blocks of grad_kv take the group's keys, the others its rows.
+    const int64_t rowsOrKeys = kernel.kind == "grad_kv" ? a.Lk : a.Lq;
+    int64_t segments = 1, rowsPerGroup = ceilDiv(rowsOrKeys, r);
     if (w > 0) {
       segments = floorDiv(first + a.Lq - 1, w) - floorDiv(first, w) + 1;
-      rowsPerGroup = ceilDiv(std::min(w, a.Lq), r);
+      rowsPerGroup = ceilDiv(std::min(w, rowsOrKeys), r);
     }
     gx = ceilDiv(rowsPerGroup, kernel.blockRows);
     gy = residues * segments;
@@ -627,6 +665,84 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
       error = describe(d, rc, "recording the end of the call");
       return false;
     }
+  }
+  return true;
+}
+
+/// The backward pass of a GPU package (docs/Backward.md): dq, dk and dv are
+/// zeroed on the stream, grad_prepare writes each row's delta into the
+/// package's scratch, and each component's grad_kv and grad_q add its share.
+/// The arguments were checked by runBackward.
+bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
+                             const Tensor &out, const Tensor &lse,
+                             const Tensor &gradOut, const Tensor *lengths,
+                             const Tensor *keyBias, Tensor &dq, Tensor &dk,
+                             Tensor &dv, std::string &error,
+                             void *streamPtr) {
+  GpuModule &g = *gpu_;
+  const Driver &d = *g.d;
+  if (!prepareRun(d, q.data, k.data, v.data, out.data, error) ||
+      !checkContext(g, name_, error))
+    return false;
+  for (auto [name, data] :
+       {std::pair<const char *, const void *>{"grad_out", gradOut.data},
+        {"dq", dq.data},
+        {"dk", dk.data},
+        {"dv", dv.data}})
+    if (uintptr_t(data) % 16 != 0) {
+      error = std::string(name) + ": the data pointer is not 16-byte aligned";
+      return false;
+    }
+  CUstream stream = static_cast<CUstream>(streamPtr);
+  std::lock_guard<std::mutex> lock(g.mutex);
+  const int64_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2],
+                Lk = k.shape[2], D = q.shape[3], Hkv = k.shape[1];
+  const int64_t rows = B * H * Lq;
+  // Scratch: delta [rows] f32. It is the package's scratch, as the
+  // forward's state is: calls on other streams wait for the last call.
+  if (!growDeviceBuffer(d, g.scratch, g.scratchBytes, size_t(rows) * 4,
+                        "device scratch (delta)", error))
+    return false;
+  CUresult rc = g.stateOrder.waitIfOtherStream(d, stream);
+  auto dev = [](const void *p) { return CUdeviceptr(uintptr_t(p)); };
+  // The kernels add every component's share into the gradients.
+  for (auto [t, n] : {std::pair{&dq, rows * D}, {&dk, B * Hkv * Lk * D},
+                      {&dv, B * Hkv * Lk * D}})
+    if (rc == CUDA_SUCCESS)
+      rc = d.cuMemsetD8Async(dev(t->data), 0, size_t(n) * 4, stream);
+  if (rc != CUDA_SUCCESS) {
+    error = describe(d, rc, "zeroing the gradients");
+    return false;
+  }
+
+  KernelArgs args;
+  args.q = dev(q.data);
+  args.k = dev(k.data);
+  args.v = dev(v.data);
+  args.lengths = lengths ? dev(lengths->data) : 0;
+  args.out = dev(out.data);
+  args.lse = dev(lse.data);
+  args.keyBias = keyBias ? dev(keyBias->data) : 0;
+  args.kvRows = Lk;
+  args.B = B;
+  args.H = H;
+  args.Hkv = Hkv;
+  args.D = D;
+  args.Lq = Lq;
+  args.Lk = Lk;
+  args.qOrigin = args.qPos = Lk - Lq; // bottom-right, as runGpu
+  args.gradOut = dev(gradOut.data);
+  args.dq = dev(dq.data);
+  args.dk = dev(dk.data);
+  args.dv = dev(dv.data);
+  args.delta = g.scratch;
+  for (const GpuKernel &kernel : g.gradKernels)
+    if (!launchKernel(g, kernel, args, stream, error))
+      return false;
+  rc = g.stateOrder.record(d, stream);
+  if (rc != CUDA_SUCCESS) {
+    error = describe(d, rc, "recording the end of the call");
+    return false;
   }
   return true;
 }

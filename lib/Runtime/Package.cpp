@@ -17,6 +17,7 @@
 #include <dlfcn.h>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 
 using namespace attn::runtime;
 using json = nlohmann::json;
@@ -82,6 +83,12 @@ std::unique_ptr<Package> Package::load(const std::string &dir,
                             a.at("role").get<std::string>(),
                             a.at("dtype").get<std::string>(),
                             a.at("shape").get<std::vector<int64_t>>()});
+    if (m.contains("backward"))
+      for (const json &a : m.at("backward").at("args"))
+        pkg->backwardArgs_.push_back({a.at("name").get<std::string>(),
+                                      a.at("role").get<std::string>(),
+                                      a.at("dtype").get<std::string>(),
+                                      a.at("shape").get<std::vector<int64_t>>()});
     if (pkg->isGpu()) {
       if (!pkg->loadGpu(manifestPath, &m, error))
         return nullptr;
@@ -108,11 +115,6 @@ std::unique_ptr<Package> Package::load(const std::string &dir,
     }
     if (m.contains("backward")) {
       const json &grad = m.at("backward");
-      for (const json &a : grad.at("args"))
-        pkg->backwardArgs_.push_back({a.at("name").get<std::string>(),
-                                      a.at("role").get<std::string>(),
-                                      a.at("dtype").get<std::string>(),
-                                      a.at("shape").get<std::vector<int64_t>>()});
       std::string gradSymbol = grad.at("symbol").get<std::string>();
       pkg->backwardEntry_ = dlsym(pkg->library_, gradSymbol.c_str());
       if (!pkg->backwardEntry_) {
@@ -493,34 +495,46 @@ bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
                           const Tensor &out, const Tensor &lse,
                           const Tensor &gradOut, const Tensor *lengths,
                           const Tensor *keyBias, Tensor &dq, Tensor &dk,
-                          Tensor &dv, std::string &error) {
-  if (!backwardEntry_) {
+                          Tensor &dv, std::string &error, void *stream) {
+  if (!hasBackward()) {
     error = "package " + name_ + " has no backward pass (compile it with "
-            "\"backward\": true; the CPU target only)";
+            "\"backward\": true)";
     return false;
   }
   // The forward's arguments as the forward checks them (out and lse are
   // inputs here), then the gradients: each shaped and typed like its input.
   if (!checkArguments(q, k, v, lengths, out, &lse, error, {keyBias, nullptr}))
     return false;
-  const std::pair<const char *, std::pair<const Tensor *, const Tensor *>>
-      likes[] = {{"grad_out", {&gradOut, &out}},
-                 {"dq", {&dq, &q}},
-                 {"dk", {&dk, &k}},
-                 {"dv", {&dv, &v}}};
-  for (const auto &[name, pair] : likes) {
-    const Tensor &t = *pair.first, &like = *pair.second;
+  // The gradients are f32 (the manifest's dtype for them); grad_out is
+  // like out.
+  const std::string gradDtype = backwardArgs_.back().dtype;
+  const std::tuple<const char *, const Tensor *, const Tensor *, std::string>
+      likes[] = {{"grad_out", &gradOut, &out, out.dtype},
+                 {"dq", &dq, &q, gradDtype},
+                 {"dk", &dk, &k, gradDtype},
+                 {"dv", &dv, &v, gradDtype}};
+  for (const auto &[name, tp, likep, dtype] : likes) {
+    const Tensor &t = *tp, &like = *likep;
     if (!t.data) {
       error = std::string(name) + ": null data pointer";
       return false;
     }
-    if (t.dtype != like.dtype || t.shape != like.shape) {
+    if (t.dtype != dtype || t.shape != like.shape) {
       error = std::string(name) + ": " + t.dtype + " " + shapeString(t.shape) +
-              " must be " + like.dtype + " " + shapeString(like.shape);
+              " must be " + dtype + " " + shapeString(like.shape);
       return false;
     }
     if (!checkStrides(t, name, false, false, false, error))
       return false;
+  }
+  if (isGpu()) {
+    // The backward kernels read q, k, v and out as contiguous tensors.
+    for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v},
+                           {"out", &out}})
+      if (!checkStrides(*t, name, false, false, false, error))
+        return false;
+    return runGpuBackward(q, k, v, out, lse, gradOut, lengths, keyBias, dq,
+                          dk, dv, error, stream);
   }
   std::vector<const Tensor *> tensors;
   for (const ArgSpec &a : backwardArgs_) {

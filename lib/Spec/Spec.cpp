@@ -246,10 +246,6 @@ Spec parse(const json &root, MLIRContext *ctx) {
                     "attn.TokenizedAttention with nranks > 1)");
   spec.backward = getBool(root, "", "backward", false);
   if (spec.backward) {
-    if (spec.target.arch != "cpu")
-      fail("backward", "the backward pass is compiled for the CPU target only; "
-                       "GPU packages compute the forward pass (target.arch is " +
-                           spec.target.arch + ")");
     if (spec.distribution.present)
       fail("backward", "is not supported with a distribution section (ring "
                        "packages compute the forward pass)");

@@ -236,6 +236,10 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
   }
   auto func = *module.getOps<func::FuncOp>().begin();
   nlohmann::json args = manifestArgs(func.getFunctionType());
+  FunctionType backwardType;
+  if (spec.backward)
+    backwardType = module.lookupSymbol<func::FuncOp>(spec.name + "_backward")
+                       .getFunctionType();
   nlohmann::json components = manifestComponents(spec);
 
   if (log)
@@ -250,38 +254,64 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
 
   // The launch plan, before lowering erases the attributes.
   auto gpuModule = *module.getOps<gpu::GPUModuleOp>().begin();
-  nlohmann::json kernels = nlohmann::json::array();
-  nlohmann::json order = nlohmann::json::array();
   bool needsState = false, tensorMaps = false;
   bool dependentLaunch = gpuModule->hasAttr("attn.dependent_launch");
-  for (Attribute name :
-       cast<ArrayAttr>(gpuModule->getAttr("attn.launch_order"))) {
-    StringRef kernelName = cast<StringAttr>(name).getValue();
-    auto kernel = gpuModule.lookupSymbol<gpu::GPUFuncOp>(kernelName);
-    auto launch = cast<DictionaryAttr>(kernel->getAttr("attn.launch"));
-    auto intOf = [&](StringRef key) {
-      return cast<IntegerAttr>(launch.get(key)).getInt();
-    };
-    std::string kind = cast<StringAttr>(launch.get("kind")).getValue().str();
-    nlohmann::json k = {{"name", kernelName.str()},
-                        {"kind", kind},
-                        {"block", intOf("block")},
-                        {"shared_bytes", intOf("shared_bytes")}};
-    if (auto comp = dyn_cast_or_null<ComponentAttr>(launch.get("component"))) {
-      k["block_rows"] = intOf("block_rows");
-      k["period"] = comp.getPeriod();
-      k["residue"] = comp.getResidue() == ComponentAttr::kAllResidues ? "all"
-                     : comp.getResidue() == ComponentAttr::kHeadResidue
-                         ? "head"
-                         : std::to_string(comp.getResidue());
-      k["segment"] = comp.getSegment();
+  // The kernels named by `orderAttr` as manifest entries, and their names.
+  auto describeKernels = [&](StringRef orderAttr, nlohmann::json &kernels,
+                             nlohmann::json &order) {
+    kernels = nlohmann::json::array();
+    order = nlohmann::json::array();
+    for (Attribute name : cast<ArrayAttr>(gpuModule->getAttr(orderAttr))) {
+      StringRef kernelName = cast<StringAttr>(name).getValue();
+      auto kernel = gpuModule.lookupSymbol<gpu::GPUFuncOp>(kernelName);
+      auto launch = cast<DictionaryAttr>(kernel->getAttr("attn.launch"));
+      auto intOf = [&](StringRef key) {
+        return cast<IntegerAttr>(launch.get(key)).getInt();
+      };
+      std::string kind = cast<StringAttr>(launch.get("kind")).getValue().str();
+      nlohmann::json k = {{"name", kernelName.str()},
+                          {"kind", kind},
+                          {"block", intOf("block")},
+                          {"shared_bytes", intOf("shared_bytes")}};
+      if (auto comp =
+              dyn_cast_or_null<ComponentAttr>(launch.get("component"))) {
+        k["block_rows"] = intOf("block_rows");
+        k["period"] = comp.getPeriod();
+        k["residue"] = comp.getResidue() == ComponentAttr::kAllResidues ? "all"
+                       : comp.getResidue() == ComponentAttr::kHeadResidue
+                           ? "head"
+                           : std::to_string(comp.getResidue());
+        k["segment"] = comp.getSegment();
+      }
+      if (launch.get("elements_per_thread"))
+        k["elements_per_thread"] = intOf("elements_per_thread");
+      tensorMaps |= kernel->hasAttr("attn.tensor_maps");
+      kernels.push_back(k);
+      order.push_back(kernelName.str());
     }
-    if (launch.get("elements_per_thread"))
-      k["elements_per_thread"] = intOf("elements_per_thread");
-    needsState |= kind != "single";
-    tensorMaps |= kernel->hasAttr("attn.tensor_maps");
-    kernels.push_back(k);
-    order.push_back(kernelName.str());
+  };
+  nlohmann::json kernels, order;
+  describeKernels("attn.launch_order", kernels, order);
+  for (const nlohmann::json &k : kernels)
+    needsState |= k["kind"] != "single";
+  // The backward pass ("backward": true): its kernels, their order and its
+  // arguments. GPU packages write the gradients in f32 (the kernels add
+  // every component's share into them).
+  nlohmann::json backward;
+  if (gpuModule->hasAttr("attn.backward_order")) {
+    nlohmann::json gradKernels, gradOrder;
+    describeKernels("attn.backward_order", gradKernels, gradOrder);
+    nlohmann::json gradArgs = manifestBackwardArgs(backwardType);
+    for (nlohmann::json &a : gradArgs)
+      if (a["role"] == "output")
+        a["dtype"] = "f32";
+    backward = {{"name", gpuModule->getAttrOfType<StringAttr>(
+                             "attn.backward_name")
+                             .getValue()
+                             .str()},
+                {"args", gradArgs},
+                {"kernels", gradKernels},
+                {"launch_order", gradOrder}};
   }
 
   if (log)
@@ -336,7 +366,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
     return failure();
   }
   nlohmann::json resources = parsePtxasReport(reportText);
-  for (nlohmann::json &k : kernels) {
+  // Each kernel's registers and spills, the backward's as well.
+  auto addResources = [&](nlohmann::json &k) {
     std::string name = k["name"];
     if (resources.contains(name)) {
       k["registers"] = resources[name].value("registers", 0);
@@ -347,7 +378,12 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
              << " bytes spilled, " << k["shared_bytes"].get<int64_t>()
              << " bytes shared memory\n";
     }
-  }
+  };
+  for (nlohmann::json &k : kernels)
+    addResources(k);
+  if (!backward.is_null())
+    for (nlohmann::json &k : backward["kernels"])
+      addResources(k);
 
   nlohmann::json manifest = {
       {"format", "attn-package"},
@@ -376,6 +412,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
       {"tile", {{"q_tile", 64}, {"kv_tile", 64}}},
       {"scale", spec.effectiveScale()},
       {"spec", nlohmann::json::parse(spec.json)}};
+  if (!backward.is_null())
+    manifest["backward"] = backward;
   if (failed(writeFile(manifestPath, manifest.dump(2) + "\n", error)))
     return failure();
   if (log)

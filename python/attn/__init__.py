@@ -166,6 +166,9 @@ def _runtime():
         lib.attn_package_has_backward.argtypes = [ctypes.c_void_p]
         lib.attn_package_run_backward.argtypes = ([ctypes.c_void_p]
                                                   + [ctypes.POINTER(_Tensor)] * 11)
+        lib.attn_package_run_backward_async.argtypes = ([ctypes.c_void_p]
+                                                        + [ctypes.POINTER(_Tensor)] * 11
+                                                        + [ctypes.c_void_p])
         lib.attn_package_uses_key_ids.argtypes = [ctypes.c_void_p]
         lib.attn_package_run_keys.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 8
                                               + [ctypes.c_void_p])
@@ -367,14 +370,20 @@ class Package:
 
     def backward(self, q, k, v, out, lse, grad_out, lengths=None, key_bias=None):
         """The backward pass (docs/Backward.md) of a package compiled with
-        "backward": true (CPU target): from the forward's q, k, v (and its
-        lengths and key_bias, as the package takes them), its out and lse
+        "backward": true: from the forward's q, k, v (and its lengths and
+        key_bias, as the package takes them), its out and lse
         (pkg(q, k, v, return_lse=True)) and grad_out, the gradient of a loss
-        with respect to out, returns (dq, dk, dv) as float32 NumPy arrays
-        shaped like q, k and v. key_bias gets no gradient."""
+        with respect to out, returns (dq, dk, dv) in float32 shaped like q,
+        k and v: NumPy arrays on the CPU target, CUDA tensors (queued on the
+        current stream) on GPU targets. key_bias gets no gradient."""
         if not self.has_backward:
             raise AttnError(f"package {self.manifest['name']} has no backward pass: "
-                            "compile it with \"backward\": true (CPU target)")
+                            "compile it with \"backward\": true")
+        if _is_torch(q):
+            return self._backward_torch(q, k, v, out, lse, grad_out, lengths, key_bias)
+        if self.target != "cpu":
+            raise AttnError(f"package {self.manifest['name']} targets {self.target}: "
+                            "pass PyTorch CUDA tensors")
         keep = []
         named = [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse),
                  ("grad_out", grad_out)]
@@ -391,6 +400,47 @@ class Package:
         lib = _runtime()
         rc = lib.attn_package_run_backward(self._handle, *[ref(t) for t in ts], ref(tl),
                                            ref(tb), *[ref(t) for t in tg])
+        if rc != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        return tuple(grads)
+
+    def _backward_torch(self, q, k, v, out, lse, grad_out, lengths, key_bias):
+        """backward() on PyTorch CUDA tensors: every input contiguous, the
+        gradients new float32 tensors, the kernels on the current stream."""
+        import torch
+        t = self._torch_args(q, k, v, lengths, False, out, key_bias)
+        keep = [t]
+
+        def f32(name, x):
+            if not isinstance(x, torch.Tensor) or x.device != q.device or \
+                    x.dtype != torch.float32 or not x.is_contiguous():
+                raise AttnError(f"{name}: expected a contiguous float32 tensor on {q.device}")
+            shape, _ = _c_layout(x.shape)
+            c = _Tensor(x.data_ptr(), shape, len(shape), _F32, None)
+            keep.append((x, shape, c))
+            return ctypes.byref(c)
+
+        for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+            if not x.is_contiguous():
+                raise AttnError(f"{name}: must be contiguous for the backward pass "
+                                "(call .contiguous())")
+        if not isinstance(grad_out, torch.Tensor) or grad_out.dtype != q.dtype or \
+                grad_out.shape != q.shape or grad_out.device != q.device:
+            raise AttnError(f"grad_out: expected a tensor like out ({q.dtype} "
+                            f"{tuple(q.shape)} on {q.device})")
+        grad_out = grad_out.contiguous()
+        code = {"bf16": _BF16, "f16": _F16}[self.manifest["dtype"]]
+        shape, _ = _c_layout(grad_out.shape)
+        tg = _Tensor(grad_out.data_ptr(), shape, len(shape), code, None)
+        grads = [torch.empty(x.shape, device=q.device, dtype=torch.float32) for x in (q, k, v)]
+        ptrs = t["ptrs"]
+        args = ptrs[:3] + [ptrs[4], f32("lse", lse), ctypes.byref(tg), ptrs[3], t["bias"]]
+        args += [f32(n, g) for n, g in zip(("dq", "dk", "dv"), grads)]
+        lib = _runtime()
+        device = q.device.index
+        handle = self._handle_on(device)
+        with torch.cuda.device(device):
+            rc = lib.attn_package_run_backward_async(handle, *args, _raw_stream(device))
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         return tuple(grads)

@@ -186,9 +186,7 @@ class SparseAttention:
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
             if q.device.type != "cuda":
                 return _cpu_autograd().apply(self, q, k, v)
-            raise AttnError("attn.sparse's GPU kernels compute the forward pass only: "
-                            "call it under torch.no_grad() or on tensors that do not "
-                            "require grad (CPU tensors have gradients)")
+            return _cuda_autograd().apply(self, q, k, v)
         if q.device.type != "cuda":
             out = self._forward_numpy(*(x.detach().float().numpy() for x in (q, k, v)))
             return torch.from_numpy(out).to(q.dtype)
@@ -302,6 +300,47 @@ def _cpu_autograd():
 
         _cpu_function = SparseCpuAttention
     return _cpu_function
+
+
+_cuda_function = None
+
+
+def _cuda_autograd():
+    """The torch.autograd.Function of a layer on CUDA tensors: the forward
+    through a GPU package with its backward pass (on the [B, H, L, D] heads,
+    made contiguous), whose backward kernels take the saved out and lse."""
+    global _cuda_function
+    if _cuda_function is None:
+        import torch
+
+        class SparseCudaAttention(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, layer, q, k, v):
+                dtypes = {torch.bfloat16: "bf16", torch.float16: "f16"}
+                if q.dtype not in dtypes:
+                    raise AttnError(f"q: dtype {q.dtype} on {q.device}: the GPU kernels take "
+                                    "torch.bfloat16 or torch.float16")
+                B, L, E = q.shape
+                H = layer.heads_for(E)
+                target = layer.target or layer._device_target(q.device.index)
+                pkg = layer.package(B, E, dtypes[q.dtype], target, backward=True)
+                heads = lambda x: x.detach().reshape(B, L, H, E // H).transpose(1, 2).contiguous()
+                qs, ks, vs = heads(q), heads(k), heads(v)
+                out, lse = pkg(qs, ks, vs, return_lse=True)
+                ctx.pkg, ctx.heads = pkg, heads
+                ctx.save_for_backward(qs, ks, vs, out, lse)
+                return out.transpose(1, 2).reshape(B, L, E)
+
+            @staticmethod
+            def backward(ctx, grad):
+                qs, ks, vs, out, lse = ctx.saved_tensors
+                B, H, L, D = qs.shape
+                grads = ctx.pkg.backward(qs, ks, vs, out, lse, ctx.heads(grad.to(qs.dtype)))
+                merge = lambda g: g.transpose(1, 2).reshape(B, L, H * D).to(qs.dtype)
+                return (None,) + tuple(merge(g) for g in grads)
+
+        _cuda_function = SparseCudaAttention
+    return _cuda_function
 
 
 # One layer per (heads, mode, context, target, package_dir), so that repeated

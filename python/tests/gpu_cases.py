@@ -96,3 +96,29 @@ SPARSE = [(2, 1024, 16, "all", None, "bf16"),
 SPARSE_BENCH = [(1, 2048, 16, "all", None, "bf16"),
                 (1, 2048, 16, "local", 1024, "bf16"),
                 (1, 2048, 16, "strided", 128, "bf16")]
+
+# The backward pass ("backward": true; test_gpu_backward.py): each case's
+# pattern with its gradients, at the shapes GRAD_SHAPES. A key bias with a
+# scale, GQA with f16 and D = 64, every closed-form component kind (band,
+# gathered residues, head offsets, segments), filters (union, intersect
+# with tokenized lengths) and a sum with multiplicity above 1.
+GRAD_CASES = [
+    _spec("grad_causal", {"causal": {}}, heads=2),
+    _spec("grad_full_f16_gqa_d64", {"full": {}}, dtype="f16", heads=4, kv_heads=2,
+          head_dim=64),
+    _spec("grad_local_sym", {"local": {"window": 70, "causal": False}}, heads=2),
+    _spec("grad_strided", {"strided": {"stride": 16, "local": 16}}, heads=2),
+    _spec("grad_longnet_sum", {"sum": LONGNET_SMALL}, heads=4),
+    _spec("grad_longnet_union", {"union": LONGNET_SMALL}, heads=4),
+    _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},
+          batch=3, heads=2),
+    dict(_spec("grad_causal_key_bias", {"causal": {}}, heads=2), key_bias=True, scale=0.05),
+]
+for _c in GRAD_CASES:
+    _c["backward"] = True
+GRAD_SHAPES = [(300, 300), (200, 517), (517, 200), (64, 64)]
+# attn.sparse layers trained on CUDA tensors (test_gpu_backward.py): batch,
+# embed, heads, mode, local context, dtype, at length SPARSE_GRAD_LEN.
+SPARSE_GRAD = [(2, 256, 2, "all", None, "bf16"), (2, 256, 2, "local", 48, "bf16"),
+               (2, 256, 2, "strided", 32, "bf16")]
+SPARSE_GRAD_LEN = 256

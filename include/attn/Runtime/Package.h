@@ -97,16 +97,20 @@ public:
   bool usesKeyBias() const;
   bool usesKeyIds() const;
 
-  /// Whether the package was compiled with "backward": true (CPU only).
-  bool hasBackward() const { return backwardEntry_ != nullptr; }
+  /// Whether the package was compiled with "backward": true.
+  bool hasBackward() const { return !backwardArgs_.empty(); }
   /// The backward pass (docs/Backward.md): from the forward's q, k, v[,
   /// lengths][, keyBias], its out and lse, and the gradient of out, writes
-  /// dq, dk and dv (each like its input; f32, contiguous). Returns false and
-  /// sets `error` on bad arguments or a package without a backward pass.
+  /// dq, dk and dv (each shaped like its input, f32, contiguous; the CPU
+  /// target takes f32 inputs throughout). For GPU packages every pointer is
+  /// device memory and the work is queued on `stream` (a CUstream; null:
+  /// the default stream) without waiting for it. Returns false and sets
+  /// `error` on bad arguments or a package without a backward pass.
   bool runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
                    const Tensor &out, const Tensor &lse, const Tensor &gradOut,
                    const Tensor *lengths, const Tensor *keyBias, Tensor &dq,
-                   Tensor &dk, Tensor &dv, std::string &error);
+                   Tensor &dk, Tensor &dv, std::string &error,
+                   void *stream = nullptr);
 
   /// Runs this rank's part of a ring package (Ring.h) on its local chunk:
   /// q [B,H,C,D], k/v [B,Hkv,C,D] -> out [B,H,C,D][, lse [B,H,C]], with
@@ -154,6 +158,11 @@ private:
               std::string &error, KeyInputs keys);
   bool loadGpu(const std::string &manifestPath, const void *manifest,
                std::string &error);
+  bool runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
+                      const Tensor &out, const Tensor &lse,
+                      const Tensor &gradOut, const Tensor *lengths,
+                      const Tensor *keyBias, Tensor &dq, Tensor &dk,
+                      Tensor &dv, std::string &error, void *stream);
   bool runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
               const Tensor *lengths, Tensor &out, Tensor *lse,
               std::string &error, void *stream, KeyInputs keys);

@@ -336,6 +336,34 @@ private:
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads,
                              bool grad = false);
+
+  // Backward helpers (mma.sync, padded tiles; see "The backward pass").
+  struct GradContext;
+  /// X Y^T for this warp's 16 rows of aTile and the 64 rows of bTile.
+  SmallVector<AccFrag> rowsTimesTileT(Value aTile, Value bTile);
+  /// 16 x 64 accumulators as 16-bit A fragments (16 columns each).
+  SmallVector<Value> packAccumulators(ArrayRef<AccFrag> p);
+  /// acc (D/8 fragments, flat) + A . tile, A packed [16 x 64], tile
+  /// [64 x D] read transposed.
+  SmallVector<Value> addPackedTimesTile(ValueRange acc, ArrayRef<Value> a,
+                                        Value tile);
+  GradContext beginGradKernel(StringRef name, ComponentAttr comp,
+                              int64_t sharedBytes, Value &bx);
+  Value gradQueryRow(const GradContext &cx, Value t);
+  Value gradKeyRow(const GradContext &cx, Value t);
+  /// cp.async of 64 gathered rows t0.. (zeros from `end` on) of q, grad_out
+  /// or (keys) k/v into `tile`.
+  void loadGradRows(const GradContext &cx, Value tile, Value t0, Value end,
+                    bool keys, Value src);
+  /// key_bias of gathered key tk over the scale (key 0's where tk >= end).
+  Value keyBiasOver(const GradContext &cx, Value tk, Value end);
+  /// `s` with -inf where !inside(n, e), on tiles where `masked` holds.
+  SmallVector<AccFrag> maskScores(const GradContext &cx, SmallVector<AccFrag> s,
+                                  Value masked,
+                                  function_ref<Value(int64_t, int64_t)> inside);
+  Value negLse2(Value valid, Value row);
+  /// The backward kernel's dynamic shared memory.
+  Value gradShared;
   /// An element-wise kernel over B*H*Lq*D, kElementwiseVector elements per
   /// thread: `idx` is this thread's first element, `row` its row; the
   /// builder is left inside the `idx < n` guard.
@@ -352,6 +380,7 @@ private:
          b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))});
   }
   Value arg(Arg a) { return entry->getArgument(a); }
+  Value arg(GradArg a) { return entry->getArgument(a); }
   /// Where the state's acc lives. A 16-bit acc holds O / l in the input
   /// type, which is what out holds in the end: such a state lives in out
   /// itself (no finalize pass copies it there, and rows no later component
@@ -2295,6 +2324,545 @@ gpu::GPUFuncOp KernelEmitter::emitFinalize(StringRef name) {
 }
 
 //===----------------------------------------------------------------------===//
+// The backward pass (mma.sync on both targets)
+//===----------------------------------------------------------------------===//
+//
+// Per component, two kernels recompute P = exp(s - lse) from the forward's
+// lse (FlashAttention-2's backward, split so that no kernel needs atomics
+// on dq, and both keep the forward's closed-form schedules):
+//
+//   grad_q  (query-major, the forward's blocks and key tiles), per warp of
+//           16 rows and key tile of 64 keys:
+//             S  = Q K^T,  P = exp2(S c - lse log2 e)  (masked S: -inf)
+//             dP = dO V^T,  dS = P (dP - delta)
+//             dQ += dS K                 -> dq += scale dQ (the block's rows)
+//   grad_kv (key-major: a block takes 64 keys of a group and walks the
+//           query tiles that attend them), per warp of 16 keys:
+//             S^T = K Q^T,  P^T = exp2(S^T c - lse log2 e)
+//             dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T (dP^T - delta)
+//             dK += dS^T Q               -> dk += scale dK, dv += dV
+//
+// grad_kv blocks of the q heads that share a kv head (GQA) add into the
+// same dk and dv rows: those adds are atomic. The products reuse the
+// forward's fragment layouts: X Y^T takes X's rows as the A operand
+// (ldmatrix) and Y's as B (ldmatrix), and P-like accumulators re-packed in
+// registers are the A operand of the next product, whose B tile is read
+// transposed (ldmatrix.trans). Tiles are padded rows of D + 8 elements.
+
+SmallVector<AccFrag> KernelEmitter::rowsTimesTileT(Value aTile, Value bTile) {
+  const int64_t D = shape.headDim;
+  Value warpRow = m.mul(warp, m.c(16));
+  Value aRow = m.add(warpRow, arith::RemUIOp::create(b, loc, lane, m.c(16)));
+  Value aCol = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(16)), m.c(8));
+  SmallVector<std::array<Value, 4>> aFrag;
+  for (int64_t kk = 0; kk < D / 16; ++kk)
+    aFrag.push_back(ldmatrix(aTile, aRow, m.add(aCol, m.c(kk * 16)), false));
+  Value rowOff = arith::RemUIOp::create(b, loc, lane, m.c(8));
+  Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(8)), m.c(8));
+  SmallVector<AccFrag> c(kKeyNTiles);
+  for (int64_t n = 0; n < kKeyNTiles; ++n) {
+    AccFrag acc = {f.c(0.0), f.c(0.0), f.c(0.0), f.c(0.0)};
+    for (int64_t kk = 0; kk < D / 16; kk += 2) {
+      auto bb = ldmatrix(bTile, m.add(rowOff, m.c(n * 8)),
+                         m.add(colOff, m.c(kk * 16)), false);
+      acc = mma(aFrag[kk], {bb[0], bb[1]}, acc);
+      acc = mma(aFrag[kk + 1], {bb[2], bb[3]}, acc);
+    }
+    c[n] = acc;
+  }
+  return c;
+}
+
+SmallVector<Value> KernelEmitter::packAccumulators(ArrayRef<AccFrag> p) {
+  SmallVector<Value> packed;
+  for (int64_t j = 0; j < int64_t(p.size()) / 2; ++j)
+    packed.append({pack(p[2 * j][0], p[2 * j][1]),
+                   pack(p[2 * j][2], p[2 * j][3]),
+                   pack(p[2 * j + 1][0], p[2 * j + 1][1]),
+                   pack(p[2 * j + 1][2], p[2 * j + 1][3])});
+  return packed;
+}
+
+SmallVector<Value> KernelEmitter::addPackedTimesTile(ValueRange acc,
+                                                     ArrayRef<Value> a,
+                                                     Value tile) {
+  const int64_t frags = shape.headDim / 8;
+  SmallVector<AccFrag> o(frags);
+  for (int64_t i = 0; i < frags * 4; ++i)
+    o[i / 4][i % 4] = acc[i];
+  Value rowOff = m.add(arith::RemUIOp::create(b, loc, lane, m.c(8)),
+                       m.mul(arith::RemUIOp::create(
+                                 b, loc,
+                                 arith::DivUIOp::create(b, loc, lane, m.c(8)),
+                                 m.c(2)),
+                             m.c(8)));
+  Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(16)), m.c(8));
+  for (int64_t dn = 0; dn < frags; dn += 2)
+    for (int64_t j = 0; j < kKeyNTiles / 2; ++j) {
+      auto tb = ldmatrix(tile, m.add(rowOff, m.c(j * 16)),
+                         m.add(colOff, m.c(dn * 8)), true);
+      ArrayRef<Value> aj = a.slice(j * 4, 4);
+      o[dn] = mma({aj[0], aj[1], aj[2], aj[3]}, {tb[0], tb[1]}, o[dn]);
+      o[dn + 1] = mma({aj[0], aj[1], aj[2], aj[3]}, {tb[2], tb[3]}, o[dn + 1]);
+    }
+  SmallVector<Value> flat;
+  for (const AccFrag &frag : o)
+    flat.append(frag.begin(), frag.end());
+  return flat;
+}
+
+gpu::GPUFuncOp KernelEmitter::emitGradPrepare(StringRef name) {
+  auto func = beginKernel(name, kElementwiseThreads, /*grad=*/true);
+  const int64_t D = shape.headDim;
+  Value bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
+  Value row = m.add(m.mul(bx, m.c(kElementwiseThreads)), tid);
+  Value rows = m.mul(m.c(shape.batch * shape.heads), arg(QLen));
+  auto ifIn = scf::IfOp::create(b, loc, TypeRange{}, m.lt(row, rows), false);
+  b.setInsertionPointToStart(ifIn.thenBlock());
+  // out and grad_out are contiguous here (Package::runBackward).
+  auto chunkType = VectorType::get({kElementwiseVector}, f16);
+  auto wideType = VectorType::get({kElementwiseVector}, f32);
+  auto widen = [&](Value chunk) {
+    if (shape.bf16)
+      chunk = arith::BitcastOp::create(
+          b, loc, VectorType::get({kElementwiseVector}, b.getBF16Type()),
+          chunk);
+    return arith::ExtFOp::create(b, loc, wideType, chunk).getResult();
+  };
+  Value sum = f.c(0.0);
+  for (int64_t d = 0; d < D; d += kElementwiseVector) {
+    Value at = m.add(m.mul(row, m.c(D)), m.c(d));
+    Value o = widen(vector::LoadOp::create(b, loc, chunkType, arg(Out),
+                                           ValueRange{at}, false,
+                                           llvm::MaybeAlign(16)));
+    Value g = widen(vector::LoadOp::create(b, loc, chunkType, arg(GradOut),
+                                           ValueRange{at}, false,
+                                           llvm::MaybeAlign(16)));
+    Value prod = arith::MulFOp::create(b, loc, o, g);
+    sum = f.add(sum, vector::ReductionOp::create(
+                         b, loc, vector::CombiningKind::ADD, prod));
+  }
+  memref::StoreOp::create(b, loc, sum, arg(Delta), row);
+  b.setInsertionPointToEnd(entry);
+  gpu::ReturnOp::create(b, loc);
+  // One row a thread: the runtime's element-wise grid over rows * D
+  // elements at D elements a thread.
+  func->setAttr("attn.launch",
+                b.getDictionaryAttr(
+                    {b.getNamedAttr("kind", b.getStringAttr("grad_prepare")),
+                     b.getNamedAttr("block",
+                                    b.getI64IntegerAttr(kElementwiseThreads)),
+                     b.getNamedAttr("elements_per_thread",
+                                    b.getI64IntegerAttr(D)),
+                     b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))}));
+  return func;
+}
+
+/// What both backward kernels of a component share: the group, the four
+/// shared tiles, row and key addresses, and the scores' key bias and mask.
+struct KernelEmitter::GradContext {
+  ComponentAttr comp;
+  GroupItem g;
+  Value qHead, qBase, kBase;
+  /// Shared tiles of 64 rows: the block's own (Q and dO, or K and V) and
+  /// the walked ones.
+  Value tiles[4];
+};
+
+KernelEmitter::GradContext KernelEmitter::beginGradKernel(StringRef name,
+                                                          ComponentAttr comp,
+                                                          int64_t sharedBytes,
+                                                          Value &bx) {
+  GradContext cx;
+  cx.comp = comp;
+  beginKernel(name, shape.threads(), /*grad=*/true);
+  bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
+  cx.g = placeGroup(comp, gpu::BlockIdOp::create(b, loc, gpu::Dimension::y),
+                    m.add(arg(BhOffset),
+                          gpu::BlockIdOp::create(b, loc, gpu::Dimension::z)));
+  const GroupItem &g = cx.g;
+  cx.qHead = m.mul(m.add(m.mul(g.bIdx, m.c(shape.heads)), g.h), arg(QLen));
+  cx.qBase = m.add(m.mul(g.bIdx, arg(QStrideB)), m.mul(g.h, arg(QStrideH)));
+  cx.kBase = m.add(m.mul(g.bIdx, arg(KStrideB)), m.mul(g.hk, arg(KStrideH)));
+  auto workgroup =
+      gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
+  Value dyn = gpu::DynamicSharedMemoryOp::create(
+      b, loc,
+      MemRefType::get({ShapedType::kDynamic}, b.getI8Type(),
+                      MemRefLayoutAttrInterface{}, workgroup));
+  gradShared = dyn;
+  for (int64_t i = 0; i < 4; ++i)
+    cx.tiles[i] = sharedTile(dyn, m.c(i * shape.kvTileBytes()), kBlockKeys);
+  (void)sharedBytes;
+  return cx;
+}
+
+Value KernelEmitter::gradQueryRow(const GradContext &cx, Value t) {
+  return m.sub(m.add(cx.g.base, m.mul(m.c(cx.comp.getPeriod()), t)),
+               arg(QOrigin));
+}
+Value KernelEmitter::gradKeyRow(const GradContext &cx, Value t) {
+  return m.sub(m.add(cx.g.base, m.mul(m.c(cx.comp.getPeriod()), t)),
+               arg(KOrigin));
+}
+
+void KernelEmitter::loadGradRows(const GradContext &cx, Value tile, Value t0,
+                                 Value end, bool keys, Value src) {
+  Value zero = m.c(0);
+  asyncLoadTile(tile, kBlockKeys, src,
+                [&](Value row) -> std::pair<Value, Value> {
+    Value t = m.add(t0, row);
+    Value exists = m.lt(t, end);
+    Value at;
+    if (keys)
+      at = m.add(cx.kBase, m.mul(gradKeyRow(cx, t), arg(KStrideR)));
+    else if (src == arg(Q))
+      at = m.add(cx.qBase, m.mul(gradQueryRow(cx, t), arg(QStrideR)));
+    else // grad_out: contiguous
+      at = m.mul(m.add(cx.qHead, gradQueryRow(cx, t)), m.c(shape.headDim));
+    return {f.select(exists, at, zero), exists};
+  });
+}
+
+Value KernelEmitter::keyBiasOver(const GradContext &cx, Value tk, Value end) {
+  Value j = gradKeyRow(cx, tk);
+  Value at = f.select(m.lt(tk, end), m.add(m.mul(cx.g.bIdx, arg(KLen)), j),
+                      m.c(0));
+  Value bias = memref::LoadOp::create(b, loc, arg(KeyBias), at);
+  return f.mul(bias, f.c(1.0 / shape.scale));
+}
+
+SmallVector<AccFrag> KernelEmitter::maskScores(
+    const GradContext &cx, SmallVector<AccFrag> s, Value masked,
+    function_ref<Value(int64_t n, int64_t e)> inside) {
+  SmallVector<Type> types(s.size() * 4, f32);
+  auto maskIf = scf::IfOp::create(b, loc, types, masked, /*withElse=*/true);
+  SmallVector<Value> flat;
+  for (const AccFrag &frag : s)
+    flat.append(frag.begin(), frag.end());
+  {
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(maskIf.thenBlock());
+    SmallVector<Value> out;
+    for (int64_t n = 0; n < int64_t(s.size()); ++n)
+      for (int64_t e = 0; e < 4; ++e)
+        out.push_back(f.select(inside(n, e), s[n][e], f.negInf()));
+    scf::YieldOp::create(b, loc, out);
+    b.setInsertionPointToStart(maskIf.elseBlock());
+    scf::YieldOp::create(b, loc, flat);
+  }
+  for (auto [i, v] : llvm::enumerate(maskIf.getResults()))
+    s[i / 4][i % 4] = v;
+  return s;
+}
+
+/// -lse * log2(e) of a row, or -inf for a row that computes nothing (not
+/// valid, or an lse of -inf: no key): its P is then 0.
+Value KernelEmitter::negLse2(Value valid, Value row) {
+  Value lse = memref::LoadOp::create(b, loc, arg(Lse), row);
+  Value ok = m.both(valid, f.gt(lse, f.negInf()));
+  return f.select(ok, f.mul(lse, f.c(-M_LOG2E)), f.negInf());
+}
+
+gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
+                                              ComponentAttr comp) {
+  const int64_t D = shape.headDim, frags = D / 8;
+  const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
+  const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
+  const int64_t sharedBytes = 4 * shape.kvTileBytes();
+  Value bx;
+  GradContext cx = beginGradKernel(name, comp, sharedBytes, bx);
+  auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
+  const GroupItem &g = cx.g;
+  Value zero = m.c(0), one = m.c(1);
+  Value nbx = gpu::GridDimOp::create(b, loc, gpu::Dimension::x);
+  Value q0 = m.add(g.tRowLo, m.mul(m.sub(m.sub(nbx, one), bx),
+                                   m.c(kBlockKeys)));
+  Value hasWork = m.lt(q0, g.tRowHi);
+  if (g.headHasClass)
+    hasWork = m.both(hasWork, g.headHasClass);
+  auto inRange = scf::IfOp::create(b, loc, TypeRange{}, hasWork, false);
+  b.setInsertionPointToStart(inRange.thenBlock());
+
+  // The forward's key range of rows [q0, q1) (emitComponent's itemRange).
+  Value q1 = m.min(m.add(q0, m.c(kBlockKeys)), g.tRowHi);
+  Value first = hi == inf ? g.tKeyLo : m.max(g.tKeyLo, m.sub(q0, m.c(hi)));
+  Value last = lo == ninf ? g.tKeyHi : m.min(g.tKeyHi, m.sub(q1, m.c(lo)));
+  last = m.max(last, first);
+  Value fullLo =
+      hi == inf ? first : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
+  Value fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
+  Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
+
+  Value qTile = cx.tiles[0], doTile = cx.tiles[1], kTile = cx.tiles[2],
+        vTile = cx.tiles[3];
+  loadGradRows(cx, qTile, q0, q1, /*keys=*/false, arg(Q));
+  loadGradRows(cx, doTile, q0, q1, /*keys=*/false, arg(GradOut));
+
+  Value laneRow = arith::DivUIOp::create(b, loc, lane, m.c(4));
+  Value laneCol = m.mul(arith::RemUIOp::create(b, loc, lane, m.c(4)), m.c(2));
+  Value warpRow = m.mul(warp, m.c(16));
+  Value tq[2], valid[2], rowAt[2], negLse[2], delta[2];
+  for (int64_t half = 0; half < 2; ++half) {
+    tq[half] = m.add(q0, m.add(warpRow, m.add(laneRow, m.c(8 * half))));
+    valid[half] = m.lt(tq[half], q1);
+    rowAt[half] = f.select(valid[half],
+                           m.add(cx.qHead, gradQueryRow(cx, tq[half])), zero);
+    negLse[half] = negLse2(valid[half], rowAt[half]);
+    delta[half] = f.select(
+        valid[half], memref::LoadOp::create(b, loc, arg(Delta), rowAt[half]),
+        f.c(0.0));
+  }
+
+  SmallVector<Value> init(frags * 4, f.c(0.0));
+  auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
+  {
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(loop.getBody());
+    Value k0 = m.add(first, m.mul(loop.getInductionVar(), m.c(kBlockKeys)));
+    // Every warp is done with the last tile before it is overwritten.
+    gpu::BarrierOp::create(b, loc);
+    loadGradRows(cx, kTile, k0, last, /*keys=*/true, arg(K));
+    loadGradRows(cx, vTile, k0, last, /*keys=*/true, arg(V));
+    Value token = nvgpu::DeviceAsyncCreateGroupOp::create(
+        b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
+    nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(0));
+    gpu::BarrierOp::create(b, loc);
+
+    SmallVector<AccFrag> s = rowsTimesTileT(qTile, kTile);
+    auto keyOf = [&](int64_t n, int64_t e) {
+      return m.add(k0, m.add(laneCol, m.c(n * 8 + e % 2)));
+    };
+    if (shape.hasKeyBias)
+      for (int64_t n = 0; n < kKeyNTiles; ++n)
+        for (int64_t e = 0; e < 2; ++e) {
+          Value bias = keyBiasOver(cx, keyOf(n, e), last);
+          s[n][e] = f.add(s[n][e], bias);
+          s[n][e + 2] = f.add(s[n][e + 2], bias);
+        }
+    Value masked = m.either(m.lt(k0, fullLo),
+                            m.lt(fullHi, m.add(k0, m.c(kBlockKeys))));
+    if (comp.hasFilters())
+      masked = m.truth(true);
+    s = maskScores(cx, s, masked, [&](int64_t n, int64_t e) {
+      Value t = tq[e / 2], tk = keyOf(n, e);
+      return m.both(m.both(m.lt(tk, last), m.lt(t, q1)),
+                    pairInBand(comp, g, t, tk));
+    });
+    Value c2 = f.c(shape.scale * M_LOG2E);
+    SmallVector<AccFrag> dp = rowsTimesTileT(doTile, vTile);
+    for (int64_t n = 0; n < kKeyNTiles; ++n)
+      for (int64_t e = 0; e < 4; ++e) {
+        Value p = exp2(LLVM::FMAOp::create(b, loc, s[n][e], c2,
+                                           negLse[e / 2]));
+        s[n][e] = f.mul(p, f.sub(dp[n][e], delta[e / 2]));
+      }
+    SmallVector<Value> acc = addPackedTimesTile(
+        loop.getRegionIterArgs(), packAccumulators(s), kTile);
+    scf::YieldOp::create(b, loc, acc);
+  }
+
+  // dq += scale * dQ: the block owns its rows (components run one after
+  // another), so a plain read-modify-write.
+  auto pairType = VectorType::get({2}, f32);
+  for (int64_t half = 0; half < 2; ++half) {
+    auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, valid[half], false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(ifValid.thenBlock());
+    for (int64_t dn = 0; dn < frags; ++dn) {
+      Value at = m.add(m.mul(rowAt[half], m.c(D)),
+                       m.add(laneCol, m.c(dn * 8)));
+      Value old = vector::LoadOp::create(b, loc, pairType, arg(DQ),
+                                         ValueRange{at}, false,
+                                         llvm::MaybeAlign(8));
+      Value x = f.mul(loop.getResult(dn * 4 + half * 2), f.c(shape.scale));
+      Value y = f.mul(loop.getResult(dn * 4 + half * 2 + 1), f.c(shape.scale));
+      Value add = vector::FromElementsOp::create(b, loc, pairType,
+                                                 ValueRange{x, y});
+      vector::StoreOp::create(b, loc, arith::AddFOp::create(b, loc, old, add),
+                              arg(DQ), ValueRange{at}, false,
+                              llvm::MaybeAlign(8));
+    }
+  }
+  b.setInsertionPointToEnd(entry);
+  gpu::ReturnOp::create(b, loc);
+  func->setAttr("attn.launch",
+                b.getDictionaryAttr({
+                    b.getNamedAttr("kind", b.getStringAttr("grad_q")),
+                    b.getNamedAttr("block",
+                                   b.getI64IntegerAttr(shape.threads())),
+                    b.getNamedAttr("block_rows",
+                                   b.getI64IntegerAttr(kBlockKeys)),
+                    b.getNamedAttr("shared_bytes",
+                                   b.getI64IntegerAttr(sharedBytes)),
+                    b.getNamedAttr("component", comp),
+                }));
+  return func;
+}
+
+gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
+                                           ComponentAttr comp) {
+  const int64_t D = shape.headDim, frags = D / 8;
+  const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
+  const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
+  // K, V, Q, dO tiles, then the walked query tile's -lse log2(e) and delta.
+  const int64_t statsOffset = 4 * shape.kvTileBytes();
+  const int64_t sharedBytes = statsOffset + 2 * kBlockKeys * 4;
+  Value bx;
+  GradContext cx = beginGradKernel(name, comp, sharedBytes, bx);
+  auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
+  const GroupItem &g = cx.g;
+  Value zero = m.c(0), one = m.c(1);
+  Value k0 = m.add(g.tKeyLo, m.mul(bx, m.c(kBlockKeys)));
+  Value hasWork = m.lt(k0, g.tKeyHi);
+  if (g.headHasClass)
+    hasWork = m.both(hasWork, g.headHasClass);
+  auto inRange = scf::IfOp::create(b, loc, TypeRange{}, hasWork, false);
+  b.setInsertionPointToStart(inRange.thenBlock());
+
+  // Rows t attending keys [k0, k1): lo <= t - tk <= hi.
+  Value k1 = m.min(m.add(k0, m.c(kBlockKeys)), g.tKeyHi);
+  Value qFirst = lo == ninf ? g.tRowLo : m.max(g.tRowLo, m.add(k0, m.c(lo)));
+  Value qLast = hi == inf ? g.tRowHi : m.min(g.tRowHi, m.add(k1, m.c(hi)));
+  qLast = m.max(qLast, qFirst);
+  Value numTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));
+
+  Value kTile = cx.tiles[0], vTile = cx.tiles[1], qTile = cx.tiles[2],
+        doTile = cx.tiles[3];
+  auto workgroup =
+      gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
+  auto statsType = MemRefType::get({2 * kBlockKeys}, f32,
+                                   MemRefLayoutAttrInterface{}, workgroup);
+  Value stats = memref::ViewOp::create(b, loc, statsType, gradShared,
+                                       m.c(statsOffset), ValueRange{});
+  loadGradRows(cx, kTile, k0, k1, /*keys=*/true, arg(K));
+  loadGradRows(cx, vTile, k0, k1, /*keys=*/true, arg(V));
+
+  Value laneRow = arith::DivUIOp::create(b, loc, lane, m.c(4));
+  Value laneCol = m.mul(arith::RemUIOp::create(b, loc, lane, m.c(4)), m.c(2));
+  Value warpRow = m.mul(warp, m.c(16));
+  Value tk[2], bias[2];
+  for (int64_t half = 0; half < 2; ++half) {
+    tk[half] = m.add(k0, m.add(warpRow, m.add(laneRow, m.c(8 * half))));
+    if (shape.hasKeyBias)
+      bias[half] = keyBiasOver(cx, tk[half], k1);
+  }
+
+  SmallVector<Value> init(2 * frags * 4, f.c(0.0));
+  auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
+  {
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(loop.getBody());
+    Value t0 = m.add(qFirst, m.mul(loop.getInductionVar(), m.c(kBlockKeys)));
+    gpu::BarrierOp::create(b, loc);
+    loadGradRows(cx, qTile, t0, qLast, /*keys=*/false, arg(Q));
+    loadGradRows(cx, doTile, t0, qLast, /*keys=*/false, arg(GradOut));
+    // The first 64 threads stage the tile's row statistics.
+    {
+      auto ifStats = scf::IfOp::create(b, loc, TypeRange{},
+                                       m.lt(tid, m.c(kBlockKeys)), false);
+      OpBuilder::InsertionGuard g2(b);
+      b.setInsertionPointToStart(ifStats.thenBlock());
+      Value t = m.add(t0, tid);
+      Value ok = m.lt(t, qLast);
+      Value row = f.select(ok, m.add(cx.qHead, gradQueryRow(cx, t)), zero);
+      memref::StoreOp::create(b, loc, negLse2(ok, row), stats, tid);
+      Value d = f.select(ok, memref::LoadOp::create(b, loc, arg(Delta), row),
+                         f.c(0.0));
+      memref::StoreOp::create(b, loc, d, stats, m.add(tid, m.c(kBlockKeys)));
+    }
+    Value token = nvgpu::DeviceAsyncCreateGroupOp::create(
+        b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
+    nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(0));
+    gpu::BarrierOp::create(b, loc);
+
+    SmallVector<AccFrag> s = rowsTimesTileT(kTile, qTile);
+    if (shape.hasKeyBias)
+      for (int64_t n = 0; n < kKeyNTiles; ++n)
+        for (int64_t e = 0; e < 4; ++e)
+          s[n][e] = f.add(s[n][e], bias[e / 2]);
+    auto queryOf = [&](int64_t n, int64_t e) {
+      return m.add(t0, m.add(laneCol, m.c(n * 8 + e % 2)));
+    };
+    // Tiles wholly inside the band for every pair need no mask.
+    Value full = m.both(m.eq(k1, m.add(k0, m.c(kBlockKeys))),
+                        m.le(m.add(t0, m.c(kBlockKeys)), qLast));
+    if (lo != ninf)
+      full = m.both(full, m.le(m.c(lo), m.sub(t0, m.add(k0, m.c(kBlockKeys - 1)))));
+    if (hi != inf)
+      full = m.both(full, m.le(m.sub(m.add(t0, m.c(kBlockKeys - 1)), k0), m.c(hi)));
+    Value masked = comp.hasFilters() ? m.truth(true)
+                                     : m.eq(full, m.truth(false));
+    s = maskScores(cx, s, masked, [&](int64_t n, int64_t e) {
+      Value t = queryOf(n, e), key = tk[e / 2];
+      return m.both(m.both(m.lt(t, qLast), m.lt(key, k1)),
+                    pairInBand(comp, g, t, key));
+    });
+    Value c2 = f.c(shape.scale * M_LOG2E);
+    SmallVector<Value> lseCol(kKeyNTiles * 2), deltaCol(kKeyNTiles * 2);
+    for (int64_t n = 0; n < kKeyNTiles; ++n)
+      for (int64_t e = 0; e < 2; ++e) {
+        Value col = m.add(laneCol, m.c(n * 8 + e));
+        lseCol[n * 2 + e] = memref::LoadOp::create(b, loc, stats, col);
+        deltaCol[n * 2 + e] = memref::LoadOp::create(
+            b, loc, stats, m.add(col, m.c(kBlockKeys)));
+      }
+    for (int64_t n = 0; n < kKeyNTiles; ++n)
+      for (int64_t e = 0; e < 4; ++e)
+        s[n][e] = exp2(LLVM::FMAOp::create(b, loc, s[n][e], c2,
+                                           lseCol[n * 2 + e % 2]));
+    ValueRange state = loop.getRegionIterArgs();
+    SmallVector<Value> dv = addPackedTimesTile(
+        state.take_back(frags * 4), packAccumulators(s), doTile);
+    SmallVector<AccFrag> dp = rowsTimesTileT(vTile, doTile);
+    for (int64_t n = 0; n < kKeyNTiles; ++n)
+      for (int64_t e = 0; e < 4; ++e)
+        s[n][e] = f.mul(s[n][e], f.sub(dp[n][e], deltaCol[n * 2 + e % 2]));
+    SmallVector<Value> dk = addPackedTimesTile(
+        state.take_front(frags * 4), packAccumulators(s), qTile);
+    dk.append(dv);
+    scf::YieldOp::create(b, loc, dk);
+  }
+
+  // dk += scale * dK and dv += dV, atomically: the blocks of every q head
+  // sharing the kv head add into the same rows.
+  Value kvHead = m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
+  for (int64_t half = 0; half < 2; ++half) {
+    auto ifValid =
+        scf::IfOp::create(b, loc, TypeRange{}, m.lt(tk[half], k1), false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(ifValid.thenBlock());
+    Value rowAt = m.mul(m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])),
+                        m.c(D));
+    for (int64_t dn = 0; dn < frags; ++dn)
+      for (int64_t e = 0; e < 2; ++e) {
+        Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8 + e)));
+        Value dkv = f.mul(loop.getResult(dn * 4 + half * 2 + e),
+                          f.c(shape.scale));
+        Value dvv = loop.getResult(frags * 4 + dn * 4 + half * 2 + e);
+        memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf, dkv,
+                                    arg(DK), ValueRange{at});
+        memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf, dvv,
+                                    arg(DV), ValueRange{at});
+      }
+  }
+  b.setInsertionPointToEnd(entry);
+  gpu::ReturnOp::create(b, loc);
+  func->setAttr("attn.launch",
+                b.getDictionaryAttr({
+                    b.getNamedAttr("kind", b.getStringAttr("grad_kv")),
+                    b.getNamedAttr("block",
+                                   b.getI64IntegerAttr(shape.threads())),
+                    b.getNamedAttr("block_rows",
+                                   b.getI64IntegerAttr(kBlockKeys)),
+                    b.getNamedAttr("shared_bytes",
+                                   b.getI64IntegerAttr(sharedBytes)),
+                    b.getNamedAttr("component", comp),
+                }));
+  return func;
+}
+
+//===----------------------------------------------------------------------===//
 // The pass
 //===----------------------------------------------------------------------===//
 
@@ -2467,6 +3035,50 @@ struct ConvertAttnToGpuPass
              b.getNamedAttr("lse", b.getBoolAttr(shape.hasLse)),
              b.getNamedAttr("scale", b.getF64FloatAttr(shape.scale))}));
     func.erase();
+    return convertBackward(gpuModule, shape);
+  }
+
+  /// The backward function of the module (one with attn.grad_init, after
+  /// attn-decompose), if any, becomes grad kernels in `gpuModule`: one
+  /// grad_prepare, then grad_kv and grad_q per component, listed in the
+  /// module's attn.backward_order. They use mma.sync on both targets.
+  LogicalResult convertBackward(gpu::GPUModuleOp gpuModule,
+                                const AttentionShape &shape) {
+    func::FuncOp gradFunc;
+    getOperation().walk([&](func::FuncOp f) {
+      if (!f.getOps<GradInitOp>().empty())
+        gradFunc = f;
+    });
+    if (!gradFunc)
+      return success();
+    if (shape.hasKeyIds || !shape.halfState)
+      return gradFunc.emitError("convert-attn-to-gpu: the backward pass takes "
+                                "no key_ids and no ring state");
+    SmallVector<ComponentGradOp> comps(gradFunc.getOps<ComponentGradOp>());
+    for (ComponentGradOp c : comps)
+      if (c.getScaleAttr().getValueAsDouble() != shape.scale)
+        return c.emitError("convert-attn-to-gpu: the backward pass must share "
+                           "the forward's scale");
+    AttentionShape gradShape = shape;
+    gradShape.wgmma = gradShape.tma = gradShape.warpSpecialize = false;
+    OpBuilder b(gpuModule.getBody(), gpuModule.getBody()->end());
+    KernelEmitter emit(b, gradFunc.getLoc(), gradShape);
+    SmallVector<Attribute> order;
+    auto add = [&](gpu::GPUFuncOp f) {
+      order.push_back(b.getStringAttr(f.getName()));
+      b.setInsertionPointToEnd(gpuModule.getBody());
+      ++numKernels;
+    };
+    add(emit.emitGradPrepare("grad_prepare"));
+    for (auto [i, c] : llvm::enumerate(comps)) {
+      add(emit.emitGradKeys(("grad_kv_" + Twine(i)).str(), c.getComponent()));
+      add(emit.emitGradQueries(("grad_q_" + Twine(i)).str(),
+                               c.getComponent()));
+    }
+    gpuModule->setAttr("attn.backward_order", b.getArrayAttr(order));
+    gpuModule->setAttr("attn.backward_name",
+                       b.getStringAttr(gradFunc.getSymName()));
+    gradFunc.erase();
     return success();
   }
 };

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""Times the backward pass of attn's GPU packages ("backward": true) against
+PyTorch's SDPA (causal, dense) and FlexAttention (compiled, with its block
+mask) on the same inputs, in one process on one GPU: B=1, H=16, D=128,
+bf16. Each row is the median of 10 timed calls (CUDA events) after warm-up;
+FLOP/s count the attended pairs, 10 * pairs * D per backward (the 2.5x of
+the forward's 4 that FlashAttention's papers use). Packages come from
+$ATTN_GPU_PACKAGES/bench_grad_<pattern>_<L> (scripts/build_gpu_packages.py
+--grad-bench builds them).
+
+    ATTN_GPU_PACKAGES=DIR python3 bench/gpu_backward.py [--lens 8192,32768]"""
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+import attn
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--lens", default="8192,32768")
+args = ap.parse_args()
+PKGS = os.environ["ATTN_GPU_PACKAGES"]
+B, H, D = 1, 16, 128
+
+
+def timed(fn, reps=10):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def pairs(pattern, L):
+    if pattern == "causal":
+        return L * (L + 1) // 2
+    w = 1024  # local: keys i - w + 1 .. i
+    return sum(min(i + 1, w) for i in range(L))
+
+
+rows = []
+for L in [int(x) for x in args.lens.split(",")]:
+    gen = torch.Generator().manual_seed(L)
+    q, k, v, g = (torch.randn(B, H, L, D, generator=gen).to("cuda", torch.bfloat16)
+                  for _ in range(4))
+    for pattern in ("causal", "local"):
+        path = os.path.join(PKGS, f"bench_grad_{pattern}_{L}")
+        if not os.path.exists(path):
+            continue
+        pkg = attn.load(path)
+        out, lse = pkg(q, k, v, return_lse=True)
+        ours = timed(lambda: pkg.backward(q, k, v, out, lse, g))
+        row = {"L": L, "pattern": pattern, "attn_us": ours}
+        # Peers: the backward of their own forward (autograd), timed alone.
+        qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        if pattern == "causal":
+            o = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
+            row["sdpa_us"] = timed(lambda: torch.autograd.grad(o, (qr, kr, vr), g,
+                                                               retain_graph=True))
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            if pattern == "causal":
+                mod = lambda b, h, i, j: j <= i
+            else:
+                mod = lambda b, h, i, j: (j <= i) & (i - j < 1024)
+            mask = create_block_mask(mod, None, None, L, L)
+            flex = torch.compile(flex_attention)
+            o = flex(qr, kr, vr, block_mask=mask)
+            row["flex_us"] = timed(lambda: torch.autograd.grad(o, (qr, kr, vr), g,
+                                                               retain_graph=True))
+        except Exception as e:  # noqa: BLE001 - report and go on
+            row["flex_error"] = str(e)[:200]
+        flops = 10 * pairs(pattern, L) * D * B * H
+        for key in ("attn", "sdpa", "flex"):
+            if key + "_us" in row:
+                row[key + "_tflops"] = flops / row[key + "_us"] / 1e6
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+print("| L | pattern | attn µs (TF/s) | SDPA µs (TF/s) | Flex µs (TF/s) |")
+print("|---|---|---|---|---|")
+for r in rows:
+    cell = lambda k: (f"{r[k + '_us']:.0f} ({r[k + '_tflops']:.0f})"
+                      if k + "_us" in r else "—")
+    print(f"| {r['L']} | {r['pattern']} | {cell('attn')} | {cell('sdpa')} | {cell('flex')} |")

@@ -5,8 +5,8 @@ mask) on the same inputs, in one process on one GPU: B=1, H=16, D=128,
 bf16. Each row is the median of 10 timed calls (CUDA events) after warm-up;
 FLOP/s count the attended pairs, 10 * pairs * D per backward (the 2.5x of
 the forward's 4 that FlashAttention's papers use). Packages come from
-$ATTN_GPU_PACKAGES/bench_grad_<pattern>_<L> (scripts/build_gpu_packages.py
---grad-bench builds them).
+$ATTN_GPU_PACKAGES/bench_grad_<pattern>_<L> (bench/gpu/grad_specs/*.json,
+built by scripts/build_gpu_packages.py).
 
     ATTN_GPU_PACKAGES=DIR python3 bench/gpu_backward.py [--lens 8192,32768]"""
 
@@ -60,12 +60,20 @@ for L in [int(x) for x in args.lens.split(",")]:
         out, lse = pkg(q, k, v, return_lse=True)
         ours = timed(lambda: pkg.backward(q, k, v, out, lse, g))
         row = {"L": L, "pattern": pattern, "attn_us": ours}
-        # Peers: the backward of their own forward (autograd), timed alone.
+        # Peers: the backward of their own forward (autograd), as the time of
+        # forward + backward less the forward's (FlexAttention's compiled
+        # backward frees its buffers: it cannot be replayed on one graph).
         qr, kr, vr = (x.detach().clone().requires_grad_() for x in (q, k, v))
+
+        def backward_of(forward):
+            both = timed(lambda: torch.autograd.grad(forward(), (qr, kr, vr), g))
+            with torch.no_grad():
+                alone = timed(forward)
+            return both - alone
+
         if pattern == "causal":
-            o = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
-            row["sdpa_us"] = timed(lambda: torch.autograd.grad(o, (qr, kr, vr), g,
-                                                               retain_graph=True))
+            row["sdpa_us"] = backward_of(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qr, kr, vr, is_causal=True))
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
             if pattern == "causal":
@@ -74,9 +82,7 @@ for L in [int(x) for x in args.lens.split(",")]:
                 mod = lambda b, h, i, j: (j <= i) & (i - j < 1024)
             mask = create_block_mask(mod, None, None, L, L)
             flex = torch.compile(flex_attention)
-            o = flex(qr, kr, vr, block_mask=mask)
-            row["flex_us"] = timed(lambda: torch.autograd.grad(o, (qr, kr, vr), g,
-                                                               retain_graph=True))
+            row["flex_us"] = backward_of(lambda: flex(qr, kr, vr, block_mask=mask))
         except Exception as e:  # noqa: BLE001 - report and go on
             row["flex_error"] = str(e)[:200]
         flops = 10 * pairs(pattern, L) * D * B * H

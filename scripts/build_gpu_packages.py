@@ -28,7 +28,8 @@ args = ap.parse_args()
 os.makedirs(args.out, exist_ok=True)
 compiler = os.path.join(ROOT, "build", "bin", "attn-compile")
 specs = [(c["name"], c) for c in gpu_cases.CASES]
-for path in sorted(glob.glob(os.path.join(ROOT, "bench", "gpu", "specs", "*.json"))):
+for path in sorted(glob.glob(os.path.join(ROOT, "bench", "gpu", "specs", "*.json")) +
+                   glob.glob(os.path.join(ROOT, "bench", "gpu", "grad_specs", "*.json"))):
     with open(path) as f:
         spec = json.load(f)
     specs.append((spec["name"], spec))

@@ -89,10 +89,10 @@ class SparseAttention:
     (module docstring). target: the GPU target for CUDA tensors (default from
     the device); package_dir: a folder for the compiled packages.
 
-    Gradients: on CPU tensors that require grad (with grad mode on) the
-    call records a backward node, computed by a CPU package compiled with
-    "backward": true (docs/Backward.md). On CUDA tensors that require grad
-    it raises AttnError (the GPU kernels are forward only).
+    Gradients: on tensors that require grad (with grad mode on) the call
+    records a backward node, computed by the layer's package compiled with
+    "backward": true (docs/Backward.md): a CPU package on CPU tensors, a
+    GPU package on CUDA tensors.
     """
 
     def __init__(self, heads=None, attn_mode="all", local_attn_ctx=None, block_size=32,

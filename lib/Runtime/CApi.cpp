@@ -103,6 +103,22 @@ int attn_package_has_lse(const attn_package *package) {
   return package && package->impl->hasLse();
 }
 
+/// After a GPU package's work was queued on `stream`: waits for it where the
+/// call is synchronous (`wait`), naming `what` ran if it failed.
+static attn_status finishOnStream(const attn_package *package, void *stream,
+                                  bool wait, const std::string &what) {
+  if (!wait || !package->impl->isGpu())
+    return ATTN_OK;
+  std::string error;
+  const attn::runtime::cuda::Driver *d = attn::runtime::cuda::driver(error);
+  attn::runtime::cuda::CUresult rc = d->cuStreamSynchronize(
+      static_cast<attn::runtime::cuda::CUstream>(stream));
+  if (rc != attn::runtime::cuda::CUDA_SUCCESS)
+    return failWith(ATTN_ERROR_RUNTIME,
+                    attn::runtime::cuda::describe(*d, rc, "running " + what));
+  return ATTN_OK;
+}
+
 static attn_status runPackage(attn_package *package, const attn_tensor *q,
                               const attn_tensor *k, const attn_tensor *v,
                               const attn_tensor *lengths, attn_tensor *out,
@@ -127,16 +143,7 @@ static attn_status runPackage(attn_package *package, const attn_tensor *q,
                         ? ATTN_ERROR_RUNTIME
                         : ATTN_ERROR_ARGUMENT,
                     error);
-  if (wait && package->impl->isGpu()) {
-    const attn::runtime::cuda::Driver *d = attn::runtime::cuda::driver(error);
-    attn::runtime::cuda::CUresult rc = d->cuStreamSynchronize(
-        static_cast<attn::runtime::cuda::CUstream>(stream));
-    if (rc != attn::runtime::cuda::CUDA_SUCCESS)
-      return failWith(ATTN_ERROR_RUNTIME,
-                      attn::runtime::cuda::describe(*d, rc, "running " +
-                                                             package->impl->name()));
-  }
-  return ATTN_OK;
+  return finishOnStream(package, stream, wait, package->impl->name());
 }
 
 attn_status attn_package_run(attn_package *package, const attn_tensor *q,
@@ -199,17 +206,8 @@ static attn_status runBackward(
                         ? ATTN_ERROR_RUNTIME
                         : ATTN_ERROR_ARGUMENT,
                     error);
-  if (wait && package->impl->isGpu()) {
-    const attn::runtime::cuda::Driver *d = attn::runtime::cuda::driver(error);
-    attn::runtime::cuda::CUresult rc = d->cuStreamSynchronize(
-        static_cast<attn::runtime::cuda::CUstream>(stream));
-    if (rc != attn::runtime::cuda::CUDA_SUCCESS)
-      return failWith(ATTN_ERROR_RUNTIME,
-                      attn::runtime::cuda::describe(
-                          *d, rc, "running the backward pass of " +
-                                      package->impl->name()));
-  }
-  return ATTN_OK;
+  return finishOnStream(package, stream, wait,
+                        "the backward pass of " + package->impl->name());
 }
 
 attn_status attn_package_run_backward(

@@ -347,8 +347,7 @@ private:
   /// [64 x D] read transposed.
   SmallVector<Value> addPackedTimesTile(ValueRange acc, ArrayRef<Value> a,
                                         Value tile);
-  GradContext beginGradKernel(StringRef name, ComponentAttr comp,
-                              int64_t sharedBytes, Value &bx);
+  GradContext beginGradKernel(StringRef name, ComponentAttr comp, Value &bx);
   Value gradQueryRow(const GradContext &cx, Value t);
   Value gradKeyRow(const GradContext &cx, Value t);
   /// cp.async of 64 gathered rows t0.. (zeros from `end` on) of q, grad_out
@@ -2471,7 +2470,6 @@ struct KernelEmitter::GradContext {
 
 KernelEmitter::GradContext KernelEmitter::beginGradKernel(StringRef name,
                                                           ComponentAttr comp,
-                                                          int64_t sharedBytes,
                                                           Value &bx) {
   GradContext cx;
   cx.comp = comp;
@@ -2493,7 +2491,6 @@ KernelEmitter::GradContext KernelEmitter::beginGradKernel(StringRef name,
   gradShared = dyn;
   for (int64_t i = 0; i < 4; ++i)
     cx.tiles[i] = sharedTile(dyn, m.c(i * shape.kvTileBytes()), kBlockKeys);
-  (void)sharedBytes;
   return cx;
 }
 
@@ -2571,7 +2568,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
   const int64_t sharedBytes = 4 * shape.kvTileBytes();
   Value bx;
-  GradContext cx = beginGradKernel(name, comp, sharedBytes, bx);
+  GradContext cx = beginGradKernel(name, comp, bx);
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
   Value zero = m.c(0), one = m.c(1);
@@ -2709,7 +2706,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   const int64_t statsOffset = 4 * shape.kvTileBytes();
   const int64_t sharedBytes = statsOffset + 2 * kBlockKeys * 4;
   Value bx;
-  GradContext cx = beginGradKernel(name, comp, sharedBytes, bx);
+  GradContext cx = beginGradKernel(name, comp, bx);
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
   Value zero = m.c(0), one = m.c(1);

@@ -348,6 +348,18 @@ private:
   SmallVector<Value> addPackedTimesTile(ValueRange acc, ArrayRef<Value> a,
                                         Value tile);
   GradContext beginGradKernel(StringRef name, ComponentAttr comp, Value &bx);
+  /// Walked tile `which` (0: Q or K, 1: dO or V) of shared slot `slot`.
+  Value walkedTile(Value slot, int64_t which);
+  /// Commits this thread's cp.asyncs since the last commit as one group.
+  void commitAsyncGroup();
+  /// scf.for over `numTiles` walked tiles in two shared slots: tile i + 1's
+  /// copies (`load(i + 1, its slot)`) fly while tile i computes
+  /// (`compute(i, slot, acc)` returns the next acc). Tile 0 is loaded
+  /// before the loop with whatever the caller issued before it.
+  scf::ForOp walkTiles(Value numTiles, ValueRange init,
+                       function_ref<void(Value, Value)> load,
+                       function_ref<SmallVector<Value>(Value, Value, ValueRange)>
+                           compute);
   Value gradQueryRow(const GradContext &cx, Value t);
   Value gradKeyRow(const GradContext &cx, Value t);
   /// cp.async of 64 gathered rows t0.. (zeros from `end` on) of q, grad_out
@@ -2463,10 +2475,14 @@ struct KernelEmitter::GradContext {
   ComponentAttr comp;
   GroupItem g;
   Value qHead, qBase, kBase;
-  /// Shared tiles of 64 rows: the block's own (Q and dO, or K and V) and
-  /// the walked ones.
-  Value tiles[4];
+  /// The block's own shared tiles of 64 rows (Q and dO, or K and V); the
+  /// walked ones are walkedTile's two slots after them.
+  Value tiles[2];
 };
+
+/// Shared memory of a backward kernel: its own two tiles, then two slots of
+/// two walked tiles.
+static constexpr int64_t kGradTiles = 6;
 
 KernelEmitter::GradContext KernelEmitter::beginGradKernel(StringRef name,
                                                           ComponentAttr comp,
@@ -2489,9 +2505,53 @@ KernelEmitter::GradContext KernelEmitter::beginGradKernel(StringRef name,
       MemRefType::get({ShapedType::kDynamic}, b.getI8Type(),
                       MemRefLayoutAttrInterface{}, workgroup));
   gradShared = dyn;
-  for (int64_t i = 0; i < 4; ++i)
+  for (int64_t i = 0; i < 2; ++i)
     cx.tiles[i] = sharedTile(dyn, m.c(i * shape.kvTileBytes()), kBlockKeys);
   return cx;
+}
+
+Value KernelEmitter::walkedTile(Value slot, int64_t which) {
+  Value tileIndex = m.add(m.c(2 + which), m.mul(slot, m.c(2)));
+  return sharedTile(gradShared, m.mul(tileIndex, m.c(shape.kvTileBytes())),
+                    kBlockKeys);
+}
+
+void KernelEmitter::commitAsyncGroup() {
+  nvgpu::DeviceAsyncCreateGroupOp::create(
+      b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
+}
+
+scf::ForOp KernelEmitter::walkTiles(
+    Value numTiles, ValueRange init, function_ref<void(Value, Value)> load,
+    function_ref<SmallVector<Value>(Value, Value, ValueRange)> compute) {
+  Value zero = m.c(0), one = m.c(1);
+  // Tile 0 (zero-filled where there is none) joins the caller's copies.
+  load(zero, zero);
+  commitAsyncGroup();
+  auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(loop.getBody());
+  Value i = loop.getInductionVar();
+  Value slot = arith::RemUIOp::create(b, loc, i, m.c(2));
+  Value next = m.add(i, one);
+  // Every warp is done with tile i - 1, whose slot tile i + 1 takes.
+  gpu::BarrierOp::create(b, loc);
+  auto ifNext = scf::IfOp::create(b, loc, TypeRange{}, m.lt(next, numTiles),
+                                  /*withElse=*/false);
+  {
+    OpBuilder::InsertionGuard g2(b);
+    b.setInsertionPointToStart(ifNext.thenBlock());
+    load(next, m.sub(one, slot));
+  }
+  // One group an iteration (empty on the last): waiting for all but the
+  // newest leaves tile i's copies done, then the barrier makes every
+  // thread's visible.
+  Value token = nvgpu::DeviceAsyncCreateGroupOp::create(
+      b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
+  nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(1));
+  gpu::BarrierOp::create(b, loc);
+  scf::YieldOp::create(b, loc, compute(i, slot, loop.getRegionIterArgs()));
+  return loop;
 }
 
 Value KernelEmitter::gradQueryRow(const GradContext &cx, Value t) {
@@ -2566,7 +2626,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   const int64_t D = shape.headDim, frags = D / 8;
   const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
   const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
-  const int64_t sharedBytes = 4 * shape.kvTileBytes();
+  const int64_t sharedBytes = kGradTiles * shape.kvTileBytes();
   Value bx;
   GradContext cx = beginGradKernel(name, comp, bx);
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
@@ -2591,8 +2651,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
   Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
 
-  Value qTile = cx.tiles[0], doTile = cx.tiles[1], kTile = cx.tiles[2],
-        vTile = cx.tiles[3];
+  Value qTile = cx.tiles[0], doTile = cx.tiles[1];
   loadGradRows(cx, qTile, q0, q1, /*keys=*/false, arg(Q));
   loadGradRows(cx, doTile, q0, q1, /*keys=*/false, arg(GradOut));
 
@@ -2611,21 +2670,20 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
         f.c(0.0));
   }
 
+  auto keyTileStart = [&](Value i) {
+    return m.add(first, m.mul(i, m.c(kBlockKeys)));
+  };
+  auto loadKeys = [&](Value i, Value slot) {
+    loadGradRows(cx, walkedTile(slot, 0), keyTileStart(i), last,
+                 /*keys=*/true, arg(K));
+    loadGradRows(cx, walkedTile(slot, 1), keyTileStart(i), last,
+                 /*keys=*/true, arg(V));
+  };
   SmallVector<Value> init(frags * 4, f.c(0.0));
-  auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
-  {
-    OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(loop.getBody());
-    Value k0 = m.add(first, m.mul(loop.getInductionVar(), m.c(kBlockKeys)));
-    // Every warp is done with the last tile before it is overwritten.
-    gpu::BarrierOp::create(b, loc);
-    loadGradRows(cx, kTile, k0, last, /*keys=*/true, arg(K));
-    loadGradRows(cx, vTile, k0, last, /*keys=*/true, arg(V));
-    Value token = nvgpu::DeviceAsyncCreateGroupOp::create(
-        b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
-    nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(0));
-    gpu::BarrierOp::create(b, loc);
-
+  auto computeTile = [&](Value i, Value slot,
+                         ValueRange acc) -> SmallVector<Value> {
+    Value k0 = keyTileStart(i);
+    Value kTile = walkedTile(slot, 0), vTile = walkedTile(slot, 1);
     SmallVector<AccFrag> s = rowsTimesTileT(qTile, kTile);
     auto keyOf = [&](int64_t n, int64_t e) {
       return m.add(k0, m.add(laneCol, m.c(n * 8 + e % 2)));
@@ -2654,10 +2712,9 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
                                            negLse[e / 2]));
         s[n][e] = f.mul(p, f.sub(dp[n][e], delta[e / 2]));
       }
-    SmallVector<Value> acc = addPackedTimesTile(
-        loop.getRegionIterArgs(), packAccumulators(s), kTile);
-    scf::YieldOp::create(b, loc, acc);
-  }
+    return addPackedTimesTile(acc, packAccumulators(s), kTile);
+  };
+  scf::ForOp loop = walkTiles(numTiles, init, loadKeys, computeTile);
 
   // dq += scale * dQ: the block owns its rows (components run one after
   // another), so a plain read-modify-write.
@@ -2702,14 +2759,15 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   const int64_t D = shape.headDim, frags = D / 8;
   const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
   const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
-  // K, V, Q, dO tiles, then the walked query tile's -lse log2(e) and delta.
-  const int64_t statsOffset = 4 * shape.kvTileBytes();
-  const int64_t sharedBytes = statsOffset + 2 * kBlockKeys * 4;
+  // K, V, two slots of Q and dO tiles, then two slots of the walked query
+  // tile's lse and delta (64 each).
+  const int64_t statsOffset = kGradTiles * shape.kvTileBytes();
+  const int64_t sharedBytes = statsOffset + 2 * 2 * kBlockKeys * 4;
   Value bx;
   GradContext cx = beginGradKernel(name, comp, bx);
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
-  Value zero = m.c(0), one = m.c(1);
+  Value zero = m.c(0);
   Value k0 = m.add(g.tKeyLo, m.mul(bx, m.c(kBlockKeys)));
   Value hasWork = m.lt(k0, g.tKeyHi);
   if (g.headHasClass)
@@ -2724,11 +2782,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   qLast = m.max(qLast, qFirst);
   Value numTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));
 
-  Value kTile = cx.tiles[0], vTile = cx.tiles[1], qTile = cx.tiles[2],
-        doTile = cx.tiles[3];
+  Value kTile = cx.tiles[0], vTile = cx.tiles[1];
   auto workgroup =
       gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
-  auto statsType = MemRefType::get({2 * kBlockKeys}, f32,
+  auto statsType = MemRefType::get({2 * 2 * kBlockKeys}, f32,
                                    MemRefLayoutAttrInterface{}, workgroup);
   Value stats = memref::ViewOp::create(b, loc, statsType, gradShared,
                                        m.c(statsOffset), ValueRange{});
@@ -2745,34 +2802,34 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
       bias[half] = keyBiasOver(cx, tk[half], k1);
   }
 
+  auto rowTileStart = [&](Value i) {
+    return m.add(qFirst, m.mul(i, m.c(kBlockKeys)));
+  };
+  // A walked tile: its Q and dO rows, and (one copy a thread: lse by the
+  // first 64 threads, delta by the others) its rows' lse and delta, zeros
+  // past qLast.
+  auto loadRows = [&](Value i, Value slot) {
+    Value t0 = rowTileStart(i);
+    loadGradRows(cx, walkedTile(slot, 0), t0, qLast, /*keys=*/false, arg(Q));
+    loadGradRows(cx, walkedTile(slot, 1), t0, qLast, /*keys=*/false,
+                 arg(GradOut));
+    Value isDelta = m.le(m.c(kBlockKeys), tid);
+    Value r = arith::RemUIOp::create(b, loc, tid, m.c(kBlockKeys));
+    Value t = m.add(t0, r);
+    Value ok = m.lt(t, qLast);
+    Value row = f.select(ok, m.add(cx.qHead, gradQueryRow(cx, t)), zero);
+    nvgpu::DeviceAsyncCopyOp::create(
+        b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), stats,
+        ValueRange{m.add(m.mul(slot, m.c(2 * kBlockKeys)), tid)},
+        f.select(isDelta, arg(Delta), arg(Lse)), ValueRange{row},
+        b.getIndexAttr(1), f.select(ok, m.c(1), zero), UnitAttr());
+  };
   SmallVector<Value> init(2 * frags * 4, f.c(0.0));
-  auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
-  {
-    OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(loop.getBody());
-    Value t0 = m.add(qFirst, m.mul(loop.getInductionVar(), m.c(kBlockKeys)));
-    gpu::BarrierOp::create(b, loc);
-    loadGradRows(cx, qTile, t0, qLast, /*keys=*/false, arg(Q));
-    loadGradRows(cx, doTile, t0, qLast, /*keys=*/false, arg(GradOut));
-    // The first 64 threads stage the tile's row statistics.
-    {
-      auto ifStats = scf::IfOp::create(b, loc, TypeRange{},
-                                       m.lt(tid, m.c(kBlockKeys)), false);
-      OpBuilder::InsertionGuard g2(b);
-      b.setInsertionPointToStart(ifStats.thenBlock());
-      Value t = m.add(t0, tid);
-      Value ok = m.lt(t, qLast);
-      Value row = f.select(ok, m.add(cx.qHead, gradQueryRow(cx, t)), zero);
-      memref::StoreOp::create(b, loc, negLse2(ok, row), stats, tid);
-      Value d = f.select(ok, memref::LoadOp::create(b, loc, arg(Delta), row),
-                         f.c(0.0));
-      memref::StoreOp::create(b, loc, d, stats, m.add(tid, m.c(kBlockKeys)));
-    }
-    Value token = nvgpu::DeviceAsyncCreateGroupOp::create(
-        b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
-    nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(0));
-    gpu::BarrierOp::create(b, loc);
-
+  auto computeTile = [&](Value i, Value slot,
+                         ValueRange state) -> SmallVector<Value> {
+    Value t0 = rowTileStart(i);
+    Value qTile = walkedTile(slot, 0), doTile = walkedTile(slot, 1);
+    Value statsAt = m.mul(slot, m.c(2 * kBlockKeys));
     SmallVector<AccFrag> s = rowsTimesTileT(kTile, qTile);
     if (shape.hasKeyBias)
       for (int64_t n = 0; n < kKeyNTiles; ++n)
@@ -2796,11 +2853,15 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
                     pairInBand(comp, g, t, key));
     });
     Value c2 = f.c(shape.scale * M_LOG2E);
+    // -lse log2(e) per column, or -inf for a row with no key (lse -inf):
+    // its P is then 0. Rows past qLast (lse 0) are masked above.
     SmallVector<Value> lseCol(kKeyNTiles * 2), deltaCol(kKeyNTiles * 2);
     for (int64_t n = 0; n < kKeyNTiles; ++n)
       for (int64_t e = 0; e < 2; ++e) {
-        Value col = m.add(laneCol, m.c(n * 8 + e));
-        lseCol[n * 2 + e] = memref::LoadOp::create(b, loc, stats, col);
+        Value col = m.add(statsAt, m.add(laneCol, m.c(n * 8 + e)));
+        Value lse = memref::LoadOp::create(b, loc, stats, col);
+        lseCol[n * 2 + e] = f.select(f.gt(lse, f.negInf()),
+                                     f.mul(lse, f.c(-M_LOG2E)), f.negInf());
         deltaCol[n * 2 + e] = memref::LoadOp::create(
             b, loc, stats, m.add(col, m.c(kBlockKeys)));
       }
@@ -2808,7 +2869,6 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
       for (int64_t e = 0; e < 4; ++e)
         s[n][e] = exp2(LLVM::FMAOp::create(b, loc, s[n][e], c2,
                                            lseCol[n * 2 + e % 2]));
-    ValueRange state = loop.getRegionIterArgs();
     SmallVector<Value> dv = addPackedTimesTile(
         state.take_back(frags * 4), packAccumulators(s), doTile);
     SmallVector<AccFrag> dp = rowsTimesTileT(vTile, doTile);
@@ -2818,8 +2878,9 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     SmallVector<Value> dk = addPackedTimesTile(
         state.take_front(frags * 4), packAccumulators(s), qTile);
     dk.append(dv);
-    scf::YieldOp::create(b, loc, dk);
-  }
+    return dk;
+  };
+  scf::ForOp loop = walkTiles(numTiles, init, loadRows, computeTile);
 
   // dk += scale * dK and dv += dV, atomically: the blocks of every q head
   // sharing the kv head add into the same rows.

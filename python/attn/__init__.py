@@ -51,7 +51,8 @@ def _torch_compiling():
 
 def _torch_needs_grad(*tensors):
     """Whether autograd would record a call on these torch tensors: the call
-    then goes through attn::run, whose backward raises (forward only)."""
+    then goes through attn::run, whose backward runs the package's backward
+    kernels (or raises where it has none)."""
     import torch
     if not torch.is_grad_enabled():
         return False
@@ -335,9 +336,11 @@ class Package:
         return_lse=True.
 
         Under torch.compile the call becomes the operator attn::run in the
-        compiled graph (docs/Package.md). GPU packages compute the forward
-        pass only: a backward pass through an output raises AttnError. CPU
-        packages compiled with "backward": true have Package.backward.
+        compiled graph (docs/Package.md). On tensors that require grad, a
+        GPU package compiled with "backward": true gives q, k and v their
+        gradients through autograd (its backward kernels); other packages
+        raise AttnError in the backward pass. Packages compiled with
+        "backward": true also have Package.backward (NumPy or CUDA).
         """
         if return_lse and not self.has_lse:
             raise AttnError("this package was compiled with \"lse\": false")

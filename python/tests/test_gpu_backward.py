@@ -37,11 +37,9 @@ def _poison_allocator(nbytes):
     del x
 
 
-@pytest.mark.parametrize("case", gpu_cases.GRAD_CASES, ids=lambda c: c["name"])
-@pytest.mark.parametrize("shape", gpu_cases.GRAD_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_gradients_match_the_float64_reference(case, shape):
-    pkg = attn.load(os.path.join(PKGS, case["name"]))
-    assert pkg.has_backward
+def _inputs(case, shape):
+    """Fresh inputs of a GRAD_CASES case at (Lq, Lk): q, k, v, grad_out,
+    lengths (tokenized cases; NaN and inf in the padding) and key_bias."""
     Lq, Lk = shape
     gen = torch.Generator().manual_seed(hash((case["name"], shape)) & 0xFFFF)
     dt = DTYPES[case["dtype"]]
@@ -62,24 +60,91 @@ def test_gradients_match_the_float64_reference(case, shape):
     if case.get("key_bias"):
         bias = (torch.rand(B, Lk, generator=gen) * 4 - 2).cuda()
         bias[:, ::7] = float("-inf")
-    out, lse = pkg(q, k, v, lengths=lengths, key_bias=bias, return_lse=True)
-    _poison_allocator(4 * (q.numel() + 2 * k.numel()) + (1 << 20))
-    dq, dk, dv = pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias)
-    torch.cuda.synchronize()
+    return q, k, v, g, lengths, bias
 
+
+def _check_against_reference(case, q, k, v, g, lengths, bias, grads, tol):
+    """grads (dq, dk, dv) against the float64 reference, each within `tol`
+    of its largest magnitude."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
     lens = None if lengths is None else lengths.tolist()
     m = np.array(multiplicity(case["pattern"], H, Lq, Lk, lens))
     scale = case.get("scale", 1 / np.sqrt(D))
-    clean = lambda x: torch.nan_to_num(x.double(), nan=0.0, posinf=0.0).cpu().numpy()
+    clean = lambda x: torch.nan_to_num(x.detach().double(), nan=0.0, posinf=0.0).cpu().numpy()
     ref = backward64(clean(q), clean(k), clean(v), m, clean(g), scale,
                      None if bias is None else bias.double().cpu().numpy())
-    for got, want, what in zip((dq, dk, dv), ref, ("dq", "dk", "dv")):
+    for got, want, what in zip(grads, ref, ("dq", "dk", "dv")):
         got = got.double().cpu().numpy()
         assert got.shape == want.shape and got.dtype == np.float64
         assert not np.isnan(got).any(), f"{what} has NaN"
         scale_of = max(np.abs(want).max(), 1e-30)
         err = np.abs(got - want).max() / scale_of
-        assert err < TOL[case["dtype"]], f"{what}: relative error {err:.2e}"
+        assert err < tol, f"{what}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", gpu_cases.GRAD_CASES, ids=lambda c: c["name"])
+@pytest.mark.parametrize("shape", gpu_cases.GRAD_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gradients_match_the_float64_reference(case, shape):
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    assert pkg.has_backward
+    q, k, v, g, lengths, bias = _inputs(case, shape)
+    out, lse = pkg(q, k, v, lengths=lengths, key_bias=bias, return_lse=True)
+    _poison_allocator(4 * (q.numel() + 2 * k.numel()) + (1 << 20))
+    dq, dk, dv = pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias)
+    torch.cuda.synchronize()
+    _check_against_reference(case, q, k, v, g, lengths, bias, (dq, dk, dv),
+                             TOL[case["dtype"]])
+
+
+AUTOGRAD_CASES = [c for c in gpu_cases.GRAD_CASES
+                  if c["name"] in ("grad_causal", "grad_full_f16_gqa_d64",
+                                   "grad_tokenized_causal", "grad_causal_key_bias")]
+
+
+@pytest.mark.parametrize("case", AUTOGRAD_CASES, ids=lambda c: c["name"])
+def test_autograd_through_a_package_call(case):
+    """pkg(q, k, v) on tensors that require grad, then loss.backward(): the
+    call records attn::run, whose backward runs the package's kernels; the
+    gradients arrive in the inputs' dtypes. q is a [B, H, L, D] view of a
+    [B, L, H, D] tensor (the backward takes contiguous copies)."""
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    shape = gpu_cases.GRAD_SHAPES[0]
+    q, k, v, g, lengths, bias = _inputs(case, shape)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = pkg(*leaves, lengths=lengths, key_bias=bias)
+    assert out.requires_grad
+    with torch.no_grad():
+        assert torch.equal(out, pkg(q, k, v, lengths=lengths, key_bias=bias))
+    (out.float() * g.float()).sum().backward()
+    for x, leaf in zip((q, k, v), leaves):
+        assert leaf.grad is not None and leaf.grad.dtype == x.dtype
+        assert leaf.grad.shape == x.shape
+    # The gradients are rounded to the inputs' 16-bit type: one more ulp.
+    _check_against_reference(case, q, k, v, g, lengths, bias,
+                             [leaf.grad for leaf in leaves], 2 * TOL[case["dtype"]])
+
+
+def test_autograd_refuses_what_it_cannot_differentiate():
+    case = AUTOGRAD_CASES[0]
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    q, k, v, g, _, _ = _inputs(case, gpu_cases.GRAD_SHAPES[0])
+    q.requires_grad_()
+    # The lse returned but left out of the loss: fine.
+    out, lse = pkg(q, k, v, return_lse=True)
+    out.float().sum().backward()
+    assert q.grad is not None and not q.grad.isnan().any()
+    # A loss through the lse: refused (the kernels take no lse gradient).
+    out, lse = pkg(q, k, v, return_lse=True)
+    with pytest.raises(attn.AttnError, match="lse"):
+        (out.float().sum() + lse.sum()).backward()
+    bias_case = next(c for c in AUTOGRAD_CASES if c.get("key_bias"))
+    bias_pkg = attn.load(os.path.join(PKGS, bias_case["name"]))
+    q, k, v, g, _, bias = _inputs(bias_case, gpu_cases.GRAD_SHAPES[0])
+    bias.requires_grad_()
+    with pytest.raises(attn.AttnError, match="key_bias gets no gradient"):
+        bias_pkg(q, k, v, key_bias=bias).float().sum().backward()
 
 
 def test_backward_refuses_bad_arguments():

@@ -339,12 +339,16 @@ private:
 
   // Backward helpers (mma.sync, padded tiles; see "The backward pass").
   struct GradContext;
+  // Tiles are byte offsets of 64-row tiles in the dynamic shared memory:
+  // padded rows for mma.sync, 128-byte swizzled panels for wgmma (sm_90a).
   /// X Y^T for this warp's 16 rows of aTile and the 64 rows of bTile.
   SmallVector<AccFrag> rowsTimesTileT(Value aTile, Value bTile);
+  /// The wgmma descriptor of the tile at byte offset `tile`.
+  Value gradDescriptor(Value tile, int64_t lbo, int64_t sbo);
   /// 16 x 64 accumulators as 16-bit A fragments (16 columns each).
   SmallVector<Value> packAccumulators(ArrayRef<AccFrag> p);
-  /// acc (D/8 fragments, flat) + A . tile, A packed [16 x 64], tile
-  /// [64 x D] read transposed.
+  /// acc (D/8 fragments, flat) + A . tile, A packed [16 x 64] (this
+  /// warp's rows), tile [64 x D] read transposed.
   SmallVector<Value> addPackedTimesTile(ValueRange acc, ArrayRef<Value> a,
                                         Value tile);
   GradContext beginGradKernel(StringRef name, ComponentAttr comp, Value &bx);
@@ -2360,8 +2364,37 @@ gpu::GPUFuncOp KernelEmitter::emitFinalize(StringRef name) {
 // registers are the A operand of the next product, whose B tile is read
 // transposed (ldmatrix.trans). Tiles are padded rows of D + 8 elements.
 
-SmallVector<AccFrag> KernelEmitter::rowsTimesTileT(Value aTile, Value bTile) {
+Value KernelEmitter::gradDescriptor(Value tile, int64_t lbo, int64_t sbo) {
+  Value at = arith::IndexCastUIOp::create(b, loc, b.getI64Type(), tile);
+  return matrixDescriptor(arith::AddIOp::create(b, loc, tilesAddress, at), lbo,
+                          sbo);
+}
+
+SmallVector<AccFrag> KernelEmitter::rowsTimesTileT(Value aOffset,
+                                                   Value bOffset) {
   const int64_t D = shape.headDim;
+  if (shape.wgmma) {
+    // The forward's S = Q K^T (emitComponent's issueScoresWgmma): both
+    // operands K-major from shared memory, k step kk 32 bytes into panel
+    // kk / 4 of 64 rows x 128 bytes.
+    const int64_t panelBytes = kBlockKeys * 128;
+    Value aDesc = gradDescriptor(aOffset, 16, 1024);
+    Value bDesc = gradDescriptor(bOffset, 16, 1024);
+    SmallVector<Value> acc(kKeyNTiles * 4, f.c(0.0));
+    wgmmaFence({});
+    for (int64_t kk = 0; kk < D / 16; ++kk) {
+      int64_t at = (kk / 4) * panelBytes + (kk % 4) * 32;
+      acc = wgmma(acc, advance(aDesc, at), advance(bDesc, at),
+                  /*transposeB=*/false, /*accumulate=*/kk > 0);
+    }
+    acc = wgmmaCommitAndWait(acc);
+    SmallVector<AccFrag> c(kKeyNTiles);
+    for (auto [i, v] : llvm::enumerate(acc))
+      c[i / 4][i % 4] = v;
+    return c;
+  }
+  Value aTile = sharedTile(gradShared, aOffset, kBlockKeys);
+  Value bTile = sharedTile(gradShared, bOffset, kBlockKeys);
   Value warpRow = m.mul(warp, m.c(16));
   Value aRow = m.add(warpRow, arith::RemUIOp::create(b, loc, lane, m.c(16)));
   Value aCol = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(16)), m.c(8));
@@ -2396,8 +2429,25 @@ SmallVector<Value> KernelEmitter::packAccumulators(ArrayRef<AccFrag> p) {
 
 SmallVector<Value> KernelEmitter::addPackedTimesTile(ValueRange acc,
                                                      ArrayRef<Value> a,
-                                                     Value tile) {
+                                                     Value offset) {
   const int64_t frags = shape.headDim / 8;
+  if (shape.wgmma) {
+    // The forward's O += P V (issueValuesWgmma): A from registers, B =
+    // [64 x D] MN-major, 64-column panels 8192 bytes apart, k step j 16
+    // rows (2048 bytes) on. The fence orders the registers' last writes
+    // before the wgmmas read them.
+    SmallVector<Value> fenced(acc);
+    fenced.append(a.begin(), a.end());
+    fenced = wgmmaFence(fenced);
+    SmallVector<Value> o(ArrayRef<Value>(fenced).take_front(acc.size()));
+    ArrayRef<Value> packed = ArrayRef<Value>(fenced).drop_front(acc.size());
+    Value desc = gradDescriptor(offset, kBlockKeys * 128, 1024);
+    for (int64_t j = 0; j < kKeyNTiles / 2; ++j)
+      o = wgmma(o, packed.slice(j * 4, 4), advance(desc, j * 2048),
+                /*transposeB=*/true, /*accumulate=*/true);
+    return wgmmaCommitAndWait(o);
+  }
+  Value tile = sharedTile(gradShared, offset, kBlockKeys);
   SmallVector<AccFrag> o(frags);
   for (int64_t i = 0; i < frags * 4; ++i)
     o[i / 4][i % 4] = acc[i];
@@ -2505,15 +2555,25 @@ KernelEmitter::GradContext KernelEmitter::beginGradKernel(StringRef name,
       MemRefType::get({ShapedType::kDynamic}, b.getI8Type(),
                       MemRefLayoutAttrInterface{}, workgroup));
   gradShared = dyn;
+  if (shape.wgmma) {
+    // wgmma's 128-byte swizzle repeats every 1024 bytes: the tiles start
+    // at the first such boundary (sharedTile adds tilesOffset).
+    Value address = memref::ExtractAlignedPointerAsIndexOp::create(b, loc, dyn);
+    tilesOffset = arith::RemUIOp::create(
+        b, loc, m.sub(m.c(1024), arith::RemUIOp::create(b, loc, address,
+                                                        m.c(1024))),
+        m.c(1024));
+    tilesAddress = arith::IndexCastUIOp::create(
+        b, loc, b.getI64Type(), m.add(address, tilesOffset));
+  }
   for (int64_t i = 0; i < 2; ++i)
-    cx.tiles[i] = sharedTile(dyn, m.c(i * shape.kvTileBytes()), kBlockKeys);
+    cx.tiles[i] = m.c(i * shape.kvTileBytes());
   return cx;
 }
 
 Value KernelEmitter::walkedTile(Value slot, int64_t which) {
   Value tileIndex = m.add(m.c(2 + which), m.mul(slot, m.c(2)));
-  return sharedTile(gradShared, m.mul(tileIndex, m.c(shape.kvTileBytes())),
-                    kBlockKeys);
+  return m.mul(tileIndex, m.c(shape.kvTileBytes()));
 }
 
 void KernelEmitter::commitAsyncGroup() {
@@ -2549,6 +2609,10 @@ scf::ForOp KernelEmitter::walkTiles(
   Value token = nvgpu::DeviceAsyncCreateGroupOp::create(
       b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
   nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(1));
+  // wgmma reads shared memory through the async proxy: this thread's
+  // copies become visible to it before the barrier.
+  if (shape.wgmma)
+    inlinePtx({}, {}, "fence.proxy.async.shared::cta;", "");
   gpu::BarrierOp::create(b, loc);
   scf::YieldOp::create(b, loc, compute(i, slot, loop.getRegionIterArgs()));
   return loop;
@@ -2566,7 +2630,7 @@ Value KernelEmitter::gradKeyRow(const GradContext &cx, Value t) {
 void KernelEmitter::loadGradRows(const GradContext &cx, Value tile, Value t0,
                                  Value end, bool keys, Value src) {
   Value zero = m.c(0);
-  asyncLoadTile(tile, kBlockKeys, src,
+  asyncLoadTile(sharedTile(gradShared, tile, kBlockKeys), kBlockKeys, src,
                 [&](Value row) -> std::pair<Value, Value> {
     Value t = m.add(t0, row);
     Value exists = m.lt(t, end);
@@ -2626,7 +2690,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   const int64_t D = shape.headDim, frags = D / 8;
   const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
   const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
-  const int64_t sharedBytes = kGradTiles * shape.kvTileBytes();
+  const int64_t sharedBytes =
+      kGradTiles * shape.kvTileBytes() + (shape.wgmma ? 1024 : 0);
   Value bx;
   GradContext cx = beginGradKernel(name, comp, bx);
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
@@ -2762,7 +2827,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // K, V, two slots of Q and dO tiles, then two slots of the walked query
   // tile's lse and delta (64 each).
   const int64_t statsOffset = kGradTiles * shape.kvTileBytes();
-  const int64_t sharedBytes = statsOffset + 2 * 2 * kBlockKeys * 4;
+  const int64_t sharedBytes =
+      statsOffset + 2 * 2 * kBlockKeys * 4 + (shape.wgmma ? 1024 : 0);
   Value bx;
   GradContext cx = beginGradKernel(name, comp, bx);
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
@@ -2788,7 +2854,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   auto statsType = MemRefType::get({2 * 2 * kBlockKeys}, f32,
                                    MemRefLayoutAttrInterface{}, workgroup);
   Value stats = memref::ViewOp::create(b, loc, statsType, gradShared,
-                                       m.c(statsOffset), ValueRange{});
+                                       shape.wgmma
+                                           ? m.add(tilesOffset, m.c(statsOffset))
+                                           : m.c(statsOffset),
+                                       ValueRange{});
   loadGradRows(cx, kTile, k0, k1, /*keys=*/true, arg(K));
   loadGradRows(cx, vTile, k0, k1, /*keys=*/true, arg(V));
 
@@ -3117,8 +3186,11 @@ struct ConvertAttnToGpuPass
       if (c.getScaleAttr().getValueAsDouble() != shape.scale)
         return c.emitError("convert-attn-to-gpu: the backward pass must share "
                            "the forward's scale");
+    // One warpgroup of 64 rows (or keys) a block: wgmma on sm_90a,
+    // mma.sync on sm_80; tiles by cp.async.
     AttentionShape gradShape = shape;
-    gradShape.wgmma = gradShape.tma = gradShape.warpSpecialize = false;
+    gradShape.warpgroups = 1;
+    gradShape.tma = gradShape.warpSpecialize = false;
     OpBuilder b(gpuModule.getBody(), gpuModule.getBody()->end());
     KernelEmitter emit(b, gradFunc.getLoc(), gradShape);
     SmallVector<Attribute> order;

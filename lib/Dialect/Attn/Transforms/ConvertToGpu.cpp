@@ -343,8 +343,13 @@ private:
   // padded rows for mma.sync, 128-byte swizzled panels for wgmma (sm_90a).
   /// X Y^T for this warp's 16 rows of aTile and the 64 rows of bTile.
   SmallVector<AccFrag> rowsTimesTileT(Value aTile, Value bTile);
-  /// The wgmma descriptor of the tile at byte offset `tile`.
-  Value gradDescriptor(Value tile, int64_t lbo, int64_t sbo);
+  /// wgmma: sets tilesOffset and tilesAddress for the dynamic shared
+  /// memory `dyn` (its tiles start at a 1024-byte boundary, where the
+  /// 128-byte swizzle pattern starts; sharedTile adds tilesOffset).
+  void alignTiles(Value dyn);
+  /// The wgmma descriptor of the tile at byte offset `tile` from
+  /// tilesAddress.
+  Value tileDescriptor(Value tile, int64_t lbo, int64_t sbo);
   /// 16 x 64 accumulators as 16-bit A fragments (16 columns each).
   SmallVector<Value> packAccumulators(ArrayRef<AccFrag> p);
   /// acc (D/8 fragments, flat) + A . tile, A packed [16 x 64] (this
@@ -790,6 +795,22 @@ Value KernelEmitter::sharedTile(Value dynamicShared, Value byteOffset,
                                 ValueRange{});
 }
 
+void KernelEmitter::alignTiles(Value dyn) {
+  Value address = memref::ExtractAlignedPointerAsIndexOp::create(b, loc, dyn);
+  tilesOffset = arith::RemUIOp::create(
+      b, loc, m.sub(m.c(1024), arith::RemUIOp::create(b, loc, address,
+                                                      m.c(1024))),
+      m.c(1024));
+  tilesAddress = arith::IndexCastUIOp::create(
+      b, loc, b.getI64Type(), m.add(address, tilesOffset));
+}
+
+Value KernelEmitter::tileDescriptor(Value tile, int64_t lbo, int64_t sbo) {
+  Value at = arith::IndexCastUIOp::create(b, loc, b.getI64Type(), tile);
+  return matrixDescriptor(arith::AddIOp::create(b, loc, tilesAddress, at), lbo,
+                          sbo);
+}
+
 Value KernelEmitter::swizzledOffset(Value row, Value chunk, int64_t rows) {
   // Panel chunk/8 holds columns [64p, 64p + 64); in it, row r is 128 bytes
   // at r*128 and its chunk c sits at chunk c ^ (r % 8).
@@ -1083,15 +1104,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   Value dyn = gpu::DynamicSharedMemoryOp::create(
       b, loc,
       MemRefType::get({ShapedType::kDynamic}, b.getI8Type(), MemRefLayoutAttrInterface{}, workgroup));
-  if (shape.wgmma) {
-    Value address = memref::ExtractAlignedPointerAsIndexOp::create(b, loc, dyn);
-    tilesOffset = arith::RemUIOp::create(
-        b, loc, m.sub(m.c(1024), arith::RemUIOp::create(b, loc, address,
-                                                        m.c(1024))),
-        m.c(1024));
-    tilesAddress = arith::IndexCastUIOp::create(
-        b, loc, b.getI64Type(), m.add(address, tilesOffset));
-  }
+  if (shape.wgmma)
+    alignTiles(dyn);
   // Q, then K of slots 0 and 1, then V of slots 0 and 1.
   auto keyOffset = [&](Value slot) {
     return m.add(m.c(shape.qTileBytes()),
@@ -1507,13 +1521,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // 128-byte rows: a K/V panel is 64 rows, a Q panel blockRows rows.
   const int64_t kvPanelBytes = kBlockKeys * 128;
   const int64_t qPanelBytes = kBlockRows * 128;
-  // wgmma descriptor of the shared bytes at byteOffset.
-  auto tileDescriptor = [&](Value byteOffset, int64_t lbo, int64_t sbo) {
-    Value at =
-        arith::IndexCastUIOp::create(b, loc, b.getI64Type(), byteOffset);
-    return matrixDescriptor(arith::AddIOp::create(b, loc, tilesAddress, at),
-                            lbo, sbo);
-  };
   auto toFrags = [&](ValueRange flat) {
     SmallVector<AccFrag> frags(flat.size() / 4);
     for (auto [i, v] : llvm::enumerate(flat))
@@ -2364,12 +2371,6 @@ gpu::GPUFuncOp KernelEmitter::emitFinalize(StringRef name) {
 // registers are the A operand of the next product, whose B tile is read
 // transposed (ldmatrix.trans). Tiles are padded rows of D + 8 elements.
 
-Value KernelEmitter::gradDescriptor(Value tile, int64_t lbo, int64_t sbo) {
-  Value at = arith::IndexCastUIOp::create(b, loc, b.getI64Type(), tile);
-  return matrixDescriptor(arith::AddIOp::create(b, loc, tilesAddress, at), lbo,
-                          sbo);
-}
-
 SmallVector<AccFrag> KernelEmitter::rowsTimesTileT(Value aOffset,
                                                    Value bOffset) {
   const int64_t D = shape.headDim;
@@ -2378,8 +2379,8 @@ SmallVector<AccFrag> KernelEmitter::rowsTimesTileT(Value aOffset,
     // operands K-major from shared memory, k step kk 32 bytes into panel
     // kk / 4 of 64 rows x 128 bytes.
     const int64_t panelBytes = kBlockKeys * 128;
-    Value aDesc = gradDescriptor(aOffset, 16, 1024);
-    Value bDesc = gradDescriptor(bOffset, 16, 1024);
+    Value aDesc = tileDescriptor(aOffset, 16, 1024);
+    Value bDesc = tileDescriptor(bOffset, 16, 1024);
     SmallVector<Value> acc(kKeyNTiles * 4, f.c(0.0));
     wgmmaFence({});
     for (int64_t kk = 0; kk < D / 16; ++kk) {
@@ -2441,7 +2442,7 @@ SmallVector<Value> KernelEmitter::addPackedTimesTile(ValueRange acc,
     fenced = wgmmaFence(fenced);
     SmallVector<Value> o(ArrayRef<Value>(fenced).take_front(acc.size()));
     ArrayRef<Value> packed = ArrayRef<Value>(fenced).drop_front(acc.size());
-    Value desc = gradDescriptor(offset, kBlockKeys * 128, 1024);
+    Value desc = tileDescriptor(offset, kBlockKeys * 128, 1024);
     for (int64_t j = 0; j < kKeyNTiles / 2; ++j)
       o = wgmma(o, packed.slice(j * 4, 4), advance(desc, j * 2048),
                 /*transposeB=*/true, /*accumulate=*/true);
@@ -2555,17 +2556,8 @@ KernelEmitter::GradContext KernelEmitter::beginGradKernel(StringRef name,
       MemRefType::get({ShapedType::kDynamic}, b.getI8Type(),
                       MemRefLayoutAttrInterface{}, workgroup));
   gradShared = dyn;
-  if (shape.wgmma) {
-    // wgmma's 128-byte swizzle repeats every 1024 bytes: the tiles start
-    // at the first such boundary (sharedTile adds tilesOffset).
-    Value address = memref::ExtractAlignedPointerAsIndexOp::create(b, loc, dyn);
-    tilesOffset = arith::RemUIOp::create(
-        b, loc, m.sub(m.c(1024), arith::RemUIOp::create(b, loc, address,
-                                                        m.c(1024))),
-        m.c(1024));
-    tilesAddress = arith::IndexCastUIOp::create(
-        b, loc, b.getI64Type(), m.add(address, tilesOffset));
-  }
+  if (shape.wgmma)
+    alignTiles(dyn);
   for (int64_t i = 0; i < 2; ++i)
     cx.tiles[i] = m.c(i * shape.kvTileBytes());
   return cx;

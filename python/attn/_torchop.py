@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import AttnError, _registry
+from . import AttnError, _registry, _torch_needs_grad
 
 
 LSE_NONE, LSE_RETURNED, LSE_FOR_BACKWARD = 0, 1, 2
@@ -64,8 +64,7 @@ def call(pkg, q, k, v, lengths, return_lse, out, key_bias, key_ids):
     lse_mode = LSE_NONE
     if return_lse:
         lse_mode = LSE_RETURNED
-    elif pkg.has_backward and torch.is_grad_enabled() and \
-            any(t is not None and t.requires_grad for t in (q, k, v)):
+    elif pkg.has_backward and _torch_needs_grad(q, k, v):
         lse_mode = LSE_FOR_BACKWARD
     res, lse = torch.ops.attn.run(q, k, v, lengths, key_bias, key_ids, pkg._id, lse_mode)
     if out is not None:

@@ -343,6 +343,16 @@ private:
   // padded rows for mma.sync, 128-byte swizzled panels for wgmma (sm_90a).
   /// X Y^T for this warp's 16 rows of aTile and the 64 rows of bTile.
   SmallVector<AccFrag> rowsTimesTileT(Value aTile, Value bTile);
+  /// mma.sync: A Y^T for A given as this warp's ldmatrix fragments (D/16
+  /// of 16 columns) and the 64 rows of the tile memref bTile (the forward's
+  /// S = Q K^T too).
+  SmallVector<AccFrag> fragsTimesTileT(ArrayRef<std::array<Value, 4>> aFrag,
+                                       Value bTile);
+  /// mma.sync: o + A tile, A packed [16 x 64], the tile memref [64 x D]
+  /// read transposed by ldmatrix.trans (the forward's O += P V too).
+  SmallVector<AccFrag> addPackedTimesTileMmaSync(SmallVector<AccFrag> o,
+                                                 ArrayRef<Value> a,
+                                                 Value tile);
   /// wgmma: sets tilesOffset and tilesAddress for the dynamic shared
   /// memory `dyn` (its tiles start at a 1024-byte boundary, where the
   /// 128-byte swizzle pattern starts; sharedTile adds tilesOffset).
@@ -350,7 +360,9 @@ private:
   /// The wgmma descriptor of the tile at byte offset `tile` from
   /// tilesAddress.
   Value tileDescriptor(Value tile, int64_t lbo, int64_t sbo);
-  /// 16 x 64 accumulators as 16-bit A fragments (16 columns each).
+  /// 16 x 64 accumulators (P, dS) as 16-bit A fragments (16 columns
+  /// each): the mma.sync operand layout, which is also wgmma's register A
+  /// layout.
   SmallVector<Value> packAccumulators(ArrayRef<AccFrag> p);
   /// acc (D/8 fragments, flat) + A . tile, A packed [16 x 64] (this
   /// warp's rows), tile [64 x D] read transposed.
@@ -1559,21 +1571,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   };
   // S = Q K^T with mma.sync from the Q fragments and ldmatrix'ed K.
   auto scoresMmaSync = [&](Value slot) {
-    Value kTile = keyTile(slot);
-    Value rowOff = arith::RemUIOp::create(b, loc, lane, m.c(8));
-    Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(8)), m.c(8));
-    SmallVector<AccFrag> s(kKeyNTiles);
-    for (int64_t n = 0; n < kKeyNTiles; ++n) {
-      AccFrag acc = {f.c(0.0), f.c(0.0), f.c(0.0), f.c(0.0)};
-      for (int64_t kk = 0; kk < D / 16; kk += 2) {
-        auto kb = ldmatrix(kTile, m.add(rowOff, m.c(n * 8)),
-                           m.add(colOff, m.c(kk * 16)), false);
-        acc = mma(qFrag[kk], {kb[0], kb[1]}, acc);
-        acc = mma(qFrag[kk + 1], {kb[2], kb[3]}, acc);
-      }
-      s[n] = acc;
-    }
-    return s;
+    return fragsTimesTileT(qFrag, keyTile(slot));
   };
 
   // The scores of the tile of keys k0..: key bias added, and -inf outside
@@ -1803,17 +1801,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     scf::YieldOp::create(b, loc, o);
     return SmallVector<Value>(rescaleIf.getResults());
   };
-  // P as 16-bit A fragments (16 keys each): the mma.sync operand layout,
-  // which is also wgmma's register A layout.
-  auto packProbabilities = [&](ArrayRef<AccFrag> p) {
-    SmallVector<Value> packed;
-    for (int64_t j = 0; j < int64_t(p.size()) / 2; ++j)
-      packed.append({pack(p[2 * j][0], p[2 * j][1]),
-                     pack(p[2 * j][2], p[2 * j][3]),
-                     pack(p[2 * j + 1][0], p[2 * j + 1][1]),
-                     pack(p[2 * j + 1][2], p[2 * j + 1][3])});
-    return packed;
-  };
   // O += P V with wgmma, P (as i32 registers) from registers, V is B =
   // [keys x D] with D contiguous (MN-major, transposed): the 64-column
   // panels are 8192 bytes apart (leading offset), 8-key groups 1024
@@ -1831,23 +1818,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // O += P V with mma.sync and ldmatrix'ed (transposed) V.
   auto valuesMmaSync = [&](SmallVector<AccFrag> o, ArrayRef<Value> p,
                            Value slot) {
-    Value vTile = valueTile(slot);
-    Value rowOff = m.add(arith::RemUIOp::create(b, loc, lane, m.c(8)),
-                         m.mul(arith::RemUIOp::create(
-                                   b, loc,
-                                   arith::DivUIOp::create(b, loc, lane, m.c(8)),
-                                   m.c(2)),
-                               m.c(8)));
-    Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(16)), m.c(8));
-    for (int64_t dn = 0; dn < oFrags; dn += 2)
-      for (int64_t j = 0; j < kKeyNTiles / 2; ++j) {
-        auto vb = ldmatrix(vTile, m.add(rowOff, m.c(j * 16)),
-                           m.add(colOff, m.c(dn * 8)), true);
-        ArrayRef<Value> a = p.slice(j * 4, 4);
-        o[dn] = mma({a[0], a[1], a[2], a[3]}, {vb[0], vb[1]}, o[dn]);
-        o[dn + 1] = mma({a[0], a[1], a[2], a[3]}, {vb[2], vb[3]}, o[dn + 1]);
-      }
-    return o;
+    return addPackedTimesTileMmaSync(std::move(o), p, valueTile(slot));
   };
 
   // The consumers' key loop of a warp-specialised kernel, after
@@ -1904,7 +1875,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     };
     auto packed = [&](ArrayRef<AccFrag> s) {
       SmallVector<Value> p;
-      for (Value reg : packProbabilities(s))
+      for (Value reg : packAccumulators(s))
         p.push_back(asI32(reg));
       return p;
     };
@@ -1995,7 +1966,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     SoftmaxStep step =
         softmaxStep(s, ArrayRef<Value>(init).drop_front(oRegs));
     SmallVector<Value> operands;
-    for (Value reg : packProbabilities(s))
+    for (Value reg : packAccumulators(s))
       operands.push_back(asI32(reg));
     waitTile(zero, [&] { return barrierAt(one); });
     {
@@ -2078,7 +2049,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       biasAndMask(s, k0);
       SoftmaxStep step = softmaxStep(s, state.drop_front(oFrags * 4));
       SmallVector<Value> o = rescaleAcc(state.take_front(oFrags * 4), step);
-      SmallVector<Value> p = packProbabilities(s);
+      SmallVector<Value> p = packAccumulators(s);
       SmallVector<Value> next;
       if (shape.wgmma) {
         SmallVector<Value> operands(o);
@@ -2402,12 +2373,18 @@ SmallVector<AccFrag> KernelEmitter::rowsTimesTileT(Value aOffset,
   SmallVector<std::array<Value, 4>> aFrag;
   for (int64_t kk = 0; kk < D / 16; ++kk)
     aFrag.push_back(ldmatrix(aTile, aRow, m.add(aCol, m.c(kk * 16)), false));
+  return fragsTimesTileT(aFrag, bTile);
+}
+
+SmallVector<AccFrag>
+KernelEmitter::fragsTimesTileT(ArrayRef<std::array<Value, 4>> aFrag,
+                               Value bTile) {
   Value rowOff = arith::RemUIOp::create(b, loc, lane, m.c(8));
   Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(8)), m.c(8));
   SmallVector<AccFrag> c(kKeyNTiles);
   for (int64_t n = 0; n < kKeyNTiles; ++n) {
     AccFrag acc = {f.c(0.0), f.c(0.0), f.c(0.0), f.c(0.0)};
-    for (int64_t kk = 0; kk < D / 16; kk += 2) {
+    for (int64_t kk = 0; kk < shape.headDim / 16; kk += 2) {
       auto bb = ldmatrix(bTile, m.add(rowOff, m.c(n * 8)),
                          m.add(colOff, m.c(kk * 16)), false);
       acc = mma(aFrag[kk], {bb[0], bb[1]}, acc);
@@ -2448,10 +2425,20 @@ SmallVector<Value> KernelEmitter::addPackedTimesTile(ValueRange acc,
                 /*transposeB=*/true, /*accumulate=*/true);
     return wgmmaCommitAndWait(o);
   }
-  Value tile = sharedTile(gradShared, offset, kBlockKeys);
   SmallVector<AccFrag> o(frags);
   for (int64_t i = 0; i < frags * 4; ++i)
     o[i / 4][i % 4] = acc[i];
+  o = addPackedTimesTileMmaSync(std::move(o), a,
+                                sharedTile(gradShared, offset, kBlockKeys));
+  SmallVector<Value> flat;
+  for (const AccFrag &frag : o)
+    flat.append(frag.begin(), frag.end());
+  return flat;
+}
+
+SmallVector<AccFrag>
+KernelEmitter::addPackedTimesTileMmaSync(SmallVector<AccFrag> o,
+                                         ArrayRef<Value> a, Value tile) {
   Value rowOff = m.add(arith::RemUIOp::create(b, loc, lane, m.c(8)),
                        m.mul(arith::RemUIOp::create(
                                  b, loc,
@@ -2459,7 +2446,7 @@ SmallVector<Value> KernelEmitter::addPackedTimesTile(ValueRange acc,
                                  m.c(2)),
                              m.c(8)));
   Value colOff = m.mul(arith::DivUIOp::create(b, loc, lane, m.c(16)), m.c(8));
-  for (int64_t dn = 0; dn < frags; dn += 2)
+  for (int64_t dn = 0; dn < int64_t(o.size()); dn += 2)
     for (int64_t j = 0; j < kKeyNTiles / 2; ++j) {
       auto tb = ldmatrix(tile, m.add(rowOff, m.c(j * 16)),
                          m.add(colOff, m.c(dn * 8)), true);
@@ -2467,10 +2454,7 @@ SmallVector<Value> KernelEmitter::addPackedTimesTile(ValueRange acc,
       o[dn] = mma({aj[0], aj[1], aj[2], aj[3]}, {tb[0], tb[1]}, o[dn]);
       o[dn + 1] = mma({aj[0], aj[1], aj[2], aj[3]}, {tb[2], tb[3]}, o[dn + 1]);
     }
-  SmallVector<Value> flat;
-  for (const AccFrag &frag : o)
-    flat.append(frag.begin(), frag.end());
-  return flat;
+  return o;
 }
 
 gpu::GPUFuncOp KernelEmitter::emitGradPrepare(StringRef name) {

@@ -158,6 +158,19 @@ attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
                                    const attn_tensor *lengths, attn_tensor *out,
                                    attn_tensor *lse, int64_t *bytes_sent);
 
+/* The backward pass of a ring package compiled with "backward": true (CPU
+ * target), every rank a thread as in attn_package_run_ranks: from the whole
+ * float32 sequence's q, k, v, the forward's out and lse, and grad_out,
+ * writes dq, dk and dv of the whole sequence (shaped like q, k and v). Each
+ * rank receives the forward's key/value rows again and sends the gradients
+ * of those rows back to their owner (docs/Ring.md). If bytes_sent is not
+ * NULL it receives, per rank, the bytes that rank sent (both ways). */
+attn_status attn_package_run_ranks_backward(
+    attn_package *package, const attn_tensor *q, const attn_tensor *k,
+    const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
+    const attn_tensor *grad_out, const attn_tensor *lengths, attn_tensor *dq,
+    attn_tensor *dk, attn_tensor *dv, int64_t *bytes_sent);
+
 /* GPU ring packages, one process per GPU (torchrun or any launcher):
  * rank 0 makes an NCCL id (attn_nccl_unique_id) and every rank gets it
  * (torch.distributed broadcast, a file, ...); each rank then joins with its

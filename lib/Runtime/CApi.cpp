@@ -315,6 +315,33 @@ attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
   return ATTN_OK;
 }
 
+attn_status attn_package_run_ranks_backward(
+    attn_package *package, const attn_tensor *q, const attn_tensor *k,
+    const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
+    const attn_tensor *grad_out, const attn_tensor *lengths, attn_tensor *dq,
+    attn_tensor *dk, attn_tensor *dv, int64_t *bytes_sent) {
+  if (!package)
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "attn_package_run_ranks_backward: null package");
+  Tensor tq, tk, tv, tout, tlse, tgrad, tlengths, tdq, tdk, tdv;
+  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
+      !toTensor(out, "out", tout) || !toTensor(lse, "lse", tlse) ||
+      !toTensor(grad_out, "grad_out", tgrad) || !toTensor(dq, "dq", tdq) ||
+      !toTensor(dk, "dk", tdk) || !toTensor(dv, "dv", tdv) ||
+      (lengths && !toTensor(lengths, "lengths", tlengths)))
+    return ATTN_ERROR_ARGUMENT;
+  std::string error;
+  std::vector<attn::runtime::RingStats> stats;
+  if (!attn::runtime::runRanksBackwardInProcess(
+          *package->impl, tq, tk, tv, lengths ? &tlengths : nullptr, tout,
+          tlse, tgrad, tdq, tdk, tdv, stats, error))
+    return failWith(ATTN_ERROR_RUNTIME, error);
+  if (bytes_sent)
+    for (size_t r = 0; r < stats.size(); ++r)
+      bytes_sent[r] = stats[r].bytesSent;
+  return ATTN_OK;
+}
+
 attn_status attn_nccl_unique_id(char id[128]) {
   attn::runtime::NcclId nid;
   std::string error;

@@ -491,20 +491,11 @@ bool Package::callEntry(void *entry, const std::vector<const Tensor *> &tensors,
   return true;
 }
 
-bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
-                          const Tensor &out, const Tensor &lse,
-                          const Tensor &gradOut, const Tensor *lengths,
-                          const Tensor *keyBias, Tensor &dq, Tensor &dk,
-                          Tensor &dv, std::string &error, void *stream) {
-  if (!hasBackward()) {
-    error = "package " + name_ + " has no backward pass (compile it with "
-            "\"backward\": true)";
-    return false;
-  }
-  // The forward's arguments as the forward checks them (out and lse are
-  // inputs here), then the gradients: each shaped and typed like its input.
-  if (!checkArguments(q, k, v, lengths, out, &lse, error, {keyBias, nullptr}))
-    return false;
+bool Package::checkGradients(const Tensor &q, const Tensor &k,
+                             const Tensor &v, const Tensor &out,
+                             const Tensor &gradOut, const Tensor &dq,
+                             const Tensor &dk, const Tensor &dv,
+                             std::string &error) const {
   // The gradients are f32 (the manifest's dtype for them); grad_out is
   // like out.
   const std::string gradDtype = backwardArgs_.back().dtype;
@@ -527,6 +518,31 @@ bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
     if (!checkStrides(t, name, false, false, false, error))
       return false;
   }
+  return true;
+}
+
+bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
+                          const Tensor &out, const Tensor &lse,
+                          const Tensor &gradOut, const Tensor *lengths,
+                          const Tensor *keyBias, Tensor &dq, Tensor &dk,
+                          Tensor &dv, std::string &error, void *stream) {
+  if (!hasBackward()) {
+    error = "package " + name_ + " has no backward pass (compile it with "
+            "\"backward\": true)";
+    return false;
+  }
+  // The forward's arguments as the forward checks them (out and lse are
+  // inputs here), then the gradients: each shaped and typed like its input.
+  if (!checkArguments(q, k, v, lengths, out, &lse, error, {keyBias, nullptr}))
+    return false;
+  if (ring_) {
+    error = "package " + name_ + " is a ring package: its backward pass runs "
+            "per rank (Package.run_ranks_backward, attn_package_run_ranks_"
+            "backward; docs/Ring.md)";
+    return false;
+  }
+  if (!checkGradients(q, k, v, out, gradOut, dq, dk, dv, error))
+    return false;
   if (isGpu()) {
     // The backward kernels read q, k, v and out as contiguous tensors.
     for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v},

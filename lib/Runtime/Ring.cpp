@@ -9,6 +9,12 @@
 // Rows that did not travel are never attended, and zero-filled buffers keep
 // them finite so masked products stay 0.
 //
+// The backward pass of a rank walks the same steps: the same key/value rows
+// arrive, each update's gradient kernel adds to the rank's dq and to dk/dv
+// buffers for the received rows, and those partial gradients go back to the
+// rows' owner in a second exchange of the step, which adds them into its
+// own dk and dv.
+//
 //===----------------------------------------------------------------------===//
 
 #include "attn/Runtime/Ring.h"
@@ -53,22 +59,28 @@ template <typename Fn> void forEachRow(const RowSet &set, Fn fn) {
         fn(r.start + c * r.pitch + i);
 }
 
+enum class RowCopy { ToPacked, FromPacked, AddFromPacked };
+
 /// Copies the rows of `sets` (per kv head, or one for all) of `tensor`
-/// [B, Hkv, C, D] to or from the packed buffer `packed`; returns floats
-/// moved.
+/// [B, Hkv, C, D] to or from the packed buffer `packed` (or adds the packed
+/// rows to the tensor's); returns floats moved.
 int64_t copyRows(const std::vector<RowSet> &sets, float *tensor, int64_t B,
                  int64_t Hkv, int64_t C, int64_t D, float *packed,
-                 bool toPacked) {
+                 RowCopy how) {
   int64_t n = 0;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < Hkv; ++g) {
       const RowSet &set = sets.size() == 1 ? sets[0] : sets[g];
       float *base = tensor + (b * Hkv + g) * C * D;
       forEachRow(set, [&](int64_t row) {
-        if (toPacked)
-          std::memcpy(packed + n, base + row * D, D * sizeof(float));
+        float *t = base + row * D, *p = packed + n;
+        if (how == RowCopy::ToPacked)
+          std::memcpy(p, t, D * sizeof(float));
+        else if (how == RowCopy::FromPacked)
+          std::memcpy(t, p, D * sizeof(float));
         else
-          std::memcpy(base + row * D, packed + n, D * sizeof(float));
+          for (int64_t d = 0; d < D; ++d)
+            t[d] += p[d];
         n += D;
       });
     }
@@ -101,6 +113,97 @@ struct Descriptor {
   }
   void *get() { return words.data(); }
 };
+
+/// The key/value rows of one rank's ring steps (CPU packages): packs the
+/// rows a step sends (K then V), exchanges them, and unpacks what arrives
+/// into zero-filled buffers [B, Hkv, Ck, D] at the same local rows: two
+/// alternating buffers, or one per step when every exchange comes first
+/// (`kv: allgather`).
+struct KvExchange {
+  Transport &transport;
+  const RankSchedule &rs;
+  int64_t B, Hkv, Ck, D;
+  float *k, *v;
+  bool bufferPerStep;
+  std::vector<std::vector<float>> kBuf, vBuf;
+  std::vector<float> sendBuf, recvBuf;
+  std::vector<int64_t> sentBytes;
+  int exchanges = 0;
+
+  KvExchange(Transport &t, const RankSchedule &rs, const Tensor &k,
+             const Tensor &v, bool bufferPerStep)
+      : transport(t), rs(rs), B(k.shape[0]), Hkv(k.shape[1]), Ck(k.shape[2]),
+        D(k.shape[3]), k(static_cast<float *>(k.data)),
+        v(static_cast<float *>(v.data)), bufferPerStep(bufferPerStep),
+        kBuf(bufferPerStep ? rs.steps.size() : 2), vBuf(kBuf.size()),
+        sentBytes(rs.steps.size(), 0) {}
+
+  /// Whether step `i`'s updates read rows from a peer (else the rank's own).
+  bool receives(size_t i) const {
+    const RingStep &step = rs.steps[i];
+    return step.recvFrom >= 0 && step.step != 0;
+  }
+
+  /// Step `i`'s exchange; `keys`/`values` are what its updates read.
+  bool operator()(size_t i, float *&keys, float *&values, std::string &error) {
+    const RingStep &step = rs.steps[i];
+    keys = k;
+    values = v;
+    if (step.sendTo < 0 && step.recvFrom < 0)
+      return true;
+    size_t slot = bufferPerStep ? i : exchanges++ % 2;
+    int64_t sendFloats =
+        step.sendTo >= 0 ? packedFloats(step.sendRows, B, Hkv, D) : 0;
+    int64_t recvFloats =
+        step.recvFrom >= 0 ? packedFloats(step.recvRows, B, Hkv, D) : 0;
+    sendBuf.resize(2 * sendFloats);
+    recvBuf.resize(2 * recvFloats);
+    if (step.sendTo >= 0) {
+      copyRows(step.sendRows, k, B, Hkv, Ck, D, sendBuf.data(),
+               RowCopy::ToPacked);
+      copyRows(step.sendRows, v, B, Hkv, Ck, D, sendBuf.data() + sendFloats,
+               RowCopy::ToPacked);
+    }
+    if (!transport.exchange(step.step, step.sendTo, sendBuf.data(),
+                            sendBuf.size() * sizeof(float), step.recvFrom,
+                            recvBuf.data(), recvBuf.size() * sizeof(float),
+                            error))
+      return false;
+    sentBytes[i] = sendBuf.size() * sizeof(float);
+    if (!receives(i))
+      return true;
+    if (kBuf[slot].empty()) {
+      kBuf[slot].assign(B * Hkv * Ck * D, 0.0f);
+      vBuf[slot].assign(B * Hkv * Ck * D, 0.0f);
+    }
+    copyRows(step.recvRows, kBuf[slot].data(), B, Hkv, Ck, D, recvBuf.data(),
+             RowCopy::FromPacked);
+    copyRows(step.recvRows, vBuf[slot].data(), B, Hkv, Ck, D,
+             recvBuf.data() + recvFloats, RowCopy::FromPacked);
+    keys = kBuf[slot].data();
+    values = vBuf[slot].data();
+    return true;
+  }
+};
+
+/// Whether update `u` names one of `kernels` kernels and pieces of `rs`.
+bool validUpdate(const RingUpdate &u, const RankSchedule &rs,
+                 size_t kernels) {
+  return u.kernel >= 0 && u.kernel < int64_t(kernels) && u.qPiece >= 0 &&
+         u.qPiece < int64_t(rs.qPieces.size()) && u.kPiece >= 0 &&
+         u.kPiece < int64_t(rs.kvPieces.size());
+}
+
+/// The transport's step number for the gradient exchange of ring step
+/// `step` (its own mailbox key, apart from the step's key/value rows).
+int64_t gradientStep(int64_t step) { return -1 - step; }
+
+/// "step 3", or for a gradient exchange "the gradient exchange of step 3".
+std::string stepName(int64_t step) {
+  return step >= 0 ? "step " + std::to_string(step)
+                   : "the gradient exchange of step " +
+                         std::to_string(-1 - step);
+}
 } // namespace
 
 int64_t attn::runtime::rowCount(const RowSet &set) {
@@ -247,15 +350,14 @@ private:
         lock, std::chrono::duration<double>(s_->timeout),
         [&] { return done() || !s_->failure.empty(); });
     if (!s_->failure.empty()) {
-      error = "rank " + std::to_string(rank_) + ": stopped at step " +
-              std::to_string(step) + " because " + s_->failure;
+      error = "rank " + std::to_string(rank_) + ": stopped at " +
+              stepName(step) + " because " + s_->failure;
       return false;
     }
     if (!ready) {
       error = "rank " + std::to_string(rank_) + ": timed out after " +
               std::to_string(int(s_->timeout)) + " s waiting for rank " +
-              std::to_string(peer) + what + " of step " +
-              std::to_string(step) +
+              std::to_string(peer) + what + " of " + stepName(step) +
               " (did a peer fail or run another package?)";
       return false;
     }
@@ -280,7 +382,7 @@ private:
   }
 
   std::string sizeMismatch(int64_t step, int from, size_t want, size_t got) {
-    return "rank " + std::to_string(rank_) + ": step " + std::to_string(step) +
+    return "rank " + std::to_string(rank_) + ": " + stepName(step) +
            " expected " + std::to_string(want) + " bytes from rank " +
            std::to_string(from) + ", got " + std::to_string(got) +
            " (ranks disagree on the package)";
@@ -382,13 +484,22 @@ bool Package::loadRing(const void *manifest, std::string &error) {
       return false;
     ringKernels_.push_back(p);
   }
+  if (!m.contains("backward"))
+    return true;
+  const json &grad = m.at("backward");
+  if (!(ringGradInit_ = symbol(grad.at("init").get<std::string>())))
+    return false;
+  for (const json &k : grad.at("kernels")) {
+    void *p = symbol(k.at("symbol").get<std::string>());
+    if (!p)
+      return false;
+    ringGradKernels_.push_back(p);
+  }
   return true;
 }
 
-bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
-                      const Tensor &v, const Tensor *lengths, Tensor &out,
-                      Tensor *lse, RingStats *stats, std::string &error,
-                      void *stream) {
+bool Package::checkRingTransport(Transport &transport,
+                                 std::string &error) const {
   if (!ring_) {
     error = "package " + name_ + " is not a ring package (compile a spec with "
             "a \"distribution\" section)";
@@ -402,8 +513,17 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
             std::to_string(rank) + ")";
     return false;
   }
-  if (!checkArguments(q, k, v, lengths, out, lse, error))
+  return true;
+}
+
+bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
+                      const Tensor &v, const Tensor *lengths, Tensor &out,
+                      Tensor *lse, RingStats *stats, std::string &error,
+                      void *stream) {
+  if (!checkRingTransport(transport, error) ||
+      !checkArguments(q, k, v, lengths, out, lse, error))
     return false;
+  const int rank = transport.rank();
   if (isGpu())
     return runRankGpu(transport, q, k, v, lengths, out, lse, stats, error,
                       stream);
@@ -433,64 +553,18 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
   // the next exchange lands in the other), one per step for `allgather`
   // (every exchange first, then every update).
   const bool gatherFirst = ring_->kv == "allgather";
-  std::vector<std::vector<float>> kBuf(gatherFirst ? rs.steps.size() : 2),
-      vBuf(kBuf.size());
-  std::vector<float> sendBuf, recvBuf;
-  std::vector<int64_t> sentBytes(rs.steps.size(), 0);
+  KvExchange exchange(transport, rs, k, v, gatherFirst);
   std::vector<double> seconds(rs.steps.size(), 0);
-  int exchanges = 0;
   if (stats) {
     *stats = RingStats();
     stats->rank = rank;
     stats->expectedBytes = rs.rowsSent * B * D * 4 * 2;
   }
 
-  // Step `i`'s exchange; returns the keys/values its updates read.
-  auto exchange = [&](size_t i, float *&keys, float *&values) {
-    const RingStep &step = rs.steps[i];
-    keys = static_cast<float *>(k.data);
-    values = static_cast<float *>(v.data);
-    if (step.sendTo < 0 && step.recvFrom < 0)
-      return true;
-    size_t slot = gatherFirst ? i : exchanges++ % 2;
-    int64_t sendFloats =
-        step.sendTo >= 0 ? packedFloats(step.sendRows, B, Hkv, D) : 0;
-    int64_t recvFloats =
-        step.recvFrom >= 0 ? packedFloats(step.recvRows, B, Hkv, D) : 0;
-    sendBuf.resize(2 * sendFloats);
-    recvBuf.resize(2 * recvFloats);
-    if (step.sendTo >= 0) {
-      copyRows(step.sendRows, keys, B, Hkv, Ck, D, sendBuf.data(), true);
-      copyRows(step.sendRows, values, B, Hkv, Ck, D,
-               sendBuf.data() + sendFloats, true);
-    }
-    if (!transport.exchange(step.step, step.sendTo, sendBuf.data(),
-                            sendBuf.size() * sizeof(float), step.recvFrom,
-                            recvBuf.data(), recvBuf.size() * sizeof(float),
-                            error))
-      return false;
-    sentBytes[i] = sendBuf.size() * sizeof(float);
-    if (step.recvFrom < 0 || step.step == 0)
-      return true;
-    if (kBuf[slot].empty()) {
-      kBuf[slot].assign(B * Hkv * Ck * D, 0.0f);
-      vBuf[slot].assign(B * Hkv * Ck * D, 0.0f);
-    }
-    copyRows(step.recvRows, kBuf[slot].data(), B, Hkv, Ck, D, recvBuf.data(),
-             false);
-    copyRows(step.recvRows, vBuf[slot].data(), B, Hkv, Ck, D,
-             recvBuf.data() + recvFloats, false);
-    keys = kBuf[slot].data();
-    values = vBuf[slot].data();
-    return true;
-  };
-
   // Step `i`'s component updates on keys/values.
   auto update = [&](size_t i, float *keys, float *values) {
     for (const RingUpdate &u : rs.steps[i].updates) {
-      if (u.kernel < 0 || u.kernel >= int64_t(ringKernels_.size()) ||
-          u.qPiece >= int64_t(rs.qPieces.size()) ||
-          u.kPiece >= int64_t(rs.kvPieces.size())) {
+      if (!validUpdate(u, rs, ringKernels_.size())) {
         error = "the ring schedule names a missing kernel or piece";
         return false;
       }
@@ -521,7 +595,7 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
   std::vector<float *> keysOf(rs.steps.size()), valuesOf(rs.steps.size());
   for (size_t i = 0; i < rs.steps.size(); ++i) {
     double t0 = now();
-    bool ok = exchange(i, keysOf[i], valuesOf[i]) &&
+    bool ok = exchange(i, keysOf[i], valuesOf[i], error) &&
               (gatherFirst || update(i, keysOf[i], valuesOf[i]));
     seconds[i] = now() - t0;
     if (!ok) {
@@ -539,8 +613,8 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
   }
   if (stats)
     for (size_t i = 0; i < rs.steps.size(); ++i) {
-      stats->bytesSent += sentBytes[i];
-      stats->steps.push_back({rs.steps[i].step, sentBytes[i],
+      stats->bytesSent += exchange.sentBytes[i];
+      stats->steps.push_back({rs.steps[i].step, exchange.sentBytes[i],
                               int64_t(rs.steps[i].updates.size()), seconds[i]});
     }
   {
@@ -557,6 +631,161 @@ bool Package::runRank(Transport &transport, const Tensor &q, const Tensor &k,
   }
   if (stats)
     stats->seconds = now() - start;
+  return true;
+}
+
+bool Package::runRankBackward(Transport &transport, const Tensor &q,
+                              const Tensor &k, const Tensor &v,
+                              const Tensor *lengths, const Tensor &out,
+                              const Tensor &lse, const Tensor &gradOut,
+                              Tensor &dq, Tensor &dk, Tensor &dv,
+                              RingStats *stats, std::string &error) {
+  if (!checkRingTransport(transport, error))
+    return false;
+  if (!hasBackward()) {
+    error = "package " + name_ + " has no backward pass (compile it with "
+            "\"backward\": true)";
+    return false;
+  }
+  if (!checkArguments(q, k, v, lengths, out, &lse, error) ||
+      !checkGradients(q, k, v, out, gradOut, dq, dk, dv, error))
+    return false;
+  const int rank = transport.rank();
+  const double start = now();
+  const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];
+  const int64_t Hkv = k.shape[1], Ck = k.shape[2];
+  const std::vector<int64_t> qShape{B, H, C, D}, kShape{B, Hkv, Ck, D},
+      rowShape{B, H, C};
+  using P = void *;
+  using I = int64_t;
+  std::vector<float> delta(B * H * C);
+  {
+    Descriptor o(out.data, qShape, 2, 0, C), g(gradOut.data, qShape, 2, 0, C),
+        dl(delta.data(), rowShape, 2, 0, C), a(dq.data, qShape, 2, 0, C),
+        b(dk.data, kShape, 2, 0, Ck), c(dv.data, kShape, 2, 0, Ck);
+    reinterpret_cast<void (*)(P, P, P, P, P, P)>(ringGradInit_)(
+        o.get(), g.get(), dl.get(), a.get(), b.get(), c.get());
+  }
+
+  const RankSchedule &rs = ring_->schedule[rank];
+  KvExchange exchange(transport, rs, k, v, /*bufferPerStep=*/false);
+  // dk and dv of the rows a step received, sent back to their owner.
+  std::vector<float> dkRecv, dvRecv, sendBuf, recvBuf;
+  std::vector<double> seconds(rs.steps.size(), 0);
+  std::vector<int64_t> gradBytes(rs.steps.size(), 0);
+
+  // Step `i`'s gradient kernels: dq of the rank's rows, dk/dv of `keys`.
+  auto update = [&](size_t i, float *keys, float *values, float *gradKeys,
+                    float *gradValues) {
+    for (const RingUpdate &u : rs.steps[i].updates) {
+      if (!validUpdate(u, rs, ringGradKernels_.size())) {
+        error = "the ring schedule names a missing kernel or piece";
+        return false;
+      }
+      const RingPiece &qp = rs.qPieces[u.qPiece], &kp = rs.kvPieces[u.kPiece];
+      auto qRows = [&](void *data) {
+        return Descriptor(data, qShape, 2, qp.offset, qp.rows);
+      };
+      auto kRows = [&](void *data) {
+        return Descriptor(data, kShape, 2, kp.offset, kp.rows);
+      };
+      Descriptor dQ = qRows(q.data), dK = kRows(keys), dV = kRows(values),
+                 dO = qRows(gradOut.data),
+                 dL(lse.data, rowShape, 2, qp.offset, qp.rows),
+                 dD(delta.data(), rowShape, 2, qp.offset, qp.rows),
+                 gQ = qRows(dq.data), gK = kRows(gradKeys),
+                 gV = kRows(gradValues);
+      void *fn = ringGradKernels_[u.kernel];
+      if (lengths) {
+        Descriptor dLen(lengths->data, {B}, 0, 0, B);
+        reinterpret_cast<void (*)(P, P, P, P, P, P, P, P, P, P, I, I, I, I,
+                                  I)>(fn)(
+            dQ.get(), dK.get(), dV.get(), dO.get(), dL.get(), dD.get(),
+            dLen.get(), gQ.get(), gK.get(), gV.get(), u.qOrigin, u.kOrigin,
+            u.qPos, u.kPos, u.stride);
+      } else {
+        reinterpret_cast<void (*)(P, P, P, P, P, P, P, P, P, I, I, I, I, I)>(
+            fn)(dQ.get(), dK.get(), dV.get(), dO.get(), dL.get(), dD.get(),
+                gQ.get(), gK.get(), gV.get(), u.qOrigin, u.kOrigin, u.qPos,
+                u.kPos, u.stride);
+      }
+    }
+    return true;
+  };
+
+  // The gradients of step `i`'s received rows go back to their owner
+  // (recvFrom), and the owner's peer (sendTo) returns those of the rows this
+  // rank sent, which add into dk and dv.
+  auto returnGradients = [&](size_t i) {
+    const RingStep &step = rs.steps[i];
+    int to = exchange.receives(i) ? step.recvFrom : -1;
+    int from = step.step != 0 ? step.sendTo : -1;
+    if (to < 0 && from < 0)
+      return true;
+    int64_t sendFloats = to >= 0 ? packedFloats(step.recvRows, B, Hkv, D) : 0;
+    int64_t recvFloats =
+        from >= 0 ? packedFloats(step.sendRows, B, Hkv, D) : 0;
+    sendBuf.resize(2 * sendFloats);
+    recvBuf.resize(2 * recvFloats);
+    if (to >= 0) {
+      copyRows(step.recvRows, dkRecv.data(), B, Hkv, Ck, D, sendBuf.data(),
+               RowCopy::ToPacked);
+      copyRows(step.recvRows, dvRecv.data(), B, Hkv, Ck, D,
+               sendBuf.data() + sendFloats, RowCopy::ToPacked);
+    }
+    if (!transport.exchange(gradientStep(step.step), to, sendBuf.data(),
+                            sendBuf.size() * sizeof(float), from,
+                            recvBuf.data(), recvBuf.size() * sizeof(float),
+                            error))
+      return false;
+    gradBytes[i] = sendBuf.size() * sizeof(float);
+    if (from >= 0) {
+      copyRows(step.sendRows, static_cast<float *>(dk.data), B, Hkv, Ck, D,
+               recvBuf.data(), RowCopy::AddFromPacked);
+      copyRows(step.sendRows, static_cast<float *>(dv.data), B, Hkv, Ck, D,
+               recvBuf.data() + recvFloats, RowCopy::AddFromPacked);
+    }
+    return true;
+  };
+
+  for (size_t i = 0; i < rs.steps.size(); ++i) {
+    double t0 = now();
+    float *keys = nullptr, *values = nullptr;
+    bool ok = exchange(i, keys, values, error);
+    if (ok) {
+      float *gradKeys = static_cast<float *>(dk.data),
+            *gradValues = static_cast<float *>(dv.data);
+      if (exchange.receives(i)) {
+        dkRecv.assign(B * Hkv * Ck * D, 0.0f);
+        dvRecv.assign(B * Hkv * Ck * D, 0.0f);
+        gradKeys = dkRecv.data();
+        gradValues = dvRecv.data();
+      }
+      ok = update(i, keys, values, gradKeys, gradValues) && returnGradients(i);
+    }
+    seconds[i] = now() - t0;
+    if (!ok) {
+      transport.abort(error);
+      return false;
+    }
+  }
+  if (stats) {
+    *stats = RingStats();
+    stats->rank = rank;
+    // This rank's key/value rows out, the gradients of its peers' back.
+    int64_t rows = rs.rowsSent;
+    for (size_t i = 0; i < rs.steps.size(); ++i)
+      if (exchange.receives(i))
+        rows += packedRowCount(rs.steps[i].recvRows, Hkv);
+    stats->expectedBytes = rows * B * D * 4 * 2;
+    for (size_t i = 0; i < rs.steps.size(); ++i) {
+      int64_t bytes = exchange.sentBytes[i] + gradBytes[i];
+      stats->bytesSent += bytes;
+      stats->steps.push_back({rs.steps[i].step, bytes,
+                              int64_t(rs.steps[i].updates.size()), seconds[i]});
+    }
+    stats->seconds = now() - start;
+  }
   return true;
 }
 
@@ -586,7 +815,7 @@ bool runRankThreads(int64_t ranks, RankFn rank, std::string &error) {
     t.join();
   for (int pass = 0; pass < 2; ++pass)
     for (int64_t r = 0; r < ranks; ++r)
-      if (!ok[r] && (pass == 1 || errors[r].find("stopped at step") ==
+      if (!ok[r] && (pass == 1 || errors[r].find("stopped at ") ==
                                       std::string::npos)) {
         error = errors[r];
         return false;
@@ -613,6 +842,39 @@ void moveRows(const RingProgram &ring, int64_t rank, bool keys, int64_t outer,
 } // namespace
 
 namespace {
+struct WholeTensor {
+  const char *name;
+  const Tensor *tensor;
+  bool keys; ///< key rows (k, v, dk, dv), else query rows
+};
+
+/// Whether each of `tensors` holds the whole sequence's rows, float32 and
+/// contiguous (the ranks' chunks are cut from it).
+bool checkWholeSequence(const RingProgram &ring,
+                        std::initializer_list<WholeTensor> tensors,
+                        std::string &error) {
+  for (const WholeTensor &w : tensors) {
+    const Tensor &t = *w.tensor;
+    const std::string name = w.name;
+    const int64_t L = w.keys ? ring.kvLen : ring.qLen;
+    if (t.shape.size() != 4 || t.shape[2] != L || t.dtype != "f32") {
+      error = name + ": expected a float32 [B, H, " + std::to_string(L) +
+              ", D] tensor for the whole sequence" +
+              (ring.qLen != ring.kvLen
+                   ? w.keys ? " (its " + std::to_string(L) + " key rows)"
+                            : " (its " + std::to_string(L) + " query rows)"
+                   : "");
+      return false;
+    }
+    if (stridesOf(t) != contiguousStrides(t.shape)) {
+      error = name + ": the whole sequence must be contiguous (ring packages "
+              "cut their chunks from it; pass a contiguous " + name + ")";
+      return false;
+    }
+  }
+  return true;
+}
+
 /// runRanksInProcess for GPU ring packages: one thread per rank on the
 /// package's GPU and context, each with its own copy of the package (a
 /// rank's buffers and streams live in its package), over one hub.
@@ -655,26 +917,12 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
     return false;
   }
   const int64_t N = ring->ranks, C = ring->qChunk, Ck = ring->kvChunk;
-  for (const Tensor *t : {&q, &k, &v, static_cast<const Tensor *>(&out)}) {
-    const std::string name = t == &q ? "q" : t == &k ? "k" : t == &v ? "v" : "out";
-    const bool keys = t == &k || t == &v;
-    const int64_t L = keys ? ring->kvLen : ring->qLen;
-    if (t->shape.size() != 4 || t->shape[2] != L || t->dtype != "f32") {
-      error = name + ": expected a float32 [B, H, " + std::to_string(L) +
-              ", D] tensor for the whole sequence" +
-              (ring->qLen != ring->kvLen
-                   ? keys ? " (its " + std::to_string(L) + " key rows)"
-                          : " (its " + std::to_string(L) + " query rows)"
-                   : "");
-      return false;
-    }
-    // The ranks' chunks are cut from contiguous whole-sequence tensors.
-    if (stridesOf(*t) != contiguousStrides(t->shape)) {
-      error = name + ": the whole sequence must be contiguous (ring packages "
-              "cut their chunks from it; pass a contiguous " + name + ")";
-      return false;
-    }
-  }
+  if (!checkWholeSequence(*ring, {{"q", &q, false},
+                                  {"k", &k, true},
+                                  {"v", &v, true},
+                                  {"out", &out, false}},
+                          error))
+    return false;
   if (lse && stridesOf(*lse) != contiguousStrides(lse->shape)) {
     error = "lse: must be contiguous";
     return false;
@@ -723,6 +971,101 @@ bool attn::runtime::runRanksInProcess(Package &pkg, const Tensor &q,
     if (lse)
       moveRows(*ring, r, false, B * H, 1, static_cast<float *>(lse->data),
                locals[r].lse.data(), false);
+  }
+  return true;
+}
+
+bool attn::runtime::runRanksBackwardInProcess(
+    Package &pkg, const Tensor &q, const Tensor &k, const Tensor &v,
+    const Tensor *lengths, const Tensor &out, const Tensor &lse,
+    const Tensor &gradOut, Tensor &dq, Tensor &dk, Tensor &dv,
+    std::vector<RingStats> &stats, std::string &error) {
+  const RingProgram *ring = pkg.ring();
+  if (!ring) {
+    error = "package " + pkg.name() + " is not a ring package";
+    return false;
+  }
+  if (!pkg.hasBackward()) {
+    error = "package " + pkg.name() + " has no backward pass (compile it "
+            "with \"backward\": true)";
+    return false;
+  }
+  if (pkg.isGpu()) {
+    error = "package " + pkg.name() + ": GPU ring packages compute the "
+            "forward pass only";
+    return false;
+  }
+  if (!checkWholeSequence(*ring, {{"q", &q, false},
+                                  {"k", &k, true},
+                                  {"v", &v, true},
+                                  {"out", &out, false},
+                                  {"grad_out", &gradOut, false},
+                                  {"dq", &dq, false},
+                                  {"dk", &dk, true},
+                                  {"dv", &dv, true}},
+                          error))
+    return false;
+  if (lse.dtype != "f32" || lse.shape.size() != 3 ||
+      lse.shape[2] != ring->qLen ||
+      stridesOf(lse) != contiguousStrides(lse.shape)) {
+    error = "lse: expected the forward's contiguous float32 [B, H, " +
+            std::to_string(ring->qLen) + "] lse of the whole sequence";
+    return false;
+  }
+  const int64_t N = ring->ranks, C = ring->qChunk, Ck = ring->kvChunk;
+  const int64_t B = q.shape[0], H = q.shape[1], Hkv = k.shape[1],
+                D = q.shape[3];
+  // Every rank's chunks: inputs cut from the whole sequence, gradients
+  // poisoned so that rows a rank never writes show.
+  struct Local {
+    std::vector<float> q, k, v, out, lse, gradOut, dq, dk, dv;
+  };
+  std::vector<Local> locals(N);
+  auto cut = [&](int64_t r, bool keys, int64_t outer, int64_t inner,
+                 const Tensor &whole, std::vector<float> &local) {
+    local.resize(outer * (keys ? Ck : C) * inner);
+    moveRows(*ring, r, keys, outer, inner, static_cast<float *>(whole.data),
+             local.data(), true);
+  };
+  for (int64_t r = 0; r < N; ++r) {
+    Local &l = locals[r];
+    cut(r, false, B * H, D, q, l.q);
+    cut(r, true, B * Hkv, D, k, l.k);
+    cut(r, true, B * Hkv, D, v, l.v);
+    cut(r, false, B * H, D, out, l.out);
+    cut(r, false, B * H, 1, lse, l.lse);
+    cut(r, false, B * H, D, gradOut, l.gradOut);
+    l.dq.assign(l.q.size(), std::nanf(""));
+    l.dk.assign(l.k.size(), std::nanf(""));
+    l.dv.assign(l.v.size(), std::nanf(""));
+  }
+  stats.assign(N, RingStats());
+  bool ok = runRankThreads(
+      N,
+      [&](int64_t r, Transport &t, std::string &err) {
+        Local &l = locals[r];
+        auto rows = [&](std::vector<float> &data, bool keys) {
+          return Tensor{data.data(), {B, keys ? Hkv : H, keys ? Ck : C, D},
+                        "f32"};
+        };
+        Tensor lq = rows(l.q, false), lk = rows(l.k, true),
+               lv = rows(l.v, true), lo = rows(l.out, false),
+               lg = rows(l.gradOut, false), gq = rows(l.dq, false),
+               gk = rows(l.dk, true), gv = rows(l.dv, true);
+        Tensor ll{l.lse.data(), {B, H, C}, "f32"};
+        return pkg.runRankBackward(t, lq, lk, lv, lengths, lo, ll, lg, gq, gk,
+                                   gv, &stats[r], err);
+      },
+      error);
+  if (!ok)
+    return false;
+  for (int64_t r = 0; r < N; ++r) {
+    moveRows(*ring, r, false, B * H, D, static_cast<float *>(dq.data),
+             locals[r].dq.data(), false);
+    moveRows(*ring, r, true, B * Hkv, D, static_cast<float *>(dk.data),
+             locals[r].dk.data(), false);
+    moveRows(*ring, r, true, B * Hkv, D, static_cast<float *>(dv.data),
+             locals[r].dv.data(), false);
   }
   return true;
 }

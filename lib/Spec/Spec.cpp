@@ -246,9 +246,6 @@ Spec parse(const json &root, MLIRContext *ctx) {
                     "attn.TokenizedAttention with nranks > 1)");
   spec.backward = getBool(root, "", "backward", false);
   if (spec.backward) {
-    if (spec.distribution.present)
-      fail("backward", "is not supported with a distribution section (ring "
-                       "packages compute the forward pass)");
     if (spec.keyIds)
       fail("backward", "is not supported with key_ids (gradients of the "
                        "embedding tables are not computed)");

@@ -303,7 +303,8 @@ void mlir::attn::setRingArgRows(nlohmann::json &args, const RingPlan &plan) {
   for (nlohmann::json &arg : args) {
     if (arg["name"] == "lengths")
       continue;
-    bool keyRows = arg["name"] == "k" || arg["name"] == "v";
+    bool keyRows = arg["name"] == "k" || arg["name"] == "v" ||
+                   arg["name"] == "dk" || arg["name"] == "dv";
     arg["shape"][2] = keyRows ? plan.kvChunk : plan.qChunk;
   }
 }
@@ -412,6 +413,42 @@ LogicalResult mlir::attn::compileCpuRingPackage(const Spec &spec,
                        {"symbol", "_mlir_ciface_" + name},
                        {"component", text}});
   }
+  // The backward pass ("backward": true): ring_grad_init (delta, zeroed
+  // gradients) and ring_component_grad_<n>, the gradient counterpart of
+  // ring_component_<n> on the same pieces and origins (docs/Ring.md).
+  nlohmann::json gradKernels = nlohmann::json::array();
+  if (spec.backward) {
+    {
+      auto f = makeFunc("ring_grad_init", {qT, qT, rowT, qT, kT, kT});
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPoint(f.getBody().front().getTerminator());
+      ValueRange a = f.getArguments();
+      GradInitOp::create(b, loc, TypeRange{}, a[0], a[1], a[2], a[3], a[4],
+                         a[5]);
+    }
+    for (auto [n, comp] : llvm::enumerate(plan->kernels)) {
+      // q, k, v, grad_out, lse, delta[, lengths], dq, dk, dv, then the
+      // update's five origins as for ring_component_<n>.
+      SmallVector<Type> inputs{qT, kT, kT, qT, rowT, rowT};
+      if (usesLengths)
+        inputs.push_back(lenT);
+      inputs.append({qT, kT, kT});
+      inputs.append(5, b.getIndexType());
+      std::string name = "ring_component_grad_" + std::to_string(n);
+      auto f = makeFunc(name, inputs);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPoint(f.getBody().front().getTerminator());
+      ValueRange a = f.getArguments();
+      size_t s = usesLengths ? 7 : 6;
+      bool readsLengths = comp.getUseLengths() || comp.hasFilters();
+      ComponentGradOp::create(
+          b, loc, TypeRange{}, a[0], a[1], a[2], a[3], a[4], a[5],
+          readsLengths && usesLengths ? a[6] : Value(), /*key_bias=*/Value(),
+          a[s], a[s + 1], a[s + 2], a.slice(s + 3, 5), comp,
+          b.getF64FloatAttr(spec.effectiveScale()));
+      gradKernels.push_back({{"name", name}, {"symbol", "_mlir_ciface_" + name}});
+    }
+  }
   {
     SmallVector<Type> inputs{qT, rowT, rowT, qT};
     if (spec.lse)
@@ -455,5 +492,16 @@ LogicalResult mlir::attn::compileCpuRingPackage(const Spec &spec,
       {"tile", {{"q_tile", opts.qTile}, {"kv_tile", opts.kvTile}}},
       {"scale", spec.effectiveScale()},
       {"spec", nlohmann::json::parse(spec.json)}};
+  if (spec.backward) {
+    // One rank's shapes; the kernels pair with "kernels" by index, so that
+    // an update's kernel number names both.
+    auto grad = whole->lookupSymbol<func::FuncOp>(spec.name + "_backward");
+    nlohmann::json gradArgs = manifestBackwardArgs(grad.getFunctionType());
+    setRingArgRows(gradArgs, *plan);
+    manifest["backward"] = {{"name", grad.getName().str()},
+                            {"args", gradArgs},
+                            {"init", "_mlir_ciface_ring_grad_init"},
+                            {"kernels", gradKernels}};
+  }
   return writeManifest(manifest, outDir, error, log);
 }

@@ -427,6 +427,12 @@ LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
                                                 std::string &error,
                                                 llvm::raw_ostream *log,
                                                 bool warpSpecialize) {
+  if (spec.backward) {
+    error = "backward: GPU ring packages compute the forward pass only; the "
+            "CPU target (\"target\": \"cpu\") compiles ring gradients "
+            "(docs/Ring.md)";
+    return failure();
+  }
   std::optional<RingPlan> plan = planRingForSpec(spec, error);
   if (!plan)
     return failure();

@@ -182,6 +182,9 @@ def _runtime():
             fn.restype = ctypes.c_int64
         lib.attn_package_run_ranks.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
                                                + [ctypes.POINTER(ctypes.c_int64)])
+        lib.attn_package_run_ranks_backward.argtypes = ([ctypes.c_void_p]
+                                                        + [ctypes.POINTER(_Tensor)] * 10
+                                                        + [ctypes.POINTER(ctypes.c_int64)])
         lib.attn_nccl_unique_id.argtypes = [ctypes.c_char_p]
         lib.attn_package_join.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                           ctypes.c_char_p]
@@ -215,6 +218,25 @@ def _tensor(name, array, dtype, code, keep):
     shape = (ctypes.c_int64 * array.ndim)(*array.shape)
     keep.extend([array, shape])
     return _Tensor(array.ctypes.data, shape, array.ndim, code)
+
+
+def _numpy_backward_args(q, k, v, out, lse, grad_out, lengths, key_bias):
+    """attn_package_run_backward's tensor arguments on float32 NumPy arrays:
+    (pointers in its order, the new gradients dq, dk, dv (NaN-poisoned: the
+    kernels must write every element), the arrays the pointers need)."""
+    keep = []
+    named = [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse),
+             ("grad_out", grad_out)]
+    ts = [_tensor(n, np.asarray(a), np.float32, _F32, keep) for n, a in named]
+    tl = tb = None
+    if lengths is not None:
+        tl = _tensor("lengths", np.asarray(lengths).astype(np.int32), np.int32, _I32, keep)
+    if key_bias is not None:
+        tb = _tensor("key_bias", np.asarray(key_bias), np.float32, _F32, keep)
+    grads = tuple(np.full(np.shape(a), np.nan, dtype=np.float32) for a in (q, k, v))
+    tg = [_tensor(n, g, np.float32, _F32, keep) for n, g in zip(("dq", "dk", "dv"), grads)]
+    ref = lambda x: ctypes.byref(x) if x is not None else None
+    return [ref(t) for t in ts + [tl, tb] + tg], grads, keep
 
 
 def _numpy_args(q, k, v, lengths, return_lse, out):
@@ -387,25 +409,39 @@ class Package:
         if self.target != "cpu":
             raise AttnError(f"package {self.manifest['name']} targets {self.target}: "
                             "pass PyTorch CUDA tensors")
-        keep = []
-        named = [("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse),
-                 ("grad_out", grad_out)]
-        ts = [_tensor(n, np.asarray(a), np.float32, _F32, keep) for n, a in named]
-        tl = tb = None
-        if lengths is not None:
-            tl = _tensor("lengths", np.asarray(lengths).astype(np.int32), np.int32, _I32, keep)
-        if key_bias is not None:
-            tb = _tensor("key_bias", np.asarray(key_bias), np.float32, _F32, keep)
-        # NaN-poisoned: the kernels must write every element.
-        grads = [np.full(np.shape(a), np.nan, dtype=np.float32) for a in (q, k, v)]
-        tg = [_tensor(n, g, np.float32, _F32, keep) for n, g in zip(("dq", "dk", "dv"), grads)]
-        ref = lambda x: ctypes.byref(x) if x is not None else None
+        if self.ranks:
+            raise AttnError(f"package {self.manifest['name']} is a ring package: its "
+                            "backward pass runs per rank (run_ranks_backward)")
+        args, grads, _ = _numpy_backward_args(q, k, v, out, lse, grad_out, lengths, key_bias)
         lib = _runtime()
-        rc = lib.attn_package_run_backward(self._handle, *[ref(t) for t in ts], ref(tl),
-                                           ref(tb), *[ref(t) for t in tg])
-        if rc != 0:
+        if lib.attn_package_run_backward(self._handle, *args) != 0:
             raise AttnError(lib.attn_last_error().decode())
-        return tuple(grads)
+        return grads
+
+    def run_ranks_backward(self, q, k, v, out, lse, grad_out, lengths=None):
+        """The backward pass of a ring package compiled with "backward": true
+        (CPU target), every rank a thread as in run_ranks: from the whole
+        sequence's float32 q, k, v, the forward's out and lse
+        (run_ranks(..., return_lse=True)) and grad_out, returns (dq, dk, dv)
+        of the whole sequence. Each rank receives the forward's key/value
+        rows again and sends their gradients back to the rows' owner;
+        afterwards `bytes_sent` lists the bytes each rank sent, both ways
+        (docs/Ring.md)."""
+        if self.ranks == 0:
+            raise AttnError(f"package {self.manifest['name']} is not distributed: "
+                            "call backward")
+        if not self.has_backward:
+            raise AttnError(f"package {self.manifest['name']} has no backward pass: "
+                            "compile it with \"backward\": true")
+        args, grads, _ = _numpy_backward_args(q, k, v, out, lse, grad_out, lengths, None)
+        sent = (ctypes.c_int64 * self.ranks)()
+        lib = _runtime()
+        # run_backward's arguments without key_bias, then the byte counts.
+        if lib.attn_package_run_ranks_backward(self._handle, *args[:7], *args[8:],
+                                               sent) != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        self.bytes_sent = list(sent)
+        return grads
 
     def _backward_torch(self, q, k, v, out, lse, grad_out, lengths, key_bias):
         """backward() on PyTorch CUDA tensors: every input contiguous, the

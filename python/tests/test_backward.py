@@ -163,8 +163,7 @@ def test_backward_errors_name_what_is_wrong(tmp_path):
         pkg.backward(x, x, x, out, lse, np.zeros((1, 1, 3, 8), np.float32))
     with pytest.raises(attn.AttnError, match=r"lse: shape"):
         pkg.backward(x, x, x, out, lse[:, :, :2], x)
-    bad = [({"seq_len": 8, "distribution": {"ranks": 2}}, "distribution"),
-           ({"key_ids": True}, "key_ids"),
+    bad = [({"key_ids": True}, "key_ids"),
            ({"lse": False}, "needs the forward's lse")]
     for extra, message in bad:
         spec = {"name": "bad", "head_dim": 64, "pattern": {"causal": {}}, "backward": True,

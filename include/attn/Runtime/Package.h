@@ -124,6 +124,18 @@ public:
                const Tensor &v, const Tensor *lengths, Tensor &out,
                Tensor *lse, RingStats *stats, std::string &error,
                void *stream = nullptr);
+  /// The backward pass of this rank of a ring package compiled with
+  /// "backward": true (CPU target): from the rank's chunks of q, k, v, the
+  /// forward's out and lse, and grad_out, writes the rank's dq, dk and dv
+  /// (f32, contiguous, shaped like q, k and v). Key/value rows travel over
+  /// `transport` as in the forward, and the gradients of the rows a rank
+  /// received travel back to their owner (docs/Ring.md). `stats` (may be
+  /// null) counts the bytes of both.
+  bool runRankBackward(Transport &transport, const Tensor &q, const Tensor &k,
+                       const Tensor &v, const Tensor *lengths,
+                       const Tensor &out, const Tensor &lse,
+                       const Tensor &gradOut, Tensor &dq, Tensor &dk,
+                       Tensor &dv, RingStats *stats, std::string &error);
   /// Waits for the GPU work of runRank on `stream`, polling the transport
   /// for failed peers; gives up after `timeoutSeconds`.
   bool waitRank(Transport &transport, void *stream, double timeoutSeconds,
@@ -137,6 +149,14 @@ private:
   /// Whether the manifest lists an argument `name`.
   bool hasArg(const std::string &name) const;
   bool loadRing(const void *manifest, std::string &error);
+  /// Whether this is a ring package and `transport` has its ranks.
+  bool checkRingTransport(Transport &transport, std::string &error) const;
+  /// grad_out like out, dq, dk and dv like q, k and v in the gradients'
+  /// dtype; all contiguous.
+  bool checkGradients(const Tensor &q, const Tensor &k, const Tensor &v,
+                      const Tensor &out, const Tensor &gradOut,
+                      const Tensor &dq, const Tensor &dk, const Tensor &dv,
+                      std::string &error) const;
   bool runRankGpu(Transport &transport, const Tensor &q, const Tensor &k,
                   const Tensor &v, const Tensor *lengths, Tensor &out,
                   Tensor *lse, RingStats *stats, std::string &error,
@@ -177,6 +197,8 @@ private:
   std::unique_ptr<RingProgram> ring_;
   void *ringInit_ = nullptr, *ringFinalize_ = nullptr;
   std::vector<void *> ringKernels_;
+  void *ringGradInit_ = nullptr;
+  std::vector<void *> ringGradKernels_;
 };
 
 } // namespace attn::runtime

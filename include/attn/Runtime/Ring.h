@@ -156,6 +156,18 @@ bool runRanksInProcess(Package &pkg, const Tensor &q, const Tensor &k,
                        Tensor *lse, std::vector<RingStats> &stats,
                        std::string &error);
 
+/// The backward pass of a ring package compiled with "backward": true (CPU
+/// target), one thread per rank: from the whole sequence's q, k, v, the
+/// forward's out and lse, and grad_out (float32, contiguous), writes dq, dk
+/// and dv of the whole sequence (shaped like q, k and v). Fills one
+/// RingStats per rank (key/value rows out and their gradients back).
+bool runRanksBackwardInProcess(Package &pkg, const Tensor &q, const Tensor &k,
+                               const Tensor &v, const Tensor *lengths,
+                               const Tensor &out, const Tensor &lse,
+                               const Tensor &gradOut, Tensor &dq, Tensor &dk,
+                               Tensor &dv, std::vector<RingStats> &stats,
+                               std::string &error);
+
 /// Runs rank transport.rank() of GPU ring package `pkg` on the whole
 /// sequence's float32 host tensors q [B,H,Lq,D], k, v [B,Hkv,Lk,D] (lengths:
 /// host int32 [B] or null), in the calling thread's CUDA context: uploads

@@ -158,8 +158,8 @@ attn_status attn_package_run_ranks(attn_package *package, const attn_tensor *q,
                                    const attn_tensor *lengths, attn_tensor *out,
                                    attn_tensor *lse, int64_t *bytes_sent);
 
-/* The backward pass of a ring package compiled with "backward": true (CPU
- * target), every rank a thread as in attn_package_run_ranks: from the whole
+/* The backward pass of a ring package compiled with "backward": true,
+ * every rank a thread as in attn_package_run_ranks: from the whole
  * float32 sequence's q, k, v, the forward's out and lse, and grad_out,
  * writes dq, dk and dv of the whole sequence (shaped like q, k and v). Each
  * rank receives the forward's key/value rows again and sends the gradients
@@ -187,6 +187,18 @@ attn_status attn_package_run_rank(attn_package *package, const attn_tensor *q,
                                   int64_t *bytes_sent);
 attn_status attn_package_wait_rank(attn_package *package, void *stream,
                                    double timeout_seconds);
+/* The backward pass of this rank (a ring package compiled with "backward":
+ * true), after attn_package_join: from the rank's chunks of q, k, v, the
+ * forward's out and lse, and grad_out, writes the rank's dq, dk and dv (f32,
+ * contiguous, shaped like q, k and v). Every rank calls it, in the same
+ * order as its other ring calls. Queued on `stream`; wait with
+ * attn_package_wait_rank. bytes_sent: key/value rows out and the gradients
+ * of the rows it received back (docs/Ring.md). */
+attn_status attn_package_run_rank_backward(
+    attn_package *package, const attn_tensor *q, const attn_tensor *k,
+    const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
+    const attn_tensor *grad_out, const attn_tensor *lengths, attn_tensor *dq,
+    attn_tensor *dk, attn_tensor *dv, void *stream, int64_t *bytes_sent);
 /* After attn_package_wait_rank: the milliseconds of each step of the last
  * run (up to `capacity`); returns the number of steps, or -1 on error. */
 int attn_package_step_ms(attn_package *package, float *ms, int capacity);

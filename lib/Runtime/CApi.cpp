@@ -399,6 +399,33 @@ attn_status attn_package_run_rank(attn_package *package, const attn_tensor *q,
   return ATTN_OK;
 }
 
+attn_status attn_package_run_rank_backward(
+    attn_package *package, const attn_tensor *q, const attn_tensor *k,
+    const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
+    const attn_tensor *grad_out, const attn_tensor *lengths, attn_tensor *dq,
+    attn_tensor *dk, attn_tensor *dv, void *stream, int64_t *bytes_sent) {
+  if (!package || !package->transport)
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    "attn_package_run_rank_backward: join the ring first "
+                    "(attn_package_join)");
+  Tensor tq, tk, tv, tout, tlse, tgrad, tlengths, tdq, tdk, tdv;
+  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
+      !toTensor(out, "out", tout) || !toTensor(lse, "lse", tlse) ||
+      !toTensor(grad_out, "grad_out", tgrad) || !toTensor(dq, "dq", tdq) ||
+      !toTensor(dk, "dk", tdk) || !toTensor(dv, "dv", tdv) ||
+      (lengths && !toTensor(lengths, "lengths", tlengths)))
+    return ATTN_ERROR_ARGUMENT;
+  std::string error;
+  attn::runtime::RingStats stats;
+  if (!package->impl->runRankBackward(
+          *package->transport, tq, tk, tv, lengths ? &tlengths : nullptr, tout,
+          tlse, tgrad, tdq, tdk, tdv, &stats, error, stream))
+    return failWith(ATTN_ERROR_RUNTIME, error);
+  if (bytes_sent)
+    *bytes_sent = stats.bytesSent;
+  return ATTN_OK;
+}
+
 attn_status attn_package_wait_rank(attn_package *package, void *stream,
                                    double timeout_seconds) {
   if (!package || !package->transport)

@@ -76,6 +76,10 @@ struct GpuModule {
   /// communication stream and its events.
   CUdeviceptr ringScratch = 0;
   size_t ringScratchBytes = 0;
+  /// The ring backward pass's buffers, apart from the forward's (whose
+  /// receive buffers must keep zeros in the rows no step sends).
+  CUdeviceptr ringGradScratch = 0;
+  size_t ringGradScratchBytes = 0;
   /// Timing events of the last runRank on the compute stream: its start, then
   /// the end of every step (read by Package::stepMilliseconds).
   std::vector<CUevent> stepMarks;
@@ -138,6 +142,8 @@ struct GpuModule {
     stateOrder.destroy(*d);
     if (ringScratch)
       d->cuMemFree(ringScratch);
+    if (ringGradScratch)
+      d->cuMemFree(ringGradScratch);
     if (commStream)
       d->cuStreamDestroy(commStream);
     if (scratch)

@@ -430,7 +430,8 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   TensorMap maps[2] = {};
   const bool elementwise = kernel.kind == "init" ||
                            kernel.kind == "finalize" ||
-                           kernel.kind == "grad_prepare";
+                           kernel.kind == "grad_prepare" ||
+                           kernel.kind == "grad_add";
   if (g.tensorMaps && !grad) {
     KeyMapShape shape;
     shape.batch = kvBatch;
@@ -449,7 +450,10 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
 
   int64_t gx, gy = 1, gz = 1;
   if (elementwise) {
-    gx = ceilDiv(rows * a.D, kernel.block * kernel.elementsPerThread);
+    // grad_add runs over key rows (dk += dq of [B, Hkv, Lk, D]).
+    const int64_t elements =
+        kernel.kind == "grad_add" ? a.B * a.Hkv * a.Lk * a.D : rows * a.D;
+    gx = ceilDiv(elements, kernel.block * kernel.elementsPerThread);
   } else {
     int64_t r = kernel.period, w = kernel.segment, first = a.qOrigin;
     int64_t residues = kernel.residue == -1 ? r : 1;
@@ -737,7 +741,8 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   args.dv = dev(dv.data);
   args.delta = g.scratch;
   for (const GpuKernel &kernel : g.gradKernels)
-    if (!launchKernel(g, kernel, args, stream, error))
+    if (kernel.kind != "grad_add" &&
+        !launchKernel(g, kernel, args, stream, error))
       return false;
   rc = g.stateOrder.record(d, stream);
   if (rc != CUDA_SUCCESS) {

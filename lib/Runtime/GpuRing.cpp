@@ -44,6 +44,65 @@ struct Arena {
     return at;
   }
 };
+/// The ring executors' device copies, queued on a stream: rows of a chunk
+/// [slabs, rows, D] to and from piece buffers, and the rows of a step's row
+/// sets to and from a packed buffer. Elements are `es` bytes (16-bit
+/// inputs, f32 gradients). The first failure sticks in `rc`.
+struct RingCopies {
+  const Driver &d;
+  int64_t B, Hkv, Ck, D;
+  CUresult rc = CUDA_SUCCESS;
+
+  void copy2d(CUdeviceptr src, size_t srcPitch, CUdeviceptr dst,
+              size_t dstPitch, size_t width, size_t height, CUstream st) {
+    if (rc != CUDA_SUCCESS || !width || !height)
+      return;
+    Memcpy2D c;
+    c.srcDevice = src;
+    c.srcPitch = srcPitch;
+    c.dstDevice = dst;
+    c.dstPitch = dstPitch;
+    c.WidthInBytes = width;
+    c.Height = height;
+    rc = d.cuMemcpy2DAsync(&c, st);
+  }
+  /// Rows [p.offset, p.offset + p.rows) of every [.., rows, D] slab of
+  /// `chunk` <-> the piece buffer `piece`.
+  void pieceCopy(CUdeviceptr chunk, int64_t rows, CUdeviceptr piece,
+                 int64_t slabs, const RingPiece &p, bool toPiece, CUstream st,
+                 size_t es) {
+    size_t rowBytes = size_t(D) * es;
+    if (toPiece)
+      copy2d(chunk + p.offset * rowBytes, rows * rowBytes, piece,
+             p.rows * rowBytes, p.rows * rowBytes, slabs, st);
+    else
+      copy2d(piece, p.rows * rowBytes, chunk + p.offset * rowBytes,
+             rows * rowBytes, p.rows * rowBytes, slabs, st);
+  }
+  /// Rows of `sets` of [B, Hkv, Ck, D] `chunk` <-> `packed`, (b, g)-major;
+  /// returns the packed bytes.
+  size_t packRows(const std::vector<RowSet> &sets, CUdeviceptr chunk,
+                  CUdeviceptr packed, bool toPacked, CUstream st, size_t es) {
+    size_t rowBytes = size_t(D) * es, n = 0;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t gI = 0; gI < Hkv; ++gI) {
+        const RowSet &set = sets.size() == 1 ? sets[0] : sets[gI];
+        CUdeviceptr slab = chunk + size_t((b * Hkv + gI) * Ck) * rowBytes;
+        for (const RowRun &r : set) {
+          size_t width = r.len * rowBytes;
+          size_t pitch = (r.count > 1 ? r.pitch : r.len) * rowBytes;
+          if (toPacked)
+            copy2d(slab + r.start * rowBytes, pitch, packed + n, width, width,
+                   r.count, st);
+          else
+            copy2d(packed + n, width, slab + r.start * rowBytes, pitch, width,
+                   r.count, st);
+          n += width * r.count;
+        }
+      }
+    return n;
+  }
+};
 } // namespace
 
 bool Package::runRankGpu(Transport &transport, const Tensor &q,
@@ -184,55 +243,21 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     }
   } guard{d, events};
 
-  CUresult crc = CUDA_SUCCESS;
+  RingCopies copies{d, B, Hkv, Ck, D};
+  CUresult &crc = copies.rc;
   auto copy2d = [&](CUdeviceptr src, size_t srcPitch, CUdeviceptr dst,
                     size_t dstPitch, size_t width, size_t height,
                     CUstream st) {
-    if (crc != CUDA_SUCCESS || !width || !height)
-      return;
-    Memcpy2D c;
-    c.srcDevice = src;
-    c.srcPitch = srcPitch;
-    c.dstDevice = dst;
-    c.dstPitch = dstPitch;
-    c.WidthInBytes = width;
-    c.Height = height;
-    crc = d.cuMemcpy2DAsync(&c, st);
+    copies.copy2d(src, srcPitch, dst, dstPitch, width, height, st);
   };
-  // Rows [offset, offset + rows) of every [.., rows, D] slab <-> a piece
-  // buffer.
   auto pieceCopy = [&](CUdeviceptr chunk, int64_t rows, CUdeviceptr piece,
                        int64_t slabs, const RingPiece &p, bool toPiece,
                        CUstream st) {
-    size_t rowBytes = size_t(D * es);
-    if (toPiece)
-      copy2d(chunk + p.offset * rowBytes, rows * rowBytes, piece,
-             p.rows * rowBytes, p.rows * rowBytes, slabs, st);
-    else
-      copy2d(piece, p.rows * rowBytes, chunk + p.offset * rowBytes,
-             rows * rowBytes, p.rows * rowBytes, slabs, st);
+    copies.pieceCopy(chunk, rows, piece, slabs, p, toPiece, st, es);
   };
-  // Rows of `sets` of [B, Hkv, Ck, D] `chunk` <-> packed, (b, g)-major.
   auto packRows = [&](const std::vector<RowSet> &sets, CUdeviceptr chunk,
                       CUdeviceptr packed, bool toPacked, CUstream st) {
-    size_t rowBytes = size_t(D * es), n = 0;
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t gI = 0; gI < Hkv; ++gI) {
-        const RowSet &set = sets.size() == 1 ? sets[0] : sets[gI];
-        CUdeviceptr slab = chunk + size_t((b * Hkv + gI) * Ck) * rowBytes;
-        for (const RowRun &r : set) {
-          size_t width = r.len * rowBytes;
-          size_t pitch = (r.count > 1 ? r.pitch : r.len) * rowBytes;
-          if (toPacked)
-            copy2d(slab + r.start * rowBytes, pitch, packed + n, width, width,
-                   r.count, st);
-          else
-            copy2d(packed + n, width, slab + r.start * rowBytes, pitch, width,
-                   r.count, st);
-          n += width * r.count;
-        }
-      }
-    return n;
+    return copies.packRows(sets, chunk, packed, toPacked, st, es);
   };
 
   // Inputs are ready on the caller's stream; the comm stream waits for them.
@@ -418,6 +443,340 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   return true;
 }
 
+// The backward pass of one rank (Ring.cpp's CPU program on the GPU), every
+// copy, kernel and exchange in order on the caller's stream:
+//
+//   split pieces (q, out, grad_out, lse, k, v); grad_prepare per piece
+//   step i: exchange the forward's key/value rows (into a zero-filled
+//           chunk, then its pieces); grad_kv_<n> and grad_q_<n> of each
+//           update add to dq and to dk/dv of the rows' owner: this rank's
+//           (step 0) or buffers of the received rows; those go back to
+//           their owner (pieces -> chunk -> packed f32 rows), and the rows
+//           this rank sent come back and add into an f32 accumulator
+//           (grad_add)
+//   gradient pieces back into dq, dk, dv; dk += accumulator, dv likewise
+//
+// so transfers do not overlap kernels here (the forward's executor above
+// does that).
+bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
+                                 const Tensor &k, const Tensor &v,
+                                 const Tensor *lengths, const Tensor &out,
+                                 const Tensor &lse, const Tensor &gradOut,
+                                 Tensor &dq, Tensor &dk, Tensor &dv,
+                                 RingStats *stats, std::string &error,
+                                 void *streamPtr) {
+  GpuModule &g = *gpu_;
+  const Driver &d = *g.d;
+  auto fail = [&](const std::string &why) {
+    error = why;
+    transport.abort(error); // the other ranks must not wait for this one
+    return false;
+  };
+  if (!prepareRun(d, q.data, k.data, v.data, out.data, error) ||
+      !checkContext(g, name_, error))
+    return fail(error);
+  CUstream stream = static_cast<CUstream>(streamPtr);
+  std::lock_guard<std::mutex> lock(g.mutex);
+  if (CUresult rc = g.ringOrder.waitIfOtherStream(d, stream);
+      rc != CUDA_SUCCESS)
+    return fail(describe(d, rc, "ordering after the previous call's stream"));
+  const RankSchedule &rs = ring_->schedule[transport.rank()];
+  const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];
+  const int64_t Hkv = k.shape[1], Ck = k.shape[2];
+  const size_t es = 2, fs = 4; // 16-bit inputs, f32 gradients
+  const size_t P = rs.qPieces.size();
+  if (rs.kvPieces.size() != P)
+    return fail("the ring schedule splits queries and keys into different "
+                "pieces");
+  const int64_t rowsP = rs.qPieces[0].rows, kRowsP = rs.kvPieces[0].rows;
+  const bool split = P > 1;
+  const size_t steps = rs.steps.size();
+  auto dev = [](const void *p) { return CUdeviceptr(uintptr_t(p)); };
+  auto kernelNamed = [&](const std::string &name) -> const GpuKernel * {
+    for (const GpuKernel &kn : g.gradKernels)
+      if (kn.name == name)
+        return &kn;
+    return nullptr;
+  };
+  const GpuKernel *prepare = kernelNamed("grad_prepare"),
+                  *add = kernelNamed("grad_add");
+  if (!prepare || !add)
+    return fail("package " + name_ + " has no grad_prepare/grad_add kernels "
+                "(compile it again)");
+
+  // Bytes of the packed rows of `sets`, K and V, at `bytes` an element.
+  auto packedBytes = [&](const std::vector<RowSet> &sets, size_t bytes) {
+    return size_t(packedRowCount(sets, Hkv) * B * D) * bytes * 2;
+  };
+  size_t maxSend = 0, maxRecv = 0;
+  for (const RingStep &st : rs.steps) {
+    // Key/value rows (16-bit) out and in, their gradients (f32) back.
+    size_t sendRows = st.sendTo >= 0 ? packedBytes(st.sendRows, fs) : 0;
+    size_t recvRows = st.recvFrom >= 0 ? packedBytes(st.recvRows, fs) : 0;
+    maxSend = std::max({maxSend, sendRows, recvRows});
+    maxRecv = std::max({maxRecv, sendRows, recvRows});
+  }
+
+  // Device scratch layout.
+  const size_t qPiece16 = size_t(B * H * rowsP * D) * es,
+               qPieceF = size_t(B * H * rowsP * D) * fs,
+               rowsF = size_t(B * H * rowsP) * fs,
+               kPiece16 = size_t(B * Hkv * kRowsP * D) * es,
+               kPieceF = size_t(B * Hkv * kRowsP * D) * fs,
+               kChunk16 = size_t(B * Hkv * Ck * D) * es,
+               kChunkF = size_t(B * Hkv * Ck * D) * fs;
+  Arena arena;
+  std::vector<size_t> delta(P), qP(P), oP(P), gP(P), lP(P), dqP(P), kP(P),
+      vP(P), dkP(P), dvP(P), rKP(P), rVP(P), gKP(P), gVP(P);
+  for (size_t p = 0; p < P; ++p) {
+    delta[p] = arena.take(rowsF);
+    if (!split)
+      continue;
+    qP[p] = arena.take(qPiece16);
+    oP[p] = arena.take(qPiece16);
+    gP[p] = arena.take(qPiece16);
+    lP[p] = arena.take(rowsF);
+    dqP[p] = arena.take(qPieceF);
+    kP[p] = arena.take(kPiece16);
+    vP[p] = arena.take(kPiece16);
+    dkP[p] = arena.take(kPieceF);
+    dvP[p] = arena.take(kPieceF);
+    rKP[p] = arena.take(kPiece16);
+    rVP[p] = arena.take(kPiece16);
+    gKP[p] = arena.take(kPieceF);
+    gVP[p] = arena.take(kPieceF);
+  }
+  size_t zeroFrom = arena.used;
+  size_t rK = arena.take(kChunk16), rV = arena.take(kChunk16);
+  size_t zeroTo = arena.used;
+  size_t gK = arena.take(kChunkF), gV = arena.take(kChunkF),
+         inK = arena.take(kChunkF), inV = arena.take(kChunkF),
+         accK = arena.take(kChunkF), accV = arena.take(kChunkF);
+  size_t sendAt = arena.take(maxSend), recvAt = arena.take(maxRecv);
+  bool grown = false;
+  if (!growDeviceBuffer(d, g.ringGradScratch, g.ringGradScratchBytes,
+                        arena.used, "the ring backward's buffers", error,
+                        &grown))
+    return fail(error);
+  const CUdeviceptr base = g.ringGradScratch;
+  auto at = [&](size_t off) { return base + off; };
+
+  CUresult mrc = CUDA_SUCCESS;
+  auto zero = [&](CUdeviceptr p, size_t bytes) {
+    if (mrc == CUDA_SUCCESS)
+      mrc = d.cuMemsetD8Async(p, 0, bytes, stream);
+  };
+  // Rows that never travel must stay finite: zero fresh receive buffers.
+  if (grown)
+    zero(at(zeroFrom), zeroTo - zeroFrom);
+  zero(at(accK), kChunkF);
+  zero(at(accV), kChunkF);
+  RingCopies copies{d, B, Hkv, Ck, D};
+  // This rank's gradients: its pieces when split, else dq, dk, dv.
+  auto qGrad = [&](size_t p) { return split ? at(dqP[p]) : dev(dq.data); };
+  auto kGrad = [&](size_t p) { return split ? at(dkP[p]) : dev(dk.data); };
+  auto vGrad = [&](size_t p) { return split ? at(dvP[p]) : dev(dv.data); };
+  for (size_t p = 0; p < P; ++p) {
+    zero(qGrad(p), split ? qPieceF : size_t(B * H * C * D) * fs);
+    zero(kGrad(p), split ? kPieceF : kChunkF);
+    zero(vGrad(p), split ? kPieceF : kChunkF);
+    if (!split)
+      continue;
+    const RingPiece &qp = rs.qPieces[p], &kp = rs.kvPieces[p];
+    copies.pieceCopy(dev(q.data), C, at(qP[p]), B * H, qp, true, stream, es);
+    copies.pieceCopy(dev(out.data), C, at(oP[p]), B * H, qp, true, stream,
+                     es);
+    copies.pieceCopy(dev(gradOut.data), C, at(gP[p]), B * H, qp, true,
+                     stream, es);
+    copies.copy2d(dev(lse.data) + qp.offset * fs, C * fs, at(lP[p]),
+                  qp.rows * fs, qp.rows * fs, B * H, stream);
+    copies.pieceCopy(dev(k.data), Ck, at(kP[p]), B * Hkv, kp, true, stream,
+                     es);
+    copies.pieceCopy(dev(v.data), Ck, at(vP[p]), B * Hkv, kp, true, stream,
+                     es);
+  }
+
+  KernelArgs base0;
+  base0.B = B;
+  base0.H = H;
+  base0.Hkv = Hkv;
+  base0.D = D;
+  base0.lengths = lengths ? dev(lengths->data) : 0;
+  for (size_t p = 0; p < P; ++p) {
+    KernelArgs a = base0;
+    a.Lq = a.Lk = rowsP;
+    a.out = split ? at(oP[p]) : dev(out.data);
+    a.gradOut = split ? at(gP[p]) : dev(gradOut.data);
+    a.delta = at(delta[p]);
+    if (!launchKernel(g, *prepare, a, stream, error))
+      return fail(error);
+  }
+  // dst += src over [B, Hkv, Ck, D] f32 chunks.
+  auto addChunk = [&](CUdeviceptr dst, CUdeviceptr src) {
+    KernelArgs a = base0;
+    a.Lq = a.Lk = Ck;
+    a.dk = dst;
+    a.dq = src;
+    return launchKernel(g, *add, a, stream, error);
+  };
+
+  std::vector<int64_t> sentBytes(steps, 0);
+  for (size_t i = 0; i < steps; ++i) {
+    const RingStep &st = rs.steps[i];
+    const bool remote = st.step > 0 && st.recvFrom >= 0;
+    // The forward's key/value rows.
+    if (st.sendTo >= 0 || st.recvFrom >= 0) {
+      size_t sendN = 0,
+             recvN = st.recvFrom >= 0 ? packedBytes(st.recvRows, es) : 0;
+      if (st.sendTo >= 0) {
+        sendN = copies.packRows(st.sendRows, dev(k.data), at(sendAt), true,
+                                stream, es);
+        sendN += copies.packRows(st.sendRows, dev(v.data), at(sendAt) + sendN,
+                                 true, stream, es);
+      }
+      if (copies.rc != CUDA_SUCCESS)
+        return fail(describe(d, copies.rc, "packing a ring step's rows"));
+      if (!transport.exchangeDevice(st.step, st.sendTo, at(sendAt), sendN,
+                                    st.recvFrom, at(recvAt), recvN, stream,
+                                    error))
+        return fail(error);
+      sentBytes[i] += int64_t(sendN);
+      if (remote) {
+        size_t half =
+            copies.packRows(st.recvRows, at(rK), at(recvAt), false, stream, es);
+        copies.packRows(st.recvRows, at(rV), at(recvAt) + half, false, stream,
+                        es);
+        for (size_t p = 0; p < P && split; ++p) {
+          copies.pieceCopy(at(rK), Ck, at(rKP[p]), B * Hkv, rs.kvPieces[p],
+                           true, stream, es);
+          copies.pieceCopy(at(rV), Ck, at(rVP[p]), B * Hkv, rs.kvPieces[p],
+                           true, stream, es);
+        }
+      }
+    }
+    // The received rows' gradients start at zero.
+    if (remote) {
+      for (size_t p = 0; p < P && split; ++p) {
+        zero(at(gKP[p]), kPieceF);
+        zero(at(gVP[p]), kPieceF);
+      }
+      if (!split) {
+        zero(at(gK), kChunkF);
+        zero(at(gV), kChunkF);
+      }
+    }
+    for (const RingUpdate &u : st.updates) {
+      if (u.kernel < 0 || u.qPiece < 0 || u.kPiece < 0 ||
+          size_t(u.qPiece) >= P || size_t(u.kPiece) >= P)
+        return fail("the ring schedule names a missing kernel or piece");
+      size_t qp = u.qPiece, kp = u.kPiece;
+      KernelArgs a = base0;
+      a.q = split ? at(qP[qp]) : dev(q.data);
+      a.out = split ? at(oP[qp]) : dev(out.data);
+      a.lse = split ? at(lP[qp]) : dev(lse.data);
+      a.gradOut = split ? at(gP[qp]) : dev(gradOut.data);
+      a.delta = at(delta[qp]);
+      a.dq = qGrad(qp);
+      if (remote) {
+        a.k = split ? at(rKP[kp]) : at(rK);
+        a.v = split ? at(rVP[kp]) : at(rV);
+        a.dk = split ? at(gKP[kp]) : at(gK);
+        a.dv = split ? at(gVP[kp]) : at(gV);
+      } else {
+        a.k = split ? at(kP[kp]) : dev(k.data);
+        a.v = split ? at(vP[kp]) : dev(v.data);
+        a.dk = kGrad(kp);
+        a.dv = vGrad(kp);
+      }
+      a.Lq = rs.qPieces[qp].rows;
+      a.Lk = a.kvRows = rs.kvPieces[kp].rows;
+      a.qOrigin = u.qOrigin;
+      a.kOrigin = u.kOrigin;
+      // Lengths and filters see global positions (RingUpdate).
+      a.rowLenShift = a.qPos = u.qPos;
+      a.kPos = u.kPos;
+      a.posStride = u.stride;
+      for (const char *kind : {"grad_kv_", "grad_q_"}) {
+        const GpuKernel *kn = kernelNamed(kind + std::to_string(u.kernel));
+        if (!kn)
+          return fail("package " + name_ + " has no kernel " + kind +
+                      std::to_string(u.kernel));
+        if (!launchKernel(g, *kn, a, stream, error))
+          return fail(error);
+      }
+    }
+    // The received rows' gradients go back to their owner (recv_from); the
+    // gradients of the rows this rank sent come back from send_to.
+    int to = remote ? st.recvFrom : -1;
+    int from = st.step > 0 ? st.sendTo : -1;
+    if (to < 0 && from < 0)
+      continue;
+    size_t sendN = 0, recvN = from >= 0 ? packedBytes(st.sendRows, fs) : 0;
+    if (to >= 0) {
+      for (size_t p = 0; p < P && split; ++p) {
+        copies.pieceCopy(at(gK), Ck, at(gKP[p]), B * Hkv, rs.kvPieces[p],
+                         false, stream, fs);
+        copies.pieceCopy(at(gV), Ck, at(gVP[p]), B * Hkv, rs.kvPieces[p],
+                         false, stream, fs);
+      }
+      sendN = copies.packRows(st.recvRows, at(gK), at(sendAt), true, stream,
+                              fs);
+      sendN += copies.packRows(st.recvRows, at(gV), at(sendAt) + sendN, true,
+                               stream, fs);
+    }
+    if (copies.rc != CUDA_SUCCESS)
+      return fail(describe(d, copies.rc, "packing a ring step's gradients"));
+    if (!transport.exchangeDevice(gradientStep(st.step), to, at(sendAt),
+                                  sendN, from, at(recvAt), recvN, stream,
+                                  error))
+      return fail(error);
+    sentBytes[i] += int64_t(sendN);
+    if (from >= 0) {
+      zero(at(inK), kChunkF);
+      zero(at(inV), kChunkF);
+      size_t half =
+          copies.packRows(st.sendRows, at(inK), at(recvAt), false, stream, fs);
+      copies.packRows(st.sendRows, at(inV), at(recvAt) + half, false, stream,
+                      fs);
+      if (!addChunk(at(accK), at(inK)) || !addChunk(at(accV), at(inV)))
+        return fail(error);
+    }
+  }
+
+  // The pieces' gradients into dq, dk and dv, then the peers' share.
+  for (size_t p = 0; p < P && split; ++p) {
+    copies.pieceCopy(dev(dq.data), C, at(dqP[p]), B * H, rs.qPieces[p], false,
+                     stream, fs);
+    copies.pieceCopy(dev(dk.data), Ck, at(dkP[p]), B * Hkv, rs.kvPieces[p],
+                     false, stream, fs);
+    copies.pieceCopy(dev(dv.data), Ck, at(dvP[p]), B * Hkv, rs.kvPieces[p],
+                     false, stream, fs);
+  }
+  if (!addChunk(dev(dk.data), at(accK)) || !addChunk(dev(dv.data), at(accV)))
+    return fail(error);
+  if (copies.rc != CUDA_SUCCESS)
+    return fail(describe(d, copies.rc, "a ring copy"));
+  if (mrc != CUDA_SUCCESS)
+    return fail(describe(d, mrc, "zeroing the ring's gradient buffers"));
+  if (CUresult orc = g.ringOrder.record(d, stream); orc != CUDA_SUCCESS)
+    return fail(describe(d, orc, "recording the end of the ring call"));
+  if (stats) {
+    *stats = RingStats();
+    stats->rank = transport.rank();
+    int64_t expected = rs.rowsSent * int64_t(es), rows = 0;
+    for (const RingStep &st : rs.steps)
+      if (st.step > 0 && st.recvFrom >= 0)
+        rows += packedRowCount(st.recvRows, Hkv);
+    stats->expectedBytes = (expected + rows * int64_t(fs)) * B * D * 2;
+    for (size_t i = 0; i < steps; ++i) {
+      stats->bytesSent += sentBytes[i];
+      stats->steps.push_back({rs.steps[i].step, sentBytes[i],
+                              int64_t(rs.steps[i].updates.size()), 0.0});
+    }
+  }
+  return true;
+}
+
 bool Package::waitRank(Transport &transport, void *streamPtr,
                        double timeoutSeconds, std::string &error) {
   if (!isGpu())
@@ -480,6 +839,49 @@ bool Package::stepMilliseconds(std::vector<float> &ms, std::string &error) {
   return true;
 }
 
+namespace {
+/// One rank's device copies of whole-sequence float32 host tensors (the
+/// rank's rows in the package's 16-bit dtype), freed with it.
+struct RankUploads {
+  const Driver &d;
+  const RingProgram &ring;
+  int rank;
+  int64_t B, D;
+  bool bf16;
+  std::vector<CUdeviceptr> allocs;
+  ~RankUploads() {
+    for (CUdeviceptr p : allocs)
+      d.cuMemFree(p);
+  }
+  /// This rank's rows of a whole-sequence [B, heads, rows, D] tensor.
+  std::vector<uint16_t> local(const Tensor &a, int64_t heads, bool keys) const {
+    const int64_t rows = keys ? ring.kvChunk : ring.qChunk,
+                  whole = keys ? ring.kvLen : ring.qLen;
+    std::vector<uint16_t> h(B * heads * rows * D);
+    const float *f = static_cast<const float *>(a.data);
+    for (int64_t s = 0; s < B * heads; ++s)
+      for (int64_t row = 0; row < rows; ++row) {
+        const float *src =
+            f + (s * whole + ring.globalRow(rank, row, keys)) * D;
+        uint16_t *dst = h.data() + (s * rows + row) * D;
+        for (int64_t x = 0; x < D; ++x)
+          dst[x] = bf16 ? floatToBf16(src[x]) : floatToF16(src[x]);
+      }
+    return h;
+  }
+  /// A device copy of `bytes` at `host`; 0 when out of memory.
+  CUdeviceptr upload(const void *host, size_t bytes) {
+    CUdeviceptr p = 0;
+    if (d.cuMemAlloc(&p, bytes ? bytes : 4) != CUDA_SUCCESS)
+      return 0;
+    allocs.push_back(p);
+    if (bytes)
+      d.cuMemcpyHtoD(p, host, bytes);
+    return p;
+  }
+};
+} // namespace
+
 bool attn::runtime::runRankFromHost(Package &pkg, Transport &transport,
                                     const Tensor &q, const Tensor &k,
                                     const Tensor &v, const Tensor *lengths,
@@ -508,38 +910,12 @@ bool attn::runtime::runRankFromHost(Package &pkg, Transport &transport,
     return false;
   }
   const bool bf16 = pkg.args().front().dtype == "bf16";
-  // This rank's rows of a whole-sequence [B, heads, rows, D] tensor, in the
-  // package's 16-bit dtype.
+  RankUploads up{*d, ring, r, B, D, bf16};
   auto local = [&](const Tensor &a, int64_t heads, bool keys) {
-    const int64_t rows = keys ? Ck : C, whole = keys ? Lk : L;
-    std::vector<uint16_t> h(B * heads * rows * D);
-    const float *f = static_cast<const float *>(a.data);
-    for (int64_t s = 0; s < B * heads; ++s)
-      for (int64_t row = 0; row < rows; ++row) {
-        const float *src = f + (s * whole + ring.globalRow(r, row, keys)) * D;
-        uint16_t *dst = h.data() + (s * rows + row) * D;
-        for (int64_t x = 0; x < D; ++x)
-          dst[x] = bf16 ? floatToBf16(src[x]) : floatToF16(src[x]);
-      }
-    return h;
+    return up.local(a, heads, keys);
   };
-  std::vector<CUdeviceptr> allocs;
-  struct Frees {
-    const Driver &d;
-    std::vector<CUdeviceptr> &allocs;
-    ~Frees() {
-      for (CUdeviceptr p : allocs)
-        d.cuMemFree(p);
-    }
-  } frees{*d, allocs};
-  auto upload = [&](const void *host, size_t bytes) -> CUdeviceptr {
-    CUdeviceptr p = 0;
-    if (d->cuMemAlloc(&p, bytes ? bytes : 4) != CUDA_SUCCESS)
-      return 0;
-    allocs.push_back(p);
-    if (bytes)
-      d->cuMemcpyHtoD(p, host, bytes);
-    return p;
+  auto upload = [&](const void *host, size_t bytes) {
+    return up.upload(host, bytes);
   };
   auto hq = local(q, H, false), hk = local(k, Hkv, true),
        hv = local(v, Hkv, true);
@@ -607,5 +983,92 @@ bool attn::runtime::runRankFromHost(Package &pkg, Transport &transport,
       if (lse)
         lse[s * L + g] = hlse[s * C + row];
     }
+  return true;
+}
+
+bool attn::runtime::runRankBackwardFromHost(
+    Package &pkg, Transport &transport, const Tensor &q, const Tensor &k,
+    const Tensor &v, const Tensor *lengths, const Tensor &out,
+    const Tensor &lse, const Tensor &gradOut, float *dq, float *dk, float *dv,
+    RingStats &stats, std::string &error) {
+  const Driver *d = driver(error);
+  if (!d || !pkg.ring() || !pkg.isGpu()) {
+    if (d)
+      error = "package " + pkg.name() + " is not a GPU ring package";
+    transport.abort(error);
+    return false;
+  }
+  const RingProgram &ring = *pkg.ring();
+  const int r = transport.rank();
+  const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3],
+                Hkv = k.shape[1], L = ring.qLen, Lk = ring.kvLen,
+                C = ring.qChunk, Ck = ring.kvChunk;
+  const bool bf16 = pkg.args().front().dtype == "bf16";
+  RankUploads up{*d, ring, r, B, D, bf16};
+  auto hq = up.local(q, H, false), hk = up.local(k, Hkv, true),
+       hv = up.local(v, Hkv, true), ho = up.local(out, H, false),
+       hg = up.local(gradOut, H, false);
+  std::vector<float> hl(B * H * C);
+  for (int64_t s = 0; s < B * H; ++s)
+    for (int64_t row = 0; row < C; ++row)
+      hl[s * C + row] =
+          static_cast<const float *>(lse.data)[s * L + ring.globalRow(r, row)];
+  const size_t qF = size_t(B * H * C * D) * 4, kF = size_t(B * Hkv * Ck * D) * 4;
+  // NaN-poisoned gradients: rows the backward never writes show.
+  const std::vector<float> nan(std::max(qF, kF) / 4, std::nanf(""));
+  CUdeviceptr pq = up.upload(hq.data(), hq.size() * 2),
+              pk = up.upload(hk.data(), hk.size() * 2),
+              pv = up.upload(hv.data(), hv.size() * 2),
+              po = up.upload(ho.data(), ho.size() * 2),
+              pg = up.upload(hg.data(), hg.size() * 2),
+              pl = up.upload(hl.data(), hl.size() * 4),
+              pn = lengths ? up.upload(lengths->data, B * 4) : 0,
+              gq = up.upload(nan.data(), qF), gk = up.upload(nan.data(), kF),
+              gv = up.upload(nan.data(), kF);
+  if (!pq || !pk || !pv || !po || !pg || !pl || (lengths && !pn) || !gq ||
+      !gk || !gv) {
+    error = "rank " + std::to_string(r) + ": out of GPU memory for the inputs";
+    transport.abort(error);
+    return false;
+  }
+  auto ptr = [](CUdeviceptr p) { return reinterpret_cast<void *>(uintptr_t(p)); };
+  const std::string dt = bf16 ? "bf16" : "f16";
+  Tensor tq{ptr(pq), {B, H, C, D}, dt}, tk{ptr(pk), {B, Hkv, Ck, D}, dt},
+      tv{ptr(pv), {B, Hkv, Ck, D}, dt}, to{ptr(po), {B, H, C, D}, dt},
+      tg{ptr(pg), {B, H, C, D}, dt}, tl{ptr(pl), {B, H, C}, "f32"},
+      tn{ptr(pn), {B}, "i32"}, tdq{ptr(gq), {B, H, C, D}, "f32"},
+      tdk{ptr(gk), {B, Hkv, Ck, D}, "f32"}, tdv{ptr(gv), {B, Hkv, Ck, D}, "f32"};
+  CUstream stream = nullptr;
+  if (d->cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) {
+    error = "rank " + std::to_string(r) + ": cannot create a stream";
+    transport.abort(error);
+    return false;
+  }
+  bool ok = pkg.runRankBackward(transport, tq, tk, tv, lengths ? &tn : nullptr,
+                                to, tl, tg, tdq, tdk, tdv, &stats, error,
+                                stream) &&
+            pkg.waitRank(transport, stream, 300, error);
+  if (ok)
+    d->cuStreamSynchronize(stream);
+  d->cuStreamDestroy(stream);
+  if (!ok)
+    return false;
+  std::vector<float> hdq(B * H * C * D), hdk(B * Hkv * Ck * D),
+      hdv(hdk.size());
+  d->cuMemcpyDtoH(hdq.data(), gq, qF);
+  d->cuMemcpyDtoH(hdk.data(), gk, kF);
+  d->cuMemcpyDtoH(hdv.data(), gv, kF);
+  // This rank's rows into the whole sequence's gradients.
+  auto scatter = [&](const std::vector<float> &local, float *whole,
+                     int64_t slabs, bool keys) {
+    const int64_t rows = keys ? Ck : C, all = keys ? Lk : L;
+    for (int64_t s = 0; s < slabs; ++s)
+      for (int64_t row = 0; row < rows; ++row)
+        std::copy_n(local.data() + (s * rows + row) * D, D,
+                    whole + (s * all + ring.globalRow(r, row, keys)) * D);
+  };
+  scatter(hdq, dq, B * H, false);
+  scatter(hdk, dk, B * Hkv, true);
+  scatter(hdv, dv, B * Hkv, true);
   return true;
 }

@@ -112,8 +112,8 @@ public:
     if (rc == 0)
       rc = end;
     if (rc != 0) {
-      error = describeNccl(rc, "rank " + std::to_string(rank_) +
-                                   ": ring step " + std::to_string(step));
+      error = describeNccl(rc, "rank " + std::to_string(rank_) + ": ring " +
+                                   ringStepName(step));
       return false;
     }
     return true;

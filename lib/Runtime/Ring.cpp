@@ -194,17 +194,13 @@ bool validUpdate(const RingUpdate &u, const RankSchedule &rs,
          u.kPiece < int64_t(rs.kvPieces.size());
 }
 
-/// The transport's step number for the gradient exchange of ring step
-/// `step` (its own mailbox key, apart from the step's key/value rows).
-int64_t gradientStep(int64_t step) { return -1 - step; }
+} // namespace
 
-/// "step 3", or for a gradient exchange "the gradient exchange of step 3".
-std::string stepName(int64_t step) {
+std::string attn::runtime::ringStepName(int64_t step) {
   return step >= 0 ? "step " + std::to_string(step)
                    : "the gradient exchange of step " +
                          std::to_string(-1 - step);
 }
-} // namespace
 
 int64_t attn::runtime::rowCount(const RowSet &set) {
   int64_t n = 0;
@@ -351,13 +347,13 @@ private:
         [&] { return done() || !s_->failure.empty(); });
     if (!s_->failure.empty()) {
       error = "rank " + std::to_string(rank_) + ": stopped at " +
-              stepName(step) + " because " + s_->failure;
+              ringStepName(step) + " because " + s_->failure;
       return false;
     }
     if (!ready) {
       error = "rank " + std::to_string(rank_) + ": timed out after " +
               std::to_string(int(s_->timeout)) + " s waiting for rank " +
-              std::to_string(peer) + what + " of " + stepName(step) +
+              std::to_string(peer) + what + " of " + ringStepName(step) +
               " (did a peer fail or run another package?)";
       return false;
     }
@@ -382,7 +378,7 @@ private:
   }
 
   std::string sizeMismatch(int64_t step, int from, size_t want, size_t got) {
-    return "rank " + std::to_string(rank_) + ": " + stepName(step) +
+    return "rank " + std::to_string(rank_) + ": " + ringStepName(step) +
            " expected " + std::to_string(want) + " bytes from rank " +
            std::to_string(from) + ", got " + std::to_string(got) +
            " (ranks disagree on the package)";
@@ -639,7 +635,8 @@ bool Package::runRankBackward(Transport &transport, const Tensor &q,
                               const Tensor *lengths, const Tensor &out,
                               const Tensor &lse, const Tensor &gradOut,
                               Tensor &dq, Tensor &dk, Tensor &dv,
-                              RingStats *stats, std::string &error) {
+                              RingStats *stats, std::string &error,
+                              void *stream) {
   if (!checkRingTransport(transport, error))
     return false;
   if (!hasBackward()) {
@@ -650,6 +647,18 @@ bool Package::runRankBackward(Transport &transport, const Tensor &q,
   if (!checkArguments(q, k, v, lengths, out, &lse, error) ||
       !checkGradients(q, k, v, out, gradOut, dq, dk, dv, error))
     return false;
+  if (isGpu()) {
+    // The backward kernels read q, k, v and out as contiguous tensors.
+    for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v},
+                           {"out", &out}})
+      if (stridesOf(*t) != contiguousStrides(t->shape)) {
+        error = std::string(name) + ": must be contiguous for the backward "
+                                    "pass";
+        return false;
+      }
+    return runRankBackwardGpu(transport, q, k, v, lengths, out, lse, gradOut,
+                              dq, dk, dv, stats, error, stream);
+  }
   const int rank = transport.rank();
   const double start = now();
   const int64_t B = q.shape[0], H = q.shape[1], C = q.shape[2], D = q.shape[3];
@@ -990,11 +999,6 @@ bool attn::runtime::runRanksBackwardInProcess(
             "with \"backward\": true)";
     return false;
   }
-  if (pkg.isGpu()) {
-    error = "package " + pkg.name() + ": GPU ring packages compute the "
-            "forward pass only";
-    return false;
-  }
   if (!checkWholeSequence(*ring, {{"q", &q, false},
                                   {"k", &k, true},
                                   {"v", &v, true},
@@ -1015,6 +1019,29 @@ bool attn::runtime::runRanksBackwardInProcess(
   const int64_t N = ring->ranks, C = ring->qChunk, Ck = ring->kvChunk;
   const int64_t B = q.shape[0], H = q.shape[1], Hkv = k.shape[1],
                 D = q.shape[3];
+  if (pkg.isGpu()) {
+    // One thread per rank on the package's GPU, each with its own copy of
+    // the package (runGpuRanksInProcess).
+    const cuda::Driver *d = cuda::driver(error);
+    if (!d)
+      return false;
+    std::vector<std::unique_ptr<Package>> copies(N);
+    for (int64_t r = 1; r < N; ++r)
+      if (!(copies[r] = Package::load(pkg.dir(), error)))
+        return false;
+    stats.assign(N, RingStats());
+    return runRankThreads(
+        N,
+        [&](int64_t r, Transport &t, std::string &err) {
+          return cuda::ensureContext(*d, err, pkg.device()) &&
+                 runRankBackwardFromHost(
+                     r ? *copies[r] : pkg, t, q, k, v, lengths, out, lse,
+                     gradOut, static_cast<float *>(dq.data),
+                     static_cast<float *>(dk.data),
+                     static_cast<float *>(dv.data), stats[r], err);
+        },
+        error);
+  }
   // Every rank's chunks: inputs cut from the whole sequence, gradients
   // poisoned so that rows a rank never writes show.
   struct Local {

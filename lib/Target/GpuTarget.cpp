@@ -427,12 +427,6 @@ LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
                                                 std::string &error,
                                                 llvm::raw_ostream *log,
                                                 bool warpSpecialize) {
-  if (spec.backward) {
-    error = "backward: GPU ring packages compute the forward pass only; the "
-            "CPU target (\"target\": \"cpu\") compiles ring gradients "
-            "(docs/Ring.md)";
-    return failure();
-  }
   std::optional<RingPlan> plan = planRingForSpec(spec, error);
   if (!plan)
     return failure();
@@ -471,6 +465,33 @@ LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
   finalize.getSumMutable().assign(state[2]);
   for (ComponentOp c : llvm::reverse(old))
     c.erase();
+  // The backward pass: likewise the plan's kernels as component_grad ops
+  // (grad_kv_<n> and grad_q_<n> pair with component_<n>).
+  if (spec.backward) {
+    auto grad = module->lookupSymbol<func::FuncOp>(spec.name + "_backward");
+    SmallVector<ComponentGradOp> oldGrads(grad.getOps<ComponentGradOp>());
+    ComponentGradOp firstGrad = oldGrads.front();
+    auto ret = cast<func::ReturnOp>(grad.getBody().front().getTerminator());
+    OpBuilder gb(ret);
+    SmallVector<Value> grads{firstGrad.getDq(), firstGrad.getDk(),
+                             firstGrad.getDv()};
+    SmallVector<Type> gradTypes(firstGrad.getResultTypes());
+    Value gradLengths = grad.getNumArguments() > 6 ? grad.getArgument(6)
+                                                   : Value();
+    for (ComponentAttr comp : plan->kernels) {
+      auto c = ComponentGradOp::create(
+          gb, firstGrad.getLoc(), gradTypes, firstGrad.getQuery(),
+          firstGrad.getKey(), firstGrad.getValue(), firstGrad.getGradOutput(),
+          firstGrad.getLse(), firstGrad.getDelta(),
+          comp.getUseLengths() || comp.hasFilters() ? gradLengths : Value(),
+          firstGrad.getKeyBias(), grads[0], grads[1], grads[2], ValueRange{},
+          comp, firstGrad.getScaleAttr());
+      grads.assign(c->result_begin(), c->result_end());
+    }
+    ret->setOperands(grads);
+    for (ComponentGradOp c : llvm::reverse(oldGrads))
+      c.erase();
+  }
 
   if (failed(compileGpuPackage(*module, local, arch, outDir, error, log,
                                /*alwaysState=*/true, warpSpecialize)))
@@ -486,6 +507,8 @@ LogicalResult mlir::attn::compileGpuRingPackage(const Spec &spec,
   }
   nlohmann::json manifest = nlohmann::json::parse((*text)->getBuffer().str());
   setRingArgRows(manifest["args"], *plan);
+  if (manifest.contains("backward"))
+    setRingArgRows(manifest["backward"]["args"], *plan);
   manifest["spec"] = nlohmann::json::parse(spec.json);
   manifest["ring"] = manifestRingPlan(*plan);
   return writeFile(manifestPath, manifest.dump(2) + "\n", error);

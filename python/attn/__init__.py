@@ -191,6 +191,10 @@ def _runtime():
         lib.attn_package_run_rank.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
                                               + [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)])
         lib.attn_package_wait_rank.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double]
+        lib.attn_package_run_rank_backward.argtypes = ([ctypes.c_void_p]
+                                                       + [ctypes.POINTER(_Tensor)] * 10
+                                                       + [ctypes.c_void_p,
+                                                          ctypes.POINTER(ctypes.c_int64)])
         lib.attn_package_step_ms.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
                                              ctypes.c_int]
         lib.attn_hub_create.argtypes = [ctypes.c_int, ctypes.c_double,
@@ -419,8 +423,9 @@ class Package:
         return grads
 
     def run_ranks_backward(self, q, k, v, out, lse, grad_out, lengths=None):
-        """The backward pass of a ring package compiled with "backward": true
-        (CPU target), every rank a thread as in run_ranks: from the whole
+        """The backward pass of a ring package compiled with "backward": true,
+        every rank a thread as in run_ranks (GPU packages: all on one GPU, to
+        check them; across GPUs use run_rank_backward): from the whole
         sequence's float32 q, k, v, the forward's out and lse
         (run_ranks(..., return_lse=True)) and grad_out, returns (dq, dk, dv)
         of the whole sequence. Each rank receives the forward's key/value
@@ -446,6 +451,22 @@ class Package:
     def _backward_torch(self, q, k, v, out, lse, grad_out, lengths, key_bias):
         """backward() on PyTorch CUDA tensors: every input contiguous, the
         gradients new float32 tensors, the kernels on the current stream."""
+        import torch
+        args, grads, _ = self._torch_backward_args(q, k, v, out, lse, grad_out, lengths,
+                                                   key_bias)
+        lib = _runtime()
+        device = q.device.index
+        handle = self._handle_on(device)
+        with torch.cuda.device(device):
+            rc = lib.attn_package_run_backward_async(handle, *args, _raw_stream(device))
+        if rc != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        return grads
+
+    def _torch_backward_args(self, q, k, v, out, lse, grad_out, lengths, key_bias):
+        """attn_package_run_backward's tensor arguments on PyTorch CUDA
+        tensors: (pointers in its order, the new float32 gradients dq, dk,
+        dv, the objects the pointers need)."""
         import torch
         t = self._torch_args(q, k, v, lengths, False, out, key_bias)
         keep = [t]
@@ -475,14 +496,7 @@ class Package:
         ptrs = t["ptrs"]
         args = ptrs[:3] + [ptrs[4], f32("lse", lse), ctypes.byref(tg), ptrs[3], t["bias"]]
         args += [f32(n, g) for n, g in zip(("dq", "dk", "dv"), grads)]
-        lib = _runtime()
-        device = q.device.index
-        handle = self._handle_on(device)
-        with torch.cuda.device(device):
-            rc = lib.attn_package_run_backward_async(handle, *args, _raw_stream(device))
-        if rc != 0:
-            raise AttnError(lib.attn_last_error().decode())
-        return tuple(grads)
+        return args, tuple(grads), keep
 
     def run_ranks(self, q, k, v, lengths=None, return_lse=False):
         """Runs every rank of a ring package in this process (threads for
@@ -609,6 +623,9 @@ class Package:
         fails. `bytes_sent` holds what this rank sent and, with wait=True,
         `step_ms` the time of each ring step on the compute stream."""
         import torch
+        if out is None and _torch_needs_grad(q, k, v):
+            from . import _torchop
+            return _torchop.ring_rank(self, q, k, v, lengths, return_lse, wait, timeout)
         t = self._torch_args(q, k, v, lengths, return_lse, out)
         lib = _runtime()
         sent = ctypes.c_int64(0)
@@ -625,6 +642,40 @@ class Package:
             n = lib.attn_package_step_ms(self._handle, ms, 256)
             self.step_ms = list(ms[:max(n, 0)])
         return (t["out"], t["lse"]) if return_lse else t["out"]
+
+    def run_rank_backward(self, q, k, v, out, lse, grad_out, lengths=None, wait=True,
+                          timeout=300.0):
+        """The backward pass of this rank of a GPU ring package compiled with
+        "backward": true (after join): from the rank's chunks of q, k, v, the
+        forward's out and lse (run_rank(..., return_lse=True)) and grad_out,
+        returns the rank's (dq, dk, dv) as new float32 CUDA tensors. Every
+        rank calls it, in the same order as its other ring calls: key/value
+        rows travel as in the forward and the gradients of the rows a rank
+        received go back to their owner (docs/Ring.md). Queued on the
+        current stream; with wait=True returns once done, raising instead of
+        hanging when a peer fails. run_rank on tensors that require grad
+        records it for loss.backward()."""
+        import torch
+        if not self.ranks:
+            raise AttnError(f"package {self.manifest['name']} is not distributed: "
+                            "call backward")
+        if not self.has_backward:
+            raise AttnError(f"package {self.manifest['name']} has no backward pass: "
+                            "compile it with \"backward\": true")
+        args, grads, _ = self._torch_backward_args(q, k, v, out, lse, grad_out, lengths, None)
+        lib = _runtime()
+        sent = ctypes.c_int64(0)
+        with torch.cuda.device(q.device):
+            stream = ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream)
+            # run_backward's arguments without key_bias.
+            rc = lib.attn_package_run_rank_backward(self._handle, *args[:7], *args[8:],
+                                                    stream, ctypes.byref(sent))
+            if rc == 0 and wait:
+                rc = lib.attn_package_wait_rank(self._handle, stream, float(timeout))
+        if rc != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        self.bytes_sent = [sent.value]
+        return grads
 
     def _torch_args(self, q, k, v, lengths, return_lse, out, key_bias=None, key_ids=None):
         """Checks PyTorch CUDA tensors and returns the C tensors (`ptrs`, in

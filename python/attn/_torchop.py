@@ -18,6 +18,13 @@ even where the caller did not ask for it) and returns dq, dk and dv in
 the inputs' dtypes. For any other package, and for gradients that reach
 key_bias or the lse, it raises AttnError saying why, instead of returning
 gradients that silently leave attention out.
+
+The backward kernels are an operator of their own (attn::run_backward,
+with a fake implementation), so that torch.compile's AOTAutograd traces
+the backward graph with fake tensors and calls the kernels when the
+compiled backward runs: training under torch.compile takes the same
+kernels as eager training. The check that no gradient reaches the lse
+reads the gradient's values, so it runs inside that operator too.
 """
 from typing import Optional, Tuple
 
@@ -80,6 +87,35 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, lengths, key_bias)
 
 
+@torch.library.custom_op("attn::run_backward", mutates_args=())
+def run_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, grad_out: torch.Tensor,
+                 grad_lse: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
+                 key_bias: Optional[torch.Tensor],
+                 package: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The package's backward kernels: float32 dq, dk, dv. grad_lse is the
+    gradient that reached a returned lse (None where the lse was computed
+    for the backward only); it must be zero."""
+    pkg = _registry.get(package)
+    if pkg is None:
+        raise AttnError(f"attn::run backward: package {package} was freed; keep the "
+                        "Package alive until the backward pass")
+    name = pkg.manifest["name"]
+    # The kernels take delta = rowsum(dO * O); a gradient reaching the lse
+    # would change it per row, which they do not take (one check, a sync,
+    # only where the caller asked for the lse).
+    if grad_lse is not None and bool(grad_lse.ne(0).any()):
+        raise AttnError(f"package {name}: the backward pass takes no gradient through "
+                        "the lse; detach the lse before using it in a loss")
+    return pkg.backward(q, k, v, out, lse, grad_out, lengths=lengths, key_bias=key_bias)
+
+
+@run_backward.register_fake
+def _(q, k, v, out, lse, grad_out, grad_lse, lengths, key_bias, package):
+    f32 = lambda x: torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    return f32(q), f32(k), f32(v)
+
+
 def _backward(ctx, grad_out, grad_lse):
     pkg = _registry.get(ctx.package)
     if pkg is None:
@@ -97,21 +133,66 @@ def _backward(ctx, grad_out, grad_lse):
     if lse.numel() == 0:
         raise AttnError(f"package {name}: the forward call kept no lse for the "
                         "backward pass")
-    # The kernels take delta = rowsum(dO * O); a gradient reaching the lse
-    # would change it per row, which they do not take (one check, a sync,
-    # only where the caller asked for the lse).
-    if ctx.lse_mode == LSE_RETURNED and grad_lse is not None and \
-            bool(grad_lse.ne(0).any()):
-        raise AttnError(f"package {name}: the backward pass takes no gradient through "
-                        "the lse; detach the lse before using it in a loss")
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_out = grad_out.to(q.dtype).contiguous()
-    dq, dk, dv = pkg.backward(q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
-                              grad_out, lengths=lengths, key_bias=key_bias)
+    returned = grad_lse if ctx.lse_mode == LSE_RETURNED else None
+    dq, dk, dv = torch.ops.attn.run_backward(
+        q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse, grad_out,
+        returned, lengths, key_bias, ctx.package)
     wanted = ctx.needs_input_grad
     return (dq.to(q.dtype) if wanted[0] else None, dk.to(k.dtype) if wanted[1] else None,
             dv.to(v.dtype) if wanted[2] else None, None, None, None, None, None)
 
 
 run.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RingRank(torch.autograd.Function):
+    """One rank's ring call (Package.run_rank) on tensors that require grad:
+    the forward keeps the lse, and the backward runs the rank's part of the
+    ring backward (Package.run_rank_backward), a collective like the
+    forward: every rank's loss.backward() must reach it, in the same order
+    as its other ring calls. (A plain autograd Function: torch.compile
+    breaks the graph around it.)"""
+
+    @staticmethod
+    def forward(ctx, pkg, q, k, v, lengths, return_lse, wait, timeout):
+        if not pkg.has_lse:
+            raise AttnError(f"package {pkg.manifest['name']} was compiled with "
+                            "\"lse\": false; its backward pass needs the lse")
+        out, lse = pkg.run_rank(q.detach(), k.detach(), v.detach(), lengths=lengths,
+                                return_lse=True, wait=wait, timeout=timeout)
+        ctx.pkg, ctx.wait, ctx.timeout, ctx.return_lse = pkg, wait, timeout, return_lse
+        ctx.save_for_backward(q, k, v, out, lse, lengths)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        pkg = ctx.pkg
+        name = pkg.manifest["name"]
+        if not pkg.has_backward:
+            raise AttnError(f"package {name} computes the forward pass only: compile it with "
+                            "\"backward\": true for gradients through the ring, or call "
+                            "run_rank under torch.no_grad() for inference")
+        if ctx.return_lse and grad_lse is not None and bool(grad_lse.ne(0).any()):
+            raise AttnError(f"package {name}: the backward pass takes no gradient through "
+                            "the lse; detach the lse before using it in a loss")
+        q, k, v, out, lse, lengths = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = pkg.run_rank_backward(
+            q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+            grad_out.to(q.dtype).contiguous(), lengths=lengths, wait=ctx.wait,
+            timeout=ctx.timeout)
+        return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None,
+                None)
+
+
+def ring_rank(pkg, q, k, v, lengths, return_lse, wait, timeout):
+    """Package.run_rank recorded for autograd (_RingRank)."""
+    if lengths is not None and not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths, device=q.device, dtype=torch.int32)
+    out, lse = _RingRank.apply(pkg, q, k, v, lengths, return_lse, wait, timeout)
+    return (out, lse) if return_lse else out

@@ -78,6 +78,13 @@ RING_RANKS = [
     _ring("cross_local_striped4", {"local": {"window": 200}}, 4, "striped", 1024, 2048),
 ]
 
+# The ring backward pass (test_gpu_backward.py): the ring cases above
+# compiled with "backward": true, run as threads on one GPU; and the
+# one-rank ring (two zigzag pieces) for autograd through run_rank.
+RING_GRAD = [dict(c, name=c["name"].replace("ring_", "ring_grad_", 1), backward=True)
+             for c in RING_RANKS]
+RING_GRAD_ONE_RANK = dict(RING_ONE_RANK, name="ring_grad_one_rank", backward=True)
+
 # Tokenized-attention layers (batch, heads, kv_heads, head_dim, seq_len) of
 # test_gpu.py and bench/tokenized_gpu.py: scripts/build_gpu_packages.py
 # compiles their keyed (dedup) and naive packages.

@@ -126,6 +126,37 @@ def test_autograd_through_a_package_call(case):
                              [leaf.grad for leaf in leaves], 2 * TOL[case["dtype"]])
 
 
+def test_training_steps_under_torch_compile():
+    """A few training steps through torch.compile(fullgraph=True): the
+    compiled backward graph calls attn::run_backward, the package's kernels,
+    so the gradients of every step match the float64 reference (no NaN at
+    the first step) and the eager gradients of the same step."""
+    case = AUTOGRAD_CASES[0]
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    q, k, v, g, _, _ = _inputs(case, gpu_cases.GRAD_SHAPES[0])
+
+    def loss_of(q, k, v):
+        return (pkg(q, k, v).float() * g.float()).sum()
+
+    compiled = torch.compile(loss_of, fullgraph=True)
+    params = [x.clone().requires_grad_() for x in (q, k, v)]
+    for step in range(3):
+        compiled(*params).backward()
+        grads = [p.grad for p in params]
+        for p, grad in zip(params, grads):
+            assert grad is not None and grad.dtype == p.dtype, step
+        _check_against_reference(case, *[p.detach() for p in params], g, None, None,
+                                 grads, 2 * TOL[case["dtype"]])
+        eager = [p.detach().clone().requires_grad_() for p in params]
+        loss_of(*eager).backward()
+        for grad, e in zip(grads, eager):
+            assert torch.allclose(grad.float(), e.grad.float(), rtol=1e-2, atol=1e-3), step
+        with torch.no_grad():
+            for p in params:
+                p -= 0.1 * p.grad
+                p.grad = None
+
+
 def test_autograd_refuses_what_it_cannot_differentiate():
     case = AUTOGRAD_CASES[0]
     pkg = attn.load(os.path.join(PKGS, case["name"]))
@@ -190,3 +221,82 @@ def test_sparse_layer_gradients_on_cuda(layer_case):
         assert t.grad is not None and t.grad.dtype == t.dtype
         err = np.abs(heads(t.grad) - want).max() / np.abs(want).max()
         assert err < 3e-2, f"{mode}: relative error {err:.2e}"
+
+
+def _rows_of(sets, kv_heads):
+    """Rows of a manifest row set list (one per kv head, or one for all)."""
+    rows = sum(run[1] * run[2] for runs in sets for run in runs)
+    return rows * (kv_heads if len(sets) == 1 else 1)
+
+
+@pytest.mark.parametrize("spec", gpu_cases.RING_GRAD, ids=lambda s: s["name"])
+def test_ring_backward_on_one_gpu_matches_reference(spec):
+    """Every rank of a GPU ring package's backward pass, run as threads on
+    this one GPU (the in-process transport copies each step's rows and
+    gradients device to device): dq, dk and dv of the whole sequence
+    against the float64 reference on fresh inputs rounded to the package's
+    dtype, the gradients starting as NaN. Each rank sends its key/value rows
+    (16-bit) and the gradients of the rows it received (f32) exactly."""
+    gen = torch.Generator().manual_seed(hash(spec["name"]) & 0xFFFF)
+    B, H, Hkv, D = spec["batch"], spec["heads"], spec["kv_heads"], spec["head_dim"]
+    Lq = spec.get("seq_len", spec.get("q_len"))
+    Lk = spec.get("seq_len", spec.get("kv_len"))
+    dtype = DTYPES[spec["dtype"]]
+    q, k, v, g = (torch.randn(B, h, n, D, generator=gen).to(dtype).float().numpy()
+                  for h, n in ((H, Lq), (Hkv, Lk), (Hkv, Lk), (H, Lq)))
+    lengths = (np.array([Lk // 3, Lk], dtype=np.int32)
+               if "tokenized" in spec["pattern"] else None)
+    pkg = attn.load(os.path.join(PKGS, spec["name"]))
+    assert pkg.has_backward
+    out, lse = pkg.run_ranks(q, k, v, lengths=lengths, return_lse=True)
+    dq, dk, dv = pkg.run_ranks_backward(q, k, v, out, lse, g, lengths=lengths)
+    m = np.array(multiplicity(spec["pattern"], H, Lq, Lk,
+                              None if lengths is None else lengths.tolist()))
+    ref = backward64(q, k, v, m, g, 1 / np.sqrt(D))
+    for got, want, what in zip((dq, dk, dv), ref, ("dq", "dk", "dv")):
+        assert not np.isnan(got).any(), f"{what} has NaN"
+        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+        assert err < TOL[spec["dtype"]], f"{what}: relative error {err:.2e}"
+    ring = pkg.manifest["ring"]
+    for rank, sent in enumerate(pkg.bytes_sent):
+        sched = ring["schedule"][rank]
+        received = sum(_rows_of(st["recv_rows"], Hkv) for st in sched["steps"]
+                       if st["step"] > 0 and st["recv_from"] >= 0)
+        assert sent == (sched["rows_sent"] * 2 + received * 4) * B * D * 2, rank
+
+
+def test_ring_rank_autograd_one_rank():
+    """run_rank on tensors that require grad, then loss.backward(): the
+    rank's backward runs the ring backward (a one-rank ring: its two
+    zigzag pieces go through the backward's piece buffers) and the
+    gradients of the whole sequence match the float64 reference."""
+    import torch.distributed as dist
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        spec = gpu_cases.RING_GRAD_ONE_RANK
+        pkg = attn.load(os.path.join(PKGS, spec["name"]))
+        pkg.join()
+        gen = torch.Generator().manual_seed(11)
+        H, L, D = spec["heads"], spec["seq_len"], spec["head_dim"]
+        q, k, v, g = (torch.randn(1, H, L, D, generator=gen).to("cuda", torch.bfloat16)
+                      for _ in range(4))
+        leaves = [pkg.shard(x).clone().requires_grad_() for x in (q, k, v)]
+        out = pkg.run_rank(*leaves)
+        assert out.requires_grad
+        (out.float() * pkg.shard(g).float()).sum().backward()
+        grads = [pkg.unshard([leaf.grad]) for leaf in leaves]
+        for x, grad in zip((q, k, v), grads):
+            assert grad.dtype == x.dtype and grad.shape == x.shape
+        m = np.array(multiplicity(spec["pattern"], H, L, L, None))
+        as64 = lambda x: x.double().cpu().numpy()
+        ref = backward64(as64(q), as64(k), as64(v), m, as64(g), 1 / np.sqrt(D))
+        for got, want, what in zip(grads, ref, ("dq", "dk", "dv")):
+            got = as64(got)
+            assert not np.isnan(got).any(), what
+            err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+            assert err < 2 * TOL["bf16"], f"{what}: relative error {err:.2e}"
+    finally:
+        if created:
+            dist.destroy_process_group()

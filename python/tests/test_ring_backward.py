@@ -8,6 +8,9 @@ and layout on 4 ranks, other rank counts, allgather, cross attention and
 tokenized lengths; each rank must send exactly twice the forward's minimum
 bytes (the rows out, their gradients back)."""
 
+import json
+import os
+import shutil
 import zlib
 
 import numpy as np
@@ -114,6 +117,26 @@ def test_ring_backward_errors(tmp_path):
     single = attn.compile({**spec("causal"), "backward": True})
     with pytest.raises(attn.AttnError, match="not distributed"):
         single.run_ranks_backward(q, k, k, out, lse, q)
-    with pytest.raises(attn.AttnError, match="GPU ring packages compute the forward pass only"):
-        attn.compile({**spec("causal", {"ranks": 2}), "backward": True},
-                     out_dir=str(tmp_path / "gpu"), target="sm_90a")
+
+
+
+def test_gpu_ring_package_lists_its_backward_kernels(tmp_path):
+    """A GPU ring package with "backward": true (assembled here; run by
+    test_gpu_backward.py on a GPU): grad_prepare, grad_kv_<n> and grad_q_<n>
+    for each of the plan's kernels, grad_add, and one rank's shapes."""
+    if not (shutil.which("ptxas") or os.path.exists("/usr/local/cuda/bin/ptxas")):
+        pytest.skip("ptxas is not installed")
+    s = {**spec("causal", {"ranks": 4, "layout": "zigzag"}), "dtype": "bf16", "head_dim": 64,
+         "backward": True}
+    try:
+        attn.compile(s, out_dir=str(tmp_path / "gpu"), target="sm_90a")
+    except attn.AttnError as e:  # compiled, but no GPU driver to load it here
+        assert "cannot be loaded here" in str(e), e
+    with open(tmp_path / "gpu" / "manifest.json") as f:
+        manifest = json.load(f)
+    grad = manifest["backward"]
+    forward = [k["name"] for k in manifest["kernels"] if k["name"].startswith("component_")]
+    assert grad["launch_order"] == ["grad_prepare"] + [
+        f"grad_{kind}_{n}" for n in range(len(forward)) for kind in ("kv", "q")] + ["grad_add"]
+    shapes = {a["name"]: a["shape"] for a in grad["args"]}
+    assert shapes["dq"] == [B, H, L // 4, 64] and shapes["dk"] == [B, HKV, L // 4, 64]

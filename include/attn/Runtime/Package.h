@@ -131,11 +131,16 @@ public:
   /// `transport` as in the forward, and the gradients of the rows a rank
   /// received travel back to their owner (docs/Ring.md). `stats` (may be
   /// null) counts the bytes of both.
+  /// GPU ring packages: every pointer is device memory (q, k, v, out and
+  /// grad_out in the package's 16-bit dtype, all contiguous), the transport
+  /// moves device memory, and the work is queued on `stream` (a CUstream);
+  /// call waitRank to wait for it.
   bool runRankBackward(Transport &transport, const Tensor &q, const Tensor &k,
                        const Tensor &v, const Tensor *lengths,
                        const Tensor &out, const Tensor &lse,
                        const Tensor &gradOut, Tensor &dq, Tensor &dk,
-                       Tensor &dv, RingStats *stats, std::string &error);
+                       Tensor &dv, RingStats *stats, std::string &error,
+                       void *stream = nullptr);
   /// Waits for the GPU work of runRank on `stream`, polling the transport
   /// for failed peers; gives up after `timeoutSeconds`.
   bool waitRank(Transport &transport, void *stream, double timeoutSeconds,
@@ -157,6 +162,12 @@ private:
                       const Tensor &out, const Tensor &gradOut,
                       const Tensor &dq, const Tensor &dk, const Tensor &dv,
                       std::string &error) const;
+  bool runRankBackwardGpu(Transport &transport, const Tensor &q,
+                          const Tensor &k, const Tensor &v,
+                          const Tensor *lengths, const Tensor &out,
+                          const Tensor &lse, const Tensor &gradOut,
+                          Tensor &dq, Tensor &dk, Tensor &dv,
+                          RingStats *stats, std::string &error, void *stream);
   bool runRankGpu(Transport &transport, const Tensor &q, const Tensor &k,
                   const Tensor &v, const Tensor *lengths, Tensor &out,
                   Tensor *lse, RingStats *stats, std::string &error,

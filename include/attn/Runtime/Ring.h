@@ -84,6 +84,13 @@ struct RingStats {
   double seconds = 0;
 };
 
+/// The transport's step number for the gradient exchange of ring step
+/// `step` in the backward pass: a key of its own, apart from the step's
+/// key/value rows.
+inline int64_t gradientStep(int64_t step) { return -1 - step; }
+/// "step 3", or for a gradient exchange "the gradient exchange of step 3".
+std::string ringStepName(int64_t step);
+
 /// Moves the rows of one ring step between this rank and two peers.
 class Transport {
 public:
@@ -180,6 +187,19 @@ bool runRankFromHost(Package &pkg, Transport &transport, const Tensor &q,
                      const Tensor &k, const Tensor &v, const Tensor *lengths,
                      float *out, float *lse, int repeat, RingStats &stats,
                      float &bestMs, std::string &error);
+
+/// The backward pass of rank transport.rank() of a GPU ring package on the
+/// whole sequence's float32 host tensors (q, k, v, the forward's out and lse,
+/// grad_out; lengths: host int32 [B] or null), in the calling thread's CUDA
+/// context: uploads the rank's rows, runs runRankBackward and writes the
+/// rank's rows of dq [B,H,Lq,D], dk and dv [B,Hkv,Lk,D] (host float32).
+/// What runRanksBackwardInProcess runs in each thread (one GPU).
+bool runRankBackwardFromHost(Package &pkg, Transport &transport,
+                             const Tensor &q, const Tensor &k, const Tensor &v,
+                             const Tensor *lengths, const Tensor &out,
+                             const Tensor &lse, const Tensor &gradOut,
+                             float *dq, float *dk, float *dv, RingStats &stats,
+                             std::string &error);
 
 } // namespace attn::runtime
 

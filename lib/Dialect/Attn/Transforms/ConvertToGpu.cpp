@@ -293,6 +293,10 @@ public:
   /// dk += scale * dS^T Q and dv += P^T dO, key-major: a block takes 64
   /// keys of a group and walks the query tiles that attend them.
   gpu::GPUFuncOp emitGradKeys(StringRef name, ComponentAttr comp);
+  /// Ring packages: dk += dq over B * Hkv * kLen * D elements. A rank adds
+  /// the key gradients its peers computed for its rows (passed as dq) into
+  /// its own (docs/Ring.md, "The backward pass").
+  gpu::GPUFuncOp emitGradAdd(StringRef name);
 
 private:
   static constexpr int64_t kNumScalarArgs = 18;
@@ -2504,6 +2508,39 @@ gpu::GPUFuncOp KernelEmitter::emitGradPrepare(StringRef name) {
   return func;
 }
 
+gpu::GPUFuncOp KernelEmitter::emitGradAdd(StringRef name) {
+  auto func = beginKernel(name, kElementwiseThreads, /*grad=*/true);
+  constexpr int64_t kFloats = 4; // one 16-byte vector a thread
+  Value bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
+  Value at = m.mul(m.add(m.mul(bx, m.c(kElementwiseThreads)), tid),
+                   m.c(kFloats));
+  Value n = m.mul(m.c(shape.batch * shape.kvHeads * shape.headDim),
+                  arg(KLen));
+  auto ifIn = scf::IfOp::create(b, loc, TypeRange{}, m.lt(at, n), false);
+  b.setInsertionPointToStart(ifIn.thenBlock());
+  auto vecType = VectorType::get({kFloats}, f32);
+  auto load = [&](Value buffer) {
+    return vector::LoadOp::create(b, loc, vecType, buffer, ValueRange{at},
+                                  false, llvm::MaybeAlign(16))
+        .getResult();
+  };
+  Value sum = arith::AddFOp::create(b, loc, load(arg(DK)), load(arg(DQ)));
+  vector::StoreOp::create(b, loc, sum, arg(DK), ValueRange{at}, false,
+                          llvm::MaybeAlign(16));
+  b.setInsertionPointToEnd(entry);
+  gpu::ReturnOp::create(b, loc);
+  // The runtime's element-wise grid over B * Hkv * Lk * D elements.
+  func->setAttr("attn.launch",
+                b.getDictionaryAttr(
+                    {b.getNamedAttr("kind", b.getStringAttr("grad_add")),
+                     b.getNamedAttr("block",
+                                    b.getI64IntegerAttr(kElementwiseThreads)),
+                     b.getNamedAttr("elements_per_thread",
+                                    b.getI64IntegerAttr(kFloats)),
+                     b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))}));
+  return func;
+}
+
 /// What both backward kernels of a component share: the group, the four
 /// shared tiles, row and key addresses, and the scores' key bias and mask.
 struct KernelEmitter::GradContext {
@@ -3154,9 +3191,9 @@ struct ConvertAttnToGpuPass
     });
     if (!gradFunc)
       return success();
-    if (shape.hasKeyIds || !shape.halfState)
+    if (shape.hasKeyIds)
       return gradFunc.emitError("convert-attn-to-gpu: the backward pass takes "
-                                "no key_ids and no ring state");
+                                "no key_ids");
     SmallVector<ComponentGradOp> comps(gradFunc.getOps<ComponentGradOp>());
     for (ComponentGradOp c : comps)
       if (c.getScaleAttr().getValueAsDouble() != shape.scale)
@@ -3181,6 +3218,10 @@ struct ConvertAttnToGpuPass
       add(emit.emitGradQueries(("grad_q_" + Twine(i)).str(),
                                c.getComponent()));
     }
+    // Ring packages (an f32 state across steps) add their peers' key
+    // gradients into their own; the ring executor launches it by name.
+    if (!shape.halfState)
+      add(emit.emitGradAdd("grad_add"));
     gpuModule->setAttr("attn.backward_order", b.getArrayAttr(order));
     gpuModule->setAttr("attn.backward_name",
                        b.getStringAttr(gradFunc.getSymName()));

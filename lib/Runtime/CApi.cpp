@@ -181,6 +181,35 @@ int attn_package_has_backward(const attn_package *package) {
   return package && package->impl->hasBackward();
 }
 
+namespace {
+/// The C tensors of a backward call (lengths and key_bias may be null).
+struct BackwardTensors {
+  Tensor q, k, v, out, lse, gradOut, lengths, keyBias, dq, dk, dv;
+  bool hasLengths = false, hasKeyBias = false;
+  const Tensor *lengthsOrNull() const { return hasLengths ? &lengths : nullptr; }
+  const Tensor *keyBiasOrNull() const { return hasKeyBias ? &keyBias : nullptr; }
+};
+
+/// Converts (and checks) a backward call's tensors; false after failWith.
+bool toBackwardTensors(const attn_tensor *q, const attn_tensor *k,
+                       const attn_tensor *v, const attn_tensor *out,
+                       const attn_tensor *lse, const attn_tensor *grad_out,
+                       const attn_tensor *lengths, const attn_tensor *key_bias,
+                       attn_tensor *dq, attn_tensor *dk, attn_tensor *dv,
+                       BackwardTensors &t) {
+  t.hasLengths = lengths != nullptr;
+  t.hasKeyBias = key_bias != nullptr;
+  return toTensor(q, "q", t.q) && toTensor(k, "k", t.k) &&
+         toTensor(v, "v", t.v) && toTensor(out, "out", t.out) &&
+         toTensor(lse, "lse", t.lse) &&
+         toTensor(grad_out, "grad_out", t.gradOut) &&
+         toTensor(dq, "dq", t.dq) && toTensor(dk, "dk", t.dk) &&
+         toTensor(dv, "dv", t.dv) &&
+         (!lengths || toTensor(lengths, "lengths", t.lengths)) &&
+         (!key_bias || toTensor(key_bias, "key_bias", t.keyBias));
+}
+} // namespace
+
 static attn_status runBackward(
     attn_package *package, const attn_tensor *q, const attn_tensor *k,
     const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
@@ -189,19 +218,14 @@ static attn_status runBackward(
     attn_tensor *dv, void *stream, bool wait, const char *what) {
   if (!package)
     return failWith(ATTN_ERROR_ARGUMENT, std::string(what) + ": null package");
-  Tensor tq, tk, tv, tout, tlse, tgrad, tlengths, tbias, tdq, tdk, tdv;
-  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
-      !toTensor(out, "out", tout) || !toTensor(lse, "lse", tlse) ||
-      !toTensor(grad_out, "grad_out", tgrad) || !toTensor(dq, "dq", tdq) ||
-      !toTensor(dk, "dk", tdk) || !toTensor(dv, "dv", tdv) ||
-      (lengths && !toTensor(lengths, "lengths", tlengths)) ||
-      (key_bias && !toTensor(key_bias, "key_bias", tbias)))
+  BackwardTensors t;
+  if (!toBackwardTensors(q, k, v, out, lse, grad_out, lengths, key_bias, dq, dk,
+                         dv, t))
     return ATTN_ERROR_ARGUMENT;
   std::string error;
-  if (!package->impl->runBackward(tq, tk, tv, tout, tlse, tgrad,
-                                  lengths ? &tlengths : nullptr,
-                                  key_bias ? &tbias : nullptr, tdq, tdk, tdv,
-                                  error, stream))
+  if (!package->impl->runBackward(t.q, t.k, t.v, t.out, t.lse, t.gradOut,
+                                  t.lengthsOrNull(), t.keyBiasOrNull(), t.dq,
+                                  t.dk, t.dv, error, stream))
     return failWith(error.find("failed:") != std::string::npos
                         ? ATTN_ERROR_RUNTIME
                         : ATTN_ERROR_ARGUMENT,
@@ -323,18 +347,15 @@ attn_status attn_package_run_ranks_backward(
   if (!package)
     return failWith(ATTN_ERROR_ARGUMENT,
                     "attn_package_run_ranks_backward: null package");
-  Tensor tq, tk, tv, tout, tlse, tgrad, tlengths, tdq, tdk, tdv;
-  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
-      !toTensor(out, "out", tout) || !toTensor(lse, "lse", tlse) ||
-      !toTensor(grad_out, "grad_out", tgrad) || !toTensor(dq, "dq", tdq) ||
-      !toTensor(dk, "dk", tdk) || !toTensor(dv, "dv", tdv) ||
-      (lengths && !toTensor(lengths, "lengths", tlengths)))
+  BackwardTensors t;
+  if (!toBackwardTensors(q, k, v, out, lse, grad_out, lengths, nullptr, dq, dk,
+                         dv, t))
     return ATTN_ERROR_ARGUMENT;
   std::string error;
   std::vector<attn::runtime::RingStats> stats;
   if (!attn::runtime::runRanksBackwardInProcess(
-          *package->impl, tq, tk, tv, lengths ? &tlengths : nullptr, tout,
-          tlse, tgrad, tdq, tdk, tdv, stats, error))
+          *package->impl, t.q, t.k, t.v, t.lengthsOrNull(), t.out, t.lse,
+          t.gradOut, t.dq, t.dk, t.dv, stats, error))
     return failWith(ATTN_ERROR_RUNTIME, error);
   if (bytes_sent)
     for (size_t r = 0; r < stats.size(); ++r)
@@ -408,18 +429,16 @@ attn_status attn_package_run_rank_backward(
     return failWith(ATTN_ERROR_ARGUMENT,
                     "attn_package_run_rank_backward: join the ring first "
                     "(attn_package_join)");
-  Tensor tq, tk, tv, tout, tlse, tgrad, tlengths, tdq, tdk, tdv;
-  if (!toTensor(q, "q", tq) || !toTensor(k, "k", tk) || !toTensor(v, "v", tv) ||
-      !toTensor(out, "out", tout) || !toTensor(lse, "lse", tlse) ||
-      !toTensor(grad_out, "grad_out", tgrad) || !toTensor(dq, "dq", tdq) ||
-      !toTensor(dk, "dk", tdk) || !toTensor(dv, "dv", tdv) ||
-      (lengths && !toTensor(lengths, "lengths", tlengths)))
+  BackwardTensors t;
+  if (!toBackwardTensors(q, k, v, out, lse, grad_out, lengths, nullptr, dq, dk,
+                         dv, t))
     return ATTN_ERROR_ARGUMENT;
   std::string error;
   attn::runtime::RingStats stats;
-  if (!package->impl->runRankBackward(
-          *package->transport, tq, tk, tv, lengths ? &tlengths : nullptr, tout,
-          tlse, tgrad, tdq, tdk, tdv, &stats, error, stream))
+  if (!package->impl->runRankBackward(*package->transport, t.q, t.k, t.v,
+                                      t.lengthsOrNull(), t.out, t.lse,
+                                      t.gradOut, t.dq, t.dk, t.dv, &stats,
+                                      error, stream))
     return failWith(ATTN_ERROR_RUNTIME, error);
   if (bytes_sent)
     *bytes_sent = stats.bytesSent;

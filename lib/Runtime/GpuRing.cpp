@@ -840,6 +840,41 @@ bool Package::stepMilliseconds(std::vector<float> &ms, std::string &error) {
 }
 
 namespace {
+/// The driver, where `pkg` is a GPU ring package; else null with `error`
+/// set and the peers told.
+const Driver *gpuRingDriver(Package &pkg, Transport &transport,
+                            std::string &error) {
+  const Driver *d = driver(error);
+  if (d && (!pkg.ring() || !pkg.isGpu())) {
+    error = "package " + pkg.name() + " is not a GPU ring package";
+    d = nullptr;
+  }
+  if (!d)
+    transport.abort(error);
+  return d;
+}
+
+/// A stream of a rank's own, destroyed with it: ranks that share a GPU
+/// (threads of one process) must not queue behind each other's waits on
+/// the legacy default stream.
+struct RankStream {
+  const Driver &d;
+  CUstream stream = nullptr;
+  RankStream(const Driver &d, Transport &transport, std::string &error)
+      : d(d) {
+    if (d.cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) {
+      stream = nullptr;
+      error = "rank " + std::to_string(transport.rank()) +
+              ": cannot create a stream";
+      transport.abort(error);
+    }
+  }
+  ~RankStream() {
+    if (stream)
+      d.cuStreamDestroy(stream);
+  }
+};
+
 /// One rank's device copies of whole-sequence float32 host tensors (the
 /// rank's rows in the package's 16-bit dtype), freed with it.
 struct RankUploads {
@@ -888,13 +923,9 @@ bool attn::runtime::runRankFromHost(Package &pkg, Transport &transport,
                                     float *out, float *lse, int repeat,
                                     RingStats &stats, float &bestMs,
                                     std::string &error) {
-  const Driver *d = driver(error);
-  if (!d || !pkg.ring() || !pkg.isGpu()) {
-    if (d)
-      error = "package " + pkg.name() + " is not a GPU ring package";
-    transport.abort(error);
+  const Driver *d = gpuRingDriver(pkg, transport, error);
+  if (!d)
     return false;
-  }
   const RingProgram &ring = *pkg.ring();
   const int r = transport.rank();
   // C query rows of L (q, out, lse) and Ck key rows of Lk (k, v).
@@ -937,15 +968,10 @@ bool attn::runtime::runRankFromHost(Package &pkg, Transport &transport,
   Tensor tq{ptr(pq), {B, H, C, D}, dt}, tk{ptr(pk), {B, Hkv, Ck, D}, dt},
       tv{ptr(pv), {B, Hkv, Ck, D}, dt}, to{ptr(po), {B, H, C, D}, dt},
       tl{ptr(pl), {B, H, C}, "f32"}, tn{ptr(pn), {B}, "i32"};
-  // A stream of this rank's own: ranks that share a GPU (threads of one
-  // process) must not queue behind each other's waits on the legacy
-  // default stream.
-  CUstream stream = nullptr;
-  if (d->cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) {
-    error = "rank " + std::to_string(r) + ": cannot create a stream";
-    transport.abort(error);
+  RankStream own(*d, transport, error);
+  if (!own.stream)
     return false;
-  }
+  CUstream stream = own.stream;
   CUevent start = nullptr, stop = nullptr;
   d->cuEventCreate(&start, 0);
   d->cuEventCreate(&stop, 0);
@@ -968,7 +994,6 @@ bool attn::runtime::runRankFromHost(Package &pkg, Transport &transport,
   d->cuEventDestroy(stop);
   if (ok)
     d->cuStreamSynchronize(stream);
-  d->cuStreamDestroy(stream);
   if (!ok)
     return false;
   d->cuMemcpyDtoH(hout.data(), po, hout.size() * 2);
@@ -991,13 +1016,9 @@ bool attn::runtime::runRankBackwardFromHost(
     const Tensor &v, const Tensor *lengths, const Tensor &out,
     const Tensor &lse, const Tensor &gradOut, float *dq, float *dk, float *dv,
     RingStats &stats, std::string &error) {
-  const Driver *d = driver(error);
-  if (!d || !pkg.ring() || !pkg.isGpu()) {
-    if (d)
-      error = "package " + pkg.name() + " is not a GPU ring package";
-    transport.abort(error);
+  const Driver *d = gpuRingDriver(pkg, transport, error);
+  if (!d)
     return false;
-  }
   const RingProgram &ring = *pkg.ring();
   const int r = transport.rank();
   const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3],
@@ -1038,21 +1059,17 @@ bool attn::runtime::runRankBackwardFromHost(
       tg{ptr(pg), {B, H, C, D}, dt}, tl{ptr(pl), {B, H, C}, "f32"},
       tn{ptr(pn), {B}, "i32"}, tdq{ptr(gq), {B, H, C, D}, "f32"},
       tdk{ptr(gk), {B, Hkv, Ck, D}, "f32"}, tdv{ptr(gv), {B, Hkv, Ck, D}, "f32"};
-  CUstream stream = nullptr;
-  if (d->cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) {
-    error = "rank " + std::to_string(r) + ": cannot create a stream";
-    transport.abort(error);
+  RankStream own(*d, transport, error);
+  if (!own.stream)
     return false;
-  }
+  CUstream stream = own.stream;
   bool ok = pkg.runRankBackward(transport, tq, tk, tv, lengths ? &tn : nullptr,
                                 to, tl, tg, tdq, tdk, tdv, &stats, error,
                                 stream) &&
             pkg.waitRank(transport, stream, 300, error);
-  if (ok)
-    d->cuStreamSynchronize(stream);
-  d->cuStreamDestroy(stream);
   if (!ok)
     return false;
+  d->cuStreamSynchronize(stream);
   std::vector<float> hdq(B * H * C * D), hdk(B * Hkv * Ck * D),
       hdv(hdk.size());
   d->cuMemcpyDtoH(hdq.data(), gq, qF);

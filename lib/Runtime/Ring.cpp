@@ -884,13 +884,12 @@ bool checkWholeSequence(const RingProgram &ring,
   return true;
 }
 
-/// runRanksInProcess for GPU ring packages: one thread per rank on the
-/// package's GPU and context, each with its own copy of the package (a
-/// rank's buffers and streams live in its package), over one hub.
-bool runGpuRanksInProcess(Package &pkg, const Tensor &q, const Tensor &k,
-                          const Tensor &v, const Tensor *lengths, Tensor &out,
-                          Tensor *lse, std::vector<RingStats> &stats,
-                          std::string &error) {
+/// Runs `rank(package, transport, error)` for every rank of GPU ring
+/// package `pkg` in a thread of its own on the package's GPU and context,
+/// each with its own copy of the package (a rank's buffers and streams live
+/// in its package), over one hub.
+template <typename RankFn>
+bool runGpuRankThreads(Package &pkg, RankFn rank, std::string &error) {
   const int64_t N = pkg.ring()->ranks;
   const cuda::Driver *d = cuda::driver(error);
   if (!d)
@@ -899,16 +898,29 @@ bool runGpuRanksInProcess(Package &pkg, const Tensor &q, const Tensor &k,
   for (int64_t r = 1; r < N; ++r)
     if (!(copies[r] = Package::load(pkg.dir(), error)))
       return false;
-  float *lseData = lse ? static_cast<float *>(lse->data) : nullptr;
-  stats.assign(N, RingStats());
   return runRankThreads(
       N,
       [&](int64_t r, Transport &t, std::string &err) {
-        float ms = 0;
         return cuda::ensureContext(*d, err, pkg.device()) &&
-               runRankFromHost(r ? *copies[r] : pkg, t, q, k, v, lengths,
+               rank(r ? *copies[r] : pkg, t, err);
+      },
+      error);
+}
+
+/// runRanksInProcess for GPU ring packages.
+bool runGpuRanksInProcess(Package &pkg, const Tensor &q, const Tensor &k,
+                          const Tensor &v, const Tensor *lengths, Tensor &out,
+                          Tensor *lse, std::vector<RingStats> &stats,
+                          std::string &error) {
+  float *lseData = lse ? static_cast<float *>(lse->data) : nullptr;
+  stats.assign(pkg.ring()->ranks, RingStats());
+  return runGpuRankThreads(
+      pkg,
+      [&](Package &p, Transport &t, std::string &err) {
+        float ms = 0;
+        return runRankFromHost(p, t, q, k, v, lengths,
                                static_cast<float *>(out.data), lseData, 1,
-                               stats[r], ms, err);
+                               stats[t.rank()], ms, err);
       },
       error);
 }
@@ -1020,25 +1032,14 @@ bool attn::runtime::runRanksBackwardInProcess(
   const int64_t B = q.shape[0], H = q.shape[1], Hkv = k.shape[1],
                 D = q.shape[3];
   if (pkg.isGpu()) {
-    // One thread per rank on the package's GPU, each with its own copy of
-    // the package (runGpuRanksInProcess).
-    const cuda::Driver *d = cuda::driver(error);
-    if (!d)
-      return false;
-    std::vector<std::unique_ptr<Package>> copies(N);
-    for (int64_t r = 1; r < N; ++r)
-      if (!(copies[r] = Package::load(pkg.dir(), error)))
-        return false;
     stats.assign(N, RingStats());
-    return runRankThreads(
-        N,
-        [&](int64_t r, Transport &t, std::string &err) {
-          return cuda::ensureContext(*d, err, pkg.device()) &&
-                 runRankBackwardFromHost(
-                     r ? *copies[r] : pkg, t, q, k, v, lengths, out, lse,
-                     gradOut, static_cast<float *>(dq.data),
-                     static_cast<float *>(dk.data),
-                     static_cast<float *>(dv.data), stats[r], err);
+    return runGpuRankThreads(
+        pkg,
+        [&](Package &p, Transport &t, std::string &err) {
+          return runRankBackwardFromHost(
+              p, t, q, k, v, lengths, out, lse, gradOut,
+              static_cast<float *>(dq.data), static_cast<float *>(dk.data),
+              static_cast<float *>(dv.data), stats[t.rank()], err);
         },
         error);
   }

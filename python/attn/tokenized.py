@@ -61,6 +61,9 @@ class _Ops:
         if self.torch:
             rows = self.t.as_tensor(rows).to(device=self.device, dtype=self.kernel_dtype())
             return rows.permute(1, 0, 2).unsqueeze(0).contiguous()
+        _refuse_cpu_gradients([rows], "embedding tables")
+        if _is_torch(rows):
+            rows = rows.detach().cpu()
         return np.ascontiguousarray(np.asarray(rows, np.float32).transpose(1, 0, 2)[None])
 
     def concat(self, a, b):
@@ -107,6 +110,17 @@ class _Ops:
 
     def i32(self):
         return self.t.int32 if self.torch else np.int32
+
+
+def _refuse_cpu_gradients(tensors, what):
+    """The cpu target runs on NumPy arrays: tensors that require grad (with
+    grad mode on) would lose their gradients there, so they are refused."""
+    if any(_is_torch(t) and t.requires_grad for t in tensors):
+        import torch
+        if torch.is_grad_enabled():
+            raise AttnError(f"{what} that require grad, but TokenizedAttention computes "
+                            "gradients on CUDA tensors only (the cpu target runs on NumPy "
+                            "arrays); pass CUDA tokens, or call it under torch.no_grad()")
 
 
 def _like(result, tokens):
@@ -159,11 +173,19 @@ class TableEmbedding:
         return self.q_table[ids], self.k_table[ids], self.v_table[ids]
 
     def kernel_tables(self, ops):
-        """k and v as [1, Hkv, vocab, D] kernel tables where the kernels run
-        (made once, then cached)."""
+        """k and v as [1, Hkv, vocab, D] kernel tables where the kernels run:
+        made once and cached while the tables stay as they are (a tensor's
+        version counts its in-place updates, an optimizer's step included);
+        made anew each call where autograd records them (tables that require
+        grad), so that the gradients reach the tables."""
+        if self.torch and ops.torch and ops.t.is_grad_enabled() and \
+                (self.k_table.requires_grad or self.v_table.requires_grad):
+            return ops.table(self.k_table), ops.table(self.v_table)
         key = str(ops.device) if ops.torch else "numpy"
+        if self.torch:
+            key += f"/{self.k_table._version}/{self.v_table._version}"
         if key not in self._kernel_tables:
-            self._kernel_tables[key] = (ops.table(self.k_table), ops.table(self.v_table))
+            self._kernel_tables = {key: (ops.table(self.k_table), ops.table(self.v_table))}
         return self._kernel_tables[key]
 
 
@@ -308,33 +330,66 @@ class TokenizedAttention:
     def _package(self, ops, naive=False):
         return self.package(ops.gpu, naive)
 
-    def package_spec(self, gpu, naive=False):
-        """The spec and target of package(gpu, naive); its name says its
-        shape, so that a folder can hold the packages of several layers."""
+    def package_spec(self, gpu, naive=False, train=False):
+        """The spec and target of package(gpu, naive, train); its name says
+        its shape, so that a folder can hold the packages of several layers."""
         target = self.target if gpu else "cpu"
-        name = (f"tokenized_{'naive' if naive else 'dedup'}_b{self.batch_size}"
+        kind = "naive" if naive else "train" if train else "dedup"
+        name = (f"tokenized_{kind}_b{self.batch_size}"
                 f"_h{self.heads}x{self.kv_heads}_d{self.head_dim}"
                 + (f"_l{self.sequence_length}" if naive else "") + f"_{target}")
         spec = {"name": name, "batch": self.batch_size, "heads": self.heads,
                 "kv_heads": self.kv_heads, "head_dim": self.head_dim}
         if naive:
             spec.update({"seq_len": self.sequence_length, "pattern": {"tokenized": {}}})
+        elif train:
+            spec.update({"key_bias": True, "backward": True, "pattern": {"full": {}}})
         else:
             spec.update({"key_bias": True, "key_ids": True, "pattern": {"full": {}}})
         if gpu:
             spec["dtype"] = "bf16"
         return spec, target
 
-    def package(self, gpu, naive=False):
+    def package(self, gpu, naive=False, train=False):
         """The keyed package (key_bias + key_ids, dynamic lengths), or for the
-        naive form the tokenized pattern over materialised K/V; bf16 for
-        `target` when gpu. With package_dir, a package already there is
-        loaded (machines without the compiler) and a new one is kept there."""
-        key = (gpu, naive)
+        naive form the tokenized pattern over materialised K/V, or for
+        training the unique keys' rows gathered per sequence (key_bias and a
+        backward pass); bf16 for `target` when gpu. With package_dir, a
+        package already there is loaded (machines without the compiler) and
+        a new one is kept there."""
+        key = (gpu, naive, train)
         if key not in self._packages:
-            spec, target = self.package_spec(gpu, naive)
+            spec, target = self.package_spec(gpu, naive, train)
             self._packages[key] = _load_or_compile(spec, target, self.package_dir)
         return self._packages[key]
+
+    def _attend(self, ops, q, keys, return_lse):
+        """q [B, H, Q, D] against the keys of _unique_keys or _position_keys.
+        The kernels read K and V from the tables at the ids; where autograd
+        needs gradients of the tables or of q (CUDA tensors), the rows are
+        gathered per sequence instead, so that the backward kernels' dk and
+        dv flow back through the gather into the tables (and embedding_fn),
+        and the training package runs forward and backward."""
+        if not self._needs_grad(ops, q, keys["k"], keys["v"]):
+            return self._package(ops)(q, keys["k"], keys["v"], key_bias=keys["bias"],
+                                      key_ids=keys["key_ids"], return_lse=return_lse)
+        rows = keys["key_ids"].long()
+        gather = lambda table: table[0][:, rows].permute(1, 0, 2, 3).contiguous()
+        return self.package(True, train=True)(q, gather(keys["k"]), gather(keys["v"]),
+                                              key_bias=keys["bias"], return_lse=return_lse)
+
+    def _needs_grad(self, ops, *tensors):
+        """Whether autograd records this call: CUDA tensors of which one
+        requires grad, with grad mode on (one rank only: the all-to-all of
+        embedding rows carries no gradients)."""
+        if not ops.torch or not ops.t.is_grad_enabled() or \
+                not any(t.requires_grad for t in tensors):
+            return False
+        if self.nranks > 1:
+            raise AttnError("gradients through TokenizedAttention need nranks = 1 (the "
+                            "all-to-all of embedding rows carries no gradients); call it "
+                            "under torch.no_grad() for inference")
+        return True
 
     # -- inputs ------------------------------------------------------------
 
@@ -379,6 +434,7 @@ class TokenizedAttention:
             raise AttnError("embedding_fn(ids) must return (q, k, v)")
         if ops.torch:
             return tuple(ops.t.as_tensor(r).to(ops.device) for r in rows)
+        _refuse_cpu_gradients(rows, "embedding_fn returned tensors")
         return tuple(np.asarray(r.detach().cpu() if _is_torch(r) else r, np.float32)
                      for r in rows)
 
@@ -467,6 +523,8 @@ class TokenizedAttention:
             q_rows = emb.q_table
             if ops.torch:
                 q_rows = ops.t.as_tensor(q_rows).to(ops.device)
+            else:
+                _refuse_cpu_gradients([q_rows], "embedding tables")
             q_slots = q_rows[uid]
             q_extra = q_rows[extra_ids] if extra_ids is not None else None
         else:
@@ -510,8 +568,7 @@ class TokenizedAttention:
         q[keys["ub"], keys["uslot"]] = (keys["q_slots"].to(keys["dtype"]) if ops.torch
                                         else keys["q_slots"])
         q = ops.contiguous(q.transpose(1, 2) if ops.torch else q.transpose(0, 2, 1, 3))
-        out_u, lse_u = self._package(ops)(q, keys["k"], keys["v"], key_bias=keys["bias"],
-                                          key_ids=keys["key_ids"], return_lse=True)
+        out_u, lse_u = self._attend(ops, q, keys, return_lse=True)
         out = ops.full((B, H, L, D), 0.0, out_u.dtype)
         lse = ops.full((B, H, L), float("-inf"), ops.f32())
         bpos, ipos, slot = keys["bpos"], keys["ipos"], keys["slot"]
@@ -572,8 +629,7 @@ class TokenizedAttention:
         q = keys["q_extra"]  # [B, C, H, D]
         q = ops.contiguous(q.to(keys["dtype"]).transpose(1, 2) if ops.torch
                            else q.transpose(0, 2, 1, 3))
-        return self._package(ops)(q, keys["k"], keys["v"], key_bias=keys["bias"],
-                                  key_ids=keys["key_ids"], return_lse=return_lse)
+        return self._attend(ops, q, keys, return_lse)
 
     def _position_keys(self, ops, tokens, lengths, cand):
         """Every behaviour position a key of its own (bias 0, -inf beyond

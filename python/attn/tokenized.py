@@ -173,19 +173,20 @@ class TableEmbedding:
         return self.q_table[ids], self.k_table[ids], self.v_table[ids]
 
     def kernel_tables(self, ops):
-        """k and v as [1, Hkv, vocab, D] kernel tables where the kernels run:
-        made once and cached while the tables stay as they are (a tensor's
-        version counts its in-place updates, an optimizer's step included);
-        made anew each call where autograd records them (tables that require
-        grad), so that the gradients reach the tables."""
-        if self.torch and ops.torch and ops.t.is_grad_enabled() and \
-                (self.k_table.requires_grad or self.v_table.requires_grad):
-            return ops.table(self.k_table), ops.table(self.v_table)
+        """k and v as [1, Hkv, vocab, D] kernel tables where the kernels run
+        (inference: no autograd), made once and cached while the tables stay
+        as they are (a tensor's version counts its in-place updates, an
+        optimizer's step included)."""
         key = str(ops.device) if ops.torch else "numpy"
         if self.torch:
             key += f"/{self.k_table._version}/{self.v_table._version}"
         if key not in self._kernel_tables:
-            self._kernel_tables = {key: (ops.table(self.k_table), ops.table(self.v_table))}
+            if ops.torch:
+                with ops.t.no_grad():
+                    made = ops.table(self.k_table), ops.table(self.v_table)
+            else:
+                made = ops.table(self.k_table), ops.table(self.v_table)
+            self._kernel_tables = {key: made}
         return self._kernel_tables[key]
 
 
@@ -370,12 +371,16 @@ class TokenizedAttention:
         gathered per sequence instead, so that the backward kernels' dk and
         dv flow back through the gather into the tables (and embedding_fn),
         and the training package runs forward and backward."""
-        if not self._needs_grad(ops, q, keys["k"], keys["v"]):
-            return self._package(ops)(q, keys["k"], keys["v"], key_bias=keys["bias"],
+        k_rows, v_rows = keys["rows"]
+        if not self._needs_grad(ops, q, k_rows, v_rows):
+            k, v = keys["tables"]()
+            return self._package(ops)(q, k, v, key_bias=keys["bias"],
                                       key_ids=keys["key_ids"], return_lse=return_lse)
-        rows = keys["key_ids"].long()
-        gather = lambda table: table[0][:, rows].permute(1, 0, 2, 3).contiguous()
-        return self.package(True, train=True)(q, gather(keys["k"]), gather(keys["v"]),
+        # Rows [N, Hkv, D] -> [B, Hkv, U, D] at the key ids.
+        ids = keys["key_ids"].long()
+        gather = lambda rows: (ops.t.as_tensor(rows).to(ops.device)[ids]
+                               .to(ops.kernel_dtype()).permute(0, 2, 1, 3).contiguous())
+        return self.package(True, train=True)(q, gather(k_rows), gather(v_rows),
                                               key_bias=keys["bias"], return_lse=return_lse)
 
     def _needs_grad(self, ops, *tensors):
@@ -493,8 +498,10 @@ class TokenizedAttention:
         unique slot, in one pass over the batch. Returns a dict with
         U (most unique ids of a sequence), the positions (bpos, ipos), each
         position's slot, the per-slot key ids [B, U] into the K/V tables,
-        the bias [B, U] (log count, -inf for padding), the tables and the q
-        rows of the slots; `extra_ids` (candidates) get q rows too."""
+        the bias [B, U] (log count, -inf for padding), the K/V rows the ids
+        index ([N, Hkv, D] each) and a function making the kernels' tables of
+        them, and the q rows of the slots; `extra_ids` (candidates) get q
+        rows too."""
         B, L = self.batch_size, self.sequence_length
         valid = ops.arange(L)[None, :] < lengths[:, None]
         bpos, ipos = ops.nonzero(valid)
@@ -518,7 +525,8 @@ class TokenizedAttention:
         # Rows of the K/V tables: the user's tables indexed by id, or the
         # embeddings of the batch's unique ids (fetched once per id).
         if table_mode:
-            ktab, vtab = emb.kernel_tables(ops)
+            kv_rows = (emb.k_table, emb.v_table)
+            tables = lambda: emb.kernel_tables(ops)
             row = uid
             q_rows = emb.q_table
             if ops.torch:
@@ -535,7 +543,8 @@ class TokenizedAttention:
             q_slots = q[row]
             q_extra = q[tinv[len(uid):]].reshape(tuple(extra_ids.shape) + tuple(q.shape[1:])) \
                 if extra_ids is not None else None
-            ktab, vtab = ops.table(k), ops.table(v)
+            kv_rows = (k, v)
+            tables = lambda: (ops.table(k), ops.table(v))
 
         key_ids = ops.full((B, U), 0, ops.i32())
         key_ids[ub, slot] = row.int() if ops.torch else row.astype(np.int32)
@@ -547,7 +556,8 @@ class TokenizedAttention:
             remote = ops.item(((tok % self.nranks) != self.group.rank).sum())
             self.last_stats["per_position_bytes"] = remote * self.last_stats["row_bytes"]
         return {"U": U, "bpos": bpos, "ipos": ipos, "slot": slot[inverse], "ub": ub,
-                "uslot": slot, "key_ids": key_ids, "bias": bias, "k": ktab, "v": vtab,
+                "uslot": slot, "key_ids": key_ids, "bias": bias, "rows": kv_rows,
+                "tables": tables,
                 "q_slots": q_slots, "q_extra": q_extra, "dtype": ops.kernel_dtype()}
 
     # -- self-attention ----------------------------------------------------
@@ -643,6 +653,7 @@ class TokenizedAttention:
         inside = ops.arange(L)[None, :] < lengths[:, None]
         bias = ops.full((B, L), float("-inf"), ops.f32())
         bias[inside] = 0.0
-        return {"k": ops.table(k[:n]), "v": ops.table(v[:n]), "key_ids": key_ids, "bias": bias,
+        return {"rows": (k[:n], v[:n]), "tables": lambda: (ops.table(k[:n]), ops.table(v[:n])),
+                "key_ids": key_ids, "bias": bias,
                 "q_extra": q[n:].reshape(tuple(cand.shape) + tuple(q.shape[1:])),
                 "dtype": ops.kernel_dtype()}

@@ -266,6 +266,42 @@ def NcclGroup(name="tokenized", group=None):
     return _Member(handle, rank, world, device=True)
 
 
+def _exchange_with_gradients(packed, layer, ops, send_counts, recv_counts):
+    """layer._exchange_rows(packed, ...) recorded for autograd (RowsExchange,
+    made on first use: torch is optional)."""
+    global _rows_exchange
+    if _rows_exchange is None:
+        _rows_exchange = _rows_exchange_function()
+    return _rows_exchange.apply(packed, layer, ops, send_counts, recv_counts)
+
+
+_rows_exchange = None
+
+
+def _rows_exchange_function():
+    import torch
+
+    class RowsExchange(torch.autograd.Function):
+        """Forward: this rank's rows to the ranks that asked for them, their
+        rows back. Backward: the gradients of the received rows go back to
+        the rows' owners (the reverse all-to-all), a collective like the
+        forward: every rank's backward must reach it, in the same order."""
+
+        @staticmethod
+        def forward(ctx, packed, layer, ops, send_counts, recv_counts):
+            ctx.layer, ctx.ops = layer, ops
+            ctx.send_counts, ctx.recv_counts = send_counts, recv_counts
+            return layer._exchange_rows(packed, ops, send_counts, recv_counts)
+
+        @staticmethod
+        def backward(ctx, grad):
+            back = ctx.layer._exchange_rows(grad.contiguous(), ctx.ops, ctx.recv_counts,
+                                            ctx.send_counts)
+            return back, None, None, None, None
+
+    return RowsExchange
+
+
 class TokenizedAttention:
     """Attention over token sequences: tokens [B, L] int ids, lengths [B].
 
@@ -385,16 +421,9 @@ class TokenizedAttention:
 
     def _needs_grad(self, ops, *tensors):
         """Whether autograd records this call: CUDA tensors of which one
-        requires grad, with grad mode on (one rank only: the all-to-all of
-        embedding rows carries no gradients)."""
-        if not ops.torch or not ops.t.is_grad_enabled() or \
-                not any(t.requires_grad for t in tensors):
-            return False
-        if self.nranks > 1:
-            raise AttnError("gradients through TokenizedAttention need nranks = 1 (the "
-                            "all-to-all of embedding rows carries no gradients); call it "
-                            "under torch.no_grad() for inference")
-        return True
+        requires grad, with grad mode on."""
+        return bool(ops.torch and ops.t.is_grad_enabled() and
+                    any(t.requires_grad for t in tensors))
 
     # -- inputs ------------------------------------------------------------
 
@@ -454,7 +483,7 @@ class TokenizedAttention:
                  else np.argsort(owner, kind="stable"))
         send_ids = ids[order]
         send_counts = ops.bincount(owner, n)
-        to_list = (lambda x: x.cpu().tolist()) if ops.torch else (lambda x: x.tolist())
+        to_list = lambda x: (x.cpu() if _is_torch(x) else x).tolist()
         recv_counts = to_list(self.group.all_to_all(self._host_or_device(send_counts, ops),
                                                     [1] * n, [1] * n))
         send_counts = to_list(send_counts)
@@ -462,15 +491,29 @@ class TokenizedAttention:
                                       recv_counts)
         if len(asked) and bool(((asked % n) != self.group.rank).any()):
             raise AttnError(f"rank {self.group.rank} was asked for ids it does not own")
+        if ops.torch and not self.group.device:
+            asked = ops.t.as_tensor(asked, device=ops.device)
         q, k, v = self._embed_local(asked, ops)
         width = (H + 2 * Hkv) * D
         packed = (ops.t.cat([q.reshape(len(asked), -1), k.reshape(len(asked), -1),
                              v.reshape(len(asked), -1)], 1) if ops.torch
                   else np.concatenate([q.reshape(len(asked), -1), k.reshape(len(asked), -1),
                                        v.reshape(len(asked), -1)], 1))
-        got = self.group.all_to_all(self._host_or_device(packed, ops), recv_counts,
-                                    send_counts)
-        rows = ops.full((len(ids), width), 0.0, got.dtype)
+        if ops.torch:
+            # Rows back to the askers; under autograd their gradients return
+            # to this rank (the reverse all-to-all) in the backward pass. An
+            # in-process group's exchange runs on CPU tensors, so that its
+            # backward runs in the rank's own thread (autograd runs a
+            # device's work on one thread for all ranks sharing the GPU,
+            # where one rank's wait for another would block both).
+            if not self.group.device:
+                packed = packed.cpu()
+            got = _exchange_with_gradients(packed, self, ops, recv_counts, send_counts)
+            got = got.to(ops.device)
+            rows = ops.t.zeros((len(ids), width), dtype=got.dtype, device=got.device)
+        else:
+            got = self.group.all_to_all(packed, recv_counts, send_counts)
+            rows = ops.full((len(ids), width), 0.0, got.dtype)
         rows[order] = got
         esize = got.element_size() if ops.torch else got.itemsize
         remote = sum(c for p, c in enumerate(send_counts) if p != self.group.rank)
@@ -489,7 +532,21 @@ class TokenizedAttention:
             if not ops.torch or ops.device.type != "cuda":
                 raise AttnError("an NCCL group exchanges device memory: pass CUDA tensors")
             return x.contiguous()
-        return x.cpu().numpy() if ops.torch else x
+        return x.detach().cpu().numpy() if ops.torch else x
+
+    def _exchange_rows(self, x, ops, send_counts, recv_counts):
+        """The group's all-to-all of tensor rows: CUDA tensors for NCCL
+        groups, CPU tensors for in-process groups (host memory)."""
+        if self.group.device:
+            return self.group.all_to_all(self._host_or_device(x, ops), send_counts,
+                                         recv_counts)
+        # Host bytes; NumPy has no bfloat16, so its rows travel as int16.
+        host = x.detach().cpu()
+        bf16 = host.dtype == ops.t.bfloat16
+        got = self.group.all_to_all((host.view(ops.t.int16) if bf16 else host).numpy(),
+                                    send_counts, recv_counts)
+        got = ops.t.from_numpy(got)
+        return got.view(ops.t.bfloat16) if bf16 else got
 
     # -- the keys of a batch -----------------------------------------------
 

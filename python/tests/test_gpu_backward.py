@@ -356,3 +356,67 @@ def test_tokenized_attention_trains_its_embeddings(mode):
         assert t.grad is not None and not torch.isnan(t.grad).any(), name
         err = ((t.grad.double() - r.grad).norm() / r.grad.norm()).item()
         assert err < 3e-2, f"{name} table: relative error {err:.2e}"
+
+
+def test_tokenized_attention_trains_sharded_embeddings():
+    """nranks = 2 over an in-process group (each rank a thread on this GPU,
+    its embedding_fn serving only the ids it owns): the all-to-all of
+    embedding rows is recorded too, so each rank's backward returns the
+    gradients of the rows it fetched to their owners. Summed over the ranks,
+    the parameters' gradients match float64 autograd through both ranks'
+    batches on one table."""
+    import math
+    import threading
+    B, H, Hkv, D, _ = gpu_cases.TOKENIZED[0]
+    V, L, n = 300, 257, 2
+    gen = torch.Generator().manual_seed(5)
+    init = [(torch.randn(V, h, D, generator=gen) * 0.5).to("cuda", torch.bfloat16)
+            for h in (H, Hkv, Hkv)]
+    batches = [(torch.randint(0, 60, (B, L), generator=gen).cuda(),
+                torch.tensor([L, 0, 133], device="cuda")) for _ in range(n)]
+    gs = [torch.randn(B, H, L, D, generator=gen).cuda() for _ in range(n)]
+    tables = [[t.clone().requires_grad_() for t in init] for _ in range(n)]
+    group = attn.InProcessGroup(n, timeout=60)
+    errors = []
+
+    def rank_main(r):
+        try:
+            def shard(ids):
+                assert bool((ids % n == r).all()), "asked for another rank's ids"
+                return tuple(t[ids.long()] for t in tables[r])
+            layer = attn.TokenizedAttention(B, L, n, shard, group=group.member(r), heads=H,
+                                            kv_heads=Hkv, head_dim=D, package_dir=PKGS)
+            out = layer(*batches[r])
+            assert out.requires_grad
+            (out.float() * gs[r]).sum().backward()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"rank {r}: {e!r}")
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    ref = [t.double().requires_grad_() for t in init]
+    loss = 0
+    for (tokens, lengths), g in zip(batches, gs):
+        for b in range(B):
+            m = int(lengths[b])
+            if m == 0:
+                continue
+            q = ref[0][tokens[b, :m]].transpose(0, 1)
+            k = ref[1][tokens[b, :m]].repeat_interleave(H // Hkv, 1).transpose(0, 1)
+            v = ref[2][tokens[b, :m]].repeat_interleave(H // Hkv, 1).transpose(0, 1)
+            o = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D), -1) @ v
+            loss = loss + (o * g[b, :, :m].double()).sum()
+    loss.backward()
+    for i, name in enumerate("qkv"):
+        for r in range(n):  # a rank's parameters get gradients of its own ids only
+            grad = tables[r][i].grad
+            assert grad is not None, (name, r)
+            others = torch.arange(V, device="cuda") % n != r
+            assert (grad[others] == 0).all(), (name, r)
+        got = sum(tables[r][i].grad.double() for r in range(n))
+        err = ((got - ref[i].grad).norm() / ref[i].grad.norm()).item()
+        assert err < 3e-2, f"{name}: relative error {err:.2e}"

@@ -103,6 +103,30 @@ struct RingCopies {
     return n;
   }
 };
+
+/// The arguments every kernel of a rank's ring call shares.
+KernelArgs ringBaseArgs(int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                        const Tensor *lengths) {
+  KernelArgs a;
+  a.B = B;
+  a.H = H;
+  a.Hkv = Hkv;
+  a.D = D;
+  a.lengths = lengths ? CUdeviceptr(uintptr_t(lengths->data)) : 0;
+  return a;
+}
+
+/// An update's rows, keys, origins and positions (RingUpdate): groups at
+/// the origins, lengths and filters at the global positions.
+void placeUpdate(KernelArgs &a, const RingUpdate &u, const RankSchedule &rs) {
+  a.Lq = rs.qPieces[u.qPiece].rows;
+  a.Lk = a.kvRows = rs.kvPieces[u.kPiece].rows;
+  a.qOrigin = u.qOrigin;
+  a.kOrigin = u.kOrigin;
+  a.rowLenShift = a.qPos = u.qPos;
+  a.kPos = u.kPos;
+  a.posStride = u.stride;
+}
 } // namespace
 
 bool Package::runRankGpu(Transport &transport, const Tensor &q,
@@ -271,12 +295,7 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     pieceCopy(dev(v.data), Ck, at(vP[p]), B * Hkv, rs.kvPieces[p], true,
               stream);
   }
-  KernelArgs base0;
-  base0.B = B;
-  base0.H = H;
-  base0.Hkv = Hkv;
-  base0.D = D;
-  base0.lengths = lengths ? dev(lengths->data) : 0;
+  const KernelArgs base0 = ringBaseArgs(B, H, Hkv, D, lengths);
   // The element-wise kernels' arguments for piece p's state.
   auto stateArgs = [&](size_t p) {
     KernelArgs a = base0;
@@ -356,14 +375,7 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
       a.acc = at(acc[qp]);
       a.max = at(mx[qp]);
       a.sum = at(sm[qp]);
-      a.Lq = rs.qPieces[qp].rows;
-      a.Lk = rs.kvPieces[kp].rows;
-      a.qOrigin = u.qOrigin;
-      a.kOrigin = u.kOrigin;
-      // Lengths and filters see global positions (RingUpdate).
-      a.rowLenShift = a.qPos = u.qPos;
-      a.kPos = u.kPos;
-      a.posStride = u.stride;
+      placeUpdate(a, u, rs);
       if (!launchKernel(g, *kn, a, stream, error))
         return false;
     }
@@ -596,12 +608,7 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
                      es);
   }
 
-  KernelArgs base0;
-  base0.B = B;
-  base0.H = H;
-  base0.Hkv = Hkv;
-  base0.D = D;
-  base0.lengths = lengths ? dev(lengths->data) : 0;
+  const KernelArgs base0 = ringBaseArgs(B, H, Hkv, D, lengths);
   for (size_t p = 0; p < P; ++p) {
     KernelArgs a = base0;
     a.Lq = a.Lk = rowsP;
@@ -688,14 +695,7 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
         a.dk = kGrad(kp);
         a.dv = vGrad(kp);
       }
-      a.Lq = rs.qPieces[qp].rows;
-      a.Lk = a.kvRows = rs.kvPieces[kp].rows;
-      a.qOrigin = u.qOrigin;
-      a.kOrigin = u.kOrigin;
-      // Lengths and filters see global positions (RingUpdate).
-      a.rowLenShift = a.qPos = u.qPos;
-      a.kPos = u.kPos;
-      a.posStride = u.stride;
+      placeUpdate(a, u, rs);
       for (const char *kind : {"grad_kv_", "grad_q_"}) {
         const GpuKernel *kn = kernelNamed(kind + std::to_string(u.kernel));
         if (!kn)

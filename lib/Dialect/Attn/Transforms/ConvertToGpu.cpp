@@ -406,13 +406,15 @@ private:
   gpu::GPUFuncOp beginElementwise(StringRef name, Value &idx, Value &row);
   /// Continues inside `if (idx is the first element of its row)`.
   void ifFirstOfRow(Value idx);
-  /// The attn.launch plan of an element-wise kernel (init, finalize).
-  DictionaryAttr elementwiseLaunch(StringRef kind) {
+  /// The attn.launch plan of an element-wise kernel (init, finalize,
+  /// grad_prepare, grad_add).
+  DictionaryAttr elementwiseLaunch(StringRef kind,
+                                   int64_t elementsPerThread = kElementwiseVector) {
     return b.getDictionaryAttr(
         {b.getNamedAttr("kind", b.getStringAttr(kind)),
          b.getNamedAttr("block", b.getI64IntegerAttr(kElementwiseThreads)),
          b.getNamedAttr("elements_per_thread",
-                        b.getI64IntegerAttr(kElementwiseVector)),
+                        b.getI64IntegerAttr(elementsPerThread)),
          b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))});
   }
   Value arg(Arg a) { return entry->getArgument(a); }
@@ -2497,14 +2499,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradPrepare(StringRef name) {
   gpu::ReturnOp::create(b, loc);
   // One row a thread: the runtime's element-wise grid over rows * D
   // elements at D elements a thread.
-  func->setAttr("attn.launch",
-                b.getDictionaryAttr(
-                    {b.getNamedAttr("kind", b.getStringAttr("grad_prepare")),
-                     b.getNamedAttr("block",
-                                    b.getI64IntegerAttr(kElementwiseThreads)),
-                     b.getNamedAttr("elements_per_thread",
-                                    b.getI64IntegerAttr(D)),
-                     b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))}));
+  func->setAttr("attn.launch", elementwiseLaunch("grad_prepare", D));
   return func;
 }
 
@@ -2530,14 +2525,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradAdd(StringRef name) {
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
   // The runtime's element-wise grid over B * Hkv * Lk * D elements.
-  func->setAttr("attn.launch",
-                b.getDictionaryAttr(
-                    {b.getNamedAttr("kind", b.getStringAttr("grad_add")),
-                     b.getNamedAttr("block",
-                                    b.getI64IntegerAttr(kElementwiseThreads)),
-                     b.getNamedAttr("elements_per_thread",
-                                    b.getI64IntegerAttr(kFloats)),
-                     b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(0))}));
+  func->setAttr("attn.launch", elementwiseLaunch("grad_add", kFloats));
   return func;
 }
 
@@ -2900,11 +2888,23 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     Value t = m.add(t0, r);
     Value ok = m.lt(t, qLast);
     Value row = f.select(ok, m.add(cx.qHead, gradQueryRow(cx, t)), zero);
-    nvgpu::DeviceAsyncCopyOp::create(
-        b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), stats,
-        ValueRange{m.add(m.mul(slot, m.c(2 * kBlockKeys)), tid)},
-        f.select(isDelta, arg(Delta), arg(Lse)), ValueRange{row},
-        b.getIndexAttr(1), f.select(ok, m.c(1), zero), UnitAttr());
+    auto copyStat = [&](Value source) {
+      nvgpu::DeviceAsyncCopyOp::create(
+          b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), stats,
+          ValueRange{m.add(m.mul(slot, m.c(2 * kBlockKeys)), tid)}, source,
+          ValueRange{row}, b.getIndexAttr(1), f.select(ok, m.c(1), zero),
+          UnitAttr());
+    };
+    // A branch (uniform per warp: threads 0-63 and 64-127), not a select
+    // between the two memrefs, which the generic LLVM conversions before
+    // gpu-to-nvvm cannot type (global address space) and report.
+    auto ifDelta = scf::IfOp::create(b, loc, TypeRange{}, isDelta,
+                                     /*withElseRegion=*/true);
+    b.setInsertionPointToStart(ifDelta.thenBlock());
+    copyStat(arg(Delta));
+    b.setInsertionPointToStart(ifDelta.elseBlock());
+    copyStat(arg(Lse));
+    b.setInsertionPointAfter(ifDelta);
   };
   SmallVector<Value> init(2 * frags * 4, f.c(0.0));
   auto computeTile = [&](Value i, Value slot,

@@ -117,9 +117,13 @@ def _(q, k, v, out, lse, grad_out, grad_lse, lengths, key_bias, package):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    pkg = _registry.get(ctx.package)
+    # A package number that changed between compiles of one function is a
+    # symbolic int while AOTAutograd traces this backward: int() makes it
+    # the traced graph's constant again (a guard on it).
+    package = int(ctx.package)
+    pkg = _registry.get(package)
     if pkg is None:
-        raise AttnError(f"attn::run backward: package {ctx.package} was freed; keep the "
+        raise AttnError(f"attn::run backward: package {package} was freed; keep the "
                         "Package alive until the backward pass")
     name = pkg.manifest["name"]
     if not pkg.has_backward:
@@ -139,7 +143,7 @@ def _backward(ctx, grad_out, grad_lse):
     returned = grad_lse if ctx.lse_mode == LSE_RETURNED else None
     dq, dk, dv = torch.ops.attn.run_backward(
         q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse, grad_out,
-        returned, lengths, key_bias, ctx.package)
+        returned, lengths, key_bias, package)
     wanted = ctx.needs_input_grad
     return (dq.to(q.dtype) if wanted[0] else None, dk.to(k.dtype) if wanted[1] else None,
             dv.to(v.dtype) if wanted[2] else None, None, None, None, None, None)

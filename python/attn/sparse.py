@@ -183,10 +183,9 @@ class SparseAttention:
                 raise AttnError(f"{name}: expected a tensor of q's dtype {q.dtype} on "
                                 f"{q.device}, got {getattr(x, 'dtype', type(x).__name__)} on "
                                 f"{getattr(x, 'device', '?')}")
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-            if q.device.type != "cuda":
-                return _cpu_autograd().apply(self, q, k, v)
-            return _cuda_autograd().apply(self, q, k, v)
+        training = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        if training and q.device.type != "cuda":
+            return _cpu_autograd().apply(self, q, k, v)
         if q.device.type != "cuda":
             out = self._forward_numpy(*(x.detach().float().numpy() for x in (q, k, v)))
             return torch.from_numpy(out).to(q.dtype)
@@ -198,9 +197,14 @@ class SparseAttention:
         device = q.device.index
         target = self.target or self._device_target(device)
         H = self.heads_for(E)
+        if training:
+            # The package with its backward pass: autograd records attn::run,
+            # whose backward runs the package's backward kernels.
+            return self._forward_views(self.package(B, E, dtypes[q.dtype], target,
+                                                    backward=True), q, k, v, H)
         pkg = self.package(B, E, dtypes[q.dtype], target)
         if _torch_compiling():
-            return self._forward_traced(pkg, q, k, v, H)
+            return self._forward_views(pkg, q, k, v, H)
 
         # The kernels read the [B, H, L, D] views of the [B, L, H, D] inputs
         # (slices of a fused qkv projection included) in place where the
@@ -237,9 +241,10 @@ class SparseAttention:
         pkg._launch(device, call[1])
         return out
 
-    def _forward_traced(self, pkg, q, k, v, H):
-        """The call under torch.compile: through torch views and the
-        package's operator (attn::run), which the compiled graph records."""
+    def _forward_views(self, pkg, q, k, v, H):
+        """The call through torch views and the package's operator
+        (attn::run): what torch.compile's graph records, and autograd
+        (whose backward runs a backward package's kernels)."""
         B, L, E = q.shape
         D = E // H
         heads = lambda x: x.reshape(B, L, H, D).transpose(1, 2)
@@ -300,47 +305,6 @@ def _cpu_autograd():
 
         _cpu_function = SparseCpuAttention
     return _cpu_function
-
-
-_cuda_function = None
-
-
-def _cuda_autograd():
-    """The torch.autograd.Function of a layer on CUDA tensors: the forward
-    through a GPU package with its backward pass (on the [B, H, L, D] heads,
-    made contiguous), whose backward kernels take the saved out and lse."""
-    global _cuda_function
-    if _cuda_function is None:
-        import torch
-
-        class SparseCudaAttention(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, layer, q, k, v):
-                dtypes = {torch.bfloat16: "bf16", torch.float16: "f16"}
-                if q.dtype not in dtypes:
-                    raise AttnError(f"q: dtype {q.dtype} on {q.device}: the GPU kernels take "
-                                    "torch.bfloat16 or torch.float16")
-                B, L, E = q.shape
-                H = layer.heads_for(E)
-                target = layer.target or layer._device_target(q.device.index)
-                pkg = layer.package(B, E, dtypes[q.dtype], target, backward=True)
-                heads = lambda x: x.detach().reshape(B, L, H, E // H).transpose(1, 2).contiguous()
-                qs, ks, vs = heads(q), heads(k), heads(v)
-                out, lse = pkg(qs, ks, vs, return_lse=True)
-                ctx.pkg, ctx.heads = pkg, heads
-                ctx.save_for_backward(qs, ks, vs, out, lse)
-                return out.transpose(1, 2).reshape(B, L, E)
-
-            @staticmethod
-            def backward(ctx, grad):
-                qs, ks, vs, out, lse = ctx.saved_tensors
-                B, H, L, D = qs.shape
-                grads = ctx.pkg.backward(qs, ks, vs, out, lse, ctx.heads(grad.to(qs.dtype)))
-                merge = lambda g: g.transpose(1, 2).reshape(B, L, H * D).to(qs.dtype)
-                return (None,) + tuple(merge(g) for g in grads)
-
-        _cuda_function = SparseCudaAttention
-    return _cuda_function
 
 
 # One layer per (heads, mode, context, target, package_dir), so that repeated

@@ -198,7 +198,8 @@ def test_backward_refuses_bad_arguments():
 @pytest.mark.parametrize("layer_case", gpu_cases.SPARSE_GRAD, ids=lambda c: c[3])
 def test_sparse_layer_gradients_on_cuda(layer_case):
     """attn.sparse on CUDA tensors that require grad: one training step's
-    gradients against the float64 reference. The layer loads its package
+    gradients against the float64 reference, then the same step under
+    torch.compile against the eager one. The layer loads its package
     (compiled with its backward pass by scripts/build_gpu_packages.py) from
     $ATTN_GPU_PACKAGES."""
     from attn import sparse
@@ -221,6 +222,14 @@ def test_sparse_layer_gradients_on_cuda(layer_case):
         assert t.grad is not None and t.grad.dtype == t.dtype
         err = np.abs(heads(t.grad) - want).max() / np.abs(want).max()
         assert err < 3e-2, f"{mode}: relative error {err:.2e}"
+    # The same step under torch.compile(fullgraph=True): the layer's call is
+    # attn::run in the graph, its backward the package's kernels.
+    eager = [t.grad.clone() for t in x]
+    for t in x:
+        t.grad = None
+    torch.compile(lambda a, b, c: layer(a, b, c), fullgraph=True)(*x).backward(g)
+    for t, want in zip(x, eager):
+        assert torch.allclose(t.grad.float(), want.float(), rtol=1e-2, atol=1e-3), mode
 
 
 def _rows_of(sets, kv_heads):

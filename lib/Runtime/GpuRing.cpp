@@ -884,6 +884,7 @@ struct RankUploads {
   int64_t B, D;
   bool bf16;
   std::vector<CUdeviceptr> allocs;
+  bool outOfMemory = false; ///< an allocation failed (ok() reports it)
   ~RankUploads() {
     for (CUdeviceptr p : allocs)
       d.cuMemFree(p);
@@ -904,15 +905,47 @@ struct RankUploads {
       }
     return h;
   }
-  /// A device copy of `bytes` at `host`; 0 when out of memory.
-  CUdeviceptr upload(const void *host, size_t bytes) {
+  /// A device tensor of `shape` and `dtype` holding the `bytes` at `host`
+  /// (null data when out of memory: ok() says so).
+  Tensor tensor(const void *host, size_t bytes, std::vector<int64_t> shape,
+                std::string dtype) {
     CUdeviceptr p = 0;
-    if (d.cuMemAlloc(&p, bytes ? bytes : 4) != CUDA_SUCCESS)
-      return 0;
-    allocs.push_back(p);
-    if (bytes)
-      d.cuMemcpyHtoD(p, host, bytes);
-    return p;
+    if (d.cuMemAlloc(&p, bytes ? bytes : 4) != CUDA_SUCCESS) {
+      outOfMemory = true;
+      p = 0;
+    } else {
+      allocs.push_back(p);
+      if (bytes)
+        d.cuMemcpyHtoD(p, host, bytes);
+    }
+    return {reinterpret_cast<void *>(uintptr_t(p)), std::move(shape),
+            std::move(dtype)};
+  }
+  /// This rank's rows of whole-sequence `a` [B, heads, rows, D] on the
+  /// device, in the package's 16-bit dtype.
+  Tensor rows(const Tensor &a, int64_t heads, bool keys) {
+    std::vector<uint16_t> h = local(a, heads, keys);
+    return tensor(h.data(), h.size() * 2,
+                  {B, heads, keys ? ring.kvChunk : ring.qChunk, D},
+                  bf16 ? "bf16" : "f16");
+  }
+  /// Lengths [B] (int32) on the device.
+  Tensor lengths(const Tensor &l) {
+    return tensor(l.data, size_t(B) * 4, {B}, "i32");
+  }
+  /// Whether every tensor was made; else `error` says so and the peers are
+  /// told.
+  bool ok(Transport &transport, std::string &error) const {
+    if (!outOfMemory)
+      return true;
+    error = "rank " + std::to_string(rank) +
+            ": out of GPU memory for the inputs";
+    transport.abort(error);
+    return false;
+  }
+  /// Copies device tensor `t` (`bytes`) to `host`.
+  void download(const Tensor &t, void *host, size_t bytes) const {
+    d.cuMemcpyDtoH(host, CUdeviceptr(uintptr_t(t.data)), bytes);
   }
 };
 } // namespace
@@ -928,10 +961,10 @@ bool attn::runtime::runRankFromHost(Package &pkg, Transport &transport,
     return false;
   const RingProgram &ring = *pkg.ring();
   const int r = transport.rank();
-  // C query rows of L (q, out, lse) and Ck key rows of Lk (k, v).
+  // C query rows of L (q, out, lse); k and v have Lk rows.
   const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3],
                 Hkv = k.shape[1], L = q.shape[2], C = ring.qChunk,
-                Lk = k.shape[2], Ck = ring.kvChunk;
+                Lk = k.shape[2];
   if (L != ring.qLen || Lk != ring.kvLen || v.shape[2] != Lk) {
     error = "q, k and v have " + std::to_string(L) + ", " +
             std::to_string(Lk) + " and " + std::to_string(v.shape[2]) +
@@ -942,32 +975,17 @@ bool attn::runtime::runRankFromHost(Package &pkg, Transport &transport,
   }
   const bool bf16 = pkg.args().front().dtype == "bf16";
   RankUploads up{*d, ring, r, B, D, bf16};
-  auto local = [&](const Tensor &a, int64_t heads, bool keys) {
-    return up.local(a, heads, keys);
-  };
-  auto upload = [&](const void *host, size_t bytes) {
-    return up.upload(host, bytes);
-  };
-  auto hq = local(q, H, false), hk = local(k, Hkv, true),
-       hv = local(v, Hkv, true);
-  std::vector<uint16_t> hout(hq.size(), 0xffff); // NaN: rows never written show
+  // out and lse start as NaN: rows never written show.
+  std::vector<uint16_t> hout(B * H * C * D, 0xffff);
   std::vector<float> hlse(B * H * C, std::nanf(""));
-  CUdeviceptr pq = upload(hq.data(), hq.size() * 2),
-              pk = upload(hk.data(), hk.size() * 2),
-              pv = upload(hv.data(), hv.size() * 2),
-              po = upload(hout.data(), hout.size() * 2),
-              pl = upload(hlse.data(), hlse.size() * 4),
-              pn = lengths ? upload(lengths->data, B * 4) : 0;
-  if (!pq || !pk || !pv || !po || !pl || (lengths && !pn)) {
-    error = "rank " + std::to_string(r) + ": out of GPU memory for the inputs";
-    transport.abort(error);
+  Tensor tq = up.rows(q, H, false), tk = up.rows(k, Hkv, true),
+         tv = up.rows(v, Hkv, true),
+         to = up.tensor(hout.data(), hout.size() * 2, {B, H, C, D},
+                        bf16 ? "bf16" : "f16"),
+         tl = up.tensor(hlse.data(), hlse.size() * 4, {B, H, C}, "f32"),
+         tn = lengths ? up.lengths(*lengths) : Tensor();
+  if (!up.ok(transport, error))
     return false;
-  }
-  auto ptr = [](CUdeviceptr p) { return reinterpret_cast<void *>(uintptr_t(p)); };
-  const std::string dt = bf16 ? "bf16" : "f16";
-  Tensor tq{ptr(pq), {B, H, C, D}, dt}, tk{ptr(pk), {B, Hkv, Ck, D}, dt},
-      tv{ptr(pv), {B, Hkv, Ck, D}, dt}, to{ptr(po), {B, H, C, D}, dt},
-      tl{ptr(pl), {B, H, C}, "f32"}, tn{ptr(pn), {B}, "i32"};
   RankStream own(*d, transport, error);
   if (!own.stream)
     return false;
@@ -996,8 +1014,8 @@ bool attn::runtime::runRankFromHost(Package &pkg, Transport &transport,
     d->cuStreamSynchronize(stream);
   if (!ok)
     return false;
-  d->cuMemcpyDtoH(hout.data(), po, hout.size() * 2);
-  d->cuMemcpyDtoH(hlse.data(), pl, hlse.size() * 4);
+  up.download(to, hout.data(), hout.size() * 2);
+  up.download(tl, hlse.data(), hlse.size() * 4);
   for (int64_t s = 0; s < B * H; ++s)
     for (int64_t row = 0; row < C; ++row) {
       int64_t g = ring.globalRow(r, row);
@@ -1026,9 +1044,6 @@ bool attn::runtime::runRankBackwardFromHost(
                 C = ring.qChunk, Ck = ring.kvChunk;
   const bool bf16 = pkg.args().front().dtype == "bf16";
   RankUploads up{*d, ring, r, B, D, bf16};
-  auto hq = up.local(q, H, false), hk = up.local(k, Hkv, true),
-       hv = up.local(v, Hkv, true), ho = up.local(out, H, false),
-       hg = up.local(gradOut, H, false);
   std::vector<float> hl(B * H * C);
   for (int64_t s = 0; s < B * H; ++s)
     for (int64_t row = 0; row < C; ++row)
@@ -1037,28 +1052,16 @@ bool attn::runtime::runRankBackwardFromHost(
   const size_t qF = size_t(B * H * C * D) * 4, kF = size_t(B * Hkv * Ck * D) * 4;
   // NaN-poisoned gradients: rows the backward never writes show.
   const std::vector<float> nan(std::max(qF, kF) / 4, std::nanf(""));
-  CUdeviceptr pq = up.upload(hq.data(), hq.size() * 2),
-              pk = up.upload(hk.data(), hk.size() * 2),
-              pv = up.upload(hv.data(), hv.size() * 2),
-              po = up.upload(ho.data(), ho.size() * 2),
-              pg = up.upload(hg.data(), hg.size() * 2),
-              pl = up.upload(hl.data(), hl.size() * 4),
-              pn = lengths ? up.upload(lengths->data, B * 4) : 0,
-              gq = up.upload(nan.data(), qF), gk = up.upload(nan.data(), kF),
-              gv = up.upload(nan.data(), kF);
-  if (!pq || !pk || !pv || !po || !pg || !pl || (lengths && !pn) || !gq ||
-      !gk || !gv) {
-    error = "rank " + std::to_string(r) + ": out of GPU memory for the inputs";
-    transport.abort(error);
+  Tensor tq = up.rows(q, H, false), tk = up.rows(k, Hkv, true),
+         tv = up.rows(v, Hkv, true), to = up.rows(out, H, false),
+         tg = up.rows(gradOut, H, false),
+         tl = up.tensor(hl.data(), hl.size() * 4, {B, H, C}, "f32"),
+         tn = lengths ? up.lengths(*lengths) : Tensor(),
+         tdq = up.tensor(nan.data(), qF, {B, H, C, D}, "f32"),
+         tdk = up.tensor(nan.data(), kF, {B, Hkv, Ck, D}, "f32"),
+         tdv = up.tensor(nan.data(), kF, {B, Hkv, Ck, D}, "f32");
+  if (!up.ok(transport, error))
     return false;
-  }
-  auto ptr = [](CUdeviceptr p) { return reinterpret_cast<void *>(uintptr_t(p)); };
-  const std::string dt = bf16 ? "bf16" : "f16";
-  Tensor tq{ptr(pq), {B, H, C, D}, dt}, tk{ptr(pk), {B, Hkv, Ck, D}, dt},
-      tv{ptr(pv), {B, Hkv, Ck, D}, dt}, to{ptr(po), {B, H, C, D}, dt},
-      tg{ptr(pg), {B, H, C, D}, dt}, tl{ptr(pl), {B, H, C}, "f32"},
-      tn{ptr(pn), {B}, "i32"}, tdq{ptr(gq), {B, H, C, D}, "f32"},
-      tdk{ptr(gk), {B, Hkv, Ck, D}, "f32"}, tdv{ptr(gv), {B, Hkv, Ck, D}, "f32"};
   RankStream own(*d, transport, error);
   if (!own.stream)
     return false;
@@ -1072,9 +1075,9 @@ bool attn::runtime::runRankBackwardFromHost(
   d->cuStreamSynchronize(stream);
   std::vector<float> hdq(B * H * C * D), hdk(B * Hkv * Ck * D),
       hdv(hdk.size());
-  d->cuMemcpyDtoH(hdq.data(), gq, qF);
-  d->cuMemcpyDtoH(hdk.data(), gk, kF);
-  d->cuMemcpyDtoH(hdv.data(), gv, kF);
+  up.download(tdq, hdq.data(), qF);
+  up.download(tdk, hdk.data(), kF);
+  up.download(tdv, hdv.data(), kF);
   // This rank's rows into the whole sequence's gradients.
   auto scatter = [&](const std::vector<float> &local, float *whole,
                      int64_t slabs, bool keys) {

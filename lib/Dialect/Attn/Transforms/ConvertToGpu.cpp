@@ -406,6 +406,17 @@ private:
   gpu::GPUFuncOp beginElementwise(StringRef name, Value &idx, Value &row);
   /// Continues inside `if (idx is the first element of its row)`.
   void ifFirstOfRow(Value idx);
+  /// The attn.launch plan of a grad_kv or grad_q kernel: one warpgroup a
+  /// block of kBlockKeys rows (or keys) of `comp`.
+  DictionaryAttr gradLaunch(StringRef kind, int64_t sharedBytes,
+                            ComponentAttr comp) {
+    return b.getDictionaryAttr(
+        {b.getNamedAttr("kind", b.getStringAttr(kind)),
+         b.getNamedAttr("block", b.getI64IntegerAttr(shape.threads())),
+         b.getNamedAttr("block_rows", b.getI64IntegerAttr(kBlockKeys)),
+         b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(sharedBytes)),
+         b.getNamedAttr("component", comp)});
+  }
   /// The attn.launch plan of an element-wise kernel (init, finalize,
   /// grad_prepare, grad_add).
   DictionaryAttr elementwiseLaunch(StringRef kind,
@@ -2806,17 +2817,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   }
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
-  func->setAttr("attn.launch",
-                b.getDictionaryAttr({
-                    b.getNamedAttr("kind", b.getStringAttr("grad_q")),
-                    b.getNamedAttr("block",
-                                   b.getI64IntegerAttr(shape.threads())),
-                    b.getNamedAttr("block_rows",
-                                   b.getI64IntegerAttr(kBlockKeys)),
-                    b.getNamedAttr("shared_bytes",
-                                   b.getI64IntegerAttr(sharedBytes)),
-                    b.getNamedAttr("component", comp),
-                }));
+  func->setAttr("attn.launch", gradLaunch("grad_q", sharedBytes, comp));
   return func;
 }
 
@@ -2988,17 +2989,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   }
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
-  func->setAttr("attn.launch",
-                b.getDictionaryAttr({
-                    b.getNamedAttr("kind", b.getStringAttr("grad_kv")),
-                    b.getNamedAttr("block",
-                                   b.getI64IntegerAttr(shape.threads())),
-                    b.getNamedAttr("block_rows",
-                                   b.getI64IntegerAttr(kBlockKeys)),
-                    b.getNamedAttr("shared_bytes",
-                                   b.getI64IntegerAttr(sharedBytes)),
-                    b.getNamedAttr("component", comp),
-                }));
+  func->setAttr("attn.launch", gradLaunch("grad_kv", sharedBytes, comp));
   return func;
 }
 

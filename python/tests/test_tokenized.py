@@ -108,6 +108,24 @@ def test_torch_cpu_tensors(layer):
     assert np.abs(out.numpy() - dedup(tokens, lengths)).max() == 0
 
 
+def test_cpu_embeddings_that_require_grad_are_refused():
+    """The cpu target runs on NumPy arrays: embeddings that require grad
+    (with grad mode on) raise before any package runs, instead of losing
+    their gradients."""
+    torch = pytest.importorskip("torch")
+    emb = tables(1)
+    tokens, lengths = next(iter(token_sets(4)))[1:]
+    params = [torch.from_numpy(t).requires_grad_() for t in
+              (emb.q_table, emb.k_table, emb.v_table)]
+    fn = lambda ids: tuple(t[torch.as_tensor(ids)] for t in params)
+    layer = attn.TokenizedAttention(B, L, 1, fn, heads=H, kv_heads=HKV, head_dim=D)
+    with pytest.raises(attn.AttnError, match="computes gradients on CUDA tensors only"):
+        layer(tokens, lengths)
+    table_layer = attn.TokenizedAttention(B, L, 1, TableEmbedding(*params))
+    with pytest.raises(attn.AttnError, match="embedding tables that require grad"):
+        table_layer(tokens, lengths)
+
+
 def test_errors(layer):
     emb, dedup, _ = layer
     tokens = np.zeros((B, L), np.int64)

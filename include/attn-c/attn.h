@@ -101,6 +101,23 @@ attn_status attn_package_run_keys(attn_package *package, const attn_tensor *q,
                                   const attn_tensor *key_ids, attn_tensor *out,
                                   attn_tensor *lse, void *stream);
 
+/* GPU packages compiled with "key_ids": true also turn B token sequences
+ * into the key_ids and key_bias of their unique ids (docs/Tokenized.md,
+ * "The dedup_keys kernel"), queued on `stream` without waiting. All
+ * pointers are device memory on the package's device: tokens i64 [B, L],
+ * lengths i64 [B] (clamped to [0, L]) in; key_ids i32 [B, L] (each
+ * sequence's unique ids ascending, 0 past them), key_bias f32 [B, L]
+ * (log(count), -inf past them), slot_at i64 [B, L] (each position's index
+ * into its row of key_ids, -1 past the length) and info i64 [B, 4] (unique
+ * ids, the length as given, the smallest and the largest id) out. L may be
+ * at most attn_package_dedup_max_len (0 for packages without the kernel). */
+int64_t attn_package_dedup_max_len(const attn_package *package);
+attn_status attn_package_dedup_keys(attn_package *package, const int64_t *tokens,
+                                    const int64_t *lengths, int64_t batch,
+                                    int64_t seq_len, int32_t *key_ids,
+                                    float *key_bias, int64_t *slot_at,
+                                    int64_t *info, void *stream);
+
 /* The backward pass (docs/Backward.md), for packages compiled with
  * "backward": true: from the forward's inputs, its out and lse, and grad_out
  * (the gradient of out, like out), writes dq, dk and dv (f32, contiguous,

@@ -177,6 +177,32 @@ attn_status attn_package_run_keys(attn_package *package, const attn_tensor *q,
                     /*wait=*/!gpu, key_bias, key_ids);
 }
 
+int64_t attn_package_dedup_max_len(const attn_package *package) {
+  return package ? package->impl->dedupMaxLen() : 0;
+}
+
+attn_status attn_package_dedup_keys(attn_package *package, const int64_t *tokens,
+                                    const int64_t *lengths, int64_t batch,
+                                    int64_t seq_len, int32_t *key_ids,
+                                    float *key_bias, int64_t *slot_at,
+                                    int64_t *info, void *stream) {
+  if (!package)
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_package_dedup_keys: null package");
+  attn::runtime::Package::DedupKeys args;
+  args.tokens = tokens;
+  args.lengths = lengths;
+  args.keyIds = key_ids;
+  args.keyBias = key_bias;
+  args.slotAt = slot_at;
+  args.info = info;
+  args.batch = batch;
+  args.seqLen = seq_len;
+  std::string error;
+  if (!package->impl->dedupKeys(args, error, stream))
+    return failWith(ATTN_ERROR_ARGUMENT, "attn_package_dedup_keys: " + error);
+  return ATTN_OK;
+}
+
 int attn_package_has_backward(const attn_package *package) {
   return package && package->impl->hasBackward();
 }

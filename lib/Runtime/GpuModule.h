@@ -96,6 +96,10 @@ struct GpuModule {
   /// The backward pass's kernels in launch order (packages compiled with
   /// "backward": true; Package::runGpuBackward).
   std::vector<GpuKernel> gradKernels;
+  /// Packages with key_ids: dedup_keys (Package::dedupKeys), and the
+  /// longest sequence it sorts.
+  std::vector<GpuKernel> dedupKernels;
+  int64_t dedupMaxLen = 0;
   bool needsState = false;
   /// Bytes per acc element of the state (4: f32 O, 2: O / l in 16 bits).
   int64_t stateElementBytes = 4;

@@ -112,6 +112,12 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
       !readKernels(m.at("backward").at("kernels"),
                    m.at("backward").at("launch_order"), g.gradKernels))
     return false;
+  if (m.contains("dedup")) {
+    if (!readKernels(m.at("dedup").at("kernels"),
+                     m.at("dedup").at("launch_order"), g.dedupKernels))
+      return false;
+    g.dedupMaxLen = m.at("dedup").at("max_len");
+  }
   g.needsState = m.at("state");
   g.stateElementBytes = m.value("state_dtype", std::string("f32")) == "f32" ? 4 : 2;
   g.stateInOut = m.value("state_in_out", false);
@@ -185,6 +191,8 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   for (GpuKernel &k : g.kernels)
     all.push_back(&k);
   for (GpuKernel &k : g.gradKernels)
+    all.push_back(&k);
+  for (GpuKernel &k : g.dedupKernels)
     all.push_back(&k);
   for (GpuKernel *kp : all) {
     GpuKernel &k = *kp;
@@ -747,6 +755,78 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   rc = g.stateOrder.record(d, stream);
   if (rc != CUDA_SUCCESS) {
     error = describe(d, rc, "recording the end of the call");
+    return false;
+  }
+  return true;
+}
+
+int64_t Package::dedupMaxLen() const {
+  return gpu_ ? gpu_->dedupMaxLen : 0;
+}
+
+bool Package::dedupKeys(const DedupKeys &a, std::string &error,
+                        void *streamPtr) {
+  if (!gpu_ || gpu_->dedupKernels.empty()) {
+    error = "package " + name_ +
+            " has no dedup_keys kernel (GPU packages compiled with "
+            "\"key_ids\": true have one)";
+    return false;
+  }
+  GpuModule &g = *gpu_;
+  const Driver &d = *g.d;
+  if (a.batch < 1 || a.seqLen < 1 || a.seqLen > g.dedupMaxLen) {
+    error = "dedup_keys takes B >= 1 sequences of 1 to " +
+            std::to_string(g.dedupMaxLen) + " ids, got B = " +
+            std::to_string(a.batch) + ", L = " + std::to_string(a.seqLen);
+    return false;
+  }
+  for (auto [name, data] :
+       {std::pair{"tokens", a.tokens}, {"lengths", a.lengths},
+        {"key_ids", static_cast<const void *>(a.keyIds)},
+        {"key_bias", static_cast<const void *>(a.keyBias)},
+        {"slot_at", static_cast<const void *>(a.slotAt)},
+        {"info", static_cast<const void *>(a.info)}})
+    if (!data || uintptr_t(data) % 8 != 0) {
+      error = std::string("dedup_keys: ") + name +
+              (data ? " is not 8-byte aligned" : " is null");
+      return false;
+    }
+  if (!ensureContext(d, error) || !checkContext(g, name_, error))
+    return false;
+  // The sort size: the least power of two >= L (DedupKernel.h).
+  int64_t logP = 0;
+  while ((int64_t(1) << logP) < a.seqLen)
+    ++logP;
+  const int64_t n = a.batch * a.seqLen;
+  // Six memref descriptors (allocated, aligned, offset, size, stride),
+  // then L and logP.
+  int64_t words[6 * 5 + 2];
+  auto put = [&](int slot, const void *ptr, int64_t size) {
+    int64_t *w = words + 5 * slot;
+    w[0] = w[1] = int64_t(uintptr_t(ptr));
+    w[2] = 0;
+    w[3] = size;
+    w[4] = 1;
+  };
+  put(0, a.tokens, n);
+  put(1, a.lengths, a.batch);
+  put(2, a.keyIds, n);
+  put(3, a.keyBias, n);
+  put(4, a.slotAt, n);
+  put(5, a.info, 4 * a.batch);
+  words[30] = a.seqLen;
+  words[31] = logP;
+  void *params[32];
+  for (int i = 0; i < 32; ++i)
+    params[i] = &words[i];
+  const GpuKernel &k = g.dedupKernels.front();
+  std::lock_guard<std::mutex> lock(g.mutex);
+  CUresult rc = d.cuLaunchKernel(
+      k.function, unsigned(a.batch), 1, 1, unsigned(k.block), 1, 1,
+      unsigned(k.sharedBytes), static_cast<CUstream>(streamPtr), params,
+      nullptr);
+  if (rc != CUDA_SUCCESS) {
+    error = describe(d, rc, "launching " + k.name);
     return false;
   }
   return true;

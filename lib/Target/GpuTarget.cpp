@@ -314,6 +314,21 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
                 {"launch_order", gradOrder}};
   }
 
+  // Packages with key_ids: the dedup_keys kernel (DedupKernel.h), which
+  // the runtime runs on its own (attn_package_dedup_keys), for sequences of
+  // up to max_len ids.
+  nlohmann::json dedup;
+  if (gpuModule->hasAttr("attn.dedup_order")) {
+    nlohmann::json dedupKernels, dedupOrder;
+    describeKernels("attn.dedup_order", dedupKernels, dedupOrder);
+    auto kernel = gpuModule.lookupSymbol<gpu::GPUFuncOp>(
+        dedupOrder[0].get<std::string>());
+    auto launch = cast<DictionaryAttr>(kernel->getAttr("attn.launch"));
+    dedup = {{"kernels", dedupKernels},
+             {"launch_order", dedupOrder},
+             {"max_len", cast<IntegerAttr>(launch.get("max_len")).getInt()}};
+  }
+
   if (log)
     *log << "attn-compile: lowering " << kernels.size()
          << " kernels through NVVM to PTX\n";
@@ -384,6 +399,9 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
   if (!backward.is_null())
     for (nlohmann::json &k : backward["kernels"])
       addResources(k);
+  if (!dedup.is_null())
+    for (nlohmann::json &k : dedup["kernels"])
+      addResources(k);
 
   nlohmann::json manifest = {
       {"format", "attn-package"},
@@ -414,6 +432,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
       {"spec", nlohmann::json::parse(spec.json)}};
   if (!backward.is_null())
     manifest["backward"] = backward;
+  if (!dedup.is_null())
+    manifest["dedup"] = dedup;
   if (failed(writeFile(manifestPath, manifest.dump(2) + "\n", error)))
     return failure();
   if (log)

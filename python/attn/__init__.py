@@ -175,6 +175,10 @@ def _runtime():
                                               + [ctypes.c_void_p])
         lib.attn_package_run_async.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 6
                                                + [ctypes.c_void_p])
+        lib.attn_package_dedup_max_len.argtypes = [ctypes.c_void_p]
+        lib.attn_package_dedup_max_len.restype = ctypes.c_int64
+        lib.attn_package_dedup_keys.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+                                                + [ctypes.c_void_p] * 5)
         lib.attn_package_ranks.argtypes = [ctypes.c_void_p]
         lib.attn_package_ranks.restype = ctypes.c_int64
         for fn in (lib.attn_package_rank_positions, lib.attn_package_rank_key_positions):
@@ -396,6 +400,48 @@ class Package:
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         return (t["out"], t["lse"]) if return_lse else t["out"]
+
+    def dedup_keys(self, tokens, lengths):
+        """The unique ids of B token sequences, on the GPU (GPU packages
+        compiled with "key_ids": true; docs/Tokenized.md): tokens [B, L] and
+        lengths [B] integer CUDA tensors in, and out, queued on the current
+        stream without waiting:
+
+          key_ids  [B, L] int32    each sequence's unique ids, ascending (0 past them)
+          key_bias [B, L] float32  log(count) of each (-inf past them)
+          slot_at  [B, L] int64    each position's index into its row (-1 past the length)
+          info     [B, 4] int64    unique ids, the length as given, smallest and largest id
+
+        so that key_ids[:, :U] and key_bias[:, :U], U = info[:, 0].max(), are
+        the keys of the attention call. Lengths are clamped to [0, L]; the
+        ids are not checked (info says their range). Returns None where the
+        package has no such kernel or L is longer than it sorts
+        (dedup_max_len)."""
+        import torch
+        B, L = tokens.shape
+        if not 0 < L <= self.dedup_max_len:
+            return None
+        tokens = tokens.to(torch.int64).contiguous()
+        lengths = lengths.to(device=tokens.device, dtype=torch.int64).contiguous()
+        new = lambda dtype, *shape: torch.empty(shape, dtype=dtype, device=tokens.device)
+        key_ids, key_bias = new(torch.int32, B, L), new(torch.float32, B, L)
+        slot_at, info = new(torch.int64, B, L), new(torch.int64, B, 4)
+        device = tokens.device.index
+        lib = _runtime()
+        with contextlib.nullcontext() if _current_device() == device else \
+                torch.cuda.device(device):
+            rc = lib.attn_package_dedup_keys(
+                self._handle_on(device), tokens.data_ptr(), lengths.data_ptr(), B, L,
+                key_ids.data_ptr(), key_bias.data_ptr(), slot_at.data_ptr(), info.data_ptr(),
+                _raw_stream(device))
+        if rc != 0:
+            raise AttnError(lib.attn_last_error().decode())
+        return key_ids, key_bias, slot_at, info
+
+    @property
+    def dedup_max_len(self):
+        """The longest sequence dedup_keys takes (0: no dedup_keys kernel)."""
+        return int(_runtime().attn_package_dedup_max_len(self._handle))
 
     def backward(self, q, k, v, out, lse, grad_out, lengths=None, key_bias=None):
         """The backward pass (docs/Backward.md) of a package compiled with

@@ -429,7 +429,10 @@ class TokenizedAttention:
 
     def _check(self, tokens, lengths):
         """(ops, tokens, lengths) checked; CPU tensors become NumPy arrays
-        (the cpu target's kind; _like turns results back into tensors)."""
+        (the cpu target's kind; _like turns results back into tensors). The
+        lengths' range is checked here for NumPy arrays; for CUDA tensors
+        the caller checks it (_check_lengths, or with the dedup_keys kernel's
+        results in one read)."""
         if _is_torch(tokens) and tokens.device.type != "cuda":
             tokens = tokens.numpy()
         if _is_torch(lengths) and lengths.device.type != "cuda":
@@ -452,11 +455,24 @@ class TokenizedAttention:
                             f"sequence_length) = ({B}, {L})")
         if tuple(lengths.shape) != (B,):
             raise AttnError(f"lengths: shape {tuple(lengths.shape)}, expected ({B},)")
-        outside = (lengths < 0) | (lengths > L)
+        if not ops.torch:
+            self._check_lengths(ops, lengths)
+        return ops, tokens, lengths
+
+    def _check_lengths(self, ops, lengths):
+        """Raises for the first length outside [0, L] (a wait for the GPU on
+        CUDA tensors)."""
+        outside = (lengths < 0) | (lengths > self.sequence_length)
         if bool(outside.any()):
             b = ops.item(ops.nonzero(outside)[0][0])
-            raise AttnError(f"lengths[{b}] = {ops.item(lengths[b])} is outside [0, {L}]")
-        return ops, tokens, lengths
+            raise AttnError(f"lengths[{b}] = {ops.item(lengths[b])} is outside "
+                            f"[0, {self.sequence_length}]")
+
+    def _one_wait(self, ops):
+        """Whether the batch's keys may come from _unique_keys_on_gpu: CUDA
+        tensors, a TableEmbedding, one rank, dedup."""
+        return (ops.gpu and self.dedup and self.nranks == 1
+                and isinstance(self.embedding_fn, TableEmbedding))
 
     # -- embeddings --------------------------------------------------------
 
@@ -617,6 +633,51 @@ class TokenizedAttention:
                 "tables": tables,
                 "q_slots": q_slots, "q_extra": q_extra, "dtype": ops.kernel_dtype()}
 
+    def _unique_keys_on_gpu(self, ops, tokens, lengths, extra_ids=None):
+        """_unique_keys for CUDA tokens over a TableEmbedding on one rank,
+        from the package's dedup_keys kernel (one launch, where the NumPy-
+        shaped path takes dozens of small operations and several waits for
+        the GPU; docs/Tokenized.md) and one read of its per-sequence counts,
+        which also checks the lengths and the ids. Returns _unique_keys'
+        dict, whose q rows come [B, U, H, D] ("q_padded", a function), and each
+        position's slot ("slot_at", -1 past the length), or None where the
+        sequences are longer than the kernel sorts."""
+        got = self.package(True).dedup_keys(tokens, lengths)
+        if got is None:
+            return None
+        key_ids, bias, slot_at, info = got
+        t = ops.t
+        B, L, emb = self.batch_size, self.sequence_length, self.embedding_fn
+        reads = info.reshape(-1)
+        if extra_ids is not None:
+            reads = t.cat([reads, t.stack(t.aminmax(extra_ids))])
+        reads = reads.tolist()
+        per_seq = [reads[4 * b:4 * b + 4] for b in range(B)]
+        for b, (_, given, _, _) in enumerate(per_seq):
+            if not 0 <= given <= L:
+                raise AttnError(f"lengths[{b}] = {given} is outside [0, {L}]")
+        bounds = [("token ids", [(lo, hi) for _, n, lo, hi in per_seq if n > 0])]
+        if extra_ids is not None:
+            bounds.append(("candidate ids", [tuple(reads[4 * B:])]))
+        for what, ranges in bounds:
+            if ranges:
+                lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+                if lo < 0 or hi >= emb.vocab:
+                    raise AttnError(f"{what} must lie in [0, {emb.vocab}), got [{lo}, {hi}]")
+        U = max(1, max(p[0] for p in per_seq))
+        key_ids, bias = key_ids[:, :U].contiguous(), bias[:, :U].contiguous()
+        q_table = t.as_tensor(emb.q_table).to(tokens.device)
+        self.last_stats.update({"positions": sum(p[1] for p in per_seq),
+                                "unique": sum(p[0] for p in per_seq), "padded_unique": U})
+        return {"U": U, "key_ids": key_ids, "bias": bias,
+                "rows": (emb.k_table, emb.v_table), "tables": lambda: emb.kernel_tables(ops),
+                # (made where self-attention needs them) Slots past a
+                # sequence's unique ids read row 0: queries that no position
+                # takes (their gradient is 0).
+                "q_padded": lambda: q_table[key_ids.long()],
+                "q_extra": q_table[extra_ids] if extra_ids is not None else None,
+                "slot_at": slot_at, "dtype": ops.kernel_dtype()}
+
     # -- self-attention ----------------------------------------------------
 
     def forward(self, tokens, lengths, return_lse=False):
@@ -626,9 +687,24 @@ class TokenizedAttention:
     def _forward(self, tokens, lengths, return_lse):
         ops, tokens, lengths = self._check(tokens, lengths)
         self.last_stats = {}
+        B, L, H, D = self.batch_size, self.sequence_length, self.heads, self.head_dim
+        keys = self._unique_keys_on_gpu(ops, tokens, lengths) if self._one_wait(ops) else None
+        if keys is not None:
+            q = keys["q_padded"]().to(keys["dtype"]).transpose(1, 2).contiguous()
+            out_u, lse_u = self._attend(ops, q, keys, return_lse=True)
+            # Back to positions: each position's row of its slot; 0 and -inf
+            # past the lengths.
+            slot_at = keys["slot_at"]
+            hidden = (slot_at < 0)[:, None, :]
+            at = slot_at.clamp(min=0)[:, None, :]
+            out = out_u.gather(2, at[..., None].expand(B, H, L, D)).masked_fill(
+                hidden[..., None], 0.0)
+            lse = lse_u.gather(2, at.expand(B, H, L)).masked_fill(hidden, float("-inf"))
+            return (out, lse) if return_lse else out
+        if ops.torch:
+            self._check_lengths(ops, lengths)
         if not self.dedup:
             return self._forward_naive(ops, tokens, lengths, return_lse)
-        B, L, H, D = self.batch_size, self.sequence_length, self.heads, self.head_dim
         keys = self._unique_keys(ops, tokens, lengths)
         U = keys["U"]
         q = ops.full((B, U, H, D), 0.0, keys["dtype"])
@@ -687,12 +763,16 @@ class TokenizedAttention:
             raise AttnError(f"candidates: shape {tuple(cand.shape)}, expected ({B}, C) "
                             "with C >= 1")
         cand = ops.int64(cand)
-        if isinstance(self.embedding_fn, TableEmbedding):
-            self.embedding_fn.check_ids(cand)
-        if self.dedup:
-            keys = self._unique_keys(ops, tokens, lengths, extra_ids=cand)
-        else:
-            keys = self._position_keys(ops, tokens, lengths, cand)
+        # The candidates' ids are checked with the dedup_keys kernel's read.
+        keys = (self._unique_keys_on_gpu(ops, tokens, lengths, extra_ids=cand)
+                if self._one_wait(ops) else None)
+        if keys is None:
+            if ops.torch:
+                self._check_lengths(ops, lengths)
+            if isinstance(self.embedding_fn, TableEmbedding):
+                self.embedding_fn.check_ids(cand)
+            keys = (self._unique_keys(ops, tokens, lengths, extra_ids=cand) if self.dedup
+                    else self._position_keys(ops, tokens, lengths, cand))
         q = keys["q_extra"]  # [B, C, H, D]
         q = ops.contiguous(q.to(keys["dtype"]).transpose(1, 2) if ops.torch
                            else q.transpose(0, 2, 1, 3))

@@ -217,6 +217,66 @@ def test_tokenized_target_attention_on_gpu():
     assert (out[~keep] == 0).all()
 
 
+@pytest.mark.parametrize("L", [1, 5, 700, 1024, 1500, 16384])
+def test_dedup_keys_kernel_matches_torch_unique(L):
+    """The package's dedup_keys kernel against torch.unique per sequence:
+    every element of its four outputs, which land in memory the allocator
+    held poisoned just before, for lengths 0, 1, L and between, ids all
+    equal, all distinct, Zipf-like and beyond 2^32."""
+    _, layer = _tok_layer()
+    pkg = layer.package(gpu=True)
+    assert pkg.dedup_max_len >= 16384
+    gen = torch.Generator().manual_seed(L)
+    B = 6
+    tokens = torch.randint(0, 1 << 40, (B, L), generator=gen)
+    tokens[0] = 7                                                   # all equal
+    tokens[1] = torch.randperm(L, generator=gen) * 3                 # all distinct
+    tokens[2] = (torch.rand(L, generator=gen) ** 6 * 50).long()      # heavy duplicates
+    tokens[3] = (torch.rand(L, generator=gen) ** 3 * L).long()
+    lengths = torch.tensor([L, L, L // 3, max(L - 1, 0), 0, min(1, L)])
+    tokens, lengths = tokens.cuda(), lengths.cuda()
+    for shape, dtype in (((B, L), torch.int32), ((B, L), torch.float32),
+                         ((B, L), torch.int64), ((B, 4), torch.int64)):
+        torch.full(shape, -77, dtype=dtype, device="cuda")             # poison, then free
+    key_ids, bias, slot_at, info = pkg.dedup_keys(tokens, lengths)
+    torch.cuda.synchronize()
+    for b in range(B):
+        n = int(lengths[b])
+        seq = tokens[b, :n]
+        uniq, inverse, counts = torch.unique(seq, sorted=True, return_inverse=True,
+                                             return_counts=True)
+        U = len(uniq)
+        assert info[b].tolist() == [U, n, int(uniq[0]) if n else 0, int(uniq[-1]) if n else 0]
+        assert torch.equal(key_ids[b, :U], uniq.int())              # ids kept as int32
+        assert (key_ids[b, U:] == 0).all()
+        assert torch.allclose(bias[b, :U], counts.float().log(), atol=1e-5)
+        assert torch.isinf(bias[b, U:]).all() and (bias[b, U:] < 0).all()
+        assert torch.equal(slot_at[b, :n], inverse)
+        assert (slot_at[b, n:] == -1).all()
+
+
+def test_tokenized_bad_lengths_and_ids_on_gpu_raise():
+    """The GPU path checks lengths and ids in its one read of the dedup
+    kernel's counts, before any table is read at them."""
+    emb, layer = _tok_layer()
+    tokens, lengths = _tok_inputs(4)
+    with pytest.raises(attn.AttnError, match=r"lengths\[1\] = 701 is outside \[0, 700\]"):
+        layer(tokens, torch.tensor([5, 701, 3], device="cuda"))
+    bad = tokens.clone()
+    bad[2, 10] = TOK["vocab"]
+    with pytest.raises(attn.AttnError, match=r"token ids must lie in \[0, 5000\)"):
+        layer(bad, lengths)
+    bad[2, 10] = -1     # past lengths[2] = 333 it would not count; here it does
+    with pytest.raises(attn.AttnError, match=r"token ids must lie in \[0, 5000\), got \[-1,"):
+        layer(bad, lengths)
+    bad[2, 10] = 3
+    bad[2, 500] = -1    # past lengths[2]: ignored
+    layer(bad, lengths)
+    cands = torch.full((TOK["batch"], 4), TOK["vocab"] + 2, device="cuda")
+    with pytest.raises(attn.AttnError, match=r"candidate ids must lie in \[0, 5000\)"):
+        layer.target_forward(cands, tokens, lengths)
+
+
 def test_key_ids_outside_the_table_read_zero_rows():
     """GPU kernels cannot raise: an id outside [0, V) reads a zero key and
     value row (score 0) instead of memory past the table."""

@@ -97,6 +97,27 @@ public:
   bool usesKeyBias() const;
   bool usesKeyIds() const;
 
+  /// The device buffers of dedupKeys: tokens i64 [B, L] and lengths i64
+  /// [B] in; keyIds i32, keyBias f32 and slotAt i64 [B, L] and info i64
+  /// [B, 4] out (docs/Tokenized.md, "The dedup_keys kernel").
+  struct DedupKeys {
+    const void *tokens = nullptr, *lengths = nullptr;
+    void *keyIds = nullptr, *keyBias = nullptr, *slotAt = nullptr,
+         *info = nullptr;
+    int64_t batch = 0, seqLen = 0;
+  };
+  /// GPU packages compiled with "key_ids": true: queues dedup_keys on
+  /// `stream` (a CUstream; null: the default stream), which writes each
+  /// sequence's unique ids ascending (keyIds, 0 past them), their log(count)
+  /// (keyBias, -inf past them), each position's slot among them (slotAt,
+  /// -1 past the length) and per sequence (unique ids, the length as
+  /// given, smallest id, largest id) into info. Lengths are clamped to
+  /// [0, L]; the caller checks info before it reads tables at the ids.
+  bool dedupKeys(const DedupKeys &args, std::string &error,
+                 void *stream = nullptr);
+  /// The longest sequence dedupKeys takes; 0 without a dedup_keys kernel.
+  int64_t dedupMaxLen() const;
+
   /// Whether the package was compiled with "backward": true.
   bool hasBackward() const { return !backwardArgs_.empty(); }
   /// The backward pass (docs/Backward.md): from the forward's q, k, v[,

@@ -66,6 +66,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "DedupKernel.h"
 #include "attn/Dialect/Attn/IR/AttnDims.h"
 #include "attn/Dialect/Attn/Transforms/Passes.h"
 #include "attn/Pattern/Pattern.h"
@@ -3134,6 +3135,16 @@ struct ConvertAttnToGpuPass
     if (!ends && alwaysState)
       add(emit.emitFinalize("finalize"));
     gpuModule->setAttr("attn.launch_order", b.getArrayAttr(order));
+    // Packages over embedding tables also turn token sequences into their
+    // key_ids and key_bias (DedupKernel.h), up to the sort size whose
+    // shared memory the architecture gives one block (227 KB on sm_90,
+    // 99 KB on sm_86).
+    if (shape.hasKeyIds) {
+      emitDedupKeysKernel(b, loc, shape.wgmma ? 16384 : 8192);
+      b.setInsertionPointToEnd(gpuModule.getBody());
+      gpuModule->setAttr("attn.dedup_order",
+                         b.getArrayAttr({b.getStringAttr("dedup_keys")}));
+    }
     if (shape.dependentLaunch())
       gpuModule->setAttr("attn.dependent_launch", b.getUnitAttr());
     // The keys: k's rows, or the columns of key_ids [B, Lk].

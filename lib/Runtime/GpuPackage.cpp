@@ -356,6 +356,16 @@ static bool cachedKeyMap(const GpuModule &g, CUdeviceptr data,
   return true;
 }
 
+/// A kernel's memref argument of `size` elements at device address `ptr`,
+/// as the lowered kernels take it: five words (allocated, aligned, offset,
+/// size, stride) at `w`.
+static void putMemref(int64_t *w, uintptr_t ptr, int64_t size) {
+  w[0] = w[1] = int64_t(ptr);
+  w[2] = 0;
+  w[3] = ptr ? size : 0;
+  w[4] = 1;
+}
+
 bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
                                  const KernelArgs &a, CUstream stream,
                                  std::string &error, bool dependent) {
@@ -370,12 +380,8 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   constexpr int kGradDescriptors = 5;
   const bool grad = kernel.kind.rfind("grad_", 0) == 0;
   int64_t words[kWords + 5 * kGradDescriptors];
-  // A memref descriptor at `w`: allocated, aligned, offset, size, stride.
   auto putAt = [&](int64_t *w, CUdeviceptr ptr, int64_t size) {
-    w[0] = w[1] = int64_t(ptr);
-    w[2] = 0;
-    w[3] = ptr ? size : 0;
-    w[4] = 1;
+    putMemref(w, uintptr_t(ptr), size);
   };
   auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
     putAt(words + 5 * slot, ptr, size);
@@ -802,11 +808,7 @@ bool Package::dedupKeys(const DedupKeys &a, std::string &error,
   // then L and logP.
   int64_t words[6 * 5 + 2];
   auto put = [&](int slot, const void *ptr, int64_t size) {
-    int64_t *w = words + 5 * slot;
-    w[0] = w[1] = int64_t(uintptr_t(ptr));
-    w[2] = 0;
-    w[3] = size;
-    w[4] = 1;
+    putMemref(words + 5 * slot, uintptr_t(ptr), size);
   };
   put(0, a.tokens, n);
   put(1, a.lengths, a.batch);

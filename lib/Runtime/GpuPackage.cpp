@@ -380,11 +380,8 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   constexpr int kGradDescriptors = 5;
   const bool grad = kernel.kind.rfind("grad_", 0) == 0;
   int64_t words[kWords + 5 * kGradDescriptors];
-  auto putAt = [&](int64_t *w, CUdeviceptr ptr, int64_t size) {
-    putMemref(w, uintptr_t(ptr), size);
-  };
   auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
-    putAt(words + 5 * slot, ptr, size);
+    putMemref(words + 5 * slot, uintptr_t(ptr), size);
   };
   const int64_t kvRows = a.kvRows ? a.kvRows : a.Lk;
   const int64_t kvBatch = a.keyIds ? 1 : a.B;
@@ -428,11 +425,11 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   std::copy(os, os + 3, scalars + 15);
   if (grad) {
     const int64_t kvElements = a.B * a.Hkv * a.Lk * a.D;
-    putAt(words + kWords, a.gradOut, rows * a.D);
-    putAt(words + kWords + 5, a.dq, rows * a.D);
-    putAt(words + kWords + 10, a.dk, kvElements);
-    putAt(words + kWords + 15, a.dv, kvElements);
-    putAt(words + kWords + 20, a.delta, rows);
+    putMemref(words + kWords, uintptr_t(a.gradOut), rows * a.D);
+    putMemref(words + kWords + 5, uintptr_t(a.dq), rows * a.D);
+    putMemref(words + kWords + 10, uintptr_t(a.dk), kvElements);
+    putMemref(words + kWords + 15, uintptr_t(a.dv), kvElements);
+    putMemref(words + kWords + 20, uintptr_t(a.delta), rows);
   }
   const int numWords = grad ? kWords + 5 * kGradDescriptors : kWords;
   void *params[kWords + 5 * kGradDescriptors + 2];

@@ -133,6 +133,16 @@ def _current_device():
     return _current_device_fn()
 
 
+def _on_device(device):
+    """A context with CUDA device `device` (an index) current: the runtime
+    runs kernels in the context they were loaded in. A device switch costs
+    several µs, so it is made only where it is needed."""
+    import torch
+    if _current_device() == device:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def _raw_stream(device):
     """The handle of CUDA device `device`'s (an index) current stream, as an
     int. torch._C._cuda_getCurrentRawStream is what torch.compile's own
@@ -428,8 +438,7 @@ class Package:
         slot_at, info = new(torch.int64, B, L), new(torch.int64, B, 4)
         device = tokens.device.index
         lib = _runtime()
-        with contextlib.nullcontext() if _current_device() == device else \
-                torch.cuda.device(device):
+        with _on_device(device):
             rc = lib.attn_package_dedup_keys(
                 self._handle_on(device), tokens.data_ptr(), lengths.data_ptr(), B, L,
                 key_ids.data_ptr(), key_bias.data_ptr(), slot_at.data_ptr(), info.data_ptr(),
@@ -844,13 +853,10 @@ class Package:
         `device` (an index) for the C tensors `ptrs` (q, k, v, lengths, out,
         lse, checked by the caller), with that device current during the
         call (the runtime runs kernels in the context they were loaded in)."""
-        import torch
         lib = _runtime()
         handle = self._handle_on(device)
         stream = _raw_stream(device)
-        # (a device switch costs several µs: only where it is needed)
-        current = _current_device() == device
-        with contextlib.nullcontext() if current else torch.cuda.device(device):
+        with _on_device(device):
             rc = lib.attn_package_run_keys(handle, *ptrs[:4], bias, ids, *ptrs[4:], stream)
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())

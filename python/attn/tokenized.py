@@ -163,8 +163,12 @@ class TableEmbedding:
                 lo, hi = (int(x) for x in ids.aminmax())
             else:
                 lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.vocab:
-                raise AttnError(f"token ids must lie in [0, {self.vocab}), got [{lo}, {hi}]")
+            self.check_range(lo, hi)
+
+    def check_range(self, lo, hi, what="token ids"):
+        """Raises unless ids from lo to hi are rows of the tables."""
+        if lo < 0 or hi >= self.vocab:
+            raise AttnError(f"{what} must lie in [0, {self.vocab}), got [{lo}, {hi}]")
 
     def __call__(self, ids):
         self.check_ids(ids)
@@ -465,10 +469,12 @@ class TokenizedAttention:
         outside = (lengths < 0) | (lengths > self.sequence_length)
         if bool(outside.any()):
             b = ops.item(ops.nonzero(outside)[0][0])
-            raise AttnError(f"lengths[{b}] = {ops.item(lengths[b])} is outside "
-                            f"[0, {self.sequence_length}]")
+            raise self._length_outside(b, ops.item(lengths[b]))
 
-    def _one_wait(self, ops):
+    def _length_outside(self, b, given):
+        return AttnError(f"lengths[{b}] = {given} is outside [0, {self.sequence_length}]")
+
+    def _may_dedup_on_gpu(self, ops):
         """Whether the batch's keys may come from _unique_keys_on_gpu: CUDA
         tensors, a TableEmbedding, one rank, dedup."""
         return (ops.gpu and self.dedup and self.nranks == 1
@@ -655,15 +661,13 @@ class TokenizedAttention:
         per_seq = [reads[4 * b:4 * b + 4] for b in range(B)]
         for b, (_, given, _, _) in enumerate(per_seq):
             if not 0 <= given <= L:
-                raise AttnError(f"lengths[{b}] = {given} is outside [0, {L}]")
+                raise self._length_outside(b, given)
         bounds = [("token ids", [(lo, hi) for _, n, lo, hi in per_seq if n > 0])]
         if extra_ids is not None:
             bounds.append(("candidate ids", [tuple(reads[4 * B:])]))
         for what, ranges in bounds:
             if ranges:
-                lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-                if lo < 0 or hi >= emb.vocab:
-                    raise AttnError(f"{what} must lie in [0, {emb.vocab}), got [{lo}, {hi}]")
+                emb.check_range(min(r[0] for r in ranges), max(r[1] for r in ranges), what)
         U = max(1, max(p[0] for p in per_seq))
         key_ids, bias = key_ids[:, :U].contiguous(), bias[:, :U].contiguous()
         q_table = t.as_tensor(emb.q_table).to(tokens.device)
@@ -688,7 +692,7 @@ class TokenizedAttention:
         ops, tokens, lengths = self._check(tokens, lengths)
         self.last_stats = {}
         B, L, H, D = self.batch_size, self.sequence_length, self.heads, self.head_dim
-        keys = self._unique_keys_on_gpu(ops, tokens, lengths) if self._one_wait(ops) else None
+        keys = self._unique_keys_on_gpu(ops, tokens, lengths) if self._may_dedup_on_gpu(ops) else None
         if keys is not None:
             q = keys["q_padded"]().to(keys["dtype"]).transpose(1, 2).contiguous()
             out_u, lse_u = self._attend(ops, q, keys, return_lse=True)
@@ -765,7 +769,7 @@ class TokenizedAttention:
         cand = ops.int64(cand)
         # The candidates' ids are checked with the dedup_keys kernel's read.
         keys = (self._unique_keys_on_gpu(ops, tokens, lengths, extra_ids=cand)
-                if self._one_wait(ops) else None)
+                if self._may_dedup_on_gpu(ops) else None)
         if keys is None:
             if ops.torch:
                 self._check_lengths(ops, lengths)

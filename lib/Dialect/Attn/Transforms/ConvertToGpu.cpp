@@ -399,6 +399,9 @@ private:
                                   Value masked,
                                   function_ref<Value(int64_t, int64_t)> inside);
   Value negLse2(Value valid, Value row);
+  /// Continues a backward block inside `if (hasWork)`, where its head has
+  /// the group's residue class (per-head classes) as well.
+  void enterIfWork(const GroupItem &g, Value hasWork);
   /// The backward kernel's dynamic shared memory.
   Value gradShared;
   /// An element-wise kernel over B*H*Lq*D, kElementwiseVector elements per
@@ -2690,6 +2693,13 @@ SmallVector<AccFrag> KernelEmitter::maskScores(
   return s;
 }
 
+void KernelEmitter::enterIfWork(const GroupItem &g, Value hasWork) {
+  if (g.headHasClass)
+    hasWork = m.both(hasWork, g.headHasClass);
+  auto inRange = scf::IfOp::create(b, loc, TypeRange{}, hasWork, false);
+  b.setInsertionPointToStart(inRange.thenBlock());
+}
+
 /// -lse * log2(e) of a row, or -inf for a row that computes nothing (not
 /// valid, or an lse of -inf: no key): its P is then 0.
 Value KernelEmitter::negLse2(Value valid, Value row) {
@@ -2714,10 +2724,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value q0 = m.add(g.tRowLo, m.mul(m.sub(m.sub(nbx, one), bx),
                                    m.c(kBlockKeys)));
   Value hasWork = m.lt(q0, g.tRowHi);
-  if (g.headHasClass)
-    hasWork = m.both(hasWork, g.headHasClass);
-  auto inRange = scf::IfOp::create(b, loc, TypeRange{}, hasWork, false);
-  b.setInsertionPointToStart(inRange.thenBlock());
+  enterIfWork(g, hasWork);
 
   // The forward's key range of rows [q0, q1) (emitComponent's itemRange).
   Value q1 = m.min(m.add(q0, m.c(kBlockKeys)), g.tRowHi);
@@ -2839,10 +2846,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   Value zero = m.c(0);
   Value k0 = m.add(g.tKeyLo, m.mul(bx, m.c(kBlockKeys)));
   Value hasWork = m.lt(k0, g.tKeyHi);
-  if (g.headHasClass)
-    hasWork = m.both(hasWork, g.headHasClass);
-  auto inRange = scf::IfOp::create(b, loc, TypeRange{}, hasWork, false);
-  b.setInsertionPointToStart(inRange.thenBlock());
+  enterIfWork(g, hasWork);
 
   // Rows t attending keys [k0, k1): lo <= t - tk <= hi.
   Value k1 = m.min(m.add(k0, m.c(kBlockKeys)), g.tKeyHi);

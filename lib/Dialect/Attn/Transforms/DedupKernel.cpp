@@ -264,8 +264,9 @@ gpu::GPUFuncOp mlir::attn::emitDedupKeysKernel(OpBuilder &b, Location loc,
   Value end = m.min(m.add(first, chunk), P);
   Value zero32 = arith::ConstantIntOp::create(b, loc, i32, 0);
   Value one32 = arith::ConstantIntOp::create(b, loc, i32, 1);
-  // body(i, run number of i) for this thread's elements, the runs before
-  // its first element numbering `runBefore` + 1.
+  // body(i, run number of i) for this thread's elements, `runBefore` being
+  // the number of the run before its first element; returns runBefore plus
+  // the runs that start in them.
   auto walk = [&](Value runBefore, function_ref<void(Value, Value)> body) {
     auto loop = scf::ForOp::create(b, loc, first, m.max(end, first), m.c(1),
                                    ValueRange{runBefore});
@@ -277,21 +278,10 @@ gpu::GPUFuncOp mlir::attn::emitDedupKeysKernel(OpBuilder &b, Location loc,
         arith::SelectOp::create(b, loc, e.startsRun(i, n), one32, zero32));
     body(i, run);
     scf::YieldOp::create(b, loc, ValueRange{run});
+    return loop.getResult(0);
   };
-  Value starts;
-  {
-    auto loop = scf::ForOp::create(b, loc, first, m.max(end, first), m.c(1),
-                                   ValueRange{zero32});
-    OpBuilder::InsertionGuard g(b);
-    b.setInsertionPointToStart(loop.getBody());
-    Value add = arith::SelectOp::create(
-        b, loc, e.startsRun(loop.getInductionVar(), n), one32, zero32);
-    scf::YieldOp::create(
-        b, loc,
-        ValueRange{arith::AddIOp::create(b, loc, loop.getRegionIterArgs()[0],
-                                         add)});
-    starts = loop.getResult(0);
-  }
+  // The run starts among this thread's elements.
+  Value starts = walk(zero32, [](Value, Value) {});
   auto [inclusive, unique] = e.blockInclusiveSum(starts);
   // The run number before this thread's first element: starts before it,
   // minus one.

@@ -1,13 +1,16 @@
-"""TokenizedAttention's host path, two copies of python/attn side by side:
-the layer calls of bench/tokenized_gpu.py (self and target attention over a
-TableEmbedding on one GPU) with each copy, alternating, so that the host's
-drift falls on both alike, and the outputs of the two compared.
+"""TokenizedAttention, two versions side by side: the layer calls of
+bench/tokenized_gpu.py (self and target attention over a TableEmbedding on
+one GPU) with each, alternating, so that the host's drift falls on both
+alike, and the outputs of the two compared.
 
     ATTN_GPU_PACKAGES=gpu-pkgs ATTN_BUILD_DIR=build \\
         PYTHONPATH=python:python/tests:bench python3 bench/tokenized_ab.py OLD
 
-OLD holds the other copy as OLD/attn (bench/host_ab.py says how to make
-one from a commit); the copy on PYTHONPATH is "new". Prints, per call, the
+OLD is either a folder holding another copy of python/attn as OLD/attn
+(bench/host_ab.py says how to make one from a commit; it runs on
+ATTN_GPU_PACKAGES too), or, with OLD_PACKAGES=1, a folder of packages
+built by another compiler version, which the copy on PYTHONPATH runs
+("old") against ATTN_GPU_PACKAGES ("new"). Prints, per call, the
 median (min-max) over ROUNDS alternating rounds of triton.testing.do_bench
 medians (ms; calls queued back to back, a call's waits for the GPU
 included), the CUDA kernels one call launches (torch.profiler), and the
@@ -43,7 +46,10 @@ def kernels_per_call(f, calls=10):
 
 
 def main():
-    old = load_copy(sys.argv[1], "attn_old")
+    if os.environ.get("OLD_PACKAGES"):
+        versions = (("old", attn, sys.argv[1]), ("new", attn, PKGS))
+    else:
+        versions = (("old", load_copy(sys.argv[1], "attn_old"), PKGS), ("new", attn, PKGS))
     gen = torch.Generator(device=dev).manual_seed(1)
     tables = [torch.randn(VOCAB, h, D, device=dev, generator=gen).bfloat16()
               for h in (H, HKV, HKV)]
@@ -57,9 +63,10 @@ def main():
         lengths[1] = L // 3  # one shorter sequence: padding positions too
         cands = zipf_ids((B, C), gen)
         layers = {name: mod.TokenizedAttention(B, L, 1, mod.TableEmbedding(*tables),
-                                               package_dir=PKGS)
-                  for name, mod in (("old", old), ("new", attn))}
+                                               package_dir=pkgs)
+                  for name, mod, pkgs in versions}
         for label, call in (
+                ("dedup_keys", lambda layer: layer.package(True).dedup_keys(tokens, lengths)),
                 ("self", lambda layer: layer(tokens, lengths, return_lse=True)),
                 ("target", lambda layer: layer.target_forward(cands, tokens, lengths,
                                                                return_lse=True))):

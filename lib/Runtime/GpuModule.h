@@ -24,6 +24,9 @@ struct GpuKernel {
   /// init/finalize: consecutive elements each thread takes.
   int64_t elementsPerThread = 1;
   int64_t period = 1, residue = -1 /* all */, segment = 0;
+  /// dedup_sort_chunks/dedup_merge_chunks: the ids a block takes (their
+  /// grid is chunks x B).
+  int64_t chunk = 0;
   CUfunction function = nullptr;
 };
 

@@ -92,6 +92,7 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
       kernel.block = k->at("block");
       kernel.elementsPerThread = k->value("elements_per_thread", int64_t(1));
       kernel.sharedBytes = k->at("shared_bytes");
+      kernel.chunk = k->value("chunk", int64_t(0));
       // Kernels of a component (single, begin, update, end, grad_kv,
       // grad_q) carry their grid plan.
       if (k->contains("block_rows")) {
@@ -818,15 +819,26 @@ bool Package::dedupKeys(const DedupKeys &a, std::string &error,
   void *params[32];
   for (int i = 0; i < 32; ++i)
     params[i] = &words[i];
-  const GpuKernel &k = g.dedupKernels.front();
   std::lock_guard<std::mutex> lock(g.mutex);
-  CUresult rc = d.cuLaunchKernel(
-      k.function, unsigned(a.batch), 1, 1, unsigned(k.block), 1, 1,
-      unsigned(k.sharedBytes), static_cast<CUstream>(streamPtr), params,
-      nullptr);
-  if (rc != CUDA_SUCCESS) {
-    error = describe(d, rc, "launching " + k.name);
-    return false;
+  // The chunk kernels take a grid of (chunks, B) and run only where a
+  // sequence has more than one chunk; dedup_keys takes one block a
+  // sequence and sorts a single chunk itself (DedupKernel.h).
+  for (const GpuKernel &k : g.dedupKernels) {
+    unsigned grid[2] = {unsigned(a.batch), 1};
+    if (k.kind != "dedup_keys") {
+      if ((int64_t(1) << logP) <= k.chunk)
+        continue;
+      grid[0] = unsigned((a.seqLen + k.chunk - 1) / k.chunk);
+      grid[1] = unsigned(a.batch);
+    }
+    CUresult rc = d.cuLaunchKernel(
+        k.function, grid[0], grid[1], 1, unsigned(k.block), 1, 1,
+        unsigned(k.sharedBytes), static_cast<CUstream>(streamPtr), params,
+        nullptr);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "launching " + k.name);
+      return false;
+    }
   }
   return true;
 }

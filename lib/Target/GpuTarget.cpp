@@ -285,6 +285,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
       }
       if (launch.get("elements_per_thread"))
         k["elements_per_thread"] = intOf("elements_per_thread");
+      if (launch.get("chunk"))
+        k["chunk"] = intOf("chunk");
       tensorMaps |= kernel->hasAttr("attn.tensor_maps");
       kernels.push_back(k);
       order.push_back(kernelName.str());
@@ -314,8 +316,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
                 {"launch_order", gradOrder}};
   }
 
-  // Packages with key_ids: the dedup_keys kernel (DedupKernel.h), which
-  // the runtime runs on its own (attn_package_dedup_keys), for sequences of
+  // Packages with key_ids: the dedup kernels (DedupKernel.h), which the
+  // runtime runs on their own (attn_package_dedup_keys), for sequences of
   // up to max_len ids.
   nlohmann::json dedup;
   if (gpuModule->hasAttr("attn.dedup_order")) {

@@ -654,6 +654,12 @@ class TokenizedAttention:
         key_ids, bias, slot_at, info = got
         t = ops.t
         B, L, emb = self.batch_size, self.sequence_length, self.embedding_fn
+        q_table = t.as_tensor(emb.q_table).to(tokens.device)
+        # The candidates' q rows, gathered while the GPU sorts: their ids are
+        # clamped into the table here and refused after the read below
+        # where any lies outside it, before the rows are used.
+        q_extra = (q_table[extra_ids.clamp(0, emb.vocab - 1)] if extra_ids is not None
+                   else None)
         reads = info.reshape(-1)
         if extra_ids is not None:
             reads = t.cat([reads, t.stack(t.aminmax(extra_ids))])
@@ -670,7 +676,6 @@ class TokenizedAttention:
                 emb.check_range(min(r[0] for r in ranges), max(r[1] for r in ranges), what)
         U = max(1, max(p[0] for p in per_seq))
         key_ids, bias = key_ids[:, :U].contiguous(), bias[:, :U].contiguous()
-        q_table = t.as_tensor(emb.q_table).to(tokens.device)
         self.last_stats.update({"positions": sum(p[1] for p in per_seq),
                                 "unique": sum(p[0] for p in per_seq), "padded_unique": U})
         return {"U": U, "key_ids": key_ids, "bias": bias,
@@ -679,7 +684,7 @@ class TokenizedAttention:
                 # sequence's unique ids read row 0: queries that no position
                 # takes (their gradient is 0).
                 "q_padded": lambda: q_table[key_ids.long()],
-                "q_extra": q_table[extra_ids] if extra_ids is not None else None,
+                "q_extra": q_extra,
                 "slot_at": slot_at, "dtype": ops.kernel_dtype()}
 
     # -- self-attention ----------------------------------------------------
@@ -778,8 +783,14 @@ class TokenizedAttention:
             keys = (self._unique_keys(ops, tokens, lengths, extra_ids=cand) if self.dedup
                     else self._position_keys(ops, tokens, lengths, cand))
         q = keys["q_extra"]  # [B, C, H, D]
-        q = ops.contiguous(q.to(keys["dtype"]).transpose(1, 2) if ops.torch
-                           else q.transpose(0, 2, 1, 3))
+        if ops.torch:
+            # The kernels read q as the [B, H, C, D] view; the backward pass
+            # takes it contiguous.
+            q = q.to(keys["dtype"]).transpose(1, 2)
+            if self._needs_grad(ops, q, *keys["rows"]):
+                q = q.contiguous()
+        else:
+            q = ops.contiguous(q.transpose(0, 2, 1, 3))
         return self._attend(ops, q, keys, return_lse)
 
     def _position_keys(self, ops, tokens, lengths, cand):

@@ -217,12 +217,13 @@ def test_tokenized_target_attention_on_gpu():
     assert (out[~keep] == 0).all()
 
 
-@pytest.mark.parametrize("L", [1, 5, 700, 1024, 1500, 16384])
+@pytest.mark.parametrize("L", [1, 5, 700, 1024, 1500, 2048, 2049, 6001, 10000, 16384])
 def test_dedup_keys_kernel_matches_torch_unique(L):
-    """The package's dedup_keys kernel against torch.unique per sequence:
-    every element of its four outputs, which land in memory the allocator
+    """The package's dedup kernels against torch.unique per sequence:
+    every element of their four outputs, which land in memory the allocator
     held poisoned just before, for lengths 0, 1, L and between, ids all
-    equal, all distinct, Zipf-like and beyond 2^32."""
+    equal, all distinct, Zipf-like and beyond 2^32; one sorted chunk (L <=
+    2048) and several, the last one partial."""
     _, layer = _tok_layer()
     pkg = layer.package(gpu=True)
     assert pkg.dedup_max_len >= 16384
@@ -253,6 +254,25 @@ def test_dedup_keys_kernel_matches_torch_unique(L):
         assert torch.isinf(bias[b, U:]).all() and (bias[b, U:] < 0).all()
         assert torch.equal(slot_at[b, :n], inverse)
         assert (slot_at[b, n:] == -1).all()
+
+
+def test_dedup_keys_id_equal_to_the_padding_is_reported():
+    """An id equal to the sort's padding (the largest i64) in a sequence of
+    several chunks that ends before L still comes out last in info, so the
+    caller's range check sees it."""
+    _, layer = _tok_layer()
+    pkg = layer.package(gpu=True)
+    top = (1 << 63) - 1
+    tokens = torch.randint(0, 1000, (2, 5000), device="cuda")
+    tokens[0, 4000] = top
+    tokens[1, 10] = top
+    lengths = torch.tensor([4500, 3000], device="cuda")
+    key_ids, bias, slot_at, info = pkg.dedup_keys(tokens, lengths)
+    for b in range(2):
+        n = int(lengths[b])
+        uniq = torch.unique(tokens[b, :n])
+        assert info[b].tolist() == [len(uniq), n, int(uniq[0]), top]
+        assert torch.equal(key_ids[b, :len(uniq)], uniq.int())
 
 
 def test_tokenized_bad_lengths_and_ids_on_gpu_raise():

@@ -3144,10 +3144,10 @@ struct ConvertAttnToGpuPass
     // shared memory the architecture gives one block (227 KB on sm_90,
     // 99 KB on sm_86).
     if (shape.hasKeyIds) {
-      emitDedupKeysKernel(b, loc, shape.wgmma ? 16384 : 8192);
+      ArrayAttr dedupOrder =
+          emitDedupKernels(b, loc, shape.wgmma ? 16384 : 8192);
       b.setInsertionPointToEnd(gpuModule.getBody());
-      gpuModule->setAttr("attn.dedup_order",
-                         b.getArrayAttr({b.getStringAttr("dedup_keys")}));
+      gpuModule->setAttr("attn.dedup_order", dedupOrder);
     }
     if (shape.dependentLaunch())
       gpuModule->setAttr("attn.dependent_launch", b.getUnitAttr());

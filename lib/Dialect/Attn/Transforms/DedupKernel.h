@@ -1,11 +1,12 @@
 //===- DedupKernel.h - the unique ids of token sequences, on the GPU -*- C++ -*-===//
 //
 // GPU packages with key_ids (tokenized attention over unique ids,
-// docs/Tokenized.md) carry one more kernel, `dedup_keys`, which turns a batch
-// of token sequences into what their attention call takes: each sequence's
-// unique ids in ascending order, their log(count) biases, and each position's
-// slot among them. convert-attn-to-gpu emits it beside the attention
-// kernels; the runtime runs it through attn_package_dedup_keys.
+// docs/Tokenized.md) carry three more kernels, the dedup kernels, which turn
+// a batch of token sequences into what their attention call takes: each
+// sequence's unique ids in ascending order, their log(count) biases, and
+// each position's slot among them. convert-attn-to-gpu emits them beside
+// the attention kernels; the runtime runs them through
+// attn_package_dedup_keys.
 //
 //===----------------------------------------------------------------------===//
 
@@ -16,8 +17,18 @@
 
 namespace mlir::attn {
 
-/// Threads of a dedup_keys block (one block a sequence).
+/// Threads of a dedup block.
 constexpr int64_t kDedupThreads = 1024;
+
+/// Ids a dedup_sort_chunks block sorts (and dedup_merge_chunks ranks), two
+/// per thread; sequences of at most this many ids skip both kernels.
+constexpr int64_t kDedupChunkLog = 11;
+constexpr int64_t kDedupChunk = int64_t(1) << kDedupChunkLog;
+
+/// The kernels' names (also their manifest kinds), in launch order.
+constexpr const char *kDedupSortChunks = "dedup_sort_chunks";
+constexpr const char *kDedupMergeChunks = "dedup_merge_chunks";
+constexpr const char *kDedupKeys = "dedup_keys";
 
 /// Bytes of shared memory a dedup_keys block of sort size `p` (a power of
 /// two, at least the sequence length) takes: an i64 id and an i32 position
@@ -26,9 +37,10 @@ constexpr int64_t dedupSharedBytes(int64_t p) {
   return p * 12 + (kDedupThreads / 32) * 4;
 }
 
-/// Emits the dedup_keys kernel at b's insertion point (inside a
-/// gpu.module). Its arguments, all global memrefs of B * L (or B * 4)
-/// elements, then two scalars:
+/// Emits the three dedup kernels at b's insertion point (inside a
+/// gpu.module) and returns their names in launch order. Each takes the
+/// same arguments, all global memrefs of B * L (or B * 4) elements, then
+/// two scalars:
 ///
 ///   tokens  i64 [B, L]   the ids of each sequence
 ///   lengths i64 [B]      its length (clamped to [0, L])
@@ -40,12 +52,14 @@ constexpr int64_t dedupSharedBytes(int64_t p) {
 ///                        smallest and the largest id (0, 0 when empty)
 ///   L, logP              the sort size P = 2^logP >= L (P <= maxLen)
 ///
-/// Block b sorts sequence b's ids in shared memory (a bitonic network,
-/// carrying each id's position), numbers the runs of equal ids with a
-/// block-wide prefix sum, and writes one entry per run and per position.
-/// Deterministic: the slots follow the ids' order.
-gpu::GPUFuncOp emitDedupKeysKernel(OpBuilder &b, Location loc,
-                                   int64_t maxLen);
+/// dedup_sort_chunks and dedup_merge_chunks run only where P > kDedupChunk,
+/// on a grid of (ceil(L / kDedupChunk), B) blocks, and use keyIds, keyBias
+/// and slotAt as scratch; dedup_keys runs on B blocks (sorting a sequence
+/// of one chunk itself) and writes the outputs. Together they sort each
+/// sequence's ids (carrying each id's position), number the runs of equal
+/// ids, and write one entry per run and per position. Deterministic: the
+/// slots follow the ids' order.
+ArrayAttr emitDedupKernels(OpBuilder &b, Location loc, int64_t maxLen);
 
 } // namespace mlir::attn
 

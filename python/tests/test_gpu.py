@@ -223,7 +223,7 @@ def test_dedup_keys_kernel_matches_torch_unique(L):
     every element of their four outputs, which land in memory the allocator
     held poisoned just before, for lengths 0, 1, L and between, ids all
     equal, all distinct, Zipf-like and beyond 2^32; one sorted chunk (L <=
-    2048) and several, the last one partial."""
+    1024) and several, the last one partial."""
     _, layer = _tok_layer()
     pkg = layer.package(gpu=True)
     assert pkg.dedup_max_len >= 16384

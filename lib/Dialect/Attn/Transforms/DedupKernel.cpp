@@ -178,12 +178,24 @@ struct DedupEmitter {
     b.setInsertionPointToStart(steps.getBody());
     Value j = arith::ShLIOp::create(
         b, loc, m.c(1), m.sub(m.sub(s, m.c(1)), steps.getInductionVar()));
+    // The pair's indices in 32-bit arithmetic (index is 64-bit: two
+    // instructions an operation).
+    Value j32 = toI32(j), k32 = toI32(k);
+    auto c32 = [&](int32_t v) {
+      return arith::ConstantIntOp::create(b, loc, i32, v).getResult();
+    };
     forThreadStrided(arith::DivUIOp::create(b, loc, count, m.c(2)),
                      [&](Value i) {
-      Value a = m.sub(m.mul(i, m.c(2)),
-                      arith::AndIOp::create(b, loc, i, m.sub(j, m.c(1))));
-      Value c = m.add(a, j);
-      Value ascending = m.eq(arith::AndIOp::create(b, loc, a, k), m.c(0));
+      Value i32v = toI32(i);
+      Value a32 = arith::SubIOp::create(
+          b, loc, arith::ShLIOp::create(b, loc, i32v, c32(1)),
+          arith::AndIOp::create(b, loc, i32v,
+                                arith::SubIOp::create(b, loc, j32, c32(1))));
+      Value a = toIndex(a32);
+      Value c = toIndex(arith::AddIOp::create(b, loc, a32, j32));
+      Value ascending = arith::CmpIOp::create(
+          b, loc, arith::CmpIPredicate::eq,
+          arith::AndIOp::create(b, loc, a32, k32), c32(0));
       Value ka = load(keys, a), kc = load(keys, c);
       Value pa = load(positions, a), pc = load(positions, c);
       // (id, position) in lexicographic order: equal ids keep their
@@ -481,8 +493,12 @@ void emitNumberRuns(OpBuilder &b, Location loc, int64_t maxLen) {
   Value zero32 = arith::ConstantIntOp::create(b, loc, i32, 0);
   Value one32 = arith::ConstantIntOp::create(b, loc, i32, 1);
   Value minusOne32 = arith::ConstantIntOp::create(b, loc, i32, -1);
-  auto rounds = scf::ForOp::create(b, loc, m.c(0), P, m.c(kDedupThreads),
-                                   ValueRange{minusOne32});
+  // Rounds up to the length (none past it holds a run start).
+  Value lastRound = m.min(
+      P, arith::AndIOp::create(b, loc, m.add(n, m.c(kDedupThreads - 1)),
+                               m.c(~(kDedupThreads - 1))));
+  auto rounds = scf::ForOp::create(b, loc, m.c(0), lastRound,
+                                   m.c(kDedupThreads), ValueRange{minusOne32});
   {
     OpBuilder::InsertionGuard g(b);
     b.setInsertionPointToStart(rounds.getBody());

@@ -20,9 +20,9 @@ namespace mlir::attn {
 /// Threads of a dedup block.
 constexpr int64_t kDedupThreads = 1024;
 
-/// Ids a dedup_sort_chunks block sorts (and dedup_merge_chunks ranks), two
+/// Ids a dedup_sort_chunks block sorts (and dedup_merge_chunks ranks), one
 /// per thread; sequences of at most this many ids skip both kernels.
-constexpr int64_t kDedupChunkLog = 11;
+constexpr int64_t kDedupChunkLog = 10;
 constexpr int64_t kDedupChunk = int64_t(1) << kDedupChunkLog;
 
 /// The kernels' names (also their manifest kinds), in launch order.

@@ -420,8 +420,10 @@ class TokenizedAttention:
         ids = keys["key_ids"].long()
         gather = lambda rows: (ops.t.as_tensor(rows).to(ops.device)[ids]
                                .to(ops.kernel_dtype()).permute(0, 2, 1, 3).contiguous())
-        return self.package(True, train=True)(q, gather(k_rows), gather(v_rows),
-                                              key_bias=keys["bias"], return_lse=return_lse)
+        # The backward kernels take q contiguous (a no-op where it is).
+        return self.package(True, train=True)(q.contiguous(), gather(k_rows),
+                                              gather(v_rows), key_bias=keys["bias"],
+                                              return_lse=return_lse)
 
     def _needs_grad(self, ops, *tensors):
         """Whether autograd records this call: CUDA tensors of which one
@@ -784,11 +786,9 @@ class TokenizedAttention:
                     else self._position_keys(ops, tokens, lengths, cand))
         q = keys["q_extra"]  # [B, C, H, D]
         if ops.torch:
-            # The kernels read q as the [B, H, C, D] view; the backward pass
-            # takes it contiguous.
+            # The kernels read q as the [B, H, C, D] view (_attend makes it
+            # contiguous for the backward pass).
             q = q.to(keys["dtype"]).transpose(1, 2)
-            if self._needs_grad(ops, q, *keys["rows"]):
-                q = q.contiguous()
         else:
             q = ops.contiguous(q.transpose(0, 2, 1, 3))
         return self._attend(ops, q, keys, return_lse)

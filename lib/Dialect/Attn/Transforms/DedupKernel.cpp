@@ -102,6 +102,16 @@ struct DedupEmitter {
     return arith::ConstantIntOp::create(b, loc, i64,
                                         std::numeric_limits<int64_t>::max());
   }
+  /// id where `inside`, else the padding (which sorts last).
+  Value orPadding(Value inside, Value id) {
+    return arith::SelectOp::create(b, loc, inside, id, padding());
+  }
+  /// mem[row + offset] where `inside`, else mem[row]: a read that stays in
+  /// the sequence whatever offset is.
+  Value loadInRow(Value mem, Value inside, Value offset) {
+    return load(mem, arith::SelectOp::create(b, loc, inside,
+                                             m.add(row, offset), row));
+  }
 
   /// The kernel's arguments and the values every dedup kernel uses;
   /// `seqDim` is the grid dimension that numbers the sequences.
@@ -154,10 +164,8 @@ struct DedupEmitter {
     Value real = m.min(m.max(m.sub(n, base), m.c(0)), count);
     forThreadStrided(count, [&](Value i) {
       Value inside = m.lt(i, real);
-      Value at = arith::SelectOp::create(b, loc, inside,
-                                         m.add(row, m.add(base, i)), row);
-      Value id = load(tokens, at);
-      store(arith::SelectOp::create(b, loc, inside, id, padding()), keys, i);
+      store(orPadding(inside, loadInRow(tokens, inside, m.add(base, i))), keys,
+            i);
       store(toI32(m.add(base, i)), positions, i);
     });
     barrier();
@@ -317,7 +325,8 @@ namespace {
 /// A dedup kernel's function with DedupKernel.h's arguments and its launch
 /// plan (GpuTarget writes it to the manifest); the body is left empty.
 gpu::GPUFuncOp createDedupFunc(OpBuilder &b, Location loc, StringRef name,
-                               int64_t sharedBytes, int64_t maxLen) {
+                               int64_t sharedBytes, int64_t maxLen,
+                               bool chunked) {
   MLIRContext *ctx = b.getContext();
   auto global = gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Global);
   auto memOf = [&](Type t) {
@@ -335,14 +344,16 @@ gpu::GPUFuncOp createDedupFunc(OpBuilder &b, Location loc, StringRef name,
   func->setAttr(gpu::GPUDialect::getKernelFuncAttrName(), b.getUnitAttr());
   func.setKnownBlockSizeAttr(
       b.getDenseI32ArrayAttr({int32_t(kDedupThreads), 1, 1}));
-  func->setAttr(
-      "attn.launch",
-      b.getDictionaryAttr(
-          {b.getNamedAttr("kind", b.getStringAttr(name)),
-           b.getNamedAttr("block", b.getI64IntegerAttr(kDedupThreads)),
-           b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(sharedBytes)),
-           b.getNamedAttr("chunk", b.getI64IntegerAttr(kDedupChunk)),
-           b.getNamedAttr("max_len", b.getI64IntegerAttr(maxLen))}));
+  SmallVector<NamedAttribute> launch = {
+      b.getNamedAttr("kind", b.getStringAttr(name)),
+      b.getNamedAttr("block", b.getI64IntegerAttr(kDedupThreads)),
+      b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(sharedBytes)),
+      b.getNamedAttr("max_len", b.getI64IntegerAttr(maxLen))};
+  // The chunk kernels' grid is (chunks, B): the runtime needs the chunk.
+  if (chunked)
+    launch.push_back(
+        b.getNamedAttr("chunk", b.getI64IntegerAttr(kDedupChunk)));
+  func->setAttr("attn.launch", b.getDictionaryAttr(launch));
   return func;
 }
 
@@ -351,7 +362,7 @@ gpu::GPUFuncOp createDedupFunc(OpBuilder &b, Location loc, StringRef name,
 void emitSortChunks(OpBuilder &b, Location loc, int64_t maxLen) {
   auto func = createDedupFunc(b, loc, kDedupSortChunks,
                               12 * kDedupChunk + 4 * (kDedupThreads / 32),
-                              maxLen);
+                              maxLen, /*chunked=*/true);
   OpBuilder::InsertionGuard guard(b);
   DedupEmitter e(b, loc);
   IndexMath &m = e.m;
@@ -373,7 +384,8 @@ void emitSortChunks(OpBuilder &b, Location loc, int64_t maxLen) {
 /// dedup_merge_chunks: block (c, b) ranks chunk c's ids among all of
 /// sequence b's and writes each one's position to keyBias[rank].
 void emitMergeChunks(OpBuilder &b, Location loc, int64_t maxLen) {
-  auto func = createDedupFunc(b, loc, kDedupMergeChunks, 8 * maxLen, maxLen);
+  auto func = createDedupFunc(b, loc, kDedupMergeChunks, 8 * maxLen, maxLen,
+                              /*chunked=*/true);
   OpBuilder::InsertionGuard guard(b);
   DedupEmitter e(b, loc);
   IndexMath &m = e.m;
@@ -387,10 +399,7 @@ void emitMergeChunks(OpBuilder &b, Location loc, int64_t maxLen) {
   // Every chunk's sorted ids; the last chunk's tail past L sorts last.
   e.forThreadStrided(all, [&](Value i) {
     Value inside = m.lt(i, e.L);
-    Value at = arith::SelectOp::create(b, loc, inside, m.add(e.row, i), e.row);
-    Value id = e.load(e.slotAt, at);
-    e.store(arith::SelectOp::create(b, loc, inside, id, e.padding()), sorted,
-            i);
+    e.store(e.orPadding(inside, e.loadInRow(e.slotAt, inside, i)), sorted, i);
   });
   e.barrier();
   Value base = m.mul(chunk, e.Q);
@@ -430,7 +439,7 @@ void emitMergeChunks(OpBuilder &b, Location loc, int64_t maxLen) {
 /// dedup_merge_chunks left and writes the outputs.
 void emitNumberRuns(OpBuilder &b, Location loc, int64_t maxLen) {
   auto func = createDedupFunc(b, loc, kDedupKeys, dedupSharedBytes(maxLen),
-                              maxLen);
+                              maxLen, /*chunked=*/false);
   OpBuilder::InsertionGuard guard(b);
   DedupEmitter e(b, loc);
   IndexMath &m = e.m;
@@ -457,13 +466,12 @@ void emitNumberRuns(OpBuilder &b, Location loc, int64_t maxLen) {
     b.setInsertionPointToStart(sortHere.elseBlock());
     e.forThreadStrided(P, [&](Value i) {
       Value inside = m.lt(i, n);
-      Value at = arith::SelectOp::create(b, loc, inside, m.add(row, i), row);
-      Value bits = arith::BitcastOp::create(b, loc, i32, e.load(keyBias, at));
+      Value bits = arith::BitcastOp::create(b, loc, i32,
+                                            e.loadInRow(keyBias, inside, i));
       Value position =
           m.min(m.max(e.toIndex(bits), m.c(0)), m.sub(L, m.c(1)));
       Value id = e.load(e.tokens, m.add(row, position));
-      e.store(arith::SelectOp::create(b, loc, inside, id, e.padding()),
-              e.keys, i);
+      e.store(e.orPadding(inside, id), e.keys, i);
       e.store(e.toI32(position), e.positions, i);
     });
     e.barrier();

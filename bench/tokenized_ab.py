@@ -68,6 +68,7 @@ def main():
         for label, call in (
                 ("dedup_keys", lambda layer: layer.package(True).dedup_keys(tokens, lengths)),
                 ("self", lambda layer: layer(tokens, lengths, return_lse=True)),
+                ("self, out only", lambda layer: layer(tokens, lengths)),
                 ("target", lambda layer: layer.target_forward(cands, tokens, lengths,
                                                                return_lse=True))):
             outs = {name: call(layer) for name, layer in layers.items()}

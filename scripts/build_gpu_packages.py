@@ -67,8 +67,8 @@ import attn  # noqa: E402
 for B, H, Hkv, D, L in gpu_cases.TOKENIZED:
     layer = attn.TokenizedAttention(B, L, 1, None, heads=H, kv_heads=Hkv, head_dim=D,
                                     target=args.target)
-    for naive, train in ((False, False), (True, False), (False, True)):
-        spec, _ = layer.package_spec(gpu=True, naive=naive, train=train)
+    for kind in layer.KINDS:
+        spec, _ = layer.package_spec(gpu=True, kind=kind)
         compile_spec(spec["name"], spec)
 # The attn.sparse layers of test_gpu.py and bench/sparse_api.py (they load
 # their packages from this folder on the GPU machine).

@@ -306,7 +306,7 @@ class Package:
         if self.target != "cpu":
             self._device_handles[lib.attn_package_device(handle)] = handle
         self.bytes_sent = None
-        self._plans = {}  # C tensors by layout (and thread), for _call_plain
+        self._plans = {}  # C tensors by layout (and thread), for _call_torch
         self._id = next(_next_id)
         _registry[self._id] = self
         if "torch" in sys.modules and self.target != "cpu":
@@ -794,22 +794,16 @@ class Package:
                 "keep": (keep, tq, tk, tv, tl, tout, tlse, lengths, tb, ti, key_ids)}
 
     def _call_torch(self, q, k, v, lengths, return_lse, out, key_bias=None, key_ids=None):
-        if key_bias is None and key_ids is None:
-            return self._call_plain(q, k, v, lengths, return_lse, out)
-        t = self._torch_args(q, k, v, lengths, return_lse, out, key_bias, key_ids)
-        self._launch(q.device.index, t["ptrs"], t["bias"], t["ids"])
-        return (t["out"], t["lse"]) if return_lse else t["out"]
-
-    def _call_plain(self, q, k, v, lengths, return_lse, out):
-        """pkg(q, k, v[, lengths][, return_lse][, out]) on CUDA tensors, the
-        common calls (no key inputs). Their checks (_torch_args) depend on
-        the tensors' layouts alone: dtype, device, shape and strides. So
+        """pkg(q, k, v, ...) on CUDA tensors. Its checks (_torch_args) depend
+        on the tensors' layouts alone: dtype, device, shape and strides. So
         the C tensors built for a layout are kept, and a later call with
         that layout only sets their data pointers; that saves several µs of
-        host time per call (bench/host_ab.py). The runtime checks each
-        call's alignment itself. Lengths are kept only where they need no
-        conversion (int32, contiguous, on q's device). One set per thread:
-        a call fills them in just before its runtime call."""
+        host time per call (bench/host_ab.py), and tens of µs for the
+        tokenized layers' calls with key inputs. The runtime checks each
+        call's alignment itself. Lengths, key_bias and key_ids are kept only
+        where they need no conversion (int32 lengths and ids, float32 bias,
+        contiguous, on q's device). One set per thread: a call fills them in
+        just before its runtime call."""
         import torch
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -817,35 +811,41 @@ class Package:
             key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype,
                    k.device, v.shape, v.stride(), v.dtype, v.device, out.shape, out.stride(),
                    out.dtype, out.device, return_lse, threading.get_ident())
-            if lengths is not None:
-                if (lengths.dtype == torch.int32 and lengths.device == q.device
-                        and lengths.is_contiguous()):
-                    key += (lengths.shape,)
-                else:  # _torch_args converts them: a new tensor each call
+            for x, dtype in ((lengths, torch.int32), (key_bias, torch.float32),
+                             (key_ids, torch.int32)):
+                if x is None:
+                    key += (None,)
+                elif x.dtype == dtype and x.device == q.device and x.is_contiguous():
+                    key += (x.shape,)
+                else:  # _torch_args converts it: a new tensor each call
                     key = None
+                    break
         except (AttributeError, TypeError):  # not tensors: _torch_args says what is wrong
             key = None
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
-            t = self._torch_args(q, k, v, lengths, return_lse, out)
-            # The C tensors q, k, v, lengths, out, lse; their pointers in the
-            # C API's order; the device; what keeps their arrays alive.
-            plan = (t["keep"][1:7], t["ptrs"], q.device.index, t["keep"])
+            t = self._torch_args(q, k, v, lengths, return_lse, out, key_bias, key_ids)
+            # The C tensors q, k, v, lengths, out, lse, key_bias, key_ids;
+            # the pointers for the runtime call; the device; what keeps
+            # their arrays alive.
+            plan = (t["keep"][1:7] + t["keep"][8:10], (t["ptrs"], t["bias"], t["ids"]),
+                    q.device.index, t["keep"])
             if key is not None:
                 _keep(self._plans, key, plan, 64)
             lse = t["lse"]
         else:
-            tq, tk, tv, tl, tout, tlse = plan[0]
+            tq, tk, tv, tl, tout, tlse, tb, ti = plan[0]
             tq.data, tk.data, tv.data = q.data_ptr(), k.data_ptr(), v.data_ptr()
             tout.data = out.data_ptr()
-            if tl is not None:
-                tl.data = lengths.data_ptr()
+            for c, x in ((tl, lengths), (tb, key_bias), (ti, key_ids)):
+                if c is not None:
+                    c.data = x.data_ptr()
             lse = None
             if return_lse:
                 lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
                 tlse.data = lse.data_ptr()
-        _, ptrs, device, _ = plan
-        self._launch(device, ptrs)
+        (ptrs, bias, ids), device = plan[1], plan[2]
+        self._launch(device, ptrs, bias, ids)
         return (out, lse) if return_lse else out
 
     def _launch(self, device, ptrs, bias=None, ids=None):

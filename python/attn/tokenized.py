@@ -368,39 +368,51 @@ class TokenizedAttention:
 
     # -- packages ----------------------------------------------------------
 
-    def _package(self, ops, naive=False):
-        return self.package(ops.gpu, naive)
+    # The kinds of package a layer runs (package_spec):
+    #   dedup  queries against the unique ids' keys (key_bias, key_ids): target
+    #          attention, and self-attention on NumPy arrays;
+    #   self   the same with lengths: each sequence's unique count, so that
+    #          the unique ids' queries and keys are rows [0, count) of the
+    #          dedup kernels' [B, L]-wide outputs, used as they come (rows
+    #          past the count give 0): self-attention on CUDA tensors;
+    #   naive  the tokenized pattern over every position's q, k and v
+    #          (dedup=False);
+    #   train  the unique keys' rows gathered per sequence, with a backward.
+    KINDS = ("dedup", "self", "naive", "train")
 
-    def package_spec(self, gpu, naive=False, train=False):
-        """The spec and target of package(gpu, naive, train); its name says
-        its shape, so that a folder can hold the packages of several layers."""
+    def _package(self, ops, naive=False):
+        return self.package(ops.gpu, "naive" if naive else "dedup")
+
+    def package_spec(self, gpu, kind="dedup"):
+        """The spec and target of package(gpu, kind), kind one of KINDS; its
+        name says its shape, so that a folder can hold the packages of
+        several layers."""
+        if kind not in self.KINDS:
+            raise AttnError(f"package kind {kind!r}: expected one of {', '.join(self.KINDS)}")
         target = self.target if gpu else "cpu"
-        kind = "naive" if naive else "train" if train else "dedup"
         name = (f"tokenized_{kind}_b{self.batch_size}"
                 f"_h{self.heads}x{self.kv_heads}_d{self.head_dim}"
-                + (f"_l{self.sequence_length}" if naive else "") + f"_{target}")
+                + (f"_l{self.sequence_length}" if kind == "naive" else "") + f"_{target}")
         spec = {"name": name, "batch": self.batch_size, "heads": self.heads,
                 "kv_heads": self.kv_heads, "head_dim": self.head_dim}
-        if naive:
+        if kind == "naive":
             spec.update({"seq_len": self.sequence_length, "pattern": {"tokenized": {}}})
-        elif train:
+        elif kind == "train":
             spec.update({"key_bias": True, "backward": True, "pattern": {"full": {}}})
         else:
-            spec.update({"key_bias": True, "key_ids": True, "pattern": {"full": {}}})
+            pattern = "tokenized" if kind == "self" else "full"
+            spec.update({"key_bias": True, "key_ids": True, "pattern": {pattern: {}}})
         if gpu:
             spec["dtype"] = "bf16"
         return spec, target
 
-    def package(self, gpu, naive=False, train=False):
-        """The keyed package (key_bias + key_ids, dynamic lengths), or for the
-        naive form the tokenized pattern over materialised K/V, or for
-        training the unique keys' rows gathered per sequence (key_bias and a
-        backward pass); bf16 for `target` when gpu. With package_dir, a
-        package already there is loaded (machines without the compiler) and
-        a new one is kept there."""
-        key = (gpu, naive, train)
+    def package(self, gpu, kind="dedup"):
+        """The package of `kind` (KINDS) for the CPU (gpu=False) or for
+        `target` (bf16). With package_dir, a package already there is loaded
+        (machines without the compiler) and a new one is kept there."""
+        key = (gpu, kind)
         if key not in self._packages:
-            spec, target = self.package_spec(gpu, naive, train)
+            spec, target = self.package_spec(gpu, kind)
             self._packages[key] = _load_or_compile(spec, target, self.package_dir)
         return self._packages[key]
 
@@ -421,7 +433,7 @@ class TokenizedAttention:
         gather = lambda rows: (ops.t.as_tensor(rows).to(ops.device)[ids]
                                .to(ops.kernel_dtype()).permute(0, 2, 1, 3).contiguous())
         # The backward kernels take q contiguous (a no-op where it is).
-        return self.package(True, train=True)(q.contiguous(), gather(k_rows),
+        return self.package(True, "train")(q.contiguous(), gather(k_rows),
                                               gather(v_rows), key_bias=keys["bias"],
                                               return_lse=return_lse)
 
@@ -429,7 +441,7 @@ class TokenizedAttention:
         """Whether autograd records this call: CUDA tensors of which one
         requires grad, with grad mode on."""
         return bool(ops.torch and ops.t.is_grad_enabled() and
-                    any(t.requires_grad for t in tensors))
+                    any(getattr(t, "requires_grad", False) for t in tensors))
 
     # -- inputs ------------------------------------------------------------
 
@@ -641,19 +653,20 @@ class TokenizedAttention:
                 "tables": tables,
                 "q_slots": q_slots, "q_extra": q_extra, "dtype": ops.kernel_dtype()}
 
-    def _unique_keys_on_gpu(self, ops, tokens, lengths, extra_ids=None):
-        """_unique_keys for CUDA tokens over a TableEmbedding on one rank,
-        from the package's dedup_keys kernel (one launch, where the NumPy-
-        shaped path takes dozens of small operations and several waits for
-        the GPU; docs/Tokenized.md) and one read of its per-sequence counts,
-        which also checks the lengths and the ids. Returns _unique_keys'
-        dict, whose q rows come [B, U, H, D] ("q_padded", a function), and each
-        position's slot ("slot_at", -1 past the length), or None where the
-        sequences are longer than the kernel sorts."""
-        got = self.package(True).dedup_keys(tokens, lengths)
+    def _dedup_on_gpu(self, ops, tokens, lengths, extra_ids=None, kind="dedup"):
+        """The dedup kernels of the `kind` package on CUDA tokens over a
+        TableEmbedding on one rank (one launch, where the NumPy-shaped path
+        takes dozens of small operations and several waits for the GPU;
+        docs/Tokenized.md), and one read of their per-sequence counts, which
+        also checks the lengths and the ids (the candidates' `extra_ids`
+        too). Returns (key_ids, bias, slot_at, info) as dedup_keys gives
+        them, U (most unique ids of a sequence), the q table on the tokens'
+        device and the candidates' q rows [B, C, H, D] (or None); or None
+        where the sequences are longer than the kernels sort."""
+        got = self.package(True, kind).dedup_keys(tokens, lengths)
         if got is None:
             return None
-        key_ids, bias, slot_at, info = got
+        info = got[3]
         t = ops.t
         B, L, emb = self.batch_size, self.sequence_length, self.embedding_fn
         q_table = t.as_tensor(emb.q_table).to(tokens.device)
@@ -677,9 +690,21 @@ class TokenizedAttention:
             if ranges:
                 emb.check_range(min(r[0] for r in ranges), max(r[1] for r in ranges), what)
         U = max(1, max(p[0] for p in per_seq))
-        key_ids, bias = key_ids[:, :U].contiguous(), bias[:, :U].contiguous()
         self.last_stats.update({"positions": sum(p[1] for p in per_seq),
                                 "unique": sum(p[0] for p in per_seq), "padded_unique": U})
+        return got, U, q_table, q_extra
+
+    def _unique_keys_on_gpu(self, ops, tokens, lengths, extra_ids=None):
+        """_unique_keys from _dedup_on_gpu: its dict, whose q rows come
+        [B, U, H, D] ("q_padded", a function), and each position's slot
+        ("slot_at", -1 past the length); or None where the sequences are
+        longer than the kernels sort."""
+        got = self._dedup_on_gpu(ops, tokens, lengths, extra_ids)
+        if got is None:
+            return None
+        (key_ids, bias, slot_at, _), U, q_table, q_extra = got
+        emb = self.embedding_fn
+        key_ids, bias = key_ids[:, :U].contiguous(), bias[:, :U].contiguous()
         return {"U": U, "key_ids": key_ids, "bias": bias,
                 "rows": (emb.k_table, emb.v_table), "tables": lambda: emb.kernel_tables(ops),
                 # (made where self-attention needs them) Slots past a
@@ -688,6 +713,37 @@ class TokenizedAttention:
                 "q_padded": lambda: q_table[key_ids.long()],
                 "q_extra": q_extra,
                 "slot_at": slot_at, "dtype": ops.kernel_dtype()}
+
+    def _self_on_gpu(self, ops, tokens, lengths, return_lse):
+        """Self-attention on CUDA tensors over a TableEmbedding, without
+        autograd, in few operations (a short sequence's call is bound by the
+        host's time per operation: bench/tokenized_host_profile.py). The
+        dedup kernels' [B, L]-wide outputs go to the "self" package as they
+        are, each sequence's unique count its length, so that the unique
+        ids are its first rows as queries and as keys; then each position
+        takes its slot's row. Returns None where the sequences are longer
+        than the kernels sort."""
+        got = self._dedup_on_gpu(ops, tokens, lengths, kind="self")
+        if got is None:
+            return None
+        (key_ids, bias, slot_at, info), _, q_table, _ = got
+        B, L, H, D = self.batch_size, self.sequence_length, self.heads, self.head_dim
+        # The slots' q rows, read at their ids (0 past a sequence's unique
+        # ids: rows the package leaves empty); the kernels take the
+        # [B, H, L, D] view.
+        q = (q_table.index_select(0, key_ids.view(-1)).to(ops.kernel_dtype())
+             .view(B, L, H, D).transpose(1, 2))
+        k, v = self.embedding_fn.kernel_tables(ops)
+        res = self.package(True, "self")(q, k, v, lengths=info[:, 0].int(), key_bias=bias,
+                                         key_ids=key_ids, return_lse=return_lse)
+        out_u, lse_u = res if return_lse else (res, None)
+        # Position i takes row slot_at[b, i]. Past the length slot_at is -1,
+        # taken as row L - 1: there the length is below L, so the row lies
+        # past the sequence's unique count (at most its length), and the
+        # package left it 0 (and its LSE -inf).
+        at = slot_at.remainder(L).view(B, 1, L)
+        out = out_u.gather(2, at.view(B, 1, L, 1).expand(B, H, L, D))
+        return (out, lse_u.gather(2, at.expand(B, H, L))) if return_lse else out
 
     # -- self-attention ----------------------------------------------------
 
@@ -699,7 +755,15 @@ class TokenizedAttention:
         ops, tokens, lengths = self._check(tokens, lengths)
         self.last_stats = {}
         B, L, H, D = self.batch_size, self.sequence_length, self.heads, self.head_dim
-        keys = self._unique_keys_on_gpu(ops, tokens, lengths) if self._may_dedup_on_gpu(ops) else None
+        keys = None
+        if self._may_dedup_on_gpu(ops):
+            emb = self.embedding_fn
+            if not self._needs_grad(ops, emb.q_table, emb.k_table, emb.v_table):
+                got = self._self_on_gpu(ops, tokens, lengths, return_lse)
+                if got is not None:
+                    return got
+            else:  # training: the unique keys' rows gathered per sequence
+                keys = self._unique_keys_on_gpu(ops, tokens, lengths)
         if keys is not None:
             q = keys["q_padded"]().to(keys["dtype"]).transpose(1, 2).contiguous()
             out_u, lse_u = self._attend(ops, q, keys, return_lse=True)

@@ -204,6 +204,66 @@ def test_tokenized_dedup_on_gpu_matches_reference():
     assert diff < 2e-2, f"dedup vs naive {diff:.2e}"
 
 
+def test_tokenized_self_attention_edge_lengths_on_gpu():
+    """Self-attention on CUDA tensors runs the "self" package on the dedup
+    kernels' [B, L]-wide outputs, each sequence's unique count its length,
+    and takes row L - 1 for positions past the length. Edge cases: a
+    sequence of L - 1 distinct ids (its count is L - 1: row L - 1 is the
+    first row past it), one token, and L copies of one id; the output and
+    LSE match the float64 reference, 0 and -inf past the lengths."""
+    emb, layer = _tok_layer()
+    B, L, V = TOK["batch"], TOK["seq"], TOK["vocab"]
+    gen = torch.Generator().manual_seed(17)
+    tokens = torch.randint(0, V, (B, L), generator=gen)
+    tokens[0] = torch.randperm(V, generator=gen)[:L]
+    tokens[2] = 42
+    tokens, lengths = tokens.cuda(), torch.tensor([L - 1, 1, L], device="cuda")
+    for _ in range(2):  # the second call through the package's kept C tensors
+        out, lse = layer(tokens, lengths, return_lse=True)
+        plain = layer(tokens, lengths)
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain)
+        ref, ref_lse = _tok_reference(emb, tokens, lengths)
+        inside = torch.arange(L, device="cuda")[None, :] < lengths[:, None]
+        for b in range(B):
+            n = int(lengths[b])
+            err = ((out[b, :, :n].double() - ref[b, :, :n]).norm() / ref[b, :, :n].norm()).item()
+            assert err < 1.5e-2, f"sequence {b}: relative error {err:.2e}"
+            assert (lse[b, :, :n].double() - ref_lse[b, :, :n]).abs().max().item() < 2e-2
+        assert (out[~inside[:, None, :, None].expand_as(out)] == 0).all()
+        assert torch.isinf(lse[~inside[:, None, :].expand_as(lse)]).all()
+    assert layer.last_stats["unique"] == (L - 1) + 1 + 1
+
+
+def test_keyed_calls_that_reuse_a_layout_read_their_own_tensors():
+    """Calls with key_bias and key_ids keep their C tensors per layout too:
+    calls alternating between inputs give the bits of the uncached path,
+    into a poisoned out."""
+    _, layer = _tok_layer()
+    pkg = layer.package(gpu=True)
+    B, H, Hkv, D = TOK["batch"], TOK["heads"], TOK["kv_heads"], TOK["head_dim"]
+    gen = torch.Generator().manual_seed(23)
+    table = torch.randn(1, Hkv, 300, D, generator=gen).to("cuda", torch.bfloat16)
+
+    def inputs(n):
+        q = torch.randn(B, H, 70, D, generator=gen).to("cuda", torch.bfloat16)
+        ids = torch.randint(0, 300, (B, n), generator=gen, dtype=torch.int32).cuda()
+        bias = torch.randn(B, n, generator=gen).cuda()
+        return q, ids, bias
+
+    sets = [inputs(90), inputs(90), inputs(130)]
+    for _ in range(2):
+        for q, ids, bias in sets:
+            want = torch.full_like(q, float("nan"))
+            t = pkg._torch_args(q, table, table, None, True, want, bias, ids)
+            pkg._launch(q.device.index, t["ptrs"], t["bias"], t["ids"])
+            out = torch.full_like(q, float("nan"))
+            got, lse = pkg(q, table, table, out=out, key_bias=bias, key_ids=ids,
+                           return_lse=True)
+            assert got is out and torch.equal(out, want) and torch.equal(lse, t["lse"])
+    assert len(pkg._plans) >= 2  # kept layouts: 90 and 130 keys
+
+
 def test_tokenized_target_attention_on_gpu():
     emb, layer = _tok_layer()
     tokens, lengths = _tok_inputs(2)
@@ -765,7 +825,7 @@ def test_wrong_tensors_are_named_before_and_after_a_kept_layout():
 def test_calls_that_reuse_a_layout_read_their_own_tensors():
     """A package call keeps the C tensors it built for a layout and, on a
     later call with that layout, sets only their data pointers
-    (Package._call_plain; attn.sparse layers alike). Calls alternating
+    (Package._call_torch; attn.sparse layers alike). Calls alternating
     between layouts (contiguous [B, H, L, D], the [B, H, L, D] view of
     [B, L, H, D] tensors, two lengths) and between tensors each give the
     bits of the same call made through the uncached path, into a poisoned

@@ -673,8 +673,12 @@ class TokenizedAttention:
         # The candidates' q rows, gathered while the GPU sorts: their ids are
         # clamped into the table here and refused after the read below
         # where any lies outside it, before the rows are used.
-        q_extra = (q_table[extra_ids.clamp(0, emb.vocab - 1)] if extra_ids is not None
-                   else None)
+        # (index_select and narrow below: PyTorch's indexing operator costs
+        # the host several times more per call.)
+        q_extra = None
+        if extra_ids is not None:
+            q_extra = (q_table.index_select(0, extra_ids.clamp(0, emb.vocab - 1).reshape(-1))
+                       .view(tuple(extra_ids.shape) + tuple(q_table.shape[1:])))
         reads = info.reshape(-1)
         if extra_ids is not None:
             reads = t.cat([reads, t.stack(t.aminmax(extra_ids))])
@@ -704,7 +708,7 @@ class TokenizedAttention:
             return None
         (key_ids, bias, slot_at, _), U, q_table, q_extra = got
         emb = self.embedding_fn
-        key_ids, bias = key_ids[:, :U].contiguous(), bias[:, :U].contiguous()
+        key_ids, bias = key_ids.narrow(1, 0, U).contiguous(), bias.narrow(1, 0, U).contiguous()
         return {"U": U, "key_ids": key_ids, "bias": bias,
                 "rows": (emb.k_table, emb.v_table), "tables": lambda: emb.kernel_tables(ops),
                 # (made where self-attention needs them) Slots past a

@@ -346,12 +346,21 @@ def test_tokenized_bad_lengths_and_ids_on_gpu_raise():
     bad[2, 10] = TOK["vocab"]
     with pytest.raises(attn.AttnError, match=r"token ids must lie in \[0, 5000\)"):
         layer(bad, lengths)
+    bad[2, 10] = 1 << 40  # an int32 key id would wrap to 0: the check reads the int64 id
+    with pytest.raises(attn.AttnError, match=r"token ids must lie in \[0, 5000\)"):
+        layer(bad, lengths)
     bad[2, 10] = -1     # past lengths[2] = 333 it would not count; here it does
     with pytest.raises(attn.AttnError, match=r"token ids must lie in \[0, 5000\), got \[-1,"):
         layer(bad, lengths)
     bad[2, 10] = 3
     bad[2, 500] = -1    # past lengths[2]: ignored
-    layer(bad, lengths)
+    out = layer(bad, lengths)
+    # The calls that raised left the GPU well: this one matches the reference.
+    ref, _ = _tok_reference(emb, bad, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        if n:
+            err = ((out[b, :, :n].double() - ref[b, :, :n]).norm() / ref[b, :, :n].norm()).item()
+            assert err < 1.5e-2
     cands = torch.full((TOK["batch"], 4), TOK["vocab"] + 2, device="cuda")
     with pytest.raises(attn.AttnError, match=r"candidate ids must lie in \[0, 5000\)"):
         layer.target_forward(cands, tokens, lengths)

@@ -12,11 +12,10 @@ import cProfile
 import os
 import pstats
 import sys
-import time
 
 import torch
 import attn
-from tokenized_gpu import B, C, D, H, HKV, VOCAB, zipf_ids
+from tokenized_gpu import B, C, D, H, HKV, VOCAB, back_to_back, zipf_ids
 
 PKGS = os.environ["ATTN_GPU_PACKAGES"]
 CALLS = 300
@@ -24,17 +23,6 @@ dev = "cuda"
 gen = torch.Generator(device=dev).manual_seed(1)
 tables = [torch.randn(VOCAB, h, D, device=dev, generator=gen).bfloat16() for h in (H, HKV, HKV)]
 emb = attn.TableEmbedding(*tables)
-
-
-def per_call_us(f, calls=CALLS):
-    for _ in range(20):
-        f()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        f()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
 
 
 for L in [int(a) for a in sys.argv[1:]] or [1024]:
@@ -45,7 +33,7 @@ for L in [int(a) for a in sys.argv[1:]] or [1024]:
     for name, f in (("self", lambda: m(tokens, lengths)),
                     ("self+lse", lambda: m(tokens, lengths, return_lse=True)),
                     ("target", lambda: m.target_forward(cands, tokens, lengths))):
-        print(f"=== L={L} {name}: {per_call_us(f):.1f} us per call back to back")
+        print(f"=== L={L} {name}: {back_to_back(f, CALLS) * 1e3:.1f} us per call back to back")
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(100):

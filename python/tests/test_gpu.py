@@ -176,6 +176,15 @@ def _tok_reference(emb, tokens, lengths, query_ids=None):
     return torch.stack(outs), torch.stack(lses)
 
 
+def _assert_sequences_match(out, ref, lengths):
+    """Each sequence's rows [0, lengths[b]) of out [B, H, L, D] within 1.5%
+    of the reference (relative Frobenius error)."""
+    for b, n in enumerate(lengths.tolist()):
+        if n:
+            err = ((out[b, :, :n].double() - ref[b, :, :n]).norm() / ref[b, :, :n].norm()).item()
+            assert err < 1.5e-2, f"sequence {b}: relative error {err:.2e}"
+
+
 def test_tokenized_dedup_on_gpu_matches_reference():
     """TokenizedAttention on CUDA tensors: unique/count on the GPU, K/V read
     from the bf16 tables at the ids with the log(count) bias in the kernel."""
@@ -225,10 +234,8 @@ def test_tokenized_self_attention_edge_lengths_on_gpu():
         assert torch.equal(out, plain)
         ref, ref_lse = _tok_reference(emb, tokens, lengths)
         inside = torch.arange(L, device="cuda")[None, :] < lengths[:, None]
-        for b in range(B):
-            n = int(lengths[b])
-            err = ((out[b, :, :n].double() - ref[b, :, :n]).norm() / ref[b, :, :n].norm()).item()
-            assert err < 1.5e-2, f"sequence {b}: relative error {err:.2e}"
+        _assert_sequences_match(out, ref, lengths)
+        for b, n in enumerate(lengths.tolist()):
             assert (lse[b, :, :n].double() - ref_lse[b, :, :n]).abs().max().item() < 2e-2
         assert (out[~inside[:, None, :, None].expand_as(out)] == 0).all()
         assert torch.isinf(lse[~inside[:, None, :].expand_as(lse)]).all()
@@ -356,11 +363,7 @@ def test_tokenized_bad_lengths_and_ids_on_gpu_raise():
     bad[2, 500] = -1    # past lengths[2]: ignored
     out = layer(bad, lengths)
     # The calls that raised left the GPU well: this one matches the reference.
-    ref, _ = _tok_reference(emb, bad, lengths)
-    for b, n in enumerate(lengths.tolist()):
-        if n:
-            err = ((out[b, :, :n].double() - ref[b, :, :n]).norm() / ref[b, :, :n].norm()).item()
-            assert err < 1.5e-2
+    _assert_sequences_match(out, _tok_reference(emb, bad, lengths)[0], lengths)
     cands = torch.full((TOK["batch"], 4), TOK["vocab"] + 2, device="cuda")
     with pytest.raises(attn.AttnError, match=r"candidate ids must lie in \[0, 5000\)"):
         layer.target_forward(cands, tokens, lengths)

@@ -8,7 +8,9 @@ the forward's 4 that FlashAttention's papers use). Packages come from
 $ATTN_GPU_PACKAGES/bench_grad_<pattern>_<L> (bench/gpu/grad_specs/*.json,
 built by scripts/build_gpu_packages.py).
 
-    ATTN_GPU_PACKAGES=DIR python3 bench/gpu_backward.py [--lens 8192,32768]"""
+    ATTN_GPU_PACKAGES=DIR python3 bench/gpu_backward.py [--lens 8192,32768] [--attn-only]
+
+(--attn-only: attn's rows alone, for A/B runs of two builds.)"""
 
 import argparse
 import json
@@ -21,6 +23,7 @@ import attn
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--lens", default="8192,32768")
+ap.add_argument("--attn-only", action="store_true", help="time attn alone (no peers)")
 args = ap.parse_args()
 PKGS = os.environ["ATTN_GPU_PACKAGES"]
 B, H, D = 1, 16, 128
@@ -60,6 +63,11 @@ for L in [int(x) for x in args.lens.split(",")]:
         out, lse = pkg(q, k, v, return_lse=True)
         ours = timed(lambda: pkg.backward(q, k, v, out, lse, g))
         row = {"L": L, "pattern": pattern, "attn_us": ours}
+        if args.attn_only:
+            row["attn_tflops"] = 10 * pairs(pattern, L) * D * B * H / ours / 1e6
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
         # Peers: the backward of their own forward (autograd), as the time of
         # forward + backward less the forward's (FlexAttention's compiled
         # backward frees its buffers: it cannot be replayed on one graph).

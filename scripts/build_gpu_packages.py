@@ -76,7 +76,9 @@ from attn import sparse  # noqa: E402
 for B, E, H, mode, ctx, dtype in gpu_cases.SPARSE + gpu_cases.SPARSE_BENCH:
     spec = sparse.SparseAttention(H, mode, ctx).package_spec(B, E, dtype, args.target)
     compile_spec(spec["name"], spec)
-for B, E, H, mode, ctx, dtype in gpu_cases.SPARSE_GRAD:
+# With the backward pass: the layers test_gpu_backward.py trains, and the
+# bench layers bench/sparse_train.py times a training step of.
+for B, E, H, mode, ctx, dtype in gpu_cases.SPARSE_GRAD + gpu_cases.SPARSE_BENCH:
     spec = sparse.SparseAttention(H, mode, ctx).package_spec(B, E, dtype, args.target,
                                                              backward=True)
     compile_spec(spec["name"], spec)

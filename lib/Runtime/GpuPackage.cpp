@@ -426,7 +426,7 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   std::copy(os, os + 3, scalars + 15);
   if (grad) {
     const int64_t kvElements = a.B * a.Hkv * a.Lk * a.D;
-    putMemref(words + kWords, uintptr_t(a.gradOut), rows * a.D);
+    putMemref(words + kWords, uintptr_t(a.gradOut), span(qs, a.B, a.H, a.Lq));
     putMemref(words + kWords + 5, uintptr_t(a.dq), rows * a.D);
     putMemref(words + kWords + 10, uintptr_t(a.dk), kvElements);
     putMemref(words + kWords + 15, uintptr_t(a.dv), kvElements);
@@ -747,6 +747,14 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   args.Lq = Lq;
   args.Lk = Lk;
   args.qOrigin = args.qPos = Lk - Lq; // bottom-right, as runGpu
+  // Strided q, k, v and out (checked by runBackward); grad_out shares
+  // q's strides.
+  if (!q.strides.empty())
+    std::copy(q.strides.begin(), q.strides.begin() + 3, args.qStrides);
+  if (!k.strides.empty())
+    std::copy(k.strides.begin(), k.strides.begin() + 3, args.kStrides);
+  if (!out.strides.empty())
+    std::copy(out.strides.begin(), out.strides.begin() + 3, args.oStrides);
   args.gradOut = dev(gradOut.data);
   args.dq = dev(dq.data);
   args.dk = dev(dk.data);

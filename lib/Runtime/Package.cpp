@@ -48,9 +48,11 @@ static bool readManifest(const std::string &dir, json &m, std::string &error) {
     m = json::parse(in);
     if (m.value("format", "") != "attn-package")
       throw std::runtime_error("not an attn package manifest");
-    // Version 4: GPU kernels take bh_offset after pos_stride (2), then
-    // q's and k's strides (3), then out's (4); cpu packages stay at 1.
-    const int want = m.value("target", "cpu") == "cpu" ? 1 : 4;
+    // Version 5: GPU kernels take bh_offset after pos_stride (2), then
+    // q's and k's strides (3), then out's (4), and the backward kernels
+    // read q, k, v, out and grad_out through them (5); cpu packages stay
+    // at 1.
+    const int want = m.value("target", "cpu") == "cpu" ? 1 : 5;
     if (m.value("version", 0) != want)
       throw std::runtime_error(
           "manifest version " + std::to_string(m.value("version", 0)) +
@@ -515,6 +517,18 @@ bool Package::checkGradients(const Tensor &q, const Tensor &k,
               " must be " + dtype + " " + shapeString(like.shape);
       return false;
     }
+    if (tp == &gradOut) {
+      // The backward kernels read grad_out's rows where they read q's, so
+      // it shares q's strides (GPU packages take a strided q; cpu packages
+      // checked q contiguous).
+      if (stridesOf(gradOut) != stridesOf(q)) {
+        error = "grad_out: strides " + shapeString(stridesOf(gradOut)) +
+                " differ from q's " + shapeString(stridesOf(q)) +
+                " (grad_out must share q's layout)";
+        return false;
+      }
+      continue;
+    }
     if (!checkStrides(t, name, false, false, false, error))
       return false;
   }
@@ -543,15 +557,9 @@ bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   if (!checkGradients(q, k, v, out, gradOut, dq, dk, dv, error))
     return false;
-  if (isGpu()) {
-    // The backward kernels read q, k, v and out as contiguous tensors.
-    for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v},
-                           {"out", &out}})
-      if (!checkStrides(*t, name, false, false, false, error))
-        return false;
+  if (isGpu()) // q, k, v, out (and grad_out) may be strided views
     return runGpuBackward(q, k, v, out, lse, gradOut, lengths, keyBias, dq,
                           dk, dv, error, stream);
-  }
   std::vector<const Tensor *> tensors;
   for (const ArgSpec &a : backwardArgs_) {
     const std::string &n = a.name;

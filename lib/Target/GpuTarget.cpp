@@ -407,7 +407,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
 
   nlohmann::json manifest = {
       {"format", "attn-package"},
-      {"version", 4}, // 3: kernels take q's and k's strides, 4: out's (Package.md)
+      {"version", 5}, // 3: kernels take q's and k's strides, 4: out's,
+                      // 5: grad kernels read through them (Package.md)
       {"target", arch},
       {"name", spec.name},
       {"dtype", spec.dtype},

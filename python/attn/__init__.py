@@ -105,6 +105,18 @@ def _keep(cache, key, value, limit):
     return value
 
 
+def _dense(t):
+    """Whether the tensor's elements fill its storage span without gaps or
+    overlaps (any order of dimensions): torch.empty_like keeps its strides."""
+    order = sorted(range(t.dim()), key=lambda d: t.stride(d))
+    expected = 1
+    for d in order:
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
 def _c_layout(shape, strides=None):
     """The ctypes arrays (shape, strides or None) of a layout: `shape` and
     `strides` tuples (or torch.Size), strides None for C-contiguous."""
@@ -504,8 +516,10 @@ class Package:
         return grads
 
     def _backward_torch(self, q, k, v, out, lse, grad_out, lengths, key_bias):
-        """backward() on PyTorch CUDA tensors: every input contiguous, the
-        gradients new float32 tensors, the kernels on the current stream."""
+        """backward() on PyTorch CUDA tensors: q, k, v and out contiguous or
+        strided views as the forward takes them, grad_out read in q's layout
+        (see _torch_backward_args), the gradients new contiguous float32
+        tensors, the kernels on the current stream."""
         import torch
         args, grads, _ = self._torch_backward_args(q, k, v, out, lse, grad_out, lengths,
                                                    key_bias)
@@ -523,8 +537,22 @@ class Package:
         tensors: (pointers in its order, the new float32 gradients dq, dk,
         dv, the objects the pointers need)."""
         import torch
+        if not isinstance(grad_out, torch.Tensor) or grad_out.dtype != q.dtype or \
+                grad_out.shape != q.shape or grad_out.device != q.device:
+            raise AttnError(f"grad_out: expected a tensor like out ({q.dtype} "
+                            f"{tuple(q.shape)} on {q.device})")
+        # The kernels read grad_out's rows where they read q's (q's strides).
+        # A grad_out in another layout is copied into q's where q is dense,
+        # else (a slice of a fused projection, say) both into q's dimension
+        # order, dense: one copy either way.
+        if grad_out.stride() != q.stride():
+            if not _dense(q):
+                q = torch.empty_like(q).copy_(q)
+            if grad_out.stride() != q.stride():
+                grad_out = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype,
+                                               device=q.device).copy_(grad_out)
         t = self._torch_args(q, k, v, lengths, False, out, key_bias)
-        keep = [t]
+        keep = [t, q, grad_out]
 
         def f32(name, x):
             if not isinstance(x, torch.Tensor) or x.device != q.device or \
@@ -535,18 +563,10 @@ class Package:
             keep.append((x, shape, c))
             return ctypes.byref(c)
 
-        for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
-            if not x.is_contiguous():
-                raise AttnError(f"{name}: must be contiguous for the backward pass "
-                                "(call .contiguous())")
-        if not isinstance(grad_out, torch.Tensor) or grad_out.dtype != q.dtype or \
-                grad_out.shape != q.shape or grad_out.device != q.device:
-            raise AttnError(f"grad_out: expected a tensor like out ({q.dtype} "
-                            f"{tuple(q.shape)} on {q.device})")
-        grad_out = grad_out.contiguous()
         code = {"bf16": _BF16, "f16": _F16}[self.manifest["dtype"]]
-        shape, _ = _c_layout(grad_out.shape)
-        tg = _Tensor(grad_out.data_ptr(), shape, len(shape), code, None)
+        shape, strides = _c_layout(grad_out.shape, grad_out.stride())
+        keep.append((shape, strides))
+        tg = _Tensor(grad_out.data_ptr(), shape, len(shape), code, strides)
         grads = [torch.empty(x.shape, device=q.device, dtype=torch.float32) for x in (q, k, v)]
         ptrs = t["ptrs"]
         args = ptrs[:3] + [ptrs[4], f32("lse", lse), ctypes.byref(tg), ptrs[3], t["bias"]]
@@ -776,7 +796,9 @@ class Package:
             lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
             tl = tensor("lengths", lengths, torch.int32, _I32)
         if out is None:
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+            # In q's layout (its dimensions' order; dense): a [B, H, L, D]
+            # view of a [B, L, H, D] q gets its out in [B, L, H, D] order.
+            out = torch.empty_like(q)
         tout = tensor("out", out, want, code, strided=True)
         lse = None
         if return_lse:
@@ -806,7 +828,7 @@ class Package:
         just before its runtime call."""
         import torch
         if out is None:
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+            out = torch.empty_like(q)  # in q's layout, as _torch_args makes it
         try:
             key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype,
                    k.device, v.shape, v.stride(), v.dtype, v.device, out.shape, out.stride(),

@@ -57,7 +57,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @run.register_fake
 def _(q, k, v, lengths, key_bias, key_ids, package, lse_mode):
     lse_shape = q.shape[:-1] if lse_mode != LSE_NONE else (0,)
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)
+    # out in q's layout, as Package._call_torch makes it.
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 def call(pkg, q, k, v, lengths, return_lse, out, key_bias, key_ids):
@@ -139,14 +140,21 @@ def _backward(ctx, grad_out, grad_lse):
                         "backward pass")
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grad_out = grad_out.to(q.dtype).contiguous()
+    # The kernels read q, k, v and out in their layouts, as the forward did,
+    # and grad_out in q's (Package.backward copies it there where its own
+    # differs; a [B, L, E] model's grad_out, viewed as [B, H, L, D], has
+    # out's layout, which follows q's).
+    grad_out = grad_out.to(q.dtype)
     returned = grad_lse if ctx.lse_mode == LSE_RETURNED else None
-    dq, dk, dv = torch.ops.attn.run_backward(
-        q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse, grad_out,
-        returned, lengths, key_bias, package)
+    dq, dk, dv = torch.ops.attn.run_backward(q, k, v, out, lse, grad_out, returned,
+                                             lengths, key_bias, package)
+    # Each gradient in its input's dtype and layout, in one pass (a
+    # [B, H, L, D] view of a [B, L, H, D] tensor gets a gradient whose
+    # transpose back is a view).
+    like = lambda g, x: torch.empty_like(x).copy_(g)
     wanted = ctx.needs_input_grad
-    return (dq.to(q.dtype) if wanted[0] else None, dk.to(k.dtype) if wanted[1] else None,
-            dv.to(v.dtype) if wanted[2] else None, None, None, None, None, None)
+    return (like(dq, q) if wanted[0] else None, like(dk, k) if wanted[1] else None,
+            like(dv, v) if wanted[2] else None, None, None, None, None, None)
 
 
 run.register_autograd(_backward, setup_context=_setup_context)

@@ -106,21 +106,23 @@ AUTOGRAD_CASES = [c for c in gpu_cases.GRAD_CASES
 def test_autograd_through_a_package_call(case):
     """pkg(q, k, v) on tensors that require grad, then loss.backward(): the
     call records attn::run, whose backward runs the package's kernels; the
-    gradients arrive in the inputs' dtypes. q is a [B, H, L, D] view of a
-    [B, L, H, D] tensor (the backward takes contiguous copies)."""
+    gradients arrive in the inputs' dtypes and layouts. q is a [B, H, L, D]
+    view of a [B, L, H, D] tensor: out follows its layout, and the backward
+    kernels read q, out and grad_out (which arrives in their layout) in
+    place."""
     pkg = attn.load(os.path.join(PKGS, case["name"]))
     shape = gpu_cases.GRAD_SHAPES[0]
     q, k, v, g, lengths, bias = _inputs(case, shape)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out = pkg(*leaves, lengths=lengths, key_bias=bias)
-    assert out.requires_grad
+    assert out.requires_grad and out.stride() == q.stride()
     with torch.no_grad():
         assert torch.equal(out, pkg(q, k, v, lengths=lengths, key_bias=bias))
     (out.float() * g.float()).sum().backward()
     for x, leaf in zip((q, k, v), leaves):
         assert leaf.grad is not None and leaf.grad.dtype == x.dtype
-        assert leaf.grad.shape == x.shape
+        assert leaf.grad.shape == x.shape and leaf.grad.stride() == leaf.stride()
     # The gradients are rounded to the inputs' 16-bit type: one more ulp.
     _check_against_reference(case, q, k, v, g, lengths, bias,
                              [leaf.grad for leaf in leaves], 2 * TOL[case["dtype"]])
@@ -188,11 +190,52 @@ def test_backward_refuses_bad_arguments():
         pkg.backward(q, q, q, out, lse, q[:, :, :32])
     with pytest.raises(attn.AttnError, match="lse"):
         pkg.backward(q, q, q, out, lse.double(), q)
-    with pytest.raises(attn.AttnError, match="contiguous"):
-        pkg.backward(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, out, lse, q)
+    # Strided views are read in place, under the forward's rules.
+    with pytest.raises(attn.AttnError, match="k and v must share a layout"):
+        pkg.backward(q, q.transpose(1, 2).contiguous().transpose(1, 2), q, out, lse, q)
     plain = attn.load(os.path.join(PKGS, "causal"))
     with pytest.raises(attn.AttnError, match="no backward pass"):
         plain.backward(q, q, q, out, lse, q)
+
+
+STRIDED_CASES = [c for c in gpu_cases.GRAD_CASES
+                 if c["name"] in ("grad_causal", "grad_full_f16_gqa_d64",
+                                  "grad_tokenized_causal", "grad_strided")]
+
+
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=lambda c: c["name"])
+def test_backward_reads_strided_views(case):
+    """q, k, v, out and grad_out as [B, H, L, D] views of [B, L, H, D]
+    tensors (a model's layout), read in place by the backward kernels: the
+    gradients match the float64 reference and the call on contiguous
+    copies. A grad_out in another layout than q's is copied into q's, and
+    with q a slice of a wider tensor (a fused projection) both go dense."""
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    Lq, Lk = gpu_cases.GRAD_SHAPES[1]
+    q, k, v, g, lengths, bias = _inputs(case, (Lq, Lk))
+    view = lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)
+    vq, vk, vv, vg = (view(x) for x in (q, k, v, g))
+    out = torch.full((q.shape[0], Lq, q.shape[1], q.shape[3]), float("nan"), device="cuda",
+                     dtype=q.dtype).transpose(1, 2)
+    out, lse = pkg(vq, vk, vv, lengths=lengths, key_bias=bias, return_lse=True, out=out)
+    assert not vq.is_contiguous() and not out.is_contiguous()
+    _poison_allocator(4 * (q.numel() + 2 * k.numel()) + (1 << 20))
+    grads = pkg.backward(vq, vk, vv, out, lse, vg, lengths=lengths, key_bias=bias)
+    torch.cuda.synchronize()
+    _check_against_reference(case, q, k, v, g, lengths, bias, grads, TOL[case["dtype"]])
+    plain = pkg.backward(q, k, v, out.contiguous(), lse, g, lengths=lengths, key_bias=bias)
+    copied = pkg.backward(vq, vk, vv, out, lse, g, lengths=lengths, key_bias=bias)
+    B, H, _, D = q.shape
+    wide = torch.full((B, Lq, H, 2 * D), float("nan"), device="cuda", dtype=q.dtype)
+    sliced = wide[..., :D].transpose(1, 2)
+    sliced.copy_(q)
+    fused = pkg.backward(sliced, vk, vv, out, lse, vg, lengths=lengths, key_bias=bias)
+    for got, other, third, want in zip(grads, copied, fused, plain):
+        assert got.is_contiguous() and got.shape == want.shape
+        scale = want.abs().max().clamp_min(1e-30)
+        # Equal but for the order of the atomic adds (GQA, grad_kv's blocks).
+        for x in (got, other, third):
+            assert ((x - want).abs().max() / scale).item() < 1e-5
 
 
 @pytest.mark.parametrize("layer_case", gpu_cases.SPARSE_GRAD, ids=lambda c: c[3])

@@ -448,13 +448,18 @@ private:
     return arith::RemUIOp::create(b, loc, idx, m.c(shape.headDim));
   }
   Value outElement(Value row, Value col) {
+    return rowElement(row, col, OStrideB, OStrideH, OStrideR);
+  }
+  /// Element (row, col) of a [B, H, Lq, D] tensor with the strides of
+  /// kernel arguments (sb, sh, sr), row counting over B * H * Lq.
+  Value rowElement(Value row, Value col, Arg sb, Arg sh, Arg sr) {
     Value qLen = arg(QLen);
     Value bh = arith::DivUIOp::create(b, loc, row, qLen);
     Value i = arith::RemUIOp::create(b, loc, row, qLen);
     Value batch = arith::DivUIOp::create(b, loc, bh, m.c(shape.heads));
     Value head = arith::RemUIOp::create(b, loc, bh, m.c(shape.heads));
-    return m.add(m.add(m.mul(batch, arg(OStrideB)), m.mul(head, arg(OStrideH))),
-                 m.add(m.mul(i, arg(OStrideR)), col));
+    return m.add(m.add(m.mul(batch, arg(sb)), m.mul(head, arg(sh))),
+                 m.add(m.mul(i, arg(sr)), col));
   }
 
   /// 2^x and log2(x) with the hardware's approximate units (ex2/lg2.approx).
@@ -2486,7 +2491,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradPrepare(StringRef name) {
   Value rows = m.mul(m.c(shape.batch * shape.heads), arg(QLen));
   auto ifIn = scf::IfOp::create(b, loc, TypeRange{}, m.lt(row, rows), false);
   b.setInsertionPointToStart(ifIn.thenBlock());
-  // out and grad_out are contiguous here (Package::runBackward).
+  // out through its strides, grad_out through q's (Package::runBackward
+  // checks that it has them); delta is contiguous.
   auto chunkType = VectorType::get({kElementwiseVector}, f16);
   auto wideType = VectorType::get({kElementwiseVector}, f32);
   auto widen = [&](Value chunk) {
@@ -2498,12 +2504,12 @@ gpu::GPUFuncOp KernelEmitter::emitGradPrepare(StringRef name) {
   };
   Value sum = f.c(0.0);
   for (int64_t d = 0; d < D; d += kElementwiseVector) {
-    Value at = m.add(m.mul(row, m.c(D)), m.c(d));
-    Value o = widen(vector::LoadOp::create(b, loc, chunkType, arg(Out),
-                                           ValueRange{at}, false,
-                                           llvm::MaybeAlign(16)));
+    Value o = widen(vector::LoadOp::create(
+        b, loc, chunkType, arg(Out), ValueRange{outElement(row, m.c(d))}, false,
+        llvm::MaybeAlign(16)));
+    Value gradAt = rowElement(row, m.c(d), QStrideB, QStrideH, QStrideR);
     Value g = widen(vector::LoadOp::create(b, loc, chunkType, arg(GradOut),
-                                           ValueRange{at}, false,
+                                           ValueRange{gradAt}, false,
                                            llvm::MaybeAlign(16)));
     Value prod = arith::MulFOp::create(b, loc, o, g);
     sum = f.add(sum, vector::ReductionOp::create(
@@ -2549,6 +2555,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradAdd(StringRef name) {
 struct KernelEmitter::GradContext {
   ComponentAttr comp;
   GroupItem g;
+  /// Element offsets of the block's (batch, head) in q and grad_out (which
+  /// shares q's strides: a walked tile's Q and dO rows share one offset)
+  /// and in k and v; qHead is its first row of the contiguous lse, delta
+  /// and dq.
   Value qHead, qBase, kBase;
   /// The block's own shared tiles of 64 rows (Q and dO, or K and V); the
   /// walked ones are walkedTile's two slots after them.
@@ -2653,10 +2663,8 @@ void KernelEmitter::loadGradRows(const GradContext &cx, Value tile, Value t0,
     Value at;
     if (keys)
       at = m.add(cx.kBase, m.mul(gradKeyRow(cx, t), arg(KStrideR)));
-    else if (src == arg(Q))
+    else // q, and grad_out through q's strides
       at = m.add(cx.qBase, m.mul(gradQueryRow(cx, t), arg(QStrideR)));
-    else // grad_out: contiguous
-      at = m.mul(m.add(cx.qHead, gradQueryRow(cx, t)), m.c(shape.headDim));
     return {f.select(exists, at, zero), exists};
   });
 }

@@ -217,18 +217,26 @@ def run(pkgs, out_dir, checks_only=False):
                 f"{100 * r.get('efficiency', float('nan')):.0f} | "
                 f"{' / '.join(str(x) for x in r.get('step_ms', []))} | "
                 f"{fmt(r.get('context_parallel_ms', ''))} |")
-        table = "\n".join(lines)
-        print(table)
-        if out_dir:
-            with open(os.path.join(out_dir, "ring_gpu.md"), "w") as f:
-                f.write(table + "\n")
-            with open(os.path.join(out_dir, "ring_gpu.json"), "w") as f:
-                json.dump(rows, f, indent=1)
-        print(f"{len(rows) - failed} passed, {failed} failed")
+        report(lines, rows, failed, out_dir, "ring_gpu")
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def report(lines, rows, failed, out_dir, stem):
+    """Prints the table `lines` and the count of passed and failed rows;
+    with out_dir, writes the table (stem.md) and the rows (stem.json)."""
+    table = "\n".join(lines)
+    print(table)
+    if out_dir:
+        with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"{len(rows) - failed} passed, {failed} failed")
+
+
+def main(build, run):
+    """The command line of a ring bench: --build DIR here, or --packages DIR
+    under torchrun."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--build")
     ap.add_argument("--packages")
@@ -243,3 +251,7 @@ if __name__ == "__main__":
         run(a.packages, a.out, a.checks_only)
     else:
         ap.error("give --build DIR (here) or --packages DIR (under torchrun)")
+
+
+if __name__ == "__main__":
+    main(build, run)

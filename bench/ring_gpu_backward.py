@@ -22,7 +22,6 @@ slowest rank's median) against the single-GPU backward; ideal = single-GPU
 time / ranks.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -32,7 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 sys.path.insert(0, HERE)
 import attn  # noqa: E402
-from ring_gpu import H, D, LONGNET, UNION, compile_here, key, spec, timed  # noqa: E402
+from ring_gpu import (H, D, LONGNET, UNION, compile_here, key, main, report,  # noqa: E402
+                      spec, timed)
 
 # (name, pattern, layout, L): correctness at 16384 (LongNet at 65536, where
 # its last branch spans two ranks' rows), speed at 131072.
@@ -166,29 +166,9 @@ def run(pkgs, out_dir, checks_only=False):
                 f"{r.get('ring_backward_ms', float('nan')):.1f} | "
                 f"{r.get('ideal_ms', float('nan')):.1f} | "
                 f"{100 * r.get('efficiency', float('nan')):.0f} |")
-        table = "\n".join(lines)
-        print(table)
-        if out_dir:
-            with open(os.path.join(out_dir, "ring_gpu_backward.md"), "w") as f:
-                f.write(table + "\n")
-            with open(os.path.join(out_dir, "ring_gpu_backward.json"), "w") as f:
-                json.dump(rows, f, indent=1)
-        print(f"{len(rows) - failed} passed, {failed} failed")
+        report(lines, rows, failed, out_dir, "ring_gpu_backward")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--build")
-    ap.add_argument("--packages")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--out")
-    ap.add_argument("--checks-only", action="store_true",
-                    help="run the correctness cases only (no timings)")
-    a = ap.parse_args()
-    if a.build:
-        build(a.build, a.ranks)
-    elif a.packages:
-        run(a.packages, a.out, a.checks_only)
-    else:
-        ap.error("give --build DIR (here) or --packages DIR (under torchrun)")
+    main(build, run)

@@ -524,6 +524,16 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
 /// rounds off (bench/gpu_rounds_ab.py compares both), and ATTN_GPU_ROUNDS=N
 /// takes N pairs a round wherever rounds are possible: in packages without
 /// element-wise kernels (init and finalize cover every pair at once).
+/// The element strides (batch, head, row) of strided q, k (and v) and out
+/// into the kernels' arguments; contiguous tensors keep the defaults.
+static void setStrides(KernelArgs &a, const Tensor &q, const Tensor &k,
+                       const Tensor &out) {
+  for (auto [t, to] : {std::pair{&q, a.qStrides}, {&k, a.kStrides},
+                       {&out, a.oStrides}})
+    if (!t->strides.empty())
+      std::copy(t->strides.begin(), t->strides.begin() + 3, to);
+}
+
 static int64_t pairsPerLaunch(const GpuModule &g, const KernelArgs &a) {
   const int64_t all = a.B * a.H;
   const char *rounds = std::getenv("ATTN_GPU_ROUNDS");
@@ -632,14 +642,7 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   args.Lq = Lq;
   args.Lk = Lk;
   args.qOrigin = args.qPos = Lk - Lq; // bottom-right alignment
-  // Strided q, k, v and out (checked by checkArguments): their element
-  // strides.
-  if (!q.strides.empty())
-    std::copy(q.strides.begin(), q.strides.begin() + 3, args.qStrides);
-  if (!k.strides.empty())
-    std::copy(k.strides.begin(), k.strides.begin() + 3, args.kStrides);
-  if (!out.strides.empty())
-    std::copy(out.strides.begin(), out.strides.begin() + 3, args.oStrides);
+  setStrides(args, q, k, out); // (checked by checkArguments)
   // The state between the kernels lives in the package's scratch (or in
   // out and the lse, which may be scratch too): a call on another stream
   // than the last one waits for that call's kernels, so that two streams
@@ -747,14 +750,7 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   args.Lq = Lq;
   args.Lk = Lk;
   args.qOrigin = args.qPos = Lk - Lq; // bottom-right, as runGpu
-  // Strided q, k, v and out (checked by runBackward); grad_out shares
-  // q's strides.
-  if (!q.strides.empty())
-    std::copy(q.strides.begin(), q.strides.begin() + 3, args.qStrides);
-  if (!k.strides.empty())
-    std::copy(k.strides.begin(), k.strides.begin() + 3, args.kStrides);
-  if (!out.strides.empty())
-    std::copy(out.strides.begin(), out.strides.begin() + 3, args.oStrides);
+  setStrides(args, q, k, out); // (checked by runBackward; grad_out has q's)
   args.gradOut = dev(gradOut.data);
   args.dq = dev(dq.data);
   args.dk = dev(dk.data);

@@ -383,7 +383,9 @@ class Package:
         copy; k and v share strides), out contiguous or a view of the same
         kind (kernels write the [B, H, L, D] view of a [B, L, H, D] tensor in
         place); lengths is an int32 tensor on that device. GPU kernels are
-        queued on the current CUDA stream. `out` may give the output buffer.
+        queued on the current CUDA stream. `out` may give the output buffer;
+        otherwise it is allocated in q's layout (torch.empty_like(q): a
+        [B,H,L,D] view of a [B,L,H,D] q gets a [B,L,H,D]-ordered out).
         Returns the output [B,H,Lq,D], and the LSE [B,H,Lq] (float32) with
         return_lse=True.
 

@@ -74,15 +74,17 @@ def compile_here(s, path):
         raise SystemExit(r.stderr)
 
 
-def build(out, ranks):
+def build(out, ranks, cases=None, make_spec=spec):
+    """Each case's ring package and its single-GPU twin (specs from
+    make_spec) into `out`; cases default to this bench's."""
     os.makedirs(out, exist_ok=True)
-    for name, pattern, layout, L in CHECKS + SPEED:
+    for name, pattern, layout, L in cases or CHECKS + SPEED:
         k = key(name, layout, L)
         t0 = time.time()
-        compile_here(spec(name, pattern, L, layout, ranks), os.path.join(out, k))
+        compile_here(make_spec(name, pattern, L, layout, ranks), os.path.join(out, k))
         single = os.path.join(out, f"{name}_single_{L}")
         if not os.path.exists(single):
-            compile_here(spec(name, pattern, L), single)
+            compile_here(make_spec(name, pattern, L), single)
         print(f"{k:32s} {time.time() - t0:.2f} s", flush=True)
 
 

@@ -25,14 +25,13 @@ time / ranks.
 import json
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 sys.path.insert(0, HERE)
 import attn  # noqa: E402
-from ring_gpu import (H, D, LONGNET, UNION, compile_here, key, main, report,  # noqa: E402
-                      spec, timed)
+import ring_gpu  # noqa: E402
+from ring_gpu import H, D, LONGNET, UNION, key, main, report, spec, timed  # noqa: E402
 
 # (name, pattern, layout, L): correctness at 16384 (LongNet at 65536, where
 # its last branch spans two ranks' rows), speed at 131072.
@@ -54,15 +53,7 @@ def backward_spec(name, pattern, L, layout=None, ranks=None):
 
 
 def build(out, ranks):
-    os.makedirs(out, exist_ok=True)
-    for name, pattern, layout, L in CHECKS + SPEED:
-        k = key(name, layout, L)
-        t0 = time.time()
-        compile_here(backward_spec(name, pattern, L, layout, ranks), os.path.join(out, k))
-        single = os.path.join(out, f"{name}_single_{L}")
-        if not os.path.exists(single):
-            compile_here(backward_spec(name, pattern, L), single)
-        print(f"{k:32s} {time.time() - t0:.2f} s", flush=True)
+    ring_gpu.build(out, ranks, CHECKS + SPEED, backward_spec)
 
 
 def rel(a, b):

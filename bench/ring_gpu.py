@@ -128,27 +128,36 @@ def fmt(x):
     return f"{x:.2f}" if isinstance(x, float) else str(x)
 
 
-def run(pkgs, out_dir, checks_only=False):
+def start():
+    """This process's rank of the NCCL process group torchrun describes, on
+    its GPU: (torch.distributed, rank, ranks, device)."""
     import torch
     import torch.distributed as dist
     dist.init_process_group("nccl")
     rank, ranks = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dev = torch.device("cuda")
-    rows, failed = [], 0
+    return dist, rank, ranks, torch.device("cuda")
 
-    def inputs(L, seed):
-        g = torch.Generator(device=dev).manual_seed(seed)
-        q = torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
-        k = torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
-        v = torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
-        return q, k, v
+
+def random_inputs(L, seed, dev, n=3):
+    """n global [1, H, L, D] bf16 tensors (q, k, v, ...), the same on every
+    rank (one generator, seeded)."""
+    import torch
+    g = torch.Generator(device=dev).manual_seed(seed)
+    return [torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
+            for _ in range(n)]
+
+
+def run(pkgs, out_dir, checks_only=False):
+    import torch
+    dist, rank, ranks, dev = start()
+    rows, failed = [], 0
 
     for i, (name, pattern, layout, L) in enumerate(CHECKS + ([] if checks_only else SPEED)):
         speed = i >= len(CHECKS)
         ring = attn.load(os.path.join(pkgs, key(name, layout, L)))
         ring.join()
-        q, k, v = inputs(L, seed=100 + i)
+        q, k, v = random_inputs(L, 100 + i, dev)
         lengths = torch.tensor([L - 1000], device=dev, dtype=torch.int32) if name == "tokenized" else None
         lq, lk, lv = (ring.shard(t) for t in (q, k, v))  # this rank's rows
         out = torch.full_like(lq, float("nan"))

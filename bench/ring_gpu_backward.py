@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "python"))
 sys.path.insert(0, HERE)
 import attn  # noqa: E402
 import ring_gpu  # noqa: E402
-from ring_gpu import H, D, LONGNET, UNION, key, main, report, spec, timed  # noqa: E402
+from ring_gpu import (LONGNET, UNION, key, main, random_inputs, report, spec,  # noqa: E402
+                      start, timed)
 
 # (name, pattern, layout, L): correctness at 16384 (LongNet at 65536, where
 # its last branch spans two ranks' rows), speed at 131072.
@@ -63,17 +64,8 @@ def rel(a, b):
 
 def run(pkgs, out_dir, checks_only=False):
     import torch
-    import torch.distributed as dist
-    dist.init_process_group("nccl")
-    rank, ranks = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dev = torch.device("cuda")
+    dist, rank, ranks, dev = start()
     rows, failed = [], 0
-
-    def inputs(L, seed):
-        g = torch.Generator(device=dev).manual_seed(seed)
-        return [torch.randn(1, H, L, D, device=dev, dtype=torch.bfloat16, generator=g)
-                for _ in range(4)]  # q, k, v, grad_out
 
     def gathered(x):
         parts = [torch.empty_like(x) for _ in range(ranks)]
@@ -89,7 +81,7 @@ def run(pkgs, out_dir, checks_only=False):
         speed = i >= len(CHECKS)
         ring = attn.load(os.path.join(pkgs, key(name, layout, L)))
         ring.join()
-        q, k, v, go = inputs(L, seed=200 + i)
+        q, k, v, go = random_inputs(L, 200 + i, dev, n=4)
         lengths = (torch.tensor([L - 1000], device=dev, dtype=torch.int32)
                    if name == "tokenized" else None)
         lq, lk, lv, lg = (ring.shard(t) for t in (q, k, v, go))

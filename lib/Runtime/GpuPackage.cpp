@@ -510,6 +510,16 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   return true;
 }
 
+/// The element strides (batch, head, row) of strided q, k (and v) and out
+/// into the kernels' arguments; contiguous tensors keep the defaults.
+static void setStrides(KernelArgs &a, const Tensor &q, const Tensor &k,
+                       const Tensor &out) {
+  for (auto [t, to] : {std::pair{&q, a.qStrides}, {&k, a.kStrides},
+                       {&out, a.oStrides}})
+    if (!t->strides.empty())
+      std::copy(t->strides.begin(), t->strides.begin() + 3, to);
+}
+
 /// How many (batch, head) pairs each round of a package's kernels takes:
 /// all of them, or where the kernels are a chain of dependent launches that
 /// starts its state afresh (`begin`, no init or finalize) and every kernel
@@ -524,16 +534,6 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
 /// rounds off (bench/gpu_rounds_ab.py compares both), and ATTN_GPU_ROUNDS=N
 /// takes N pairs a round wherever rounds are possible: in packages without
 /// element-wise kernels (init and finalize cover every pair at once).
-/// The element strides (batch, head, row) of strided q, k (and v) and out
-/// into the kernels' arguments; contiguous tensors keep the defaults.
-static void setStrides(KernelArgs &a, const Tensor &q, const Tensor &k,
-                       const Tensor &out) {
-  for (auto [t, to] : {std::pair{&q, a.qStrides}, {&k, a.kStrides},
-                       {&out, a.oStrides}})
-    if (!t->strides.empty())
-      std::copy(t->strides.begin(), t->strides.begin() + 3, to);
-}
-
 static int64_t pairsPerLaunch(const GpuModule &g, const KernelArgs &a) {
   const int64_t all = a.B * a.H;
   const char *rounds = std::getenv("ATTN_GPU_ROUNDS");

@@ -2,13 +2,16 @@
 """Times the backward pass of attn's GPU packages ("backward": true) against
 PyTorch's SDPA (causal, dense) and FlexAttention (compiled, with its block
 mask) on the same inputs, in one process on one GPU: B=1, H=16, D=128,
-bf16. Each row is the median of 10 timed calls (CUDA events) after warm-up;
+bf16. attn's gradients are bf16 in q's, k's and v's layouts, as the peers'
+are, where the package stores them (one component: Package.stores_gradients;
+--f32 takes the float32 gradients instead). Each row is the median of 10
+timed calls (CUDA events) after warm-up;
 FLOP/s count the attended pairs, 10 * pairs * D per backward (the 2.5x of
 the forward's 4 that FlashAttention's papers use). Packages come from
 $ATTN_GPU_PACKAGES/bench_grad_<pattern>_<L> (bench/gpu/grad_specs/*.json,
 built by scripts/build_gpu_packages.py).
 
-    ATTN_GPU_PACKAGES=DIR python3 bench/gpu_backward.py [--lens 8192,32768] [--attn-only]
+    ATTN_GPU_PACKAGES=DIR python3 bench/gpu_backward.py [--lens 8192,32768] [--attn-only] [--f32]
 
 (--attn-only: attn's rows alone, for A/B runs of two builds.)"""
 
@@ -24,6 +27,8 @@ import attn
 ap = argparse.ArgumentParser()
 ap.add_argument("--lens", default="8192,32768")
 ap.add_argument("--attn-only", action="store_true", help="time attn alone (no peers)")
+ap.add_argument("--f32", action="store_true",
+                help="attn's float32 gradients even where the package stores bf16 ones")
 args = ap.parse_args()
 PKGS = os.environ["ATTN_GPU_PACKAGES"]
 B, H, D = 1, 16, 128
@@ -61,8 +66,15 @@ for L in [int(x) for x in args.lens.split(",")]:
             continue
         pkg = attn.load(path)
         out, lse = pkg(q, k, v, return_lse=True)
-        ours = timed(lambda: pkg.backward(q, k, v, out, lse, g))
-        row = {"L": L, "pattern": pattern, "attn_us": ours}
+        # (A runtime from before stored gradients has no stores_gradients.)
+        stored = getattr(pkg, "stores_gradients", False) and not args.f32
+        if stored:
+            ours = timed(lambda: pkg.backward(q, k, v, out, lse, g, grads=tuple(
+                torch.empty_like(x) for x in (q, k, v))))
+        else:
+            ours = timed(lambda: pkg.backward(q, k, v, out, lse, g))
+        row = {"L": L, "pattern": pattern, "grads": "bf16" if stored else "f32",
+               "attn_us": ours}
         if args.attn_only:
             row["attn_tflops"] = 10 * pairs(pattern, L) * D * B * H / ours / 1e6
             rows.append(row)

@@ -121,11 +121,15 @@ attn_status attn_package_dedup_keys(attn_package *package, const int64_t *tokens
 /* The backward pass (docs/Backward.md), for packages compiled with
  * "backward": true: from the forward's inputs, its out and lse, and grad_out
  * (the gradient of out, like out), writes dq, dk and dv (f32, contiguous,
- * shaped like q, k and v). lengths and key_bias as the package requires,
- * else NULL. Every tensor is contiguous. For GPU packages the pointers are
- * device memory; attn_package_run_backward runs on the default stream and
- * waits for it. */
+ * shaped like q, k and v). Packages for which
+ * attn_package_stores_gradients is 1 (GPU packages of one component,
+ * docs/Backward.md) also take dq, dk and dv of the input type, in any layout
+ * whose rows are contiguous (dk and dv sharing one), and store into them.
+ * lengths and key_bias as the package requires, else NULL. For GPU packages
+ * the pointers are device memory; attn_package_run_backward runs on the
+ * default stream and waits for it. */
 int attn_package_has_backward(const attn_package *package);
+int attn_package_stores_gradients(const attn_package *package);
 attn_status attn_package_run_backward(
     attn_package *package, const attn_tensor *q, const attn_tensor *k,
     const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,

@@ -207,6 +207,10 @@ int attn_package_has_backward(const attn_package *package) {
   return package && package->impl->hasBackward();
 }
 
+int attn_package_stores_gradients(const attn_package *package) {
+  return package && package->impl->storesGradients();
+}
+
 namespace {
 /// The C tensors of a backward call (lengths and key_bias may be null).
 struct BackwardTensors {

@@ -114,6 +114,9 @@ struct GpuModule {
   /// A component kernel after the first may start while the one before
   /// finishes: it waits for that one's results (griddepcontrol.wait).
   bool dependentLaunch = false;
+  /// The backward kernels may store gradients of the input type (one
+  /// component writes each element once) instead of adding into f32 ones.
+  bool storesGrads = false;
   /// K's and V's TMA tensor maps last encoded (launchKernel): the same
   /// tensor, shape and period give the same map, so the kernels of a call
   /// and of the calls after it on the same tensors reuse it instead of
@@ -200,9 +203,13 @@ struct KernelArgs {
   int64_t qStrides[3] = {0, 0, 0}, kStrides[3] = {0, 0, 0};
   int64_t oStrides[3] = {0, 0, 0};
   /// The backward kernels' own buffers (ConvertToGpu.cpp's gradKernelType):
-  /// grad_out (16-bit, like out), and dq, dk, dv and delta in f32, all
-  /// contiguous.
+  /// grad_out (16-bit, at q's strides), delta (f32), and dq, dk, dv: f32
+  /// and contiguous, which the kernels add into, or (gradStore, packages
+  /// with "stores_grads") of the input type at dqStrides and dkStrides (dk
+  /// and dv share them), which they store.
   CUdeviceptr gradOut = 0, dq = 0, dk = 0, dv = 0, delta = 0;
+  int64_t gradStore = 0;
+  int64_t dqStrides[3] = {0, 0, 0}, dkStrides[3] = {0, 0, 0};
 };
 
 /// Launches `kernel` with the grid of docs/Package.md on `stream`; with

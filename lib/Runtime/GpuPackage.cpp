@@ -125,6 +125,8 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   g.headDim = args_.at(0).shape.at(3);
   g.tensorMaps = m.value("tensor_maps", false);
   g.dependentLaunch = m.value("dependent_launch", false);
+  g.storesGrads =
+      m.contains("backward") && m.at("backward").value("stores_grads", false);
 
   std::string cubinPath = dir_ + "/" + m.at("cubin").get<std::string>();
   std::ifstream in(cubinPath, std::ios::binary);
@@ -376,11 +378,13 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   // k_origin, row_len_shift, q_pos, k_pos, pos_stride, bh_offset and the
   // strides (batch, head, row) of q, of k and v, and of out.
   // The backward kernels take grad_out, dq, dk, dv and delta after the
-  // scalars (and no tensor maps).
+  // scalars (and no tensor maps), then whether they store the gradients
+  // and the strides of stored dq and of stored dk and dv.
   constexpr int kDescriptors = 11, kWords = 5 * kDescriptors + 18;
-  constexpr int kGradDescriptors = 5;
+  constexpr int kGradDescriptors = 5, kGradScalars = 7;
+  constexpr int kGradWords = 5 * kGradDescriptors + kGradScalars;
   const bool grad = kernel.kind.rfind("grad_", 0) == 0;
-  int64_t words[kWords + 5 * kGradDescriptors];
+  int64_t words[kWords + kGradWords];
   auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
     putMemref(words + 5 * slot, uintptr_t(ptr), size);
   };
@@ -425,15 +429,21 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   std::copy(ks, ks + 3, scalars + 12);
   std::copy(os, os + 3, scalars + 15);
   if (grad) {
+    // Stored gradients: 16-bit elements at their strides (the descriptors'
+    // sizes count f32 elements; the kernels address them by hand).
     const int64_t kvElements = a.B * a.Hkv * a.Lk * a.D;
     putMemref(words + kWords, uintptr_t(a.gradOut), span(qs, a.B, a.H, a.Lq));
     putMemref(words + kWords + 5, uintptr_t(a.dq), rows * a.D);
     putMemref(words + kWords + 10, uintptr_t(a.dk), kvElements);
     putMemref(words + kWords + 15, uintptr_t(a.dv), kvElements);
     putMemref(words + kWords + 20, uintptr_t(a.delta), rows);
+    int64_t *gradScalars = words + kWords + 5 * kGradDescriptors;
+    gradScalars[0] = a.gradStore;
+    std::copy(a.dqStrides, a.dqStrides + 3, gradScalars + 1);
+    std::copy(a.dkStrides, a.dkStrides + 3, gradScalars + 4);
   }
-  const int numWords = grad ? kWords + 5 * kGradDescriptors : kWords;
-  void *params[kWords + 5 * kGradDescriptors + 2];
+  const int numWords = grad ? kWords + kGradWords : kWords;
+  void *params[kWords + kGradWords + 2];
   for (int i = 0; i < numWords; ++i)
     params[i] = &words[i];
   // TMA packages: K's and V's tensor maps, by value; only component
@@ -724,10 +734,13 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
     return false;
   CUresult rc = g.stateOrder.waitIfOtherStream(d, stream);
   auto dev = [](const void *p) { return CUdeviceptr(uintptr_t(p)); };
-  // The kernels add every component's share into the gradients.
+  // The kernels add every component's share into f32 gradients, zeroed
+  // here, or store gradients of the input type (checkGradients allowed
+  // those only where the package stores them): every element once.
+  const bool store = dq.dtype != "f32";
   for (auto [t, n] : {std::pair{&dq, rows * D}, {&dk, B * Hkv * Lk * D},
                       {&dv, B * Hkv * Lk * D}})
-    if (rc == CUDA_SUCCESS)
+    if (rc == CUDA_SUCCESS && !store)
       rc = d.cuMemsetD8Async(dev(t->data), 0, size_t(n) * 4, stream);
   if (rc != CUDA_SUCCESS) {
     error = describe(d, rc, "zeroing the gradients");
@@ -756,6 +769,12 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   args.dk = dev(dk.data);
   args.dv = dev(dv.data);
   args.delta = g.scratch;
+  if (store) {
+    args.gradStore = 1;
+    std::vector<int64_t> dqs = stridesOf(dq), dks = stridesOf(dk);
+    std::copy(dqs.begin(), dqs.begin() + 3, args.dqStrides);
+    std::copy(dks.begin(), dks.begin() + 3, args.dkStrides);
+  }
   for (const GpuKernel &kernel : g.gradKernels)
     if (kernel.kind != "grad_add" &&
         !launchKernel(g, kernel, args, stream, error))
@@ -767,6 +786,8 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   return true;
 }
+
+bool Package::storesGradients() const { return gpu_ && gpu_->storesGrads; }
 
 int64_t Package::dedupMaxLen() const {
   return gpu_ ? gpu_->dedupMaxLen : 0;

@@ -52,7 +52,7 @@ static bool readManifest(const std::string &dir, json &m, std::string &error) {
     // q's and k's strides (3), then out's (4), and the backward kernels
     // read q, k, v, out and grad_out through them (5); cpu packages stay
     // at 1.
-    const int want = m.value("target", "cpu") == "cpu" ? 1 : 5;
+    const int want = m.value("target", "cpu") == "cpu" ? 1 : 6;
     if (m.value("version", 0) != want)
       throw std::runtime_error(
           "manifest version " + std::to_string(m.value("version", 0)) +
@@ -498,9 +498,15 @@ bool Package::checkGradients(const Tensor &q, const Tensor &k,
                              const Tensor &gradOut, const Tensor &dq,
                              const Tensor &dk, const Tensor &dv,
                              std::string &error) const {
-  // The gradients are f32 (the manifest's dtype for them); grad_out is
-  // like out.
-  const std::string gradDtype = backwardArgs_.back().dtype;
+  // The gradients are contiguous f32 (the manifest's dtype for them), or
+  // where the package stores them (GPU packages with "stores_grads"), of
+  // the input type in any layout whose rows are contiguous, as dq says;
+  // grad_out is like out.
+  const bool store = storesGradients() && dq.dtype == q.dtype;
+  const std::string gradDtype = store ? q.dtype : backwardArgs_.back().dtype;
+  const std::string orStored =
+      storesGradients() ? " (or " + q.dtype + ", which this package stores)"
+                        : "";
   const std::tuple<const char *, const Tensor *, const Tensor *, std::string>
       likes[] = {{"grad_out", &gradOut, &out, out.dtype},
                  {"dq", &dq, &q, gradDtype},
@@ -514,7 +520,8 @@ bool Package::checkGradients(const Tensor &q, const Tensor &k,
     }
     if (t.dtype != dtype || t.shape != like.shape) {
       error = std::string(name) + ": " + t.dtype + " " + shapeString(t.shape) +
-              " must be " + dtype + " " + shapeString(like.shape);
+              " must be " + dtype + " " + shapeString(like.shape) +
+              (tp == &dq ? orStored : "");
       return false;
     }
     if (tp == &gradOut) {
@@ -529,8 +536,20 @@ bool Package::checkGradients(const Tensor &q, const Tensor &k,
       }
       continue;
     }
-    if (!checkStrides(t, name, false, false, false, error))
+    if (!checkStrides(t, name, store, store, false, error))
       return false;
+    if (store && !t.strides.empty() && !elementsApart(t)) {
+      error = std::string(name) + ": strides " + shapeString(t.strides) +
+              " make elements of shape " + shapeString(t.shape) +
+              " overlap (a stored gradient must be a view without repeated "
+              "elements)";
+      return false;
+    }
+  }
+  if (store && stridesOf(dk) != stridesOf(dv)) {
+    error = "dv: strides " + shapeString(stridesOf(dv)) + " differ from dk's " +
+            shapeString(stridesOf(dk)) + " (stored dk and dv share a layout)";
+    return false;
   }
   return true;
 }

@@ -297,8 +297,10 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
   for (const nlohmann::json &k : kernels)
     needsState |= k["kind"] != "single";
   // The backward pass ("backward": true): its kernels, their order and its
-  // arguments. GPU packages write the gradients in f32 (the kernels add
-  // every component's share into them).
+  // arguments. GPU packages add every component's share into f32
+  // gradients; where one component writes each element once
+  // ("stores_grads"), they also store gradients of the input type in any
+  // layout (docs/Package.md).
   nlohmann::json backward;
   if (gpuModule->hasAttr("attn.backward_order")) {
     nlohmann::json gradKernels, gradOrder;
@@ -313,7 +315,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
                              .str()},
                 {"args", gradArgs},
                 {"kernels", gradKernels},
-                {"launch_order", gradOrder}};
+                {"launch_order", gradOrder},
+                {"stores_grads", gpuModule->hasAttr("attn.stores_grads")}};
   }
 
   // Packages with key_ids: the dedup kernels (DedupKernel.h), which the
@@ -407,8 +410,9 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
 
   nlohmann::json manifest = {
       {"format", "attn-package"},
-      {"version", 5}, // 3: kernels take q's and k's strides, 4: out's,
-                      // 5: grad kernels read through them (Package.md)
+      {"version", 6}, // 3: kernels take q's and k's strides, 4: out's,
+                      // 5: grad kernels read through them, 6: and may store
+                      // the gradients (Package.md)
       {"target", arch},
       {"name", spec.name},
       {"dtype", spec.dtype},

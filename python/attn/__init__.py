@@ -187,6 +187,7 @@ def _runtime():
         lib.attn_package_run_biased.argtypes = [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 7
         lib.attn_package_uses_key_bias.argtypes = [ctypes.c_void_p]
         lib.attn_package_has_backward.argtypes = [ctypes.c_void_p]
+        lib.attn_package_stores_gradients.argtypes = [ctypes.c_void_p]
         lib.attn_package_run_backward.argtypes = ([ctypes.c_void_p]
                                                   + [ctypes.POINTER(_Tensor)] * 11)
         lib.attn_package_run_backward_async.argtypes = ([ctypes.c_void_p]
@@ -311,6 +312,9 @@ class Package:
         self.uses_key_ids = bool(lib.attn_package_uses_key_ids(handle))
         self.has_lse = bool(lib.attn_package_has_lse(handle))
         self.has_backward = bool(lib.attn_package_has_backward(handle))
+        # GPU packages of one component store gradients of the input type
+        # in any layout (backward's `grads`); the others add into float32.
+        self.stores_gradients = bool(lib.attn_package_stores_gradients(handle))
         self.ranks = int(lib.attn_package_ranks(handle))  # 0: not a ring package
         # GPU kernels run only in the CUDA context they were loaded in: the
         # package loads itself again for each further GPU its tensors are on.
@@ -466,19 +470,30 @@ class Package:
         """The longest sequence dedup_keys takes (0: no dedup_keys kernel)."""
         return int(_runtime().attn_package_dedup_max_len(self._handle))
 
-    def backward(self, q, k, v, out, lse, grad_out, lengths=None, key_bias=None):
+    def backward(self, q, k, v, out, lse, grad_out, lengths=None, key_bias=None,
+                 grads=None):
         """The backward pass (docs/Backward.md) of a package compiled with
         "backward": true: from the forward's q, k, v (and its lengths and
         key_bias, as the package takes them), its out and lse
         (pkg(q, k, v, return_lse=True)) and grad_out, the gradient of a loss
         with respect to out, returns (dq, dk, dv) in float32 shaped like q,
         k and v: NumPy arrays on the CPU target, CUDA tensors (queued on the
-        current stream) on GPU targets. key_bias gets no gradient."""
+        current stream) on GPU targets. key_bias gets no gradient.
+
+        GPU targets: `grads`, a tuple (dq, dk, dv) of CUDA tensors, are
+        written and returned instead of new ones: contiguous float32, or
+        where `stores_gradients` (one component writes every element once)
+        of the inputs' dtype in any layout whose rows are contiguous, dk and
+        dv sharing one (torch.empty_like(q), ...: no float32 pass)."""
         if not self.has_backward:
             raise AttnError(f"package {self.manifest['name']} has no backward pass: "
                             "compile it with \"backward\": true")
         if _is_torch(q):
-            return self._backward_torch(q, k, v, out, lse, grad_out, lengths, key_bias)
+            return self._backward_torch(q, k, v, out, lse, grad_out, lengths, key_bias,
+                                        grads)
+        if grads is not None:
+            raise AttnError("grads: only GPU packages on CUDA tensors take gradients "
+                            "to write into")
         if self.target != "cpu":
             raise AttnError(f"package {self.manifest['name']} targets {self.target}: "
                             "pass PyTorch CUDA tensors")
@@ -517,14 +532,15 @@ class Package:
         self.bytes_sent = list(sent)
         return grads
 
-    def _backward_torch(self, q, k, v, out, lse, grad_out, lengths, key_bias):
+    def _backward_torch(self, q, k, v, out, lse, grad_out, lengths, key_bias,
+                        grads=None):
         """backward() on PyTorch CUDA tensors: q, k, v and out contiguous or
         strided views as the forward takes them, grad_out read in q's layout
-        (see _torch_backward_args), the gradients new contiguous float32
-        tensors, the kernels on the current stream."""
+        (see _torch_backward_args), the gradients `grads` or new contiguous
+        float32 tensors, the kernels on the current stream."""
         import torch
         args, grads, _ = self._torch_backward_args(q, k, v, out, lse, grad_out, lengths,
-                                                   key_bias)
+                                                   key_bias, grads)
         lib = _runtime()
         device = q.device.index
         handle = self._handle_on(device)
@@ -534,10 +550,11 @@ class Package:
             raise AttnError(lib.attn_last_error().decode())
         return grads
 
-    def _torch_backward_args(self, q, k, v, out, lse, grad_out, lengths, key_bias):
+    def _torch_backward_args(self, q, k, v, out, lse, grad_out, lengths, key_bias,
+                             grads=None):
         """attn_package_run_backward's tensor arguments on PyTorch CUDA
-        tensors: (pointers in its order, the new float32 gradients dq, dk,
-        dv, the objects the pointers need)."""
+        tensors: (pointers in its order, the gradients dq, dk, dv (`grads`,
+        or new float32 ones), the objects the pointers need)."""
         import torch
         if not isinstance(grad_out, torch.Tensor) or grad_out.dtype != q.dtype or \
                 grad_out.shape != q.shape or grad_out.device != q.device:
@@ -559,7 +576,10 @@ class Package:
         def f32(name, x):
             if not isinstance(x, torch.Tensor) or x.device != q.device or \
                     x.dtype != torch.float32 or not x.is_contiguous():
-                raise AttnError(f"{name}: expected a contiguous float32 tensor on {q.device}")
+                stored = (f" (or a {q.dtype} tensor, which this package stores)"
+                          if self.stores_gradients else "")
+                raise AttnError(f"{name}: expected a contiguous float32 tensor{stored} "
+                                f"on {q.device}")
             shape, _ = _c_layout(x.shape)
             c = _Tensor(x.data_ptr(), shape, len(shape), _F32, None)
             keep.append((x, shape, c))
@@ -569,10 +589,30 @@ class Package:
         shape, strides = _c_layout(grad_out.shape, grad_out.stride())
         keep.append((shape, strides))
         tg = _Tensor(grad_out.data_ptr(), shape, len(shape), code, strides)
-        grads = [torch.empty(x.shape, device=q.device, dtype=torch.float32) for x in (q, k, v)]
+        def stored(name, x, like):
+            # The input's dtype and shape in any layout with contiguous rows
+            # (the runtime checks the strides and that dk and dv share them).
+            if not isinstance(x, torch.Tensor) or x.device != q.device or \
+                    x.dtype != like.dtype or x.shape != like.shape:
+                raise AttnError(f"{name}: expected a float32 tensor, or a {like.dtype} "
+                                f"tensor (this package stores gradients), shaped "
+                                f"{tuple(like.shape)} on {q.device}")
+            shape, strides = _c_layout(x.shape, x.stride())
+            c = _Tensor(x.data_ptr(), shape, len(shape), code, strides)
+            keep.append((x, shape, strides, c))
+            return ctypes.byref(c)
+
+        if grads is None:
+            grads = [torch.empty(x.shape, device=q.device, dtype=torch.float32)
+                     for x in (q, k, v)]
+        elif not isinstance(grads, (tuple, list)) or len(grads) != 3:
+            raise AttnError("grads: expected a tuple (dq, dk, dv)")
         ptrs = t["ptrs"]
         args = ptrs[:3] + [ptrs[4], f32("lse", lse), ctypes.byref(tg), ptrs[3], t["bias"]]
-        args += [f32(n, g) for n, g in zip(("dq", "dk", "dv"), grads)]
+        store = self.stores_gradients and isinstance(grads[0], torch.Tensor) and \
+            grads[0].dtype == q.dtype
+        for n, g, x in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+            args.append(stored(n, g, x) if store else f32(n, g))
         return args, tuple(grads), keep
 
     def run_ranks(self, q, k, v, lengths=None, return_lse=False):

@@ -94,9 +94,11 @@ def run_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
                  grad_lse: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
                  key_bias: Optional[torch.Tensor],
                  package: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The package's backward kernels: float32 dq, dk, dv. grad_lse is the
-    gradient that reached a returned lse (None where the lse was computed
-    for the backward only); it must be zero."""
+    """The package's backward kernels: dq, dk, dv in float32, or where the
+    package stores gradients (Package.stores_gradients) in the inputs' dtype
+    and layout (torch.empty_like). grad_lse is the gradient that reached a
+    returned lse (None where the lse was computed for the backward only); it
+    must be zero."""
     pkg = _registry.get(package)
     if pkg is None:
         raise AttnError(f"attn::run backward: package {package} was freed; keep the "
@@ -108,13 +110,22 @@ def run_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.T
     if grad_lse is not None and bool(grad_lse.ne(0).any()):
         raise AttnError(f"package {name}: the backward pass takes no gradient through "
                         "the lse; detach the lse before using it in a loss")
-    return pkg.backward(q, k, v, out, lse, grad_out, lengths=lengths, key_bias=key_bias)
+    return pkg.backward(q, k, v, out, lse, grad_out, lengths=lengths, key_bias=key_bias,
+                        grads=_new_grads(pkg, q, k, v))
+
+
+def _new_grads(pkg, q, k, v):
+    """The gradients run_backward returns, new: in the inputs' dtype and
+    layout where the package stores them (no float32 pass), else float32."""
+    if pkg is not None and pkg.stores_gradients:
+        return tuple(torch.empty_like(x) for x in (q, k, v))
+    return tuple(torch.empty(x.shape, dtype=torch.float32, device=x.device)
+                 for x in (q, k, v))
 
 
 @run_backward.register_fake
 def _(q, k, v, out, lse, grad_out, grad_lse, lengths, key_bias, package):
-    f32 = lambda x: torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    return f32(q), f32(k), f32(v)
+    return _new_grads(_registry.get(package), q, k, v)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -148,10 +159,10 @@ def _backward(ctx, grad_out, grad_lse):
     returned = grad_lse if ctx.lse_mode == LSE_RETURNED else None
     dq, dk, dv = torch.ops.attn.run_backward(q, k, v, out, lse, grad_out, returned,
                                              lengths, key_bias, package)
-    # Each gradient in its input's dtype and layout, in one pass (a
-    # [B, H, L, D] view of a [B, L, H, D] tensor gets a gradient whose
-    # transpose back is a view).
-    like = lambda g, x: torch.empty_like(x).copy_(g)
+    # Each gradient in its input's dtype and layout: as the kernels stored
+    # it, or from float32 in one pass (a [B, H, L, D] view of a [B, L, H, D]
+    # tensor gets a gradient whose transpose back is a view).
+    like = lambda g, x: g if g.dtype == x.dtype else torch.empty_like(x).copy_(g)
     wanted = ctx.needs_input_grad
     return (like(dq, q) if wanted[0] else None, like(dk, k) if wanted[1] else None,
             like(dv, v) if wanted[2] else None, None, None, None, None, None)

@@ -115,6 +115,8 @@ GRAD_CASES = [
           head_dim=64),
     _spec("grad_local_sym", {"local": {"window": 70, "causal": False}}, heads=2),
     _spec("grad_strided", {"strided": {"stride": 16, "local": 16}}, heads=2),
+    # One component over every residue class (attn.sparse's strided mode).
+    _spec("grad_strided_residues", {"strided": {"stride": 16, "local": 1}}, heads=2),
     _spec("grad_longnet_sum", {"sum": LONGNET_SMALL}, heads=4),
     _spec("grad_longnet_union", {"union": LONGNET_SMALL}, heads=4),
     _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},

@@ -128,24 +128,27 @@ def test_strided_tensors_are_checked_through_the_c_api():
 
 
 def test_gpu_package_of_another_version_is_refused(tmp_path):
-    """GPU packages are manifest version 5 (kernels take bh_offset and the
-    strides of q, k and out, and the backward kernels read through them):
+    """GPU packages are manifest version 6 (kernels take bh_offset and the
+    strides of q, k and out, the backward kernels read through them and may
+    store the gradients):
     one written by an older attn-compile is refused with a clear error,
     before any GPU is touched."""
     import json
     import subprocess
     spec = {"name": "v", "dtype": "bf16", "heads": 2, "head_dim": 64,
-            "pattern": {"causal": {}}}
+            "pattern": {"causal": {}}, "backward": True}
     (tmp_path / "v.json").write_text(json.dumps(spec))
     pkg_dir = tmp_path / "pkg"
     subprocess.run([attn._tool("attn-compile"), str(tmp_path / "v.json"), "-o", str(pkg_dir),
                     "--target", "sm_90a", "--quiet"], check=True)
     manifest = json.loads((pkg_dir / "manifest.json").read_text())
-    assert manifest["version"] == 5
-    manifest["version"] = 4
+    assert manifest["version"] == 6
+    # One component, a kv head per q head: the kernels store gradients.
+    assert manifest["backward"]["stores_grads"] is True
+    manifest["version"] = 5
     (pkg_dir / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(attn.AttnError, match=r"manifest version 4 is not supported "
-                       r"\(this runtime reads 5 for sm_90a packages\); recompile it"):
+    with pytest.raises(attn.AttnError, match=r"manifest version 5 is not supported "
+                       r"\(this runtime reads 6 for sm_90a packages\); recompile it"):
         attn.load(str(pkg_dir))
 
 

@@ -97,6 +97,46 @@ def test_gradients_match_the_float64_reference(case, shape):
                              TOL[case["dtype"]])
 
 
+@pytest.mark.parametrize("case", gpu_cases.GRAD_CASES, ids=lambda c: c["name"])
+@pytest.mark.parametrize("shape", gpu_cases.GRAD_SHAPES[:3], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_stored_gradients_match_the_float64_reference(case, shape):
+    """Packages of one component with a kv head per q head store the
+    gradients in the inputs' dtype (Package.stores_gradients), here into
+    [B, L, H, D]-ordered views first filled with NaN: every element is
+    written (zeros where no pair reaches, padding rows and keys included),
+    equal to the float32 path's gradients rounded, and within the
+    reference's tolerance. Packages that add into float32 gradients refuse
+    16-bit ones with an error that says so."""
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    q, k, v, g, lengths, bias = _inputs(case, shape)
+    out, lse = pkg(q, k, v, lengths=lengths, key_bias=bias, return_lse=True)
+    nan_view = lambda x: torch.full((x.shape[0], x.shape[2], x.shape[1], x.shape[3]),
+                                    float("nan"), dtype=x.dtype,
+                                    device="cuda").transpose(1, 2)
+    grads = tuple(nan_view(x) for x in (q, k, v))
+    if not pkg.stores_gradients:
+        with pytest.raises(attn.AttnError, match="float32"):
+            pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias,
+                         grads=grads)
+        return
+    got = pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias, grads=grads)
+    assert all(a is b for a, b in zip(got, grads))
+    f32 = pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias)
+    torch.cuda.synchronize()
+    for stored, wide, what in zip(grads, f32, ("dq", "dk", "dv")):
+        assert torch.equal(stored, wide.to(stored.dtype)), what
+    _check_against_reference(case, q, k, v, g, lengths, bias, grads,
+                             2 * TOL[case["dtype"]])
+    # dk and dv in different layouts, or a dtype the package does not take.
+    with pytest.raises(attn.AttnError, match="dk and dv share a layout"):
+        pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias,
+                     grads=(grads[0], grads[1], torch.empty_like(v)))
+    with pytest.raises(attn.AttnError, match=r"dq: expected a contiguous float32 tensor "
+                       r"\(or a torch\.(bfloat16|float16) tensor, which this package stores\)"):
+        pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias,
+                     grads=(grads[0].double(), grads[1], grads[2]))
+
+
 AUTOGRAD_CASES = [c for c in gpu_cases.GRAD_CASES
                   if c["name"] in ("grad_causal", "grad_full_f16_gqa_d64",
                                    "grad_tokenized_causal", "grad_causal_key_bias")]

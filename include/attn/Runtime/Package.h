@@ -120,6 +120,11 @@ public:
 
   /// Whether the package was compiled with "backward": true.
   bool hasBackward() const { return !backwardArgs_.empty(); }
+  /// Whether runBackward also takes dq, dk and dv of the input type, in any
+  /// layout with contiguous rows, which the kernels store (one component
+  /// writes every element once: the manifest's "stores_grads"), besides
+  /// contiguous f32 ones, which they add into.
+  bool storesGradients() const;
   /// The backward pass (docs/Backward.md): from the forward's q, k, v[,
   /// lengths][, keyBias], its out and lse, and the gradient of out, writes
   /// dq, dk and dv (each shaped like its input, f32, contiguous; the CPU

@@ -42,6 +42,7 @@ struct IndexMath {
   Value lt(Value x, Value y) { return cmp(arith::CmpIPredicate::slt, x, y); }
   Value le(Value x, Value y) { return cmp(arith::CmpIPredicate::sle, x, y); }
   Value eq(Value x, Value y) { return cmp(arith::CmpIPredicate::eq, x, y); }
+  Value ne(Value x, Value y) { return cmp(arith::CmpIPredicate::ne, x, y); }
 
   // i1 logic.
   Value both(Value x, Value y) { return arith::AndIOp::create(b, loc, x, y); }

@@ -309,19 +309,37 @@ private:
   };
 
   /// The backward kernels' signature: kernelType's (without tensor maps),
-  /// then grad_out (16-bit), dq, dk, dv and delta (f32, contiguous).
+  /// then grad_out (16-bit), dq, dk, dv and delta, then whether the kernels
+  /// store the gradients (GradStore: 1) or add into f32 ones (0), and the
+  /// element strides (batch, head, row) of stored dq and of stored dk and dv.
+  /// The gradient memrefs are f32; stored ones hold the input type, which
+  /// the stores address by hand (storeGradPair).
   FunctionType gradKernelType() {
     SmallVector<Type> args(kernelType().getInputs());
     if (shape.tma)
       args.resize(args.size() - 2);
     args.append({storageType, floatType, floatType, floatType, floatType});
+    args.append(7, b.getIndexType());
     return FunctionType::get(ctx, args, {});
   }
   /// Where the backward kernels' own arguments sit (after the scalars).
   static constexpr unsigned kGradOutArg = 11 + kNumScalarArgs;
   enum GradArg : unsigned {
-    GradOut = kGradOutArg, DQ, DK, DV, Delta
+    GradOut = kGradOutArg, DQ, DK, DV, Delta, GradStore,
+    DQStrideB, DQStrideH, DQStrideR, DKStrideB, DKStrideH, DKStrideR
   };
+
+public:
+  /// The backward kernels may store the gradients in the input type instead
+  /// of adding into f32 ones (the runtime's choice, GradStore): set where
+  /// one component's kernels write every element of dq, dk and dv exactly
+  /// once (ConvertAttnToGpuPass::convertBackward).
+  bool storeGrads = false;
+
+private:
+  /// Stores (x, y) in the input type at element `element` of a stored
+  /// gradient (dq, dk or dv): one 4-byte store.
+  void storeGradPair(GradArg grad, Value element, Value x, Value y);
 
   /// The block's group of `comp` for by (group) and bz (batch * heads +
   /// head): rows and keys as gathered indices t (position base + r*t).
@@ -333,6 +351,8 @@ private:
     /// The residue class, and (head residues) whether head h has one.
     Value c, headHasClass;
     Value base, tRowLo, tRowHi, tRowAll, tKeyLo, tKeyHi;
+    /// Keys that exist (tKeyHi without lengths).
+    Value tKeyAll;
   };
   GroupItem placeGroup(ComponentAttr comp, Value by, Value bz);
   /// Whether gathered row t and key tk are a pair of the component's band
@@ -657,6 +677,17 @@ Value KernelEmitter::pack(Value x, Value y) {
   return LLVM::BitcastOp::create(b, loc, i32, narrow);
 }
 
+void KernelEmitter::storeGradPair(GradArg grad, Value element, Value x,
+                                  Value y) {
+  Value base = memref::ExtractAlignedPointerAsIndexOp::create(b, loc, arg(grad));
+  Value address = arith::IndexCastOp::create(
+      b, loc, b.getI64Type(), m.add(base, m.mul(element, m.c(2))));
+  Value bits = pack(x, y);
+  if (!shape.bf16) // a vector of two f16
+    bits = LLVM::BitcastOp::create(b, loc, i32, bits);
+  inlinePtx({}, {address, bits}, "st.global.b32 [$0], $1;", "l,r");
+}
+
 SmallVector<Value> KernelEmitter::loadStatePair(Value at, Value rowSum) {
   if (!shape.halfState) {
     Value pair = vector::LoadOp::create(b, loc, VectorType::get({2}, f32),
@@ -961,6 +992,13 @@ KernelEmitter::GroupItem KernelEmitter::placeGroup(ComponentAttr comp,
   g.tRowAll = m.ceilDiv(m.sub(rAll, g.base), r); // rows that exist
   g.tKeyLo = m.ceilDiv(m.sub(kLo, g.base), r);
   g.tKeyHi = m.ceilDiv(m.sub(kHi, g.base), r);
+  Value kAll = m.add(kOrigin, kLen);
+  if (comp.getSegment() != 0)
+    kAll = m.min(kAll, m.add(m.mul(m.add(m.floorDiv(rowPosLo, m.c(comp.getSegment())),
+                                         segIdx),
+                                   m.c(comp.getSegment())),
+                             m.c(comp.getSegment())));
+  g.tKeyAll = m.ceilDiv(m.sub(kAll, g.base), r);
   return g;
 }
 
@@ -2732,7 +2770,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value q0 = m.add(g.tRowLo, m.mul(m.sub(m.sub(nbx, one), bx),
                                    m.c(kBlockKeys)));
   Value hasWork = m.lt(q0, g.tRowHi);
-  enterIfWork(g, hasWork);
+  // Stored gradients: every block writes its rows that exist, zeros where
+  // they compute nothing, so blocks without work run too (no key tiles).
+  Value store = storeGrads ? m.ne(arg(GradStore), zero) : Value();
+  enterIfWork(g, store ? m.either(hasWork, store) : hasWork);
 
   // The forward's key range of rows [q0, q1) (emitComponent's itemRange).
   Value q1 = m.min(m.add(q0, m.c(kBlockKeys)), g.tRowHi);
@@ -2743,6 +2784,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       hi == inf ? first : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
   Value fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
   Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
+  if (store)
+    numTiles = f.select(hasWork, numTiles, zero);
 
   Value qTile = cx.tiles[0], doTile = cx.tiles[1];
   loadGradRows(cx, qTile, q0, q1, /*keys=*/false, arg(Q));
@@ -2809,26 +2852,55 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   };
   scf::ForOp loop = walkTiles(numTiles, init, loadKeys, computeTile);
 
+  auto result = [&](int64_t dn, int64_t half, int64_t e) {
+    return f.mul(loop.getResult(dn * 4 + half * 2 + e), f.c(shape.scale));
+  };
   // dq += scale * dQ: the block owns its rows (components run one after
   // another), so a plain read-modify-write.
-  auto pairType = VectorType::get({2}, f32);
-  for (int64_t half = 0; half < 2; ++half) {
-    auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, valid[half], false);
-    OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(ifValid.thenBlock());
-    for (int64_t dn = 0; dn < frags; ++dn) {
-      Value at = m.add(m.mul(rowAt[half], m.c(D)),
-                       m.add(laneCol, m.c(dn * 8)));
-      Value old = vector::LoadOp::create(b, loc, pairType, arg(DQ),
-                                         ValueRange{at}, false,
-                                         llvm::MaybeAlign(8));
-      Value x = f.mul(loop.getResult(dn * 4 + half * 2), f.c(shape.scale));
-      Value y = f.mul(loop.getResult(dn * 4 + half * 2 + 1), f.c(shape.scale));
-      Value add = vector::FromElementsOp::create(b, loc, pairType,
-                                                 ValueRange{x, y});
-      vector::StoreOp::create(b, loc, arith::AddFOp::create(b, loc, old, add),
-                              arg(DQ), ValueRange{at}, false,
-                              llvm::MaybeAlign(8));
+  auto addIntoDq = [&]() {
+    auto pairType = VectorType::get({2}, f32);
+    for (int64_t half = 0; half < 2; ++half) {
+      auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, valid[half], false);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(ifValid.thenBlock());
+      for (int64_t dn = 0; dn < frags; ++dn) {
+        Value at = m.add(m.mul(rowAt[half], m.c(D)),
+                         m.add(laneCol, m.c(dn * 8)));
+        Value old = vector::LoadOp::create(b, loc, pairType, arg(DQ),
+                                           ValueRange{at}, false,
+                                           llvm::MaybeAlign(8));
+        Value add = vector::FromElementsOp::create(
+            b, loc, pairType, ValueRange{result(dn, half, 0), result(dn, half, 1)});
+        vector::StoreOp::create(b, loc, arith::AddFOp::create(b, loc, old, add),
+                                arg(DQ), ValueRange{at}, false,
+                                llvm::MaybeAlign(8));
+      }
+    }
+  };
+  if (!store) {
+    addIntoDq();
+  } else {
+    // dq = scale * dQ in the input type through dq's strides, 0 on rows
+    // that compute nothing (past lengths[b], or in a block without work).
+    auto ifStore = scf::IfOp::create(b, loc, TypeRange{}, store,
+                                     /*withElseRegion=*/true);
+    b.setInsertionPointToStart(ifStore.elseBlock());
+    addIntoDq();
+    b.setInsertionPointToStart(ifStore.thenBlock());
+    Value zeroF = f.c(0.0);
+    Value dqBase = m.add(m.mul(g.bIdx, arg(DQStrideB)),
+                         m.mul(g.h, arg(DQStrideH)));
+    for (int64_t half = 0; half < 2; ++half) {
+      auto ifExists = scf::IfOp::create(b, loc, TypeRange{},
+                                        m.lt(tq[half], g.tRowAll), false);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(ifExists.thenBlock());
+      Value rowBase = m.add(dqBase, m.mul(gradQueryRow(cx, tq[half]),
+                                          arg(DQStrideR)));
+      for (int64_t dn = 0; dn < frags; ++dn)
+        storeGradPair(DQ, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
+                      f.select(valid[half], result(dn, half, 0), zeroF),
+                      f.select(valid[half], result(dn, half, 1), zeroF));
     }
   }
   b.setInsertionPointToEnd(entry);
@@ -2854,7 +2926,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   Value zero = m.c(0);
   Value k0 = m.add(g.tKeyLo, m.mul(bx, m.c(kBlockKeys)));
   Value hasWork = m.lt(k0, g.tKeyHi);
-  enterIfWork(g, hasWork);
+  // Stored gradients: every block writes its keys that exist (see
+  // emitGradQueries).
+  Value store = storeGrads ? m.ne(arg(GradStore), zero) : Value();
+  enterIfWork(g, store ? m.either(hasWork, store) : hasWork);
 
   // Rows t attending keys [k0, k1): lo <= t - tk <= hi.
   Value k1 = m.min(m.add(k0, m.c(kBlockKeys)), g.tKeyHi);
@@ -2862,6 +2937,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   Value qLast = hi == inf ? g.tRowHi : m.min(g.tRowHi, m.add(k1, m.c(hi)));
   qLast = m.max(qLast, qFirst);
   Value numTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));
+  if (store)
+    numTiles = f.select(hasWork, numTiles, zero);
 
   Value kTile = cx.tiles[0], vTile = cx.tiles[1];
   auto workgroup =
@@ -2978,27 +3055,66 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   };
   scf::ForOp loop = walkTiles(numTiles, init, loadRows, computeTile);
 
+  auto dkOf = [&](int64_t dn, int64_t half, int64_t e) {
+    return f.mul(loop.getResult(dn * 4 + half * 2 + e), f.c(shape.scale));
+  };
+  auto dvOf = [&](int64_t dn, int64_t half, int64_t e) {
+    return loop.getResult(frags * 4 + dn * 4 + half * 2 + e);
+  };
   // dk += scale * dK and dv += dV, atomically: the blocks of every q head
   // sharing the kv head add into the same rows.
-  Value kvHead = m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
-  for (int64_t half = 0; half < 2; ++half) {
-    auto ifValid =
-        scf::IfOp::create(b, loc, TypeRange{}, m.lt(tk[half], k1), false);
-    OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(ifValid.thenBlock());
-    Value rowAt = m.mul(m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])),
-                        m.c(D));
-    for (int64_t dn = 0; dn < frags; ++dn)
-      for (int64_t e = 0; e < 2; ++e) {
-        Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8 + e)));
-        Value dkv = f.mul(loop.getResult(dn * 4 + half * 2 + e),
-                          f.c(shape.scale));
-        Value dvv = loop.getResult(frags * 4 + dn * 4 + half * 2 + e);
-        memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf, dkv,
-                                    arg(DK), ValueRange{at});
-        memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf, dvv,
-                                    arg(DV), ValueRange{at});
+  auto addIntoDkDv = [&]() {
+    Value kvHead = m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
+    for (int64_t half = 0; half < 2; ++half) {
+      auto ifValid =
+          scf::IfOp::create(b, loc, TypeRange{}, m.lt(tk[half], k1), false);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(ifValid.thenBlock());
+      Value rowAt = m.mul(
+          m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])), m.c(D));
+      for (int64_t dn = 0; dn < frags; ++dn)
+        for (int64_t e = 0; e < 2; ++e) {
+          Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8 + e)));
+          memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf,
+                                      dkOf(dn, half, e), arg(DK),
+                                      ValueRange{at});
+          memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf,
+                                      dvOf(dn, half, e), arg(DV),
+                                      ValueRange{at});
+        }
+    }
+  };
+  if (!store) {
+    addIntoDkDv();
+  } else {
+    // dk = scale * dK and dv = dV in the input type through their (shared)
+    // strides, 0 on keys no row attends here (past lengths[b], or in a
+    // block without work). One q head per kv head: no other block writes
+    // these rows.
+    auto ifStore = scf::IfOp::create(b, loc, TypeRange{}, store,
+                                     /*withElseRegion=*/true);
+    b.setInsertionPointToStart(ifStore.elseBlock());
+    addIntoDkDv();
+    b.setInsertionPointToStart(ifStore.thenBlock());
+    Value zeroF = f.c(0.0);
+    Value dkBase = m.add(m.mul(g.bIdx, arg(DKStrideB)),
+                         m.mul(g.hk, arg(DKStrideH)));
+    for (int64_t half = 0; half < 2; ++half) {
+      auto ifExists = scf::IfOp::create(b, loc, TypeRange{},
+                                        m.lt(tk[half], g.tKeyAll), false);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(ifExists.thenBlock());
+      Value valid = m.lt(tk[half], k1);
+      Value rowBase = m.add(dkBase, m.mul(gradKeyRow(cx, tk[half]),
+                                          arg(DKStrideR)));
+      for (int64_t dn = 0; dn < frags; ++dn) {
+        Value at = m.add(rowBase, m.add(laneCol, m.c(dn * 8)));
+        storeGradPair(DK, at, f.select(valid, dkOf(dn, half, 0), zeroF),
+                      f.select(valid, dkOf(dn, half, 1), zeroF));
+        storeGradPair(DV, at, f.select(valid, dvOf(dn, half, 0), zeroF),
+                      f.select(valid, dvOf(dn, half, 1), zeroF));
       }
+    }
   }
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
@@ -3220,6 +3336,19 @@ struct ConvertAttnToGpuPass
     gradShape.tma = gradShape.warpSpecialize = false;
     OpBuilder b(gpuModule.getBody(), gpuModule.getBody()->end());
     KernelEmitter emit(b, gradFunc.getLoc(), gradShape);
+    // One component over every row and key (period 1, or all residue
+    // classes; no segments) with a kv head per q head: its grad_q writes
+    // each row of dq once and its grad_kv each row of dk and dv once, so
+    // they may store the gradients in the input type (attn.stores_grads)
+    // instead of adding into zeroed f32 ones. Ring packages (an f32 state)
+    // add their peers' shares: they keep f32.
+    if (comps.size() == 1 && shape.halfState &&
+        shape.heads == shape.kvHeads) {
+      ComponentAttr c = comps.front().getComponent();
+      emit.storeGrads =
+          c.getSegment() == 0 &&
+          (c.getPeriod() == 1 || c.getResidue() == ComponentAttr::kAllResidues);
+    }
     SmallVector<Attribute> order;
     auto add = [&](gpu::GPUFuncOp f) {
       order.push_back(b.getStringAttr(f.getName()));
@@ -3237,6 +3366,8 @@ struct ConvertAttnToGpuPass
     if (!shape.halfState)
       add(emit.emitGradAdd("grad_add"));
     gpuModule->setAttr("attn.backward_order", b.getArrayAttr(order));
+    if (emit.storeGrads)
+      gpuModule->setAttr("attn.stores_grads", b.getUnitAttr());
     gpuModule->setAttr("attn.backward_name",
                        b.getStringAttr(gradFunc.getSymName()));
     gradFunc.erase();

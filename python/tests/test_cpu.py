@@ -127,6 +127,32 @@ def test_strided_tensors_are_checked_through_the_c_api():
         "elements (16 bytes)" in msg
 
 
+@pytest.mark.parametrize("pattern,kv_heads,stores", [
+    ({"causal": {}}, 2, True),
+    ({"strided": {"stride": 16, "local": 1}}, 2, True),  # one gathered component
+    ({"strided": {"stride": 16, "local": 16}}, 2, False),  # band + residues
+    ({"causal": {}}, 1, False),  # two q heads share a kv head
+])
+def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, pattern,
+                                                                  kv_heads, stores):
+    """The manifest's "stores_grads": a GPU backward of one component with a
+    kv head per q head writes each gradient element once, so it may store
+    gradients in the input type; several components, or q heads sharing a
+    kv head, add into float32 ones (no GPU needed: the compiler decides)."""
+    import json
+    import subprocess
+    spec = {"name": "s", "dtype": "bf16", "heads": 2, "kv_heads": kv_heads,
+            "head_dim": 64, "pattern": pattern, "backward": True}
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    subprocess.run([attn._tool("attn-compile"), str(tmp_path / "s.json"), "-o",
+                    str(tmp_path / "pkg"), "--target", "sm_90a", "--quiet"], check=True)
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert manifest["backward"]["stores_grads"] is stores
+    # The gradient args stay float32 (the path every package takes).
+    assert all(a["dtype"] == "f32" for a in manifest["backward"]["args"]
+               if a["name"] in ("dq", "dk", "dv"))
+
+
 def test_gpu_package_of_another_version_is_refused(tmp_path):
     """GPU packages are manifest version 6 (kernels take bh_offset and the
     strides of q, k and out, the backward kernels read through them and may

@@ -340,6 +340,13 @@ private:
   /// Stores (x, y) in the input type at element `element` of a stored
   /// gradient (dq, dk or dv): one 4-byte store.
   void storeGradPair(GradArg grad, Value element, Value x, Value y);
+  /// The end of a grad kernel: `addInto` (adding into f32 gradients), or
+  /// where the kernel may store gradients (`store`: the runtime's GradStore
+  /// test) and they do, `storeRow(half)` for each of the thread's two rows
+  /// (or keys) that `exists`.
+  void finishGrads(Value store, function_ref<void()> addInto,
+                   ArrayRef<Value> exists,
+                   function_ref<void(int64_t half)> storeRow);
 
   /// The block's group of `comp` for by (group) and bz (batch * heads +
   /// head): rows and keys as gathered indices t (position base + r*t).
@@ -686,6 +693,27 @@ void KernelEmitter::storeGradPair(GradArg grad, Value element, Value x,
   if (!shape.bf16) // a vector of two f16
     bits = LLVM::BitcastOp::create(b, loc, i32, bits);
   inlinePtx({}, {address, bits}, "st.global.b32 [$0], $1;", "l,r");
+}
+
+void KernelEmitter::finishGrads(Value store, function_ref<void()> addInto,
+                                ArrayRef<Value> exists,
+                                function_ref<void(int64_t half)> storeRow) {
+  if (!store) {
+    addInto();
+    return;
+  }
+  auto ifStore = scf::IfOp::create(b, loc, TypeRange{}, store,
+                                   /*withElseRegion=*/true);
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(ifStore.elseBlock());
+  addInto();
+  for (int64_t half = 0; half < 2; ++half) {
+    b.setInsertionPoint(ifStore.thenBlock()->getTerminator());
+    auto ifExists =
+        scf::IfOp::create(b, loc, TypeRange{}, exists[half], false);
+    b.setInsertionPointToStart(ifExists.thenBlock());
+    storeRow(half);
+  }
 }
 
 SmallVector<Value> KernelEmitter::loadStatePair(Value at, Value rowSum) {
@@ -2877,32 +2905,18 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       }
     }
   };
-  if (!store) {
-    addIntoDq();
-  } else {
-    // dq = scale * dQ in the input type through dq's strides, 0 on rows
-    // that compute nothing (past lengths[b], or in a block without work).
-    auto ifStore = scf::IfOp::create(b, loc, TypeRange{}, store,
-                                     /*withElseRegion=*/true);
-    b.setInsertionPointToStart(ifStore.elseBlock());
-    addIntoDq();
-    b.setInsertionPointToStart(ifStore.thenBlock());
+  // Stored: dq = scale * dQ in the input type through dq's strides, 0 on
+  // rows that compute nothing (past lengths[b], or in a block without work).
+  Value dqBase = m.add(m.mul(g.bIdx, arg(DQStrideB)), m.mul(g.h, arg(DQStrideH)));
+  finishGrads(store, addIntoDq, {m.lt(tq[0], g.tRowAll), m.lt(tq[1], g.tRowAll)},
+              [&](int64_t half) {
     Value zeroF = f.c(0.0);
-    Value dqBase = m.add(m.mul(g.bIdx, arg(DQStrideB)),
-                         m.mul(g.h, arg(DQStrideH)));
-    for (int64_t half = 0; half < 2; ++half) {
-      auto ifExists = scf::IfOp::create(b, loc, TypeRange{},
-                                        m.lt(tq[half], g.tRowAll), false);
-      OpBuilder::InsertionGuard guard(b);
-      b.setInsertionPointToStart(ifExists.thenBlock());
-      Value rowBase = m.add(dqBase, m.mul(gradQueryRow(cx, tq[half]),
-                                          arg(DQStrideR)));
-      for (int64_t dn = 0; dn < frags; ++dn)
-        storeGradPair(DQ, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
-                      f.select(valid[half], result(dn, half, 0), zeroF),
-                      f.select(valid[half], result(dn, half, 1), zeroF));
-    }
-  }
+    Value rowBase = m.add(dqBase, m.mul(gradQueryRow(cx, tq[half]), arg(DQStrideR)));
+    for (int64_t dn = 0; dn < frags; ++dn)
+      storeGradPair(DQ, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
+                    f.select(valid[half], result(dn, half, 0), zeroF),
+                    f.select(valid[half], result(dn, half, 1), zeroF));
+  });
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
   func->setAttr("attn.launch", gradLaunch("grad_q", sharedBytes, comp));
@@ -3084,38 +3098,24 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
         }
     }
   };
-  if (!store) {
-    addIntoDkDv();
-  } else {
-    // dk = scale * dK and dv = dV in the input type through their (shared)
-    // strides, 0 on keys no row attends here (past lengths[b], or in a
-    // block without work). One q head per kv head: no other block writes
-    // these rows.
-    auto ifStore = scf::IfOp::create(b, loc, TypeRange{}, store,
-                                     /*withElseRegion=*/true);
-    b.setInsertionPointToStart(ifStore.elseBlock());
-    addIntoDkDv();
-    b.setInsertionPointToStart(ifStore.thenBlock());
+  // Stored: dk = scale * dK and dv = dV in the input type through their
+  // (shared) strides, 0 on keys no row attends here (past lengths[b], or in
+  // a block without work). One q head per kv head: no other block writes
+  // these rows.
+  Value dkBase = m.add(m.mul(g.bIdx, arg(DKStrideB)), m.mul(g.hk, arg(DKStrideH)));
+  finishGrads(store, addIntoDkDv, {m.lt(tk[0], g.tKeyAll), m.lt(tk[1], g.tKeyAll)},
+              [&](int64_t half) {
     Value zeroF = f.c(0.0);
-    Value dkBase = m.add(m.mul(g.bIdx, arg(DKStrideB)),
-                         m.mul(g.hk, arg(DKStrideH)));
-    for (int64_t half = 0; half < 2; ++half) {
-      auto ifExists = scf::IfOp::create(b, loc, TypeRange{},
-                                        m.lt(tk[half], g.tKeyAll), false);
-      OpBuilder::InsertionGuard guard(b);
-      b.setInsertionPointToStart(ifExists.thenBlock());
-      Value valid = m.lt(tk[half], k1);
-      Value rowBase = m.add(dkBase, m.mul(gradKeyRow(cx, tk[half]),
-                                          arg(DKStrideR)));
-      for (int64_t dn = 0; dn < frags; ++dn) {
-        Value at = m.add(rowBase, m.add(laneCol, m.c(dn * 8)));
-        storeGradPair(DK, at, f.select(valid, dkOf(dn, half, 0), zeroF),
-                      f.select(valid, dkOf(dn, half, 1), zeroF));
-        storeGradPair(DV, at, f.select(valid, dvOf(dn, half, 0), zeroF),
-                      f.select(valid, dvOf(dn, half, 1), zeroF));
-      }
+    Value valid = m.lt(tk[half], k1);
+    Value rowBase = m.add(dkBase, m.mul(gradKeyRow(cx, tk[half]), arg(DKStrideR)));
+    for (int64_t dn = 0; dn < frags; ++dn) {
+      Value at = m.add(rowBase, m.add(laneCol, m.c(dn * 8)));
+      storeGradPair(DK, at, f.select(valid, dkOf(dn, half, 0), zeroF),
+                    f.select(valid, dkOf(dn, half, 1), zeroF));
+      storeGradPair(DV, at, f.select(valid, dvOf(dn, half, 0), zeroF),
+                    f.select(valid, dvOf(dn, half, 1), zeroF));
     }
-  }
+  });
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
   func->setAttr("attn.launch", gradLaunch("grad_kv", sharedBytes, comp));

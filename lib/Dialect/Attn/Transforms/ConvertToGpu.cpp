@@ -1002,6 +1002,7 @@ KernelEmitter::GroupItem KernelEmitter::placeGroup(ComponentAttr comp,
   Value rowPosHi = m.add(delta, g.rowsEnd), rowPosAll = m.add(delta, qLen);
   Value rLo = rowPosLo, rHi = rowPosHi, rAll = rowPosAll;
   Value kLo = kOrigin, kHi = m.add(kOrigin, g.keysEnd);
+  Value kAll = m.add(kOrigin, kLen);
   g.base = g.c;
   if (comp.getSegment() != 0) {
     Value w = m.c(comp.getSegment());
@@ -1013,20 +1014,15 @@ KernelEmitter::GroupItem KernelEmitter::placeGroup(ComponentAttr comp,
     rAll = m.min(rowPosAll, segHi);
     kLo = m.max(kOrigin, segLo);
     kHi = m.min(m.add(kOrigin, g.keysEnd), segHi);
+    kAll = m.min(kAll, segHi);
   }
   // Gathered indices t: position = base + r*t.
   g.tRowLo = m.ceilDiv(m.sub(rLo, g.base), r);
   g.tRowHi = m.ceilDiv(m.sub(rHi, g.base), r);   // rows that compute
   g.tRowAll = m.ceilDiv(m.sub(rAll, g.base), r); // rows that exist
   g.tKeyLo = m.ceilDiv(m.sub(kLo, g.base), r);
-  g.tKeyHi = m.ceilDiv(m.sub(kHi, g.base), r);
-  Value kAll = m.add(kOrigin, kLen);
-  if (comp.getSegment() != 0)
-    kAll = m.min(kAll, m.add(m.mul(m.add(m.floorDiv(rowPosLo, m.c(comp.getSegment())),
-                                         segIdx),
-                                   m.c(comp.getSegment())),
-                             m.c(comp.getSegment())));
-  g.tKeyAll = m.ceilDiv(m.sub(kAll, g.base), r);
+  g.tKeyHi = m.ceilDiv(m.sub(kHi, g.base), r);   // keys that compute
+  g.tKeyAll = m.ceilDiv(m.sub(kAll, g.base), r); // keys that exist
   return g;
 }
 

@@ -2,7 +2,7 @@
 """Times the backward pass of attn's GPU packages ("backward": true) against
 PyTorch's SDPA (causal, dense) and FlexAttention (compiled, with its block
 mask) on the same inputs, in one process on one GPU: B=1, H=16, D=128,
-bf16. attn's gradients are bf16 in q's, k's and v's layouts, as the peers'
+bf16; the *_gqa patterns with 4 kv heads (4 q heads each). attn's gradients are bf16 in q's, k's and v's layouts, as the peers'
 are, where the package stores them (one component: Package.stores_gradients;
 --f32 takes the float32 gradients instead). Each row is the median of 10
 timed calls (CUDA events) after warm-up;
@@ -32,6 +32,7 @@ ap.add_argument("--f32", action="store_true",
 args = ap.parse_args()
 PKGS = os.environ["ATTN_GPU_PACKAGES"]
 B, H, D = 1, 16, 128
+HKV = 4  # kv heads of the *_gqa patterns
 
 
 def timed(fn, reps=10):
@@ -49,7 +50,7 @@ def timed(fn, reps=10):
 
 
 def pairs(pattern, L):
-    if pattern == "causal":
+    if pattern.startswith("causal"):
         return L * (L + 1) // 2
     w = 1024  # local: keys i - w + 1 .. i
     return sum(min(i + 1, w) for i in range(L))
@@ -58,12 +59,15 @@ def pairs(pattern, L):
 rows = []
 for L in [int(x) for x in args.lens.split(",")]:
     gen = torch.Generator().manual_seed(L)
-    q, k, v, g = (torch.randn(B, H, L, D, generator=gen).to("cuda", torch.bfloat16)
-                  for _ in range(4))
-    for pattern in ("causal", "local"):
+    q, k16, v16, g = (torch.randn(B, H, L, D, generator=gen).to("cuda", torch.bfloat16)
+                      for _ in range(4))
+    for pattern in ("causal", "local", "causal_gqa", "local_gqa"):
         path = os.path.join(PKGS, f"bench_grad_{pattern}_{L}")
         if not os.path.exists(path):
             continue
+        gqa = pattern.endswith("_gqa")
+        # The *_gqa packages take the first HKV heads' k and v.
+        k, v = (k16[:, :HKV].contiguous(), v16[:, :HKV].contiguous()) if gqa else (k16, v16)
         pkg = attn.load(path)
         out, lse = pkg(q, k, v, return_lse=True)
         # (A runtime from before stored gradients has no stores_gradients.)
@@ -91,18 +95,19 @@ for L in [int(x) for x in args.lens.split(",")]:
                 alone = timed(forward)
             return both - alone
 
-        if pattern == "causal":
+        if pattern.startswith("causal"):
             row["sdpa_us"] = backward_of(lambda: torch.nn.functional.scaled_dot_product_attention(
-                qr, kr, vr, is_causal=True))
+                qr, kr, vr, is_causal=True, enable_gqa=gqa))
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-            if pattern == "causal":
+            if pattern.startswith("causal"):
                 mod = lambda b, h, i, j: j <= i
             else:
                 mod = lambda b, h, i, j: (j <= i) & (i - j < 1024)
             mask = create_block_mask(mod, None, None, L, L)
             flex = torch.compile(flex_attention)
-            row["flex_us"] = backward_of(lambda: flex(qr, kr, vr, block_mask=mask))
+            row["flex_us"] = backward_of(lambda: flex(qr, kr, vr, block_mask=mask,
+                                                      enable_gqa=gqa))
         except Exception as e:  # noqa: BLE001 - report and go on
             row["flex_error"] = str(e)[:200]
         flops = 10 * pairs(pattern, L) * D * B * H

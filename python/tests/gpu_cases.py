@@ -106,7 +106,8 @@ SPARSE_BENCH = [(1, 2048, 16, "all", None, "bf16"),
 
 # The backward pass ("backward": true; test_gpu_backward.py): each case's
 # pattern with its gradients, at the shapes GRAD_SHAPES. A key bias with a
-# scale, GQA with f16 and D = 64, every closed-form component kind (band,
+# scale, GQA (f16 with D = 64; a narrow band under lengths), every
+# closed-form component kind (band,
 # gathered residues, head offsets, segments), filters (union, intersect
 # with tokenized lengths) and a sum with multiplicity above 1.
 GRAD_CASES = [
@@ -117,6 +118,11 @@ GRAD_CASES = [
     _spec("grad_strided", {"strided": {"stride": 16, "local": 16}}, heads=2),
     # One component over every residue class (attn.sparse's strided mode).
     _spec("grad_strided_residues", {"strided": {"stride": 16, "local": 1}}, heads=2),
+    # A narrow band under document lengths with two q heads per kv head:
+    # grad_kv walks both heads' rows and stores dk and dv once.
+    _spec("grad_local_tokenized_gqa",
+          {"intersect": [{"local": {"window": 70, "causal": False}}, {"tokenized": {}}]},
+          batch=3, heads=4, kv_heads=2),
     _spec("grad_longnet_sum", {"sum": LONGNET_SMALL}, heads=4),
     _spec("grad_longnet_union", {"union": LONGNET_SMALL}, heads=4),
     _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},

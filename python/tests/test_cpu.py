@@ -131,14 +131,18 @@ def test_strided_tensors_are_checked_through_the_c_api():
     ({"causal": {}}, 2, True),
     ({"strided": {"stride": 16, "local": 1}}, 2, True),  # one gathered component
     ({"strided": {"stride": 16, "local": 16}}, 2, False),  # band + residues
-    ({"causal": {}}, 1, False),  # two q heads share a kv head
+    ({"local": {"window": 64}}, 1, True),  # two q heads a kv head: grad_kv walks both
+    ({"causal": {}}, 1, False),  # ... but not over rows that run to the end
+    ({"strided": {"stride": 16, "local": 16}}, 1, False),
 ])
 def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, pattern,
                                                                   kv_heads, stores):
-    """The manifest's "stores_grads": a GPU backward of one component with a
-    kv head per q head writes each gradient element once, so it may store
-    gradients in the input type; several components, or q heads sharing a
-    kv head, add into float32 ones (no GPU needed: the compiler decides)."""
+    """The manifest's "stores_grads": a GPU backward of one component writes
+    each gradient element once (under GQA where a key's rows span a narrow
+    band, grad_kv's block walking every q head of its kv head), so it may
+    store gradients in the input type; several components, and GQA over
+    rows that run to the end, add into float32 ones (no GPU needed: the
+    compiler decides)."""
     import json
     import subprocess
     spec = {"name": "s", "dtype": "bf16", "heads": 2, "kv_heads": kv_heads,

@@ -100,13 +100,14 @@ def test_gradients_match_the_float64_reference(case, shape):
 @pytest.mark.parametrize("case", gpu_cases.GRAD_CASES, ids=lambda c: c["name"])
 @pytest.mark.parametrize("shape", gpu_cases.GRAD_SHAPES[:3], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_stored_gradients_match_the_float64_reference(case, shape):
-    """Packages of one component with a kv head per q head store the
+    """Packages of one component (under GQA, over a narrow band) store the
     gradients in the inputs' dtype (Package.stores_gradients), here into
     [B, L, H, D]-ordered views first filled with NaN: every element is
     written (zeros where no pair reaches, padding rows and keys included),
-    equal to the float32 path's gradients rounded, and within the
-    reference's tolerance. Packages that add into float32 gradients refuse
-    16-bit ones with an error that says so."""
+    equal to the float32 path's gradients rounded (the same sums: under GQA
+    both paths walk the q heads in one block), and within the reference's
+    tolerance. Packages that add into float32 gradients refuse 16-bit ones
+    with an error that says so."""
     pkg = attn.load(os.path.join(PKGS, case["name"]))
     q, k, v, g, lengths, bias = _inputs(case, shape)
     out, lse = pkg(q, k, v, lengths=lengths, key_bias=bias, return_lse=True)
@@ -313,6 +314,81 @@ def test_sparse_layer_gradients_on_cuda(layer_case):
     torch.compile(lambda a, b, c: layer(a, b, c), fullgraph=True)(*x).backward(g)
     for t, want in zip(x, eager):
         assert torch.allclose(t.grad.float(), want.float(), rtol=1e-2, atol=1e-3), mode
+
+
+@pytest.mark.parametrize("layer_case", gpu_cases.SPARSE_GRAD, ids=lambda c: c[3])
+def test_sparse_layer_on_a_fused_projection_writes_its_gradient_in_place(layer_case):
+    """attn.sparse on q, k and v sliced from one fused projection qkv
+    [B, L, 3E] (split, chunk, slices; a leaf, and an nn.Linear's output, a
+    view of its [B*L, 3E] product):
+    autograd's node sits on qkv itself and the kernels store dq, dk and dv
+    into qkv's gradient (first filled with NaN), which must equal, bit for
+    bit, the gradient through three separate inputs and match the float64
+    reference. A slice detached, or a wider projection, takes the path
+    through the slices, with the same values."""
+    from attn import sparse
+    B, E, H, mode, ctx, dtype = layer_case
+    L, D = gpu_cases.SPARSE_GRAD_LEN, E // H
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(B, L, 3 * E, generator=gen).to("cuda", dt)
+    g = torch.randn(B, L, E, generator=gen).to("cuda", dt)
+    layer = sparse.SparseAttention(heads=H, attn_mode=mode, local_attn_ctx=ctx,
+                                   package_dir=PKGS)
+    # Three separate inputs: the gradients the fused path must reproduce.
+    apart = [base[..., i * E:(i + 1) * E].clone().requires_grad_() for i in range(3)]
+    want_out = layer(*apart)
+    want_out.backward(g)
+    want = torch.cat([x.grad for x in apart], dim=-1)
+    m = np.array(multiplicity(layer.pattern, H, L, L))
+    heads = lambda t: t.detach().double().reshape(B, L, H, D).transpose(1, 2).cpu().numpy()
+    ref = backward64(*(heads(x) for x in apart), m, heads(g), 1 / np.sqrt(D))
+    for i, r in enumerate(ref):
+        got = heads(want[..., i * E:(i + 1) * E])
+        assert np.abs(got - r).max() / np.abs(r).max() < 3e-2, (mode, i)
+
+    splits = {"split": lambda x: x.split(E, dim=-1), "chunk": lambda x: x.chunk(3, dim=-1),
+              "slices": lambda x: (x[..., :E], x[..., E:2 * E], x[..., 2 * E:])}
+    for name, split in splits.items():
+        qkv = base.clone().requires_grad_()
+        out = layer(*split(qkv))
+        assert "Projection" in type(out.grad_fn).__name__, name
+        assert torch.equal(out, want_out), name
+        _poison_allocator(qkv.numel() * qkv.element_size())
+        out.backward(g)
+        assert qkv.grad.shape == qkv.shape and torch.equal(qkv.grad, want), name
+
+    # A projection layer's output (a view of its [B*L, 3E] product), against
+    # the same step through copies of the slices.
+    proj = torch.nn.Linear(8, 3 * E, device="cuda", dtype=dt)
+    x = torch.randn(B, L, 8, generator=gen).to("cuda", dt).requires_grad_()
+    grads = []
+    for copies in (False, True):
+        x.grad = proj.weight.grad = proj.bias.grad = None
+        parts = proj(x).split(E, dim=-1)
+        out = layer(*(t.clone() for t in parts) if copies else parts)
+        assert ("Projection" in type(out.grad_fn).__name__) != copies
+        out.backward(g)
+        grads.append((out, x.grad, proj.weight.grad, proj.bias.grad))
+    for fused, copied in zip(*grads):
+        assert torch.equal(fused, copied)
+
+    # k detached: no gradient may reach qkv's middle slice.
+    qkv = base.clone().requires_grad_()
+    q, k, v = qkv.split(E, dim=-1)
+    out = layer(q, k.detach(), v)
+    assert "Projection" not in type(out.grad_fn).__name__
+    out.backward(g)
+    assert torch.equal(qkv.grad[..., :E], want[..., :E])
+    assert not qkv.grad[..., E:2 * E].any()
+    assert torch.equal(qkv.grad[..., 2 * E:], want[..., 2 * E:])
+
+    # A wider projection (a fourth slice the layer does not read).
+    wide = torch.cat([base, base[..., :E]], dim=-1).requires_grad_()
+    out = layer(*wide[..., :3 * E].split(E, dim=-1))
+    assert "Projection" not in type(out.grad_fn).__name__
+    out.backward(g)
+    assert torch.equal(wide.grad[..., :3 * E], want) and not wide.grad[..., 3 * E:].any()
 
 
 def _rows_of(sets, kv_heads):

@@ -2627,6 +2627,10 @@ struct KernelEmitter::GradContext {
   Value tiles[2];
 };
 
+/// The widest band (hi - lo, in gathered rows) whose GQA packages store
+/// gradients, their grad_kv blocks walking every q head of a kv head.
+static constexpr int64_t kGqaWalkRows = 4096;
+
 /// Shared memory of a backward kernel: its own two tiles, then two slots of
 /// two walked tiles.
 static constexpr int64_t kGradTiles = 6;
@@ -2934,21 +2938,70 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
   Value zero = m.c(0);
+  // Under grouped-query attention a package that stores gradients walks,
+  // in one block, the query tiles of all `group` q heads sharing a kv head,
+  // so that the block alone writes its keys' dk and dv: of a batch's blocks
+  // (x, h), those with h < kvHeads take the (key tile, kv head) pairs in
+  // key-tile-major order, x + gridDim.x * h = tile * kvHeads + kv head, and
+  // the others return. (Blocks start in that order, so the causal pattern's
+  // longest walks, the first key tiles, start first on every kv head.) Its
+  // f32 path stores f32 the same way, without atomics: the kernel is one
+  // body up to its last stores, which neither path's loop pays for.
+  const int64_t group = shape.heads / shape.kvHeads;
+  const bool groupWalk = storeGrads && group > 1;
+  Value groupBlock;
+  if (groupWalk) {
+    Value nbx = gpu::GridDimOp::create(b, loc, gpu::Dimension::x);
+    Value pair = m.add(bx, m.mul(nbx, g.h));
+    Value kvHeads = m.c(shape.kvHeads);
+    Value kvHead = arith::RemUIOp::create(b, loc, pair, kvHeads);
+    groupBlock = m.lt(g.h, kvHeads);
+    bx = arith::DivUIOp::create(b, loc, pair, kvHeads);
+    cx.g.hk = kvHead;
+    cx.g.h = m.mul(kvHead, m.c(group));
+    cx.kBase = m.add(m.mul(g.bIdx, arg(KStrideB)), m.mul(g.hk, arg(KStrideH)));
+  }
   Value k0 = m.add(g.tKeyLo, m.mul(bx, m.c(kBlockKeys)));
   Value hasWork = m.lt(k0, g.tKeyHi);
   // Stored gradients: every block writes its keys that exist (see
   // emitGradQueries).
   Value store = storeGrads ? m.ne(arg(GradStore), zero) : Value();
-  enterIfWork(g, store ? m.either(hasWork, store) : hasWork);
+  enterIfWork(g, groupWalk ? groupBlock
+                           : store ? m.either(hasWork, store) : hasWork);
 
   // Rows t attending keys [k0, k1): lo <= t - tk <= hi.
   Value k1 = m.min(m.add(k0, m.c(kBlockKeys)), g.tKeyHi);
   Value qFirst = lo == ninf ? g.tRowLo : m.max(g.tRowLo, m.add(k0, m.c(lo)));
   Value qLast = hi == inf ? g.tRowHi : m.min(g.tRowHi, m.add(k1, m.c(hi)));
   qLast = m.max(qLast, qFirst);
-  Value numTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));
+  Value headTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));
   if (store)
-    numTiles = f.select(hasWork, numTiles, zero);
+    headTiles = f.select(hasWork, headTiles, zero);
+  // Walked tile i is tile i - j * headTiles of q head h + j, j the number
+  // of whole heads before it (the group's heads one after the other under
+  // the GQA walk; h's tiles alone otherwise), counted with one compare per
+  // head rather than a 64-bit division per tile.
+  Value numTiles = groupWalk ? m.mul(headTiles, m.c(group)) : headTiles;
+  struct WalkedHead {
+    GradContext cx; // with the head's qHead and qBase
+    Value tile;     // its tile index within the head
+  };
+  auto walkedHead = [&](Value i) {
+    WalkedHead w{cx, i};
+    if (!groupWalk)
+      return w;
+    Value j = zero, start = zero;
+    for (int64_t n = 1; n < group; ++n) {
+      Value past = m.le(m.mul(headTiles, m.c(n)), i);
+      j = f.select(past, m.c(n), j);
+      start = f.select(past, m.mul(headTiles, m.c(n)), start);
+    }
+    w.tile = m.sub(i, start);
+    Value h = m.add(g.h, j);
+    w.cx.qHead = m.mul(m.add(m.mul(g.bIdx, m.c(shape.heads)), h), arg(QLen));
+    w.cx.qBase = m.add(m.mul(g.bIdx, arg(QStrideB)), m.mul(h, arg(QStrideH)));
+    return w;
+  };
 
   Value kTile = cx.tiles[0], vTile = cx.tiles[1];
   auto workgroup =
@@ -2980,15 +3033,16 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // first 64 threads, delta by the others) its rows' lse and delta, zeros
   // past qLast.
   auto loadRows = [&](Value i, Value slot) {
-    Value t0 = rowTileStart(i);
-    loadGradRows(cx, walkedTile(slot, 0), t0, qLast, /*keys=*/false, arg(Q));
-    loadGradRows(cx, walkedTile(slot, 1), t0, qLast, /*keys=*/false,
+    WalkedHead w = walkedHead(i);
+    Value t0 = rowTileStart(w.tile);
+    loadGradRows(w.cx, walkedTile(slot, 0), t0, qLast, /*keys=*/false, arg(Q));
+    loadGradRows(w.cx, walkedTile(slot, 1), t0, qLast, /*keys=*/false,
                  arg(GradOut));
     Value isDelta = m.le(m.c(kBlockKeys), tid);
     Value r = arith::RemUIOp::create(b, loc, tid, m.c(kBlockKeys));
     Value t = m.add(t0, r);
     Value ok = m.lt(t, qLast);
-    Value row = f.select(ok, m.add(cx.qHead, gradQueryRow(cx, t)), zero);
+    Value row = f.select(ok, m.add(w.cx.qHead, gradQueryRow(cx, t)), zero);
     auto copyStat = [&](Value source) {
       nvgpu::DeviceAsyncCopyOp::create(
           b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), stats,
@@ -3010,7 +3064,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   SmallVector<Value> init(2 * frags * 4, f.c(0.0));
   auto computeTile = [&](Value i, Value slot,
                          ValueRange state) -> SmallVector<Value> {
-    Value t0 = rowTileStart(i);
+    Value t0 = rowTileStart(walkedHead(i).tile);
     Value qTile = walkedTile(slot, 0), doTile = walkedTile(slot, 1);
     Value statsAt = m.mul(slot, m.c(2 * kBlockKeys));
     SmallVector<AccFrag> s = rowsTimesTileT(kTile, qTile);
@@ -3072,9 +3126,38 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     return loop.getResult(frags * 4 + dn * 4 + half * 2 + e);
   };
   // dk += scale * dK and dv += dV, atomically: the blocks of every q head
-  // sharing the kv head add into the same rows.
+  // sharing the kv head add into the same rows. (Under the GQA walk this
+  // block alone writes them: dk = scale * dK and dv = dV in f32, zeros on
+  // keys that compute nothing, as the stored path below.)
   auto addIntoDkDv = [&]() {
     Value kvHead = m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
+    if (groupWalk) {
+      auto pairType = VectorType::get({2}, f32);
+      Value zeroF = f.c(0.0);
+      for (int64_t half = 0; half < 2; ++half) {
+        auto ifExists = scf::IfOp::create(b, loc, TypeRange{},
+                                          m.lt(tk[half], g.tKeyAll), false);
+        OpBuilder::InsertionGuard guard(b);
+        b.setInsertionPointToStart(ifExists.thenBlock());
+        Value valid = m.lt(tk[half], k1);
+        Value rowAt = m.mul(
+            m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])), m.c(D));
+        for (int64_t dn = 0; dn < frags; ++dn) {
+          Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8)));
+          for (auto [grad, of] : {std::pair{arg(DK), 0}, {arg(DV), 1}}) {
+            auto value = [&](int64_t e) {
+              return f.select(valid, of ? dvOf(dn, half, e) : dkOf(dn, half, e),
+                              zeroF);
+            };
+            Value pair = vector::FromElementsOp::create(
+                b, loc, pairType, ValueRange{value(0), value(1)});
+            vector::StoreOp::create(b, loc, pair, grad, ValueRange{at}, false,
+                                    llvm::MaybeAlign(8));
+          }
+        }
+      }
+      return;
+    }
     for (int64_t half = 0; half < 2; ++half) {
       auto ifValid =
           scf::IfOp::create(b, loc, TypeRange{}, m.lt(tk[half], k1), false);
@@ -3096,8 +3179,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   };
   // Stored: dk = scale * dK and dv = dV in the input type through their
   // (shared) strides, 0 on keys no row attends here (past lengths[b], or in
-  // a block without work). One q head per kv head: no other block writes
-  // these rows.
+  // a block without work). One q head per kv head, or the GQA walk: no
+  // other block writes these rows.
   Value dkBase = m.add(m.mul(g.bIdx, arg(DKStrideB)), m.mul(g.hk, arg(DKStrideH)));
   finishGrads(store, addIntoDkDv, {m.lt(tk[0], g.tKeyAll), m.lt(tk[1], g.tKeyAll)},
               [&](int64_t half) {
@@ -3333,17 +3416,26 @@ struct ConvertAttnToGpuPass
     OpBuilder b(gpuModule.getBody(), gpuModule.getBody()->end());
     KernelEmitter emit(b, gradFunc.getLoc(), gradShape);
     // One component over every row and key (period 1, or all residue
-    // classes; no segments) with a kv head per q head: its grad_q writes
-    // each row of dq once and its grad_kv each row of dk and dv once, so
-    // they may store the gradients in the input type (attn.stores_grads)
-    // instead of adding into zeroed f32 ones. Ring packages (an f32 state)
-    // add their peers' shares: they keep f32.
-    if (comps.size() == 1 && shape.halfState &&
-        shape.heads == shape.kvHeads) {
+    // classes; no segments): its grad_q writes each row of dq once and its
+    // grad_kv each row of dk and dv once, so they may store the gradients in
+    // the input type (attn.stores_grads) instead of adding into zeroed f32
+    // ones. Under GQA a grad_kv block then walks every q head of its kv
+    // head, which pays where a key's rows span a narrow band (kGqaWalkRows)
+    // and loses where they run to the end (causal: the q heads' rows that
+    // concurrent blocks read outgrow the L2; bench/gqa_grads_h100.md), so
+    // wider GQA components keep f32. Ring packages (an f32 state) add their
+    // peers' shares: they keep f32.
+    if (comps.size() == 1 && shape.halfState) {
       ComponentAttr c = comps.front().getComponent();
+      const int64_t lo = c.getBandLo(), hi = c.getBandHi();
+      const bool narrow = lo != ComponentAttr::kNegInf &&
+                          hi != ComponentAttr::kPosInf &&
+                          hi - lo < kGqaWalkRows;
       emit.storeGrads =
           c.getSegment() == 0 &&
-          (c.getPeriod() == 1 || c.getResidue() == ComponentAttr::kAllResidues);
+          (c.getPeriod() == 1 ||
+           c.getResidue() == ComponentAttr::kAllResidues) &&
+          (shape.heads == shape.kvHeads || narrow);
     }
     SmallVector<Attribute> order;
     auto add = [&](gpu::GPUFuncOp f) {

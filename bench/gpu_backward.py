@@ -31,6 +31,10 @@ ap.add_argument("--f32", action="store_true",
                 help="attn's float32 gradients even where the package stores bf16 ones")
 args = ap.parse_args()
 PKGS = os.environ["ATTN_GPU_PACKAGES"]
+# Each pattern, length and GQA setting recompiles FlexAttention; past
+# dynamo's default limit of 8 it would fall back to the eager kernel, which
+# materialises every score (64 GiB at L = 32768).
+torch._dynamo.config.cache_size_limit = 64
 B, H, D = 1, 16, 128
 HKV = 4  # kv heads of the *_gqa patterns
 

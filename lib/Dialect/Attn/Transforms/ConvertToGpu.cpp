@@ -2627,8 +2627,9 @@ struct KernelEmitter::GradContext {
   Value tiles[2];
 };
 
-/// The widest band (hi - lo, in gathered rows) whose GQA packages store
-/// gradients, their grad_kv blocks walking every q head of a kv head.
+/// GQA packages store gradients, their grad_kv blocks walking every q head
+/// of a kv head, where a key's rows span a band with hi - lo below this
+/// (in gathered rows): local windows, not causal or full attention.
 static constexpr int64_t kGqaWalkRows = 4096;
 
 /// Shared memory of a backward kernel: its own two tiles, then two slots of
@@ -2943,10 +2944,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // so that the block alone writes its keys' dk and dv: of a batch's blocks
   // (x, h), those with h < kvHeads take the (key tile, kv head) pairs in
   // key-tile-major order, x + gridDim.x * h = tile * kvHeads + kv head, and
-  // the others return. (Blocks start in that order, so the causal pattern's
-  // longest walks, the first key tiles, start first on every kv head.) Its
-  // f32 path stores f32 the same way, without atomics: the kernel is one
-  // body up to its last stores, which neither path's loop pays for.
+  // the others return. Its f32 path stores f32 the same way, without
+  // atomics: the kernel is one body up to its last stores, so neither
+  // path's loop pays for the other (two bodies behind one branch spilled
+  // twice as much; bench/gqa_grads_h100.md).
   const int64_t group = shape.heads / shape.kvHeads;
   const bool groupWalk = storeGrads && group > 1;
   Value groupBlock;

@@ -405,6 +405,12 @@ class Package:
         if _is_torch(q):
             if _torch_compiling() or _torch_needs_grad(q, k, v, key_bias):
                 from . import _torchop
+                if not (_torch_compiling() or return_lse or out is not None or key_ids is not None):
+                    # q, k and v parts of one fused projection: one backward
+                    # node on it, its gradient written in place.
+                    res = _torchop.projection_call(self, q, k, v, lengths, key_bias)
+                    if res is not None:
+                        return res
                 return _torchop.call(self, q, k, v, lengths, return_lse, out, key_bias,
                                      key_ids)
             return self._call_torch(q, k, v, lengths, return_lse, out, key_bias, key_ids)

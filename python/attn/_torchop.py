@@ -171,6 +171,104 @@ def _backward(ctx, grad_out, grad_lse):
 run.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _views_of(x, base):
+    """Whether x's autograd history is a chain of views down to base's node
+    (base's grad_fn, or its AccumulateGrad where base is a leaf)."""
+    node = x.grad_fn
+    for _ in range(16):
+        if node is None:
+            return False
+        if node is base.grad_fn or getattr(node, "variable", None) is base:
+            return True
+        parents = node.next_functions
+        node = parents[0][0] if parents else None
+    return False
+
+
+def _fused_projection(q, k, v):
+    """The tensor of one fused projection [B, L, (H + 2 Hkv) D] whose three
+    parts q [B, H, L, D], k and v [B, Hkv, L, D] view as heads (qkv.view(B,
+    L, 3, H, D).unbind(2) transposed, or split along the last dimension and
+    viewed per head; the projection may itself be a view, as nn.Linear's
+    output on [B, L, E] is of its [B*L, 3E] product), where autograd records
+    each as a view of it and each takes its gradient through it; None
+    otherwise (other layouts, a part detached or made under no_grad, parts
+    that leave some of the projection out)."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base \
+            or not base.requires_grad or not base.is_contiguous() or q.dim() != 4:
+        return None
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    if tuple(k.shape) != (B, Hkv, L, D) or v.shape != k.shape:
+        return None
+    C = (H + 2 * Hkv) * D
+    if base.numel() != B * L * C:
+        return None
+    want = (L * C, D, C, 1)
+    for x, first in ((q, 0), (k, H * D), (v, (H + Hkv) * D)):
+        if any(n > 1 and st != w for n, st, w in zip(x.shape, x.stride(), want)) or \
+                x.data_ptr() != base.data_ptr() + first * base.element_size() or \
+                not _views_of(x, base):
+            return None
+    return base
+
+
+def _projection_parts(qkv, H, Hkv, D):
+    """q, k and v: the head views of qkv [B, L, (H + 2 Hkv) D]."""
+    parts = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    return tuple(x.unflatten(-1, (x.shape[-1] // D, D)).transpose(1, 2) for x in parts)
+
+
+class _FusedProjectionRun(torch.autograd.Function):
+    """pkg(q, k, v) on the parts of one fused projection (_fused_projection),
+    for packages that store their gradients: one backward node on the
+    projection, whose gradient the backward kernels write in place, part by
+    part (autograd through the parts would assemble it from three gradients
+    in a pass of its own). out [B, L, H, D] is returned in q's dimension
+    order, so a model's merge of the heads back to [B, L, H * D] is a view."""
+
+    @staticmethod
+    def forward(ctx, base, pkg, dims, lengths, key_bias):
+        B, L, H, Hkv, D = dims
+        qkv = base.view(B, L, (H + 2 * Hkv) * D)
+        out = torch.empty(B, L, H, D, device=base.device, dtype=base.dtype)
+        _, lse = pkg._call_torch(*_projection_parts(qkv, H, Hkv, D), lengths, True,
+                                 out.transpose(1, 2), key_bias)
+        ctx.pkg, ctx.dims = pkg, dims
+        ctx.save_for_backward(base, out, lse, lengths, key_bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        base, out, lse, lengths, key_bias = ctx.saved_tensors
+        B, L, H, Hkv, D = ctx.dims
+        qkv = base.view(B, L, (H + 2 * Hkv) * D)
+        grad_qkv = torch.empty(qkv.shape, device=base.device, dtype=base.dtype)
+        ctx.pkg.backward(*_projection_parts(qkv, H, Hkv, D), out.transpose(1, 2), lse,
+                         grad.to(base.dtype).transpose(1, 2), lengths=lengths,
+                         key_bias=key_bias, grads=_projection_parts(grad_qkv, H, Hkv, D))
+        return grad_qkv.view(base.shape), None, None, None, None
+
+
+def projection_call(pkg, q, k, v, lengths, key_bias):
+    """pkg(q, k, v) through _FusedProjectionRun where q, k and v are the parts
+    of one fused projection and the package stores its gradients (eager
+    autograd; not with key_bias that requires grad, which gets none); None
+    where that does not apply (the caller takes attn::run)."""
+    if not pkg.stores_gradients or (key_bias is not None and key_bias.requires_grad):
+        return None
+    base = _fused_projection(q, k, v)
+    if base is None:
+        return None
+    if lengths is not None and not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths, device=q.device)
+    B, H, L, D = q.shape
+    out = _FusedProjectionRun.apply(base, pkg, (B, L, H, k.shape[1], D), lengths,
+                                    key_bias)
+    return out.transpose(1, 2)
+
+
 class _RingRank(torch.autograd.Function):
     """One rank's ring call (Package.run_rank) on tensors that require grad:
     the forward keeps the lse, and the backward runs the rank's part of the

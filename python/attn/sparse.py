@@ -199,14 +199,12 @@ class SparseAttention:
         H = self.heads_for(E)
         if training:
             # The package with its backward pass: autograd records attn::run,
-            # whose backward runs the package's backward kernels; or, for
-            # q, k and v sliced from one fused projection, a node on the
-            # projection itself, whose gradient the kernels write in place.
-            pkg = self.package(B, E, dtypes[q.dtype], target, backward=True)
-            base = None if _torch_compiling() else _fused_projection(q, k, v)
-            if base is not None and pkg.stores_gradients:
-                return _projection_function().apply(base, (B, L, E), pkg, H)
-            return self._forward_views(pkg, q, k, v, H)
+            # whose backward runs the package's backward kernels (or, for q,
+            # k and v sliced from one fused projection, one node on the
+            # projection, whose gradient the kernels write in place: the
+            # package call sees its head views as parts of it).
+            return self._forward_views(self.package(B, E, dtypes[q.dtype], target,
+                                                    backward=True), q, k, v, H)
         pkg = self.package(B, E, dtypes[q.dtype], target)
         if _torch_compiling():
             return self._forward_views(pkg, q, k, v, H)
@@ -272,93 +270,6 @@ class SparseAttention:
         D = E // H
         shape, strides = _c_layout((B, H, L, D), (sb, D, sl, 1))
         return _Tensor(x.data_ptr(), shape, 4, code, strides)
-
-
-def _fused_projection(q, k, v):
-    """The tensor whose storage q, k and v [B, L, E] slice as the three
-    E-wide parts of a fused projection [B, L, 3E] (split by .split, .chunk
-    or slicing; the projection itself may be a view, as nn.Linear's output
-    on [B, L, E] is of its [B*L, 3E] product), where autograd records each
-    as a view of it and each takes its gradient through it; None otherwise
-    (other layouts, a slice detached or made under no_grad, a wider
-    projection)."""
-    base = q._base
-    if base is None or k._base is not base or v._base is not base \
-            or not base.requires_grad or not base.is_contiguous():
-        return None
-    B, L, E = q.shape
-    if base.numel() != B * L * 3 * E:
-        return None
-    want = (L * 3 * E, 3 * E, 1)
-    for i, x in enumerate((q, k, v)):
-        if any(n > 1 and st != w for n, st, w in zip(x.shape, x.stride(), want)) or \
-                x.data_ptr() != base.data_ptr() + i * E * base.element_size() or \
-                not _views_of(x, base):
-            return None
-    return base
-
-
-def _views_of(x, base):
-    """Whether x's autograd history is a chain of views down to base's node
-    (base's grad_fn, or its AccumulateGrad where base is a leaf)."""
-    node = x.grad_fn
-    for _ in range(16):
-        if node is None:
-            return False
-        if node is base.grad_fn or getattr(node, "variable", None) is base:
-            return True
-        parents = node.next_functions
-        node = parents[0][0] if parents else None
-    return False
-
-
-_projection_class = None
-
-
-def _projection_function():
-    """The torch.autograd.Function of a layer whose q, k and v are slices of
-    one fused projection qkv [B, L, 3E] (_fused_projection: the function
-    takes the tensor they view, and views it as qkv), for packages
-    that store their gradients: its backward allocates qkv's gradient once
-    and the kernels write dq, dk and dv into its three slices, where autograd
-    through the slices would concatenate three gradients in a pass of its
-    own. The output [B, L, E] is written in place by the forward kernels (no
-    merge of the heads afterwards)."""
-    global _projection_class
-    if _projection_class is None:
-        import torch
-
-        def heads(x, H):
-            """The [B, H, L, D] view of x [B, L, E] (E's elements contiguous)."""
-            return x.unflatten(-1, (H, x.shape[-1] // H)).transpose(1, 2)
-
-        def slices(x, H):
-            E = x.shape[-1] // 3
-            return tuple(heads(x.narrow(-1, i * E, E), H) for i in range(3))
-
-        class SparseProjectionAttention(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, base, shape, pkg, H):
-                B, L, E = shape
-                qkv = base.view(B, L, 3 * E)
-                out = torch.empty(B, L, E, device=base.device, dtype=base.dtype)
-                _, lse = pkg(*slices(qkv, H), return_lse=True, out=heads(out, H))
-                ctx.pkg, ctx.shape, ctx.H = pkg, (B, L, E), H
-                ctx.save_for_backward(base, out, lse)
-                return out
-
-            @staticmethod
-            def backward(ctx, grad):
-                base, out, lse = ctx.saved_tensors
-                (B, L, E), H = ctx.shape, ctx.H
-                qkv = base.view(B, L, 3 * E)
-                grad_qkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
-                ctx.pkg.backward(*slices(qkv, H), heads(out, H), lse,
-                                 heads(grad.to(qkv.dtype), H), grads=slices(grad_qkv, H))
-                return grad_qkv.view(base.shape), None, None, None
-
-        _projection_class = SparseProjectionAttention
-    return _projection_class
 
 
 _cpu_function = None

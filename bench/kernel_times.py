@@ -1,0 +1,27 @@
+"""GPU kernel times of a training step under torch.profiler, shared by
+bench/gqa_profile.py and bench/sparse_train_profile.py."""
+import torch
+from torch.profiler import profile, ProfilerActivity
+
+
+def print_kernel_times(step, title, warm=2, reps=3, top=8):
+    """Runs step() `warm` times, then profiles `reps` calls and prints the
+    `top` kernels by GPU time per call (µs, launches per call, name) and the
+    sum over every kernel."""
+    for _ in range(warm):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    print(f"== {title}")
+    rows = []
+    for e in p.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / reps, e.count // reps, e.key[:90]))
+    rows.sort(reverse=True)
+    for t, count, name in rows[:top]:
+        print(f"{t:9.1f} us  x{count:<3} {name}")
+    print(f"all {sum(r[0] for r in rows):.1f} us", flush=True)

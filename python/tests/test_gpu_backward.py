@@ -339,7 +339,8 @@ PROJECTION_CASES = [c for c in gpu_cases.GRAD_CASES
 def test_package_on_a_fused_projection_writes_its_gradient_in_place(case):
     """pkg(q, k, v) on the head views of one fused projection
     [B, L, (H + 2 Hkv) D] that requires grad (split per part, and for
-    H = Hkv the view [B, L, 3, H, D] unbound): where the package stores its
+    H = Hkv the view [B, L, 3, H, D] unbound, or permuted to
+    [3, B, H, L, D] and unbound): where the package stores its
     gradients, one backward node on the projection, the kernels writing its
     gradient (first filled with NaN) in place, equal bit for bit to the
     gradients through three separate inputs, and out equal to theirs and in
@@ -364,6 +365,8 @@ def test_package_on_a_fused_projection_writes_its_gradient_in_place(case):
     if H == Hkv:
         forms["unbind"] = lambda x: [p.transpose(1, 2)
                                      for p in x.view(B, L, 3, H, D).unbind(2)]
+        # timm's form: reshape, permute to [3, B, H, L, D], unbind.
+        forms["permute"] = lambda x: x.reshape(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
     for name, form in forms.items():
         qkv = base.clone().requires_grad_()
         out = pkg(*form(qkv), lengths=lengths, key_bias=bias)

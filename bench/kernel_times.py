@@ -1,13 +1,12 @@
-"""GPU kernel times of a training step under torch.profiler, shared by
-bench/gqa_profile.py and bench/sparse_train_profile.py."""
+"""GPU kernels of a step under torch.profiler, shared by bench/gqa_profile.py,
+bench/sparse_train_profile.py and bench/tokenized_ab.py."""
 import torch
 from torch.profiler import profile, ProfilerActivity
 
 
-def print_kernel_times(step, title, warm=2, reps=3, top=8):
-    """Runs step() `warm` times, then profiles `reps` calls and prints the
-    `top` kernels by GPU time per call (µs, launches per call, name) and the
-    sum over every kernel."""
+def profiled(step, warm, reps):
+    """Runs step() `warm` times, then `reps` times under torch.profiler
+    (CUDA activity); returns the profiler."""
     for _ in range(warm):
         step()
     torch.cuda.synchronize()
@@ -15,6 +14,14 @@ def print_kernel_times(step, title, warm=2, reps=3, top=8):
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
+    return p
+
+
+def print_kernel_times(step, title, warm=2, reps=3, top=8):
+    """Profiles `reps` calls of step() after `warm` and prints the `top`
+    kernels by GPU time per call (µs, launches per call, name) and the sum
+    over every kernel."""
+    p = profiled(step, warm, reps)
     print(f"== {title}")
     rows = []
     for e in p.key_averages():

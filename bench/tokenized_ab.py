@@ -22,10 +22,10 @@ import sys
 
 import torch
 import triton.testing as tt
-from torch.profiler import ProfilerActivity, profile
 
 import attn
 from host_ab import load_copy
+from kernel_times import profiled
 from tokenized_gpu import B, C, D, H, HKV, VOCAB, zipf_ids
 
 PKGS = os.environ.get("ATTN_GPU_PACKAGES", "gpu-pkgs")
@@ -35,12 +35,7 @@ dev = "cuda"
 
 
 def kernels_per_call(f, calls=10):
-    f()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            f()
-        torch.cuda.synchronize()
+    prof = profiled(f, 1, calls)
     launched = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
     return launched / calls
 

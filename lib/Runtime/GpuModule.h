@@ -117,6 +117,9 @@ struct GpuModule {
   /// The backward kernels may store gradients of the input type (one
   /// component writes each element once) instead of adding into f32 ones.
   bool storesGrads = false;
+  /// The first component's backward kernels write every element of the f32
+  /// gradients (zeros included), so the runtime does not zero them first.
+  bool overwritesGrads = false;
   /// K's and V's TMA tensor maps last encoded (launchKernel): the same
   /// tensor, shape and period give the same map, so the kernels of a call
   /// and of the calls after it on the same tensors reuse it instead of

@@ -127,6 +127,8 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
   g.dependentLaunch = m.value("dependent_launch", false);
   g.storesGrads =
       m.contains("backward") && m.at("backward").value("stores_grads", false);
+  g.overwritesGrads = m.contains("backward") &&
+                      m.at("backward").value("overwrites_grads", false);
 
   std::string cubinPath = dir_ + "/" + m.at("cubin").get<std::string>();
   std::ifstream in(cubinPath, std::ios::binary);
@@ -735,12 +737,13 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   CUresult rc = g.stateOrder.waitIfOtherStream(d, stream);
   auto dev = [](const void *p) { return CUdeviceptr(uintptr_t(p)); };
   // The kernels add every component's share into f32 gradients, zeroed
-  // here, or store gradients of the input type (checkGradients allowed
-  // those only where the package stores them): every element once.
+  // here unless the first component overwrites them ("overwrites_grads"),
+  // or store gradients of the input type (checkGradients allowed those
+  // only where the package stores them): every element once.
   const bool store = dq.dtype != "f32";
   for (auto [t, n] : {std::pair{&dq, rows * D}, {&dk, B * Hkv * Lk * D},
                       {&dv, B * Hkv * Lk * D}})
-    if (rc == CUDA_SUCCESS && !store)
+    if (rc == CUDA_SUCCESS && !store && !g.overwritesGrads)
       rc = d.cuMemsetD8Async(dev(t->data), 0, size_t(n) * 4, stream);
   if (rc != CUDA_SUCCESS) {
     error = describe(d, rc, "zeroing the gradients");

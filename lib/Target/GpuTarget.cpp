@@ -298,8 +298,10 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
     needsState |= k["kind"] != "single";
   // The backward pass ("backward": true): its kernels, their order and its
   // arguments. GPU packages add every component's share into f32
-  // gradients; where one component writes each element once
-  // ("stores_grads"), they also store gradients of the input type in any
+  // gradients; where the first component writes each element once it
+  // overwrites them instead ("overwrites_grads": the runtime does not zero
+  // them), and where one such component is the whole pattern
+  // ("stores_grads") they also store gradients of the input type in any
   // layout (docs/Package.md).
   nlohmann::json backward;
   if (gpuModule->hasAttr("attn.backward_order")) {
@@ -316,7 +318,9 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
                 {"args", gradArgs},
                 {"kernels", gradKernels},
                 {"launch_order", gradOrder},
-                {"stores_grads", gpuModule->hasAttr("attn.stores_grads")}};
+                {"stores_grads", gpuModule->hasAttr("attn.stores_grads")},
+                {"overwrites_grads",
+                 gpuModule->hasAttr("attn.overwrites_grads")}};
   }
 
   // Packages with key_ids: the dedup kernels (DedupKernel.h), which the

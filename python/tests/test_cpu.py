@@ -127,21 +127,29 @@ def test_strided_tensors_are_checked_through_the_c_api():
         "elements (16 bytes)" in msg
 
 
-@pytest.mark.parametrize("pattern,kv_heads,stores", [
-    ({"causal": {}}, 2, True),
-    ({"strided": {"stride": 16, "local": 1}}, 2, True),  # one gathered component
-    ({"strided": {"stride": 16, "local": 16}}, 2, False),  # band + residues
-    ({"local": {"window": 64}}, 1, True),  # two q heads a kv head: grad_kv walks both
-    ({"causal": {}}, 1, False),  # ... but not over rows that run to the end
-    ({"strided": {"stride": 16, "local": 16}}, 1, False),
+LONGNET_SEGMENTS = {"sum": [
+    {"dilated": {"segment": 64, "rate": 1, "head_offset": True, "causal": True}},
+    {"dilated": {"segment": 128, "rate": 2, "head_offset": True, "causal": True}}]}
+
+
+@pytest.mark.parametrize("pattern,kv_heads,stores,overwrites", [
+    ({"causal": {}}, 2, True, True),
+    ({"strided": {"stride": 16, "local": 1}}, 2, True, True),  # one gathered component
+    ({"strided": {"stride": 16, "local": 16}}, 2, False, True),  # band (first) + residues
+    ({"local": {"window": 64}}, 1, True, True),  # two q heads a kv head: grad_kv walks both
+    ({"causal": {}}, 1, False, False),  # ... but not over rows that run to the end
+    ({"strided": {"stride": 16, "local": 16}}, 1, False, True),  # its band walks
+    (LONGNET_SEGMENTS, 2, False, False),  # the first component is segmented
 ])
 def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, pattern,
-                                                                  kv_heads, stores):
+                                                                  kv_heads, stores,
+                                                                  overwrites):
     """The manifest's "stores_grads": a GPU backward of one component writes
     each gradient element once (under GQA where a key's rows span a narrow
     band, grad_kv's block walking every q head of its kv head), so it may
     store gradients in the input type; several components, and GQA over
-    rows that run to the end, add into float32 ones (no GPU needed: the
+    rows that run to the end, add into float32 ones. "overwrites_grads":
+    the first component writes every element once (no GPU needed: the
     compiler decides)."""
     import json
     import subprocess
@@ -152,6 +160,9 @@ def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, patt
                     str(tmp_path / "pkg"), "--target", "sm_90a", "--quiet"], check=True)
     manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
     assert manifest["backward"]["stores_grads"] is stores
+    # Where the first component writes every element once, it overwrites the
+    # float32 gradients and the runtime does not zero them.
+    assert manifest["backward"]["overwrites_grads"] is overwrites
     # The gradient args stay float32 (the path every package takes).
     assert all(a["dtype"] == "f32" for a in manifest["backward"]["args"]
                if a["name"] in ("dq", "dk", "dv"))

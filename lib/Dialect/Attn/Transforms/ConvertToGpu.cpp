@@ -335,6 +335,11 @@ public:
   /// one component's kernels write every element of dq, dk and dv exactly
   /// once (ConvertAttnToGpuPass::convertBackward).
   bool storeGrads = false;
+  /// The next component's grad kernels write each element of dq, dk and dv
+  /// exactly once (ConvertAttnToGpuPass::convertBackward): their float32
+  /// path then stores too, zeros included, rather than adding, so that the
+  /// runtime need not zero the gradients when this is the first component.
+  bool writesOnce = false;
 
 private:
   /// Stores (x, y) in the input type at element `element` of a stored
@@ -2826,8 +2831,11 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value hasWork = m.lt(q0, g.tRowHi);
   // Stored gradients: every block writes its rows that exist, zeros where
   // they compute nothing, so blocks without work run too (no key tiles).
+  // So do the float32 stores of a component that writes every row once.
   Value store = storeGrads ? m.ne(arg(GradStore), zero) : Value();
-  enterIfWork(g, store ? m.either(hasWork, store) : hasWork);
+  enterIfWork(g, writesOnce ? m.truth(true)
+                 : store    ? m.either(hasWork, store)
+                            : hasWork);
 
   // The forward's key range of rows [q0, q1) (emitComponent's itemRange).
   Value q1 = m.min(m.add(q0, m.c(kBlockKeys)), g.tRowHi);
@@ -2838,7 +2846,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       hi == inf ? first : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
   Value fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
   Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
-  if (store)
+  if (store || writesOnce)
     numTiles = f.select(hasWork, numTiles, zero);
 
   Value qTile = cx.tiles[0], doTile = cx.tiles[1];
@@ -2910,9 +2918,32 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
     return f.mul(loop.getResult(dn * 4 + half * 2 + e), f.c(shape.scale));
   };
   // dq += scale * dQ: the block owns its rows (components run one after
-  // another), so a plain read-modify-write.
+  // another), so a plain read-modify-write. A component that writes every
+  // row once stores dq = scale * dQ instead, 0 on rows that exist but
+  // compute nothing.
   auto addIntoDq = [&]() {
     auto pairType = VectorType::get({2}, f32);
+    if (writesOnce) {
+      Value zeroF = f.c(0.0);
+      for (int64_t half = 0; half < 2; ++half) {
+        auto ifExists = scf::IfOp::create(b, loc, TypeRange{},
+                                          m.lt(tq[half], g.tRowAll), false);
+        OpBuilder::InsertionGuard guard(b);
+        b.setInsertionPointToStart(ifExists.thenBlock());
+        Value row = m.add(cx.qHead, gradQueryRow(cx, tq[half]));
+        for (int64_t dn = 0; dn < frags; ++dn) {
+          Value at = m.add(m.mul(row, m.c(D)), m.add(laneCol, m.c(dn * 8)));
+          auto value = [&](int64_t e) {
+            return f.select(valid[half], result(dn, half, e), zeroF);
+          };
+          Value pair = vector::FromElementsOp::create(
+              b, loc, pairType, ValueRange{value(0), value(1)});
+          vector::StoreOp::create(b, loc, pair, arg(DQ), ValueRange{at}, false,
+                                  llvm::MaybeAlign(8));
+        }
+      }
+      return;
+    }
     for (int64_t half = 0; half < 2; ++half) {
       auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, valid[half], false);
       OpBuilder::InsertionGuard guard(b);
@@ -2964,17 +2995,17 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
   Value zero = m.c(0);
-  // Under grouped-query attention a package that stores gradients walks,
-  // in one block, the query tiles of all `group` q heads sharing a kv head,
-  // so that the block alone writes its keys' dk and dv: of a batch's blocks
-  // (x, h), those with h < kvHeads take the (key tile, kv head) pairs in
-  // key-tile-major order, x + gridDim.x * h = tile * kvHeads + kv head, and
-  // the others return. Its f32 path stores f32 the same way, without
-  // atomics: the kernel is one body up to its last stores, so neither
+  // Under grouped-query attention a component that writes every key once
+  // walks, in one block, the query tiles of all `group` q heads sharing a
+  // kv head, so that the block alone writes its keys' dk and dv: of a
+  // batch's blocks (x, h), those with h < kvHeads take the (key tile,
+  // kv head) pairs in key-tile-major order,
+  // x + gridDim.x * h = tile * kvHeads + kv head, and the others return.
+  // Its f32 and 16-bit paths differ in their last stores only, so neither
   // path's loop pays for the other (two bodies behind one branch spilled
   // twice as much; bench/gqa_grads_h100.md).
   const int64_t group = shape.heads / shape.kvHeads;
-  const bool groupWalk = storeGrads && group > 1;
+  const bool groupWalk = writesOnce && group > 1;
   Value groupBlock;
   if (groupWalk) {
     Value nbx = gpu::GridDimOp::create(b, loc, gpu::Dimension::x);
@@ -2992,8 +3023,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // Stored gradients: every block writes its keys that exist (see
   // emitGradQueries).
   Value store = storeGrads ? m.ne(arg(GradStore), zero) : Value();
-  enterIfWork(g, groupWalk ? groupBlock
-                           : store ? m.either(hasWork, store) : hasWork);
+  enterIfWork(g, groupWalk    ? groupBlock
+                 : writesOnce ? m.truth(true)
+                 : store      ? m.either(hasWork, store)
+                              : hasWork);
 
   // Rows t attending keys [k0, k1): lo <= t - tk <= hi.
   Value k1 = m.min(m.add(k0, m.c(kBlockKeys)), g.tKeyHi);
@@ -3001,7 +3034,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   Value qLast = hi == inf ? g.tRowHi : m.min(g.tRowHi, m.add(k1, m.c(hi)));
   qLast = m.max(qLast, qFirst);
   Value headTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));
-  if (store)
+  if (store || writesOnce)
     headTiles = f.select(hasWork, headTiles, zero);
   // Walked tile i is tile i - j * headTiles of q head h + j, j the number
   // of whole heads before it (the group's heads one after the other under
@@ -3152,12 +3185,13 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     return loop.getResult(frags * 4 + dn * 4 + half * 2 + e);
   };
   // dk += scale * dK and dv += dV, atomically: the blocks of every q head
-  // sharing the kv head add into the same rows. (Under the GQA walk this
-  // block alone writes them: dk = scale * dK and dv = dV in f32, zeros on
-  // keys that compute nothing, as the stored path below.)
+  // sharing the kv head add into the same rows. (A component that writes
+  // every key once, one q head per kv head or the GQA walk, stores
+  // dk = scale * dK and dv = dV in f32 instead, zeros on keys that compute
+  // nothing, as the stored path below.)
   auto addIntoDkDv = [&]() {
     Value kvHead = m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
-    if (groupWalk) {
+    if (writesOnce) {
       auto pairType = VectorType::get({2}, f32);
       Value zeroF = f.c(0.0);
       for (int64_t half = 0; half < 2; ++half) {
@@ -3441,28 +3475,30 @@ struct ConvertAttnToGpuPass
     gradShape.tma = gradShape.warpSpecialize = false;
     OpBuilder b(gpuModule.getBody(), gpuModule.getBody()->end());
     KernelEmitter emit(b, gradFunc.getLoc(), gradShape);
-    // One component over every row and key (period 1, or all residue
+    // A component over every row and key (period 1, or all residue
     // classes; no segments): its grad_q writes each row of dq once and its
-    // grad_kv each row of dk and dv once, so they may store the gradients in
-    // the input type (attn.stores_grads) instead of adding into zeroed f32
-    // ones. Under GQA a grad_kv block then walks every q head of its kv
-    // head, which pays where a key's rows span a narrow band (kGqaWalkRows)
-    // and loses where they run to the end (causal: the q heads' rows that
-    // concurrent blocks read outgrow the L2; bench/gqa_grads_h100.md), so
-    // wider GQA components keep f32. Ring packages (an f32 state) add their
-    // peers' shares: they keep f32.
-    if (comps.size() == 1 && shape.halfState) {
-      ComponentAttr c = comps.front().getComponent();
+    // grad_kv each row of dk and dv once. Under GQA a grad_kv block then
+    // walks every q head of its kv head, which pays where a key's rows span
+    // a narrow band (kGqaWalkRows) and loses where they run to the end
+    // (causal: the q heads' rows that concurrent blocks read outgrow the
+    // L2; bench/gqa_grads_h100.md), so wider GQA components add. Ring
+    // packages (an f32 state) add their peers' shares: they add.
+    auto writesOnce = [&](ComponentAttr c) {
       const int64_t lo = c.getBandLo(), hi = c.getBandHi();
       const bool narrow = lo != ComponentAttr::kNegInf &&
                           hi != ComponentAttr::kPosInf &&
                           hi - lo < kGqaWalkRows;
-      emit.storeGrads =
-          c.getSegment() == 0 &&
-          (c.getPeriod() == 1 ||
-           c.getResidue() == ComponentAttr::kAllResidues) &&
-          (shape.heads == shape.kvHeads || narrow);
-    }
+      return shape.halfState && c.getSegment() == 0 &&
+             (c.getPeriod() == 1 ||
+              c.getResidue() == ComponentAttr::kAllResidues) &&
+             (shape.heads == shape.kvHeads || narrow);
+    };
+    // The first component writing every element once overwrites the f32
+    // gradients (attn.overwrites_grads: the runtime does not zero them),
+    // the later ones add. A package of one such component may also store
+    // the gradients in the input type (attn.stores_grads).
+    const bool firstWritesOnce = writesOnce(comps.front().getComponent());
+    emit.storeGrads = comps.size() == 1 && firstWritesOnce;
     SmallVector<Attribute> order;
     auto add = [&](gpu::GPUFuncOp f) {
       order.push_back(b.getStringAttr(f.getName()));
@@ -3471,6 +3507,7 @@ struct ConvertAttnToGpuPass
     };
     add(emit.emitGradPrepare("grad_prepare"));
     for (auto [i, c] : llvm::enumerate(comps)) {
+      emit.writesOnce = i == 0 && firstWritesOnce;
       add(emit.emitGradKeys(("grad_kv_" + Twine(i)).str(), c.getComponent()));
       add(emit.emitGradQueries(("grad_q_" + Twine(i)).str(),
                                c.getComponent()));
@@ -3482,6 +3519,8 @@ struct ConvertAttnToGpuPass
     gpuModule->setAttr("attn.backward_order", b.getArrayAttr(order));
     if (emit.storeGrads)
       gpuModule->setAttr("attn.stores_grads", b.getUnitAttr());
+    if (firstWritesOnce)
+      gpuModule->setAttr("attn.overwrites_grads", b.getUnitAttr());
     gpuModule->setAttr("attn.backward_name",
                        b.getStringAttr(gradFunc.getSymName()));
     gradFunc.erase();

@@ -349,6 +349,17 @@ private:
   /// where the kernel may store gradients (`store`: the runtime's GradStore
   /// test) and they do, `storeRow(half)` for each of the thread's two rows
   /// (or keys) that `exists`.
+  /// The float32 stores of a kernel that writes each row once: for each
+  /// half of this thread's rows whose row exists, its pairs of every grad
+  /// in `grads` (value(grad index, dn, half, e)) at element
+  /// rowAt(half) + laneCol + 8 dn of the contiguous gradient, 0 where
+  /// valid(half) does not hold.
+  void storeF32Rows(
+      ArrayRef<GradArg> grads, Value laneCol, ArrayRef<Value> exists,
+      function_ref<Value(int64_t half)> valid,
+      function_ref<Value(int64_t half)> rowAt,
+      function_ref<Value(size_t grad, int64_t dn, int64_t half, int64_t e)>
+          value);
   void finishGrads(Value store, function_ref<void()> addInto,
                    ArrayRef<Value> exists,
                    function_ref<void(int64_t half)> storeRow);
@@ -725,6 +736,35 @@ void KernelEmitter::finishGrads(Value store, function_ref<void()> addInto,
         scf::IfOp::create(b, loc, TypeRange{}, exists[half], false);
     b.setInsertionPointToStart(ifExists.thenBlock());
     storeRow(half);
+  }
+}
+
+void KernelEmitter::storeF32Rows(
+    ArrayRef<GradArg> grads, Value laneCol, ArrayRef<Value> exists,
+    function_ref<Value(int64_t half)> valid,
+    function_ref<Value(int64_t half)> rowAt,
+    function_ref<Value(size_t grad, int64_t dn, int64_t half, int64_t e)>
+        value) {
+  auto pairType = VectorType::get({2}, f32);
+  Value zeroF = f.c(0.0);
+  for (int64_t half = 0; half < 2; ++half) {
+    auto ifExists = scf::IfOp::create(b, loc, TypeRange{}, exists[half], false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(ifExists.thenBlock());
+    Value ok = valid(half);
+    Value row = rowAt(half);
+    for (int64_t dn = 0; dn < shape.headDim / 8; ++dn) {
+      Value at = m.add(row, m.add(laneCol, m.c(dn * 8)));
+      for (auto [i, grad] : llvm::enumerate(grads)) {
+        auto pairValue = [&](int64_t e) {
+          return f.select(ok, value(i, dn, half, e), zeroF);
+        };
+        Value pair = vector::FromElementsOp::create(
+            b, loc, pairType, ValueRange{pairValue(0), pairValue(1)});
+        vector::StoreOp::create(b, loc, pair, arg(grad), ValueRange{at}, false,
+                                llvm::MaybeAlign(8));
+      }
+    }
   }
 }
 
@@ -2924,24 +2964,15 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   auto addIntoDq = [&]() {
     auto pairType = VectorType::get({2}, f32);
     if (writesOnce) {
-      Value zeroF = f.c(0.0);
-      for (int64_t half = 0; half < 2; ++half) {
-        auto ifExists = scf::IfOp::create(b, loc, TypeRange{},
-                                          m.lt(tq[half], g.tRowAll), false);
-        OpBuilder::InsertionGuard guard(b);
-        b.setInsertionPointToStart(ifExists.thenBlock());
-        Value row = m.add(cx.qHead, gradQueryRow(cx, tq[half]));
-        for (int64_t dn = 0; dn < frags; ++dn) {
-          Value at = m.add(m.mul(row, m.c(D)), m.add(laneCol, m.c(dn * 8)));
-          auto value = [&](int64_t e) {
-            return f.select(valid[half], result(dn, half, e), zeroF);
-          };
-          Value pair = vector::FromElementsOp::create(
-              b, loc, pairType, ValueRange{value(0), value(1)});
-          vector::StoreOp::create(b, loc, pair, arg(DQ), ValueRange{at}, false,
-                                  llvm::MaybeAlign(8));
-        }
-      }
+      storeF32Rows(
+          {DQ}, laneCol, {m.lt(tq[0], g.tRowAll), m.lt(tq[1], g.tRowAll)},
+          [&](int64_t half) { return valid[half]; },
+          [&](int64_t half) {
+            return m.mul(m.add(cx.qHead, gradQueryRow(cx, tq[half])), m.c(D));
+          },
+          [&](size_t, int64_t dn, int64_t half, int64_t e) {
+            return result(dn, half, e);
+          });
       return;
     }
     for (int64_t half = 0; half < 2; ++half) {
@@ -3192,30 +3223,17 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   auto addIntoDkDv = [&]() {
     Value kvHead = m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
     if (writesOnce) {
-      auto pairType = VectorType::get({2}, f32);
-      Value zeroF = f.c(0.0);
-      for (int64_t half = 0; half < 2; ++half) {
-        auto ifExists = scf::IfOp::create(b, loc, TypeRange{},
-                                          m.lt(tk[half], g.tKeyAll), false);
-        OpBuilder::InsertionGuard guard(b);
-        b.setInsertionPointToStart(ifExists.thenBlock());
-        Value valid = m.lt(tk[half], k1);
-        Value rowAt = m.mul(
-            m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])), m.c(D));
-        for (int64_t dn = 0; dn < frags; ++dn) {
-          Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8)));
-          for (auto [grad, of] : {std::pair{arg(DK), 0}, {arg(DV), 1}}) {
-            auto value = [&](int64_t e) {
-              return f.select(valid, of ? dvOf(dn, half, e) : dkOf(dn, half, e),
-                              zeroF);
-            };
-            Value pair = vector::FromElementsOp::create(
-                b, loc, pairType, ValueRange{value(0), value(1)});
-            vector::StoreOp::create(b, loc, pair, grad, ValueRange{at}, false,
-                                    llvm::MaybeAlign(8));
-          }
-        }
-      }
+      storeF32Rows(
+          {DK, DV}, laneCol, {m.lt(tk[0], g.tKeyAll), m.lt(tk[1], g.tKeyAll)},
+          [&](int64_t half) { return m.lt(tk[half], k1); },
+          [&](int64_t half) {
+            return m.mul(
+                m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])),
+                m.c(D));
+          },
+          [&](size_t grad, int64_t dn, int64_t half, int64_t e) {
+            return grad ? dvOf(dn, half, e) : dkOf(dn, half, e);
+          });
       return;
     }
     for (int64_t half = 0; half < 2; ++half) {

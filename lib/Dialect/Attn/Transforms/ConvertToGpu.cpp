@@ -333,7 +333,7 @@ public:
   /// The backward kernels may store the gradients in the input type instead
   /// of adding into f32 ones (the runtime's choice, GradStore): set where
   /// one component's kernels write every element of dq, dk and dv exactly
-  /// once (ConvertAttnToGpuPass::convertBackward).
+  /// once (ConvertAttnToGpuPass::convertBackward), so it implies writesOnce.
   bool storeGrads = false;
   /// The next component's grad kernels write each element of dq, dk and dv
   /// exactly once (ConvertAttnToGpuPass::convertBackward): their float32
@@ -2869,13 +2869,12 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value q0 = m.add(g.tRowLo, m.mul(m.sub(m.sub(nbx, one), bx),
                                    m.c(kBlockKeys)));
   Value hasWork = m.lt(q0, g.tRowHi);
-  // Stored gradients: every block writes its rows that exist, zeros where
-  // they compute nothing, so blocks without work run too (no key tiles).
-  // So do the float32 stores of a component that writes every row once.
+  // A component that writes every row once (its float32 stores, and the
+  // stored gradients where the package has them) writes each row that
+  // exists, zeros where it computes nothing, so blocks without work run
+  // too (no key tiles).
   Value store = storeGrads ? m.ne(arg(GradStore), zero) : Value();
-  enterIfWork(g, writesOnce ? m.truth(true)
-                 : store    ? m.either(hasWork, store)
-                            : hasWork);
+  enterIfWork(g, writesOnce ? m.truth(true) : hasWork);
 
   // The forward's key range of rows [q0, q1) (emitComponent's itemRange).
   Value q1 = m.min(m.add(q0, m.c(kBlockKeys)), g.tRowHi);
@@ -2886,7 +2885,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       hi == inf ? first : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
   Value fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
   Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
-  if (store || writesOnce)
+  if (writesOnce)
     numTiles = f.select(hasWork, numTiles, zero);
 
   Value qTile = cx.tiles[0], doTile = cx.tiles[1];
@@ -3051,12 +3050,11 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   }
   Value k0 = m.add(g.tKeyLo, m.mul(bx, m.c(kBlockKeys)));
   Value hasWork = m.lt(k0, g.tKeyHi);
-  // Stored gradients: every block writes its keys that exist (see
+  // A component that writes every key once runs every block (see
   // emitGradQueries).
   Value store = storeGrads ? m.ne(arg(GradStore), zero) : Value();
   enterIfWork(g, groupWalk    ? groupBlock
                  : writesOnce ? m.truth(true)
-                 : store      ? m.either(hasWork, store)
                               : hasWork);
 
   // Rows t attending keys [k0, k1): lo <= t - tk <= hi.
@@ -3065,7 +3063,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   Value qLast = hi == inf ? g.tRowHi : m.min(g.tRowHi, m.add(k1, m.c(hi)));
   qLast = m.max(qLast, qFirst);
   Value headTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));
-  if (store || writesOnce)
+  if (writesOnce)
     headTiles = f.select(hasWork, headTiles, zero);
   // Walked tile i is tile i - j * headTiles of q head h + j, j the number
   // of whole heads before it (the group's heads one after the other under

@@ -116,8 +116,9 @@ static void addPtxPasses(OpPassManager &pm, const std::string &arch) {
   pm.addPass(memref::createExpandStridedMetadataPass());
   GpuNVVMAttachTargetOptions target;
   target.chip = arch;
-  // PTX ISA 8.0 is the first to know sm_90a; sm_80 accepts it as well.
-  target.features = "+ptx80";
+  // PTX ISA 8.0 is the first to know sm_90a, 8.1 the first with vector
+  // reductions (the grad kernels' red.global.add.v2.f32); sm_80 takes 8.0.
+  target.features = arch == "sm_90a" ? "+ptx81" : "+ptx80";
   target.optLevel = 3;
   pm.addPass(createGpuNVVMAttachTarget(target));
   pm.addPass(createLowerAffinePass());

@@ -345,6 +345,12 @@ private:
   /// Stores (x, y) in the input type at element `element` of a stored
   /// gradient (dq, dk or dv): one 4-byte store.
   void storeGradPair(GradArg grad, Value element, Value x, Value y);
+  /// Adds (x, y) into elements (element, element + 1) of an f32 gradient
+  /// that no other block of the kernel writes: one 8-byte load and store.
+  void addF32Pair(GradArg grad, Value element, Value x, Value y);
+  /// Adds (x, y) into elements (element, element + 1) of an f32 gradient
+  /// atomically: one 8-byte vector reduction (sm_90, PTX ISA 8.1).
+  void reduceF32Pair(GradArg grad, Value element, Value x, Value y);
   /// The end of a grad kernel: `addInto` (adding into f32 gradients), or
   /// where the kernel may store gradients (`store`: the runtime's GradStore
   /// test) and they do, `storeRow(half)` for each of the thread's two rows
@@ -716,6 +722,27 @@ void KernelEmitter::storeGradPair(GradArg grad, Value element, Value x,
   if (!shape.bf16) // a vector of two f16
     bits = LLVM::BitcastOp::create(b, loc, i32, bits);
   inlinePtx({}, {address, bits}, "st.global.b32 [$0], $1;", "l,r");
+}
+
+void KernelEmitter::addF32Pair(GradArg grad, Value element, Value x,
+                               Value y) {
+  auto pairType = VectorType::get({2}, f32);
+  Value old = vector::LoadOp::create(b, loc, pairType, arg(grad),
+                                     ValueRange{element}, false,
+                                     llvm::MaybeAlign(8));
+  Value add = vector::FromElementsOp::create(b, loc, pairType, ValueRange{x, y});
+  vector::StoreOp::create(b, loc, arith::AddFOp::create(b, loc, old, add),
+                          arg(grad), ValueRange{element}, false,
+                          llvm::MaybeAlign(8));
+}
+
+void KernelEmitter::reduceF32Pair(GradArg grad, Value element, Value x,
+                                  Value y) {
+  Value base = memref::ExtractAlignedPointerAsIndexOp::create(b, loc, arg(grad));
+  Value address = arith::IndexCastOp::create(
+      b, loc, b.getI64Type(), m.add(base, m.mul(element, m.c(4))));
+  inlinePtx({}, {address, x, y}, "red.global.add.v2.f32 [$0], {$1, $2};",
+            "l,f,f");
 }
 
 void KernelEmitter::finishGrads(Value store, function_ref<void()> addInto,
@@ -2961,7 +2988,6 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   // row once stores dq = scale * dQ instead, 0 on rows that exist but
   // compute nothing.
   auto addIntoDq = [&]() {
-    auto pairType = VectorType::get({2}, f32);
     if (writesOnce) {
       storeF32Rows(
           {DQ}, laneCol, {m.lt(tq[0], g.tRowAll), m.lt(tq[1], g.tRowAll)},
@@ -2978,18 +3004,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, valid[half], false);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifValid.thenBlock());
-      for (int64_t dn = 0; dn < frags; ++dn) {
-        Value at = m.add(m.mul(rowAt[half], m.c(D)),
-                         m.add(laneCol, m.c(dn * 8)));
-        Value old = vector::LoadOp::create(b, loc, pairType, arg(DQ),
-                                           ValueRange{at}, false,
-                                           llvm::MaybeAlign(8));
-        Value add = vector::FromElementsOp::create(
-            b, loc, pairType, ValueRange{result(dn, half, 0), result(dn, half, 1)});
-        vector::StoreOp::create(b, loc, arith::AddFOp::create(b, loc, old, add),
-                                arg(DQ), ValueRange{at}, false,
-                                llvm::MaybeAlign(8));
-      }
+      for (int64_t dn = 0; dn < frags; ++dn)
+        addF32Pair(DQ, m.add(m.mul(rowAt[half], m.c(D)),
+                             m.add(laneCol, m.c(dn * 8))),
+                   result(dn, half, 0), result(dn, half, 1));
     }
   };
   // Stored: dq = scale * dQ in the input type through dq's strides, 0 on
@@ -3214,10 +3232,15 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     return loop.getResult(frags * 4 + dn * 4 + half * 2 + e);
   };
   // dk += scale * dK and dv += dV, atomically: the blocks of every q head
-  // sharing the kv head add into the same rows. (A component that writes
-  // every key once, one q head per kv head or the GQA walk, stores
-  // dk = scale * dK and dv = dV in f32 instead, zeros on keys that compute
-  // nothing, as the stored path below.)
+  // sharing the kv head add into the same rows under grouped-query
+  // attention, and even where a block owns its keys a plain read-modify-
+  // write lost to the atomics (its loads wait at the block's end, where a
+  // reduction does not; bench/gpu_ab.md, "Vector reductions for dk and
+  // dv"). On sm_90a each pair of elements is one 8-byte vector reduction
+  // (red.global.add.v2.f32, PTX ISA 8.1), on sm_80 two scalar ones. (A
+  // component that writes every key once, one q head per kv head or the
+  // GQA walk, stores dk = scale * dK and dv = dV in f32 instead, zeros on
+  // keys that compute nothing, as the stored path below.)
   auto addIntoDkDv = [&]() {
     Value kvHead = m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
     if (writesOnce) {
@@ -3241,6 +3264,14 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
       b.setInsertionPointToStart(ifValid.thenBlock());
       Value rowAt = m.mul(
           m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])), m.c(D));
+      if (shape.wgmma) {
+        for (int64_t dn = 0; dn < frags; ++dn) {
+          Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8)));
+          reduceF32Pair(DK, at, dkOf(dn, half, 0), dkOf(dn, half, 1));
+          reduceF32Pair(DV, at, dvOf(dn, half, 0), dvOf(dn, half, 1));
+        }
+        continue;
+      }
       for (int64_t dn = 0; dn < frags; ++dn)
         for (int64_t e = 0; e < 2; ++e) {
           Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8 + e)));

@@ -485,7 +485,14 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
     const int64_t rowsOrKeys = kernel.kind == "grad_kv" ? a.Lk : a.Lq;
     int64_t segments = 1, rowsPerGroup = ceilDiv(rowsOrKeys, r);
     if (w > 0) {
-      segments = floorDiv(first + a.Lq - 1, w) - floorDiv(first, w) + 1;
+      // The segments of the rows, and for grad_kv of the keys as well
+      // (ConvertToGpu's placeGroup with keySegments).
+      int64_t lo = first, end = first + a.Lq;
+      if (kernel.kind == "grad_kv") {
+        lo = std::min(lo, a.kOrigin);
+        end = std::max(end, a.kOrigin + a.Lk);
+      }
+      segments = floorDiv(end - 1, w) - floorDiv(lo, w) + 1;
       rowsPerGroup = ceilDiv(std::min(w, rowsOrKeys), r);
     }
     gx = ceilDiv(rowsPerGroup, kernel.blockRows);

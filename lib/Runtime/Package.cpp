@@ -48,11 +48,12 @@ static bool readManifest(const std::string &dir, json &m, std::string &error) {
     m = json::parse(in);
     if (m.value("format", "") != "attn-package")
       throw std::runtime_error("not an attn package manifest");
-    // Version 6: GPU kernels take bh_offset after pos_stride (2), then
+    // Version 7: GPU kernels take bh_offset after pos_stride (2), then
     // q's and k's strides (3), then out's (4), the backward kernels read q,
     // k, v, out and grad_out through them (5) and may store the gradients
-    // (6); cpu packages stay at 1.
-    const int want = m.value("target", "cpu") == "cpu" ? 1 : 6;
+    // (6), and grad_kv's grid spans the keys' segments as well as the
+    // rows' (7); cpu packages stay at 1.
+    const int want = m.value("target", "cpu") == "cpu" ? 1 : 7;
     if (m.value("version", 0) != want)
       throw std::runtime_error(
           "manifest version " + std::to_string(m.value("version", 0)) +

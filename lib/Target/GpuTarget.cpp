@@ -415,9 +415,10 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
 
   nlohmann::json manifest = {
       {"format", "attn-package"},
-      {"version", 6}, // 3: kernels take q's and k's strides, 4: out's,
+      {"version", 7}, // 3: kernels take q's and k's strides, 4: out's,
                       // 5: grad kernels read through them, 6: and may store
-                      // the gradients (Package.md)
+                      // the gradients, 7: grad_kv's grid spans the keys'
+                      // segments (Package.md)
       {"target", arch},
       {"name", spec.name},
       {"dtype", spec.dtype},

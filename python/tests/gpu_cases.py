@@ -123,6 +123,11 @@ GRAD_CASES = [
     _spec("grad_local_tokenized_gqa",
           {"intersect": [{"local": {"window": 70, "causal": False}}, {"tokenized": {}}]},
           batch=3, heads=4, kv_heads=2),
+    # One segmented component: grad_kv's grid spans the keys' segments, so
+    # that with fewer rows than keys the first keys' segments (no rows) are
+    # written too; the package stores its gradients.
+    _spec("grad_dilated_segments", {"dilated": {"segment": 48, "rate": 1, "causal": True}},
+          heads=2),
     _spec("grad_longnet_sum", {"sum": LONGNET_SMALL}, heads=4),
     _spec("grad_longnet_union", {"union": LONGNET_SMALL}, heads=4),
     _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},

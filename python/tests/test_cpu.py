@@ -139,7 +139,13 @@ LONGNET_SEGMENTS = {"sum": [
     ({"local": {"window": 64}}, 1, True, True),  # two q heads a kv head: grad_kv walks both
     ({"causal": {}}, 1, False, False),  # ... but not over rows that run to the end
     ({"strided": {"stride": 16, "local": 16}}, 1, False, True),  # its band walks
-    (LONGNET_SEGMENTS, 2, False, False),  # the first component is segmented
+    # Segmented components too: grad_kv's grid spans the keys' segments.
+    (LONGNET_SEGMENTS, 2, False, True),
+    ({"dilated": {"segment": 64, "rate": 1, "causal": True}}, 2, True, True),
+    # One residue class (LongNet's rows i % r == 0, or the head's class):
+    # the other rows and keys get no block.
+    ({"dilated": {"segment": 64, "rate": 2}}, 2, False, False),
+    ({"dilated": {"segment": 64, "rate": 2, "head_offset": True}}, 2, False, False),
 ])
 def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, pattern,
                                                                   kv_heads, stores,
@@ -169,9 +175,9 @@ def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, patt
 
 
 def test_gpu_package_of_another_version_is_refused(tmp_path):
-    """GPU packages are manifest version 6 (kernels take bh_offset and the
+    """GPU packages are manifest version 7 (kernels take bh_offset and the
     strides of q, k and out, the backward kernels read through them and may
-    store the gradients):
+    store the gradients, grad_kv's grid spans the keys' segments):
     one written by an older attn-compile is refused with a clear error,
     before any GPU is touched."""
     import json
@@ -183,13 +189,13 @@ def test_gpu_package_of_another_version_is_refused(tmp_path):
     subprocess.run([attn._tool("attn-compile"), str(tmp_path / "v.json"), "-o", str(pkg_dir),
                     "--target", "sm_90a", "--quiet"], check=True)
     manifest = json.loads((pkg_dir / "manifest.json").read_text())
-    assert manifest["version"] == 6
+    assert manifest["version"] == 7
     # One component, a kv head per q head: the kernels store gradients.
     assert manifest["backward"]["stores_grads"] is True
     manifest["version"] = 5
     (pkg_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(attn.AttnError, match=r"manifest version 5 is not supported "
-                       r"\(this runtime reads 6 for sm_90a packages\); recompile it"):
+                       r"\(this runtime reads 7 for sm_90a packages\); recompile it"):
         attn.load(str(pkg_dir))
 
 

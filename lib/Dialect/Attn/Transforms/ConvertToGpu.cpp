@@ -383,7 +383,11 @@ private:
     /// Keys that exist (tKeyHi without lengths).
     Value tKeyAll;
   };
-  GroupItem placeGroup(ComponentAttr comp, Value by, Value bz);
+  /// With `keySegments` (grad_kv), segment by 0 is the first that holds a
+  /// row or a key, rather than the first that holds a row: the runtime's
+  /// grid then spans every key's segment too (docs/Package.md).
+  GroupItem placeGroup(ComponentAttr comp, Value by, Value bz,
+                       bool keySegments = false);
   /// Whether gathered row t and key tk are a pair of the component's band
   /// and filters (not counting rows and keys outside the group's ends).
   Value pairInBand(ComponentAttr comp, const GroupItem &g, Value t, Value tk);
@@ -422,7 +426,9 @@ private:
   /// warp's rows), tile [64 x D] read transposed.
   SmallVector<Value> addPackedTimesTile(ValueRange acc, ArrayRef<Value> a,
                                         Value tile);
-  GradContext beginGradKernel(StringRef name, ComponentAttr comp, Value &bx);
+  /// keySegments: as placeGroup's (grad_kv).
+  GradContext beginGradKernel(StringRef name, ComponentAttr comp, Value &bx,
+                              bool keySegments = false);
   /// Walked tile `which` (0: Q or K, 1: dO or V) of shared slot `slot`.
   Value walkedTile(Value slot, int64_t which);
   /// Commits this thread's cp.asyncs since the last commit as one group.
@@ -1037,7 +1043,8 @@ void KernelEmitter::asyncLoadTile(
 //===----------------------------------------------------------------------===//
 
 KernelEmitter::GroupItem KernelEmitter::placeGroup(ComponentAttr comp,
-                                                   Value by, Value bz) {
+                                                   Value by, Value bz,
+                                                   bool keySegments) {
   GroupItem g;
   Value zero = m.c(0), r = m.c(comp.getPeriod());
   Value qLen = arg(QLen), kLen = arg(KLen);
@@ -1085,7 +1092,8 @@ KernelEmitter::GroupItem KernelEmitter::placeGroup(ComponentAttr comp,
   g.base = g.c;
   if (comp.getSegment() != 0) {
     Value w = m.c(comp.getSegment());
-    Value segLo = m.mul(m.add(m.floorDiv(rowPosLo, w), segIdx), w);
+    Value first = keySegments ? m.min(rowPosLo, kOrigin) : rowPosLo;
+    Value segLo = m.mul(m.add(m.floorDiv(first, w), segIdx), w);
     Value segHi = m.add(segLo, w);
     g.base = m.add(segLo, g.c);
     rLo = m.max(rowPosLo, segLo);
@@ -2735,14 +2743,16 @@ static constexpr int64_t kGradTiles = 6;
 
 KernelEmitter::GradContext KernelEmitter::beginGradKernel(StringRef name,
                                                           ComponentAttr comp,
-                                                          Value &bx) {
+                                                          Value &bx,
+                                                          bool keySegments) {
   GradContext cx;
   cx.comp = comp;
   beginKernel(name, shape.threads(), /*grad=*/true);
   bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
   cx.g = placeGroup(comp, gpu::BlockIdOp::create(b, loc, gpu::Dimension::y),
                     m.add(arg(BhOffset),
-                          gpu::BlockIdOp::create(b, loc, gpu::Dimension::z)));
+                          gpu::BlockIdOp::create(b, loc, gpu::Dimension::z)),
+                    keySegments);
   const GroupItem &g = cx.g;
   cx.qHead = m.mul(m.add(m.mul(g.bIdx, m.c(shape.heads)), g.h), arg(QLen));
   cx.qBase = m.add(m.mul(g.bIdx, arg(QStrideB)), m.mul(g.h, arg(QStrideH)));
@@ -3039,7 +3049,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   const int64_t sharedBytes =
       statsOffset + 2 * 2 * kBlockKeys * 4 + (shape.wgmma ? 1024 : 0);
   Value bx;
-  GradContext cx = beginGradKernel(name, comp, bx);
+  // Its segments are those of the rows and the keys (with fewer rows than
+  // keys, bottom-right aligned, the first keys' segments hold no row), so
+  // that a component that writes every key once reaches them all.
+  GradContext cx = beginGradKernel(name, comp, bx, /*keySegments=*/true);
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
   Value zero = m.c(0);
@@ -3523,8 +3536,9 @@ struct ConvertAttnToGpuPass
     OpBuilder b(gpuModule.getBody(), gpuModule.getBody()->end());
     KernelEmitter emit(b, gradFunc.getLoc(), gradShape);
     // A component over every row and key (period 1, or all residue
-    // classes; no segments): its grad_q writes each row of dq once and its
-    // grad_kv each row of dk and dv once. Under GQA a grad_kv block then
+    // classes; segments too, since grad_kv's grid spans the keys'
+    // segments as well as the rows'): its grad_q writes each row of dq once
+    // and its grad_kv each row of dk and dv once. Under GQA a grad_kv block then
     // walks every q head of its kv head, which pays where a key's rows span
     // a narrow band (kGqaWalkRows) and loses where they run to the end
     // (causal: the q heads' rows that concurrent blocks read outgrow the
@@ -3535,7 +3549,7 @@ struct ConvertAttnToGpuPass
       const bool narrow = lo != ComponentAttr::kNegInf &&
                           hi != ComponentAttr::kPosInf &&
                           hi - lo < kGqaWalkRows;
-      return shape.halfState && c.getSegment() == 0 &&
+      return shape.halfState &&
              (c.getPeriod() == 1 ||
               c.getResidue() == ComponentAttr::kAllResidues) &&
              (shape.heads == shape.kvHeads || narrow);

@@ -211,6 +211,10 @@ int attn_package_stores_gradients(const attn_package *package) {
   return package && package->impl->storesGradients();
 }
 
+int attn_package_finishes_gradients(const attn_package *package) {
+  return package && package->impl->finishesGradients();
+}
+
 namespace {
 /// The C tensors of a backward call (lengths and key_bias may be null).
 struct BackwardTensors {
@@ -245,17 +249,24 @@ static attn_status runBackward(
     const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
     const attn_tensor *grad_out, const attn_tensor *lengths,
     const attn_tensor *key_bias, attn_tensor *dq, attn_tensor *dk,
-    attn_tensor *dv, void *stream, bool wait, const char *what) {
+    attn_tensor *dv, void *stream, bool wait, const char *what,
+    attn_tensor *const *sums = nullptr) {
   if (!package)
     return failWith(ATTN_ERROR_ARGUMENT, std::string(what) + ": null package");
   BackwardTensors t;
   if (!toBackwardTensors(q, k, v, out, lse, grad_out, lengths, key_bias, dq, dk,
                          dv, t))
     return ATTN_ERROR_ARGUMENT;
+  Tensor sumTensors[3];
+  const char *sumNames[3] = {"dq_sum", "dk_sum", "dv_sum"};
+  for (int i = 0; sums && i < 3; ++i)
+    if (!toTensor(sums[i], sumNames[i], sumTensors[i]))
+      return ATTN_ERROR_ARGUMENT;
   std::string error;
   if (!package->impl->runBackward(t.q, t.k, t.v, t.out, t.lse, t.gradOut,
                                   t.lengthsOrNull(), t.keyBiasOrNull(), t.dq,
-                                  t.dk, t.dv, error, stream))
+                                  t.dk, t.dv, error, stream,
+                                  sums ? sumTensors : nullptr))
     return failWith(error.find("failed:") != std::string::npos
                         ? ATTN_ERROR_RUNTIME
                         : ATTN_ERROR_ARGUMENT,
@@ -289,6 +300,27 @@ attn_status attn_package_run_backward_async(
   return runBackward(package, q, k, v, out, lse, grad_out, lengths, key_bias,
                      dq, dk, dv, stream, /*wait=*/false,
                      "attn_package_run_backward_async");
+}
+
+attn_status attn_package_run_backward_with_sums_async(
+    attn_package *package, const attn_tensor *q, const attn_tensor *k,
+    const attn_tensor *v, const attn_tensor *out, const attn_tensor *lse,
+    const attn_tensor *grad_out, const attn_tensor *lengths,
+    const attn_tensor *key_bias, attn_tensor *dq, attn_tensor *dk,
+    attn_tensor *dv, attn_tensor *dq_sum, attn_tensor *dk_sum,
+    attn_tensor *dv_sum, void *stream) {
+  const char *what = "attn_package_run_backward_with_sums_async";
+  if (package && !package->impl->isGpu())
+    return failWith(ATTN_ERROR_ARGUMENT,
+                    std::string(what) + ": package " + package->impl->name() +
+                        " targets cpu; use attn_package_run_backward");
+  attn_tensor *sums[3] = {dq_sum, dk_sum, dv_sum};
+  for (attn_tensor *s : sums)
+    if (!s)
+      return failWith(ATTN_ERROR_ARGUMENT,
+                      std::string(what) + ": null sum tensor");
+  return runBackward(package, q, k, v, out, lse, grad_out, lengths, key_bias,
+                     dq, dk, dv, stream, /*wait=*/false, what, sums);
 }
 
 attn_status attn_package_run_async(attn_package *package, const attn_tensor *q,

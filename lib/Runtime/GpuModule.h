@@ -120,6 +120,9 @@ struct GpuModule {
   /// The first component's backward kernels write every element of the f32
   /// gradients (zeros included), so the runtime does not zero them first.
   bool overwritesGrads = false;
+  /// Stored gradients: the components before the last add into float32
+  /// sums, and the last one's kernels store its share plus those sums.
+  bool finishesGrads = false;
   /// K's and V's TMA tensor maps last encoded (launchKernel): the same
   /// tensor, shape and period give the same map, so the kernels of a call
   /// and of the calls after it on the same tensors reuse it instead of
@@ -213,6 +216,9 @@ struct KernelArgs {
   CUdeviceptr gradOut = 0, dq = 0, dk = 0, dv = 0, delta = 0;
   int64_t gradStore = 0;
   int64_t dqStrides[3] = {0, 0, 0}, dkStrides[3] = {0, 0, 0};
+  /// The float32 sums of the earlier components that a finishing kernel
+  /// adds before it stores (contiguous, like f32 dq, dk and dv), or 0.
+  CUdeviceptr dqSum = 0, dkSum = 0, dvSum = 0;
 };
 
 /// Launches `kernel` with the grid of docs/Package.md on `stream`; with

@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <vector>
@@ -129,6 +130,8 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
       m.contains("backward") && m.at("backward").value("stores_grads", false);
   g.overwritesGrads = m.contains("backward") &&
                       m.at("backward").value("overwrites_grads", false);
+  g.finishesGrads = m.contains("backward") &&
+                    m.at("backward").value("finishes_grads", false);
 
   std::string cubinPath = dir_ + "/" + m.at("cubin").get<std::string>();
   std::ifstream in(cubinPath, std::ios::binary);
@@ -380,11 +383,13 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   // k_origin, row_len_shift, q_pos, k_pos, pos_stride, bh_offset and the
   // strides (batch, head, row) of q, of k and v, and of out.
   // The backward kernels take grad_out, dq, dk, dv and delta after the
-  // scalars (and no tensor maps), then whether they store the gradients
-  // and the strides of stored dq and of stored dk and dv.
+  // scalars (and no tensor maps), then whether they store the gradients,
+  // the strides of stored dq and of stored dk and dv, and the float32 sums
+  // that a finishing kernel adds (dq, dk, dv).
   constexpr int kDescriptors = 11, kWords = 5 * kDescriptors + 18;
-  constexpr int kGradDescriptors = 5, kGradScalars = 7;
-  constexpr int kGradWords = 5 * kGradDescriptors + kGradScalars;
+  constexpr int kGradDescriptors = 5, kGradScalars = 7, kGradSums = 3;
+  constexpr int kGradWords =
+      5 * kGradDescriptors + kGradScalars + 5 * kGradSums;
   const bool grad = kernel.kind.rfind("grad_", 0) == 0;
   int64_t words[kWords + kGradWords];
   auto put = [&](int slot, CUdeviceptr ptr, int64_t size) {
@@ -443,6 +448,10 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
     gradScalars[0] = a.gradStore;
     std::copy(a.dqStrides, a.dqStrides + 3, gradScalars + 1);
     std::copy(a.dkStrides, a.dkStrides + 3, gradScalars + 4);
+    int64_t *sums = gradScalars + kGradScalars;
+    putMemref(sums, uintptr_t(a.dqSum), rows * a.D);
+    putMemref(sums + 5, uintptr_t(a.dkSum), kvElements);
+    putMemref(sums + 10, uintptr_t(a.dvSum), kvElements);
   }
   const int numWords = grad ? kWords + kGradWords : kWords;
   void *params[kWords + kGradWords + 2];
@@ -707,16 +716,27 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   return true;
 }
 
+/// The component index of a grad kernel (grad_kv_<c>, grad_q_<c>), -1 for
+/// the others.
+static int64_t gradComponent(const std::string &name) {
+  for (const char *prefix : {"grad_kv_", "grad_q_"})
+    if (name.rfind(prefix, 0) == 0)
+      return std::atoll(name.c_str() + std::strlen(prefix));
+  return -1;
+}
+
 /// The backward pass of a GPU package (docs/Backward.md): dq, dk and dv are
 /// zeroed on the stream, grad_prepare writes each row's delta into the
 /// package's scratch, and each component's grad_kv and grad_q add its share.
-/// The arguments were checked by runBackward.
+/// Stored gradients of a package that finishes them: the components before
+/// the last add into `sums` (f32) instead, and the last one's kernels store
+/// their share plus those sums. The arguments were checked by runBackward.
 bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
                              const Tensor &out, const Tensor &lse,
                              const Tensor &gradOut, const Tensor *lengths,
                              const Tensor *keyBias, Tensor &dq, Tensor &dk,
                              Tensor &dv, std::string &error,
-                             void *streamPtr) {
+                             void *streamPtr, const Tensor *sums) {
   GpuModule &g = *gpu_;
   const Driver &d = *g.d;
   if (!prepareRun(d, q.data, k.data, v.data, out.data, error) ||
@@ -748,9 +768,17 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   // or store gradients of the input type (checkGradients allowed those
   // only where the package stores them): every element once.
   const bool store = dq.dtype != "f32";
-  for (auto [t, n] : {std::pair{&dq, rows * D}, {&dk, B * Hkv * Lk * D},
-                      {&dv, B * Hkv * Lk * D}})
-    if (rc == CUDA_SUCCESS && !store && !g.overwritesGrads)
+  // Where they add, the f32 gradients or the f32 sums (stored gradients of
+  // a package that finishes them) start at zero unless the first
+  // component overwrites them.
+  const Tensor *f32Grads[3] = {&dq, &dk, &dv};
+  if (sums)
+    for (int i = 0; i < 3; ++i)
+      f32Grads[i] = &sums[i];
+  for (auto [t, n] : {std::pair{f32Grads[0], rows * D},
+                      {f32Grads[1], B * Hkv * Lk * D},
+                      {f32Grads[2], B * Hkv * Lk * D}})
+    if (rc == CUDA_SUCCESS && (!store || sums) && !g.overwritesGrads)
       rc = d.cuMemsetD8Async(dev(t->data), 0, size_t(n) * 4, stream);
   if (rc != CUDA_SUCCESS) {
     error = describe(d, rc, "zeroing the gradients");
@@ -785,10 +813,28 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
     std::copy(dqs.begin(), dqs.begin() + 3, args.dqStrides);
     std::copy(dks.begin(), dks.begin() + 3, args.dkStrides);
   }
+  // The finishing component: the last.
+  int64_t last = -1;
   for (const GpuKernel &kernel : g.gradKernels)
-    if (kernel.kind != "grad_add" &&
-        !launchKernel(g, kernel, args, stream, error))
+    last = std::max(last, gradComponent(kernel.name));
+  KernelArgs earlier = args;
+  if (sums) {
+    earlier.gradStore = 0;
+    earlier.dq = dev(sums[0].data);
+    earlier.dk = dev(sums[1].data);
+    earlier.dv = dev(sums[2].data);
+    args.dqSum = earlier.dq;
+    args.dkSum = earlier.dk;
+    args.dvSum = earlier.dv;
+  }
+  for (const GpuKernel &kernel : g.gradKernels) {
+    if (kernel.kind == "grad_add")
+      continue;
+    const bool finishing = gradComponent(kernel.name) == last;
+    if (!launchKernel(g, kernel, sums && !finishing ? earlier : args, stream,
+                      error))
       return false;
+  }
   rc = g.stateOrder.record(d, stream);
   if (rc != CUDA_SUCCESS) {
     error = describe(d, rc, "recording the end of the call");
@@ -798,6 +844,10 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
 }
 
 bool Package::storesGradients() const { return gpu_ && gpu_->storesGrads; }
+
+bool Package::finishesGradients() const {
+  return gpu_ && gpu_->finishesGrads;
+}
 
 int64_t Package::dedupMaxLen() const {
   return gpu_ ? gpu_->dedupMaxLen : 0;

@@ -559,7 +559,8 @@ bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
                           const Tensor &out, const Tensor &lse,
                           const Tensor &gradOut, const Tensor *lengths,
                           const Tensor *keyBias, Tensor &dq, Tensor &dk,
-                          Tensor &dv, std::string &error, void *stream) {
+                          Tensor &dv, std::string &error, void *stream,
+                          const Tensor *sums) {
   if (!hasBackward()) {
     error = "package " + name_ + " has no backward pass (compile it with "
             "\"backward\": true)";
@@ -577,9 +578,41 @@ bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   if (!checkGradients(q, k, v, out, gradOut, dq, dk, dv, error))
     return false;
+  // Stored gradients of a package whose last component finishes them take
+  // the float32 sums of the components before it; other calls take none.
+  const bool store = storesGradients() && dq.dtype == q.dtype;
+  const bool needSums = store && finishesGradients();
+  if (needSums && !sums) {
+    error = "package " + name_ + " stores " + q.dtype +
+            " gradients after adding its earlier components' shares in "
+            "float32: pass three contiguous f32 tensors shaped like q, k and v "
+            "for those sums (attn_package_run_backward_with_sums_async), or "
+            "float32 gradients";
+    return false;
+  }
+  if (!needSums && sums) {
+    error = "package " + name_ + " takes no float32 sums here (only " +
+            std::string("stored gradients of a package that finishes them "
+                        "do)");
+    return false;
+  }
+  if (needSums) {
+    const char *names[3] = {"dq_sum", "dk_sum", "dv_sum"};
+    const Tensor *likes[3] = {&q, &k, &v};
+    for (int i = 0; i < 3; ++i) {
+      const Tensor &t = sums[i];
+      if (!t.data || t.dtype != "f32" || t.shape != likes[i]->shape ||
+          stridesOf(t) != contiguousStrides(t.shape)) {
+        error = std::string(names[i]) + ": " + t.dtype + " " +
+                shapeString(t.shape) + " must be a contiguous f32 " +
+                shapeString(likes[i]->shape);
+        return false;
+      }
+    }
+  }
   if (isGpu()) // q, k, v, out (and grad_out) may be strided views
     return runGpuBackward(q, k, v, out, lse, gradOut, lengths, keyBias, dq,
-                          dk, dv, error, stream);
+                          dk, dv, error, stream, needSums ? sums : nullptr);
   std::vector<const Tensor *> tensors;
   for (const ArgSpec &a : backwardArgs_) {
     const std::string &n = a.name;

@@ -303,7 +303,9 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
   // overwrites them instead ("overwrites_grads": the runtime does not zero
   // them), and where one such component is the whole pattern
   // ("stores_grads") they also store gradients of the input type in any
-  // layout (docs/Package.md).
+  // layout; so do packages whose last component of several writes each
+  // element once ("finishes_grads": it stores its share plus the earlier
+  // components' float32 sums; docs/Package.md).
   nlohmann::json backward;
   if (gpuModule->hasAttr("attn.backward_order")) {
     nlohmann::json gradKernels, gradOrder;
@@ -319,7 +321,9 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
                 {"args", gradArgs},
                 {"kernels", gradKernels},
                 {"launch_order", gradOrder},
-                {"stores_grads", gpuModule->hasAttr("attn.stores_grads")},
+                {"stores_grads", gpuModule->hasAttr("attn.stores_grads") ||
+                                     gpuModule->hasAttr("attn.finishes_grads")},
+                {"finishes_grads", gpuModule->hasAttr("attn.finishes_grads")},
                 {"overwrites_grads",
                  gpuModule->hasAttr("attn.overwrites_grads")}};
   }

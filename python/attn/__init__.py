@@ -193,6 +193,9 @@ def _runtime():
         lib.attn_package_run_backward_async.argtypes = ([ctypes.c_void_p]
                                                         + [ctypes.POINTER(_Tensor)] * 11
                                                         + [ctypes.c_void_p])
+        lib.attn_package_finishes_gradients.argtypes = [ctypes.c_void_p]
+        lib.attn_package_run_backward_with_sums_async.argtypes = (
+            [ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 14 + [ctypes.c_void_p])
         lib.attn_package_uses_key_ids.argtypes = [ctypes.c_void_p]
         lib.attn_package_run_keys.argtypes = ([ctypes.c_void_p] + [ctypes.POINTER(_Tensor)] * 8
                                               + [ctypes.c_void_p])
@@ -315,6 +318,9 @@ class Package:
         # GPU packages of one component store gradients of the input type
         # in any layout (backward's `grads`); the others add into float32.
         self.stores_gradients = bool(lib.attn_package_stores_gradients(handle))
+        # Storing gradients here also takes float32 sums of the earlier
+        # components (several components, the last finishing them).
+        self.finishes_gradients = bool(lib.attn_package_finishes_gradients(handle))
         self.ranks = int(lib.attn_package_ranks(handle))  # 0: not a ring package
         # GPU kernels run only in the CUDA context they were loaded in: the
         # package loads itself again for each further GPU its tensors are on.
@@ -488,7 +494,8 @@ class Package:
 
         GPU targets: `grads`, a tuple (dq, dk, dv) of CUDA tensors, are
         written and returned instead of new ones: contiguous float32, or
-        where `stores_gradients` (one component writes every element once)
+        where `stores_gradients` (one component writes every element once,
+        or the last of several does and finishes them: `finishes_gradients`)
         of the inputs' dtype in any layout whose rows are contiguous, dk and
         dv sharing one (torch.empty_like(q), ...: no float32 pass)."""
         if not self.has_backward:
@@ -551,7 +558,12 @@ class Package:
         device = q.device.index
         handle = self._handle_on(device)
         with torch.cuda.device(device):
-            rc = lib.attn_package_run_backward_async(handle, *args, _raw_stream(device))
+            if len(args) > 11:  # stored gradients with float32 sums
+                rc = lib.attn_package_run_backward_with_sums_async(
+                    handle, *args, _raw_stream(device))
+            else:
+                rc = lib.attn_package_run_backward_async(handle, *args,
+                                                         _raw_stream(device))
         if rc != 0:
             raise AttnError(lib.attn_last_error().decode())
         return grads
@@ -619,6 +631,12 @@ class Package:
             grads[0].dtype == q.dtype
         for n, g, x in zip(("dq", "dk", "dv"), grads, (q, k, v)):
             args.append(stored(n, g, x) if store else f32(n, g))
+        if store and self.finishes_gradients:
+            # The earlier components' float32 sums, scratch for this call
+            # (the caching allocator's; nothing reads them afterwards).
+            for n, x in zip(("dq_sum", "dk_sum", "dv_sum"), (q, k, v)):
+                args.append(f32(n, torch.empty(x.shape, device=q.device,
+                                               dtype=torch.float32)))
         return args, tuple(grads), keep
 
     def run_ranks(self, q, k, v, lengths=None, return_lse=False):

@@ -128,6 +128,11 @@ GRAD_CASES = [
     # written too; the package stores its gradients.
     _spec("grad_dilated_segments", {"dilated": {"segment": 48, "rate": 1, "causal": True}},
           heads=2),
+    # Three components that each write every element once: the first
+    # overwrites the float32 sums, the second adds, the last finishes
+    # (stored gradients: its share plus the sums, in the input type).
+    _spec("grad_sum_three", {"sum": [{"causal": {}}, {"local": {"window": 40}},
+                                     {"strided": {"stride": 16, "local": 1}}]}, heads=2),
     _spec("grad_longnet_sum", {"sum": LONGNET_SMALL}, heads=4),
     _spec("grad_longnet_union", {"union": LONGNET_SMALL}, heads=4),
     _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},

@@ -132,31 +132,36 @@ LONGNET_SEGMENTS = {"sum": [
     {"dilated": {"segment": 128, "rate": 2, "head_offset": True, "causal": True}}]}
 
 
-@pytest.mark.parametrize("pattern,kv_heads,stores,overwrites", [
-    ({"causal": {}}, 2, True, True),
-    ({"strided": {"stride": 16, "local": 1}}, 2, True, True),  # one gathered component
-    ({"strided": {"stride": 16, "local": 16}}, 2, False, True),  # band (first) + residues
-    ({"local": {"window": 64}}, 1, True, True),  # two q heads a kv head: grad_kv walks both
-    ({"causal": {}}, 1, False, False),  # ... but not over rows that run to the end
-    ({"strided": {"stride": 16, "local": 16}}, 1, False, True),  # its band walks
+@pytest.mark.parametrize("pattern,kv_heads,stores,overwrites,finishes", [
+    ({"causal": {}}, 2, True, True, False),
+    ({"strided": {"stride": 16, "local": 1}}, 2, True, True, False),  # one gathered component
+    # Band (first: overwrites) + residue classes (last: finishes).
+    ({"strided": {"stride": 16, "local": 16}}, 2, True, True, True),
+    ({"local": {"window": 64}}, 1, True, True, False),  # two q heads a kv head: grad_kv walks both
+    ({"causal": {}}, 1, False, False, False),  # ... but not over rows that run to the end
+    # Its band walks; its residue classes would need the walk to finish.
+    ({"strided": {"stride": 16, "local": 16}}, 1, False, True, False),
+    ({"sum": [{"causal": {}}, {"local": {"window": 32}}]}, 2, True, True, True),
     # Segmented components too: grad_kv's grid spans the keys' segments.
-    (LONGNET_SEGMENTS, 2, False, True),
-    ({"dilated": {"segment": 64, "rate": 1, "causal": True}}, 2, True, True),
+    (LONGNET_SEGMENTS, 2, False, True, False),
+    ({"dilated": {"segment": 64, "rate": 1, "causal": True}}, 2, True, True, False),
     # One residue class (LongNet's rows i % r == 0, or the head's class):
     # the other rows and keys get no block.
-    ({"dilated": {"segment": 64, "rate": 2}}, 2, False, False),
-    ({"dilated": {"segment": 64, "rate": 2, "head_offset": True}}, 2, False, False),
+    ({"dilated": {"segment": 64, "rate": 2}}, 2, False, False, False),
+    ({"dilated": {"segment": 64, "rate": 2, "head_offset": True}}, 2, False, False, False),
 ])
 def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, pattern,
                                                                   kv_heads, stores,
-                                                                  overwrites):
+                                                                  overwrites, finishes):
     """The manifest's "stores_grads": a GPU backward of one component writes
     each gradient element once (under GQA where a key's rows span a narrow
     band, grad_kv's block walking every q head of its kv head), so it may
-    store gradients in the input type; several components, and GQA over
-    rows that run to the end, add into float32 ones. "overwrites_grads":
-    the first component writes every element once (no GPU needed: the
-    compiler decides)."""
+    store gradients in the input type; so may several components whose
+    last writes every element once ("finishes_grads": it stores its share
+    plus the earlier ones' float32 sums); others, and GQA over rows that
+    run to the end, add into float32 ones. "overwrites_grads": the first
+    component writes every element once (no GPU needed: the compiler
+    decides)."""
     import json
     import subprocess
     spec = {"name": "s", "dtype": "bf16", "heads": 2, "kv_heads": kv_heads,
@@ -169,6 +174,7 @@ def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, patt
     # Where the first component writes every element once, it overwrites the
     # float32 gradients and the runtime does not zero them.
     assert manifest["backward"]["overwrites_grads"] is overwrites
+    assert manifest["backward"]["finishes_grads"] is finishes
     # The gradient args stay float32 (the path every package takes).
     assert all(a["dtype"] == "f32" for a in manifest["backward"]["args"]
                if a["name"] in ("dq", "dk", "dv"))

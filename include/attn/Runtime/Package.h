@@ -125,6 +125,10 @@ public:
   /// writes every element once: the manifest's "stores_grads"), besides
   /// contiguous f32 ones, which they add into.
   bool storesGradients() const;
+  /// Whether storing gradients of the input type also takes float32 sums
+  /// (`sums`, below): the package has several components and the last
+  /// finishes them (the manifest's "finishes_grads"; docs/Backward.md).
+  bool finishesGradients() const;
   /// The backward pass (docs/Backward.md): from the forward's q, k, v[,
   /// lengths][, keyBias], its out and lse, and the gradient of out, writes
   /// dq, dk and dv (each shaped like its input, f32, contiguous; the CPU
@@ -132,11 +136,15 @@ public:
   /// device memory and the work is queued on `stream` (a CUstream; null:
   /// the default stream) without waiting for it. Returns false and sets
   /// `error` on bad arguments or a package without a backward pass.
+  /// Gradients of the input type in a package that finishesGradients()
+  /// take `sums`: three contiguous f32 tensors shaped like q, k and v, where
+  /// the components before the last add their shares (their contents
+  /// afterwards are unspecified); null elsewhere.
   bool runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
                    const Tensor &out, const Tensor &lse, const Tensor &gradOut,
                    const Tensor *lengths, const Tensor *keyBias, Tensor &dq,
                    Tensor &dk, Tensor &dv, std::string &error,
-                   void *stream = nullptr);
+                   void *stream = nullptr, const Tensor *sums = nullptr);
 
   /// Runs this rank's part of a ring package (Ring.h) on its local chunk:
   /// q [B,H,C,D], k/v [B,Hkv,C,D] -> out [B,H,C,D][, lse [B,H,C]], with
@@ -219,7 +227,8 @@ private:
                       const Tensor &out, const Tensor &lse,
                       const Tensor &gradOut, const Tensor *lengths,
                       const Tensor *keyBias, Tensor &dq, Tensor &dk,
-                      Tensor &dv, std::string &error, void *stream);
+                      Tensor &dv, std::string &error, void *stream,
+                      const Tensor *sums);
   bool runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
               const Tensor *lengths, Tensor &out, Tensor *lse,
               std::string &error, void *stream, KeyInputs keys);

@@ -311,7 +311,10 @@ private:
   /// The backward kernels' signature: kernelType's (without tensor maps),
   /// then grad_out (16-bit), dq, dk, dv and delta, then whether the kernels
   /// store the gradients (GradStore: 1) or add into f32 ones (0), and the
-  /// element strides (batch, head, row) of stored dq and of stored dk and dv.
+  /// element strides (batch, head, row) of stored dq and of stored dk and dv,
+  /// then the float32 sums of the components before the last (contiguous,
+  /// like dq, dk and dv), which a finishing kernel adds to its own share
+  /// before it stores (null elsewhere).
   /// The gradient memrefs are f32; stored ones hold the input type, which
   /// the stores address by hand (storeGradPair).
   FunctionType gradKernelType() {
@@ -320,13 +323,15 @@ private:
       args.resize(args.size() - 2);
     args.append({storageType, floatType, floatType, floatType, floatType});
     args.append(7, b.getIndexType());
+    args.append({floatType, floatType, floatType});
     return FunctionType::get(ctx, args, {});
   }
   /// Where the backward kernels' own arguments sit (after the scalars).
   static constexpr unsigned kGradOutArg = 11 + kNumScalarArgs;
   enum GradArg : unsigned {
     GradOut = kGradOutArg, DQ, DK, DV, Delta, GradStore,
-    DQStrideB, DQStrideH, DQStrideR, DKStrideB, DKStrideH, DKStrideR
+    DQStrideB, DQStrideH, DQStrideR, DKStrideB, DKStrideH, DKStrideR,
+    DQAcc, DKAcc, DVAcc
   };
 
 public:
@@ -340,14 +345,30 @@ public:
   /// path then stores too, zeros included, rather than adding, so that the
   /// runtime need not zero the gradients when this is the first component.
   bool writesOnce = false;
+  /// The next component is the last of several and writes each element
+  /// once (ConvertAttnToGpuPass::convertBackward): where the runtime stores
+  /// gradients in the input type (GradStore), the earlier components' kernels
+  /// added their shares into float32 sums (DQAcc, DKAcc, DVAcc, passed to
+  /// them as dq, dk and dv), and this one's store the total, its share plus
+  /// those sums: the package stores gradients with no float32 pass after
+  /// it. Its float32 path adds as any later component's.
+  bool finishes = false;
 
 private:
+  /// The f32 pair (element, element + 1) of the earlier components' sum
+  /// `acc` (DQAcc, DKAcc or DVAcc) added to (x, y), where the kernel
+  /// finishes; (x, y) elsewhere.
+  std::pair<Value, Value> withEarlierSum(GradArg acc, Value element, Value x,
+                                         Value y);
   /// Stores (x, y) in the input type at element `element` of a stored
   /// gradient (dq, dk or dv): one 4-byte store.
   void storeGradPair(GradArg grad, Value element, Value x, Value y);
-  /// Adds (x, y) into elements (element, element + 1) of an f32 gradient
-  /// that no other block of the kernel writes: one 8-byte load and store.
-  void addF32Pair(GradArg grad, Value element, Value x, Value y);
+  /// Adds the pairs values[i] into elements (elements[i], elements[i] + 1)
+  /// of an f32 gradient that no other block of the kernel writes: 8-byte
+  /// loads, all issued before the first 8-byte store (interleaved, each
+  /// load would wait for the store before it, which may alias it).
+  void addF32Pairs(GradArg grad, ArrayRef<Value> elements,
+                   ArrayRef<std::pair<Value, Value>> values);
   /// Adds (x, y) into elements (element, element + 1) of an f32 gradient
   /// atomically: one 8-byte vector reduction (sm_90, PTX ISA 8.1).
   void reduceF32Pair(GradArg grad, Value element, Value x, Value y);
@@ -730,16 +751,33 @@ void KernelEmitter::storeGradPair(GradArg grad, Value element, Value x,
   inlinePtx({}, {address, bits}, "st.global.b32 [$0], $1;", "l,r");
 }
 
-void KernelEmitter::addF32Pair(GradArg grad, Value element, Value x,
-                               Value y) {
+void KernelEmitter::addF32Pairs(GradArg grad, ArrayRef<Value> elements,
+                                ArrayRef<std::pair<Value, Value>> values) {
   auto pairType = VectorType::get({2}, f32);
-  Value old = vector::LoadOp::create(b, loc, pairType, arg(grad),
-                                     ValueRange{element}, false,
-                                     llvm::MaybeAlign(8));
-  Value add = vector::FromElementsOp::create(b, loc, pairType, ValueRange{x, y});
-  vector::StoreOp::create(b, loc, arith::AddFOp::create(b, loc, old, add),
-                          arg(grad), ValueRange{element}, false,
-                          llvm::MaybeAlign(8));
+  SmallVector<Value> olds;
+  for (Value element : elements)
+    olds.push_back(vector::LoadOp::create(b, loc, pairType, arg(grad),
+                                          ValueRange{element}, false,
+                                          llvm::MaybeAlign(8)));
+  for (auto [element, old, xy] : llvm::zip(elements, olds, values)) {
+    Value add = vector::FromElementsOp::create(
+        b, loc, pairType, ValueRange{xy.first, xy.second});
+    vector::StoreOp::create(b, loc, arith::AddFOp::create(b, loc, old, add),
+                            arg(grad), ValueRange{element}, false,
+                            llvm::MaybeAlign(8));
+  }
+}
+
+std::pair<Value, Value> KernelEmitter::withEarlierSum(GradArg acc,
+                                                      Value element, Value x,
+                                                      Value y) {
+  if (!finishes)
+    return {x, y};
+  Value pair = vector::LoadOp::create(b, loc, VectorType::get({2}, f32),
+                                      arg(acc), ValueRange{element}, false,
+                                      llvm::MaybeAlign(8));
+  return {f.add(vector::ExtractOp::create(b, loc, pair, 0), x),
+          f.add(vector::ExtractOp::create(b, loc, pair, 1), y)};
 }
 
 void KernelEmitter::reduceF32Pair(GradArg grad, Value element, Value x,
@@ -2908,10 +2946,11 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value hasWork = m.lt(q0, g.tRowHi);
   // A component that writes every row once (its float32 stores, and the
   // stored gradients where the package has them) writes each row that
-  // exists, zeros where it computes nothing, so blocks without work run
-  // too (no key tiles).
-  Value store = storeGrads ? m.ne(arg(GradStore), zero) : Value();
-  enterIfWork(g, writesOnce ? m.truth(true) : hasWork);
+  // exists, zeros where it computes nothing (a finishing one: the earlier
+  // components' sums), so blocks without work run too (no key tiles).
+  const bool everyBlock = writesOnce || finishes;
+  Value store = storeGrads || finishes ? m.ne(arg(GradStore), zero) : Value();
+  enterIfWork(g, everyBlock ? m.truth(true) : hasWork);
 
   // The forward's key range of rows [q0, q1) (emitComponent's itemRange).
   Value q1 = m.min(m.add(q0, m.c(kBlockKeys)), g.tRowHi);
@@ -2922,7 +2961,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       hi == inf ? first : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
   Value fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
   Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
-  if (writesOnce)
+  if (everyBlock)
     numTiles = f.select(hasWork, numTiles, zero);
 
   Value qTile = cx.tiles[0], doTile = cx.tiles[1];
@@ -3014,23 +3053,37 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, valid[half], false);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifValid.thenBlock());
-      for (int64_t dn = 0; dn < frags; ++dn)
-        addF32Pair(DQ, m.add(m.mul(rowAt[half], m.c(D)),
-                             m.add(laneCol, m.c(dn * 8))),
-                   result(dn, half, 0), result(dn, half, 1));
+      SmallVector<Value> elements;
+      SmallVector<std::pair<Value, Value>> values;
+      for (int64_t dn = 0; dn < frags; ++dn) {
+        elements.push_back(
+            m.add(m.mul(rowAt[half], m.c(D)), m.add(laneCol, m.c(dn * 8))));
+        values.push_back({result(dn, half, 0), result(dn, half, 1)});
+      }
+      addF32Pairs(DQ, elements, values);
     }
   };
   // Stored: dq = scale * dQ in the input type through dq's strides, 0 on
-  // rows that compute nothing (past lengths[b], or in a block without work).
+  // rows that compute nothing (past lengths[b], or in a block without work);
+  // a finishing kernel adds the earlier components' sum first.
   Value dqBase = m.add(m.mul(g.bIdx, arg(DQStrideB)), m.mul(g.h, arg(DQStrideH)));
   finishGrads(store, addIntoDq, {m.lt(tq[0], g.tRowAll), m.lt(tq[1], g.tRowAll)},
               [&](int64_t half) {
     Value zeroF = f.c(0.0);
     Value rowBase = m.add(dqBase, m.mul(gradQueryRow(cx, tq[half]), arg(DQStrideR)));
+    Value accRow =
+        m.mul(m.add(cx.qHead, gradQueryRow(cx, tq[half])), m.c(D));
+    // Every pair's sum is loaded before the first store: a store may alias
+    // a later load, so interleaved they would wait one by one.
+    SmallVector<std::pair<Value, Value>> pairs;
+    for (int64_t dn = 0; dn < frags; ++dn)
+      pairs.push_back(withEarlierSum(
+          DQAcc, m.add(accRow, m.add(laneCol, m.c(dn * 8))),
+          f.select(valid[half], result(dn, half, 0), zeroF),
+          f.select(valid[half], result(dn, half, 1), zeroF)));
     for (int64_t dn = 0; dn < frags; ++dn)
       storeGradPair(DQ, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
-                    f.select(valid[half], result(dn, half, 0), zeroF),
-                    f.select(valid[half], result(dn, half, 1), zeroF));
+                    pairs[dn].first, pairs[dn].second);
   });
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
@@ -3083,10 +3136,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   Value hasWork = m.lt(k0, g.tKeyHi);
   // A component that writes every key once runs every block (see
   // emitGradQueries).
-  Value store = storeGrads ? m.ne(arg(GradStore), zero) : Value();
-  enterIfWork(g, groupWalk    ? groupBlock
-                 : writesOnce ? m.truth(true)
-                              : hasWork);
+  Value store = storeGrads || finishes ? m.ne(arg(GradStore), zero) : Value();
+  enterIfWork(g, groupWalk                  ? groupBlock
+                 : writesOnce || finishes ? m.truth(true)
+                                          : hasWork);
 
   // Rows t attending keys [k0, k1): lo <= t - tk <= hi.
   Value k1 = m.min(m.add(k0, m.c(kBlockKeys)), g.tKeyHi);
@@ -3094,7 +3147,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   Value qLast = hi == inf ? g.tRowHi : m.min(g.tRowHi, m.add(k1, m.c(hi)));
   qLast = m.max(qLast, qFirst);
   Value headTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));
-  if (writesOnce)
+  if (writesOnce || finishes)
     headTiles = f.select(hasWork, headTiles, zero);
   // Walked tile i is tile i - j * headTiles of q head h + j, j the number
   // of whole heads before it (the group's heads one after the other under
@@ -3307,12 +3360,23 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     Value zeroF = f.c(0.0);
     Value valid = m.lt(tk[half], k1);
     Value rowBase = m.add(dkBase, m.mul(gradKeyRow(cx, tk[half]), arg(DKStrideR)));
-    for (int64_t dn = 0; dn < frags; ++dn) {
-      Value at = m.add(rowBase, m.add(laneCol, m.c(dn * 8)));
-      storeGradPair(DK, at, f.select(valid, dkOf(dn, half, 0), zeroF),
-                    f.select(valid, dkOf(dn, half, 1), zeroF));
-      storeGradPair(DV, at, f.select(valid, dvOf(dn, half, 0), zeroF),
-                    f.select(valid, dvOf(dn, half, 1), zeroF));
+    Value kvHead = m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
+    Value accRow = m.mul(
+        m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])), m.c(D));
+    // Each gradient's sums are loaded before its first store (see grad_q).
+    for (GradArg grad : {DK, DV}) {
+      auto of = [&](int64_t dn, int64_t e) {
+        return f.select(valid, grad == DK ? dkOf(dn, half, e) : dvOf(dn, half, e),
+                        zeroF);
+      };
+      SmallVector<std::pair<Value, Value>> pairs;
+      for (int64_t dn = 0; dn < frags; ++dn)
+        pairs.push_back(withEarlierSum(
+            grad == DK ? DKAcc : DVAcc,
+            m.add(accRow, m.add(laneCol, m.c(dn * 8))), of(dn, 0), of(dn, 1)));
+      for (int64_t dn = 0; dn < frags; ++dn)
+        storeGradPair(grad, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
+                      pairs[dn].first, pairs[dn].second);
     }
   });
   b.setInsertionPointToEnd(entry);
@@ -3560,6 +3624,13 @@ struct ConvertAttnToGpuPass
     // the gradients in the input type (attn.stores_grads).
     const bool firstWritesOnce = writesOnce(comps.front().getComponent());
     emit.storeGrads = comps.size() == 1 && firstWritesOnce;
+    // A last component of several that writes every element once finishes
+    // the gradients (attn.finishes_grads): stored in the input type, the
+    // earlier shares added from float32 sums. (Under GQA its one block per
+    // key would need the walk's float32 path as well: not done.)
+    const bool lastFinishes = comps.size() > 1 &&
+                              shape.heads == shape.kvHeads &&
+                              writesOnce(comps.back().getComponent());
     SmallVector<Attribute> order;
     auto add = [&](gpu::GPUFuncOp f) {
       order.push_back(b.getStringAttr(f.getName()));
@@ -3569,6 +3640,7 @@ struct ConvertAttnToGpuPass
     add(emit.emitGradPrepare("grad_prepare"));
     for (auto [i, c] : llvm::enumerate(comps)) {
       emit.writesOnce = i == 0 && firstWritesOnce;
+      emit.finishes = i + 1 == comps.size() && lastFinishes;
       add(emit.emitGradKeys(("grad_kv_" + Twine(i)).str(), c.getComponent()));
       add(emit.emitGradQueries(("grad_q_" + Twine(i)).str(),
                                c.getComponent()));
@@ -3582,6 +3654,8 @@ struct ConvertAttnToGpuPass
       gpuModule->setAttr("attn.stores_grads", b.getUnitAttr());
     if (firstWritesOnce)
       gpuModule->setAttr("attn.overwrites_grads", b.getUnitAttr());
+    if (lastFinishes)
+      gpuModule->setAttr("attn.finishes_grads", b.getUnitAttr());
     gpuModule->setAttr("attn.backward_name",
                        b.getStringAttr(gradFunc.getSymName()));
     gradFunc.erase();

@@ -163,6 +163,13 @@ def test_backward_errors_name_what_is_wrong(tmp_path):
         pkg.backward(x, x, x, out, lse, np.zeros((1, 1, 3, 8), np.float32))
     with pytest.raises(attn.AttnError, match=r"lse: shape"):
         pkg.backward(x, x, x, out, lse[:, :, :2], x)
+    # Float32 sums for finished gradients are a GPU matter: a cpu package
+    # neither finishes gradients nor takes the call that passes them.
+    assert not pkg.stores_gradients and not pkg.finishes_gradients
+    lib = attn._runtime()
+    assert lib.attn_package_run_backward_with_sums_async(pkg._handle, *[None] * 14,
+                                                         None) != 0
+    assert "targets cpu" in lib.attn_last_error().decode()
     bad = [({"key_ids": True}, "key_ids"),
            ({"lse": False}, "needs the forward's lse")]
     for extra, message in bad:

@@ -100,8 +100,9 @@ def test_gradients_match_the_float64_reference(case, shape):
 @pytest.mark.parametrize("case", gpu_cases.GRAD_CASES, ids=lambda c: c["name"])
 @pytest.mark.parametrize("shape", gpu_cases.GRAD_SHAPES[:3], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_stored_gradients_match_the_float64_reference(case, shape):
-    """Packages of one component (under GQA, over a narrow band) store the
-    gradients in the inputs' dtype (Package.stores_gradients), here into
+    """Packages of one component (under GQA, over a narrow band), or whose
+    last component of several finishes them (Package.finishes_gradients),
+    store the gradients in the inputs' dtype (Package.stores_gradients), here into
     [B, L, H, D]-ordered views first filled with NaN: every element is
     written (zeros where no pair reaches, padding rows and keys included),
     equal to the float32 path's gradients rounded (the same sums: under GQA
@@ -128,6 +129,15 @@ def test_stored_gradients_match_the_float64_reference(case, shape):
         assert torch.equal(stored, wide.to(stored.dtype)), what
     _check_against_reference(case, q, k, v, g, lengths, bias, grads,
                              2 * TOL[case["dtype"]])
+    if pkg.finishes_gradients:
+        # The earlier components' float32 sums are the caller's (Package.backward
+        # allocates them): the C call without them is refused, saying so.
+        args, _, keep = pkg._torch_backward_args(q, k, v, out, lse, g, lengths, bias,
+                                                 grads)
+        lib = attn._runtime()
+        assert lib.attn_package_run_backward_async(pkg._handle_on(q.device.index),
+                                                   *args[:11], None) != 0
+        assert "for those sums" in lib.attn_last_error().decode()
     # dk and dv in different layouts, or a dtype the package does not take.
     with pytest.raises(attn.AttnError, match="dk and dv share a layout"):
         pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias,

@@ -3300,8 +3300,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // dk += scale * dK and dv += dV, atomically: the blocks of every q head
   // sharing the kv head add into the same rows under grouped-query
   // attention, and even where a block owns its keys a plain read-modify-
-  // write lost to the atomics (its loads wait at the block's end, where a
-  // reduction does not; bench/grad_reductions_ab_h100.log). On sm_90a
+  // write, each load behind the store before it, lost to the atomics (its
+  // loads wait at the block's end, where a reduction does not;
+  // bench/grad_reductions_ab_h100.log; batched as addF32Pairs does, it
+  // was not tried). On sm_90a
   // each pair of elements is one 8-byte vector reduction
   // (red.global.add.v2.f32, PTX ISA 8.1), on sm_80 two scalar ones. (A
   // component that writes every key once, one q head per kv head or the

@@ -340,9 +340,12 @@ def _through_projection(t):
     return False
 
 
+# (grad_strided: a package whose last component finishes the gradients;
+# grad_longnet_sum: one that adds into float32.)
 PROJECTION_CASES = [c for c in gpu_cases.GRAD_CASES
                     if c["name"] in ("grad_causal", "grad_local_tokenized_gqa",
-                                     "grad_full_f16_gqa_d64")]
+                                     "grad_full_f16_gqa_d64", "grad_strided",
+                                     "grad_longnet_sum")]
 
 
 @pytest.mark.parametrize("case", PROJECTION_CASES, ids=lambda c: c["name"])

@@ -746,7 +746,10 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
        {std::pair<const char *, const void *>{"grad_out", gradOut.data},
         {"dq", dq.data},
         {"dk", dk.data},
-        {"dv", dv.data}})
+        {"dv", dv.data},
+        {"dq_sum", sums ? sums[0].data : nullptr},
+        {"dk_sum", sums ? sums[1].data : nullptr},
+        {"dv_sum", sums ? sums[2].data : nullptr}})
     if (uintptr_t(data) % 16 != 0) {
       error = std::string(name) + ": the data pointer is not 16-byte aligned";
       return false;

@@ -592,8 +592,7 @@ bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   if (!needSums && sums) {
     error = "package " + name_ + " takes no float32 sums here (only " +
-            std::string("stored gradients of a package that finishes them "
-                        "do)");
+            "stored gradients of a package that finishes them do)";
     return false;
   }
   if (needSums) {

@@ -315,8 +315,9 @@ class Package:
         self.uses_key_ids = bool(lib.attn_package_uses_key_ids(handle))
         self.has_lse = bool(lib.attn_package_has_lse(handle))
         self.has_backward = bool(lib.attn_package_has_backward(handle))
-        # GPU packages of one component store gradients of the input type
-        # in any layout (backward's `grads`); the others add into float32.
+        # GPU packages of one component, or whose last component finishes
+        # them, store gradients of the input type in any layout (backward's
+        # `grads`); the others add into float32.
         self.stores_gradients = bool(lib.attn_package_stores_gradients(handle))
         # Storing gradients here also takes float32 sums of the earlier
         # components (several components, the last finishing them).

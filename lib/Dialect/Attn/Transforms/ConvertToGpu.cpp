@@ -360,6 +360,9 @@ private:
   /// finishes; (x, y) elsewhere.
   std::pair<Value, Value> withEarlierSum(GradArg acc, Value element, Value x,
                                          Value y);
+  /// The global address (i64) of element `element` of gradient `grad`, whose
+  /// elements take `elementBytes` (its memref's aligned pointer plus that).
+  Value elementAddress(GradArg grad, Value element, int64_t elementBytes);
   /// Stores (x, y) in the input type at element `element` of a stored
   /// gradient (dq, dk or dv): one 4-byte store.
   void storeGradPair(GradArg grad, Value element, Value x, Value y);
@@ -740,11 +743,16 @@ Value KernelEmitter::pack(Value x, Value y) {
   return LLVM::BitcastOp::create(b, loc, i32, narrow);
 }
 
+Value KernelEmitter::elementAddress(GradArg grad, Value element,
+                                   int64_t elementBytes) {
+  Value base = memref::ExtractAlignedPointerAsIndexOp::create(b, loc, arg(grad));
+  return arith::IndexCastOp::create(
+      b, loc, b.getI64Type(), m.add(base, m.mul(element, m.c(elementBytes))));
+}
+
 void KernelEmitter::storeGradPair(GradArg grad, Value element, Value x,
                                   Value y) {
-  Value base = memref::ExtractAlignedPointerAsIndexOp::create(b, loc, arg(grad));
-  Value address = arith::IndexCastOp::create(
-      b, loc, b.getI64Type(), m.add(base, m.mul(element, m.c(2))));
+  Value address = elementAddress(grad, element, 2);
   Value bits = pack(x, y);
   if (!shape.bf16) // a vector of two f16
     bits = LLVM::BitcastOp::create(b, loc, i32, bits);
@@ -782,10 +790,7 @@ std::pair<Value, Value> KernelEmitter::withEarlierSum(GradArg acc,
 
 void KernelEmitter::reduceF32Pair(GradArg grad, Value element, Value x,
                                   Value y) {
-  Value base = memref::ExtractAlignedPointerAsIndexOp::create(b, loc, arg(grad));
-  Value address = arith::IndexCastOp::create(
-      b, loc, b.getI64Type(), m.add(base, m.mul(element, m.c(4))));
-  inlinePtx({}, {address, x, y}, "red.global.add.v2.f32 [$0], {$1, $2};",
+  inlinePtx({}, {elementAddress(grad, element, 4), x, y}, "red.global.add.v2.f32 [$0], {$1, $2};",
             "l,f,f");
 }
 
@@ -3303,23 +3308,28 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // write, each load behind the store before it, lost to the atomics (its
   // loads wait at the block's end, where a reduction does not;
   // bench/grad_reductions_ab_h100.log; batched as addF32Pairs does, it
-  // was not tried). On sm_90a
-  // each pair of elements is one 8-byte vector reduction
-  // (red.global.add.v2.f32, PTX ISA 8.1), on sm_80 two scalar ones. (A
+  // was not tried). On sm_90a each pair of elements is one 8-byte vector
+  // reduction (red.global.add.v2.f32, PTX ISA 8.1), on sm_80 two scalar
+  // ones. (A
   // component that writes every key once, one q head per kv head or the
   // GQA walk, stores dk = scale * dK and dv = dV in f32 instead, zeros on
   // keys that compute nothing, as the stored path below.)
+  // The block's (batch, kv head) pair, and the first element of key
+  // tk[half]'s row in contiguous f32 dk and dv (and in their f32 sums).
+  auto kvHeadOf = [&]() {
+    return m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
+  };
+  auto f32KeyRow = [&](Value kvHead, int64_t half) {
+    return m.mul(m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])),
+                 m.c(D));
+  };
   auto addIntoDkDv = [&]() {
-    Value kvHead = m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
+    Value kvHead = kvHeadOf();
     if (writesOnce) {
       storeF32Rows(
           {DK, DV}, laneCol, {m.lt(tk[0], g.tKeyAll), m.lt(tk[1], g.tKeyAll)},
           [&](int64_t half) { return m.lt(tk[half], k1); },
-          [&](int64_t half) {
-            return m.mul(
-                m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])),
-                m.c(D));
-          },
+          [&](int64_t half) { return f32KeyRow(kvHead, half); },
           [&](size_t grad, int64_t dn, int64_t half, int64_t e) {
             return grad ? dvOf(dn, half, e) : dkOf(dn, half, e);
           });
@@ -3330,8 +3340,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
           scf::IfOp::create(b, loc, TypeRange{}, m.lt(tk[half], k1), false);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifValid.thenBlock());
-      Value rowAt = m.mul(
-          m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])), m.c(D));
+      Value rowAt = f32KeyRow(kvHead, half);
       if (shape.wgmma) {
         for (int64_t dn = 0; dn < frags; ++dn) {
           Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8)));
@@ -3362,9 +3371,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     Value zeroF = f.c(0.0);
     Value valid = m.lt(tk[half], k1);
     Value rowBase = m.add(dkBase, m.mul(gradKeyRow(cx, tk[half]), arg(DKStrideR)));
-    Value kvHead = m.add(m.mul(g.bIdx, m.c(shape.kvHeads)), g.hk);
-    Value accRow = m.mul(
-        m.add(m.mul(kvHead, arg(KLen)), gradKeyRow(cx, tk[half])), m.c(D));
+    Value accRow = f32KeyRow(kvHeadOf(), half);
     // Each gradient's sums are loaded before its first store (see grad_q).
     for (GradArg grad : {DK, DV}) {
       auto of = [&](int64_t dn, int64_t e) {

@@ -59,6 +59,7 @@ void load() {
             resolve(lib, d.cuEventDestroy, "cuEventDestroy_v2") &&
             resolve(lib, d.cuMemcpy2DAsync, "cuMemcpy2DAsync_v2") &&
             resolve(lib, d.cuMemsetD8Async, "cuMemsetD8Async") &&
+            resolve(lib, d.cuMemsetD2D32Async, "cuMemsetD2D32Async") &&
             resolve(lib, d.cuStreamCreate, "cuStreamCreate") &&
             resolve(lib, d.cuStreamDestroy, "cuStreamDestroy_v2") &&
             resolve(lib, d.cuStreamWaitEvent, "cuStreamWaitEvent") &&

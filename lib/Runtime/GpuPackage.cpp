@@ -483,9 +483,9 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
 
   int64_t gx, gy = 1, gz = 1;
   if (elementwise) {
-    // grad_add runs over key rows (dk += dq of [B, Hkv, Lk, D]).
+    // grad_add runs over Lq planes of Lk rows (dk += dq; GpuRing.cpp).
     const int64_t elements =
-        kernel.kind == "grad_add" ? a.B * a.Hkv * a.Lk * a.D : rows * a.D;
+        kernel.kind == "grad_add" ? a.Lq * a.Lk * a.D : rows * a.D;
     gx = ceilDiv(elements, kernel.block * kernel.elementsPerThread);
   } else {
     int64_t r = kernel.period, w = kernel.segment, first = a.qOrigin;

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <thread>
 
 using namespace attn::runtime;
@@ -103,6 +104,147 @@ struct RingCopies {
     return n;
   }
 };
+
+/// Where a rank keeps float32 key gradients: the chunk's rows
+/// [offset, offset + rows) in a [B, Hkv, rows, D] buffer (the whole chunk,
+/// or one of its pieces).
+struct GradRows {
+  CUdeviceptr base = 0;
+  int64_t offset = 0, rows = 0;
+};
+
+/// Part of a row set inside one GradRows buffer, as f32 element offsets:
+/// `rows` rows `rowStride` apart in each of `planes` planes `planeStride`
+/// apart from `dst`, packed (RingCopies::packRows's layout) from row
+/// `packedRow` on, the planes `packedPlaneStride` apart.
+struct RowsInBuffer {
+  CUdeviceptr dst = 0;
+  int64_t planes = 0, planeStride = 0, rows = 0, rowStride = 0;
+  int64_t packedRow = 0, packedPlaneStride = 0;
+};
+
+/// Calls `each` for every part of `sets` (a rank's key rows, one set for
+/// every kv head or one each) inside each of `targets`: per run, or per
+/// piece of a run of several rows, and per kv head where the heads' sets
+/// differ. Returns false as soon as `each` does.
+bool forRowsInBuffers(const std::vector<RowSet> &sets,
+                      const std::vector<GradRows> &targets, int64_t B,
+                      int64_t Hkv, int64_t D,
+                      const std::function<bool(const RowsInBuffer &)> &each) {
+  const bool perHead = sets.size() > 1;
+  int64_t total = 0; // packed rows of one batch's slabs
+  for (int64_t gI = 0; gI < Hkv; ++gI)
+    total += rowCount(perHead ? sets[gI] : sets[0]);
+  // ceil(a / b) for b > 0 and any a.
+  auto up = [](int64_t a, int64_t b) {
+    return a >= 0 ? (a + b - 1) / b : -((-a) / b);
+  };
+  // Chunk rows dst0 + j * pitch (j < n), packed from row src0 + j on, of
+  // every (b, g) slab, or of head gI's slab of every batch.
+  auto run = [&](int64_t gI, int64_t src0, int64_t dst0, int64_t pitch,
+                 int64_t n) {
+    for (const GradRows &t : targets) {
+      int64_t lo = std::max<int64_t>(0, up(t.offset - dst0, pitch));
+      int64_t hi = std::min<int64_t>(n, up(t.offset + t.rows - dst0, pitch));
+      if (lo >= hi)
+        continue;
+      const int64_t slab = t.rows * D;
+      RowsInBuffer r;
+      r.planes = perHead ? B : B * Hkv;
+      r.planeStride = perHead ? Hkv * slab : slab;
+      r.rows = hi - lo;
+      r.rowStride = pitch * D;
+      r.dst = t.base + size_t((perHead ? gI * slab : 0) +
+                              (dst0 + lo * pitch - t.offset) * D) *
+                           4;
+      r.packedRow = src0 + lo;
+      r.packedPlaneStride = (perHead ? total : rowCount(sets[0])) * D;
+      if (!each(r))
+        return false;
+    }
+    return true;
+  };
+  for (int64_t gI = 0, before = 0; gI < (perHead ? Hkv : 1); ++gI) {
+    const RowSet &set = sets[perHead ? gI : 0];
+    int64_t src = before;
+    for (const RowRun &r : set) {
+      if (r.len == 1) { // `count` rows, `pitch` apart
+        if (!run(gI, src, r.start, r.count > 1 ? r.pitch : 1, r.count))
+          return false;
+      } else {
+        for (int64_t c = 0; c < r.count; ++c)
+          if (!run(gI, src + c * r.len, r.start + c * r.pitch, 1, r.len))
+            return false;
+      }
+      src += r.len * r.count;
+    }
+    before += rowCount(set);
+  }
+  return true;
+}
+
+/// How many parts forRowsInBuffers finds (grad_add launches or memsets).
+int64_t countRowsInBuffers(const std::vector<RowSet> &sets,
+                           const std::vector<GradRows> &targets, int64_t B,
+                           int64_t Hkv, int64_t D) {
+  int64_t n = 0;
+  forRowsInBuffers(sets, targets, B, Hkv, D, [&](const RowsInBuffer &) {
+    ++n;
+    return true;
+  });
+  return n;
+}
+
+/// Row sets that break into more parts than this (a kv head's several
+/// residue classes, `len` > 1 rows `pitch` apart, `count` times) travel
+/// through whole chunks instead: unpacked into a zeroed chunk, added with
+/// one launch a buffer.
+constexpr int64_t kMaxRowParts = 64;
+
+/// Adds the packed f32 rows of `sets` at `packed` into the rows they were
+/// packed from, in whichever of `targets` holds each, with `add` (grad_add
+/// over planes of rows with strides). Rows the sets do not name are not
+/// touched.
+bool addPackedRows(const GpuModule &g, const GpuKernel &add,
+                   const std::vector<RowSet> &sets, CUdeviceptr packed,
+                   const std::vector<GradRows> &targets, int64_t B,
+                   int64_t Hkv, int64_t D, CUstream stream,
+                   std::string &error) {
+  return forRowsInBuffers(sets, targets, B, Hkv, D, [&](const RowsInBuffer &r) {
+    KernelArgs a;
+    a.B = B;
+    a.Hkv = Hkv;
+    a.D = D;
+    a.Lq = r.planes;
+    a.Lk = r.rows;
+    a.dk = r.dst;
+    a.dkStrides[1] = r.planeStride;
+    a.dkStrides[2] = r.rowStride;
+    a.dq = packed + size_t(r.packedRow * D) * 4;
+    a.dqStrides[1] = r.packedPlaneStride;
+    a.dqStrides[2] = D;
+    return launchKernel(g, add, a, stream, error);
+  });
+}
+
+/// Zeroes the f32 rows of `sets` in `targets` (2-D memsets), and only them.
+CUresult zeroRows(const Driver &d, const std::vector<RowSet> &sets,
+                  const std::vector<GradRows> &targets, int64_t B, int64_t Hkv,
+                  int64_t D, CUstream stream) {
+  CUresult rc = CUDA_SUCCESS;
+  forRowsInBuffers(sets, targets, B, Hkv, D, [&](const RowsInBuffer &r) {
+    if (r.rows == 1 || r.rowStride == D) // one block of rows a plane
+      rc = d.cuMemsetD2D32Async(r.dst, size_t(r.planeStride) * 4, 0,
+                                size_t(r.rows * D), size_t(r.planes), stream);
+    else
+      for (int64_t p = 0; p < r.planes && rc == CUDA_SUCCESS; ++p)
+        rc = d.cuMemsetD2D32Async(r.dst + size_t(p * r.planeStride) * 4,
+                                  size_t(r.rowStride) * 4, 0, size_t(D),
+                                  size_t(r.rows), stream);
+    return rc == CUDA_SUCCESS;
+  });
+  return rc;
+}
 
 /// The arguments every kernel of a rank's ring call shares.
 KernelArgs ringBaseArgs(int64_t B, int64_t H, int64_t Hkv, int64_t D,
@@ -561,9 +703,23 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
   size_t zeroFrom = arena.used;
   size_t rK = arena.take(kChunk16), rV = arena.take(kChunk16);
   size_t zeroTo = arena.used;
-  size_t gK = arena.take(kChunkF), gV = arena.take(kChunkF),
-         inK = arena.take(kChunkF), inV = arena.take(kChunkF),
-         accK = arena.take(kChunkF), accV = arena.take(kChunkF);
+  size_t gK = arena.take(kChunkF), gV = arena.take(kChunkF);
+  // The whole chunk as one row set, for row sets of too many parts.
+  const std::vector<RowSet> wholeChunk{RowSet{RowRun{0, Ck, 1, 0}}};
+  auto fewParts = [&](const std::vector<RowSet> &sets) {
+    std::vector<GradRows> where;
+    if (!split)
+      where.push_back({0, 0, Ck});
+    for (size_t p = 0; p < P && split; ++p)
+      where.push_back({0, rs.kvPieces[p].offset, rs.kvPieces[p].rows});
+    return countRowsInBuffers(sets, where, B, Hkv, D) <= kMaxRowParts;
+  };
+  bool chunkPath = false;
+  for (const RingStep &st : rs.steps)
+    chunkPath |= (st.step > 0 && st.sendTo >= 0 && !fewParts(st.sendRows));
+  // Unpacked returning gradients of such sets.
+  size_t inK = chunkPath ? arena.take(kChunkF) : 0,
+         inV = chunkPath ? arena.take(kChunkF) : 0;
   size_t sendAt = arena.take(maxSend), recvAt = arena.take(maxRecv);
   bool grown = false;
   if (!growDeviceBuffer(d, g.ringGradScratch, g.ringGradScratchBytes,
@@ -581,13 +737,28 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
   // Rows that never travel must stay finite: zero fresh receive buffers.
   if (grown)
     zero(at(zeroFrom), zeroTo - zeroFrom);
-  zero(at(accK), kChunkF);
-  zero(at(accV), kChunkF);
   RingCopies copies{d, B, Hkv, Ck, D};
   // This rank's gradients: its pieces when split, else dq, dk, dv.
   auto qGrad = [&](size_t p) { return split ? at(dqP[p]) : dev(dq.data); };
   auto kGrad = [&](size_t p) { return split ? at(dkP[p]) : dev(dk.data); };
   auto vGrad = [&](size_t p) { return split ? at(dvP[p]) : dev(dv.data); };
+  // Where the chunk's rows of f32 key gradients live: `whole` (the chunk)
+  // or `piece(p)`, as GradRows for addPackedRows and zeroRows.
+  auto gradRows = [&](std::function<CUdeviceptr(size_t)> piece,
+                      CUdeviceptr whole) {
+    std::vector<GradRows> rows;
+    if (!split)
+      return std::vector<GradRows>{{whole, 0, Ck}};
+    for (size_t p = 0; p < P; ++p)
+      rows.push_back({piece(p), rs.kvPieces[p].offset, rs.kvPieces[p].rows});
+    return rows;
+  };
+  const std::vector<GradRows> ownK = gradRows(kGrad, dev(dk.data)),
+                              ownV = gradRows(vGrad, dev(dv.data));
+  const std::vector<GradRows> peerK = gradRows(
+                                  [&](size_t p) { return at(gKP[p]); }, at(gK)),
+                              peerV = gradRows(
+                                  [&](size_t p) { return at(gVP[p]); }, at(gV));
   for (size_t p = 0; p < P; ++p) {
     zero(qGrad(p), split ? qPieceF : size_t(B * H * C * D) * fs);
     zero(kGrad(p), split ? kPieceF : kChunkF);
@@ -618,14 +789,6 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
     if (!launchKernel(g, *prepare, a, stream, error))
       return fail(error);
   }
-  // dst += src over [B, Hkv, Ck, D] f32 chunks.
-  auto addChunk = [&](CUdeviceptr dst, CUdeviceptr src) {
-    KernelArgs a = base0;
-    a.Lq = a.Lk = Ck;
-    a.dk = dst;
-    a.dq = src;
-    return launchKernel(g, *add, a, stream, error);
-  };
 
   std::vector<int64_t> sentBytes(steps, 0);
   for (size_t i = 0; i < steps; ++i) {
@@ -661,16 +824,13 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
         }
       }
     }
-    // The received rows' gradients start at zero.
-    if (remote) {
-      for (size_t p = 0; p < P && split; ++p) {
-        zero(at(gKP[p]), kPieceF);
-        zero(at(gVP[p]), kPieceF);
-      }
-      if (!split) {
-        zero(at(gK), kChunkF);
-        zero(at(gV), kChunkF);
-      }
+    // The received rows' gradients start at zero (only they go back).
+    if (remote && mrc == CUDA_SUCCESS) {
+      const std::vector<RowSet> &rows =
+          fewParts(st.recvRows) ? st.recvRows : wholeChunk;
+      mrc = zeroRows(d, rows, peerK, B, Hkv, D, stream);
+      if (mrc == CUDA_SUCCESS)
+        mrc = zeroRows(d, rows, peerV, B, Hkv, D, stream);
     }
     for (const RingUpdate &u : st.updates) {
       if (u.kernel < 0 || u.qPiece < 0 || u.kPiece < 0 ||
@@ -731,19 +891,30 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
                                   error))
       return fail(error);
     sentBytes[i] += int64_t(sendN);
+    // They add into this rank's own gradients where those rows sit
+    // (through a zeroed chunk where the rows break into too many parts).
     if (from >= 0) {
-      zero(at(inK), kChunkF);
-      zero(at(inV), kChunkF);
-      size_t half =
-          copies.packRows(st.sendRows, at(inK), at(recvAt), false, stream, fs);
-      copies.packRows(st.sendRows, at(inV), at(recvAt) + half, false, stream,
-                      fs);
-      if (!addChunk(at(accK), at(inK)) || !addChunk(at(accV), at(inV)))
+      CUdeviceptr inKRows = at(recvAt),
+                  inVRows = at(recvAt) + packedBytes(st.sendRows, fs) / 2;
+      const std::vector<RowSet> *rows = &st.sendRows;
+      if (!fewParts(st.sendRows)) {
+        zero(at(inK), kChunkF);
+        zero(at(inV), kChunkF);
+        copies.packRows(st.sendRows, at(inK), inKRows, false, stream, fs);
+        copies.packRows(st.sendRows, at(inV), inVRows, false, stream, fs);
+        inKRows = at(inK);
+        inVRows = at(inV);
+        rows = &wholeChunk;
+      }
+      if (!addPackedRows(g, *add, *rows, inKRows, ownK, B, Hkv, D, stream,
+                         error) ||
+          !addPackedRows(g, *add, *rows, inVRows, ownV, B, Hkv, D, stream,
+                         error))
         return fail(error);
     }
   }
 
-  // The pieces' gradients into dq, dk and dv, then the peers' share.
+  // The pieces' gradients (the peers' share included) into dq, dk and dv.
   for (size_t p = 0; p < P && split; ++p) {
     copies.pieceCopy(dev(dq.data), C, at(dqP[p]), B * H, rs.qPieces[p], false,
                      stream, fs);
@@ -752,8 +923,6 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
     copies.pieceCopy(dev(dv.data), Ck, at(dvP[p]), B * Hkv, rs.kvPieces[p],
                      false, stream, fs);
   }
-  if (!addChunk(dev(dk.data), at(accK)) || !addChunk(dev(dv.data), at(accV)))
-    return fail(error);
   if (copies.rc != CUDA_SUCCESS)
     return fail(describe(d, copies.rc, "a ring copy"));
   if (mrc != CUDA_SUCCESS)

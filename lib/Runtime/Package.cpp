@@ -48,12 +48,13 @@ static bool readManifest(const std::string &dir, json &m, std::string &error) {
     m = json::parse(in);
     if (m.value("format", "") != "attn-package")
       throw std::runtime_error("not an attn package manifest");
-    // Version 7: GPU kernels take bh_offset after pos_stride (2), then
+    // Version 8: GPU kernels take bh_offset after pos_stride (2), then
     // q's and k's strides (3), then out's (4), the backward kernels read q,
     // k, v, out and grad_out through them (5) and may store the gradients
     // (6), and grad_kv's grid spans the keys' segments as well as the
-    // rows' (7); cpu packages stay at 1.
-    const int want = m.value("target", "cpu") == "cpu" ? 1 : 7;
+    // rows' (7), and grad_add adds strided runs of rows (8); cpu packages
+    // stay at 1.
+    const int want = m.value("target", "cpu") == "cpu" ? 1 : 8;
     if (m.value("version", 0) != want)
       throw std::runtime_error(
           "manifest version " + std::to_string(m.value("version", 0)) +

@@ -419,10 +419,11 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
 
   nlohmann::json manifest = {
       {"format", "attn-package"},
-      {"version", 7}, // 3: kernels take q's and k's strides, 4: out's,
+      {"version", 8}, // 3: kernels take q's and k's strides, 4: out's,
                       // 5: grad kernels read through them, 6: and may store
                       // the gradients, 7: grad_kv's grid spans the keys'
-                      // segments (Package.md)
+                      // segments, 8: grad_add adds strided runs of rows
+                      // (Package.md)
       {"target", arch},
       {"name", spec.name},
       {"dtype", spec.dtype},

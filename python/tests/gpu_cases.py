@@ -59,6 +59,11 @@ RING_ONE_RANK = {"name": "ring_one_rank", "dtype": "bf16", "heads": 4, "head_dim
 # Ring packages whose ranks test_gpu.py runs as threads on one GPU (the
 # in-process transport's device exchange): each layout, cross attention
 # (q_len != kv_len, both ways), lengths, GQA and f16.
+RING_DILATED = {"sum": [
+    {"dilated": {"segment": 256, "rate": 1, "head_offset": True, "causal": True}},
+    {"dilated": {"segment": 1024, "rate": 4, "head_offset": True, "causal": True}}]}
+
+
 def _ring(name, pattern, ranks, layout, q_len, kv_len, dtype="bf16", head_dim=64):
     lengths = ({"seq_len": q_len} if q_len == kv_len else {"q_len": q_len, "kv_len": kv_len})
     return {"name": "ring_" + name, "dtype": dtype, "batch": 2, "heads": 4, "kv_heads": 2,
@@ -76,6 +81,10 @@ RING_RANKS = [
     _ring("cross_full_contiguous2", {"full": {}}, 2, "contiguous", 512, 1536, head_dim=128),
     _ring("cross_causal_longer_q", {"causal": {}}, 2, "contiguous", 2048, 1024),
     _ring("cross_local_striped4", {"local": {"window": 200}}, 4, "striped", 1024, 2048),
+    # Head offsets: each kv head sends its own residue classes, rows apart
+    # (two classes a kv head under GQA; one with a kv head per q head).
+    _ring("dilated_zigzag2", RING_DILATED, 2, "zigzag", 2048, 2048),
+    dict(_ring("dilated_mha_zigzag2", RING_DILATED, 2, "zigzag", 2048, 2048), kv_heads=4),
 ]
 
 # The ring backward pass (test_gpu_backward.py): the ring cases above

@@ -294,9 +294,11 @@ public:
   /// dk += scale * dS^T Q and dv += P^T dO, key-major: a block takes 64
   /// keys of a group and walks the query tiles that attend them.
   gpu::GPUFuncOp emitGradKeys(StringRef name, ComponentAttr comp);
-  /// Ring packages: dk += dq over B * Hkv * kLen * D elements. A rank adds
-  /// the key gradients its peers computed for its rows (passed as dq) into
-  /// its own (docs/Ring.md, "The backward pass").
+  /// Ring packages: dk += dq over qLen planes of kLen rows of D f32
+  /// elements, each addressed through its own plane and row strides
+  /// (DKStrideH, DKStrideR; DQStrideH, DQStrideR). A rank adds the key
+  /// gradients its peers computed for its rows (packed, passed as dq)
+  /// where those rows sit in its own (docs/Ring.md, "The backward pass").
   gpu::GPUFuncOp emitGradAdd(StringRef name);
 
 private:
@@ -2737,25 +2739,41 @@ gpu::GPUFuncOp KernelEmitter::emitGradPrepare(StringRef name) {
 gpu::GPUFuncOp KernelEmitter::emitGradAdd(StringRef name) {
   auto func = beginKernel(name, kElementwiseThreads, /*grad=*/true);
   constexpr int64_t kFloats = 4; // one 16-byte vector a thread
+  // Vector `at` / 4 of the planes x rows x D index space: element d of row
+  // i of plane p, with p < QLen, i < KLen (docs/Ring.md, "The backward
+  // pass": a plane is a (batch, kv head) slab or a batch; the rows are a run
+  // of the slab's rows, contiguous or `pitch` apart).
   Value bx = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
   Value at = m.mul(m.add(m.mul(bx, m.c(kElementwiseThreads)), tid),
                    m.c(kFloats));
-  Value n = m.mul(m.c(shape.batch * shape.kvHeads * shape.headDim),
-                  arg(KLen));
+  Value rows = arg(KLen);
+  Value n = m.mul(m.mul(arg(QLen), rows), m.c(shape.headDim));
   auto ifIn = scf::IfOp::create(b, loc, TypeRange{}, m.lt(at, n), false);
   b.setInsertionPointToStart(ifIn.thenBlock());
+  Value d = arith::RemUIOp::create(b, loc, at, m.c(shape.headDim));
+  Value row = arith::DivUIOp::create(b, loc, at, m.c(shape.headDim));
+  Value i = arith::RemUIOp::create(b, loc, row, rows);
+  Value plane = arith::DivUIOp::create(b, loc, row, rows);
+  // dk's element (p, i, d) at p * DKStrideH + i * DKStrideR + d, and dq's
+  // (the rows added in) likewise with its strides.
+  auto element = [&](GradArg planeStride, GradArg rowStride) {
+    return m.add(m.add(m.mul(plane, arg(planeStride)), m.mul(i, arg(rowStride))),
+                 d);
+  };
+  Value dst = element(DKStrideH, DKStrideR), src = element(DQStrideH, DQStrideR);
   auto vecType = VectorType::get({kFloats}, f32);
-  auto load = [&](Value buffer) {
-    return vector::LoadOp::create(b, loc, vecType, buffer, ValueRange{at},
+  auto load = [&](Value buffer, Value index) {
+    return vector::LoadOp::create(b, loc, vecType, buffer, ValueRange{index},
                                   false, llvm::MaybeAlign(16))
         .getResult();
   };
-  Value sum = arith::AddFOp::create(b, loc, load(arg(DK)), load(arg(DQ)));
-  vector::StoreOp::create(b, loc, sum, arg(DK), ValueRange{at}, false,
+  Value sum =
+      arith::AddFOp::create(b, loc, load(arg(DK), dst), load(arg(DQ), src));
+  vector::StoreOp::create(b, loc, sum, arg(DK), ValueRange{dst}, false,
                           llvm::MaybeAlign(16));
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
-  // The runtime's element-wise grid over B * Hkv * Lk * D elements.
+  // The runtime's element-wise grid over q_len * kv_len * D elements.
   func->setAttr("attn.launch", elementwiseLaunch("grad_add", kFloats));
   return func;
 }

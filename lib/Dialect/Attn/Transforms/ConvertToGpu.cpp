@@ -1321,6 +1321,19 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                    /*withElse=*/false);
   b.setInsertionPointToStart(inRange.thenBlock());
   itemRange();
+  // An `update` whose rows attend none of its keys leaves their state as it
+  // is: the block is done. (A ring step launches over a whole piece of rows
+  // and its received keys may reach a few of them: local's neighbour, 1024
+  // rows of a 65536-row chunk. Loading and storing every other row's f32
+  // state would move the whole state twice.) Not in a chain of dependent
+  // launches: there a block that skips its griddepcontrol.wait would let
+  // the next kernel's wait, which covers this grid alone, pass before the
+  // kernel before this one has finished.
+  if (mode == StateMode::Update && !shape.dependentLaunch()) {
+    auto some =
+        scf::IfOp::create(b, loc, TypeRange{}, m.lt(zero, numTiles), false);
+    b.setInsertionPointToStart(some.thenBlock());
+  }
   auto qRowIndex = [&](Value t) { // query row i of gathered t
     return m.sub(m.add(base, m.mul(r, t)), delta);
   };

@@ -447,9 +447,65 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     a.sum = at(sm[p]);
     return a;
   };
+  // A piece's first, last and only update may start, end or skip its
+  // state, where the update's component covers every row: the package then
+  // has component_<n>_begin, _end and _single (ConvertToGpu). `variant[i][j]`
+  // is what update j of step i launches; a piece whose state such a kernel
+  // starts needs no init, one whose out it writes no finalize.
+  std::vector<std::vector<const GpuKernel *>> variant(steps);
+  std::vector<bool> begun(P, false), ended(P, false);
+  {
+    std::vector<std::pair<size_t, size_t>> firstOf(P, {steps, 0}),
+        lastOf(P, {steps, 0});
+    std::vector<int> updates(P, 0);
+    // An `end` kernel loads every row's state and writes out; where a
+    // step's keys are a few received rows (a neighbour's window), its
+    // `update` blocks without keys return and finalize is cheaper (local
+    // at L = 131072 on one H100: 441 µs against about 290,
+    // bench/ring_forward_one_gpu_h100.log). So only steps on this rank's
+    // keys or on at least half a chunk of received rows end a piece.
+    auto reachesMostRows = [&](const RingStep &st) {
+      if (st.step == 0 || st.recvFrom < 0)
+        return true;
+      return packedRowCount(st.recvRows, Hkv) * 2 >= Ck * Hkv;
+    };
+    for (size_t i = 0; i < steps; ++i)
+      for (size_t j = 0; j < rs.steps[i].updates.size(); ++j) {
+        size_t p = size_t(rs.steps[i].updates[j].qPiece);
+        if (p >= P)
+          continue; // reported when the update runs
+        if (updates[p]++ == 0)
+          firstOf[p] = {i, j};
+        lastOf[p] = {i, j};
+      }
+    for (size_t i = 0; i < steps; ++i)
+      for (size_t j = 0; j < rs.steps[i].updates.size(); ++j) {
+        const RingUpdate &u = rs.steps[i].updates[j];
+        std::string name = "component_" + std::to_string(u.kernel);
+        const GpuKernel *kn = kernelNamed(name), *other = nullptr;
+        size_t p = size_t(u.qPiece);
+        if (p < P) {
+          bool first = firstOf[p] == std::pair{i, j},
+               last = lastOf[p] == std::pair{i, j};
+          if (first && last && (other = kernelNamed(name + "_single")))
+            begun[p] = ended[p] = true;
+          else if (first && (other = kernelNamed(name + "_begin")))
+            begun[p] = true;
+          else if (last && reachesMostRows(rs.steps[i]) &&
+                   (other = kernelNamed(name + "_end")))
+            ended[p] = true;
+        }
+        variant[i].push_back(other ? other : kn);
+      }
+  }
   for (size_t p = 0; p < P; ++p)
-    if (!launchKernel(g, *init, stateArgs(p), stream, error))
+    if (!begun[p] && !launchKernel(g, *init, stateArgs(p), stream, error))
       return false;
+  // Where piece p's out and lse go (its own buffers when split).
+  auto setOut = [&](KernelArgs &a, size_t p) {
+    a.out = split ? at(oP[p]) : dev(out.data);
+    a.lse = split || !lse ? at(lP[p]) : dev(lse->data);
+  };
 
   std::vector<CUevent> exchanged(steps, nullptr), slotFree(slots, nullptr);
   std::vector<int64_t> sentBytes(steps, 0);
@@ -492,13 +548,13 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
       d.cuStreamWaitEvent(stream, exchanged[i], 0);
     bool remote = s.step > 0 && s.recvFrom >= 0;
     size_t slot = slotOf[i];
-    for (const RingUpdate &u : s.updates) {
+    for (size_t j = 0; j < s.updates.size(); ++j) {
+      const RingUpdate &u = s.updates[j];
       if (u.kernel < 0 || size_t(u.qPiece) >= P || size_t(u.kPiece) >= P) {
         error = "the ring schedule names a missing kernel or piece";
         return false;
       }
-      const GpuKernel *kn =
-          kernelNamed("component_" + std::to_string(u.kernel));
+      const GpuKernel *kn = variant[i][j];
       if (!kn) {
         error = "package " + name_ + " has no kernel component_" +
                 std::to_string(u.kernel);
@@ -517,6 +573,8 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
       a.acc = at(acc[qp]);
       a.max = at(mx[qp]);
       a.sum = at(sm[qp]);
+      if (kn->kind == "end" || kn->kind == "single")
+        setOut(a, qp);
       placeUpdate(a, u, rs);
       if (!launchKernel(g, *kn, a, stream, error))
         return false;
@@ -555,9 +613,8 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
 
   for (size_t p = 0; p < P; ++p) {
     KernelArgs a = stateArgs(p);
-    a.out = split ? at(oP[p]) : dev(out.data);
-    a.lse = split || !lse ? at(lP[p]) : dev(lse->data);
-    if (!launchKernel(g, *fin, a, stream, error))
+    setOut(a, p);
+    if (!ended[p] && !launchKernel(g, *fin, a, stream, error))
       return false;
     if (split) {
       pieceCopy(dev(out.data), C, at(oP[p]), B * H, rs.qPieces[p], false,

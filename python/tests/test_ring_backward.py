@@ -135,7 +135,13 @@ def test_gpu_ring_package_lists_its_backward_kernels(tmp_path):
     with open(tmp_path / "gpu" / "manifest.json") as f:
         manifest = json.load(f)
     grad = manifest["backward"]
-    forward = [k["name"] for k in manifest["kernels"] if k["name"].startswith("component_")]
+    # The plan's kernels (update), each with its begin/end/single forms
+    # (causal covers every row).
+    forward = [k["name"] for k in manifest["kernels"] if k["kind"] == "update"]
+    assert forward and forward == [f"component_{n}" for n in range(len(forward))]
+    for name in forward:
+        assert {f"{name}_{kind}" for kind in ("begin", "end", "single")} <= set(
+            manifest["launch_order"])
     assert grad["launch_order"] == ["grad_prepare"] + [
         f"grad_{kind}_{n}" for n in range(len(forward)) for kind in ("kv", "q")] + ["grad_add"]
     shapes = {a["name"]: a["shape"] for a in grad["args"]}

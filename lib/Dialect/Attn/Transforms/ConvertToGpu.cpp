@@ -3552,19 +3552,37 @@ struct ConvertAttnToGpuPass
     };
     if (!begins)
       add(emit.emitInit("init"));
-    for (auto [i, c] : llvm::enumerate(comps)) {
-      KernelEmitter &e = isWarpSpecialized(shape, c.getComponent()) ? emitWs
-                         : residentKeyTiles(shape, c.getComponent()) > 0 ||
-                                 needsOneWarpgroup(shape, c.getComponent())
-                             ? emitOneWarpgroup
-                             : emit;
-      add(e.emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
-                          modeOf(i)));
-    }
+    auto emitterOf = [&](ComponentAttr c) -> KernelEmitter & {
+      return isWarpSpecialized(shape, c)        ? emitWs
+             : residentKeyTiles(shape, c) > 0 || needsOneWarpgroup(shape, c)
+                 ? emitOneWarpgroup
+                 : emit;
+    };
+    for (auto [i, c] : llvm::enumerate(comps))
+      add(emitterOf(c.getComponent())
+              .emitComponent(("component_" + Twine(i)).str(),
+                             c.getComponent(), modeOf(i)));
     // A 16-bit state lives in out (KernelEmitter::stateAcc): nothing is
     // left to finalize.
     if (!ends && alwaysState)
       add(emit.emitFinalize("finalize"));
+    // A ring rank's piece of rows may meet a component that covers every
+    // row first, last or alone: the runtime then launches its `begin`
+    // variant (no init of that piece's state), its `end` variant (out and
+    // lse, no finalize) or its `single` one (no state at all) in place of
+    // the `update` kernel (docs/Ring.md).
+    if (alwaysState)
+      for (auto [i, c] : llvm::enumerate(comps)) {
+        if (!coversEveryRow(c))
+          continue;
+        for (StateMode mode :
+             {StateMode::Begin, StateMode::End, StateMode::Single})
+          add(emitterOf(c.getComponent())
+                  .emitComponent(("component_" + Twine(i) + "_" +
+                                  KernelEmitter::kindName(mode))
+                                     .str(),
+                                 c.getComponent(), mode));
+      }
     gpuModule->setAttr("attn.launch_order", b.getArrayAttr(order));
     // Packages over embedding tables also turn token sequences into their
     // key_ids and key_bias (DedupKernel.h), up to the sort size whose

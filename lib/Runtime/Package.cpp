@@ -504,7 +504,7 @@ bool Package::checkGradients(const Tensor &q, const Tensor &k,
   // where the package stores them (GPU packages with "stores_grads"), of
   // the input type in any layout whose rows are contiguous, as dq says;
   // grad_out is like out.
-  const bool store = storesGradients() && dq.dtype == q.dtype;
+  const bool store = storesGradientsInto(q, dq);
   const std::string gradDtype = store ? q.dtype : backwardArgs_.back().dtype;
   const std::string orStored =
       storesGradients() ? " (or " + q.dtype + ", which this package stores)"
@@ -581,7 +581,7 @@ bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
     return false;
   // Stored gradients of a package whose last component finishes them take
   // the float32 sums of the components before it; other calls take none.
-  const bool store = storesGradients() && dq.dtype == q.dtype;
+  const bool store = storesGradientsInto(q, dq);
   const bool needSums = store && finishesGradients();
   if (needSums && !sums) {
     error = "package " + name_ + " stores " + q.dtype +

@@ -553,13 +553,13 @@ class Package:
         (see _torch_backward_args), the gradients `grads` or new contiguous
         float32 tensors, the kernels on the current stream."""
         import torch
-        args, grads, _ = self._torch_backward_args(q, k, v, out, lse, grad_out, lengths,
-                                                   key_bias, grads)
+        args, grads, _, with_sums = self._torch_backward_args(
+            q, k, v, out, lse, grad_out, lengths, key_bias, grads)
         lib = _runtime()
         device = q.device.index
         handle = self._handle_on(device)
         with torch.cuda.device(device):
-            if len(args) > 11:  # stored gradients with float32 sums
+            if with_sums:
                 rc = lib.attn_package_run_backward_with_sums_async(
                     handle, *args, _raw_stream(device))
             else:
@@ -573,7 +573,9 @@ class Package:
                              grads=None):
         """attn_package_run_backward's tensor arguments on PyTorch CUDA
         tensors: (pointers in its order, the gradients dq, dk, dv (`grads`,
-        or new float32 ones), the objects the pointers need)."""
+        or new float32 ones), the objects the pointers need, and whether the
+        pointers end with the float32 sums of a package that finishes stored
+        gradients: attn_package_run_backward_with_sums_async's arguments)."""
         import torch
         if not isinstance(grad_out, torch.Tensor) or grad_out.dtype != q.dtype or \
                 grad_out.shape != q.shape or grad_out.device != q.device:
@@ -632,13 +634,14 @@ class Package:
             grads[0].dtype == q.dtype
         for n, g, x in zip(("dq", "dk", "dv"), grads, (q, k, v)):
             args.append(stored(n, g, x) if store else f32(n, g))
-        if store and self.finishes_gradients:
+        with_sums = store and self.finishes_gradients
+        if with_sums:
             # The earlier components' float32 sums, scratch for this call
             # (the caching allocator's; nothing reads them afterwards).
             for n, x in zip(("dq_sum", "dk_sum", "dv_sum"), (q, k, v)):
                 args.append(f32(n, torch.empty(x.shape, device=q.device,
                                                dtype=torch.float32)))
-        return args, tuple(grads), keep
+        return args, tuple(grads), keep, with_sums
 
     def run_ranks(self, q, k, v, lengths=None, return_lse=False):
         """Runs every rank of a ring package in this process (threads for
@@ -804,7 +807,9 @@ class Package:
         if not self.has_backward:
             raise AttnError(f"package {self.manifest['name']} has no backward pass: "
                             "compile it with \"backward\": true")
-        args, grads, _ = self._torch_backward_args(q, k, v, out, lse, grad_out, lengths, None)
+        # (Ring packages add into float32 gradients: no sums.)
+        args, grads, _, _ = self._torch_backward_args(q, k, v, out, lse, grad_out, lengths,
+                                                      None)
         lib = _runtime()
         sent = ctypes.c_int64(0)
         with torch.cuda.device(q.device):

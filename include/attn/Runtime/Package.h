@@ -190,6 +190,12 @@ private:
   bool loadRing(const void *manifest, std::string &error);
   /// Whether this is a ring package and `transport` has its ranks.
   bool checkRingTransport(Transport &transport, std::string &error) const;
+  /// Whether a backward call whose dq is `dq` stores the gradients in the
+  /// input type (the package stores them and dq has q's dtype) rather than
+  /// adding into float32 ones.
+  bool storesGradientsInto(const Tensor &q, const Tensor &dq) const {
+    return storesGradients() && dq.dtype == q.dtype;
+  }
   /// grad_out like out, dq, dk and dv like q, k and v in the gradients'
   /// dtype; all contiguous.
   bool checkGradients(const Tensor &q, const Tensor &k, const Tensor &v,

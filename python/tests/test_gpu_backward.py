@@ -132,8 +132,9 @@ def test_stored_gradients_match_the_float64_reference(case, shape):
     if pkg.finishes_gradients:
         # The earlier components' float32 sums are the caller's (Package.backward
         # allocates them): the C call without them is refused, saying so.
-        args, _, keep = pkg._torch_backward_args(q, k, v, out, lse, g, lengths, bias,
-                                                 grads)
+        args, _, keep, with_sums = pkg._torch_backward_args(q, k, v, out, lse, g, lengths,
+                                                            bias, grads)
+        assert with_sums and len(args) == 14
         lib = attn._runtime()
         assert lib.attn_package_run_backward_async(pkg._handle_on(q.device.index),
                                                    *args[:11], None) != 0

@@ -340,41 +340,27 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
       maxRecv = std::max(maxRecv, packedBytes(s.recvRows));
   }
 
-  // Device scratch layout.
-  const size_t qPiece = size_t(B * H * rowsP * D * es);
-  const size_t kPiece = size_t(B * Hkv * kRowsP * D * es);
+  // Device scratch layout. The pieces of q, k, v, out and the received
+  // chunks are views of them (the kernels take strides), so only the f32
+  // state and lse of each piece have buffers of their own.
   const size_t rowsF32 = size_t(B * H * rowsP * 4);
   const size_t kChunk = size_t(B * Hkv * Ck * D * es);
   Arena arena;
-  std::vector<size_t> qP(P), kP(P), vP(P), oP(P), lP(P), acc(P), mx(P),
-      sm(P);
+  std::vector<size_t> lP(P), acc(P), mx(P), sm(P);
   for (size_t p = 0; p < P; ++p) {
-    if (split) {
-      qP[p] = arena.take(qPiece);
-      kP[p] = arena.take(kPiece);
-      vP[p] = arena.take(kPiece);
-      oP[p] = arena.take(qPiece);
-    }
     lP[p] = arena.take(rowsF32);
     acc[p] = arena.take(rowsF32 * D);
     mx[p] = arena.take(rowsF32);
     sm[p] = arena.take(rowsF32);
   }
-  // Receive slots: the chunk layout, and its pieces when split.
+  // Receive slots, in the chunk layout.
   std::vector<size_t> rK(slots), rV(slots);
-  std::vector<std::vector<size_t>> rKP(slots, std::vector<size_t>(P)),
-      rVP(slots, std::vector<size_t>(P));
   size_t zeroFrom = arena.used;
   for (size_t s = 0; s < slots; ++s) {
     rK[s] = arena.take(kChunk);
     rV[s] = arena.take(kChunk);
   }
   size_t zeroTo = arena.used;
-  for (size_t s = 0; s < slots && split; ++s)
-    for (size_t p = 0; p < P; ++p) {
-      rKP[s][p] = arena.take(kPiece);
-      rVP[s][p] = arena.take(kPiece);
-    }
   size_t sendAt = arena.take(maxSend), recvAt = arena.take(maxRecv);
 
   bool grown = false;
@@ -416,11 +402,6 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
                     CUstream st) {
     copies.copy2d(src, srcPitch, dst, dstPitch, width, height, st);
   };
-  auto pieceCopy = [&](CUdeviceptr chunk, int64_t rows, CUdeviceptr piece,
-                       int64_t slabs, const RingPiece &p, bool toPiece,
-                       CUstream st) {
-    copies.pieceCopy(chunk, rows, piece, slabs, p, toPiece, st, es);
-  };
   auto packRows = [&](const std::vector<RowSet> &sets, CUdeviceptr chunk,
                       CUdeviceptr packed, bool toPacked, CUstream st) {
     return copies.packRows(sets, chunk, packed, toPacked, st, es);
@@ -430,13 +411,22 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   CUevent inputsReady = event();
   d.cuEventRecord(inputsReady, stream);
   d.cuStreamWaitEvent(cs, inputsReady, 0);
-  for (size_t p = 0; p < P && split; ++p) {
-    pieceCopy(dev(q.data), C, at(qP[p]), B * H, rs.qPieces[p], true, stream);
-    pieceCopy(dev(k.data), Ck, at(kP[p]), B * Hkv, rs.kvPieces[p], true,
-              stream);
-    pieceCopy(dev(v.data), Ck, at(vP[p]), B * Hkv, rs.kvPieces[p], true,
-              stream);
-  }
+  // A piece of q or out is rows [offset, offset + rows) of the [B, H, C, D]
+  // chunk, and of k, v or a received chunk of [B, Hkv, Ck, D]: a view with
+  // the chunk's strides (one piece, offset 0, when not split).
+  auto queryView = [&](KernelArgs &a, size_t p) {
+    a.qStrides[0] = H * C * D;
+    a.qStrides[1] = C * D;
+    a.qStrides[2] = D;
+    std::copy(a.qStrides, a.qStrides + 3, a.oStrides);
+    return size_t(rs.qPieces[p].offset * D) * es;
+  };
+  auto keyView = [&](KernelArgs &a, size_t p) {
+    a.kStrides[0] = Hkv * Ck * D;
+    a.kStrides[1] = Ck * D;
+    a.kStrides[2] = D;
+    return size_t(rs.kvPieces[p].offset * D) * es;
+  };
   const KernelArgs base0 = ringBaseArgs(B, H, Hkv, D, lengths);
   // The element-wise kernels' arguments for piece p's state.
   auto stateArgs = [&](size_t p) {
@@ -501,9 +491,10 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   for (size_t p = 0; p < P; ++p)
     if (!begun[p] && !launchKernel(g, *init, stateArgs(p), stream, error))
       return false;
-  // Where piece p's out and lse go (its own buffers when split).
+  // Where piece p's out and lse go: out's rows, and the piece's own lse
+  // when split (the kernels take a contiguous lse).
   auto setOut = [&](KernelArgs &a, size_t p) {
-    a.out = split ? at(oP[p]) : dev(out.data);
+    a.out = dev(out.data) + queryView(a, p);
     a.lse = split || !lse ? at(lP[p]) : dev(lse->data);
   };
 
@@ -531,12 +522,6 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     if (s.recvFrom >= 0 && s.step > 0) {
       size_t half = packRows(s.recvRows, at(rK[slot]), at(recvAt), false, cs);
       packRows(s.recvRows, at(rV[slot]), at(recvAt) + half, false, cs);
-      for (size_t p = 0; p < P && split; ++p) {
-        pieceCopy(at(rK[slot]), Ck, at(rKP[slot][p]), B * Hkv,
-                  rs.kvPieces[p], true, cs);
-        pieceCopy(at(rV[slot]), Ck, at(rVP[slot][p]), B * Hkv,
-                  rs.kvPieces[p], true, cs);
-      }
     }
     exchanged[i] = event();
     d.cuEventRecord(exchanged[i], cs);
@@ -562,14 +547,10 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
       }
       KernelArgs a = base0;
       size_t qp = u.qPiece, kp = u.kPiece;
-      a.q = split ? at(qP[qp]) : dev(q.data);
-      if (remote) {
-        a.k = split ? at(rKP[slot][kp]) : at(rK[slot]);
-        a.v = split ? at(rVP[slot][kp]) : at(rV[slot]);
-      } else {
-        a.k = split ? at(kP[kp]) : dev(k.data);
-        a.v = split ? at(vP[kp]) : dev(v.data);
-      }
+      a.q = dev(q.data) + queryView(a, qp);
+      const size_t kAt = keyView(a, kp);
+      a.k = (remote ? at(rK[slot]) : dev(k.data)) + kAt;
+      a.v = (remote ? at(rV[slot]) : dev(v.data)) + kAt;
       a.acc = at(acc[qp]);
       a.max = at(mx[qp]);
       a.sum = at(sm[qp]);
@@ -617,8 +598,6 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
     if (!ended[p] && !launchKernel(g, *fin, a, stream, error))
       return false;
     if (split) {
-      pieceCopy(dev(out.data), C, at(oP[p]), B * H, rs.qPieces[p], false,
-                stream);
       if (lse) {
         const RingPiece &pc = rs.qPieces[p];
         copy2d(at(lP[p]), pc.rows * 4, dev(lse->data) + pc.offset * 4, C * 4,

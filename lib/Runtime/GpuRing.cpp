@@ -207,9 +207,8 @@ constexpr int64_t kMaxRowParts = 64;
 /// touched.
 bool addPackedRows(const GpuModule &g, const GpuKernel &add,
                    const std::vector<RowSet> &sets, CUdeviceptr packed,
-                   const std::vector<GradRows> &targets, int64_t B,
-                   int64_t Hkv, int64_t D, CUstream stream,
-                   std::string &error) {
+                   const std::vector<GradRows> &targets, int64_t B, int64_t Hkv,
+                   int64_t D, CUstream stream, std::string &error) {
   return forRowsInBuffers(sets, targets, B, Hkv, D, [&](const RowsInBuffer &r) {
     KernelArgs a;
     a.B = B;
@@ -398,8 +397,7 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   RingCopies copies{d, B, Hkv, Ck, D};
   CUresult &crc = copies.rc;
   auto copy2d = [&](CUdeviceptr src, size_t srcPitch, CUdeviceptr dst,
-                    size_t dstPitch, size_t width, size_t height,
-                    CUstream st) {
+                    size_t dstPitch, size_t width, size_t height, CUstream st) {
     copies.copy2d(src, srcPitch, dst, dstPitch, width, height, st);
   };
   auto packRows = [&](const std::vector<RowSet> &sets, CUdeviceptr chunk,
@@ -742,17 +740,24 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
   size_t gK = arena.take(kChunkF), gV = arena.take(kChunkF);
   // The whole chunk as one row set, for row sets of too many parts.
   const std::vector<RowSet> wholeChunk{RowSet{RowRun{0, Ck, 1, 0}}};
+  // Whether each step's rows sent (whose gradients come back) and rows
+  // received (whose gradients it zeroes) break into few enough parts.
+  std::vector<GradRows> chunkRows;
+  if (!split)
+    chunkRows.push_back({0, 0, Ck});
+  for (size_t p = 0; p < P && split; ++p)
+    chunkRows.push_back({0, rs.kvPieces[p].offset, rs.kvPieces[p].rows});
   auto fewParts = [&](const std::vector<RowSet> &sets) {
-    std::vector<GradRows> where;
-    if (!split)
-      where.push_back({0, 0, Ck});
-    for (size_t p = 0; p < P && split; ++p)
-      where.push_back({0, rs.kvPieces[p].offset, rs.kvPieces[p].rows});
-    return countRowsInBuffers(sets, where, B, Hkv, D) <= kMaxRowParts;
+    return countRowsInBuffers(sets, chunkRows, B, Hkv, D) <= kMaxRowParts;
   };
+  std::vector<bool> fewSent(steps), fewReceived(steps);
   bool chunkPath = false;
-  for (const RingStep &st : rs.steps)
-    chunkPath |= (st.step > 0 && st.sendTo >= 0 && !fewParts(st.sendRows));
+  for (size_t i = 0; i < steps; ++i) {
+    const RingStep &st = rs.steps[i];
+    fewSent[i] = fewParts(st.sendRows);
+    fewReceived[i] = fewParts(st.recvRows);
+    chunkPath |= st.step > 0 && st.sendTo >= 0 && !fewSent[i];
+  }
   // Unpacked returning gradients of such sets.
   size_t inK = chunkPath ? arena.take(kChunkF) : 0,
          inV = chunkPath ? arena.take(kChunkF) : 0;
@@ -863,7 +868,7 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
     // The received rows' gradients start at zero (only they go back).
     if (remote && mrc == CUDA_SUCCESS) {
       const std::vector<RowSet> &rows =
-          fewParts(st.recvRows) ? st.recvRows : wholeChunk;
+          fewReceived[i] ? st.recvRows : wholeChunk;
       mrc = zeroRows(d, rows, peerK, B, Hkv, D, stream);
       if (mrc == CUDA_SUCCESS)
         mrc = zeroRows(d, rows, peerV, B, Hkv, D, stream);
@@ -933,7 +938,7 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
       CUdeviceptr inKRows = at(recvAt),
                   inVRows = at(recvAt) + packedBytes(st.sendRows, fs) / 2;
       const std::vector<RowSet> *rows = &st.sendRows;
-      if (!fewParts(st.sendRows)) {
+      if (!fewSent[i]) {
         zero(at(inK), kChunkF);
         zero(at(inV), kChunkF);
         copies.packRows(st.sendRows, at(inK), inKRows, false, stream, fs);

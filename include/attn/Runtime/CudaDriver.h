@@ -123,8 +123,8 @@ struct Driver {
   CUresult (*cuMemcpy2DAsync)(const Memcpy2D *, CUstream);
   CUresult (*cuMemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);
   /// (dst, pitch in bytes, value, width in 32-bit words, height, stream)
-  CUresult (*cuMemsetD2D32Async)(CUdeviceptr, size_t, unsigned, size_t,
-                                 size_t, CUstream);
+  CUresult (*cuMemsetD2D32Async)(CUdeviceptr, size_t, unsigned, size_t, size_t,
+                                 CUstream);
   CUresult (*cuStreamCreate)(CUstream *, unsigned);
   CUresult (*cuStreamDestroy)(CUstream);
   CUresult (*cuStreamWaitEvent)(CUstream, CUevent, unsigned);

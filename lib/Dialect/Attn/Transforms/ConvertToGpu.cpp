@@ -2770,10 +2770,11 @@ gpu::GPUFuncOp KernelEmitter::emitGradAdd(StringRef name) {
   // dk's element (p, i, d) at p * DKStrideH + i * DKStrideR + d, and dq's
   // (the rows added in) likewise with its strides.
   auto element = [&](GradArg planeStride, GradArg rowStride) {
-    return m.add(m.add(m.mul(plane, arg(planeStride)), m.mul(i, arg(rowStride))),
-                 d);
+    return m.add(
+        m.add(m.mul(plane, arg(planeStride)), m.mul(i, arg(rowStride))), d);
   };
-  Value dst = element(DKStrideH, DKStrideR), src = element(DQStrideH, DQStrideR);
+  Value dst = element(DKStrideH, DKStrideR),
+        src = element(DQStrideH, DQStrideR);
   auto vecType = VectorType::get({kFloats}, f32);
   auto load = [&](Value buffer, Value index) {
     return vector::LoadOp::create(b, loc, vecType, buffer, ValueRange{index},
@@ -3553,15 +3554,15 @@ struct ConvertAttnToGpuPass
     if (!begins)
       add(emit.emitInit("init"));
     auto emitterOf = [&](ComponentAttr c) -> KernelEmitter & {
-      return isWarpSpecialized(shape, c)        ? emitWs
+      return isWarpSpecialized(shape, c) ? emitWs
              : residentKeyTiles(shape, c) > 0 || needsOneWarpgroup(shape, c)
                  ? emitOneWarpgroup
                  : emit;
     };
     for (auto [i, c] : llvm::enumerate(comps))
       add(emitterOf(c.getComponent())
-              .emitComponent(("component_" + Twine(i)).str(),
-                             c.getComponent(), modeOf(i)));
+              .emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
+                             modeOf(i)));
     // A 16-bit state lives in out (KernelEmitter::stateAcc): nothing is
     // left to finalize.
     if (!ends && alwaysState)

@@ -131,6 +131,8 @@ bool forRowsInBuffers(const std::vector<RowSet> &sets,
                       const std::vector<GradRows> &targets, int64_t B,
                       int64_t Hkv, int64_t D,
                       const std::function<bool(const RowsInBuffer &)> &each) {
+  if (sets.empty()) // a step that sends or receives nothing
+    return true;
   const bool perHead = sets.size() > 1;
   int64_t total = 0; // packed rows of one batch's slabs
   for (int64_t gI = 0; gI < Hkv; ++gI)

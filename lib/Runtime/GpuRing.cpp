@@ -802,10 +802,52 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
                                   [&](size_t p) { return at(gKP[p]); }, at(gK)),
                               peerV = gradRows(
                                   [&](size_t p) { return at(gVP[p]); }, at(gV));
+  // The update that first writes a piece of f32 gradients may overwrite it
+  // with its component's `_once` kernels (ConvertToGpu; a component over
+  // every row and key): dq's piece over the whole call, dk's and dv's over
+  // the updates on this rank's own keys, and a received chunk's piece within
+  // its step. Those pieces need no zeroing. onceKv[i][j] and onceQ[i][j]
+  // say whether update j of step i launches them.
+  auto onceKernel = [&](const char *kind, int kernel) {
+    return kernelNamed(kind + std::to_string(kernel) + "_once");
+  };
+  std::vector<std::vector<bool>> onceKv(steps), onceQ(steps),
+      peerOnce(steps, std::vector<bool>(P, false));
+  std::vector<bool> qOnce(P, false), kOnce(P, false);
+  {
+    std::vector<bool> qSeen(P, false), kSeen(P, false);
+    for (size_t i = 0; i < steps; ++i) {
+      const RingStep &st = rs.steps[i];
+      const bool remote = st.step > 0 && st.recvFrom >= 0;
+      std::vector<bool> peerSeen(P, false);
+      std::vector<bool> &seen = remote ? peerSeen : kSeen;
+      for (const RingUpdate &u : st.updates) {
+        bool kv = false, qFirst = false;
+        if (u.qPiece >= 0 && size_t(u.qPiece) < P && u.kPiece >= 0 &&
+            size_t(u.kPiece) < P) { // else refused when it runs
+          size_t qp = u.qPiece, kp = u.kPiece;
+          if (!qSeen[qp]) {
+            qSeen[qp] = true;
+            qFirst = qOnce[qp] = onceKernel("grad_q_", u.kernel) != nullptr;
+          }
+          if (!seen[kp]) {
+            seen[kp] = true;
+            kv = onceKernel("grad_kv_", u.kernel) != nullptr;
+            (remote ? peerOnce[i][kp] : kOnce[kp]) = kv;
+          }
+        }
+        onceKv[i].push_back(kv);
+        onceQ[i].push_back(qFirst);
+      }
+    }
+  }
   for (size_t p = 0; p < P; ++p) {
-    zero(qGrad(p), split ? qPieceF : size_t(B * H * C * D) * fs);
-    zero(kGrad(p), split ? kPieceF : kChunkF);
-    zero(vGrad(p), split ? kPieceF : kChunkF);
+    if (!qOnce[p])
+      zero(qGrad(p), split ? qPieceF : size_t(B * H * C * D) * fs);
+    if (!kOnce[p]) {
+      zero(kGrad(p), split ? kPieceF : kChunkF);
+      zero(vGrad(p), split ? kPieceF : kChunkF);
+    }
     if (!split)
       continue;
     const RingPiece &qp = rs.qPieces[p], &kp = rs.kvPieces[p];
@@ -867,15 +909,23 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
         }
       }
     }
-    // The received rows' gradients start at zero (only they go back).
+    // The received rows' gradients start at zero (only they go back), but
+    // in the pieces a `_once` kernel overwrites.
     if (remote && mrc == CUDA_SUCCESS) {
       const std::vector<RowSet> &rows =
           fewReceived[i] ? st.recvRows : wholeChunk;
-      mrc = zeroRows(d, rows, peerK, B, Hkv, D, stream);
+      std::vector<GradRows> zeroK, zeroV;
+      for (size_t p = 0; p < peerK.size(); ++p)
+        if (!peerOnce[i][p]) {
+          zeroK.push_back(peerK[p]);
+          zeroV.push_back(peerV[p]);
+        }
+      mrc = zeroRows(d, rows, zeroK, B, Hkv, D, stream);
       if (mrc == CUDA_SUCCESS)
-        mrc = zeroRows(d, rows, peerV, B, Hkv, D, stream);
+        mrc = zeroRows(d, rows, zeroV, B, Hkv, D, stream);
     }
-    for (const RingUpdate &u : st.updates) {
+    for (size_t j = 0; j < st.updates.size(); ++j) {
+      const RingUpdate &u = st.updates[j];
       if (u.kernel < 0 || u.qPiece < 0 || u.kPiece < 0 ||
           size_t(u.qPiece) >= P || size_t(u.kPiece) >= P)
         return fail("the ring schedule names a missing kernel or piece");
@@ -900,7 +950,10 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
       }
       placeUpdate(a, u, rs);
       for (const char *kind : {"grad_kv_", "grad_q_"}) {
-        const GpuKernel *kn = kernelNamed(kind + std::to_string(u.kernel));
+        const bool once =
+            std::string(kind) == "grad_kv_" ? onceKv[i][j] : onceQ[i][j];
+        const GpuKernel *kn = once ? onceKernel(kind, u.kernel)
+                                   : kernelNamed(kind + std::to_string(u.kernel));
         if (!kn)
           return fail("package " + name_ + " has no kernel " + kind +
                       std::to_string(u.kernel));

@@ -3708,6 +3708,24 @@ struct ConvertAttnToGpuPass
     // gradients into their own; the ring executor launches it by name.
     if (!shape.halfState)
       add(emit.emitGradAdd("grad_add"));
+    // And where a component writes every element once (over every row and
+    // key, a kv head per q head), its `_once` kernels overwrite the f32
+    // gradients: a rank launches them for the first update into a piece of
+    // its dq, dk and dv (or of a step's received rows), which then need no
+    // zeroing (docs/Ring.md).
+    if (!shape.halfState)
+      for (auto [i, c] : llvm::enumerate(comps)) {
+        ComponentAttr comp = c.getComponent();
+        if (shape.heads != shape.kvHeads ||
+            (comp.getPeriod() != 1 &&
+             comp.getResidue() != ComponentAttr::kAllResidues))
+          continue;
+        emit.writesOnce = true;
+        emit.finishes = false;
+        add(emit.emitGradKeys(("grad_kv_" + Twine(i) + "_once").str(), comp));
+        add(emit.emitGradQueries(("grad_q_" + Twine(i) + "_once").str(),
+                                 comp));
+      }
     gpuModule->setAttr("attn.backward_order", b.getArrayAttr(order));
     if (emit.storeGrads)
       gpuModule->setAttr("attn.stores_grads", b.getUnitAttr());

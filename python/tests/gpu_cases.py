@@ -85,6 +85,10 @@ RING_RANKS = [
     # (two classes a kv head under GQA; one with a kv head per q head).
     _ring("dilated_zigzag2", RING_DILATED, 2, "zigzag", 2048, 2048),
     dict(_ring("dilated_mha_zigzag2", RING_DILATED, 2, "zigzag", 2048, 2048), kv_heads=4),
+    # A kv head per q head, unsplit: the backward's `_once` kernels write the
+    # rank's whole dk and dv and a step's received rows.
+    dict(_ring("local_mha_contiguous2", {"local": {"window": 300}}, 2, "contiguous",
+               2048, 2048), kv_heads=4),
 ]
 
 # The ring backward pass (test_gpu_backward.py): the ring cases above

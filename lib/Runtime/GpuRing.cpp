@@ -740,15 +740,24 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
   size_t rK = arena.take(kChunk16), rV = arena.take(kChunk16);
   size_t zeroTo = arena.used;
   size_t gK = arena.take(kChunkF), gV = arena.take(kChunkF);
+  // Where the chunk's rows of f32 key gradients live: `whole` (the chunk)
+  // or `piece(p)`, as GradRows for addPackedRows and zeroRows.
+  auto gradRows = [&](std::function<CUdeviceptr(size_t)> piece,
+                      CUdeviceptr whole) {
+    std::vector<GradRows> rows;
+    if (!split)
+      return std::vector<GradRows>{{whole, 0, Ck}};
+    for (size_t p = 0; p < P; ++p)
+      rows.push_back({piece(p), rs.kvPieces[p].offset, rs.kvPieces[p].rows});
+    return rows;
+  };
   // The whole chunk as one row set, for row sets of too many parts.
   const std::vector<RowSet> wholeChunk{RowSet{RowRun{0, Ck, 1, 0}}};
   // Whether each step's rows sent (whose gradients come back) and rows
   // received (whose gradients it zeroes) break into few enough parts.
-  std::vector<GradRows> chunkRows;
-  if (!split)
-    chunkRows.push_back({0, 0, Ck});
-  for (size_t p = 0; p < P && split; ++p)
-    chunkRows.push_back({0, rs.kvPieces[p].offset, rs.kvPieces[p].rows});
+  // (Only the buffers' rows count, not where they are.)
+  const std::vector<GradRows> chunkRows =
+      gradRows([](size_t) { return CUdeviceptr(0); }, 0);
   auto fewParts = [&](const std::vector<RowSet> &sets) {
     return countRowsInBuffers(sets, chunkRows, B, Hkv, D) <= kMaxRowParts;
   };
@@ -785,17 +794,6 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
   auto qGrad = [&](size_t p) { return split ? at(dqP[p]) : dev(dq.data); };
   auto kGrad = [&](size_t p) { return split ? at(dkP[p]) : dev(dk.data); };
   auto vGrad = [&](size_t p) { return split ? at(dvP[p]) : dev(dv.data); };
-  // Where the chunk's rows of f32 key gradients live: `whole` (the chunk)
-  // or `piece(p)`, as GradRows for addPackedRows and zeroRows.
-  auto gradRows = [&](std::function<CUdeviceptr(size_t)> piece,
-                      CUdeviceptr whole) {
-    std::vector<GradRows> rows;
-    if (!split)
-      return std::vector<GradRows>{{whole, 0, Ck}};
-    for (size_t p = 0; p < P; ++p)
-      rows.push_back({piece(p), rs.kvPieces[p].offset, rs.kvPieces[p].rows});
-    return rows;
-  };
   const std::vector<GradRows> ownK = gradRows(kGrad, dev(dk.data)),
                               ownV = gradRows(vGrad, dev(dv.data));
   const std::vector<GradRows> peerK = gradRows(

@@ -261,6 +261,27 @@ KernelArgs ringBaseArgs(int64_t B, int64_t H, int64_t Hkv, int64_t D,
 
 /// An update's rows, keys, origins and positions (RingUpdate): groups at
 /// the origins, lengths and filters at the global positions.
+// A piece of q, out or grad_out is rows [offset, offset + rows) of the
+// [B, H, C, D] chunk, and a piece of k, v or a received chunk rows of
+// [B, Hkv, Ck, D]: a view with the chunk's strides (one piece, offset 0,
+// when not split). These set the strides in `a` and return the piece's
+// byte offset from the chunk's start (`es` bytes an element).
+size_t queryPieceView(KernelArgs &a, const RankSchedule &rs, size_t p,
+                      int64_t H, int64_t C, int64_t D, size_t es) {
+  a.qStrides[0] = H * C * D;
+  a.qStrides[1] = C * D;
+  a.qStrides[2] = D;
+  std::copy(a.qStrides, a.qStrides + 3, a.oStrides);
+  return size_t(rs.qPieces[p].offset * D) * es;
+}
+size_t keyPieceView(KernelArgs &a, const RankSchedule &rs, size_t p,
+                    int64_t Hkv, int64_t Ck, int64_t D, size_t es) {
+  a.kStrides[0] = Hkv * Ck * D;
+  a.kStrides[1] = Ck * D;
+  a.kStrides[2] = D;
+  return size_t(rs.kvPieces[p].offset * D) * es;
+}
+
 void placeUpdate(KernelArgs &a, const RingUpdate &u, const RankSchedule &rs) {
   a.Lq = rs.qPieces[u.qPiece].rows;
   a.Lk = a.kvRows = rs.kvPieces[u.kPiece].rows;
@@ -411,21 +432,11 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   CUevent inputsReady = event();
   d.cuEventRecord(inputsReady, stream);
   d.cuStreamWaitEvent(cs, inputsReady, 0);
-  // A piece of q or out is rows [offset, offset + rows) of the [B, H, C, D]
-  // chunk, and of k, v or a received chunk of [B, Hkv, Ck, D]: a view with
-  // the chunk's strides (one piece, offset 0, when not split).
   auto queryView = [&](KernelArgs &a, size_t p) {
-    a.qStrides[0] = H * C * D;
-    a.qStrides[1] = C * D;
-    a.qStrides[2] = D;
-    std::copy(a.qStrides, a.qStrides + 3, a.oStrides);
-    return size_t(rs.qPieces[p].offset * D) * es;
+    return queryPieceView(a, rs, p, H, C, D, es);
   };
   auto keyView = [&](KernelArgs &a, size_t p) {
-    a.kStrides[0] = Hkv * Ck * D;
-    a.kStrides[1] = Ck * D;
-    a.kStrides[2] = D;
-    return size_t(rs.kvPieces[p].offset * D) * es;
+    return keyPieceView(a, rs, p, Hkv, Ck, D, es);
   };
   const KernelArgs base0 = ringBaseArgs(B, H, Hkv, D, lengths);
   // The element-wise kernels' arguments for piece p's state.
@@ -636,9 +647,10 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
 // The backward pass of one rank (Ring.cpp's CPU program on the GPU), every
 // copy, kernel and exchange in order on the caller's stream:
 //
-//   split pieces (q, out, grad_out, lse, k, v); grad_prepare per piece
+//   split pieces: views of q, out, grad_out, k, v, a copy of lse;
+//   grad_prepare per piece
 //   step i: exchange the forward's key/value rows (into a zero-filled
-//           chunk, then its pieces); grad_kv_<n> and grad_q_<n> of each
+//           chunk, whose pieces are views); grad_kv_<n> and grad_q_<n> of each
 //           update add to dq and to dk/dv of the rows' owner: this rank's
 //           (step 0) or buffers of the received rows; those go back to
 //           their owner (pieces -> chunk -> packed f32 rows), and the rows
@@ -708,31 +720,24 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
   }
 
   // Device scratch layout.
-  const size_t qPiece16 = size_t(B * H * rowsP * D) * es,
-               qPieceF = size_t(B * H * rowsP * D) * fs,
+  const size_t qPieceF = size_t(B * H * rowsP * D) * fs,
                rowsF = size_t(B * H * rowsP) * fs,
-               kPiece16 = size_t(B * Hkv * kRowsP * D) * es,
                kPieceF = size_t(B * Hkv * kRowsP * D) * fs,
                kChunk16 = size_t(B * Hkv * Ck * D) * es,
                kChunkF = size_t(B * Hkv * Ck * D) * fs;
   Arena arena;
-  std::vector<size_t> delta(P), qP(P), oP(P), gP(P), lP(P), dqP(P), kP(P),
-      vP(P), dkP(P), dvP(P), rKP(P), rVP(P), gKP(P), gVP(P);
+  // The 16-bit inputs' pieces are views of the chunks (queryPieceView,
+  // keyPieceView); the kernels take a contiguous lse and contiguous f32
+  // gradients, so those get piece buffers when split.
+  std::vector<size_t> delta(P), lP(P), dqP(P), dkP(P), dvP(P), gKP(P), gVP(P);
   for (size_t p = 0; p < P; ++p) {
     delta[p] = arena.take(rowsF);
     if (!split)
       continue;
-    qP[p] = arena.take(qPiece16);
-    oP[p] = arena.take(qPiece16);
-    gP[p] = arena.take(qPiece16);
     lP[p] = arena.take(rowsF);
     dqP[p] = arena.take(qPieceF);
-    kP[p] = arena.take(kPiece16);
-    vP[p] = arena.take(kPiece16);
     dkP[p] = arena.take(kPieceF);
     dvP[p] = arena.take(kPieceF);
-    rKP[p] = arena.take(kPiece16);
-    rVP[p] = arena.take(kPiece16);
     gKP[p] = arena.take(kPieceF);
     gVP[p] = arena.take(kPieceF);
   }
@@ -848,26 +853,24 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
     }
     if (!split)
       continue;
-    const RingPiece &qp = rs.qPieces[p], &kp = rs.kvPieces[p];
-    copies.pieceCopy(dev(q.data), C, at(qP[p]), B * H, qp, true, stream, es);
-    copies.pieceCopy(dev(out.data), C, at(oP[p]), B * H, qp, true, stream,
-                     es);
-    copies.pieceCopy(dev(gradOut.data), C, at(gP[p]), B * H, qp, true,
-                     stream, es);
+    const RingPiece &qp = rs.qPieces[p];
     copies.copy2d(dev(lse.data) + qp.offset * fs, C * fs, at(lP[p]),
                   qp.rows * fs, qp.rows * fs, B * H, stream);
-    copies.pieceCopy(dev(k.data), Ck, at(kP[p]), B * Hkv, kp, true, stream,
-                     es);
-    copies.pieceCopy(dev(v.data), Ck, at(vP[p]), B * Hkv, kp, true, stream,
-                     es);
   }
+  auto queryView = [&](KernelArgs &a, size_t p) {
+    return queryPieceView(a, rs, p, H, C, D, es);
+  };
+  auto keyView = [&](KernelArgs &a, size_t p) {
+    return keyPieceView(a, rs, p, Hkv, Ck, D, es);
+  };
 
   const KernelArgs base0 = ringBaseArgs(B, H, Hkv, D, lengths);
   for (size_t p = 0; p < P; ++p) {
     KernelArgs a = base0;
     a.Lq = a.Lk = rowsP;
-    a.out = split ? at(oP[p]) : dev(out.data);
-    a.gradOut = split ? at(gP[p]) : dev(gradOut.data);
+    const size_t qAt = queryView(a, p);
+    a.out = dev(out.data) + qAt;
+    a.gradOut = dev(gradOut.data) + qAt; // at q's strides
     a.delta = at(delta[p]);
     if (!launchKernel(g, *prepare, a, stream, error))
       return fail(error);
@@ -899,12 +902,6 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
             copies.packRows(st.recvRows, at(rK), at(recvAt), false, stream, es);
         copies.packRows(st.recvRows, at(rV), at(recvAt) + half, false, stream,
                         es);
-        for (size_t p = 0; p < P && split; ++p) {
-          copies.pieceCopy(at(rK), Ck, at(rKP[p]), B * Hkv, rs.kvPieces[p],
-                           true, stream, es);
-          copies.pieceCopy(at(rV), Ck, at(rVP[p]), B * Hkv, rs.kvPieces[p],
-                           true, stream, es);
-        }
       }
     }
     // The received rows' gradients start at zero (only they go back), but
@@ -929,20 +926,21 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
         return fail("the ring schedule names a missing kernel or piece");
       size_t qp = u.qPiece, kp = u.kPiece;
       KernelArgs a = base0;
-      a.q = split ? at(qP[qp]) : dev(q.data);
-      a.out = split ? at(oP[qp]) : dev(out.data);
+      const size_t qAt = queryView(a, qp), kAt = keyView(a, kp);
+      a.q = dev(q.data) + qAt;
+      a.out = dev(out.data) + qAt;
+      a.gradOut = dev(gradOut.data) + qAt; // at q's strides
       a.lse = split ? at(lP[qp]) : dev(lse.data);
-      a.gradOut = split ? at(gP[qp]) : dev(gradOut.data);
       a.delta = at(delta[qp]);
       a.dq = qGrad(qp);
       if (remote) {
-        a.k = split ? at(rKP[kp]) : at(rK);
-        a.v = split ? at(rVP[kp]) : at(rV);
+        a.k = at(rK) + kAt;
+        a.v = at(rV) + kAt;
         a.dk = split ? at(gKP[kp]) : at(gK);
         a.dv = split ? at(gVP[kp]) : at(gV);
       } else {
-        a.k = split ? at(kP[kp]) : dev(k.data);
-        a.v = split ? at(vP[kp]) : dev(v.data);
+        a.k = dev(k.data) + kAt;
+        a.v = dev(v.data) + kAt;
         a.dk = kGrad(kp);
         a.dv = vGrad(kp);
       }

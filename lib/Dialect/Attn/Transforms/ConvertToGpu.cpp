@@ -3661,21 +3661,24 @@ struct ConvertAttnToGpuPass
     // A component over every row and key (period 1, or all residue
     // classes; segments too, since grad_kv's grid spans the keys'
     // segments as well as the rows'): its grad_q writes each row of dq once
-    // and its grad_kv each row of dk and dv once. Under GQA a grad_kv block then
-    // walks every q head of its kv head, which pays where a key's rows span
-    // a narrow band (kGqaWalkRows) and loses where they run to the end
+    // and its grad_kv each row of dk and dv once. Under GQA a grad_kv block
+    // then walks every q head of its kv head, which pays where a key's rows
+    // span a narrow band (kGqaWalkRows) and loses where they run to the end
     // (causal: the q heads' rows that concurrent blocks read outgrow the
-    // L2; bench/gqa_grads_h100.md), so wider GQA components add. Ring
-    // packages (an f32 state) add their peers' shares: they add.
-    auto writesOnce = [&](ComponentAttr c) {
+    // L2; bench/gqa_grads_h100.md), so wider GQA components add.
+    auto coversEveryElement = [&](ComponentAttr c) {
       const int64_t lo = c.getBandLo(), hi = c.getBandHi();
       const bool narrow = lo != ComponentAttr::kNegInf &&
                           hi != ComponentAttr::kPosInf &&
                           hi - lo < kGqaWalkRows;
-      return shape.halfState &&
-             (c.getPeriod() == 1 ||
+      return (c.getPeriod() == 1 ||
               c.getResidue() == ComponentAttr::kAllResidues) &&
              (shape.heads == shape.kvHeads || narrow);
+    };
+    // Ring packages (an f32 state) add their peers' shares: they add, but
+    // for their `_once` kernels below.
+    auto writesOnce = [&](ComponentAttr c) {
+      return shape.halfState && coversEveryElement(c);
     };
     // The first component writing every element once overwrites the f32
     // gradients (attn.overwrites_grads: the runtime does not zero them),
@@ -3709,16 +3712,15 @@ struct ConvertAttnToGpuPass
     if (!shape.halfState)
       add(emit.emitGradAdd("grad_add"));
     // And where a component writes every element once (over every row and
-    // key, a kv head per q head), its `_once` kernels overwrite the f32
-    // gradients: a rank launches them for the first update into a piece of
-    // its dq, dk and dv (or of a step's received rows), which then need no
-    // zeroing (docs/Ring.md).
+    // key, with a kv head per q head or, under GQA, a narrow band, whose
+    // grad_kv blocks walk the q heads of their kv head), its `_once`
+    // kernels overwrite the f32 gradients: a rank launches them for the
+    // first update into a piece of its dq, dk and dv (or of a step's
+    // received rows), which then need no zeroing (docs/Ring.md).
     if (!shape.halfState)
       for (auto [i, c] : llvm::enumerate(comps)) {
         ComponentAttr comp = c.getComponent();
-        if (shape.heads != shape.kvHeads ||
-            (comp.getPeriod() != 1 &&
-             comp.getResidue() != ComponentAttr::kAllResidues))
+        if (!coversEveryElement(comp))
           continue;
         emit.writesOnce = true;
         emit.finishes = false;

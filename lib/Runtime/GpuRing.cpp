@@ -259,29 +259,33 @@ KernelArgs ringBaseArgs(int64_t B, int64_t H, int64_t Hkv, int64_t D,
   return a;
 }
 
+/// A rank's pieces as views: a piece of q, out or grad_out is rows
+/// [offset, offset + rows) of the [B, H, C, D] chunk, and a piece of k, v or
+/// a received chunk rows of [B, Hkv, Ck, D], addressed with the chunk's
+/// strides (one piece, offset 0, when not split). query() and key() set
+/// those strides in `a` and return piece p's byte offset from the chunk's
+/// start (16-bit elements).
+struct PieceViews {
+  const RankSchedule &rs;
+  int64_t H, C, Hkv, Ck, D;
+
+  size_t query(KernelArgs &a, size_t p) const {
+    a.qStrides[0] = H * C * D;
+    a.qStrides[1] = C * D;
+    a.qStrides[2] = D;
+    std::copy(a.qStrides, a.qStrides + 3, a.oStrides);
+    return size_t(rs.qPieces[p].offset * D) * 2;
+  }
+  size_t key(KernelArgs &a, size_t p) const {
+    a.kStrides[0] = Hkv * Ck * D;
+    a.kStrides[1] = Ck * D;
+    a.kStrides[2] = D;
+    return size_t(rs.kvPieces[p].offset * D) * 2;
+  }
+};
+
 /// An update's rows, keys, origins and positions (RingUpdate): groups at
 /// the origins, lengths and filters at the global positions.
-// A piece of q, out or grad_out is rows [offset, offset + rows) of the
-// [B, H, C, D] chunk, and a piece of k, v or a received chunk rows of
-// [B, Hkv, Ck, D]: a view with the chunk's strides (one piece, offset 0,
-// when not split). These set the strides in `a` and return the piece's
-// byte offset from the chunk's start (`es` bytes an element).
-size_t queryPieceView(KernelArgs &a, const RankSchedule &rs, size_t p,
-                      int64_t H, int64_t C, int64_t D, size_t es) {
-  a.qStrides[0] = H * C * D;
-  a.qStrides[1] = C * D;
-  a.qStrides[2] = D;
-  std::copy(a.qStrides, a.qStrides + 3, a.oStrides);
-  return size_t(rs.qPieces[p].offset * D) * es;
-}
-size_t keyPieceView(KernelArgs &a, const RankSchedule &rs, size_t p,
-                    int64_t Hkv, int64_t Ck, int64_t D, size_t es) {
-  a.kStrides[0] = Hkv * Ck * D;
-  a.kStrides[1] = Ck * D;
-  a.kStrides[2] = D;
-  return size_t(rs.kvPieces[p].offset * D) * es;
-}
-
 void placeUpdate(KernelArgs &a, const RingUpdate &u, const RankSchedule &rs) {
   a.Lq = rs.qPieces[u.qPiece].rows;
   a.Lk = a.kvRows = rs.kvPieces[u.kPiece].rows;
@@ -432,12 +436,7 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   CUevent inputsReady = event();
   d.cuEventRecord(inputsReady, stream);
   d.cuStreamWaitEvent(cs, inputsReady, 0);
-  auto queryView = [&](KernelArgs &a, size_t p) {
-    return queryPieceView(a, rs, p, H, C, D, es);
-  };
-  auto keyView = [&](KernelArgs &a, size_t p) {
-    return keyPieceView(a, rs, p, Hkv, Ck, D, es);
-  };
+  const PieceViews views{rs, H, C, Hkv, Ck, D};
   const KernelArgs base0 = ringBaseArgs(B, H, Hkv, D, lengths);
   // The element-wise kernels' arguments for piece p's state.
   auto stateArgs = [&](size_t p) {
@@ -505,7 +504,7 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
   // Where piece p's out and lse go: out's rows, and the piece's own lse
   // when split (the kernels take a contiguous lse).
   auto setOut = [&](KernelArgs &a, size_t p) {
-    a.out = dev(out.data) + queryView(a, p);
+    a.out = dev(out.data) + views.query(a, p);
     a.lse = split || !lse ? at(lP[p]) : dev(lse->data);
   };
 
@@ -558,8 +557,8 @@ bool Package::runRankGpu(Transport &transport, const Tensor &q,
       }
       KernelArgs a = base0;
       size_t qp = u.qPiece, kp = u.kPiece;
-      a.q = dev(q.data) + queryView(a, qp);
-      const size_t kAt = keyView(a, kp);
+      a.q = dev(q.data) + views.query(a, qp);
+      const size_t kAt = views.key(a, kp);
       a.k = (remote ? at(rK[slot]) : dev(k.data)) + kAt;
       a.v = (remote ? at(rV[slot]) : dev(v.data)) + kAt;
       a.acc = at(acc[qp]);
@@ -726,9 +725,9 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
                kChunk16 = size_t(B * Hkv * Ck * D) * es,
                kChunkF = size_t(B * Hkv * Ck * D) * fs;
   Arena arena;
-  // The 16-bit inputs' pieces are views of the chunks (queryPieceView,
-  // keyPieceView); the kernels take a contiguous lse and contiguous f32
-  // gradients, so those get piece buffers when split.
+  // The 16-bit inputs' pieces are views of the chunks (PieceViews); the
+  // kernels take a contiguous lse and contiguous f32 gradients, so those
+  // get piece buffers when split.
   std::vector<size_t> delta(P), lP(P), dqP(P), dkP(P), dvP(P), gKP(P), gVP(P);
   for (size_t p = 0; p < P; ++p) {
     delta[p] = arena.take(rowsF);
@@ -857,18 +856,13 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
     copies.copy2d(dev(lse.data) + qp.offset * fs, C * fs, at(lP[p]),
                   qp.rows * fs, qp.rows * fs, B * H, stream);
   }
-  auto queryView = [&](KernelArgs &a, size_t p) {
-    return queryPieceView(a, rs, p, H, C, D, es);
-  };
-  auto keyView = [&](KernelArgs &a, size_t p) {
-    return keyPieceView(a, rs, p, Hkv, Ck, D, es);
-  };
+  const PieceViews views{rs, H, C, Hkv, Ck, D};
 
   const KernelArgs base0 = ringBaseArgs(B, H, Hkv, D, lengths);
   for (size_t p = 0; p < P; ++p) {
     KernelArgs a = base0;
     a.Lq = a.Lk = rowsP;
-    const size_t qAt = queryView(a, p);
+    const size_t qAt = views.query(a, p);
     a.out = dev(out.data) + qAt;
     a.gradOut = dev(gradOut.data) + qAt; // at q's strides
     a.delta = at(delta[p]);
@@ -926,7 +920,7 @@ bool Package::runRankBackwardGpu(Transport &transport, const Tensor &q,
         return fail("the ring schedule names a missing kernel or piece");
       size_t qp = u.qPiece, kp = u.kPiece;
       KernelArgs a = base0;
-      const size_t qAt = queryView(a, qp), kAt = keyView(a, kp);
+      const size_t qAt = views.query(a, qp), kAt = views.key(a, kp);
       a.q = dev(q.data) + qAt;
       a.out = dev(out.data) + qAt;
       a.gradOut = dev(gradOut.data) + qAt; // at q's strides

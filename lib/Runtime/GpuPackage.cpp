@@ -465,20 +465,28 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
                            kernel.kind == "finalize" ||
                            kernel.kind == "grad_prepare" ||
                            kernel.kind == "grad_add";
-  if (g.tensorMaps && !grad) {
+  if (g.tensorMaps) {
+    // grad_kv walks the rows of q and grad_out (which shares q's strides),
+    // grad_q and the component kernels the keys; the backward kernels only
+    // where the rows have period 1 (ConvertToGpu's tmaWalk).
+    const bool walksQueries = kernel.kind == "grad_kv";
     KeyMapShape shape;
-    shape.batch = kvBatch;
-    shape.heads = a.Hkv;
-    shape.rows = kvRows;
-    std::copy(ks, ks + 3, shape.strides);
+    shape.batch = walksQueries ? a.B : kvBatch;
+    shape.heads = walksQueries ? a.H : a.Hkv;
+    shape.rows = walksQueries ? a.Lq : kvRows;
+    std::copy(walksQueries ? qs : ks, (walksQueries ? qs : ks) + 3,
+              shape.strides);
     shape.headDim = a.D;
     shape.period = std::max<int64_t>(kernel.period, 1);
-    if (!elementwise &&
-        (!cachedKeyMap(g, a.k, shape, "k", maps[0], error) ||
-         !cachedKeyMap(g, a.v, shape, "v", maps[1], error)))
+    const bool loads = !elementwise && (!grad || shape.period == 1);
+    if (loads &&
+        (!cachedKeyMap(g, walksQueries ? a.q : a.k, shape,
+                       walksQueries ? "q" : "k", maps[0], error) ||
+         !cachedKeyMap(g, walksQueries ? a.gradOut : a.v, shape,
+                       walksQueries ? "grad_out" : "v", maps[1], error)))
       return false;
-    params[kWords] = &maps[0];
-    params[kWords + 1] = &maps[1];
+    params[numWords] = &maps[0];
+    params[numWords + 1] = &maps[1];
   }
 
   int64_t gx, gy = 1, gz = 1;

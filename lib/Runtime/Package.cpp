@@ -52,9 +52,9 @@ static bool readManifest(const std::string &dir, json &m, std::string &error) {
     // q's and k's strides (3), then out's (4), the backward kernels read q,
     // k, v, out and grad_out through them (5) and may store the gradients
     // (6), and grad_kv's grid spans the keys' segments as well as the
-    // rows' (7), and grad_add adds strided runs of rows (8); cpu packages
-    // stay at 1.
-    const int want = m.value("target", "cpu") == "cpu" ? 1 : 8;
+    // rows' (7), and grad_add adds strided runs of rows (8), and on sm_90a
+    // the backward kernels take two tensor maps (9); cpu packages stay at 1.
+    const int want = m.value("target", "cpu") == "cpu" ? 1 : 9;
     if (m.value("version", 0) != want)
       throw std::runtime_error(
           "manifest version " + std::to_string(m.value("version", 0)) +

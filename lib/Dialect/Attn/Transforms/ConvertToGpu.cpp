@@ -319,6 +319,9 @@ private:
   /// before it stores (null elsewhere).
   /// The gradient memrefs are f32; stored ones hold the input type, which
   /// the stores address by hand (storeGradPair).
+  /// With TMA (sm_90a), two tensor maps follow, by value: grad_kv's walk
+  /// reads Q and dO tiles through them, grad_q's K and V tiles (the other
+  /// kernels take empty ones).
   FunctionType gradKernelType() {
     SmallVector<Type> args(kernelType().getInputs());
     if (shape.tma)
@@ -326,14 +329,30 @@ private:
     args.append({storageType, floatType, floatType, floatType, floatType});
     args.append(7, b.getIndexType());
     args.append({floatType, floatType, floatType});
+    if (shape.tma)
+      args.append(2, LLVM::LLVMPointerType::get(ctx));
     return FunctionType::get(ctx, args, {});
   }
   /// Where the backward kernels' own arguments sit (after the scalars).
   static constexpr unsigned kGradOutArg = 11 + kNumScalarArgs;
   enum GradArg : unsigned {
-    GradOut = kGradOutArg, DQ, DK, DV, Delta, GradStore,
-    DQStrideB, DQStrideH, DQStrideR, DKStrideB, DKStrideH, DKStrideR,
-    DQAcc, DKAcc, DVAcc
+    GradOut = kGradOutArg,
+    DQ,
+    DK,
+    DV,
+    Delta,
+    GradStore,
+    DQStrideB,
+    DQStrideH,
+    DQStrideR,
+    DKStrideB,
+    DKStrideH,
+    DKStrideR,
+    DQAcc,
+    DKAcc,
+    DVAcc,
+    WalkMap0,
+    WalkMap1
   };
 
 public:
@@ -457,16 +476,45 @@ private:
                               bool keySegments = false);
   /// Walked tile `which` (0: Q or K, 1: dO or V) of shared slot `slot`.
   Value walkedTile(Value slot, int64_t which);
+  /// TMA (sm_90a), from tilesAddress: the 32-bit shared address of byte
+  /// offset `byteOffset`; thread 0's arrival on mbarrier `bar` expecting
+  /// `bytes`; the box loads (64 columns x 64 rows each, 128-byte swizzle:
+  /// the wgmma layout) of one 64-row tile of tensor map `map` into the
+  /// tile at `tileOffset`, at box coordinates `coords` after the column
+  /// (i32: row, head, batch, or plane and row in it for gathered rows),
+  /// completing on `bar`; and every thread's wait for phase `parity` of
+  /// `bar`.
+  Value sharedAddress32(Value byteOffset);
+  void tmaExpectBytes(Value bar, int64_t bytes);
+  void tmaLoadTile(Value map, Value tileOffset, ArrayRef<Value> coords,
+                   Value bar);
+  void waitBarrierParity(Value bar, Value parity);
+  /// Zeros rows [firstRow, 64) of the swizzled 64-row tile at `tileOffset`
+  /// (every thread takes its share), for the async proxy's reads.
+  void zeroTileRowsFrom(Value tileOffset, Value firstRow);
   /// Commits this thread's cp.asyncs since the last commit as one group.
   void commitAsyncGroup();
   /// scf.for over `numTiles` walked tiles in two shared slots: tile i + 1's
   /// copies (`load(i + 1, its slot)`) fly while tile i computes
   /// (`compute(i, slot, acc)` returns the next acc). Tile 0 is loaded
-  /// before the loop with whatever the caller issued before it.
-  scf::ForOp walkTiles(Value numTiles, ValueRange init,
-                       function_ref<void(Value, Value)> load,
-                       function_ref<SmallVector<Value>(Value, Value, ValueRange)>
-                           compute);
+  /// before the loop with whatever the caller issued before it. With
+  /// walkBarriers set, `load` also issues the slot's TMA loads (its leader
+  /// arming the slot's mbarrier, walkBarrier), every thread waits for
+  /// that phase, and `arrived(i, slot)` runs after the wait (zeroing rows
+  /// TMA brought in past the walk's end).
+  scf::ForOp
+  walkTiles(Value numTiles, ValueRange init,
+            function_ref<void(Value, Value)> load,
+            function_ref<SmallVector<Value>(Value, Value, ValueRange)> compute,
+            function_ref<void(Value, Value)> arrived = nullptr);
+  /// The walked slots' mbarriers (two, 8 bytes each, byte offset from
+  /// tilesAddress) where the walked tiles come by TMA; null otherwise.
+  Value walkBarriers;
+  /// Slot `slot`'s mbarrier (a 32-bit shared address).
+  Value walkBarrier(Value slot);
+  /// Where a grad kernel's walked tiles come by TMA (sm_90a, rows of
+  /// period 1): initialises walkBarriers after the kernel's tiles.
+  void beginTmaWalk(int64_t barrierOffset);
   Value gradQueryRow(const GradContext &cx, Value t);
   Value gradKeyRow(const GradContext &cx, Value t);
   /// cp.async of 64 gathered rows t0.. (zeros from `end` on) of q, grad_out
@@ -676,7 +724,7 @@ gpu::GPUFuncOp KernelEmitter::beginKernel(StringRef name, int64_t threads,
   // The tensor maps are the last two arguments. TMA reads a map in place,
   // so after gpu-to-nvvm the GPU target turns them into 128-byte byval
   // parameters with nvvm.grid_constant (a gpu.func cannot carry those).
-  if (shape.tma && !grad)
+  if (shape.tma)
     func->setAttr("attn.tensor_maps", b.getI64IntegerAttr(2));
   entry = &func.getBody().front();
   b.setInsertionPointToStart(entry);
@@ -2856,12 +2904,126 @@ void KernelEmitter::commitAsyncGroup() {
       b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
 }
 
+Value KernelEmitter::sharedAddress32(Value byteOffset) {
+  Value at = arith::IndexCastUIOp::create(b, loc, b.getI64Type(), byteOffset);
+  return arith::TruncIOp::create(
+      b, loc, b.getI32Type(), arith::AddIOp::create(b, loc, tilesAddress, at));
+}
+
+void KernelEmitter::tmaExpectBytes(Value bar, int64_t bytes) {
+  Value count = arith::ConstantIntOp::create(b, loc, b.getI32Type(), bytes);
+  inlinePtx({}, {bar, count},
+            "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
+            "st, [$0], $1; }",
+            "r,r");
+}
+
+void KernelEmitter::tmaLoadTile(Value map, Value tileOffset,
+                                ArrayRef<Value> coords, Value bar) {
+  std::string text =
+      "cp.async.bulk.tensor." + std::to_string(coords.size() + 1) +
+      "d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[$0], [$1, {$2";
+  for (size_t i = 0; i < coords.size(); ++i)
+    text += ", $" + std::to_string(i + 3);
+  text += "}], [$" + std::to_string(coords.size() + 3) + "];";
+  std::string constraints = "r,l,r";
+  for (size_t i = 0; i <= coords.size(); ++i)
+    constraints += ",r";
+  for (int64_t panel = 0; panel < shape.headDim / 64; ++panel) {
+    Value dst =
+        sharedAddress32(m.add(tileOffset, m.c(panel * kBlockKeys * 128)));
+    Value col =
+        arith::ConstantIntOp::create(b, loc, b.getI32Type(), panel * 64);
+    SmallVector<Value> operands{dst, map, col};
+    operands.append(coords.begin(), coords.end());
+    operands.push_back(bar);
+    inlinePtx({}, operands, text, constraints);
+  }
+}
+
+void KernelEmitter::waitBarrierParity(Value bar, Value parity) {
+  Type i32 = b.getI32Type();
+  auto spin = scf::WhileOp::create(b, loc, TypeRange{}, ValueRange{});
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(b.createBlock(&spin.getBefore()));
+  Value done = inlinePtx({i32}, {bar, parity},
+                         "{ .reg .pred p; mbarrier.try_wait.parity."
+                         "shared::cta.b64 p, [$1], $2; selp.u32 $0, 1, 0, "
+                         "p; }",
+                         "=r,r,r")[0];
+  Value zero32 = arith::ConstantIntOp::create(b, loc, i32, 0);
+  scf::ConditionOp::create(
+      b, loc,
+      arith::CmpIOp::create(b, loc, arith::CmpIPredicate::eq, done, zero32),
+      ValueRange{});
+  b.setInsertionPointToStart(b.createBlock(&spin.getAfter()));
+  scf::YieldOp::create(b, loc);
+}
+
+void KernelEmitter::zeroTileRowsFrom(Value tileOffset, Value firstRow) {
+  auto edge =
+      scf::IfOp::create(b, loc, TypeRange{}, m.lt(firstRow, m.c(kBlockKeys)),
+                        /*withElse=*/false);
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(edge.thenBlock());
+  Value tile = sharedTile(gradShared, tileOffset, kBlockKeys);
+  const int64_t chunksPerRow = shape.headDim / 8;
+  auto zeros = arith::ConstantOp::create(
+      b, loc,
+      DenseElementsAttr::get(VectorType::get({8}, f16), b.getZeroAttr(f16)));
+  const int64_t chunks = kBlockKeys * chunksPerRow;
+  for (int64_t pass = 0; pass * shape.threads() < chunks; ++pass) {
+    Value idx = m.add(tid, m.c(pass * shape.threads()));
+    Value row = arith::DivUIOp::create(b, loc, idx, m.c(chunksPerRow));
+    Value chunk = arith::RemUIOp::create(b, loc, idx, m.c(chunksPerRow));
+    Value inTail = m.le(firstRow, row);
+    if ((pass + 1) * shape.threads() > chunks)
+      inTail = m.both(inTail, m.lt(row, m.c(kBlockKeys)));
+    auto ifTail = scf::IfOp::create(b, loc, TypeRange{}, inTail, false);
+    OpBuilder::InsertionGuard g2(b);
+    b.setInsertionPointToStart(ifTail.thenBlock());
+    vector::StoreOp::create(b, loc, zeros, tile,
+                            swizzledOffset(row, chunk, kBlockKeys));
+  }
+}
+
+Value KernelEmitter::walkBarrier(Value slot) {
+  return sharedAddress32(m.add(walkBarriers, m.mul(slot, m.c(8))));
+}
+
+void KernelEmitter::beginTmaWalk(int64_t barrierOffset) {
+  walkBarriers = m.c(barrierOffset);
+  auto leader = scf::IfOp::create(b, loc, TypeRange{}, m.eq(tid, m.c(0)),
+                                  /*withElse=*/false);
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(leader.thenBlock());
+  for (int64_t slot = 0; slot < 2; ++slot)
+    inlinePtx({}, {walkBarrier(m.c(slot))},
+              "mbarrier.init.shared::cta.b64 [$0], 1;", "r");
+  inlinePtx({}, {}, "fence.mbarrier_init.release.cluster;", "");
+  // (walkTiles' first barrier comes before any wait on them.)
+}
+
 scf::ForOp KernelEmitter::walkTiles(
     Value numTiles, ValueRange init, function_ref<void(Value, Value)> load,
-    function_ref<SmallVector<Value>(Value, Value, ValueRange)> compute) {
+    function_ref<SmallVector<Value>(Value, Value, ValueRange)> compute,
+    function_ref<void(Value, Value)> arrived) {
   Value zero = m.c(0), one = m.c(1);
+  // Every thread sees the initialised mbarriers before the first TMA load.
+  if (walkBarriers)
+    gpu::BarrierOp::create(b, loc);
   // Tile 0 (zero-filled where there is none) joins the caller's copies.
-  load(zero, zero);
+  // (A TMA load must not outlive its block: none where the loop is empty.)
+  if (walkBarriers) {
+    auto any = scf::IfOp::create(b, loc, TypeRange{}, m.lt(zero, numTiles),
+                                 /*withElse=*/false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(any.thenBlock());
+    load(zero, zero);
+  } else {
+    load(zero, zero);
+  }
   commitAsyncGroup();
   auto loop = scf::ForOp::create(b, loc, zero, numTiles, one, init);
   OpBuilder::InsertionGuard guard(b);
@@ -2884,8 +3046,18 @@ scf::ForOp KernelEmitter::walkTiles(
   Value token = nvgpu::DeviceAsyncCreateGroupOp::create(
       b, loc, nvgpu::DeviceAsyncTokenType::get(ctx), ValueRange{});
   nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(1));
+  // A slot's mbarrier completes one phase per tile through it.
+  if (walkBarriers) {
+    Value parity = arith::IndexCastOp::create(
+        b, loc, b.getI32Type(),
+        arith::RemUIOp::create(
+            b, loc, arith::DivUIOp::create(b, loc, i, m.c(2)), m.c(2)));
+    waitBarrierParity(walkBarrier(slot), parity);
+    if (arrived)
+      arrived(i, slot);
+  }
   // wgmma reads shared memory through the async proxy: this thread's
-  // copies become visible to it before the barrier.
+  // copies (and zeros) become visible to it before the barrier.
   if (shape.wgmma)
     inlinePtx({}, {}, "fence.proxy.async.shared::cta;", "");
   gpu::BarrierOp::create(b, loc);
@@ -2970,13 +3142,20 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   const int64_t D = shape.headDim, frags = D / 8;
   const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
   const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
+  // K and V tiles by TMA where the keys are rows of period 1 (sm_90a):
+  // two mbarriers after the tiles.
+  const bool tmaWalk = shape.tma && comp.getPeriod() == 1;
+  const int64_t barriersOffset = kGradTiles * shape.kvTileBytes();
   const int64_t sharedBytes =
-      kGradTiles * shape.kvTileBytes() + (shape.wgmma ? 1024 : 0);
+      barriersOffset + (tmaWalk ? 16 : 0) + (shape.wgmma ? 1024 : 0);
   Value bx;
   GradContext cx = beginGradKernel(name, comp, bx);
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
   Value zero = m.c(0), one = m.c(1);
+  walkBarriers = Value();
+  if (tmaWalk)
+    beginTmaWalk(barriersOffset);
   Value nbx = gpu::GridDimOp::create(b, loc, gpu::Dimension::x);
   Value q0 = m.add(g.tRowLo, m.mul(m.sub(m.sub(nbx, one), bx),
                                    m.c(kBlockKeys)));
@@ -3024,10 +3203,35 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
     return m.add(first, m.mul(i, m.c(kBlockKeys)));
   };
   auto loadKeys = [&](Value i, Value slot) {
+    if (tmaWalk) {
+      // Thread 0 fetches the K and V tiles (box coordinates: key row, kv
+      // head, batch); keys past the head's rows arrive as zeros.
+      auto leader = scf::IfOp::create(b, loc, TypeRange{}, m.eq(tid, zero),
+                                      /*withElse=*/false);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(leader.thenBlock());
+      Value bar = walkBarrier(slot);
+      tmaExpectBytes(bar, 2 * shape.kvTileBytes());
+      SmallVector<Value> coords;
+      for (Value c : {gradKeyRow(cx, keyTileStart(i)), g.hk, g.bIdx})
+        coords.push_back(arith::IndexCastOp::create(b, loc, b.getI32Type(), c));
+      tmaLoadTile(arg(WalkMap0), walkedTile(slot, 0), coords, bar);
+      tmaLoadTile(arg(WalkMap1), walkedTile(slot, 1), coords, bar);
+      return;
+    }
     loadGradRows(cx, walkedTile(slot, 0), keyTileStart(i), last,
                  /*keys=*/true, arg(K));
     loadGradRows(cx, walkedTile(slot, 1), keyTileStart(i), last,
                  /*keys=*/true, arg(V));
+  };
+  // Keys past `last` inside the tensor arrive by TMA as they are: zero
+  // them, as cp.async's zero fill does (their scores are masked, but
+  // dQ += dS K and dP = dO V^T multiply those rows by zero, and 0 * inf,
+  // say padding past lengths[b], is NaN).
+  auto zeroKeyTail = [&](Value i, Value slot) {
+    Value rows = m.sub(last, keyTileStart(i));
+    zeroTileRowsFrom(walkedTile(slot, 0), rows);
+    zeroTileRowsFrom(walkedTile(slot, 1), rows);
   };
   SmallVector<Value> init(frags * 4, f.c(0.0));
   auto computeTile = [&](Value i, Value slot,
@@ -3064,7 +3268,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       }
     return addPackedTimesTile(acc, packAccumulators(s), kTile);
   };
-  scf::ForOp loop = walkTiles(numTiles, init, loadKeys, computeTile);
+  scf::ForOp loop =
+      walkTiles(numTiles, init, loadKeys, computeTile, zeroKeyTail);
 
   auto result = [&](int64_t dn, int64_t half, int64_t e) {
     return f.mul(loop.getResult(dn * 4 + half * 2 + e), f.c(shape.scale));
@@ -3136,8 +3341,12 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // K, V, two slots of Q and dO tiles, then two slots of the walked query
   // tile's lse and delta (64 each).
   const int64_t statsOffset = kGradTiles * shape.kvTileBytes();
+  // Q and dO tiles by TMA where the rows have period 1 (sm_90a): two
+  // mbarriers after the stats.
+  const bool tmaWalk = shape.tma && comp.getPeriod() == 1;
+  const int64_t barriersOffset = statsOffset + 2 * 2 * kBlockKeys * 4;
   const int64_t sharedBytes =
-      statsOffset + 2 * 2 * kBlockKeys * 4 + (shape.wgmma ? 1024 : 0);
+      barriersOffset + (tmaWalk ? 16 : 0) + (shape.wgmma ? 1024 : 0);
   Value bx;
   // Its segments are those of the rows and the keys (with fewer rows than
   // keys, bottom-right aligned, the first keys' segments hold no row), so
@@ -3194,9 +3403,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   struct WalkedHead {
     GradContext cx; // with the head's qHead and qBase
     Value tile;     // its tile index within the head
+    Value head;     // the q head
   };
   auto walkedHead = [&](Value i) {
-    WalkedHead w{cx, i};
+    WalkedHead w{cx, i, g.h};
     if (!groupWalk)
       return w;
     Value j = zero, start = zero;
@@ -3206,7 +3416,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
       start = f.select(past, m.mul(headTiles, m.c(n)), start);
     }
     w.tile = m.sub(i, start);
-    Value h = m.add(g.h, j);
+    Value h = w.head = m.add(g.h, j);
     w.cx.qHead = m.mul(m.add(m.mul(g.bIdx, m.c(shape.heads)), h), arg(QLen));
     w.cx.qBase = m.add(m.mul(g.bIdx, arg(QStrideB)), m.mul(h, arg(QStrideH)));
     return w;
@@ -3224,6 +3434,9 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
                                        ValueRange{});
   loadGradRows(cx, kTile, k0, k1, /*keys=*/true, arg(K));
   loadGradRows(cx, vTile, k0, k1, /*keys=*/true, arg(V));
+  walkBarriers = Value();
+  if (tmaWalk)
+    beginTmaWalk(barriersOffset);
 
   Value laneRow = arith::DivUIOp::create(b, loc, lane, m.c(4));
   Value laneCol = m.mul(arith::RemUIOp::create(b, loc, lane, m.c(4)), m.c(2));
@@ -3244,9 +3457,26 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   auto loadRows = [&](Value i, Value slot) {
     WalkedHead w = walkedHead(i);
     Value t0 = rowTileStart(w.tile);
-    loadGradRows(w.cx, walkedTile(slot, 0), t0, qLast, /*keys=*/false, arg(Q));
-    loadGradRows(w.cx, walkedTile(slot, 1), t0, qLast, /*keys=*/false,
-                 arg(GradOut));
+    if (tmaWalk) {
+      // Thread 0 fetches the Q and dO tiles (box coordinates: query row, q
+      // head, batch); rows past the head's arrive as zeros.
+      auto leader = scf::IfOp::create(b, loc, TypeRange{}, m.eq(tid, zero),
+                                      /*withElse=*/false);
+      OpBuilder::InsertionGuard guard(b);
+      b.setInsertionPointToStart(leader.thenBlock());
+      Value bar = walkBarrier(slot);
+      tmaExpectBytes(bar, 2 * shape.kvTileBytes());
+      SmallVector<Value> coords;
+      for (Value c : {gradQueryRow(cx, t0), w.head, g.bIdx})
+        coords.push_back(arith::IndexCastOp::create(b, loc, b.getI32Type(), c));
+      tmaLoadTile(arg(WalkMap0), walkedTile(slot, 0), coords, bar);
+      tmaLoadTile(arg(WalkMap1), walkedTile(slot, 1), coords, bar);
+    } else {
+      loadGradRows(w.cx, walkedTile(slot, 0), t0, qLast, /*keys=*/false,
+                   arg(Q));
+      loadGradRows(w.cx, walkedTile(slot, 1), t0, qLast, /*keys=*/false,
+                   arg(GradOut));
+    }
     Value isDelta = m.le(m.c(kBlockKeys), tid);
     Value r = arith::RemUIOp::create(b, loc, tid, m.c(kBlockKeys));
     Value t = m.add(t0, r);
@@ -3326,7 +3556,16 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     dk.append(dv);
     return dk;
   };
-  scf::ForOp loop = walkTiles(numTiles, init, loadRows, computeTile);
+  // Rows past qLast inside the tensor arrive by TMA as they are: zero them,
+  // as cp.async's zero fill does (their P and dS are masked to 0, which
+  // dK += dS^T Q and dV += P^T dO multiply by these rows).
+  auto zeroRowTail = [&](Value i, Value slot) {
+    Value rows = m.sub(qLast, rowTileStart(walkedHead(i).tile));
+    zeroTileRowsFrom(walkedTile(slot, 0), rows);
+    zeroTileRowsFrom(walkedTile(slot, 1), rows);
+  };
+  scf::ForOp loop =
+      walkTiles(numTiles, init, loadRows, computeTile, zeroRowTail);
 
   auto dkOf = [&](int64_t dn, int64_t half, int64_t e) {
     return f.mul(loop.getResult(dn * 4 + half * 2 + e), f.c(shape.scale));
@@ -3652,10 +3891,11 @@ struct ConvertAttnToGpuPass
         return c.emitError("convert-attn-to-gpu: the backward pass must share "
                            "the forward's scale");
     // One warpgroup of 64 rows (or keys) a block: wgmma on sm_90a,
-    // mma.sync on sm_80; tiles by cp.async.
+    // mma.sync on sm_80; the walked tiles by TMA on sm_90a where their rows
+    // have period 1, the others by cp.async.
     AttentionShape gradShape = shape;
     gradShape.warpgroups = 1;
-    gradShape.tma = gradShape.warpSpecialize = false;
+    gradShape.warpSpecialize = false;
     OpBuilder b(gpuModule.getBody(), gpuModule.getBody()->end());
     KernelEmitter emit(b, gradFunc.getLoc(), gradShape);
     // A component over every row and key (period 1, or all residue

@@ -515,6 +515,13 @@ private:
   /// Where a grad kernel's walked tiles come by TMA (sm_90a, rows of
   /// period 1): initialises walkBarriers after the kernel's tiles.
   void beginTmaWalk(int64_t barrierOffset);
+  /// Thread 0 fetches both walked tiles of `slot` (the tensors of WalkMap0
+  /// and WalkMap1) at box coordinates (row, head, batch), arming the slot's
+  /// mbarrier; rows past a head's arrive as zeros.
+  void tmaLoadWalkedTiles(Value slot, Value row, Value head, Value batch);
+  /// Zeros the rows from `firstRow` on of both walked tiles of `slot`
+  /// (those TMA brought in past the walk's end).
+  void zeroWalkedTails(Value slot, Value firstRow);
   Value gradQueryRow(const GradContext &cx, Value t);
   Value gradKeyRow(const GradContext &cx, Value t);
   /// cp.async of 64 gathered rows t0.. (zeros from `end` on) of q, grad_out
@@ -1481,12 +1488,6 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     plane = m.sub(rel, m.mul(planeRow0, r));
   }
   Value isLeader = m.eq(tid, zero);
-  auto sharedAddress32 = [&](Value byteOffset) {
-    Value at = arith::IndexCastUIOp::create(b, loc, b.getI64Type(),
-                                            byteOffset);
-    return arith::TruncIOp::create(
-        b, loc, i32, arith::AddIOp::create(b, loc, tilesAddress, at));
-  };
   auto barrierAt = [&](Value slot) {
     return sharedAddress32(
         m.add(m.c(barrierOffset), m.mul(slot, m.c(8))));
@@ -1509,33 +1510,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     else
       coords = {toI32(plane), toI32(m.add(planeRow0, k0))};
     coords.append({toI32(hk), toI32(bIdx)});
-    std::string text =
-        "cp.async.bulk.tensor." + std::to_string(coords.size() + 1) +
-        "d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-        "[$0], [$1, {$2";
-    for (size_t i = 0; i < coords.size(); ++i)
-      text += ", $" + std::to_string(i + 3);
-    text += "}], [$" + std::to_string(coords.size() + 3) + "];";
-    std::string constraints = "r,l,r";
-    for (size_t i = 0; i <= coords.size(); ++i)
-      constraints += ",r";
-    for (int64_t panel = 0; panel < D / 64; ++panel) {
-      Value dst =
-          sharedAddress32(m.add(offset, m.c(panel * kBlockKeys * 128)));
-      Value col = arith::ConstantIntOp::create(b, loc, i32, panel * 64);
-      SmallVector<Value> operands{dst, map, col};
-      operands.append(coords);
-      operands.push_back(bar);
-      inlinePtx({}, operands, text, constraints);
-    }
-  };
-  // The leader's one arrival on `bar`, expecting `bytes` from its TMA loads.
-  auto expectBytes = [&](Value bar, int64_t bytes) {
-    Value count = arith::ConstantIntOp::create(b, loc, i32, bytes);
-    inlinePtx({}, {bar, count},
-              "{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 "
-              "st, [$0], $1; }",
-              "r,r");
+    tmaLoadTile(map, offset, coords, bar);
   };
   // The leader fetches the K/V tile pair of keys k0.. into a slot.
   auto tmaLoadKeyTile = [&](Value k0, Value slot) {
@@ -1545,7 +1520,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     b.setInsertionPointToStart(leader.thenBlock());
     // One arrival (the leader's) that expects both tiles' bytes.
     Value bar = barrierAt(slot);
-    expectBytes(bar, 2 * shape.kvTileBytes());
+    tmaExpectBytes(bar, 2 * shape.kvTileBytes());
     tmaLoadBoxes(arg(KMap), keyOffset(slot), k0, bar);
     tmaLoadBoxes(arg(VMap), valueOffset(slot), k0, bar);
   };
@@ -1562,7 +1537,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                     /*withElse=*/false);
     OpBuilder::InsertionGuard guard(b);
     b.setInsertionPointToStart(leader.thenBlock());
-    expectBytes(bar, slots * shape.kvTileBytes());
+    tmaExpectBytes(bar, slots * shape.kvTileBytes());
     for (int64_t i = 0; i < slots; ++i)
       tmaLoadBoxes(arg(values ? VMap : KMap), keyOffset(m.c(i)),
                    m.add(window, m.c(i * kBlockKeys)), bar);
@@ -1574,22 +1549,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   auto waitTile = [&](Value it, function_ref<Value()> barrier) {
     Value parity = toI32(arith::RemUIOp::create(
         b, loc, arith::DivUIOp::create(b, loc, it, m.c(slots)), m.c(2)));
-    Value bar = barrier();
-    auto spin = scf::WhileOp::create(b, loc, TypeRange{}, ValueRange{});
-    OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(b.createBlock(&spin.getBefore()));
-    Value done = inlinePtx({i32}, {bar, parity},
-                           "{ .reg .pred p; mbarrier.try_wait.parity."
-                           "shared::cta.b64 p, [$1], $2; selp.u32 $0, 1, 0, "
-                           "p; }",
-                           "=r,r,r")[0];
-    Value zero32 = arith::ConstantIntOp::create(b, loc, i32, 0);
-    scf::ConditionOp::create(
-        b, loc,
-        arith::CmpIOp::create(b, loc, arith::CmpIPredicate::eq, done, zero32),
-        ValueRange{});
-    b.setInsertionPointToStart(b.createBlock(&spin.getAfter()));
-    scf::YieldOp::create(b, loc);
+    waitBarrierParity(barrier(), parity);
   };
   auto waitKeyTile = [&](Value it, Value slot) {
     waitTile(it, [&] { return barrierAt(slot); });
@@ -2992,6 +2952,26 @@ Value KernelEmitter::walkBarrier(Value slot) {
   return sharedAddress32(m.add(walkBarriers, m.mul(slot, m.c(8))));
 }
 
+void KernelEmitter::tmaLoadWalkedTiles(Value slot, Value row, Value head,
+                                       Value batch) {
+  auto leader = scf::IfOp::create(b, loc, TypeRange{}, m.eq(tid, m.c(0)),
+                                  /*withElse=*/false);
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(leader.thenBlock());
+  Value bar = walkBarrier(slot);
+  tmaExpectBytes(bar, 2 * shape.kvTileBytes());
+  SmallVector<Value> coords;
+  for (Value c : {row, head, batch})
+    coords.push_back(arith::IndexCastOp::create(b, loc, b.getI32Type(), c));
+  tmaLoadTile(arg(WalkMap0), walkedTile(slot, 0), coords, bar);
+  tmaLoadTile(arg(WalkMap1), walkedTile(slot, 1), coords, bar);
+}
+
+void KernelEmitter::zeroWalkedTails(Value slot, Value firstRow) {
+  zeroTileRowsFrom(walkedTile(slot, 0), firstRow);
+  zeroTileRowsFrom(walkedTile(slot, 1), firstRow);
+}
+
 void KernelEmitter::beginTmaWalk(int64_t barrierOffset) {
   walkBarriers = m.c(barrierOffset);
   auto leader = scf::IfOp::create(b, loc, TypeRange{}, m.eq(tid, m.c(0)),
@@ -3203,20 +3183,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
     return m.add(first, m.mul(i, m.c(kBlockKeys)));
   };
   auto loadKeys = [&](Value i, Value slot) {
-    if (tmaWalk) {
-      // Thread 0 fetches the K and V tiles (box coordinates: key row, kv
-      // head, batch); keys past the head's rows arrive as zeros.
-      auto leader = scf::IfOp::create(b, loc, TypeRange{}, m.eq(tid, zero),
-                                      /*withElse=*/false);
-      OpBuilder::InsertionGuard guard(b);
-      b.setInsertionPointToStart(leader.thenBlock());
-      Value bar = walkBarrier(slot);
-      tmaExpectBytes(bar, 2 * shape.kvTileBytes());
-      SmallVector<Value> coords;
-      for (Value c : {gradKeyRow(cx, keyTileStart(i)), g.hk, g.bIdx})
-        coords.push_back(arith::IndexCastOp::create(b, loc, b.getI32Type(), c));
-      tmaLoadTile(arg(WalkMap0), walkedTile(slot, 0), coords, bar);
-      tmaLoadTile(arg(WalkMap1), walkedTile(slot, 1), coords, bar);
+    if (tmaWalk) { // K and V of the key rows, kv head hk
+      tmaLoadWalkedTiles(slot, gradKeyRow(cx, keyTileStart(i)), g.hk, g.bIdx);
       return;
     }
     loadGradRows(cx, walkedTile(slot, 0), keyTileStart(i), last,
@@ -3229,9 +3197,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   // dQ += dS K and dP = dO V^T multiply those rows by zero, and 0 * inf,
   // say padding past lengths[b], is NaN).
   auto zeroKeyTail = [&](Value i, Value slot) {
-    Value rows = m.sub(last, keyTileStart(i));
-    zeroTileRowsFrom(walkedTile(slot, 0), rows);
-    zeroTileRowsFrom(walkedTile(slot, 1), rows);
+    zeroWalkedTails(slot, m.sub(last, keyTileStart(i)));
   };
   SmallVector<Value> init(frags * 4, f.c(0.0));
   auto computeTile = [&](Value i, Value slot,
@@ -3457,20 +3423,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   auto loadRows = [&](Value i, Value slot) {
     WalkedHead w = walkedHead(i);
     Value t0 = rowTileStart(w.tile);
-    if (tmaWalk) {
-      // Thread 0 fetches the Q and dO tiles (box coordinates: query row, q
-      // head, batch); rows past the head's arrive as zeros.
-      auto leader = scf::IfOp::create(b, loc, TypeRange{}, m.eq(tid, zero),
-                                      /*withElse=*/false);
-      OpBuilder::InsertionGuard guard(b);
-      b.setInsertionPointToStart(leader.thenBlock());
-      Value bar = walkBarrier(slot);
-      tmaExpectBytes(bar, 2 * shape.kvTileBytes());
-      SmallVector<Value> coords;
-      for (Value c : {gradQueryRow(cx, t0), w.head, g.bIdx})
-        coords.push_back(arith::IndexCastOp::create(b, loc, b.getI32Type(), c));
-      tmaLoadTile(arg(WalkMap0), walkedTile(slot, 0), coords, bar);
-      tmaLoadTile(arg(WalkMap1), walkedTile(slot, 1), coords, bar);
+    if (tmaWalk) { // Q and dO of the query rows, q head w.head
+      tmaLoadWalkedTiles(slot, gradQueryRow(cx, t0), w.head, g.bIdx);
     } else {
       loadGradRows(w.cx, walkedTile(slot, 0), t0, qLast, /*keys=*/false,
                    arg(Q));
@@ -3560,9 +3514,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // as cp.async's zero fill does (their P and dS are masked to 0, which
   // dK += dS^T Q and dV += P^T dO multiply by these rows).
   auto zeroRowTail = [&](Value i, Value slot) {
-    Value rows = m.sub(qLast, rowTileStart(walkedHead(i).tile));
-    zeroTileRowsFrom(walkedTile(slot, 0), rows);
-    zeroTileRowsFrom(walkedTile(slot, 1), rows);
+    zeroWalkedTails(slot, m.sub(qLast, rowTileStart(walkedHead(i).tile)));
   };
   scf::ForOp loop =
       walkTiles(numTiles, init, loadRows, computeTile, zeroRowTail);

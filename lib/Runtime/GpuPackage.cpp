@@ -467,8 +467,9 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
                            kernel.kind == "grad_add";
   if (g.tensorMaps) {
     // grad_kv walks the rows of q and grad_out (which shares q's strides),
-    // grad_q and the component kernels the keys; the backward kernels only
-    // where the rows have period 1 (ConvertToGpu's tmaWalk).
+    // grad_q and the component kernels the keys, each through maps for its
+    // period (empty where it does not divide the rows: the kernel then
+    // loads by cp.async).
     const bool walksQueries = kernel.kind == "grad_kv";
     KeyMapShape shape;
     shape.batch = walksQueries ? a.B : kvBatch;
@@ -478,8 +479,7 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
               shape.strides);
     shape.headDim = a.D;
     shape.period = std::max<int64_t>(kernel.period, 1);
-    const bool loads = !elementwise && (!grad || shape.period == 1);
-    if (loads &&
+    if (!elementwise &&
         (!cachedKeyMap(g, walksQueries ? a.q : a.k, shape,
                        walksQueries ? "q" : "k", maps[0], error) ||
          !cachedKeyMap(g, walksQueries ? a.gradOut : a.v, shape,

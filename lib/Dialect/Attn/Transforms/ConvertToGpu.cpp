@@ -508,20 +508,32 @@ private:
             function_ref<SmallVector<Value>(Value, Value, ValueRange)> compute,
             function_ref<void(Value, Value)> arrived = nullptr);
   /// The walked slots' mbarriers (two, 8 bytes each, byte offset from
-  /// tilesAddress) where the walked tiles come by TMA; null otherwise.
+  /// tilesAddress) where the walked tiles may come by TMA; null otherwise.
   Value walkBarriers;
+  /// Whether they do (i1): gathered rows (period r) come by TMA where r
+  /// divides the rows, as the runtime's maps need, else by cp.async; null
+  /// where they always do (period 1).
+  Value walkUsesTma;
   /// Slot `slot`'s mbarrier (a 32-bit shared address).
   Value walkBarrier(Value slot);
-  /// Where a grad kernel's walked tiles come by TMA (sm_90a, rows of
-  /// period 1): initialises walkBarriers after the kernel's tiles.
-  void beginTmaWalk(int64_t barrierOffset);
+  /// Where a grad kernel's walked tiles come by TMA (sm_90a): initialises
+  /// walkBarriers after the kernel's tiles, and walkUsesTma for rows of
+  /// period `period` of which there are `rows` a head.
+  void beginTmaWalk(int64_t barrierOffset, int64_t period, Value rows);
   /// Thread 0 fetches both walked tiles of `slot` (the tensors of WalkMap0
-  /// and WalkMap1) at box coordinates (row, head, batch), arming the slot's
-  /// mbarrier; rows past a head's arrive as zeros.
-  void tmaLoadWalkedTiles(Value slot, Value row, Value head, Value batch);
+  /// and WalkMap1) from walked row t0 on, arming the slot's mbarrier: rows
+  /// base + period * t - origin of (head, batch), at box coordinates
+  /// (row, head, batch), or (plane, row in the plane, head, batch) for
+  /// gathered rows (the runtime's [rows / r][r][D] view, as the forward's
+  /// keys); rows past a head's arrive as zeros.
+  void tmaLoadWalkedTiles(Value slot, Value base, Value origin, Value t0,
+                          int64_t period, Value head, Value batch);
   /// Zeros the rows from `firstRow` on of both walked tiles of `slot`
   /// (those TMA brought in past the walk's end).
   void zeroWalkedTails(Value slot, Value firstRow);
+  /// A walked slot's loads: `byTma` where the walk uses TMA (walkBarriers,
+  /// under walkUsesTma), `byCopies` (cp.async) where it does not.
+  void walkedLoad(function_ref<void()> byTma, function_ref<void()> byCopies);
   Value gradQueryRow(const GradContext &cx, Value t);
   Value gradKeyRow(const GradContext &cx, Value t);
   /// cp.async of 64 gathered rows t0.. (zeros from `end` on) of q, grad_out
@@ -2952,7 +2964,8 @@ Value KernelEmitter::walkBarrier(Value slot) {
   return sharedAddress32(m.add(walkBarriers, m.mul(slot, m.c(8))));
 }
 
-void KernelEmitter::tmaLoadWalkedTiles(Value slot, Value row, Value head,
+void KernelEmitter::tmaLoadWalkedTiles(Value slot, Value base, Value origin,
+                                       Value t0, int64_t period, Value head,
                                        Value batch) {
   auto leader = scf::IfOp::create(b, loc, TypeRange{}, m.eq(tid, m.c(0)),
                                   /*withElse=*/false);
@@ -2960,11 +2973,36 @@ void KernelEmitter::tmaLoadWalkedTiles(Value slot, Value row, Value head,
   b.setInsertionPointToStart(leader.thenBlock());
   Value bar = walkBarrier(slot);
   tmaExpectBytes(bar, 2 * shape.kvTileBytes());
+  // Row base + r t - origin = r (planeRow0 + t) + plane.
+  Value rel = m.sub(base, origin);
+  SmallVector<Value> rowCoords{m.add(rel, t0)};
+  if (period > 1) {
+    Value planeRow0 = m.floorDiv(rel, m.c(period));
+    rowCoords = {m.sub(rel, m.mul(planeRow0, m.c(period))),
+                 m.add(planeRow0, t0)};
+  }
   SmallVector<Value> coords;
-  for (Value c : {row, head, batch})
+  for (Value c : rowCoords)
+    coords.push_back(arith::IndexCastOp::create(b, loc, b.getI32Type(), c));
+  for (Value c : {head, batch})
     coords.push_back(arith::IndexCastOp::create(b, loc, b.getI32Type(), c));
   tmaLoadTile(arg(WalkMap0), walkedTile(slot, 0), coords, bar);
   tmaLoadTile(arg(WalkMap1), walkedTile(slot, 1), coords, bar);
+}
+
+void KernelEmitter::walkedLoad(function_ref<void()> byTma,
+                               function_ref<void()> byCopies) {
+  if (!walkBarriers)
+    return byCopies();
+  if (!walkUsesTma)
+    return byTma();
+  auto ifTma = scf::IfOp::create(b, loc, TypeRange{}, walkUsesTma,
+                                 /*withElse=*/true);
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(ifTma.thenBlock());
+  byTma();
+  b.setInsertionPointToStart(ifTma.elseBlock());
+  byCopies();
 }
 
 void KernelEmitter::zeroWalkedTails(Value slot, Value firstRow) {
@@ -2972,8 +3010,13 @@ void KernelEmitter::zeroWalkedTails(Value slot, Value firstRow) {
   zeroTileRowsFrom(walkedTile(slot, 1), firstRow);
 }
 
-void KernelEmitter::beginTmaWalk(int64_t barrierOffset) {
+void KernelEmitter::beginTmaWalk(int64_t barrierOffset, int64_t period,
+                                 Value rows) {
   walkBarriers = m.c(barrierOffset);
+  walkUsesTma = Value();
+  if (period > 1)
+    walkUsesTma =
+        m.eq(arith::RemUIOp::create(b, loc, rows, m.c(period)), m.c(0));
   auto leader = scf::IfOp::create(b, loc, TypeRange{}, m.eq(tid, m.c(0)),
                                   /*withElse=*/false);
   OpBuilder::InsertionGuard guard(b);
@@ -3028,6 +3071,12 @@ scf::ForOp KernelEmitter::walkTiles(
   nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(1));
   // A slot's mbarrier completes one phase per tile through it.
   if (walkBarriers) {
+    OpBuilder::InsertionGuard g2(b);
+    if (walkUsesTma) {
+      auto ifTma = scf::IfOp::create(b, loc, TypeRange{}, walkUsesTma,
+                                     /*withElse=*/false);
+      b.setInsertionPointToStart(ifTma.thenBlock());
+    }
     Value parity = arith::IndexCastOp::create(
         b, loc, b.getI32Type(),
         arith::RemUIOp::create(
@@ -3122,9 +3171,9 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   const int64_t D = shape.headDim, frags = D / 8;
   const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
   const int64_t lo = comp.getBandLo(), hi = comp.getBandHi();
-  // K and V tiles by TMA where the keys are rows of period 1 (sm_90a):
-  // two mbarriers after the tiles.
-  const bool tmaWalk = shape.tma && comp.getPeriod() == 1;
+  // K and V tiles by TMA (sm_90a; gathered keys where their period
+  // divides the key rows): two mbarriers after the tiles.
+  const bool tmaWalk = shape.tma;
   const int64_t barriersOffset = kGradTiles * shape.kvTileBytes();
   const int64_t sharedBytes =
       barriersOffset + (tmaWalk ? 16 : 0) + (shape.wgmma ? 1024 : 0);
@@ -3135,7 +3184,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value zero = m.c(0), one = m.c(1);
   walkBarriers = Value();
   if (tmaWalk)
-    beginTmaWalk(barriersOffset);
+    beginTmaWalk(barriersOffset, comp.getPeriod(), arg(KLen));
   Value nbx = gpu::GridDimOp::create(b, loc, gpu::Dimension::x);
   Value q0 = m.add(g.tRowLo, m.mul(m.sub(m.sub(nbx, one), bx),
                                    m.c(kBlockKeys)));
@@ -3183,14 +3232,18 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
     return m.add(first, m.mul(i, m.c(kBlockKeys)));
   };
   auto loadKeys = [&](Value i, Value slot) {
-    if (tmaWalk) { // K and V of the key rows, kv head hk
-      tmaLoadWalkedTiles(slot, gradKeyRow(cx, keyTileStart(i)), g.hk, g.bIdx);
-      return;
-    }
-    loadGradRows(cx, walkedTile(slot, 0), keyTileStart(i), last,
-                 /*keys=*/true, arg(K));
-    loadGradRows(cx, walkedTile(slot, 1), keyTileStart(i), last,
-                 /*keys=*/true, arg(V));
+    // K and V of the key rows, kv head hk.
+    walkedLoad(
+        [&]() {
+          tmaLoadWalkedTiles(slot, g.base, arg(KOrigin), keyTileStart(i),
+                             comp.getPeriod(), g.hk, g.bIdx);
+        },
+        [&]() {
+          loadGradRows(cx, walkedTile(slot, 0), keyTileStart(i), last,
+                       /*keys=*/true, arg(K));
+          loadGradRows(cx, walkedTile(slot, 1), keyTileStart(i), last,
+                       /*keys=*/true, arg(V));
+        });
   };
   // Keys past `last` inside the tensor arrive by TMA as they are: zero
   // them, as cp.async's zero fill does (their scores are masked, but
@@ -3307,9 +3360,9 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // K, V, two slots of Q and dO tiles, then two slots of the walked query
   // tile's lse and delta (64 each).
   const int64_t statsOffset = kGradTiles * shape.kvTileBytes();
-  // Q and dO tiles by TMA where the rows have period 1 (sm_90a): two
-  // mbarriers after the stats.
-  const bool tmaWalk = shape.tma && comp.getPeriod() == 1;
+  // Q and dO tiles by TMA (sm_90a; gathered rows where their period
+  // divides the query rows): two mbarriers after the stats.
+  const bool tmaWalk = shape.tma;
   const int64_t barriersOffset = statsOffset + 2 * 2 * kBlockKeys * 4;
   const int64_t sharedBytes =
       barriersOffset + (tmaWalk ? 16 : 0) + (shape.wgmma ? 1024 : 0);
@@ -3402,7 +3455,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   loadGradRows(cx, vTile, k0, k1, /*keys=*/true, arg(V));
   walkBarriers = Value();
   if (tmaWalk)
-    beginTmaWalk(barriersOffset);
+    beginTmaWalk(barriersOffset, comp.getPeriod(), arg(QLen));
 
   Value laneRow = arith::DivUIOp::create(b, loc, lane, m.c(4));
   Value laneCol = m.mul(arith::RemUIOp::create(b, loc, lane, m.c(4)), m.c(2));
@@ -3423,14 +3476,18 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   auto loadRows = [&](Value i, Value slot) {
     WalkedHead w = walkedHead(i);
     Value t0 = rowTileStart(w.tile);
-    if (tmaWalk) { // Q and dO of the query rows, q head w.head
-      tmaLoadWalkedTiles(slot, gradQueryRow(cx, t0), w.head, g.bIdx);
-    } else {
-      loadGradRows(w.cx, walkedTile(slot, 0), t0, qLast, /*keys=*/false,
-                   arg(Q));
-      loadGradRows(w.cx, walkedTile(slot, 1), t0, qLast, /*keys=*/false,
-                   arg(GradOut));
-    }
+    // Q and dO of the query rows, q head w.head.
+    walkedLoad(
+        [&]() {
+          tmaLoadWalkedTiles(slot, g.base, arg(QOrigin), t0, comp.getPeriod(),
+                             w.head, g.bIdx);
+        },
+        [&]() {
+          loadGradRows(w.cx, walkedTile(slot, 0), t0, qLast, /*keys=*/false,
+                       arg(Q));
+          loadGradRows(w.cx, walkedTile(slot, 1), t0, qLast, /*keys=*/false,
+                       arg(GradOut));
+        });
     Value isDelta = m.le(m.c(kBlockKeys), tid);
     Value r = arith::RemUIOp::create(b, loc, tid, m.c(kBlockKeys));
     Value t = m.add(t0, r);

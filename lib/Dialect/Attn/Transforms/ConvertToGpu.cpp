@@ -489,8 +489,10 @@ private:
   void tmaLoadTile(Value map, Value tileOffset, ArrayRef<Value> coords,
                    Value bar);
   void waitBarrierParity(Value bar, Value parity);
-  /// Zeros rows [firstRow, 64) of the swizzled 64-row tile at `tileOffset`
-  /// (every thread takes its share), for the async proxy's reads.
+  /// Zeros the rows of the swizzled 64-row tile memref `tile` for which
+  /// `zeroed(row)` holds, 16 bytes a store (every thread takes its share).
+  void zeroTileRows(Value tile, function_ref<Value(Value)> zeroed);
+  /// Zeros rows [firstRow, 64) of the backward's tile at `tileOffset`.
   void zeroTileRowsFrom(Value tileOffset, Value firstRow);
   /// Commits this thread's cp.asyncs since the last commit as one group.
   void commitAsyncGroup();
@@ -1582,29 +1584,12 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                   /*withElse=*/false);
     OpBuilder::InsertionGuard guard(b);
     b.setInsertionPointToStart(edge.thenBlock());
-    Value tile = valueTile(slot);
-    int64_t chunksPerRow = D / 8;
-    auto zeros = arith::ConstantOp::create(
-        b, loc, DenseElementsAttr::get(VectorType::get({8}, f16),
-                                       b.getZeroAttr(f16)));
-    const int64_t chunks = kBlockKeys * chunksPerRow;
-    for (int64_t pass = 0; pass * shape.threads() < chunks; ++pass) {
-      Value idx = m.add(tid, m.c(pass * shape.threads()));
-      Value row = arith::DivUIOp::create(b, loc, idx, m.c(chunksPerRow));
-      Value chunk = arith::RemUIOp::create(b, loc, idx, m.c(chunksPerRow));
-      // (A last pass that only some threads fill when the threads do not
-      // divide the chunks: rows past the tile are not in it.)
+    zeroTileRows(valueTile(slot), [&](Value row) {
       Value inTailRows = m.le(tailStart, row);
       if (resident)
         inTailRows = m.either(inTailRows, m.lt(row, headEnd));
-      if ((pass + 1) * shape.threads() > chunks)
-        inTailRows = m.both(inTailRows, m.lt(row, m.c(kBlockKeys)));
-      auto inTail = scf::IfOp::create(b, loc, TypeRange{}, inTailRows, false);
-      OpBuilder::InsertionGuard g2(b);
-      b.setInsertionPointToStart(inTail.thenBlock());
-      vector::StoreOp::create(b, loc, zeros, tile,
-                              swizzledOffset(row, chunk, kBlockKeys));
-    }
+      return inTailRows;
+    });
     // The wgmmas read V through the async proxy.
     inlinePtx({}, {}, "fence.proxy.async.shared::cta;", "");
   };
@@ -2933,13 +2918,8 @@ void KernelEmitter::waitBarrierParity(Value bar, Value parity) {
   scf::YieldOp::create(b, loc);
 }
 
-void KernelEmitter::zeroTileRowsFrom(Value tileOffset, Value firstRow) {
-  auto edge =
-      scf::IfOp::create(b, loc, TypeRange{}, m.lt(firstRow, m.c(kBlockKeys)),
-                        /*withElse=*/false);
-  OpBuilder::InsertionGuard guard(b);
-  b.setInsertionPointToStart(edge.thenBlock());
-  Value tile = sharedTile(gradShared, tileOffset, kBlockKeys);
+void KernelEmitter::zeroTileRows(Value tile,
+                                 function_ref<Value(Value)> zeroed) {
   const int64_t chunksPerRow = shape.headDim / 8;
   auto zeros = arith::ConstantOp::create(
       b, loc,
@@ -2949,15 +2929,27 @@ void KernelEmitter::zeroTileRowsFrom(Value tileOffset, Value firstRow) {
     Value idx = m.add(tid, m.c(pass * shape.threads()));
     Value row = arith::DivUIOp::create(b, loc, idx, m.c(chunksPerRow));
     Value chunk = arith::RemUIOp::create(b, loc, idx, m.c(chunksPerRow));
-    Value inTail = m.le(firstRow, row);
+    Value inRows = zeroed(row);
+    // (A last pass that only some threads fill when the threads do not
+    // divide the chunks: rows past the tile are not in it.)
     if ((pass + 1) * shape.threads() > chunks)
-      inTail = m.both(inTail, m.lt(row, m.c(kBlockKeys)));
-    auto ifTail = scf::IfOp::create(b, loc, TypeRange{}, inTail, false);
-    OpBuilder::InsertionGuard g2(b);
-    b.setInsertionPointToStart(ifTail.thenBlock());
+      inRows = m.both(inRows, m.lt(row, m.c(kBlockKeys)));
+    auto ifRow = scf::IfOp::create(b, loc, TypeRange{}, inRows, false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(ifRow.thenBlock());
     vector::StoreOp::create(b, loc, zeros, tile,
                             swizzledOffset(row, chunk, kBlockKeys));
   }
+}
+
+void KernelEmitter::zeroTileRowsFrom(Value tileOffset, Value firstRow) {
+  auto edge =
+      scf::IfOp::create(b, loc, TypeRange{}, m.lt(firstRow, m.c(kBlockKeys)),
+                        /*withElse=*/false);
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(edge.thenBlock());
+  zeroTileRows(sharedTile(gradShared, tileOffset, kBlockKeys),
+               [&](Value row) { return m.le(firstRow, row); });
 }
 
 Value KernelEmitter::walkBarrier(Value slot) {

@@ -336,23 +336,9 @@ private:
   /// Where the backward kernels' own arguments sit (after the scalars).
   static constexpr unsigned kGradOutArg = 11 + kNumScalarArgs;
   enum GradArg : unsigned {
-    GradOut = kGradOutArg,
-    DQ,
-    DK,
-    DV,
-    Delta,
-    GradStore,
-    DQStrideB,
-    DQStrideH,
-    DQStrideR,
-    DKStrideB,
-    DKStrideH,
-    DKStrideR,
-    DQAcc,
-    DKAcc,
-    DVAcc,
-    WalkMap0,
-    WalkMap1
+    GradOut = kGradOutArg, DQ, DK, DV, Delta, GradStore,
+    DQStrideB, DQStrideH, DQStrideR, DKStrideB, DKStrideH, DKStrideR,
+    DQAcc, DKAcc, DVAcc, WalkMap0, WalkMap1
   };
 
 public:

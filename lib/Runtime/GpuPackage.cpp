@@ -475,15 +475,17 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
     shape.batch = walksQueries ? a.B : kvBatch;
     shape.heads = walksQueries ? a.H : a.Hkv;
     shape.rows = walksQueries ? a.Lq : kvRows;
-    std::copy(walksQueries ? qs : ks, (walksQueries ? qs : ks) + 3,
-              shape.strides);
+    const int64_t *strides = walksQueries ? qs : ks;
+    std::copy(strides, strides + 3, shape.strides);
     shape.headDim = a.D;
     shape.period = std::max<int64_t>(kernel.period, 1);
+    const CUdeviceptr first = walksQueries ? a.q : a.k,
+                      second = walksQueries ? a.gradOut : a.v;
+    const char *firstName = walksQueries ? "q" : "k",
+               *secondName = walksQueries ? "grad_out" : "v";
     if (!elementwise &&
-        (!cachedKeyMap(g, walksQueries ? a.q : a.k, shape,
-                       walksQueries ? "q" : "k", maps[0], error) ||
-         !cachedKeyMap(g, walksQueries ? a.gradOut : a.v, shape,
-                       walksQueries ? "grad_out" : "v", maps[1], error)))
+        (!cachedKeyMap(g, first, shape, firstName, maps[0], error) ||
+         !cachedKeyMap(g, second, shape, secondName, maps[1], error)))
       return false;
     params[numWords] = &maps[0];
     params[numWords + 1] = &maps[1];

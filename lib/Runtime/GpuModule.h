@@ -123,19 +123,19 @@ struct GpuModule {
   /// Stored gradients: the components before the last add into float32
   /// sums, and the last one's kernels store its share plus those sums.
   bool finishesGrads = false;
-  /// The TMA tensor maps last encoded (launchKernel: K's and V's, and the
-  /// backward's of q and grad_out): the same tensor, shape and period give
-  /// the same map, so the kernels of a call and of the calls after it on
-  /// the same tensors reuse it instead of encoding it again for every launch
-  /// (a package in rounds launches its kernels once per round). 16 hold a
-  /// training step of two periods (strided: k and v for the forward and
-  /// grad_q, q and grad_out for grad_kv, per period).
+  /// The TMA tensor maps last encoded (launchKernel: K's, V's, Q's and
+  /// out's, and the backward's of q and grad_out): the same tensor, shape
+  /// and period give the same map, so the kernels of a call and of the calls
+  /// after it on the same tensors reuse it instead of encoding it again for
+  /// every launch (a package in rounds launches its kernels once per round).
+  /// 32 hold a training step of three periods (LongNet: k, v, q and out for
+  /// the forward and grad_q, grad_out for grad_kv, per period).
   struct KeyMapEntry {
     CUdeviceptr data = 0;
     KeyMapShape shape;
     TensorMap map;
   };
-  static constexpr size_t kKeyMapCacheSize = 16;
+  static constexpr size_t kKeyMapCacheSize = 32;
   mutable std::vector<KeyMapEntry> keyMaps;
   mutable size_t nextKeyMap = 0;
   /// Bytes of the GPU's L2 cache (runs a few (batch, head) pairs at a time

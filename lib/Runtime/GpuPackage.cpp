@@ -286,13 +286,14 @@ bool attn::runtime::prepareRun(const Driver &d, const void *q, const void *k,
   return true;
 }
 
-/// K's or V's tensor map for the TMA loads of a kernel whose keys are
-/// gathered with period r: the tensor as [kvBatch][Hkv][rows][D] 16-bit
-/// elements over its strides for r = 1, as [kvBatch][Hkv][rows / r][r][D]
-/// (key j = r*a + c at plane c, row a) for r > 1; read in boxes of 64
-/// columns x 64 rows (one 128-byte-swizzled panel of a key tile) with zeros
-/// past each head's rows. When r does not divide rows the map stays empty
-/// and the kernel loads by cp.async (it checks the same condition).
+/// The tensor map of k, v, q, out (or grad_out) for the TMA loads of a
+/// kernel whose rows are gathered with period r: the tensor as
+/// [batch][heads][rows][D] 16-bit elements over its strides for r = 1, as
+/// [batch][heads][rows / r][r][D] (row j = r*a + c at plane c, row a) for
+/// r > 1; read in boxes of 64 columns x 64 rows (one 128-byte-swizzled
+/// panel of a 64-row tile) with zeros past each head's rows. When r does
+/// not divide rows the map stays empty and the kernel loads by cp.async (it
+/// checks the same condition).
 static bool encodeKeyMap(const Driver &d, CUdeviceptr data,
                          const KeyMapShape &s, const char *what,
                          TensorMap &map, std::string &error) {
@@ -302,7 +303,7 @@ static bool encodeKeyMap(const Driver &d, CUdeviceptr data,
       rows % period != 0)
     return true; // no tile is loaded by TMA
   if (!d.cuTensorMapEncodeTiled) {
-    error = "this package loads K/V tiles by TMA, which needs "
+    error = "this package loads its tiles by TMA, which needs "
             "cuTensorMapEncodeTiled (a CUDA 12 or newer driver)";
     return false;
   }
@@ -454,41 +455,51 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
     putMemref(sums + 10, uintptr_t(a.dvSum), kvElements);
   }
   const int numWords = grad ? kWords + kGradWords : kWords;
-  void *params[kWords + kGradWords + 2];
+  void *params[kWords + kGradWords + 4];
   for (int i = 0; i < numWords; ++i)
     params[i] = &words[i];
-  // TMA packages: K's and V's tensor maps, by value; only component
-  // kernels load keys, each through maps for its period (init and finalize
-  // take empty ones).
-  TensorMap maps[2] = {};
+  // TMA packages: tensor maps, by value. The component kernels take K's,
+  // V's, Q's and out's, each for the kernel's period (empty where it does
+  // not divide the rows: the kernel then loads by cp.async); init and
+  // finalize take empty ones. The backward kernels take two: grad_kv walks
+  // the rows of q and grad_out (which shares q's strides), grad_q the keys.
+  TensorMap maps[4] = {};
   const bool elementwise = kernel.kind == "init" ||
                            kernel.kind == "finalize" ||
                            kernel.kind == "grad_prepare" ||
                            kernel.kind == "grad_add";
   if (g.tensorMaps) {
-    // grad_kv walks the rows of q and grad_out (which shares q's strides),
-    // grad_q and the component kernels the keys, each through maps for its
-    // period (empty where it does not divide the rows: the kernel then
-    // loads by cp.async).
     const bool walksQueries = kernel.kind == "grad_kv";
-    KeyMapShape shape;
-    shape.batch = walksQueries ? a.B : kvBatch;
-    shape.heads = walksQueries ? a.H : a.Hkv;
-    shape.rows = walksQueries ? a.Lq : kvRows;
-    const int64_t *strides = walksQueries ? qs : ks;
-    std::copy(strides, strides + 3, shape.strides);
-    shape.headDim = a.D;
-    shape.period = std::max<int64_t>(kernel.period, 1);
+    auto mapShape = [&](int64_t batch, int64_t heads, int64_t rows,
+                        const int64_t *strides) {
+      KeyMapShape shape;
+      shape.batch = batch;
+      shape.heads = heads;
+      shape.rows = rows;
+      std::copy(strides, strides + 3, shape.strides);
+      shape.headDim = a.D;
+      shape.period = std::max<int64_t>(kernel.period, 1);
+      return shape;
+    };
+    const KeyMapShape queries = mapShape(a.B, a.H, a.Lq, qs),
+                      keys = mapShape(kvBatch, a.Hkv, kvRows, ks);
+    const KeyMapShape &walked = walksQueries ? queries : keys;
     const CUdeviceptr first = walksQueries ? a.q : a.k,
                       second = walksQueries ? a.gradOut : a.v;
     const char *firstName = walksQueries ? "q" : "k",
                *secondName = walksQueries ? "grad_out" : "v";
     if (!elementwise &&
-        (!cachedKeyMap(g, first, shape, firstName, maps[0], error) ||
-         !cachedKeyMap(g, second, shape, secondName, maps[1], error)))
+        (!cachedKeyMap(g, first, walked, firstName, maps[0], error) ||
+         !cachedKeyMap(g, second, walked, secondName, maps[1], error)))
       return false;
-    params[numWords] = &maps[0];
-    params[numWords + 1] = &maps[1];
+    if (!elementwise && !grad &&
+        (!cachedKeyMap(g, a.q, queries, "q", maps[2], error) ||
+         !cachedKeyMap(g, a.out, mapShape(a.B, a.H, a.Lq, os), "out",
+                       maps[3], error)))
+      return false;
+    const int numMaps = grad ? 2 : 4;
+    for (int i = 0; i < numMaps; ++i)
+      params[numWords + i] = &maps[i];
   }
 
   int64_t gx, gy = 1, gz = 1;

@@ -53,8 +53,9 @@ static bool readManifest(const std::string &dir, json &m, std::string &error) {
     // k, v, out and grad_out through them (5) and may store the gradients
     // (6), and grad_kv's grid spans the keys' segments as well as the
     // rows' (7), and grad_add adds strided runs of rows (8), and on sm_90a
-    // the backward kernels take two tensor maps (9); cpu packages stay at 1.
-    const int want = m.value("target", "cpu") == "cpu" ? 1 : 9;
+    // the backward kernels take two tensor maps (9), and the forward ones
+    // four (10); cpu packages stay at 1.
+    const int want = m.value("target", "cpu") == "cpu" ? 1 : 10;
     if (m.value("version", 0) != want)
       throw std::runtime_error(
           "manifest version " + std::to_string(m.value("version", 0)) +

@@ -419,12 +419,13 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
 
   nlohmann::json manifest = {
       {"format", "attn-package"},
-      {"version", 9}, // 3: kernels take q's and k's strides, 4: out's,
-                      // 5: grad kernels read through them, 6: and may store
-                      // the gradients, 7: grad_kv's grid spans the keys'
-                      // segments, 8: grad_add adds strided runs of rows,
-                      // 9: grad kernels take tensor maps with TMA
-                      // (Package.md)
+      {"version", 10}, // 3: kernels take q's and k's strides, 4: out's,
+                       // 5: grad kernels read through them, 6: and may
+                       // store the gradients, 7: grad_kv's grid spans the
+                       // keys' segments, 8: grad_add adds strided runs of
+                       // rows, 9: grad kernels take tensor maps with TMA,
+                       // 10: forward kernels take q's and out's maps too
+                       // (Package.md)
       {"target", arch},
       {"name", spec.name},
       {"dtype", spec.dtype},

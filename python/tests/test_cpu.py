@@ -181,11 +181,11 @@ def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, patt
 
 
 def test_gpu_package_of_another_version_is_refused(tmp_path):
-    """GPU packages are manifest version 9 (kernels take bh_offset and the
+    """GPU packages are manifest version 10 (kernels take bh_offset and the
     strides of q, k and out, the backward kernels read through them and may
     store the gradients, grad_kv's grid spans the keys' segments, grad_add
     adds strided runs of rows, the backward kernels take tensor maps on
-    sm_90a):
+    sm_90a, and the forward kernels those of q and out as well):
     one written by an older attn-compile is refused with a clear error,
     before any GPU is touched."""
     import json
@@ -197,13 +197,13 @@ def test_gpu_package_of_another_version_is_refused(tmp_path):
     subprocess.run([attn._tool("attn-compile"), str(tmp_path / "v.json"), "-o", str(pkg_dir),
                     "--target", "sm_90a", "--quiet"], check=True)
     manifest = json.loads((pkg_dir / "manifest.json").read_text())
-    assert manifest["version"] == 9
+    assert manifest["version"] == 10
     # One component, a kv head per q head: the kernels store gradients.
     assert manifest["backward"]["stores_grads"] is True
     manifest["version"] = 5
     (pkg_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(attn.AttnError, match=r"manifest version 5 is not supported "
-                       r"\(this runtime reads 9 for sm_90a packages\); recompile it"):
+                       r"\(this runtime reads 10 for sm_90a packages\); recompile it"):
         attn.load(str(pkg_dir))
 
 

@@ -5,25 +5,29 @@
 // of the dynamic shared memory (shared_bytes: a 128-row Q tile, 4 64-row K/V
 // tiles of 128 bf16 columns, 1024 bytes of slack, two 8-byte mbarriers),
 // and both products are warpgroup MMAs in inline PTX, fenced and waited on
-// with the accumulators passed through. The kernels take K's and V's TMA
-// tensor maps as their last two arguments.
+// with the accumulators passed through. The kernels take K's, V's, Q's and
+// out's TMA tensor maps as their last four arguments.
 // CHECK: gpu.func @component_0
 // CHECK-SAME: !llvm.ptr, %{{.*}}: !llvm.ptr)
 // CHECK-SAME: attn.launch = {block = 256 : i64, block_rows = 128 : i64
 // CHECK-SAME: kind = "single", shared_bytes = 99344
-// CHECK-SAME: attn.tensor_maps = 2 : i64
+// CHECK-SAME: attn.tensor_maps = 4 : i64
 // CHECK-SAME: nvvm.minctasm = 2 : i32
 // CHECK-DAG: %[[CLAMP:.*]] = arith.constant -1.275000e+02 : f32
 // CHECK-DAG: %[[MAGIC:.*]] = arith.constant 0x4B400000 : f32
 // CHECK: memref.extract_aligned_pointer_as_index
-// Thread 0 sets up one mbarrier per K/V slot and starts the first tile:
-// the barrier expects both tiles' bytes, and each tile is D/64 = 2 TMA boxes
-// (64 columns x 64 rows, the wgmma layout). Q still arrives by cp.async.
+// Thread 0 sets up one mbarrier per K/V slot and starts the first tile
+// with Q's: the first barrier expects Q's bytes too (no arrival; 128 rows
+// as 2 x 2 boxes), then the leader's arrival expects both key tiles'; each
+// tile is D/64 = 2 TMA boxes (64 columns x 64 rows, the wgmma layout). No
+// cp.async: the keys have period 1, so every map exists.
 // CHECK-COUNT-2: "mbarrier.init.shared::cta.b64 [$0], 1;"
 // CHECK: "fence.mbarrier_init.release.cluster;"
+// CHECK: "mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [$0], $1;", "r,r" %{{.*}}, %c32768_i32
+// CHECK-COUNT-4: cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes
 // CHECK: mbarrier.arrive.expect_tx.shared::cta.b64 st, [$0], $1; }", "r,r" %{{.*}}, %c32768_i32
 // CHECK-COUNT-4: cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes
-// CHECK: nvgpu.device_async_copy
+// CHECK-NOT: nvgpu.device_async_copy
 // CHECK: "fence.proxy.async.shared::cta;"
 // CHECK-NEXT: gpu.barrier
 // One barrier per key tile: wait on the slot's mbarrier; zero V's rows
@@ -86,15 +90,26 @@ func.func @causal(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>, %v: te
 // keys as [rows / 4][4][D], and a tile is a box of one residue plane (5-D
 // TMA: columns, plane, row, head, batch). When 4 does not divide the key
 // rows (kLen, checked at run time; the runtime leaves the maps empty then)
-// the same kernel loads by cp.async.
+// the same kernel loads by cp.async. Q's rows come through q's map (its
+// third) where 4 divides q's rows too (qLen), else by cp.async as well.
 // CHECK: gpu.func @component_0
-// CHECK-SAME: attn.tensor_maps = 2 : i64
+// CHECK-SAME: attn.tensor_maps = 4 : i64
 // CHECK: %[[REM:.*]] = arith.remui %arg12, %c4 : index
 // CHECK: %[[TMA:.*]] = arith.cmpi eq, %[[REM]], %c0 : index
+// CHECK: %[[QREM:.*]] = arith.remui %arg11, %c4 : index
+// CHECK: %[[QDIV:.*]] = arith.cmpi eq, %[[QREM]], %c0 : index
+// CHECK: %[[TMAQ:.*]] = arith.andi %[[TMA]], %[[QDIV]] : i1
 // CHECK: scf.if %[[TMA]] {
+// CHECK: scf.if %[[TMAQ]] {
+// CHECK: "mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [$0], $1;", "r,r" %{{.*}}, %c32768_i32
+// CHECK-COUNT-4: cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3, $4, $5, $6}], [$7];", "r,l,r,r,r,r,r,r" %{{.*}}, %arg31,
+// CHECK: mbarrier.arrive.expect_tx
 // CHECK-COUNT-4: cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3, $4, $5, $6}], [$7];
 // CHECK: } else {
 // CHECK: nvgpu.device_async_copy %arg1
+// CHECK: %[[BYCOPY:.*]] = arith.xori %[[TMAQ]], %true : i1
+// CHECK: scf.if %[[BYCOPY]] {
+// CHECK: nvgpu.device_async_copy %arg0
 // CHECK: scf.for
 // CHECK: scf.if %[[TMA]] {
 // CHECK: mbarrier.try_wait.parity
@@ -114,7 +129,8 @@ func.func @dilated(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %
 // key tiles) gets one-warpgroup blocks with its keys resident: 128 threads,
 // 64 rows, three blocks per SM (shared_bytes: a 64-row Q tile, three K
 // tiles that V reuses, 1024 bytes of slack, two mbarriers). Thread 0 loads
-// the three K tiles (6 boxes) on one mbarrier; S is one commit group of 3 x 8
+// Q (2 boxes) and the three K tiles (6 boxes) on one mbarrier; S is one
+// commit group of 3 x 8
 // wgmmas; after a barrier V's three tiles load into K's slots on the second
 // mbarrier while the softmax runs; P . V is 3 x 4 wgmmas. No key loop.
 // CHECK: gpu.func @component_0
@@ -122,6 +138,8 @@ func.func @dilated(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %
 // CHECK-SAME: kind = "single", shared_bytes = 66576
 // CHECK-SAME: nvvm.minctasm = 3 : i32
 // CHECK-COUNT-2: "mbarrier.init.shared::cta.b64 [$0], 1;"
+// CHECK: "mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [$0], $1;", "r,r" %{{.*}}, %c16384_i32
+// CHECK-COUNT-2: cp.async.bulk.tensor.4d{{.*}}, %arg31,
 // CHECK: mbarrier.arrive.expect_tx.shared::cta.b64 st, [$0], $1; }", "r,r" %{{.*}}, %c49152_i32
 // CHECK-COUNT-6: cp.async.bulk.tensor.4d
 // CHECK-NOT: scf.for

@@ -238,7 +238,9 @@ public:
   ///   qLen, kLen, qOrigin, kOrigin, rowLenShift, qPos, kPos, posStride,
   ///   bhOffset, qStrideB, qStrideH, qStrideR, kStrideB, kStrideH, kStrideR,
   ///   oStrideB, oStrideH, oStrideR
-  ///   [kMap, vMap]   (with TMA: CUtensorMaps by value, see beginKernel)
+  ///   [kMap, vMap, qMap, oMap]   (with TMA: CUtensorMaps by value, see
+  ///                  beginKernel; q's and out's for the component's period,
+  ///                  as k's and v's)
   /// For the component's groups and bands, query row i sits at position
   /// qOrigin + i and key j at kOrigin + j. Lengths and filters see global
   /// positions: rows with rowLenShift + posStride * i >= lengths[b] and keys
@@ -261,7 +263,7 @@ public:
                            floatType,   floatType,   lengthsType};
     args.append(kNumScalarArgs, index);
     if (shape.tma)
-      args.append(2, LLVM::LLVMPointerType::get(ctx));
+      args.append(4, LLVM::LLVMPointerType::get(ctx));
     return FunctionType::get(ctx, args, {});
   }
 
@@ -307,7 +309,7 @@ private:
     Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, KeyBias, KeyIds, QLen, KLen,
     QOrigin, KOrigin, RowLenShift, QPos, KPos, PosStride, BhOffset,
     QStrideB, QStrideH, QStrideR, KStrideB, KStrideH, KStrideR,
-    OStrideB, OStrideH, OStrideR, KMap, VMap
+    OStrideB, OStrideH, OStrideR, KMap, VMap, QMap, OMap
   };
 
   /// The backward kernels' signature: kernelType's (without tensor maps),
@@ -325,7 +327,7 @@ private:
   FunctionType gradKernelType() {
     SmallVector<Type> args(kernelType().getInputs());
     if (shape.tma)
-      args.resize(args.size() - 2);
+      args.resize(args.size() - 4);
     args.append({storageType, floatType, floatType, floatType, floatType});
     args.append(7, b.getIndexType());
     args.append({floatType, floatType, floatType});
@@ -464,16 +466,19 @@ private:
   Value walkedTile(Value slot, int64_t which);
   /// TMA (sm_90a), from tilesAddress: the 32-bit shared address of byte
   /// offset `byteOffset`; thread 0's arrival on mbarrier `bar` expecting
-  /// `bytes`; the box loads (64 columns x 64 rows each, 128-byte swizzle:
+  /// `bytes` (tmaExpectMoreBytes: `bytes` more in the current phase, no
+  /// arrival); the box loads (64 columns x 64 rows each, 128-byte swizzle:
   /// the wgmma layout) of one 64-row tile of tensor map `map` into the
-  /// tile at `tileOffset`, at box coordinates `coords` after the column
-  /// (i32: row, head, batch, or plane and row in it for gathered rows),
-  /// completing on `bar`; and every thread's wait for phase `parity` of
-  /// `bar`.
+  /// tile at `tileOffset`, whose 64-column panels are `panelBytes` apart
+  /// (0: a 64-row tile's 8 KB), at box coordinates `coords` after the
+  /// column (i32: row, head, batch, or plane and row in it for gathered
+  /// rows), completing on `bar`; and every thread's wait for phase
+  /// `parity` of `bar`.
   Value sharedAddress32(Value byteOffset);
   void tmaExpectBytes(Value bar, int64_t bytes);
+  void tmaExpectMoreBytes(Value bar, int64_t bytes);
   void tmaLoadTile(Value map, Value tileOffset, ArrayRef<Value> coords,
-                   Value bar);
+                   Value bar, int64_t panelBytes = 0);
   void waitBarrierParity(Value bar, Value parity);
   /// Zeros the rows of the swizzled 64-row tile memref `tile` for which
   /// `zeroed(row)` holds, 16 bytes a store (every thread takes its share).
@@ -728,11 +733,12 @@ gpu::GPUFuncOp KernelEmitter::beginKernel(StringRef name, int64_t threads,
   func->setAttr(gpu::GPUDialect::getKernelFuncAttrName(), b.getUnitAttr());
   func.setKnownBlockSizeAttr(
       b.getDenseI32ArrayAttr({int32_t(threads), 1, 1}));
-  // The tensor maps are the last two arguments. TMA reads a map in place,
-  // so after gpu-to-nvvm the GPU target turns them into 128-byte byval
-  // parameters with nvvm.grid_constant (a gpu.func cannot carry those).
+  // The tensor maps are the last arguments (four, the backward's two). TMA
+  // reads a map in place, so after gpu-to-nvvm the GPU target turns them
+  // into 128-byte byval parameters with nvvm.grid_constant (a gpu.func
+  // cannot carry those).
   if (shape.tma)
-    func->setAttr("attn.tensor_maps", b.getI64IntegerAttr(2));
+    func->setAttr("attn.tensor_maps", b.getI64IntegerAttr(grad ? 2 : 4));
   entry = &func.getBody().front();
   b.setInsertionPointToStart(entry);
   tid = gpu::ThreadIdOp::create(b, loc, gpu::Dimension::x);
@@ -1480,13 +1486,30 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     useTma = period == 1
                  ? m.truth(true)
                  : m.eq(arith::RemUIOp::create(b, loc, kLen, r), zero);
-  // Key t sits at j = base + r*t - kOrigin = r*(planeRow0 + t) + plane.
-  Value plane, planeRow0;
+  // Key t sits at j = base + r*t - kOrigin = r*(planeRow0 + t) + plane,
+  // and query row t at i = base + r*t - qOrigin = r*(qPlaneRow0 + t) +
+  // qPlane.
+  Value plane, planeRow0, qPlane, qPlaneRow0;
   if (tmaKeys && period > 1) {
-    Value rel = m.sub(base, kOrigin);
-    planeRow0 = m.floorDiv(rel, r);
-    plane = m.sub(rel, m.mul(planeRow0, r));
+    auto split = [&](Value origin, Value &inPlane, Value &row0) {
+      Value rel = m.sub(base, origin);
+      row0 = m.floorDiv(rel, r);
+      inPlane = m.sub(rel, m.mul(row0, r));
+    };
+    split(kOrigin, plane, planeRow0);
+    split(delta, qPlane, qPlaneRow0);
   }
+  // Q's tile comes by TMA too, on the first key tile's mbarrier, where the
+  // keys do and q's map exists (r divides q's rows; a uniform branch); the
+  // warp-specialised kernels keep loading it by cp.async (a block's one Q
+  // tile is little beside its many key tiles there).
+  const bool tmaQuery = tmaKeys && !ws;
+  Value useTmaQ;
+  if (tmaQuery)
+    useTmaQ = period == 1 ? useTma
+                          : m.both(useTma, m.eq(arith::RemUIOp::create(
+                                                    b, loc, qLen, r),
+                                                zero));
   Value isLeader = m.eq(tid, zero);
   auto barrierAt = [&](Value slot) {
     return sharedAddress32(
@@ -1511,6 +1534,28 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       coords = {toI32(plane), toI32(m.add(planeRow0, k0))};
     coords.append({toI32(hk), toI32(bIdx)});
     tmaLoadTile(map, offset, coords, bar);
+  };
+  // The leader fetches Q's tile (rows q0..) on `bar`: boxes of 64 rows, in
+  // the tile's panels of kBlockRows rows. Rows past the group's end arrive
+  // as they are (or as zeros past q's rows): they only make rows that are
+  // never stored, since no product mixes rows.
+  auto tmaLoadQueryTile = [&](Value bar) {
+    auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
+                                    /*withElse=*/false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(leader.thenBlock());
+    tmaExpectMoreBytes(bar, shape.qTileBytes());
+    for (int64_t part = 0; part < kBlockRows / 64; ++part) {
+      Value t0 = m.add(q0, m.c(64 * part));
+      SmallVector<Value> coords;
+      if (period == 1)
+        coords = {toI32(qRowIndex(t0))};
+      else
+        coords = {toI32(qPlane), toI32(m.add(qPlaneRow0, t0))};
+      coords.append({toI32(h), toI32(bIdx)});
+      tmaLoadTile(arg(QMap), m.c(part * 64 * 128), coords, bar,
+                  /*panelBytes=*/kBlockRows * 128);
+    }
   };
   // The leader fetches the K/V tile pair of keys k0.. into a slot.
   auto tmaLoadKeyTile = [&](Value k0, Value slot) {
@@ -1636,12 +1681,22 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                                      /*withElse=*/true);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(byTma.thenBlock());
+      // Q first (its expected bytes before the leader's arrival).
+      auto loadQuery = [&]() {
+        auto byTmaQ =
+            scf::IfOp::create(b, loc, TypeRange{}, useTmaQ, false);
+        OpBuilder::InsertionGuard g(b);
+        b.setInsertionPointToStart(byTmaQ.thenBlock());
+        tmaLoadQueryTile(barrierAt(zero));
+      };
       if (resident) {
+        loadQuery();
         residentLoad(barrierAt(zero), /*values=*/false);
       } else {
         auto some = scf::IfOp::create(b, loc, TypeRange{},
                                       m.lt(zero, numTiles), false);
         b.setInsertionPointToStart(some.thenBlock());
+        loadQuery();
         tmaLoadKeyTile(first, zero);
       }
       b.setInsertionPointToStart(byTma.elseBlock());
@@ -1650,12 +1705,20 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   } else {
     loadKeyTile(first, zero);
   }
-  asyncLoadTile(qTile, kBlockRows, arg(Q),
-                [&](Value row) -> std::pair<Value, Value> {
-    Value t = m.add(q0, row);
-    return {m.add(qBase, m.mul(qRowIndex(t), arg(QStrideR))),
-            m.lt(t, tRowAll)};
-  });
+  {
+    OpBuilder::InsertionGuard guard(b);
+    if (tmaQuery) {
+      auto byCopy = scf::IfOp::create(b, loc, TypeRange{},
+                                      m.negate(useTmaQ), false);
+      b.setInsertionPointToStart(byCopy.thenBlock());
+    }
+    asyncLoadTile(qTile, kBlockRows, arg(Q),
+                  [&](Value row) -> std::pair<Value, Value> {
+      Value t = m.add(q0, row);
+      return {m.add(qBase, m.mul(qRowIndex(t), arg(QStrideR))),
+              m.lt(t, tRowAll)};
+    });
+  }
   Value token = commitGroup();
   nvgpu::DeviceAsyncWaitOp::create(b, loc, token, b.getI32IntegerAttr(0));
   // The wgmmas read shared memory through the async proxy: make this
@@ -2861,8 +2924,17 @@ void KernelEmitter::tmaExpectBytes(Value bar, int64_t bytes) {
             "r,r");
 }
 
+void KernelEmitter::tmaExpectMoreBytes(Value bar, int64_t bytes) {
+  Value count = arith::ConstantIntOp::create(b, loc, b.getI32Type(), bytes);
+  inlinePtx({}, {bar, count},
+            "mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [$0], $1;", "r,r");
+}
+
 void KernelEmitter::tmaLoadTile(Value map, Value tileOffset,
-                                ArrayRef<Value> coords, Value bar) {
+                                ArrayRef<Value> coords, Value bar,
+                                int64_t panelBytes) {
+  if (!panelBytes)
+    panelBytes = kBlockKeys * 128;
   std::string text =
       "cp.async.bulk.tensor." + std::to_string(coords.size() + 1) +
       "d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
@@ -2875,7 +2947,7 @@ void KernelEmitter::tmaLoadTile(Value map, Value tileOffset,
     constraints += ",r";
   for (int64_t panel = 0; panel < shape.headDim / 64; ++panel) {
     Value dst =
-        sharedAddress32(m.add(tileOffset, m.c(panel * kBlockKeys * 128)));
+        sharedAddress32(m.add(tileOffset, m.c(panel * panelBytes)));
     Value col =
         arith::ConstantIntOp::create(b, loc, b.getI32Type(), panel * 64);
     SmallVector<Value> operands{dst, map, col};

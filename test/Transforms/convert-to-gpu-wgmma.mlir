@@ -71,11 +71,20 @@
 // CHECK: wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16
 // CHECK-NOT: gpu.barrier
 // CHECK: scf.yield
-// After the loop: out through shared memory, then 16-byte global stores.
+// After the loop: out through shared memory (Q's tile, in its swizzle),
+// then thread 0's TMA stores through out's map (its fourth) of each 64-row
+// part whose rows are all written, and the threads' 16-byte stores of the
+// other parts.
 // CHECK: gpu.barrier
-// CHECK: vector.store {{.*}} : memref<128x136xf16, #gpu.address_space<workgroup>>, vector<2xf16>
-// CHECK: gpu.barrier
-// CHECK: vector.load {{.*}} {alignment = 16 : i64} : memref<128x136xf16, #gpu.address_space<workgroup>>, vector<8xf16>
+// CHECK: vector.store {{.*}} : memref<16384xf16, #gpu.address_space<workgroup>>, vector<2xf16>
+// CHECK: "fence.proxy.async.shared::cta;"
+// CHECK-NEXT: gpu.barrier
+// CHECK-COUNT-2: "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [$0, {$1, $2, $3, $4}], [$5];", "l,r,r,r,r,r" %arg32,
+// CHECK: scf.if
+// CHECK-COUNT-2: "cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [$0, {$1, $2, $3, $4}], [$5];", "l,r,r,r,r,r" %arg32,
+// CHECK: "cp.async.bulk.commit_group;"
+// CHECK-NEXT: "cp.async.bulk.wait_group.read 0;"
+// CHECK: vector.load {{.*}} {alignment = 16 : i64} : memref<16384xf16, #gpu.address_space<workgroup>>, vector<8xf16>
 // CHECK: vector.store {{.*}} {alignment = 16 : i64} : memref<?xf16, #gpu.address_space<global>>, vector<8xf16>
 // CHECK-NOT: nvvm.mma.sync
 // CHECK-NOT: nvgpu.ldmatrix

@@ -477,6 +477,11 @@ private:
   Value sharedAddress32(Value byteOffset);
   void tmaExpectBytes(Value bar, int64_t bytes);
   void tmaExpectMoreBytes(Value bar, int64_t bytes);
+  /// The TMA stores of one 64-row tile at `tileOffset` (panels
+  /// `panelBytes` apart) to tensor map `map` at box coordinates `coords`
+  /// after the column, in the issuing thread's bulk group.
+  void tmaStoreTile(Value map, Value tileOffset, ArrayRef<Value> coords,
+                    int64_t panelBytes);
   void tmaLoadTile(Value map, Value tileOffset, ArrayRef<Value> coords,
                    Value bar, int64_t panelBytes = 0);
   void waitBarrierParity(Value bar, Value parity);
@@ -1502,10 +1507,11 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // Q's tile comes by TMA too, on the first key tile's mbarrier, where the
   // keys do and q's map exists (r divides q's rows; a uniform branch); the
   // warp-specialised kernels keep loading it by cp.async (a block's one Q
-  // tile is little beside its many key tiles there).
+  // tile is little beside its many key tiles there). Out's map exists
+  // where q's does (the same rows).
   const bool tmaQuery = tmaKeys && !ws;
   Value useTmaQ;
-  if (tmaQuery)
+  if (tmaKeys)
     useTmaQ = period == 1 ? useTma
                           : m.both(useTma, m.eq(arith::RemUIOp::create(
                                                     b, loc, qLen, r),
@@ -1539,23 +1545,26 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // the tile's panels of kBlockRows rows. Rows past the group's end arrive
   // as they are (or as zeros past q's rows): they only make rows that are
   // never stored, since no product mixes rows.
+  // (q's and out's maps share the box coordinates of 64 rows from t0.)
+  auto queryBoxCoords = [&](Value t0) {
+    SmallVector<Value> coords;
+    if (period == 1)
+      coords = {toI32(qRowIndex(t0))};
+    else
+      coords = {toI32(qPlane), toI32(m.add(qPlaneRow0, t0))};
+    coords.append({toI32(h), toI32(bIdx)});
+    return coords;
+  };
   auto tmaLoadQueryTile = [&](Value bar) {
     auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
                                     /*withElse=*/false);
     OpBuilder::InsertionGuard guard(b);
     b.setInsertionPointToStart(leader.thenBlock());
     tmaExpectMoreBytes(bar, shape.qTileBytes());
-    for (int64_t part = 0; part < kBlockRows / 64; ++part) {
-      Value t0 = m.add(q0, m.c(64 * part));
-      SmallVector<Value> coords;
-      if (period == 1)
-        coords = {toI32(qRowIndex(t0))};
-      else
-        coords = {toI32(qPlane), toI32(m.add(qPlaneRow0, t0))};
-      coords.append({toI32(h), toI32(bIdx)});
-      tmaLoadTile(arg(QMap), m.c(part * 64 * 128), coords, bar,
+    for (int64_t part = 0; part < kBlockRows / 64; ++part)
+      tmaLoadTile(arg(QMap), m.c(part * 64 * 128),
+                  queryBoxCoords(m.add(q0, m.c(64 * part))), bar,
                   /*panelBytes=*/kBlockRows * 128);
-    }
   };
   // The leader fetches the K/V tile pair of keys k0.. into a slot.
   auto tmaLoadKeyTile = [&](Value k0, Value slot) {
@@ -2404,8 +2413,17 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // fall in different banks), and each warp copies its 16 rows out in
   // 16-byte pieces, whole rows per store. An f32 state is stored directly.
   const bool staged = writesOut || shape.halfState;
+  // With TMA the staged rows take Q's tile, in its swizzled panels (of
+  // kBlockRows rows), and each 64-row part whose rows are all written
+  // leaves by TMA stores through out's map (thread 0 issues them and waits
+  // until they have read shared memory); the threads store the other parts
+  // as before (rows past the group's end inside the tensor, or no map).
+  const bool storeByTma = staged && tmaKeys;
   Value rowTile;
-  if (staged) {
+  if (storeByTma) {
+    consumerBarrier();
+    rowTile = sharedTile(dyn, zero, kBlockRows);
+  } else if (staged) {
     consumerBarrier();
     auto workgroup =
         gpu::AddressSpaceAttr::get(ctx, gpu::AddressSpace::Workgroup);
@@ -2422,6 +2440,19 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   auto rowWritten = [&](Value t) {
     return writesOut || mode == StateMode::Begin ? m.lt(t, tRowAll)
                                                  : m.lt(t, q1);
+  };
+  // Where staged element (row, 8 dn + e) sits in rowTile, e < 8.
+  auto stagedAt = [&](Value row, Value dn, Value e) -> SmallVector<Value, 2> {
+    if (storeByTma)
+      return {m.add(swizzledOffset(row, dn, kBlockRows), e)};
+    return {row, m.add(m.mul(dn, m.c(8)), e)};
+  };
+  // Whether the 64-row part `part` of the block's rows leaves by TMA.
+  auto partByTma = [&](Value part) {
+    Value end = m.add(q0, m.mul(m.add(part, one), m.c(64)));
+    return m.both(useTmaQ, m.le(end, writesOut || mode == StateMode::Begin
+                                         ? tRowAll
+                                         : q1));
   };
   for (int64_t half = 0; half < 2; ++half) {
     Value t = tq[half];
@@ -2442,7 +2473,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
         if (shape.bf16)
           pair = LLVM::BitcastOp::create(b, loc, pairType, pair);
         vector::StoreOp::create(b, loc, pair, rowTile,
-                                ValueRange{tileRow, m.add(laneCol, m.c(dn * 8))},
+                                stagedAt(tileRow, m.c(dn), laneCol),
                                 /*nontemporal=*/false, llvm::MaybeAlign(4));
       }
     } else {
@@ -2473,7 +2504,34 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   }
   if (staged) {
     // The warp's 16 rows, D/8 16-byte chunks each, 32 chunks per step.
+    if (storeByTma)
+      inlinePtx({}, {}, "fence.proxy.async.shared::cta;", "");
     consumerBarrier();
+    OpBuilder::InsertionGuard guard(b);
+    if (storeByTma) {
+      auto leader = scf::IfOp::create(b, loc, TypeRange{}, m.eq(tid, zero),
+                                      /*withElse=*/false);
+      {
+        OpBuilder::InsertionGuard g(b);
+        b.setInsertionPointToStart(leader.thenBlock());
+        for (int64_t part = 0; part < kBlockRows / 64; ++part) {
+          auto whole = scf::IfOp::create(b, loc, TypeRange{},
+                                         partByTma(m.c(part)), false);
+          OpBuilder::InsertionGuard g2(b);
+          b.setInsertionPointToStart(whole.thenBlock());
+          tmaStoreTile(arg(OMap), m.c(part * 64 * 128),
+                       queryBoxCoords(m.add(q0, m.c(64 * part))),
+                       /*panelBytes=*/kBlockRows * 128);
+        }
+        inlinePtx({}, {}, "cp.async.bulk.commit_group;", "");
+        inlinePtx({}, {}, "cp.async.bulk.wait_group.read 0;", "");
+      }
+      // The other parts: each warp stores its 16 rows itself.
+      Value part = arith::DivUIOp::create(b, loc, warpRow, m.c(64));
+      auto byThreads = scf::IfOp::create(b, loc, TypeRange{},
+                                         m.negate(partByTma(part)), false);
+      b.setInsertionPointToStart(byThreads.thenBlock());
+    }
     const int64_t chunksPerRow = D / 8;
     auto chunkType = VectorType::get({8}, f16);
     Value dst = writesOut ? arg(Out) : stateAcc();
@@ -2488,10 +2546,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           scf::IfOp::create(b, loc, TypeRange{}, rowWritten(t), false);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifWritten.thenBlock());
-      Value v = vector::LoadOp::create(b, loc, chunkType, rowTile,
-                                       ValueRange{tileRow, col},
-                                       /*nontemporal=*/false,
-                                       llvm::MaybeAlign(16));
+      Value v = vector::LoadOp::create(
+          b, loc, chunkType, rowTile,
+          stagedAt(tileRow, arith::DivUIOp::create(b, loc, col, m.c(8)), zero),
+          /*nontemporal=*/false, llvm::MaybeAlign(16));
       Value at = m.add(m.add(oBase, m.mul(qRowIndex(t), arg(OStrideR))), col);
       vector::StoreOp::create(b, loc, v, dst, at, /*nontemporal=*/false,
                               llvm::MaybeAlign(16));
@@ -2953,6 +3011,28 @@ void KernelEmitter::tmaLoadTile(Value map, Value tileOffset,
     SmallVector<Value> operands{dst, map, col};
     operands.append(coords.begin(), coords.end());
     operands.push_back(bar);
+    inlinePtx({}, operands, text, constraints);
+  }
+}
+
+void KernelEmitter::tmaStoreTile(Value map, Value tileOffset,
+                                 ArrayRef<Value> coords, int64_t panelBytes) {
+  std::string text = "cp.async.bulk.tensor." +
+                     std::to_string(coords.size() + 1) +
+                     "d.global.shared::cta.bulk_group [$0, {$1";
+  for (size_t i = 0; i < coords.size(); ++i)
+    text += ", $" + std::to_string(i + 2);
+  text += "}], [$" + std::to_string(coords.size() + 2) + "];";
+  std::string constraints = "l,r";
+  for (size_t i = 0; i <= coords.size(); ++i)
+    constraints += ",r";
+  for (int64_t panel = 0; panel < shape.headDim / 64; ++panel) {
+    Value col =
+        arith::ConstantIntOp::create(b, loc, b.getI32Type(), panel * 64);
+    SmallVector<Value> operands{map, col};
+    operands.append(coords.begin(), coords.end());
+    operands.push_back(
+        sharedAddress32(m.add(tileOffset, m.c(panel * panelBytes))));
     inlinePtx({}, operands, text, constraints);
   }
 }

@@ -494,8 +494,8 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
       return false;
     if (!elementwise && !grad &&
         (!cachedKeyMap(g, a.q, queries, "q", maps[2], error) ||
-         !cachedKeyMap(g, a.out, mapShape(a.B, a.H, a.Lq, os), "out",
-                       maps[3], error)))
+         !cachedKeyMap(g, a.out, mapShape(a.B, a.H, a.Lq, os), "out", maps[3],
+                       error)))
       return false;
     const int numMaps = grad ? 2 : 4;
     for (int i = 0; i < numMaps; ++i)

@@ -47,7 +47,9 @@ struct IndexMath {
   // i1 logic.
   Value both(Value x, Value y) { return arith::AndIOp::create(b, loc, x, y); }
   Value either(Value x, Value y) { return arith::OrIOp::create(b, loc, x, y); }
-  Value negate(Value x) { return arith::XOrIOp::create(b, loc, x, truth(true)); }
+  Value negate(Value x) {
+    return arith::XOrIOp::create(b, loc, x, truth(true));
+  }
   Value truth(bool v) {
     return arith::ConstantIntOp::create(b, loc, b.getI1Type(), v ? 1 : 0);
   }

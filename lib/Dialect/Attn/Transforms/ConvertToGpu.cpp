@@ -1512,10 +1512,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   const bool tmaQuery = tmaKeys && !ws;
   Value useTmaQ;
   if (tmaKeys)
-    useTmaQ = period == 1 ? useTma
-                          : m.both(useTma, m.eq(arith::RemUIOp::create(
-                                                    b, loc, qLen, r),
-                                                zero));
+    useTmaQ = period == 1
+                  ? useTma
+                  : m.both(useTma,
+                           m.eq(arith::RemUIOp::create(b, loc, qLen, r), zero));
   Value isLeader = m.eq(tid, zero);
   auto barrierAt = [&](Value slot) {
     return sharedAddress32(
@@ -1541,11 +1541,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     coords.append({toI32(hk), toI32(bIdx)});
     tmaLoadTile(map, offset, coords, bar);
   };
-  // The leader fetches Q's tile (rows q0..) on `bar`: boxes of 64 rows, in
-  // the tile's panels of kBlockRows rows. Rows past the group's end arrive
-  // as they are (or as zeros past q's rows): they only make rows that are
-  // never stored, since no product mixes rows.
-  // (q's and out's maps share the box coordinates of 64 rows from t0.)
+  // The box coordinates of the 64 rows from gathered row t0 in q's and
+  // out's maps (which share them).
   auto queryBoxCoords = [&](Value t0) {
     SmallVector<Value> coords;
     if (period == 1)
@@ -1555,6 +1552,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     coords.append({toI32(h), toI32(bIdx)});
     return coords;
   };
+  // The leader fetches Q's tile (rows q0..) on `bar`: boxes of 64 rows, in
+  // the tile's panels of kBlockRows rows. Rows past the group's end arrive
+  // as they are (or as zeros past q's rows): they only make rows that are
+  // never stored, since no product mixes rows.
   auto tmaLoadQueryTile = [&](Value bar) {
     auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
                                     /*withElse=*/false);
@@ -1692,8 +1693,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       b.setInsertionPointToStart(byTma.thenBlock());
       // Q first (its expected bytes before the leader's arrival).
       auto loadQuery = [&]() {
-        auto byTmaQ =
-            scf::IfOp::create(b, loc, TypeRange{}, useTmaQ, false);
+        auto byTmaQ = scf::IfOp::create(b, loc, TypeRange{}, useTmaQ, false);
         OpBuilder::InsertionGuard g(b);
         b.setInsertionPointToStart(byTmaQ.thenBlock());
         tmaLoadQueryTile(barrierAt(zero));
@@ -1717,8 +1717,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   {
     OpBuilder::InsertionGuard guard(b);
     if (tmaQuery) {
-      auto byCopy = scf::IfOp::create(b, loc, TypeRange{},
-                                      m.negate(useTmaQ), false);
+      auto byCopy =
+          scf::IfOp::create(b, loc, TypeRange{}, m.negate(useTmaQ), false);
       b.setInsertionPointToStart(byCopy.thenBlock());
     }
     asyncLoadTile(qTile, kBlockRows, arg(Q),
@@ -2450,9 +2450,9 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // Whether the 64-row part `part` of the block's rows leaves by TMA.
   auto partByTma = [&](Value part) {
     Value end = m.add(q0, m.mul(m.add(part, one), m.c(64)));
-    return m.both(useTmaQ, m.le(end, writesOut || mode == StateMode::Begin
-                                         ? tRowAll
-                                         : q1));
+    return m.both(
+        useTmaQ,
+        m.le(end, writesOut || mode == StateMode::Begin ? tRowAll : q1));
   };
   for (int64_t half = 0; half < 2; ++half) {
     Value t = tq[half];
@@ -3004,8 +3004,7 @@ void KernelEmitter::tmaLoadTile(Value map, Value tileOffset,
   for (size_t i = 0; i <= coords.size(); ++i)
     constraints += ",r";
   for (int64_t panel = 0; panel < shape.headDim / 64; ++panel) {
-    Value dst =
-        sharedAddress32(m.add(tileOffset, m.c(panel * panelBytes)));
+    Value dst = sharedAddress32(m.add(tileOffset, m.c(panel * panelBytes)));
     Value col =
         arith::ConstantIntOp::create(b, loc, b.getI32Type(), panel * 64);
     SmallVector<Value> operands{dst, map, col};

@@ -1505,11 +1505,8 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     split(delta, qPlane, qPlaneRow0);
   }
   // Q's tile comes by TMA too, on the first key tile's mbarrier, where the
-  // keys do and q's map exists (r divides q's rows; a uniform branch); the
-  // warp-specialised kernels keep loading it by cp.async (a block's one Q
-  // tile is little beside its many key tiles there). Out's map exists
-  // where q's does (the same rows).
-  const bool tmaQuery = tmaKeys && !ws;
+  // keys do and q's map exists (r divides q's rows; a uniform branch). Out's
+  // map exists where q's does (the same rows).
   Value useTmaQ;
   if (tmaKeys)
     useTmaQ = period == 1
@@ -1556,16 +1553,20 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // the tile's panels of kBlockRows rows. Rows past the group's end arrive
   // as they are (or as zeros past q's rows): they only make rows that are
   // never stored, since no product mixes rows.
-  auto tmaLoadQueryTile = [&](Value bar) {
-    auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
-                                    /*withElse=*/false);
-    OpBuilder::InsertionGuard guard(b);
-    b.setInsertionPointToStart(leader.thenBlock());
+  // (issueQueryTile: the leader's part, where the caller is the leader.)
+  auto issueQueryTile = [&](Value bar) {
     tmaExpectMoreBytes(bar, shape.qTileBytes());
     for (int64_t part = 0; part < kBlockRows / 64; ++part)
       tmaLoadTile(arg(QMap), m.c(part * 64 * 128),
                   queryBoxCoords(m.add(q0, m.c(64 * part))), bar,
                   /*panelBytes=*/kBlockRows * 128);
+  };
+  auto tmaLoadQueryTile = [&](Value bar) {
+    auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader,
+                                    /*withElse=*/false);
+    OpBuilder::InsertionGuard guard(b);
+    b.setInsertionPointToStart(leader.thenBlock());
+    issueQueryTile(bar);
   };
   // The leader fetches the K/V tile pair of keys k0.. into a slot.
   auto tmaLoadKeyTile = [&](Value k0, Value slot) {
@@ -1668,6 +1669,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
                             std::to_string(kProducerRegisters) + ";", "");
       auto leader = scf::IfOp::create(b, loc, TypeRange{}, isLeader, false);
       b.setInsertionPointToStart(leader.thenBlock());
+      {
+        // Q's tile with the first key tile (a block without key tiles
+        // waits for nothing, so it loads nothing).
+        OpBuilder::InsertionGuard g(b);
+        auto withQuery = scf::IfOp::create(
+            b, loc, TypeRange{}, m.both(useTmaQ, m.lt(zero, numTiles)), false);
+        b.setInsertionPointToStart(withQuery.thenBlock());
+        issueQueryTile(barrierAt(zero));
+      }
       auto produce = scf::ForOp::create(b, loc, zero, numTiles, one);
       b.setInsertionPointToStart(produce.getBody());
       Value it = produce.getInductionVar();
@@ -1716,7 +1726,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   }
   {
     OpBuilder::InsertionGuard guard(b);
-    if (tmaQuery) {
+    if (tmaKeys) {
       auto byCopy =
           scf::IfOp::create(b, loc, TypeRange{}, m.negate(useTmaQ), false);
       b.setInsertionPointToStart(byCopy.thenBlock());

@@ -14,18 +14,21 @@
 // CHECK: "mbarrier.init.shared::cta.b64 [$0], 384;"
 // CHECK: "fence.mbarrier_init.release.cluster;"
 // CHECK: gpu.barrier
-// The producer warpgroup gives registers up; its thread 0 loads every tile,
-// after waiting for the slot's previous tile to be handed back.
+// The producer warpgroup gives registers up; its thread 0 loads Q's tile
+// (192 rows: 3 x 2 boxes, expected on the first slot's barrier) and every
+// key tile, after waiting for the slot's previous tile to be handed back.
 // CHECK: "setmaxnreg.dec.sync.aligned.u32 24;"
+// CHECK: "mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [$0], $1;", "r,r" %{{.*}}, %c49152_i32
+// CHECK-COUNT-6: cp.async.bulk.tensor.4d
 // CHECK: scf.for
 // CHECK: mbarrier.try_wait.parity
 // CHECK: mbarrier.arrive.expect_tx
 // CHECK-COUNT-4: cp.async.bulk.tensor.4d
 // CHECK: } else {
 // CHECK: "setmaxnreg.inc.sync.aligned.u32 160;"
-// The consumers load Q and meet on named barrier 1 (384 threads), not on
-// the block barrier.
-// CHECK: nvgpu.device_async_copy
+// The consumers (no cp.async: Q came with the first key tile) meet on
+// named barrier 1 (384 threads), not on the block barrier.
+// CHECK-NOT: nvgpu.device_async_copy
 // CHECK: "bar.sync 1, 384;"
 // Tile 0 before the loop: S issued, committed and waited for.
 // CHECK: wgmma.mma_async.sync.aligned.m64n64k16

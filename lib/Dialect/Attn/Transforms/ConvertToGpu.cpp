@@ -482,6 +482,10 @@ private:
   /// after the column, in the issuing thread's bulk group.
   void tmaStoreTile(Value map, Value tileOffset, ArrayRef<Value> coords,
                     int64_t panelBytes);
+  /// `issue(shared address, first column)` for each 64-column panel of the
+  /// tile at `tileOffset` (panels `panelBytes` apart).
+  void forEachTilePanel(Value tileOffset, int64_t panelBytes,
+                        function_ref<void(Value shared, Value column)> issue);
   void tmaLoadTile(Value map, Value tileOffset, ArrayRef<Value> coords,
                    Value bar, int64_t panelBytes = 0);
   void waitBarrierParity(Value bar, Value parity);
@@ -2998,52 +3002,60 @@ void KernelEmitter::tmaExpectMoreBytes(Value bar, int64_t bytes) {
             "mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [$0], $1;", "r,r");
 }
 
+/// The operands of a TMA box after its map: "{$first, ...}" for the column
+/// and `coords` more coordinates.
+static std::string boxOperands(size_t first, size_t coords) {
+  std::string text = "{$" + std::to_string(first);
+  for (size_t i = 1; i <= coords; ++i)
+    text += ", $" + std::to_string(first + i);
+  return text + "}";
+}
+
+void KernelEmitter::forEachTilePanel(
+    Value tileOffset, int64_t panelBytes,
+    function_ref<void(Value shared, Value column)> issue) {
+  for (int64_t panel = 0; panel < shape.headDim / 64; ++panel)
+    issue(sharedAddress32(m.add(tileOffset, m.c(panel * panelBytes))),
+          arith::ConstantIntOp::create(b, loc, b.getI32Type(), panel * 64));
+}
+
 void KernelEmitter::tmaLoadTile(Value map, Value tileOffset,
                                 ArrayRef<Value> coords, Value bar,
                                 int64_t panelBytes) {
-  if (!panelBytes)
-    panelBytes = kBlockKeys * 128;
-  std::string text =
-      "cp.async.bulk.tensor." + std::to_string(coords.size() + 1) +
-      "d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-      "[$0], [$1, {$2";
-  for (size_t i = 0; i < coords.size(); ++i)
-    text += ", $" + std::to_string(i + 3);
-  text += "}], [$" + std::to_string(coords.size() + 3) + "];";
+  std::string text = "cp.async.bulk.tensor." +
+                     std::to_string(coords.size() + 1) +
+                     "d.shared::cluster.global.tile.mbarrier::complete_tx::"
+                     "bytes [$0], [$1, " +
+                     boxOperands(2, coords.size()) + "], [$" +
+                     std::to_string(coords.size() + 3) + "];";
   std::string constraints = "r,l,r";
   for (size_t i = 0; i <= coords.size(); ++i)
     constraints += ",r";
-  for (int64_t panel = 0; panel < shape.headDim / 64; ++panel) {
-    Value dst = sharedAddress32(m.add(tileOffset, m.c(panel * panelBytes)));
-    Value col =
-        arith::ConstantIntOp::create(b, loc, b.getI32Type(), panel * 64);
+  forEachTilePanel(tileOffset, panelBytes ? panelBytes : kBlockKeys * 128,
+                   [&](Value dst, Value col) {
     SmallVector<Value> operands{dst, map, col};
     operands.append(coords.begin(), coords.end());
     operands.push_back(bar);
     inlinePtx({}, operands, text, constraints);
-  }
+  });
 }
 
 void KernelEmitter::tmaStoreTile(Value map, Value tileOffset,
                                  ArrayRef<Value> coords, int64_t panelBytes) {
   std::string text = "cp.async.bulk.tensor." +
                      std::to_string(coords.size() + 1) +
-                     "d.global.shared::cta.bulk_group [$0, {$1";
-  for (size_t i = 0; i < coords.size(); ++i)
-    text += ", $" + std::to_string(i + 2);
-  text += "}], [$" + std::to_string(coords.size() + 2) + "];";
+                     "d.global.shared::cta.bulk_group [$0, " +
+                     boxOperands(1, coords.size()) + "], [$" +
+                     std::to_string(coords.size() + 2) + "];";
   std::string constraints = "l,r";
   for (size_t i = 0; i <= coords.size(); ++i)
     constraints += ",r";
-  for (int64_t panel = 0; panel < shape.headDim / 64; ++panel) {
-    Value col =
-        arith::ConstantIntOp::create(b, loc, b.getI32Type(), panel * 64);
+  forEachTilePanel(tileOffset, panelBytes, [&](Value src, Value col) {
     SmallVector<Value> operands{map, col};
     operands.append(coords.begin(), coords.end());
-    operands.push_back(
-        sharedAddress32(m.add(tileOffset, m.c(panel * panelBytes))));
+    operands.push_back(src);
     inlinePtx({}, operands, text, constraints);
-  }
+  });
 }
 
 void KernelEmitter::waitBarrierParity(Value bar, Value parity) {

@@ -2450,11 +2450,9 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // Rows written: out every existing row (those not computed, past
   // lengths[b], as 0 / -inf); `begin` every existing row (those it does not
   // compute hold the empty state, as init would have left them); `update`
-  // only its own rows.
-  auto rowWritten = [&](Value t) {
-    return writesOut || mode == StateMode::Begin ? m.lt(t, tRowAll)
-                                                 : m.lt(t, q1);
-  };
+  // only its own rows: those before writtenEnd.
+  Value writtenEnd = writesOut || mode == StateMode::Begin ? tRowAll : q1;
+  auto rowWritten = [&](Value t) { return m.lt(t, writtenEnd); };
   // Where staged element (row, 8 dn + e) sits in rowTile, e < 8.
   auto stagedAt = [&](Value row, Value dn, Value e) -> SmallVector<Value, 2> {
     if (storeByTma)
@@ -2464,9 +2462,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // Whether the 64-row part `part` of the block's rows leaves by TMA.
   auto partByTma = [&](Value part) {
     Value end = m.add(q0, m.mul(m.add(part, one), m.c(64)));
-    return m.both(
-        useTmaQ,
-        m.le(end, writesOut || mode == StateMode::Begin ? tRowAll : q1));
+    return m.both(useTmaQ, m.le(end, writtenEnd));
   };
   for (int64_t half = 0; half < 2; ++half) {
     Value t = tq[half];

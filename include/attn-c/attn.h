@@ -123,7 +123,7 @@ attn_status attn_package_dedup_keys(attn_package *package, const int64_t *tokens
  * (the gradient of out, like out), writes dq, dk and dv (f32, contiguous,
  * shaped like q, k and v). Packages for which
  * attn_package_stores_gradients is 1 (GPU packages of one component, or
- * whose last component finishes the gradients, docs/Backward.md) also take
+ * of several that finish the gradients, docs/Backward.md) also take
  * dq, dk and dv of the input type, in any layout whose rows are contiguous
  * (dk and dv sharing one), and store into them (the latter through
  * attn_package_run_backward_with_sums_async).
@@ -146,12 +146,13 @@ attn_status attn_package_run_backward_async(
     const attn_tensor *grad_out, const attn_tensor *lengths,
     const attn_tensor *key_bias, attn_tensor *dq, attn_tensor *dk,
     attn_tensor *dv, void *stream);
-/* GPU packages of several components whose last one writes every element
- * once (attn_package_finishes_gradients is 1; strided with its band, for
- * one) store gradients of the input type after the earlier components add
- * their shares into float32 sums: dq_sum, dk_sum and dv_sum, contiguous f32
- * tensors shaped like q, k and v (scratch: their contents afterwards are
- * unspecified), which attn_package_run_backward_async cannot take. */
+/* GPU packages of several components one of which writes every element
+ * once (attn_package_finishes_gradients is 1; strided with its band, or
+ * LongNet, for two) store gradients of the input type, each element by the
+ * last component that writes it, the earlier ones adding their shares into
+ * float32 sums: dq_sum, dk_sum and dv_sum, contiguous f32 tensors shaped
+ * like q, k and v (scratch: their contents afterwards are unspecified),
+ * which attn_package_run_backward_async cannot take. */
 int attn_package_finishes_gradients(const attn_package *package);
 attn_status attn_package_run_backward_with_sums_async(
     attn_package *package, const attn_tensor *q, const attn_tensor *k,

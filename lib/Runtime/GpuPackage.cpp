@@ -737,21 +737,13 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   return true;
 }
 
-/// The component index of a grad kernel (grad_kv_<c>, grad_q_<c>), -1 for
-/// the others.
-static int64_t gradComponent(const std::string &name) {
-  for (const char *prefix : {"grad_kv_", "grad_q_"})
-    if (name.rfind(prefix, 0) == 0)
-      return std::atoll(name.c_str() + std::strlen(prefix));
-  return -1;
-}
-
 /// The backward pass of a GPU package (docs/Backward.md): dq, dk and dv are
 /// zeroed on the stream, grad_prepare writes each row's delta into the
 /// package's scratch, and each component's grad_kv and grad_q add its share.
-/// Stored gradients of a package that finishes them: the components before
-/// the last add into `sums` (f32) instead, and the last one's kernels store
-/// their share plus those sums. The arguments were checked by runBackward.
+/// Stored gradients of a package that finishes them: the components' kernels
+/// add into `sums` (f32) where a later component writes the same elements,
+/// and each element's last writer stores its share plus those sums. The
+/// arguments were checked by runBackward.
 bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
                              const Tensor &out, const Tensor &lse,
                              const Tensor &gradOut, const Tensor *lengths,
@@ -837,26 +829,18 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
     std::copy(dqs.begin(), dqs.begin() + 3, args.dqStrides);
     std::copy(dks.begin(), dks.begin() + 3, args.dkStrides);
   }
-  // The finishing component: the last.
-  int64_t last = -1;
-  for (const GpuKernel &kernel : g.gradKernels)
-    last = std::max(last, gradComponent(kernel.name));
-  KernelArgs earlier = args;
+  // A package that finishes the gradients: every component's kernels take
+  // the stored gradients and the float32 sums, and write each element of
+  // theirs into one or the other (docs/Backward.md, "Finished gradients").
   if (sums) {
-    earlier.gradStore = 0;
-    earlier.dq = dev(sums[0].data);
-    earlier.dk = dev(sums[1].data);
-    earlier.dv = dev(sums[2].data);
-    args.dqSum = earlier.dq;
-    args.dkSum = earlier.dk;
-    args.dvSum = earlier.dv;
+    args.dqSum = dev(sums[0].data);
+    args.dkSum = dev(sums[1].data);
+    args.dvSum = dev(sums[2].data);
   }
   for (const GpuKernel &kernel : g.gradKernels) {
     if (kernel.kind == "grad_add")
       continue;
-    const bool finishing = gradComponent(kernel.name) == last;
-    if (!launchKernel(g, kernel, sums && !finishing ? earlier : args, stream,
-                      error))
+    if (!launchKernel(g, kernel, args, stream, error))
       return false;
   }
   rc = g.stateOrder.record(d, stream);

@@ -54,8 +54,10 @@ static bool readManifest(const std::string &dir, json &m, std::string &error) {
     // (6), and grad_kv's grid spans the keys' segments as well as the
     // rows' (7), and grad_add adds strided runs of rows (8), and on sm_90a
     // the backward kernels take two tensor maps (9), and the forward ones
-    // four (10); cpu packages stay at 1.
-    const int want = m.value("target", "cpu") == "cpu" ? 1 : 10;
+    // four (10), and every component of a package that finishes the
+    // gradients takes the stored gradients and the float32 sums (11); cpu
+    // packages stay at 1.
+    const int want = m.value("target", "cpu") == "cpu" ? 1 : 11;
     if (m.value("version", 0) != want)
       throw std::runtime_error(
           "manifest version " + std::to_string(m.value("version", 0)) +
@@ -580,8 +582,8 @@ bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   if (!checkGradients(q, k, v, out, gradOut, dq, dk, dv, error))
     return false;
-  // Stored gradients of a package whose last component finishes them take
-  // the float32 sums of the components before it; other calls take none.
+  // Stored gradients of a package that finishes them take the float32 sums
+  // of its components' shares; other calls take none.
   const bool store = storesGradientsInto(q, dq);
   const bool needSums = store && finishesGradients();
   if (needSums && !sums) {

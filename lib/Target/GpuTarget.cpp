@@ -303,9 +303,9 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
   // overwrites them instead ("overwrites_grads": the runtime does not zero
   // them), and where one such component is the whole pattern
   // ("stores_grads") they also store gradients of the input type in any
-  // layout; so do packages whose last component of several writes each
-  // element once ("finishes_grads": it stores its share plus the earlier
-  // components' float32 sums; docs/Package.md).
+  // layout; so do packages of several components, one of which writes each
+  // element once ("finishes_grads": each element's last writer stores its
+  // share plus the earlier components' float32 sums; docs/Package.md).
   nlohmann::json backward;
   if (gpuModule->hasAttr("attn.backward_order")) {
     nlohmann::json gradKernels, gradOrder;
@@ -419,12 +419,14 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
 
   nlohmann::json manifest = {
       {"format", "attn-package"},
-      {"version", 10}, // 3: kernels take q's and k's strides, 4: out's,
+      {"version", 11}, // 3: kernels take q's and k's strides, 4: out's,
                        // 5: grad kernels read through them, 6: and may
                        // store the gradients, 7: grad_kv's grid spans the
                        // keys' segments, 8: grad_add adds strided runs of
                        // rows, 9: grad kernels take tensor maps with TMA,
-                       // 10: forward kernels take q's and out's maps too
+                       // 10: forward kernels take q's and out's maps too,
+                       // 11: every component of a package that finishes
+                       // the gradients takes the stored ones and the sums
                        // (Package.md)
       {"target", arch},
       {"name", spec.name},

@@ -315,12 +315,13 @@ class Package:
         self.uses_key_ids = bool(lib.attn_package_uses_key_ids(handle))
         self.has_lse = bool(lib.attn_package_has_lse(handle))
         self.has_backward = bool(lib.attn_package_has_backward(handle))
-        # GPU packages of one component, or whose last component finishes
-        # them, store gradients of the input type in any layout (backward's
+        # GPU packages of one component, or of several that finish them,
+        # store gradients of the input type in any layout (backward's
         # `grads`); the others add into float32.
         self.stores_gradients = bool(lib.attn_package_stores_gradients(handle))
         # Storing gradients here also takes float32 sums of the earlier
-        # components (several components, the last finishing them).
+        # components (several components, each element's last writer
+        # finishing it).
         self.finishes_gradients = bool(lib.attn_package_finishes_gradients(handle))
         self.ranks = int(lib.attn_package_ranks(handle))  # 0: not a ring package
         # GPU kernels run only in the CUDA context they were loaded in: the
@@ -496,7 +497,7 @@ class Package:
         GPU targets: `grads`, a tuple (dq, dk, dv) of CUDA tensors, are
         written and returned instead of new ones: contiguous float32, or
         where `stores_gradients` (one component writes every element once,
-        or the last of several does and finishes them: `finishes_gradients`)
+        or one of several does and they finish them: `finishes_gradients`)
         of the inputs' dtype in any layout whose rows are contiguous, dk and
         dv sharing one (torch.empty_like(q), ...: no float32 pass)."""
         if not self.has_backward:

@@ -143,7 +143,11 @@ LONGNET_SEGMENTS = {"sum": [
     ({"strided": {"stride": 16, "local": 16}}, 1, False, True, False),
     ({"sum": [{"causal": {}}, {"local": {"window": 32}}]}, 2, True, True, True),
     # Segmented components too: grad_kv's grid spans the keys' segments.
-    (LONGNET_SEGMENTS, 2, False, True, False),
+    # The first branch writes every element once; each row or key's last
+    # branch (the second, on its head's class) finishes it.
+    (LONGNET_SEGMENTS, 2, True, True, True),
+    # Under GQA none of them writes every element once: they add.
+    (LONGNET_SEGMENTS, 1, False, False, False),
     ({"dilated": {"segment": 64, "rate": 1, "causal": True}}, 2, True, True, False),
     # One residue class (LongNet's rows i % r == 0, or the head's class):
     # the other rows and keys get no block.
@@ -157,9 +161,9 @@ def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, patt
     each gradient element once (under GQA where a key's rows span a narrow
     band, grad_kv's block walking every q head of its kv head), so it may
     store gradients in the input type; so may several components whose
-    last writes every element once ("finishes_grads": it stores its share
-    plus the earlier ones' float32 sums); others, and GQA over rows that
-    run to the end, add into float32 ones. "overwrites_grads": the first
+    one writes every element once ("finishes_grads": each element's last
+    writer stores its share plus the earlier ones' float32 sums); others,
+    and GQA over rows that run to the end, add into float32 ones. "overwrites_grads": the first
     component writes every element once (no GPU needed: the compiler
     decides)."""
     import json
@@ -181,11 +185,13 @@ def test_gpu_backward_stores_gradients_where_each_is_written_once(tmp_path, patt
 
 
 def test_gpu_package_of_another_version_is_refused(tmp_path):
-    """GPU packages are manifest version 10 (kernels take bh_offset and the
+    """GPU packages are manifest version 11 (kernels take bh_offset and the
     strides of q, k and out, the backward kernels read through them and may
     store the gradients, grad_kv's grid spans the keys' segments, grad_add
     adds strided runs of rows, the backward kernels take tensor maps on
-    sm_90a, and the forward kernels those of q and out as well):
+    sm_90a, the forward kernels those of q and out as well, and every
+    component of a package that finishes the gradients takes the stored
+    gradients and the float32 sums):
     one written by an older attn-compile is refused with a clear error,
     before any GPU is touched."""
     import json
@@ -197,13 +203,13 @@ def test_gpu_package_of_another_version_is_refused(tmp_path):
     subprocess.run([attn._tool("attn-compile"), str(tmp_path / "v.json"), "-o", str(pkg_dir),
                     "--target", "sm_90a", "--quiet"], check=True)
     manifest = json.loads((pkg_dir / "manifest.json").read_text())
-    assert manifest["version"] == 10
+    assert manifest["version"] == 11
     # One component, a kv head per q head: the kernels store gradients.
     assert manifest["backward"]["stores_grads"] is True
     manifest["version"] = 5
     (pkg_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(attn.AttnError, match=r"manifest version 5 is not supported "
-                       r"\(this runtime reads 10 for sm_90a packages\); recompile it"):
+                       r"\(this runtime reads 11 for sm_90a packages\); recompile it"):
         attn.load(str(pkg_dir))
 
 

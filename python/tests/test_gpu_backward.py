@@ -100,8 +100,9 @@ def test_gradients_match_the_float64_reference(case, shape):
 @pytest.mark.parametrize("case", gpu_cases.GRAD_CASES, ids=lambda c: c["name"])
 @pytest.mark.parametrize("shape", gpu_cases.GRAD_SHAPES[:3], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_stored_gradients_match_the_float64_reference(case, shape):
-    """Packages of one component (under GQA, over a narrow band), or whose
-    last component of several finishes them (Package.finishes_gradients),
+    """Packages of one component (under GQA, over a narrow band), or of
+    several that finish them (Package.finishes_gradients: each element by
+    its last writer, LongNet's rows by the last branch holding them),
     store the gradients in the inputs' dtype (Package.stores_gradients), here into
     [B, L, H, D]-ordered views first filled with NaN: every element is
     written (zeros where no pair reaches, padding rows and keys included),
@@ -341,8 +342,9 @@ def _through_projection(t):
     return False
 
 
-# (grad_strided: a package whose last component finishes the gradients;
-# grad_longnet_sum: one that adds into float32.)
+# (grad_strided and grad_longnet_sum: packages that finish the gradients,
+# LongNet's each row by its last branch; grad_full_f16_gqa_d64: one that
+# adds into float32.)
 PROJECTION_CASES = [c for c in gpu_cases.GRAD_CASES
                     if c["name"] in ("grad_causal", "grad_local_tokenized_gqa",
                                      "grad_full_f16_gqa_d64", "grad_strided",

@@ -126,8 +126,9 @@ public:
   /// contiguous f32 ones, which they add into.
   bool storesGradients() const;
   /// Whether storing gradients of the input type also takes float32 sums
-  /// (`sums`, below): the package has several components and the last
-  /// finishes them (the manifest's "finishes_grads"; docs/Backward.md).
+  /// (`sums`, below): the package has several components, and each element's
+  /// last writer finishes it (the manifest's "finishes_grads";
+  /// docs/Backward.md).
   bool finishesGradients() const;
   /// The backward pass (docs/Backward.md): from the forward's q, k, v[,
   /// lengths][, keyBias], its out and lse, and the gradient of out, writes

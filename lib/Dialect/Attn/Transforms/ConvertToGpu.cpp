@@ -354,21 +354,45 @@ public:
   /// path then stores too, zeros included, rather than adding, so that the
   /// runtime need not zero the gradients when this is the first component.
   bool writesOnce = false;
-  /// The next component is the last of several and writes each element
-  /// once (ConvertAttnToGpuPass::convertBackward): where the runtime stores
-  /// gradients in the input type (GradStore), the earlier components' kernels
-  /// added their shares into float32 sums (DQAcc, DKAcc, DVAcc, passed to
-  /// them as dq, dk and dv), and this one's store the total, its share plus
-  /// those sums: the package stores gradients with no float32 pass after
-  /// it. Its float32 path adds as any later component's.
-  bool finishes = false;
+  /// The package finishes the gradients (ConvertAttnToGpuPass::
+  /// convertBackward: several components, a kv head per q head, one of
+  /// them over every element). Where the runtime stores gradients in the
+  /// input type (GradStore), each component's kernels write every row (or
+  /// key) of their groups once: into the float32 sums (DQAcc, DKAcc,
+  /// DVAcc) where a later component's groups hold it too
+  /// (`laterComponents`; stored by a first component that writes every
+  /// element once, added otherwise), and elsewhere, as its last writer,
+  /// the total in the input type: its share plus the earlier components'
+  /// sums. No float32 pass follows. Their float32 paths add as any
+  /// component's.
+  bool finishing = false;
+  /// With `finishing`: whether the next component is the first (the sums
+  /// hold no earlier share for it to add), and the components after it.
+  bool firstComponent = true;
+  SmallVector<ComponentAttr> laterComponents;
 
 private:
   /// The f32 pair (element, element + 1) of the earlier components' sum
-  /// `acc` (DQAcc, DKAcc or DVAcc) added to (x, y), where the kernel
-  /// finishes; (x, y) elsewhere.
+  /// `acc` (DQAcc, DKAcc or DVAcc) added to (x, y), where the package
+  /// finishes the gradients and an earlier component wrote that sum;
+  /// (x, y) elsewhere.
   std::pair<Value, Value> withEarlierSum(GradArg acc, Value element, Value x,
                                          Value y);
+  /// With `finishing`: `intoSums()` where one of the later components'
+  /// groups (placeGroup) holds the row or key at `position` of head `h`,
+  /// `finish()` elsewhere; a test in the kernel only where a later
+  /// component holds some rows and not others (LongNet's head classes).
+  void byLaterComponents(Value h, Value position, function_ref<void()> intoSums,
+                         function_ref<void()> finish);
+  /// With `finishing`, where a later component covers the row (or key):
+  /// this component's share (value(grad index, dn, e)) of the row whose
+  /// first element in the float32 sums is `row`, into `sums` (DQAcc, or
+  /// DKAcc and DVAcc). A first component that writes every element once
+  /// stores it; the others add, by a read-modify-write or, with `atomic`
+  /// (grad_kv, as its float32 path), by reductions.
+  void
+  shareIntoSums(ArrayRef<GradArg> sums, Value row, Value laneCol, bool atomic,
+                function_ref<Value(size_t grad, int64_t dn, int64_t e)> value);
   /// The global address (i64) of element `element` of gradient `grad`, whose
   /// elements take `elementBytes` (its memref's aligned pointer plus that).
   Value elementAddress(GradArg grad, Value element, int64_t elementBytes);
@@ -382,7 +406,8 @@ private:
   void addF32Pairs(GradArg grad, ArrayRef<Value> elements,
                    ArrayRef<std::pair<Value, Value>> values);
   /// Adds (x, y) into elements (element, element + 1) of an f32 gradient
-  /// atomically: one 8-byte vector reduction (sm_90, PTX ISA 8.1).
+  /// atomically: one 8-byte vector reduction on sm_90a (PTX ISA 8.1), two
+  /// scalar atomics on sm_80.
   void reduceF32Pair(GradArg grad, Value element, Value x, Value y);
   /// The end of a grad kernel: `addInto` (adding into f32 gradients), or
   /// where the kernel may store gradients (`store`: the runtime's GradStore
@@ -851,7 +876,10 @@ void KernelEmitter::addF32Pairs(GradArg grad, ArrayRef<Value> elements,
 std::pair<Value, Value> KernelEmitter::withEarlierSum(GradArg acc,
                                                       Value element, Value x,
                                                       Value y) {
-  if (!finishes)
+  // Every row (or key) of a later component's groups is in the first
+  // component's sums, or in zeroed sums where the first does not write
+  // every element (no "overwrites_grads").
+  if (!finishing || firstComponent)
     return {x, y};
   Value pair = vector::LoadOp::create(b, loc, VectorType::get({2}, f32),
                                       arg(acc), ValueRange{element}, false,
@@ -862,8 +890,80 @@ std::pair<Value, Value> KernelEmitter::withEarlierSum(GradArg acc,
 
 void KernelEmitter::reduceF32Pair(GradArg grad, Value element, Value x,
                                   Value y) {
+  if (!shape.wgmma) {
+    for (auto [i, value] : llvm::enumerate(ValueRange{x, y}))
+      memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf, value,
+                                  arg(grad),
+                                  ValueRange{m.add(element, m.c(i))});
+    return;
+  }
   inlinePtx({}, {elementAddress(grad, element, 4), x, y}, "red.global.add.v2.f32 [$0], {$1, $2};",
             "l,f,f");
+}
+
+void KernelEmitter::byLaterComponents(Value h, Value position,
+                                      function_ref<void()> intoSums,
+                                      function_ref<void()> finish) {
+  auto holdsEveryRow = [](ComponentAttr c) {
+    return c.getPeriod() == 1 || c.getResidue() == ComponentAttr::kAllResidues;
+  };
+  if (laterComponents.empty())
+    return finish();
+  if (llvm::any_of(laterComponents, holdsEveryRow))
+    return intoSums();
+  // A group of component c holds positions s * segment + class + period * t
+  // (placeGroup; segments start at multiples of `segment`), of every row
+  // and key inside the tensor: its kernels write them all.
+  Value held = m.truth(false);
+  for (ComponentAttr later : laterComponents) {
+    Value p = later.getSegment() > 0 ? m.floorMod(position, later.getSegment())
+                                     : position;
+    Value inClass, hasClass;
+    if (later.getResidue() == ComponentAttr::kHeadResidue) {
+      Value c;
+      std::tie(c, hasClass) = buildHeadClass(b, loc, later, h);
+      inClass = m.eq(m.floorMod(p, later.getPeriod()), c);
+    } else {
+      inClass = m.eq(m.floorMod(p, later.getPeriod()), m.c(later.getResidue()));
+    }
+    if (hasClass)
+      inClass = m.both(inClass, hasClass);
+    held = m.either(held, inClass);
+  }
+  auto ifHeld = scf::IfOp::create(b, loc, TypeRange{}, held,
+                                  /*withElseRegion=*/true);
+  OpBuilder::InsertionGuard guard(b);
+  b.setInsertionPointToStart(ifHeld.thenBlock());
+  intoSums();
+  b.setInsertionPointToStart(ifHeld.elseBlock());
+  finish();
+}
+
+void KernelEmitter::shareIntoSums(
+    ArrayRef<GradArg> sums, Value row, Value laneCol, bool atomic,
+    function_ref<Value(size_t grad, int64_t dn, int64_t e)> value) {
+  auto pairType = VectorType::get({2}, f32);
+  for (auto [i, grad] : llvm::enumerate(sums)) {
+    SmallVector<Value> elements;
+    SmallVector<std::pair<Value, Value>> values;
+    for (int64_t dn = 0; dn < shape.headDim / 8; ++dn) {
+      elements.push_back(m.add(row, m.add(laneCol, m.c(dn * 8))));
+      values.push_back({value(i, dn, 0), value(i, dn, 1)});
+    }
+    if (writesOnce) {
+      for (auto [element, xy] : llvm::zip(elements, values))
+        vector::StoreOp::create(
+            b, loc,
+            vector::FromElementsOp::create(b, loc, pairType,
+                                           ValueRange{xy.first, xy.second}),
+            arg(grad), ValueRange{element}, false, llvm::MaybeAlign(8));
+    } else if (atomic) {
+      for (auto [element, xy] : llvm::zip(elements, values))
+        reduceF32Pair(grad, element, xy.first, xy.second);
+    } else {
+      addF32Pairs(grad, elements, values);
+    }
+  }
 }
 
 void KernelEmitter::finishGrads(Value store, function_ref<void()> addInto,
@@ -3340,8 +3440,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   // stored gradients where the package has them) writes each row that
   // exists, zeros where it computes nothing (a finishing one: the earlier
   // components' sums), so blocks without work run too (no key tiles).
-  const bool everyBlock = writesOnce || finishes;
-  Value store = storeGrads || finishes ? m.ne(arg(GradStore), zero) : Value();
+  const bool everyBlock = writesOnce || finishing;
+  Value store = storeGrads || finishing ? m.ne(arg(GradStore), zero) : Value();
   enterIfWork(g, everyBlock ? m.truth(true) : hasWork);
 
   // The forward's key range of rows [q0, q1) (emitComponent's itemRange).
@@ -3473,26 +3573,42 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   };
   // Stored: dq = scale * dQ in the input type through dq's strides, 0 on
   // rows that compute nothing (past lengths[b], or in a block without work);
-  // a finishing kernel adds the earlier components' sum first.
+  // where the package finishes the gradients, the earlier components' sum
+  // added first, or this share into the sums where a later component
+  // holds the row (byLaterComponents).
   Value dqBase = m.add(m.mul(g.bIdx, arg(DQStrideB)), m.mul(g.h, arg(DQStrideH)));
-  finishGrads(store, addIntoDq, {m.lt(tq[0], g.tRowAll), m.lt(tq[1], g.tRowAll)},
-              [&](int64_t half) {
-    Value zeroF = f.c(0.0);
-    Value rowBase = m.add(dqBase, m.mul(gradQueryRow(cx, tq[half]), arg(DQStrideR)));
-    Value accRow =
-        m.mul(m.add(cx.qHead, gradQueryRow(cx, tq[half])), m.c(D));
-    // Every pair's sum is loaded before the first store: a store may alias
-    // a later load, so interleaved they would wait one by one.
-    SmallVector<std::pair<Value, Value>> pairs;
-    for (int64_t dn = 0; dn < frags; ++dn)
-      pairs.push_back(withEarlierSum(
-          DQAcc, m.add(accRow, m.add(laneCol, m.c(dn * 8))),
-          f.select(valid[half], result(dn, half, 0), zeroF),
-          f.select(valid[half], result(dn, half, 1), zeroF)));
-    for (int64_t dn = 0; dn < frags; ++dn)
-      storeGradPair(DQ, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
-                    pairs[dn].first, pairs[dn].second);
-  });
+  finishGrads(
+      store, addIntoDq, {m.lt(tq[0], g.tRowAll), m.lt(tq[1], g.tRowAll)},
+      [&](int64_t half) {
+        Value zeroF = f.c(0.0);
+        Value accRow =
+            m.mul(m.add(cx.qHead, gradQueryRow(cx, tq[half])), m.c(D));
+        auto share = [&](int64_t dn, int64_t e) {
+          return f.select(valid[half], result(dn, half, e), zeroF);
+        };
+        auto intoSums = [&]() {
+          shareIntoSums(
+              {DQAcc}, accRow, laneCol, /*atomic=*/false,
+              [&](size_t, int64_t dn, int64_t e) { return share(dn, e); });
+        };
+        auto finish = [&]() {
+          Value rowBase =
+              m.add(dqBase, m.mul(gradQueryRow(cx, tq[half]), arg(DQStrideR)));
+          // Every pair's sum is loaded before the first store: a store may
+          // alias a later load, so interleaved they would wait one by one.
+          SmallVector<std::pair<Value, Value>> pairs;
+          for (int64_t dn = 0; dn < frags; ++dn)
+            pairs.push_back(withEarlierSum(
+                DQAcc, m.add(accRow, m.add(laneCol, m.c(dn * 8))), share(dn, 0),
+                share(dn, 1)));
+          for (int64_t dn = 0; dn < frags; ++dn)
+            storeGradPair(DQ, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
+                          pairs[dn].first, pairs[dn].second);
+        };
+        byLaterComponents(g.h,
+                          m.add(g.base, m.mul(m.c(comp.getPeriod()), tq[half])),
+                          intoSums, finish);
+      });
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
   func->setAttr("attn.launch", gradLaunch("grad_q", sharedBytes, comp));
@@ -3548,10 +3664,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   Value hasWork = m.lt(k0, g.tKeyHi);
   // A component that writes every key once runs every block (see
   // emitGradQueries).
-  Value store = storeGrads || finishes ? m.ne(arg(GradStore), zero) : Value();
-  enterIfWork(g, groupWalk                  ? groupBlock
-                 : writesOnce || finishes ? m.truth(true)
-                                          : hasWork);
+  Value store = storeGrads || finishing ? m.ne(arg(GradStore), zero) : Value();
+  enterIfWork(g, groupWalk                 ? groupBlock
+                 : writesOnce || finishing ? m.truth(true)
+                                           : hasWork);
 
   // Rows t attending keys [k0, k1): lo <= t - tk <= hi.
   Value k1 = m.min(m.add(k0, m.c(kBlockKeys)), g.tKeyHi);
@@ -3559,7 +3675,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   Value qLast = hi == inf ? g.tRowHi : m.min(g.tRowHi, m.add(k1, m.c(hi)));
   qLast = m.max(qLast, qFirst);
   Value headTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));
-  if (writesOnce || finishes)
+  if (writesOnce || finishing)
     headTiles = f.select(hasWork, headTiles, zero);
   // Walked tile i is tile i - j * headTiles of q head h + j, j the number
   // of whole heads before it (the group's heads one after the other under
@@ -3768,24 +3884,11 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifValid.thenBlock());
       Value rowAt = f32KeyRow(kvHead, half);
-      if (shape.wgmma) {
-        for (int64_t dn = 0; dn < frags; ++dn) {
-          Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8)));
-          reduceF32Pair(DK, at, dkOf(dn, half, 0), dkOf(dn, half, 1));
-          reduceF32Pair(DV, at, dvOf(dn, half, 0), dvOf(dn, half, 1));
-        }
-        continue;
+      for (int64_t dn = 0; dn < frags; ++dn) {
+        Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8)));
+        reduceF32Pair(DK, at, dkOf(dn, half, 0), dkOf(dn, half, 1));
+        reduceF32Pair(DV, at, dvOf(dn, half, 0), dvOf(dn, half, 1));
       }
-      for (int64_t dn = 0; dn < frags; ++dn)
-        for (int64_t e = 0; e < 2; ++e) {
-          Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8 + e)));
-          memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf,
-                                      dkOf(dn, half, e), arg(DK),
-                                      ValueRange{at});
-          memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf,
-                                      dvOf(dn, half, e), arg(DV),
-                                      ValueRange{at});
-        }
     }
   };
   // Stored: dk = scale * dK and dv = dV in the input type through their
@@ -3797,23 +3900,36 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
               [&](int64_t half) {
     Value zeroF = f.c(0.0);
     Value valid = m.lt(tk[half], k1);
-    Value rowBase = m.add(dkBase, m.mul(gradKeyRow(cx, tk[half]), arg(DKStrideR)));
     Value accRow = f32KeyRow(kvHeadOf(), half);
-    // Each gradient's sums are loaded before its first store (see grad_q).
-    for (GradArg grad : {DK, DV}) {
-      auto of = [&](int64_t dn, int64_t e) {
-        return f.select(valid, grad == DK ? dkOf(dn, half, e) : dvOf(dn, half, e),
-                        zeroF);
-      };
-      SmallVector<std::pair<Value, Value>> pairs;
-      for (int64_t dn = 0; dn < frags; ++dn)
-        pairs.push_back(withEarlierSum(
-            grad == DK ? DKAcc : DVAcc,
-            m.add(accRow, m.add(laneCol, m.c(dn * 8))), of(dn, 0), of(dn, 1)));
-      for (int64_t dn = 0; dn < frags; ++dn)
-        storeGradPair(grad, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
-                      pairs[dn].first, pairs[dn].second);
-    }
+    auto share = [&](GradArg grad, int64_t dn, int64_t e) {
+      return f.select(valid, grad == DK ? dkOf(dn, half, e) : dvOf(dn, half, e),
+                      zeroF);
+    };
+    auto intoSums = [&]() {
+      shareIntoSums({DKAcc, DVAcc}, accRow, laneCol, /*atomic=*/true,
+                    [&](size_t i, int64_t dn, int64_t e) {
+                      return share(i ? DV : DK, dn, e);
+                    });
+    };
+    auto finish = [&]() {
+      Value rowBase =
+          m.add(dkBase, m.mul(gradKeyRow(cx, tk[half]), arg(DKStrideR)));
+      // Each gradient's sums are loaded before its first store (see grad_q).
+      for (GradArg grad : {DK, DV}) {
+        SmallVector<std::pair<Value, Value>> pairs;
+        for (int64_t dn = 0; dn < frags; ++dn)
+          pairs.push_back(
+              withEarlierSum(grad == DK ? DKAcc : DVAcc,
+                             m.add(accRow, m.add(laneCol, m.c(dn * 8))),
+                             share(grad, dn, 0), share(grad, dn, 1)));
+        for (int64_t dn = 0; dn < frags; ++dn)
+          storeGradPair(grad, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
+                        pairs[dn].first, pairs[dn].second);
+      }
+    };
+    byLaterComponents(g.h,
+                      m.add(g.base, m.mul(m.c(comp.getPeriod()), tk[half])),
+                      intoSums, finish);
   });
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
@@ -4082,13 +4198,18 @@ struct ConvertAttnToGpuPass
     // the gradients in the input type (attn.stores_grads).
     const bool firstWritesOnce = writesOnce(comps.front().getComponent());
     emit.storeGrads = comps.size() == 1 && firstWritesOnce;
-    // A last component of several that writes every element once finishes
-    // the gradients (attn.finishes_grads): stored in the input type, the
-    // earlier shares added from float32 sums. (Under GQA its one block per
-    // key would need the walk's float32 path as well: not done.)
-    const bool lastFinishes = comps.size() > 1 &&
-                              shape.heads == shape.kvHeads &&
-                              writesOnce(comps.back().getComponent());
+    // Several components, one of which writes every element once, finish
+    // the gradients (attn.finishes_grads; KernelEmitter::finishing): each
+    // element's last writer stores it in the input type, its share plus the
+    // earlier ones' float32 sums, and the earlier writers add into those
+    // sums. Every element has a last writer (the one component covers
+    // them all), and each component writes every row and key of its groups.
+    // (Under GQA a block per key would need the walk's float32 path as
+    // well: not done.)
+    const bool finishing = comps.size() > 1 && shape.heads == shape.kvHeads &&
+                           llvm::any_of(comps, [&](ComponentGradOp c) {
+                             return writesOnce(c.getComponent());
+                           });
     SmallVector<Attribute> order;
     auto add = [&](gpu::GPUFuncOp f) {
       order.push_back(b.getStringAttr(f.getName()));
@@ -4098,7 +4219,11 @@ struct ConvertAttnToGpuPass
     add(emit.emitGradPrepare("grad_prepare"));
     for (auto [i, c] : llvm::enumerate(comps)) {
       emit.writesOnce = i == 0 && firstWritesOnce;
-      emit.finishes = i + 1 == comps.size() && lastFinishes;
+      emit.finishing = finishing;
+      emit.firstComponent = i == 0;
+      emit.laterComponents.clear();
+      for (ComponentGradOp later : ArrayRef(comps).drop_front(i + 1))
+        emit.laterComponents.push_back(later.getComponent());
       add(emit.emitGradKeys(("grad_kv_" + Twine(i)).str(), c.getComponent()));
       add(emit.emitGradQueries(("grad_q_" + Twine(i)).str(),
                                c.getComponent()));
@@ -4119,7 +4244,8 @@ struct ConvertAttnToGpuPass
         if (!coversEveryElement(comp))
           continue;
         emit.writesOnce = true;
-        emit.finishes = false;
+        emit.finishing = false;
+        emit.laterComponents.clear();
         add(emit.emitGradKeys(("grad_kv_" + Twine(i) + "_once").str(), comp));
         add(emit.emitGradQueries(("grad_q_" + Twine(i) + "_once").str(),
                                  comp));
@@ -4129,7 +4255,7 @@ struct ConvertAttnToGpuPass
       gpuModule->setAttr("attn.stores_grads", b.getUnitAttr());
     if (firstWritesOnce)
       gpuModule->setAttr("attn.overwrites_grads", b.getUnitAttr());
-    if (lastFinishes)
+    if (finishing)
       gpuModule->setAttr("attn.finishes_grads", b.getUnitAttr());
     gpuModule->setAttr("attn.backward_name",
                        b.getStringAttr(gradFunc.getSymName()));

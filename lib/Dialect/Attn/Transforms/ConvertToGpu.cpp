@@ -213,6 +213,37 @@ static bool needsOneWarpgroup(const AttentionShape &shape,
   return shape.wgmma && comp.getPeriod() > 1 && comp.hasFilters();
 }
 
+/// The segments w of `comp`'s exclusions that take, from every row at
+/// position P, each of its keys at positions floor(P / w) * w .. P: LongNet
+/// branches (dilated, segment w, rate r) that hold every pair of `comp`
+/// inside one of their segments. That takes `comp` causal (its keys at or
+/// before the row) and each position of its groups in the branch's class:
+/// rate 1, or a head offset where `comp` takes the head's class h % period
+/// and r divides its period and segment. Such keys form a suffix of every
+/// row's keys, so the kernels end their key ranges before it rather than
+/// masking its tiles: LongNet's union, whose (8192, 4) branch excludes the
+/// keys of the row's own 2048-segment and whose (32768, 16) branch those of
+/// its 8192-segment. Not in ring packages (an f32 state), whose predicates
+/// see positions other than the groups'.
+static SmallVector<int64_t> segmentExclusions(const AttentionShape &shape,
+                                              ComponentAttr comp) {
+  SmallVector<int64_t> segments;
+  if (!shape.halfState || comp.getBandLo() == ComponentAttr::kNegInf ||
+      comp.getBandLo() < 0)
+    return segments;
+  for (Attribute excluded : comp.getExclude()) {
+    auto branch = dyn_cast<DilatedAttr>(excluded);
+    if (!branch)
+      continue;
+    const int64_t rate = branch.getRate();
+    if (rate == 1 ||
+        (branch.getHeadOffset() && comp.isPlainHeadResidue() &&
+         comp.getPeriod() % rate == 0 && comp.getSegment() % rate == 0))
+      segments.push_back(branch.getSegment());
+  }
+  return segments;
+}
+
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
 /// 2*(lane%4) + {0, 1}; c[2], c[3] the same columns of row lane/4 + 8.
 using AccFrag = std::array<Value, 4>;
@@ -378,6 +409,14 @@ private:
   /// (x, y) elsewhere.
   std::pair<Value, Value> withEarlierSum(GradArg acc, Value element, Value x,
                                          Value y);
+  /// The first key position that a row at position `rowPos` excludes with
+  /// every later key (segmentExclusions: the start of its segment in the
+  /// closest of those branches), or null where `comp` has none.
+  Value excludedKeysFrom(ComponentAttr comp, Value rowPos);
+  /// The first row position that attends a key at position `keyPos` past
+  /// `comp`'s segment exclusions (the end of the key's segment in the widest
+  /// of those branches), or null where it has none.
+  Value rowsAttendFrom(ComponentAttr comp, Value keyPos);
   /// With `finishing`: `intoSums()` where one of the later components'
   /// groups (placeGroup) holds the row or key at `position` of head `h`,
   /// `finish()` elsewhere; a test in the kernel only where a later
@@ -899,6 +938,24 @@ void KernelEmitter::reduceF32Pair(GradArg grad, Value element, Value x,
   }
   inlinePtx({}, {elementAddress(grad, element, 4), x, y}, "red.global.add.v2.f32 [$0], {$1, $2};",
             "l,f,f");
+}
+
+Value KernelEmitter::excludedKeysFrom(ComponentAttr comp, Value rowPos) {
+  Value from;
+  for (int64_t w : segmentExclusions(shape, comp)) {
+    Value start = m.mul(m.floorDiv(rowPos, w), m.c(w));
+    from = from ? m.min(from, start) : start;
+  }
+  return from;
+}
+
+Value KernelEmitter::rowsAttendFrom(ComponentAttr comp, Value keyPos) {
+  Value from;
+  for (int64_t w : segmentExclusions(shape, comp)) {
+    Value end = m.mul(m.add(m.floorDiv(keyPos, w), m.c(1)), m.c(w));
+    from = from ? m.max(from, end) : end;
+  }
+  return from;
 }
 
 void KernelEmitter::byLaterComponents(Value h, Value position,
@@ -1467,6 +1524,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     // Key tiles attended by some row of [q0, q1), and those by every row.
     first = hi == inf ? tKeyLo : m.max(tKeyLo, m.sub(q0, m.c(hi)));
     last = lo == ninf ? tKeyHi : m.min(tKeyHi, m.sub(q1, m.c(lo)));
+    // Keys from the last row's excluded segment on are no row's.
+    if (Value from =
+            excludedKeysFrom(comp, m.add(base, m.mul(r, m.sub(q1, one)))))
+      last = m.min(last, m.ceilDiv(m.sub(from, base), r));
     last = f.select(m.lt(q0, q1), m.max(last, first), first);
     fullLo = hi == inf ? first
                        : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
@@ -3448,6 +3509,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value q1 = m.min(m.add(q0, m.c(kBlockKeys)), g.tRowHi);
   Value first = hi == inf ? g.tKeyLo : m.max(g.tKeyLo, m.sub(q0, m.c(hi)));
   Value last = lo == ninf ? g.tKeyHi : m.min(g.tKeyHi, m.sub(q1, m.c(lo)));
+  Value r = m.c(comp.getPeriod());
+  if (Value from =
+          excludedKeysFrom(comp, m.add(g.base, m.mul(r, m.sub(q1, one)))))
+    last = m.min(last, m.ceilDiv(m.sub(from, g.base), r));
   last = m.max(last, first);
   Value fullLo =
       hi == inf ? first : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
@@ -3672,6 +3737,11 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // Rows t attending keys [k0, k1): lo <= t - tk <= hi.
   Value k1 = m.min(m.add(k0, m.c(kBlockKeys)), g.tKeyHi);
   Value qFirst = lo == ninf ? g.tRowLo : m.max(g.tRowLo, m.add(k0, m.c(lo)));
+  // Rows in the first key's excluded segment, or before it, attend none of
+  // the block's keys.
+  Value r = m.c(comp.getPeriod());
+  if (Value from = rowsAttendFrom(comp, m.add(g.base, m.mul(r, k0))))
+    qFirst = m.max(qFirst, m.ceilDiv(m.sub(from, g.base), r));
   Value qLast = hi == inf ? g.tRowHi : m.min(g.tRowHi, m.add(k1, m.c(hi)));
   qLast = m.max(qLast, qFirst);
   Value headTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));

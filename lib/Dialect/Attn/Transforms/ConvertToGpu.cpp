@@ -1,7 +1,8 @@
 //===- ConvertToGpu.cpp - attention components as tensor-core kernels -----===//
 //
 // convert-attn-to-gpu: every function holding decomposed attention becomes a
-// gpu.module of kernels, one per component (docs/passes/convert-attn-to-gpu.md).
+// gpu.module of kernels, one per component
+// (docs/passes/convert-attn-to-gpu.md).
 //
 // Work split. A component's rows fall into groups (segment s, residue c); a
 // group holds the gathered positions base + r*t (t = 0, 1, ...). One thread
@@ -56,7 +57,8 @@
 // take the softmax in one step (residentKeyTiles, emitComponent's
 // residentStep). Gathered components with filters walk their key tiles on
 // one-warpgroup blocks too, where their predicates fit the registers
-// (needsOneWarpgroup).
+// (needsOneWarpgroup), unless their exclusions are all key ranges
+// (exclusionsAsRanges).
 //
 // With `warp-specialize`, components whose rows attend many contiguous keys
 // get FlashAttention-3's structure instead: a producer warpgroup issuing
@@ -206,11 +208,17 @@ static int64_t residentKeyTiles(const AttentionShape &shape,
 /// warpgroup they spill none and LongNet's union ran 1-2% faster
 /// (bench/gpu_ab.md, "One warpgroup for filtered gathered components").
 /// Gathered components without filters stay on two warpgroups, where
-/// strided and LongNet's sum are faster.
+/// strided and LongNet's sum are faster, and so do those whose exclusions
+/// are all key ranges (exclusionsAsRanges: no predicates; LongNet's union
+/// 431 -> 445 TF/s at L = 32768 and 447 -> 474 at 131072 against one
+/// warpgroup with the predicates, while one warpgroup without them did
+/// not gain: bench/gpu_ab.md).
+static bool exclusionsAsRanges(const AttentionShape &shape, ComponentAttr comp);
 static bool needsOneWarpgroup(const AttentionShape &shape,
                               ComponentAttr comp) {
   // (Warp-specialised components have period 1.)
-  return shape.wgmma && comp.getPeriod() > 1 && comp.hasFilters();
+  return shape.wgmma && comp.getPeriod() > 1 && comp.hasFilters() &&
+         !exclusionsAsRanges(shape, comp);
 }
 
 /// The segments w of `comp`'s exclusions that take, from every row at
@@ -242,6 +250,16 @@ static SmallVector<int64_t> segmentExclusions(const AttentionShape &shape,
       segments.push_back(branch.getSegment());
   }
   return segments;
+}
+
+/// Whether every filter of `comp` is an exclusion that segmentExclusions
+/// turns into key ranges (LongNet's union): its forward kernels then need
+/// no predicate at all, ending each row's keys at its excluded segment in
+/// the edge tiles' window masks, and run as unfiltered components do.
+static bool exclusionsAsRanges(const AttentionShape &shape,
+                               ComponentAttr comp) {
+  return comp.getInclude().empty() && !comp.getExclude().empty() &&
+         segmentExclusions(shape, comp).size() == comp.getExclude().size();
 }
 
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
@@ -1532,6 +1550,9 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     fullLo = hi == inf ? first
                        : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
     fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
+    // Every row attends keys before the first row's excluded segment.
+    if (Value from = excludedKeysFrom(comp, m.add(base, m.mul(r, q0))))
+      fullHi = m.min(fullHi, m.ceilDiv(m.sub(from, base), r));
     numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
 
     // qHead: the head's first row in lse and the contiguous f32 state;
@@ -2069,9 +2090,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     // Edge tiles: scores outside the component become -inf.
     Value masked = m.either(m.lt(k0, fullLo),
                             m.lt(fullHi, m.add(k0, m.c(kBlockKeys))));
+    const bool rangesOnly = exclusionsAsRanges(shape, comp);
     if (!comp.getInclude().empty()) {
       masked = m.truth(true);
-    } else if (!comp.getExclude().empty()) {
+    } else if (!comp.getExclude().empty() && !rangesOnly) {
       // An exclusion needs the per-element predicate only on tiles it can
       // reach (a union's later branch excludes the earlier branches, which
       // share few tiles with it): test the tile's position ranges, in the
@@ -2110,7 +2132,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
       // overflows; bands of 2^30 keys or more and filters keep the 64-bit
       // test per element below.
       const bool windowMask =
-          !comp.hasFilters() &&
+          (!comp.hasFilters() || rangesOnly) &&
           (lo == ninf || std::abs(lo) < (int64_t(1) << 30)) &&
           (hi == inf || std::abs(hi) < (int64_t(1) << 30));
       if (windowMask) {
@@ -2137,6 +2159,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           Value up = lastCol;
           if (lo != ninf)
             up = m.min(up, columnsPast(u, lo));
+          // Exclusions as ranges: the row's keys end before its excluded
+          // segment.
+          if (rangesOnly) {
+            Value from = excludedKeysFrom(comp, m.add(base, m.mul(r, tq[r2])));
+            Value end = m.ceilDiv(m.sub(from, base), r);
+            up = m.min(up, clamp32(arith::SubIOp::create(
+                                       b, loc, toI32(m.sub(end, one)), col0),
+                                   -1, kBlockKeys));
+          }
           upper[r2] = arith::SelectOp::create(b, loc, m.lt(row, q132), up,
                                               c32(-1));
           if (hi == inf)

@@ -1414,6 +1414,13 @@ Value KernelEmitter::pairInBand(ComponentAttr comp, const GroupItem &g,
     inside = m.both(inside, m.le(dt, m.c(hi)));
   if (!comp.hasFilters())
     return inside;
+  // Exclusions as key ranges: inside the band (causal), a key is excluded
+  // exactly from the start of the row's excluded segment on.
+  if (exclusionsAsRanges(shape, comp)) {
+    Value r = m.c(comp.getPeriod());
+    Value from = excludedKeysFrom(comp, m.add(g.base, m.mul(r, t)));
+    return m.both(inside, m.lt(m.add(g.base, m.mul(r, tk)), from));
+  }
   // The predicates see row rowLenShift + posStride * i (for lengths) at
   // position qPos + posStride * i: with their (qLen, kLen) =
   // (0, qPos - rowLenShift) that is exactly it.
@@ -3548,6 +3555,9 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value fullLo =
       hi == inf ? first : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
   Value fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
+  // Every row attends keys before the first row's excluded segment.
+  if (Value from = excludedKeysFrom(comp, m.add(g.base, m.mul(r, q0))))
+    fullHi = m.min(fullHi, m.ceilDiv(m.sub(from, g.base), r));
   Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
   if (everyBlock)
     numTiles = f.select(hasWork, numTiles, zero);
@@ -3613,7 +3623,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
         }
     Value masked = m.either(m.lt(k0, fullLo),
                             m.lt(fullHi, m.add(k0, m.c(kBlockKeys))));
-    if (comp.hasFilters())
+    if (comp.hasFilters() && !exclusionsAsRanges(shape, comp))
       masked = m.truth(true);
     s = maskScores(cx, s, masked, [&](int64_t n, int64_t e) {
       Value t = tq[e / 2], tk = keyOf(n, e);
@@ -3896,8 +3906,14 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
       full = m.both(full, m.le(m.c(lo), m.sub(t0, m.add(k0, m.c(kBlockKeys - 1)))));
     if (hi != inf)
       full = m.both(full, m.le(m.sub(m.add(t0, m.c(kBlockKeys - 1)), k0), m.c(hi)));
-    Value masked = comp.hasFilters() ? m.truth(true)
-                                     : m.eq(full, m.truth(false));
+    // Exclusions as key ranges: the tile's first row attends every key of
+    // the block before its excluded segment, and so do the rows after it.
+    if (Value from = excludedKeysFrom(comp, m.add(g.base, m.mul(r, t0))))
+      full =
+          m.both(full, m.lt(m.add(g.base, m.mul(r, m.sub(k1, m.c(1)))), from));
+    Value masked = comp.hasFilters() && !exclusionsAsRanges(shape, comp)
+                       ? m.truth(true)
+                       : m.eq(full, m.truth(false));
     s = maskScores(cx, s, masked, [&](int64_t n, int64_t e) {
       Value t = queryOf(n, e), key = tk[e / 2];
       return m.both(m.both(m.lt(t, qLast), m.lt(key, k1)),

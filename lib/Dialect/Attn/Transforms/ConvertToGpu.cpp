@@ -441,6 +441,10 @@ private:
   /// component holds some rows and not others (LongNet's head classes).
   void byLaterComponents(Value h, Value position, function_ref<void()> intoSums,
                          function_ref<void()> finish);
+  /// An scf.if on `condition` with `thenBody` and `elseBody` (no results);
+  /// the builder goes on after it.
+  void ifElse(Value condition, function_ref<void()> thenBody,
+              function_ref<void()> elseBody);
   /// With `finishing`, where a later component covers the row (or key):
   /// this component's share (value(grad index, dn, e)) of the row whose
   /// first element in the float32 sums is `row`, into `sums` (DQAcc, or
@@ -1005,13 +1009,18 @@ void KernelEmitter::byLaterComponents(Value h, Value position,
       inClass = m.both(inClass, hasClass);
     held = m.either(held, inClass);
   }
-  auto ifHeld = scf::IfOp::create(b, loc, TypeRange{}, held,
+  ifElse(held, intoSums, finish);
+}
+
+void KernelEmitter::ifElse(Value condition, function_ref<void()> thenBody,
+                           function_ref<void()> elseBody) {
+  auto branch = scf::IfOp::create(b, loc, TypeRange{}, condition,
                                   /*withElseRegion=*/true);
   OpBuilder::InsertionGuard guard(b);
-  b.setInsertionPointToStart(ifHeld.thenBlock());
-  intoSums();
-  b.setInsertionPointToStart(ifHeld.elseBlock());
-  finish();
+  b.setInsertionPointToStart(branch.thenBlock());
+  thenBody();
+  b.setInsertionPointToStart(branch.elseBlock());
+  elseBody();
 }
 
 void KernelEmitter::shareIntoSums(
@@ -3342,13 +3351,7 @@ void KernelEmitter::walkedLoad(function_ref<void()> byTma,
     return byCopies();
   if (!walkUsesTma)
     return byTma();
-  auto ifTma = scf::IfOp::create(b, loc, TypeRange{}, walkUsesTma,
-                                 /*withElse=*/true);
-  OpBuilder::InsertionGuard guard(b);
-  b.setInsertionPointToStart(ifTma.thenBlock());
-  byTma();
-  b.setInsertionPointToStart(ifTma.elseBlock());
-  byCopies();
+  ifElse(walkUsesTma, byTma, byCopies);
 }
 
 void KernelEmitter::zeroWalkedTails(Value slot, Value firstRow) {
@@ -3877,13 +3880,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     // A branch (uniform per warp: threads 0-63 and 64-127), not a select
     // between the two memrefs, which the generic LLVM conversions before
     // gpu-to-nvvm cannot type (global address space) and report.
-    auto ifDelta = scf::IfOp::create(b, loc, TypeRange{}, isDelta,
-                                     /*withElseRegion=*/true);
-    b.setInsertionPointToStart(ifDelta.thenBlock());
-    copyStat(arg(Delta));
-    b.setInsertionPointToStart(ifDelta.elseBlock());
-    copyStat(arg(Lse));
-    b.setInsertionPointAfter(ifDelta);
+    ifElse(
+        isDelta, [&] { copyStat(arg(Delta)); }, [&] { copyStat(arg(Lse)); });
   };
   SmallVector<Value> init(2 * frags * 4, f.c(0.0));
   auto computeTile = [&](Value i, Value slot,

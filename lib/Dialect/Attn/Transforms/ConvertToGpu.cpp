@@ -441,6 +441,15 @@ private:
   /// component holds some rows and not others (LongNet's head classes).
   void byLaterComponents(Value h, Value position, function_ref<void()> intoSums,
                          function_ref<void()> finish);
+  /// Stores one row (or key) of a gradient in the input type: its share
+  /// (share(dn, e)) plus, where the package finishes the gradients, the
+  /// earlier components' sums in `acc` from element `accRow` on
+  /// (withEarlierSum), one 4-byte store a pair from element `rowBase` of
+  /// `grad`. Every sum is loaded before the first store: a store may alias
+  /// a later load, so interleaved they would wait one by one.
+  void storeTotalRow(GradArg grad, GradArg acc, Value accRow, Value rowBase,
+                     Value laneCol,
+                     function_ref<Value(int64_t dn, int64_t e)> share);
   /// An scf.if on `condition` with `thenBody` and `elseBody` (no results);
   /// the builder goes on after it.
   void ifElse(Value condition, function_ref<void()> thenBody,
@@ -1010,6 +1019,19 @@ void KernelEmitter::byLaterComponents(Value h, Value position,
     held = m.either(held, inClass);
   }
   ifElse(held, intoSums, finish);
+}
+
+void KernelEmitter::storeTotalRow(
+    GradArg grad, GradArg acc, Value accRow, Value rowBase, Value laneCol,
+    function_ref<Value(int64_t dn, int64_t e)> share) {
+  SmallVector<std::pair<Value, Value>> pairs;
+  for (int64_t dn = 0; dn < shape.headDim / 8; ++dn)
+    pairs.push_back(withEarlierSum(acc,
+                                   m.add(accRow, m.add(laneCol, m.c(dn * 8))),
+                                   share(dn, 0), share(dn, 1)));
+  for (auto [dn, pair] : llvm::enumerate(pairs))
+    storeGradPair(grad, m.add(rowBase, m.add(laneCol, m.c(int64_t(dn) * 8))),
+                  pair.first, pair.second);
 }
 
 void KernelEmitter::ifElse(Value condition, function_ref<void()> thenBody,
@@ -3703,16 +3725,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
         auto finish = [&]() {
           Value rowBase =
               m.add(dqBase, m.mul(gradQueryRow(cx, tq[half]), arg(DQStrideR)));
-          // Every pair's sum is loaded before the first store: a store may
-          // alias a later load, so interleaved they would wait one by one.
-          SmallVector<std::pair<Value, Value>> pairs;
-          for (int64_t dn = 0; dn < frags; ++dn)
-            pairs.push_back(withEarlierSum(
-                DQAcc, m.add(accRow, m.add(laneCol, m.c(dn * 8))), share(dn, 0),
-                share(dn, 1)));
-          for (int64_t dn = 0; dn < frags; ++dn)
-            storeGradPair(DQ, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
-                          pairs[dn].first, pairs[dn].second);
+          storeTotalRow(DQ, DQAcc, accRow, rowBase, laneCol, share);
         };
         byLaterComponents(g.h,
                           m.add(g.base, m.mul(m.c(comp.getPeriod()), tq[half])),
@@ -4029,18 +4042,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     auto finish = [&]() {
       Value rowBase =
           m.add(dkBase, m.mul(gradKeyRow(cx, tk[half]), arg(DKStrideR)));
-      // Each gradient's sums are loaded before its first store (see grad_q).
-      for (GradArg grad : {DK, DV}) {
-        SmallVector<std::pair<Value, Value>> pairs;
-        for (int64_t dn = 0; dn < frags; ++dn)
-          pairs.push_back(
-              withEarlierSum(grad == DK ? DKAcc : DVAcc,
-                             m.add(accRow, m.add(laneCol, m.c(dn * 8))),
-                             share(grad, dn, 0), share(grad, dn, 1)));
-        for (int64_t dn = 0; dn < frags; ++dn)
-          storeGradPair(grad, m.add(rowBase, m.add(laneCol, m.c(dn * 8))),
-                        pairs[dn].first, pairs[dn].second);
-      }
+      for (GradArg grad : {DK, DV})
+        storeTotalRow(
+            grad, grad == DK ? DKAcc : DVAcc, accRow, rowBase, laneCol,
+            [&](int64_t dn, int64_t e) { return share(grad, dn, e); });
     };
     byLaterComponents(g.h,
                       m.add(g.base, m.mul(m.c(comp.getPeriod()), tk[half])),

@@ -26,7 +26,7 @@ import statistics
 import torch
 
 import attn
-from kernel_times import print_kernel_times
+from kernel_times import print_training_step_kernels
 
 B, H, D, L = 1, 16, 128, 32768
 ROUNDS = int(os.environ.get("ROUNDS", "7"))
@@ -79,15 +79,5 @@ for name in ("train_dilated_sum", "train_dilated_union", "train_strided"):
 
 for name in ("train_dilated_sum", "train_dilated_union", "train_strided"):
     pkg = attn.load(os.path.join(os.environ["PKGS"], name))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16,
-                           generator=gen).requires_grad_() for _ in range(3))
-    g = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-
-    def step():
-        for x in (q, k, v):
-            x.grad = None
-        pkg(q, k, v).backward(g)
-
-    print_kernel_times(step, f"{name}: a training step (autograd, finished gradients)",
-                       warm=2, reps=3, top=16)
+    print_training_step_kernels(
+        pkg, f"{name}: a training step (autograd, finished gradients)", B, H, L, D)

@@ -32,3 +32,19 @@ def print_kernel_times(step, title, warm=2, reps=3, top=8):
     for t, count, name in rows[:top]:
         print(f"{t:9.1f} us  x{count:<3} {name}")
     print(f"all {sum(r[0] for r in rows):.1f} us", flush=True)
+
+
+def print_training_step_kernels(pkg, title, B, H, L, D, top=16):
+    """The kernels of one autograd training step through `pkg` on fresh bf16
+    leaves [B, H, L, D] (print_kernel_times: 2 warm steps, 3 profiled)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16,
+                           generator=gen).requires_grad_() for _ in range(3))
+    g = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        pkg(q, k, v).backward(g)
+
+    print_kernel_times(step, title, warm=2, reps=3, top=top)

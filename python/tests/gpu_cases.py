@@ -19,6 +19,12 @@ def _spec(name, pattern, dtype="bf16", heads=4, kv_heads=None, head_dim=128, bat
             "pattern": pattern}
 
 
+UNION_SEGMENTS = [
+    {"dilated": {"segment": 64, "rate": 1, "causal": True}},
+    {"dilated": {"segment": 256, "rate": 1, "causal": True}},
+    {"dilated": {"segment": 1024, "rate": 2, "causal": True}},
+]
+
 CASES = [
     _spec("causal", {"causal": {}}),
     _spec("causal_d64", {"causal": {}}, head_dim=64),
@@ -39,6 +45,11 @@ CASES = [
     _spec("longnet_union", {"union": LONGNET_SMALL}),
     _spec("union_local_strided", {"union": [{"local": {"window": 48}},
                                             {"strided": {"stride": 64, "local": 1}}]}),
+    # A union whose later branches' exclusions are all key ranges
+    # (exclusionsAsRanges) with no head offsets: a period-1 branch that
+    # excludes the segments of a narrower one, and one of rate 2 (class 0)
+    # excluding both.
+    _spec("union_segments", {"union": UNION_SEGMENTS}),
     _spec("sum_causal_local", {"sum": [{"causal": {}}, {"local": {"window": 32}}]}),
     _spec("tokenized", {"tokenized": {}}, batch=4),
     _spec("tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]}, batch=4),
@@ -148,6 +159,7 @@ GRAD_CASES = [
                                      {"strided": {"stride": 16, "local": 1}}]}, heads=2),
     _spec("grad_longnet_sum", {"sum": LONGNET_SMALL}, heads=4),
     _spec("grad_longnet_union", {"union": LONGNET_SMALL}, heads=4),
+    _spec("grad_union_segments", {"union": UNION_SEGMENTS}, heads=2),
     _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},
           batch=3, heads=2),
     dict(_spec("grad_causal_key_bias", {"causal": {}}, heads=2), key_bias=True, scale=0.05),

@@ -428,12 +428,12 @@ private:
   std::pair<Value, Value> withEarlierSum(GradArg acc, Value element, Value x,
                                          Value y);
   /// The first key position that a row at position `rowPos` excludes with
-  /// every later key (segmentExclusions: the start of its segment in the
-  /// closest of those branches), or null where `comp` has none.
+  /// every later key (segmentExclusions: the earliest start of its segments
+  /// in those branches), or null where `comp` has none.
   Value excludedKeysFrom(ComponentAttr comp, Value rowPos);
   /// The first row position that attends a key at position `keyPos` past
-  /// `comp`'s segment exclusions (the end of the key's segment in the widest
-  /// of those branches), or null where it has none.
+  /// `comp`'s segment exclusions (the latest end of the key's segments in
+  /// those branches), or null where it has none.
   Value rowsAttendFrom(ComponentAttr comp, Value keyPos);
   /// With `finishing`: `intoSums()` where one of the later components'
   /// groups (placeGroup) holds the row or key at `position` of head `h`,

@@ -961,8 +961,9 @@ std::pair<Value, Value> KernelEmitter::withEarlierSum(GradArg acc,
 void KernelEmitter::reduceF32Pair(GradArg grad, Value element, Value x,
                                   Value y) {
   if (!shape.wgmma) {
-    for (auto [i, value] : llvm::enumerate(ValueRange{x, y}))
-      memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf, value,
+    const Value pair[2] = {x, y};
+    for (int64_t i = 0; i < 2; ++i)
+      memref::AtomicRMWOp::create(b, loc, arith::AtomicRMWKind::addf, pair[i],
                                   arg(grad),
                                   ValueRange{m.add(element, m.c(i))});
     return;

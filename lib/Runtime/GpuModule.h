@@ -120,8 +120,10 @@ struct GpuModule {
   /// The first component's backward kernels write every element of the f32
   /// gradients (zeros included), so the runtime does not zero them first.
   bool overwritesGrads = false;
-  /// Stored gradients: the components before the last add into float32
-  /// sums, and the last one's kernels store its share plus those sums.
+  /// Stored gradients: each component's kernels add into float32 sums
+  /// where a later component writes the same elements, and each element's
+  /// last writer stores its share plus those sums (every grad kernel takes
+  /// the stored gradients and the sums).
   bool finishesGrads = false;
   /// The TMA tensor maps last encoded (launchKernel: K's, V's, Q's and
   /// out's, and the backward's of q and grad_out): the same tensor, shape

@@ -427,14 +427,6 @@ private:
   /// (x, y) elsewhere.
   std::pair<Value, Value> withEarlierSum(GradArg acc, Value element, Value x,
                                          Value y);
-  /// The first key position that a row at position `rowPos` excludes with
-  /// every later key (segmentExclusions: the earliest start of its segments
-  /// in those branches), or null where `comp` has none.
-  Value excludedKeysFrom(ComponentAttr comp, Value rowPos);
-  /// The first row position that attends a key at position `keyPos` past
-  /// `comp`'s segment exclusions (the latest end of the key's segments in
-  /// those branches), or null where it has none.
-  Value rowsAttendFrom(ComponentAttr comp, Value keyPos);
   /// With `finishing`: `intoSums()` where one of the later components'
   /// groups (placeGroup) holds the row or key at `position` of head `h`,
   /// `finish()` elsewhere; a test in the kernel only where a later
@@ -454,14 +446,14 @@ private:
   /// the builder goes on after it.
   void ifElse(Value condition, function_ref<void()> thenBody,
               function_ref<void()> elseBody);
-  /// With `finishing`, where a later component covers the row (or key):
-  /// this component's share (value(grad index, dn, e)) of the row whose
-  /// first element in the float32 sums is `row`, into `sums` (DQAcc, or
-  /// DKAcc and DVAcc). A first component that writes every element once
-  /// stores it; the others add, by a read-modify-write or, with `atomic`
-  /// (grad_kv, as its float32 path), by reductions.
+  /// This component's share (value(grad index, dn, e)) of the row (or
+  /// key) whose first element in `grads` is `row`, into those float32
+  /// gradients or sums (DQ, DK and DV, or DQAcc, DKAcc and DVAcc): stored
+  /// by a component that writes every element once (writesOnce), added by
+  /// the others, by a read-modify-write (grad_q: a block owns its rows) or,
+  /// with `atomic` (grad_kv), by reductions.
   void
-  shareIntoSums(ArrayRef<GradArg> sums, Value row, Value laneCol, bool atomic,
+  writeShareF32(ArrayRef<GradArg> grads, Value row, Value laneCol, bool atomic,
                 function_ref<Value(size_t grad, int64_t dn, int64_t e)> value);
   /// The global address (i64) of element `element` of gradient `grad`, whose
   /// elements take `elementBytes` (its memref's aligned pointer plus that).
@@ -519,6 +511,19 @@ private:
   /// Whether gathered row t and key tk are a pair of the component's band
   /// and filters (not counting rows and keys outside the group's ends).
   Value pairInBand(ComponentAttr comp, const GroupItem &g, Value t, Value tk);
+  /// The position of gathered row (or key) t of group g: base + period*t.
+  Value groupPosition(ComponentAttr comp, const GroupItem &g, Value t);
+  /// The first key position that a row at position `rowPos` excludes with
+  /// every later key (segmentExclusions: the earliest start of its segments
+  /// in those branches), or null where `comp` has none.
+  Value excludedPositionsFrom(ComponentAttr comp, Value rowPos);
+  /// The same as a gathered key index of group g, for gathered row t: the
+  /// end of the keys row t attends past its exclusions (null without).
+  Value excludedKeysFrom(ComponentAttr comp, const GroupItem &g, Value t);
+  /// The first gathered row of group g that attends gathered key tk past
+  /// `comp`'s segment exclusions (the latest end of the key's segments in
+  /// those branches), or null where it has none.
+  Value rowsAttendFrom(ComponentAttr comp, const GroupItem &g, Value tk);
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads,
                              bool grad = false);
@@ -972,7 +977,12 @@ void KernelEmitter::reduceF32Pair(GradArg grad, Value element, Value x,
             "l,f,f");
 }
 
-Value KernelEmitter::excludedKeysFrom(ComponentAttr comp, Value rowPos) {
+Value KernelEmitter::groupPosition(ComponentAttr comp, const GroupItem &g,
+                                   Value t) {
+  return m.add(g.base, m.mul(m.c(comp.getPeriod()), t));
+}
+
+Value KernelEmitter::excludedPositionsFrom(ComponentAttr comp, Value rowPos) {
   Value from;
   for (int64_t w : segmentExclusions(shape, comp)) {
     Value start = m.mul(m.floorDiv(rowPos, w), m.c(w));
@@ -981,13 +991,21 @@ Value KernelEmitter::excludedKeysFrom(ComponentAttr comp, Value rowPos) {
   return from;
 }
 
-Value KernelEmitter::rowsAttendFrom(ComponentAttr comp, Value keyPos) {
+Value KernelEmitter::excludedKeysFrom(ComponentAttr comp, const GroupItem &g,
+                                      Value t) {
+  Value from = excludedPositionsFrom(comp, groupPosition(comp, g, t));
+  return from ? m.ceilDiv(m.sub(from, g.base), m.c(comp.getPeriod())) : Value();
+}
+
+Value KernelEmitter::rowsAttendFrom(ComponentAttr comp, const GroupItem &g,
+                                    Value tk) {
   Value from;
+  Value keyPos = groupPosition(comp, g, tk);
   for (int64_t w : segmentExclusions(shape, comp)) {
     Value end = m.mul(m.add(m.floorDiv(keyPos, w), m.c(1)), m.c(w));
     from = from ? m.max(from, end) : end;
   }
-  return from;
+  return from ? m.ceilDiv(m.sub(from, g.base), m.c(comp.getPeriod())) : Value();
 }
 
 void KernelEmitter::byLaterComponents(Value h, Value position,
@@ -1046,11 +1064,11 @@ void KernelEmitter::ifElse(Value condition, function_ref<void()> thenBody,
   elseBody();
 }
 
-void KernelEmitter::shareIntoSums(
-    ArrayRef<GradArg> sums, Value row, Value laneCol, bool atomic,
+void KernelEmitter::writeShareF32(
+    ArrayRef<GradArg> grads, Value row, Value laneCol, bool atomic,
     function_ref<Value(size_t grad, int64_t dn, int64_t e)> value) {
   auto pairType = VectorType::get({2}, f32);
-  for (auto [i, grad] : llvm::enumerate(sums)) {
+  for (auto [i, grad] : llvm::enumerate(grads)) {
     SmallVector<Value> elements;
     SmallVector<std::pair<Value, Value>> values;
     for (int64_t dn = 0; dn < shape.headDim / 8; ++dn) {
@@ -1449,9 +1467,8 @@ Value KernelEmitter::pairInBand(ComponentAttr comp, const GroupItem &g,
   // Exclusions as key ranges: inside the band (causal), a key is excluded
   // exactly from the start of the row's excluded segment on.
   if (exclusionsAsRanges(shape, comp)) {
-    Value r = m.c(comp.getPeriod());
-    Value from = excludedKeysFrom(comp, m.add(g.base, m.mul(r, t)));
-    return m.both(inside, m.lt(m.add(g.base, m.mul(r, tk)), from));
+    Value from = excludedPositionsFrom(comp, groupPosition(comp, g, t));
+    return m.both(inside, m.lt(groupPosition(comp, g, tk), from));
   }
   // The predicates see row rowLenShift + posStride * i (for lengths) at
   // position qPos + posStride * i: with their (qLen, kLen) =
@@ -1582,16 +1599,15 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     first = hi == inf ? tKeyLo : m.max(tKeyLo, m.sub(q0, m.c(hi)));
     last = lo == ninf ? tKeyHi : m.min(tKeyHi, m.sub(q1, m.c(lo)));
     // Keys from the last row's excluded segment on are no row's.
-    if (Value from =
-            excludedKeysFrom(comp, m.add(base, m.mul(r, m.sub(q1, one)))))
-      last = m.min(last, m.ceilDiv(m.sub(from, base), r));
+    if (Value end = excludedKeysFrom(comp, item, m.sub(q1, one)))
+      last = m.min(last, end);
     last = f.select(m.lt(q0, q1), m.max(last, first), first);
     fullLo = hi == inf ? first
                        : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
     fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
     // Every row attends keys before the first row's excluded segment.
-    if (Value from = excludedKeysFrom(comp, m.add(base, m.mul(r, q0))))
-      fullHi = m.min(fullHi, m.ceilDiv(m.sub(from, base), r));
+    if (Value end = excludedKeysFrom(comp, item, q0))
+      fullHi = m.min(fullHi, end);
     numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
 
     // qHead: the head's first row in lse and the contiguous f32 state;
@@ -2201,8 +2217,7 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
           // Exclusions as ranges: the row's keys end before its excluded
           // segment.
           if (rangesOnly) {
-            Value from = excludedKeysFrom(comp, m.add(base, m.mul(r, tq[r2])));
-            Value end = m.ceilDiv(m.sub(from, base), r);
+            Value end = excludedKeysFrom(comp, item, tq[r2]);
             up = m.min(up, clamp32(arith::SubIOp::create(
                                        b, loc, toI32(m.sub(end, one)), col0),
                                    -1, kBlockKeys));
@@ -3467,12 +3482,10 @@ scf::ForOp KernelEmitter::walkTiles(
 }
 
 Value KernelEmitter::gradQueryRow(const GradContext &cx, Value t) {
-  return m.sub(m.add(cx.g.base, m.mul(m.c(cx.comp.getPeriod()), t)),
-               arg(QOrigin));
+  return m.sub(groupPosition(cx.comp, cx.g, t), arg(QOrigin));
 }
 Value KernelEmitter::gradKeyRow(const GradContext &cx, Value t) {
-  return m.sub(m.add(cx.g.base, m.mul(m.c(cx.comp.getPeriod()), t)),
-               arg(KOrigin));
+  return m.sub(groupPosition(cx.comp, cx.g, t), arg(KOrigin));
 }
 
 void KernelEmitter::loadGradRows(const GradContext &cx, Value tile, Value t0,
@@ -3573,17 +3586,15 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value q1 = m.min(m.add(q0, m.c(kBlockKeys)), g.tRowHi);
   Value first = hi == inf ? g.tKeyLo : m.max(g.tKeyLo, m.sub(q0, m.c(hi)));
   Value last = lo == ninf ? g.tKeyHi : m.min(g.tKeyHi, m.sub(q1, m.c(lo)));
-  Value r = m.c(comp.getPeriod());
-  if (Value from =
-          excludedKeysFrom(comp, m.add(g.base, m.mul(r, m.sub(q1, one)))))
-    last = m.min(last, m.ceilDiv(m.sub(from, g.base), r));
+  if (Value end = excludedKeysFrom(comp, g, m.sub(q1, one)))
+    last = m.min(last, end);
   last = m.max(last, first);
   Value fullLo =
       hi == inf ? first : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
   Value fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
   // Every row attends keys before the first row's excluded segment.
-  if (Value from = excludedKeysFrom(comp, m.add(g.base, m.mul(r, q0))))
-    fullHi = m.min(fullHi, m.ceilDiv(m.sub(from, g.base), r));
+  if (Value end = excludedKeysFrom(comp, g, q0))
+    fullHi = m.min(fullHi, end);
   Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
   if (everyBlock)
     numTiles = f.select(hasWork, numTiles, zero);
@@ -3693,14 +3704,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       auto ifValid = scf::IfOp::create(b, loc, TypeRange{}, valid[half], false);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifValid.thenBlock());
-      SmallVector<Value> elements;
-      SmallVector<std::pair<Value, Value>> values;
-      for (int64_t dn = 0; dn < frags; ++dn) {
-        elements.push_back(
-            m.add(m.mul(rowAt[half], m.c(D)), m.add(laneCol, m.c(dn * 8))));
-        values.push_back({result(dn, half, 0), result(dn, half, 1)});
-      }
-      addF32Pairs(DQ, elements, values);
+      writeShareF32({DQ}, m.mul(rowAt[half], m.c(D)), laneCol,
+                    /*atomic=*/false, [&](size_t, int64_t dn, int64_t e) {
+                      return result(dn, half, e);
+                    });
     }
   };
   // Stored: dq = scale * dQ in the input type through dq's strides, 0 on
@@ -3719,7 +3726,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
           return f.select(valid[half], result(dn, half, e), zeroF);
         };
         auto intoSums = [&]() {
-          shareIntoSums(
+          writeShareF32(
               {DQAcc}, accRow, laneCol, /*atomic=*/false,
               [&](size_t, int64_t dn, int64_t e) { return share(dn, e); });
         };
@@ -3728,9 +3735,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
               m.add(dqBase, m.mul(gradQueryRow(cx, tq[half]), arg(DQStrideR)));
           storeTotalRow(DQ, DQAcc, accRow, rowBase, laneCol, share);
         };
-        byLaterComponents(g.h,
-                          m.add(g.base, m.mul(m.c(comp.getPeriod()), tq[half])),
-                          intoSums, finish);
+        byLaterComponents(g.h, groupPosition(comp, g, tq[half]), intoSums,
+                          finish);
       });
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);
@@ -3797,9 +3803,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   Value qFirst = lo == ninf ? g.tRowLo : m.max(g.tRowLo, m.add(k0, m.c(lo)));
   // Rows in the first key's excluded segment, or before it, attend none of
   // the block's keys.
-  Value r = m.c(comp.getPeriod());
-  if (Value from = rowsAttendFrom(comp, m.add(g.base, m.mul(r, k0))))
-    qFirst = m.max(qFirst, m.ceilDiv(m.sub(from, g.base), r));
+  if (Value from = rowsAttendFrom(comp, g, k0))
+    qFirst = m.max(qFirst, from);
   Value qLast = hi == inf ? g.tRowHi : m.min(g.tRowHi, m.add(k1, m.c(hi)));
   qLast = m.max(qLast, qFirst);
   Value headTiles = m.ceilDiv(m.sub(qLast, qFirst), m.c(kBlockKeys));
@@ -3920,9 +3925,9 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
       full = m.both(full, m.le(m.sub(m.add(t0, m.c(kBlockKeys - 1)), k0), m.c(hi)));
     // Exclusions as key ranges: the tile's first row attends every key of
     // the block before its excluded segment, and so do the rows after it.
-    if (Value from = excludedKeysFrom(comp, m.add(g.base, m.mul(r, t0))))
+    if (Value from = excludedPositionsFrom(comp, groupPosition(comp, g, t0)))
       full =
-          m.both(full, m.lt(m.add(g.base, m.mul(r, m.sub(k1, m.c(1)))), from));
+          m.both(full, m.lt(groupPosition(comp, g, m.sub(k1, m.c(1))), from));
     Value masked = comp.hasFilters() && !exclusionsAsRanges(shape, comp)
                        ? m.truth(true)
                        : m.eq(full, m.truth(false));
@@ -4012,12 +4017,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
           scf::IfOp::create(b, loc, TypeRange{}, m.lt(tk[half], k1), false);
       OpBuilder::InsertionGuard guard(b);
       b.setInsertionPointToStart(ifValid.thenBlock());
-      Value rowAt = f32KeyRow(kvHead, half);
-      for (int64_t dn = 0; dn < frags; ++dn) {
-        Value at = m.add(rowAt, m.add(laneCol, m.c(dn * 8)));
-        reduceF32Pair(DK, at, dkOf(dn, half, 0), dkOf(dn, half, 1));
-        reduceF32Pair(DV, at, dvOf(dn, half, 0), dvOf(dn, half, 1));
-      }
+      writeShareF32({DK, DV}, f32KeyRow(kvHead, half), laneCol,
+                    /*atomic=*/true, [&](size_t grad, int64_t dn, int64_t e) {
+                      return grad ? dvOf(dn, half, e) : dkOf(dn, half, e);
+                    });
     }
   };
   // Stored: dk = scale * dK and dv = dV in the input type through their
@@ -4035,7 +4038,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
                       zeroF);
     };
     auto intoSums = [&]() {
-      shareIntoSums({DKAcc, DVAcc}, accRow, laneCol, /*atomic=*/true,
+      writeShareF32({DKAcc, DVAcc}, accRow, laneCol, /*atomic=*/true,
                     [&](size_t i, int64_t dn, int64_t e) {
                       return share(i ? DV : DK, dn, e);
                     });
@@ -4048,9 +4051,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
             grad, grad == DK ? DKAcc : DVAcc, accRow, rowBase, laneCol,
             [&](int64_t dn, int64_t e) { return share(grad, dn, e); });
     };
-    byLaterComponents(g.h,
-                      m.add(g.base, m.mul(m.c(comp.getPeriod()), tk[half])),
-                      intoSums, finish);
+    byLaterComponents(g.h, groupPosition(comp, g, tk[half]), intoSums, finish);
   });
   b.setInsertionPointToEnd(entry);
   gpu::ReturnOp::create(b, loc);

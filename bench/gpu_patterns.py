@@ -3,8 +3,9 @@ FlexAttention-style masks (reusing ../shared/bench/peers.py's definitions),
 attended-pair counts and the inputs each attn package takes.
 
 B=1, H=16, D=128, bf16; local W=1024, strided S=128 (Child), LongNet
-(2048,1)+(8192,4)+(32768,16) with head offsets, causal; tokenized: documents
-of bench/gpu/doc_lengths_<L>.json, one per batch row padded to 4096."""
+(2048,1)+(8192,4)+(32768,16) with head offsets, causal (dilated_union_plain:
+the union without head offsets, for gpu_ab.py); tokenized: documents of
+bench/gpu/doc_lengths_<L>.json, one per batch row padded to 4096."""
 import json
 import os
 import statistics
@@ -132,6 +133,14 @@ def mask_fn(name, doc=None):
                 acc = t if acc is None else acc | t
             return acc & (k <= q)
         return m
+    if name == "dilated_union_plain":  # LongNet without head offsets: class 0
+        def plain(b, h, q, k):
+            acc = None
+            for w, r in DIL:
+                t = (q // w == k // w) & (q % r == 0) & (k % r == 0)
+                acc = t if acc is None else acc | t
+            return acc & (k <= q)
+        return plain
     if name == "tokenized":
         return lambda b, h, q, k: doc[q] == doc[k]
     raise ValueError(name)
@@ -166,7 +175,7 @@ def pairs(name, L, doc_lens=None):
         return sum(count(f, L, True) for f in branch_fns())
     if name == "tokenized":
         return H * sum(n * n for n in doc_lens)
-    return count(mask_fn(name), L, name.startswith("dilated"))
+    return count(mask_fn(name), L, name in ("dilated_union", "dilated_sum"))
 
 
 def package_name(name, L):

@@ -25,6 +25,12 @@ UNION_SEGMENTS = [
     {"dilated": {"segment": 1024, "rate": 2, "causal": True}},
 ]
 
+# LongNet's branches without head offsets (every head takes class 0): the
+# later branches' exclusions are key ranges as well.
+LONGNET_NO_OFFSETS = [
+    {"dilated": {k: v for k, v in b["dilated"].items() if k != "head_offset"}}
+    for b in LONGNET_SMALL]
+
 CASES = [
     _spec("causal", {"causal": {}}),
     _spec("causal_d64", {"causal": {}}, head_dim=64),
@@ -50,6 +56,7 @@ CASES = [
     # excludes the segments of a narrower one, and one of rate 2 (class 0)
     # excluding both.
     _spec("union_segments", {"union": UNION_SEGMENTS}),
+    _spec("longnet_union_no_offsets", {"union": LONGNET_NO_OFFSETS}),
     _spec("sum_causal_local", {"sum": [{"causal": {}}, {"local": {"window": 32}}]}),
     _spec("tokenized", {"tokenized": {}}, batch=4),
     _spec("tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]}, batch=4),
@@ -160,6 +167,7 @@ GRAD_CASES = [
     _spec("grad_longnet_sum", {"sum": LONGNET_SMALL}, heads=4),
     _spec("grad_longnet_union", {"union": LONGNET_SMALL}, heads=4),
     _spec("grad_union_segments", {"union": UNION_SEGMENTS}, heads=2),
+    _spec("grad_longnet_union_no_offsets", {"union": LONGNET_NO_OFFSETS}, heads=2),
     _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},
           batch=3, heads=2),
     dict(_spec("grad_causal_key_bias", {"causal": {}}, heads=2), key_bias=True, scale=0.05),

@@ -226,8 +226,10 @@ static bool needsOneWarpgroup(const AttentionShape &shape,
 /// branches (dilated, segment w, rate r) that hold every pair of `comp`
 /// inside one of their segments. That takes `comp` causal (its keys at or
 /// before the row) and each position of its groups in the branch's class:
-/// rate 1, or a head offset where `comp` takes the head's class h % period
-/// and r divides its period and segment. Such keys form a suffix of every
+/// rate 1; a head offset where `comp` takes the head's class h % period
+/// and r divides its period and segment; or no head offset (the branch's
+/// class is 0) where `comp` takes a fixed class c with c % r == 0 and r
+/// divides its period and segment. Such keys form a suffix of every
 /// row's keys, so the kernels end their key ranges before it rather than
 /// masking its tiles: LongNet's union, whose (8192, 4) branch excludes the
 /// keys of the row's own 2048-segment and whose (32768, 16) branch those of
@@ -244,9 +246,13 @@ static SmallVector<int64_t> segmentExclusions(const AttentionShape &shape,
     if (!branch)
       continue;
     const int64_t rate = branch.getRate();
-    if (rate == 1 ||
-        (branch.getHeadOffset() && comp.isPlainHeadResidue() &&
-         comp.getPeriod() % rate == 0 && comp.getSegment() % rate == 0))
+    const bool classesAligned =
+        comp.getPeriod() % rate == 0 && comp.getSegment() % rate == 0;
+    const bool inBranchClass =
+        branch.getHeadOffset()
+            ? comp.isPlainHeadResidue()
+            : comp.getResidue() >= 0 && comp.getResidue() % rate == 0;
+    if (rate == 1 || (classesAligned && inBranchClass))
       segments.push_back(branch.getSegment());
   }
   return segments;

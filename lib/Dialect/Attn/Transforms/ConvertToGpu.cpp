@@ -2003,6 +2003,14 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   Value tqA = m.add(q0, m.add(warpRow, laneRow));
   Value tqB = m.add(tqA, m.c(8));
   Value tq[2] = {tqA, tqB};
+  // Exclusions as ranges: the last key column before each row's excluded
+  // segment, in 32 bits, worked out once (the edge tiles' window masks end
+  // the row's run of columns there).
+  Value lastBeforeExclusion[2];
+  if (exclusionsAsRanges(shape, comp))
+    for (int64_t r2 = 0; r2 < 2; ++r2)
+      lastBeforeExclusion[r2] =
+          toI32(m.sub(excludedKeysFrom(comp, item, tq[r2]), m.c(1)));
 
   // Q fragments, kept in registers for the whole loop (mma.sync; wgmma
   // reads Q from shared memory).
@@ -2222,12 +2230,10 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
             up = m.min(up, columnsPast(u, lo));
           // Exclusions as ranges: the row's keys end before its excluded
           // segment.
-          if (rangesOnly) {
-            Value end = excludedKeysFrom(comp, item, tq[r2]);
+          if (rangesOnly)
             up = m.min(up, clamp32(arith::SubIOp::create(
-                                       b, loc, toI32(m.sub(end, one)), col0),
+                                       b, loc, lastBeforeExclusion[r2], col0),
                                    -1, kBlockKeys));
-          }
           upper[r2] = arith::SelectOp::create(b, loc, m.lt(row, q132), up,
                                               c32(-1));
           if (hi == inf)

@@ -31,6 +31,9 @@ LONGNET_NO_OFFSETS = [
     {"dilated": {k: v for k, v in b["dilated"].items() if k != "head_offset"}}
     for b in LONGNET_SMALL]
 
+UNION_WINDOW_STRIDED = {"union": [{"local": {"window": 40, "causal": False}},
+                                   {"strided": {"stride": 16, "local": 1}}]}
+
 CASES = [
     _spec("causal", {"causal": {}}),
     _spec("causal_d64", {"causal": {}}, head_dim=64),
@@ -57,6 +60,9 @@ CASES = [
     # excluding both.
     _spec("union_segments", {"union": UNION_SEGMENTS}),
     _spec("longnet_union_no_offsets", {"union": LONGNET_NO_OFFSETS}),
+    # Residue classes excluding a symmetric local window that reaches three
+    # of their keys (t, t - 16, t - 32): the keys from t - 39 on, a range.
+    _spec("union_window_strided", UNION_WINDOW_STRIDED),
     _spec("sum_causal_local", {"sum": [{"causal": {}}, {"local": {"window": 32}}]}),
     _spec("tokenized", {"tokenized": {}}, batch=4),
     _spec("tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]}, batch=4),
@@ -168,6 +174,7 @@ GRAD_CASES = [
     _spec("grad_longnet_union", {"union": LONGNET_SMALL}, heads=4),
     _spec("grad_union_segments", {"union": UNION_SEGMENTS}, heads=2),
     _spec("grad_longnet_union_no_offsets", {"union": LONGNET_NO_OFFSETS}, heads=2),
+    _spec("grad_union_window_strided", UNION_WINDOW_STRIDED, heads=2),
     _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},
           batch=3, heads=2),
     dict(_spec("grad_causal_key_bias", {"causal": {}}, heads=2), key_bias=True, scale=0.05),

@@ -111,6 +111,9 @@ func.func @longnet(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %
 // the exclusion's predicate runs only on the key tiles it can reach, so the
 // mask stays a runtime branch (with `true` it would fold away) on the tile's
 // position ranges: p - j < 8 for the closest pair and j <= p for some pair.
+// (The later member attends keys after the row: under a causal one the
+// window's exclusion would be a range of keys instead, as in
+// test/Target/gpu-package.test.)
 // CHECK: name = "union"
 // CHECK: gpu.func @component_1
 // CHECK-SAME: exclude = [#attn.local<window = 8>]
@@ -121,7 +124,7 @@ func.func @longnet(%q: tensor<1x4x256x128xbf16>, %k: tensor<1x4x256x128xbf16>, %
 // CHECK: scf.if %[[MASKED]] -> (f32
 // CHECK: nvvm.vote.sync any
 func.func @union(%q: tensor<1x4x?x64xbf16>, %k: tensor<1x4x?x64xbf16>, %v: tensor<1x4x?x64xbf16>) -> tensor<1x4x?x64xbf16> {
-  %o = attn.attention %q, %k, %v pattern(#attn.union<[#attn.local<window = 8>, #attn.causal]>) : tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16> -> tensor<1x4x?x64xbf16>
+  %o = attn.attention %q, %k, %v pattern(#attn.union<[#attn.local<window = 8>, #attn.full]>) : tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16> -> tensor<1x4x?x64xbf16>
   return %o : tensor<1x4x?x64xbf16>
 }
 

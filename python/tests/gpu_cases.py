@@ -63,6 +63,9 @@ CASES = [
     # Residue classes excluding a symmetric local window that reaches three
     # of their keys (t, t - 16, t - 32): the keys from t - 39 on, a range.
     _spec("union_window_strided", UNION_WINDOW_STRIDED),
+    # The same under document lengths.
+    _spec("union_window_tokenized", {"intersect": [UNION_WINDOW_STRIDED, {"tokenized": {}}]},
+          batch=3),
     _spec("sum_causal_local", {"sum": [{"causal": {}}, {"local": {"window": 32}}]}),
     _spec("tokenized", {"tokenized": {}}, batch=4),
     _spec("tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]}, batch=4),
@@ -175,6 +178,8 @@ GRAD_CASES = [
     _spec("grad_union_segments", {"union": UNION_SEGMENTS}, heads=2),
     _spec("grad_longnet_union_no_offsets", {"union": LONGNET_NO_OFFSETS}, heads=2),
     _spec("grad_union_window_strided", UNION_WINDOW_STRIDED, heads=2),
+    _spec("grad_union_window_tokenized",
+          {"intersect": [UNION_WINDOW_STRIDED, {"tokenized": {}}]}, batch=3, heads=2),
     _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},
           batch=3, heads=2),
     dict(_spec("grad_causal_key_bias", {"causal": {}}, heads=2), key_bias=True, scale=0.05),

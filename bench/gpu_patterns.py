@@ -5,7 +5,8 @@ attended-pair counts and the inputs each attn package takes.
 B=1, H=16, D=128, bf16; local W=1024, strided S=128 (Child), LongNet
 (2048,1)+(8192,4)+(32768,16) with head offsets, causal (dilated_union_plain:
 the union without head offsets, and union_local_strided: local W with
-strided S's classes, for gpu_ab.py); tokenized: documents of
+strided S's classes, and intersect_chunked_local: local W within chunks of
+8192, for gpu_ab.py); tokenized: documents of
 bench/gpu/doc_lengths_<L>.json, one per batch row padded to 4096."""
 import json
 import os
@@ -134,6 +135,8 @@ def mask_fn(name, doc=None):
                 acc = t if acc is None else acc | t
             return acc & (k <= q)
         return m
+    if name == "intersect_chunked_local":  # local W within chunks of 8192
+        return lambda b, h, q, k: (k <= q) & ((q - k) < W) & (q // 8192 == k // 8192)
     if name == "union_local_strided":  # local W and strided S's classes
         return lambda b, h, q, k: (k <= q) & (((q - k) < W) | ((q - k) % S == 0))
     if name == "dilated_union_plain":  # LongNet without head offsets: class 0

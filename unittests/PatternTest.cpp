@@ -139,6 +139,20 @@ TEST_F(PatternTest, DecompositionSumsToMultiplicity) {
       "window = 9>]>",
       "#attn.intersect<[#attn.causal, #attn.tokenized<>]>",
       "#attn.union<[#attn.tokenized<>, #attn.local<window = 2>]>",
+      // Intersections folded into closed forms (foldIntersection), one
+      // left as a filter where the folded band would be empty, and bands
+      // taking the geometry of a member that carries exclusions.
+      "#attn.intersect<[#attn.local<window = 7, causal = false>, "
+      "#attn.dilated<segment = 8, rate = 2, head_offset = true>]>",
+      "#attn.intersect<[#attn.local<window = 11>, #attn.strided<stride = 4, "
+      "local = 2>, #attn.causal]>",
+      "#attn.intersect<[#attn.local<window = 3>, #attn.strided<stride = 4, "
+      "local = 2>, #attn.dilated<segment = 8, rate = 2>]>",
+      "#attn.intersect<[#attn.local<window = 6, causal = false>, "
+      "#attn.strided<stride = 3, local = 1>]>",
+      "#attn.intersect<[#attn.union<[#attn.local<window = 2>, "
+      "#attn.strided<stride = 3, local = 1>]>, #attn.dilated<segment = 12, "
+      "rate = 3, causal = true>, #attn.local<window = 9, causal = false>]>",
   };
   const std::pair<int64_t, int64_t> shapes[] = {{17, 17}, {5, 23}, {23, 5}, {1, 1}};
   for (const char *text : patterns) {

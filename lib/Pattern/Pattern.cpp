@@ -141,6 +141,69 @@ static ComponentSpec band(int64_t lo, int64_t hi) {
   return c;
 }
 
+/// Whether `c` is a plain band over positions: period 1, every row, no
+/// segments and no filters (full, causal, local).
+static bool isPlainBand(const ComponentSpec &c) {
+  return c.period == 1 && c.residue == ComponentAttr::kAllResidues &&
+         c.segment == 0 && c.include.empty() && c.exclude.empty();
+}
+
+/// `c` narrowed to the pairs of the position band [lo, hi]: within a group
+/// the rows and keys are base + period * t, so p - j = period * (t_q - t_k)
+/// and the band in t is [ceil(lo / period), floor(hi / period)]. Fails
+/// where the result would be empty (the caller keeps a filter instead).
+static bool narrowToBand(ComponentSpec &c, int64_t lo, int64_t hi) {
+  const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
+  int64_t newLo = c.lo, newHi = c.hi;
+  if (lo != ninf) {
+    int64_t t = lo >= 0 ? (lo + c.period - 1) / c.period : -(-lo / c.period);
+    newLo = newLo == ninf ? t : std::max(newLo, t);
+  }
+  if (hi != inf) {
+    int64_t t = hi >= 0 ? hi / c.period : -((-hi + c.period - 1) / c.period);
+    newHi = newHi == inf ? t : std::min(newHi, t);
+  }
+  if (newLo != ninf && newHi != inf && newLo > newHi)
+    return false;
+  c.lo = newLo;
+  c.hi = newHi;
+  return true;
+}
+
+/// `c` intersected with the pattern `member` in closed form where that is
+/// exact: a member that is a plain band narrows c's band, and a plain band c
+/// takes the geometry of a member that is one filter-free component
+/// (a dilated branch, strided's classes) with its band narrowed by c's.
+/// Returns false where the member stays a filter.
+static bool foldIntersection(ComponentSpec &c, Attribute member,
+                             function_ref<SmallVector<ComponentSpec>(Attribute)>
+                                 decomposeMember) {
+  SmallVector<ComponentSpec> parts = decomposeMember(member);
+  if (parts.size() != 1 || !parts[0].include.empty() ||
+      !parts[0].exclude.empty())
+    return false;
+  ComponentSpec other = parts[0];
+  if (isPlainBand(other)) {
+    ComponentSpec narrowed = c;
+    if (!narrowToBand(narrowed, other.lo, other.hi))
+      return false;
+    narrowed.lengths |= other.lengths;
+    c = narrowed;
+    return true;
+  }
+  if (c.period != 1 || c.residue != ComponentAttr::kAllResidues ||
+      c.segment != 0)
+    return false;
+  ComponentSpec taken = other;
+  if (!narrowToBand(taken, c.lo, c.hi))
+    return false;
+  taken.lengths |= c.lengths;
+  taken.include = c.include;
+  taken.exclude = c.exclude;
+  c = taken;
+  return true;
+}
+
 /// Components whose memberships sum to the indicator [m(pattern) > 0].
 static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
   using Specs = SmallVector<ComponentSpec>;
@@ -208,12 +271,25 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
           else
             others.push_back(member);
         }
-        Specs result = others.empty() ? Specs{band(ninf, inf)}
-                                      : decomposeSet(others.front());
+        // The geometry comes from the first member that is not a plain
+        // band (full, causal, local), since bands fold into any geometry.
+        // Members that are one closed-form component fold into it (a local
+        // window within a dilated branch's segments is a band in its
+        // groups; foldIntersection) rather than filter every tile by
+        // predicate; the rest filter.
+        auto isBand = [](Attribute member) {
+          return isa<FullAttr, CausalAttr, LocalAttr>(member);
+        };
+        auto geometry = llvm::find_if_not(others, isBand);
+        if (geometry == others.end())
+          geometry = others.begin();
+        Specs result =
+            others.empty() ? Specs{band(ninf, inf)} : decomposeSet(*geometry);
         for (ComponentSpec &c : result) {
           c.lengths |= lengths;
-          if (others.size() > 1)
-            c.include.append(others.begin() + 1, others.end());
+          for (auto it = others.begin(); it != others.end(); ++it)
+            if (it != geometry && !foldIntersection(c, *it, decomposeSet))
+              c.include.push_back(*it);
         }
         return result;
       })

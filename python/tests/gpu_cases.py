@@ -34,6 +34,12 @@ LONGNET_NO_OFFSETS = [
 UNION_WINDOW_STRIDED = {"union": [{"local": {"window": 40, "causal": False}},
                                    {"strided": {"stride": 16, "local": 1}}]}
 
+INTERSECT_WINDOW_DILATED = {"intersect": [
+    {"local": {"window": 70, "causal": False}},
+    {"dilated": {"segment": 256, "rate": 2, "head_offset": True}}]}
+INTERSECT_WINDOW_STRIDED = {"intersect": [{"local": {"window": 50}},
+                                          {"strided": {"stride": 16, "local": 4}}]}
+
 CASES = [
     _spec("causal", {"causal": {}}),
     _spec("causal_d64", {"causal": {}}, head_dim=64),
@@ -66,6 +72,11 @@ CASES = [
     # The same under document lengths.
     _spec("union_window_tokenized", {"intersect": [UNION_WINDOW_STRIDED, {"tokenized": {}}]},
           batch=3),
+    # Intersections folded into closed forms: a symmetric window as a
+    # two-sided band within a dilated branch's groups (period 2), and a
+    # window narrowing strided's band and classes (period 16, [1, 3]).
+    _spec("intersect_window_dilated", INTERSECT_WINDOW_DILATED),
+    _spec("intersect_window_strided", INTERSECT_WINDOW_STRIDED),
     _spec("sum_causal_local", {"sum": [{"causal": {}}, {"local": {"window": 32}}]}),
     _spec("tokenized", {"tokenized": {}}, batch=4),
     _spec("tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]}, batch=4),
@@ -178,6 +189,8 @@ GRAD_CASES = [
     _spec("grad_union_segments", {"union": UNION_SEGMENTS}, heads=2),
     _spec("grad_longnet_union_no_offsets", {"union": LONGNET_NO_OFFSETS}, heads=2),
     _spec("grad_union_window_strided", UNION_WINDOW_STRIDED, heads=2),
+    _spec("grad_intersect_window_dilated", INTERSECT_WINDOW_DILATED, heads=2),
+    _spec("grad_intersect_window_strided", INTERSECT_WINDOW_STRIDED, heads=2),
     _spec("grad_union_window_tokenized",
           {"intersect": [UNION_WINDOW_STRIDED, {"tokenized": {}}]}, batch=3, heads=2),
     _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},

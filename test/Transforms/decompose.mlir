@@ -81,3 +81,22 @@ func.func @combinators(%q: tensor<2x1x64x16xf32>, %len: tensor<2xi32>) -> (tenso
   %1 = attn.attention %q, %q, %q lengths(%len) pattern(#attn.intersect<[#attn.causal, #attn.tokenized<>]>) : tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32>, tensor<2xi32> -> tensor<2x1x64x16xf32>
   return %0, %1 : tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32>
 }
+
+// -----
+
+// An intersection folds members that are one closed-form component into the
+// geometry: a symmetric window of 21 within a dilated branch of rate 2 is
+// the band |t_q - t_k| <= 10 of its groups, and a window of 50 narrows
+// strided's band and classes (p - j in [16, 48]: t_q - t_k in [1, 3]).
+// Where the narrowed band would be empty the member stays a filter.
+// CHECK-LABEL: func @intersections
+// CHECK: period = 2, residue = head, segment = 64, band = [-10, 10]>
+// CHECK: period = 1, residue = all, segment = 0, band = [0, 3]>
+// CHECK: period = 16, residue = all, segment = 0, band = [1, 3]>
+// CHECK: period = 16, residue = all, segment = 0, band = [1, inf], include = [#attn.local<window = 10>]>
+func.func @intersections(%q: tensor<1x4x64x16xf32>) -> (tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>) {
+  %0 = attn.attention %q, %q, %q pattern(#attn.intersect<[#attn.local<window = 21, causal = false>, #attn.dilated<segment = 64, rate = 2, head_offset = true>]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32> -> tensor<1x4x64x16xf32>
+  %1 = attn.attention %q, %q, %q pattern(#attn.intersect<[#attn.local<window = 50>, #attn.strided<stride = 16, local = 4>]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32> -> tensor<1x4x64x16xf32>
+  %2 = attn.attention %q, %q, %q pattern(#attn.intersect<[#attn.local<window = 10>, #attn.strided<stride = 16, local = 4>]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32> -> tensor<1x4x64x16xf32>
+  return %0, %1, %2 : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>
+}

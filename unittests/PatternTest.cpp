@@ -153,6 +153,19 @@ TEST_F(PatternTest, DecompositionSumsToMultiplicity) {
       "#attn.intersect<[#attn.union<[#attn.local<window = 2>, "
       "#attn.strided<stride = 3, local = 1>]>, #attn.dilated<segment = 12, "
       "rate = 3, causal = true>, #attn.local<window = 9, causal = false>]>",
+      // Unions whose earlier bands come off the later members' bands
+      // (subtractBand): one end, the whole band (dropped), a hole (kept as
+      // an exclusion), multiples of a period, and tokenized lengths (kept).
+      "#attn.union<[#attn.local<window = 3>, #attn.causal]>",
+      "#attn.union<[#attn.causal, #attn.local<window = 5, causal = false>]>",
+      "#attn.union<[#attn.causal, #attn.local<window = 4>]>",
+      "#attn.union<[#attn.local<window = 3>, #attn.full]>",
+      "#attn.union<[#attn.local<window = 7, causal = false>, "
+      "#attn.strided<stride = 3, local = 1>, #attn.dilated<segment = 12, "
+      "rate = 2, causal = true>]>",
+      "#attn.union<[#attn.local<window = 2>, #attn.strided<stride = 4, "
+      "local = 3>, #attn.local<window = 9, causal = false>]>",
+      "#attn.union<[#attn.tokenized<>, #attn.causal]>",
   };
   const std::pair<int64_t, int64_t> shapes[] = {{17, 17}, {5, 23}, {23, 5}, {1, 1}};
   for (const char *text : patterns) {

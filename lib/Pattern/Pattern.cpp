@@ -170,6 +170,45 @@ static bool narrowToBand(ComponentSpec &c, int64_t lo, int64_t hi) {
   return true;
 }
 
+/// `c` without the pairs of the position band [lo, hi] (an earlier union
+/// member that is a plain band), in closed form where what is left is one
+/// band: the excluded t - differences are [ceil(lo / period), floor(hi /
+/// period)] (as in narrowToBand), and they must cover one end of c's band.
+/// Sets `empty` where nothing is left. Fails where the exclusion would cut
+/// a hole (the caller keeps it as a filter).
+static bool subtractBand(ComponentSpec &c, int64_t lo, int64_t hi,
+                         bool &empty) {
+  const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
+  ComponentSpec excluded = band(ninf, inf);
+  excluded.period = c.period;
+  if (!narrowToBand(excluded, lo, hi))
+    return (empty = false, true); // no difference is a multiple: nothing goes
+  const int64_t a = excluded.lo, b = excluded.hi;
+  const bool coversLow = a == ninf || (c.lo != ninf && a <= c.lo);
+  const bool coversHigh = b == inf || (c.hi != inf && b >= c.hi);
+  empty = false;
+  if (coversLow && coversHigh) {
+    empty = true;
+    return true;
+  }
+  if (coversLow) {
+    if (c.hi != inf && b >= c.hi)
+      return (empty = true, true);
+    c.lo = c.lo == ninf ? b + 1 : std::max(c.lo, b + 1);
+    return true;
+  }
+  if (coversHigh) {
+    if (c.lo != ninf && a <= c.lo)
+      return (empty = true, true);
+    c.hi = c.hi == inf ? a - 1 : std::min(c.hi, a - 1);
+    return true;
+  }
+  // Disjoint from the band: nothing to exclude.
+  if ((c.hi != inf && a > c.hi) || (c.lo != ninf && b < c.lo))
+    return true;
+  return false;
+}
+
 /// `c` intersected with the pattern `member` in closed form where that is
 /// exact: a member that is a plain band narrows c's band, and a plain band c
 /// takes the geometry of a member that is one filter-free component
@@ -249,12 +288,28 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
       .Case([&](UnionAttr a) {
         // Member k contributes only the pairs no earlier member attends, so
         // no pair is counted twice.
+        // An earlier member that is a plain band (full, causal, local)
+        // comes off the component's band instead where what is left is one
+        // band (subtractBand): a causal look-ahead window after causal is
+        // the band [-(W-1), -1], with no predicate.
         Specs result;
         SmallVector<Attribute> earlier;
         for (Attribute member : a.getPatterns()) {
           for (ComponentSpec c : decomposeSet(member)) {
-            c.exclude.append(earlier.begin(), earlier.end());
-            result.push_back(c);
+            bool empty = false;
+            for (Attribute e : earlier) {
+              SmallVector<ComponentSpec> parts = decomposeSet(e);
+              if (parts.size() == 1 && isPlainBand(parts[0]) &&
+                  !parts[0].lengths &&
+                  subtractBand(c, parts[0].lo, parts[0].hi, empty)) {
+                if (empty)
+                  break;
+                continue;
+              }
+              c.exclude.push_back(e);
+            }
+            if (!empty)
+              result.push_back(c);
           }
           earlier.push_back(member);
         }

@@ -70,11 +70,12 @@ func.func @longnet(%q: tensor<1x16x?x64xf32>) -> tensor<1x16x?x64xf32> {
 
 // -----
 
-// A union counts a pair once: later members exclude the earlier ones. An
-// intersection with tokenized clips rows and keys to the lengths.
+// A union counts a pair once: later members exclude the earlier ones; an
+// earlier band comes off a later band (causal after a window of 8 starts
+// at 8). An intersection with tokenized clips rows and keys to the lengths.
 // CHECK-LABEL: func @combinators
 // CHECK: band = [0, 7]>
-// CHECK: band = [0, inf], exclude = [#attn.local<window = 8>]>
+// CHECK: band = [8, inf]>
 // CHECK: attn.component {{.*}} lengths(%{{.*}} : tensor<2xi32>) {{.*}} band = [0, inf], lengths = true>
 func.func @combinators(%q: tensor<2x1x64x16xf32>, %len: tensor<2xi32>) -> (tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32>) {
   %0 = attn.attention %q, %q, %q pattern(#attn.union<[#attn.local<window = 8>, #attn.causal]>) : tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32>, tensor<2x1x64x16xf32> -> tensor<2x1x64x16xf32>
@@ -99,4 +100,23 @@ func.func @intersections(%q: tensor<1x4x64x16xf32>) -> (tensor<1x4x64x16xf32>, t
   %1 = attn.attention %q, %q, %q pattern(#attn.intersect<[#attn.local<window = 50>, #attn.strided<stride = 16, local = 4>]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32> -> tensor<1x4x64x16xf32>
   %2 = attn.attention %q, %q, %q pattern(#attn.intersect<[#attn.local<window = 10>, #attn.strided<stride = 16, local = 4>]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32> -> tensor<1x4x64x16xf32>
   return %0, %1, %2 : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>
+}
+
+// -----
+
+// Where an earlier band would cut a hole in a later one (a causal window
+// out of a full band), or the earlier member is not a band, it stays an
+// exclusion; a later band that the earlier one covers is dropped.
+// CHECK-LABEL: func @unionExclusions
+// CHECK: band = [0, 7]>
+// CHECK: band = [-inf, inf], exclude = [#attn.local<window = 8>]>
+// CHECK: period = 4, residue = 0, segment = 32, band = [-inf, inf]>
+// CHECK: band = [0, 7], exclude = [#attn.dilated<segment = 32, rate = 4>]>
+// CHECK: band = [8, inf], exclude = [#attn.dilated<segment = 32, rate = 4>]>
+// CHECK-NOT: attn.component
+// CHECK: attn.finalize
+func.func @unionExclusions(%q: tensor<1x4x64x16xf32>) -> (tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>) {
+  %0 = attn.attention %q, %q, %q pattern(#attn.union<[#attn.local<window = 8>, #attn.full]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32> -> tensor<1x4x64x16xf32>
+  %1 = attn.attention %q, %q, %q pattern(#attn.union<[#attn.dilated<segment = 32, rate = 4>, #attn.local<window = 8>, #attn.causal, #attn.local<window = 4>]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32> -> tensor<1x4x64x16xf32>
+  return %0, %1 : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>
 }

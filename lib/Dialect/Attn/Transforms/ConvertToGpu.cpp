@@ -221,42 +221,27 @@ static bool needsOneWarpgroup(const AttentionShape &shape,
          !exclusionsAsRanges(shape, comp);
 }
 
-/// An exclusion of `comp` that takes, from every row at position P, each
-/// of its keys from a position on: a suffix of the row's keys.
-///   - A LongNet branch (dilated, segment w, rate r; `segment` = w) that
-///     holds every pair of `comp` inside one of its segments takes the keys
-///     at floor(P / w) * w .. P. Each position of `comp`'s groups must lie
-///     in the branch's class: rate 1; a head offset where `comp` takes the
-///     head's class h % period and r divides its period and segment; or no
-///     head offset (the branch's class is 0) where `comp` takes a fixed
-///     class c with c % r == 0 and r divides its period and segment.
-///   - A local window W (`window` = W, causal or not) takes the keys at
-///     P - W + 1 .. P.
-/// Both start positions grow with P, which the kernels' block-wide bounds
-/// rely on (the first row's start bounds every row's).
-struct SuffixExclusion {
-  int64_t segment = 0, window = 0;
-};
-
-/// `comp`'s exclusions that are suffixes of every row's keys (above),
-/// where `comp` is causal (its keys at or before the row). The kernels end
-/// their key ranges before them rather than masking their tiles: LongNet's
-/// union, whose (8192, 4) branch excludes the keys of the row's own
-/// 2048-segment and whose (32768, 16) branch those of its 8192-segment,
-/// and a union of a local window with a later strided or dilated member.
-/// Not in ring packages (an f32 state), whose predicates see positions
-/// other than the groups'.
-static SmallVector<SuffixExclusion>
-suffixExclusions(const AttentionShape &shape, ComponentAttr comp) {
-  SmallVector<SuffixExclusion> suffixes;
+/// The segments w of `comp`'s exclusions that take, from every row at
+/// position P, each of its keys at positions floor(P / w) * w .. P: LongNet
+/// branches (dilated, segment w, rate r) that hold every pair of `comp`
+/// inside one of their segments. That takes `comp` causal (its keys at or
+/// before the row) and each position of its groups in the branch's class:
+/// rate 1; a head offset where `comp` takes the head's class h % period
+/// and r divides its period and segment; or no head offset (the branch's
+/// class is 0) where `comp` takes a fixed class c with c % r == 0 and r
+/// divides its period and segment. Such keys form a suffix of every
+/// row's keys, so the kernels end their key ranges before it rather than
+/// masking its tiles: LongNet's union, whose (8192, 4) branch excludes the
+/// keys of the row's own 2048-segment and whose (32768, 16) branch those of
+/// its 8192-segment. Not in ring packages (an f32 state), whose predicates
+/// see positions other than the groups'.
+static SmallVector<int64_t> segmentExclusions(const AttentionShape &shape,
+                                              ComponentAttr comp) {
+  SmallVector<int64_t> segments;
   if (!shape.halfState || comp.getBandLo() == ComponentAttr::kNegInf ||
       comp.getBandLo() < 0)
-    return suffixes;
+    return segments;
   for (Attribute excluded : comp.getExclude()) {
-    if (auto window = dyn_cast<LocalAttr>(excluded)) {
-      suffixes.push_back({/*segment=*/0, window.getWindow()});
-      continue;
-    }
     auto branch = dyn_cast<DilatedAttr>(excluded);
     if (!branch)
       continue;
@@ -268,19 +253,19 @@ suffixExclusions(const AttentionShape &shape, ComponentAttr comp) {
             ? comp.isPlainHeadResidue()
             : comp.getResidue() >= 0 && comp.getResidue() % rate == 0;
     if (rate == 1 || (classesAligned && inBranchClass))
-      suffixes.push_back({branch.getSegment(), /*window=*/0});
+      segments.push_back(branch.getSegment());
   }
-  return suffixes;
+  return segments;
 }
 
-/// Whether every filter of `comp` is an exclusion that suffixExclusions
+/// Whether every filter of `comp` is an exclusion that segmentExclusions
 /// turns into key ranges (LongNet's union): its forward kernels then need
-/// no predicate at all, ending each row's keys where its exclusions start
-/// in the edge tiles' window masks, and run as unfiltered components do.
+/// no predicate at all, ending each row's keys at its excluded segment in
+/// the edge tiles' window masks, and run as unfiltered components do.
 static bool exclusionsAsRanges(const AttentionShape &shape,
                                ComponentAttr comp) {
   return comp.getInclude().empty() && !comp.getExclude().empty() &&
-         suffixExclusions(shape, comp).size() == comp.getExclude().size();
+         segmentExclusions(shape, comp).size() == comp.getExclude().size();
 }
 
 /// One 16x8 f32 accumulator fragment: c[0], c[1] are row lane/4, columns
@@ -535,15 +520,15 @@ private:
   /// The position of gathered row (or key) t of group g: base + period*t.
   Value groupPosition(ComponentAttr comp, const GroupItem &g, Value t);
   /// The first key position that a row at position `rowPos` excludes with
-  /// every later key (suffixExclusions: the earliest start of those
-  /// suffixes), or null where `comp` has none.
+  /// every later key (segmentExclusions: the earliest start of its segments
+  /// in those branches), or null where `comp` has none.
   Value excludedPositionsFrom(ComponentAttr comp, Value rowPos);
   /// The same as a gathered key index of group g, for gathered row t: the
   /// end of the keys row t attends past its exclusions (null without).
   Value excludedKeysFrom(ComponentAttr comp, const GroupItem &g, Value t);
   /// The first gathered row of group g that attends gathered key tk past
-  /// `comp`'s suffix exclusions (the latest row position whose suffix
-  /// starts past the key), or null where it has none.
+  /// `comp`'s segment exclusions (the latest end of the key's segments in
+  /// those branches), or null where it has none.
   Value rowsAttendFrom(ComponentAttr comp, const GroupItem &g, Value tk);
 
   gpu::GPUFuncOp beginKernel(StringRef name, int64_t threads,
@@ -1005,10 +990,8 @@ Value KernelEmitter::groupPosition(ComponentAttr comp, const GroupItem &g,
 
 Value KernelEmitter::excludedPositionsFrom(ComponentAttr comp, Value rowPos) {
   Value from;
-  for (SuffixExclusion x : suffixExclusions(shape, comp)) {
-    Value start = x.segment
-                      ? m.mul(m.floorDiv(rowPos, x.segment), m.c(x.segment))
-                      : m.add(rowPos, m.c(1 - x.window));
+  for (int64_t w : segmentExclusions(shape, comp)) {
+    Value start = m.mul(m.floorDiv(rowPos, w), m.c(w));
     from = from ? m.min(from, start) : start;
   }
   return from;
@@ -1024,12 +1007,8 @@ Value KernelEmitter::rowsAttendFrom(ComponentAttr comp, const GroupItem &g,
                                     Value tk) {
   Value from;
   Value keyPos = groupPosition(comp, g, tk);
-  // The first row position whose exclusion starts past the key: the end
-  // of the key's segment, or the key plus the window.
-  for (SuffixExclusion x : suffixExclusions(shape, comp)) {
-    Value end = x.segment ? m.mul(m.add(m.floorDiv(keyPos, x.segment), m.c(1)),
-                                  m.c(x.segment))
-                          : m.add(keyPos, m.c(x.window));
+  for (int64_t w : segmentExclusions(shape, comp)) {
+    Value end = m.mul(m.add(m.floorDiv(keyPos, w), m.c(1)), m.c(w));
     from = from ? m.max(from, end) : end;
   }
   return from ? m.ceilDiv(m.sub(from, g.base), m.c(comp.getPeriod())) : Value();
@@ -1492,7 +1471,7 @@ Value KernelEmitter::pairInBand(ComponentAttr comp, const GroupItem &g,
   if (!comp.hasFilters())
     return inside;
   // Exclusions as key ranges: inside the band (causal), a key is excluded
-  // exactly from where the row's excluded suffix starts.
+  // exactly from the start of the row's excluded segment on.
   if (exclusionsAsRanges(shape, comp)) {
     Value from = excludedPositionsFrom(comp, groupPosition(comp, g, t));
     return m.both(inside, m.lt(groupPosition(comp, g, tk), from));
@@ -1625,14 +1604,14 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
     // Key tiles attended by some row of [q0, q1), and those by every row.
     first = hi == inf ? tKeyLo : m.max(tKeyLo, m.sub(q0, m.c(hi)));
     last = lo == ninf ? tKeyHi : m.min(tKeyHi, m.sub(q1, m.c(lo)));
-    // Keys from where the last row's excluded suffix starts are no row's.
+    // Keys from the last row's excluded segment on are no row's.
     if (Value end = excludedKeysFrom(comp, item, m.sub(q1, one)))
       last = m.min(last, end);
     last = f.select(m.lt(q0, q1), m.max(last, first), first);
     fullLo = hi == inf ? first
                        : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
     fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
-    // Every row attends keys before the first row's excluded suffix.
+    // Every row attends keys before the first row's excluded segment.
     if (Value end = excludedKeysFrom(comp, item, q0))
       fullHi = m.min(fullHi, end);
     numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
@@ -3625,7 +3604,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value fullLo =
       hi == inf ? first : m.max(first, m.sub(m.sub(q1, one), m.c(hi)));
   Value fullHi = lo == ninf ? last : m.min(last, m.add(m.sub(q0, m.c(lo)), one));
-  // Every row attends keys before the first row's excluded suffix.
+  // Every row attends keys before the first row's excluded segment.
   if (Value end = excludedKeysFrom(comp, g, q0))
     fullHi = m.min(fullHi, end);
   Value numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
@@ -3834,8 +3813,8 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // Rows t attending keys [k0, k1): lo <= t - tk <= hi.
   Value k1 = m.min(m.add(k0, m.c(kBlockKeys)), g.tKeyHi);
   Value qFirst = lo == ninf ? g.tRowLo : m.max(g.tRowLo, m.add(k0, m.c(lo)));
-  // Rows whose excluded suffix starts at or before the first key attend
-  // none of the block's keys.
+  // Rows in the first key's excluded segment, or before it, attend none of
+  // the block's keys.
   if (Value from = rowsAttendFrom(comp, g, k0))
     qFirst = m.max(qFirst, from);
   Value qLast = hi == inf ? g.tRowHi : m.min(g.tRowHi, m.add(k1, m.c(hi)));
@@ -3957,7 +3936,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     if (hi != inf)
       full = m.both(full, m.le(m.sub(m.add(t0, m.c(kBlockKeys - 1)), k0), m.c(hi)));
     // Exclusions as key ranges: the tile's first row attends every key of
-    // the block before its excluded suffix, and so do the rows after it.
+    // the block before its excluded segment, and so do the rows after it.
     if (Value from = excludedPositionsFrom(comp, groupPosition(comp, g, t0)))
       full =
           m.both(full, m.lt(groupPosition(comp, g, m.sub(k1, m.c(1))), from));

@@ -17,6 +17,8 @@
 #include "mlir/Dialect/Arith/IR/Arith.h"
 #include "llvm/ADT/TypeSwitch.h"
 
+#include <optional>
+
 using namespace mlir;
 using namespace mlir::attn;
 
@@ -141,11 +143,20 @@ static ComponentSpec band(int64_t lo, int64_t hi) {
   return c;
 }
 
-/// Whether `c` is a plain band over positions: period 1, every row, no
-/// segments and no filters (full, causal, local).
-static bool isPlainBand(const ComponentSpec &c) {
-  return c.period == 1 && c.residue == ComponentAttr::kAllResidues &&
-         c.segment == 0 && c.include.empty() && c.exclude.empty();
+static SmallVector<ComponentSpec> decomposeSet(Attribute pattern);
+
+/// The one component of a pattern's decomposition `parts` where it is a
+/// plain band over positions (period 1, every row, no segments and no
+/// filters: full, causal, local, or combinators of them that fold into
+/// one), lengths included; none otherwise.
+static std::optional<ComponentSpec> plainBand(ArrayRef<ComponentSpec> parts) {
+  if (parts.size() != 1)
+    return std::nullopt;
+  const ComponentSpec &c = parts.front();
+  if (c.period != 1 || c.residue != ComponentAttr::kAllResidues ||
+      c.segment != 0 || !c.include.empty() || !c.exclude.empty())
+    return std::nullopt;
+  return c;
 }
 
 /// `c` narrowed to the pairs of the position band [lo, hi]: within a group
@@ -170,43 +181,33 @@ static bool narrowToBand(ComponentSpec &c, int64_t lo, int64_t hi) {
   return true;
 }
 
-/// `c` without the pairs of the position band [lo, hi] (an earlier union
+/// `c` without the pairs of the position band `excluded` (an earlier union
 /// member that is a plain band), in closed form where what is left is one
-/// band: the excluded t - differences are [ceil(lo / period), floor(hi /
-/// period)] (as in narrowToBand), and they must cover one end of c's band.
-/// Sets `empty` where nothing is left. Fails where the exclusion would cut
-/// a hole (the caller keeps it as a filter).
-static bool subtractBand(ComponentSpec &c, int64_t lo, int64_t hi,
+/// band: the excluded t-differences are [ceil(lo / period), floor(hi /
+/// period)] (as in narrowToBand), and where they reach one end of c's band,
+/// c's band starts after them or ends before them. Sets `empty` where they
+/// reach both ends. Fails where they would cut a hole (the caller keeps the
+/// member as an exclusion).
+static bool subtractBand(ComponentSpec &c, const ComponentSpec &excluded,
                          bool &empty) {
   const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
-  ComponentSpec excluded = band(ninf, inf);
-  excluded.period = c.period;
-  if (!narrowToBand(excluded, lo, hi))
-    return (empty = false, true); // no difference is a multiple: nothing goes
-  const int64_t a = excluded.lo, b = excluded.hi;
-  const bool coversLow = a == ninf || (c.lo != ninf && a <= c.lo);
-  const bool coversHigh = b == inf || (c.hi != inf && b >= c.hi);
   empty = false;
-  if (coversLow && coversHigh) {
+  ComponentSpec differences = band(ninf, inf);
+  differences.period = c.period;
+  if (!narrowToBand(differences, excluded.lo, excluded.hi))
+    return true; // no difference is a multiple of the period: nothing goes
+  const int64_t a = differences.lo, b = differences.hi;
+  const bool reachesLow = a == ninf || (c.lo != ninf && a <= c.lo);
+  const bool reachesHigh = b == inf || (c.hi != inf && b >= c.hi);
+  if (reachesLow && reachesHigh)
     empty = true;
-    return true;
-  }
-  if (coversLow) {
-    if (c.hi != inf && b >= c.hi)
-      return (empty = true, true);
+  else if (reachesLow)
     c.lo = c.lo == ninf ? b + 1 : std::max(c.lo, b + 1);
-    return true;
-  }
-  if (coversHigh) {
-    if (c.lo != ninf && a <= c.lo)
-      return (empty = true, true);
+  else if (reachesHigh)
     c.hi = c.hi == inf ? a - 1 : std::min(c.hi, a - 1);
-    return true;
-  }
-  // Disjoint from the band: nothing to exclude.
-  if ((c.hi != inf && a > c.hi) || (c.lo != ninf && b < c.lo))
-    return true;
-  return false;
+  else
+    return false;
+  return true;
 }
 
 /// `c` intersected with the pattern `member` in closed form where that is
@@ -214,26 +215,23 @@ static bool subtractBand(ComponentSpec &c, int64_t lo, int64_t hi,
 /// takes the geometry of a member that is one filter-free component
 /// (a dilated branch, strided's classes) with its band narrowed by c's.
 /// Returns false where the member stays a filter.
-static bool foldIntersection(ComponentSpec &c, Attribute member,
-                             function_ref<SmallVector<ComponentSpec>(Attribute)>
-                                 decomposeMember) {
-  SmallVector<ComponentSpec> parts = decomposeMember(member);
-  if (parts.size() != 1 || !parts[0].include.empty() ||
-      !parts[0].exclude.empty())
-    return false;
-  ComponentSpec other = parts[0];
-  if (isPlainBand(other)) {
+static bool foldIntersection(ComponentSpec &c, Attribute member) {
+  SmallVector<ComponentSpec> parts = decomposeSet(member);
+  if (std::optional<ComponentSpec> memberBand = plainBand(parts)) {
     ComponentSpec narrowed = c;
-    if (!narrowToBand(narrowed, other.lo, other.hi))
+    if (!narrowToBand(narrowed, memberBand->lo, memberBand->hi))
       return false;
-    narrowed.lengths |= other.lengths;
+    narrowed.lengths |= memberBand->lengths;
     c = narrowed;
     return true;
   }
+  if (parts.size() != 1 || !parts[0].include.empty() ||
+      !parts[0].exclude.empty())
+    return false;
   if (c.period != 1 || c.residue != ComponentAttr::kAllResidues ||
       c.segment != 0)
     return false;
-  ComponentSpec taken = other;
+  ComponentSpec taken = parts[0];
   if (!narrowToBand(taken, c.lo, c.hi))
     return false;
   taken.lengths |= c.lengths;
@@ -293,15 +291,14 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
         // band (subtractBand): a causal look-ahead window after causal is
         // the band [-(W-1), -1], with no predicate.
         Specs result;
-        SmallVector<Attribute> earlier;
+        SmallVector<std::pair<Attribute, std::optional<ComponentSpec>>> earlier;
         for (Attribute member : a.getPatterns()) {
-          for (ComponentSpec c : decomposeSet(member)) {
+          SmallVector<ComponentSpec> parts = decomposeSet(member);
+          for (ComponentSpec c : parts) {
             bool empty = false;
-            for (Attribute e : earlier) {
-              SmallVector<ComponentSpec> parts = decomposeSet(e);
-              if (parts.size() == 1 && isPlainBand(parts[0]) &&
-                  !parts[0].lengths &&
-                  subtractBand(c, parts[0].lo, parts[0].hi, empty)) {
+            for (const auto &[e, eBand] : earlier) {
+              // (A band under lengths attends only pairs within them.)
+              if (eBand && !eBand->lengths && subtractBand(c, *eBand, empty)) {
                 if (empty)
                   break;
                 continue;
@@ -311,7 +308,7 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
             if (!empty)
               result.push_back(c);
           }
-          earlier.push_back(member);
+          earlier.push_back({member, plainBand(parts)});
         }
         return result;
       })
@@ -332,10 +329,9 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
         // window within a dilated branch's segments is a band in its
         // groups; foldIntersection) rather than filter every tile by
         // predicate; the rest filter.
-        auto isBand = [](Attribute member) {
+        auto geometry = llvm::find_if_not(others, [](Attribute member) {
           return isa<FullAttr, CausalAttr, LocalAttr>(member);
-        };
-        auto geometry = llvm::find_if_not(others, isBand);
+        });
         if (geometry == others.end())
           geometry = others.begin();
         Specs result =
@@ -343,7 +339,7 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
         for (ComponentSpec &c : result) {
           c.lengths |= lengths;
           for (auto it = others.begin(); it != others.end(); ++it)
-            if (it != geometry && !foldIntersection(c, *it, decomposeSet))
+            if (it != geometry && !foldIntersection(c, *it))
               c.include.push_back(*it);
         }
         return result;

@@ -21,6 +21,18 @@ module attributes {attn.distribution = {ranks = 2 : i64, layout = "striped", kv 
 
 // -----
 
+// An intersection folds its dilated member's period into its components
+// (attn-decompose), so the striped rule holds inside it as well.
+module attributes {attn.distribution = {ranks = 2 : i64, layout = "striped", kv = "ring"}} {
+  // expected-error @+1 {{layout 'striped' needs every component to map onto the ranks' strides; this pattern has period 3 that neither divides nor is a multiple of 2 ranks: use 'zigzag' or 'contiguous'}}
+  func.func @striped_intersect(%q: tensor<1x2x1536x64xf32>) -> tensor<1x2x1536x64xf32> {
+    %o = attn.attention %q, %q, %q pattern(#attn.intersect<[#attn.causal, #attn.dilated<segment = 384, rate = 3>]>) : tensor<1x2x1536x64xf32>, tensor<1x2x1536x64xf32>, tensor<1x2x1536x64xf32> -> tensor<1x2x1536x64xf32>
+    return %o : tensor<1x2x1536x64xf32>
+  }
+}
+
+// -----
+
 module attributes {attn.distribution = {ranks = 2 : i64, layout = "zigzag", kv = "ring"}} {
   // expected-error @+1 {{ring attention needs static shapes}}
   func.func @dynamic(%q: tensor<1x2x?x64xf32>) -> tensor<1x2x?x64xf32> {

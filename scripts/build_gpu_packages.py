@@ -3,9 +3,12 @@
 benchmark specs (bench/gpu/specs/*.json) for a GPU target into one folder,
 to be carried to the GPU machine with the runtime:
 
-    scripts/build_gpu_packages.py OUT_DIR [--target sm_90a]
+    scripts/build_gpu_packages.py OUT_DIR [--target sm_90a] [--only NAMES]
 
-Writes OUT_DIR/<name>/ packages and OUT_DIR/compile_times.json."""
+Writes OUT_DIR/<name>/ packages and OUT_DIR/compile_times.json. `--only`
+takes a comma-separated list of package names or prefixes (e.g.
+`--only bench_` for the benchmark specs alone: a small set for
+bench/gpu_ab.py, where the whole folder is ~44 MB)."""
 
 import argparse
 import glob
@@ -24,7 +27,11 @@ ap.add_argument("out")
 ap.add_argument("--target", default="sm_90a")
 ap.add_argument("--no-warp-specialize", action="store_true",
                 help="pass --warp-specialize=false to attn-compile (sm_90a)")
+ap.add_argument("--only", default="",
+                help="compile only the packages whose names start with one of these "
+                     "comma-separated prefixes")
 args = ap.parse_args()
+only = [p for p in args.only.split(",") if p]
 os.makedirs(args.out, exist_ok=True)
 compiler = os.path.join(ROOT, "build", "bin", "attn-compile")
 specs = [(c["name"], c) for c in gpu_cases.CASES]
@@ -37,6 +44,8 @@ times = {}
 
 
 def compile_spec(name, spec):
+    if only and not any(name.startswith(p) for p in only):
+        return
     spec_path = os.path.join(args.out, name + ".json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)

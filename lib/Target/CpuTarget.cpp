@@ -226,7 +226,9 @@ LogicalResult mlir::attn::compileCpuPackage(ModuleOp module, const Spec &spec,
 
   if (log)
     *log << "attn-compile: lowering " << spec.name << " ("
-         << components.size() << " components, tiles " << opts.qTile << "x"
+         << components.size()
+         << (components.size() == 1 ? " component" : " components")
+         << ", tiles " << opts.qTile << "x"
          << opts.kvTile << ")\n";
   if (failed(buildSharedObject(module, spec.name, opts, outDir, error, log)))
     return failure();

@@ -245,7 +245,8 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
 
   if (log)
     *log << "attn-compile: generating " << arch << " kernels for " << spec.name
-         << " (" << components.size() << " components)\n";
+         << " (" << components.size()
+         << (components.size() == 1 ? " component)\n" : " components)\n");
   PassManager pm(module.getContext());
   addKernelPasses(pm, arch, alwaysState, warpSpecialize);
   if (failed(pm.run(module))) {

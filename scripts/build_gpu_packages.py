@@ -34,7 +34,7 @@ args = ap.parse_args()
 only = [p for p in args.only.split(",") if p]
 os.makedirs(args.out, exist_ok=True)
 compiler = os.path.join(ROOT, "build", "bin", "attn-compile")
-specs = [(c["name"], c) for c in gpu_cases.CASES]
+specs = [(c["name"], c) for c in gpu_cases.CASES + gpu_cases.RANDOM_CASES]
 for path in sorted(glob.glob(os.path.join(ROOT, "bench", "gpu", "specs", "*.json")) +
                    glob.glob(os.path.join(ROOT, "bench", "gpu", "grad_specs", "*.json"))):
     with open(path) as f:
@@ -65,8 +65,8 @@ for name, spec in specs:
 compile_spec(gpu_cases.RING_ONE_RANK["name"], gpu_cases.RING_ONE_RANK)
 for spec in gpu_cases.RING_RANKS:
     compile_spec(spec["name"], spec)
-for spec in (gpu_cases.NO_LSE + gpu_cases.GRAD_CASES + gpu_cases.RING_GRAD
-             + [gpu_cases.RING_GRAD_ONE_RANK]):
+for spec in (gpu_cases.NO_LSE + gpu_cases.GRAD_CASES + gpu_cases.RANDOM_GRAD_CASES
+             + gpu_cases.RING_GRAD + [gpu_cases.RING_GRAD_ONE_RANK]):
     compile_spec(spec["name"], spec)
 
 # The tokenized-attention packages of test_gpu.py and bench/tokenized_gpu.py

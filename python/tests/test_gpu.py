@@ -47,6 +47,20 @@ def _random_qkv(case, L, gen):
 @pytest.mark.parametrize("case", gpu_cases.CASES, ids=lambda c: c["name"])
 @pytest.mark.parametrize("shape", gpu_cases.SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_matches_reference(case, shape):
+    _check_against_reference(case, shape)
+
+
+@pytest.mark.parametrize("case", gpu_cases.RANDOM_CASES, ids=lambda c: c["name"])
+@pytest.mark.parametrize("shape", gpu_cases.RANDOM_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_random_combinators_match_reference(case, shape):
+    _check_against_reference(case, shape)
+
+
+def _check_against_reference(case, shape):
+    """`case`'s package on fresh random inputs at `shape` (Lq, Lk), into an
+    output filled with NaN, against the float64 reference: no element left
+    unwritten, rows with no key 0 with lse -inf, the output within the
+    dtype's tolerance (relative Frobenius norm) and each lse within 2e-2."""
     pkg = attn.load(os.path.join(PKGS, case["name"]))
     q_len, kv_len = shape
     gen = torch.Generator().manual_seed(hash((case["name"], shape)) & 0xFFFF)
@@ -73,6 +87,84 @@ def test_matches_reference(case, shape):
     if (~empty).any():
         lse_err = (lse.double()[~empty] - ref_lse[~empty]).abs().max().item()
         assert lse_err < 2e-2, f"lse error {lse_err:.2e}"
+
+
+# Half an ulp of each dtype's mantissa: the rounding of one stored value.
+HALF_ULP = {"bf16": 2.0 ** -9, "f16": 2.0 ** -12}
+
+
+@pytest.mark.parametrize("case", gpu_cases.CASES + gpu_cases.RANDOM_CASES,
+                         ids=lambda c: c["name"])
+@pytest.mark.parametrize("shape", [(700, 700), (257, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_zero_queries_attend_exactly_the_pattern_keys(case, shape):
+    _check_zero_queries(case, shape, case["pattern"])
+
+
+@pytest.mark.parametrize("name, pattern", [
+    ("local", {"local": {"window": 99}}),
+    ("local", {"local": {"window": 101}}),
+    ("strided", {"strided": {"stride": 16, "local": 15}}),
+    ("union_window_strided", {"union": [{"local": {"window": 39, "causal": False}},
+                                        {"strided": {"stride": 16, "local": 1}}]}),
+    ("intersect_window_strided", {"intersect": [{"local": {"window": 48}},
+                                                {"strided": {"stride": 16, "local": 4}}]}),
+], ids=["local_99", "local_101", "strided_15", "union_39", "intersect_48"])
+def test_zero_query_check_sees_a_key_more_or_less(name, pattern):
+    """The q = 0 check (_check_zero_queries) against a pattern one key a row
+    off the package's (a window or band one shorter or longer) must fail:
+    it is what tells a kernel that attends one key too many or too few from
+    a correct one."""
+    case = next(c for c in gpu_cases.CASES if c["name"] == name)
+    with pytest.raises(AssertionError, match="ln\\(keys attended\\)"):
+        _check_zero_queries(case, (700, 700), pattern)
+
+
+def _check_zero_queries(case, shape, pattern):
+    """With q = 0 every score is 0, so each row's lse is ln of the number of
+    keys it attends (with their multiplicity) and its output the mean of
+    their v rows. The random-input comparison above cannot see one key too
+    many or too few in a row of hundreds (it moves the output by about
+    1/n); here the lse is exact up to float32 rounding (a key more or less
+    moves it by at least 1/n = 1e-3), and each output element within the
+    rounding of the stored partial means (a key swapped for another moves
+    it by about |v_a - v_b| / n)."""
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    q_len, kv_len = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(f"zero-q {case['name']} {shape}".encode()))
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    q = torch.zeros(B, H, q_len, D, device="cuda", dtype=dt)
+    k = torch.randn(B, Hkv, kv_len, D, generator=gen).to("cuda", dt)
+    v = torch.randn(B, Hkv, kv_len, D, generator=gen).to("cuda", dt)
+    lengths = None
+    if "tokenized" in str(case["pattern"]):
+        lengths = _lengths(B, min(q_len, kv_len), gen).cuda()
+    out = torch.full_like(q, float("nan"))
+    out, lse = pkg(q, k, v, lengths=lengths, return_lse=True, out=out)
+    torch.cuda.synchronize()
+
+    m = torch.from_numpy(reference.multiplicity(
+        pattern, H, q_len, kv_len,
+        None if lengths is None else lengths.cpu().numpy()).copy()).cuda()
+    m = m.expand(B, H, q_len, kv_len).double()
+    count = m.sum(-1)
+    attended = count > 0
+    v64 = v.double().repeat_interleave(H // Hkv, dim=1)
+    want = (m @ v64) / count.clamp_min(1)[..., None]
+    lse = lse.double()
+    assert torch.equal(torch.isinf(lse), ~attended), "rows with no key must give lse = -inf"
+    assert (out.float()[~attended] == 0).all(), "rows with no key must give 0"
+    if attended.any():
+        lse_err = (lse[attended] - count[attended].log()).abs().max().item()
+        assert lse_err < 1e-4, f"lse differs from ln(keys attended) by {lse_err:.2e}"
+    # Each stored value (a partial mean, then out) is rounded once: within
+    # a half ulp of the largest partial, at most the output plus the spread
+    # of a mean of n keys, about 4 / sqrt(n) for standard normal v.
+    bound = 4 * HALF_ULP[case["dtype"]] * (want.abs() + 4 / count.clamp_min(1).sqrt()[..., None])
+    excess = ((out.double() - want).abs() - bound)[attended]
+    if excess.numel():
+        worst = excess.max().item()
+        assert worst <= 0, f"an output element is {worst:.2e} beyond its rounding bound"
 
 
 @pytest.mark.parametrize("case", gpu_cases.NO_LSE, ids=lambda c: c["name"])

@@ -65,7 +65,9 @@ def _inputs(case, shape):
 
 def _check_against_reference(case, q, k, v, g, lengths, bias, grads, tol):
     """grads (dq, dk, dv) against the float64 reference, each within `tol`
-    of its largest magnitude."""
+    of its largest magnitude, or of a hundredth of the largest of the three
+    where a gradient is (nearly) zero: dq and dk of rows that attend only
+    themselves (a window of 1) are 0 up to float32 rounding."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     lens = None if lengths is None else lengths.tolist()
@@ -74,16 +76,18 @@ def _check_against_reference(case, q, k, v, g, lengths, bias, grads, tol):
     clean = lambda x: torch.nan_to_num(x.detach().double(), nan=0.0, posinf=0.0).cpu().numpy()
     ref = backward64(clean(q), clean(k), clean(v), m, clean(g), scale,
                      None if bias is None else bias.double().cpu().numpy())
+    floor = max(max(np.abs(want).max() for want in ref) / 100, 1e-30)
     for got, want, what in zip(grads, ref, ("dq", "dk", "dv")):
         got = got.double().cpu().numpy()
         assert got.shape == want.shape and got.dtype == np.float64
         assert not np.isnan(got).any(), f"{what} has NaN"
-        scale_of = max(np.abs(want).max(), 1e-30)
+        scale_of = max(np.abs(want).max(), floor)
         err = np.abs(got - want).max() / scale_of
         assert err < tol, f"{what}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("case", gpu_cases.GRAD_CASES, ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", gpu_cases.GRAD_CASES + gpu_cases.RANDOM_GRAD_CASES,
+                         ids=lambda c: c["name"])
 @pytest.mark.parametrize("shape", gpu_cases.GRAD_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_gradients_match_the_float64_reference(case, shape):
     pkg = attn.load(os.path.join(PKGS, case["name"]))

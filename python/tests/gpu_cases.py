@@ -83,47 +83,20 @@ CASES = [
 ]
 
 
-def _random_atom(rng):
-    """One of the patterns of docs/SpecFormat.md with small random fields
-    (windows, strides and segments that tiles of 64 cut at odd places)."""
-    kind = rng.choice(["full", "causal", "local", "local", "strided", "strided",
-                       "dilated", "dilated"])
-    if kind in ("full", "causal"):
-        return {kind: {}}
-    if kind == "local":
-        return {"local": {"window": rng.choice([1, 7, 40, 64, 65, 130, 300]),
-                          "causal": rng.random() < 0.6}}
-    if kind == "strided":
-        stride = rng.choice([2, 3, 8, 16, 24, 64])
-        return {"strided": {"stride": stride, "local": rng.randint(1, stride)}}
-    segment = rng.choice([16, 48, 64, 96, 256, 512])
-    rate = rng.choice([r for r in (1, 2, 3, 4, 8, 16) if segment % r == 0])
-    return {"dilated": {"segment": segment, "rate": rate,
-                        "head_offset": rng.random() < 0.5, "causal": rng.random() < 0.6}}
-
-
-def _random_pattern(rng, depth):
-    """An atom, or a union, intersection or sum of two or three patterns of
-    depth - 1."""
-    if depth == 0 or rng.random() < 0.3:
-        return _random_atom(rng)
-    combinator = rng.choice(["union", "union", "intersect", "intersect", "sum"])
-    return {combinator: [_random_pattern(rng, depth - 1) for _ in range(rng.choice([2, 2, 3]))]}
-
-
 def random_cases(seed, count, prefix, **fields):
-    """`count` specs of random nested combinators (depth up to 2; a fifth of
-    them under document lengths), with random dtype, head dim and GQA. The
-    same seed gives the same specs here and on the GPU machine, so the
+    """`count` specs of random pattern trees (random_patterns.py; a fifth
+    of them under document lengths), with random dtype, head dim and GQA.
+    The same seed gives the same specs here and on the GPU machine, so the
     packages built here are the ones the tests load there. These reach the
     closed forms of attn-decompose (bands subtracted from unions' later
     members, intersections folded, exclusions as key ranges) in
     combinations no fixed case names."""
     import random
+    from random_patterns import random_pattern
     rng = random.Random(seed)
     cases = []
     for i in range(count):
-        pattern = _random_pattern(rng, 2)
+        pattern = random_pattern(rng)
         batch = 2
         if rng.random() < 0.2:
             pattern, batch = {"intersect": [pattern, {"tokenized": {}}]}, 3

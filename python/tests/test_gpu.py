@@ -44,6 +44,28 @@ def _random_qkv(case, L, gen):
     return tuple(torch.randn(B, n, L, D, generator=gen).to("cuda", dt) for n in (H, Hkv, Hkv))
 
 
+def _run_on_poisoned_output(case, shape, gen, zero_q=False):
+    """Runs `case`'s package at `shape` (Lq, Lk) on inputs drawn from `gen`
+    (q = 0 with `zero_q`; lengths from _lengths for tokenized patterns),
+    into an output filled with NaN: (q, k, v, lengths, out, lse)."""
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    q_len, kv_len = shape
+    dt = DTYPES[case["dtype"]]
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    q = torch.randn(B, H, q_len, D, generator=gen).to("cuda", dt)
+    if zero_q:
+        q.zero_()
+    k = torch.randn(B, Hkv, kv_len, D, generator=gen).to("cuda", dt)
+    v = torch.randn(B, Hkv, kv_len, D, generator=gen).to("cuda", dt)
+    lengths = None
+    if "tokenized" in str(case["pattern"]):
+        lengths = _lengths(B, min(q_len, kv_len), gen).cuda()
+    out = torch.full_like(q, float("nan"))
+    out, lse = pkg(q, k, v, lengths=lengths, return_lse=True, out=out)
+    torch.cuda.synchronize()
+    return q, k, v, lengths, out, lse
+
+
 @pytest.mark.parametrize("case", gpu_cases.CASES, ids=lambda c: c["name"])
 @pytest.mark.parametrize("shape", gpu_cases.SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_matches_reference(case, shape):
@@ -61,20 +83,8 @@ def _check_against_reference(case, shape):
     output filled with NaN, against the float64 reference: no element left
     unwritten, rows with no key 0 with lse -inf, the output within the
     dtype's tolerance (relative Frobenius norm) and each lse within 2e-2."""
-    pkg = attn.load(os.path.join(PKGS, case["name"]))
-    q_len, kv_len = shape
     gen = torch.Generator().manual_seed(hash((case["name"], shape)) & 0xFFFF)
-    dt = DTYPES[case["dtype"]]
-    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
-    q = torch.randn(B, H, q_len, D, generator=gen).to("cuda", dt)
-    k = torch.randn(B, Hkv, kv_len, D, generator=gen).to("cuda", dt)
-    v = torch.randn(B, Hkv, kv_len, D, generator=gen).to("cuda", dt)
-    lengths = None
-    if "tokenized" in str(case["pattern"]):
-        lengths = _lengths(B, min(q_len, kv_len), gen).cuda()
-    out = torch.full_like(q, float("nan"))
-    out, lse = pkg(q, k, v, lengths=lengths, return_lse=True, out=out)
-    torch.cuda.synchronize()
+    q, k, v, lengths, out, lse = _run_on_poisoned_output(case, shape, gen)
     ref, ref_lse = reference.attention(q, k, v, case["pattern"], lengths)
 
     assert not torch.isnan(out).any(), "output has unwritten (NaN) elements"
@@ -128,20 +138,10 @@ def _check_zero_queries(case, shape, pattern):
     moves it by at least 1/n = 1e-3), and each output element within the
     rounding of the stored partial means (a key swapped for another moves
     it by about |v_a - v_b| / n)."""
-    pkg = attn.load(os.path.join(PKGS, case["name"]))
-    q_len, kv_len = shape
     gen = torch.Generator().manual_seed(zlib.crc32(f"zero-q {case['name']} {shape}".encode()))
-    dt = DTYPES[case["dtype"]]
-    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
-    q = torch.zeros(B, H, q_len, D, device="cuda", dtype=dt)
-    k = torch.randn(B, Hkv, kv_len, D, generator=gen).to("cuda", dt)
-    v = torch.randn(B, Hkv, kv_len, D, generator=gen).to("cuda", dt)
-    lengths = None
-    if "tokenized" in str(case["pattern"]):
-        lengths = _lengths(B, min(q_len, kv_len), gen).cuda()
-    out = torch.full_like(q, float("nan"))
-    out, lse = pkg(q, k, v, lengths=lengths, return_lse=True, out=out)
-    torch.cuda.synchronize()
+    q, k, v, lengths, out, lse = _run_on_poisoned_output(case, shape, gen, zero_q=True)
+    q_len, kv_len = shape
+    B, H, Hkv = case["batch"], case["heads"], case["kv_heads"]
 
     m = torch.from_numpy(reference.multiplicity(
         pattern, H, q_len, kv_len,

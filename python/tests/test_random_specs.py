@@ -13,8 +13,10 @@ The GPU cases (bf16 or f16, head_dim 64 or 128, with tokenized lengths,
 key_bias or key_ids, static or dynamic lengths, sm_90a with and without
 warp specialisation, and sm_80) must compile and assemble here: ptxas
 accepts every kernel, and the PTX multiplies on tensor cores (wgmma on
-sm_90a, mma.sync on sm_80). Their numerics run on the GPU machine
-(test_gpu.py)."""
+sm_90a, mma.sync on sm_80). Random trees of the same generator
+(random_patterns.py) run on the GPU machine against the float64
+reference: gpu_cases.RANDOM_CASES and RANDOM_GRAD_CASES in test_gpu.py and
+test_gpu_backward.py."""
 
 import json
 import random
@@ -23,33 +25,9 @@ import subprocess
 import pytest
 
 import attn
+from random_patterns import random_pattern
 
-CASES = 16
-
-
-def random_pattern(rng, depth=0):
-    kinds = ["full", "causal", "local", "strided", "dilated"]
-    if depth < 2:
-        kinds += ["sum", "union", "intersect"]
-    kind = rng.choice(kinds)
-    if kind in ("full", "causal"):
-        return {kind: {}}
-    if kind == "local":
-        local = {"window": rng.randint(1, 70)}
-        if rng.random() < 0.3:
-            local["causal"] = False
-        return {"local": local}
-    if kind == "strided":
-        strided = {"stride": rng.randint(1, 40)}
-        if rng.random() < 0.7:
-            strided["local"] = rng.randint(1, 40)
-        return {"strided": strided}
-    if kind == "dilated":
-        rate = rng.choice([1, 2, 3, 4, 8])
-        return {"dilated": {"segment": rate * rng.randint(1, 20), "rate": rate,
-                            "head_offset": rng.random() < 0.5,
-                            "causal": rng.random() < 0.6}}
-    return {kind: [random_pattern(rng, depth + 1) for _ in range(rng.randint(1, 3))]}
+CASES = 64
 
 
 def random_spec(seed):
@@ -92,7 +70,7 @@ def test_random_spec_matches_the_reference(seed, tmp_path):
         f"{shown}: {checked.stdout}{checked.stderr}"
 
 
-GPU_CASES = 8
+GPU_CASES = 16
 
 
 def random_gpu_spec(seed):

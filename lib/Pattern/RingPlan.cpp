@@ -121,6 +121,37 @@ bool markAttendedKeys(ComponentAttr comp, int64_t head, Span rows, Span keys,
   return any;
 }
 
+/// markAttendedKeys within the reach of `comp`'s include filters: the keys
+/// its geometry attends that every filter reaches too, a filter reaching
+/// the keys its own components attend (exclusions, here and in the
+/// filters, are left out: they only remove pairs). A full band filtered by
+/// a causal pattern then sends no key to an earlier rank. The filters may
+/// reach a key from another row than the geometry does, so this is still a
+/// superset of the keys some row attends, but never a subset: no rank
+/// misses a row it needs.
+bool markFilteredKeys(ComponentAttr comp, int64_t head, Span rows, Span keys,
+                      RowBitmap &bits) {
+  if (comp.getInclude().empty())
+    return markAttendedKeys(comp, head, rows, keys, &bits);
+  RowBitmap reach(bits.size(), 0);
+  if (!markAttendedKeys(comp, head, rows, keys, &reach))
+    return false;
+  for (Attribute filter : comp.getInclude()) {
+    RowBitmap filterReach(bits.size(), 0);
+    for (ComponentAttr part : decompose(filter))
+      markFilteredKeys(part, head, rows, keys, filterReach);
+    for (size_t i = 0; i < reach.size(); ++i)
+      reach[i] &= filterReach[i];
+  }
+  bool any = false;
+  for (size_t i = 0; i < reach.size(); ++i)
+    if (reach[i]) {
+      bits[i] = 1;
+      any = true;
+    }
+  return any;
+}
+
 std::vector<RingPiece> piecesOf(const std::string &layout, int64_t ranks,
                                 int64_t chunk, int64_t rank) {
   if (layout == "zigzag") {
@@ -319,11 +350,16 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
               const int64_t qAt = a.origin + shift; // the rows' positions
               Span rows{qAt, qAt + a.rows, a.offset};
               Span keys{b.origin, b.origin + b.rows, b.offset};
+              // A component's filters may depend on the head (a dilated
+              // branch with head offsets) where its geometry does not:
+              // then every head's keys go into the shared set.
+              const bool everyHead =
+                  perHead || !components[ci].getInclude().empty();
               bool any = false;
               for (int64_t h = 0; h < heads; ++h) {
-                RowBitmap *set = &bits[perHead ? h / group : 0];
-                any |= markAttendedKeys(components[ci], h, rows, keys, set);
-                if (!perHead)
+                RowBitmap &set = bits[perHead ? h / group : 0];
+                any |= markFilteredKeys(components[ci], h, rows, keys, set);
+                if (!everyHead)
                   break;
               }
               if (any)

@@ -24,8 +24,11 @@ import subprocess
 
 import pytest
 
+import numpy as np
+
 import attn
 from random_patterns import random_pattern
+from test_ring import B, D, H, HKV, L, LENGTHS, inputs, minimum_bytes
 
 CASES = 64
 
@@ -102,3 +105,41 @@ def test_random_gpu_spec_assembles_with_tensor_core_instructions(seed, tmp_path)
     assert (pkg / "kernels.cubin").stat().st_size > 0, shown
     ptx = (pkg / "kernels.ptx").read_text()
     assert ("wgmma.mma_async" if target == "sm_90a" else "mma.sync") in ptx, shown
+
+
+RING_CASES = 20
+
+
+@pytest.mark.parametrize("seed", range(RING_CASES))
+def test_random_ring_spec_matches_one_rank(seed):
+    """A random pattern tree over 2, 3 or 4 ranks in a random layout (ranks
+    as threads over the in-process transport) against the same pattern on
+    one rank, on the same inputs, outputs poisoned: the same output and lse,
+    and each rank sends exactly the K and V rows other ranks' queries
+    attend. Under the striped layout a pattern whose periods or segments do
+    not map onto the ranks is refused, and the refusal must say so and name
+    the layouts that take it."""
+    rng = random.Random(2000 + seed)
+    pattern = random_pattern(rng)
+    tokenized = rng.random() < 0.2
+    if tokenized:
+        pattern = {"intersect": [{"tokenized": {}}, pattern]}
+    ranks, layout = rng.choice([2, 3, 4]), rng.choice(["contiguous", "zigzag", "striped"])
+    base = {"name": f"random_ring_{seed}", "batch": B, "heads": H, "kv_heads": HKV,
+            "head_dim": D, "seq_len": L, "pattern": pattern}
+    shown = f"spec {json.dumps(base)} on {ranks} ranks, layout {layout}"
+    try:
+        ring = attn.compile(dict(base, distribution={"ranks": ranks, "layout": layout}))
+    except attn.AttnError as e:
+        assert layout == "striped" and "'zigzag' or 'contiguous'" in str(e), f"{shown}: {e}"
+        return
+    q, k, v = inputs(seed)
+    lengths = LENGTHS if tokenized else None
+    want_out, want_lse = attn.compile(base)(q, k, v, lengths=lengths, return_lse=True)
+    out, lse = ring.run_ranks(q, k, v, lengths=lengths, return_lse=True)
+    assert not np.isnan(out).any() and not np.isnan(lse).any(), shown
+    assert np.abs(out - want_out).max() < 1e-5, shown
+    assert np.array_equal(np.isinf(lse), np.isinf(want_lse)), shown
+    finite = np.isfinite(want_lse)
+    assert np.abs(lse[finite] - want_lse[finite]).max() < 1e-5, shown
+    assert ring.bytes_sent == minimum_bytes(None, layout, ranks, pattern), shown

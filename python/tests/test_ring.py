@@ -81,9 +81,11 @@ def global_rows(layout, ranks, rank, length=L):
     return rank + ranks * np.arange(c)
 
 
-def minimum_bytes(name, layout, ranks):
-    """Per rank: bytes of the K and V rows that other ranks' queries attend."""
-    m = multiplicity(PATTERNS[name], H, L, L, lengths=np.full(B, L))[0] > 0  # [H, L, L]
+def minimum_bytes(name, layout, ranks, pattern=None):
+    """Per rank: bytes of the K and V rows that other ranks' queries attend
+    (of PATTERNS[name], or of `pattern`)."""
+    pattern = pattern or PATTERNS[name]
+    m = multiplicity(pattern, H, L, L, lengths=np.full(B, L))[0] > 0  # [H, L, L]
     per_kv = m.reshape(HKV, H // HKV, L, L).any(axis=1)                       # [HKV, L, L]
     sent = []
     for src in range(ranks):
@@ -120,6 +122,25 @@ def test_every_pattern_and_layout_on_4_ranks(name, layout):
             attn.compile(spec(name, {"ranks": 4, "layout": layout}))
         return
     check_ring(name, layout, 4, seed=zlib.crc32(f"{name}{layout}".encode()))
+
+
+def test_a_filtered_component_sends_only_what_its_filters_reach():
+    """A union whose first member is a sum decomposes into a full band
+    filtered by that sum; the sum is causal, so no key goes to an earlier
+    rank: the last contiguous rank sends nothing (it sent its whole chunk
+    when the plan took the full band alone)."""
+    pattern = {"union": [
+        {"sum": [{"strided": {"stride": 14, "local": 16}},
+                 {"dilated": {"segment": 256, "rate": 4, "causal": True}}]},
+        {"dilated": {"segment": 48, "rate": 3, "causal": False}}]}
+    base = {"name": "filtered", "batch": B, "heads": H, "kv_heads": HKV, "head_dim": D,
+            "seq_len": L, "pattern": pattern}
+    ring = attn.compile(dict(base, distribution={"ranks": 4, "layout": "contiguous"}))
+    q, k, v = inputs(84)
+    want = attn.compile(base)(q, k, v)
+    assert np.abs(ring.run_ranks(q, k, v) - want).max() < 1e-5
+    assert ring.bytes_sent == minimum_bytes(None, "contiguous", 4, pattern)
+    assert ring.bytes_sent[3] == 0
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 8])

@@ -63,10 +63,11 @@ def compile_spec(name, spec):
 for name, spec in specs:
     compile_spec(name, spec)
 compile_spec(gpu_cases.RING_ONE_RANK["name"], gpu_cases.RING_ONE_RANK)
-for spec in gpu_cases.RING_RANKS:
+for spec in gpu_cases.RING_RANKS + gpu_cases.RANDOM_RING_CASES:
     compile_spec(spec["name"], spec)
 for spec in (gpu_cases.NO_LSE + gpu_cases.GRAD_CASES + gpu_cases.RANDOM_GRAD_CASES
-             + gpu_cases.RING_GRAD + [gpu_cases.RING_GRAD_ONE_RANK]):
+             + gpu_cases.RING_GRAD + gpu_cases.RANDOM_RING_GRAD
+             + [gpu_cases.RING_GRAD_ONE_RANK]):
     compile_spec(spec["name"], spec)
 
 # The tokenized-attention packages of test_gpu.py and bench/tokenized_gpu.py

@@ -109,6 +109,27 @@ def random_cases(seed, count, prefix, **fields):
     return cases
 
 
+def random_ring_cases(seed, count):
+    """`count` ring packages of random pattern trees (random_patterns.py)
+    over 2, 3 or 4 ranks, contiguous or zigzag (the striped layout refuses
+    trees whose periods do not map onto the ranks; its fixed cases are in
+    RING_RANKS), a fifth of them under document lengths, with random dtype,
+    head dim and GQA: test_gpu.py runs their ranks as threads on one GPU."""
+    import random
+    from random_patterns import random_pattern
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        pattern = random_pattern(rng)
+        if rng.random() < 0.2:
+            pattern = {"intersect": [pattern, {"tokenized": {}}]}
+        ranks, layout = rng.choice([2, 3, 4]), rng.choice(["contiguous", "zigzag"])
+        spec = _ring(f"random_{i}", pattern, ranks, layout, 1536, 1536,
+                     dtype=rng.choice(["bf16", "f16"]), head_dim=rng.choice([64, 128]))
+        cases.append(dict(spec, kv_heads=rng.choice([2, 4])))
+    return cases
+
+
 # Random combinators (test_gpu.py, test_gpu_backward.py).
 RANDOM_CASES = random_cases(2026, 48, "random_")
 RANDOM_SHAPES = [(700, 700), (257, 1000), (1000, 257)]
@@ -227,6 +248,15 @@ GRAD_CASES = [
           {"intersect": [UNION_WINDOW_STRIDED, {"tokenized": {}}]}, batch=3, heads=2),
     _spec("grad_tokenized_causal", {"intersect": [{"causal": {}}, {"tokenized": {}}]},
           batch=3, heads=2),
+    # A narrow band under GQA (grad_kv walks both q heads of a kv head)
+    # filtered by a pattern that follows the head (head offsets): each
+    # walked head's filter must see its own class. Found by the random
+    # ring cases: dk and dv of the second head's class were left out.
+    _spec("grad_window_head_filter_gqa",
+          {"intersect": [{"local": {"window": 68}},
+                         {"sum": [{"dilated": {"segment": 39, "rate": 3, "head_offset": True,
+                                               "causal": True}}]},
+                         {"full": {}}]}, heads=4, kv_heads=2),
     dict(_spec("grad_causal_key_bias", {"causal": {}}, heads=2), key_bias=True, scale=0.05),
 ]
 for _c in GRAD_CASES:
@@ -237,3 +267,8 @@ GRAD_SHAPES = [(300, 300), (200, 517), (517, 200), (64, 64)]
 SPARSE_GRAD = [(2, 256, 2, "all", None, "bf16"), (2, 256, 2, "local", 48, "bf16"),
                (2, 256, 2, "strided", 32, "bf16")]
 SPARSE_GRAD_LEN = 256
+
+# Ring packages of random pattern trees (test_gpu.py).
+RANDOM_RING_CASES = random_ring_cases(1536, 16)
+RANDOM_RING_GRAD = [dict(c, name=c["name"].replace("ring_", "ring_grad_", 1), backward=True)
+                    for c in RANDOM_RING_CASES]

@@ -1095,7 +1095,8 @@ def test_sparse_layer_copies_what_it_cannot_read_in_place_and_compiles():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("spec", gpu_cases.RING_RANKS, ids=lambda s: s["name"])
+@pytest.mark.parametrize("spec", gpu_cases.RING_RANKS + gpu_cases.RANDOM_RING_CASES,
+                         ids=lambda s: s["name"])
 def test_ring_ranks_on_one_gpu_match_reference(spec):
     """Every rank of a GPU ring package, run as threads on this one GPU (the
     in-process transport copies each step's rows device to device), gives
@@ -1111,7 +1112,7 @@ def test_ring_ranks_on_one_gpu_match_reference(spec):
     q, k, v = (torch.randn(B, h, n, D, generator=gen).to(dtype).float()
                for h, n in ((H, Lq), (Hkv, Lk), (Hkv, Lk)))
     lengths = (np.array([Lk // 3, Lk], dtype=np.int32)
-               if "tokenized" in spec["pattern"] else None)
+               if "tokenized" in str(spec["pattern"]) else None)
     pkg = attn.load(os.path.join(PKGS, spec["name"]))
     out, lse = pkg.run_ranks(q.numpy(), k.numpy(), v.numpy(), lengths=lengths, return_lse=True)
     assert not np.isnan(out).any() and not np.isnan(lse).any()

@@ -483,7 +483,8 @@ def _rows_of(sets, kv_heads):
     return rows * (kv_heads if len(sets) == 1 else 1)
 
 
-@pytest.mark.parametrize("spec", gpu_cases.RING_GRAD, ids=lambda s: s["name"])
+@pytest.mark.parametrize("spec", gpu_cases.RING_GRAD + gpu_cases.RANDOM_RING_GRAD,
+                         ids=lambda s: s["name"])
 def test_ring_backward_on_one_gpu_matches_reference(spec):
     """Every rank of a GPU ring package's backward pass, run as threads on
     this one GPU (the in-process transport copies each step's rows and
@@ -499,7 +500,7 @@ def test_ring_backward_on_one_gpu_matches_reference(spec):
     q, k, v, g = (torch.randn(B, h, n, D, generator=gen).to(dtype).float().numpy()
                   for h, n in ((H, Lq), (Hkv, Lk), (Hkv, Lk), (H, Lq)))
     lengths = (np.array([Lk // 3, Lk], dtype=np.int32)
-               if "tokenized" in spec["pattern"] else None)
+               if "tokenized" in str(spec["pattern"]) else None)
     pkg = attn.load(os.path.join(PKGS, spec["name"]))
     assert pkg.has_backward
     out, lse = pkg.run_ranks(q, k, v, lengths=lengths, return_lse=True)
@@ -507,9 +508,12 @@ def test_ring_backward_on_one_gpu_matches_reference(spec):
     m = np.array(multiplicity(spec["pattern"], H, Lq, Lk,
                               None if lengths is None else lengths.tolist()))
     ref = backward64(q, k, v, m, g, 1 / np.sqrt(D))
+    # As in _check_against_reference: a gradient that is 0 (rows that
+    # attend only themselves) is measured against the others' scale.
+    floor = max(max(np.abs(want).max() for want in ref) / 100, 1e-30)
     for got, want, what in zip((dq, dk, dv), ref, ("dq", "dk", "dv")):
         assert not np.isnan(got).any(), f"{what} has NaN"
-        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+        err = np.abs(got - want).max() / max(np.abs(want).max(), floor)
         assert err < TOL[spec["dtype"]], f"{what}: relative error {err:.2e}"
     ring = pkg.manifest["ring"]
     for rank, sent in enumerate(pkg.bytes_sent):

@@ -3917,7 +3917,13 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   SmallVector<Value> init(2 * frags * 4, f.c(0.0));
   auto computeTile = [&](Value i, Value slot,
                          ValueRange state) -> SmallVector<Value> {
-    Value t0 = rowTileStart(walkedHead(i).tile);
+    WalkedHead walked = walkedHead(i);
+    Value t0 = rowTileStart(walked.tile);
+    // The filters see the walked q head: under the GQA walk the group's
+    // heads take turns, and a filter may follow the head (a dilated branch
+    // with head offsets).
+    GroupItem rowsGroup = g;
+    rowsGroup.h = walked.head;
     Value qTile = walkedTile(slot, 0), doTile = walkedTile(slot, 1);
     Value statsAt = m.mul(slot, m.c(2 * kBlockKeys));
     SmallVector<AccFrag> s = rowsTimesTileT(kTile, qTile);
@@ -3946,7 +3952,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     s = maskScores(cx, s, masked, [&](int64_t n, int64_t e) {
       Value t = queryOf(n, e), key = tk[e / 2];
       return m.both(m.both(m.lt(t, qLast), m.lt(key, k1)),
-                    pairInBand(comp, g, t, key));
+                    pairInBand(comp, rowsGroup, t, key));
     });
     Value c2 = f.c(shape.scale * M_LOG2E);
     // -lse log2(e) per column, or -inf for a row with no key (lse -inf):

@@ -23,7 +23,6 @@ DIR/<name>.json). Exits 1 if any check failed."""
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -33,20 +32,10 @@ sys.path.insert(0, os.path.join(ROOT, "python", "tests"))
 
 def build(args):
     import gpu_cases
-    from random_patterns import random_pattern
     os.makedirs(args.dir, exist_ok=True)
     grad = gpu_cases.random_cases(args.seed, args.count, "search_grad_", backward=True)
-    rng = random.Random(args.ring_seed)
-    ring = []
-    for i in range(args.ring_count):
-        pattern = random_pattern(rng)
-        if rng.random() < 0.2:
-            pattern = {"intersect": [pattern, {"tokenized": {}}]}
-        ranks, layout = rng.choice([2, 3, 4]), rng.choice(["contiguous", "zigzag"])
-        spec = gpu_cases._ring(f"search_{i}", pattern, ranks, layout, 1536, 1536,
-                               dtype=rng.choice(["bf16", "f16"]),
-                               head_dim=rng.choice([64, 128]))
-        ring.append(dict(spec, kv_heads=rng.choice([2, 4]), backward=True))
+    ring = gpu_cases.random_ring_cases(args.ring_seed, args.ring_count, "search_",
+                                       backward=True)
     compiler = os.path.join(ROOT, "build", "bin", "attn-compile")
     for n, spec in enumerate(grad + ring, 1):
         path = os.path.join(args.dir, spec["name"] + ".json")

@@ -167,11 +167,11 @@ static bool narrowToBand(ComponentSpec &c, int64_t lo, int64_t hi) {
   const int64_t inf = ComponentAttr::kPosInf, ninf = ComponentAttr::kNegInf;
   int64_t newLo = c.lo, newHi = c.hi;
   if (lo != ninf) {
-    int64_t t = lo >= 0 ? (lo + c.period - 1) / c.period : -(-lo / c.period);
+    int64_t t = ceilDiv(lo, c.period);
     newLo = newLo == ninf ? t : std::max(newLo, t);
   }
   if (hi != inf) {
-    int64_t t = hi >= 0 ? hi / c.period : -((-hi + c.period - 1) / c.period);
+    int64_t t = floorDiv(hi, c.period);
     newHi = newHi == inf ? t : std::min(newHi, t);
   }
   if (newLo != ninf && newHi != inf && newLo > newHi)

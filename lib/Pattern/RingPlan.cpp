@@ -31,8 +31,6 @@ namespace {
 constexpr int64_t kNegInf = ComponentAttr::kNegInf;
 constexpr int64_t kPosInf = ComponentAttr::kPosInf;
 
-int64_t ceilDiv(int64_t a, int64_t b) { return -floorDiv(-a, b); }
-
 /// The key rows of one source rank that the queries of one destination rank
 /// attend, as a bitmap over the source's local rows.
 using RowBitmap = std::vector<uint8_t>;

@@ -109,12 +109,13 @@ def random_cases(seed, count, prefix, **fields):
     return cases
 
 
-def random_ring_cases(seed, count):
+def random_ring_cases(seed, count, prefix="random_", **fields):
     """`count` ring packages of random pattern trees (random_patterns.py)
     over 2, 3 or 4 ranks, contiguous or zigzag (the striped layout refuses
     trees whose periods do not map onto the ranks; its fixed cases are in
     RING_RANKS), a fifth of them under document lengths, with random dtype,
-    head dim and GQA: test_gpu.py runs their ranks as threads on one GPU."""
+    head dim and GQA (names "ring_<prefix><i>"; `fields` added to each
+    spec): test_gpu.py runs their ranks as threads on one GPU."""
     import random
     from random_patterns import random_pattern
     rng = random.Random(seed)
@@ -124,9 +125,9 @@ def random_ring_cases(seed, count):
         if rng.random() < 0.2:
             pattern = {"intersect": [pattern, {"tokenized": {}}]}
         ranks, layout = rng.choice([2, 3, 4]), rng.choice(["contiguous", "zigzag"])
-        spec = _ring(f"random_{i}", pattern, ranks, layout, 1536, 1536,
+        spec = _ring(f"{prefix}{i}", pattern, ranks, layout, 1536, 1536,
                      dtype=rng.choice(["bf16", "f16"]), head_dim=rng.choice([64, 128]))
-        cases.append(dict(spec, kv_heads=rng.choice([2, 4])))
+        cases.append(dict(spec, kv_heads=rng.choice([2, 4]), **fields))
     return cases
 
 

@@ -76,13 +76,20 @@ def _check_against_reference(case, q, k, v, g, lengths, bias, grads, tol):
     clean = lambda x: torch.nan_to_num(x.detach().double(), nan=0.0, posinf=0.0).cpu().numpy()
     ref = backward64(clean(q), clean(k), clean(v), m, clean(g), scale,
                      None if bias is None else bias.double().cpu().numpy())
+    got = [x.double().cpu().numpy() for x in grads]
+    for x, want in zip(got, ref):
+        assert x.shape == want.shape and x.dtype == np.float64
+    _assert_gradients_near(got, ref, tol)
+
+
+def _assert_gradients_near(grads, ref, tol):
+    """(dq, dk, dv) as arrays, no NaN, each within `tol` of its reference's
+    largest magnitude, or of a hundredth of the largest of the three where
+    its reference is (nearly) zero."""
     floor = max(max(np.abs(want).max() for want in ref) / 100, 1e-30)
     for got, want, what in zip(grads, ref, ("dq", "dk", "dv")):
-        got = got.double().cpu().numpy()
-        assert got.shape == want.shape and got.dtype == np.float64
         assert not np.isnan(got).any(), f"{what} has NaN"
-        scale_of = max(np.abs(want).max(), floor)
-        err = np.abs(got - want).max() / scale_of
+        err = np.abs(got - want).max() / max(np.abs(want).max(), floor)
         assert err < tol, f"{what}: relative error {err:.2e}"
 
 
@@ -508,13 +515,7 @@ def test_ring_backward_on_one_gpu_matches_reference(spec):
     m = np.array(multiplicity(spec["pattern"], H, Lq, Lk,
                               None if lengths is None else lengths.tolist()))
     ref = backward64(q, k, v, m, g, 1 / np.sqrt(D))
-    # As in _check_against_reference: a gradient that is 0 (rows that
-    # attend only themselves) is measured against the others' scale.
-    floor = max(max(np.abs(want).max() for want in ref) / 100, 1e-30)
-    for got, want, what in zip((dq, dk, dv), ref, ("dq", "dk", "dv")):
-        assert not np.isnan(got).any(), f"{what} has NaN"
-        err = np.abs(got - want).max() / max(np.abs(want).max(), floor)
-        assert err < TOL[spec["dtype"]], f"{what}: relative error {err:.2e}"
+    _assert_gradients_near((dq, dk, dv), ref, TOL[spec["dtype"]])
     ring = pkg.manifest["ring"]
     for rank, sent in enumerate(pkg.bytes_sent):
         sched = ring["schedule"][rank]

@@ -7,6 +7,7 @@ query of the receiving rank attends, computed here from the plain
 multiplicity m(h, i, j)."""
 
 import functools
+import json
 import zlib
 
 import numpy as np
@@ -47,9 +48,10 @@ def striped_maps(name, ranks):
 LENGTHS = np.array([0, 150], dtype=np.int32)  # an empty sequence and a partial one
 
 
-def spec(name, distribution=None):
+def spec(name, distribution=None, pattern=None):
+    """The spec of PATTERNS[name], or of `pattern` under `name`."""
     s = {"name": name, "batch": B, "heads": H, "kv_heads": HKV, "head_dim": D,
-         "seq_len": L, "pattern": PATTERNS[name]}
+         "seq_len": L, "pattern": pattern or PATTERNS[name]}
     if distribution:
         s["distribution"] = distribution
     return s
@@ -99,19 +101,25 @@ def minimum_bytes(name, layout, ranks, pattern=None):
     return sent
 
 
-def check_ring(name, layout, ranks, seed, kv="ring"):
-    ring = attn.compile(spec(name, {"ranks": ranks, "layout": layout, "kv": kv}))
+def check_ring(name, layout, ranks, seed, kv="ring", pattern=None):
+    """The ring package of PATTERNS[name] (or of `pattern`) against the
+    same pattern on one rank, on the same inputs: the same output and lse,
+    and each rank sends exactly the minimum. Failures name the ring spec."""
+    ring_spec = spec(name, {"ranks": ranks, "layout": layout, "kv": kv}, pattern)
+    shown = json.dumps(ring_spec)
+    ring = attn.compile(ring_spec)
     assert ring.ranks == ranks
     q, k, v = inputs(seed)
-    lengths = LENGTHS if name == "tokenized" else None
-    want_out, want_lse = single(name)(q, k, v, lengths=lengths, return_lse=True)
+    lengths = LENGTHS if "tokenized" in str(ring_spec["pattern"]) else None
+    one = single(name) if pattern is None else attn.compile(spec(name, pattern=pattern))
+    want_out, want_lse = one(q, k, v, lengths=lengths, return_lse=True)
     out, lse = ring.run_ranks(q, k, v, lengths=lengths, return_lse=True)
-    assert not np.isnan(out).any() and not np.isnan(lse).any()
-    assert np.abs(out - want_out).max() < 1e-5
-    assert np.array_equal(np.isinf(lse), np.isinf(want_lse))
+    assert not np.isnan(out).any() and not np.isnan(lse).any(), shown
+    assert np.abs(out - want_out).max() < 1e-5, shown
+    assert np.array_equal(np.isinf(lse), np.isinf(want_lse)), shown
     finite = np.isfinite(want_lse)
-    assert np.abs(lse[finite] - want_lse[finite]).max() < 1e-5
-    assert ring.bytes_sent == minimum_bytes(name, layout, ranks)
+    assert np.abs(lse[finite] - want_lse[finite]).max() < 1e-5, shown
+    assert ring.bytes_sent == minimum_bytes(name, layout, ranks, pattern), shown
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])

@@ -34,6 +34,7 @@ inline int64_t floorDiv(int64_t a, int64_t b) {
   return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
 inline int64_t floorMod(int64_t a, int64_t b) { return a - floorDiv(a, b) * b; }
+inline int64_t ceilDiv(int64_t a, int64_t b) { return -floorDiv(-a, b); }
 
 /// m(h, i, j) of `pattern`, straight from the definitions.
 int64_t multiplicity(Attribute pattern, const PairPosition &pos);

@@ -2,7 +2,7 @@
 FlexAttention-style masks (reusing ../shared/bench/peers.py's definitions),
 attended-pair counts and the inputs each attn package takes.
 
-B=1, H=16, D=128, bf16; local W=1024, strided S=128 (Child), LongNet
+B=1, H=16, D=128 (or HEAD_DIM), bf16; local W=1024, strided S=128 (Child), LongNet
 (2048,1)+(8192,4)+(32768,16) with head offsets, causal (dilated_union_plain:
 the union without head offsets, and union_local_strided: local W with
 strided S's classes, and intersect_chunked_local: local W within chunks of
@@ -15,7 +15,10 @@ import statistics
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-B, H, D = 1, 16, 128
+B, H = 1, 16
+# The head dim of the packages timed (scripts/build_gpu_packages.py
+# --head-dim), 128 unless HEAD_DIM says otherwise.
+D = int(os.environ.get("HEAD_DIM", "128"))
 W, S = 1024, 128
 DIL = [(2048, 1), (8192, 4), (32768, 16)]
 dev = "cuda"

@@ -27,6 +27,9 @@ ap.add_argument("out")
 ap.add_argument("--target", default="sm_90a")
 ap.add_argument("--no-warp-specialize", action="store_true",
                 help="pass --warp-specialize=false to attn-compile (sm_90a)")
+ap.add_argument("--head-dim", type=int, default=None,
+                help="compile the benchmark specs (bench_*) with this head dim instead "
+                     "of theirs (bench/gpu_patterns.py times them under HEAD_DIM)")
 ap.add_argument("--only", default="",
                 help="compile only the packages whose names start with one of these "
                      "comma-separated prefixes")
@@ -39,6 +42,8 @@ for path in sorted(glob.glob(os.path.join(ROOT, "bench", "gpu", "specs", "*.json
                    glob.glob(os.path.join(ROOT, "bench", "gpu", "grad_specs", "*.json"))):
     with open(path) as f:
         spec = json.load(f)
+    if args.head_dim and spec["name"].startswith("bench_"):
+        spec["head_dim"] = args.head_dim
     specs.append((spec["name"], spec))
 times = {}
 

@@ -188,3 +188,18 @@ func.func @union_gathered(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>
   %o = attn.attention %q, %k, %v pattern(#attn.union<[#attn.dilated<segment = 64, rate = 1>, #attn.dilated<segment = 256, rate = 4, head_offset = true>]>) : tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16>, tensor<1x4x?x128xbf16> -> tensor<1x4x?x128xbf16>
   return %o : tensor<1x4x?x128xbf16>
 }
+
+// -----
+
+// Head dim 64: every exponential by ex2, none by the polynomial (no 1.5 *
+// 2^23 among the constants): against MMAs half as long, the FMA pipe has
+// no room to spare for it (bench/gpu_ab.md, "Head dim 64").
+// CHECK-LABEL: name = "causal_d64"
+// CHECK: gpu.func @component_0
+// CHECK-SAME: block_rows = 128
+// CHECK-NOT: 0x4B400000
+// CHECK: llvm.call_intrinsic "llvm.nvvm.ex2.approx.ftz.f"
+func.func @causal_d64(%q: tensor<1x4x?x64xbf16>, %k: tensor<1x4x?x64xbf16>, %v: tensor<1x4x?x64xbf16>) -> tensor<1x4x?x64xbf16> {
+  %o = attn.attention %q, %k, %v pattern(#attn.causal) : tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16> -> tensor<1x4x?x64xbf16>
+  return %o : tensor<1x4x?x64xbf16>
+}

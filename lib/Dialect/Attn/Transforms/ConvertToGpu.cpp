@@ -100,7 +100,9 @@ constexpr int64_t kBlockKeys = 64;
 /// shared memory for them).
 constexpr int64_t kWsSlots = 4;
 /// Registers per thread after setmaxnreg in a warp-specialised kernel of
-/// 512 threads (launched at 128): 128 x 24 + 384 x 160 <= 65536.
+/// 512 threads (launched at 128): 128 x 24 + 384 x 160 <= 65536, the
+/// registers the launch gave the block (setmaxnreg.inc waits until the
+/// block holds what it asks for: more would hang the kernel).
 constexpr int64_t kProducerRegisters = 24;
 constexpr int64_t kConsumerRegisters = 160;
 constexpr int64_t kKeyNTiles = kBlockKeys / 8;
@@ -2304,7 +2306,11 @@ gpu::GPUFuncOp KernelEmitter::emitComponent(StringRef name, ComponentAttr comp,
   // (causal 548-567 -> 595 TF/s; 3 of 16 loses it again); bench/gpu_ab.md.
   // The warp-specialised kernels overlap the softmax with the MMAs and are
   // faster with ex2 throughout (causal 632 -> 646, tokenized 528 -> 548).
-  const int64_t polynomialExps = shape.wgmma && !ws ? 2 : 0;
+  // So are the others at head dim 64, where the MMAs take half as long
+  // against the same softmax: local 330 -> 334, LongNet's union 334 -> 351
+  // TF/s (bench/gpu_ab.md, "Head dim 64").
+  const int64_t polynomialExps =
+      shape.wgmma && !ws && shape.headDim > 64 ? 2 : 0;
   auto softmaxStep = [&](SmallVector<AccFrag> &s, ValueRange stats) {
     // One key tile's fragments, or all of a resident block's (the same
     // share of them by polynomial).

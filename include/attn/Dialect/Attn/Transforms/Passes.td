@@ -169,8 +169,9 @@ def ConvertAttnToGpu : Pass<"convert-attn-to-gpu", "::mlir::ModuleOp"> {
     With `wgmma` (sm_90a) a block is two warpgroups of 64 rows each, both
     products are warpgroup MMAs, the K/V tiles arrive by TMA from two
     tensor-map kernel parameters (gathered keys through a per-period view;
-    cp.async with key_ids), and 2 of every 16 exponentials are a
-    polynomial on the FMA pipe instead of `ex2` on the busier MUFU pipe.
+    cp.async with key_ids), and at head dims above 64, 2 of every 16
+    exponentials are a polynomial on the FMA pipe instead of `ex2` on the
+    busier MUFU pipe.
     With `warp-specialize` (attn-compile's default for sm_90a) components
     whose rows attend many contiguous keys get a producer warpgroup for
     the loads and three consumer warpgroups that overlap the softmax with

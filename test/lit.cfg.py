@@ -18,9 +18,10 @@ config.environment["FILECHECK_OPTS"] = "--enable-var-scope"
 llvm_config.with_system_environment(["HOME", "PATH", "TMPDIR"])
 llvm_config.use_default_substitutions()
 config.substitutions.append(("%examples", os.path.join(config.attn_source_dir, "examples")))
+config.substitutions.append(("%attn_src", config.attn_source_dir))
 llvm_config.add_tool_substitutions(
     ["attn-opt", "attn-compile", "attn-run", "attn-check"], [config.attn_tools_dir])
-llvm_config.add_tool_substitutions(["FileCheck", "not", "count", "split-file"],
+llvm_config.add_tool_substitutions(["FileCheck", "not", "count", "split-file", "mlir-tblgen"],
                                    [config.llvm_tools_dir])
 
 # GPU packages need ptxas (the CUDA toolkit), found like attn-compile does.

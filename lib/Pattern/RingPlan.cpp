@@ -119,6 +119,17 @@ bool markAttendedKeys(ComponentAttr comp, int64_t head, Span rows, Span keys,
   return any;
 }
 
+/// Marks in `bits` every key marked in `reach`; returns whether any is.
+bool markAll(const RowBitmap &reach, RowBitmap &bits) {
+  bool any = false;
+  for (size_t i = 0; i < reach.size(); ++i)
+    if (reach[i]) {
+      bits[i] = 1;
+      any = true;
+    }
+  return any;
+}
+
 /// markAttendedKeys within the reach of `comp`'s include filters: the keys
 /// its geometry attends that every filter reaches too, a filter reaching
 /// the keys its own components attend (exclusions, here and in the
@@ -141,13 +152,7 @@ bool markFilteredKeys(ComponentAttr comp, int64_t head, Span rows, Span keys,
     for (size_t i = 0; i < reach.size(); ++i)
       reach[i] &= filterReach[i];
   }
-  bool any = false;
-  for (size_t i = 0; i < reach.size(); ++i)
-    if (reach[i]) {
-      bits[i] = 1;
-      any = true;
-    }
-  return any;
+  return markAll(reach, bits);
 }
 
 std::vector<RingPiece> piecesOf(const std::string &layout, int64_t ranks,
@@ -224,6 +229,79 @@ ComponentAttr stripedLocal(ComponentAttr comp, int64_t ranks, int64_t rq,
     return {};
   return build(1, head ? res : ComponentAttr::kAllResidues, nlo, nhi,
                ho + hd * floorMod(rq, p), hd);
+}
+
+/// Under the striped layout, marks the keys of key rank `rk` (local key b
+/// at position rk + N * b) that some row of query rank `rq` attends in
+/// `part`, `rows` being the rank's local rows (local row a at position
+/// rq + N * a + shift, rows.begin = shift / N); for components with no
+/// local form. `part`'s own filters are left out (a superset). A row x
+/// attends key j where x is in j's segment and class, p * lo <= x - j <=
+/// p * hi: the candidates step by the period p, and x mod N repeats within
+/// N of them, so at most N are tried per key.
+void markStripedReach(ComponentAttr part, int64_t head, int64_t ranks,
+                      int64_t rq, int64_t rk, Span rows, RowBitmap &bits) {
+  const int64_t p = part.getPeriod(), w = part.getSegment();
+  const int64_t lo = part.getBandLo(), hi = part.getBandHi();
+  int64_t cls = -1;
+  if (part.getResidue() != ComponentAttr::kAllResidues) {
+    cls = part.classOfHead(head);
+    if (cls < 0)
+      return;
+  }
+  const int64_t rowsLo = rq + ranks * rows.begin;
+  const int64_t rowsHi = rowsLo + ranks * (rows.end - rows.begin - 1);
+  for (size_t b = 0; b < bits.size(); ++b) {
+    const int64_t j = rk + ranks * static_cast<int64_t>(b);
+    const int64_t segLo = w > 0 ? floorDiv(j, w) * w : 0;
+    if (bits[b] || (cls >= 0 && floorMod(j - segLo, p) != cls))
+      continue;
+    int64_t xlo = rowsLo, xhi = rowsHi;
+    if (w > 0) {
+      xlo = std::max(xlo, segLo);
+      xhi = std::min(xhi, segLo + w - 1);
+    }
+    if (lo != kNegInf)
+      xlo = std::max(xlo, j + p * lo);
+    if (hi != kPosInf)
+      xhi = std::min(xhi, j + p * hi);
+    int64_t x = xlo + floorMod(j - xlo, p);
+    for (int64_t n = 0; n < ranks && x <= xhi; ++n, x += p)
+      if (floorMod(x - rowsLo, ranks) == 0) {
+        bits[b] = 1;
+        break;
+      }
+  }
+}
+
+/// markFilteredKeys under the striped layout: the keys of key rank `rk`
+/// that `comp`'s local form between query rank `rq` and `rk` attends (in
+/// local rows and keys), bounded by each include filter as there: a
+/// filter's components reach keys through their own local forms, or,
+/// where they have none (a period or segment that does not map onto the
+/// ranks), through markStripedReach.
+bool markStripedKeys(ComponentAttr comp, int64_t ranks, int64_t rq, int64_t rk,
+                     int64_t head, Span rows, Span keys, RowBitmap &bits) {
+  ComponentAttr local = stripedLocal(comp, ranks, rq, rk);
+  if (!local)
+    return false;
+  if (comp.getInclude().empty())
+    return markAttendedKeys(local, head, rows, keys, &bits);
+  RowBitmap reach(bits.size(), 0);
+  if (!markAttendedKeys(local, head, rows, keys, &reach))
+    return false;
+  for (Attribute filter : comp.getInclude()) {
+    RowBitmap filterReach(bits.size(), 0);
+    for (ComponentAttr part : decompose(filter)) {
+      if (stripedUnsupported(part, ranks).empty())
+        markStripedKeys(part, ranks, rq, rk, head, rows, keys, filterReach);
+      else
+        markStripedReach(part, head, ranks, rq, rk, rows, filterReach);
+    }
+    for (size_t i = 0; i < reach.size(); ++i)
+      reach[i] &= filterReach[i];
+  }
+  return markAll(reach, bits);
 }
 } // namespace
 
@@ -329,11 +407,14 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
           const int64_t qOrigin = shift / ranks;
           Span rows{qOrigin, qOrigin + plan.qChunk, 0},
               keys{0, plan.kvChunk, 0};
+          // Filters may depend on the head where the geometry does not
+          // (as in the other layouts below).
+          const bool everyHead = perHead || !c.getInclude().empty();
           bool any = false;
           for (int64_t h = 0; h < heads; ++h) {
-            RowBitmap *set = &bits[perHead ? h / group : 0];
-            any |= markAttendedKeys(local, h, rows, keys, set);
-            if (!perHead)
+            RowBitmap &set = bits[perHead ? h / group : 0];
+            any |= markStripedKeys(c, ranks, rq, rk, h, rows, keys, set);
+            if (!everyHead)
               break;
           }
           if (any)

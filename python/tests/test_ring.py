@@ -151,6 +151,24 @@ def test_a_filtered_component_sends_only_what_its_filters_reach():
     assert ring.bytes_sent[3] == 0
 
 
+@pytest.mark.parametrize("ranks,pattern", [
+    # The sum folds into nothing closed-form: a full band filtered by it.
+    (4, {"intersect": [{"sum": [{"local": {"window": 10}}]}, {"full": {}}]}),
+    # The filter's strided classes (period 64) and LongNet branches (period
+    # 8) have no local form on 3 ranks: their reach is found key by key.
+    (3, {"intersect": [{"sum": [
+        {"strided": {"stride": 64}},
+        {"dilated": {"segment": 72, "rate": 8, "head_offset": True, "causal": True}},
+        {"dilated": {"segment": 128, "rate": 8, "head_offset": True, "causal": True}}]},
+        {"full": {}}]}),
+])
+def test_striped_filtered_components_send_only_what_their_filters_reach(ranks, pattern):
+    """Under the striped layout too, a filtered component sends only the keys
+    its filters reach from the receiving rank's rows (both patterns sent
+    every key of their full band before: 73728 and 65536 bytes a rank)."""
+    check_ring("striped_filtered", "striped", ranks, seed=ranks, pattern=pattern)
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 3, 8])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 @pytest.mark.parametrize("name", ["causal", "local", "longnet", "tokenized", "dilated"])

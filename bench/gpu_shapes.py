@@ -22,7 +22,6 @@ its rows go to $OUT/gpu_shapes.json."""
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,20 +46,12 @@ def spec_for(pattern, d, b):
 
 
 def build(args):
+    sys.path.insert(0, os.path.join(ROOT, "python", "tests"))
+    import gpu_cases
     os.makedirs(args.dir, exist_ok=True)
-    compiler = os.path.join(ROOT, "build", "bin", "attn-compile")
     todo = [(p, d, b) for p in PATTERNS for d in DIMS for b, _ in SHAPES]
     for n, (p, d, b) in enumerate(todo, 1):
-        spec = spec_for(p, d, b)
-        path = os.path.join(args.dir, spec["name"] + ".json")
-        with open(path, "w") as f:
-            json.dump(spec, f)
-        out = os.path.join(args.dir, spec["name"])
-        r = subprocess.run([compiler, path, "--target", args.target, "-o", out, "--quiet"],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.exit(f"{spec['name']} does not compile: {r.stderr}")
-        os.remove(os.path.join(out, "kernels.ptx"))  # sm_90a cubins run on the H100
+        gpu_cases.compile_package(spec_for(p, d, b), args.dir, args.target)
         print(f"\r{n}/{len(todo)} compiled", end="", flush=True)
     print()
 

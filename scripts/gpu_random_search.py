@@ -23,7 +23,6 @@ DIR/<name>.json). Exits 1 if any check failed."""
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,18 +35,8 @@ def build(args):
     grad = gpu_cases.random_cases(args.seed, args.count, "search_grad_", backward=True)
     ring = gpu_cases.random_ring_cases(args.ring_seed, args.ring_count, "search_",
                                        backward=True)
-    compiler = os.path.join(ROOT, "build", "bin", "attn-compile")
     for n, spec in enumerate(grad + ring, 1):
-        path = os.path.join(args.dir, spec["name"] + ".json")
-        with open(path, "w") as f:
-            json.dump(spec, f)
-        out = os.path.join(args.dir, spec["name"])
-        r = subprocess.run([compiler, path, "--target", args.target, "-o", out, "--quiet"],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            sys.exit(f"{spec['name']} does not compile: {r.stderr}")
-        if not args.keep_ptx:
-            os.remove(os.path.join(out, "kernels.ptx"))
+        gpu_cases.compile_package(spec, args.dir, args.target, args.keep_ptx)
         print(f"\r{n}/{len(grad) + len(ring)} compiled", end="", flush=True)
     print()
     with open(os.path.join(args.dir, "cases.json"), "w") as f:

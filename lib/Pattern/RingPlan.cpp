@@ -119,8 +119,25 @@ bool markAttendedKeys(ComponentAttr comp, int64_t head, Span rows, Span keys,
   return any;
 }
 
-/// Marks in `bits` every key marked in `reach`; returns whether any is.
-bool markAll(const RowBitmap &reach, RowBitmap &bits) {
+/// Marks in `bits` the keys `markGeometry` marks for `comp` that each of
+/// its include filters reaches too, a filter reaching the keys that
+/// `markPart` marks for its components; returns whether any key is marked.
+bool markWithinFilters(
+    ComponentAttr comp, RowBitmap &bits,
+    function_ref<bool(RowBitmap &)> markGeometry,
+    function_ref<void(ComponentAttr, RowBitmap &)> markPart) {
+  if (comp.getInclude().empty())
+    return markGeometry(bits);
+  RowBitmap reach(bits.size(), 0);
+  if (!markGeometry(reach))
+    return false;
+  for (Attribute filter : comp.getInclude()) {
+    RowBitmap filterReach(bits.size(), 0);
+    for (ComponentAttr part : decompose(filter))
+      markPart(part, filterReach);
+    for (size_t i = 0; i < reach.size(); ++i)
+      reach[i] &= filterReach[i];
+  }
   bool any = false;
   for (size_t i = 0; i < reach.size(); ++i)
     if (reach[i]) {
@@ -140,19 +157,14 @@ bool markAll(const RowBitmap &reach, RowBitmap &bits) {
 /// misses a row it needs.
 bool markFilteredKeys(ComponentAttr comp, int64_t head, Span rows, Span keys,
                       RowBitmap &bits) {
-  if (comp.getInclude().empty())
-    return markAttendedKeys(comp, head, rows, keys, &bits);
-  RowBitmap reach(bits.size(), 0);
-  if (!markAttendedKeys(comp, head, rows, keys, &reach))
-    return false;
-  for (Attribute filter : comp.getInclude()) {
-    RowBitmap filterReach(bits.size(), 0);
-    for (ComponentAttr part : decompose(filter))
-      markFilteredKeys(part, head, rows, keys, filterReach);
-    for (size_t i = 0; i < reach.size(); ++i)
-      reach[i] &= filterReach[i];
-  }
-  return markAll(reach, bits);
+  return markWithinFilters(
+      comp, bits,
+      [&](RowBitmap &set) {
+        return markAttendedKeys(comp, head, rows, keys, &set);
+      },
+      [&](ComponentAttr part, RowBitmap &set) {
+        markFilteredKeys(part, head, rows, keys, set);
+      });
 }
 
 std::vector<RingPiece> piecesOf(const std::string &layout, int64_t ranks,
@@ -285,23 +297,17 @@ bool markStripedKeys(ComponentAttr comp, int64_t ranks, int64_t rq, int64_t rk,
   ComponentAttr local = stripedLocal(comp, ranks, rq, rk);
   if (!local)
     return false;
-  if (comp.getInclude().empty())
-    return markAttendedKeys(local, head, rows, keys, &bits);
-  RowBitmap reach(bits.size(), 0);
-  if (!markAttendedKeys(local, head, rows, keys, &reach))
-    return false;
-  for (Attribute filter : comp.getInclude()) {
-    RowBitmap filterReach(bits.size(), 0);
-    for (ComponentAttr part : decompose(filter)) {
-      if (stripedUnsupported(part, ranks).empty())
-        markStripedKeys(part, ranks, rq, rk, head, rows, keys, filterReach);
-      else
-        markStripedReach(part, head, ranks, rq, rk, rows, filterReach);
-    }
-    for (size_t i = 0; i < reach.size(); ++i)
-      reach[i] &= filterReach[i];
-  }
-  return markAll(reach, bits);
+  return markWithinFilters(
+      comp, bits,
+      [&](RowBitmap &set) {
+        return markAttendedKeys(local, head, rows, keys, &set);
+      },
+      [&](ComponentAttr part, RowBitmap &set) {
+        if (stripedUnsupported(part, ranks).empty())
+          markStripedKeys(part, ranks, rq, rk, head, rows, keys, set);
+        else
+          markStripedReach(part, head, ranks, rq, rk, rows, set);
+      });
 }
 } // namespace
 

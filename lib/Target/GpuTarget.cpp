@@ -218,6 +218,17 @@ static LogicalResult writeFile(StringRef path, StringRef data,
   return success();
 }
 
+std::string mlir::attn::gpuSpecUnsupported(const Spec &spec) {
+  if (spec.dtype != "bf16" && spec.dtype != "f16")
+    return "dtype: GPU targets take bf16 or f16 inputs (f32 accumulation), "
+           "got " +
+           spec.dtype;
+  if (spec.headDim != 64 && spec.headDim != 128)
+    return "head_dim: GPU targets support 64 and 128, got " +
+           std::to_string(spec.headDim);
+  return "";
+}
+
 LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
                                             const std::string &arch,
                                             const std::string &outDir,
@@ -225,16 +236,9 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
                                             llvm::raw_ostream *log,
                                             bool alwaysState,
                                             bool warpSpecialize) {
-  if (spec.dtype != "bf16" && spec.dtype != "f16") {
-    error = "dtype: GPU targets take bf16 or f16 inputs (f32 accumulation), "
-            "got " + spec.dtype;
+  error = gpuSpecUnsupported(spec);
+  if (!error.empty())
     return failure();
-  }
-  if (spec.headDim != 64 && spec.headDim != 128) {
-    error = "head_dim: GPU targets support 64 and 128, got " +
-            std::to_string(spec.headDim);
-    return failure();
-  }
   auto func = *module.getOps<func::FuncOp>().begin();
   nlohmann::json args = manifestArgs(func.getFunctionType());
   FunctionType backwardType;

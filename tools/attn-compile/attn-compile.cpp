@@ -145,6 +145,11 @@ int main(int argc, char **argv) {
       return fail("--emit for target " + target +
                   " must be one of mlir, decomposed, kernels, ptx; got '" +
                   emit + "'");
+    // The kernels' stages need what the GPU packages need; say so at the
+    // spec's field rather than from inside the conversion.
+    if (emit == "kernels" || emit == "ptx")
+      if (std::string why = gpuSpecUnsupported(*spec); !why.empty())
+        return fail(why);
     std::string ptx;
     if (emit == "decomposed" &&
         failed(lowerToStage(*module, Stage::Decomposed, opts)))

@@ -30,6 +30,10 @@ LogicalResult lowerForGpu(ModuleOp module, GpuStage stage,
                           const std::string &arch, std::string *ptx,
                           bool warpSpecialize = false);
 
+/// Why the GPU targets cannot compile `spec` (its dtype or head dim), as
+/// an error naming the spec field, or "" when they can.
+std::string gpuSpecUnsupported(const Spec &spec);
+
 /// Compiles `module` for `arch` into the package directory `outDir`.
 /// Progress lines (including ptxas's register and spill report) go to `log`
 /// when it is non-null.

@@ -287,26 +287,25 @@ void markStripedReach(ComponentAttr part, int64_t head, int64_t ranks,
 }
 
 /// markFilteredKeys under the striped layout: the keys of key rank `rk`
-/// that `comp`'s local form between query rank `rq` and `rk` attends (in
-/// local rows and keys), bounded by each include filter as there: a
-/// filter's components reach keys through their own local forms, or,
-/// where they have none (a period or segment that does not map onto the
-/// ranks), through markStripedReach.
-bool markStripedKeys(ComponentAttr comp, int64_t ranks, int64_t rq, int64_t rk,
-                     int64_t head, Span rows, Span keys, RowBitmap &bits) {
-  ComponentAttr local = stripedLocal(comp, ranks, rq, rk);
-  if (!local)
-    return false;
+/// that `local`, `comp`'s local form between query rank `rq` and `rk`,
+/// attends (in local rows and keys), bounded by each include filter as
+/// there: a filter's components reach keys through their own local forms,
+/// or, where they have none (a period or segment that does not map onto
+/// the ranks), through markStripedReach.
+bool markStripedKeys(ComponentAttr comp, ComponentAttr local, int64_t ranks,
+                     int64_t rq, int64_t rk, int64_t head, Span rows, Span keys,
+                     RowBitmap &bits) {
   return markWithinFilters(
       comp, bits,
       [&](RowBitmap &set) {
         return markAttendedKeys(local, head, rows, keys, &set);
       },
       [&](ComponentAttr part, RowBitmap &set) {
-        if (stripedUnsupported(part, ranks).empty())
-          markStripedKeys(part, ranks, rq, rk, head, rows, keys, set);
-        else
+        if (!stripedUnsupported(part, ranks).empty())
           markStripedReach(part, head, ranks, rq, rk, rows, set);
+        else if (ComponentAttr partLocal = stripedLocal(part, ranks, rq, rk))
+          markStripedKeys(part, partLocal, ranks, rq, rk, head, rows, keys,
+                          set);
       });
 }
 } // namespace
@@ -390,6 +389,22 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
   });
   const int64_t rowSets = perHead ? kvHeads : 1;
   const int64_t group = heads / kvHeads;
+  // Marks the keys `comp` needs for each head into its kv head's set (one
+  // shared set where no residue follows the head); `mark` marks one head's.
+  // Where the geometry does not follow the head, one head's keys are every
+  // head's, unless a filter may follow it (a dilated branch with head
+  // offsets): then every head's go into the shared set.
+  auto markHeads = [&](ComponentAttr comp, std::vector<RowBitmap> &bits,
+                       function_ref<bool(int64_t, RowBitmap &)> mark) {
+    const bool everyHead = perHead || !comp.getInclude().empty();
+    bool any = false;
+    for (int64_t h = 0; h < heads; ++h) {
+      any |= mark(h, bits[perHead ? h / group : 0]);
+      if (!everyHead)
+        break;
+    }
+    return any;
+  };
 
   // needs[rq][rk][g]: rows of rank rk that rank rq attends; updates likewise.
   std::vector<std::vector<std::vector<RowSet>>> needs(
@@ -413,17 +428,10 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
           const int64_t qOrigin = shift / ranks;
           Span rows{qOrigin, qOrigin + plan.qChunk, 0},
               keys{0, plan.kvChunk, 0};
-          // Filters may depend on the head where the geometry does not
-          // (as in the other layouts below).
-          const bool everyHead = perHead || !c.getInclude().empty();
-          bool any = false;
-          for (int64_t h = 0; h < heads; ++h) {
-            RowBitmap &set = bits[perHead ? h / group : 0];
-            any |= markStripedKeys(c, ranks, rq, rk, h, rows, keys, set);
-            if (!everyHead)
-              break;
-          }
-          if (any)
+          if (markHeads(c, bits, [&](int64_t h, RowBitmap &set) {
+                return markStripedKeys(c, local, ranks, rq, rk, h, rows, keys,
+                                       set);
+              }))
             updates[rq][rk].push_back({kernelIndex(local), 0, 0, qOrigin, 0,
                                        rq + shift, rk, ranks});
         }
@@ -435,19 +443,10 @@ mlir::attn::planRing(const std::vector<ComponentAttr> &components,
               const int64_t qAt = a.origin + shift; // the rows' positions
               Span rows{qAt, qAt + a.rows, a.offset};
               Span keys{b.origin, b.origin + b.rows, b.offset};
-              // A component's filters may depend on the head (a dilated
-              // branch with head offsets) where its geometry does not:
-              // then every head's keys go into the shared set.
-              const bool everyHead =
-                  perHead || !components[ci].getInclude().empty();
-              bool any = false;
-              for (int64_t h = 0; h < heads; ++h) {
-                RowBitmap &set = bits[perHead ? h / group : 0];
-                any |= markFilteredKeys(components[ci], h, rows, keys, set);
-                if (!everyHead)
-                  break;
-              }
-              if (any)
+              ComponentAttr c = components[ci];
+              if (markHeads(c, bits, [&](int64_t h, RowBitmap &set) {
+                    return markFilteredKeys(c, h, rows, keys, set);
+                  }))
                 updates[rq][rk].push_back(
                     {static_cast<int64_t>(ci), static_cast<int64_t>(qp),
                      static_cast<int64_t>(kp), qAt, b.origin, qAt, b.origin,

@@ -14,7 +14,6 @@ import argparse
 import glob
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -36,44 +35,38 @@ ap.add_argument("--only", default="",
 args = ap.parse_args()
 only = [p for p in args.only.split(",") if p]
 os.makedirs(args.out, exist_ok=True)
-compiler = os.path.join(ROOT, "build", "bin", "attn-compile")
-specs = [(c["name"], c) for c in gpu_cases.CASES + gpu_cases.RANDOM_CASES]
+specs = gpu_cases.CASES + gpu_cases.RANDOM_CASES
 for path in sorted(glob.glob(os.path.join(ROOT, "bench", "gpu", "specs", "*.json")) +
                    glob.glob(os.path.join(ROOT, "bench", "gpu", "grad_specs", "*.json"))):
     with open(path) as f:
         spec = json.load(f)
     if args.head_dim and spec["name"].startswith("bench_"):
         spec["head_dim"] = args.head_dim
-    specs.append((spec["name"], spec))
+    specs.append(spec)
 times = {}
 
 
-def compile_spec(name, spec):
+def compile_spec(spec):
+    name = spec["name"]
     if only and not any(name.startswith(p) for p in only):
         return
-    spec_path = os.path.join(args.out, name + ".json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
     t0 = time.time()
     flags = ["--warp-specialize=false"] if args.no_warp_specialize else []
-    r = subprocess.run([compiler, spec_path, "--target", args.target, *flags,
-                        "-o", os.path.join(args.out, name)], capture_output=True, text=True)
+    report = gpu_cases.compile_package(spec, args.out, args.target, keep_ptx=True,
+                                       flags=flags)
     times[name] = time.time() - t0
-    if r.returncode != 0:
-        sys.exit(f"{name}: {r.stderr}")
-    report = [l for l in r.stderr.splitlines() if "registers" in l]
-    print(f"{name:24s} {times[name]:5.2f} s  " + "; ".join(s.split(":", 1)[1].strip() for s in report))
+    print(f"{name:24s} {times[name]:5.2f} s  " + "; ".join(report))
 
 
-for name, spec in specs:
-    compile_spec(name, spec)
-compile_spec(gpu_cases.RING_ONE_RANK["name"], gpu_cases.RING_ONE_RANK)
+for spec in specs:
+    compile_spec(spec)
+compile_spec(gpu_cases.RING_ONE_RANK)
 for spec in gpu_cases.RING_RANKS + gpu_cases.RANDOM_RING_CASES:
-    compile_spec(spec["name"], spec)
+    compile_spec(spec)
 for spec in (gpu_cases.NO_LSE + gpu_cases.GRAD_CASES + gpu_cases.RANDOM_GRAD_CASES
              + gpu_cases.RING_GRAD + gpu_cases.RANDOM_RING_GRAD
              + [gpu_cases.RING_GRAD_ONE_RANK]):
-    compile_spec(spec["name"], spec)
+    compile_spec(spec)
 
 # The tokenized-attention packages of test_gpu.py and bench/tokenized_gpu.py
 # (TokenizedAttention loads them from this folder on the GPU machine).
@@ -84,18 +77,18 @@ for B, H, Hkv, D, L in gpu_cases.TOKENIZED:
                                     target=args.target)
     for kind in layer.KINDS:
         spec, _ = layer.package_spec(gpu=True, kind=kind)
-        compile_spec(spec["name"], spec)
+        compile_spec(spec)
 # The attn.sparse layers of test_gpu.py and bench/sparse_api.py (they load
 # their packages from this folder on the GPU machine).
 from attn import sparse  # noqa: E402
 for B, E, H, mode, ctx, dtype in gpu_cases.SPARSE + gpu_cases.SPARSE_BENCH:
     spec = sparse.SparseAttention(H, mode, ctx).package_spec(B, E, dtype, args.target)
-    compile_spec(spec["name"], spec)
+    compile_spec(spec)
 # With the backward pass: the layers test_gpu_backward.py trains, and the
 # bench layers bench/sparse_train.py times a training step of.
 for B, E, H, mode, ctx, dtype in gpu_cases.SPARSE_GRAD + gpu_cases.SPARSE_BENCH:
     spec = sparse.SparseAttention(H, mode, ctx).package_spec(B, E, dtype, args.target,
                                                              backward=True)
-    compile_spec(spec["name"], spec)
+    compile_spec(spec)
 with open(os.path.join(args.out, "compile_times.json"), "w") as f:
     json.dump(times, f, indent=1)

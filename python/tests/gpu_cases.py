@@ -11,24 +11,26 @@ import subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def compile_package(spec, folder, target="sm_90a", keep_ptx=False):
-    """Compiles `spec` with build/bin/attn-compile into folder/<name> (its
-    JSON beside it, as folder/<name>.json), for carrying to the GPU machine:
-    without the PTX unless `keep_ptx` (the runtime needs it only for a GPU
-    its cubins do not run on, as sm_80 packages on an H100). Raises
-    SystemExit with attn-compile's diagnostics if the spec does not
-    compile."""
+def compile_package(spec, folder, target="sm_90a", keep_ptx=False, flags=()):
+    """Compiles `spec` with build/bin/attn-compile (and `flags`) into
+    folder/<name> (its JSON beside it, as folder/<name>.json), for carrying
+    to the GPU machine: without the PTX unless `keep_ptx` (the runtime needs
+    it only for a GPU its cubins do not run on, as sm_80 packages on an
+    H100). Returns ptxas's report, one "kernel: registers, spills, shared
+    memory" line a kernel. Raises SystemExit with attn-compile's
+    diagnostics if the spec does not compile."""
     path = os.path.join(folder, spec["name"] + ".json")
     with open(path, "w") as f:
         json.dump(spec, f)
     out = os.path.join(folder, spec["name"])
     r = subprocess.run([os.path.join(ROOT, "build", "bin", "attn-compile"), path,
-                        "--target", target, "-o", out, "--quiet"],
+                        "--target", target, *flags, "-o", out],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{spec['name']} does not compile: {r.stderr}")
     if not keep_ptx:
         os.remove(os.path.join(out, "kernels.ptx"))
+    return [l.split(":", 1)[1].strip() for l in r.stderr.splitlines() if "registers" in l]
 
 
 LONGNET_SMALL = [

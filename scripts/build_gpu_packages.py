@@ -64,6 +64,7 @@ compile_spec(gpu_cases.RING_ONE_RANK)
 for spec in gpu_cases.RING_RANKS + gpu_cases.RANDOM_RING_CASES:
     compile_spec(spec)
 for spec in (gpu_cases.NO_LSE + gpu_cases.GRAD_CASES + gpu_cases.RANDOM_GRAD_CASES
+             + [gpu_cases.LARGE] + gpu_cases.MANY_PAIRS + gpu_cases.MANY_PAIRS_GRAD
              + gpu_cases.RING_GRAD + gpu_cases.RANDOM_RING_GRAD
              + [gpu_cases.RING_GRAD_ONE_RANK]):
     compile_spec(spec)

@@ -225,10 +225,15 @@ struct KernelArgs {
   CUdeviceptr dqSum = 0, dkSum = 0, dvSum = 0;
 };
 
+/// The most (batch, head) pairs one launch takes with H heads a batch
+/// (the grid's z dimension, 65535, in whole batches).
+int64_t maxPairsPerLaunch(int64_t H);
+
 /// Launches `kernel` with the grid of docs/Package.md on `stream`; with
 /// `dependent`, as a programmatic dependent launch of the kernel before it
 /// (the package's manifest says its kernels wait for that one's results:
-/// "dependent_launch").
+/// "dependent_launch"). A component or gradient kernel over more pairs
+/// than maxPairsPerLaunch launches once per that many, unless `dependent`.
 bool launchKernel(const GpuModule &g, const GpuKernel &kernel,
                   const KernelArgs &args, CUstream stream, std::string &error,
                   bool dependent = false);

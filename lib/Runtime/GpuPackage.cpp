@@ -18,17 +18,19 @@
 // segment w) and the run's lengths, as convert-attn-to-gpu maps blocks:
 //
 //   x = ceil(rows per group / block_rows), y = residues * segments,
-//   z = the launch's (batch, head) pairs (B*H, or a round's: pairsPerLaunch)
+//   z = the launch's (batch, head) pairs (B*H, or a round's: pairsPerLaunch;
+//       at most maxPairsPerLaunch, 65535 in whole batches, a launch)
 //
 // with rows per group = ceil(Lq / r) (w = 0) or ceil(min(w, Lq) / r), and
 // segments = floor((d + Lq - 1) / w) - floor(d / w) + 1 for d = Lk - Lq.
 // init/finalize kernels are element-wise over B*H*Lq*D. The state (acc,
 // max and sum; none of them where the manifest says "state_in_out", where
 // the kernels keep O / l in out with each row's lse) and an LSE scratch
-// buffer are device allocations owned by the package and grown on demand (a call captured in a CUDA graph takes
-// its own from the graph). Calls take turns queueing, and a package with a
-// state orders its calls across streams (runGpu); kernels run only in the
-// CUDA context the package was loaded in (checkContext).
+// buffer are device allocations owned by the package and grown on demand (a
+// call captured in a CUDA graph takes its own from the graph). Calls take turns
+// queueing, and a package with a state orders its calls across streams
+// (runGpu); kernels run only in the CUDA context the package was loaded in
+// (checkContext).
 //
 //===----------------------------------------------------------------------===//
 
@@ -375,10 +377,40 @@ static void putMemref(int64_t *w, uintptr_t ptr, int64_t size) {
   w[4] = 1;
 }
 
+/// The most (batch, head) pairs one launch of a component or gradient
+/// kernel takes: its grid's z dimension (at most 65535), rounded down to
+/// whole batches of H heads (the GQA walk of grad_kv pairs the blocks of a
+/// batch's heads). More pairs take several launches (launchKernel, and the
+/// forward's rounds in runGpu).
+int64_t attn::runtime::maxPairsPerLaunch(int64_t H) {
+  constexpr int64_t kMaxGridZ = 65535;
+  return H > 0 && H <= kMaxGridZ ? kMaxGridZ / H * H : kMaxGridZ;
+}
+
 bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
                                  const KernelArgs &a, CUstream stream,
                                  std::string &error, bool dependent) {
   const Driver &d = *g.d;
+  // More (batch, head) pairs than a grid's z dimension holds: one launch
+  // per maxPairsPerLaunch pairs, one after the other on the stream (the
+  // kernels take their first pair from bh_offset). Not for a programmatic
+  // dependent launch: the kernel after it would wait for the last launch
+  // alone, so runGpu's rounds keep those within one grid.
+  const int64_t pairs = a.bhCount ? a.bhCount : a.B * a.H;
+  const int64_t most = maxPairsPerLaunch(a.H);
+  const bool perPair = kernel.kind != "init" && kernel.kind != "finalize" &&
+                       kernel.kind != "grad_prepare" &&
+                       kernel.kind != "grad_add";
+  if (perPair && pairs > most && !dependent) {
+    KernelArgs part = a;
+    for (int64_t first = 0; first < pairs; first += most) {
+      part.bhOffset = a.bhOffset + first;
+      part.bhCount = std::min(most, pairs - first);
+      if (!launchKernel(g, kernel, part, stream, error))
+        return false;
+    }
+    return true;
+  }
   const int64_t rows = a.B * a.H * a.Lq;
   // Parameters: 11 descriptors of 5 words, then q_len, kv_len, q_origin,
   // k_origin, row_len_shift, q_pos, k_pos, pos_stride, bh_offset and the
@@ -711,14 +743,26 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   // `pairs` (batch, head) pairs at a time (all of its kernels, then the
   // next pairs), so that its later kernels find what the earlier ones read
   // and wrote for those pairs in L2.
-  const int64_t pairs = pairsPerLaunch(g, args);
+  // Rounds also keep each launch within a grid's z dimension
+  // (maxPairsPerLaunch): the element-wise init and finalize, which cover
+  // every pair, run before the first round and after the last, the
+  // finalize then as an ordinary launch, after every round's kernels.
+  const int64_t pairs = std::min(pairsPerLaunch(g, args), maxPairsPerLaunch(H));
   for (int64_t first = 0; first < B * H; first += pairs) {
     args.bhOffset = first;
     args.bhCount = std::min(pairs, B * H - first);
-    for (size_t i = 0; i < g.kernels.size(); ++i)
-      if (!launchKernel(g, g.kernels[i], args, stream, error,
-                        /*dependent=*/g.dependentLaunch && (i > 0 || first > 0)))
+    const bool lastRound = first + pairs >= B * H;
+    for (size_t i = 0; i < g.kernels.size(); ++i) {
+      const GpuKernel &kernel = g.kernels[i];
+      if ((kernel.kind == "init" && first > 0) ||
+          (kernel.kind == "finalize" && !lastRound))
+        continue;
+      const bool afterRounds = kernel.kind == "finalize" && first > 0;
+      if (!launchKernel(g, kernel, args, stream, error,
+                        /*dependent=*/g.dependentLaunch && !afterRounds &&
+                            (i > 0 || first > 0)))
         return false;
+    }
   }
   if (graphScratch) {
     CUresult rc = d.cuMemFreeAsync(scratch, stream);
@@ -913,16 +957,16 @@ bool Package::dedupKeys(const DedupKeys &a, std::string &error,
   for (int i = 0; i < 32; ++i)
     params[i] = &words[i];
   std::lock_guard<std::mutex> lock(g.mutex);
-  // The chunk kernels take a grid of (chunks, B) and run only where a
+  // The chunk kernels take a grid of (B, chunks) and run only where a
   // sequence has more than one chunk; dedup_keys takes one block a
-  // sequence and sorts a single chunk itself (DedupKernel.h).
+  // sequence and sorts a single chunk itself (DedupKernel.h). (The
+  // sequences on x, whose grids hold 2^31 - 1 blocks, any batch.)
   for (const GpuKernel &k : g.dedupKernels) {
     unsigned grid[2] = {unsigned(a.batch), 1};
     if (k.kind != "dedup_keys") {
       if ((int64_t(1) << logP) <= k.chunk)
         continue;
-      grid[0] = unsigned((a.seqLen + k.chunk - 1) / k.chunk);
-      grid[1] = unsigned(a.batch);
+      grid[1] = unsigned((a.seqLen + k.chunk - 1) / k.chunk);
     }
     CUresult rc = d.cuLaunchKernel(
         k.function, grid[0], grid[1], 1, unsigned(k.block), 1, 1,

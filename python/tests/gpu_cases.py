@@ -291,6 +291,27 @@ GRAD_CASES = [
 ]
 for _c in GRAD_CASES:
     _c["backward"] = True
+# test_gpu_large.py: batches of more (batch, head) pairs than a grid's z
+# dimension holds (65535), through multi-kernel rounds, an init kernel,
+# document lengths and grad_kv's GQA walk (the batch is static in a spec).
+MAX_GRID_Z = 65535
+
+
+def _many_pairs(case):
+    return dict(case, name=case["name"] + "_many_pairs",
+                batch=MAX_GRID_Z // case["heads"] + 17)
+
+
+_BY_NAME = {c["name"]: c for c in CASES + GRAD_CASES}
+MANY_PAIRS = [_many_pairs(_BY_NAME[n]) for n in (
+    "causal", "strided", "strided_f16_gqa", "dilated", "longnet_union", "tokenized_causal")]
+MANY_PAIRS_GRAD = [_many_pairs(_BY_NAME[n]) for n in (
+    "grad_causal", "grad_strided", "grad_local_tokenized_gqa")]
+# test_gpu_large.py: a sequence of 2^20 + 1000 tokens, 16 heads of 128
+# (tensors past 2^31 elements), through the backward too; its length is
+# dynamic, as every case's here.
+LARGE = dict(_spec("large_local", {"local": {"window": 1024}}, heads=16, batch=1),
+             backward=True)
 GRAD_SHAPES = [(300, 300), (200, 517), (517, 200), (64, 64)]
 # attn.sparse layers trained on CUDA tensors (test_gpu_backward.py): batch,
 # embed, heads, mode, local context, dtype, at length SPARSE_GRAD_LEN.

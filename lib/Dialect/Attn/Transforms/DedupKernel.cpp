@@ -3,7 +3,7 @@
 // The three dedup kernels of DedupKernel.h, run in this order (the first
 // two only for sequences longer than one chunk, P > Q = kDedupChunk):
 //
-//   dedup_sort_chunks   grid (chunks, B): block (c, b) sorts the ids at
+//   dedup_sort_chunks   grid (B, chunks): block (b, c) sorts the ids at
 //                       positions [cQ, cQ + Q) of sequence b (ids past the
 //                       length, and the padding up to Q, get the largest
 //                       i64) with a bitonic network in shared memory,
@@ -13,7 +13,7 @@
 //                       are out of the order of their k-block (ascending
 //                       where a & k == 0). The sorted ids go to slotAt, their
 //                       positions to keyIds (both scratch until dedup_keys).
-//   dedup_merge_chunks  grid (chunks, B): block (c, b) loads every sorted
+//   dedup_merge_chunks  grid (B, chunks): block (b, c) loads every sorted
 //                       chunk of sequence b into shared memory and gives
 //                       each id x of its chunk (local index k) its rank in
 //                       the whole sequence, k + (ids <= x in earlier chunks)
@@ -113,9 +113,10 @@ struct DedupEmitter {
                                              m.add(row, offset), row));
   }
 
-  /// The kernel's arguments and the values every dedup kernel uses;
-  /// `seqDim` is the grid dimension that numbers the sequences.
-  void begin(gpu::GPUFuncOp func, gpu::Dimension seqDim) {
+  /// The kernel's arguments and the values every dedup kernel uses. The
+  /// grid's x dimension numbers the sequences (up to 2^31 - 1 of them; y
+  /// and z hold at most 65535), y the chunks of one.
+  void begin(gpu::GPUFuncOp func) {
     Block *entry = &func.getBody().front();
     b.setInsertionPointToStart(entry);
     tokens = entry->getArgument(0), lengths = entry->getArgument(1);
@@ -125,7 +126,7 @@ struct DedupEmitter {
     tid = gpu::ThreadIdOp::create(b, loc, gpu::Dimension::x);
     lane = arith::RemUIOp::create(b, loc, tid, m.c(32));
     warp = arith::DivUIOp::create(b, loc, tid, m.c(32));
-    seq = gpu::BlockIdOp::create(b, loc, seqDim);
+    seq = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
     row = m.mul(seq, L);
     P = arith::ShLIOp::create(b, loc, m.c(1), logP);
     Q = m.min(P, m.c(kDedupChunk));
@@ -349,7 +350,7 @@ gpu::GPUFuncOp createDedupFunc(OpBuilder &b, Location loc, StringRef name,
       b.getNamedAttr("block", b.getI64IntegerAttr(kDedupThreads)),
       b.getNamedAttr("shared_bytes", b.getI64IntegerAttr(sharedBytes)),
       b.getNamedAttr("max_len", b.getI64IntegerAttr(maxLen))};
-  // The chunk kernels' grid is (chunks, B): the runtime needs the chunk.
+  // The chunk kernels' grid is (B, chunks): the runtime needs the chunk.
   if (chunked)
     launch.push_back(
         b.getNamedAttr("chunk", b.getI64IntegerAttr(kDedupChunk)));
@@ -357,7 +358,7 @@ gpu::GPUFuncOp createDedupFunc(OpBuilder &b, Location loc, StringRef name,
   return func;
 }
 
-/// dedup_sort_chunks: block (c, b) sorts chunk c of sequence b into
+/// dedup_sort_chunks: block (b, c) sorts chunk c of sequence b into
 /// slotAt (ids) and keyIds (positions).
 void emitSortChunks(OpBuilder &b, Location loc, int64_t maxLen) {
   auto func = createDedupFunc(b, loc, kDedupSortChunks,
@@ -366,8 +367,8 @@ void emitSortChunks(OpBuilder &b, Location loc, int64_t maxLen) {
   OpBuilder::InsertionGuard guard(b);
   DedupEmitter e(b, loc);
   IndexMath &m = e.m;
-  e.begin(func, gpu::Dimension::y);
-  Value chunk = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
+  e.begin(func);
+  Value chunk = gpu::BlockIdOp::create(b, loc, gpu::Dimension::y);
   Value base = m.mul(chunk, e.Q);
   Value logQ = m.min(e.logP, m.c(kDedupChunkLog));
   e.sharedArrays(e.Q);
@@ -381,7 +382,7 @@ void emitSortChunks(OpBuilder &b, Location loc, int64_t maxLen) {
   gpu::ReturnOp::create(b, loc);
 }
 
-/// dedup_merge_chunks: block (c, b) ranks chunk c's ids among all of
+/// dedup_merge_chunks: block (b, c) ranks chunk c's ids among all of
 /// sequence b's and writes each one's position to keyBias[rank].
 void emitMergeChunks(OpBuilder &b, Location loc, int64_t maxLen) {
   auto func = createDedupFunc(b, loc, kDedupMergeChunks, 8 * maxLen, maxLen,
@@ -389,8 +390,8 @@ void emitMergeChunks(OpBuilder &b, Location loc, int64_t maxLen) {
   OpBuilder::InsertionGuard guard(b);
   DedupEmitter e(b, loc);
   IndexMath &m = e.m;
-  e.begin(func, gpu::Dimension::y);
-  Value chunk = gpu::BlockIdOp::create(b, loc, gpu::Dimension::x);
+  e.begin(func);
+  Value chunk = gpu::BlockIdOp::create(b, loc, gpu::Dimension::y);
   Value logQ = m.min(e.logP, m.c(kDedupChunkLog));
   Value chunks = arith::DivUIOp::create(
       b, loc, m.add(e.L, m.sub(e.Q, m.c(1))), e.Q);
@@ -443,7 +444,7 @@ void emitNumberRuns(OpBuilder &b, Location loc, int64_t maxLen) {
   OpBuilder::InsertionGuard guard(b);
   DedupEmitter e(b, loc);
   IndexMath &m = e.m;
-  e.begin(func, gpu::Dimension::x);
+  e.begin(func);
   Type i32 = e.i32, i64 = e.i64, f32 = e.f32;
   Value P = e.P, n = e.n, L = e.L, row = e.row, seq = e.seq;
   Value keyIds = e.keyIds, keyBias = e.keyBias, slotAt = e.slotAt,

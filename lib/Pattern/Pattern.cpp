@@ -345,10 +345,11 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
         return result;
       })
       .Case([&](SumAttr a) {
-        // A sum inside a set combinator: its pairs, each once.
-        ComponentSpec c = band(ninf, inf);
-        c.include.push_back(a);
-        return Specs{c};
+        // A sum inside a set combinator counts each of its pairs once:
+        // multiplicities are never negative, so [sum of m_k > 0] is
+        // [some m_k > 0], the union of its members (closed forms, where a
+        // full band filtered by the sum would score every pair).
+        return decomposeSet(UnionAttr::get(a.getContext(), a.getPatterns()));
       })
       .Default([](Attribute) -> Specs {
         llvm_unreachable("not a pattern attribute");

@@ -120,3 +120,24 @@ func.func @unionExclusions(%q: tensor<1x4x64x16xf32>) -> (tensor<1x4x64x16xf32>,
   %1 = attn.attention %q, %q, %q pattern(#attn.union<[#attn.dilated<segment = 32, rate = 4>, #attn.local<window = 8>, #attn.causal, #attn.local<window = 4>]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32> -> tensor<1x4x64x16xf32>
   return %0, %1 : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>
 }
+
+// -----
+
+// A sum inside a set combinator counts each of its pairs once, as the
+// union of its members would: its members' closed forms (the dilated
+// branch after the window starts at t_q - t_k = 4 in its period-2 groups),
+// not a full band filtered by the sum.
+// CHECK-LABEL: func @sumInsideSets
+// CHECK: period = 1, residue = all, segment = 0, band = [0, 7]>
+// CHECK-NEXT: period = 2, residue = 0, segment = 32, band = [4, inf]>
+// CHECK-NEXT: period = 16, residue = all, segment = 0, band = [0, inf], exclude = [#attn.sum<
+// CHECK: attn.finalize
+// CHECK: period = 1, residue = all, segment = 0, band = [0, 7]>
+// CHECK-NEXT: period = 2, residue = 0, segment = 32, band = [4, inf]>
+// CHECK-NOT: include
+// CHECK: attn.finalize
+func.func @sumInsideSets(%q: tensor<1x4x64x16xf32>) -> (tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>) {
+  %0 = attn.attention %q, %q, %q pattern(#attn.union<[#attn.sum<[#attn.local<window = 8>, #attn.dilated<segment = 32, rate = 2, causal = true>]>, #attn.strided<stride = 16, local = 1>]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32> -> tensor<1x4x64x16xf32>
+  %1 = attn.attention %q, %q, %q pattern(#attn.intersect<[#attn.sum<[#attn.local<window = 8>, #attn.dilated<segment = 32, rate = 2, causal = true>]>, #attn.causal]>) : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32> -> tensor<1x4x64x16xf32>
+  return %0, %1 : tensor<1x4x64x16xf32>, tensor<1x4x64x16xf32>
+}

@@ -305,11 +305,30 @@ bool Package::checkArguments(const Tensor &q, const Tensor &k, const Tensor &v,
       return false;
     }
     bool ok = t.shape.size() == a.shape.size();
-    for (size_t d = 0; ok && d < a.shape.size(); ++d)
-      ok = t.shape[d] >= 0 && (a.shape[d] < 0 || a.shape[d] == t.shape[d]);
+    size_t bad = 0;
+    for (; ok && bad < a.shape.size(); ++bad)
+      ok = t.shape[bad] >= 0 &&
+           (a.shape[bad] < 0 || a.shape[bad] == t.shape[bad]);
     if (!ok) {
       error = a.name + ": shape " + shapeString(t.shape) +
               " does not match the package's " + shapeString(a.shape);
+      // Only the lengths (`?`) vary from call to call: say which field of
+      // the spec fixed the dimension that differs.
+      // (k and v may be key_ids tables [1, Hkv, V, D]: not their dim 0.)
+      const size_t dim = bad - 1;
+      const bool rows = a.name == "q" || a.name == "out" || a.name == "lse";
+      const bool keys = a.name == "k" || a.name == "v";
+      if (t.shape.size() == a.shape.size() && t.shape[dim] >= 0) {
+        const char *field = dim == 0 && rows             ? "batch"
+                            : dim == 1 && rows           ? "heads"
+                            : dim == 1 && keys           ? "kv_heads"
+                            : dim == 3 && (rows || keys) ? "head_dim"
+                                                         : nullptr;
+        if (field)
+          error += " (the spec's \"" + std::string(field) +
+                   "\" fixes dimension " + std::to_string(dim) +
+                   ": compile a package for this shape)";
+      }
       return false;
     }
   }

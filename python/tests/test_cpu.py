@@ -71,8 +71,13 @@ def test_argument_errors():
     q = rand(1, 2, 8, 16, seed=7)
     with pytest.raises(attn.AttnError, match=r"dtype float64, expected float32"):
         pkg(q.astype(np.float64), q, q)
-    with pytest.raises(attn.AttnError, match=r"q: shape \[1, 3, 8, 16\] does not match"):
+    with pytest.raises(attn.AttnError, match=r"q: shape \[1, 3, 8, 16\] does not match"
+                                             r".*the spec's \"heads\" fixes dimension 1"):
         pkg(rand(1, 3, 8, 16, seed=8), q, q)
+    with pytest.raises(attn.AttnError, match=r"the spec's \"batch\" fixes dimension 0"):
+        pkg(rand(2, 2, 8, 16, seed=9), q, q)
+    with pytest.raises(attn.AttnError, match=r"k: shape .*the spec's \"head_dim\" fixes"):
+        pkg(q, rand(1, 2, 8, 8, seed=9), q)
     with pytest.raises(attn.AttnError, match=r"takes no lengths"):
         pkg(q, q, q, lengths=np.array([3]))
 

@@ -166,6 +166,22 @@ TEST_F(PatternTest, DecompositionSumsToMultiplicity) {
       "#attn.union<[#attn.local<window = 2>, #attn.strided<stride = 4, "
       "local = 3>, #attn.local<window = 9, causal = false>]>",
       "#attn.union<[#attn.tokenized<>, #attn.causal]>",
+      // Unions over nested unions and sums (one flat list of members, the
+      // plain bands first), a band taken off once another has narrowed
+      // the member (the full band's hole closes after causal), and sums
+      // inside intersections.
+      "#attn.union<[#attn.dilated<segment = 8, rate = 2>, #attn.local<"
+      "window = 3>, #attn.causal, #attn.local<window = 2>]>",
+      "#attn.union<[#attn.sum<[#attn.local<window = 3>, #attn.dilated<"
+      "segment = 8, rate = 2, causal = true>]>, #attn.union<[#attn.strided<"
+      "stride = 4, local = 1>, #attn.full]>]>",
+      "#attn.union<[#attn.full, #attn.local<window = 4, causal = false>, "
+      "#attn.causal]>",
+      "#attn.union<[#attn.sum<[#attn.sum<[#attn.causal, #attn.causal]>, "
+      "#attn.dilated<segment = 6, rate = 3, head_offset = true>]>, "
+      "#attn.local<window = 5, causal = false>]>",
+      "#attn.intersect<[#attn.sum<[#attn.local<window = 4>, #attn.strided<"
+      "stride = 3, local = 1>]>, #attn.dilated<segment = 12, rate = 1>]>",
   };
   const std::pair<int64_t, int64_t> shapes[] = {{17, 17}, {5, 23}, {23, 5}, {1, 1}};
   for (const char *text : patterns) {

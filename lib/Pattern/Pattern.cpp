@@ -17,6 +17,7 @@
 #include "mlir/Dialect/Arith/IR/Arith.h"
 #include "llvm/ADT/TypeSwitch.h"
 
+#include <functional>
 #include <optional>
 
 using namespace mlir;
@@ -241,6 +242,24 @@ static bool foldIntersection(ComponentSpec &c, Attribute member) {
   return true;
 }
 
+/// The members of a union with every union or sum member replaced by its
+/// own members, recursively: the patterns whose union it is.
+static SmallVector<Attribute> flatUnionMembers(UnionAttr u) {
+  SmallVector<Attribute> flat;
+  std::function<void(ArrayAttr)> add = [&](ArrayAttr patterns) {
+    for (Attribute member : patterns) {
+      if (auto nested = dyn_cast<UnionAttr>(member))
+        add(nested.getPatterns());
+      else if (auto sum = dyn_cast<SumAttr>(member))
+        add(sum.getPatterns());
+      else
+        flat.push_back(member);
+    }
+  };
+  add(u.getPatterns());
+  return flat;
+}
+
 /// Components whose memberships sum to the indicator [m(pattern) > 0].
 static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
   using Specs = SmallVector<ComponentSpec>;
@@ -289,24 +308,46 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
         // An earlier member that is a plain band (full, causal, local)
         // comes off the component's band instead where what is left is one
         // band (subtractBand): a causal look-ahead window after causal is
-        // the band [-(W-1), -1], with no predicate.
+        // the band [-(W-1), -1], with no predicate. A union is the same in
+        // any order and over any nesting, so its members are taken as one
+        // flat list (a union or sum member gives its own members: each
+        // pair counts once either way) with the plain bands first, for
+        // the later members to subtract rather than filter by.
+        SmallVector<Attribute> members, others;
+        for (Attribute member : flatUnionMembers(a))
+          (isa<FullAttr, CausalAttr, LocalAttr>(member) ? members : others)
+              .push_back(member);
+        llvm::append_range(members, others);
         Specs result;
         SmallVector<std::pair<Attribute, std::optional<ComponentSpec>>> earlier;
-        for (Attribute member : a.getPatterns()) {
+        for (Attribute member : members) {
           SmallVector<ComponentSpec> parts = decomposeSet(member);
           for (ComponentSpec c : parts) {
+            // The earlier plain bands come off c's band while one does: a
+            // band that would cut a hole may come off, or miss c, once
+            // another has narrowed it (after causal, a window is the
+            // look-ahead's neighbour). The rest filter c.
+            // (A band under lengths attends only pairs within them.)
             bool empty = false;
-            for (const auto &[e, eBand] : earlier) {
-              // (A band under lengths attends only pairs within them.)
-              if (eBand && !eBand->lengths && subtractBand(c, *eBand, empty)) {
+            SmallVector<bool> subtracted(earlier.size(), false);
+            for (bool progress = true; progress && !empty;) {
+              progress = false;
+              for (auto [i, e] : llvm::enumerate(earlier)) {
+                const std::optional<ComponentSpec> &eBand = e.second;
+                if (subtracted[i] || !eBand || eBand->lengths ||
+                    !subtractBand(c, *eBand, empty))
+                  continue;
+                subtracted[i] = progress = true;
                 if (empty)
                   break;
-                continue;
               }
-              c.exclude.push_back(e);
             }
-            if (!empty)
-              result.push_back(c);
+            if (empty)
+              continue;
+            for (auto [i, e] : llvm::enumerate(earlier))
+              if (!subtracted[i])
+                c.exclude.push_back(e.first);
+            result.push_back(c);
           }
           earlier.push_back({member, plainBand(parts)});
         }

@@ -152,20 +152,20 @@ def test_a_filtered_component_sends_only_what_its_filters_reach():
 
 
 @pytest.mark.parametrize("ranks,pattern", [
-    # The sum folds into nothing closed-form: a full band filtered by it.
-    (4, {"intersect": [{"sum": [{"local": {"window": 10}}]}, {"full": {}}]}),
-    # The filter's strided classes (period 64) and LongNet branches (period
-    # 8) have no local form on 3 ranks: their reach is found key by key.
-    (3, {"intersect": [{"sum": [
-        {"strided": {"stride": 64}},
-        {"dilated": {"segment": 72, "rate": 8, "head_offset": True, "causal": True}},
-        {"dilated": {"segment": 128, "rate": 8, "head_offset": True, "causal": True}}]},
-        {"full": {}}]}),
+    # A dilated branch (period 4) filtered by strided classes with a band
+    # (two components: no closed form), whose period 16 maps onto 4 ranks.
+    (4, {"intersect": [{"dilated": {"segment": 64, "rate": 4, "causal": True}},
+                       {"strided": {"stride": 16, "local": 3}}]}),
+    # A branch of rate 3 filtered by strided classes of period 64 and a
+    # branch of rate 2, which have no local form on 3 ranks: their
+    # reach is found key by key.
+    (3, {"intersect": [{"dilated": {"segment": 72, "rate": 3, "causal": True}},
+                       {"strided": {"stride": 64, "local": 7}},
+                       {"dilated": {"segment": 144, "rate": 2, "causal": True}}]}),
 ])
 def test_striped_filtered_components_send_only_what_their_filters_reach(ranks, pattern):
     """Under the striped layout too, a filtered component sends only the keys
-    its filters reach from the receiving rank's rows (both patterns sent
-    every key of their full band before: 73728 and 65536 bytes a rank)."""
+    its filters reach from the receiving rank's rows."""
     check_ring("striped_filtered", "striped", ranks, seed=ranks, pattern=pattern)
 
 

@@ -17,12 +17,13 @@ the closed forms below (checked against the masks of ../shared/bench/peers.py at
 small L by `python3 bench/gpu_long.py check`, mask by mask in NumPy). Rows
 go to $OUT/gpu_long.json."""
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
+
+import build_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -149,24 +150,17 @@ def run(args):
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     import attn
+    from kernel_times import event_ms
 
     def timed(fn):
         """Median ms of `fn` over about two seconds of calls (at least 3),
-        CUDA events around each, after one call for the estimate."""
+        after one call for the estimate."""
         torch.cuda.synchronize()
         t0 = time.time()
         fn()
         torch.cuda.synchronize()
         first = (time.time() - t0) * 1e3
-        times = []
-        for _ in range(max(3, min(50, int(2000 / max(first, 1e-3))))):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return float(np.median(times))
+        return event_ms(fn, max(3, min(50, int(2000 / max(first, 1e-3)))))
 
     rows = []
     for L in LENS:
@@ -217,13 +211,4 @@ def run(args):
               f"{bwd} | {r['peak_gb']:.1f} |")
 
 
-ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-sub = ap.add_subparsers(dest="cmd", required=True)
-bp = sub.add_parser("build")
-bp.add_argument("dir")
-bp.add_argument("--target", default="sm_90a")
-rp = sub.add_parser("run")
-rp.add_argument("dir")
-sub.add_parser("check")
-args = ap.parse_args()
-{"build": build, "run": run, "check": lambda a: check()}[args.cmd](args)
+build_run.main(__doc__, build, run, check=check)

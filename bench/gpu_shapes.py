@@ -19,10 +19,11 @@ triton do_bench median, checks that attn's output agrees with Flex's, and
 prints a Markdown table of effective TF/s = 4 * attended pairs * D / time;
 its rows go to $OUT/gpu_shapes.json."""
 
-import argparse
 import json
 import os
 import sys
+
+import build_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,12 +113,4 @@ def run(args):
               f"{r['rel_diff_vs_flex']:.1e} |")
 
 
-ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-sub = ap.add_subparsers(dest="cmd", required=True)
-bp = sub.add_parser("build")
-bp.add_argument("dir")
-bp.add_argument("--target", default="sm_90a")
-rp = sub.add_parser("run")
-rp.add_argument("dir")
-args = ap.parse_args()
-build(args) if args.cmd == "build" else run(args)
+build_run.main(__doc__, build, run)

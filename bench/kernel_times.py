@@ -1,5 +1,8 @@
 """GPU kernels of a step under torch.profiler, shared by bench/gqa_profile.py,
-bench/sparse_train_profile.py and bench/tokenized_ab.py."""
+bench/sparse_train_profile.py, bench/tokenized_ab.py and
+bench/strided_short.py, and CUDA-event timing (bench/gpu_long.py)."""
+import statistics
+
 import torch
 from torch.profiler import profile, ProfilerActivity
 
@@ -15,6 +18,19 @@ def profiled(step, warm, reps):
             step()
         torch.cuda.synchronize()
     return p
+
+
+def event_ms(fn, calls):
+    """Median ms of `calls` calls of fn(), each between two CUDA events."""
+    times = []
+    for _ in range(calls):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
 
 
 def print_kernel_times(step, title, warm=2, reps=3, top=8):

@@ -89,17 +89,8 @@ def build(out, ranks, cases=None, make_spec=spec):
 
 
 def timed(fn, repeat):
-    import torch
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    from kernel_times import event_ms
+    return event_ms(fn, repeat)
 
 
 def context_parallel_ms(q, k, v, ranks):

@@ -33,6 +33,20 @@ def compile_package(spec, folder, target="sm_90a", keep_ptx=False, flags=()):
     return [l.split(":", 1)[1].strip() for l in r.stderr.splitlines() if "registers" in l]
 
 
+def torch_and_packages():
+    """For a GPU test module, at import: (torch, $ATTN_GPU_PACKAGES), or the
+    whole module skipped where PyTorch, a CUDA device or the packages are
+    missing (CI has no GPU)."""
+    import pytest
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device", allow_module_level=True)
+    packages = os.environ.get("ATTN_GPU_PACKAGES")
+    if not packages:
+        pytest.skip("ATTN_GPU_PACKAGES is not set", allow_module_level=True)
+    return torch, packages
+
+
 LONGNET_SMALL = [
     {"dilated": {"segment": 64, "rate": 1, "head_offset": True, "causal": True}},
     {"dilated": {"segment": 256, "rate": 4, "head_offset": True, "causal": True}},

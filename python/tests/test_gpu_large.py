@@ -20,12 +20,7 @@ import pytest
 import gpu_cases
 from test_backward import backward64
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
-PKGS = os.environ.get("ATTN_GPU_PACKAGES")
-if not PKGS:
-    pytest.skip("ATTN_GPU_PACKAGES is not set", allow_module_level=True)
+torch, PKGS = gpu_cases.torch_and_packages()
 
 import attn  # noqa: E402
 from attn import reference  # noqa: E402

@@ -182,6 +182,9 @@ TEST_F(PatternTest, DecompositionSumsToMultiplicity) {
       "#attn.local<window = 5, causal = false>]>",
       "#attn.intersect<[#attn.sum<[#attn.local<window = 4>, #attn.strided<"
       "stride = 3, local = 1>]>, #attn.dilated<segment = 12, rate = 1>]>",
+      "#attn.intersect<[#attn.intersect<[#attn.local<window = 9, causal = "
+      "false>, #attn.tokenized<>]>, #attn.intersect<[#attn.dilated<segment = "
+      "12, rate = 2, head_offset = true>, #attn.causal]>]>",
   };
   const std::pair<int64_t, int64_t> shapes[] = {{17, 17}, {5, 23}, {23, 5}, {1, 1}};
   for (const char *text : patterns) {

@@ -325,9 +325,10 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
           for (ComponentSpec c : parts) {
             // The earlier plain bands come off c's band while one does: a
             // band that would cut a hole may come off, or miss c, once
-            // another has narrowed it (after causal, a window is the
-            // look-ahead's neighbour). The rest filter c.
-            // (A band under lengths attends only pairs within them.)
+            // another has narrowed it (a causal window would cut a hole in
+            // a full band, and misses what causal leaves of it). The rest
+            // filter c. (A band under lengths attends only pairs within
+            // them.)
             bool empty = false;
             SmallVector<bool> subtracted(earlier.size(), false);
             for (bool progress = true; progress && !empty;) {

@@ -17,7 +17,6 @@
 #include "mlir/Dialect/Arith/IR/Arith.h"
 #include "llvm/ADT/TypeSwitch.h"
 
-#include <functional>
 #include <optional>
 
 using namespace mlir;
@@ -242,22 +241,19 @@ static bool foldIntersection(ComponentSpec &c, Attribute member) {
   return true;
 }
 
-/// The members of a union with every union or sum member replaced by its
-/// own members, recursively: the patterns whose union it is.
-static SmallVector<Attribute> flatUnionMembers(UnionAttr u) {
-  SmallVector<Attribute> flat;
-  std::function<void(ArrayAttr)> add = [&](ArrayAttr patterns) {
-    for (Attribute member : patterns) {
-      if (auto nested = dyn_cast<UnionAttr>(member))
-        add(nested.getPatterns());
-      else if (auto sum = dyn_cast<SumAttr>(member))
-        add(sum.getPatterns());
-      else
-        flat.push_back(member);
-    }
-  };
-  add(u.getPatterns());
-  return flat;
+/// Appends a union's `members` to `flat` with every union or sum member
+/// replaced by its own members, recursively: the patterns whose union it
+/// is.
+static void appendUnionMembers(ArrayAttr members,
+                               SmallVectorImpl<Attribute> &flat) {
+  for (Attribute member : members) {
+    if (auto nested = dyn_cast<UnionAttr>(member))
+      appendUnionMembers(nested.getPatterns(), flat);
+    else if (auto sum = dyn_cast<SumAttr>(member))
+      appendUnionMembers(sum.getPatterns(), flat);
+    else
+      flat.push_back(member);
+  }
 }
 
 /// Components whose memberships sum to the indicator [m(pattern) > 0].
@@ -313,8 +309,9 @@ static SmallVector<ComponentSpec> decomposeSet(Attribute pattern) {
         // flat list (a union or sum member gives its own members: each
         // pair counts once either way) with the plain bands first, for
         // the later members to subtract rather than filter by.
-        SmallVector<Attribute> members, others;
-        for (Attribute member : flatUnionMembers(a))
+        SmallVector<Attribute> flat, members, others;
+        appendUnionMembers(a.getPatterns(), flat);
+        for (Attribute member : flat)
           (isa<FullAttr, CausalAttr, LocalAttr>(member) ? members : others)
               .push_back(member);
         llvm::append_range(members, others);

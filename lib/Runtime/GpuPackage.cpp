@@ -396,12 +396,13 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   // kernels take their first pair from bh_offset). Not for a programmatic
   // dependent launch: the kernel after it would wait for the last launch
   // alone, so runGpu's rounds keep those within one grid.
+  // Element-wise kernels (over every row at once) take no pairs.
+  const bool elementwise = kernel.kind == "init" || kernel.kind == "finalize" ||
+                           kernel.kind == "grad_prepare" ||
+                           kernel.kind == "grad_add";
   const int64_t pairs = a.bhCount ? a.bhCount : a.B * a.H;
   const int64_t most = maxPairsPerLaunch(a.H);
-  const bool perPair = kernel.kind != "init" && kernel.kind != "finalize" &&
-                       kernel.kind != "grad_prepare" &&
-                       kernel.kind != "grad_add";
-  if (perPair && pairs > most && !dependent) {
+  if (!elementwise && pairs > most && !dependent) {
     KernelArgs part = a;
     for (int64_t first = 0; first < pairs; first += most) {
       part.bhOffset = a.bhOffset + first;
@@ -496,10 +497,6 @@ bool attn::runtime::launchKernel(const GpuModule &g, const GpuKernel &kernel,
   // finalize take empty ones. The backward kernels take two: grad_kv walks
   // the rows of q and grad_out (which shares q's strides), grad_q the keys.
   TensorMap maps[4] = {};
-  const bool elementwise = kernel.kind == "init" ||
-                           kernel.kind == "finalize" ||
-                           kernel.kind == "grad_prepare" ||
-                           kernel.kind == "grad_add";
   if (g.tensorMaps) {
     const bool walksQueries = kernel.kind == "grad_kv";
     auto mapShape = [&](int64_t batch, int64_t heads, int64_t rows,

@@ -18,11 +18,11 @@ built by scripts/build_gpu_packages.py).
 import argparse
 import json
 import os
-import statistics
 
 import torch
 
 import attn
+from kernel_times import event_ms
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--lens", default="8192,32768")
@@ -42,15 +42,7 @@ HKV = 4  # kv heads of the *_gqa patterns
 def timed(fn, reps=10):
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+    return event_ms(fn, reps) * 1e3
 
 
 def pairs(pattern, L):

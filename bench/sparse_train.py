@@ -26,6 +26,7 @@ import torch
 
 import gpu_cases
 from attn import sparse
+from kernel_times import event_ms
 
 lens = [int(x) for x in os.environ.get("LENS", "8192,32768").split(",")]
 rounds = int(os.environ.get("ROUNDS", "3"))
@@ -54,15 +55,7 @@ for L in lens:
         base = torch.cuda.memory_allocated()
         medians = []
         for _ in range(rounds):
-            times = []
-            for _ in range(reps):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                step()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            medians.append(statistics.median(times))
+            medians.append(event_ms(step, reps))
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         print(json.dumps({"label": label, "L": L, "mode": mode, "ctx": ctx,
                           "step_ms": round(statistics.median(medians), 3),

@@ -38,22 +38,31 @@ def _sampled_batches(B, heads):
     return sorted({0, 1, B // 2, edge - 1, edge, B - 1})
 
 
+def _many_pairs_inputs(case, L, seed, query_shaped):
+    """The package of a many-pairs case and fresh inputs at length L:
+    `query_shaped` tensors [B, H, L, D] (q, and grad_out), k and v, and
+    document lengths for tokenized patterns (else None)."""
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
+    assert B * H > MAX_GRID_Z
+    dt = DTYPES[case["dtype"]]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rows = [torch.randn(B, H, L, D, device="cuda", dtype=dt, generator=gen)
+            for _ in range(query_shaped)]
+    k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=dt, generator=gen) for _ in range(2))
+    lengths = None
+    if "tokenized" in str(case["pattern"]):
+        lengths = torch.randint(0, L + 1, (B,), device="cuda", dtype=torch.int32, generator=gen)
+    return pkg, rows, k, v, lengths
+
+
 @pytest.mark.parametrize("case", gpu_cases.MANY_PAIRS, ids=lambda c: c["name"])
 def test_more_pairs_than_one_grid_holds(case):
     """A batch of more than 65535 (batch, head) pairs: the kernels launch
     once per 65535 pairs (whole batches), in the rounds of multi-kernel
     packages, with init before the first round; no pair is left out."""
-    pkg = attn.load(os.path.join(PKGS, case["name"]))
-    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
-    assert B * H > MAX_GRID_Z
-    dt = DTYPES[case["dtype"]]
-    L = 100
-    gen = torch.Generator(device="cuda").manual_seed(11)
-    q = torch.randn(B, H, L, D, device="cuda", dtype=dt, generator=gen)
-    k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=dt, generator=gen) for _ in range(2))
-    lengths = None
-    if "tokenized" in str(case["pattern"]):
-        lengths = torch.randint(0, L + 1, (B,), device="cuda", dtype=torch.int32, generator=gen)
+    pkg, (q,), k, v, lengths = _many_pairs_inputs(case, 100, 11, query_shaped=1)
+    B, H = q.shape[:2]
     out = torch.full_like(q, float("nan"))
     out, lse = pkg(q, k, v, lengths=lengths, return_lse=True, out=out)
     torch.cuda.synchronize()
@@ -76,17 +85,8 @@ def test_gradients_of_more_pairs_than_one_grid_holds(case):
     every batch written (NaN-poisoned memory before), sampled batches
     against the float64 reference; the GQA walk of grad_kv keeps each
     launch's batches whole."""
-    pkg = attn.load(os.path.join(PKGS, case["name"]))
-    B, H, Hkv, D = case["batch"], case["heads"], case["kv_heads"], case["head_dim"]
-    assert B * H > MAX_GRID_Z
-    dt = DTYPES[case["dtype"]]
-    L = 80
-    gen = torch.Generator(device="cuda").manual_seed(12)
-    q, g = (torch.randn(B, H, L, D, device="cuda", dtype=dt, generator=gen) for _ in range(2))
-    k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=dt, generator=gen) for _ in range(2))
-    lengths = None
-    if "tokenized" in str(case["pattern"]):
-        lengths = torch.randint(0, L + 1, (B,), device="cuda", dtype=torch.int32, generator=gen)
+    pkg, (q, g), k, v, lengths = _many_pairs_inputs(case, 80, 12, query_shaped=2)
+    B, H, L, D = q.shape
     out, lse = pkg(q, k, v, lengths=lengths, return_lse=True)
     nbytes = 4 * (q.numel() + 2 * k.numel())
     torch.full((nbytes // 4 + (1 << 18),), float("nan"), device="cuda")  # poison, then free

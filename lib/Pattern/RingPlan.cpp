@@ -150,7 +150,7 @@ bool markWithinFilters(
 /// markAttendedKeys within the reach of `comp`'s include filters: the keys
 /// its geometry attends that every filter reaches too, a filter reaching
 /// the keys its own components attend (exclusions, here and in the
-/// filters, are left out: they only remove pairs). A full band filtered by
+/// filters, are left out: they only remove pairs). A component filtered by
 /// a causal pattern then sends no key to an earlier rank. The filters may
 /// reach a key from another row than the geometry does, so this is still a
 /// superset of the keys some row attends, but never a subset: no rank

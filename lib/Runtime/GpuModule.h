@@ -200,7 +200,7 @@ struct KernelArgs {
   int64_t B = 0, H = 0, Hkv = 0, D = 0, Lq = 0, Lk = 0;
   /// Rows of k/v per (batch, kv head): Lk, or the table rows V with keyIds.
   int64_t kvRows = 0;
-  /// Groups at origin + index; lengths and filters (ConvertToGpu.cpp's
+  /// Groups at origin + index; lengths and filters (GpuKernelEmitter.h's
   /// kernelType) at rowLenShift / qPos / kPos + posStride * index.
   int64_t qOrigin = 0, kOrigin = 0, rowLenShift = 0;
   int64_t qPos = 0, kPos = 0, posStride = 1;
@@ -212,7 +212,7 @@ struct KernelArgs {
   /// layout. Each row's D elements are contiguous.
   int64_t qStrides[3] = {0, 0, 0}, kStrides[3] = {0, 0, 0};
   int64_t oStrides[3] = {0, 0, 0};
-  /// The backward kernels' own buffers (ConvertToGpu.cpp's gradKernelType):
+  /// The backward kernels' own buffers (GpuKernelEmitter.h's gradKernelType):
   /// grad_out (16-bit, at q's strides), delta (f32), and dq, dk, dv: f32
   /// and contiguous, which the kernels add into, or (gradStore, packages
   /// with "stores_grads") of the input type at dqStrides and dkStrides (dk

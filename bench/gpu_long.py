@@ -11,7 +11,7 @@ The patterns are bench/gpu/specs' (causal, local W = 1024, strided S = 128,
 LongNet's sum and union of (2048, 1), (8192, 4), (32768, 16) with head
 offsets), compiled with their backward. LENS (default 131072,1048576,2097152)
 gives the lengths; causal runs up to CAUSAL_MAX (default 1048576: 2^21 tokens
-take 26 s a call) and the backward up to BWD_MAX. TF/s = 4 * attended pairs * D / time for the forward and
+take 26 s a call) and the backward up to BWD_MAX (default: every length). TF/s = 4 * attended pairs * D / time for the forward and
 10 * pairs * D / time for the backward alone (its five products), pairs from
 the closed forms below (checked against the masks of ../shared/bench/peers.py at
 small L by `python3 bench/gpu_long.py check`, mask by mask in NumPy). Rows
@@ -33,10 +33,9 @@ DIL = [(2048, 1), (8192, 4), (32768, 16)]
 PATTERNS = os.environ.get("PATTERNS", "causal,local,strided,dilated_sum,dilated_union").split(",")
 LENS = [int(x) for x in os.environ.get("LENS", "131072,1048576,2097152").split(",")]
 CAUSAL_MAX = int(os.environ.get("CAUSAL_MAX", "1048576"))
-# The backward up to BWD_MAX tokens (default 1048576): past it the float32
-# sums of the packages that finish their gradients (strided, LongNet: three
-# tensors of q's shape) and the inputs outgrow 80 GB.
-BWD_MAX = int(os.environ.get("BWD_MAX", "1048576"))
+# The backward up to BWD_MAX tokens (default 2097152: at 2^21 it takes 59 GB,
+# the float32 sums of strided and LongNet a pair at a time).
+BWD_MAX = int(os.environ.get("BWD_MAX", "2097152"))
 
 
 def _in_class(lo, hi, o, r):

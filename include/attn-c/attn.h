@@ -152,7 +152,10 @@ attn_status attn_package_run_backward_async(
  * last component that writes it, the earlier ones adding their shares into
  * float32 sums: dq_sum, dk_sum and dv_sum, contiguous f32 tensors shaped
  * like q, k and v (scratch: their contents afterwards are unspecified),
- * which attn_package_run_backward_async cannot take. */
+ * which attn_package_run_backward_async cannot take. Sums for a round of
+ * P (batch, head) pairs, dq_sum [P, Lq, D] and dk_sum, dv_sum
+ * [P / G, Lk, D] (P a multiple of the G = H / Hkv query heads of a kv
+ * head), take less memory: the kernels then run P pairs at a time. */
 int attn_package_finishes_gradients(const attn_package *package);
 attn_status attn_package_run_backward_with_sums_async(
     attn_package *package, const attn_tensor *q, const attn_tensor *k,

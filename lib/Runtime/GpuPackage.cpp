@@ -828,15 +828,13 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   // Where they add, the f32 gradients or the f32 sums (stored gradients of
   // a package that finishes them) start at zero unless the first
   // component overwrites them.
-  const Tensor *f32Grads[3] = {&dq, &dk, &dv};
-  if (sums)
-    for (int i = 0; i < 3; ++i)
-      f32Grads[i] = &sums[i];
-  for (auto [t, n] : {std::pair{f32Grads[0], rows * D},
-                      {f32Grads[1], B * Hkv * Lk * D},
-                      {f32Grads[2], B * Hkv * Lk * D}})
-    if (rc == CUDA_SUCCESS && (!store || sums) && !g.overwritesGrads)
-      rc = d.cuMemsetD8Async(dev(t->data), 0, size_t(n) * 4, stream);
+  // (The sums are zeroed round by round, below.)
+  if (!store && !g.overwritesGrads)
+    for (auto [t, n] : {std::pair{&dq, rows * D},
+                        {&dk, B * Hkv * Lk * D},
+                        {&dv, B * Hkv * Lk * D}})
+      if (rc == CUDA_SUCCESS)
+        rc = d.cuMemsetD8Async(dev(t->data), 0, size_t(n) * 4, stream);
   if (rc != CUDA_SUCCESS) {
     error = describe(d, rc, "zeroing the gradients");
     return false;
@@ -873,16 +871,50 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   // A package that finishes the gradients: every component's kernels take
   // the stored gradients and the float32 sums, and write each element of
   // theirs into one or the other (docs/Backward.md, "Finished gradients").
-  if (sums) {
-    args.dqSum = dev(sums[0].data);
-    args.dkSum = dev(sums[1].data);
-    args.dvSum = dev(sums[2].data);
-  }
-  for (const GpuKernel &kernel : g.gradKernels) {
-    if (kernel.kind == "grad_add")
-      continue;
-    if (!launchKernel(g, kernel, args, stream, error))
+  // The sums may hold a round of P (batch, head) pairs rather than all of
+  // them (checkGradientSums): grad_prepare, over every row, runs first,
+  // then every component's kernels for pairs [first, first + P), the sums
+  // zeroed before each round and addressed from the round's first pair.
+  // The kernels index the sums by the global pair (bhOffset + blockIdx.z,
+  // and its kv head for dk and dv), so each round passes the sums' base
+  // moved back by its first pair's elements: the round's rows land at the
+  // start of the buffer. A round holds whole groups of the G q heads of a
+  // kv head, whose grad_kv blocks add into the same dk and dv rows.
+  const int64_t group = H / Hkv;
+  const int64_t pairs = sums && sums[0].shape.size() == 3
+                            ? std::min(sums[0].shape[0], B * H)
+                            : B * H;
+  for (const GpuKernel &kernel : g.gradKernels)
+    if (kernel.kind == "grad_prepare" &&
+        !launchKernel(g, kernel, args, stream, error))
       return false;
+  for (int64_t first = 0; first < B * H; first += pairs) {
+    args.bhOffset = first;
+    args.bhCount = std::min(pairs, B * H - first);
+    if (sums) {
+      const size_t qElements = size_t(args.bhCount) * Lq * D;
+      const size_t kvElements = size_t(args.bhCount / group) * Lk * D;
+      for (auto [t, n] : {std::pair{&sums[0], qElements},
+                          {&sums[1], kvElements},
+                          {&sums[2], kvElements}})
+        if (rc == CUDA_SUCCESS && !g.overwritesGrads)
+          rc = d.cuMemsetD8Async(dev(t->data), 0, n * 4, stream);
+      if (rc != CUDA_SUCCESS) {
+        error = describe(d, rc, "zeroing the gradients' float32 sums");
+        return false;
+      }
+      const size_t qBefore = size_t(first) * Lq * D * 4;
+      const size_t kvBefore = size_t(first / group) * Lk * D * 4;
+      args.dqSum = dev(sums[0].data) - qBefore;
+      args.dkSum = dev(sums[1].data) - kvBefore;
+      args.dvSum = dev(sums[2].data) - kvBefore;
+    }
+    for (const GpuKernel &kernel : g.gradKernels) {
+      if (kernel.kind == "grad_add" || kernel.kind == "grad_prepare")
+        continue;
+      if (!launchKernel(g, kernel, args, stream, error))
+        return false;
+    }
   }
   rc = g.stateOrder.record(d, stream);
   if (rc != CUDA_SUCCESS) {

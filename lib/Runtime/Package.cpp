@@ -578,6 +578,48 @@ bool Package::checkGradients(const Tensor &q, const Tensor &k,
   return true;
 }
 
+/// The float32 sums of a package that finishes stored gradients: shaped
+/// like q, k and v (every (batch, head) pair at once), or for the pairs of
+/// one round, dq_sum [P, Lq, D] and dk_sum, dv_sum [P / G, Lk, D] with P a
+/// multiple of the G = H / Hkv query heads of a kv head: runGpuBackward
+/// then runs the components' kernels P pairs at a time, so that the sums
+/// take P / (B * H) of the memory (docs/Backward.md, "Finished gradients").
+static bool checkGradientSums(const Tensor &q, const Tensor &k,
+                              const Tensor *sums, std::string &error) {
+  const char *names[3] = {"dq_sum", "dk_sum", "dv_sum"};
+  const int64_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2], D = q.shape[3],
+                Hkv = k.shape[1], Lk = k.shape[2];
+  const int64_t group = H / Hkv;
+  // The round's pairs, from dq_sum's leading dimension where it is 3-D.
+  const int64_t pairs = sums[0].shape.size() == 3 ? sums[0].shape[0] : B * H;
+  if (pairs < group || pairs % group != 0) {
+    error = "dq_sum: " + shapeString(sums[0].shape) + " holds " +
+            std::to_string(pairs) +
+            " (batch, head) pairs: expected a "
+            "multiple of the " +
+            std::to_string(group) + " query heads of a kv head";
+    return false;
+  }
+  for (int i = 0; i < 3; ++i) {
+    const Tensor &t = sums[i];
+    const std::vector<int64_t> &like = i == 0 ? q.shape : k.shape;
+    std::vector<int64_t> round = {i == 0 ? pairs : pairs / group,
+                                  i == 0 ? Lq : Lk, D};
+    const bool whole = t.shape == like && sums[0].shape == q.shape;
+    if (!t.data || t.dtype != "f32" || (!whole && t.shape != round) ||
+        stridesOf(t) != contiguousStrides(t.shape)) {
+      error = std::string(names[i]) + ": " + t.dtype + " " +
+              shapeString(t.shape) + " must be a contiguous f32 " +
+              shapeString(sums[0].shape.size() == 3 ? round : like) +
+              (i == 0 ? " (q's shape, or [pairs, Lq, D] for pairs (batch, "
+                        "head) pairs at a time)"
+                      : " (matching dq_sum's)");
+      return false;
+    }
+  }
+  return true;
+}
+
 bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
                           const Tensor &out, const Tensor &lse,
                           const Tensor &gradOut, const Tensor *lengths,
@@ -618,20 +660,8 @@ bool Package::runBackward(const Tensor &q, const Tensor &k, const Tensor &v,
             "stored gradients of a package that finishes them do)";
     return false;
   }
-  if (needSums) {
-    const char *names[3] = {"dq_sum", "dk_sum", "dv_sum"};
-    const Tensor *likes[3] = {&q, &k, &v};
-    for (int i = 0; i < 3; ++i) {
-      const Tensor &t = sums[i];
-      if (!t.data || t.dtype != "f32" || t.shape != likes[i]->shape ||
-          stridesOf(t) != contiguousStrides(t.shape)) {
-        error = std::string(names[i]) + ": " + t.dtype + " " +
-                shapeString(t.shape) + " must be a contiguous f32 " +
-                shapeString(likes[i]->shape);
-        return false;
-      }
-    }
-  }
+  if (needSums && !checkGradientSums(q, k, sums, error))
+    return false;
   if (isGpu()) // q, k, v, out (and grad_out) may be strided views
     return runGpuBackward(q, k, v, out, lse, gradOut, lengths, keyBias, dq,
                           dk, dv, error, stream, needSums ? sums : nullptr);

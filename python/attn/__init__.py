@@ -105,6 +105,24 @@ def _keep(cache, key, value, limit):
     return value
 
 
+# The float32 sums of a package that finishes stored gradients take at most
+# this many bytes a call (or one group of heads, if that is more).
+_SUMS_BYTES = 1 << 30
+
+
+def _sum_pairs(B, H, Hkv, Lq, Lk, D):
+    """How many (batch, head) pairs the float32 sums of a backward call hold
+    (attn_package_run_backward_with_sums_async runs the kernels that many
+    pairs at a time): all B * H where their sums fit in _SUMS_BYTES, else
+    the most whole groups of the H // Hkv query heads of a kv head that do,
+    at least one group. Over 2^20 tokens with 16 heads of 128 the sums then
+    take 1.6 GB instead of 26 (docs/Backward.md)."""
+    group = H // Hkv
+    per_group = (group * Lq + 2 * Lk) * D * 4
+    groups = max(1, _SUMS_BYTES // per_group)
+    return min(B * H, groups * group)
+
+
 def _dense(t):
     """Whether the tensor's elements fill its storage span without gaps or
     overlaps (any order of dimensions): torch.empty_like keeps its strides."""
@@ -638,9 +656,16 @@ class Package:
         with_sums = store and self.finishes_gradients
         if with_sums:
             # The earlier components' float32 sums, scratch for this call
-            # (the caching allocator's; nothing reads them afterwards).
-            for n, x in zip(("dq_sum", "dk_sum", "dv_sum"), (q, k, v)):
-                args.append(f32(n, torch.empty(x.shape, device=q.device,
+            # (the caching allocator's; nothing reads them afterwards), for
+            # a round of (batch, head) pairs: the runtime runs the kernels
+            # that many pairs at a time (_sum_pairs).
+            B, H, Lq, D = q.shape
+            Hkv, Lk = k.shape[1], k.shape[2]
+            pairs = _sum_pairs(B, H, Hkv, Lq, Lk, D)
+            shapes = ((q.shape, k.shape, v.shape) if pairs == B * H else
+                      ((pairs, Lq, D),) + ((pairs // (H // Hkv), Lk, D),) * 2)
+            for n, shape in zip(("dq_sum", "dk_sum", "dv_sum"), shapes):
+                args.append(f32(n, torch.empty(shape, device=q.device,
                                                dtype=torch.float32)))
         return args, tuple(grads), keep, with_sums
 

@@ -6,6 +6,7 @@ cut short; the gradients land in memory first filled with NaN. Also the
 attn.sparse layer's gradients on CUDA tensors against torch's float64
 autograd through the float64 reference. Skipped without torch and a GPU."""
 
+import ctypes
 import os
 
 import numpy as np
@@ -154,6 +155,57 @@ def test_stored_gradients_match_the_float64_reference(case, shape):
                        r"\(or a torch\.(bfloat16|float16) tensor, which this package stores\)"):
         pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias,
                      grads=(grads[0].double(), grads[1], grads[2]))
+
+
+@pytest.mark.parametrize("case", [c for c in gpu_cases.GRAD_CASES
+                                  if c["name"] in ("grad_strided", "grad_longnet_sum",
+                                                   "grad_longnet_union")],
+                         ids=lambda c: c["name"])
+def test_finished_gradients_in_rounds_of_pairs(case, monkeypatch):
+    """The float32 sums of a package that finishes its gradients may hold a
+    round of (batch, head) pairs rather than all of them (docs/Backward.md):
+    the runtime then runs the components' kernels a round at a time. Sums
+    for one pair at a time (Package.backward's choice where all pairs'
+    would outgrow attn._SUMS_BYTES, forced here) give the same gradients
+    bit for bit, and those match the float64 reference; sums of shapes that
+    fit no round are refused, naming the tensor."""
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    assert pkg.finishes_gradients
+    q, k, v, g, lengths, bias = _inputs(case, (517, 517))
+    out, lse = pkg(q, k, v, lengths=lengths, key_bias=bias, return_lse=True)
+    stored = lambda: tuple(torch.full_like(x, float("nan")) for x in (q, k, v))
+    whole = pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias,
+                         grads=stored())
+    monkeypatch.setattr(attn, "_SUMS_BYTES", 1)
+    _, _, keep, with_sums = pkg._torch_backward_args(q, k, v, out, lse, g, lengths, bias,
+                                                     stored())
+    B, H, L, D = q.shape
+    assert B * H > 1 and with_sums
+    assert [entry[0].shape for entry in keep[-3:]] == [(1, L, D)] * 3  # one pair a round
+    rounds = pkg.backward(q, k, v, out, lse, g, lengths=lengths, key_bias=bias,
+                          grads=stored())
+    torch.cuda.synchronize()
+    for a, b, what in zip(rounds, whole, ("dq", "dk", "dv")):
+        assert torch.equal(a, b), what
+    _check_against_reference(case, q, k, v, g, lengths, bias, rounds,
+                             2 * TOL[case["dtype"]])
+    # dq_sum for 2 pairs with dk_sum for 1, and a 4-D dq_sum that is not q's shape.
+    lib = attn._runtime()
+    handle = pkg._handle_on(q.device.index)
+    for dq_sum, dk_sum, message in (((2, L, D), (1, L, D), "dk_sum: f32"),
+                                    ((B, H + 1, L, D), (B, H, L, D), "dq_sum: f32")):
+        sums = [torch.empty(s, device="cuda") for s in (dq_sum, dk_sum, dk_sum)]
+        grads = stored()
+        args, _, keep, _ = pkg._torch_backward_args(q, k, v, out, lse, g, lengths, bias,
+                                                    grads)
+        c_sums = []
+        for x in sums:
+            shape, _ = attn._c_layout(x.shape)
+            c_sums.append(attn._Tensor(x.data_ptr(), shape, len(shape), attn._F32, None))
+        rc = lib.attn_package_run_backward_with_sums_async(
+            handle, *args[:11], *[ctypes.byref(c) for c in c_sums], None)
+        assert rc != 0
+        assert message in lib.attn_last_error().decode()
 
 
 AUTOGRAD_CASES = [c for c in gpu_cases.GRAD_CASES

@@ -106,8 +106,11 @@ def _keep(cache, key, value, limit):
 
 
 # The float32 sums of a package that finishes stored gradients take at most
-# this many bytes a call (or one group of heads, if that is more).
-_SUMS_BYTES = 1 << 30
+# this many bytes a call (or one group of heads, if that is more). Fewer
+# pairs a round cost time (smaller grids: LongNet's backward at L = 131072
+# +3% at 4 pairs a round, +10% at 1; bench/gpu_long_h100.md), so the
+# budget keeps every pair of the benchmarks' sizes in one round.
+_SUMS_BYTES = 4 << 30
 
 
 def _sum_pairs(B, H, Hkv, Lq, Lk, D):
@@ -116,7 +119,7 @@ def _sum_pairs(B, H, Hkv, Lq, Lk, D):
     pairs at a time): all B * H where their sums fit in _SUMS_BYTES, else
     the most whole groups of the H // Hkv query heads of a kv head that do,
     at least one group. Over 2^20 tokens with 16 heads of 128 the sums then
-    take 1.6 GB instead of 26 (docs/Backward.md)."""
+    take 3.2 GB (two pairs) instead of 26 (docs/Backward.md)."""
     group = H // Hkv
     per_group = (group * Lq + 2 * Lk) * D * 4
     groups = max(1, _SUMS_BYTES // per_group)

@@ -881,6 +881,9 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   // start of the buffer. A round holds whole groups of the G q heads of a
   // kv head, whose grad_kv blocks add into the same dk and dv rows.
   const int64_t group = H / Hkv;
+  const char *overlapEnv = std::getenv("ATTN_GPU_BACKWARD_OVERLAP");
+  const bool overlap =
+      g.dependentLaunch && !(overlapEnv && std::string(overlapEnv) == "0");
   const int64_t pairs = sums && sums[0].shape.size() == 3
                             ? std::min(sums[0].shape[0], B * H)
                             : B * H;
@@ -909,11 +912,24 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
       args.dkSum = dev(sums[1].data) - kvBefore;
       args.dvSum = dev(sums[2].data) - kvBefore;
     }
+    // A component's grad_q reads nothing its grad_kv writes: it starts as a
+    // programmatic dependent launch of it (grad_kv's blocks release it as
+    // they start), so that it fills the SMs grad_kv's last wave leaves
+    // free. The kernels after it launch plainly, after both.
+    // ATTN_GPU_BACKWARD_OVERLAP=0 turns that off (A/B runs).
+    const GpuKernel *previous = nullptr;
     for (const GpuKernel &kernel : g.gradKernels) {
       if (kernel.kind == "grad_add" || kernel.kind == "grad_prepare")
         continue;
-      if (!launchKernel(g, kernel, args, stream, error))
+      const bool dependent =
+          overlap && previous && previous->kind == "grad_kv" &&
+          kernel.kind == "grad_q" &&
+          // grad_kv_<c>, then grad_q_<c>: one component
+          previous->name.substr(8) == kernel.name.substr(7) &&
+          args.bhCount <= maxPairsPerLaunch(H);
+      if (!launchKernel(g, kernel, args, stream, error, dependent))
         return false;
+      previous = &kernel;
     }
   }
   rc = g.stateOrder.record(d, stream);

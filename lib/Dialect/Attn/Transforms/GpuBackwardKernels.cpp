@@ -728,6 +728,12 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
                           finish);
       });
   b.setInsertionPointToEnd(entry);
+  // The runtime launches grad_q as a programmatic dependent launch of the
+  // component's grad_kv (see emitGradKeys). Every block waits for grad_kv
+  // to complete before it exits, so that this kernel completes after
+  // grad_kv and the kernels launched plainly after it find both done.
+  if (shape.wgmma)
+    inlinePtx({}, {}, "griddepcontrol.wait;", "");
   gpu::ReturnOp::create(b, loc);
   func->setAttr("attn.launch", gradLaunch("grad_q", sharedBytes, comp));
   return func;
@@ -752,6 +758,13 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // keys, bottom-right aligned, the first keys' segments hold no row), so
   // that a component that writes every key once reaches them all.
   GradContext cx = beginGradKernel(name, comp, bx, /*keySegments=*/true);
+  // The component's grad_q (the next kernel) may launch as soon as every
+  // block of this one has started: it reads nothing grad_kv writes (dk and
+  // dv, or their sums), and the runtime launches it as a programmatic
+  // dependent launch (Package::runGpuBackward), so that its blocks fill the
+  // SMs this kernel's last wave leaves free.
+  if (shape.wgmma)
+    inlinePtx({}, {}, "griddepcontrol.launch_dependents;", "");
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
   Value zero = m.c(0);

@@ -5,7 +5,10 @@ packages both ways, from `PATTERNS=causal,local,strided,dilated_sum,dilated_unio
 bench/gpu_long.py build DIR`; on the GPU machine:
 
     ATTN_BUILD_DIR=build PYTHONPATH=python:bench \\
-        python3 bench/backward_overlap_ab.py DIR
+        python3 bench/backward_overlap_ab.py DIR [DIR2 ...]
+
+With several folders (package sets of different compilers), every set runs
+plainly and the last one also overlapped, all taking turns.
 
 B = 1, 16 heads of 128, bf16, L in LENS (default 8192,32768,131072; causal
 up to 32768). The two modes take turns ROUNDS (default 4) times, each the
@@ -30,7 +33,10 @@ ROUNDS = int(os.environ.get("ROUNDS", "4"))
 MODES = {"plain": "0", "overlap": "1"}
 
 
-def main(pkg_dir):
+def main(pkg_dirs):
+    # (package folder, mode): every folder plainly, the last also overlapped.
+    configs = [(d, "plain") for d in pkg_dirs] + [(pkg_dirs[-1], "overlap")]
+    label = lambda c: c[1] if len(pkg_dirs) == 1 else f"{os.path.basename(c[0])}:{c[1]}"
     rows = []
     for L in LENS:
         gen = torch.Generator(device="cuda").manual_seed(L)
@@ -39,26 +45,28 @@ def main(pkg_dir):
         for p in PATTERNS:
             if p == "causal" and L > 32768:
                 continue
-            pkg = attn.load(os.path.join(pkg_dir, f"long_{p}"))
-            out, lse = pkg(q, k, v, return_lse=True)
+            pkgs = {d: attn.load(os.path.join(d, f"long_{p}")) for d in pkg_dirs}
+            out, lse = pkgs[pkg_dirs[0]](q, k, v, return_lse=True)
             grads = tuple(torch.empty_like(x) for x in (q, k, v))
-            call = lambda: pkg.backward(q, k, v, out, lse, g, grads=grads)
-            times = {m: [] for m in MODES}
+            times = {label(c): [] for c in configs}
             first = None
             for r in range(ROUNDS):
-                for mode in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
-                    os.environ["ATTN_GPU_BACKWARD_OVERLAP"] = MODES[mode]
+                order = configs[r % len(configs):] + configs[:r % len(configs)]
+                for c in order:
+                    os.environ["ATTN_GPU_BACKWARD_OVERLAP"] = MODES[c[1]]
+                    pkg = pkgs[c[0]]
+                    call = lambda: pkg.backward(q, k, v, out, lse, g, grads=grads)
                     call()
                     torch.cuda.synchronize()
                     if first is None:
                         first = tuple(x.clone() for x in grads)
                     elif p in ("causal", "local", "strided"):
-                        # (LongNet's grad_kv adds its heads' shares atomically:
-                        # its order, and so its rounding, varies from call to call.)
+                        # (LongNet's later branches add their shares with
+                        # atomics: their order, and so the rounding, may vary.)
                         for a, b, what in zip(grads, first, ("dq", "dk", "dv")):
-                            assert torch.equal(a, b), f"{p} L={L} {mode}: {what} differs"
+                            assert torch.equal(a, b), f"{p} L={L} {label(c)}: {what} differs"
                     reps = max(3, min(40, int(1000 / max(event_ms(call, 1), 1e-3))))
-                    times[mode].append(event_ms(call, reps))
+                    times[label(c)].append(event_ms(call, reps))
             row = {"L": L, "pattern": p, "ms": {m: statistics.median(t) for m, t in times.items()},
                    "all_ms": times}
             rows.append(row)
@@ -72,12 +80,14 @@ def main(pkg_dir):
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "rows": rows}, f, indent=1)
     print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| L | pattern | plain (ms) | grad_q overlapping grad_kv (ms) | change |")
-    print("|---|---|---|---|---|")
+    cols = [label(c) for c in configs]
+    print("| L | pattern | " + " | ".join(f"{c} (ms)" for c in cols) + " | last against first |")
+    print("|---|---|" + "---|" * (len(cols) + 1))
     for r in rows:
-        a, b = r["ms"]["plain"], r["ms"]["overlap"]
-        print(f"| {r['L']} | {r['pattern']} | {a:.3f} | {b:.3f} | {100 * (b / a - 1):+.1f}% |")
+        a, b = r["ms"][cols[0]], r["ms"][cols[-1]]
+        cells = " | ".join(f"{r['ms'][c]:.3f}" for c in cols)
+        print(f"| {r['L']} | {r['pattern']} | {cells} | {100 * (b / a - 1):+.1f}% |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

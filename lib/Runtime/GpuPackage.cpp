@@ -912,24 +912,23 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
       args.dkSum = dev(sums[1].data) - kvBefore;
       args.dvSum = dev(sums[2].data) - kvBefore;
     }
-    // A component's grad_q reads nothing its grad_kv writes: it starts as a
-    // programmatic dependent launch of it (grad_kv's blocks release it as
-    // they start), so that it fills the SMs grad_kv's last wave leaves
-    // free. The kernels after it launch plainly, after both.
-    // ATTN_GPU_BACKWARD_OVERLAP=0 turns that off (A/B runs).
-    const GpuKernel *previous = nullptr;
+    // Each kernel after the round's first starts as a programmatic
+    // dependent launch of the one before: its key or query loop, which
+    // reads only the inputs, delta and lse, overlaps the tail of the kernel
+    // before, and it waits for that kernel (griddepcontrol.wait) before it
+    // writes the gradients or their sums and again before it exits, so the
+    // round's kernels complete in order (docs/Backward.md). The round's
+    // first launches plainly, after grad_prepare and the sums' zeroing.
+    // ATTN_GPU_BACKWARD_OVERLAP=0 launches every kernel plainly (A/B runs).
+    bool roundsFirst = true;
     for (const GpuKernel &kernel : g.gradKernels) {
       if (kernel.kind == "grad_add" || kernel.kind == "grad_prepare")
         continue;
       const bool dependent =
-          overlap && previous && previous->kind == "grad_kv" &&
-          kernel.kind == "grad_q" &&
-          // grad_kv_<c>, then grad_q_<c>: one component
-          previous->name.substr(8) == kernel.name.substr(7) &&
-          args.bhCount <= maxPairsPerLaunch(H);
+          overlap && !roundsFirst && args.bhCount <= maxPairsPerLaunch(H);
       if (!launchKernel(g, kernel, args, stream, error, dependent))
         return false;
-      previous = &kernel;
+      roundsFirst = false;
     }
   }
   rc = g.stateOrder.record(d, stream);

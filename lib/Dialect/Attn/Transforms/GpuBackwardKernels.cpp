@@ -525,6 +525,11 @@ SmallVector<AccFrag> KernelEmitter::maskScores(
   return s;
 }
 
+void KernelEmitter::dependencyWait() {
+  if (shape.wgmma)
+    inlinePtx({}, {}, "griddepcontrol.wait;", "");
+}
+
 void KernelEmitter::enterIfWork(const GroupItem &g, Value hasWork) {
   if (g.headHasClass)
     hasWork = m.both(hasWork, g.headHasClass);
@@ -553,6 +558,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       barriersOffset + (tmaWalk ? 16 : 0) + (shape.wgmma ? 1024 : 0);
   Value bx;
   GradContext cx = beginGradKernel(name, comp, bx);
+  // The next backward kernel may launch as this one's blocks start (see
+  // emitGradKeys).
+  if (shape.wgmma)
+    inlinePtx({}, {}, "griddepcontrol.launch_dependents;", "");
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
   Value zero = m.c(0), one = m.c(1);
@@ -705,6 +714,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   // added first, or this share into the sums where a later component
   // holds the row (byLaterComponents).
   Value dqBase = m.add(m.mul(g.bIdx, arg(DQStrideB)), m.mul(g.h, arg(DQStrideH)));
+  dependencyWait();
   finishGrads(
       store, addIntoDq, {m.lt(tq[0], g.tRowAll), m.lt(tq[1], g.tRowAll)},
       [&](int64_t half) {
@@ -728,12 +738,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
                           finish);
       });
   b.setInsertionPointToEnd(entry);
-  // The runtime launches grad_q as a programmatic dependent launch of the
-  // component's grad_kv (see emitGradKeys). Every block waits for grad_kv
-  // to complete before it exits, so that this kernel completes after
-  // grad_kv and the kernels launched plainly after it find both done.
-  if (shape.wgmma)
-    inlinePtx({}, {}, "griddepcontrol.wait;", "");
+  dependencyWait();
   gpu::ReturnOp::create(b, loc);
   func->setAttr("attn.launch", gradLaunch("grad_q", sharedBytes, comp));
   return func;
@@ -758,11 +763,10 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // keys, bottom-right aligned, the first keys' segments hold no row), so
   // that a component that writes every key once reaches them all.
   GradContext cx = beginGradKernel(name, comp, bx, /*keySegments=*/true);
-  // The component's grad_q (the next kernel) may launch as soon as every
-  // block of this one has started: it reads nothing grad_kv writes (dk and
-  // dv, or their sums), and the runtime launches it as a programmatic
-  // dependent launch (Package::runGpuBackward), so that its blocks fill the
-  // SMs this kernel's last wave leaves free.
+  // On sm_90a the runtime launches every backward kernel after a round's
+  // first as a programmatic dependent launch of the one before
+  // (Package::runGpuBackward): it may start once every block of this one
+  // has started, and waits (dependencyWait) before it writes.
   if (shape.wgmma)
     inlinePtx({}, {}, "griddepcontrol.launch_dependents;", "");
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
@@ -1036,6 +1040,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // a block without work). One q head per kv head, or the GQA walk: no
   // other block writes these rows.
   Value dkBase = m.add(m.mul(g.bIdx, arg(DKStrideB)), m.mul(g.hk, arg(DKStrideH)));
+  dependencyWait();
   finishGrads(store, addIntoDkDv, {m.lt(tk[0], g.tKeyAll), m.lt(tk[1], g.tKeyAll)},
               [&](int64_t half) {
     Value zeroF = f.c(0.0);
@@ -1062,6 +1067,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
     byLaterComponents(g.h, groupPosition(comp, g, tk[half]), intoSums, finish);
   });
   b.setInsertionPointToEnd(entry);
+  dependencyWait();
   gpu::ReturnOp::create(b, loc);
   func->setAttr("attn.launch", gradLaunch("grad_kv", sharedBytes, comp));
   return func;

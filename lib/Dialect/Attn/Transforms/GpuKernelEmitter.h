@@ -602,6 +602,14 @@ private:
   /// Continues a backward block inside `if (hasWork)`, where its head has
   /// the group's residue class (per-head classes) as well.
   void enterIfWork(const GroupItem &g, Value hasWork);
+  /// sm_90a: waits until the kernel launched before this one has completed
+  /// and its writes are visible (griddepcontrol.wait). The runtime chains
+  /// a round's backward kernels as programmatic dependent launches; each
+  /// waits before its first write of the gradients or their sums, and
+  /// again before it exits, so that it completes only after the kernel
+  /// before it: the chain completes in order, and what the stream runs
+  /// after it finds every kernel of it done.
+  void dependencyWait();
   /// The backward kernel's dynamic shared memory.
   Value gradShared;
   /// An element-wise kernel over B*H*Lq*D, kElementwiseVector elements per

@@ -24,7 +24,7 @@ import sys
 import torch
 
 import attn
-from kernel_times import event_ms
+from kernel_times import about_ms, write_rows
 
 H, D = 16, 128
 PATTERNS = os.environ.get("PATTERNS", "causal,local,strided,dilated_sum,dilated_union").split(",")
@@ -65,8 +65,7 @@ def main(pkg_dirs):
                         # atomics: their order, and so the rounding, may vary.)
                         for a, b, what in zip(grads, first, ("dq", "dk", "dv")):
                             assert torch.equal(a, b), f"{p} L={L} {label(c)}: {what} differs"
-                    reps = max(3, min(40, int(1000 / max(event_ms(call, 1), 1e-3))))
-                    times[label(c)].append(event_ms(call, reps))
+                    times[label(c)].append(about_ms(call))
             row = {"L": L, "pattern": p, "ms": {m: statistics.median(t) for m, t in times.items()},
                    "all_ms": times}
             rows.append(row)
@@ -76,10 +75,7 @@ def main(pkg_dirs):
         del q, k, v, g
         torch.cuda.empty_cache()
     os.environ.pop("ATTN_GPU_BACKWARD_OVERLAP", None)
-    with open(os.path.join(os.environ.get("OUT", "/tmp"), "backward_overlap_ab.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "rows": rows}, f, indent=1)
-    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    write_rows("backward_overlap_ab", rows)
     cols = [label(c) for c in configs]
     print("| L | pattern | " + " | ".join(f"{c} (ms)" for c in cols) + " | last against first |")
     print("|---|---|" + "---|" * (len(cols) + 1))

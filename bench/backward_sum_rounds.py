@@ -23,7 +23,7 @@ import sys
 import torch
 
 import attn
-from kernel_times import event_ms
+from kernel_times import about_ms, write_rows
 
 H, D = 16, 128
 PATTERNS = os.environ.get("PATTERNS", "strided,dilated_sum,dilated_union").split(",")
@@ -56,8 +56,7 @@ def main(pkg_dir):
                     else:
                         for a, b, what in zip(grads, first, ("dq", "dk", "dv")):
                             assert torch.equal(a, b), f"{p} L={L} pairs={n}: {what} differs"
-                    reps = max(3, min(40, int(1000 / max(event_ms(call, 1), 1e-3))))
-                    times[n].append(event_ms(call, reps))
+                    times[n].append(about_ms(call))
             attn._sum_pairs = default_pairs
             row = {"L": L, "pattern": p, "default_pairs": default_pairs(1, H, H, L, L, D),
                    "ms": {n: statistics.median(t) for n, t in times.items()},
@@ -68,10 +67,7 @@ def main(pkg_dir):
             torch.cuda.empty_cache()
         del q, k, v, g
         torch.cuda.empty_cache()
-    with open(os.path.join(os.environ.get("OUT", "/tmp"), "backward_sum_rounds.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "rows": rows}, f, indent=1)
-    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    write_rows("backward_sum_rounds", rows)
     print("| L | pattern | " + " | ".join(f"{n} pairs (ms)" for n in PAIRS) + " |")
     print("|---|---|" + "---|" * len(PAIRS))
     for r in rows:

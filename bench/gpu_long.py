@@ -140,7 +140,7 @@ def run(args):
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     import attn
-    from kernel_times import event_ms
+    from kernel_times import event_ms, write_rows
 
     def timed(fn):
         """Median ms of `fn` over about two seconds of calls (at least 3),
@@ -187,10 +187,7 @@ def run(args):
             torch.cuda.empty_cache()
         del q, k, v, g
         torch.cuda.empty_cache()
-    with open(os.path.join(os.environ.get("OUT", "/tmp"), "gpu_long.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "rows": rows}, f, indent=1)
-    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    write_rows("gpu_long", rows)
     print("| L | pattern | forward ms | forward TF/s | backward ms | backward TF/s | peak GB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,6 +1,9 @@
 """GPU kernels of a step under torch.profiler, shared by bench/gqa_profile.py,
 bench/sparse_train_profile.py, bench/tokenized_ab.py and
-bench/strided_short.py, and CUDA-event timing (bench/gpu_long.py)."""
+bench/strided_short.py; CUDA-event timing (bench/gpu_long.py and the
+backward A/B scripts) and their rows written to $OUT."""
+import json
+import os
 import statistics
 
 import torch
@@ -31,6 +34,21 @@ def event_ms(fn, calls):
         b.synchronize()
         times.append(a.elapsed_time(b))
     return statistics.median(times)
+
+
+def about_ms(fn, budget_ms=1000, most=40):
+    """Median ms of fn() over about `budget_ms` of calls (3 to `most`),
+    counted from one timed call."""
+    return event_ms(fn, max(3, min(most, int(budget_ms / max(event_ms(fn, 1), 1e-3)))))
+
+
+def write_rows(name, rows):
+    """rows as $OUT/<name>.json (/tmp without OUT) with the device and torch
+    version, which it also prints before the caller's table."""
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), f"{name}.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "rows": rows}, f, indent=1)
+    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}")
 
 
 def print_kernel_times(step, title, warm=2, reps=3, top=8):

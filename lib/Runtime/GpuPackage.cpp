@@ -920,15 +920,15 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
     // round's kernels complete in order (docs/Backward.md). The round's
     // first launches plainly, after grad_prepare and the sums' zeroing.
     // ATTN_GPU_BACKWARD_OVERLAP=0 launches every kernel plainly (A/B runs).
-    bool roundsFirst = true;
+    bool firstOfRound = true;
     for (const GpuKernel &kernel : g.gradKernels) {
       if (kernel.kind == "grad_add" || kernel.kind == "grad_prepare")
         continue;
       const bool dependent =
-          overlap && !roundsFirst && args.bhCount <= maxPairsPerLaunch(H);
+          overlap && !firstOfRound && args.bhCount <= maxPairsPerLaunch(H);
       if (!launchKernel(g, kernel, args, stream, error, dependent))
         return false;
-      roundsFirst = false;
+      firstOfRound = false;
     }
   }
   rc = g.stateOrder.record(d, stream);

@@ -639,6 +639,55 @@ static int64_t pairsPerLaunch(const GpuModule &g, const KernelArgs &a) {
   return std::min(pairs, all);
 }
 
+/// A call's device scratch. Calls use the package's own, grown on demand
+/// (calls on other streams wait for the last call: CallOrder). A call
+/// captured in a CUDA graph takes scratch the graph owns instead, allocated
+/// and freed on the capturing stream (graph memory nodes), so that even a
+/// first call can be captured and replays never share the scratch of eager
+/// calls; a captured call neither waits for nor records the package's last
+/// call (an event recorded outside the capture would invalidate it).
+struct CallScratch {
+  CUdeviceptr ptr = 0;
+  bool capturing = false, graphOwned = false;
+
+  bool acquire(GpuModule &g, CUstream stream, size_t bytes,
+               const std::string &what, std::string &error) {
+    const Driver &d = *g.d;
+    int captureStatus = 0;
+    if (d.cuStreamIsCapturing)
+      d.cuStreamIsCapturing(stream, &captureStatus);
+    capturing = captureStatus != 0;
+    if (bytes == 0)
+      return true;
+    graphOwned = capturing && d.cuMemAllocAsync && d.cuMemFreeAsync;
+    if (!graphOwned) {
+      if (!growDeviceBuffer(d, g.scratch, g.scratchBytes, bytes,
+                            "device scratch (" + what + ")", error))
+        return false;
+      ptr = g.scratch;
+      return true;
+    }
+    CUresult rc = d.cuMemAllocAsync(&ptr, bytes, stream);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc,
+                       "allocating " + std::to_string(bytes) +
+                           " bytes of scratch in the captured graph");
+      return false;
+    }
+    return true;
+  }
+  bool release(const Driver &d, CUstream stream, std::string &error) {
+    if (!graphOwned)
+      return true;
+    CUresult rc = d.cuMemFreeAsync(ptr, stream);
+    if (rc != CUDA_SUCCESS) {
+      error = describe(d, rc, "freeing the captured graph's scratch");
+      return false;
+    }
+    return true;
+  }
+};
+
 bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
                      const Tensor *lengths, Tensor &out, Tensor *lse,
                      std::string &error, void *streamPtr, KeyInputs keys) {
@@ -669,29 +718,11 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   size_t stateBytes =
       g.needsState && !g.stateInOut ? accBytes + size_t(rows) * 2 * 4 : 0;
   size_t need = lseBytes + stateBytes;
-  // A call captured in a CUDA graph takes scratch the graph owns (allocated
-  // and freed on the capturing stream: graph memory nodes), so that even a
-  // first call can be captured and replays never share the scratch of
-  // eager calls; other calls use the package's scratch.
-  int captureStatus = 0;
-  if (need > 0 && d.cuStreamIsCapturing)
-    d.cuStreamIsCapturing(stream, &captureStatus);
-  const bool capturing = captureStatus != 0;
-  const bool graphScratch = capturing && d.cuMemAllocAsync && d.cuMemFreeAsync;
-  CUdeviceptr scratch = 0;
-  if (graphScratch) {
-    CUresult rc = d.cuMemAllocAsync(&scratch, need, stream);
-    if (rc != CUDA_SUCCESS) {
-      error = describe(d, rc, "allocating " + std::to_string(need) +
-                                  " bytes of scratch in the captured graph");
-      return false;
-    }
-  } else {
-    if (!growDeviceBuffer(d, g.scratch, g.scratchBytes, need,
-                          "device scratch (state/LSE)", error))
-      return false;
-    scratch = g.scratch;
-  }
+  CallScratch callScratch;
+  if (!callScratch.acquire(g, stream, need, "state/LSE", error))
+    return false;
+  const bool capturing = callScratch.capturing;
+  CUdeviceptr scratch = callScratch.ptr;
   CUdeviceptr lsePtr = lse ? CUdeviceptr(uintptr_t(lse->data))
                            : (lseBytes ? scratch : 0);
   CUdeviceptr state = stateBytes ? scratch + lseBytes : 0;
@@ -761,13 +792,8 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
         return false;
     }
   }
-  if (graphScratch) {
-    CUresult rc = d.cuMemFreeAsync(scratch, stream);
-    if (rc != CUDA_SUCCESS) {
-      error = describe(d, rc, "freeing the captured graph's scratch");
-      return false;
-    }
-  }
+  if (!callScratch.release(d, stream, error))
+    return false;
   if (orderState) {
     CUresult rc = g.stateOrder.record(d, stream);
     if (rc != CUDA_SUCCESS) {
@@ -813,12 +839,13 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   const int64_t B = q.shape[0], H = q.shape[1], Lq = q.shape[2],
                 Lk = k.shape[2], D = q.shape[3], Hkv = k.shape[1];
   const int64_t rows = B * H * Lq;
-  // Scratch: delta [rows] f32. It is the package's scratch, as the
-  // forward's state is: calls on other streams wait for the last call.
-  if (!growDeviceBuffer(d, g.scratch, g.scratchBytes, size_t(rows) * 4,
-                        "device scratch (delta)", error))
+  // Scratch: delta [rows] f32, the package's scratch as the forward's
+  // state is, or the graph's for a captured call (CallScratch).
+  CallScratch delta;
+  if (!delta.acquire(g, stream, size_t(rows) * 4, "delta", error))
     return false;
-  CUresult rc = g.stateOrder.waitIfOtherStream(d, stream);
+  CUresult rc = delta.capturing ? CUDA_SUCCESS
+                                : g.stateOrder.waitIfOtherStream(d, stream);
   auto dev = [](const void *p) { return CUdeviceptr(uintptr_t(p)); };
   // The kernels add every component's share into f32 gradients, zeroed
   // here unless the first component overwrites them ("overwrites_grads"),
@@ -861,7 +888,7 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   args.dq = dev(dq.data);
   args.dk = dev(dk.data);
   args.dv = dev(dv.data);
-  args.delta = g.scratch;
+  args.delta = delta.ptr;
   if (store) {
     args.gradStore = 1;
     std::vector<int64_t> dqs = stridesOf(dq), dks = stridesOf(dk);
@@ -931,7 +958,9 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
       firstOfRound = false;
     }
   }
-  rc = g.stateOrder.record(d, stream);
+  if (!delta.release(d, stream, error))
+    return false;
+  rc = delta.capturing ? CUDA_SUCCESS : g.stateOrder.record(d, stream);
   if (rc != CUDA_SUCCESS) {
     error = describe(d, rc, "recording the end of the call");
     return false;

@@ -208,6 +208,37 @@ def test_finished_gradients_in_rounds_of_pairs(case, monkeypatch):
         assert message in lib.attn_last_error().decode()
 
 
+@pytest.mark.parametrize("name", ["grad_causal", "grad_strided", "grad_longnet_sum"])
+def test_cuda_graph_replays_the_backward(name):
+    """The backward captured in a CUDA graph (after an eager call on a side
+    stream, as torch.cuda.graph wants) replays to exactly the eager
+    gradients: one component storing them (causal), and packages whose
+    kernels finish them from float32 sums (strided, LongNet's sum), whose
+    grad kernels run as a chain of dependent launches on sm_90a."""
+    case = next(c for c in gpu_cases.GRAD_CASES if c["name"] == name)
+    pkg = attn.load(os.path.join(PKGS, name))
+    q, k, v, g, lengths, bias = _inputs(case, (517, 517))
+    out, lse = pkg(q, k, v, return_lse=True)
+    eager = tuple(x.clone() for x in pkg.backward(q, k, v, out, lse, g,
+                                                  grads=tuple(torch.empty_like(x)
+                                                              for x in (q, k, v))))
+    grads = tuple(torch.empty_like(x) for x in (q, k, v))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        pkg.backward(q, k, v, out, lse, g, grads=grads)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pkg.backward(q, k, v, out, lse, g, grads=grads)
+    for x in grads:
+        x.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b, what in zip(grads, eager, ("dq", "dk", "dv")):
+        assert torch.equal(a, b), what
+
+
 AUTOGRAD_CASES = [c for c in gpu_cases.GRAD_CASES
                   if c["name"] in ("grad_causal", "grad_full_f16_gqa_d64",
                                    "grad_tokenized_causal", "grad_causal_key_bias")]

@@ -270,23 +270,30 @@ def test_autograd_through_a_package_call(case):
                              [leaf.grad for leaf in leaves], 2 * TOL[case["dtype"]])
 
 
-def test_training_steps_under_torch_compile():
+@pytest.mark.parametrize("name,mode", [("grad_causal", None),
+                                       ("grad_strided", "reduce-overhead")],
+                         ids=["default", "cuda_graphs"])
+def test_training_steps_under_torch_compile(name, mode):
     """A few training steps through torch.compile(fullgraph=True): the
     compiled backward graph calls attn::run_backward, the package's kernels,
     so the gradients of every step match the float64 reference (no NaN at
-    the first step) and the eager gradients of the same step."""
-    case = AUTOGRAD_CASES[0]
+    the first step) and the eager gradients of the same step. Also with
+    mode="reduce-overhead", whose CUDA graphs capture the forward and the
+    backward (strided: several kernels and the float32 sums)."""
+    case = next(c for c in gpu_cases.GRAD_CASES if c["name"] == name)
     pkg = attn.load(os.path.join(PKGS, case["name"]))
     q, k, v, g, _, _ = _inputs(case, gpu_cases.GRAD_SHAPES[0])
 
     def loss_of(q, k, v):
         return (pkg(q, k, v).float() * g.float()).sum()
 
-    compiled = torch.compile(loss_of, fullgraph=True)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    compiled = torch.compile(loss_of, fullgraph=True, mode=mode)
     params = [x.clone().requires_grad_() for x in (q, k, v)]
     for step in range(3):
         compiled(*params).backward()
-        grads = [p.grad for p in params]
+        grads = [p.grad.clone() for p in params]
         for p, grad in zip(params, grads):
             assert grad is not None and grad.dtype == p.dtype, step
         _check_against_reference(case, *[p.detach() for p in params], g, None, None,
@@ -299,6 +306,8 @@ def test_training_steps_under_torch_compile():
             for p in params:
                 p -= 0.1 * p.grad
                 p.grad = None
+    if mode == "reduce-overhead":  # the steps ran as CUDA graphs, none skipped
+        assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
 
 
 def test_autograd_refuses_what_it_cannot_differentiate():

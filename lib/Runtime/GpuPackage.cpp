@@ -645,7 +645,8 @@ static int64_t pairsPerLaunch(const GpuModule &g, const KernelArgs &a) {
 /// and freed on the capturing stream (graph memory nodes), so that even a
 /// first call can be captured and replays never share the scratch of eager
 /// calls; a captured call neither waits for nor records the package's last
-/// call (an event recorded outside the capture would invalidate it).
+/// call (waitForLastCall, recordCall: an event recorded outside the capture
+/// would invalidate it).
 struct CallScratch {
   CUdeviceptr ptr = 0;
   bool capturing = false, graphOwned = false;
@@ -675,6 +676,23 @@ struct CallScratch {
       return false;
     }
     return true;
+  }
+  /// Unless the call is captured: makes `stream` wait for the package's
+  /// last call where that ran on another stream.
+  bool waitForLastCall(const Driver &d, const CallOrder &order, CUstream stream,
+                       std::string &error) const {
+    CUresult rc = capturing ? CUDA_SUCCESS : order.waitIfOtherStream(d, stream);
+    if (rc != CUDA_SUCCESS)
+      error = describe(d, rc, "ordering after the previous call's stream");
+    return rc == CUDA_SUCCESS;
+  }
+  /// Unless the call is captured: records its end for the next call.
+  bool recordCall(const Driver &d, CallOrder &order, CUstream stream,
+                  std::string &error) const {
+    CUresult rc = capturing ? CUDA_SUCCESS : order.record(d, stream);
+    if (rc != CUDA_SUCCESS)
+      error = describe(d, rc, "recording the end of the call");
+    return rc == CUDA_SUCCESS;
   }
   bool release(const Driver &d, CUstream stream, std::string &error) {
     if (!graphOwned)
@@ -721,7 +739,6 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   CallScratch callScratch;
   if (!callScratch.acquire(g, stream, need, "state/LSE", error))
     return false;
-  const bool capturing = callScratch.capturing;
   CUdeviceptr scratch = callScratch.ptr;
   CUdeviceptr lsePtr = lse ? CUdeviceptr(uintptr_t(lse->data))
                            : (lseBytes ? scratch : 0);
@@ -757,14 +774,9 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   // than the last one waits for that call's kernels, so that two streams
   // never share it at once. (A captured call has scratch
   // of its own and neither waits nor records.)
-  const bool orderState = g.needsState && !capturing;
-  if (orderState) {
-    CUresult rc = g.stateOrder.waitIfOtherStream(d, stream);
-    if (rc != CUDA_SUCCESS) {
-      error = describe(d, rc, "ordering after the previous call's stream");
-      return false;
-    }
-  }
+  if (g.needsState &&
+      !callScratch.waitForLastCall(d, g.stateOrder, stream, error))
+    return false;
   // Each kernel after the first may overlap the tail of the one before
   // (programmatic dependent launch) where the package's kernels wait for
   // their predecessor's results themselves. Such a package runs for
@@ -794,14 +806,8 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   if (!callScratch.release(d, stream, error))
     return false;
-  if (orderState) {
-    CUresult rc = g.stateOrder.record(d, stream);
-    if (rc != CUDA_SUCCESS) {
-      error = describe(d, rc, "recording the end of the call");
-      return false;
-    }
-  }
-  return true;
+  return !g.needsState ||
+         callScratch.recordCall(d, g.stateOrder, stream, error);
 }
 
 /// The backward pass of a GPU package (docs/Backward.md): dq, dk and dv are
@@ -844,8 +850,9 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   CallScratch delta;
   if (!delta.acquire(g, stream, size_t(rows) * 4, "delta", error))
     return false;
-  CUresult rc = delta.capturing ? CUDA_SUCCESS
-                                : g.stateOrder.waitIfOtherStream(d, stream);
+  if (!delta.waitForLastCall(d, g.stateOrder, stream, error))
+    return false;
+  CUresult rc = CUDA_SUCCESS;
   auto dev = [](const void *p) { return CUdeviceptr(uintptr_t(p)); };
   // The kernels add every component's share into f32 gradients, zeroed
   // here unless the first component overwrites them ("overwrites_grads"),
@@ -960,12 +967,7 @@ bool Package::runGpuBackward(const Tensor &q, const Tensor &k, const Tensor &v,
   }
   if (!delta.release(d, stream, error))
     return false;
-  rc = delta.capturing ? CUDA_SUCCESS : g.stateOrder.record(d, stream);
-  if (rc != CUDA_SUCCESS) {
-    error = describe(d, rc, "recording the end of the call");
-    return false;
-  }
-  return true;
+  return delta.recordCall(d, g.stateOrder, stream, error);
 }
 
 bool Package::storesGradients() const { return gpu_ && gpu_->storesGrads; }

@@ -108,7 +108,7 @@ def _keep(cache, key, value, limit):
 # The float32 sums of a package that finishes stored gradients take at most
 # this many bytes a call (or one group of heads, if that is more). Fewer
 # pairs a round cost time (smaller grids: LongNet's backward at L = 131072
-# +3% at 4 pairs a round, +10% at 1; bench/gpu_long_h100.md), so the
+# +3% at 4 pairs a round, +15-17% at 1; bench/gpu_long_h100.md), so the
 # budget keeps every pair of the benchmarks' sizes in one round.
 _SUMS_BYTES = 4 << 30
 

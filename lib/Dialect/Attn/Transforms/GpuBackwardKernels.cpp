@@ -334,6 +334,12 @@ KernelEmitter::GradContext KernelEmitter::beginGradKernel(StringRef name,
     alignTiles(dyn);
   for (int64_t i = 0; i < 2; ++i)
     cx.tiles[i] = m.c(i * shape.kvTileBytes());
+  // On sm_90a the runtime launches every backward kernel after a round's
+  // first as a programmatic dependent launch of the one before
+  // (Package::runGpuBackward): the next may start once every block of this
+  // one has started, and waits (dependencyWait) before it writes.
+  if (shape.wgmma)
+    inlinePtx({}, {}, "griddepcontrol.launch_dependents;", "");
   return cx;
 }
 
@@ -558,10 +564,6 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
       barriersOffset + (tmaWalk ? 16 : 0) + (shape.wgmma ? 1024 : 0);
   Value bx;
   GradContext cx = beginGradKernel(name, comp, bx);
-  // The next backward kernel may launch as this one's blocks start (see
-  // emitGradKeys).
-  if (shape.wgmma)
-    inlinePtx({}, {}, "griddepcontrol.launch_dependents;", "");
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
   Value zero = m.c(0), one = m.c(1);
@@ -763,12 +765,6 @@ gpu::GPUFuncOp KernelEmitter::emitGradKeys(StringRef name,
   // keys, bottom-right aligned, the first keys' segments hold no row), so
   // that a component that writes every key once reaches them all.
   GradContext cx = beginGradKernel(name, comp, bx, /*keySegments=*/true);
-  // On sm_90a the runtime launches every backward kernel after a round's
-  // first as a programmatic dependent launch of the one before
-  // (Package::runGpuBackward): it may start once every block of this one
-  // has started, and waits (dependencyWait) before it writes.
-  if (shape.wgmma)
-    inlinePtx({}, {}, "griddepcontrol.launch_dependents;", "");
   auto func = cast<gpu::GPUFuncOp>(entry->getParentOp());
   const GroupItem &g = cx.g;
   Value zero = m.c(0);

@@ -227,7 +227,7 @@ SmallVector<AccFrag> KernelEmitter::rowsTimesTileT(Value aOffset,
                                                    Value bOffset) {
   const int64_t D = shape.headDim;
   if (shape.wgmma) {
-    // The forward's S = Q K^T (emitComponent's issueScoresWgmma): both
+    // The forward's S = Q K^T (ComponentKernel::issueScoresWgmma): both
     // operands K-major from shared memory, k step kk 32 bytes into panel
     // kk / 4 of 64 rows x 128 bytes.
     const int64_t panelBytes = kBlockKeys * 128;
@@ -582,7 +582,7 @@ gpu::GPUFuncOp KernelEmitter::emitGradQueries(StringRef name,
   Value store = storeGrads || finishing ? m.ne(arg(GradStore), zero) : Value();
   enterIfWork(g, everyBlock ? m.truth(true) : hasWork);
 
-  // The forward's key range of rows [q0, q1) (emitComponent's itemRange).
+  // The forward's key range of rows [q0, q1) (ComponentKernel::itemRange).
   Value q1 = m.min(m.add(q0, m.c(kBlockKeys)), g.tRowHi);
   Value first = hi == inf ? g.tKeyLo : m.max(g.tKeyLo, m.sub(q0, m.c(hi)));
   Value last = lo == ninf ? g.tKeyHi : m.min(g.tKeyHi, m.sub(q1, m.c(lo)));

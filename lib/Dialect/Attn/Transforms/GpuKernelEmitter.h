@@ -75,10 +75,10 @@ struct AttentionShape {
   /// Each kernel after the first runs as a programmatic dependent launch of
   /// the one before (sm_90a with a 16-bit state; the manifest's
   /// "dependent_launch"): it merges the stored state after its key loop,
-  /// behind griddepcontrol.wait (see emitComponent).
+  /// behind griddepcontrol.wait (see ComponentKernel::mergeEarlierState).
   bool dependentLaunch() const { return wgmma && halfState; }
   /// Warp-specialised kernels where the keys are contiguous (the
-  /// `warp-specialize` option; see emitComponent).
+  /// `warp-specialize` option; see ComponentKernel).
   bool warpSpecialize = false;
   /// K/V tiles arrive by TMA (sm_90a, no key_ids): every kernel then takes
   /// two tensor maps, K's and V's for its period, by value after the
@@ -128,7 +128,7 @@ inline bool isWarpSpecialized(const AttentionShape &shape,
 /// windows) gets one-warpgroup blocks that load every key tile they need
 /// up front and take the softmax in one step over all of them: no online
 /// rescaling of O, one row max and sum, and no per-tile waits (see
-/// emitComponent's `resident`). Its V tiles load into K's shared memory
+/// ComponentKernel's `resident`). Its V tiles load into K's shared memory
 /// once S is done, so that a block takes 64 KB and three fit an SM.
 /// Components that continue a loaded state before their loop (f32 ring
 /// states) keep the walking kernels.
@@ -271,6 +271,8 @@ public:
   /// and `end` load it from global memory; `single` and `end` write out and
   /// lse, `begin` and `update` store the state.
   enum class StateMode { Single, Begin, Update, End };
+  /// A component of the forward as one kernel (GpuComponentKernel.cpp,
+  /// ComponentKernel).
   gpu::GPUFuncOp emitComponent(StringRef name, ComponentAttr comp,
                                StateMode mode);
   gpu::GPUFuncOp emitInit(StringRef name);
@@ -302,7 +304,7 @@ public:
   /// where those rows sit in its own (docs/Ring.md, "The backward pass").
   gpu::GPUFuncOp emitGradAdd(StringRef name);
 
-private:
+protected:
   static constexpr int64_t kNumScalarArgs = 18;
   enum Arg {
     Q, K, V, Lengths, Out, Lse, Acc, Max, Sum, KeyBias, KeyIds, QLen, KLen,
@@ -370,7 +372,7 @@ public:
   bool firstComponent = true;
   SmallVector<ComponentAttr> laterComponents;
 
-private:
+protected:
   /// The f32 pair (element, element + 1) of the earlier components' sum
   /// `acc` (DQAcc, DKAcc or DVAcc) added to (x, y), where the package
   /// finishes the gradients and an earlier component wrote that sum;

@@ -113,4 +113,5 @@ def run(args):
               f"{r['rel_diff_vs_flex']:.1e} |")
 
 
-build_run.main(__doc__, build, run)
+if __name__ == "__main__":
+    build_run.main(__doc__, build, run)

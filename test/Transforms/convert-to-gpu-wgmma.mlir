@@ -197,8 +197,14 @@ func.func @union_gathered(%q: tensor<1x4x?x128xbf16>, %k: tensor<1x4x?x128xbf16>
 // CHECK-LABEL: name = "causal_d64"
 // CHECK: gpu.func @component_0
 // CHECK-SAME: block_rows = 128
+// Key tiles of 128 keys at head dim 64: two 64-row boxes of K (16 KB a
+// tile, 32 KB with V's), S as m64n128, P . V in 8 k-steps of m64n64.
+// CHECK: expect_tx.shared::cta.b64 st, [$0], $1; }", "r,r" %{{.*}}, %c32768_i32
+// CHECK-COUNT-4: cp.async.bulk.tensor.4d
 // CHECK-NOT: 0x4B400000
+// CHECK-COUNT-4: wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16
 // CHECK: llvm.call_intrinsic "llvm.nvvm.ex2.approx.ftz.f"
+// CHECK-COUNT-8: wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16
 func.func @causal_d64(%q: tensor<1x4x?x64xbf16>, %k: tensor<1x4x?x64xbf16>, %v: tensor<1x4x?x64xbf16>) -> tensor<1x4x?x64xbf16> {
   %o = attn.attention %q, %k, %v pattern(#attn.causal) : tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16>, tensor<1x4x?x64xbf16> -> tensor<1x4x?x64xbf16>
   return %o : tensor<1x4x?x64xbf16>

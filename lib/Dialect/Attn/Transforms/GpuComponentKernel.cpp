@@ -46,7 +46,9 @@
 // the mma.sync layout per warp (warp w owns rows 16w..16w+15, lane l rows
 // l/4 and l/4 + 8 at columns 2(l%4) + {0,1} of every 8-column block), and P
 // as the register A operand has the m16k16 A layout: the softmax between
-// the two products is the same code for both paths.
+// the two products is the same code for both paths. At head dim 64 a key
+// tile of contiguous keys holds 128 keys (S[64x128] by wgmma.m64n128k16,
+// its K and V tiles the 16 KB of D = 128's; ComponentKernel's blockKeys).
 //
 // Narrow bands (at most 129 keys wide, period 1) get one-warpgroup blocks
 // of 64 rows that hold all of their (at most three) key tiles at once and
@@ -207,6 +209,9 @@ private:
   StateMode mode;
   bool loadsState, writesOut, ws, resident, mergesAfterLoop;
   int64_t kBlockRows, residentTiles, threads, slots;
+  /// Keys a tile (kBlockKeys, or 128 at head dim 64: see the constructor),
+  /// their 8-column accumulator tiles, and the bytes of a K or V tile.
+  int64_t blockKeys, keyNTiles, keyTileBytes;
   int64_t barrierOffset, numBarriers, sharedBytes;
   int64_t D, H, lo, hi, period, oFrags, polynomialExps;
   int64_t kvPanelBytes, qPanelBytes;
@@ -276,6 +281,21 @@ ComponentKernel::ComponentKernel(const KernelEmitter &emitter,
                       : 0;
   resident = residentTiles > 0;
   threads = ws ? shape.threads() + 128 : shape.threads();
+  // Key tiles of 128 keys at head dim 64 (wgmma, contiguous keys, not
+  // resident): a tile's MMAs take half as long there against the same
+  // per-step costs (the waits, the barriers, the row max's shuffles, the
+  // rescale vote), and 128 keys bring them back to D = 128's share, with
+  // the same bytes of shared memory a tile (128 rows of 128 bytes) and the
+  // same registers (S doubles as O halves). Causal +2-8%, local +8-9%,
+  // LongNet's union +5-8% at 4096-32768 tokens a sequence; gathered keys
+  // (strided's residue classes, short rows) lost 6-18% and keep 64
+  // (bench/gpu_ab.md, "Key tiles of 128 at head dim 64").
+  blockKeys =
+      shape.wgmma && shape.headDim == 64 && !resident && comp.getPeriod() == 1
+          ? 2 * kBlockKeys
+          : kBlockKeys;
+  keyNTiles = blockKeys / 8;
+  keyTileBytes = blockKeys * shape.rowBytes();
   slots = ws ? kWsSlots : resident ? residentTiles : 2;
   // Shared memory: Q, K[slots], V[slots], then with TMA the 8-byte
   // mbarriers: one "full" per slot and, with ws, one "empty" per slot.
@@ -285,7 +305,7 @@ ComponentKernel::ComponentKernel(const KernelEmitter &emitter,
   // memory (the swizzle repeats every 1024 bytes and the descriptors assume
   // it starts at one): 1024 bytes of slack.
   barrierOffset =
-      shape.qTileBytes() + (resident ? 1 : 2) * slots * shape.kvTileBytes();
+      shape.qTileBytes() + (resident ? 1 : 2) * slots * keyTileBytes;
   numBarriers = resident ? 2 : slots * (ws ? 2 : 1);
   sharedBytes = barrierOffset + (shape.wgmma ? 1024 : 0) +
                 (shape.tma ? 8 * numBarriers : 0);
@@ -307,9 +327,9 @@ ComponentKernel::ComponentKernel(const KernelEmitter &emitter,
   oFrags = D / 8;
   scaleLog2 = shape.scale * M_LOG2E;
   // 128-byte rows: a K/V panel is 64 rows, a Q panel blockRows rows.
-  kvPanelBytes = kBlockKeys * 128;
+  kvPanelBytes = blockKeys * 128;
   qPanelBytes = kBlockRows * 128;
-  // The first polynomialExps of each row half's 2 * kKeyNTiles scores are
+  // The first polynomialExps of each row half's 2 * keyNTiles scores are
   // exponentiated on the FMA pipe (exp2Polynomial), the rest by ex2 on the
   // MUFU pipe, which does 16 a clock per SM against the FMA pipe's 128
   // lanes: with wgmma the ex2s were on the critical path (a kernel without
@@ -497,7 +517,7 @@ void ComponentKernel::itemRange() {
   // Every row attends keys before the first row's excluded segment.
   if (Value end = excludedKeysFrom(comp, item, q0))
     fullHi = m.min(fullHi, end);
-  numTiles = m.ceilDiv(m.sub(last, first), m.c(kBlockKeys));
+  numTiles = m.ceilDiv(m.sub(last, first), m.c(blockKeys));
 
   // qHead: the head's first row in lse and the contiguous f32 state;
   // qBase, kBase, oBase: its first element in q, in k and v, and in out
@@ -527,22 +547,22 @@ Value ComponentKernel::toI32(Value index) {
 //===----------------------------------------------------------------------===//
 
 Value ComponentKernel::keyOffset(Value slot) {
-  return m.add(m.c(shape.qTileBytes()), m.mul(slot, m.c(shape.kvTileBytes())));
+  return m.add(m.c(shape.qTileBytes()), m.mul(slot, m.c(keyTileBytes)));
 }
 
 Value ComponentKernel::valueOffset(Value slot) {
   if (resident)
     return keyOffset(slot);
-  return m.add(m.c(shape.qTileBytes() + slots * shape.kvTileBytes()),
-               m.mul(slot, m.c(shape.kvTileBytes())));
+  return m.add(m.c(shape.qTileBytes() + slots * keyTileBytes),
+               m.mul(slot, m.c(keyTileBytes)));
 }
 
 Value ComponentKernel::keyTile(Value slot) {
-  return sharedTile(dyn, keyOffset(slot), kBlockKeys);
+  return sharedTile(dyn, keyOffset(slot), blockKeys);
 }
 
 Value ComponentKernel::valueTile(Value slot) {
-  return sharedTile(dyn, valueOffset(slot), kBlockKeys);
+  return sharedTile(dyn, valueOffset(slot), blockKeys);
 }
 
 Value ComponentKernel::barrierAt(Value slot) {
@@ -585,8 +605,8 @@ void ComponentKernel::loadKeyTile(Value k0, Value slot) {
                                              id, tableRows));
     return {m.add(m.mul(hk, arg(KStrideH)), m.mul(id, arg(KStrideR))), exists};
   };
-  asyncLoadTile(keyTile(slot), kBlockKeys, arg(K), rowAt);
-  asyncLoadTile(valueTile(slot), kBlockKeys, arg(V), rowAt);
+  asyncLoadTile(keyTile(slot), blockKeys, arg(K), rowAt);
+  asyncLoadTile(valueTile(slot), blockKeys, arg(V), rowAt);
 }
 
 Value ComponentKernel::commitGroup() {
@@ -606,13 +626,19 @@ void ComponentKernel::tmaLoadBoxes(Value map, Value offset, Value k0,
                                    Value bar) {
   // Box coordinates after the column: (row, head, batch), or (plane, row
   // in the plane, head, batch) for r > 1.
-  SmallVector<Value> coords;
-  if (period == 1)
-    coords = {toI32(m.sub(keyPos(k0), kOrigin))};
-  else
-    coords = {toI32(plane), toI32(m.add(planeRow0, k0))};
-  coords.append({toI32(hk), toI32(bIdx)});
-  tmaLoadTile(map, offset, coords, bar);
+  // A tile of 128 keys is two boxes of 64 rows, the second 64 rows (8 KB)
+  // into the tile's panels.
+  for (int64_t part = 0; part < blockKeys / 64; ++part) {
+    Value t0 = part ? m.add(k0, m.c(64 * part)) : k0;
+    SmallVector<Value> coords;
+    if (period == 1)
+      coords = {toI32(m.sub(keyPos(t0), kOrigin))};
+    else
+      coords = {toI32(plane), toI32(m.add(planeRow0, t0))};
+    coords.append({toI32(hk), toI32(bIdx)});
+    tmaLoadTile(map, part ? m.add(offset, m.c(part * 64 * 128)) : offset,
+                coords, bar, /*panelBytes=*/blockKeys * 128);
+  }
 }
 
 // The box coordinates of the 64 rows from gathered row t0 in q's and out's
@@ -656,7 +682,7 @@ void ComponentKernel::tmaLoadKeyTile(Value k0, Value slot) {
   b.setInsertionPointToStart(leader.thenBlock());
   // One arrival (the leader's) that expects both tiles' bytes.
   Value bar = barrierAt(slot);
-  tmaExpectBytes(bar, 2 * shape.kvTileBytes());
+  tmaExpectBytes(bar, 2 * keyTileBytes);
   tmaLoadBoxes(arg(KMap), keyOffset(slot), k0, bar);
   tmaLoadBoxes(arg(VMap), valueOffset(slot), k0, bar);
 }
@@ -671,10 +697,10 @@ void ComponentKernel::residentLoad(Value bar, bool values) {
                                   /*withElse=*/false);
   OpBuilder::InsertionGuard guard(b);
   b.setInsertionPointToStart(leader.thenBlock());
-  tmaExpectBytes(bar, slots * shape.kvTileBytes());
+  tmaExpectBytes(bar, slots * keyTileBytes);
   for (int64_t i = 0; i < slots; ++i)
     tmaLoadBoxes(arg(values ? VMap : KMap), keyOffset(m.c(i)),
-                 m.add(window, m.c(i * kBlockKeys)), bar);
+                 m.add(window, m.c(i * blockKeys)), bar);
 }
 
 // Waits for the phase of step `it` of the mbarrier `barrier()` builds: a
@@ -700,19 +726,22 @@ void ComponentKernel::waitKeyTile(Value it, Value slot) {
 void ComponentKernel::zeroValueTail(Value k0, Value slot) {
   Value tailStart = m.sub(last, k0);
   Value headEnd = resident ? m.sub(first, k0) : Value();
-  Value outside = m.lt(tailStart, m.c(kBlockKeys));
+  Value outside = m.lt(tailStart, m.c(blockKeys));
   if (resident)
     outside = m.either(outside, m.lt(zero, headEnd));
   auto edge = scf::IfOp::create(b, loc, TypeRange{}, outside,
                                 /*withElse=*/false);
   OpBuilder::InsertionGuard guard(b);
   b.setInsertionPointToStart(edge.thenBlock());
-  zeroTileRows(valueTile(slot), [&](Value row) {
-    Value inTailRows = m.le(tailStart, row);
-    if (resident)
-      inTailRows = m.either(inTailRows, m.lt(row, headEnd));
-    return inTailRows;
-  });
+  zeroTileRows(
+      valueTile(slot),
+      [&](Value row) {
+        Value inTailRows = m.le(tailStart, row);
+        if (resident)
+          inTailRows = m.either(inTailRows, m.lt(row, headEnd));
+        return inTailRows;
+      },
+      blockKeys);
   // The wgmmas read V through the async proxy.
   inlinePtx({}, {}, "fence.proxy.async.shared::cta;", "");
 }
@@ -796,7 +825,7 @@ void ComponentKernel::produceKeyTiles() {
     b.setInsertionPointToStart(reuse.thenBlock());
     waitTile(m.sub(it, m.c(slots)), [&] { return emptyAt(slot); });
   }
-  tmaLoadKeyTile(m.add(first, m.mul(it, m.c(kBlockKeys))), slot);
+  tmaLoadKeyTile(m.add(first, m.mul(it, m.c(blockKeys))), slot);
   b.setInsertionPointToStart(split.elseBlock());
   inlinePtx({}, {},
             "setmaxnreg.inc.sync.aligned.u32 " +
@@ -971,7 +1000,7 @@ SmallVector<Value> ComponentKernel::issueScoresWgmma(Value slot) {
   Value kDesc = tileDescriptor(keyOffset(slot), 16, 1024);
   // The first k step overwrites the accumulators (see wgmma()): they need
   // no zeros, only their types.
-  SmallVector<Value> acc(kKeyNTiles * 4, f.c(0.0));
+  SmallVector<Value> acc(keyNTiles * 4, f.c(0.0));
   for (int64_t kk = 0; kk < D / 16; ++kk) {
     int64_t inRow = (kk % 4) * 32;
     acc = wgmma(acc, advance(qDesc, (kk / 4) * qPanelBytes + inRow),
@@ -999,7 +1028,7 @@ void ComponentKernel::biasAndMask(SmallVector<AccFrag> &s, Value k0) {
       (!comp.hasFilters() || exclusionsAsRanges(shape, comp)) &&
       (lo == ninf || std::abs(lo) < (int64_t(1) << 30)) &&
       (hi == inf || std::abs(hi) < (int64_t(1) << 30));
-  SmallVector<Type> sTypes(kKeyNTiles * 4, f32);
+  SmallVector<Type> sTypes(keyNTiles * 4, f32);
   auto maskIf = scf::IfOp::create(b, loc, sTypes, masked, /*withElse=*/true);
   {
     OpBuilder::InsertionGuard g2(b);
@@ -1018,7 +1047,7 @@ void ComponentKernel::biasAndMask(SmallVector<AccFrag> &s, Value k0) {
 void ComponentKernel::addKeyBias(SmallVector<AccFrag> &s, Value k0) {
   Value invScale = f.c(1.0 / shape.scale);
   Value biasRow = m.mul(bIdx, kLen);
-  for (int64_t n = 0; n < kKeyNTiles; ++n)
+  for (int64_t n = 0; n < keyNTiles; ++n)
     for (int64_t e = 0; e < 2; ++e) {
       Value tk = m.add(k0, m.add(laneCol, m.c(n * 8 + e)));
       Value j = m.sub(keyPos(tk), kOrigin);
@@ -1034,7 +1063,7 @@ void ComponentKernel::addKeyBias(SmallVector<AccFrag> &s, Value k0) {
 // it is not wholly inside [fullLo, fullHi), or a filter may reach it.
 Value ComponentKernel::edgeTile(Value k0) {
   Value masked =
-      m.either(m.lt(k0, fullLo), m.lt(fullHi, m.add(k0, m.c(kBlockKeys))));
+      m.either(m.lt(k0, fullLo), m.lt(fullHi, m.add(k0, m.c(blockKeys))));
   if (!comp.getInclude().empty())
     return m.truth(true);
   if (!comp.getExclude().empty() && !exclusionsAsRanges(shape, comp)) {
@@ -1045,7 +1074,7 @@ Value ComponentKernel::edgeTile(Value k0) {
     Value pLo = m.add(qPos, m.mul(posStride, qRowIndex(q0)));
     Value pHi = m.add(qPos, m.mul(posStride, qRowIndex(m.sub(q1, one))));
     Value jLo = predicateKey(k0);
-    Value jHi = predicateKey(m.add(k0, m.c(kBlockKeys - 1)));
+    Value jHi = predicateKey(m.add(k0, m.c(blockKeys - 1)));
     for (Attribute exc : comp.getExclude())
       masked = m.either(
           masked, buildPatternMayHitTile(b, loc, exc, pLo, pHi, jLo, jHi));
@@ -1081,13 +1110,13 @@ SmallVector<Value> ComponentKernel::windowMasked(ArrayRef<AccFrag> s,
   };
   // x - end, clamped to the tile's columns [-1, 64].
   auto columnsPast = [&](Value x, int64_t end) {
-    return arith::SubIOp::create(b, loc, clamp32(x, end - 1, end + kBlockKeys),
+    return arith::SubIOp::create(b, loc, clamp32(x, end - 1, end + blockKeys),
                                  c32(end));
   };
   Value col0 = toI32(m.add(k0, laneCol));
   Value lastCol =
       clamp32(arith::SubIOp::create(b, loc, toI32(m.sub(last, one)), col0), -1,
-              kBlockKeys);
+              blockKeys);
   Value q132 = toI32(q1);
   Value lower[2], span[2], upper[2];
   for (int64_t r2 = 0; r2 < 2; ++r2) {
@@ -1101,7 +1130,7 @@ SmallVector<Value> ComponentKernel::windowMasked(ArrayRef<AccFrag> s,
     if (rangesOnly)
       up = m.min(up, clamp32(arith::SubIOp::create(
                                  b, loc, lastBeforeExclusion[r2], col0),
-                             -1, kBlockKeys));
+                             -1, blockKeys));
     upper[r2] = arith::SelectOp::create(b, loc, m.lt(row, q132), up, c32(-1));
     if (hi == inf)
       continue;
@@ -1110,16 +1139,15 @@ SmallVector<Value> ComponentKernel::windowMasked(ArrayRef<AccFrag> s,
     if (resident)
       low =
           m.max(low, clamp32(arith::SubIOp::create(b, loc, toI32(first), col0),
-                             -1, kBlockKeys));
+                             -1, blockKeys));
     // An empty run: no cc - lower is at most 0 (unsigned).
     Value empty = m.lt(upper[r2], low);
-    lower[r2] =
-        arith::SelectOp::create(b, loc, empty, c32(2 * kBlockKeys), low);
+    lower[r2] = arith::SelectOp::create(b, loc, empty, c32(2 * blockKeys), low);
     span[r2] = arith::SelectOp::create(
         b, loc, empty, c32(0), arith::SubIOp::create(b, loc, upper[r2], low));
   }
   SmallVector<Value> out;
-  for (int64_t n = 0; n < kKeyNTiles; ++n)
+  for (int64_t n = 0; n < keyNTiles; ++n)
     for (int64_t e = 0; e < 4; ++e) {
       int64_t cc = n * 8 + e % 2, r2 = e / 2;
       Value inside =
@@ -1136,7 +1164,7 @@ SmallVector<Value> ComponentKernel::windowMasked(ArrayRef<AccFrag> s,
 SmallVector<Value> ComponentKernel::predicateMasked(ArrayRef<AccFrag> s,
                                                     Value k0) {
   SmallVector<Value> out;
-  for (int64_t n = 0; n < kKeyNTiles; ++n)
+  for (int64_t n = 0; n < keyNTiles; ++n)
     for (int64_t e = 0; e < 4; ++e) {
       Value t = tq[e / 2];
       Value tk = m.add(k0, m.add(laneCol, m.c(n * 8 + e % 2)));
@@ -1163,7 +1191,7 @@ ComponentKernel::softmaxStep(SmallVector<AccFrag> &s, ValueRange stats) {
   // One key tile's fragments, or all of a resident block's (the same share
   // of them by polynomial).
   const int64_t numFrags = s.size();
-  const int64_t polynomials = polynomialExps * numFrags / kKeyNTiles;
+  const int64_t polynomials = polynomialExps * numFrags / keyNTiles;
   Value c2 = f.c(scaleLog2);
   Value tileMaxC[2], grows = m.truth(false);
   for (int64_t half = 0; half < 2; ++half) {
@@ -1233,7 +1261,7 @@ SmallVector<Value> ComponentKernel::issueValuesWgmma(ValueRange o, ValueRange p,
                                                      Value slot, bool fresh) {
   Value vDesc = tileDescriptor(valueOffset(slot), kvPanelBytes, 1024);
   SmallVector<Value> acc(o);
-  for (int64_t j = 0; j < kKeyNTiles / 2; ++j)
+  for (int64_t j = 0; j < keyNTiles / 2; ++j)
     acc = wgmma(acc, p.slice(j * 4, 4), advance(vDesc, j * 2048),
                 /*transposeB=*/true, /*accumulate=*/!fresh || j > 0);
   return acc;
@@ -1261,7 +1289,7 @@ void ComponentKernel::handBack(Value slot) {
 void ComponentKernel::awaitKeyTile(Value it, Value slot, Value k0) {
   waitKeyTile(it, slot);
   auto edge = scf::IfOp::create(b, loc, TypeRange{},
-                                m.lt(m.sub(last, k0), m.c(kBlockKeys)), false);
+                                m.lt(m.sub(last, k0), m.c(blockKeys)), false);
   OpBuilder::InsertionGuard g2(b);
   b.setInsertionPointToStart(edge.thenBlock());
   zeroValueTail(k0, slot);
@@ -1296,7 +1324,7 @@ SmallVector<Value> ComponentKernel::overlappedLoop() {
   b.setInsertionPointToStart(some.thenBlock());
 
   // O and P (as i32 pairs) through wgmma.fence: P.V reads both.
-  const int64_t oRegs = oFrags * 4, pRegs = kKeyNTiles / 2 * 4;
+  const int64_t oRegs = oFrags * 4, pRegs = keyNTiles / 2 * 4;
   auto fencedValues = [&](ValueRange o, ValueRange p) {
     SmallVector<Value> operands(o);
     operands.append(p.begin(), p.end());
@@ -1332,7 +1360,7 @@ SmallVector<Value> ComponentKernel::overlappedLoop() {
     Value it = loop.getInductionVar();
     ValueRange state = loop.getRegionIterArgs();
     Value slot = slotOf(it), prevSlot = slotOf(m.sub(it, one));
-    Value k0 = m.add(first, m.mul(it, m.c(kBlockKeys)));
+    Value k0 = m.add(first, m.mul(it, m.c(blockKeys)));
     awaitKeyTile(it, slot, k0);
     SmallVector<Value> fenced =
         fencedValues(state.take_front(oRegs), state.take_back(pRegs));
@@ -1375,9 +1403,9 @@ SmallVector<Value> ComponentKernel::overlappedLoop() {
 //
 // The softmax runs while V arrives.
 SmallVector<Value> ComponentKernel::residentStep() {
-  const int64_t oRegs = oFrags * 4, pRegs = kKeyNTiles / 2 * 4;
+  const int64_t oRegs = oFrags * 4, pRegs = keyNTiles / 2 * 4;
   // Tile i holds keys window + 64 i.
-  auto tileK0 = [&](int64_t i) { return m.add(window, m.c(i * kBlockKeys)); };
+  auto tileK0 = [&](int64_t i) { return m.add(window, m.c(i * blockKeys)); };
   waitKeyTile(zero, zero);
   inlinePtx({}, {}, "wgmma.fence.sync.aligned;", "");
   SmallVector<Value> scores;
@@ -1387,8 +1415,8 @@ SmallVector<Value> ComponentKernel::residentStep() {
   gpu::BarrierOp::create(b, loc);
   residentLoad(barrierAt(one), /*values=*/true);
   for (int64_t i = 0; i < slots; ++i) {
-    auto from = s.begin() + i * kKeyNTiles;
-    SmallVector<AccFrag> tile(from, from + kKeyNTiles);
+    auto from = s.begin() + i * keyNTiles;
+    SmallVector<AccFrag> tile(from, from + keyNTiles);
     biasAndMask(tile, tileK0(i));
     std::copy(tile.begin(), tile.end(), from);
   }
@@ -1398,7 +1426,7 @@ SmallVector<Value> ComponentKernel::residentStep() {
     operands.push_back(asI32(reg));
   waitTile(zero, [&] { return barrierAt(one); });
   {
-    Value windowEnd = m.add(window, m.c(slots * kBlockKeys));
+    Value windowEnd = m.add(window, m.c(slots * blockKeys));
     auto outside = scf::IfOp::create(
         b, loc, TypeRange{},
         m.either(m.lt(last, windowEnd), m.lt(window, first)), false);
@@ -1433,10 +1461,10 @@ SmallVector<Value> ComponentKernel::pipelinedLoop() {
     b.setInsertionPointToStart(loop.getBody());
     Value it = loop.getInductionVar();
     ValueRange state = loop.getRegionIterArgs();
-    Value k0 = m.add(first, m.mul(it, m.c(kBlockKeys)));
+    Value k0 = m.add(first, m.mul(it, m.c(blockKeys)));
     Value slot = arith::RemUIOp::create(b, loc, it, m.c(slots));
     Value nextSlot = m.sub(one, slot);
-    Value nextK0 = m.add(k0, m.c(kBlockKeys));
+    Value nextK0 = m.add(k0, m.c(blockKeys));
     auto copyStep = [&]() {
       nvgpu::DeviceAsyncWaitOp::create(b, loc, commitGroup(),
                                        b.getI32IntegerAttr(0));

@@ -636,13 +636,13 @@ void KernelEmitter::waitBarrierParity(Value bar, Value parity) {
   scf::YieldOp::create(b, loc);
 }
 
-void KernelEmitter::zeroTileRows(Value tile,
-                                 function_ref<Value(Value)> zeroed) {
+void KernelEmitter::zeroTileRows(Value tile, function_ref<Value(Value)> zeroed,
+                                 int64_t rows) {
   const int64_t chunksPerRow = shape.headDim / 8;
   auto zeros = arith::ConstantOp::create(
       b, loc,
       DenseElementsAttr::get(VectorType::get({8}, f16), b.getZeroAttr(f16)));
-  const int64_t chunks = kBlockKeys * chunksPerRow;
+  const int64_t chunks = rows * chunksPerRow;
   for (int64_t pass = 0; pass * shape.threads() < chunks; ++pass) {
     Value idx = m.add(tid, m.c(pass * shape.threads()));
     Value row = arith::DivUIOp::create(b, loc, idx, m.c(chunksPerRow));
@@ -651,12 +651,12 @@ void KernelEmitter::zeroTileRows(Value tile,
     // (A last pass that only some threads fill when the threads do not
     // divide the chunks: rows past the tile are not in it.)
     if ((pass + 1) * shape.threads() > chunks)
-      inRows = m.both(inRows, m.lt(row, m.c(kBlockKeys)));
+      inRows = m.both(inRows, m.lt(row, m.c(rows)));
     auto ifRow = scf::IfOp::create(b, loc, TypeRange{}, inRows, false);
     OpBuilder::InsertionGuard guard(b);
     b.setInsertionPointToStart(ifRow.thenBlock());
     vector::StoreOp::create(b, loc, zeros, tile,
-                            swizzledOffset(row, chunk, kBlockKeys));
+                            swizzledOffset(row, chunk, rows));
   }
 }
 

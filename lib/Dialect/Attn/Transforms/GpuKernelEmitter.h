@@ -541,9 +541,10 @@ protected:
   void tmaLoadTile(Value map, Value tileOffset, ArrayRef<Value> coords,
                    Value bar, int64_t panelBytes = 0);
   void waitBarrierParity(Value bar, Value parity);
-  /// Zeros the rows of the swizzled 64-row tile memref `tile` for which
+  /// Zeros the rows of the swizzled tile memref `tile` (`rows` rows) for which
   /// `zeroed(row)` holds, 16 bytes a store (every thread takes its share).
-  void zeroTileRows(Value tile, function_ref<Value(Value)> zeroed);
+  void zeroTileRows(Value tile, function_ref<Value(Value)> zeroed,
+                    int64_t rows = kBlockKeys);
   /// Zeros rows [firstRow, 64) of the backward's tile at `tileOffset`.
   void zeroTileRowsFrom(Value tileOffset, Value firstRow);
   /// Commits this thread's cp.asyncs since the last commit as one group.

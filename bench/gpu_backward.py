@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Times the backward pass of attn's GPU packages ("backward": true) against
 PyTorch's SDPA (causal, dense) and FlexAttention (compiled, with its block
-mask) on the same inputs, in one process on one GPU: B=1, H=16, D=128,
-bf16; the *_gqa patterns with 4 kv heads (4 q heads each). attn's gradients are bf16 in q's, k's and v's layouts, as the peers'
+mask) on the same inputs, in one process on one GPU: B=1, H=16, D=128
+(HEAD_DIM=64 for packages built with `scripts/build_gpu_packages.py
+--head-dim 64`), bf16; the *_gqa patterns with 4 kv heads (4 q heads each). attn's gradients are bf16 in q's, k's and v's layouts, as the peers'
 are, where the package stores them (one component: Package.stores_gradients;
 --f32 takes the float32 gradients instead). Each row is the median of 10
 timed calls (CUDA events) after warm-up;
@@ -35,7 +36,8 @@ PKGS = os.environ["ATTN_GPU_PACKAGES"]
 # dynamo's default limit of 8 it would fall back to the eager kernel, which
 # materialises every score (64 GiB at L = 32768).
 torch._dynamo.config.cache_size_limit = 64
-B, H, D = 1, 16, 128
+B, H = 1, 16
+D = int(os.environ.get("HEAD_DIM", "128"))
 HKV = 4  # kv heads of the *_gqa patterns
 
 

@@ -90,6 +90,7 @@ namespace {
 ///   placeItem, itemRange   the block's rows [q0, q1) and key tiles
 ///   prologue               the mbarriers, Q and the first key tile (with
 ///                          warp specialisation, the producer's whole loop)
+///   beginRows              the thread's two rows (mma.sync: Q's fragments)
 ///   initialState           the loop's O, max and sum
 ///   overlappedLoop         the key loop: warp-specialised,
 ///   residentStep             or resident keys in one step,

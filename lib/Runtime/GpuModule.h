@@ -27,6 +27,14 @@ struct GpuKernel {
   /// dedup_sort_chunks/dedup_merge_chunks: the ids a block takes (their
   /// grid is chunks x B).
   int64_t chunk = 0;
+  /// The query rows a call must have for this kernel to run (-1: any):
+  /// at most rowsAtMost, more than rowsAbove (a component's kernel for
+  /// short sequences and its kernel for the others).
+  int64_t rowsAtMost = -1, rowsAbove = -1;
+  bool runsAt(int64_t rows) const {
+    return (rowsAtMost < 0 || rows <= rowsAtMost) &&
+           (rowsAbove < 0 || rows > rowsAbove);
+  }
   CUfunction function = nullptr;
 };
 

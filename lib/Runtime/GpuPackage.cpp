@@ -96,6 +96,8 @@ bool Package::loadGpu(const std::string &manifestPath, const void *manifestPtr,
       kernel.elementsPerThread = k->value("elements_per_thread", int64_t(1));
       kernel.sharedBytes = k->at("shared_bytes");
       kernel.chunk = k->value("chunk", int64_t(0));
+      kernel.rowsAtMost = k->value("rows_at_most", int64_t(-1));
+      kernel.rowsAbove = k->value("rows_above", int64_t(-1));
       // Kernels of a component (single, begin, update, end, grad_kv,
       // grad_q) carry their grid plan.
       if (k->contains("block_rows")) {
@@ -792,16 +794,20 @@ bool Package::runGpu(const Tensor &q, const Tensor &k, const Tensor &v,
     args.bhOffset = first;
     args.bhCount = std::min(pairs, B * H - first);
     const bool lastRound = first + pairs >= B * H;
-    for (size_t i = 0; i < g.kernels.size(); ++i) {
-      const GpuKernel &kernel = g.kernels[i];
+    // A kernel launches as a dependent of the one before it in this call:
+    // one that does not run at this length (GpuKernel::runsAt) is no
+    // predecessor.
+    int64_t launched = 0;
+    for (const GpuKernel &kernel : g.kernels) {
       if ((kernel.kind == "init" && first > 0) ||
-          (kernel.kind == "finalize" && !lastRound))
+          (kernel.kind == "finalize" && !lastRound) || !kernel.runsAt(args.Lq))
         continue;
       const bool afterRounds = kernel.kind == "finalize" && first > 0;
       if (!launchKernel(g, kernel, args, stream, error,
                         /*dependent=*/g.dependentLaunch && !afterRounds &&
-                            (i > 0 || first > 0)))
+                            (launched > 0 || first > 0)))
         return false;
+      ++launched;
     }
   }
   if (!callScratch.release(d, stream, error))

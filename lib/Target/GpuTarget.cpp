@@ -293,6 +293,11 @@ LogicalResult mlir::attn::compileGpuPackage(ModuleOp module, const Spec &spec,
         k["elements_per_thread"] = intOf("elements_per_thread");
       if (launch.get("chunk"))
         k["chunk"] = intOf("chunk");
+      // A kernel that runs only on calls of some lengths (query rows).
+      for (StringRef range : {"rows_at_most", "rows_above"})
+        if (auto rows =
+                kernel->getAttrOfType<IntegerAttr>(("attn." + range).str()))
+          k[range.str()] = rows.getInt();
       tensorMaps |= kernel->hasAttr("attn.tensor_maps");
       kernels.push_back(k);
       order.push_back(kernelName.str());

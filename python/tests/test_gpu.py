@@ -5,6 +5,7 @@ Runs on a machine with an NVIDIA GPU and PyTorch, on packages compiled
 elsewhere by scripts/build_gpu_packages.py into $ATTN_GPU_PACKAGES; skipped
 otherwise (CI has no GPU)."""
 
+import json
 import math
 import os
 import zlib
@@ -1122,3 +1123,38 @@ def test_ring_ranks_on_one_gpu_match_reference(spec):
     assert (got_lse[finite] - ref_lse[finite]).abs().max().item() < 2e-2
     rows = [r["rows_sent"] for r in pkg.manifest["ring"]["schedule"]]
     assert pkg.bytes_sent == [n * B * D * 2 * 2 for n in rows]
+
+
+@pytest.mark.parametrize("L", [4096, 4097, 5000])
+def test_head_dim64_kernels_either_side_of_the_short_sequence_bound(L):
+    """A head-dim-64 causal package carries two kernels for its component:
+    the two-blocks-an-SM one for calls of up to 4096 query rows and the
+    warp-specialised one above (the manifest's rows_at_most / rows_above).
+    Either side of the bound, every row is written (the output poisoned
+    first) and sampled rows of every batch and head match the float64
+    reference, lse included."""
+    case = next(c for c in gpu_cases.CASES if c["name"] == "causal_d64")
+    with open(os.path.join(PKGS, case["name"], "manifest.json")) as f:
+        ranges = {k["name"]: (k.get("rows_at_most"), k.get("rows_above"))
+                  for k in json.load(f)["kernels"]}
+    assert ranges == {"component_0": (None, 4096), "component_0_short": (4096, None)}
+    gen = torch.Generator().manual_seed(zlib.crc32(f"d64-bound-{L}".encode()))
+    q, k, v = _random_qkv(case, L, gen)
+    pkg = attn.load(os.path.join(PKGS, case["name"]))
+    out, lse = pkg(q, k, v, return_lse=True, out=torch.full_like(q, float("nan")))
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any(), "rows no kernel wrote (NaN left in out)"
+    scale = 1 / math.sqrt(case["head_dim"])
+    group = case["heads"] // case["kv_heads"]
+    for b in range(case["batch"]):
+        for h in range(case["heads"]):
+            for p in (0, 1, 63, 64, 191, 192, 4095, L // 2, L - 2, L - 1):
+                keys = slice(0, p + 1)
+                s = (k[b, h // group, keys].double() @ q[b, h, p].double()) * scale
+                w = torch.softmax(s, dim=0)
+                want = w @ v[b, h // group, keys].double()
+                got = out[b, h, p].double()
+                err = ((got - want).norm() / want.norm()).item()
+                assert err < TOL[case["dtype"]], f"b {b}, h {h}, row {p}: {err:.2e}"
+                want_lse = torch.logsumexp(s, dim=0).item()
+                assert abs(float(lse[b, h, p]) - want_lse) < 2e-2, f"b {b}, h {h}, row {p}: lse"

@@ -161,10 +161,36 @@ struct ConvertAttnToGpuPass
                  ? emitOneWarpgroup
                  : emit;
     };
-    for (auto [i, c] : llvm::enumerate(comps))
-      add(emitterOf(c.getComponent())
-              .emitComponent(("component_" + Twine(i)).str(), c.getComponent(),
-                             modeOf(i)));
+    // Head dim 64, one warp-specialised component alone: the two-blocks-an-SM
+    // kernel is faster on sequences of up to kShortSequenceRows rows (at
+    // 8 x 4096 causal 730 -> 648 µs, tokenized 660 -> 630, full 1238 ->
+    // 1216; at 8192 full is 3% slower, and from 16384 on causal too:
+    // bench/gpu_ab.md, "Kernels by the call's length"). The package
+    // carries both kernels, each with the range of query rows it runs at
+    // (attn.rows_at_most, attn.rows_above), and the runtime launches the
+    // one whose range holds the call's.
+    AttentionShape shortShape = shape;
+    shortShape.warpSpecialize = false;
+    KernelEmitter emitShort(b, loc, shortShape);
+    for (auto [i, c] : llvm::enumerate(comps)) {
+      std::string name = ("component_" + Twine(i)).str();
+      gpu::GPUFuncOp kernel =
+          emitterOf(c.getComponent())
+              .emitComponent(name, c.getComponent(), modeOf(i));
+      const bool byLength = single && !alwaysState && shape.headDim == 64 &&
+                            isWarpSpecialized(shape, c.getComponent());
+      if (byLength)
+        kernel->setAttr("attn.rows_above",
+                        b.getI64IntegerAttr(kShortSequenceRows));
+      add(kernel);
+      if (byLength) {
+        gpu::GPUFuncOp shortKernel = emitShort.emitComponent(
+            name + "_short", c.getComponent(), modeOf(i));
+        shortKernel->setAttr("attn.rows_at_most",
+                             b.getI64IntegerAttr(kShortSequenceRows));
+        add(shortKernel);
+      }
+    }
     // A 16-bit state lives in out (KernelEmitter::stateAcc): nothing is
     // left to finalize.
     if (!ends && alwaysState)

@@ -109,6 +109,10 @@ struct AttentionShape {
 /// segments) are short, and with one block per SM nothing hides their
 /// prologue and epilogue: they stay on the two-blocks-per-SM kernels.
 constexpr int64_t kShortRowKeys = 4096;
+/// At head dim 64 a package whose one component is warp-specialised also
+/// carries that component's two-blocks-an-SM kernel, which runs instead on
+/// calls of at most this many query rows (ConvertAttnToGpuPass).
+constexpr int64_t kShortSequenceRows = 4096;
 inline bool isWarpSpecialized(const AttentionShape &shape,
                               ComponentAttr comp) {
   if (!shape.warpSpecialize || !shape.tma || comp.getPeriod() != 1)

@@ -24,7 +24,7 @@ import sys
 import torch
 
 import attn
-from kernel_times import about_ms, write_rows
+from kernel_times import checked_backward_ms, write_rows
 
 H, D = 16, 128
 PATTERNS = os.environ.get("PATTERNS", "causal,local,strided,dilated_sum,dilated_union").split(",")
@@ -56,16 +56,12 @@ def main(pkg_dirs):
                     os.environ["ATTN_GPU_BACKWARD_OVERLAP"] = MODES[c[1]]
                     pkg = pkgs[c[0]]
                     call = lambda: pkg.backward(q, k, v, out, lse, g, grads=grads)
-                    call()
-                    torch.cuda.synchronize()
-                    if first is None:
-                        first = tuple(x.clone() for x in grads)
-                    elif p in ("causal", "local", "strided"):
-                        # (LongNet's later branches add their shares with
-                        # atomics: their order, and so the rounding, may vary.)
-                        for a, b, what in zip(grads, first, ("dq", "dk", "dv")):
-                            assert torch.equal(a, b), f"{p} L={L} {label(c)}: {what} differs"
-                    times[label(c)].append(about_ms(call))
+                    # (LongNet's later branches add their shares with
+                    # atomics: their order, and so the rounding, may vary.)
+                    first, ms = checked_backward_ms(
+                        call, grads, first, f"{p} L={L} {label(c)}",
+                        compare=p in ("causal", "local", "strided"))
+                    times[label(c)].append(ms)
             row = {"L": L, "pattern": p, "ms": {m: statistics.median(t) for m, t in times.items()},
                    "all_ms": times}
             rows.append(row)

@@ -23,7 +23,7 @@ import sys
 import torch
 
 import attn
-from kernel_times import about_ms, write_rows
+from kernel_times import checked_backward_ms, write_rows
 
 H, D = 16, 128
 PATTERNS = os.environ.get("PATTERNS", "strided,dilated_sum,dilated_union").split(",")
@@ -49,14 +49,9 @@ def main(pkg_dir):
                 for n in PAIRS[r % len(PAIRS):] + PAIRS[:r % len(PAIRS)]:
                     attn._sum_pairs = lambda *a, n=n: n
                     call = lambda: pkg.backward(q, k, v, out, lse, g, grads=grads)
-                    call()
-                    torch.cuda.synchronize()
-                    if first is None:
-                        first = tuple(x.clone() for x in grads)
-                    else:
-                        for a, b, what in zip(grads, first, ("dq", "dk", "dv")):
-                            assert torch.equal(a, b), f"{p} L={L} pairs={n}: {what} differs"
-                    times[n].append(about_ms(call))
+                    first, ms = checked_backward_ms(call, grads, first,
+                                                    f"{p} L={L} pairs={n}")
+                    times[n].append(ms)
             attn._sum_pairs = default_pairs
             row = {"L": L, "pattern": p, "default_pairs": default_pairs(1, H, H, L, L, D),
                    "ms": {n: statistics.median(t) for n, t in times.items()},

@@ -42,6 +42,22 @@ def about_ms(fn, budget_ms=1000, most=40):
     return event_ms(fn, max(3, min(most, int(budget_ms / max(event_ms(fn, 1), 1e-3)))))
 
 
+def checked_backward_ms(call, grads, first, where, compare=True):
+    """The backward A/B scripts' step: runs call() once, keeps a copy of
+    the gradients `grads` it wrote as `first` if there is none yet, else
+    (with `compare`) asserts they equal `first` bit for bit (`where` names
+    the run in the message), then times call() (about_ms). Returns
+    (first, ms)."""
+    call()
+    torch.cuda.synchronize()
+    if first is None:
+        first = tuple(x.clone() for x in grads)
+    elif compare:
+        for a, b, what in zip(grads, first, ("dq", "dk", "dv")):
+            assert torch.equal(a, b), f"{where}: {what} differs"
+    return first, about_ms(call)
+
+
 def write_rows(name, rows):
     """rows as $OUT/<name>.json (/tmp without OUT) with the device and torch
     version, which it also prints before the caller's table."""

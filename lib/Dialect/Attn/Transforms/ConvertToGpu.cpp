@@ -177,7 +177,9 @@ struct ConvertAttnToGpuPass
       gpu::GPUFuncOp kernel =
           emitterOf(c.getComponent())
               .emitComponent(name, c.getComponent(), modeOf(i));
-      const bool byLength = single && !alwaysState && shape.headDim == 64 &&
+      // (`single` is never a ring package's, whose ranks pick their kernels
+      // by piece, not by length.)
+      const bool byLength = single && shape.headDim == 64 &&
                             isWarpSpecialized(shape, c.getComponent());
       if (byLength)
         kernel->setAttr("attn.rows_above",
